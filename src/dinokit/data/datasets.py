@@ -1,0 +1,168 @@
+"""Datasets named by strings in the official syntax ``Name:key=value:...``.
+
+* ``ImageFolder:root=PATH``: every image under PATH (recursive). First-level subfolders are the
+  classes when labels are needed (evaluation); pretraining ignores them. A bare path means this.
+* ``FileList:path=LIST.txt``: the images listed in a text file (relative to the file's folder);
+  an optional second tab/comma-separated column gives an integer label.
+* ``ImageNet:split=TRAIN|VAL|TEST:root=PATH:extra=PATH``: the official ImageNet-1k layout
+  (see :mod:`dinokit.data.imagenet`).
+* ``Sample:split=TRAIN|VAL[:root=PATH]``: the built-in generated set (:mod:`dinokit.data.sample`).
+
+Unlike the official parser, a value may contain ``:`` (``root=C:/data`` or URLs): the string is split
+only before the known keys.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DinokitError
+from .images import ImageFiles, find_images, read_path_list
+from .sample import SAMPLE_CLASSES, default_sample_root, write_sample_dataset
+
+KNOWN_KEYS = ("root", "split", "extra", "path")
+DATASET_NAMES = ("ImageFolder", "FileList", "ImageNet", "Sample")
+_SPLIT_RE = re.compile(r":(?=(?:%s)=)" % "|".join(KNOWN_KEYS))
+
+
+class ImageDataset(ImageFiles):
+    """Images with integer targets and class names; items are ``(index, image_or_None, target)``."""
+
+    def __init__(self, paths, targets, classes: list[str], transform=None, name: str = "") -> None:
+        super().__init__(paths, targets, transform)
+        self.classes = classes
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def parse_dataset_str(dataset_str: str) -> tuple[str, dict[str, str]]:
+    """``"Name:k=v:..."`` -> (Name, {k: v}); a bare path -> ("ImageFolder", {"root": path})."""
+    text = dataset_str.strip()
+    if not text:
+        raise DinokitError("empty dataset string; use e.g. 'ImageFolder:root=/path/to/images'")
+    head, sep, rest = text.partition(":")
+    if head not in DATASET_NAMES:
+        if re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", head) and sep and "=" in rest.split(":")[0] and not Path(text).exists():
+            raise DinokitError(
+                f"unknown dataset {head!r} in {dataset_str!r}; known: {', '.join(DATASET_NAMES)} (or a bare folder path)"
+            )
+        return "ImageFolder", {"root": text}
+    kwargs: dict[str, str] = {}
+    if rest:
+        for token in _SPLIT_RE.split(rest):
+            key, eq, value = token.partition("=")
+            if not eq or key not in KNOWN_KEYS:
+                raise DinokitError(
+                    f"bad item {token!r} in dataset string {dataset_str!r}; expected key=value with key in {KNOWN_KEYS}"
+                )
+            kwargs[key] = value
+    return head, kwargs
+
+
+def _check_keys(name: str, kwargs: dict[str, str], allowed: tuple[str, ...], dataset_str: str) -> None:
+    extra = sorted(set(kwargs) - set(allowed))
+    if extra:
+        raise DinokitError(f"dataset {name} does not take {', '.join(extra)} (in {dataset_str!r}); allowed: {', '.join(allowed)}")
+
+
+def _image_folder(root: str, labelled: bool, transform, dataset_str: str) -> ImageDataset:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DinokitError(f"dataset folder {root!r} does not exist or is not a folder (in {dataset_str!r})")
+    files = find_images(path)
+    if not files:
+        raise DinokitError(f"no images found under {root!r} (in {dataset_str!r})")
+    if not labelled:
+        return ImageDataset(files, [-1] * len(files), [], transform, dataset_str)
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DinokitError(f"{root!r} has no class subfolders; labelled evaluation needs ROOT/<class>/<image> files")
+    index = {c: i for i, c in enumerate(classes)}
+    by_class: dict[str, int] = {c: 0 for c in classes}
+    paths, targets = [], []
+    for f in files:
+        rel = f.relative_to(path).parts
+        if len(rel) < 2:
+            continue  # loose files at the root have no class
+        by_class[rel[0]] += 1
+        paths.append(f)
+        targets.append(index[rel[0]])
+    empty = [c for c, n in by_class.items() if n == 0]
+    if empty:
+        raise DinokitError(
+            f"class folder(s) {', '.join(repr(str(path / c)) for c in empty)} contain no images; add images or remove the folder"
+        )
+    return ImageDataset(paths, targets, classes, transform, dataset_str)
+
+
+def _file_list(list_path: str, transform, dataset_str: str) -> ImageDataset:
+    lines = [l for l in Path(list_path).read_text().splitlines()] if Path(list_path).is_file() else None
+    if lines is None:
+        raise DinokitError(f"list file {list_path!r} does not exist (in {dataset_str!r})")
+    has_labels = any(re.search(r"[\t,]\s*-?\d+\s*$", l) for l in lines if l.strip() and not l.startswith("#"))
+    if not has_labels:
+        paths = read_path_list(list_path)
+        targets = [-1] * len(paths)
+    else:
+        base = Path(list_path).parent
+        paths, targets = [], []
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            match = re.match(r"(.*)[\t,]\s*(-?\d+)\s*$", line)
+            if match is None:
+                raise DinokitError(f"line {line!r} of {list_path!r} has no label; use 'path,<class index>' on every line")
+            p = Path(match.group(1).strip())
+            paths.append(p if p.is_absolute() else base / p)
+            targets.append(int(match.group(2)))
+    if not paths:
+        raise DinokitError(f"list file {list_path!r} names no images")
+    n_classes = max(targets) + 1 if has_labels else 0
+    return ImageDataset(paths, targets, [str(i) for i in range(n_classes)], transform, dataset_str)
+
+
+def make_dataset(
+    dataset_str: str,
+    *,
+    transform: Callable | None = None,
+    labelled: bool = False,
+    **options: Any,
+) -> ImageDataset:
+    """Build the dataset named by ``dataset_str``.
+
+    ``labelled=True`` requires class labels (evaluation); otherwise targets may be -1 (pretraining).
+    """
+    name, kwargs = parse_dataset_str(dataset_str)
+    if name == "ImageFolder":
+        _check_keys(name, kwargs, ("root",), dataset_str)
+        if "root" not in kwargs:
+            raise DinokitError(f"ImageFolder needs root=PATH (in {dataset_str!r})")
+        return _image_folder(kwargs["root"], labelled, transform, dataset_str)
+    if name == "FileList":
+        _check_keys(name, kwargs, ("path",), dataset_str)
+        if "path" not in kwargs:
+            raise DinokitError(f"FileList needs path=LIST.txt (in {dataset_str!r})")
+        ds = _file_list(kwargs["path"], transform, dataset_str)
+        if labelled and ds.targets and ds.targets[0] < 0:
+            raise DinokitError(f"{dataset_str!r} has no labels; add a ',<class index>' column to each line")
+        return ds
+    if name == "Sample":
+        _check_keys(name, kwargs, ("split", "root"), dataset_str)
+        split = kwargs.get("split", "TRAIN").upper()
+        if split not in ("TRAIN", "VAL"):
+            raise DinokitError(f"Sample split must be TRAIN or VAL, not {split!r}")
+        root = write_sample_dataset(kwargs.get("root") or default_sample_root())
+        ds = _image_folder(str(root / split.lower()), True, transform, dataset_str)
+        assert tuple(ds.classes) == SAMPLE_CLASSES
+        return ds
+    if name == "ImageNet":
+        from .imagenet import make_imagenet_dataset
+
+        _check_keys(name, kwargs, ("split", "root", "extra"), dataset_str)
+        return make_imagenet_dataset(transform=transform, dataset_str=dataset_str, **kwargs)
+    raise DinokitError(f"unknown dataset {name!r}")  # pragma: no cover

@@ -1,0 +1,129 @@
+"""Collective-communication helpers that do nothing in a single process.
+
+Every collective used by losses, samplers and evaluation goes through these functions so that
+the same code runs unchanged on one CPU process (no process group) and under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def is_enabled() -> bool:
+    """True when a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_enabled() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_enabled() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks; identity in one process. Returns ``tensor``."""
+    if is_enabled() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks; identity in one process. Returns ``tensor``."""
+    world = get_world_size()
+    if world > 1:
+        all_reduce_sum(tensor)
+        tensor.div_(world)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every rank) along dim 0 over ranks."""
+    world = get_world_size()
+    if world == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_gather_object(obj: object) -> list:
+    """Gather a picklable object from every rank (a one-element list in one process)."""
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Broadcast a picklable object from ``src``; identity in one process."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_enabled() and get_world_size() > 1:
+        dist.barrier()
+
+
+def init_from_environment(timeout_minutes: int = 30) -> bool:
+    """Initialise the default process group from a ``torchrun``/SLURM environment.
+
+    Returns True when a multi-process group was started. A plain single process (no ``RANK``
+    / ``WORLD_SIZE`` in the environment) starts nothing. NCCL is used when CUDA is available,
+    gloo otherwise, so the distributed path can be tested on CPUs.
+    """
+    if is_enabled():
+        return True
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        # srun without torchrun: translate SLURM's variables into torchrun's.
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in env:
+            nodes = env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+            env["MASTER_ADDR"] = _first_slurm_host(nodes)
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(get_local_rank())
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return True
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    # "node[01-03,07],other" -> "node01"; "node7,node8" -> "node7"
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        return "127.0.0.1"
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def shutdown() -> None:
+    if is_enabled():
+        dist.destroy_process_group()
