@@ -1,0 +1,561 @@
+"""Training configuration: the official DINOv2 key tree as typed dataclasses, presets and overrides.
+
+The schema below mirrors ``dinov2/configs/ssl_default_config.yaml`` key for key, with the official
+defaults, so official YAML files and the ``config.yaml`` of earlier runs load unchanged. Keys marked
+*dinokit* are additions. :func:`load_config` merges, in order, the defaults, a preset or YAML file and
+dotted ``key=value`` overrides; OmegaConf checks every key and type against the schema, and every
+mistake becomes a one-line :class:`DinokitError` naming the full dotted key.
+
+Components should take their own section (``cfg.optim``, ``cfg.crops``...), never the whole tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import DinokitError
+from ..models.architectures import ARCHITECTURES
+from .optim import SCALING_RULES, scale_lr
+
+# ---------------------------------------------------------------------------------------------------
+# Schema (official names and defaults; spec §1.14)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Official ``MODEL`` section."""
+
+    WEIGHTS: str = ""  # training checkpoint to load when output_dir has none to resume (or with --no-resume)
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """FSDP ``MixedPrecision`` of one module (official)."""
+
+    param_dtype: str = "fp16"  # dtype of the parameters during forward/backward: fp16, bf16 or fp32
+    reduce_dtype: str = "fp16"  # dtype in which gradients are reduced across ranks
+    buffer_dtype: str = "fp32"  # dtype of the module buffers
+
+
+@dataclass
+class ModulePrecisionConfig:
+    """Sharding and precision of one wrapped module (official)."""
+
+    sharding_strategy: str = "SHARD_GRAD_OP"  # FSDP ShardingStrategy name, e.g. FULL_SHARD or NO_SHARD
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+
+
+@dataclass
+class ModelPrecisionConfig:
+    """Precision of the three submodules of the student or the teacher (official)."""
+
+    backbone: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)  # the ViT
+    dino_head: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)  # the DINO projection head
+    ibot_head: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)  # the separate iBOT head
+
+
+@dataclass
+class ComputePrecisionConfig:
+    """Official ``compute_precision``; official training computes in FSDP's ``param_dtype``, without autocast."""
+
+    grad_scaler: bool = True  # scale the loss (needed for fp16 gradients)
+    teacher: ModelPrecisionConfig = field(default_factory=ModelPrecisionConfig)
+    # The student's heads reduce their gradients in fp32 (official default).
+    student: ModelPrecisionConfig = field(
+        default_factory=lambda: ModelPrecisionConfig(dino_head=_fp32_reduce(), ibot_head=_fp32_reduce())
+    )
+    dtype: str = "auto"  # dinokit: autocast dtype, auto|bf16|fp16|fp32 (auto = bf16 on GPU, fp32 on CPU)
+
+
+def _fp32_reduce() -> ModulePrecisionConfig:
+    return ModulePrecisionConfig(mixed_precision=MixedPrecisionConfig(reduce_dtype="fp32"))
+
+
+@dataclass
+class DinoConfig:
+    """Official ``dino``: the image-level (CLS) loss, its head and the KoLeo regulariser."""
+
+    loss_weight: float = 1.0  # weight of the DINO loss (0 disables it)
+    head_n_prototypes: int = 65536  # K, the output width of the head
+    head_bottleneck_dim: int = 256  # width before the weight-normalised last layer
+    head_nlayers: int = 3  # linear layers of the MLP, the last one giving the bottleneck
+    head_hidden_dim: int = 2048  # hidden width of the MLP
+    koleo_loss_weight: float = 0.1  # weight of the KoLeo loss on the student's global CLS tokens (0 disables it)
+
+
+@dataclass
+class IBotConfig:
+    """Official ``ibot``: the masked-patch loss and its head."""
+
+    loss_weight: float = 1.0  # weight of the iBOT loss (0 disables it)
+    mask_sample_probability: float = 0.5  # fraction of global crops that get a mask
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])  # range of masked patch ratios
+    separate_head: bool = False  # own head for iBOT (below) instead of sharing the DINO head
+    head_n_prototypes: int = 65536  # K of the separate head
+    head_bottleneck_dim: int = 256  # bottleneck of the separate head
+    head_nlayers: int = 3  # MLP layers of the separate head
+    head_hidden_dim: int = 2048  # hidden width of the separate head
+
+
+@dataclass
+class TrainConfig:
+    """Official ``train``, plus dinokit keys."""
+
+    batch_size_per_gpu: int = 64  # images per process and step
+    dataset_path: str = "ImageNet:split=TRAIN"  # dataset string, e.g. ImageFolder:root=/data or Sample:split=TRAIN
+    output_dir: str = "."  # run folder (set by --output-dir)
+    saveckp_freq: int = 20  # unused officially (3 epochs hard-coded); dinokit: epochs between resumable checkpoints
+    seed: int = 0  # unused officially; dinokit: base random seed (each rank adds its rank)
+    num_workers: int = 10  # data-loading worker processes per rank
+    OFFICIAL_EPOCH_LENGTH: int = 1250  # iterations per "epoch", whatever the dataset size
+    cache_dataset: bool = True  # unused (official and dinokit)
+    centering: str = "centering"  # teacher normalisation: centering (EMA centre + softmax) or sinkhorn_knopp
+    log_freq: int = 10  # dinokit: iterations between training_metrics.json lines (official: fixed 10)
+    compile: bool = False  # dinokit: torch.compile each transformer block (GPU training; slower start-up)
+    activation_checkpointing: bool = False  # dinokit: recompute block activations in backward to save memory
+
+
+@dataclass
+class StudentConfig:
+    """Official ``student``: the backbone shared by student and teacher (only the student has drop path)."""
+
+    arch: str = "vit_large"  # vit_pico, vit_nano, vit_tiny, vit_small, vit_base, vit_large, vit_giant2 (_memeff ok)
+    patch_size: int = 16  # patch size in pixels
+    drop_path_rate: float = 0.3  # stochastic-depth rate of the student
+    layerscale: float = 1.0e-5  # initial LayerScale value (0 = no LayerScale)
+    drop_path_uniform: bool = True  # same rate in every block (else linear from 0)
+    pretrained_weights: str = ""  # checkpoint with a "model" key loaded non-strictly into the student backbone
+    ffn_layer: str = "mlp"  # mlp, swiglu, swiglufused (same as swiglu) or identity
+    block_chunks: int = 0  # blocks grouped in this many chunks (official FSDP units; keys blocks.<chunk>.<i>)
+    qkv_bias: bool = True  # bias in the attention qkv projection
+    proj_bias: bool = True  # bias in the attention output projection
+    ffn_bias: bool = True  # biases in the FFN
+    num_register_tokens: int = 0  # register tokens (4 for the _reg4 models)
+    interpolate_antialias: bool = False  # antialias when resizing the position embedding
+    interpolate_offset: float = 0.1  # offset of the position-embedding scale factor (0 = resize to size)
+
+
+@dataclass
+class TeacherConfig:
+    """Official ``teacher``: EMA momentum and temperature schedules."""
+
+    momentum_teacher: float = 0.992  # EMA momentum at the start (cosine to final_momentum_teacher)
+    final_momentum_teacher: float = 1.0  # EMA momentum at the end of training
+    warmup_teacher_temp: float = 0.04  # teacher temperature at iteration 0
+    teacher_temp: float = 0.07  # teacher temperature after the warm-up
+    warmup_teacher_temp_epochs: int = 30  # length of the linear temperature warm-up, in epochs
+
+
+@dataclass
+class OptimConfig:
+    """Official ``optim``: AdamW and its schedules (spec §1.8)."""
+
+    epochs: int = 100  # training length, in epochs of OFFICIAL_EPOCH_LENGTH iterations
+    weight_decay: float = 0.04  # weight decay at the start (cosine schedule)
+    weight_decay_end: float = 0.4  # weight decay at the end
+    base_lr: float = 0.004  # learning rate for a total batch of 1024 (sqrt_wrt_1024)
+    lr: float = 0.0  # peak learning rate, computed from base_lr by apply_scaling_rules
+    warmup_epochs: int = 10  # linear lr warm-up from 0, in epochs
+    min_lr: float = 1.0e-6  # learning rate at the end of the cosine
+    clip_grad: float = 3.0  # gradient-norm clip, per student submodule
+    freeze_last_layer_epochs: int = 1  # epochs with lr 0 for the heads' last layers
+    scaling_rule: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 (official), linear_wrt_256 or none (lr = base_lr)
+    patch_embed_lr_mult: float = 0.2  # lr multiplier of the patch embedding
+    layerwise_decay: float = 0.9  # lr multiplier per block below the top (1.0 = off)
+    adamw_beta1: float = 0.9  # AdamW beta1
+    adamw_beta2: float = 0.999  # AdamW beta2
+
+
+@dataclass
+class CropsConfig:
+    """Official ``crops``: multi-crop augmentation (spec §1.9)."""
+
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # RandomResizedCrop area range
+    local_crops_number: int = 8  # local crops per image (0 = none)
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # area range of local crops
+    global_crops_size: int = 224  # global crop side; also the backbone img_size (518 in the eval presets)
+    local_crops_size: int = 96  # local crop side
+    # dinokit: "official" = the blur the released models were trained with (global 1: 0, global 2: 0.9,
+    # local: 0.5; the official code inverts its p, PR #411); "intended" = as written (1.0, 0.1, 0.5).
+    blur_probabilities: str = "official"
+
+
+@dataclass
+class KnnDatasetConfig:
+    """dinokit: datasets of the k-NN evaluation run during training (either null = no k-NN)."""
+
+    train: str | None = None  # dataset string of the k-NN memory bank, e.g. Sample:split=TRAIN
+    val: str | None = None  # dataset string of the queries, e.g. Sample:split=VAL
+
+
+@dataclass
+class EvaluationConfig:
+    """Official ``evaluation``, plus dinokit's k-NN monitor."""
+
+    eval_period_iterations: int = 12500  # iterations between teacher snapshots in output_dir/eval/
+    knn_dataset: KnnDatasetConfig | None = field(default_factory=KnnDatasetConfig)  # dinokit (null = no k-NN)
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # dinokit: neighbour counts (official)
+    knn_temperature: float = 0.07  # dinokit: temperature of the k-NN vote weights (official)
+
+
+@dataclass
+class SSLConfig:
+    """The whole training configuration, in the official section order."""
+
+    MODEL: ModelConfig = field(default_factory=ModelConfig)
+    compute_precision: ComputePrecisionConfig = field(default_factory=ComputePrecisionConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IBotConfig = field(default_factory=IBotConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schema introspection (for error messages and for parsing overrides by field type)
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _section(tp: Any) -> Any:
+    """The dataclass of a section annotation (also ``Section | None``), else None."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    args = [a for a in args if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def _field_type(path: str) -> Any:
+    """The annotation of the dotted ``path`` (a list index like ``[1]`` gives the item type), or None."""
+    tp: Any = SSLConfig
+    for part in path.split("."):
+        name, index = re.fullmatch(r"([^\[]*)(\[\d+\])?", part).groups()
+        section = _section(tp)
+        if section is None or name not in _hints(section):
+            return None
+        tp = _hints(section)[name]
+        if index:
+            tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+    return tp
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a section of keys (" + ", ".join(_hints(tp)) + ")"
+    return getattr(tp, "__name__", str(tp))
+
+
+@functools.cache
+def _all_keys() -> tuple[str, ...]:
+    def walk(cls: type, prefix: str) -> list[str]:
+        keys = []
+        for name, tp in _hints(cls).items():
+            keys.append(prefix + name)
+            if _section(tp):
+                keys += walk(_section(tp), f"{prefix}{name}.")
+        return keys
+
+    return tuple(walk(SSLConfig, ""))
+
+
+def _unknown_key(path: str, source: str) -> DinokitError:
+    parent, _, leaf = path.rpartition(".")
+    section = _section(_field_type(parent)) if parent else SSLConfig
+    # A close name in the same section, else a very close one in another (train.epochs -> optim.epochs).
+    same_depth = [k for k in _all_keys() if k.count(".") == path.count(".")]
+    siblings = [k for k in same_depth if k.rpartition(".")[0] == parent]
+    close = None
+    for keys, cutoff in ((siblings, 0.6), (same_depth, 0.8)):
+        leaves = {k.rpartition(".")[2].lower(): k for k in keys}
+        match = difflib.get_close_matches(leaf.lower(), list(leaves), n=1, cutoff=cutoff)
+        close = close or (leaves[match[0]] if match else None)
+    if close:
+        hint = f"did you mean '{close}'?"
+    elif section:
+        hint = (f"keys of '{parent}': " if parent else "sections: ") + ", ".join(_hints(section))
+    else:
+        hint = f"'{parent}' is a value, not a section"
+    return DinokitError(f"unknown config key '{path}' ({hint}), in {source}")
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    return repr(value)
+
+
+def _check_keys(data: dict, cls: type, prefix: str, source: str) -> dict:
+    """``data`` checked for unknown keys and scalars given to sections, with full dotted keys in the errors.
+
+    A null section (``evaluation:`` with its keys commented out) is dropped: YAML's way to say "empty".
+    """
+    checked = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        tp = _hints(cls).get(str(key))
+        if tp is None:
+            raise _unknown_key(path, source)
+        section = _section(tp)
+        if isinstance(value, dict) and value and not section:
+            raise _unknown_key(f"{path}.{next(iter(value))}", source)
+        if section and isinstance(value, dict):
+            value = _check_keys(value, section, path + ".", source)
+        elif section and value is None and section is tp:
+            continue
+        elif section and value is not None:
+            raise DinokitError(f"config key '{path}' expects {_describe(tp)}, got {_format_value(value)}, in {source}")
+        checked[key] = value
+    return checked
+
+
+def _merge(cfg: DictConfig, data: Any, source: str) -> DictConfig:
+    if data is None:
+        return cfg
+    if not isinstance(data, dict):
+        raise DinokitError(f"{source} must hold a mapping of config sections, got {_format_value(data)}")
+    data = _check_keys(data, SSLConfig, "", source)
+    try:
+        return typing.cast(DictConfig, OmegaConf.merge(cfg, data))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        if not key:
+            raise DinokitError(f"invalid config in {source}: {str(err).splitlines()[0]}") from err
+        expected = _describe(_field_type(key))
+        got = _format_value(err.value)
+        raise DinokitError(f"config key '{key}' expects {expected}, got {got}, in {source}") from err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets, files and overrides
+# ---------------------------------------------------------------------------------------------------
+
+_PRESET_DIRS = ("train", "eval")
+_DEFAULT_NAME = "ssl_default_config"
+
+
+def _configs_root() -> Any:
+    return resources.files("dinokit") / "configs"
+
+
+def list_presets() -> list[str]:
+    """Names accepted by :func:`load_config`, e.g. ``train/demo`` (``demo`` works too)."""
+    names = []
+    for folder in _PRESET_DIRS:  # training presets first
+        stems = (e.name.removesuffix(".yaml") for e in (_configs_root() / folder).iterdir() if e.name.endswith(".yaml"))
+        names += [f"{folder}/{stem}" for stem in sorted(stems)]
+    return names
+
+
+def _read_config_text(config_file: str | Path) -> tuple[str, str]:
+    """(YAML text, description for messages) of a file path or preset name."""
+    config_file = str(config_file)
+    path = Path(config_file).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), f"config file '{config_file}'"
+    name = config_file.removesuffix(".yaml")
+    presets = list_presets()
+    candidates = [name] + [f"{folder}/{name}" for folder in _PRESET_DIRS]
+    for candidate in candidates:
+        if candidate in presets or candidate in (_DEFAULT_NAME, "default"):
+            stem = _DEFAULT_NAME if candidate == "default" else candidate
+            return (_configs_root() / f"{stem}.yaml").read_text(encoding="utf-8"), f"preset '{candidate}'"
+    short = ", ".join(p.split("/", 1)[1] for p in presets)
+    raise DinokitError(f"config '{config_file}' is neither a YAML file nor a preset; presets: {short}")
+
+
+def _parse_value(raw: str, tp: Any) -> Any:
+    """Parse an override value: YAML scalars/lists, except that string fields take the text as is."""
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if tp in (str, str | None) and not quoted:
+        return None if raw in ("null", "~") else raw
+    try:
+        value = yaml.load(raw, Loader=_yaml_loader()) if raw else ""
+    except yaml.YAMLError:
+        return raw
+    return value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else raw
+
+
+def _override_to_dict(text: str) -> dict:
+    key, sep, raw = text.partition("=")  # the first "=": values like "Sample:split=TRAIN" keep theirs
+    key = key.strip()
+    if not sep or not key:
+        raise DinokitError(f"override '{text}' is not key=value; write e.g. optim.epochs=2")
+    nested: Any = _parse_value(raw.strip(), _field_type(key))
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- ``config_file`` (preset name or YAML path; None = defaults only) <- ``key=value`` overrides.
+
+    The result is validated (:func:`validate`); ``optim.lr`` is not scaled yet (see :func:`apply_scaling_rules`).
+    """
+    cfg = OmegaConf.structured(SSLConfig)
+    if config_file:
+        text, source = _read_config_text(config_file)
+        try:
+            data = yaml.load(text, Loader=_yaml_loader())
+        except yaml.YAMLError as err:
+            first = str(err).replace("\n", " ")
+            raise DinokitError(f"{source} is not valid YAML ({first}); fix the file") from err
+        cfg = _merge(cfg, data, source)
+    for text in overrides:
+        cfg = _merge(cfg, _override_to_dict(text), f"override '{text}'")
+    validate(cfg)
+    return cfg
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """A safe loader that also reads ``1e-5`` as a float, as OmegaConf does (YAML 1.1 needs ``1.0e-5``)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    float_re = re.compile(r"^[-+]?(?:(?:\d[\d_]*\.\d*|\.\d+)(?:[eE][-+]?\d+)?|\d[\d_]*[eE][-+]?\d+)$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_re, list("-+0123456789."))
+    return Loader
+
+
+def write_config(cfg: DictConfig, output_dir: str | Path) -> Path:
+    """Write the resolved ``cfg`` to ``output_dir/config.yaml`` (loadable by :func:`load_config`)."""
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    tmp.replace(path)  # atomic: a crash never leaves a half-written config next to a run
+    return path
+
+
+def as_dataclass(cfg: DictConfig) -> SSLConfig:
+    """The typed :class:`SSLConfig` instance of ``cfg`` (attribute access checked by type checkers)."""
+    return typing.cast(SSLConfig, OmegaConf.to_object(cfg))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------
+
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+
+_CHOICES: dict[str, Sequence[str]] = {
+    "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),
+    "train.centering": ("centering", "sinkhorn_knopp"),
+    "optim.scaling_rule": SCALING_RULES,
+    "crops.blur_probabilities": ("official", "intended"),
+    "compute_precision.dtype": ("auto", *DTYPES),
+}
+for _role in ("teacher", "student"):
+    for _module in ("backbone", "dino_head", "ibot_head"):
+        _prefix = f"compute_precision.{_role}.{_module}"
+        _CHOICES[f"{_prefix}.sharding_strategy"] = SHARDING_STRATEGIES
+        for _kind in ("param", "reduce", "buffer"):
+            _CHOICES[f"{_prefix}.mixed_precision.{_kind}_dtype"] = tuple(DTYPES)
+
+_POSITIVE = (
+    "train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "train.saveckp_freq", "train.log_freq",
+    "student.patch_size", "optim.epochs", "crops.global_crops_size", "crops.local_crops_size",
+    "dino.head_n_prototypes", "dino.head_bottleneck_dim", "dino.head_nlayers", "dino.head_hidden_dim",
+    "ibot.head_n_prototypes", "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim",
+    "evaluation.eval_period_iterations", "evaluation.knn_temperature", "optim.layerwise_decay",
+)  # fmt: skip
+_NON_NEGATIVE = (
+    "train.num_workers", "student.block_chunks", "student.num_register_tokens", "crops.local_crops_number",
+    "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs", "optim.base_lr",
+    "optim.min_lr", "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight",
+)  # fmt: skip
+_FRACTION_PAIRS = ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the values the schema's types cannot (choices, ranges, consistency); errors name the key."""
+    arch = cfg.student.arch
+    if arch.removesuffix("_memeff") not in ARCHITECTURES:
+        raise DinokitError(f"config key 'student.arch' is {arch!r}; use one of: {', '.join(ARCHITECTURES)}")
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise DinokitError(f"config key '{key}' is {value!r}; use one of: {', '.join(allowed)}")
+    for keys, ok, wanted in ((_POSITIVE, lambda v: v > 0, "> 0"), (_NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
+        for key in keys:
+            if not ok(OmegaConf.select(cfg, key)):
+                raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be {wanted}")
+    for key in _FRACTION_PAIRS:
+        pair = list(OmegaConf.select(cfg, key))
+        if len(pair) != 2 or not 0 <= pair[0] <= pair[1] <= 1:
+            raise DinokitError(f"config key '{key}' is {pair}; give [low, high] with 0 <= low <= high <= 1")
+    if not 0 <= cfg.ibot.mask_sample_probability <= 1:
+        raise DinokitError("config key 'ibot.mask_sample_probability' must be in [0, 1]")
+    if not 0 <= cfg.student.drop_path_rate < 1:
+        raise DinokitError("config key 'student.drop_path_rate' must be in [0, 1)")
+    for key in ("crops.global_crops_size", "crops.local_crops_size"):
+        size, patch = OmegaConf.select(cfg, key), cfg.student.patch_size
+        if size % patch:
+            fix = f"use e.g. {size // patch * patch}"
+            raise DinokitError(f"config key '{key}' is {size}, not a multiple of student.patch_size {patch}; {fix}")
+    if cfg.optim.warmup_epochs > cfg.optim.epochs:
+        warmup, epochs = cfg.optim.warmup_epochs, cfg.optim.epochs
+        raise DinokitError(f"config key 'optim.warmup_epochs' ({warmup}) exceeds optim.epochs ({epochs}); lower it")
+    if not cfg.evaluation.knn_k or min(cfg.evaluation.knn_k) <= 0:
+        knn_k = list(cfg.evaluation.knn_k)
+        raise DinokitError(f"config key 'evaluation.knn_k' is {knn_k}; give positive neighbour counts")
+    knn = cfg.evaluation.knn_dataset
+    if knn is not None and (knn.train is None) != (knn.val is None):
+        raise DinokitError("set both evaluation.knn_dataset.train and evaluation.knn_dataset.val, or neither")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning-rate scaling and compute dtype
+# ---------------------------------------------------------------------------------------------------
+
+
+def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
+    """Set ``optim.lr`` from ``optim.base_lr`` for ``batch_size_per_gpu * world_size`` images (in place).
+
+    ``sqrt_wrt_1024`` (official): ``base_lr * sqrt(total / 1024)``; ``linear_wrt_256``; ``none`` = base_lr.
+    """
+    total = cfg.train.batch_size_per_gpu * world_size
+    cfg.optim.lr = scale_lr(cfg.optim.base_lr, total, cfg.optim.scaling_rule)
+    return cfg
+
+
+def compute_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The autocast dtype for ``compute_precision.dtype``: ``auto`` = bf16 on CUDA (fp16 without bf16), else fp32."""
+    if name != "auto":
+        if name not in DTYPES:
+            allowed = ", ".join(("auto", *DTYPES))
+            raise DinokitError(f"config key 'compute_precision.dtype' is {name!r}; use one of: {allowed}")
+        return DTYPES[name]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
