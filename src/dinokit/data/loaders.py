@@ -1,0 +1,114 @@
+"""The SSL data loader: a reproducible, resumable stream of augmented, collated batches.
+
+``SSLDataset[p]`` is the sample at stream position ``p``: the image is chosen by a per-pass
+permutation of the dataset and the crops by RNGs seeded from ``(seed, p)``. With the
+:class:`~dinokit.data.samplers.InfiniteStreamSampler` and :class:`~dinokit.data.collate.SSLCollate`
+this makes every batch a pure function of ``(seed, iteration)``: independent of the number of
+workers, and restored exactly when a run resumes at ``start_iteration``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import distributed
+from ..errors import DinokitError
+from .datasets import make_dataset
+from .samplers import InfiniteStreamSampler, derive_seed, seeded_rngs
+
+_CACHED_PASSES = 2  # a batch can straddle two passes
+
+
+class SSLDataset(Dataset):
+    """Maps a stream position to ``(position, transform(image) or None)``.
+
+    ``base_dataset`` items are ``(index, PIL_image_or_None, target)`` (an ``ImageFiles`` with no
+    transform). Pass ``k`` covers positions ``[k * len(base), (k + 1) * len(base))`` and visits every
+    image once, in the order of ``torch.randperm`` seeded from ``(seed, k)``. A bad image gives
+    ``None``, which the collate drops and counts.
+    """
+
+    def __init__(self, base_dataset: Dataset, transform: Callable[[Any], Any], *, seed: int) -> None:
+        if len(base_dataset) == 0:
+            raise DinokitError("the pretraining dataset is empty; check the dataset string")
+        self.base_dataset = base_dataset
+        self.transform = transform
+        self.seed = seed
+        self._permutations: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Images per pass (the stream itself is infinite)."""
+        return len(self.base_dataset)
+
+    def permutation(self, pass_index: int) -> torch.Tensor:
+        """The dataset order of pass ``pass_index`` (cached: computing it costs O(len) per call)."""
+        if pass_index not in self._permutations:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, pass_index, "order"))
+            self._permutations[pass_index] = torch.randperm(len(self.base_dataset), generator=generator)
+            while len(self._permutations) > _CACHED_PASSES:
+                self._permutations.popitem(last=False)
+        return self._permutations[pass_index]
+
+    def dataset_index(self, position: int) -> int:
+        pass_index, offset = divmod(position, len(self.base_dataset))
+        return int(self.permutation(pass_index)[offset])
+
+    def __getitem__(self, position: int) -> tuple[int, Any]:
+        _, image, _ = self.base_dataset[self.dataset_index(position)]
+        if image is None:
+            return position, None
+        with seeded_rngs(derive_seed(self.seed, position, "crops")):
+            return position, self.transform(image)
+
+
+def _limit_worker_threads(worker_id: int) -> None:
+    # Each worker decodes and augments one sample at a time; intra-op threads would only oversubscribe the CPUs.
+    torch.set_num_threads(1)
+
+
+def make_ssl_data_loader(
+    dataset_str: str,
+    *,
+    transform: Callable[[Any], Any],
+    collate: Callable[[list], Any],
+    seed: int,
+    batch_size_per_rank: int,
+    num_workers: int,
+    start_iteration: int = 0,
+    pin_memory: bool | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DataLoader:
+    """An endless DataLoader whose ``i``-th batch is global batch ``start_iteration + i``, this rank's part.
+
+    ``transform`` is usually a :class:`~dinokit.data.augmentations.DataAugmentationDINO` and
+    ``collate`` an :class:`~dinokit.data.collate.SSLCollate` (both picklable, for workers).
+    ``rank``/``world_size`` default to the current process group's. ``pin_memory`` defaults to
+    whether CUDA is available.
+    """
+    if num_workers < 0:
+        raise DinokitError(f"num_workers must be >= 0, got {num_workers}")
+    rank = distributed.get_rank() if rank is None else rank
+    world_size = distributed.get_world_size() if world_size is None else world_size
+    base = make_dataset(dataset_str, transform=None, labelled=False)
+    sampler = InfiniteStreamSampler.for_iteration(
+        start_iteration, rank=rank, world_size=world_size, batch_size_per_rank=batch_size_per_rank
+    )
+    return DataLoader(
+        SSLDataset(base, transform, seed=seed),
+        batch_size=batch_size_per_rank,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=False,  # the stream is infinite: every batch is full
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_limit_worker_threads if num_workers > 0 else None,
+        # Its own generator: creating the iterator must not draw from the global RNG, or a resumed run's
+        # model randomness (drop path) would be shifted by one draw relative to an uninterrupted run.
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,180 @@
+"""Dataset strings and image files: ImageFolder, FileList, Sample, bad items, user errors, ``dinokit data sample``."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinokit.cli import main
+from dinokit.data import SAMPLE_CLASSES, collate_skip_bad, make_dataset, parse_dataset_str, resolve_image_inputs
+from dinokit.errors import DinokitError
+
+
+def _png(path, value=0, size=(6, 6)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, value, value)).save(path)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """root/cat/{0,1}.png, root/dog/0.png, a loose root/extra.png."""
+    root = tmp_path / "images"
+    _png(root / "cat" / "0.png", 10)
+    _png(root / "cat" / "1.png", 11)
+    _png(root / "dog" / "0.png", 20)
+    _png(root / "extra.png", 30)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory):
+    from dinokit.data import write_sample_dataset
+
+    return write_sample_dataset(tmp_path_factory.mktemp("sample"))
+
+
+# ---------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ImageFolder:root=/data/x", ("ImageFolder", {"root": "/data/x"})),
+        ("/data/x", ("ImageFolder", {"root": "/data/x"})),
+        ("C:/data/x", ("ImageFolder", {"root": "C:/data/x"})),
+        ("ImageNet:split=VAL:root=C:/in1k:extra=/e", ("ImageNet", {"split": "VAL", "root": "C:/in1k", "extra": "/e"})),
+        ("ImageFolder:root=s3://bucket/x", ("ImageFolder", {"root": "s3://bucket/x"})),
+    ],
+)
+def test_parse_dataset_str(text, expected):
+    assert parse_dataset_str(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "empty dataset string"),
+        ("Places:root=/x", "unknown dataset 'Places'"),
+        ("ImageFolder:colour=red", "bad item"),
+        ("ImageFolder:path=/x", "does not take path"),
+        ("FileList:root=/x", "does not take root"),
+        ("ImageFolder", "needs root"),
+        ("FileList", "needs path"),
+    ],
+)
+def test_bad_dataset_strings(text, match):
+    with pytest.raises(DinokitError, match=match):
+        make_dataset(text)
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+
+def test_image_folder_labelled_and_unlabelled(folder):
+    labelled = make_dataset(f"ImageFolder:root={folder}", labelled=True)
+    assert labelled.classes == ["cat", "dog"] and labelled.targets == [0, 0, 1]  # the loose file has no class
+    index, image, target = labelled[2]
+    assert (index, target) == (2, 1) and image.getpixel((0, 0)) == (20, 20, 20)
+    unlabelled = make_dataset(str(folder))  # bare path
+    assert len(unlabelled) == 4 and set(unlabelled.targets) == {-1} and unlabelled.classes == []
+
+
+def test_image_folder_transform_is_applied(folder):
+    ds = make_dataset(str(folder), transform=lambda im: torch.tensor(im.getpixel((0, 0))))
+    assert ds[0][1].tolist() == [10, 10, 10]
+
+
+def test_image_folder_errors(folder, tmp_path):
+    with pytest.raises(DinokitError, match="does not exist"):
+        make_dataset(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DinokitError, match="no images found"):
+        make_dataset(f"ImageFolder:root={tmp_path / 'empty'}")
+    (folder / "bird").mkdir()
+    with pytest.raises(DinokitError, match="contain no images"):
+        make_dataset(str(folder), labelled=True)
+    flat = tmp_path / "flat"
+    _png(flat / "a.png")
+    with pytest.raises(DinokitError, match="no class subfolders"):
+        make_dataset(str(flat), labelled=True)
+
+
+def test_bad_image_is_none_and_skipped_by_collate(folder):
+    (folder / "dog" / "1.png").write_bytes(b"\x89PNG truncated")
+    ds = make_dataset(str(folder), labelled=True, transform=lambda im: torch.zeros(3))
+    assert ds.targets == [0, 0, 1, 1]
+    with pytest.warns(UserWarning, match="unreadable"):
+        items = [ds[i] for i in range(len(ds))]
+    assert items[3] == (3, None, 1)
+    batch = collate_skip_bad(items)
+    assert batch["index"].tolist() == [0, 1, 2] and batch["bad"] == [3]
+    assert batch["image"].shape == (3, 3) and batch["target"].tolist() == [0, 0, 1]
+    empty = collate_skip_bad([items[3]])
+    assert empty["image"] is None and empty["bad"] == [3]
+
+
+def test_hidden_files_are_ignored(folder):
+    _png(folder / ".thumbs" / "x.png")
+    _png(folder / "cat" / ".hidden.png")
+    assert len(make_dataset(str(folder))) == 4
+
+
+# ---------------------------------------------------------------- FileList
+
+
+def test_file_list_without_labels(folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# comment\nimages/cat/0.png\n\n{folder / 'dog' / '0.png'}\n")
+    ds = make_dataset(f"FileList:path={listing}")
+    assert ds.paths == [folder / "cat" / "0.png", folder / "dog" / "0.png"]  # relative to the list's folder
+    assert ds.targets == [-1, -1]
+    with pytest.raises(DinokitError, match="has no labels"):
+        make_dataset(f"FileList:path={listing}", labelled=True)
+
+
+def test_file_list_with_labels(folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("images/cat/0.png,0\nimages/dog/0.png\t2\n")
+    ds = make_dataset(f"FileList:path={listing}", labelled=True)
+    assert ds.targets == [0, 2] and ds.classes == ["0", "1", "2"]
+    assert ds[1][1].getpixel((0, 0)) == (20, 20, 20)
+    listing.write_text("images/cat/0.png,0\nimages/dog/0.png\n")
+    with pytest.raises(DinokitError, match="has no label"):
+        make_dataset(f"FileList:path={listing}")
+
+
+def test_file_list_errors(tmp_path):
+    with pytest.raises(DinokitError, match="does not exist"):
+        make_dataset(f"FileList:path={tmp_path / 'nope.txt'}")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(DinokitError, match="names no images"):
+        make_dataset(f"FileList:path={tmp_path / 'empty.txt'}")
+
+
+def test_resolve_image_inputs(folder, tmp_path):
+    assert len(resolve_image_inputs(folder)) == 4
+    assert resolve_image_inputs(folder / "extra.png") == [folder / "extra.png"]
+    with pytest.raises(DinokitError, match="does not exist"):
+        resolve_image_inputs(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- Sample
+
+
+def test_sample_dataset(sample_root):
+    train = make_dataset(f"Sample:split=TRAIN:root={sample_root}", labelled=True)
+    val = make_dataset(f"Sample:split=val:root={sample_root}")
+    assert len(train) == 8 * 80 and len(val) == 8 * 20
+    assert tuple(train.classes) == SAMPLE_CLASSES
+    assert np.bincount(train.targets).tolist() == [80] * 8
+    _, image, target = val[0]
+    assert image.size == (96, 96) and target == 0
+    with pytest.raises(DinokitError, match="TRAIN or VAL"):
+        make_dataset(f"Sample:split=TEST:root={sample_root}")
+
+
+def test_cli_sample_reports_counts(sample_root, capsys):
+    assert main(["data", "sample", "--out", str(sample_root)]) == 0
+    out = capsys.readouterr().out
+    assert f"640 images in {sample_root / 'train'}" in out and f"160 images in {sample_root / 'val'}" in out
