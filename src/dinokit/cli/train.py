@@ -1,0 +1,61 @@
+"""``dinokit train``: self-supervised pretraining (one process, ``torchrun``, or SLURM through submitit)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="DINOv2 self-supervised pretraining",
+        description="Pretrain with the DINOv2 recipe. Resumes automatically from OUTPUT_DIR/checkpoints. "
+        "Multi-GPU: torchrun --nproc_per_node=8 -m dinokit train ...; SLURM: add --nodes/--gpus-per-node.",
+    )
+    p.add_argument("--config-file", default="demo", help="preset name (see --list-presets) or a YAML file [demo]")
+    p.add_argument("--output-dir", required=False, help="where checkpoints, logs and snapshots go")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT_DIR has checkpoints")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
+    p.add_argument("--list-presets", action="store_true", help="print the shipped presets and exit")
+    slurm = p.add_argument_group("SLURM (needs the 'slurm' extra: pip install dinokit[slurm])")
+    slurm.add_argument("--nodes", type=int, default=0, help="submit to SLURM on this many nodes")
+    slurm.add_argument("--gpus-per-node", type=int, default=8)
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--timeout", type=int, default=2800, help="job time limit in minutes (requeued on timeout)")
+    slurm.add_argument("--slurm-comment", default=None)
+    p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.epochs=10")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import DinokitError
+    from ..train.config import list_presets, load_config
+
+    if args.list_presets:
+        print("\n".join(list_presets()))
+        return 0
+    if not args.output_dir:
+        raise DinokitError("--output-dir is required (where checkpoints and logs go)")
+    cfg = load_config(args.config_file, args.opts)
+    if args.nodes > 0:
+        from ..train.slurm import submit
+
+        job = submit(cfg, output_dir=args.output_dir, resume=not args.no_resume, nodes=args.nodes,
+                     gpus_per_node=args.gpus_per_node, partition=args.partition, timeout_min=args.timeout,
+                     comment=args.slurm_comment)
+        print(f"submitted SLURM job {job.job_id}; logs in {args.output_dir}")
+        return 0
+    from ..train.train import train
+
+    summary = train(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
+    from .. import distributed
+
+    if distributed.is_main_process():
+        metrics = summary.get("metrics") or {}
+        loss = metrics.get("total_loss")
+        print(f"done: {summary['iteration']} iterations in {summary['output_dir']}"
+              + (f", final loss {loss:.4f}" if loss is not None else ""))
+        for snap in summary.get("snapshots", [])[-1:]:
+            print(f"teacher snapshot: {snap}")
+    distributed.shutdown()
+    return 0

@@ -1,0 +1,40 @@
+"""The pretraining data stream described by the config's ``train.*`` and ``crops.*`` keys."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from ..data.augmentations import DataAugmentationDINO
+from ..data.collate import SSLCollate
+from ..data.loaders import make_ssl_data_loader
+
+
+def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: bool) -> DataLoader:
+    """Batch ``i`` of the returned loader is global batch ``start_iteration + i`` (this rank's part)."""
+    crops = cfg.crops
+    transform = DataAugmentationDINO(
+        tuple(crops.global_crops_scale),
+        tuple(crops.local_crops_scale),
+        crops.local_crops_number,
+        global_crops_size=crops.global_crops_size,
+        local_crops_size=crops.local_crops_size,
+        blur_probabilities=crops.blur_probabilities,
+    )
+    collate = SSLCollate(
+        seed=cfg.train.seed,
+        global_crops_size=crops.global_crops_size,
+        patch_size=cfg.student.patch_size,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+    )
+    return make_ssl_data_loader(
+        cfg.train.dataset_path,
+        transform=transform,
+        collate=collate,
+        seed=cfg.train.seed,
+        batch_size_per_rank=cfg.train.batch_size_per_gpu,
+        num_workers=cfg.train.num_workers,
+        start_iteration=start_iteration,
+        pin_memory=pin_memory,
+    )

@@ -1,0 +1,50 @@
+"""Training metrics: smoothed values, one JSON line per logged iteration, and a console progress bar."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    """Collects values per metric and appends their medians since the last line to ``training_metrics.json``.
+
+    Field names follow the official file: iteration, iter_time, data_time, lr, wd, mom,
+    last_layer_lr, current_batch_size, total_loss and each loss term.
+    """
+
+    def __init__(self, path: Path | None, *, total: int = 0, initial: int = 0, enabled: bool = True):
+        self.path = Path(path) if path is not None else None
+        self.values: dict[str, list[float]] = defaultdict(list)
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True, disable=not enabled)
+
+    def update(self, **values: float) -> None:
+        for key, value in values.items():
+            self.values[key].append(float(value))
+
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.values.items() if v}
+
+    def log(self, iteration: int) -> dict[str, float]:
+        record = {"iteration": iteration, **self.medians()}
+        self.values.clear()
+        if self.enabled:
+            self.write(record)
+            self.bar.set_postfix(loss=f"{record.get('total_loss', float('nan')):.3f}", lr=f"{record.get('lr', 0):.2e}")
+        return record
+
+    def write(self, record: dict) -> None:
+        if self.enabled and self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()

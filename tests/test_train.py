@@ -1,0 +1,150 @@
+"""End-to-end pretraining on CPU: a few steps, snapshots, bit-exact resume, NaN stop, CLI errors, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinokit.cli import main as cli_main
+from dinokit.data import write_sample_dataset
+from dinokit.errors import DinokitError
+from dinokit.train.config import load_config
+from dinokit.train.train import train
+
+TINY = [
+    "student.arch=vit_pico", "student.patch_size=8", "student.drop_path_rate=0.2",
+    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
+    "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
+    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
+    "train.batch_size_per_gpu=4", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=3", "train.saveckp_freq=1",
+    "train.log_freq=1", "optim.epochs=2", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+    "evaluation.eval_period_iterations=3", "evaluation.knn_dataset=null",
+]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = write_sample_dataset(tmp_path_factory.mktemp("sample"), counts={"train": 3, "val": 2}, image_size=40)
+    return root
+
+
+def tiny_cfg(images: Path, *extra: str):
+    return load_config("demo", [*TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}", *extra])
+
+
+def full_state(out: Path) -> dict:
+    ckpts = sorted((out / "checkpoints").glob("checkpoint_*.pth"))
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+
+
+def test_few_steps_write_metrics_snapshots_and_checkpoints(images, tmp_path):
+    out = tmp_path / "run"
+    summary = train(tiny_cfg(images), output_dir=out)
+    assert summary["iteration"] == 6
+    lines = [json.loads(l) for l in (out / "training_metrics.json").read_text().splitlines()]
+    assert [l["iteration"] for l in lines] == list(range(6))
+    for key in ("lr", "wd", "mom", "last_layer_lr", "current_batch_size", "total_loss", "dino_local_crops_loss",
+                "dino_global_crops_loss", "koleo_loss", "ibot_loss"):
+        assert key in lines[-1]
+    assert all(torch.isfinite(torch.tensor(l["total_loss"])) for l in lines)
+    # the last layer is frozen (lr 0) for the first epoch, and the lr warms up from 0
+    assert lines[0]["last_layer_lr"] == 0 and lines[0]["lr"] == 0 and lines[3]["last_layer_lr"] > 0
+    # teacher snapshots every 3 iterations, in the official layout, loadable as a backbone
+    snaps = sorted((out / "eval").glob("training_*/teacher_checkpoint.pth"))
+    assert [p.parent.name for p in snaps] == ["training_2", "training_5"]
+    teacher = torch.load(snaps[-1], weights_only=True)["teacher"]
+    assert "backbone.pos_embed" in teacher and "dino_head.last_layer.weight_g" in teacher
+    from dinokit.models import load_backbone_weights
+    from dinokit.train.ssl_meta_arch import build_student_backbone
+
+    cfg = load_config(str(out / "config.yaml"))
+    backbone = build_student_backbone(cfg.student, img_size=cfg.crops.global_crops_size, only_teacher=True)
+    load_backbone_weights(backbone, snaps[-1])
+    # the EMA moved the teacher away from its initial copy of the student, but not onto the student
+    state = full_state(out)["model"]
+    t, s = state["teacher.backbone.blocks.0.attn.qkv.weight"], state["student.backbone.blocks.0.attn.qkv.weight"]
+    assert not torch.equal(t, s)
+    assert (out / "config.yaml").is_file()
+
+
+def test_kill_and_resume_is_bit_exact(images, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_cfg(images), output_dir=straight)
+    train(tiny_cfg(images), output_dir=resumed, stop_after=4)  # "killed" after the checkpoint at iteration 4
+    assert full_state(resumed)["iteration"] == 4
+    summary = train(tiny_cfg(images), output_dir=resumed)
+    assert summary["iteration"] == 6
+    a, b = full_state(straight), full_state(resumed)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pid, sa in a["optimizer"]["state"].items():
+        for name, value in sa.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][pid][name])), (pid, name)
+    # the logged losses after the resume point are those of the uninterrupted run
+    la = [json.loads(l) for l in (straight / "training_metrics.json").read_text().splitlines()]
+    lb = [json.loads(l) for l in (resumed / "training_metrics.json").read_text().splitlines()]
+    assert [l["total_loss"] for l in la][4:] == [l["total_loss"] for l in lb][4:]
+
+
+def test_torn_checkpoint_falls_back_to_older(images, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(images), output_dir=out, stop_after=3)
+    good = out / "checkpoints" / "checkpoint_0000003.pth"
+    (out / "checkpoints" / "checkpoint_0000005.pth").write_bytes(good.read_bytes()[:100])  # a torn write
+    with pytest.warns(UserWarning, match="cannot read checkpoint"):
+        summary = train(tiny_cfg(images), output_dir=out)
+    assert summary["iteration"] == 6
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(images, tmp_path, monkeypatch):
+    from dinokit.train.ssl_meta_arch import SSLMetaArch
+
+    original = SSLMetaArch.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(self, batch, teacher_temp):
+        out = original(self, batch, teacher_temp)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(DinokitError, match=r"loss became nan at iteration 4; the last good checkpoint"):
+        train(tiny_cfg(images), output_dir=out)
+    assert [p.name for p in (out / "checkpoints").glob("*.pth")] == ["checkpoint_0000003.pth"]
+
+
+def test_cli_unknown_key_is_one_line_error(tmp_path, capsys):
+    assert cli_main(["train", "--config-file", "demo", "--output-dir", str(tmp_path), "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown config key 'optim.lrr'") and "\n" not in err
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_two_process_gloo_run_and_resume_on_one_process(images, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29531", "-m", "dinokit", "train", "--config-file", "demo",
+           "--output-dir", str(out), "--device", "cpu", *TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}",
+           "train.batch_size_per_gpu=2", "optim.epochs=1", "optim.warmup_epochs=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = full_state(out)
+    assert state["iteration"] == 3 and state["world_size"] == 2
+    lines = [json.loads(l) for l in (out / "training_metrics.json").read_text().splitlines()]
+    assert len(lines) == 3 and all(l["current_batch_size"] == 2 for l in lines)
+    # the sharded run's checkpoint resumes in a single process (world-size independent)
+    summary = train(tiny_cfg(images, "train.batch_size_per_gpu=4", "optim.epochs=2"), output_dir=out)
+    assert summary["iteration"] == 6
