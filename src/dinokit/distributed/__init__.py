@@ -42,6 +42,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place element-wise max over ranks; identity in one process. Returns ``tensor``."""
+    if is_enabled() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """In-place mean over ranks; identity in one process. Returns ``tensor``."""
     world = get_world_size()
