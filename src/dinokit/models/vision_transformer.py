@@ -67,7 +67,7 @@ class DinoVisionTransformer(nn.Module):
         if drop_path_uniform:
             rates = [drop_path_rate] * depth
         else:
-            rates = torch.linspace(0, drop_path_rate, depth).tolist()
+            rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: works under `meta` too
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,

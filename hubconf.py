@@ -1,0 +1,40 @@
+"""torch.hub entry points, named as the official ones: ``torch.hub.load(REPO, "dinov2_vitb14")``.
+
+Each is ``fn(*, pretrained=True, weights=None, **kwargs)``: ``weights`` loads a file or URL
+(strictly), else ``pretrained`` fetches the official weights through torch.hub's cache; ``kwargs``
+override the constructor settings. The ``_lc`` classifiers also take ``layers`` (4 or 1),
+``num_classes`` and ``backbone_weights``; their ``weights`` is the head file.
+See :func:`dinokit.models.create_model`.
+"""
+
+import os
+import sys
+
+dependencies = ["torch"]
+
+try:
+    import dinokit  # noqa: F401  (installed, or already on the path)
+except ImportError:  # a plain checkout, e.g. fetched by torch.hub: use its src/ folder
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+from dinokit.models.registry import hub_entry_point  # noqa: E402
+
+dinov2_vits14 = hub_entry_point("dinov2_vits14")
+dinov2_vitb14 = hub_entry_point("dinov2_vitb14")
+dinov2_vitl14 = hub_entry_point("dinov2_vitl14")
+dinov2_vitg14 = hub_entry_point("dinov2_vitg14")
+
+dinov2_vits14_reg = hub_entry_point("dinov2_vits14_reg")
+dinov2_vitb14_reg = hub_entry_point("dinov2_vitb14_reg")
+dinov2_vitl14_reg = hub_entry_point("dinov2_vitl14_reg")
+dinov2_vitg14_reg = hub_entry_point("dinov2_vitg14_reg")
+
+dinov2_vits14_lc = hub_entry_point("dinov2_vits14_lc")
+dinov2_vitb14_lc = hub_entry_point("dinov2_vitb14_lc")
+dinov2_vitl14_lc = hub_entry_point("dinov2_vitl14_lc")
+dinov2_vitg14_lc = hub_entry_point("dinov2_vitg14_lc")
+
+dinov2_vits14_reg_lc = hub_entry_point("dinov2_vits14_reg_lc")
+dinov2_vitb14_reg_lc = hub_entry_point("dinov2_vitb14_reg_lc")
+dinov2_vitl14_reg_lc = hub_entry_point("dinov2_vitl14_reg_lc")
+dinov2_vitg14_reg_lc = hub_entry_point("dinov2_vitg14_reg_lc")

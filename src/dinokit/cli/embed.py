@@ -1,0 +1,212 @@
+"""``dinokit embed``: image embeddings from a DINOv2 backbone, written to .npz, .npy or .parquet.
+
+Examples::
+
+    dinokit embed photos/ --out photos.npz                         # official ViT-S/14 weights
+    dinokit embed list.txt --model dinov2_vitb14_reg --patch-mean --out emb.parquet
+    dinokit embed photos/ --config-file run/config.yaml \\
+        --weights run/eval/training_12499/teacher_checkpoint.pth --out mine.npz
+
+The model is a hub name (see ``dinokit models``) or, with ``--config-file``, the backbone of a
+training config (``student.*`` keys, as the evaluations build it). Images get the official
+evaluation transform: resize to ``image_size·256/224`` (bicubic), centre crop, ImageNet
+normalisation. Unreadable images are skipped and listed in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.images import ImageFiles, resolve_image_inputs
+from ..data.transforms import make_classification_eval_transform
+from ..errors import DinokitError
+from ..eval.setup import resolve_device, resolve_dtype, setup_eval_model
+from ..features import ExtractedFeatures, extract_features
+from ..models.checkpoint import atomic_write
+from ..models.registry import model_info
+
+OUTPUT_FORMATS = (".npz", ".npy", ".parquet")
+_MAX_BAD_SHOWN = 5
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "embed",
+        help="compute image embeddings (class token, patch mean, patch tokens)",
+        description="Embed images with a DINOv2 backbone: the normalised class token, and optionally the mean "
+        "patch token or all patch tokens. Images get the official evaluation transform (resize to "
+        "image_size*256/224, centre crop, ImageNet normalisation); unreadable images are skipped and listed.",
+        epilog="Output by extension: .npz (cls, patch_mean, patch_tokens, paths, bad_paths), "
+        ".npy (cls only; paths in <stem>.paths.txt), .parquet (path, cls, patch_mean; needs pyarrow). "
+        "Bad images are listed in the .npz or in <stem>.bad.txt.",
+    )
+    p.add_argument("input", help="a folder (searched recursively), one image, or a .txt file listing image paths")
+    p.add_argument("--out", required=True, help="output file: .npz, .npy or .parquet")
+    p.add_argument("--model", default="dinov2_vits14", help="hub name (default: %(default)s; see 'dinokit models')")
+    p.add_argument("--weights", help="backbone file or URL (hub layout, teacher_checkpoint.pth, .safetensors, ...)")
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights; without it and without --weights, the official weights are downloaded "
+                   "once into the torch.hub cache")
+    p.add_argument("--config-file", help="use the backbone of a training config.yaml (or eval preset), not --model")
+    p.add_argument("--patch-mean", action="store_true", help="also save the mean of the normalised patch tokens (N, D)")
+    p.add_argument("--patch-tokens", action="store_true", help="also save the patch tokens (N, h*w, D); .npz only")
+    p.add_argument("--image-size", type=int, default=224, help="centre-crop size in pixels (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding processes (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="compute precision (default: bf16 autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------------------- options
+def _check_output(args: argparse.Namespace) -> Path:
+    out = Path(args.out).expanduser()
+    if out.suffix not in OUTPUT_FORMATS:
+        raise DinokitError(f"--out {args.out!r} has an unknown extension; use one of {', '.join(OUTPUT_FORMATS)}")
+    if out.suffix == ".npy" and (args.patch_mean or args.patch_tokens):
+        raise DinokitError("a .npy file holds the class tokens only; use a .npz file for --patch-mean/--patch-tokens")
+    if out.suffix == ".parquet":
+        if args.patch_tokens:
+            raise DinokitError("--patch-tokens is too large for .parquet; use --out FILE.npz")
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise DinokitError("writing .parquet needs pyarrow: pip install 'dinokit[parquet]' (or use .npz)") from None
+    if out.is_dir():
+        raise DinokitError(f"--out {args.out!r} is a folder; give a file name such as {out / 'embeddings.npz'}")
+    for name in ("image_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise DinokitError(f"--{name.replace('_', '-')} must be at least 1")
+    return out
+
+
+def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, str]:
+    """The frozen backbone (built as the evaluations build it) and a short description for the summary."""
+    if args.config_file:
+        if not args.weights and not args.random_init:
+            raise DinokitError("--config-file needs --weights (e.g. a teacher_checkpoint.pth), or --random-init")
+        name = f"{args.config_file} backbone"
+    else:
+        if model_info(args.model).is_classifier:
+            backbone = args.model.removesuffix("_lc")
+            raise DinokitError(f"{args.model} is a classifier; embed with its backbone: --model {backbone}")
+        name = args.model
+    model, _ = setup_eval_model(
+        config_file=args.config_file,
+        model=None if args.config_file else args.model,
+        pretrained_weights=args.weights,
+        random_init=args.random_init,
+        device=device,
+    )
+    weights = args.weights or ("random init" if args.random_init else "official weights")
+    return model, f"{name} ({weights})"
+
+
+def _feature_fn(*, patch_mean: bool, patch_tokens: bool):
+    def embed(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = model.forward_features(images)
+        features = {"cls": out["x_norm_clstoken"]}  # = model(images): the normalised class token
+        if patch_mean:
+            features["patch_mean"] = out["x_norm_patchtokens"].mean(dim=1)  # (B, N, D) -> (B, D)
+        if patch_tokens:
+            features["patch_tokens"] = out["x_norm_patchtokens"]
+        return features
+
+    return embed
+
+
+# ------------------------------------------------------------------------------------------- writing
+def _write_lines(path: Path, lines: list[str]) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+
+
+def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str], bad_paths: list[str]) -> list[Path]:
+    """Write ``arrays`` (``cls``, optional ``patch_mean``/``patch_tokens``) in ``out``'s format; returns the files."""
+    written = [out]
+    if out.suffix == ".npz":
+        with atomic_write(out) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays, paths=np.array(paths, dtype=str), bad_paths=np.array(bad_paths, dtype=str))
+        return written
+    if out.suffix == ".npy":
+        with atomic_write(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, arrays["cls"])
+        written.append(out.with_name(f"{out.stem}.paths.txt"))
+        _write_lines(written[-1], paths)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = {"path": pa.array(paths, type=pa.string())}
+        for name, array in arrays.items():  # (N, D) -> list<float32> column
+            n, d = array.shape
+            offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+            columns[name] = pa.ListArray.from_arrays(offsets, pa.array(array.reshape(-1)))
+        with atomic_write(out) as tmp:
+            pq.write_table(pa.table(columns), tmp)
+    bad_file = out.with_name(f"{out.stem}.bad.txt")
+    if bad_paths:
+        written.append(bad_file)
+        _write_lines(bad_file, bad_paths)
+    elif bad_file.exists():
+        bad_file.unlink()  # left by an earlier run into the same file name
+    return written
+
+
+def _summary(result: ExtractedFeatures, *, model: str, device: torch.device, dtype: str, bad_paths: list[str],
+             written: list[Path]) -> str:
+    n = len(result)
+    rate = n / result.seconds if result.seconds > 0 else float("inf")
+    lines = [f"embedded {n} images in {result.seconds:.1f} s ({rate:.1f} images/s) with {model} on {device} ({dtype})"]
+    lines.append("  " + "  ".join(f"{k}: {tuple(v.shape)}" for k, v in result.features.items()))
+    if bad_paths:
+        shown = ", ".join(bad_paths[:_MAX_BAD_SHOWN]) + (" ..." if len(bad_paths) > _MAX_BAD_SHOWN else "")
+        lines.append(f"skipped {len(bad_paths)} unreadable image(s): {shown}")
+    lines.append("wrote " + ", ".join(str(p) for p in written))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- command
+def run(args: argparse.Namespace) -> int:
+    out = _check_output(args)
+    paths = resolve_image_inputs(args.input)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)  # None: fp32, no autocast
+    model, description = _build_model(args, device)
+
+    dataset = ImageFiles(paths, transform=make_classification_eval_transform(crop_size=args.image_size))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="skipping unreadable image")  # listed in the summary instead
+        result = extract_features(
+            model,
+            dataset,
+            feature_fn=_feature_fn(patch_mean=args.patch_mean, patch_tokens=args.patch_tokens),
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=device,
+            dtype=dtype,
+            progress=not args.no_progress,
+            desc="embed",
+        )
+    bad_paths = [str(paths[i]) for i in result.bad]
+    if len(result) == 0:
+        raise DinokitError(f"none of the {len(paths)} images could be read (first: {bad_paths[0]}); check the files")
+
+    arrays = {k: v.numpy() for k, v in result.features.items()}
+    ok_paths = [str(paths[i]) for i in result.indices.tolist()]
+    written = write_embeddings(out, arrays, ok_paths, bad_paths)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if device.type == "cpu" and dtype == torch.float16:
+        precision = "fp32"  # extract_features runs fp16 requests in fp32 on the CPU
+    print(_summary(result, model=description, device=device, dtype=precision, bad_paths=bad_paths, written=written))
+    return 0

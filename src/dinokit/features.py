@@ -1,0 +1,149 @@
+"""Batched feature extraction over an image dataset, shared by ``dinokit embed`` and the evaluations.
+
+Bad images never stop a run: the dataset yields ``None`` for them, they are dropped from the batch
+and their indices are returned. With several processes each rank embeds a strided shard and the
+results are gathered on every rank, back in dataset order.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from .data.images import collate_skip_bad
+from .distributed import all_gather_object, get_rank, get_world_size
+
+FeatureFn = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExtractedFeatures:
+    """Features of the readable images, in dataset order."""
+
+    features: dict[str, torch.Tensor]
+    """Each (N_ok, ...) float32 on the CPU, one row per readable image."""
+    indices: torch.Tensor
+    """(N_ok,) dataset indices of the rows."""
+    targets: torch.Tensor
+    """(N_ok,) int64 targets from the dataset items (-1 when unlabelled)."""
+    bad: list[int]
+    """Dataset indices of the images that could not be read."""
+    seconds: float = field(default=0.0, compare=False)
+    """Wall time of the extraction (this rank), for throughput reports."""
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def cls_feature_fn(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The default: ``model(images)``, the normalised class token of a DINOv2 backbone."""
+    return {"cls": model(images)}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bf16"``/``"fp16"``/``"fp32"`` (or a torch dtype, or None) -> torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast for bf16/fp16 where supported; fp16 on the CPU runs in fp32 (with a warning)."""
+    if dtype in (None, torch.float32):
+        return nullcontext()
+    if device.type == "cpu" and dtype == torch.float16:
+        warnings.warn("fp16 is not supported for CPU inference; running in fp32", stacklevel=3)
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], targets: list[torch.Tensor],
+            bad: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
+    """Concatenate this rank's batches, gather every rank's, and sort the rows by dataset index."""
+    local = (
+        {k: torch.cat(v) for k, v in parts.items()},
+        torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
+        torch.cat(targets) if targets else torch.empty(0, dtype=torch.long),
+        bad,
+    )
+    shards = all_gather_object(local)
+    keys = next((list(s[0]) for s in shards if s[0]), [])
+    index = torch.cat([s[1] for s in shards])
+    order = torch.argsort(index)
+    features = {k: torch.cat([s[0][k] for s in shards if k in s[0]])[order] for k in keys}
+    targets_all = torch.cat([s[2] for s in shards])[order]
+    bad_all = sorted(i for s in shards for i in s[3])
+    return features, index[order], targets_all, bad_all
+
+
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    feature_fn: FeatureFn | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> ExtractedFeatures:
+    """Run ``feature_fn(model, images)`` over ``dataset`` (items ``(index, image_or_None, target)``).
+
+    ``feature_fn`` returns a dict of (B, ...) tensors; the default gives ``{"cls": model(images)}``.
+    ``dtype`` bf16/fp16 runs under autocast. The model is moved to ``device`` and put in eval mode
+    for the duration (its training flag is restored afterwards).
+    """
+    device = torch.device(device)
+    amp = autocast_context(device, resolve_dtype(dtype))
+    feature_fn = feature_fn or cls_feature_fn
+    rank, world = get_rank(), get_world_size()
+    shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shuffle=False,
+        collate_fn=collate_skip_bad,
+        pin_memory=device.type == "cuda",
+    )
+    parts: dict[str, list[torch.Tensor]] = {}
+    indices: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    bad: list[int] = []
+    was_training = model.training
+    model.to(device).eval()
+    start = time.perf_counter()
+    bar = tqdm(total=len(shard), desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                bar.update(len(batch["index"]) + len(batch["bad"]))
+                bad.extend(batch["bad"])
+                if batch["image"] is None:
+                    continue
+                images = batch["image"].to(device, non_blocking=True)
+                with amp:
+                    out = feature_fn(model, images)
+                for key, value in out.items():
+                    parts.setdefault(key, []).append(value.float().cpu())
+                indices.append(batch["index"])
+                targets.append(batch["target"])
+    finally:
+        bar.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    # Outside inference mode, so the gathered tensors are ordinary ones (usable to train probes).
+    features, index, target, bad = _gather(parts, indices, targets, bad)
+    return ExtractedFeatures(features=features, indices=index, targets=target, bad=bad, seconds=seconds)

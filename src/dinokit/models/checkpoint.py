@@ -1,0 +1,310 @@
+"""Reading, normalising, strictly loading and writing backbone weights.
+
+Every checkpoint layout a user meets (released ``*_pretrain.pth``, training-time chunked blocks,
+``teacher_checkpoint.pth``, ``{"model": ...}`` wrappers, DDP ``module.`` prefixes, ``.safetensors``)
+goes through one ``state_dict -> state_dict`` filter, :func:`backbone_state_dict_from_checkpoint`,
+and is then loaded with ``strict=True``: a silent partial load is how the official evaluation
+reported 42% k-NN for a register/non-register mix-up (issue #505). A mismatch raises a one-line
+:class:`DinokitError` that says what differs and which model to build instead.
+
+Pickles are read with ``weights_only=True`` only: a file that needs arbitrary Python objects is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import urllib.error
+import urllib.parse
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import DinokitError
+from .architectures import ARCHITECTURES
+
+StateDict = dict[str, torch.Tensor]
+
+# Wrapper keys, in order of preference: the teacher is what the official evaluation loads.
+_WRAPPER_KEYS = ("teacher", "model", "state_dict")
+# Prefixes added by DDP, torch.compile, FSDP1 and activation checkpointing.
+_NOISE_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Where a backbone lives inside a larger model's state dict, most preferred first.
+_BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.", "student.backbone.")
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # blocks.<chunk>.<index>.rest
+_BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
+_MAX_LISTED = 4
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def is_url(path_or_url: str | Path) -> bool:
+    return isinstance(path_or_url, str) and path_or_url.startswith(("http://", "https://", "file://"))
+
+
+def _hub_cache_path(url: str) -> Path:
+    """Where torch.hub keeps a downloaded checkpoint: ``<torch.hub.get_dir()>/checkpoints/<basename>``."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def _download_error(url: str, err: Exception) -> DinokitError:
+    return DinokitError(
+        f"could not download {url} ({err}); check the network connection, or download the file and pass its local path"
+    )
+
+
+def _unreadable_error(source: str, err: Exception) -> DinokitError:
+    """One line for a pickle that ``torch.load(weights_only=True)`` refused: unsafe objects, or damage."""
+    # torch names objects it will not rebuild "GLOBAL module.name"; a cut-off tensor-rebuild name means damage.
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if isinstance(err, pickle.UnpicklingError) and found and "_rebuild_tens" not in found.group(1):
+        return DinokitError(
+            f"checkpoint {source} contains arbitrary Python objects ({found.group(1)}) and will not be unpickled; "
+            "save a plain state dict of tensors (or .safetensors) instead"
+        )
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DinokitError(f"cannot read checkpoint {source}: the file is corrupt or truncated ({reason})")
+
+
+_UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
+
+
+def load_state_dict_file(path_or_url: str | Path) -> dict[str, Any]:
+    """Read a ``.safetensors`` or ``.pth``/``.pt`` file (or an http(s)/file URL) onto the CPU.
+
+    URLs are cached in torch.hub's folder (``torch.hub.get_dir()/checkpoints``) and never downloaded
+    twice. The result may be nested (``{"teacher": {...}}``); pass it through
+    :func:`backbone_state_dict_from_checkpoint` to get a flat backbone state dict.
+    """
+    if is_url(path_or_url):
+        url = str(path_or_url)
+        cached = _hub_cache_path(url)
+        try:
+            if url.endswith(".safetensors"):
+                if not cached.exists():
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.hub.download_url_to_file(url, str(cached), progress=True)
+                return load_state_dict_file(cached)
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, file_name=cached.name)
+        except (urllib.error.URLError, OSError) as err:
+            raise _download_error(url, err) from None
+        except _UNREADABLE as err:
+            raise _unreadable_error(f"{url} (cached as {str(cached)!r}; delete it to download again)", err) from None
+    path = Path(path_or_url).expanduser()
+    if not path.is_file():
+        raise DinokitError(f"checkpoint {str(path)!r} does not exist; check the path")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise DinokitError(f"cannot read {str(path)!r}: not a valid .safetensors file ({err})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as err:
+        raise _unreadable_error(repr(str(path)), err) from None
+
+
+# ---------------------------------------------------------------------------------------------- normalising
+def _strip_noise(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _NOISE_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+        key = key.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
+    return key
+
+
+def backbone_state_dict_from_checkpoint(checkpoint: Mapping[str, Any]) -> StateDict:
+    """Normalise any supported checkpoint layout to the flat official backbone layout.
+
+    Handles ``{"teacher"|"model"|"state_dict": ...}`` wrappers, ``module.``/``_orig_mod.`` prefixes,
+    ``teacher.backbone.``/``backbone.`` prefixes (heads such as ``dino_head.*``/``ibot_head.*`` are
+    dropped), and training-time chunked keys ``blocks.<chunk>.<index>.*`` -> ``blocks.<index>.*``.
+    A pure function: the input is not modified, tensors are not copied.
+    """
+    sd: Mapping[str, Any] = checkpoint
+    for _ in range(len(_WRAPPER_KEYS)):  # unwrap {"teacher"|"model"|"state_dict": ...}, possibly nested
+        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        sd = sd[wrapper]
+    tensors = {_strip_noise(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in _BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            break
+    out = {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in tensors.items()}
+    if not out:
+        keys = ", ".join(list(checkpoint)[:_MAX_LISTED])
+        raise DinokitError(f"the checkpoint holds no backbone tensors (its keys: {keys}); pass a backbone checkpoint")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- describing
+def describe_backbone_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Architecture facts readable from a backbone state dict's shapes (only those present)."""
+    info: dict[str, Any] = {}
+    if "cls_token" in sd:
+        info["embed_dim"] = int(sd["cls_token"].shape[-1])
+    depths = {int(m.group(1)) for k in sd if (m := _BLOCK_INDEX.match(k))}
+    if depths:
+        info["depth"] = max(depths) + 1
+    info["num_register_tokens"] = int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0
+    if "patch_embed.proj.weight" in sd:
+        info["patch_size"] = int(sd["patch_embed.proj.weight"].shape[-1])
+    if "pos_embed" in sd:
+        grid = math.isqrt(int(sd["pos_embed"].shape[1]) - 1)
+        info["grid"] = grid
+        if "patch_size" in info:
+            info["img_size"] = grid * info["patch_size"]
+    if any(k.endswith("mlp.w12.weight") for k in sd):
+        info["ffn_layer"] = "swiglufused"
+    elif any(k.endswith("mlp.fc1.weight") for k in sd):
+        info["ffn_layer"] = "mlp"
+    info["layerscale"] = any(k.endswith("ls1.gamma") for k in sd)
+    return info
+
+
+def _hub_name(info: Mapping[str, Any]) -> str | None:
+    """The official hub name of an architecture, e.g. ``dinov2_vitl14_reg``, if there is one."""
+    for arch, dims in ARCHITECTURES.items():
+        if (dims["embed_dim"], dims["depth"]) == (info.get("embed_dim"), info.get("depth")):
+            name = f"dinov2_{arch.replace('_', '')[:4]}{info.get('patch_size', 14)}"
+            name += "_reg" if info.get("num_register_tokens") else ""
+            from .registry import list_models  # registry imports this module
+
+            return name if name in list_models() else None
+    return None
+
+
+def _mismatch_hint(file_info: Mapping[str, Any], model_info: Mapping[str, Any]) -> str:
+    """The most useful single fix for a file/model mismatch, or ''."""
+    f, m = file_info, model_info
+    if (f.get("embed_dim"), f.get("depth")) != (m.get("embed_dim"), m.get("depth")):
+        hint = (
+            f"the file holds a ViT with embed_dim {f.get('embed_dim')} and {f.get('depth')} blocks; "
+            f"the model has {m.get('embed_dim')} and {m.get('depth')}"
+        )
+        name = _hub_name(f)
+        return hint + (f": use {name}" if name else "")
+    if f["num_register_tokens"] != m["num_register_tokens"]:
+        if f["num_register_tokens"]:
+            name = _hub_name(f)
+            use = f"use {name}" if name else f"build the model with num_register_tokens={f['num_register_tokens']}"
+            n = f["num_register_tokens"]
+            return f"the file is a register model ({n} register_tokens), the model has none: {use}"
+        name = _hub_name(f)
+        use = f"use {name}" if name else "build the model with num_register_tokens=0"
+        return f"the file has no register_tokens but the model has {m['num_register_tokens']}: {use}"
+    if f.get("ffn_layer") != m.get("ffn_layer") and f.get("ffn_layer"):
+        ffn = f["ffn_layer"]
+        return f"the file uses ffn_layer {ffn!r} and the model {m.get('ffn_layer')!r}: build with ffn_layer={ffn!r}"
+    if f["layerscale"] != m["layerscale"]:
+        if f["layerscale"]:
+            return "the file has LayerScale (ls1.gamma) and the model none: build with init_values=1.0"
+        return "the file has no LayerScale (ls1.gamma): build with init_values=None"
+    if f.get("patch_size") != m.get("patch_size"):
+        patch = f.get("patch_size")
+        return f"the file uses patch size {patch} and the model {m.get('patch_size')}: build with patch_size={patch}"
+    if f.get("grid") != m.get("grid") and "img_size" in f:
+        return (
+            f"the file's pos_embed is for a {f['grid']}x{f['grid']} grid, "
+            f"the model's for {m.get('grid')}x{m.get('grid')}: "
+            f"build with img_size={f['img_size']} (any input size still works, the position embedding is interpolated)"
+        )
+    return ""
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return shown + more
+
+
+def check_backbone_state_dict(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str = "the checkpoint"
+) -> None:
+    """Raise a one-line :class:`DinokitError` unless ``sd`` fits ``model`` exactly (keys and shapes)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} in file vs {tuple(expected[k].shape)} in model"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {_listing(shapes)}")
+    hint = _mismatch_hint(describe_backbone_state_dict(sd), describe_backbone_state_dict(expected))
+    message = f"{source} does not fit the model ({'; '.join(parts)})"
+    raise DinokitError(message + (f": {hint}" if hint else ""))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_backbone_weights(model: nn.Module, weights: str | Path | Mapping[str, Any]) -> nn.Module:
+    """Load a backbone file, URL or state dict into ``model``, always with ``strict=True``.
+
+    Any layout accepted by :func:`backbone_state_dict_from_checkpoint` works. Returns ``model``.
+    """
+    source = "the state dict" if isinstance(weights, Mapping) else repr(str(weights))
+    checkpoint = weights if isinstance(weights, Mapping) else load_state_dict_file(weights)
+    sd = backbone_state_dict_from_checkpoint(checkpoint)
+    check_backbone_state_dict(model, sd, source=source)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- writing
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
+
+    A crash or an exception leaves no half-written file behind (and any old file untouched).
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_backbone(model_or_state_dict: nn.Module | Mapping[str, Any], path: str | Path) -> Path:
+    """Write a backbone in the official flat layout: ``.safetensors`` or ``.pth`` (atomically).
+
+    A module or any checkpoint layout is accepted (it is normalised first), so a file written here
+    loads into ``dinov2_*`` hub models and into the official code alike.
+    """
+    path = Path(path).expanduser()
+    if path.suffix not in (".safetensors", ".pth", ".pt"):
+        raise DinokitError(f"cannot save weights as {path.name!r}; use a .safetensors or .pth file name")
+    raw = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in backbone_state_dict_from_checkpoint(raw).items()}
+    with atomic_write(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(sd, tmp)
+    return path

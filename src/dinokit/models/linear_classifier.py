@@ -1,0 +1,108 @@
+"""Linear classifiers on frozen backbone features, in the official hub layout (``*_lc`` models).
+
+The feature layout is the one of the official linear evaluation and of the released heads:
+the class tokens of the last ``layers`` blocks (oldest first, after the final norm), followed by
+the mean of the last block's patch tokens (``avgpool``). ``layers=1`` gives ``2·D`` features,
+``layers=4`` gives ``5·D``. The head is a bare ``nn.Linear`` whose state dict is exactly the
+released ``*_linear_head.pth`` / ``*_linear4_head.pth`` file (``{"weight", "bias"}``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DinokitError
+from .checkpoint import load_state_dict_file
+
+# (patch tokens (B, N, D), class token (B, D)) per block, as returned by
+# ``get_intermediate_layers(x, n, return_class_token=True)``.
+Intermediates = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def linear_features_from_intermediates(
+    intermediates: Intermediates, *, layers: int, avgpool: bool = True
+) -> torch.Tensor:
+    """Concatenate the CLS tokens of the last ``layers`` blocks (+ the last patch-token mean): (B, (layers+avgpool)·D).
+
+    ``intermediates`` may hold more blocks than ``layers`` (compute n=4 once, derive n=1 and n=4).
+    The result is fp32, like the official linear evaluation's inputs.
+    """
+    if not 1 <= layers <= len(intermediates):
+        raise ValueError(f"layers={layers} needs between 1 and {len(intermediates)} intermediate outputs")
+    chosen = intermediates[-layers:]
+    parts = [cls for _, cls in chosen]
+    if avgpool:
+        parts.append(chosen[-1][0].mean(dim=1))  # (B, N, D) -> (B, D)
+    return torch.cat(parts, dim=-1).float()
+
+
+def linear_features(backbone: nn.Module, x: torch.Tensor, *, layers: int = 4, avgpool: bool = True) -> torch.Tensor:
+    """Features of the official linear heads for images ``x`` (B, 3, H, W): (B, (layers+avgpool)·D)."""
+    intermediates = backbone.get_intermediate_layers(x, n=layers, return_class_token=True, norm=True)
+    return linear_features_from_intermediates(intermediates, layers=layers, avgpool=avgpool)
+
+
+class LinearClassifier(nn.Module):
+    """``backbone`` + ``linear_head`` (an ``nn.Linear`` over :func:`linear_features`), as the official ``_lc`` models.
+
+    The state dict is ``backbone.*`` plus ``linear_head.{weight,bias}``, so a released head file loads
+    with ``model.linear_head.load_state_dict(torch.load(file))`` or :func:`load_linear_head`.
+    """
+
+    def __init__(self, backbone: nn.Module, *, layers: int = 4, num_classes: int = 1000) -> None:
+        super().__init__()
+        if layers < 1:
+            raise DinokitError(f"layers={layers} must be at least 1 (the released heads use 1 or 4)")
+        self.backbone = backbone
+        self.layers = layers
+        self.linear_head = nn.Linear((1 + layers) * backbone.embed_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_head(linear_features(self.backbone, x, layers=self.layers))
+
+
+def linear_head_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The flat ``{"weight", "bias"}`` of a head file; also accepts a ``linear_head.``-prefixed or wrapped one."""
+    sd: Mapping[str, Any] = checkpoint
+    for key in ("model", "state_dict"):
+        if isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+    for prefix in ("linear_head.", "module.", "linear."):
+        if f"{prefix}weight" in sd:
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def read_linear_head(weights: str | Path | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Read a head file or URL (or take a state dict); check it is ``{"weight": (C, F), "bias": (C,)}``."""
+    raw = weights if isinstance(weights, Mapping) else load_state_dict_file(weights)
+    sd = linear_head_state_dict(raw)
+    if set(sd) != {"weight", "bias"} or sd["weight"].ndim != 2:
+        source = "the state dict" if isinstance(weights, Mapping) else repr(str(weights))
+        found = ", ".join(list(sd)[:4]) or "nothing"
+        raise DinokitError(f"{source} is not a linear head (expected the keys weight and bias, found {found})")
+    return sd
+
+
+def load_linear_head(model: LinearClassifier, weights: str | Path | Mapping[str, Any]) -> LinearClassifier:
+    """Strictly load a head file into ``model.linear_head``; a size mismatch names the ``layers`` to use."""
+    sd = read_linear_head(weights)
+    want = tuple(model.linear_head.weight.shape)
+    have = tuple(sd["weight"].shape)
+    if have != want:
+        dim = model.backbone.embed_dim
+        hint = ""
+        if have[1] % dim == 0 and have[1] // dim >= 2 and have[1] // dim - 1 != model.layers:
+            hint = f": the file is for layers={have[1] // dim - 1}"
+        elif have[0] != want[0] and have[1] == want[1]:
+            hint = f": build with num_classes={have[0]}"
+        raise DinokitError(
+            f"linear head weight is {have} but the classifier expects {want} "
+            f"(num_classes x (1 + layers={model.layers}) * embed_dim {dim}){hint}"
+        )
+    model.linear_head.load_state_dict(sd, strict=True)
+    return model

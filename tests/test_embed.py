@@ -1,0 +1,222 @@
+"""``dinokit embed`` end to end, and the feature extraction under it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinokit.cli import main
+from dinokit.data import ImageFiles, make_classification_eval_transform
+from dinokit.features import extract_features
+from dinokit.models import create_model, save_backbone
+from dinokit.models import registry
+
+TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=56)
+GOOD = ("a.png", "b.jpg", "sub/c.png", "sub/d.bmp", "sub/deeper/e.png")
+BAD = ("broken.png", "sub/fake.jpg")
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """5 readable images (various sizes and modes), a truncated PNG, a text file named .jpg, and a .txt."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(GOOD):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, size=(40 + 10 * i, 70 - 5 * i, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        (image.convert("L") if i == 3 else image).save(path)
+    png = (root / "a.png").read_bytes()
+    (root / "broken.png").write_bytes(png[: len(png) // 2])
+    (root / "sub" / "fake.jpg").write_text("this is not an image")
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(0)
+    model = create_model("dinov2_vits14", **TINY).eval()
+    return model, save_backbone(model, tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture(autouse=True)
+def tiny_hub_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub names build a tiny backbone here (the architecture under test is the same, only smaller)."""
+    real = registry.create_model
+    monkeypatch.setattr(registry, "create_model", lambda name, **kwargs: real(name, **kwargs, **TINY))
+
+
+def embed(*args: str) -> int:
+    return main(["embed", *args, "--image-size", "56", "--num-workers", "0", "--device", "cpu", "--no-progress"])
+
+
+def expected_cls(model: torch.nn.Module, root: Path, names) -> np.ndarray:
+    transform = make_classification_eval_transform(crop_size=56)
+    batch = torch.stack([transform(Image.open(root / n).convert("RGB")) for n in names])
+    with torch.no_grad():
+        return model(batch).numpy()
+
+
+def test_npz_holds_every_output_and_lists_bad_images(images, weights, tmp_path, capsys) -> None:
+    model, weights_file = weights
+    out = tmp_path / "out" / "emb.npz"
+    assert embed(str(images), "--weights", str(weights_file), "--out", str(out), "--patch-mean", "--patch-tokens") == 0
+    data = np.load(out)
+    assert sorted(data.files) == ["bad_paths", "cls", "patch_mean", "patch_tokens", "paths"]
+    assert list(data["paths"]) == [str(images / n) for n in sorted(GOOD)]
+    assert sorted(data["bad_paths"]) == sorted(str(images / n) for n in BAD)
+    assert data["cls"].shape == (5, 32) and data["cls"].dtype == np.float32
+    assert data["patch_mean"].shape == (5, 32)
+    assert data["patch_tokens"].shape == (5, 16, 32)  # 56 px / 14 = 4 x 4 patches
+    np.testing.assert_allclose(data["patch_tokens"].mean(axis=1), data["patch_mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data["cls"], expected_cls(model, images, sorted(GOOD)), rtol=1e-4, atol=1e-5)
+    summary = capsys.readouterr().out
+    assert "embedded 5 images" in summary and "images/s" in summary
+    assert "cls: (5, 32)  patch_mean: (5, 32)  patch_tokens: (5, 16, 32)" in summary
+    assert "skipped 2 unreadable image(s):" in summary and "broken.png" in summary
+    assert f"wrote {out}" in summary
+
+
+def test_npy_and_parquet_outputs_agree(images, weights, tmp_path) -> None:
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    _, weights_file = weights
+    common = ("--weights", str(weights_file))
+    assert embed(str(images), *common, "--out", str(tmp_path / "e.npz"), "--patch-mean") == 0
+    assert embed(str(images), *common, "--out", str(tmp_path / "e.npy")) == 0
+    assert embed(str(images), *common, "--out", str(tmp_path / "e.parquet"), "--patch-mean") == 0
+    ref = np.load(tmp_path / "e.npz")
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), ref["cls"])
+    assert (tmp_path / "e.paths.txt").read_text().splitlines() == list(ref["paths"])
+    assert sorted((tmp_path / "e.bad.txt").read_text().splitlines()) == sorted(ref["bad_paths"])
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.column_names == ["path", "cls", "patch_mean"]
+    assert table.column("path").to_pylist() == list(ref["paths"])
+    np.testing.assert_array_equal(np.array(table.column("cls").to_pylist(), dtype=np.float32), ref["cls"])
+    np.testing.assert_array_equal(np.array(table.column("patch_mean").to_pylist(), dtype=np.float32), ref["patch_mean"])
+
+
+def test_list_file_and_single_image_inputs(images, weights, tmp_path) -> None:
+    _, weights_file = weights
+    listing = tmp_path / "list.txt"
+    listing.write_text("# two images\nimages/a.png\n\nimages/sub/c.png\n")
+    assert embed(str(listing), "--weights", str(weights_file), "--out", str(tmp_path / "l.npz")) == 0
+    assert np.load(tmp_path / "l.npz")["cls"].shape == (2, 32)
+    assert embed(str(images / "a.png"), "--weights", str(weights_file), "--out", str(tmp_path / "one.npz")) == 0
+    one = np.load(tmp_path / "one.npz")
+    np.testing.assert_array_equal(one["cls"][0], np.load(tmp_path / "l.npz")["cls"][0])
+    assert one["bad_paths"].shape == (0,)
+
+
+def test_official_weights_come_from_the_hub_cache(images, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *a, **k: pytest.fail(f"download of {url}"))
+    torch.manual_seed(3)
+    cached = create_model("dinov2_vits14_reg", **TINY).eval()
+    save_backbone(cached, tmp_path / "hub" / "checkpoints" / "dinov2_vits14_reg4_pretrain.pth")
+    assert embed(str(images / "a.png"), "--model", "dinov2_vits14_reg", "--out", str(tmp_path / "o.npz")) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "o.npz")["cls"], expected_cls(cached, images, ["a.png"]), atol=1e-5)
+    assert "dinov2_vits14_reg (official weights)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing_dir"], "error: input path 'missing_dir' does not exist"),
+        (["{empty}"], "error: no images found under"),
+        (["{images}", "--model", "dinov2_vitz14"], "error: unknown model 'dinov2_vitz14'; did you mean dinov2_vits14"),
+        (["{images}", "--patch-tokens", "--out", "x.npy"], "error: a .npy file holds the class tokens only"),
+        (["{images}", "--out", "x.h5"], "error: --out 'x.h5' has an unknown extension"),
+        (["{images}", "--model", "dinov2_vits14_lc"], "error: dinov2_vits14_lc is a classifier"),
+    ],
+)
+def test_user_errors_are_one_line(images, tmp_path, monkeypatch, capsys, args, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    args = [a.format(images=images, empty=tmp_path / "empty") for a in args]
+    if "--out" not in args:
+        args += ["--out", "emb.npz"]
+    assert embed(*args, "--random-init") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "emb.npz").exists()
+
+
+def test_all_images_unreadable_is_an_error(images, tmp_path, capsys) -> None:
+    listing = tmp_path / "bad.txt"
+    listing.write_text("".join(f"{images / n}\n" for n in BAD))
+    assert embed(str(listing), "--random-init", "--out", str(tmp_path / "x.npz")) == 2
+    assert "none of the 2 images could be read" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_extract_features_keeps_dataset_order_and_reports_bad(images, weights) -> None:
+    model, _ = weights
+    paths = [images / n for n in ("sub/c.png", "broken.png", "a.png", "sub/fake.jpg", "b.jpg")]
+    dataset = ImageFiles(paths, targets=[3, 4, 5, 6, 7], transform=make_classification_eval_transform(crop_size=56))
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        result = extract_features(model, dataset, batch_size=2, progress=False)
+    assert result.indices.tolist() == [0, 2, 4] and result.targets.tolist() == [3, 5, 7] and result.bad == [1, 3]
+    want = expected_cls(model, images, ["sub/c.png", "a.png", "b.jpg"])
+    np.testing.assert_allclose(result.features["cls"].numpy(), want, rtol=1e-4, atol=1e-5)
+    assert not result.features["cls"].is_inference()  # usable to train probes
+    model.train()
+    with pytest.warns(UserWarning, match="fp16 is not supported for CPU"):
+        fp16 = extract_features(model, dataset, dtype="fp16", progress=False)
+    assert model.training  # mode restored
+    torch.testing.assert_close(fp16.features["cls"], result.features["cls"])
+    bf16 = extract_features(model, dataset, dtype=torch.bfloat16, progress=False)
+    torch.testing.assert_close(bf16.features["cls"], result.features["cls"], rtol=0.1, atol=0.05)
+
+
+def test_config_file_builds_the_backbone_of_a_training_run(images, tmp_path, capsys) -> None:
+    config_mod = pytest.importorskip("dinokit.train.config")
+    from dinokit.eval.setup import build_eval_backbone
+
+    config = tmp_path / "run" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text(
+        "student:\n  arch: vit_pico\n  patch_size: 14\ncrops:\n  global_crops_size: 56\n  local_crops_size: 28\n"
+    )
+    torch.manual_seed(4)
+    model = build_eval_backbone(config_mod.load_config(str(config))).eval()
+    checkpoint = tmp_path / "run" / "eval" / "training_9" / "teacher_checkpoint.pth"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    out = tmp_path / "run.npz"
+    run = ("--config-file", str(config), "--weights", str(checkpoint), "--out", str(out))
+    assert embed(str(images / "a.png"), *run) == 0
+    np.testing.assert_allclose(np.load(out)["cls"], expected_cls(model, images, ["a.png"]), rtol=1e-4, atol=1e-5)
+    assert embed(str(images), "--config-file", str(config), "--out", str(out)) == 2
+    assert "--config-file needs --weights" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_ranks_embed_strided_shards_and_gather_in_dataset_order(images, weights, monkeypatch) -> None:
+    import dinokit.features as features
+
+    model, _ = weights
+    paths = [images / n for n in (*GOOD, *BAD)]
+    dataset = ImageFiles(paths, transform=make_classification_eval_transform(crop_size=56))
+    single = extract_features(model, dataset, batch_size=2, progress=False)
+    rank1_shard = []
+
+    def run_as_rank(rank: int, gather):
+        monkeypatch.setattr(features, "get_rank", lambda: rank)
+        monkeypatch.setattr(features, "get_world_size", lambda: 2)
+        monkeypatch.setattr(features, "all_gather_object", gather)
+        return extract_features(model, dataset, batch_size=2, progress=False)
+
+    only_odd = run_as_rank(1, lambda shard: rank1_shard.append(shard) or [shard])  # rank 1 runs first, keeps its shard
+    assert only_odd.indices.tolist() == [1, 3] and only_odd.bad == [5]
+    merged = run_as_rank(0, lambda shard: [shard, rank1_shard[0]])  # rank 0 gathers both
+    assert merged.indices.tolist() == single.indices.tolist() == [0, 1, 2, 3, 4]
+    assert merged.bad == single.bad == [5, 6]
+    torch.testing.assert_close(merged.features["cls"], single.features["cls"])
