@@ -1,0 +1,152 @@
+"""``dinokit eval knn|linear|logreg``: the official classification protocols on a frozen backbone.
+
+The arguments mirror the official ``dinov2/run/eval/{knn,linear,log_regression}.py`` scripts. Features
+are cached under ``OUTPUT_DIR/features``, so running the three protocols on one model extracts once.
+Multi-GPU: ``torchrun --nproc_per_node=N -m dinokit eval knn ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = (
+    "Evaluate a frozen backbone. Architecture: --config-file (an eval preset such as eval/vits14_pretrain, or "
+    "the config.yaml of a 'dinokit train' run) or --model (a hub name). Weights: --pretrained-weights (backbone "
+    "file, teacher_checkpoint.pth, .safetensors or URL), else the official weights of --model, else random "
+    "initialisation (a baseline)."
+)
+
+
+def _add_common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
+    p.add_argument("--output-dir", required=True, help="results, saved heads and the feature cache go here")
+    p.add_argument("--train-dataset", required=True, metavar="STR",
+                   help="labelled training set: ImageFolder:root=DIR (DIR/<class>/<image>), ImageNet:split=TRAIN:"
+                        "root=...:extra=..., FileList:path=LIST, Sample:split=TRAIN, or a folder path")
+    p.add_argument("--val-dataset", required=True, metavar="STR", help="labelled validation set (same syntax)")
+    p.add_argument("--config-file", default=None, help="eval preset or training config.yaml defining the backbone")
+    p.add_argument("--pretrained-weights", default=None, metavar="PATH",
+                   help="backbone weights (any dinokit/official layout); a teacher_checkpoint.pth finds its run's "
+                        "config.yaml by itself")
+    p.add_argument("--model", default=None, metavar="NAME", help="hub name, e.g. dinov2_vits14 (see 'dinokit models')")
+    p.add_argument("--random-init", action="store_true", help="with --model: evaluate random weights (a baseline)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="centre-crop size; images are first resized to size*256/224 (bicubic) [224, official]")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch and rank [{batch_size}]")
+    p.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes [4]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="backbone autocast dtype: auto = bf16 on CUDA, fp32 on CPU; the official code used fp16")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write OUTPUT_DIR/features")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config-file keys")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("eval", help="k-NN, linear-probe and logistic-regression evaluation",
+                            description=DESCRIPTION)
+    protocols = parser.add_subparsers(dest="protocol", metavar="PROTOCOL")
+    protocols.required = True
+
+    knn = protocols.add_parser("knn", help="weighted k-NN on L2-normalised class tokens", description=DESCRIPTION)
+    _add_common(knn, batch_size=64)
+    knn.add_argument("--nb-knn", "--nb_knn", dest="nb_knn", type=int, nargs="+", metavar="K",
+                     default=[10, 20, 100, 200],
+                     help="numbers of neighbours [10 20 100 200]")
+    knn.add_argument("--temperature", type=float, default=0.07, help="vote weights exp(sim/T) [0.07]")
+    knn.add_argument("--n-per-class-list", type=int, nargs="+", default=[-1], metavar="N",
+                     help="training samples per class; -1 = all [-1]; e.g. -1 1 5 10 for few-shot")
+    knn.add_argument("--n-tries", type=int, default=1, help="random subsets per few-shot size [1]")
+    knn.add_argument("--chunk-size", type=int, default=65536,
+                     help="training features compared per block; bounds memory (0 = all at once) [65536]")
+    knn.set_defaults(func=run_knn)
+
+    linear = protocols.add_parser("linear", help="linear probes on the last blocks' class tokens",
+                                  description=DESCRIPTION)
+    _add_common(linear, batch_size=128)
+    linear.add_argument("--epochs", type=int, default=10, help="'epochs' of --epoch-length iterations [10]")
+    linear.add_argument("--epoch-length", type=int, default=1250, help="iterations per epoch [1250]")
+    linear.add_argument("--learning-rates", type=float, nargs="+", default=None, metavar="LR",
+                        help="base lrs, scaled by batch*world/256 [the official 13, 1e-5 .. 0.1]")
+    linear.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4], metavar="N",
+                        help="class tokens of [1 4] last blocks")
+    linear.add_argument("--no-augment", action="store_true",
+                        help="train on cached eval-transform features instead of running the backbone on "
+                             "RandomResizedCrop+flip images each step: much faster, slightly less accurate")
+    linear.add_argument("--seed", type=int, default=0)
+    linear.set_defaults(func=run_linear)
+
+    logreg = protocols.add_parser("logreg", help="logistic regression on class tokens, C chosen on held-out data",
+                                  description=DESCRIPTION)
+    _add_common(logreg, batch_size=64)
+    logreg.add_argument("--c-grid-size", type=int, default=45, help="values of C in 1e-6 .. 1e5 [45, official]")
+    logreg.add_argument("--backend", default="auto", choices=("auto", "sklearn", "torch"),
+                        help="auto = torch (L-BFGS) on CUDA, scikit-learn on CPU [auto]")
+    logreg.add_argument("--max-iter", "--max-train-iters", dest="max_iter", type=int, default=1000,
+                        help="solver iterations per fit [1000]")
+    logreg.add_argument("--tol", type=float, default=1e-12, help="solver gradient tolerance [1e-12, official]")
+    logreg.add_argument("--holdout-fraction", type=float, default=0.1,
+                        help="share of the training set used to choose C [0.1]")
+    logreg.set_defaults(func=run_logreg)
+
+
+def _context(args: argparse.Namespace):
+    from .. import distributed
+    from ..eval import prepare_eval
+
+    distributed.init_from_environment()
+    return prepare_eval(
+        output_dir=args.output_dir, train_dataset=args.train_dataset, val_dataset=args.val_dataset,
+        config_file=args.config_file, pretrained_weights=args.pretrained_weights, model=args.model,
+        random_init=args.random_init, opts=args.opts, image_size=args.image_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=args.device, dtype=args.dtype,
+        progress=not args.no_progress, cache=not args.no_cache,
+    )
+
+
+def _report(ctx, title: str, table: str, results_file: str) -> None:
+    from .. import distributed
+
+    if distributed.is_main_process():
+        print(f"{title}: {len(ctx.train)} train / {len(ctx.val)} val images, {ctx.num_classes} classes")
+        print(table)
+        print(f"results appended to {ctx.output_dir / results_file}")
+
+
+def run_knn(args: argparse.Namespace) -> int:
+    from ..eval.knn import RESULTS_FILE, format_knn_table, knn_protocol
+
+    ctx = _context(args)
+    results = knn_protocol(ctx, ks=args.nb_knn, temperature=args.temperature,
+                           n_per_class_list=args.n_per_class_list, n_tries=args.n_tries,
+                           chunk_size=args.chunk_size or None)
+    _report(ctx, f"k-NN (T={args.temperature})", format_knn_table(results), RESULTS_FILE)
+    return 0
+
+
+def run_linear(args: argparse.Namespace) -> int:
+    from ..eval.linear import LEARNING_RATES, RESULTS_FILE, format_linear_table, linear_protocol
+
+    ctx = _context(args)
+    result, probes, accuracies = linear_protocol(
+        ctx, epochs=args.epochs, epoch_length=args.epoch_length, batch_size=args.batch_size,
+        learning_rates=args.learning_rates or LEARNING_RATES, n_last_blocks=args.n_last_blocks,
+        augment=not args.no_augment, seed=args.seed,
+    )
+    mode = "cached features" if args.no_augment else "augmented images"
+    _report(ctx, f"linear probes ({result.iterations if result else 0} iterations, {mode})",
+            format_linear_table(probes, accuracies), RESULTS_FILE)
+    if result is not None:
+        print(f"best: {result.best_classifier} top-1 {result.top1:.2f}; heads: "
+              + ", ".join(str(ctx.output_dir / f) for f in result.head_files.values()))
+    return 0
+
+
+def run_logreg(args: argparse.Namespace) -> int:
+    from ..eval.logreg import RESULTS_FILE, c_grid, logreg_protocol
+
+    ctx = _context(args)
+    result = logreg_protocol(ctx, c_values=c_grid(args.c_grid_size), backend=args.backend,
+                             holdout_fraction=args.holdout_fraction, max_iter=args.max_iter, tol=args.tol)
+    table = f"best C {result.best_C:.3g} ({result.backend}): top-1 {result.top1:.2f}"
+    _report(ctx, "logistic regression", table, RESULTS_FILE)
+    return 0

@@ -1,0 +1,269 @@
+"""k-NN classification of frozen features, as the official ``eval/knn.py`` protocol (spec §1.12).
+
+Features are the L2-normalised class tokens. For each query, the ``max(ks)`` most cosine-similar
+training samples vote with weights ``softmax(sim / T)`` taken over those ``max(ks)`` neighbours; the
+class scores for a given k sum the first k weighted one-hot labels. Top-1 and top-5 accuracies are
+micro-averaged, in percent; classes with equal scores rank by class index (deterministic top-5).
+
+Memory stays bounded at any scale: queries go in batches and the training features in chunks,
+keeping a running top-k, so the (queries x train) similarity matrix is never built. Under
+``torchrun`` each rank holds a shard of the training features; the per-rank top-k lists are
+gathered and merged into the global top-k, so every rank ends with the same, exact result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as du
+from ..errors import DinokitError
+from .setup import EvalContext, extract_eval_features, load_eval_datasets
+
+DEFAULT_KS = (10, 20, 100, 200)
+DEFAULT_TEMPERATURE = 0.07
+DEFAULT_CHUNK_SIZE = 65536  # training rows per similarity block: 256 queries x 65536 x 4 B = 64 MiB
+RESULTS_FILE = "results_eval_knn.json"
+
+
+@dataclass
+class KnnResult:
+    """One line of ``results_eval_knn.json``; accuracies in percent, averaged over ``n_tries`` subsets."""
+
+    n_per_class: int  # training samples per class (-1: the whole training set)
+    k: int
+    top1: float
+    top5: float
+    n_tries: int = 1
+
+
+# ---------------------------------------------------------------------------------------------- core
+def _local_topk(
+    queries: torch.Tensor, train_features: torch.Tensor, train_labels: torch.Tensor, k: int, chunk_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar rows of ``train_features`` for each query, merged chunk by chunk.
+
+    Returns (B, k) similarities (descending) and labels; missing neighbours (fewer than k rows)
+    are padded with similarity -inf, which gives them zero vote weight.
+    """
+    b = queries.shape[0]
+    best_sims = queries.new_full((b, k), float("-inf"))
+    best_labels = torch.zeros((b, k), dtype=torch.long, device=queries.device)
+    n = train_features.shape[0]
+    step = n if not chunk_size else chunk_size
+    for start in range(0, n, max(step, 1)):
+        chunk = train_features[start : start + step].to(queries.device, non_blocking=True)
+        sims = queries @ chunk.T  # (B, c)
+        sims, idx = sims.topk(min(k, sims.shape[1]), dim=1)  # (B, <=k)
+        labels = train_labels[start : start + step].to(queries.device)[idx]
+        merged_sims = torch.cat((best_sims, sims), dim=1)  # (B, k + <=k)
+        merged_labels = torch.cat((best_labels, labels), dim=1)
+        best_sims, order = merged_sims.topk(k, dim=1)
+        best_labels = merged_labels.gather(1, order)
+    return best_sims, best_labels
+
+
+def _merge_across_ranks(sims: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global top-k from each rank's (B, k) top-k lists (identity in one process)."""
+    world = du.get_world_size()
+    if world == 1:
+        return sims, labels
+    b, k = sims.shape
+    all_sims = du.all_gather_cat(sims).view(world, b, k).permute(1, 0, 2).reshape(b, world * k)
+    all_labels = du.all_gather_cat(labels).view(world, b, k).permute(1, 0, 2).reshape(b, world * k)
+    sims, order = all_sims.topk(k, dim=1)
+    return sims, all_labels.gather(1, order)
+
+
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    batch_size: int = 256,
+) -> dict[int, tuple[float, float]]:
+    """Weighted k-NN top-1 / top-5 accuracy (percent) for each k in ``ks``.
+
+    ``train_features`` (N, D) and ``test_features`` (M, D) must already be L2-normalised; queries
+    run on ``train_features``' device. Under ``torchrun``, pass this rank's shard of the training
+    set and the full test set (the same on every rank). Top-5 becomes top-``num_classes`` when there
+    are fewer than five classes (always 100%).
+    """
+    device = train_features.device
+    max_k = max(ks)
+    n_top = min(5, num_classes)
+    train_labels = train_labels.to(device)
+    correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
+    for start in range(0, test_features.shape[0], batch_size):
+        queries = test_features[start : start + batch_size].to(device, train_features.dtype)
+        targets = test_labels[start : start + batch_size].to(device)
+        sims, labels = _local_topk(queries, train_features, train_labels, max_k, chunk_size)
+        sims, labels = _merge_across_ranks(sims, labels)
+        weights = torch.softmax(sims / temperature, dim=1)  # over the max_k neighbours, as official
+        for k in ks:
+            scores = torch.zeros(queries.shape[0], num_classes, dtype=weights.dtype, device=device)
+            scores.scatter_add_(1, labels[:, :k], weights[:, :k])  # (B, C) summed weighted one-hots
+            # Stable sort: equal scores (e.g. classes with no neighbour) rank by class index, so the
+            # result never depends on how topk breaks ties.
+            top = scores.sort(dim=1, descending=True, stable=True).indices[:, :n_top]  # (B, n_top)
+            hits = top == targets[:, None]
+            correct[k] += torch.stack((hits[:, 0].sum(), hits.any(dim=1).sum())).cpu()
+    total = max(test_features.shape[0], 1)
+    return {k: (100.0 * correct[k][0].item() / total, 100.0 * correct[k][1].item() / total) for k in ks}
+
+
+def sample_per_class(labels: torch.Tensor, n_per_class: int, *, seed: int) -> torch.Tensor:
+    """Sorted indices of ``n_per_class`` random samples of each class (all of a smaller class)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    chosen = []
+    for cls in torch.unique(labels):
+        members = torch.nonzero(labels == cls).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:n_per_class]])
+    return torch.cat(chosen).sort().values
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+def evaluate_knn(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    n_per_class_list: Sequence[int] = (-1,),
+    n_tries: int = 1,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> list[KnnResult]:
+    """The full protocol on raw class tokens: normalise, subsample, shard over ranks, classify.
+
+    Every rank passes the full feature sets; each keeps its shard of the training set on ``device``.
+    Few-shot subsets (``n_per_class > 0``) use seeds 0 .. ``n_tries - 1``; accuracies are averaged.
+    """
+    if not ks or min(ks) < 1 or temperature <= 0 or n_tries < 1 or any(n == 0 or n < -1 for n in n_per_class_list):
+        raise DinokitError(
+            f"bad k-NN settings (ks={list(ks)}, temperature={temperature}, n_tries={n_tries}, "
+            f"n_per_class_list={list(n_per_class_list)}); ks, temperature, n_tries and n_per_class must be positive "
+            "(n_per_class -1 = all)"
+        )
+    train_features = F.normalize(train_features.float(), dim=1)
+    test_features = F.normalize(test_features.float(), dim=1)
+    rank, world = du.get_rank(), du.get_world_size()
+    results = []
+    for n_per_class in n_per_class_list:
+        tries = [None] if n_per_class < 0 else list(range(n_tries))
+        runs = []
+        for seed in tries:
+            subset = slice(None) if seed is None else sample_per_class(train_labels, n_per_class, seed=seed)
+            feats, labels = train_features[subset], train_labels[subset]
+            n_train = len(labels)
+            if max(ks) > n_train and seed in (None, 0) and du.is_main_process():
+                print(f"note: k={max(ks)} exceeds the {n_train} training samples: all of them vote")
+            shard = slice(rank, None, world)  # rank r holds rows r, r + world, ...
+            accuracy = knn_classify(
+                feats[shard].to(device), labels[shard].to(device), test_features, test_labels,
+                num_classes=num_classes, ks=sorted({min(k, n_train) for k in ks}), temperature=temperature,
+                chunk_size=chunk_size, batch_size=batch_size,
+            )
+            runs.append({k: accuracy[min(k, n_train)] for k in ks})
+        for k in ks:
+            top1 = sum(r[k][0] for r in runs) / len(runs)
+            top5 = sum(r[k][1] for r in runs) / len(runs)
+            results.append(KnnResult(n_per_class=n_per_class, k=k, top1=top1, top5=top5, n_tries=len(runs)))
+    return results
+
+
+def write_knn_results(results: Sequence[KnnResult], output_dir: str | Path) -> Path:
+    """Append one JSON line per (n_per_class, k) to ``output_dir/results_eval_knn.json``."""
+    path = Path(output_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in results:
+            f.write(json.dumps(asdict(r)) + "\n")
+    return path
+
+
+def format_knn_table(results: Sequence[KnnResult]) -> str:
+    lines = [f"{'n_per_class':>11}  {'k':>4}  {'top-1':>6}  {'top-5':>6}"]
+    for r in results:
+        shots = "all" if r.n_per_class < 0 else str(r.n_per_class)
+        lines.append(f"{shots:>11}  {r.k:>4}  {r.top1:6.2f}  {r.top5:6.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- training hook
+def run_knn_eval(
+    backbone: nn.Module,
+    *,
+    train_dataset_str: str,
+    val_dataset_str: str,
+    output_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    image_size: int = 224,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    dtype: torch.dtype | None = None,
+    write_results: bool = False,
+    progress: bool = False,
+) -> dict[str, float]:
+    """k-NN accuracy of ``backbone`` as it is now (the training loop calls this on teacher snapshots).
+
+    Returns ``{"knn_top1_k20": ..., "knn_top5_k20": ..., ...}``; nothing is cached (the weights
+    change between calls) and nothing is written unless ``write_results``. The module's train/eval
+    mode is restored afterwards.
+    """
+    train_ds, val_ds, num_classes = load_eval_datasets(train_dataset_str, val_dataset_str, image_size=image_size)
+    extract = dict(kind="cls", batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype,
+                   progress=progress)
+    train = extract_eval_features(backbone, train_ds, desc="k-NN train", **extract)
+    val = extract_eval_features(backbone, val_ds, desc="k-NN val", **extract)
+    results = evaluate_knn(
+        train.features["cls"], train.targets, val.features["cls"], val.targets,
+        num_classes=num_classes, ks=ks, temperature=temperature, device=device,
+    )
+    if write_results and output_dir is not None and du.is_main_process():
+        write_knn_results(results, output_dir)
+    metrics = {}
+    for r in results:
+        metrics[f"knn_top1_k{r.k}"] = r.top1
+        metrics[f"knn_top5_k{r.k}"] = r.top5
+    return metrics
+
+
+def knn_protocol(
+    ctx: EvalContext,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    n_per_class_list: Sequence[int] = (-1,),
+    n_tries: int = 1,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> list[KnnResult]:
+    """``dinokit eval knn``: cached class tokens, the k-NN protocol, ``results_eval_knn.json``."""
+    train = ctx.features("train", "cls")
+    val = ctx.features("val", "cls")
+    results = evaluate_knn(
+        train.features["cls"], train.targets, val.features["cls"], val.targets,
+        num_classes=ctx.num_classes, ks=ks, temperature=temperature, n_per_class_list=n_per_class_list,
+        n_tries=n_tries, chunk_size=chunk_size, device=ctx.device,
+    )
+    if du.is_main_process():
+        write_knn_results(results, ctx.output_dir)
+    return results

@@ -1,0 +1,309 @@
+"""Linear probing of a frozen backbone, as the official ``eval/linear.py`` protocol (spec §1.12).
+
+A grid of linear classifiers is trained at once on the same frozen features: the class tokens of
+the last 1 or 4 blocks, with or without the mean of the last block's patch tokens (all after the
+final norm), times 13 learning rates scaled by ``batch_size * world_size / 256``. Each classifier is
+an ``nn.Linear`` with weight ~ N(0, 0.01) and zero bias; the loss is the sum of their
+cross-entropies; SGD with momentum 0.9, no weight decay and a cosine schedule to 0, stepped every
+iteration. The best classifier on the validation set is reported and saved in the hub head format
+(``{"weight": (C, F), "bias": (C,)}``), which the ``dinov2_vit*14_lc`` entry points load.
+
+Training images are augmented (RandomResizedCrop + flip) and go through the backbone at every
+iteration, as officially. ``augment=False`` trains instead on cached eval-transform features: far
+faster, usually a little less accurate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from .. import distributed as du
+from ..data import ImageDataset, collate_skip_bad, make_classification_train_transform
+from ..errors import DinokitError
+from ..features import autocast_context
+from ..models.checkpoint import atomic_write
+from .setup import EvalContext, linear_feature_parts
+
+LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+N_LAST_BLOCKS = (1, 4)
+RESULTS_FILE = "results_eval_linear.json"
+
+# One training batch of frozen features: class tokens (B, n, D), patch-token mean (B, D), labels (B,).
+FeatureBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ProbeSetting:
+    n_last_blocks: int  # class tokens of this many last blocks
+    avgpool: bool  # also the mean of the last block's patch tokens
+    lr: float  # learning rate, already scaled by the batch size
+
+    def name(self, lr_format: str = ".5f") -> str:
+        """The official classifier name, e.g. ``classifier_4_blocks_avgpool_True_lr_0_00100``."""
+        name = f"classifier_{self.n_last_blocks}_blocks_avgpool_{self.avgpool}_lr_{self.lr:{lr_format}}"
+        return name.replace(".", "_")
+
+
+def classifier_names(settings: Sequence[ProbeSetting]) -> list[str]:
+    """Official names; with small batches, scaled lrs below 1e-5 collide in ``.5f``, so use 3 digits then."""
+    names = [s.name() for s in settings]
+    return names if len(set(names)) == len(names) else [s.name(".2e") for s in settings]
+
+
+def probe_settings(
+    *, learning_rates: Sequence[float] = LEARNING_RATES, n_last_blocks: Sequence[int] = N_LAST_BLOCKS, total_batch: int
+) -> list[ProbeSetting]:
+    """The official grid: n_last_blocks x avgpool x lr, with ``lr * total_batch / 256``."""
+    scale = total_batch / 256.0
+    layouts = [(n, avgpool) for n in n_last_blocks for avgpool in (False, True)]
+    return [ProbeSetting(n, avgpool, lr * scale) for n, avgpool in layouts for lr in learning_rates]
+
+
+def probe_input(
+    cls_tokens: torch.Tensor, patch_mean: torch.Tensor, *, n_last_blocks: int, avgpool: bool
+) -> torch.Tensor:
+    """(B, n*D [+ D]) features: the last ``n_last_blocks`` class tokens oldest first, then the patch mean.
+
+    The same layout as the hub ``_lc`` heads (:func:`dinokit.models.linear_classifier.linear_features`).
+    """
+    parts = [cls_tokens[:, -n_last_blocks:].flatten(1)]  # (B, n, D) -> (B, n*D)
+    if avgpool:
+        parts.append(patch_mean)
+    return torch.cat(parts, dim=1).float()
+
+
+class LinearProbes(nn.Module):
+    """Every classifier of the grid, each an ``nn.Linear`` on its own view of the shared features."""
+
+    def __init__(self, settings: Sequence[ProbeSetting], *, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.settings = dict(zip(classifier_names(settings), settings))
+        self.classifiers_dict = nn.ModuleDict()
+        for name, s in self.settings.items():
+            linear = nn.Linear((s.n_last_blocks + int(s.avgpool)) * embed_dim, num_classes)
+            nn.init.normal_(linear.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(linear.bias)
+            self.classifiers_dict[name] = linear
+
+    def forward(self, cls_tokens: torch.Tensor, patch_mean: torch.Tensor) -> dict[str, torch.Tensor]:
+        inputs: dict[tuple[int, bool], torch.Tensor] = {}
+        logits = {}
+        for name, s in self.settings.items():
+            key = (s.n_last_blocks, s.avgpool)
+            if key not in inputs:
+                inputs[key] = probe_input(cls_tokens, patch_mean, n_last_blocks=s.n_last_blocks, avgpool=s.avgpool)
+            logits[name] = self.classifiers_dict[name](inputs[key])
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------- batches
+class InfiniteShuffle(Sampler[int]):
+    """Endless passes over ``n`` indices, a fresh permutation per pass; rank r takes every world-th."""
+
+    def __init__(self, n: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield from torch.randperm(self.n, generator=generator)[self.rank :: self.world_size].tolist()
+
+
+def cached_batches(
+    cls_tokens: torch.Tensor, patch_mean: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Iterator[FeatureBatch]:
+    """Endless shuffled batches of precomputed features (this rank's share)."""
+    order = iter(InfiniteShuffle(len(labels), seed=seed, rank=du.get_rank(), world_size=du.get_world_size()))
+    while True:
+        idx = torch.tensor([next(order) for _ in range(batch_size)])
+        yield cls_tokens[idx].to(device), patch_mean[idx].to(device), labels[idx].to(device)
+
+
+def augmented_batches(
+    backbone: nn.Module, dataset: ImageDataset, *, batch_size: int, num_workers: int = 0, seed: int = 0,
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+) -> Iterator[FeatureBatch]:
+    """Endless batches of frozen features of augmented images (``dataset`` carries the train transform)."""
+    device = torch.device(device)
+    sampler = InfiniteShuffle(len(dataset), seed=seed, rank=du.get_rank(), world_size=du.get_world_size())
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_skip_bad,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+    )
+    for batch in loader:
+        if batch["image"] is None:
+            continue  # every image of the batch was unreadable
+        with torch.no_grad(), autocast_context(device, dtype):
+            parts = linear_feature_parts(backbone, batch["image"].to(device, non_blocking=True))
+        yield parts["cls_tokens"], parts["patch_mean"], batch["target"].to(device)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_probes(
+    probes: LinearProbes, batches: Iterator[FeatureBatch], *, iterations: int, progress: bool = False
+) -> float:
+    """SGD (momentum 0.9, no weight decay), cosine lr to 0 over ``iterations``; returns the last loss.
+
+    Gradients are averaged over ranks (the official code wraps the classifiers in DDP).
+    """
+    groups = [{"params": probes.classifiers_dict[name].parameters(), "lr": s.lr} for name, s in probes.settings.items()]
+    optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0)
+    bar = tqdm(total=iterations, desc="linear probes", unit="it", disable=not (progress and du.is_main_process()))
+    loss = torch.zeros(())
+    for _ in range(iterations):
+        cls_tokens, patch_mean, labels = next(batches)
+        logits = probes(cls_tokens, patch_mean)
+        loss = sum(F.cross_entropy(out, labels) for out in logits.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in probes.parameters():
+            du.all_reduce_mean(p.grad)
+        optimizer.step()
+        scheduler.step()
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item() / len(logits):.3f}", refresh=False)
+    bar.close()
+    return float(loss.item())
+
+
+@torch.no_grad()
+def evaluate_probes(
+    probes: LinearProbes, cls_tokens: torch.Tensor, patch_mean: torch.Tensor, labels: torch.Tensor, *,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Top-1 accuracy (percent) of every classifier on the given features."""
+    device = next(probes.parameters()).device
+    correct = dict.fromkeys(probes.settings, 0)
+    for start in range(0, len(labels), batch_size):
+        rows = slice(start, start + batch_size)
+        logits = probes(cls_tokens[rows].to(device), patch_mean[rows].to(device))
+        target = labels[rows].to(device)
+        for name, out in logits.items():
+            correct[name] += int((out.argmax(dim=1) == target).sum())
+    return {name: 100.0 * c / max(len(labels), 1) for name, c in correct.items()}
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class LinearResult:
+    """The line written to ``results_eval_linear.json``."""
+
+    best_classifier: str
+    top1: float  # percent, on the validation set
+    n_last_blocks: int
+    avgpool: bool
+    lr: float
+    iterations: int
+    augment: bool
+    head_files: dict[str, str] = field(default_factory=dict)  # "best", "layers_1", "layers_4" -> file name
+    classifiers: dict[str, float] = field(default_factory=dict)  # every classifier's top-1
+
+
+def best_classifier(accuracies: dict[str, float], settings: dict[str, ProbeSetting], **require: object) -> str | None:
+    """Name of the most accurate classifier whose setting matches ``require`` (first one on ties)."""
+    names = [n for n, s in settings.items() if all(getattr(s, k) == v for k, v in require.items())]
+    return max(names, key=lambda n: accuracies[n]) if names else None
+
+
+def save_linear_head(linear: nn.Linear, path: str | Path) -> Path:
+    """Write ``linear`` as a hub head file: a flat ``{"weight": (C, F), "bias": (C,)}``."""
+    state = {"weight": linear.weight.detach().cpu().contiguous(), "bias": linear.bias.detach().cpu().contiguous()}
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def save_results(
+    probes: LinearProbes, accuracies: dict[str, float], output_dir: str | Path, *, iterations: int, augment: bool
+) -> LinearResult:
+    """Save the best head (``linear_head_best.pth``), the best ``_lc``-compatible heads
+    (avgpool, ``linear_head_1.pth`` / ``linear_head_4.pth``) and append the result line."""
+    output_dir = Path(output_dir)
+    best = best_classifier(accuracies, probes.settings)
+    s = probes.settings[best]
+    files = {"best": "linear_head_best.pth"}
+    for n in (1, 4):
+        name = best_classifier(accuracies, probes.settings, n_last_blocks=n, avgpool=True)
+        if name is not None:
+            files[f"layers_{n}"] = f"linear_head_{n}.pth"
+            save_linear_head(probes.classifiers_dict[name], output_dir / files[f"layers_{n}"])
+    save_linear_head(probes.classifiers_dict[best], output_dir / files["best"])
+    result = LinearResult(
+        best_classifier=best, top1=accuracies[best], n_last_blocks=s.n_last_blocks, avgpool=s.avgpool, lr=s.lr,
+        iterations=iterations, augment=augment, head_files=files, classifiers=accuracies,
+    )
+    with open(output_dir / RESULTS_FILE, "a") as f:
+        f.write(json.dumps(asdict(result)) + "\n")
+    return result
+
+
+def format_linear_table(probes: LinearProbes, accuracies: dict[str, float]) -> str:
+    """The best learning rate and its top-1 for each feature layout."""
+    lines = [f"{'blocks':>6}  {'avgpool':>7}  {'best lr':>8}  {'top-1':>6}"]
+    layouts = sorted({(s.n_last_blocks, s.avgpool) for s in probes.settings.values()})
+    for n, avgpool in layouts:
+        name = best_classifier(accuracies, probes.settings, n_last_blocks=n, avgpool=avgpool)
+        lines.append(f"{n:>6}  {str(avgpool):>7}  {probes.settings[name].lr:8.2e}  {accuracies[name]:6.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+def linear_protocol(
+    ctx: EvalContext,
+    *,
+    epochs: int = 10,
+    epoch_length: int = 1250,
+    batch_size: int = 128,
+    learning_rates: Sequence[float] = LEARNING_RATES,
+    n_last_blocks: Sequence[int] = N_LAST_BLOCKS,
+    augment: bool = True,
+    seed: int = 0,
+) -> tuple[LinearResult | None, LinearProbes, dict[str, float]]:
+    """``dinokit eval linear``: train the probe grid, pick the best on val, save heads and results.
+
+    Returns (the result written, None on ranks other than 0; the probes; every probe's val top-1).
+    """
+    if epochs < 1 or epoch_length < 1 or batch_size < 1 or not learning_rates or min(learning_rates) <= 0:
+        raise DinokitError("--epochs, --epoch-length, --batch-size and --learning-rates must be positive")
+    depth = len(ctx.model.blocks)
+    usable = [n for n in n_last_blocks if n <= depth]
+    if not usable:
+        raise DinokitError(f"--n-last-blocks {list(n_last_blocks)} exceeds the backbone's {depth} blocks")
+    val = ctx.features("val", "linear")
+    settings = probe_settings(learning_rates=learning_rates, n_last_blocks=usable,
+                              total_batch=batch_size * du.get_world_size())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # identical initial classifiers on every rank
+        probes = LinearProbes(settings, embed_dim=val.features["patch_mean"].shape[1], num_classes=ctx.num_classes)
+    probes.to(ctx.device)
+    if augment:
+        train_set = copy.copy(ctx.train)  # same files, training transform
+        train_set.transform = make_classification_train_transform(crop_size=ctx.image_size)
+        batches = augmented_batches(ctx.model, train_set, batch_size=batch_size, num_workers=ctx.num_workers,
+                                    seed=seed, device=ctx.device, dtype=ctx.dtype)
+    else:
+        train = ctx.features("train", "linear")
+        batches = cached_batches(train.features["cls_tokens"], train.features["patch_mean"], train.targets,
+                                 batch_size=batch_size, seed=seed, device=ctx.device)
+    iterations = epochs * epoch_length
+    try:
+        train_probes(probes, batches, iterations=iterations, progress=ctx.progress)
+    finally:
+        batches.close()  # stops the data-loader workers
+    accuracies = evaluate_probes(probes, val.features["cls_tokens"], val.features["patch_mean"], val.targets)
+    result = None
+    if du.is_main_process():
+        result = save_results(probes, accuracies, ctx.output_dir, iterations=iterations, augment=augment)
+    return result, probes, accuracies

@@ -1,0 +1,235 @@
+"""L2-regularised multinomial logistic regression on frozen class tokens (official ``log_regression.py``).
+
+The features are ``forward()``'s class tokens, not L2-normalised, in float64. C is chosen over a
+grid (official: 45 values, 10^-6 .. 10^5) by top-1 on a held-out 10% of the training set (seed 0),
+then the model is refit on the whole training set and scored on the validation set.
+
+Two solvers minimise the same objective, scikit-learn's ``C * sum_i CE_i + ||W||^2 / 2`` (bias
+unpenalised; one weight vector for two classes, one per class otherwise), and agree to solver
+tolerance: scikit-learn's L-BFGS on the CPU (``backend="sklearn"``), and ``torch.optim.LBFGS`` on
+any device (``backend="torch"``, the GPU path; the official code needs cuML instead).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import distributed as du
+from ..errors import DinokitError
+from .setup import EvalContext
+
+RESULTS_FILE = "results_eval_logreg.json"
+DEFAULT_MAX_ITER = 1000
+DEFAULT_TOL = 1e-12  # official (cuML); in practice the iteration budget stops the solver first
+
+
+def c_grid(size: int = 45, low: float = -6.0, high: float = 5.0) -> list[float]:
+    """``size`` values of C evenly spaced in log10 between 10^low and 10^high (official: 45)."""
+    return [float(c) for c in np.logspace(low, high, size)]
+
+
+@dataclass
+class LogregModel:
+    """A fitted model: ``logits = x @ coef.T + intercept`` over ``classes`` (labels present in training)."""
+
+    coef: torch.Tensor  # (K, D) float64
+    intercept: torch.Tensor  # (K,)
+    classes: torch.Tensor  # (K,) the original labels of the K outputs
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.coef.device, self.coef.dtype)
+        return torch.softmax(x @ self.coef.T + self.intercept, dim=1)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classes.to(self.coef.device)[self.predict_proba(x).argmax(dim=1)]
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Top-1 accuracy in percent."""
+        return 100.0 * float((self.predict(x) == y.to(self.coef.device)).double().mean())
+
+
+# ---------------------------------------------------------------------------------------------- solvers
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """``auto`` = torch on CUDA, else scikit-learn when installed, else torch on the CPU."""
+    if backend == "auto":
+        if torch.device(device).type == "cuda":
+            return "torch"
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "sklearn"
+    if backend not in ("sklearn", "torch"):
+        raise DinokitError(f"unknown logistic-regression backend {backend!r}; use auto, sklearn or torch")
+    return backend
+
+
+def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, *, C: float, max_iter: int, tol: float) -> LogregModel:
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as err:
+        raise DinokitError(
+            "the sklearn backend needs scikit-learn: pip install 'dinokit[eval]', or use --backend torch"
+        ) from err
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    estimator = LogisticRegression(C=C, max_iter=max_iter, tol=tol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # hitting max_iter is the official stopping rule
+        estimator.fit(x.cpu().double().numpy(), y.cpu().numpy())
+    coef = torch.from_numpy(estimator.coef_).double()
+    intercept = torch.from_numpy(estimator.intercept_).double()
+    if coef.shape[0] == 1:  # binary: one vector for class 1; class 0 has logit 0
+        coef = torch.cat((torch.zeros_like(coef), coef))
+        intercept = torch.cat((torch.zeros_like(intercept), intercept))
+    return LogregModel(coef, intercept, torch.from_numpy(estimator.classes_).long())
+
+
+def _fit_torch(
+    x: torch.Tensor, y: torch.Tensor, *, C: float, max_iter: int, tol: float, device: torch.device | str,
+    init: LogregModel | None = None, chunk_size: int = 1 << 16,
+) -> LogregModel:
+    """L-BFGS (strong Wolfe line search) on ``mean CE + ||W||^2 / (2 C n)``, sklearn's scaled objective."""
+    classes, targets = torch.unique(y.cpu(), return_inverse=True)
+    n, d = x.shape
+    binary = len(classes) == 2
+    rows = 1 if binary else len(classes)
+    x = x.to(device, torch.float64)
+    targets = targets.to(device)
+    weight = torch.zeros(rows, d, dtype=torch.float64, device=device)
+    bias = torch.zeros(rows, dtype=torch.float64, device=device)
+    if init is not None and torch.equal(init.classes, classes):  # warm start from a neighbouring C
+        weight.copy_(init.coef[1:] if binary else init.coef)
+        bias.copy_(init.intercept[1:] if binary else init.intercept)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.25), tolerance_grad=tol,
+        tolerance_change=64 * torch.finfo(torch.float64).eps, history_size=10, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        total = (weight * weight).sum() / (2 * C * n)
+        total.backward()
+        total = total.detach()
+        for start in range(0, n, chunk_size):  # chunks bound the (rows x classes) logits in memory
+            logits = x[start : start + chunk_size] @ weight.T + bias
+            t = targets[start : start + chunk_size]
+            if binary:
+                loss = F.binary_cross_entropy_with_logits(logits[:, 0], t.double(), reduction="sum") / n
+            else:
+                loss = F.cross_entropy(logits, t, reduction="sum") / n
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    optimizer.step(closure)
+    coef, intercept = weight.detach(), bias.detach()
+    if binary:
+        coef = torch.cat((torch.zeros_like(coef), coef))
+        intercept = torch.cat((torch.zeros_like(intercept), intercept))
+    return LogregModel(coef, intercept, classes)
+
+
+def fit_logreg(
+    x: torch.Tensor, y: torch.Tensor, *, C: float, backend: str = "sklearn", max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL, device: torch.device | str = "cpu", init: LogregModel | None = None,
+) -> LogregModel:
+    """Fit one model with inverse regularisation strength ``C`` (``init`` warm-starts the torch solver)."""
+    if backend == "sklearn":
+        return _fit_sklearn(x, y, C=C, max_iter=max_iter, tol=tol)
+    return _fit_torch(x, y, C=C, max_iter=max_iter, tol=tol, device=device, init=init)
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+@dataclass
+class LogregResult:
+    """The line written to ``results_eval_logreg.json``."""
+
+    top1: float  # percent, on the validation set, after the refit with best_C
+    best_C: float
+    backend: str
+    holdout_top1: dict[str, float] = field(default_factory=dict)  # C (as text) -> held-out top-1
+
+
+def holdout_split(n: int, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit indices, held-out indices): a random ``fraction`` of ``range(n)`` held out (at least one)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_held = min(max(1, int(round(n * fraction))), n - 1)
+    return order[n_held:].sort().values, order[:n_held].sort().values
+
+
+def evaluate_logreg(
+    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
+    c_values: Sequence[float] | None = None, backend: str = "auto", holdout_fraction: float = 0.1, seed: int = 0,
+    max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, device: torch.device | str = "cpu",
+) -> LogregResult:
+    """Choose C on a held-out part of train, refit on all of train, report val top-1.
+
+    Under ``torchrun`` the C values are spread over the ranks and the held-out scores gathered.
+    """
+    backend = resolve_backend(backend, device)
+    c_values = sorted(c_values if c_values is not None else c_grid())
+    if not c_values or min(c_values) <= 0 or not 0 < holdout_fraction < 1:
+        raise DinokitError("C values must be positive (--c-grid-size >= 1) and --holdout-fraction between 0 and 1")
+    if len(train_y) < 2:
+        raise DinokitError("logistic regression needs at least 2 training images")
+    # float64 as officially; the torch solver gets the data on its device once, not once per C.
+    data_device = device if backend == "torch" else "cpu"
+    train_x, val_x = train_x.to(data_device, torch.float64), val_x.to(data_device, torch.float64)
+    fit_idx, held_idx = holdout_split(len(train_y), holdout_fraction, seed)
+    scores: dict[float, float] = {}
+    previous = None
+    for C in c_values[du.get_rank() :: du.get_world_size()]:  # increasing C: warm starts follow the path
+        previous = fit_logreg(
+            train_x[fit_idx], train_y[fit_idx], C=C, backend=backend, max_iter=max_iter, tol=tol, device=device,
+            init=previous,
+        )
+        scores[C] = previous.accuracy(train_x[held_idx], train_y[held_idx])
+    for part in du.all_gather_object(scores):
+        scores.update(part)
+    best_C = max(c_values, key=lambda c: scores[c])  # the smallest C among equals: the strongest regularisation
+    final = fit_logreg(train_x, train_y, C=best_C, backend=backend, max_iter=max_iter, tol=tol, device=device)
+    return LogregResult(
+        top1=final.accuracy(val_x, val_y), best_C=best_C, backend=backend,
+        holdout_top1={f"{c:.3g}": scores[c] for c in c_values},
+    )
+
+
+def write_logreg_result(result: LogregResult, output_dir: str | Path) -> Path:
+    path = Path(output_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(asdict(result)) + "\n")
+    return path
+
+
+def logreg_protocol(
+    ctx: EvalContext,
+    *,
+    c_values: Sequence[float] | None = None,
+    backend: str = "auto",
+    holdout_fraction: float = 0.1,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+) -> LogregResult:
+    """``dinokit eval logreg``: cached class tokens, C selection and refit, ``results_eval_logreg.json``."""
+    train = ctx.features("train", "cls")
+    val = ctx.features("val", "cls")
+    result = evaluate_logreg(
+        train.features["cls"], train.targets, val.features["cls"], val.targets, c_values=c_values,
+        backend=backend, holdout_fraction=holdout_fraction, max_iter=max_iter, tol=tol, device=ctx.device,
+    )
+    if du.is_main_process():
+        write_logreg_result(result, ctx.output_dir)
+    return result

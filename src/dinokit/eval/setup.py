@@ -1,0 +1,380 @@
+"""What every evaluation shares: the frozen backbone, the labelled datasets and a feature cache.
+
+The backbone comes from an eval or training config (built as the official ``eval/setup.py`` does,
+but loaded **strictly**, so a register/non-register mix-up fails loudly instead of scoring 42%:
+issue #505), or from a hub name. Without weights it is evaluated at its random initialisation
+(seed 0), the baseline every number should be read against.
+
+Features are extracted once per (weights, architecture, image size, dtype, dataset, feature kind)
+and cached under ``OUTPUT_DIR/features/<model key>/``, so ``knn``, ``logreg`` and ``linear`` on the
+same model and data extract once. A cache file that cannot be read is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from .. import distributed as du
+from ..data import ImageDataset, make_classification_eval_transform, make_dataset
+from ..errors import DinokitError
+from ..features import DTYPES, ExtractedFeatures, cls_feature_fn, extract_features
+from ..models import DinoVisionTransformer, build_backbone
+from ..models.checkpoint import atomic_write, load_backbone_weights
+from ..models.registry import create_model
+from ..train.config import load_config
+
+RANDOM_INIT_SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------- devices
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` = the local CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        name = f"cuda:{du.get_local_rank()}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DinokitError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of the backbone: ``auto`` = bf16 on CUDA, fp32 (None: no autocast) on the CPU.
+
+    bf16 rather than the official fp16: it cannot overflow (random-init baselines, fresh checkpoints).
+    """
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name not in DTYPES:
+        raise DinokitError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return None if name == "fp32" else DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_eval_backbone(config: DictConfig) -> DinoVisionTransformer:
+    """The teacher backbone of a training or eval config, as the official eval setup builds it.
+
+    ``img_size = crops.global_crops_size`` (518 in the eval presets, which sizes the position
+    embedding of the released weights); no drop path; LayerScale from ``student.layerscale`` (the
+    values come from the weights; without weights this is the state training starts from).
+    """
+    s = config.student
+    return build_backbone(
+        s.arch,
+        img_size=int(config.crops.global_crops_size),
+        patch_size=int(s.patch_size),
+        ffn_layer=s.ffn_layer,
+        qkv_bias=s.qkv_bias,
+        proj_bias=s.proj_bias,
+        ffn_bias=s.ffn_bias,
+        num_register_tokens=int(s.num_register_tokens),
+        interpolate_antialias=bool(s.interpolate_antialias),
+        interpolate_offset=float(s.interpolate_offset),
+        init_values=float(s.layerscale) or 1.0,
+        drop_path_rate=0.0,
+    )
+
+
+def _find_run_config(weights: str) -> Path | None:
+    """The ``config.yaml`` of the training run that wrote ``RUN/eval/<tag>/teacher_checkpoint.pth``."""
+    path = Path(weights).expanduser()
+    for parent in list(path.parents)[:3]:
+        if (parent / "config.yaml").is_file():
+            return parent / "config.yaml"
+    return None
+
+
+def _weights_identity(weights: str) -> dict[str, Any]:
+    """What identifies a weights file for the cache: its path, size and modification time."""
+    path = Path(weights).expanduser()
+    if not path.exists():
+        return {"url": weights}  # a URL (or a missing file, which the loader reports)
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _architecture(model: nn.Module) -> dict[str, Any]:
+    shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    flags = [getattr(model, a, None) for a in ("patch_size", "interpolate_offset", "interpolate_antialias")]
+    digest = hashlib.sha1(json.dumps([shapes, flags]).encode()).hexdigest()[:16]
+    return {"params": sum(p.numel() for p in model.parameters()), "layout": digest}
+
+
+def setup_eval_model(
+    *,
+    config_file: str | None = None,
+    pretrained_weights: str | None = None,
+    model: str | None = None,
+    random_init: bool = False,
+    opts: Sequence[str] = (),
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen backbone to evaluate (eval mode, on ``device``) and a description for cache keys.
+
+    Architecture: ``config_file`` (an eval preset such as ``eval/vits14_pretrain``, or the
+    ``config.yaml`` of a training run; found automatically next to a ``teacher_checkpoint.pth``) or
+    ``model`` (a hub name). Weights: ``pretrained_weights`` (backbone file, teacher checkpoint,
+    safetensors or URL), else the official weights of ``model``, else random init (seed 0).
+    """
+    if config_file and model:
+        raise DinokitError("give either --config-file or --model, not both: each defines the architecture")
+    if not config_file and not model:
+        found = _find_run_config(pretrained_weights) if pretrained_weights else None
+        if found is None:
+            raise DinokitError(
+                "say which backbone to evaluate: --model NAME (e.g. dinov2_vits14) or --config-file "
+                "(an eval preset such as eval/vits14_pretrain, or the config.yaml of a training run)"
+            )
+        config_file = str(found)
+        if du.is_main_process():
+            print(f"using the training config {found}")
+    description: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)  # a reproducible random-init baseline (and cache key)
+        if config_file:
+            config = load_config(config_file, opts)
+            backbone = build_eval_backbone(config)
+            description["config"] = {"student": dict(config.student), "img_size": config.crops.global_crops_size}
+        else:
+            if opts:
+                raise DinokitError("--opts applies to --config-file only; drop it or give a config file")
+            official = not pretrained_weights and not random_init
+            backbone = create_model(model, pretrained=official)
+            description["model"] = model
+    if pretrained_weights:
+        load_backbone_weights(backbone, pretrained_weights)
+        description["weights"] = _weights_identity(pretrained_weights)
+    elif model and not random_init:
+        description["weights"] = "official"
+    else:
+        description["weights"] = f"random-init (seed {RANDOM_INIT_SEED})"
+        if du.is_main_process():
+            print("no weights given: evaluating the randomly initialised backbone (a baseline)")
+    description["architecture"] = _architecture(backbone)
+    return backbone.to(device).eval().requires_grad_(False), description
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_eval_datasets(
+    train_dataset_str: str, val_dataset_str: str, *, image_size: int = 224, transform: Callable | None = None
+) -> tuple[ImageDataset, ImageDataset, int]:
+    """Labelled train and val datasets with the eval transform, and the number of classes.
+
+    The class lists must agree (one may be a prefix of the other, e.g. numeric FileList labels).
+    """
+    transform = transform or make_classification_eval_transform(crop_size=image_size)
+    train = make_dataset(train_dataset_str, transform=transform, labelled=True)
+    val = make_dataset(val_dataset_str, transform=transform, labelled=True)
+    short, long = sorted((list(train.classes), list(val.classes)), key=len)
+    if long[: len(short)] != short:
+        raise DinokitError(
+            f"the train and val datasets have different classes ({len(train.classes)} vs {len(val.classes)}, "
+            f"e.g. {_first_difference(train.classes, val.classes)}); use the same class folders in both"
+        )
+    num_classes = max(len(long), int(max(train.targets, default=-1)) + 1, int(max(val.targets, default=-1)) + 1)
+    return train, val, num_classes
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    for x, y in zip(a, b):
+        if x != y:
+            return f"{x!r} vs {y!r}"
+    return f"{len(a)} vs {len(b)} classes"
+
+
+# ---------------------------------------------------------------------------------------------- features
+def linear_feature_parts(model: nn.Module, images: torch.Tensor, n_last_blocks: int = 4) -> dict[str, torch.Tensor]:
+    """The linear probe's features: class tokens of the last blocks (B, n, D), oldest first, and the
+    mean of the last block's patch tokens (B, D), all after the final norm (official layout)."""
+    n = min(n_last_blocks, len(model.blocks))
+    outputs = model.get_intermediate_layers(images, n=n, return_class_token=True, norm=True)
+    cls_tokens = torch.stack([cls for _, cls in outputs], dim=1)  # n x (B, D) -> (B, n, D)
+    return {"cls_tokens": cls_tokens.float(), "patch_mean": outputs[-1][0].mean(dim=1).float()}
+
+
+FEATURE_KINDS: dict[str, Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]] = {
+    "cls": cls_feature_fn,  # forward(): the normalised class token (k-NN, logistic regression)
+    "linear": linear_feature_parts,
+}
+
+
+def extract_eval_features(
+    model: nn.Module,
+    dataset: ImageDataset,
+    *,
+    kind: str,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> ExtractedFeatures:
+    """Run ``dataset`` through ``model`` and return its features of ``kind`` (a key of ``FEATURE_KINDS``)."""
+    result = extract_features(
+        model, dataset, feature_fn=FEATURE_KINDS[kind], batch_size=batch_size, num_workers=num_workers,
+        device=device, dtype=dtype, progress=progress and du.is_main_process(), desc=desc,
+    )
+    if result.bad:
+        print(f"{desc}: skipped {len(result.bad)} unreadable image(s), e.g. {dataset.paths[result.bad[0]]}")
+    if len(result.targets) == 0:
+        raise DinokitError(f"no image of {dataset.name!r} could be read; check the files")
+    return result
+
+
+class FeatureCache:
+    """Features on disk: ``root/<model key>/<split>-<kind>-<dataset key>.pt``, plain tensors only.
+
+    ``root=None`` disables caching. The model key hashes ``model_description`` (weights identity,
+    architecture), the image size and the dtype; the dataset key hashes its string and file list.
+    """
+
+    def __init__(self, root: str | Path | None, model_description: dict[str, Any]) -> None:
+        self.model_description = model_description
+        self.folder = None
+        if root is not None:
+            self.folder = Path(root) / _digest(model_description)
+
+    def _path(self, split: str, kind: str, dataset: ImageDataset) -> Path:
+        files = hashlib.sha1("\n".join(map(str, dataset.paths)).encode() + repr(dataset.targets).encode())
+        key = _digest({"dataset": dataset.name, "files": files.hexdigest()})
+        return self.folder / f"{split}-{kind}-{key[:12]}.pt"
+
+    def get(
+        self, split: str, kind: str, dataset: ImageDataset, extract: Callable[[], ExtractedFeatures]
+    ) -> ExtractedFeatures:
+        """Cached features of ``dataset``, else ``extract()`` (a collective: every rank calls it) saved."""
+        if self.folder is None:
+            return extract()
+        path = self._path(split, kind, dataset)
+        loaded = _load(path)
+        if loaded is None and kind == "cls":  # the linear probe's features hold the class tokens too
+            loaded = _derive_cls(_load(self._path(split, "linear", dataset)))
+        if all(du.all_gather_object(loaded is not None)):
+            return loaded
+        result = extract()
+        if du.is_main_process():
+            _save(result, path, self.model_description)
+        du.barrier()
+        return result
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save(result: ExtractedFeatures, path: Path, description: dict[str, Any]) -> None:
+    payload = {
+        "features": {k: v.contiguous() for k, v in result.features.items()},
+        "indices": result.indices,
+        "targets": result.targets,
+        "bad": torch.as_tensor(list(result.bad), dtype=torch.long),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "model.json").write_text(json.dumps(description, indent=1, default=str))
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load(path: Path) -> ExtractedFeatures | None:
+    """The cached :class:`ExtractedFeatures` at ``path``, or None when absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        features = {str(k): v for k, v in payload["features"].items()}
+        n = len(payload["targets"])
+        if not features or any(not isinstance(v, torch.Tensor) or len(v) != n for v in features.values()):
+            raise ValueError("inconsistent feature rows")
+        return ExtractedFeatures(
+            features=features, indices=payload["indices"], targets=payload["targets"], bad=payload["bad"].tolist()
+        )
+    except Exception as err:  # any damage (truncation, foreign file) means: extract again
+        reason = f"{type(err).__name__}: {err}"
+        warnings.warn(f"ignoring unreadable feature cache {path} ({reason}); recomputing", stacklevel=2)
+        return None
+
+
+def _derive_cls(linear: ExtractedFeatures | None) -> ExtractedFeatures | None:
+    """``cls`` features from cached ``linear`` ones: the last block's normalised class token is ``forward()``."""
+    if linear is None:
+        return None
+    linear.features = {"cls": linear.features["cls_tokens"][:, -1].contiguous()}
+    return linear
+
+
+# ---------------------------------------------------------------------------------------------- context
+@dataclass
+class EvalContext:
+    """A frozen backbone with its labelled datasets, extraction settings and feature cache."""
+
+    model: nn.Module
+    train: ImageDataset
+    val: ImageDataset
+    num_classes: int
+    cache: FeatureCache
+    output_dir: Path
+    image_size: int = 224
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    progress: bool = True
+
+    def features(self, split: str, kind: str) -> ExtractedFeatures:
+        """``kind`` features of the ``train`` or ``val`` split, from the cache or extracted (and cached)."""
+        dataset = self.train if split == "train" else self.val
+        return self.cache.get(
+            split, kind, dataset,
+            lambda: extract_eval_features(
+                self.model, dataset, kind=kind, batch_size=self.batch_size, num_workers=self.num_workers,
+                device=self.device, dtype=self.dtype, progress=self.progress, desc=f"{split} features",
+            ),
+        )
+
+
+def prepare_eval(
+    *,
+    output_dir: str | Path,
+    train_dataset: str,
+    val_dataset: str,
+    config_file: str | None = None,
+    pretrained_weights: str | None = None,
+    model: str | None = None,
+    random_init: bool = False,
+    opts: Sequence[str] = (),
+    image_size: int = 224,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+    cache: bool = True,
+) -> EvalContext:
+    """Everything an evaluation command needs; the datasets are checked before the model is loaded."""
+    if image_size < 1 or batch_size < 1 or num_workers < 0:
+        raise DinokitError("--image-size and --batch-size must be positive and --num-workers non-negative")
+    device_ = resolve_device(device)
+    dtype_ = resolve_dtype(dtype, device_)
+    train, val, num_classes = load_eval_datasets(train_dataset, val_dataset, image_size=image_size)
+    backbone, description = setup_eval_model(
+        config_file=config_file, pretrained_weights=pretrained_weights, model=model, random_init=random_init,
+        opts=opts, device=device_,
+    )
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    key = {**description, "image_size": image_size, "dtype": str(dtype_)}
+    return EvalContext(
+        model=backbone, train=train, val=val, num_classes=num_classes,
+        cache=FeatureCache(output_dir / "features" if cache else None, key), output_dir=output_dir,
+        image_size=image_size, device=device_, dtype=dtype_, batch_size=batch_size, num_workers=num_workers,
+        progress=progress,
+    )

@@ -1,0 +1,172 @@
+"""``dinokit eval knn|linear|logreg`` end to end on a small built-in sample set with a tiny backbone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import dinokit.eval.setup as eval_setup
+from dinokit.cli import main
+from dinokit.data import make_classification_eval_transform, write_sample_dataset
+from dinokit.data.images import load_image
+from dinokit.eval import build_eval_backbone, run_knn_eval
+from dinokit.train.config import load_config, write_config
+from test_knn import one_thread  # noqa: F401  (autouse fixture)
+
+TINY_CONFIG = "student:\n  arch: vit_pico\n  patch_size: 8\ncrops:\n  global_crops_size: 32\n"
+
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = write_sample_dataset(tmp_path_factory.mktemp("sample"), counts={"train": 6, "val": 3})
+    config = root / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    return root, config
+
+
+def args(sample, out, *extra):
+    root, config = sample
+    return [
+        "--output-dir", str(out), "--train-dataset", f"ImageFolder:root={root / 'train'}",
+        "--val-dataset", str(root / "val"), "--config-file", str(config), "--image-size", "32",
+        "--num-workers", "0", "--device", "cpu", "--no-progress", *extra,
+    ]
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_knn_then_logreg_extract_once(sample, tmp_path, capsys, monkeypatch):
+    assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "1", "5", "--n-per-class-list", "-1", "2")]) == 0
+    out = capsys.readouterr().out
+    assert "random" in out and "48 train / 24 val images, 8 classes" in out and "top-1" in out
+    lines = read_lines(tmp_path / "results_eval_knn.json")
+    assert [(r["n_per_class"], r["k"]) for r in lines] == [(-1, 1), (-1, 5), (2, 1), (2, 5)]
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in lines)
+    assert len(list((tmp_path / "features").glob("*/*-cls-*.pt"))) == 2
+
+    def no_extraction(*a, **k):
+        raise AssertionError("features should come from the cache")
+
+    monkeypatch.setattr(eval_setup, "extract_features", no_extraction)
+    assert main(["eval", "logreg", *args(sample, tmp_path, "--c-grid-size", "3", "--max-iter", "50")]) == 0
+    (result,) = read_lines(tmp_path / "results_eval_logreg.json")
+    assert result["backend"] == "sklearn" and len(result["holdout_top1"]) == 3 and 0 <= result["top1"] <= 100
+    assert "best C" in capsys.readouterr().out
+
+
+def test_linear_saves_hub_heads_and_feeds_knn_cache(sample, tmp_path, capsys, monkeypatch):
+    extra = ("--epochs", "2", "--epoch-length", "5", "--batch-size", "16", "--learning-rates", "0.01", "0.1")
+    assert main(["eval", "linear", *args(sample, tmp_path, *extra, "--no-augment")]) == 0
+    (result,) = read_lines(tmp_path / "results_eval_linear.json")
+    assert result["iterations"] == 10 and result["augment"] is False and len(result["classifiers"]) == 8
+    assert result["top1"] == max(result["classifiers"].values())
+    for name, layers in (("linear_head_1.pth", 1), ("linear_head_4.pth", 4)):
+        head = torch.load(tmp_path / name, weights_only=True)
+        assert head["weight"].shape == (8, (1 + layers) * 64) and head["bias"].shape == (8,)
+    assert "best:" in capsys.readouterr().out
+    # k-NN after a cached-features probe reuses the cached class tokens: no second extraction.
+    monkeypatch.setattr(eval_setup, "extract_features", lambda *a, **k: pytest.fail("extracted again"))
+    assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "3")]) == 0
+    monkeypatch.undo()
+    assert main(["eval", "knn", *args(sample, tmp_path / "fresh", "--nb-knn", "3", "--no-cache")]) == 0
+    cached, fresh = read_lines(tmp_path / "results_eval_knn.json"), read_lines(tmp_path / "fresh/results_eval_knn.json")
+    assert cached == fresh
+
+
+def test_linear_with_augmentation(sample, tmp_path):
+    extra = ("--epochs", "1", "--epoch-length", "3", "--batch-size", "8", "--learning-rates", "0.1",
+             "--n-last-blocks", "1")
+    assert main(["eval", "linear", *args(sample, tmp_path, *extra)]) == 0
+    (result,) = read_lines(tmp_path / "results_eval_linear.json")
+    assert result["augment"] is True and result["n_last_blocks"] == 1
+    assert set(result["head_files"]) == {"best", "layers_1"}
+    assert not list((tmp_path / "features").glob("*/train-*"))  # training images go through the backbone
+
+
+def test_teacher_checkpoint_finds_its_run_config(sample, tmp_path, capsys):
+    root, config_file = sample
+    config = load_config(str(config_file))
+    torch.manual_seed(7)
+    backbone = build_eval_backbone(config).eval()
+    write_config(config, tmp_path / "run")
+    snapshot = tmp_path / "run" / "eval" / "training_99" / "teacher_checkpoint.pth"
+    snapshot.parent.mkdir(parents=True)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, snapshot)
+    out = tmp_path / "out"
+    cli_args = ["--output-dir", str(out), "--train-dataset", str(root / "train"), "--val-dataset", str(root / "val"),
+                "--pretrained-weights", str(snapshot), "--image-size", "32", "--num-workers", "0", "--device", "cpu",
+                "--no-progress", "--nb-knn", "5"]
+    assert main(["eval", "knn", *cli_args]) == 0
+    assert "using the training config" in capsys.readouterr().out
+    (val_file,) = (out / "features").glob("*/val-cls-*.pt")
+    cached = torch.load(val_file, weights_only=True)
+    first = sorted((root / "val").rglob("*.png"))[0]
+    image = make_classification_eval_transform(crop_size=32)(load_image(first))
+    with torch.no_grad():
+        torch.testing.assert_close(cached["features"]["cls"][0], backbone(image[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_corrupt_cache_is_recomputed(sample, tmp_path):
+    assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "2")]) == 0
+    for path in (tmp_path / "features").glob("*/*.pt"):
+        path.write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="recomputing"):
+        assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "2")]) == 0
+    first, second = read_lines(tmp_path / "results_eval_knn.json")
+    assert first == second
+
+
+def test_run_knn_eval_for_the_training_loop(sample, tmp_path):
+    root, config_file = sample
+    backbone = build_eval_backbone(load_config(str(config_file))).train()
+    metrics = run_knn_eval(backbone, train_dataset_str=str(root / "train"), val_dataset_str=str(root / "val"),
+                           output_dir=tmp_path, ks=(10, 20), image_size=32)
+    assert set(metrics) == {"knn_top1_k10", "knn_top5_k10", "knn_top1_k20", "knn_top5_k20"}
+    assert backbone.training and not (tmp_path / "results_eval_knn.json").exists()
+
+
+def error_of(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def test_missing_dataset_path(sample, tmp_path, capsys):
+    argv = args(sample, tmp_path)
+    argv[argv.index("--val-dataset") + 1] = str(tmp_path / "nowhere")
+    err = error_of(capsys, ["eval", "knn", *argv])
+    assert "nowhere" in err and "does not exist" in err
+
+
+def args_with_train_copy(sample, tmp_path, change):
+    """CLI arguments whose training set is a copy of the sample's, modified by ``change(folder)``."""
+    root, _ = sample
+    train = tmp_path / "train"
+    shutil.copytree(root / "train", train)
+    change(train)
+    argv = args(sample, tmp_path / "out")
+    argv[argv.index("--train-dataset") + 1] = str(train)
+    return argv
+
+
+def test_empty_class_folder(sample, tmp_path, capsys):
+    argv = args_with_train_copy(sample, tmp_path, lambda train: (train / "zebra").mkdir())
+    err = error_of(capsys, ["eval", "logreg", *argv])
+    assert "zebra" in err and "no images" in err
+
+
+def test_other_user_errors(sample, tmp_path, capsys):
+    argv = args_with_train_copy(sample, tmp_path, lambda train: shutil.rmtree(train / "star"))
+    assert "different classes" in error_of(capsys, ["eval", "knn", *argv])
+    config = str(sample[1])
+    no_model = [a for a in args(sample, tmp_path / "out") if a not in ("--config-file", config)]
+    assert "--model NAME" in error_of(capsys, ["eval", "knn", *no_model])
+    too_deep = args(sample, tmp_path / "out", "--n-last-blocks", "8", "--epochs", "1", "--epoch-length", "1")
+    assert "exceeds the backbone's 4 blocks" in error_of(capsys, ["eval", "linear", *too_deep])

@@ -1,0 +1,116 @@
+"""Linear probes: official grid and names, feature layout, training to separable accuracy, hub heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dinokit.eval.linear import (
+    LEARNING_RATES,
+    LinearProbes,
+    ProbeSetting,
+    best_classifier,
+    cached_batches,
+    evaluate_probes,
+    probe_input,
+    probe_settings,
+    save_linear_head,
+    train_probes,
+)
+from dinokit.eval.setup import linear_feature_parts
+from dinokit.models import DinoVisionTransformer
+from dinokit.models.linear_classifier import linear_features
+from dinokit.models.registry import create_model
+from test_knn import one_thread  # noqa: F401  (autouse fixture)
+
+
+
+def tiny_backbone(seed: int = 0) -> DinoVisionTransformer:
+    torch.manual_seed(seed)
+    return DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2).eval()
+
+
+def test_official_grid_and_names():
+    settings = probe_settings(total_batch=1024)  # 128 per GPU x 8 GPUs
+    assert len(settings) == 52 and len(LEARNING_RATES) == 13
+    assert settings[0] == ProbeSetting(1, False, 1e-5 * 4)
+    assert ProbeSetting(4, True, 1e-3).name() == "classifier_4_blocks_avgpool_True_lr_0_00100"
+    probes = LinearProbes(settings, embed_dim=8, num_classes=3)
+    assert len(probes.classifiers_dict) == 52
+    assert "classifier_1_blocks_avgpool_False_lr_0_40000" in probes.settings
+    in_features = {name: probes.classifiers_dict[name].in_features for name in probes.settings}
+    assert in_features["classifier_4_blocks_avgpool_True_lr_0_00400"] == 5 * 8
+    assert in_features["classifier_1_blocks_avgpool_True_lr_0_00400"] == 2 * 8
+    assert in_features["classifier_4_blocks_avgpool_False_lr_0_00400"] == 4 * 8
+    weights = torch.cat([m.weight.flatten() for m in probes.classifiers_dict.values()])
+    assert abs(weights.std().item() - 0.01) < 0.002  # N(0, 0.01) init
+    assert all(torch.count_nonzero(m.bias) == 0 for m in probes.classifiers_dict.values())
+
+
+def test_small_batches_keep_names_unique():
+    probes = LinearProbes(probe_settings(total_batch=16), embed_dim=4, num_classes=2)
+    assert len(probes.classifiers_dict) == 52  # 1e-5 * 16/256 and 2e-5 * 16/256 both round to 0.00000
+    assert "classifier_1_blocks_avgpool_False_lr_6_25e-07" in probes.settings
+
+
+def test_probe_input_matches_the_hub_linear_head_layout():
+    backbone = tiny_backbone()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        parts = linear_feature_parts(backbone, x)
+        assert parts["cls_tokens"].shape == (3, 4, 32) and parts["patch_mean"].shape == (3, 32)
+        for layers in (1, 4):
+            expected = linear_features(backbone, x, layers=layers)
+            got = probe_input(parts["cls_tokens"], parts["patch_mean"], n_last_blocks=layers, avgpool=True)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        # n=1 without avgpool is forward(): the final-norm class token
+        got = probe_input(parts["cls_tokens"], parts["patch_mean"], n_last_blocks=1, avgpool=False)
+        torch.testing.assert_close(got, backbone(x))
+
+
+def separable_features(n_per_class: int, num_classes: int, *, dim=16, seed=0):
+    """Class tokens (N, 4, D) and patch means whose class is readable from every layout."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(99))
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    cls_tokens = centres[labels][:, None, :] + 0.5 * torch.randn(len(labels), 4, dim, generator=g)
+    patch_mean = centres[labels] + 0.5 * torch.randn(len(labels), dim, generator=g)
+    return cls_tokens, patch_mean, labels
+
+
+def test_probes_reach_full_accuracy_on_separable_features():
+    cls_tokens, patch_mean, labels = separable_features(40, 5)
+    val = separable_features(10, 5, seed=1)
+    settings = probe_settings(learning_rates=(1e-4, 1e-2, 1.0), total_batch=32)
+    torch.manual_seed(0)
+    probes = LinearProbes(settings, embed_dim=16, num_classes=5)
+    before = evaluate_probes(probes, *val)
+    batches = cached_batches(cls_tokens, patch_mean, labels, batch_size=32, seed=0)
+    train_probes(probes, batches, iterations=150)
+    acc = evaluate_probes(probes, *val)
+    best = best_classifier(acc, probes.settings)
+    assert acc[best] == 100.0 and max(before.values()) < 100.0
+    tiny_lr = [n for n, s in probes.settings.items() if s.lr < 1e-4]
+    assert all(acc[n] <= acc[best] for n in tiny_lr)
+    best_4 = best_classifier(acc, probes.settings, n_last_blocks=4, avgpool=True)
+    assert best_4.startswith("classifier_4_blocks_avgpool_True")
+
+
+def test_saved_head_loads_through_the_lc_hub_entry_point(tmp_path):
+    backbone = tiny_backbone(seed=3)
+    linear = nn.Linear(5 * 32, 8)
+    nn.init.normal_(linear.weight, std=0.1)
+    head_file = save_linear_head(linear, tmp_path / "linear_head_4.pth")
+    state = torch.load(head_file, weights_only=True)
+    assert set(state) == {"weight", "bias"} and state["weight"].shape == (8, 160)
+    nn.Linear(160, 8).load_state_dict(state, strict=True)
+    classifier = create_model(
+        "dinov2_vits14_lc", pretrained=False, weights=str(head_file), layers=4, backbone_weights=backbone.state_dict(),
+        embed_dim=32, depth=4, num_heads=2, patch_size=8, img_size=32,
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        parts = linear_feature_parts(backbone, x)
+        expected = linear(probe_input(parts["cls_tokens"], parts["patch_mean"], n_last_blocks=4, avgpool=True))
+        torch.testing.assert_close(classifier(x), expected)
+

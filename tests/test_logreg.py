@@ -1,0 +1,95 @@
+"""Logistic regression: the scikit-learn (CPU) and torch L-BFGS (GPU) paths solve the same problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinokit.errors import DinokitError
+from dinokit.eval.logreg import c_grid, evaluate_logreg, fit_logreg, holdout_split, resolve_backend
+from test_knn import one_thread  # noqa: F401  (autouse fixture)
+
+pytest.importorskip("sklearn")
+
+
+
+def blobs(n, num_classes, *, dim=12, spread=1.5, seed=0):
+    """Gaussian classes around fixed centres; ``seed`` draws the samples (train and val share centres)."""
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return (centres[y] + spread * torch.randn(n, dim, generator=g)).double(), y
+
+
+def sklearn_objective_grad(model, x, y, C):
+    """Gradient of C * sum CE + ||W||^2 / 2 (bias free), sklearn's multinomial objective, at ``model``."""
+    coef = model.coef.clone().requires_grad_(True)
+    intercept = model.intercept.clone().requires_grad_(True)
+    logits = x @ coef.T + intercept
+    loss = C * F.cross_entropy(logits, y, reduction="sum") + 0.5 * (coef * coef).sum()
+    loss.backward()
+    return coef.grad, intercept.grad
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+@pytest.mark.parametrize("C", [1e-3, 10.0])
+def test_torch_and_sklearn_agree(num_classes, C):
+    x, y = blobs(160, num_classes)
+    xv, yv = blobs(80, num_classes, seed=1)
+    cpu = fit_logreg(x, y, C=C, backend="sklearn", max_iter=500, tol=1e-10)
+    gpu_path = fit_logreg(x, y, C=C, backend="torch", max_iter=500, tol=1e-10)
+    torch.testing.assert_close(gpu_path.predict_proba(xv), cpu.predict_proba(xv), rtol=0, atol=2e-5)
+    assert gpu_path.accuracy(xv, yv) == cpu.accuracy(xv, yv)
+    assert 100 / num_classes < cpu.accuracy(xv, yv) <= 100
+    if num_classes > 2:  # both sit at the optimum of the same objective (binary uses one vector, as sklearn)
+        for model in (cpu, gpu_path):
+            g_coef, g_bias = sklearn_objective_grad(model, x, y, C)
+            assert g_coef.abs().max() < 1e-3 * max(C, 1) and g_bias.abs().max() < 1e-3 * max(C, 1)
+
+
+def test_labels_that_are_not_0_to_k_and_absent_classes():
+    x, y = blobs(90, 3)
+    y = torch.tensor([3, 7, 9])[y]  # sparse labels: the model predicts original labels
+    for backend in ("sklearn", "torch"):
+        model = fit_logreg(x, y, C=1.0, backend=backend, max_iter=300, tol=1e-8)
+        assert model.classes.tolist() == [3, 7, 9]
+        assert set(model.predict(x).tolist()) <= {3, 7, 9}
+
+
+def test_protocol_picks_the_same_C_with_both_backends():
+    x, y = blobs(200, 3)
+    xv, yv = blobs(100, 3, seed=2)
+    grid = c_grid(7)
+    a = evaluate_logreg(x, y, xv, yv, c_values=grid, backend="sklearn", max_iter=300, tol=1e-10)
+    b = evaluate_logreg(x, y, xv, yv, c_values=grid, backend="torch", max_iter=300, tol=1e-10)
+    assert (a.best_C, a.top1, a.holdout_top1) == (b.best_C, b.top1, b.holdout_top1)
+    assert a.holdout_top1["1e-06"] < max(a.holdout_top1.values())  # too much regularisation loses
+    assert a.top1 > 60  # chance: 33%
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_path_on_cuda_agrees():
+    x, y = blobs(160, 4)
+    cpu = fit_logreg(x, y, C=0.1, backend="sklearn", max_iter=500, tol=1e-10)
+    cuda = fit_logreg(x, y, C=0.1, backend="torch", max_iter=500, tol=1e-10, device="cuda")
+    torch.testing.assert_close(cuda.predict_proba(x).cpu(), cpu.predict_proba(x), rtol=0, atol=2e-5)
+
+
+def test_c_grid_and_holdout_split():
+    grid = c_grid()
+    assert len(grid) == 45 and grid[0] == pytest.approx(1e-6) and grid[-1] == pytest.approx(1e5)
+    assert np.allclose(np.diff(np.log10(grid)), 0.25)
+    fit, held = holdout_split(50, 0.1, seed=0)
+    assert len(held) == 5 and len(fit) == 45 and not set(fit.tolist()) & set(held.tolist())
+    assert torch.equal(held, holdout_split(50, 0.1, seed=0)[1])
+
+
+def test_errors():
+    x, y = blobs(20, 2)
+    with pytest.raises(DinokitError, match="holdout"):
+        evaluate_logreg(x, y, x, y, c_values=[1.0], holdout_fraction=1.5, backend="torch")
+    with pytest.raises(DinokitError, match="backend"):
+        resolve_backend("cuml", "cpu")
+    assert resolve_backend("auto", "cpu") == "sklearn"
