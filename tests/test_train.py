@@ -148,3 +148,88 @@ def test_two_process_gloo_run_and_resume_on_one_process(images, tmp_path):
     # the sharded run's checkpoint resumes in a single process (world-size independent)
     summary = train(tiny_cfg(images, "train.batch_size_per_gpu=4", "optim.epochs=2"), output_dir=out)
     assert summary["iteration"] == 6
+
+
+def test_knn_is_logged_for_each_snapshot(images, tmp_path):
+    out = tmp_path / "run"
+    knn = [f"evaluation.knn_dataset.train=ImageFolder:root={images / 'train'}",
+           f"evaluation.knn_dataset.val=ImageFolder:root={images / 'val'}", "evaluation.knn_k=[3]"]
+    train(tiny_cfg(images, *knn), output_dir=out)
+    lines = [json.loads(l) for l in (out / "training_metrics.json").read_text().splitlines()]
+    knn_lines = [l for l in lines if "knn_top1_k3" in l]
+    assert [l["iteration"] for l in knn_lines] == [2, 5]
+    assert all(0 <= l["knn_top1_k3"] <= 100 and 0 <= l["knn_top5_k3"] <= 100 for l in knn_lines)
+
+
+def test_model_weights_starts_from_an_explicit_checkpoint(images, tmp_path):
+    first = tmp_path / "first"
+    train(tiny_cfg(images), output_dir=first, stop_after=3)
+    ckpt = first / "checkpoints" / "checkpoint_0000003.pth"
+    summary = train(tiny_cfg(images, f"MODEL.WEIGHTS={ckpt}"), output_dir=tmp_path / "second")
+    assert summary["iteration"] == 6
+    lines = [json.loads(l) for l in (tmp_path / "second" / "training_metrics.json").read_text().splitlines()]
+    assert [l["iteration"] for l in lines] == [3, 4, 5]
+
+
+def test_student_pretrained_weights_are_loaded_with_resized_position_embedding(images, tmp_path):
+    from dinokit.models import build_backbone
+    from dinokit.models.checkpoint import save_backbone
+    from dinokit.train.ssl_meta_arch import SSLMetaArch
+
+    source = build_backbone("vit_pico", patch_size=8, img_size=64, init_values=1.0)  # 8x8 grid
+    path = save_backbone(source, tmp_path / "backbone.safetensors")
+    model = SSLMetaArch(tiny_cfg(images, f"student.pretrained_weights={path}"))  # 32 px crops: 4x4 grid
+    student = model.student.backbone
+    assert student.pos_embed.shape == (1, 17, 64)
+    assert torch.equal(student.blocks[2].mlp.fc1.weight, source.blocks[2].mlp.fc1.weight)
+    assert torch.equal(student.pos_embed[:, 0], source.pos_embed[:, 0])
+    assert torch.equal(model.teacher.backbone.blocks[2].mlp.fc1.weight, source.blocks[2].mlp.fc1.weight)
+
+
+def test_teacher_snapshot_loads_through_the_hub_entry_point(tmp_path):
+    import hubconf
+    from dinokit.train.ssl_meta_arch import SSLMetaArch
+    from dinokit.train.train import save_teacher_snapshot
+
+    cfg = load_config("vitl14", ["student.arch=vit_small", "student.ffn_layer=mlp", "dino.head_n_prototypes=32",
+                                 "ibot.head_n_prototypes=32", "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16"])
+    model = SSLMetaArch(cfg).eval()
+    path = tmp_path / "teacher_checkpoint.pth"
+    save_teacher_snapshot(model, cfg, path)
+    keys = torch.load(path, weights_only=True)["teacher"].keys()
+    assert "backbone.blocks.1.3.attn.qkv.weight" in keys  # official chunked layout (block_chunks=4)
+    hub = hubconf.dinov2_vits14(pretrained=False, weights=str(path), img_size=cfg.crops.global_crops_size).eval()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(hub(x), model.teacher.backbone(x), rtol=0, atol=0)
+
+
+def test_slurm_submission_uses_submitit(monkeypatch, tmp_path, capsys):
+    import types
+
+    calls = {}
+
+    class FakeExecutor:
+        def __init__(self, folder, slurm_max_num_timeout):
+            calls["folder"], calls["max_timeout"] = folder, slurm_max_num_timeout
+
+        def update_parameters(self, **params):
+            calls["params"] = params
+
+        def submit(self, job):
+            calls["job"] = job
+            return types.SimpleNamespace(job_id="123")
+
+    monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=FakeExecutor))
+    assert cli_main(["train", "--config-file", "demo", "--output-dir", str(tmp_path), "--nodes", "2",
+                     "--gpus-per-node", "4", "--partition", "gpu"]) == 0
+    assert "submitted SLURM job 123" in capsys.readouterr().out
+    p = calls["params"]
+    assert (p["nodes"], p["gpus_per_node"], p["tasks_per_node"], p["slurm_partition"]) == (2, 4, 4, "gpu")
+    assert calls["max_timeout"] == 30 and callable(calls["job"].checkpoint)
+
+
+def test_slurm_without_submitit_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    assert cli_main(["train", "--config-file", "demo", "--output-dir", str(tmp_path), "--nodes", "1"]) == 2
+    assert "pip install 'dinokit[slurm]'" in capsys.readouterr().err

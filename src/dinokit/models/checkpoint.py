@@ -257,6 +257,22 @@ def check_backbone_state_dict(
     raise DinokitError(message + (f": {hint}" if hint else ""))
 
 
+def resize_pos_embed(state_dict: StateDict, num_patches: int) -> StateDict:
+    """Filter: bicubic-resize ``pos_embed`` to a square grid of ``num_patches`` (class position kept).
+
+    Used to start training at one crop size from weights trained at another (e.g. the released
+    518-px backbones, 37x37 grid, into a 224-px student, 16x16 grid). Other keys are unchanged.
+    """
+    pos = state_dict.get("pos_embed")
+    if pos is None or pos.shape[1] - 1 == num_patches:
+        return state_dict
+    src, dst = math.isqrt(pos.shape[1] - 1), math.isqrt(num_patches)
+    grid = pos[:, 1:].float().reshape(1, src, src, -1).permute(0, 3, 1, 2)  # (1, D, src, src)
+    grid = torch.nn.functional.interpolate(grid, size=(dst, dst), mode="bicubic", antialias=dst < src)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, dst * dst, -1)  # (1, dst*dst, D)
+    return {**state_dict, "pos_embed": torch.cat((pos[:, :1].float(), grid), dim=1).to(pos.dtype)}
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def load_backbone_weights(model: nn.Module, weights: str | Path | Mapping[str, Any]) -> nn.Module:
     """Load a backbone file, URL or state dict into ``model``, always with ``strict=True``.

@@ -19,19 +19,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .. import distributed as dist_utils
 from ..errors import DinokitError
+from ..models.checkpoint import atomic_write
 
 _NAME = re.compile(r"checkpoint_(\d{7,})\.pth$")
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """``torch.save`` to a temporary file, flushed to disk, then renamed over ``path``."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

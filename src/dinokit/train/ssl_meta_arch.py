@@ -16,6 +16,12 @@ from torch import nn
 from ..layers import DINOHead
 from ..losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from ..models import DinoVisionTransformer, build_backbone
+from ..models.checkpoint import (
+    backbone_state_dict_from_checkpoint,
+    load_backbone_weights,
+    load_state_dict_file,
+    resize_pos_embed,
+)
 
 
 def build_student_backbone(student_cfg, *, img_size: int, only_teacher: bool = False) -> DinoVisionTransformer:
@@ -56,6 +62,11 @@ class SSLMetaArch(nn.Module):
         self.centering = cfg.train.centering
 
         backbone = build_student_backbone(cfg.student, img_size=cfg.crops.global_crops_size)
+        if cfg.student.pretrained_weights:
+            # Unlike the official (non-strict, {"model": ...} files only): any backbone layout, strict, with the
+            # position embedding resized to the training grid.
+            sd = backbone_state_dict_from_checkpoint(load_state_dict_file(cfg.student.pretrained_weights))
+            load_backbone_weights(backbone, resize_pos_embed(sd, backbone.patch_embed.num_patches))
         embed_dim = backbone.embed_dim
         student = {"backbone": backbone}
         if self.do_dino or self.do_ibot:

@@ -25,7 +25,7 @@ from .checkpointing import Checkpointer, atomic_torch_save
 from .config import apply_scaling_rules, compute_dtype, write_config
 from .logging import MetricsLogger
 from .optim import apply_optim_schedule, build_optimizer, build_schedulers, get_param_groups
-from .ssl_meta_arch import SSLMetaArch
+from .ssl_meta_arch import SSLMetaArch, build_student_backbone
 from .data import build_train_loader
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -157,7 +157,9 @@ def train(
     # ------------------------------------------------------------------ resume
     checkpointer = Checkpointer(output_dir / "checkpoints", model=model, optimizer=optimizer)
     start_iter = 0
-    if resume and (state := checkpointer.resume()) is not None:
+    if cfg.MODEL.WEIGHTS:  # an explicit checkpoint to start from (official key)
+        start_iter = int(checkpointer.load(Path(cfg.MODEL.WEIGHTS))["iteration"])
+    elif resume and (state := checkpointer.resume()) is not None:
         start_iter = int(state["iteration"])
         if is_main:
             print(f"resumed from iteration {start_iter} ({checkpointer.directory})")
@@ -241,26 +243,27 @@ def _flush_losses(pending, logger: MetricsLogger, iteration: int, cfg: DictConfi
 
 
 def _snapshot_and_eval(model: SSLMetaArch, cfg: DictConfig, output_dir: Path, iteration: int, dev, logger) -> str:
+    """Write the teacher snapshot; with ``evaluation.knn_dataset`` set, log its k-NN accuracy."""
     path = output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
     save_teacher_snapshot(model, cfg, path)
     knn = cfg.evaluation.knn_dataset
     if knn is not None and knn.train and knn.val:
         from ..eval import run_knn_eval
+        from ..models import load_backbone_weights
 
-        model.eval()
-        try:
-            metrics = run_knn_eval(
-                model.teacher.backbone,
-                train_dataset_str=knn.train,
-                val_dataset_str=knn.val,
-                output_dir=output_dir / "eval" / f"training_{iteration}",
-                device=dev,
-                image_size=cfg.crops.global_crops_size,
-                ks=tuple(cfg.evaluation.knn_k),
-                temperature=cfg.evaluation.knn_temperature,
-                progress=False,
-            )
-        finally:
-            model.train()
-        logger.write({"iteration": iteration, **{f"knn_{k}" if not k.startswith("knn") else k: v for k, v in metrics.items()}})
+        # A plain (unsharded, uncompiled) copy of the snapshot on every rank: the evaluation then runs the same
+        # way in one process and under FSDP, where ranks may see different numbers of batches.
+        backbone = build_student_backbone(cfg.student, img_size=cfg.crops.global_crops_size, only_teacher=True)
+        load_backbone_weights(backbone, path)
+        metrics = run_knn_eval(
+            backbone.to(dev).eval(),
+            train_dataset_str=knn.train,
+            val_dataset_str=knn.val,
+            device=dev,
+            image_size=cfg.crops.global_crops_size,
+            ks=tuple(cfg.evaluation.knn_k),
+            temperature=cfg.evaluation.knn_temperature,
+            progress=False,
+        )
+        logger.write({"iteration": iteration, **metrics})
     return str(path)

@@ -1,0 +1,78 @@
+"""DINOv2 ViT-L/14 training-step throughput on one GPU (2x224 + 8x98 crops, batch 64, bf16).
+
+Run on a GPU machine from the repo root: ``PYTHONPATH=src python benchmarks/train_step.py [--compile]``.
+Synthetic images, the official vitl14 recipe otherwise (heads, iBOT, KoLeo, Sinkhorn-Knopp, EMA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+from dinokit.data.collate import SSLCollate
+from dinokit.distributed.parallelize import parallelize_ssl_model
+from dinokit.train.config import load_config
+from dinokit.train.optim import build_optimizer, build_schedulers, get_param_groups
+from dinokit.train.ssl_meta_arch import SSLMetaArch
+from dinokit.train.train import batch_to, train_step
+
+
+def synthetic_batch(cfg, batch_size: int):
+    crops = cfg.crops
+    samples = [
+        (i, {
+            "global_crops": [torch.randn(3, crops.global_crops_size, crops.global_crops_size) for _ in range(2)],
+            "local_crops": [torch.randn(3, crops.local_crops_size, crops.local_crops_size)
+                            for _ in range(crops.local_crops_number)],
+        })
+        for i in range(batch_size)
+    ]
+    collate = SSLCollate(seed=0, global_crops_size=crops.global_crops_size, patch_size=cfg.student.patch_size)
+    return collate(samples)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="vitl14")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--ac", action="store_true")
+    p.add_argument("opts", nargs="*")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = load_config(args.config, [f"train.batch_size_per_gpu={args.batch}", *args.opts])
+    dev = torch.device("cuda")
+    model = SSLMetaArch(cfg).to(dev)
+    model.teacher.load_state_dict(model.student.state_dict())
+    parallelize_ssl_model(model, mesh=None, compile_blocks=args.compile, activation_checkpointing=args.ac, param_dtype=None)
+    model.train()
+    groups = []
+    for module in model.student.values():
+        groups += get_param_groups(module, lr_decay_rate=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
+    opt = build_optimizer(groups)
+    batches = [batch_to(synthetic_batch(cfg, args.batch), dev) for _ in range(2)]
+    sched = {"lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07, "last_layer_lr": 1e-4}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    warmup = 5 if args.compile else 3
+    for i in range(warmup):
+        train_step(model, opt, batches[i % 2], sched=sched, clip_grad=3.0, autocast=autocast, scaler=None)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        out = train_step(model, opt, batches[i % 2], sched=sched, clip_grad=3.0, autocast=autocast, scaler=None)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    res = {"images_per_s": round(args.batch * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),
+           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "compile": args.compile,
+           "loss": float(out.total)}
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
