@@ -7,7 +7,6 @@ Synthetic images, the official vitl14 recipe otherwise (heads, iBOT, KoLeo, Sink
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 
@@ -16,7 +15,7 @@ import torch
 from dinokit.data.collate import SSLCollate
 from dinokit.distributed.parallelize import parallelize_ssl_model
 from dinokit.train.config import load_config
-from dinokit.train.optim import build_optimizer, build_schedulers, get_param_groups
+from dinokit.train.optim import build_optimizer, get_param_groups
 from dinokit.train.ssl_meta_arch import SSLMetaArch
 from dinokit.train.train import batch_to, train_step
 

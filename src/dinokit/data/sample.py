@@ -1,9 +1,11 @@
 """The built-in sample image set: small, deterministic, generated in code (no downloads).
 
 Eight shape classes (circle, square, triangle, cross, ring, star, diamond, bars) drawn with random
-colours, size, position and rotation over a noisy two-colour background, written as PNG files in
-``<root>/{train,val}/<class>/`` folders. Colour carries no class information, so features have to
-encode shape to classify well: a randomly initialised network does poorly, a pretrained one well.
+size, position and rotation, in one of a few colours, over a noisy grey gradient, written as PNG files
+in ``<root>/{train,val}/<class>/`` folders. Colour carries no class information, so features have to
+encode shape to classify well: a randomly initialised network is near chance. Colours and background
+levels come from small palettes on purpose: with continuous random colours, colour alone would tell
+images apart, and self-supervised training would learn colour instead of shape.
 Generating the default set takes about a second on two CPU cores.
 """
 
@@ -17,9 +19,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 SAMPLE_CLASSES = ("bars", "circle", "cross", "diamond", "ring", "square", "star", "triangle")
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_COUNTS = {"train": 80, "val": 20}
+PALETTE = ((230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 60, 220), (40, 210, 220))
+GREY_LEVELS = (30, 90, 150, 210)
 
 
 def default_sample_root() -> Path:
@@ -80,19 +84,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 def render_sample(shape: str, rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
     """One image of ``shape``: random colours, scale, position and rotation, noisy background."""
-    bg1, bg2 = rng.integers(0, 256, size=(2, 3))
+    bg1, bg2 = (np.full(3, GREY_LEVELS[i]) for i in rng.integers(0, len(GREY_LEVELS), size=2))
     t = np.linspace(0.0, 1.0, size)[None, :, None]
     if rng.random() < 0.5:
         t = t.transpose(1, 0, 2)
     background = bg1 * (1 - t) + bg2 * t + rng.normal(0, 18, size=(size, size, 3))
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    # Foreground colour far enough from the background mean to stay visible.
-    mean_bg = (bg1 + bg2) / 2
-    while True:
-        fg = rng.integers(0, 256, size=3)
-        if np.abs(fg - mean_bg).sum() > 150:
-            break
+    fg = np.array(PALETTE[rng.integers(0, len(PALETTE))])
     r = size * rng.uniform(0.2, 0.34)
     cx = rng.uniform(r, size - r)
     cy = rng.uniform(r, size - r)

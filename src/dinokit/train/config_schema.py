@@ -1,0 +1,206 @@
+"""The typed schema of the training configuration: the official DINOv2 key tree with its defaults.
+
+One dataclass per section; every field carries its official default and a comment. dinokit
+additions are marked. ``config.py`` loads, merges, validates and writes configs against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# ---------------------------------------------------------------------------------------------------
+# Schema (official names and defaults; spec §1.14)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Official ``MODEL`` section."""
+
+    WEIGHTS: str = ""  # training checkpoint to load when output_dir has none to resume (or with --no-resume)
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """FSDP ``MixedPrecision`` of one module (official)."""
+
+    param_dtype: str = "fp16"  # dtype of the parameters during forward/backward: fp16, bf16 or fp32
+    reduce_dtype: str = "fp16"  # dtype in which gradients are reduced across ranks
+    buffer_dtype: str = "fp32"  # dtype of the module buffers
+
+
+@dataclass
+class ModulePrecisionConfig:
+    """Sharding and precision of one wrapped module (official)."""
+
+    sharding_strategy: str = "SHARD_GRAD_OP"  # FSDP ShardingStrategy name, e.g. FULL_SHARD or NO_SHARD
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+
+
+@dataclass
+class ModelPrecisionConfig:
+    """Precision of the three submodules of the student or the teacher (official)."""
+
+    backbone: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)  # the ViT
+    dino_head: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)  # the DINO projection head
+    ibot_head: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)  # the separate iBOT head
+
+
+@dataclass
+class ComputePrecisionConfig:
+    """Official ``compute_precision``; official training computes in FSDP's ``param_dtype``, without autocast."""
+
+    grad_scaler: bool = True  # scale the loss (needed for fp16 gradients)
+    teacher: ModelPrecisionConfig = field(default_factory=ModelPrecisionConfig)
+    # The student's heads reduce their gradients in fp32 (official default).
+    student: ModelPrecisionConfig = field(
+        default_factory=lambda: ModelPrecisionConfig(dino_head=_fp32_reduce(), ibot_head=_fp32_reduce())
+    )
+    dtype: str = "auto"  # dinokit: autocast dtype, auto|bf16|fp16|fp32 (auto = bf16 on GPU, fp32 on CPU)
+
+
+def _fp32_reduce() -> ModulePrecisionConfig:
+    return ModulePrecisionConfig(mixed_precision=MixedPrecisionConfig(reduce_dtype="fp32"))
+
+
+@dataclass
+class DinoConfig:
+    """Official ``dino``: the image-level (CLS) loss, its head and the KoLeo regulariser."""
+
+    loss_weight: float = 1.0  # weight of the DINO loss (0 disables it)
+    head_n_prototypes: int = 65536  # K, the output width of the head
+    head_bottleneck_dim: int = 256  # width before the weight-normalised last layer
+    head_nlayers: int = 3  # linear layers of the MLP, the last one giving the bottleneck
+    head_hidden_dim: int = 2048  # hidden width of the MLP
+    koleo_loss_weight: float = 0.1  # weight of the KoLeo loss on the student's global CLS tokens (0 disables it)
+
+
+@dataclass
+class IBotConfig:
+    """Official ``ibot``: the masked-patch loss and its head."""
+
+    loss_weight: float = 1.0  # weight of the iBOT loss (0 disables it)
+    mask_sample_probability: float = 0.5  # fraction of global crops that get a mask
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])  # range of masked patch ratios
+    separate_head: bool = False  # own head for iBOT (below) instead of sharing the DINO head
+    head_n_prototypes: int = 65536  # K of the separate head
+    head_bottleneck_dim: int = 256  # bottleneck of the separate head
+    head_nlayers: int = 3  # MLP layers of the separate head
+    head_hidden_dim: int = 2048  # hidden width of the separate head
+
+
+@dataclass
+class TrainConfig:
+    """Official ``train``, plus dinokit keys."""
+
+    batch_size_per_gpu: int = 64  # images per process and step
+    dataset_path: str = "ImageNet:split=TRAIN"  # dataset string, e.g. ImageFolder:root=/data or Sample:split=TRAIN
+    output_dir: str = "."  # run folder (set by --output-dir)
+    saveckp_freq: int = 20  # unused officially (3 epochs hard-coded); dinokit: epochs between resumable checkpoints
+    seed: int = 0  # unused officially; dinokit: base random seed (each rank adds its rank)
+    num_workers: int = 10  # data-loading worker processes per rank
+    OFFICIAL_EPOCH_LENGTH: int = 1250  # iterations per "epoch", whatever the dataset size
+    cache_dataset: bool = True  # unused (official and dinokit)
+    centering: str = "centering"  # teacher normalisation: centering (EMA centre + softmax) or sinkhorn_knopp
+    log_freq: int = 10  # dinokit: iterations between training_metrics.json lines (official: fixed 10)
+    compile: bool = False  # dinokit: torch.compile each transformer block (GPU training; slower start-up)
+    activation_checkpointing: bool = False  # dinokit: recompute block activations in backward to save memory
+
+
+@dataclass
+class StudentConfig:
+    """Official ``student``: the backbone shared by student and teacher (only the student has drop path)."""
+
+    arch: str = "vit_large"  # vit_pico, vit_nano, vit_tiny, vit_small, vit_base, vit_large, vit_giant2 (_memeff ok)
+    patch_size: int = 16  # patch size in pixels
+    drop_path_rate: float = 0.3  # stochastic-depth rate of the student
+    layerscale: float = 1.0e-5  # initial LayerScale value (0 = no LayerScale)
+    drop_path_uniform: bool = True  # same rate in every block (else linear from 0)
+    pretrained_weights: str = ""  # checkpoint with a "model" key loaded non-strictly into the student backbone
+    ffn_layer: str = "mlp"  # mlp, swiglu, swiglufused (same as swiglu) or identity
+    block_chunks: int = 0  # blocks grouped in this many chunks (official FSDP units; keys blocks.<chunk>.<i>)
+    qkv_bias: bool = True  # bias in the attention qkv projection
+    proj_bias: bool = True  # bias in the attention output projection
+    ffn_bias: bool = True  # biases in the FFN
+    num_register_tokens: int = 0  # register tokens (4 for the _reg4 models)
+    interpolate_antialias: bool = False  # antialias when resizing the position embedding
+    interpolate_offset: float = 0.1  # offset of the position-embedding scale factor (0 = resize to size)
+
+
+@dataclass
+class TeacherConfig:
+    """Official ``teacher``: EMA momentum and temperature schedules."""
+
+    momentum_teacher: float = 0.992  # EMA momentum at the start (cosine to final_momentum_teacher)
+    final_momentum_teacher: float = 1.0  # EMA momentum at the end of training
+    warmup_teacher_temp: float = 0.04  # teacher temperature at iteration 0
+    teacher_temp: float = 0.07  # teacher temperature after the warm-up
+    warmup_teacher_temp_epochs: int = 30  # length of the linear temperature warm-up, in epochs
+
+
+@dataclass
+class OptimConfig:
+    """Official ``optim``: AdamW and its schedules (spec §1.8)."""
+
+    epochs: int = 100  # training length, in epochs of OFFICIAL_EPOCH_LENGTH iterations
+    weight_decay: float = 0.04  # weight decay at the start (cosine schedule)
+    weight_decay_end: float = 0.4  # weight decay at the end
+    base_lr: float = 0.004  # learning rate for a total batch of 1024 (sqrt_wrt_1024)
+    lr: float = 0.0  # peak learning rate, computed from base_lr by apply_scaling_rules
+    warmup_epochs: int = 10  # linear lr warm-up from 0, in epochs
+    min_lr: float = 1.0e-6  # learning rate at the end of the cosine
+    clip_grad: float = 3.0  # gradient-norm clip, per student submodule
+    freeze_last_layer_epochs: int = 1  # epochs with lr 0 for the heads' last layers
+    scaling_rule: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 (official), linear_wrt_256 or none (lr = base_lr)
+    patch_embed_lr_mult: float = 0.2  # lr multiplier of the patch embedding
+    layerwise_decay: float = 0.9  # lr multiplier per block below the top (1.0 = off)
+    adamw_beta1: float = 0.9  # AdamW beta1
+    adamw_beta2: float = 0.999  # AdamW beta2
+
+
+@dataclass
+class CropsConfig:
+    """Official ``crops``: multi-crop augmentation (spec §1.9)."""
+
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # RandomResizedCrop area range
+    local_crops_number: int = 8  # local crops per image (0 = none)
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # area range of local crops
+    global_crops_size: int = 224  # global crop side; also the backbone img_size (518 in the eval presets)
+    local_crops_size: int = 96  # local crop side
+    # dinokit: "official" = the blur the released models were trained with (global 1: 0, global 2: 0.9,
+    # local: 0.5; the official code inverts its p, PR #411); "intended" = as written (1.0, 0.1, 0.5).
+    blur_probabilities: str = "official"
+
+
+@dataclass
+class KnnDatasetConfig:
+    """dinokit: datasets of the k-NN evaluation run during training (either null = no k-NN)."""
+
+    train: str | None = None  # dataset string of the k-NN memory bank, e.g. Sample:split=TRAIN
+    val: str | None = None  # dataset string of the queries, e.g. Sample:split=VAL
+
+
+@dataclass
+class EvaluationConfig:
+    """Official ``evaluation``, plus dinokit's k-NN monitor."""
+
+    eval_period_iterations: int = 12500  # iterations between teacher snapshots in output_dir/eval/
+    knn_dataset: KnnDatasetConfig | None = field(default_factory=KnnDatasetConfig)  # dinokit (null = no k-NN)
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # dinokit: neighbour counts (official)
+    knn_temperature: float = 0.07  # dinokit: temperature of the k-NN vote weights (official)
+
+
+@dataclass
+class SSLConfig:
+    """The whole training configuration, in the official section order."""
+
+    MODEL: ModelConfig = field(default_factory=ModelConfig)
+    compute_precision: ComputePrecisionConfig = field(default_factory=ComputePrecisionConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IBotConfig = field(default_factory=IBotConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
