@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import torch.multiprocessing as mp
 
 from dinokit.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp, soft_cross_entropy
 
-GOLDEN = Path("/work/shared/golden/losses.pt")
+GOLDEN_DIR = Path(os.environ.get("DINOKIT_GOLDEN_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
+GOLDEN = GOLDEN_DIR / "losses.pt"
 RTOL = 1e-5
 
 
