@@ -123,8 +123,9 @@ def test_demo_preset() -> None:
     cfg = load_config("demo")
     assert (cfg.student.arch, cfg.student.patch_size, cfg.student.drop_path_rate) == ("vit_pico", 8, 0.0)
     assert (cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number) == (64, 32, 4)
-    assert (cfg.dino.head_n_prototypes, cfg.ibot.head_hidden_dim, cfg.ibot.head_bottleneck_dim) == (1024, 256, 64)
-    assert (cfg.train.dataset_path, cfg.train.OFFICIAL_EPOCH_LENGTH, cfg.optim.epochs) == ("Sample:split=TRAIN", 50, 20)
+    assert (cfg.dino.head_n_prototypes, cfg.ibot.head_hidden_dim, cfg.ibot.head_bottleneck_dim) == (256, 256, 64)
+    assert (cfg.train.dataset_path, cfg.train.OFFICIAL_EPOCH_LENGTH, cfg.optim.epochs) == ("Sample:split=TRAIN", 50, 16)
+    assert (cfg.student.layerscale, cfg.teacher.momentum_teacher, cfg.teacher.teacher_temp) == (0.1, 0.99, 0.04)
     assert dict(cfg.evaluation.knn_dataset) == {"train": "Sample:split=TRAIN", "val": "Sample:split=VAL"}
 
 
@@ -206,7 +207,7 @@ def test_overrides_with_lists_and_dataset_strings() -> None:
         ("crops.global_crops_size=60", "key 'crops.global_crops_size' is 60, not a multiple of student.patch_size"),
         ("crops.local_crops_scale=[0.5,0.1]", "config key 'crops.local_crops_scale' is [0.5, 0.1]; give [low, high]"),
         ("train.batch_size_per_gpu=0", "config key 'train.batch_size_per_gpu' is 0; it must be > 0"),
-        ("optim.warmup_epochs=30", "config key 'optim.warmup_epochs' (30) exceeds optim.epochs (20)"),
+        ("optim.warmup_epochs=30", "config key 'optim.warmup_epochs' (30) exceeds optim.epochs (16)"),
         ("evaluation.knn_k=[10,0]", "config key 'evaluation.knn_k' is [10, 0]; give positive neighbour counts"),
         ("evaluation.knn_dataset=3", "key 'evaluation.knn_dataset' expects a section of keys (train, val) or null"),
         ("evaluation.knn_dataset.val=null", "set both evaluation.knn_dataset.train and evaluation.knn_dataset.val"),
@@ -244,7 +245,7 @@ def test_config_yaml_round_trip(tmp_path) -> None:
     assert path == tmp_path / "run" / "config.yaml"
     again = load_config(str(path))
     assert again == cfg
-    assert as_dataclass(again).optim.lr == pytest.approx(0.002 * math.sqrt(64 / 1024))
+    assert as_dataclass(again).optim.lr == pytest.approx(0.02 * math.sqrt(64 / 1024))
     assert write_config(again, tmp_path / "run2").read_text() == path.read_text()
 
 
@@ -255,8 +256,8 @@ def test_scaling_rules() -> None:
     vitg = apply_scaling_rules(load_config("vitg14"), world_size=256)  # 3072
     assert vitl.optim.lr == pytest.approx(2e-4 * math.sqrt(3)) and vitg.optim.lr == pytest.approx(3.4641e-4, rel=1e-4)
     linear = apply_scaling_rules(load_config("demo", ["optim.scaling_rule=linear_wrt_256"]), world_size=16)  # 512
-    assert linear.optim.lr == pytest.approx(0.002 * 2)
-    assert apply_scaling_rules(load_config("demo", ["optim.scaling_rule=none"]), world_size=16).optim.lr == 0.002
+    assert linear.optim.lr == pytest.approx(0.02 * 2)
+    assert apply_scaling_rules(load_config("demo", ["optim.scaling_rule=none"]), world_size=16).optim.lr == 0.02
     cfg = load_config("demo")
     cfg.optim.scaling_rule = "cubic"
     with pytest.raises(DinokitError, match="optim.scaling_rule"):

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config("demo", overrides)
     n_iter = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
     print(f"dinokit demo: pretraining {cfg.student.arch} (patch {cfg.student.patch_size}) for {n_iter} iterations "
-          f"on the built-in sample set ({root}); about 5-10 minutes on 2 CPU cores")
+          f"on the built-in sample set ({root}); about 7 minutes on 2 CPU cores")
     t0 = time.time()
     train(cfg, output_dir=out / "train", resume=not args.no_resume, device=args.device)
     train_minutes = (time.time() - t0) / 60

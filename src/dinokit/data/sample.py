@@ -1,7 +1,7 @@
 """The built-in sample image set: small, deterministic, generated in code (no downloads).
 
-Eight shape classes (circle, square, triangle, cross, ring, star, diamond, bars) drawn with random
-size, position and rotation, in one of a few colours, over a noisy grey gradient, written as PNG files
+Eight shape classes (circle, square, triangle, cross, ring, star, diamond, bars) drawn upright with
+random size and position, in one of a few colours, over a noisy grey gradient, written as PNG files
 in ``<root>/{train,val}/<class>/`` folders. Colour carries no class information, so features have to
 encode shape to classify well: a randomly initialised network is near chance. Colours and background
 levels come from small palettes on purpose: with continuous random colours, colour alone would tell
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 SAMPLE_CLASSES = ("bars", "circle", "cross", "diamond", "ring", "square", "star", "triangle")
-SAMPLE_VERSION = 2
+SAMPLE_VERSION = 3
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_COUNTS = {"train": 80, "val": 20}
 PALETTE = ((230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 60, 220), (40, 210, 220))
@@ -95,7 +95,9 @@ def render_sample(shape: str, rng: np.random.Generator, size: int = DEFAULT_IMAG
     r = size * rng.uniform(0.2, 0.34)
     cx = rng.uniform(r, size - r)
     cy = rng.uniform(r, size - r)
-    angle = rng.uniform(0, 2 * math.pi)
+    # Shapes stay (nearly) upright: DINO's augmentations teach invariance to crops, flips and colour, not
+    # to rotation, so randomly rotated shapes could not be grouped by class from self-supervision alone.
+    angle = rng.uniform(-0.15, 0.15) - math.pi / 2
     _draw_shape(draw, shape, cx, cy, r, angle, tuple(int(c) for c in fg))
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.2))))

@@ -29,7 +29,7 @@ from ..errors import DinokitError
 from ..features import DTYPES, ExtractedFeatures, cls_feature_fn, extract_features
 from ..models import DinoVisionTransformer, build_backbone
 from ..models.checkpoint import atomic_write, load_backbone_weights
-from ..models.registry import create_model
+from ..models import registry
 from ..train.config import load_config
 
 RANDOM_INIT_SEED = 0
@@ -147,7 +147,7 @@ def setup_eval_model(
             if opts:
                 raise DinokitError("--opts applies to --config-file only; drop it or give a config file")
             official = not pretrained_weights and not random_init
-            backbone = create_model(model, pretrained=official)
+            backbone = registry.create_model(model, pretrained=official)
             description["model"] = model
     if pretrained_weights:
         load_backbone_weights(backbone, pretrained_weights)
