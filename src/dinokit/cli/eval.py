@@ -8,6 +8,7 @@ Multi-GPU: ``torchrun --nproc_per_node=N -m dinokit eval knn ...``.
 from __future__ import annotations
 
 import argparse
+import os
 
 DESCRIPTION = (
     "Evaluate a frozen backbone. Architecture: --config-file (an eval preset such as eval/vits14_pretrain, or "
@@ -32,7 +33,8 @@ def _add_common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
     p.add_argument("--image-size", type=int, default=224,
                    help="centre-crop size; images are first resized to size*256/224 (bicubic) [224, official]")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch and rank [{batch_size}]")
-    p.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes [4]")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading worker processes [min(4, CPUs)]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="backbone autocast dtype: auto = bf16 on CUDA, fp32 on CPU; the official code used fp16")
