@@ -43,6 +43,17 @@ def build_student_backbone(student_cfg, *, img_size: int, only_teacher: bool = F
     return build_backbone(student_cfg.arch, **kwargs)
 
 
+def build_head(head_cfg, embed_dim: int) -> DINOHead:
+    """A projection head from the ``dino.*`` or ``ibot.*`` keys (prototypes, hidden, bottleneck, layers)."""
+    return DINOHead(
+        embed_dim,
+        head_cfg.head_n_prototypes,
+        hidden_dim=head_cfg.head_hidden_dim,
+        bottleneck_dim=head_cfg.head_bottleneck_dim,
+        nlayers=head_cfg.head_nlayers,
+    )
+
+
 @dataclass
 class LossOutput:
     total: torch.Tensor
@@ -70,21 +81,9 @@ class SSLMetaArch(nn.Module):
         embed_dim = backbone.embed_dim
         student = {"backbone": backbone}
         if self.do_dino or self.do_ibot:
-            student["dino_head"] = DINOHead(
-                embed_dim,
-                cfg.dino.head_n_prototypes,
-                hidden_dim=cfg.dino.head_hidden_dim,
-                bottleneck_dim=cfg.dino.head_bottleneck_dim,
-                nlayers=cfg.dino.head_nlayers,
-            )
+            student["dino_head"] = build_head(cfg.dino, embed_dim)
         if self.do_ibot and self.ibot_separate_head:
-            student["ibot_head"] = DINOHead(
-                embed_dim,
-                cfg.ibot.head_n_prototypes,
-                hidden_dim=cfg.ibot.head_hidden_dim,
-                bottleneck_dim=cfg.ibot.head_bottleneck_dim,
-                nlayers=cfg.ibot.head_nlayers,
-            )
+            student["ibot_head"] = build_head(cfg.ibot, embed_dim)
         self.student = nn.ModuleDict(student)
         # The teacher starts as an exact copy of the student, without drop path, and never gets gradients.
         self.teacher = copy.deepcopy(self.student)
