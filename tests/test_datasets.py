@@ -174,6 +174,35 @@ def test_sample_dataset(sample_root):
         make_dataset(f"Sample:split=TEST:root={sample_root}")
 
 
+def test_sample_images_are_grey_textures_and_deterministic(sample_root, tmp_path):
+    from dinokit.data.sample import MIN_CONTRAST, write_sample_dataset
+
+    again = write_sample_dataset(tmp_path / "again", counts={"val": 2})
+    for texture in SAMPLE_CLASSES:
+        first = sample_root / "val" / texture / f"{texture}_0000.png"
+        assert first.read_bytes() == (again / "val" / texture / first.name).read_bytes()  # same seed, same bytes
+        pixels = np.asarray(Image.open(first).convert("RGB"), dtype=np.int32)
+        assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()  # grey
+        low, high = np.percentile(pixels[..., 0], [10, 90])
+        assert high - low > MIN_CONTRAST / 2, texture  # two tones, not a flat image
+
+
+def test_sample_rewrite_replaces_an_older_version_but_keeps_user_files(tmp_path):
+    from dinokit.data.sample import write_sample_dataset
+
+    root = tmp_path / "sample"
+    old_class = root / "train" / "circle"
+    _png(old_class / "circle_0000.png")
+    _png(old_class / "mine.png")  # not named as the writer names files: the user's
+    _png(root / "val" / "square" / "square_0003.png")
+    (root / ".complete-v3-96-0-train80-val20").touch()
+    write_sample_dataset(root, counts={"train": 1, "val": 1})
+    assert sorted(p.name for p in (root / "train").iterdir()) == sorted([*SAMPLE_CLASSES, "circle"])
+    assert [p.name for p in old_class.iterdir()] == ["mine.png"]
+    assert sorted(p.name for p in (root / "val").iterdir()) == sorted(SAMPLE_CLASSES)
+    assert not list(root.glob(".complete-v3*"))
+
+
 def test_cli_sample_reports_counts(sample_root, capsys):
     assert main(["data", "sample", "--out", str(sample_root)]) == 0
     out = capsys.readouterr().out

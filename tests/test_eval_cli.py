@@ -163,7 +163,7 @@ def test_empty_class_folder(sample, tmp_path, capsys):
 
 
 def test_other_user_errors(sample, tmp_path, capsys):
-    argv = args_with_train_copy(sample, tmp_path, lambda train: shutil.rmtree(train / "star"))
+    argv = args_with_train_copy(sample, tmp_path, lambda train: shutil.rmtree(train / "rings"))
     assert "different classes" in error_of(capsys, ["eval", "knn", *argv])
     config = str(sample[1])
     no_model = [a for a in args(sample, tmp_path / "out") if a not in ("--config-file", config)]

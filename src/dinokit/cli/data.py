@@ -4,7 +4,7 @@
       write the ImageNet metadata files (entries-*.npy, class-ids-*.npy, class-names-*.npy)
       that the dataset string ImageNet:split=TRAIN:root=R:extra=E reads
   dinokit data sample [--out DIR]
-      write the built-in sample image set (8 shape classes, train/ and val/)
+      write the built-in sample image set (8 texture classes, train/ and val/)
 """
 
 from __future__ import annotations

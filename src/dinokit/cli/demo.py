@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import write_sample_dataset
+    from ..data.sample import SAMPLE_VERSION
     from ..eval import run_knn_eval
     from ..models import load_backbone_weights
     from ..train.config import load_config
@@ -38,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
     n_iter = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
     print(f"dinokit demo: pretraining {cfg.student.arch} (patch {cfg.student.patch_size}) for {n_iter} iterations "
           f"on the built-in sample set ({root}); about 7 minutes on 2 CPU cores")
+    # One training folder per sample-set version: a finished run on an older set is never resumed as if
+    # it had seen this one (and is kept, not overwritten).
+    train_dir = out / f"train-v{SAMPLE_VERSION}"
     t0 = time.time()
-    train(cfg, output_dir=out / "train", resume=not args.no_resume, device=args.device)
+    train(cfg, output_dir=train_dir, resume=not args.no_resume, device=args.device)
     train_minutes = (time.time() - t0) / 60
 
     device = select_device(args.device)
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     torch.manual_seed(0)
     random_backbone = build_student_backbone(cfg.student, img_size=image_size, only_teacher=True)
-    snapshot = sorted((out / "train" / "eval").glob("training_*/teacher_checkpoint.pth"),
+    snapshot = sorted((train_dir / "eval").glob("training_*/teacher_checkpoint.pth"),
                       key=lambda p: int(p.parent.name.split("_")[1]))[-1]
     trained_backbone = build_student_backbone(cfg.student, img_size=image_size, only_teacher=True)
     load_backbone_weights(trained_backbone, snapshot)
@@ -63,5 +67,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'backbone':<14}" + "".join(f"{k:>16}" for k in keys))
     for name, metrics in results.items():
         print(f"  {name:<14}" + "".join(f"{metrics[k]:>15.1f}%" for k in keys))
-    print(f"\nteacher snapshot: {snapshot}\nmetrics log: {out / 'train' / 'training_metrics.json'}")
+    print(f"\nteacher snapshot: {snapshot}\nmetrics log: {train_dir / 'training_metrics.json'}")
     return 0

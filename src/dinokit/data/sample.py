@@ -1,11 +1,16 @@
 """The built-in sample image set: small, deterministic, generated in code (no downloads).
 
-Eight shape classes (circle, square, triangle, cross, ring, star, diamond, bars) drawn upright with
-random size and position, in one of a few colours, over a noisy grey gradient, written as PNG files
-in ``<root>/{train,val}/<class>/`` folders. Colour carries no class information, so features have to
-encode shape to classify well: a randomly initialised network is near chance. Colours and background
-levels come from small palettes on purpose: with continuous random colours, colour alone would tell
-images apart, and self-supervised training would learn colour instead of shape.
+Eight texture classes (blobs, checker, diagonal stripes, dots, grid, horizontal stripes, rings, vertical
+stripes) in two random grey levels, with random period, phase and contrast, sensor-like noise and
+occasional blur, written as PNG files in ``<root>/{train,val}/<class>/`` folders.
+
+Why textures in grey: every crop of a texture shows its class, so DINO's multi-crop objective (match a
+small local crop to the global views of the same image) can be learnt by a tiny ViT within minutes on a
+CPU, while a randomly initialised network is near chance (its features follow grey levels and noise).
+Colour is left out on purpose: a run this short learns whatever tells images apart most cheaply, and with
+random colours that is the colour (k-NN then groups images by colour, not by class); the
+grey levels still vary, so brightness and contrast must be ignored. Drawn shapes were tried first and
+were too slow to learn: even supervised, vit_pico reached only ~30-70% on them in the same budget.
 Generating the default set takes about a second on two CPU cores.
 """
 
@@ -13,17 +18,18 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
-SAMPLE_CLASSES = ("bars", "circle", "cross", "diamond", "ring", "square", "star", "triangle")
-SAMPLE_VERSION = 3
+SAMPLE_CLASSES = ("blobs", "checker", "diagonal", "dots", "grid", "hstripes", "rings", "vstripes")
+SAMPLE_VERSION = 4
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_COUNTS = {"train": 80, "val": 20}
-PALETTE = ((230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 60, 220), (40, 210, 220))
-GREY_LEVELS = (30, 90, 150, 210)
+MIN_CONTRAST = 60  # grey levels of the two tones differ by at least this much (of 255)
 
 
 def default_sample_root() -> Path:
@@ -32,76 +38,75 @@ def default_sample_root() -> Path:
     return Path(cache) / "dinokit" / f"sample-v{SAMPLE_VERSION}"
 
 
-def _polygon(cx: float, cy: float, r: float, n: int, angle: float, inner: float | None = None) -> list[tuple]:
-    pts = []
-    steps = 2 * n if inner else n
-    for i in range(steps):
-        rad = r if (inner is None or i % 2 == 0) else r * inner
-        a = angle + 2 * math.pi * i / steps
-        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
-    return pts
+def _texture_mask(texture: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of the foreground tone of ``texture``."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    period = size * rng.uniform(1 / 12, 1 / 6)
+    x = x + rng.uniform(0, period)
+    y = y + rng.uniform(0, period)
+    half = period / 2
+    if texture == "hstripes":
+        return y % period < half
+    if texture == "vstripes":
+        return x % period < half
+    if texture == "diagonal":
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        return ((x + sign * y) / math.sqrt(2)) % period < half
+    if texture == "checker":
+        return (x % period < half) ^ (y % period < half)
+    if texture == "dots":
+        return (x % period - half) ** 2 + (y % period - half) ** 2 < (0.3 * period) ** 2
+    if texture == "grid":
+        width = max(0.2 * period, 1.5)
+        return (x % period < width) | (y % period < width)
+    if texture == "rings":
+        cx, cy = rng.uniform(0, size, size=2)
+        return np.hypot(x - cx, y - cy) % period < half
+    if texture == "blobs":  # smooth random noise, thresholded at its median
+        cells = size // 8 + 2
+        noise = rng.normal(size=(cells, cells))
+        noise = ((noise - noise.min()) / (np.ptp(noise) + 1e-9) * 255).astype(np.uint8)
+        smooth = np.asarray(Image.fromarray(noise).resize((size + 16, size + 16), Image.BICUBIC), dtype=np.float64)
+        smooth = smooth[8 : 8 + size, 8 : 8 + size]
+        return smooth > np.median(smooth)
+    raise ValueError(f"unknown sample texture {texture!r}")  # pragma: no cover - guarded by SAMPLE_CLASSES
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, color) -> None:
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-    elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=max(int(r * 0.3), 2))
-    elif shape == "square":
-        draw.polygon(_polygon(cx, cy, r, 4, angle + math.pi / 4), fill=color)
-    elif shape == "diamond":
-        pts = _polygon(cx, cy, r, 4, angle)
-        pts = [(cx + (x - cx) * 0.55, y) if i % 2 == 0 else (x, y) for i, (x, y) in enumerate(pts)]
-        draw.polygon(pts, fill=color)
-    elif shape == "triangle":
-        draw.polygon(_polygon(cx, cy, r, 3, angle), fill=color)
-    elif shape == "star":
-        draw.polygon(_polygon(cx, cy, r, 5, angle, inner=0.4), fill=color)
-    elif shape == "cross":
-        w = r * 0.35
-        for a in (angle, angle + math.pi / 2):
-            dx, dy = math.cos(a), math.sin(a)
-            px, py = -dy * w, dx * w
-            draw.polygon(
-                [(cx - dx * r + px, cy - dy * r + py), (cx + dx * r + px, cy + dy * r + py),
-                 (cx + dx * r - px, cy + dy * r - py), (cx - dx * r - px, cy - dy * r - py)],
-                fill=color,
-            )
-    elif shape == "bars":
-        w = r * 0.22
-        dx, dy = math.cos(angle), math.sin(angle)
-        for off in (-0.6, 0.0, 0.6):
-            ox, oy = -dy * off * r, dx * off * r
-            px, py = -dy * w / 2, dx * w / 2
-            draw.polygon(
-                [(cx + ox - dx * r + px, cy + oy - dy * r + py), (cx + ox + dx * r + px, cy + oy + dy * r + py),
-                 (cx + ox + dx * r - px, cy + oy + dy * r - py), (cx + ox - dx * r - px, cy + oy - dy * r - py)],
-                fill=color,
-            )
-    else:  # pragma: no cover - guarded by SAMPLE_CLASSES
-        raise ValueError(shape)
-
-
-def render_sample(shape: str, rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
-    """One image of ``shape``: random colours, scale, position and rotation, noisy background."""
-    bg1, bg2 = (np.full(3, GREY_LEVELS[i]) for i in rng.integers(0, len(GREY_LEVELS), size=2))
-    t = np.linspace(0.0, 1.0, size)[None, :, None]
-    if rng.random() < 0.5:
-        t = t.transpose(1, 0, 2)
-    background = bg1 * (1 - t) + bg2 * t + rng.normal(0, 18, size=(size, size, 3))
-    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    fg = np.array(PALETTE[rng.integers(0, len(PALETTE))])
-    r = size * rng.uniform(0.2, 0.34)
-    cx = rng.uniform(r, size - r)
-    cy = rng.uniform(r, size - r)
-    # Shapes stay (nearly) upright: DINO's augmentations teach invariance to crops, flips and colour, not
-    # to rotation, so randomly rotated shapes could not be grouped by class from self-supervision alone.
-    angle = rng.uniform(-0.15, 0.15) - math.pi / 2
-    _draw_shape(draw, shape, cx, cy, r, angle, tuple(int(c) for c in fg))
+def render_sample(texture: str, rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
+    """One RGB image of ``texture``: random period, phase and two grey levels, noise, sometimes blur."""
+    mask = _texture_mask(texture, rng, size)
+    low, high = np.sort(rng.uniform(0, 255, size=2))
+    if high - low < MIN_CONTRAST:
+        middle = (low + high) / 2
+        low, high = max(middle - MIN_CONTRAST / 2, 0.0), min(middle + MIN_CONTRAST / 2, 255.0)
+    fg, bg = (low, high) if rng.random() < 0.5 else (high, low)
+    grey = np.where(mask, fg, bg) + rng.normal(0, 12, size=(size, size))
+    image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
     if rng.random() < 0.3:
-        image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.2))))
+        image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
     return image
+
+
+def _remove_stale_classes(root: Path) -> None:
+    """Delete the class folders that an older sample version wrote under ``root`` and this one does not.
+
+    Only when ``root`` holds an older version's completion marker, and only files named as the sample
+    writer names them (``<class>_<4 digits>.png`` in ``<split>/<class>/``): nothing of the user's is touched.
+    """
+    old_markers = [m for m in root.glob(".complete-v*") if not m.name.startswith(f".complete-v{SAMPLE_VERSION}-")]
+    if not old_markers:
+        return
+    for split in DEFAULT_COUNTS:
+        for folder in (root / split).glob("*"):
+            if not folder.is_dir() or folder.name in SAMPLE_CLASSES:
+                continue
+            ours = [f for f in folder.iterdir() if re.fullmatch(rf"{re.escape(folder.name)}_\d{{4}}\.png", f.name)]
+            for f in ours:
+                f.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    for m in old_markers:
+        m.unlink()
 
 
 def write_sample_dataset(
@@ -118,15 +123,17 @@ def write_sample_dataset(
     marker = root / f".complete-v{SAMPLE_VERSION}-{image_size}-{seed}-{tag}"
     if marker.exists():
         return root
-    for split_index, (split, count) in enumerate(sorted(counts.items())):
-        for class_index, shape in enumerate(SAMPLE_CLASSES):
-            folder = root / split / shape
+    _remove_stale_classes(root)
+    for split, count in sorted(counts.items()):
+        split_seed = zlib.crc32(split.encode())  # an image depends on its split's name, not on the other splits
+        for class_index, texture in enumerate(SAMPLE_CLASSES):
+            folder = root / split / texture
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                rng = np.random.default_rng([seed, split_index, class_index, i])
-                path = folder / f"{shape}_{i:04d}.png"
+                rng = np.random.default_rng([seed, split_seed, class_index, i])
+                path = folder / f"{texture}_{i:04d}.png"
                 tmp = path.with_suffix(".tmp.png")
-                render_sample(shape, rng, image_size).save(tmp)
+                render_sample(texture, rng, image_size).save(tmp)
                 os.replace(tmp, path)  # atomic: a killed run never leaves a half-written image
     marker.touch()
     return root
