@@ -1,6 +1,6 @@
-"""The demo preset learns: a short pretraining on the sample set beats the same network at random init.
+"""The demo: a short pretraining on the sample set beats random init; `dinokit demo` end to end.
 
-The only test that trains long enough to see learning (about 100 s on 2 CPU cores); it guards against a
+The first is the only test that trains long enough to see learning (about 2 min on 2 CPU cores); it guards against a
 change that keeps every unit test green but stops the recipe from learning (a detached gradient, a wrong
 sign, a teacher that never moves). `make demo` runs the full 800 iterations (about 88% vs 25-30%).
 """
@@ -49,3 +49,26 @@ def test_short_demo_pretraining_beats_random_init(tmp_path):
     # measured 47.5% vs 26.25% (chance 12.5%); the margin leaves room for other CPUs and torch versions
     assert pretrained[0] >= baseline + 12, (pretrained[0], baseline)
     assert pretrained[0] >= 35, pretrained[0]
+
+
+def test_demo_cli_prints_the_comparison_and_reuses_a_finished_run(tmp_path, capsys):
+    from dinokit.cli import main
+    from dinokit.data.sample import SAMPLE_VERSION
+
+    argv = ["demo", "--output-dir", str(tmp_path), "--device", "cpu", "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=2",
+            "optim.warmup_epochs=0", "teacher.warmup_teacher_temp_epochs=0", "train.num_workers=0",
+            "evaluation.eval_period_iterations=2", "evaluation.knn_dataset=null"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip().startswith(("random", "pretrained"))}
+    assert set(rows) == {"random", "pretrained"} and "after" in out and "min of training" in out
+    for row in rows.values():  # four accuracies in percent
+        values = [float(v.rstrip("%")) for v in row.split()[-4:]]
+        assert all(0 <= v <= 100 for v in values)
+    run = tmp_path / f"train-v{SAMPLE_VERSION}"  # one training folder per sample-set version
+    assert (run / "eval" / "training_1" / "teacher_checkpoint.pth").is_file()
+
+    assert main(argv) == 0  # again: the finished run is reused, not retrained
+    again = capsys.readouterr().out
+    assert "training already complete" in again and f"of the finished run in {run}" in again
+    assert [l for l in again.splitlines() if l.strip().startswith("pretrained")] == [rows["pretrained"]]

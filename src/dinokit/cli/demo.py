@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     # it had seen this one (and is kept, not overwritten).
     train_dir = out / f"train-v{SAMPLE_VERSION}"
     t0 = time.time()
-    train(cfg, output_dir=train_dir, resume=not args.no_resume, device=args.device)
+    summary = train(cfg, output_dir=train_dir, resume=not args.no_resume, device=args.device)
     train_minutes = (time.time() - t0) / 60
 
     device = select_device(args.device)
@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
             device=device, image_size=image_size, ks=(10, 20), progress=False,
         )
     print()
-    print(f"k-NN accuracy on the sample set's val split (8 classes, chance 12.5%), after {train_minutes:.1f} min of training:")
+    when = (f"of the finished run in {train_dir}" if "metrics" not in summary  # nothing left to train
+            else f"after {train_minutes:.1f} min of training")
+    print(f"k-NN accuracy on the sample set's val split (8 classes, chance 12.5%), {when}:")
     keys = sorted(results["pretrained"])
     print(f"  {'backbone':<14}" + "".join(f"{k:>16}" for k in keys))
     for name, metrics in results.items():
