@@ -207,3 +207,10 @@ def test_cli_sample_reports_counts(sample_root, capsys):
     assert main(["data", "sample", "--out", str(sample_root)]) == 0
     out = capsys.readouterr().out
     assert f"640 images in {sample_root / 'train'}" in out and f"160 images in {sample_root / 'val'}" in out
+
+
+def test_cli_unwritable_output_is_one_line(tmp_path, capsys):
+    blocker = _png(tmp_path / "a_file.png")  # a file where a folder is needed
+    assert main(["data", "sample", "--out", str(blocker / "sample")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(blocker) in err and len(err.splitlines()) == 1

@@ -1,8 +1,8 @@
 """The demo: a short pretraining on the sample set beats random init; `dinokit demo` end to end.
 
-The first is the only test that trains long enough to see learning (about 2 min on 2 CPU cores); it guards against a
-change that keeps every unit test green but stops the recipe from learning (a detached gradient, a wrong
-sign, a teacher that never moves). `make demo` runs the full 800 iterations (about 88% vs 25-30%).
+The first is the only test that trains long enough to see learning (about 2 min on 2 CPU cores); it
+guards against a change that keeps every unit test green but stops the recipe from learning (a detached
+gradient, a wrong sign, a teacher that never moves). `make demo` runs the full 800 iterations (about 88% vs 25-30%).
 """
 
 from __future__ import annotations
@@ -36,16 +36,17 @@ def test_short_demo_pretraining_beats_random_init(tmp_path):
     pretrained = [line["knn_top1_k10"] for line in logged if "knn_top1_k10" in line]
     assert len(pretrained) == 1  # evaluated once, on the final teacher (iteration 199)
 
+    size = cfg.crops.global_crops_size
+
+    def knn_top1(backbone):
+        return run_knn_eval(backbone.eval(), train_dataset_str=train_str, val_dataset_str=val_str,
+                            image_size=size, ks=(10,))["knn_top1_k10"]
+
     torch.manual_seed(0)
-    random_init = build_student_backbone(cfg.student, img_size=cfg.crops.global_crops_size, only_teacher=True)
-    baseline = run_knn_eval(random_init.eval(), train_dataset_str=train_str, val_dataset_str=val_str,
-                            image_size=cfg.crops.global_crops_size, ks=(10,))["knn_top1_k10"]
-    # the snapshot on disk is the teacher that was evaluated
-    reloaded = build_student_backbone(cfg.student, img_size=cfg.crops.global_crops_size, only_teacher=True)
+    baseline = knn_top1(build_student_backbone(cfg.student, img_size=size, only_teacher=True))
+    reloaded = build_student_backbone(cfg.student, img_size=size, only_teacher=True)
     load_backbone_weights(reloaded, out / "eval" / "training_199" / "teacher_checkpoint.pth")
-    again = run_knn_eval(reloaded.eval(), train_dataset_str=train_str, val_dataset_str=val_str,
-                         image_size=cfg.crops.global_crops_size, ks=(10,))["knn_top1_k10"]
-    assert again == pretrained[0]
+    assert knn_top1(reloaded) == pretrained[0]  # the snapshot on disk is the teacher that was evaluated
     # measured 47.5% vs 26.25% (chance 12.5%); the margin leaves room for other CPUs and torch versions
     assert pretrained[0] >= baseline + 12, (pretrained[0], baseline)
     assert pretrained[0] >= 35, pretrained[0]

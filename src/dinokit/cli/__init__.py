@@ -2,7 +2,8 @@
 
 Each module ``dinokit.cli.<name>`` exposes ``register(subparsers)``, which adds its parser and sets
 ``func`` to a callable taking the parsed arguments and returning an exit status. User errors
-(:class:`dinokit.errors.DinokitError`) are printed as one line, without a traceback.
+(:class:`dinokit.errors.DinokitError`, and file-system errors about a path) are printed as one line,
+without a traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DinokitError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave: a real failure, keep the traceback
+            raise
+        print(f"error: {err.strerror}: '{err.filename}' (check the path and its permissions)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,8 +10,8 @@ CPU, while a randomly initialised network is near chance (its features follow gr
 Colour is left out on purpose: a run this short learns whatever tells images apart most cheaply, and with
 random colours that is the colour (k-NN then groups images by colour, not by class); the
 grey levels still vary, so brightness and contrast must be ignored. Drawn shapes were tried first and
-were too slow to learn: even supervised, vit_pico reached only ~30-70% on them in the same budget.
-Generating the default set takes about a second on two CPU cores.
+were too slow to learn: even trained with labels, vit_pico reached only ~32% on them in the same budget.
+Generating the default set takes about three seconds on two CPU cores.
 """
 
 from __future__ import annotations
