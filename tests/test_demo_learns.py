@@ -11,27 +11,15 @@ import json
 
 import torch
 
-from dinokit.data import write_sample_dataset
 from dinokit.eval import run_knn_eval
 from dinokit.models import load_backbone_weights
 from dinokit.train.config import load_config
 from dinokit.train.ssl_meta_arch import build_student_backbone
-from dinokit.train.train import train
 
 
-def test_short_demo_pretraining_beats_random_init(tmp_path):
-    root = write_sample_dataset(tmp_path / "sample", counts={"train": 40, "val": 10})
-    train_str, val_str = f"ImageFolder:root={root / 'train'}", f"ImageFolder:root={root / 'val'}"
-    cfg = load_config("demo", [
-        f"train.dataset_path={train_str}", "train.num_workers=1",
-        # 200 iterations: 4 epochs of 50, warm-up shortened to match
-        "optim.epochs=4", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
-        f"evaluation.knn_dataset.train={train_str}", f"evaluation.knn_dataset.val={val_str}",
-        "evaluation.eval_period_iterations=200", "evaluation.knn_k=[10]",
-    ])
-    out = tmp_path / "run"
-    train(cfg, output_dir=out, resume=False, device="cpu")
-
+def test_short_demo_pretraining_beats_random_init(demo_teacher):
+    cfg = load_config(str(demo_teacher.config_file))
+    train_str, val_str, out = demo_teacher.train_str, demo_teacher.val_str, demo_teacher.run_dir
     logged = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
     pretrained = [line["knn_top1_k10"] for line in logged if "knn_top1_k10" in line]
     assert len(pretrained) == 1  # evaluated once, on the final teacher (iteration 199)

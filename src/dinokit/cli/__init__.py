@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
 from ..errors import DinokitError
 
-COMMANDS = ("models", "embed", "train", "eval", "data", "demo")
+# Listed first in ``dinokit --help``, in this order; any other module of this package that defines
+# ``register`` is a sub-command too (so a new command is one new file).
+_ORDER = ("models", "embed", "train", "distill", "eval", "dense", "viz", "curate", "convert", "export", "plot",
+          "data", "demo")
+
+
+def _command_modules() -> list[str]:
+    found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+    return [n for n in _ORDER if n in found] + sorted(found - set(_ORDER))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinokit", description="DINOv2 backbones, pretraining and evaluation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS:
-        importlib.import_module(f"{__name__}.{name}").register(sub)
+    for name in _command_modules():
+        module = importlib.import_module(f"{__name__}.{name}")
+        if hasattr(module, "register"):
+            module.register(sub)
     return parser
 
 

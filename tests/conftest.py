@@ -1,0 +1,52 @@
+"""Shared fixtures.
+
+``demo_teacher``: the demo recipe pretrained for 200 iterations on a 320-image sample set (about 2 min on
+2 CPU cores), trained once per test session and shared by every test that needs a backbone that has
+learnt something (the demo learning test, distillation, dense heads, visualisation). Set
+``DINOKIT_TEST_CACHE=DIR`` to keep it between sessions while developing (CI never sets it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass(frozen=True)
+class DemoTeacher:
+    run_dir: Path  # the training output folder (config.yaml, training_metrics.json, checkpoints/, eval/)
+    snapshot: Path  # eval/training_199/teacher_checkpoint.pth, with the run's config.yaml two folders up
+    config_file: Path  # run_dir / "config.yaml"
+    train_str: str  # ImageFolder dataset strings of the 320 training and 80 validation images
+    val_str: str
+    sample_root: Path
+    iterations: int
+
+
+@pytest.fixture(scope="session")
+def demo_teacher(tmp_path_factory) -> DemoTeacher:
+    from dinokit.data import write_sample_dataset
+    from dinokit.data.sample import SAMPLE_VERSION
+    from dinokit.train.config import load_config
+    from dinokit.train.train import train
+
+    cache = os.environ.get("DINOKIT_TEST_CACHE")
+    base = Path(cache) / f"demo-teacher-v{SAMPLE_VERSION}" if cache else tmp_path_factory.mktemp("demo-teacher")
+    root = write_sample_dataset(base / "sample", counts={"train": 40, "val": 10})
+    train_str, val_str = f"ImageFolder:root={root / 'train'}", f"ImageFolder:root={root / 'val'}"
+    cfg = load_config("demo", [
+        f"train.dataset_path={train_str}", "train.num_workers=1",
+        # 200 iterations: 4 epochs of 50, warm-up shortened to match
+        "optim.epochs=4", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+        f"evaluation.knn_dataset.train={train_str}", f"evaluation.knn_dataset.val={val_str}",
+        "evaluation.eval_period_iterations=200", "evaluation.knn_k=[10]",
+    ])
+    run = base / "run"
+    train(cfg, output_dir=run, resume=True, device="cpu")  # resumes (does nothing) when cached and finished
+    return DemoTeacher(
+        run_dir=run, snapshot=run / "eval" / "training_199" / "teacher_checkpoint.pth", config_file=run / "config.yaml",
+        train_str=train_str, val_str=val_str, sample_root=root, iterations=200,
+    )
