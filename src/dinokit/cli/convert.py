@@ -1,0 +1,49 @@
+"""``dinokit convert``: backbone weights between the official, Hugging Face, timm and mmpretrain layouts.
+
+Examples::
+
+    dinokit convert dinov2_vits14_pretrain.pth hf-vits14/ --to hf          # AutoModel.from_pretrained('hf-vits14')
+    dinokit convert hf-vits14/ vits14.pth --to official
+    dinokit convert run/eval/training_12499/teacher_checkpoint.pth t.pth --to timm --model vit_small
+    dinokit convert vit-small-p14_dinov2-pre_3rdparty.pth vits14.safetensors --to safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..convert.formats import SOURCE_LAYOUTS, TARGETS, convert_checkpoint
+
+
+def _run(args: argparse.Namespace) -> int:
+    done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model, layout=args.source_layout)
+    spec = done["spec"]
+    kind = f"embed_dim {spec.embed_dim}, {spec.depth} blocks, {spec.num_heads} heads"
+    kind += f", {spec.num_register_tokens} registers" if spec.num_register_tokens else ""
+    print(f"read {args.src} ({done['source']} layout; {kind})")
+    if args.to == "hf":
+        print(f"wrote {done['out']}/config.json and model.safetensors; load with transformers.AutoModel.from_pretrained")
+    elif args.to == "timm":
+        name = done.get("timm_model")
+        how = f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='{done['out']}'))" if name \
+            else "timm VisionTransformer(**dinokit.convert.timm_model_kwargs(spec)).load_state_dict(..., strict=True)"
+        print(f"wrote {done['out']}; load with {how}")
+    else:
+        print(f"wrote {done['out']} (official layout)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert backbone weights (official <-> Hugging Face, timm; mmpretrain -> official)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="weights file (any layout dinokit reads) or a Hugging Face model folder")
+    p.add_argument("dst", help="output: a folder for --to hf, else a .pth or .safetensors file")
+    p.add_argument("--to", required=True, choices=TARGETS, help="output layout")
+    p.add_argument("--model", help="hub name or architecture (vit_small, ...) for the facts the weights do not hold "
+                   "(the number of heads); default: the architecture of the same width and depth")
+    p.add_argument("--from", dest="source_layout", choices=SOURCE_LAYOUTS, help="source layout (default: detected)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,90 @@
+"""Read a backbone in any supported layout and write it in another: what ``dinokit convert`` runs.
+
+Layouts: ``official`` (any file dinokit loads: released ``*_pretrain.pth``, a run's
+``teacher_checkpoint.pth``, ``.safetensors``), ``hf`` (a Hugging Face folder or its weights file),
+``timm`` and ``mmpretrain`` (read only). Everything goes through the official layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import DinokitError
+from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_state_dict_file, save_backbone
+from .hf import is_hf_state_dict, hf_to_official, read_hf_folder, save_hf_folder
+from .mmpretrain import is_mmpretrain_state_dict, mmpretrain_to_official
+from .spec import BackboneSpec, StateDict, heads_for, spec_from_model_name, spec_from_state_dict
+from .timm import is_timm_state_dict, official_to_timm_checked, timm_model_name, timm_to_official
+
+SOURCE_LAYOUTS = ("official", "hf", "timm", "mmpretrain")
+TARGETS = ("official", "hf", "timm", "safetensors")
+
+
+def detect_layout(checkpoint: Mapping[str, Any]) -> str:
+    """Which of :data:`SOURCE_LAYOUTS` a loaded checkpoint is in."""
+    if is_mmpretrain_state_dict(checkpoint):
+        return "mmpretrain"
+    if is_hf_state_dict(checkpoint):
+        return "hf"
+    flat = backbone_state_dict_from_checkpoint(checkpoint)
+    return "timm" if is_timm_state_dict(flat) else "official"
+
+
+def read_backbone(path: str | Path, *, layout: str | None = None) -> tuple[StateDict, str, dict[str, Any] | None]:
+    """``(official state dict, source layout, Hugging Face config or None)`` of a file or Hugging Face folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if layout not in (None, "hf"):
+            raise DinokitError(f"{str(path)!r} is a folder; only the hf layout is a folder (pass a weights file)")
+        sd, config = read_hf_folder(path)
+        return sd, "hf", config
+    checkpoint = load_state_dict_file(path)
+    layout = layout or detect_layout(checkpoint)
+    if layout not in SOURCE_LAYOUTS:
+        raise DinokitError(f"unknown source layout {layout!r}; use one of {', '.join(SOURCE_LAYOUTS)}")
+    if layout == "mmpretrain":
+        return mmpretrain_to_official(checkpoint), layout, None
+    if layout == "hf":
+        return hf_to_official(checkpoint), layout, None
+    flat = backbone_state_dict_from_checkpoint(checkpoint)
+    return (timm_to_official(flat) if layout == "timm" else flat), layout, None
+
+
+def resolve_spec(sd: StateDict, *, model: str | None = None, config: Mapping[str, Any] | None = None) -> BackboneSpec:
+    """The architecture of ``sd``; heads from ``model`` (a hub name or an architecture key), ``config`` or the table."""
+    spec = spec_from_state_dict(sd)
+    heads = None
+    if config and "num_attention_heads" in config:
+        heads = int(config["num_attention_heads"])
+    elif model is not None:
+        try:
+            heads = spec_from_model_name(model).num_heads
+        except DinokitError:
+            heads = heads_for(spec.embed_dim, spec.depth, arch=model)
+    return BackboneSpec(**{**spec.to_dict(), "num_heads": heads or spec.num_heads})
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, *, to: str, model: str | None = None, layout: str | None = None
+) -> dict[str, Any]:
+    """Convert ``src`` into ``dst`` in the ``to`` layout; returns what was done (for the CLI to print)."""
+    if to not in TARGETS:
+        raise DinokitError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
+    sd, source, config = read_backbone(src, layout=layout)
+    spec = resolve_spec(sd, model=model, config=config)
+    dst = Path(dst).expanduser()
+    report: dict[str, Any] = {"source": source, "target": to, "spec": spec, "out": dst}
+    if to == "hf":
+        save_hf_folder(sd, dst, spec=spec)
+    elif to == "timm":
+        if dst.suffix not in (".pth", ".pt", ".safetensors"):
+            raise DinokitError(f"cannot save timm weights as {dst.name!r}; use a .pth or .safetensors file name")
+        save_backbone(official_to_timm_checked(sd, spec), dst)  # a flat state dict in any layout saves as is
+        report["timm_model"] = timm_model_name(spec)
+    else:
+        if to == "safetensors" and dst.suffix != ".safetensors":
+            raise DinokitError(f"--to safetensors writes a .safetensors file, not {dst.name!r}")
+        save_backbone(sd, dst)
+    return report
+
