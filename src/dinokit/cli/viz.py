@@ -1,0 +1,259 @@
+"""``dinokit viz``: pictures of what a backbone's features hold.
+
+  dinokit viz pca INPUT... --out DIR         PCA of patch features as RGB, foreground on black; a video
+                                             (file or --video FOLDER of frames) gives an animated GIF/MP4
+  dinokit viz attention INPUT... --out DIR   class-token attention per head, their mean, patch norms
+  dinokit viz match IMAGE_A IMAGE_B --out FILE.png
+                                             mutual-nearest-neighbour patch matches, drawn as lines
+
+INPUT is an image, a folder (searched recursively) or a .txt list of image paths. Images are resized
+so that their short side is --image-size pixels and centre-cropped to a multiple of the patch size.
+The backbone is a hub name (--model), or a training run's config with its weights (--config-file
+RUN/config.yaml --weights RUN/eval/training_N/teacher_checkpoint.pth), or either at --random-init.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from ..data.images import resolve_image_inputs
+from ..errors import DinokitError
+from ..eval.setup import resolve_device, resolve_dtype
+from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps, mass_mask
+from ..viz.drawing import (
+    UPSAMPLE_MODES,
+    caption,
+    colourise,
+    draw_matches,
+    grid,
+    hstack,
+    overlay,
+    save_png,
+    to_uint8,
+    upsample,
+)
+from ..viz.match import DEFAULT_MAX_MATCHES, DEFAULT_MIN_SPACING, match_patches
+from ..viz.pca import PCA_MODES, PcaPicture, pca_rgb
+from ..viz.prepare import DEFAULT_IMAGE_SIZE, PreparedImage
+from ..viz.video import ANIMATION_FORMATS, is_video_file, read_frames, write_animation
+from .embed import _build_model
+
+GRID_FRAMES = 8  # frames of a video shown in pca_grid.png
+
+
+# ------------------------------------------------------------------------------------------- parsers
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    model = p.add_argument_group("backbone")
+    model.add_argument("--model", default="dinov2_vits14", help="hub name (default: %(default)s; see 'dinokit models')")
+    model.add_argument("--weights", help="backbone file or URL (hub layout, teacher_checkpoint.pth, .safetensors, ...)")
+    model.add_argument("--config-file", help="use the backbone of a training config.yaml (or eval preset), not --model")
+    model.add_argument("--random-init", action="store_true", help="random weights (a baseline picture)")
+    model.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+                       help="short side in pixels before the crop to a patch multiple (default: %(default)s)")
+    model.add_argument("--batch-size", type=int, default=8, help="images per forward (default: %(default)s)")
+    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    model.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                       help="compute precision (default: bf16 autocast on CUDA, fp32 on CPU)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "viz", help="pictures of the features: PCA colours, attention maps, patch matches",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = parser.add_subparsers(dest="viz_command", metavar="ACTION")
+    actions.required = True
+
+    pca = actions.add_parser("pca", help="PCA of patch features as RGB (images, frame folders, videos)",
+                             description="One PCA over the patch features of all inputs, mapped to RGB.")
+    pca.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, .txt lists, or one video")
+    pca.add_argument("--out", required=True, help="output folder")
+    pca.add_argument("--mode", choices=PCA_MODES, default="paper",
+                     help="paper: foreground from the 1st component, 2nd PCA on it (default); plain: one PCA, "
+                     "no foreground; dinov3: whitened PCA, sigmoid(2x) colours")
+    pca.add_argument("--threshold", type=float, default=0.0,
+                     help="foreground: first-component projection above this (default: %(default)s, the mean)")
+    pca.add_argument("--fg-examples", nargs="+", default=(), metavar="SPEC",
+                     help="images with an alpha channel, or IMAGE=MASK pairs, to train a foreground classifier")
+    pca.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest", help="default: %(default)s")
+    pca.add_argument("--columns", type=int, default=4, help="images per row of pca_grid.png (default: %(default)s)")
+    video = pca.add_argument_group("video")
+    video.add_argument("--video", action="store_true", help="treat the INPUT folder as the frames of one video")
+    video.add_argument("--frame-step", type=int, default=1, help="use every N-th frame (default: %(default)s)")
+    video.add_argument("--max-frames", type=int, default=300, help="at most this many frames (default: %(default)s)")
+    video.add_argument("--fps", type=float, default=10.0, help="frames per second of the output (default: %(default)s)")
+    video.add_argument("--format", choices=ANIMATION_FORMATS, default="gif",
+                       help="animation file: gif (Pillow) or mp4 (needs PyAV) (default: %(default)s)")
+    _add_model_options(pca)
+    pca.set_defaults(func=run_pca)
+
+    att = actions.add_parser("attention", help="class-token attention per head, and patch-norm maps",
+                             description="The class token's attention to the patches for every head of one "
+                             "block (registers excluded), their mean, and the patch-token norm map.")
+    att.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders or .txt lists")
+    att.add_argument("--out", required=True, help="output folder")
+    att.add_argument("--block", type=int, default=-1, help="block index, negative from the end (default: last)")
+    att.add_argument("--keep-mass", type=float, nargs="?", const=DEFAULT_KEEP_MASS, default=None, metavar="FRACTION",
+                     help="also draw DINO's masks: the patches that hold this fraction of the attention "
+                     f"(default {DEFAULT_KEEP_MASS})")
+    att.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest", help="default: %(default)s")
+    _add_model_options(att)
+    att.set_defaults(func=run_attention)
+
+    match = actions.add_parser("match", help="patch correspondences between two images",
+                               description="Mutual nearest neighbours between the foreground patches of two "
+                               "images; the strongest drawn as lines between them.")
+    match.add_argument("image_a", help="first image")
+    match.add_argument("image_b", help="second image")
+    match.add_argument("--out", required=True, help="output .png file")
+    match.add_argument("--max-matches", type=int, default=DEFAULT_MAX_MATCHES, help="default: %(default)s")
+    match.add_argument("--min-spacing", type=int, default=DEFAULT_MIN_SPACING,
+                       help="kept matches start at least this many patches apart in image A (default: %(default)s)")
+    match.add_argument("--all-patches", action="store_true", help="match all patches, not only the foreground")
+    match.add_argument("--threshold", type=float, default=0.0, help="foreground threshold, as for pca")
+    _add_model_options(match)
+    match.set_defaults(func=run_match)
+
+
+# ------------------------------------------------------------------------------------------- shared
+def _setup(args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """The backbone and the keyword arguments of the viz functions."""
+    for name in ("image_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise DinokitError(f"--{name.replace('_', '-')} must be at least 1")
+    device = resolve_device(args.device)
+    model, description = _build_model(args, device)
+    print(f"backbone: {description}")
+    options = {"image_size": args.image_size, "batch_size": args.batch_size, "device": device,
+               "dtype": resolve_dtype(args.dtype, device)}
+    return model, options
+
+
+def _image_paths(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        if is_video_file(item):
+            raise DinokitError(f"{item!r} is a video; give it alone to 'dinokit viz pca' (one video at a time)")
+        paths.extend(resolve_image_inputs(item))
+    return paths
+
+
+def _unique_names(images: list[PreparedImage]) -> list[str]:
+    """File-name stems, made unique with a counter where two inputs share one."""
+    seen: dict[str, int] = {}
+    names = []
+    for image in images:
+        count = seen.get(image.name, 0)
+        seen[image.name] = count + 1
+        names.append(image.name if count == 0 else f"{image.name}-{count + 1}")
+    return names
+
+
+def _out_dir(out: str) -> Path:
+    path = Path(out).expanduser()
+    if path.is_file():
+        raise DinokitError(f"--out {out!r} is a file; give a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- pca
+def _pca_panels(picture: PcaPicture, mode: str) -> list[np.ndarray]:
+    """Per image, the image and its PCA colours side by side."""
+    panels = []
+    for image, rgb in zip(picture.images, picture.rgb):
+        colours = to_uint8(upsample(rgb, image.pixels.shape[:2], mode))
+        panels.append(hstack([image.pixels, colours]))
+    return panels
+
+
+def run_pca(args: argparse.Namespace) -> int:
+    video_file = len(args.inputs) == 1 and is_video_file(args.inputs[0])
+    if args.video and (len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir()):
+        raise DinokitError("--video takes one folder of frames (or give a video file without --video)")
+    if args.columns < 1 or args.fps <= 0 or args.max_frames < 1:
+        raise DinokitError("--columns, --fps and --max-frames must be positive")
+    inputs = (read_frames(args.inputs[0], step=args.frame_step, max_frames=args.max_frames)
+              if video_file or args.video else _image_paths(args.inputs))
+    out = _out_dir(args.out)
+    model, options = _setup(args)
+    picture = pca_rgb(model, inputs, mode=args.mode, threshold=args.threshold,
+                      foreground_examples=args.fg_examples, **options)
+    panels = _pca_panels(picture, args.upsample)
+    fg = float(np.mean(np.concatenate([f.reshape(-1) for f in picture.foreground])))
+    written = []
+    if video_file or args.video:
+        written.append(write_animation(panels, out / f"pca.{args.format}", fps=args.fps))
+        shown = [panels[i] for i in np.linspace(0, len(panels) - 1, min(GRID_FRAMES, len(panels))).round().astype(int)]
+    else:
+        for name, panel in zip(_unique_names(picture.images), panels):
+            written.append(save_png(panel, out / f"{name}_pca.png"))
+        shown = panels
+    written.append(save_png(grid(shown, args.columns), out / "pca_grid.png"))
+    print(f"PCA ({args.mode}) of {len(panels)} image(s): foreground {100 * fg:.0f}% of the patches")
+    print(f"wrote {len(written)} file(s) to {out}: " + ", ".join(p.name for p in written[:4])
+          + (" ..." if len(written) > 4 else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- attention
+def run_attention(args: argparse.Namespace) -> int:
+    if args.keep_mass is not None and not 0 < args.keep_mass <= 1:
+        raise DinokitError("--keep-mass must be a fraction in (0, 1], e.g. 0.6")
+    paths = _image_paths(args.inputs)
+    out = _out_dir(args.out)
+    model, options = _setup(args)
+    maps = attention_maps(model, paths, block=args.block, **options)
+    names = _unique_names(maps.images)
+    for name, image, attention, norms in zip(names, maps.images, maps.attention, maps.patch_norms):
+        size = image.pixels.shape[:2]
+
+        def panel(values: np.ndarray, text: str) -> np.ndarray:
+            return caption(to_uint8(colourise(upsample(values, size, args.upsample))), text)
+
+        row = [caption(image.pixels, "image"), panel(attention.mean(0), "mean")]
+        row += [panel(a, f"head {h}") for h, a in enumerate(attention)]
+        row.append(panel(norms, f"norm {norms.min():.0f}-{norms.max():.0f}"))
+        rows = [hstack(row)]
+        if args.keep_mass is not None:
+            masks = mass_mask(np.concatenate([attention.mean(0, keepdims=True), attention]), args.keep_mass)
+            masked = [overlay(image.pixels, upsample(m.astype(np.float32), size, "nearest") > 0.5) for m in masks]
+            texts = ["mean"] + [f"head {h}" for h in range(len(attention))]
+            label = f"{100 * args.keep_mass:.0f}% mass"
+            rows.append(hstack([caption(np.full_like(image.pixels, 255), label)]
+                               + [caption(m, t) for m, t in zip(masked, texts)]))
+        save_png(grid(rows, 1), out / f"{name}_attention.png")
+    block = args.block if args.block >= 0 else len(model.blocks) + args.block
+    heads = maps.attention[0].shape[0]
+    print(f"attention of block {block} ({heads} heads, {model.num_register_tokens} registers excluded) "
+          f"for {len(names)} image(s)")
+    print(f"wrote {len(names)} file(s) to {out}: " + ", ".join(f"{n}_attention.png" for n in names[:4])
+          + (" ..." if len(names) > 4 else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- match
+def run_match(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() != ".png":
+        raise DinokitError(f"--out {args.out!r} must be a .png file")
+    if args.max_matches < 1:
+        raise DinokitError("--max-matches must be at least 1")
+    images = _image_paths([args.image_a]) + _image_paths([args.image_b])
+    if len(images) != 2:
+        raise DinokitError("give two images (not folders or lists) to match")
+    model, options = _setup(args)
+    options.pop("batch_size")
+    matches = match_patches(model, images[0], images[1], foreground=not args.all_patches,
+                            threshold=args.threshold, max_matches=args.max_matches,
+                            min_spacing=args.min_spacing, **options)
+    a, b = matches.images
+    save_png(draw_matches(a.pixels, b.pixels, matches.points_a, matches.points_b, model.patch_size), out)
+    median = float(np.median(matches.distance)) if len(matches.distance) else float("nan")
+    print(f"{len(matches.distance)} mutual-nearest-neighbour matches (median feature distance {median:.3f})")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,303 @@
+"""dinokit.viz and ``dinokit viz``: PCA pictures, explicit attention, patch matching, the commands end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinokit.cli import main
+from dinokit.data.sample import render_sample
+from dinokit.models import build_backbone
+from dinokit.viz import (
+    attention_maps,
+    block_forward_with_attention,
+    fit_foreground_classifier,
+    fit_pca,
+    foreground_masks,
+    mass_mask,
+    match_features,
+    match_patches,
+    pca_colours,
+)
+from dinokit.viz.attention import cls_attention_and_norms
+from dinokit.viz.pca import median_filter3
+
+
+# ------------------------------------------------------------------------------------------- synthetic features
+def planted_features(seed: int = 0, n_images: int = 3, dim: int = 16):
+    """Per image an (h, w, dim) grid: background around one cluster, a planted foreground rectangle made of
+    two parts (so that the colour PCA has structure), with noise. The foreground is most of the interior."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, dim, generator=g) * 4  # background, foreground part 1, part 2
+    features, masks = [], []
+    for i in range(n_images):
+        h, w = 9 + i, 12 - i
+        mask = torch.zeros(h, w, dtype=torch.bool)
+        mask[1 : h - 1, 2 : w - 1] = True
+        part = torch.zeros(h, w, dtype=torch.long)
+        part[mask] = 1
+        part[mask & (torch.arange(w) >= w // 2)] = 2
+        features.append(centres[part] + 0.3 * torch.randn(h, w, dim, generator=g))
+        masks.append(mask)
+    return features, masks
+
+
+def test_pca_matches_numpy_svd():
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(1)) * torch.arange(1, 9)
+    pca = fit_pca(x, k=3)
+    xc = x.double().numpy() - x.double().numpy().mean(0)
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    np.testing.assert_allclose(pca.variances.numpy(), s[:3] ** 2 / (len(x) - 1), rtol=1e-10)
+    np.testing.assert_allclose(np.abs((pca.components.numpy() * vt[:3]).sum(1)), 1.0, atol=1e-10)
+
+
+def test_foreground_recovers_planted_mask_and_colours_are_deterministic():
+    features, planted = planted_features()
+    assert sum(int(m.sum()) for m in planted) > sum(int((~m).sum()) for m in planted)  # fg is the majority
+    masks, _ = foreground_masks(features)
+    for mask, truth in zip(masks, planted):
+        assert torch.equal(mask, truth)
+
+    picture = pca_colours(features, mode="paper")
+    for rgb, fg, truth in zip(picture.rgb, picture.foreground, planted):
+        assert rgb.shape == (*truth.shape, 3) and np.array_equal(fg, truth.numpy())
+        assert np.all(rgb[~fg] == 0) and rgb[fg].max() == pytest.approx(1.0) and rgb.min() >= 0
+        # the two planted foreground parts get different colours
+        w = truth.shape[1]
+        left, right = rgb[fg & (np.arange(w) < w // 2)].mean(0), rgb[fg & (np.arange(w) >= w // 2)].mean(0)
+        assert np.abs(left - right).max() > 0.5
+
+    # any rotation and sign flip of the feature space gives the same picture (signs fixed, not arbitrary)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    for mode in ("paper", "plain", "dinov3"):
+        base = pca_colours(features, mode=mode)
+        turned = pca_colours([-(f.double() @ q).float() for f in features], mode=mode)
+        for a, b in zip(base.rgb, turned.rgb):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_dinov3_mode_whitens_and_uses_sigmoid_colours():
+    features, planted = planted_features(seed=3)
+    picture = pca_colours(features, mode="dinov3")
+    fg = np.concatenate([f.reshape(-1) for f in picture.foreground])
+    rgb = np.concatenate([c.reshape(-1, 3) for c in picture.rgb])
+    assert np.all(rgb[~fg] == 0)
+    projection = np.log(rgb[fg] / (1 - rgb[fg])) / 2  # inverse of sigmoid(2x)
+    np.testing.assert_allclose(projection.std(0, ddof=1), 1.0, rtol=1e-3)  # whitened
+    np.testing.assert_allclose(projection.mean(0), 0.0, atol=1e-4)
+
+
+def test_foreground_classifier_from_example_masks():
+    features, planted = planted_features(seed=4)
+    classifier = fit_foreground_classifier(features[:2], [m.float() for m in planted[:2]])
+    # on an image it was not trained on: exact without the median filter; the 3x3 median rounds the corners
+    assert torch.equal(classifier.predict(features[2], median=False), planted[2])
+    assert torch.equal(classifier.predict(features[2]), median_filter3(planted[2].double()) > 0.5)
+    assert int((classifier.predict(features[2]) != planted[2]).sum()) == 4
+
+
+def test_mass_mask_keeps_the_requested_fraction():
+    attention = np.array([[0.5, 0.3], [0.15, 0.05]])
+    # sorted ascending 0.05, 0.15, 0.3, 0.5 -> cumulative 0.05, 0.2, 0.5, 1.0
+    assert mass_mask(attention, 0.6).tolist() == [[True, True], [False, False]]  # cumulative > 0.4
+    assert mass_mask(attention, 0.9).tolist() == [[True, True], [True, False]]  # cumulative > 0.1
+    assert mass_mask(np.stack([attention, attention.T]), 0.6).shape == (2, 2, 2)
+
+
+# ------------------------------------------------------------------------------------------- attention
+def _peaked_model(*, registers_attract: bool = False) -> torch.nn.Module:
+    """vit_pico, patch 8, 2 registers, with sharp attention (random init is nearly uniform)."""
+    torch.manual_seed(0)
+    model = build_backbone("vit_pico", patch_size=8, img_size=64, num_register_tokens=2, init_values=1.0)
+    d = model.embed_dim
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(20)
+        if registers_attract:  # the class token's attention goes partly to the registers in the last block
+            qkv = model.blocks[-1].attn.qkv  # rows [q | k | v]
+            qkv.weight[:d] /= 4
+            qkv.weight[d : 2 * d] = qkv.weight[:d]  # keys = queries: tokens attend to tokens like themselves
+            qkv.bias[d : 2 * d] = qkv.bias[:d]
+            model.register_tokens.copy_(model.cls_token + model.pos_embed[:, :1])  # registers start as the cls token
+    return model.eval()
+
+
+def test_explicit_attention_equals_sdpa_block():
+    model = _peaked_model()
+    x = model.prepare_tokens_with_masks(torch.randn(2, 3, 70, 90))  # cropped to 64 x 88: 8 x 11 patches
+    for blk in model.blocks:
+        with torch.no_grad():
+            expected = blk(x)  # scaled_dot_product_attention
+            out, weights = block_forward_with_attention(blk, x)
+        assert weights.shape == (2, 4, 1 + 2 + 88, 1 + 2 + 88)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 91))
+        assert weights.max() > 0.5  # peaked: the comparison is not between two uniform averages
+        x = expected
+
+
+def test_attention_maps_exclude_registers():
+    model = _peaked_model(registers_attract=True)
+    images = torch.randn(2, 3, 70, 90)
+    maps = attention_maps(model, images)
+    assert maps.attention[0].shape == (4, 8, 11) and maps.patch_norms[0].shape == (8, 11)
+    with torch.no_grad():
+        x = model.prepare_tokens_with_masks(images)
+        for blk in model.blocks[:-1]:
+            x = blk(x)
+        _, weights = block_forward_with_attention(model.blocks[-1], x)
+        final = model.forward_features(images)["x_prenorm"]
+    cls_and_registers = weights[:, :, 0, :3].sum(-1)  # (B, heads)
+    assert cls_and_registers.min() > 0.1  # the registers hold attention that the maps must leave out
+    for i in range(2):
+        np.testing.assert_allclose(maps.attention[i].sum((1, 2)), 1 - cls_and_registers[i].numpy(), atol=1e-5)
+        np.testing.assert_allclose(maps.patch_norms[i].reshape(-1), final[i, 3:].norm(dim=-1).numpy(), rtol=1e-5)
+    block0 = cls_attention_and_norms(model, images, block=0)["attention"]
+    assert not torch.allclose(block0, torch.as_tensor(np.stack(maps.attention)))
+
+
+# ------------------------------------------------------------------------------------------- matching
+def test_mutual_nearest_neighbours_find_a_shift_in_features():
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(14, 17, 32, generator=g)
+    a = big[:12, :14]
+    b = big[2:14, 3:17] + 0.05 * torch.randn(12, 14, 32, generator=g)  # b[i, j] = a[i + 2, j + 3]
+    matches = match_features(a, b)
+    overlap = 10 * 11  # every patch seen in both; the strongest matches, all with the shift
+    assert np.all(matches.points_a[:overlap] - matches.points_b[:overlap] == [2, 3])
+    assert len({tuple(p) for p in matches.points_a[:overlap]}) == overlap
+    # anything after them pairs unrelated noise patches, at a far larger distance
+    assert np.all(matches.distance[overlap:] > 10 * matches.distance[overlap - 1])
+    assert np.all(np.diff(matches.distance) >= 0)
+    spaced = match_features(a, b, max_matches=5, min_spacing=3)
+    assert len(spaced.distance) == 5
+    assert all(np.abs(p - q).max() >= 3 for i, p in enumerate(spaced.points_a) for q in spaced.points_a[:i])
+
+
+def test_trained_backbone_matches_a_shifted_image(demo_model):
+    image = np.asarray(render_sample("blobs", np.random.default_rng(0), size=160))
+    p, dy, dx = 8, 2, 3
+    a = torch.from_numpy(image[:128, :128].copy()).permute(2, 0, 1)
+    b = torch.from_numpy(image[dy * p : dy * p + 128, dx * p : dx * p + 128].copy()).permute(2, 0, 1)
+    matches = match_patches(demo_model, a, b, image_size=None, max_matches=None, min_spacing=0)
+    shift = matches.points_a - matches.points_b
+    assert len(shift) > 30
+    assert np.mean(np.all(shift == [dy, dx], axis=1)) > 0.9
+
+
+# ------------------------------------------------------------------------------------------- commands
+@pytest.fixture(scope="module")
+def demo_model(demo_teacher):
+    from dinokit.eval.setup import setup_eval_model
+
+    model, _ = setup_eval_model(config_file=str(demo_teacher.config_file),
+                                pretrained_weights=str(demo_teacher.snapshot))
+    return model
+
+
+@pytest.fixture(scope="module")
+def sample_images(demo_teacher):
+    root = demo_teacher.sample_root / "val"
+    return [sorted((root / c).iterdir())[0] for c in ("blobs", "rings", "dots")]
+
+
+def _backbone_args(demo_teacher) -> list[str]:
+    return ["--config-file", str(demo_teacher.config_file), "--weights", str(demo_teacher.snapshot)]
+
+
+def _size(path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_viz_pca_command(demo_teacher, sample_images, tmp_path, capsys):
+    out = tmp_path / "pca"
+    # 70 px is not a multiple of the patch (8): the images are cropped to 64 x 64, as the backbone crops
+    args = ["viz", "pca", *map(str, sample_images), "--out", str(out), "--image-size", "70", "--columns", "2"]
+    assert main(args + _backbone_args(demo_teacher)) == 0
+    assert "PCA (paper) of 3 image(s)" in capsys.readouterr().out
+    for path in sample_images:
+        assert _size(out / f"{path.stem}_pca.png") == (64 + 4 + 64, 64)  # image | colours
+    assert _size(out / "pca_grid.png") == (2 * 132 + 4, 2 * 64 + 4)
+    with Image.open(out / f"{sample_images[0].stem}_pca.png") as img:
+        colours = np.asarray(img.convert("RGB"))[:, 68:]
+    assert len(np.unique(colours.reshape(-1, 3), axis=0)) > 8  # a picture, not a flat fill
+
+    plain = tmp_path / "plain"
+    args = ["viz", "pca", str(sample_images[0]), "--out", str(plain), "--mode", "plain", "--image-size", "64",
+            "--upsample", "bilinear"]
+    assert main(args + _backbone_args(demo_teacher)) == 0
+    with Image.open(plain / f"{sample_images[0].stem}_pca.png") as img:
+        assert np.asarray(img.convert("RGB"))[:, 68:].min(axis=2).max() > 0  # no black background in plain mode
+
+
+def test_viz_pca_video_from_frames_and_gif(demo_teacher, sample_images, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    image = np.asarray(render_sample("rings", np.random.default_rng(1), size=120))
+    for t in range(5):  # a camera panning right by 4 px per frame
+        Image.fromarray(image[:64, 4 * t : 4 * t + 80]).save(frames / f"frame_{t:03d}.png")
+    out = tmp_path / "video"
+    args = ["viz", "pca", str(frames), "--video", "--out", str(out), "--image-size", "64", "--fps", "5"]
+    assert main(args + _backbone_args(demo_teacher)) == 0
+    with Image.open(out / "pca.gif") as gif:
+        assert gif.n_frames == 5 and gif.size == (80 + 4 + 80, 64)
+        assert gif.info["duration"] == 200
+
+    clip = tmp_path / "clip.gif"  # an animated GIF is a video too (decoded by Pillow)
+    first, *rest = [Image.open(f).convert("RGB") for f in sorted(frames.iterdir())]
+    first.save(clip, save_all=True, append_images=rest, duration=100, loop=0)
+    out2 = tmp_path / "video2"
+    args = ["viz", "pca", str(clip), "--out", str(out2), "--image-size", "64", "--frame-step", "2"]
+    assert main(args + _backbone_args(demo_teacher)) == 0
+    with Image.open(out2 / "pca.gif") as gif:
+        assert gif.n_frames == 3
+    assert _size(out2 / "pca_grid.png") == (3 * 164 + 2 * 4, 64)  # the 3 frames in one row
+
+
+def test_viz_attention_command(demo_teacher, sample_images, tmp_path, capsys):
+    out = tmp_path / "attention"
+    args = ["viz", "attention", str(sample_images[1]), "--out", str(out), "--image-size", "64", "--keep-mass"]
+    assert main(args + _backbone_args(demo_teacher)) == 0
+    assert "attention of block 3 (4 heads, 0 registers excluded)" in capsys.readouterr().out
+    # row 1: image, mean, 4 heads, norm (7 panels with captions); row 2: label, mean, 4 heads masked
+    assert _size(out / f"{sample_images[1].stem}_attention.png") == (7 * 64 + 6 * 4, 2 * (64 + 14) + 4)
+    assert main(["viz", "attention", str(sample_images[1]), "--out", str(out), "--block", "9"]
+                + _backbone_args(demo_teacher)) == 2
+    assert "error: --block 9 is out of range: the model has 4 blocks" in capsys.readouterr().err
+
+
+def test_viz_match_command(demo_teacher, sample_images, tmp_path, capsys):
+    out = tmp_path / "match.png"
+    args = ["viz", "match", str(sample_images[0]), str(sample_images[0]), "--out", str(out), "--image-size", "64"]
+    assert main(args + _backbone_args(demo_teacher) + ["--max-matches", "10"]) == 0
+    assert "10 mutual-nearest-neighbour matches" in capsys.readouterr().out  # an image against itself
+    assert _size(out) == (64 + 8 + 64, 64)
+
+
+def test_viz_errors(demo_teacher, sample_images, tmp_path, capsys):
+    def error(args: list[str]) -> str:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        return err
+
+    backbone = _backbone_args(demo_teacher)
+    assert "does not exist" in error(["viz", "pca", str(tmp_path / "missing.png"), "--out", str(tmp_path)] + backbone)
+    broken = tmp_path / "broken.gif"
+    broken.write_bytes(b"GIF89a this is not a picture")
+    assert f"cannot read video '{broken}'" in error(["viz", "pca", str(broken), "--out", str(tmp_path)] + backbone)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00" * 64)
+    message = error(["viz", "pca", str(clip), "--out", str(tmp_path)] + backbone)
+    try:
+        import av  # noqa: F401
+
+        assert f"cannot read video '{clip}'" in message
+    except ImportError:
+        assert "needs PyAV: pip install 'dinokit[video]'" in message
+    mismatch = ["viz", "attention", str(sample_images[0]), "--out", str(tmp_path), "--model", "dinov2_vits14",
+                "--weights", str(demo_teacher.snapshot)]
+    assert "does not fit the model" in error(mismatch)  # the file holds vit_pico, the model is ViT-S/14
