@@ -1,0 +1,1 @@
+"""Deployment exports of DINOv2 backbones (ONNX)."""
