@@ -1,0 +1,138 @@
+"""``training_metrics.json`` as one PNG: losses, schedules, teacher, k-NN accuracy and collapse signals.
+
+Each line of the file is one JSON object with an ``iteration`` (training lines: ``total_loss`` and each
+loss term, ``lr``, ``wd``, ``mom``...; evaluation lines: ``knn_top1_k*``...). Panels appear only when their
+metrics do, so the same function draws pretraining, distillation and dense-head runs:
+
+* losses: every ``*_loss`` field;
+* optimiser: ``lr`` and ``last_layer_lr``, with ``wd`` on a second axis;
+* teacher: the EMA momentum ``mom`` and, if logged, ``teacher_temp``;
+* k-NN: ``knn_top1_k*`` and ``knn_top5_k*`` (and any ``*_acc``/``*_miou`` evaluation field);
+* health: ``teacher_entropy`` against ``log K`` (K from the run's ``config.yaml``; a teacher whose output
+  entropy falls towards 0 is collapsing onto few prototypes, one that stays at ``log K`` is uniform),
+  ``prototypes_used`` and ``cls_effective_rank`` (collapse drives both towards 1).
+
+matplotlib is optional (``pip install 'dinokit[plot]'``); nothing here touches pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import DinokitError
+
+METRICS_FILE = "training_metrics.json"
+Series = dict[str, tuple[list[int], list[float]]]
+
+_PANELS: list[tuple[str, str, re.Pattern]] = [
+    ("losses", "loss", re.compile(r".*_loss$")),
+    ("optimiser", "learning rate", re.compile(r"^(lr|last_layer_lr)$")),
+    ("teacher", "teacher momentum / temperature", re.compile(r"^(mom|teacher_temp)$")),
+    ("knn", "accuracy (%)", re.compile(r"^(knn_top\d+_k\d+|.*_acc|.*_miou)$")),
+    ("entropy", "teacher output entropy (nats)", re.compile(r"^teacher_entropy$")),
+    ("collapse", "count", re.compile(r"^(prototypes_used|cls_effective_rank)$")),
+]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/training_metrics.json`` (a path to the file itself also works)."""
+    path = Path(run_dir).expanduser()
+    path = path / METRICS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise DinokitError(f"no {METRICS_FILE} at {str(path)!r}; pass the output folder of a training run")
+    records = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # a run stopped while writing its last line
+            raise DinokitError(f"line {number} of {str(path)!r} is not JSON; the metrics file is damaged") from None
+        if isinstance(record, dict) and "iteration" in record:
+            records.append(record)
+    if not records:
+        raise DinokitError(f"{str(path)!r} holds no metrics yet; plot it once the run has logged")
+    return records
+
+
+def collect_series(records: list[dict[str, Any]]) -> dict[str, Series]:
+    """Panel name -> metric name -> (iterations, values), finite numbers only, in file order."""
+    panels: dict[str, Series] = {}
+    for record in records:
+        step = int(record["iteration"])
+        for key, value in record.items():
+            if key == "iteration" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                continue
+            panel = next((name for name, _, pattern in _PANELS if pattern.match(key)), None)
+            if key == "wd":
+                panel = "optimiser"
+            if panel is None:
+                continue
+            xs, ys = panels.setdefault(panel, {}).setdefault(key, ([], []))
+            xs.append(step)
+            ys.append(float(value))
+    return panels
+
+
+def _prototypes(run_dir: Path) -> int | None:
+    """K of the DINO head, from the run's config.yaml (None when unknown)."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    match = re.search(r"^dino:\s*\n(?:[ \t]+.*\n)*?[ \t]+head_n_prototypes:\s*(\d+)", config.read_text(), re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the run's metrics into one PNG (default ``RUN_DIR/training_metrics.png``); returns its path."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise DinokitError("plotting needs matplotlib: pip install 'dinokit[plot]'") from None
+    run_dir = Path(run_dir).expanduser()
+    panels = collect_series(read_metrics(run_dir))
+    order = [(name, label) for name, label, _ in _PANELS if name in panels]
+    if not order:
+        raise DinokitError(f"{METRICS_FILE} in {str(run_dir)!r} has no metric to plot (losses, lr, mom, knn_*)")
+    out = Path(out).expanduser() if out is not None else (run_dir if run_dir.is_dir() else run_dir.parent) / "training_metrics.png"
+    if out.suffix.lower() != ".png":
+        raise DinokitError(f"the plot is a PNG: name the output *.png, not {out.name!r}")
+    cols = 2 if len(order) > 1 else 1
+    rows = math.ceil(len(order) / cols)
+    fig = Figure(figsize=(6.5 * cols, 3.6 * rows), layout="constrained")
+    k = _prototypes(run_dir if run_dir.is_dir() else run_dir.parent)
+    for index, (name, label) in enumerate(order, start=1):
+        ax = fig.add_subplot(rows, cols, index)
+        for key, (xs, ys) in panels[name].items():
+            if name == "optimiser" and key == "wd":
+                continue
+            marker = "o" if len(xs) < 20 else None
+            ax.plot(xs, ys, label=key, marker=marker, linewidth=1.2)
+        if name == "losses" and all(v > 0 for _, ys in panels[name].values() for v in ys):
+            ax.set_yscale("log")
+        if name == "optimiser" and "wd" in panels[name]:
+            twin = ax.twinx()
+            xs, ys = panels[name]["wd"]
+            twin.plot(xs, ys, color="tab:gray", linestyle="--", label="wd")
+            twin.set_ylabel("weight decay")
+            twin.legend(loc="center right", fontsize="small")
+        if name == "entropy" and k:
+            ax.axhline(math.log(k), color="tab:red", linestyle=":", label=f"log K (K={k})")
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(str(run_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out

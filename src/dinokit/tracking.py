@@ -1,0 +1,109 @@
+"""Experiment trackers: every metrics line of a run also goes to TensorBoard or Weights & Biases.
+
+``make_tracker(kind, output_dir, config)`` returns an object with ``log(metrics, step)`` and ``close()``:
+
+* ``tensorboard``: event files in ``OUTPUT_DIR/tensorboard`` (``tensorboard --logdir OUTPUT_DIR``);
+* ``wandb``: a run whose files live in ``OUTPUT_DIR/wandb``; the usual environment variables apply
+  (``WANDB_PROJECT``, default ``dinokit``; ``WANDB_MODE=offline`` to log without an account and
+  ``wandb sync`` later);
+* ``none``: nothing.
+
+Both packages are optional (``pip install 'dinokit[tracking]'``) and imported only when asked for.
+Only finite numbers are logged; the step is the training iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+from .errors import DinokitError
+
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+class Tracker(Protocol):
+    def log(self, metrics: Mapping[str, Any], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class NoTracker:
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardTracker:
+    """One scalar series per metric name, in ``OUTPUT_DIR/tensorboard``; the run config as a text entry."""
+
+    def __init__(self, output_dir: str | Path, config: Mapping[str, Any] | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise DinokitError("train.tracker=tensorboard needs tensorboard: pip install 'dinokit[tracking]'") from None
+        self.log_dir = Path(output_dir) / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        if config:
+            text = json.dumps(dict(config), indent=2, default=str)
+            self.writer.add_text("config", "```\n" + text + "\n```", global_step=0)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        for key, value in _scalars(metrics).items():
+            self.writer.add_scalar(key, value, global_step=step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run named after the output folder, with the run config attached."""
+
+    def __init__(self, output_dir: str | Path, config: Mapping[str, Any] | None = None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise DinokitError("train.tracker=wandb needs wandb: pip install 'dinokit[tracking]'") from None
+        output_dir = Path(output_dir).resolve()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "dinokit"),
+            name=output_dir.name,
+            dir=str(output_dir),
+            config=dict(config) if config else None,
+            reinit="finish_previous",
+        )
+        self.dir = Path(self.run.dir).parent  # OUTPUT_DIR/wandb/<run folder>
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        self.run.log(_scalars(metrics), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_tracker(kind: str, output_dir: str | Path, config: Mapping[str, Any] | None = None) -> Tracker:
+    """The tracker named ``kind`` (``none``, ``tensorboard`` or ``wandb``) writing under ``output_dir``."""
+    if kind in ("", "none"):
+        return NoTracker()
+    if kind == "tensorboard":
+        return TensorBoardTracker(output_dir, config)
+    if kind == "wandb":
+        return WandbTracker(output_dir, config)
+    raise DinokitError(f"unknown tracker {kind!r}; use train.tracker=none, tensorboard or wandb")

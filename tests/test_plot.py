@@ -1,0 +1,55 @@
+"""``dinokit plot``: the PNG of a demo run's metrics, the series behind each panel, and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dinokit.cli import main
+from dinokit.plot import _prototypes, collect_series, plot_run, read_metrics
+
+pytest.importorskip("matplotlib")
+
+
+def test_plot_of_the_demo_run(demo_teacher, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "plots" / "demo.png"
+    assert main(["plot", str(demo_teacher.run_dir), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (1300, 720)  # 2 x 2 panels at 650 x 360 px
+    lines = [json.loads(l) for l in (demo_teacher.run_dir / "training_metrics.json").read_text().splitlines()]
+    panels = collect_series(read_metrics(demo_teacher.run_dir))
+    assert set(panels) == {"losses", "optimiser", "teacher", "knn"}
+    train = [l for l in lines if "total_loss" in l]
+    assert panels["losses"]["total_loss"] == ([l["iteration"] for l in train], [l["total_loss"] for l in train])
+    assert set(panels["losses"]) == {k for k in train[0] if k.endswith("_loss")}
+    assert panels["teacher"]["mom"][1] == [l["mom"] for l in train]
+    knn = [l for l in lines if "knn_top1_k10" in l]
+    assert panels["knn"]["knn_top1_k10"] == ([l["iteration"] for l in knn], [l["knn_top1_k10"] for l in knn])
+
+
+def test_health_signals_and_defaults(tmp_path: Path) -> None:
+    records = [
+        {"iteration": 9, "total_loss": 5.0, "teacher_entropy": 3.0, "prototypes_used": 40, "cls_effective_rank": 9.5},
+        {"iteration": 19, "total_loss": 4.0, "teacher_entropy": float("nan"), "prototypes_used": 12},
+    ]
+    (tmp_path / "training_metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n{\"iteration\": 2")
+    (tmp_path / "config.yaml").write_text("dino:\n  loss_weight: 1.0\n  head_n_prototypes: 256\nibot:\n  head_n_prototypes: 512\n")
+    panels = collect_series(read_metrics(tmp_path))  # the cut-off last line is ignored
+    assert panels["entropy"] == {"teacher_entropy": ([9], [3.0])}  # NaN dropped
+    assert panels["collapse"] == {"prototypes_used": ([9, 19], [40.0, 12.0]), "cls_effective_rank": ([9], [9.5])}
+    out = plot_run(tmp_path)
+    assert out == tmp_path / "training_metrics.png" and out.stat().st_size > 0
+    assert _prototypes(tmp_path) == 256  # K of the DINO head (for the log K line), not the iBOT head's
+
+
+def test_plot_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["plot", str(tmp_path)]) == 2
+    assert f"error: no training_metrics.json at '{tmp_path / 'training_metrics.json'}'; pass the output folder" \
+        in capsys.readouterr().err
+    (tmp_path / "training_metrics.json").write_text('{"iteration": 1, "total_loss": 1.0}\n')
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "error: the plot is a PNG: name the output *.png, not 'x.jpg'" in capsys.readouterr().err
