@@ -22,7 +22,7 @@ from dinokit.viz import (
     pca_colours,
 )
 from dinokit.viz.attention import cls_attention_and_norms
-from dinokit.viz.pca import median_filter3
+from dinokit.viz.pca import load_foreground_example, median_filter3
 
 
 # ------------------------------------------------------------------------------------------- synthetic features
@@ -233,7 +233,7 @@ def test_viz_pca_command(demo_teacher, sample_images, tmp_path, capsys):
         assert np.asarray(img.convert("RGB"))[:, 68:].min(axis=2).max() > 0  # no black background in plain mode
 
 
-def test_viz_pca_video_from_frames_and_gif(demo_teacher, sample_images, tmp_path):
+def test_viz_pca_video_from_frames_and_gif(demo_teacher, tmp_path, capsys):
     frames = tmp_path / "frames"
     frames.mkdir()
     image = np.asarray(render_sample("rings", np.random.default_rng(1), size=120))
@@ -242,6 +242,7 @@ def test_viz_pca_video_from_frames_and_gif(demo_teacher, sample_images, tmp_path
     out = tmp_path / "video"
     args = ["viz", "pca", str(frames), "--video", "--out", str(out), "--image-size", "64", "--fps", "5"]
     assert main(args + _backbone_args(demo_teacher)) == 0
+    assert "PCA (paper) of 5 frame(s)" in capsys.readouterr().out
     with Image.open(out / "pca.gif") as gif:
         assert gif.n_frames == 5 and gif.size == (80 + 4 + 80, 64)
         assert gif.info["duration"] == 200
@@ -255,6 +256,32 @@ def test_viz_pca_video_from_frames_and_gif(demo_teacher, sample_images, tmp_path
     with Image.open(out2 / "pca.gif") as gif:
         assert gif.n_frames == 3
     assert _size(out2 / "pca_grid.png") == (3 * 164 + 2 * 4, 64)  # the 3 frames in one row
+
+
+def test_foreground_examples_from_alpha_or_mask_file(demo_teacher, demo_model, tmp_path, capsys):
+    left = np.asarray(render_sample("rings", np.random.default_rng(2), size=64))
+    right = np.asarray(render_sample("dots", np.random.default_rng(3), size=64))
+    pixels = np.concatenate([left[:, :32], right[:, 32:]], axis=1)  # rings on the left, dots on the right
+    alpha = np.zeros((64, 64), dtype=np.uint8)
+    alpha[:, :24] = 255  # 3 of the 8 patch columns are foreground
+    rgba, plain, mask = tmp_path / "rgba.png", tmp_path / "plain.png", tmp_path / "mask.png"
+    Image.fromarray(np.dstack([pixels, alpha])).save(rgba)
+    Image.fromarray(pixels).save(plain)
+    Image.fromarray(alpha).save(mask)
+    expected = torch.zeros(8, 8)
+    expected[:, :3] = 1
+    for spec in (str(rgba), f"{plain}={mask}"):
+        image, fraction = load_foreground_example(demo_model, spec, image_size=64)
+        assert image.pixels.shape == (64, 64, 3) and torch.equal(fraction, expected)
+
+    out = tmp_path / "dinov3"
+    args = ["viz", "pca", str(plain), "--out", str(out), "--mode", "dinov3", "--fg-examples", str(rgba),
+            "--image-size", "64"]
+    assert main(args + _backbone_args(demo_teacher)) == 0
+    assert "PCA (dinov3) of 1 image(s): foreground" in capsys.readouterr().out
+    assert _size(out / "plain_pca.png") == (132, 64)
+    assert main(args[:-4] + ["--fg-examples", str(plain), "--image-size", "64"] + _backbone_args(demo_teacher)) == 2
+    assert "has no alpha channel; give IMAGE=MASK instead" in capsys.readouterr().err
 
 
 def test_viz_attention_command(demo_teacher, sample_images, tmp_path, capsys):

@@ -194,7 +194,8 @@ def run_pca(args: argparse.Namespace) -> int:
             written.append(save_png(panel, out / f"{name}_pca.png"))
         shown = panels
     written.append(save_png(grid(shown, args.columns), out / "pca_grid.png"))
-    print(f"PCA ({args.mode}) of {len(panels)} image(s): foreground {100 * fg:.0f}% of the patches")
+    what = "frame(s)" if video_file or args.video else "image(s)"
+    print(f"PCA ({args.mode}) of {len(panels)} {what}: foreground {100 * fg:.0f}% of the patches")
     print(f"wrote {len(written)} file(s) to {out}: " + ", ".join(p.name for p in written[:4])
           + (" ..." if len(written) > 4 else ""))
     return 0
