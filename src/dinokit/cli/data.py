@@ -5,6 +5,9 @@
       that the dataset string ImageNet:split=TRAIN:root=R:extra=E reads
   dinokit data sample [--out DIR]
       write the built-in sample image set (8 texture classes, train/ and val/)
+  dinokit data shard SRC --out DIR --shard-size N
+      write WebDataset tar shards (DIR/000000.tar, ...) from a folder, a file list or a dataset string;
+      read them back with the dataset string WebDataset:urls=DIR/{000000..0000NN}.tar
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 from ..data.imagenet import dump_imagenet_extra
 from ..data.images import find_images
 from ..data.sample import default_sample_root, write_sample_dataset
+from ..errors import DinokitError
 
 
 def _imagenet_extra(args: argparse.Namespace) -> int:
@@ -29,6 +33,22 @@ def _sample(args: argparse.Namespace) -> int:
     for split in ("train", "val"):
         print(f"{len(find_images(root / split))} images in {root / split}")
     print(f"use it with: ImageFolder:root={root / 'train'} (or Sample:split=TRAIN:root={root})")
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from ..data.datasets import make_dataset
+    from ..data.shards import shard_pattern, write_shards
+
+    src = f"FileList:path={args.src}" if args.src.lower().endswith((".txt", ".lst", ".csv")) else args.src
+    try:  # keep the labels of a class-per-folder layout or a labelled list, when there are any
+        dataset = make_dataset(src, labelled=True)
+    except DinokitError:
+        dataset = make_dataset(src, labelled=False)
+    shards = write_shards(dataset, args.out, shard_size=args.shard_size)
+    labels = f", {len(dataset.classes)} classes" if dataset.classes else ""
+    print(f"wrote {len(dataset)} images{labels} into {len(shards)} shard(s) in {args.out}")
+    print(f"use it with: WebDataset:urls={shard_pattern(shards)}")
     return 0
 
 
@@ -50,3 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample = actions.add_parser("sample", help="write the built-in sample image set")
     sample.add_argument("--out", default=None, help=f"output folder (default: {default_sample_root()})")
     sample.set_defaults(func=_sample)
+
+    shard = actions.add_parser("shard", help="write WebDataset tar shards from a folder or a file list")
+    shard.add_argument("src", help="image folder (class subfolders become labels), .txt file list, or a dataset string")
+    shard.add_argument("--out", required=True, help="output folder for 000000.tar, 000001.tar, ...")
+    shard.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: %(default)s)")
+    shard.set_defaults(func=_shard)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.datasets import make_dataset
 from ..data.images import ImageFiles, resolve_image_inputs
 from ..data.transforms import make_classification_eval_transform
 from ..errors import DinokitError
@@ -47,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ".npy (cls only; paths in <stem>.paths.txt), .parquet (path, cls, patch_mean; needs pyarrow). "
         "Bad images are listed in the .npz or in <stem>.bad.txt.",
     )
-    p.add_argument("input", help="a folder (searched recursively), one image, or a .txt file listing image paths")
+    p.add_argument("input", help="a folder (searched recursively), one image, a .txt file listing image paths, "
+                   "or WebDataset:urls=SHARDS/{000000..000009}.tar")
     p.add_argument("--out", required=True, help="output file: .npz, .npy or .parquet")
     p.add_argument("--model", default="dinov2_vits14", help="hub name (default: %(default)s; see 'dinokit models')")
     p.add_argument("--weights", help="backbone file or URL (hub layout, teacher_checkpoint.pth, .safetensors, ...)")
@@ -179,12 +181,17 @@ def _summary(result: ExtractedFeatures, *, model: str, device: torch.device, dty
 # ------------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
     out = _check_output(args)
-    paths = resolve_image_inputs(args.input)
+    transform = make_classification_eval_transform(crop_size=args.image_size)
+    if args.input.startswith("WebDataset:"):  # tar shards (dinokit.data.shards)
+        dataset = make_dataset(args.input, transform=transform)
+        paths = dataset.paths
+    else:
+        paths = resolve_image_inputs(args.input)
+        dataset = ImageFiles(paths, transform=transform)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)  # None: fp32, no autocast
     model, description = _build_model(args, device)
 
-    dataset = ImageFiles(paths, transform=make_classification_eval_transform(crop_size=args.image_size))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="skipping unreadable image")  # listed in the summary instead
         result = extract_features(

@@ -7,6 +7,7 @@
 * ``ImageNet:split=TRAIN|VAL|TEST:root=PATH:extra=PATH``: the official ImageNet-1k layout
   (see :mod:`dinokit.data.imagenet`).
 * ``Sample:split=TRAIN|VAL[:root=PATH]``: the built-in generated set (:mod:`dinokit.data.sample`).
+* ``WebDataset:urls=PATTERN``: tar shards, e.g. ``shards/{000000..000099}.tar`` (:mod:`dinokit.data.shards`).
 
 Unlike the official parser, a value may contain ``:`` (``root=C:/data`` or URLs): the string is split
 only before the known keys.
@@ -22,8 +23,8 @@ from ..errors import DinokitError
 from .images import ImageFiles, find_images, read_path_list
 from .sample import SAMPLE_CLASSES, default_sample_root, write_sample_dataset
 
-KNOWN_KEYS = ("root", "split", "extra", "path")
-DATASET_NAMES = ("ImageFolder", "FileList", "ImageNet", "Sample")
+KNOWN_KEYS = ("root", "split", "extra", "path", "urls")
+DATASET_NAMES = ("ImageFolder", "FileList", "ImageNet", "Sample", "WebDataset")
 _SPLIT_RE = re.compile(r":(?=(?:%s)=)" % "|".join(KNOWN_KEYS))
 
 
@@ -160,6 +161,13 @@ def make_dataset(
         ds = _image_folder(str(root / split.lower()), True, transform, dataset_str)
         assert tuple(ds.classes) == SAMPLE_CLASSES
         return ds
+    if name == "WebDataset":
+        from .shards import make_shard_dataset
+
+        _check_keys(name, kwargs, ("urls",), dataset_str)
+        if "urls" not in kwargs:
+            raise DinokitError(f"WebDataset needs urls=PATTERN, e.g. shards/{{000000..000009}}.tar (in {dataset_str!r})")
+        return make_shard_dataset(kwargs["urls"], transform=transform, labelled=labelled, dataset_str=dataset_str)
     if name == "ImageNet":
         from .imagenet import make_imagenet_dataset
 

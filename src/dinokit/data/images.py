@@ -102,9 +102,13 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def read_image(self, index: int) -> Image.Image:
+        """The decoded RGB image of item ``index`` (subclasses read from elsewhere, e.g. tar shards)."""
+        return load_image(self.paths[index])
+
     def __getitem__(self, index: int):
         try:
-            image = load_image(self.paths[index])
+            image = self.read_image(index)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             warnings.warn(f"skipping unreadable image {self.paths[index]}: {err}", stacklevel=2)
             return index, None, self.targets[index]

@@ -1,0 +1,117 @@
+"""WebDataset shards: written and read back, split across ranks and workers without loss or duplication,
+exact resume at a data position, bad samples skipped and counted, and ``embed`` over shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinokit.cli import main
+from dinokit.data import make_dataset, make_ssl_data_loader
+from dinokit.data.shards import expand_urls
+from dinokit.errors import DinokitError
+
+CLASSES = ("a", "b", "c")
+N_GOOD = 23  # + 1 corrupt file = 24 samples: 4 global batches of 2 ranks x 3
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return (i, 255 - i, 7)
+
+
+def identify(image: Image.Image) -> int:
+    """The sample number painted into the image (a picklable transform for the workers)."""
+    return image.getpixel((0, 0))[0]
+
+
+def keep(batch: list) -> list:
+    return list(batch)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[str, Path]:
+    """23 solid-colour PNGs in 3 class folders plus one corrupt file, written as shards of 5 by the CLI."""
+    root = tmp_path_factory.mktemp("images")
+    for i in range(N_GOOD):
+        folder = root / CLASSES[i % 3]
+        folder.mkdir(exist_ok=True)
+        Image.new("RGB", (16, 12), colour(i)).save(folder / f"img{i:02d}.png")
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path_factory.mktemp("shards")
+    assert main(["data", "shard", str(root), "--out", str(out), "--shard-size", "5"]) == 0
+    return f"WebDataset:urls={out}/{{000000..000004}}.tar", root
+
+
+def test_expand_urls() -> None:
+    assert expand_urls("s/{008..011}.tar") == ["s/008.tar", "s/009.tar", "s/010.tar", "s/011.tar"]
+    assert expand_urls("{a,b}/x{1..2}.tar::c.tar") == ["a/x1.tar", "a/x2.tar", "b/x1.tar", "b/x2.tar", "c.tar"]
+
+
+def test_written_and_read_back(shards, capsys: pytest.CaptureFixture) -> None:
+    dataset_str, root = shards
+    assert sorted(p.name for p in Path(dataset_str.split("=")[1]).parent.iterdir()) == \
+        ["000000.tar", "000001.tar", "000002.tar", "000003.tar", "000004.tar", "classes.txt"]
+    folder = make_dataset(f"ImageFolder:root={root}", labelled=True)
+    ds = make_dataset(dataset_str, labelled=True)
+    assert len(ds) == len(folder) == N_GOOD + 1 and ds.classes == list(CLASSES)
+    assert ds.targets == folder.targets
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        items = [ds[i] for i in range(len(ds))]
+    for (index, image, target), path in zip(items, folder.paths):
+        assert target == folder.targets[index]
+        if path.name == "broken.png":
+            assert image is None  # skipped like a bad file, counted by the collate
+        else:
+            assert np.array_equal(np.asarray(image), np.asarray(Image.open(path).convert("RGB")))
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_split_across_two_ranks_and_two_workers(shards) -> None:
+    dataset_str, _ = shards
+    seen, positions = [], []
+    for rank in range(2):
+        loader = make_ssl_data_loader(dataset_str, transform=identify, collate=keep, seed=3, batch_size_per_rank=3,
+                                      num_workers=2, rank=rank, world_size=2)
+        batches = iter(loader)
+        for _ in range(4):  # one pass: 4 global batches of 6 = 24 samples
+            batch = next(batches)
+            positions += [p for p, _ in batch]
+            seen += [x for _, x in batch]
+        del batches, loader
+    assert sorted(positions) == list(range(24))
+    # every sample exactly once in the pass (the corrupt one as None), whatever rank and worker read it
+    assert sorted(x for x in seen if x is not None) == list(range(N_GOOD)) and seen.count(None) == 1
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_exact_resume_over_shards(shards) -> None:
+    dataset_str, _ = shards
+    kwargs = dict(transform=identify, collate=keep, seed=5, batch_size_per_rank=4, rank=1, world_size=2)
+    full = iter(make_ssl_data_loader(dataset_str, num_workers=0, **kwargs))
+    uninterrupted = [next(full) for _ in range(8)]  # crosses into the second pass (another order)
+    resumed = iter(make_ssl_data_loader(dataset_str, num_workers=1, start_iteration=5, **kwargs))
+    assert [next(resumed) for _ in range(3)] == uninterrupted[5:]
+
+
+def test_embed_reads_shards(shards, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dataset_str, root = shards
+    out = tmp_path / "emb.npz"
+    assert main(["embed", dataset_str, "--model", "dinov2_vits14", "--random-init", "--image-size", "28",
+                 "--out", str(out), "--no-progress"]) == 0
+    saved = np.load(out)
+    assert saved["cls"].shape == (N_GOOD, 384) and len(saved["bad_paths"]) == 1
+    broken = [p.name for p in make_dataset(f"ImageFolder:root={root}").paths].index("broken.png")
+    assert str(saved["bad_paths"][0]).endswith(f"{broken // 5:06d}.tar/{broken:09d}")  # shard/key of the corrupt file
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(DinokitError, match=r"shard '.*missing/000\.tar' does not exist; check the WebDataset urls"):
+        make_dataset(f"WebDataset:urls={tmp_path}/missing/{{000..001}}.tar")
+    (tmp_path / "x.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(DinokitError, match="not an uncompressed tar file"):
+        make_dataset(f"WebDataset:urls={tmp_path}/x.tar")
+    with pytest.raises(DinokitError, match="WebDataset does not take root"):
+        make_dataset(f"WebDataset:root={tmp_path}")
