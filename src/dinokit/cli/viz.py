@@ -23,21 +23,11 @@ from torch import nn
 from ..data.images import resolve_image_inputs
 from ..errors import DinokitError
 from ..eval.setup import resolve_device, resolve_dtype
-from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps, mass_mask
-from ..viz.drawing import (
-    UPSAMPLE_MODES,
-    caption,
-    colourise,
-    draw_matches,
-    grid,
-    hstack,
-    overlay,
-    save_png,
-    to_uint8,
-    upsample,
-)
+from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps
+from ..viz.drawing import UPSAMPLE_MODES, grid, save_png
+from ..viz.figures import attention_figure, matches_figure, pca_figures
 from ..viz.match import DEFAULT_MAX_MATCHES, DEFAULT_MIN_SPACING, match_patches
-from ..viz.pca import PCA_MODES, PcaPicture, pca_rgb
+from ..viz.pca import PCA_MODES, pca_rgb
 from ..viz.prepare import DEFAULT_IMAGE_SIZE, PreparedImage
 from ..viz.video import ANIMATION_FORMATS, is_video_file, read_frames, write_animation
 from .embed import _build_model
@@ -162,15 +152,6 @@ def _out_dir(out: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- pca
-def _pca_panels(picture: PcaPicture, mode: str) -> list[np.ndarray]:
-    """Per image, the image and its PCA colours side by side."""
-    panels = []
-    for image, rgb in zip(picture.images, picture.rgb):
-        colours = to_uint8(upsample(rgb, image.pixels.shape[:2], mode))
-        panels.append(hstack([image.pixels, colours]))
-    return panels
-
-
 def run_pca(args: argparse.Namespace) -> int:
     video_file = len(args.inputs) == 1 and is_video_file(args.inputs[0])
     if args.video and (len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir()):
@@ -183,7 +164,7 @@ def run_pca(args: argparse.Namespace) -> int:
     model, options = _setup(args)
     picture = pca_rgb(model, inputs, mode=args.mode, threshold=args.threshold,
                       foreground_examples=args.fg_examples, **options)
-    panels = _pca_panels(picture, args.upsample)
+    panels = pca_figures(picture, upsample_mode=args.upsample)
     fg = float(np.mean(np.concatenate([f.reshape(-1) for f in picture.foreground])))
     written = []
     if video_file or args.video:
@@ -211,23 +192,8 @@ def run_attention(args: argparse.Namespace) -> int:
     maps = attention_maps(model, paths, block=args.block, **options)
     names = _unique_names(maps.images)
     for name, image, attention, norms in zip(names, maps.images, maps.attention, maps.patch_norms):
-        size = image.pixels.shape[:2]
-
-        def panel(values: np.ndarray, text: str) -> np.ndarray:
-            return caption(to_uint8(colourise(upsample(values, size, args.upsample))), text)
-
-        row = [caption(image.pixels, "image"), panel(attention.mean(0), "mean")]
-        row += [panel(a, f"head {h}") for h, a in enumerate(attention)]
-        row.append(panel(norms, f"norm {norms.min():.0f}-{norms.max():.0f}"))
-        rows = [hstack(row)]
-        if args.keep_mass is not None:
-            masks = mass_mask(np.concatenate([attention.mean(0, keepdims=True), attention]), args.keep_mass)
-            masked = [overlay(image.pixels, upsample(m.astype(np.float32), size, "nearest") > 0.5) for m in masks]
-            texts = ["mean"] + [f"head {h}" for h in range(len(attention))]
-            label = f"{100 * args.keep_mass:.0f}% mass"
-            rows.append(hstack([caption(np.full_like(image.pixels, 255), label)]
-                               + [caption(m, t) for m, t in zip(masked, texts)]))
-        save_png(grid(rows, 1), out / f"{name}_attention.png")
+        figure = attention_figure(image.pixels, attention, norms, keep_mass=args.keep_mass, upsample_mode=args.upsample)
+        save_png(figure, out / f"{name}_attention.png")
     block = args.block if args.block >= 0 else len(model.blocks) + args.block
     heads = maps.attention[0].shape[0]
     print(f"attention of block {block} ({heads} heads, {model.num_register_tokens} registers excluded) "
@@ -252,8 +218,7 @@ def run_match(args: argparse.Namespace) -> int:
     matches = match_patches(model, images[0], images[1], foreground=not args.all_patches,
                             threshold=args.threshold, max_matches=args.max_matches,
                             min_spacing=args.min_spacing, **options)
-    a, b = matches.images
-    save_png(draw_matches(a.pixels, b.pixels, matches.points_a, matches.points_b, model.patch_size), out)
+    save_png(matches_figure(matches, model.patch_size), out)
     median = float(np.median(matches.distance)) if len(matches.distance) else float("nan")
     print(f"{len(matches.distance)} mutual-nearest-neighbour matches (median feature distance {median:.3f})")
     print(f"wrote {out}")

@@ -13,6 +13,7 @@ that draws them::
 """
 
 from .attention import AttentionMaps, attention_maps, block_forward_with_attention, mass_mask
+from .figures import attention_figure, matches_figure, pca_figures
 from .match import PatchMatches, match_features, match_patches, mutual_nearest_neighbours
 from .pca import (
     Pca,
@@ -31,6 +32,7 @@ __all__ = [
     "Pca",
     "PcaPicture",
     "PreparedImage",
+    "attention_figure",
     "attention_maps",
     "block_forward_with_attention",
     "fit_foreground_classifier",
@@ -38,10 +40,12 @@ __all__ = [
     "foreground_masks",
     "mass_mask",
     "match_features",
+    "matches_figure",
     "match_patches",
     "mutual_nearest_neighbours",
     "patch_features",
     "pca_colours",
+    "pca_figures",
     "pca_rgb",
     "prepare_images",
 ]

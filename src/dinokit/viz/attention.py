@@ -38,7 +38,8 @@ def block_forward_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[tor
     # (B, T, 3D) -> (3, B, heads, T, head_dim)
     qkv = attn.qkv(block.norm1(x)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    weights = torch.softmax((q.float() * attn.scale) @ k.float().transpose(-2, -1), dim=-1)  # (B, heads, T, T)
+    with torch.autocast(x.device.type, enabled=False):  # logits and softmax in float32 under any autocast
+        weights = torch.softmax((q.float() * attn.scale) @ k.float().transpose(-2, -1), dim=-1)  # (B, heads, T, T)
     mixed = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, D)
     x = x + block.ls1(attn.proj(mixed))
     x = x + block.ls2(block.mlp(block.norm2(x)))

@@ -93,14 +93,6 @@ def grid(panels: Sequence[np.ndarray], columns: int, gap: int = GAP) -> np.ndarr
     return np.concatenate(padded, axis=0)[:-gap]
 
 
-def fit_width(image: np.ndarray, max_width: int) -> np.ndarray:
-    """Shrink ``image`` (H, W, 3) uint8 to at most ``max_width`` pixels wide (aspect kept)."""
-    if image.shape[1] <= max_width:
-        return image
-    h = max(1, round(image.shape[0] * max_width / image.shape[1]))
-    return np.asarray(Image.fromarray(image).resize((max_width, h), Image.LANCZOS))
-
-
 def hue_colours(n: int) -> list[tuple[int, int, int]]:
     """``n`` distinct saturated colours around the hue circle."""
     hsv = np.stack([np.linspace(0, 255, n, endpoint=False), np.full(n, 230), np.full(n, 255)], axis=1)
