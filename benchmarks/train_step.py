@@ -12,12 +12,11 @@ import time
 
 import torch
 
+from dinokit.config import load_config
 from dinokit.data.collate import SSLCollate
-from dinokit.distributed.parallelize import parallelize_ssl_model
-from dinokit.train.config import load_config
-from dinokit.train.optim import build_optimizer, get_param_groups
+from dinokit.engine import Engine, batch_to
 from dinokit.train.ssl_meta_arch import SSLMetaArch
-from dinokit.train.train import batch_to, train_step
+from dinokit.train.train import engine_config
 
 
 def synthetic_batch(cfg, batch_size: int):
@@ -46,25 +45,21 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = load_config(args.config, [f"train.batch_size_per_gpu={args.batch}", *args.opts])
     dev = torch.device("cuda")
-    model = SSLMetaArch(cfg).to(dev)
+    model = SSLMetaArch(cfg)
     model.teacher.load_state_dict(model.student.state_dict())
-    parallelize_ssl_model(model, mesh=None, compile_blocks=args.compile, activation_checkpointing=args.ac, param_dtype=None)
-    model.train()
-    groups = []
-    for module in model.student.values():
-        groups += get_param_groups(module, lr_decay_rate=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
-    opt = build_optimizer(groups)
+    settings = engine_config(cfg, dev)
+    settings.compile, settings.activation_checkpointing = args.compile, args.ac
+    engine = Engine(model, settings, output_dir="/tmp/dinokit-bench", device=dev, schedules={})
     batches = [batch_to(synthetic_batch(cfg, args.batch), dev) for _ in range(2)]
     sched = {"lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07, "last_layer_lr": 1e-4}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     warmup = 5 if args.compile else 3
     for i in range(warmup):
-        train_step(model, opt, batches[i % 2], sched=sched, clip_grad=3.0, autocast=autocast, scaler=None)
+        engine.step(batches[i % 2], i, sched)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(args.steps):
-        out = train_step(model, opt, batches[i % 2], sched=sched, clip_grad=3.0, autocast=autocast, scaler=None)
+        out = engine.step(batches[i % 2], i, sched)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     res = {"images_per_s": round(args.batch * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),

@@ -30,8 +30,8 @@ class DemoTeacher:
 def demo_teacher(tmp_path_factory) -> DemoTeacher:
     from dinokit.data import write_sample_dataset
     from dinokit.data.sample import SAMPLE_VERSION
-    from dinokit.train.config import load_config
-    from dinokit.train.train import train
+    from dinokit.cli.train import pretrain
+    from dinokit.config import load_config
 
     cache = os.environ.get("DINOKIT_TEST_CACHE")
     base = Path(cache) / f"demo-teacher-v{SAMPLE_VERSION}" if cache else tmp_path_factory.mktemp("demo-teacher")
@@ -45,7 +45,7 @@ def demo_teacher(tmp_path_factory) -> DemoTeacher:
         "evaluation.eval_period_iterations=200", "evaluation.knn_k=[10]",
     ])
     run = base / "run"
-    train(cfg, output_dir=run, resume=True, device="cpu")  # resumes (does nothing) when cached and finished
+    pretrain(cfg, output_dir=run, resume=True, device="cpu")  # resumes (does nothing) when cached and finished
     return DemoTeacher(
         run_dir=run, snapshot=run / "eval" / "training_199" / "teacher_checkpoint.pth", config_file=run / "config.yaml",
         train_str=train_str, val_str=val_str, sample_root=root, iterations=200,

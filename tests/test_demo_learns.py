@@ -13,8 +13,7 @@ import torch
 
 from dinokit.eval import run_knn_eval
 from dinokit.models import load_backbone_weights
-from dinokit.train.config import load_config
-from dinokit.train.ssl_meta_arch import build_student_backbone
+from dinokit.config import backbone_from_config, load_config
 
 
 def test_short_demo_pretraining_beats_random_init(demo_teacher):
@@ -31,8 +30,8 @@ def test_short_demo_pretraining_beats_random_init(demo_teacher):
                             image_size=size, ks=(10,))["knn_top1_k10"]
 
     torch.manual_seed(0)
-    baseline = knn_top1(build_student_backbone(cfg.student, img_size=size, only_teacher=True))
-    reloaded = build_student_backbone(cfg.student, img_size=size, only_teacher=True)
+    baseline = knn_top1(backbone_from_config(cfg.student, img_size=size))
+    reloaded = backbone_from_config(cfg.student, img_size=size)
     load_backbone_weights(reloaded, out / "eval" / "training_199" / "teacher_checkpoint.pth")
     assert knn_top1(reloaded) == pretrained[0]  # the snapshot on disk is the teacher that was evaluated
     # measured 47.5% vs 26.25% (chance 12.5%); the margin leaves room for other CPUs and torch versions

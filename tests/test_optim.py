@@ -14,7 +14,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from dinokit.errors import DinokitError
 from dinokit.layers import DINOHead
 from dinokit.models.architectures import build_backbone, vit_large
-from dinokit.train.optim import (
+from dinokit.engine.optim import (
     CosineScheduler,
     ScheduleConfig,
     apply_optim_schedule,

@@ -22,13 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..config import backbone_from_config, load_config
     from ..data import write_sample_dataset
     from ..data.sample import SAMPLE_VERSION
+    from ..devices import resolve_device
     from ..eval import run_knn_eval
     from ..models import load_backbone_weights
-    from ..train.config import load_config
-    from ..train.ssl_meta_arch import build_student_backbone
-    from ..train.train import select_device, train
+    from .train import pretrain
 
     out = Path(args.output_dir)
     root = write_sample_dataset(out / "sample")
@@ -43,17 +43,17 @@ def run(args: argparse.Namespace) -> int:
     # it had seen this one (and is kept, not overwritten).
     train_dir = out / f"train-v{SAMPLE_VERSION}"
     t0 = time.time()
-    summary = train(cfg, output_dir=train_dir, resume=not args.no_resume, device=args.device)
+    summary = pretrain(cfg, output_dir=train_dir, resume=not args.no_resume, device=args.device)
     train_minutes = (time.time() - t0) / 60
 
-    device = select_device(args.device)
+    device = resolve_device(args.device)
     image_size = cfg.crops.global_crops_size
     results = {}
     torch.manual_seed(0)
-    random_backbone = build_student_backbone(cfg.student, img_size=image_size, only_teacher=True)
+    random_backbone = backbone_from_config(cfg.student, img_size=image_size)
     snapshot = sorted((train_dir / "eval").glob("training_*/teacher_checkpoint.pth"),
                       key=lambda p: int(p.parent.name.split("_")[1]))[-1]
-    trained_backbone = build_student_backbone(cfg.student, img_size=image_size, only_teacher=True)
+    trained_backbone = backbone_from_config(cfg.student, img_size=image_size)
     load_backbone_weights(trained_backbone, snapshot)
     for name, backbone in (("random init", random_backbone), ("pretrained", trained_backbone)):
         backbone.to(device).eval()

@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import list_presets, load_config
     from ..errors import DinokitError
-    from ..train.config import list_presets, load_config
 
     if args.list_presets:
         print("\n".join(list_presets()))
@@ -45,9 +45,7 @@ def run(args: argparse.Namespace) -> int:
                      comment=args.slurm_comment)
         print(f"submitted SLURM job {job.job_id}; logs in {args.output_dir}")
         return 0
-    from ..train.train import train
-
-    summary = train(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
+    summary = pretrain(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
     from .. import distributed
 
     if distributed.is_main_process():
@@ -59,3 +57,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"teacher snapshot: {snap}")
     distributed.shutdown()
     return 0
+
+
+def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop_after: int | None = None) -> dict:
+    """``dinokit train`` as a function: pretraining with the monitors the config asks for (k-NN on each snapshot)."""
+    from ..devices import resolve_device
+    from ..eval import knn_monitor
+    from ..train.train import train
+
+    monitor = knn_monitor(cfg, resolve_device(device))
+    return train(cfg, output_dir=output_dir, resume=resume, device=device, stop_after=stop_after,
+                 hooks=[monitor] if monitor else [])

@@ -1,6 +1,6 @@
-"""Training configuration: the official DINOv2 key tree as typed dataclasses, presets and overrides.
+"""Loading training configurations: the official DINOv2 key tree, presets, files and overrides.
 
-The schema below mirrors ``dinov2/configs/ssl_default_config.yaml`` key for key, with the official
+The schema (``schema.py``) mirrors ``dinov2/configs/ssl_default_config.yaml`` key for key, with the official
 defaults, so official YAML files and the ``config.yaml`` of earlier runs load unchanged. Keys marked
 *dinokit* are additions. :func:`load_config` merges, in order, the defaults, a preset or YAML file and
 dotted ``key=value`` overrides; OmegaConf checks every key and type against the schema, and every
@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import DinokitError
 from ..models.architectures import ARCHITECTURES
-from .config_schema import (  # noqa: F401 (re-exported)
+from .schema import (  # noqa: F401 (re-exported)
     ModelConfig,
     MixedPrecisionConfig,
     ModulePrecisionConfig,
@@ -43,9 +43,10 @@ from .config_schema import (  # noqa: F401 (re-exported)
     CropsConfig,
     KnnDatasetConfig,
     EvaluationConfig,
+    DistillationConfig,
     SSLConfig,
 )
-from .optim import SCALING_RULES, scale_lr
+from ..engine.optim import SCALING_RULES, scale_lr
 
 # ---------------------------------------------------------------------------------------------------
 # Schema introspection (for error messages and for parsing overrides by field type)
@@ -283,7 +284,9 @@ def as_dataclass(cfg: DictConfig) -> SSLConfig:
 # ---------------------------------------------------------------------------------------------------
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+# FSDP1 strategies that FSDP2 expresses per module: FULL_SHARD = reshard parameters after forward,
+# SHARD_GRAD_OP = keep them gathered until backward (more memory, fewer all-gathers).
+ACTIVE_SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")
 
 _CHOICES: dict[str, Sequence[str]] = {
     "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),
@@ -291,11 +294,15 @@ _CHOICES: dict[str, Sequence[str]] = {
     "optim.scaling_rule": SCALING_RULES,
     "crops.blur_probabilities": ("official", "intended"),
     "compute_precision.dtype": ("auto", *DTYPES),
+    "train.tracker": ("none", "tensorboard", "wandb"),
+    "distillation.loss": ("dino_ibot", "features"),
+    "distillation.ibot_positions": ("all", "masked"),
+    "distillation.feature_loss": ("cosine", "smooth_l1"),
 }
 for _role in ("teacher", "student"):
     for _module in ("backbone", "dino_head", "ibot_head"):
         _prefix = f"compute_precision.{_role}.{_module}"
-        _CHOICES[f"{_prefix}.sharding_strategy"] = SHARDING_STRATEGIES
+        _CHOICES[f"{_prefix}.sharding_strategy"] = ACTIVE_SHARDING_STRATEGIES
         for _kind in ("param", "reduce", "buffer"):
             _CHOICES[f"{_prefix}.mixed_precision.{_kind}_dtype"] = tuple(DTYPES)
 
@@ -349,6 +356,29 @@ def validate(cfg: DictConfig) -> None:
     knn = cfg.evaluation.knn_dataset
     if knn is not None and (knn.train is None) != (knn.val is None):
         raise DinokitError("set both evaluation.knn_dataset.train and evaluation.knn_dataset.val, or neither")
+    check_inert_keys(cfg)
+
+
+# Official keys that dinokit reads but that cannot act in it: their official value is accepted, any other value stops
+# the run with what to use instead (a setting must never silently do nothing).
+_INERT: dict[str, tuple[tuple[Any, ...], str]] = {
+    "train.cache_dataset": ((True,), "dinokit reads images from disk every epoch; remove the key"),
+}
+for _role in ("teacher", "student"):
+    for _module in ("backbone", "dino_head", "ibot_head"):
+        _prefix = f"compute_precision.{_role}.{_module}.mixed_precision"
+        _use_dtype = "FSDP2 computes in compute_precision.dtype (auto|bf16|fp16|fp32) under autocast; set that key"
+        _INERT[f"{_prefix}.param_dtype"] = (("fp16",), _use_dtype)
+        _INERT[f"{_prefix}.buffer_dtype"] = (("fp32",), _use_dtype)
+        _INERT[f"{_prefix}.reduce_dtype"] = (("fp16", "fp32"), "dinokit always reduces gradients in fp32; remove the key")
+
+
+def check_inert_keys(cfg: DictConfig) -> None:
+    """Stop on an official key that has no effect in dinokit but was set to a non-default value."""
+    for key, (accepted, instead) in _INERT.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in accepted:
+            raise DinokitError(f"config key '{key}' is {value!r} but has no effect in dinokit: {instead}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ additions are marked. ``config.py`` loads, merges, validates and writes configs 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # ---------------------------------------------------------------------------------------------------
 # Schema (official names and defaults; spec §1.14)
@@ -105,6 +106,7 @@ class TrainConfig:
     log_freq: int = 10  # dinokit: iterations between training_metrics.json lines (official: fixed 10)
     compile: bool = False  # dinokit: torch.compile each transformer block (GPU training; slower start-up)
     activation_checkpointing: bool = False  # dinokit: recompute block activations in backward to save memory
+    tracker: str = "none"  # dinokit: also log metrics to tensorboard or wandb (optional extras), or none
 
 
 @dataclass
@@ -191,6 +193,23 @@ class EvaluationConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """dinokit: ``dinokit distill``, a frozen teacher distilled into one or several students.
+
+    The students are described by ``student.*`` (and the heads by ``dino.*``/``ibot.*``); each entry of
+    ``students`` overrides some ``student.*`` keys for one more student sharing the teacher's forward pass.
+    """
+
+    teacher: str = ""  # a dinokit train run folder, a teacher_checkpoint.pth beside its run's config.yaml, or a backbone file
+    teacher_config: str = ""  # the teacher run's config.yaml when it is not found beside the teacher file
+    loss: str = "dino_ibot"  # dino_ibot: the teacher's DINO/iBOT heads give the targets (paper); features: its tokens
+    ibot_positions: str = "all"  # all patch tokens of both global crops (DINOv2 paper) or masked (DINOv3 subset)
+    feature_loss: str = "cosine"  # loss=features: cosine or smooth_l1 between projected student and teacher tokens
+    feature_patch_weight: float = 1.0  # loss=features: weight of the patch-token term (the class-token term has 1)
+    students: list[Any] = field(default_factory=list)  # more students: [{name: s, arch: vit_small, ...}, ...]
+
+
+@dataclass
 class SSLConfig:
     """The whole training configuration, in the official section order."""
 
@@ -204,3 +223,4 @@ class SSLConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)  # dinokit

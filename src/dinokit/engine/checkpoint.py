@@ -1,16 +1,20 @@
-"""Resumable training checkpoints: portable across process counts, written atomically.
+"""Resumable training checkpoints: written atomically, loadable on any number of processes.
 
-A checkpoint is one file, ``DIR/checkpoints/checkpoint_<iteration>.pth``, holding full (unsharded)
-state dicts gathered with ``torch.distributed.checkpoint.state_dict`` (so a run saved on 8 GPUs
-resumes on 1 GPU or on a CPU), the optimiser state keyed by parameter name, the iteration, and the
-RNG states of every rank. It is written to a temporary name and renamed, so a kill during the write
-never leaves a file that looks valid. Only the newest ``keep`` checkpoints are kept.
+One process writes one portable file, ``DIR/checkpoint_<iteration>.pth``: full state dicts of the
+checkpointed modules, the optimiser state keyed by parameter name, the iteration (the data position:
+the data stream is seeded by iteration) and the RNG states. Several processes (FSDP2) write a folder
+``DIR/checkpoint_<iteration>/`` with ``torch.distributed.checkpoint``: each rank saves and later loads
+only its own shards, and the folder reloads on a different number of ranks, or in one process. Both
+are written under a temporary name and renamed, so a kill during the write never leaves something
+that looks valid; leftovers of such a kill are removed at the next start. Only the newest ``keep``
+checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -21,7 +25,8 @@ from .. import distributed as dist_utils
 from ..errors import DinokitError
 from ..models.checkpoint import atomic_write
 
-_NAME = re.compile(r"checkpoint_(\d{7,})\.pth$")
+_NAME = re.compile(r"checkpoint_(\d{7,})(\.pth)?$")
+_META = "meta.pt"  # in a sharded folder: iteration, world size and every rank's RNG state
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -40,10 +45,18 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of the finished checkpoints in ``directory``, oldest first (files and folders)."""
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
     return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class Checkpointer:
@@ -54,58 +67,97 @@ class Checkpointer:
         self.model = model
         self.optimizer = optimizer
         self.keep = keep
-        self._options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
+    # ------------------------------------------------------------------ save
     def save(self, iteration: int, **extra) -> Path:
         """Save the state *after* ``iteration`` steps (collective: every rank must call it)."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options)
         rngs = dist_utils.all_gather_object(_rng_state())
-        path = self.directory / f"checkpoint_{iteration:07d}.pth"
+        meta = {"iteration": iteration, "world_size": dist_utils.get_world_size(), "rng": rngs, **extra}
+        if dist_utils.get_world_size() > 1:
+            path = self._save_sharded(iteration, meta)
+        else:
+            path = self.directory / f"checkpoint_{iteration:07d}.pth"
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
+            atomic_torch_save({"model": model_sd, "optimizer": optim_sd, **meta}, path)
         if dist_utils.is_main_process():
-            state = {
-                "model": model_sd,
-                "optimizer": optim_sd,
-                "iteration": iteration,
-                "world_size": dist_utils.get_world_size(),
-                "rng": rngs,
-                **extra,
-            }
-            atomic_torch_save(state, path)
             for _, old in list_checkpoints(self.directory)[: -self.keep]:
-                old.unlink(missing_ok=True)
+                _remove(old)
         dist_utils.barrier()
         return path
+
+    def _save_sharded(self, iteration: int, meta: dict) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        final = self.directory / f"checkpoint_{iteration:07d}"
+        tmp = self.directory / f".checkpoint_{iteration:07d}.tmp"
+        if dist_utils.is_main_process():
+            _remove(tmp)
+            tmp.mkdir(parents=True)
+        dist_utils.barrier()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # this rank's shards (DTensors)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        if dist_utils.is_main_process():
+            torch.save(meta, tmp / _META)
+            _remove(final)
+            tmp.rename(final)
+        dist_utils.barrier()
+        return final
 
     def latest(self) -> tuple[int, Path] | None:
         found = list_checkpoints(self.directory)
         return found[-1] if found else None
 
+    # ------------------------------------------------------------------ load
     def load(self, path: Path) -> dict:
+        """Restore from a checkpoint file or sharded folder; returns its metadata (``iteration``...)."""
+        path = Path(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            if path.is_dir():
+                meta = self._load_sharded(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                set_state_dict(self.model, self.optimizer, model_state_dict=state.pop("model"),
+                               optim_state_dict=state.pop("optimizer"), options=StateDictOptions(full_state_dict=True))
+                meta = state
+        except DinokitError:
+            raise
         except Exception as err:  # a torn or foreign file
-            raise DinokitError(f"cannot read checkpoint {str(path)!r} ({type(err).__name__}); delete it or pass --no-resume") from None
-        # Every rank holds the full state dict; each keeps its own shard.
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
-            options=StateDictOptions(full_state_dict=True),
-        )
-        rngs = state.get("rng") or []
+            raise DinokitError(
+                f"cannot read checkpoint {str(path)!r} ({type(err).__name__}); delete it or pass --no-resume"
+            ) from None
+        rngs = meta.get("rng") or []
         rank = dist_utils.get_rank()
-        if state.get("world_size") == dist_utils.get_world_size() and rank < len(rngs):
+        if meta.get("world_size") == dist_utils.get_world_size() and rank < len(rngs):
             torch.set_rng_state(rngs[rank]["cpu"])
             if "cuda" in rngs[rank] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rngs[rank]["cuda"])
-        return state
+        return meta
+
+    def _load_sharded(self, path: Path) -> dict:
+        import torch.distributed.checkpoint as dcp
+
+        meta = torch.load(path / _META, map_location="cpu", weights_only=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # the layout of this run: its shards only
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))  # each rank reads the pieces of its own shards
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return meta
 
     def resume(self) -> dict | None:
         """Load the newest readable checkpoint, falling back to older ones; None when there is none."""
+        self.remove_leftovers()
         for iteration, path in reversed(list_checkpoints(self.directory)):
             try:
                 return self.load(path)
             except DinokitError as err:
                 warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
         return None
+
+    def remove_leftovers(self) -> None:
+        """Delete half-written temporary checkpoints that a killed run left behind (main process)."""
+        if dist_utils.is_main_process() and self.directory.is_dir():
+            for path in self.directory.iterdir():
+                if path.name.startswith(".checkpoint_") and ".tmp" in path.name:
+                    _remove(path)
+        dist_utils.barrier()

@@ -1,4 +1,5 @@
-"""Training metrics: smoothed values, one JSON line per logged iteration, and a console progress bar."""
+"""Training metrics: smoothed values, one JSON line per logged iteration, a console progress bar, and an
+optional tracker (TensorBoard, Weights & Biases) that receives every line too."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ class MetricsLogger:
     last_layer_lr, current_batch_size, total_loss and each loss term.
     """
 
-    def __init__(self, path: Path | None, *, total: int = 0, initial: int = 0, enabled: bool = True):
+    def __init__(self, path: Path | None, *, total: int = 0, initial: int = 0, enabled: bool = True, tracker=None):
         self.path = Path(path) if path is not None else None
+        self.tracker = tracker  # anything with log(metrics, step) and close()
         self.values: dict[str, list[float]] = defaultdict(list)
         self.enabled = enabled
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True, disable=not enabled)
@@ -42,9 +44,13 @@ class MetricsLogger:
         if self.enabled and self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.enabled and self.tracker is not None:
+            self.tracker.log({k: v for k, v in record.items() if k != "iteration"}, step=int(record.get("iteration", 0)))
 
     def step(self, n: int = 1) -> None:
         self.bar.update(n)
 
     def close(self) -> None:
         self.bar.close()
+        if self.tracker is not None:
+            self.tracker.close()

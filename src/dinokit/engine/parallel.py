@@ -1,4 +1,4 @@
-"""Apply activation checkpointing, compilation and FSDP2 sharding to models from the outside.
+"""Apply activation checkpointing, compilation and FSDP2 sharding to a task's modules from the outside.
 
 Order matters and is fixed (torchtitan's rule): activation checkpointing -> ``torch.compile`` per
 block -> ``fully_shard`` per block -> ``fully_shard`` on the root. Model files never know about any of
@@ -31,34 +31,48 @@ def fsdp_mixed_precision(param_dtype: torch.dtype | None, reduce_dtype: torch.dt
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
-def apply_fsdp(
-    modules: nn.ModuleDict, *, mesh, param_dtype: torch.dtype | None, reshard_after_forward: bool = True
-) -> None:
-    """Shard every block of the backbone and each head with FSDP2 ``fully_shard``, then each root."""
+def apply_fsdp(module: nn.Module, *, mesh, param_dtype: torch.dtype | None, reshard_after_forward: bool = True) -> None:
+    """Shard every transformer block of ``module`` (any depth) with FSDP2 ``fully_shard``, then ``module`` itself."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = dict(mesh=mesh, mp_policy=fsdp_mixed_precision(param_dtype), reshard_after_forward=reshard_after_forward)
-    for module in modules.values():
-        if hasattr(module, "blocks"):
-            for block in module.blocks:
-                fully_shard(block, **kwargs)
-        fully_shard(module, **kwargs)
+    for backbone in _backbones(module):
+        for block in backbone.blocks:
+            fully_shard(block, **kwargs)
+    fully_shard(module, **kwargs)
 
 
-def parallelize_ssl_model(
-    model: nn.Module,
+def _backbones(module: nn.Module) -> list[nn.Module]:
+    """``module`` and its submodules that hold transformer ``blocks``."""
+    return [m for m in module.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
+
+
+def parallelize(
+    trainable: dict[str, nn.Module],
+    inference: dict[str, nn.Module],
     *,
     mesh=None,
-    compile_blocks: bool,
-    activation_checkpointing: bool,
-    param_dtype: torch.dtype | None,
+    compile_blocks: bool = False,
+    activation_checkpointing: bool = False,
+    param_dtype: torch.dtype | None = None,
+    reshard_after_forward: dict[str, bool] | None = None,
 ) -> None:
-    """Prepare ``SSLMetaArch`` student and teacher in the documented order; ``mesh`` set means shard (FSDP2)."""
-    for part in (model.student, model.teacher):
-        if activation_checkpointing and part is model.student:
-            apply_activation_checkpointing(part.backbone)
-        if compile_blocks:
-            apply_compile(part.backbone)
+    """Prepare a task's modules in the documented order; ``mesh`` set means shard (FSDP2).
+
+    ``trainable`` modules get activation checkpointing (if asked), compiled blocks and FSDP2; ``inference``
+    modules (EMA teachers, frozen teachers) compiled blocks and FSDP2. Each module is its own FSDP unit, its
+    blocks nested units; ``reshard_after_forward`` maps trainable module names to FSDP2's flag (default
+    True); inference modules always free their gathered parameters after their forward.
+    """
+    for name, module in {**trainable, **inference}.items():
+        for backbone in _backbones(module):
+            if activation_checkpointing and name in trainable:
+                apply_activation_checkpointing(backbone)
+            if compile_blocks:
+                apply_compile(backbone)
     if mesh is not None:
-        apply_fsdp(model.student, mesh=mesh, param_dtype=param_dtype)
-        apply_fsdp(model.teacher, mesh=mesh, param_dtype=param_dtype)
+        for name, module in trainable.items():
+            reshard = True if reshard_after_forward is None else reshard_after_forward.get(name, True)
+            apply_fsdp(module, mesh=mesh, param_dtype=param_dtype, reshard_after_forward=reshard)
+        for module in inference.values():  # no backward follows to reshard them: always free after forward
+            apply_fsdp(module, mesh=mesh, param_dtype=param_dtype, reshard_after_forward=True)

@@ -24,28 +24,19 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .. import distributed as du
+from ..devices import resolve_device
 from ..data import ImageDataset, make_classification_eval_transform, make_dataset
 from ..errors import DinokitError
 from ..features import DTYPES, ExtractedFeatures, cls_feature_fn, extract_features
-from ..models import DinoVisionTransformer, build_backbone
+from ..models import DinoVisionTransformer
 from ..models.checkpoint import atomic_write, load_backbone_weights
 from ..models import registry
-from ..train.config import load_config
+from ..config import backbone_from_config, load_config
 
 RANDOM_INIT_SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------- devices
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` = the local CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        name = f"cuda:{du.get_local_rank()}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DinokitError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
-    return device
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype of the backbone: ``auto`` = bf16 on CUDA, fp32 (None: no autocast) on the CPU.
 
@@ -60,27 +51,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 # ---------------------------------------------------------------------------------------------- model
 def build_eval_backbone(config: DictConfig) -> DinoVisionTransformer:
-    """The teacher backbone of a training or eval config, as the official eval setup builds it.
+    """The teacher backbone of a training or eval config, built as training built it (no drop path).
 
     ``img_size = crops.global_crops_size`` (518 in the eval presets, which sizes the position
-    embedding of the released weights); no drop path; LayerScale from ``student.layerscale`` (the
-    values come from the weights; without weights this is the state training starts from).
+    embedding of the released weights); LayerScale from ``student.layerscale`` (0 = none).
     """
-    s = config.student
-    return build_backbone(
-        s.arch,
-        img_size=int(config.crops.global_crops_size),
-        patch_size=int(s.patch_size),
-        ffn_layer=s.ffn_layer,
-        qkv_bias=s.qkv_bias,
-        proj_bias=s.proj_bias,
-        ffn_bias=s.ffn_bias,
-        num_register_tokens=int(s.num_register_tokens),
-        interpolate_antialias=bool(s.interpolate_antialias),
-        interpolate_offset=float(s.interpolate_offset),
-        init_values=float(s.layerscale) or 1.0,
-        drop_path_rate=0.0,
-    )
+    return backbone_from_config(config.student, img_size=config.crops.global_crops_size)
 
 
 def _find_run_config(weights: str) -> Path | None:

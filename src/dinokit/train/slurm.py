@@ -21,13 +21,13 @@ class _TrainJob:
     def __call__(self) -> None:
         import submitit
 
-        from .train import train
+        from ..cli.train import pretrain
 
         env = submitit.JobEnvironment()
         os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
         os.environ.setdefault("MASTER_PORT", str(20000 + int(env.job_id.split("_")[0]) % 40000))
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
-        train(OmegaConf.create(self.cfg_yaml), output_dir=self.output_dir, resume=self.resume)
+        pretrain(OmegaConf.create(self.cfg_yaml), output_dir=self.output_dir, resume=self.resume)
 
     def checkpoint(self):  # called by submitit on timeout/preemption: requeue, resuming from the last checkpoint
         import submitit

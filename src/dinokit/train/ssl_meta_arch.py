@@ -1,46 +1,29 @@
 """DINOv2's self-supervised meta-architecture: student, EMA teacher, heads, and the loss computation.
 
-``SSLMetaArch.compute_losses`` turns one collated batch into the total loss and the logged terms
-(spec §1.6). It never calls backward and knows nothing about distributed wrapping: the training
-loop (``train/train.py``) owns the optimisation, ``distributed/parallelize.py`` the sharding.
+``SSLMetaArch`` is the pretraining :class:`~dinokit.engine.Task`: ``compute_losses`` turns one collated
+batch into the total loss and the logged terms, ``after_step`` updates the EMA teacher. It never calls
+backward and knows nothing about distributed wrapping: the engine owns the optimisation and applies
+sharding and compilation to the modules declared here.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from ..config import backbone_from_config
+from ..engine.task import Export, LossOutput, Task
 from ..layers import DINOHead
 from ..losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
-from ..models import DinoVisionTransformer, build_backbone
 from ..models.checkpoint import (
     backbone_state_dict_from_checkpoint,
     load_backbone_weights,
     load_state_dict_file,
     resize_pos_embed,
 )
-
-
-def build_student_backbone(student_cfg, *, img_size: int, only_teacher: bool = False) -> DinoVisionTransformer:
-    """The backbone described by the official ``student.*`` keys (drop path only for the student)."""
-    kwargs = dict(
-        img_size=img_size,
-        patch_size=student_cfg.patch_size,
-        init_values=student_cfg.layerscale,
-        ffn_layer=student_cfg.ffn_layer,
-        qkv_bias=student_cfg.qkv_bias,
-        proj_bias=student_cfg.proj_bias,
-        ffn_bias=student_cfg.ffn_bias,
-        num_register_tokens=student_cfg.num_register_tokens,
-        interpolate_offset=student_cfg.interpolate_offset,
-        interpolate_antialias=student_cfg.interpolate_antialias,
-    )
-    if not only_teacher:
-        kwargs.update(drop_path_rate=student_cfg.drop_path_rate, drop_path_uniform=student_cfg.drop_path_uniform)
-    return build_backbone(student_cfg.arch, **kwargs)
 
 
 def build_head(head_cfg, embed_dim: int) -> DINOHead:
@@ -54,69 +37,65 @@ def build_head(head_cfg, embed_dim: int) -> DINOHead:
     )
 
 
-@dataclass
-class LossOutput:
-    total: torch.Tensor
-    terms: dict[str, torch.Tensor]  # logged values, official names
+def chunked_backbone_keys(state_dict: dict[str, torch.Tensor], depth: int, block_chunks: int) -> dict[str, torch.Tensor]:
+    """``backbone.blocks.i.*`` -> ``backbone.blocks.<chunk>.i.*`` (the official training layout when chunked)."""
+    if block_chunks <= 0:
+        return state_dict
+    chunk = depth // block_chunks
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "backbone" and parts[1] == "blocks":
+            parts.insert(2, str(int(parts[2]) // chunk))
+        out[".".join(parts)] = value
+    return out
 
 
-class SSLMetaArch(nn.Module):
-    """Student and teacher (same architecture) with DINO and optional separate iBOT heads, plus the losses."""
+def load_pretrained_backbone(backbone: nn.Module, path: str) -> None:
+    """Any backbone layout, strictly, with the position embedding resized to ``backbone``'s grid.
 
-    def __init__(self, cfg) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.do_dino = cfg.dino.loss_weight > 0
-        self.do_koleo = cfg.dino.koleo_loss_weight > 0
-        self.do_ibot = cfg.ibot.loss_weight > 0
-        self.ibot_separate_head = cfg.ibot.separate_head
-        self.centering = cfg.train.centering
+    Unlike the official ``student.pretrained_weights`` (non-strict, ``{"model": ...}`` files only).
+    """
+    sd = backbone_state_dict_from_checkpoint(load_state_dict_file(path))
+    load_backbone_weights(backbone, resize_pos_embed(sd, backbone.patch_embed.num_patches))
 
-        backbone = build_student_backbone(cfg.student, img_size=cfg.crops.global_crops_size)
-        if cfg.student.pretrained_weights:
-            # Unlike the official (non-strict, {"model": ...} files only): any backbone layout, strict, with the
-            # position embedding resized to the training grid.
-            sd = backbone_state_dict_from_checkpoint(load_state_dict_file(cfg.student.pretrained_weights))
-            load_backbone_weights(backbone, resize_pos_embed(sd, backbone.patch_embed.num_patches))
-        embed_dim = backbone.embed_dim
-        student = {"backbone": backbone}
-        if self.do_dino or self.do_ibot:
-            student["dino_head"] = build_head(cfg.dino, embed_dim)
-        if self.do_ibot and self.ibot_separate_head:
-            student["ibot_head"] = build_head(cfg.ibot, embed_dim)
-        self.student = nn.ModuleDict(student)
-        # The teacher starts as an exact copy of the student, without drop path, and never gets gradients.
-        self.teacher = copy.deepcopy(self.student)
-        for blk in self.teacher.backbone.blocks:
-            blk.drop_path_rate = 0.0
-        self.teacher.requires_grad_(False)
 
-        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
-        self.koleo_loss = KoLeoLoss()
-        ibot_k = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
-        self.ibot_patch_loss = iBOTPatchLoss(ibot_k)
+def ssl_heads(dino_cfg, ibot_cfg, embed_dim: int) -> dict[str, DINOHead]:
+    """The heads of one student: ``dino_head`` (also iBOT's unless ``ibot.separate_head``), ``ibot_head``."""
+    heads = {}
+    if dino_cfg.loss_weight > 0 or ibot_cfg.loss_weight > 0:
+        heads["dino_head"] = build_head(dino_cfg, embed_dim)
+    if ibot_cfg.loss_weight > 0 and ibot_cfg.separate_head:
+        heads["ibot_head"] = build_head(ibot_cfg, embed_dim)
+    return heads
 
-    def train(self, mode: bool = True) -> "SSLMetaArch":
-        super().train(mode)
-        self.teacher.eval()  # the teacher never uses drop path
-        return self
 
-    # ------------------------------------------------------------------ teacher targets
+class SSLObjective:
+    """The DINOv2 loss terms from a teacher's and a student's modules (shared by pretraining and distillation).
+
+    A mixin: the class sets ``dino_loss``, ``koleo_loss``, ``ibot_patch_loss`` (their centres are the only
+    state), the flags ``do_dino``, ``do_koleo``, ``do_ibot``, ``ibot_separate_head``, ``centering`` and the
+    weights ``dino_weight``, ``koleo_weight``, ``ibot_weight``. Teacher and student are ``ModuleDict``s
+    with ``backbone``, ``dino_head`` and optionally ``ibot_head``.
+    """
+
     @torch.no_grad()
-    def teacher_targets(self, batch, teacher_temp: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Teacher probabilities: DINO (2, B, K) with the two global views swapped, iBOT (n_masked, K)."""
-        n_images = batch.global_crops.shape[0] // 2
-        out = self.teacher.backbone(batch.global_crops, is_training=True)
+    def teacher_probs(self, teacher: nn.ModuleDict, global_crops: torch.Tensor, patch_index: torch.Tensor,
+                      n_patches: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Teacher probabilities: DINO (2, B, K) with the two global views swapped, iBOT (n_patches, K) for the
+        patch tokens at ``patch_index`` (flat indices into the (2B * N) global-crop tokens)."""
+        n_images = global_crops.shape[0] // 2
+        out = teacher.backbone(global_crops, is_training=True)
         cls = out["x_norm_clstoken"]  # (2B, D)
         cls = torch.cat((cls[n_images:], cls[:n_images]))  # [crop2; crop1]: each student view meets the other view
-        masked_patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch.mask_indices)  # (n_masked, D)
+        masked_patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, patch_index)  # (n_masked, D)
         n_cls = cls.shape[0]
         if self.do_ibot and not self.ibot_separate_head:
-            logits = self.teacher.dino_head(torch.cat((cls, masked_patches)))
+            logits = teacher.dino_head(torch.cat((cls, masked_patches)))
             cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
         else:
-            cls_logits = self.teacher.dino_head(cls) if self.do_dino else None
-            patch_logits = self.teacher.ibot_head(masked_patches) if self.do_ibot else None
+            cls_logits = teacher.dino_head(cls) if self.do_dino else None
+            patch_logits = teacher.ibot_head(masked_patches) if self.do_ibot else None
 
         dino_probs = ibot_probs = None
         if self.centering == "centering":
@@ -131,44 +110,58 @@ class SSLMetaArch(nn.Module):
                 dino_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             if self.do_ibot:
                 ibot_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    patch_logits, teacher_temp, n_masked_patches_tensor=batch.n_masked_patches
+                    patch_logits, teacher_temp, n_masked_patches_tensor=n_patches
                 )
         if dino_probs is not None:
             dino_probs = dino_probs.view(2, n_images, -1)  # (2, B, K)
         return dino_probs, ibot_probs
 
-    # ------------------------------------------------------------------ losses
-    def compute_losses(self, batch, teacher_temp: float) -> LossOutput:
-        """All DINOv2 loss terms for one batch (spec §1.6); no backward."""
-        cfg = self.cfg
-        n_images = batch.global_crops.shape[0] // 2
-        n_local = batch.local_crops.shape[0] // n_images if batch.local_crops is not None else 0
-        dino_probs, ibot_probs = self.teacher_targets(batch, teacher_temp)
+    def student_losses(
+        self,
+        student: nn.ModuleDict,
+        *,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None,
+        student_masks: torch.Tensor | None,
+        patch_index: torch.Tensor,
+        ibot_masks_flat: torch.Tensor,
+        n_patches: torch.Tensor | int | None,
+        masks_weight: torch.Tensor | None,
+        dino_probs: torch.Tensor | None,
+        ibot_probs: torch.Tensor | None,
+    ) -> LossOutput:
+        """All loss terms of one student against the teacher's probabilities; no backward.
 
-        crops = [batch.global_crops]
-        masks = [batch.masks if self.do_ibot else None]
+        ``student_masks`` masks the student's global-crop input (iBOT pretraining) or is None (distillation);
+        the iBOT loss compares the student's tokens at ``patch_index`` with ``ibot_probs``, weighted per image
+        by ``masks_weight`` (default: 1 / the selected tokens of the row's image, from ``ibot_masks_flat``).
+        """
+        n_images = global_crops.shape[0] // 2
+        n_local = local_crops.shape[0] // n_images if local_crops is not None else 0
+        crops = [global_crops]
+        masks = [student_masks]
         if n_local:
-            crops.append(batch.local_crops)
+            crops.append(local_crops)
             masks.append(None)
-        outs = self.student.backbone(crops, masks=masks, is_training=True)
+        outs = student.backbone(crops, masks=masks, is_training=True)
         global_out = outs[0]
         global_cls = global_out["x_norm_clstoken"]  # (2B, D)
         local_cls = outs[1]["x_norm_clstoken"] if n_local else global_cls[:0]  # (n_l*B, D)
-        masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch.mask_indices)
+        masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, patch_index)
 
         # One head call over [local cls; global cls; (masked patches)] when the heads are shared.
         n_l_rows, n_g_rows = local_cls.shape[0], global_cls.shape[0]
         student_patch_logits = None
         if self.do_ibot and not self.ibot_separate_head:
-            logits = self.student.dino_head(torch.cat((local_cls, global_cls, masked_patches)))
+            logits = student.dino_head(torch.cat((local_cls, global_cls, masked_patches)))
             local_logits, global_logits = logits[:n_l_rows], logits[n_l_rows : n_l_rows + n_g_rows]
             student_patch_logits = logits[n_l_rows + n_g_rows :]
         else:
             if self.do_dino:
-                logits = self.student.dino_head(torch.cat((local_cls, global_cls)))
+                logits = student.dino_head(torch.cat((local_cls, global_cls)))
                 local_logits, global_logits = logits[:n_l_rows], logits[n_l_rows:]
             if self.do_ibot:
-                student_patch_logits = self.student.ibot_head(masked_patches)
+                student_patch_logits = student.ibot_head(masked_patches)
 
         n_global_terms = 2  # (n_global_crops - 1) * n_global_crops
         n_local_terms = max(n_local * 2, 1)
@@ -180,26 +173,89 @@ class SSLMetaArch(nn.Module):
             if n_local:
                 local_loss = self.dino_loss(list(local_logits.chunk(n_local)), list(dino_probs.unbind(0))) / denom
                 terms["dino_local_crops_loss"] = local_loss
-                total = total + cfg.dino.loss_weight * local_loss
+                total = total + self.dino_weight * local_loss
             global_loss = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)]) * loss_scales / denom
             terms["dino_global_crops_loss"] = global_loss
-            total = total + cfg.dino.loss_weight * global_loss
+            total = total + self.dino_weight * global_loss
         if self.do_koleo:
-            koleo = cfg.dino.koleo_loss_weight * sum(self.koleo_loss(p) for p in global_cls.chunk(2))
+            koleo = self.koleo_weight * sum(self.koleo_loss(p) for p in global_cls.chunk(2))
             terms["koleo_loss"] = koleo / loss_scales
             total = total + koleo
         if self.do_ibot:
             ibot = self.ibot_patch_loss.forward_masked(
                 student_patch_logits,
                 ibot_probs,
-                student_masks_flat=batch.masks,
-                n_masked_patches=batch.n_masked_patches,
-                masks_weight=batch.masks_weight,
+                student_masks_flat=ibot_masks_flat,
+                n_masked_patches=n_patches,
+                masks_weight=masks_weight,
             )
             ibot = ibot * loss_scales * 0.5  # x loss_scales x 1/n_global_crops, as the official code
             terms["ibot_loss"] = ibot / loss_scales
-            total = total + cfg.ibot.loss_weight * ibot
+            total = total + self.ibot_weight * ibot
         return LossOutput(total=total, terms=terms)
+
+
+class SSLMetaArch(SSLObjective, Task):
+    """Student and teacher (same architecture) with DINO and optional separate iBOT heads, plus the losses.
+
+    Built from the config's ``student``, ``dino``, ``ibot``, ``crops`` and ``train.centering`` sections.
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        dino, ibot = cfg.dino, cfg.ibot
+        self.dino_weight, self.koleo_weight, self.ibot_weight = dino.loss_weight, dino.koleo_loss_weight, ibot.loss_weight
+        self.do_dino = dino.loss_weight > 0
+        self.do_koleo = dino.koleo_loss_weight > 0
+        self.do_ibot = ibot.loss_weight > 0
+        self.ibot_separate_head = ibot.separate_head
+        self.centering = cfg.train.centering
+        self.block_chunks = cfg.student.block_chunks
+
+        backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size, training=True)
+        if cfg.student.pretrained_weights:
+            load_pretrained_backbone(backbone, cfg.student.pretrained_weights)
+        self.student = nn.ModuleDict({"backbone": backbone, **ssl_heads(dino, ibot, backbone.embed_dim)})
+        # The teacher starts as an exact copy of the student, without drop path, and never gets gradients.
+        self.teacher = copy.deepcopy(self.student)
+        for blk in self.teacher.backbone.blocks:
+            blk.drop_path_rate = 0.0
+        self.teacher.requires_grad_(False)
+
+        self.dino_loss = DINOLoss(dino.head_n_prototypes)
+        self.koleo_loss = KoLeoLoss()
+        self.ibot_patch_loss = iBOTPatchLoss(ibot.head_n_prototypes if self.ibot_separate_head else dino.head_n_prototypes)
+
+    # ------------------------------------------------------------------ the Task contract
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {f"student.{name}": module for name, module in self.student.items()}
+
+    def inference_modules(self) -> dict[str, nn.Module]:
+        return {f"teacher.{name}": module for name, module in self.teacher.items()}
+
+    def exports(self) -> list[Export]:
+        """The teacher, in the official ``teacher_checkpoint.pth`` layout (chunked keys when block_chunks > 0)."""
+        depth = self.teacher.backbone.n_blocks
+        return [Export(self.teacher, layout=lambda sd: chunked_backbone_keys(sd, depth, self.block_chunks))]
+
+    def batch_size(self, batch) -> int:
+        return batch.global_crops.shape[0] // 2
+
+    def after_step(self, iteration: int, sched: Mapping[str, float]) -> None:
+        self.update_teacher(sched["momentum"])
+
+    # ------------------------------------------------------------------ losses
+    def compute_losses(self, batch, iteration: int, sched: Mapping[str, float]) -> LossOutput:
+        """All DINOv2 loss terms for one batch, at this iteration's teacher temperature; no backward."""
+        dino_probs, ibot_probs = self.teacher_probs(
+            self.teacher, batch.global_crops, batch.mask_indices, batch.n_masked_patches, sched["teacher_temp"]
+        )
+        return self.student_losses(
+            self.student, global_crops=batch.global_crops, local_crops=batch.local_crops,
+            student_masks=batch.masks if self.do_ibot else None, patch_index=batch.mask_indices,
+            ibot_masks_flat=batch.masks, n_patches=batch.n_masked_patches, masks_weight=batch.masks_weight,
+            dino_probs=dino_probs, ibot_probs=ibot_probs,
+        )
 
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()

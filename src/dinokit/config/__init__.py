@@ -1,0 +1,34 @@
+"""Configuration: the official DINOv2 key tree as a typed schema (``schema.py``), loading and checks
+(``loading.py``), and the one place where a ``student`` section becomes a backbone (``backbone.py``).
+
+Components take their own section (``cfg.optim``, ``cfg.crops``, ``cfg.student``...), never the whole tree.
+"""
+
+from .backbone import backbone_from_config
+from .loading import (
+    DTYPES,
+    apply_scaling_rules,
+    as_dataclass,
+    check_inert_keys,
+    compute_dtype,
+    list_presets,
+    load_config,
+    validate,
+    write_config,
+)
+from .schema import SSLConfig, StudentConfig
+
+__all__ = [
+    "DTYPES",
+    "SSLConfig",
+    "StudentConfig",
+    "apply_scaling_rules",
+    "as_dataclass",
+    "backbone_from_config",
+    "check_inert_keys",
+    "compute_dtype",
+    "list_presets",
+    "load_config",
+    "validate",
+    "write_config",
+]

@@ -1,0 +1,289 @@
+"""The training loop every dinokit trainer runs: a :class:`~dinokit.engine.task.Task` from set-up to the last snapshot.
+
+The engine owns what is the same for pretraining, distillation and head training: the precomputed
+schedules applied to parameter groups, gradient clipping, mixed precision, FSDP2/compile/activation
+checkpointing applied from outside, atomic checkpoints that resume exactly (data position included),
+metrics lines and the progress bar, the NaN stop, snapshots, and hooks called after each snapshot
+(e.g. a k-NN monitor, passed in by the command). It runs unchanged in one CPU process, on one GPU, or
+under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .. import distributed as dist_utils
+from ..errors import DinokitError
+from .checkpoint import Checkpointer, atomic_torch_save
+from .metrics import MetricsLogger
+from .optim import apply_optim_schedule, build_optimizer, get_param_groups
+from .parallel import parallelize
+from .task import Export, Task
+
+
+@dataclass
+class EngineConfig:
+    """The engine's own settings (a command fills them from its config's ``train``/``optim``/... keys)."""
+
+    max_iter: int  # iterations of the whole run
+    checkpoint_period: int  # iterations between resumable checkpoints
+    snapshot_period: int = 0  # iterations between snapshots (0: only the last iteration)
+    log_freq: int = 10  # iterations between metrics lines
+    clip_grad: float = 0.0  # gradient-norm clip per trainable module (0: none)
+    dtype: torch.dtype = torch.float32  # autocast dtype (float32: no autocast)
+    grad_scaler: bool = True  # scale the loss when dtype is float16
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute block activations of trainable modules in backward
+    reshard_after_forward: Mapping[str, bool] | None = None  # FSDP2 flag per module name (default True)
+    layerwise_decay: float = 1.0  # lr multiplier per block below the top of each backbone
+    patch_embed_lr_mult: float = 1.0  # extra lr multiplier of patch embeddings
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    keep_checkpoints: int = 3
+    tracker: str = "none"  # also log to tensorboard or wandb
+    run_config: dict | None = None  # recorded by trackers
+
+
+class Hook(Protocol):
+    """Called on every rank after each snapshot; ``log`` appends a line to ``training_metrics.json``."""
+
+    def __call__(self, iteration: int, snapshots: dict[str, Path], log: Callable[[dict], None]) -> None: ...
+
+
+def init_run(seed: int) -> tuple[int, int]:
+    """Join the process group (if launched by torchrun/SLURM) and seed this rank; returns (rank, world size).
+
+    Call it before building the task, so that initialisation is reproducible.
+    """
+    dist_utils.init_from_environment()
+    rank = dist_utils.get_rank()
+    torch.manual_seed(seed + rank)
+    return rank, dist_utils.get_world_size()
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """A dataclass batch (or a dict/tuple of tensors) with its tensors on ``device``."""
+    move = lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+    if isinstance(batch, dict):
+        return {k: move(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move(v) for v in batch)
+    return move(batch)
+
+
+def save_export(export: Export, path: Path) -> None:
+    """Write ``{"teacher": full state dict}`` of ``export.module`` (collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(export.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist_utils.is_main_process():
+        atomic_torch_save({"teacher": export.layout(sd) if export.layout else sd}, path)
+    dist_utils.barrier()
+
+
+class Engine:
+    """Runs ``task`` into ``output_dir`` on ``device`` with the given schedules and hooks."""
+
+    def __init__(
+        self,
+        task: Task,
+        cfg: EngineConfig,
+        *,
+        output_dir: str | Path,
+        device: torch.device,
+        schedules: Mapping[str, Any],
+        hooks: Iterable[Hook] = (),
+    ) -> None:
+        self.task, self.cfg, self.device = task, cfg, device
+        self.output_dir = Path(output_dir)
+        self.schedules = dict(schedules)
+        self.hooks = list(hooks)
+        self.is_main = dist_utils.is_main_process()
+
+        task.to(device)
+        mesh = None
+        if dist_utils.get_world_size() > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(device.type, (dist_utils.get_world_size(),))
+        for module in task.inference_modules().values():
+            module.requires_grad_(False)
+        parallelize(
+            task.trainable_modules(),
+            task.inference_modules(),
+            mesh=mesh,
+            compile_blocks=cfg.compile,
+            activation_checkpointing=cfg.activation_checkpointing,
+            param_dtype=cfg.dtype if (mesh is not None and device.type == "cuda" and cfg.dtype != torch.float32) else None,
+            reshard_after_forward=dict(cfg.reshard_after_forward or {}),
+        )
+        task.train()
+
+        groups = []
+        for module in task.trainable_modules().values():
+            groups += get_param_groups(module, lr_decay_rate=cfg.layerwise_decay, patch_embed_lr_mult=cfg.patch_embed_lr_mult)
+        self.optimizer = build_optimizer(groups, betas=cfg.betas)
+        use_scaler = cfg.dtype == torch.float16 and cfg.grad_scaler
+        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        self.autocast = (
+            torch.autocast(device.type, dtype=cfg.dtype) if cfg.dtype != torch.float32 else contextlib.nullcontext()
+        )
+        self.checkpointer = Checkpointer(
+            self.output_dir / "checkpoints", model=task.checkpointed(), optimizer=self.optimizer, keep=cfg.keep_checkpoints
+        )
+
+    # ------------------------------------------------------------------ one step
+    def step(self, batch: Any, iteration: int, sched: Mapping[str, float]):
+        """losses -> backward -> clip per trainable module -> optimiser step -> ``task.after_step``."""
+        apply_optim_schedule(self.optimizer, lr=sched["lr"], wd=sched["wd"], last_layer_lr=sched.get("last_layer_lr", sched["lr"]))
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            out = self.task.compute_losses(batch, iteration, sched)
+        if self.scaler is not None:
+            self.scaler.scale(out.total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            out.total.backward()
+        if self.cfg.clip_grad:
+            for module in self.task.trainable_modules().values():
+                torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.task.after_step(iteration, sched)
+        return out
+
+    # ------------------------------------------------------------------ resume
+    def restore(self, *, resume: bool, weights: str | Path | None = None) -> int:
+        """The iteration to start from: an explicit checkpoint ``weights``, else the newest one (``resume``), else 0."""
+        if weights:
+            return int(self.checkpointer.load(Path(weights))["iteration"])
+        if resume and (state := self.checkpointer.resume()) is not None:
+            start = int(state["iteration"])
+            if self.is_main:
+                print(f"resumed from iteration {start} ({self.checkpointer.directory})")
+            return start
+        return 0
+
+    # ------------------------------------------------------------------ the run
+    def run(
+        self, make_loader: Callable[[int], Iterable], *, start_iter: int = 0, stop_after: int | None = None
+    ) -> dict[str, Any]:
+        """Train from ``start_iter``; ``make_loader(i)`` gives the batches from global batch ``i`` on.
+
+        ``stop_after`` ends the run after that many iterations as if it had been killed there (resume tests).
+        """
+        cfg, output_dir = self.cfg, self.output_dir
+        max_iter = cfg.max_iter
+        if start_iter >= max_iter:
+            if self.is_main:
+                print(f"training already complete ({max_iter} iterations) in {output_dir}")
+            return {"iteration": start_iter, "output_dir": str(output_dir), "resumed": True}
+        loader = make_loader(start_iter)
+        tracker = _make_tracker(cfg, output_dir) if self.is_main else None
+        logger = MetricsLogger(
+            output_dir / "training_metrics.json", total=max_iter, initial=start_iter, enabled=self.is_main, tracker=tracker
+        )
+        log_freq, ckpt_period = max(1, cfg.log_freq), max(1, cfg.checkpoint_period)
+        pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        last_record: dict[str, Any] = {}
+        snapshots: list[str] = []
+        n_bad_total = 0
+        end_iter = max_iter if stop_after is None else min(max_iter, stop_after)
+        iteration = start_iter
+        last_batch = None
+        t_data = time.perf_counter()
+        try:
+            for iteration, batch in zip(range(start_iter, end_iter), loader):
+                data_time = time.perf_counter() - t_data
+                n_bad = int(getattr(batch, "n_bad", 0))
+                n_bad_total += n_bad
+                if getattr(batch, "n_samples", 1) == 0:  # every image of this batch was unreadable: repeat the last one
+                    if last_batch is None:
+                        raise DinokitError("no readable image in the first batch of the dataset; check the dataset")
+                    warnings.warn(f"iteration {iteration}: no readable image in the batch; repeating the previous batch",
+                                  stacklevel=1)
+                    batch = last_batch
+                last_batch = batch
+                batch = batch_to(batch, self.device)
+                sched = {name: float(values[iteration]) for name, values in self.schedules.items()}
+                out = self.step(batch, iteration, sched)
+                pending.append((out.total.detach(), {k: v.detach() for k, v in out.terms.items()}))
+                logger.update(**_schedule_fields(sched), current_batch_size=self.task.batch_size(batch),
+                              data_time=data_time, iter_time=time.perf_counter() - t_data)
+                logger.step()
+                done = iteration + 1
+                is_last = done == max_iter
+                if done % log_freq == 0 or is_last or done == end_iter or done % ckpt_period == 0:
+                    # One host sync per logging window: losses are reduced over ranks and checked for NaN/inf here.
+                    self._flush_losses(pending, logger, iteration)
+                    pending.clear()
+                    last_record = logger.log(iteration)
+                    last_record["bad_images"] = n_bad_total
+                if (cfg.snapshot_period > 0 and done % cfg.snapshot_period == 0) or is_last:
+                    snapshots.append(str(self._snapshot(iteration, logger)))
+                if done % ckpt_period == 0 or is_last or done == end_iter:
+                    self.checkpointer.save(done)
+                t_data = time.perf_counter()
+        finally:
+            logger.close()
+        return {"iteration": iteration + 1, "output_dir": str(output_dir), "metrics": last_record,
+                "snapshots": snapshots, "bad_images": n_bad_total}
+
+    def _flush_losses(self, pending, logger: MetricsLogger, iteration: int) -> None:
+        if not pending:
+            return
+        totals = torch.stack([t for t, _ in pending]).float()
+        names = sorted(pending[-1][1])
+        terms = torch.stack([torch.stack([d[n].float() for n in names]) for _, d in pending]) if names else None
+        dist_utils.all_reduce_mean(totals)
+        if terms is not None:
+            dist_utils.all_reduce_mean(terms)
+        if not torch.isfinite(totals).all():
+            bad = iteration - len(pending) + 1 + int((~torch.isfinite(totals)).nonzero()[0])
+            latest = self.checkpointer.latest()
+            kept = (f"the last good checkpoint (iteration {latest[0]}) is kept in {self.checkpointer.directory}"
+                    if latest else "no checkpoint had been written yet")
+            value = totals[~torch.isfinite(totals)][0].item()
+            raise DinokitError(f"loss became {value} at iteration {bad}; {kept}; lower optim.base_lr or raise "
+                               "train.batch_size_per_gpu")
+        for i in range(totals.shape[0]):
+            logger.update(total_loss=totals[i].item())
+            if terms is not None:
+                logger.update(**{n: terms[i, j].item() for j, n in enumerate(names)})
+
+    def _snapshot(self, iteration: int, logger: MetricsLogger) -> Path:
+        """Write every export of the task, then run the hooks on them."""
+        paths: dict[str, Path] = {}
+        for export in self.task.exports():
+            path = self.output_dir / export.subdir / "eval" / f"training_{iteration}" / export.filename
+            save_export(export, path)
+            paths[export.subdir] = path
+        for hook in self.hooks:
+            hook(iteration, paths, logger.write)
+        return next(iter(paths.values())) if paths else self.output_dir
+
+
+def _schedule_fields(sched: Mapping[str, float]) -> dict[str, float]:
+    """Schedule values under the official metric names (``momentum`` is logged as ``mom``)."""
+    return {("mom" if name == "momentum" else name): value for name, value in sched.items()}
+
+
+def _make_tracker(cfg: EngineConfig, output_dir: Path):
+    if cfg.tracker in ("", "none"):
+        return None
+    from ..tracking import make_tracker
+
+    return make_tracker(cfg.tracker, output_dir, cfg.run_config)

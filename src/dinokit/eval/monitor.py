@@ -1,0 +1,54 @@
+"""The k-NN monitor: a hook that commands pass to the training engine to evaluate each snapshot.
+
+It builds a plain (unsharded, uncompiled) backbone on every rank from the run's ``student`` section,
+loads the snapshot from disk and runs the k-NN protocol on ``evaluation.knn_dataset``; the same code
+then runs in one process and under FSDP, where ranks may see different numbers of batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import backbone_from_config
+from ..models import load_backbone_weights
+from .knn import run_knn_eval
+
+
+class KnnMonitor:
+    """``hook(iteration, {subdir: snapshot}, log)``: logs ``knn_top1_k*``/``knn_top5_k*`` for each snapshot.
+
+    ``students`` maps each snapshot's subdir ("" for a single model) to the ``student`` section that
+    describes it; with several, the metrics of each are logged as ``<subdir>/knn_top1_k10``.
+    """
+
+    def __init__(self, *, train: str, val: str, students: Mapping[str, Any], image_size: int, ks, temperature: float,
+                 device: torch.device) -> None:
+        self.train, self.val = train, val
+        self.students = dict(students)
+        self.image_size, self.ks, self.temperature, self.device = image_size, tuple(ks), temperature, device
+
+    def __call__(self, iteration: int, snapshots: dict[str, Path], log: Callable[[dict], None]) -> None:
+        for subdir, path in snapshots.items():
+            backbone = backbone_from_config(self.students[subdir], img_size=self.image_size)
+            load_backbone_weights(backbone, path)
+            metrics = run_knn_eval(
+                backbone.to(self.device).eval(), train_dataset_str=self.train, val_dataset_str=self.val,
+                device=self.device, image_size=self.image_size, ks=self.ks, temperature=self.temperature,
+            )
+            prefix = f"{subdir}/" if subdir else ""
+            log({"iteration": iteration, **{prefix + k: v for k, v in metrics.items()}})
+
+
+def knn_monitor(cfg, device: torch.device, students: Mapping[str, Any] | None = None) -> KnnMonitor | None:
+    """The monitor described by ``cfg.evaluation`` (None when ``evaluation.knn_dataset`` is unset)."""
+    evaluation = cfg.evaluation
+    knn = evaluation.knn_dataset
+    if knn is None or not knn.train or not knn.val:
+        return None
+    return KnnMonitor(train=knn.train, val=knn.val, students=students or {"": cfg.student},
+                      image_size=cfg.crops.global_crops_size, ks=evaluation.knn_k,
+                      temperature=evaluation.knn_temperature, device=device)
