@@ -22,7 +22,17 @@ _NEEDS_PYAV = "needs PyAV: pip install 'dinokit[video]' (or use a folder of fram
 
 
 def is_video_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS and Path(path).is_file()
+    """A file with a video extension; a .gif only when it has several frames (else it is an image)."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_EXTENSIONS or not path.is_file():
+        return False
+    if path.suffix.lower() != ".gif":
+        return True
+    try:
+        with Image.open(path) as gif:
+            return getattr(gif, "n_frames", 1) > 1
+    except OSError:
+        return True  # unreadable: reported as a video that cannot be read
 
 
 def _decode_with_pyav(path: Path) -> list[Image.Image]:
