@@ -21,8 +21,8 @@ import numpy as np
 from torch import nn
 
 from ..data.images import resolve_image_inputs
-from ..errors import DinokitError
 from ..devices import resolve_device
+from ..errors import DinokitError
 from ..eval.setup import resolve_dtype
 from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps
 from ..viz.drawing import UPSAMPLE_MODES, grid, save_png
