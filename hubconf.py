@@ -3,7 +3,9 @@
 Each is ``fn(*, pretrained=True, weights=None, **kwargs)``: ``weights`` loads a file or URL
 (strictly), else ``pretrained`` fetches the official weights through torch.hub's cache; ``kwargs``
 override the constructor settings. The ``_lc`` classifiers also take ``layers`` (4 or 1),
-``num_classes`` and ``backbone_weights``; their ``weights`` is the head file.
+``num_classes`` and ``backbone_weights``; their ``weights`` is the head file. The depthers ``_ld``
+(linear) and ``_dd`` (DPT) take ``weights="NYU"|"KITTI"`` (or a head file), ``layers`` (``_ld``: 4 or 1),
+``depth_range`` and ``backbone_weights``.
 See :func:`dinokit.models.create_model`.
 """
 
@@ -38,3 +40,13 @@ dinov2_vits14_reg_lc = hub_entry_point("dinov2_vits14_reg_lc")
 dinov2_vitb14_reg_lc = hub_entry_point("dinov2_vitb14_reg_lc")
 dinov2_vitl14_reg_lc = hub_entry_point("dinov2_vitl14_reg_lc")
 dinov2_vitg14_reg_lc = hub_entry_point("dinov2_vitg14_reg_lc")
+
+dinov2_vits14_ld = hub_entry_point("dinov2_vits14_ld")
+dinov2_vitb14_ld = hub_entry_point("dinov2_vitb14_ld")
+dinov2_vitl14_ld = hub_entry_point("dinov2_vitl14_ld")
+dinov2_vitg14_ld = hub_entry_point("dinov2_vitg14_ld")
+
+dinov2_vits14_dd = hub_entry_point("dinov2_vits14_dd")
+dinov2_vitb14_dd = hub_entry_point("dinov2_vitb14_dd")
+dinov2_vitl14_dd = hub_entry_point("dinov2_vitl14_dd")
+dinov2_vitg14_dd = hub_entry_point("dinov2_vitg14_dd")

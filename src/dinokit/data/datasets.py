@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..errors import DinokitError
 from .images import ImageFiles, find_images, read_path_list
@@ -40,16 +40,19 @@ class ImageDataset(ImageFiles):
         return f"{type(self).__name__}({self.name!r}, {len(self)} images, {len(self.classes)} classes)"
 
 
-def parse_dataset_str(dataset_str: str) -> tuple[str, dict[str, str]]:
-    """``"Name:k=v:..."`` -> (Name, {k: v}); a bare path -> ("ImageFolder", {"root": path})."""
+def parse_dataset_str(dataset_str: str, names: Sequence[str] = DATASET_NAMES) -> tuple[str, dict[str, str]]:
+    """``"Name:k=v:..."`` -> (Name, {k: v}); a bare path -> ("ImageFolder", {"root": path}).
+
+    ``names``: the dataset names accepted (other families of datasets, e.g. the dense ones, pass theirs).
+    """
     text = dataset_str.strip()
     if not text:
         raise DinokitError("empty dataset string; use e.g. 'ImageFolder:root=/path/to/images'")
     head, sep, rest = text.partition(":")
-    if head not in DATASET_NAMES:
+    if head not in names:
         if re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", head) and sep and "=" in rest.split(":")[0] and not Path(text).exists():
             raise DinokitError(
-                f"unknown dataset {head!r} in {dataset_str!r}; known: {', '.join(DATASET_NAMES)} (or a bare folder path)"
+                f"unknown dataset {head!r} in {dataset_str!r}; known: {', '.join(names)} (or a bare folder path)"
             )
         return "ImageFolder", {"root": text}
     kwargs: dict[str, str] = {}

@@ -7,11 +7,13 @@ LayerScale), so the official weights load with ``strict=True``:
 * plain models interpolate the position embedding with ``scale_factor`` and offset 0.1;
 * ``_reg`` models have 4 register tokens and use ``size=`` with antialiasing (offset 0);
 * ViT-g uses the SwiGLU FFN (``mlp.w12``/``mlp.w3``);
-* ``_lc`` models add a linear ImageNet-1k head over 1 or 4 blocks (:mod:`.linear_classifier`).
+* ``_lc`` models add a linear ImageNet-1k head over 1 or 4 blocks (:mod:`.linear_classifier`);
+* ``_ld`` / ``_dd`` models add a linear / DPT depth head (NYU or KITTI), built by :mod:`dinokit.dense.hub`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class ModelInfo:
     """Official backbone weights (``*_pretrain.pth``)."""
     head_urls: Mapping[int, str] = field(default_factory=dict, repr=False)
     """``_lc`` only: official head file per number of blocks (1 and 4)."""
+    depth_head: str = ""
+    """``ld`` (linear depth head) or ``dd`` (DPT depth head) for the depth models, else empty."""
 
     @property
     def is_classifier(self) -> bool:
@@ -80,6 +84,10 @@ def _build_table() -> dict[str, ModelInfo]:
                     backbone_url=f"{BASE_URL}/{base}/{stem}_pretrain.pth",
                     head_urls=heads if lc else {},
                 )
+    for size, arch in _ARCH_BY_SIZE.items():  # depth models: no register variants, as in the official hub
+        base = f"dinov2_vit{size}14"
+        for head in ("ld", "dd"):
+            table[f"{base}_{head}"] = dataclasses.replace(table[base], name=f"{base}_{head}", depth_head=head)
     return table
 
 
@@ -120,6 +128,10 @@ def _backbone_size(name: str) -> tuple[int, int]:
 def count_parameters(name: str, *, layers: int = 4) -> int:
     """Parameter count of a named model, as in the official tables (``mask_token`` included)."""
     info = model_info(name)
+    if info.depth_head:
+        from ..dense.hub import count_depther_parameters
+
+        return count_depther_parameters(info.name, layers=layers)
     n, dim = _backbone_size(info.name.removesuffix("_lc"))
     if info.is_classifier:
         n += (1 + layers) * dim * IMAGENET_CLASSES + IMAGENET_CLASSES
@@ -152,6 +164,10 @@ def create_model(
         weights = None  # official semantics: the tag names the official file, ``pretrained`` decides
     if info.is_classifier:
         return _create_classifier(info, pretrained=pretrained, head_weights=weights, **overrides)
+    if info.depth_head:
+        from ..dense.hub import create_depther  # backbone + depth head; weights = "NYU", "KITTI" or a head file
+
+        return create_depther(info.name, pretrained=pretrained, weights=weights, **overrides)
     backbone = build_backbone(info.arch, **{**info.kwargs, **overrides})
     if weights is not None:
         load_backbone_weights(backbone, weights)
@@ -203,6 +219,8 @@ def hub_entry_point(name: str) -> Callable[..., nn.Module]:
         return create_model(info.name, pretrained=pretrained, weights=weights, **kwargs)
 
     kind = "linear classifier (backbone + ImageNet-1k head)" if info.is_classifier else "backbone"
+    if info.depth_head:
+        kind = f"{'linear' if info.depth_head == 'ld' else 'DPT'} depther (backbone + depth head, weights NYU or KITTI)"
     entry_point.__name__ = entry_point.__qualname__ = info.name
     entry_point.__doc__ = (
         f"DINOv2 {info.arch} /14 {kind}{' with 4 registers' if info.num_register_tokens else ''}, "

@@ -1,0 +1,119 @@
+"""``dinokit dense train|eval|predict``: segmentation and depth heads on a frozen backbone.
+
+``train`` fits a linear / multi-level / DPT head with the published recipe (any setting can be
+overridden as ``key=value``, e.g. ``iterations=500 batch_size=8 crop_size=64``), evaluates it and saves
+``OUTPUT_DIR/head.pth`` (official layout) with ``results_eval_{segmentation,depth}.json``. ``eval``
+scores a saved or official head; ``predict`` writes input | prediction pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DATASETS_HELP = (
+    "SegFolder:root=DIR (DIR/images + DIR/masks), DepthFolder:root=DIR (DIR/images + DIR/depth), "
+    "ADE20K:root=DIR:split=training|validation, VOC2012:root=DIR:split=train|val, NYU:root=DIR:split=train|test, "
+    "or the generated SegSample:split=train|val / DepthSample:split=train|val"
+)
+
+
+def _add_backbone(p: argparse.ArgumentParser, *, required: bool) -> None:
+    note = "" if required else " (default: the backbone recorded in the head file)"
+    p.add_argument("--config-file", default=None, help="eval preset or training run config.yaml defining the backbone" + note)
+    p.add_argument("--pretrained-weights", default=None, metavar="PATH",
+                   help="backbone weights; a teacher_checkpoint.pth finds its run's config.yaml by itself")
+    p.add_argument("--model", default=None, metavar="NAME", help="hub backbone name, e.g. dinov2_vits14")
+    p.add_argument("--random-init", action="store_true", help="with --model: random weights (a baseline)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
+
+
+def _add_inference(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode [as saved with the head]")
+    p.add_argument("--crop", type=int, default=512, help="slide window size [512]")
+    p.add_argument("--stride", type=int, default=341, help="slide stride [341]")
+    p.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
+    p.add_argument("--scales", type=float, nargs="+", default=None, metavar="R",
+                   help="multi-scale test-time ratios, e.g. 1.0 1.32 1.73")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("dense", help="semantic segmentation and depth heads on frozen features",
+                            description=__doc__.split("\n\n")[1])
+    commands = parser.add_subparsers(dest="dense_command", metavar="COMMAND")
+    commands.required = True
+
+    train = commands.add_parser("train", help="train a dense head on a frozen backbone")
+    train.add_argument("--task", choices=("seg", "depth"), required=True)
+    train.add_argument("--head", required=True,
+                       help="seg: linear (last block), ms (last 4 blocks + multi-scale flip TTA), linear4; "
+                            "depth: linear (last block), linear4 (4 blocks), dpt")
+    _add_backbone(train, required=True)
+    train.add_argument("--train-dataset", required=True, metavar="STR", help=DATASETS_HELP)
+    train.add_argument("--val-dataset", required=True, metavar="STR", help="validation set (same syntax)")
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--no-resume", action="store_true", help="start again even if OUTPUT_DIR has checkpoints")
+    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("opts", nargs="*", metavar="KEY=VALUE",
+                       help="recipe overrides: iterations, batch_size, lr, weight_decay, warmup_iters, crop_size, "
+                            "base_size, augment, eval_mode, eval_size, eval_crop, eval_stride, num_workers, ...")
+    train.set_defaults(func=run_train)
+
+    ev = commands.add_parser("eval", help="evaluate a saved (or official) head")
+    ev.add_argument("--head-weights", required=True, metavar="FILE", help="head.pth of 'dense train', or an official head file")
+    _add_backbone(ev, required=False)
+    ev.add_argument("--val-dataset", required=True, metavar="STR", help=DATASETS_HELP)
+    ev.add_argument("--output-dir", required=True)
+    ev.add_argument("--eval-size", type=int, default=None, help="short side of the evaluation images (0: keep)")
+    ev.add_argument("--no-progress", action="store_true")
+    _add_inference(ev)
+    ev.set_defaults(func=run_eval)
+
+    pr = commands.add_parser("predict", help="write input | prediction pictures for images")
+    pr.add_argument("images", nargs="+", metavar="IMAGES", help="images, folders or .txt lists of paths")
+    pr.add_argument("--head", "--head-weights", dest="head_weights", required=True, metavar="FILE",
+                    help="head.pth of 'dense train', or an official head file")
+    pr.add_argument("--out", required=True, metavar="DIR")
+    pr.add_argument("--size", type=int, default=None, help="resize the short side before predicting")
+    _add_backbone(pr, required=False)
+    _add_inference(pr)
+    pr.set_defaults(func=run_predict)
+
+
+def _backbone_source(args: argparse.Namespace) -> dict:
+    return {"config_file": args.config_file, "pretrained_weights": args.pretrained_weights, "model": args.model,
+            "random_init": args.random_init}
+
+
+def _inference(args: argparse.Namespace, *, keep_saved: bool):
+    from ..dense.inference import InferenceConfig
+
+    if keep_saved and args.mode is None and not args.flip and args.scales is None:
+        return None
+    return InferenceConfig(mode=args.mode or "whole", crop=args.crop, stride=args.stride, flip=args.flip,
+                           scales=tuple(args.scales or (1.0,)))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..dense.run import train_head
+
+    train_head(task=args.task, head=args.head, backbone_source=_backbone_source(args), train_dataset=args.train_dataset,
+               val_dataset=args.val_dataset, output_dir=args.output_dir, overrides=args.opts, device=args.device,
+               resume=not args.no_resume, progress=not args.no_progress)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..dense.run import eval_head
+
+    eval_head(head_file=args.head_weights, val_dataset=args.val_dataset, output_dir=args.output_dir,
+              backbone_source=_backbone_source(args), device=args.device, inference=_inference(args, keep_saved=True),
+              eval_size=args.eval_size, progress=not args.no_progress)
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ..dense.run import predict_files
+
+    predict_files(args.images, head_file=args.head_weights, out_dir=args.out, backbone_source=_backbone_source(args),
+                  device=args.device, size=args.size, inference=_inference(args, keep_saved=False))
+    return 0

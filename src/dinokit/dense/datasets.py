@@ -1,0 +1,360 @@
+"""Dense datasets (image + per-pixel label) named by strings, and transforms that keep both aligned.
+
+Strings, in dinokit's ``Name:key=value`` syntax:
+
+* ``ADE20K:root=DIR:split=training|validation``: the ADEChallengeData2016 layout
+  (``DIR/images/<split>/*.jpg``, ``DIR/annotations/<split>/*.png``); 150 classes, label 0 ("other")
+  ignored and the others shifted down by one (reduce-zero-label).
+* ``VOC2012:root=DIR:split=train|val``: ``DIR/JPEGImages``, ``DIR/SegmentationClass`` (palette PNGs,
+  255 = border) and ``DIR/ImageSets/Segmentation/<split>.txt``; 21 classes.
+* ``NYU:root=DIR:split=train|test``: either the list files of the common depth toolboxes
+  (``DIR/nyu_<split>.txt``, lines ``rgb_path depth_path [focal]`` relative to DIR, depth PNGs in mm), or
+  ``DIR/<split>/images`` + ``DIR/<split>/depth`` as for DepthFolder. Range 0.001-10 m, Eigen crop at evaluation.
+* ``SegFolder:root=DIR``: ``DIR/images/<name>.<ext>`` with ``DIR/masks/<name>.png`` (one class index per
+  pixel, 255 = ignore); the classes are ``DIR/classes.txt`` (one name per line) if present, else 0..max label.
+* ``DepthFolder:root=DIR``: ``DIR/images/<name>.<ext>`` with ``DIR/depth/<name>.png`` (uint16 millimetres,
+  0 = invalid) or ``DIR/depth/<name>.npy`` (float metres).
+* ``SegSample:split=train|val[:root=DIR]`` and ``DepthSample:...``: the generated sets of
+  :mod:`dinokit.dense.generated` (written on first use), read as SegFolder / DepthFolder.
+
+Items are dicts ``{"image": (3, H, W) normalised float, "label": (H, W) int64 class map or float32 metres,
+"index": int}``. A missing label file, an image/label size mismatch or a class index out of range is a
+one-line :class:`DinokitError` naming the file.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..data.datasets import parse_dataset_str
+from ..data.images import IMAGE_EXTENSIONS, load_image
+from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from ..errors import DinokitError
+from .metrics import IGNORE_INDEX, reduce_zero_label
+
+DENSE_DATASET_NAMES = ("ADE20K", "VOC2012", "NYU", "SegFolder", "DepthFolder", "SegSample", "DepthSample")
+ADE20K_CLASSES = 150
+VOC_CLASSES = 21
+
+
+@dataclass
+class DenseInfo:
+    """What a dense dataset is: its task, classes (segmentation) or depth range and scale (depth)."""
+
+    task: str  # "seg" or "depth"
+    num_classes: int = 0
+    reduce_zero_label: bool = False
+    min_depth: float = 1e-3
+    max_depth: float = 10.0
+    depth_scale: float = 1000.0  # PNG value per metre
+    eigen_crop: bool = False
+    palette: str = ""  # "ade20k", "voc" or "" (generated)
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def _normalise(image: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def _resize_pair(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]) -> tuple:
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    if label is not None:
+        label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
+    return image, label
+
+
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """(H, W) with the short side ``short`` and the aspect ratio kept (+0.5 rounding)."""
+    scale = short / min(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+class DenseTrainTransform:
+    """Random scale (short side ``base_size`` x U(scale_range)), random crop (with ``cat_max_ratio`` for
+    segmentation), horizontal flip, photometric jitter, normalisation, padding to the crop size
+    (image 0, label 255 or 0). Image and label always receive the same geometry."""
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        crop_size: tuple[int, int],
+        base_size: int | None = None,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        flip: float = 0.5,
+        cat_max_ratio: float = 0.75,
+        photometric: bool = True,
+    ) -> None:
+        self.task, self.crop_size, self.base_size = task, tuple(crop_size), base_size
+        self.scale_range, self.flip, self.cat_max_ratio, self.photometric = scale_range, flip, cat_max_ratio, photometric
+
+    def _crop_box(self, label: torch.Tensor, h: int, w: int) -> tuple[int, int]:
+        ch, cw = self.crop_size
+        for _ in range(10):
+            top, left = random.randint(0, max(h - ch, 0)), random.randint(0, max(w - cw, 0))
+            if self.task != "seg" or self.cat_max_ratio >= 1:
+                break
+            crop = label[top:top + ch, left:left + cw]
+            counts = torch.bincount(crop[crop != IGNORE_INDEX].flatten())
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return top, left
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = image.shape[-2:]
+        if self.base_size:
+            short = self.base_size * random.uniform(*self.scale_range)
+            image, label = _resize_pair(image, label, short_side_size(h, w, max(int(short), 1)))
+            h, w = image.shape[-2:]
+        top, left = self._crop_box(label, h, w)
+        ch, cw = self.crop_size
+        image, label = image[:, top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
+        if random.random() < self.flip:
+            image, label = image.flip(-1), label.flip(-1)
+        if self.photometric:
+            image = _photometric(image)
+        image = _normalise(image)
+        pad_h, pad_w = ch - image.shape[-2], cw - image.shape[-1]
+        if pad_h > 0 or pad_w > 0:
+            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX if self.task == "seg" else 0)
+        return image, label
+
+
+def _photometric(image: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation jitter, each with probability 0.5 (values in [0, 1])."""
+    if random.random() < 0.5:
+        image = image + random.uniform(-32, 32) / 255
+    if random.random() < 0.5:
+        image = image * random.uniform(0.5, 1.5)
+    if random.random() < 0.5:
+        grey = image.mean(dim=0, keepdim=True)
+        image = grey + (image - grey) * random.uniform(0.5, 1.5)
+    return image.clamp(0, 1)
+
+
+class DenseEvalTransform:
+    """Resize the image so its short side is ``size`` (None: keep it); the label keeps its full resolution."""
+
+    def __init__(self, size: int | None = None) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.size:
+            image, _ = _resize_pair(image, None, short_side_size(*image.shape[-2:], self.size))
+        return _normalise(image), label
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+class DenseDataset(Dataset):
+    """(image, label) file pairs; labels are checked against the image size and the class count."""
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        info: DenseInfo,
+        *,
+        name: str,
+        transform: Callable | None = None,
+        classes: Sequence[str] = (),
+    ) -> None:
+        self.pairs = [(Path(a), Path(b)) for a, b in pairs]
+        self.info, self.name, self.transform = info, name, transform
+        self.classes = list(classes) or [str(i) for i in range(info.num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __repr__(self) -> str:
+        return f"DenseDataset({self.name!r}, {len(self)} {self.info.task} pairs)"
+
+    def read_label(self, index: int) -> torch.Tensor:
+        """The label of pair ``index``: int64 class map (reduced for ADE20K) or float32 depth in metres (0 = invalid)."""
+        path = self.pairs[index][1]
+        if not path.is_file():
+            raise DinokitError(f"label file {str(path)!r} is missing for image {str(self.pairs[index][0])!r}")
+        if self.info.task == "depth" and path.suffix == ".npy":
+            return torch.from_numpy(np.load(path).astype(np.float32))
+        with Image.open(path) as img:
+            if self.info.task == "seg" and img.mode not in ("L", "P", "I", "I;16"):
+                raise DinokitError(f"mask {str(path)!r} is {img.mode}; masks must be single-channel PNGs of class indices")
+            array = np.asarray(img)
+        if self.info.task == "depth":
+            return torch.from_numpy(array.astype(np.float32) / self.info.depth_scale)
+        label = torch.from_numpy(array.astype(np.int64))
+        if self.info.reduce_zero_label:
+            label = reduce_zero_label(label)
+        k = self.info.num_classes
+        bad = (label >= k) & (label != IGNORE_INDEX) | (label < 0)
+        if bool(bad.any()):
+            raise DinokitError(
+                f"mask {str(path)!r} holds class {int(label[bad].max())}, but the dataset has {k} classes "
+                f"(0..{k - 1}, 255 = ignore); fix the mask or list the classes in classes.txt"
+            )
+        return label
+
+    def __getitem__(self, index: int) -> dict:
+        image_path = self.pairs[index][0]
+        pil = load_image(image_path)
+        image = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        label = self.read_label(index)
+        if tuple(label.shape) != tuple(image.shape[-2:]):
+            raise DinokitError(
+                f"label {str(self.pairs[index][1])!r} is {label.shape[1]}x{label.shape[0]} but its image "
+                f"{str(image_path)!r} is {image.shape[2]}x{image.shape[1]}; they must have the same size"
+            )
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        return {"image": image, "label": label, "index": index}
+
+
+def _paired_folder(root: Path, label_dir: str, suffixes: Sequence[str], dataset_str: str) -> list[tuple[Path, Path]]:
+    images_dir = root / "images"
+    if not images_dir.is_dir():
+        raise DinokitError(f"{str(images_dir)!r} does not exist (in {dataset_str!r}); put the images in ROOT/images/")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not images:
+        raise DinokitError(f"no images in {str(images_dir)!r} (in {dataset_str!r})")
+    pairs = []
+    for image in images:
+        candidates = [root / label_dir / f"{image.stem}{s}" for s in suffixes]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise DinokitError(f"no label for {str(image)!r}: expected {str(candidates[0])!r}")
+        pairs.append((image, found))
+    return pairs
+
+
+def _max_label(pairs: Sequence[tuple[Path, Path]]) -> int:
+    top = 0
+    for _, mask in pairs:
+        with Image.open(mask) as img:
+            values = np.unique(np.asarray(img))
+        values = values[values != IGNORE_INDEX]
+        if len(values):
+            top = max(top, int(values.max()))
+    return top
+
+
+def _split(kwargs: dict[str, str], allowed: Sequence[str], default: str, name: str, dataset_str: str) -> str:
+    split = kwargs.get("split", default)
+    if split.lower() not in allowed:
+        raise DinokitError(f"{name} split must be {' or '.join(allowed)}, not {split!r} (in {dataset_str!r})")
+    return split.lower()
+
+
+def _root(kwargs: dict[str, str], name: str, dataset_str: str) -> Path:
+    if "root" not in kwargs:
+        raise DinokitError(f"{name} needs root=DIR (in {dataset_str!r})")
+    root = Path(kwargs["root"]).expanduser()
+    if not root.is_dir():
+        raise DinokitError(f"dataset folder {str(root)!r} does not exist (in {dataset_str!r})")
+    return root
+
+
+def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -> DenseDataset:
+    """The dense dataset named by ``dataset_str`` (see the module docstring for the names)."""
+    name, kwargs = parse_dataset_str(dataset_str, names=DENSE_DATASET_NAMES)
+    if name not in DENSE_DATASET_NAMES:
+        raise DinokitError(
+            f"{dataset_str!r} is not a dense dataset; use SegFolder:root=DIR, DepthFolder:root=DIR, "
+            f"or one of {', '.join(DENSE_DATASET_NAMES)}"
+        )
+    extra = sorted(set(kwargs) - {"root", "split"})
+    if extra:
+        raise DinokitError(f"dataset {name} does not take {', '.join(extra)} (in {dataset_str!r}); use root= and split=")
+    if name in ("SegSample", "DepthSample"):
+        from .generated import write_dense_sample
+
+        kind = "seg" if name == "SegSample" else "depth"
+        split = _split(kwargs, ("train", "val"), "train", name, dataset_str)
+        root = write_dense_sample(kind, kwargs.get("root") or None) / split
+        name, kwargs = ("SegFolder" if kind == "seg" else "DepthFolder"), {"root": str(root)}
+    root = _root(kwargs, name, dataset_str)
+    if name == "SegFolder":
+        pairs = _paired_folder(root, "masks", (".png",), dataset_str)
+        classes_file = root / "classes.txt"
+        classes = [l.strip() for l in classes_file.read_text().splitlines() if l.strip()] if classes_file.is_file() else []
+        if not classes and (root.parent / "classes.txt").is_file():
+            classes = [l.strip() for l in (root.parent / "classes.txt").read_text().splitlines() if l.strip()]
+        num = len(classes) if classes else _max_label(pairs) + 1
+        return DenseDataset(pairs, DenseInfo("seg", num_classes=num), name=dataset_str, transform=transform, classes=classes)
+    if name == "DepthFolder":
+        pairs = _paired_folder(root, "depth", (".png", ".npy"), dataset_str)
+        return DenseDataset(pairs, DenseInfo("depth"), name=dataset_str, transform=transform)
+    if name == "ADE20K":
+        split = _split(kwargs, ("training", "validation"), "training", name, dataset_str)
+        images = sorted((root / "images" / split).glob("*.jpg"))
+        if not images:
+            raise DinokitError(f"no images in {str(root / 'images' / split)!r}: ROOT must be the ADEChallengeData2016 folder")
+        pairs = [(p, root / "annotations" / split / f"{p.stem}.png") for p in images]
+        info = DenseInfo("seg", num_classes=ADE20K_CLASSES, reduce_zero_label=True, palette="ade20k")
+        return DenseDataset(pairs, info, name=dataset_str, transform=transform)
+    if name == "VOC2012":
+        split = _split(kwargs, ("train", "val", "trainval"), "train", name, dataset_str)
+        list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not list_file.is_file():
+            raise DinokitError(f"{str(list_file)!r} does not exist: ROOT must be the VOC2012 folder (VOCdevkit/VOC2012)")
+        ids = [l.strip() for l in list_file.read_text().splitlines() if l.strip()]
+        pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
+        return DenseDataset(pairs, DenseInfo("seg", num_classes=VOC_CLASSES, palette="voc"), name=dataset_str, transform=transform)
+    # NYU
+    split = _split(kwargs, ("train", "test"), "train", name, dataset_str)
+    list_file = root / f"nyu_{split}.txt"
+    if list_file.is_file():
+        pairs = []
+        for line in list_file.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2:
+                pairs.append((root / parts[0].lstrip("/"), root / parts[1].lstrip("/")))
+    elif (root / split / "images").is_dir():
+        pairs = _paired_folder(root / split, "depth", (".png", ".npy"), dataset_str)
+    else:
+        raise DinokitError(f"NYU needs ROOT/nyu_{split}.txt or ROOT/{split}/images + ROOT/{split}/depth (in {dataset_str!r})")
+    info = DenseInfo("depth", min_depth=1e-3, max_depth=10.0, eigen_crop=True)
+    return DenseDataset(pairs, info, name=dataset_str, transform=transform)
+
+
+def collate_dense(items: list[dict]) -> dict:
+    """Stack images and labels of equal size (training crops; evaluation uses batches of one)."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.stack([it["label"] for it in items]),
+        "index": torch.as_tensor([it["index"] for it in items]),
+    }
+
+
+def palette(name: str, num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours: VOC's bit-interleaved palette, or a fixed random one for others."""
+    if name == "voc":
+        colours = np.zeros((max(num_classes, 1), 3), dtype=np.uint8)
+        for i in range(len(colours)):
+            c, r, g, b = i, 0, 0, 0
+            for j in range(8):
+                r |= ((c >> 0) & 1) << (7 - j)
+                g |= ((c >> 1) & 1) << (7 - j)
+                b |= ((c >> 2) & 1) << (7 - j)
+                c >>= 3
+            colours[i] = (r, g, b)
+        return colours
+    rng = np.random.default_rng(3 if name == "ade20k" else 0)  # deterministic distinct colours
+    colours = rng.integers(0, 256, size=(max(num_classes, 1), 3)).astype(np.uint8)
+    if name != "ade20k":
+        # few classes: well-separated hues from a fixed table
+        table = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+                          [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40]],
+                         dtype=np.uint8)
+        colours[: min(len(table), len(colours))] = table[: len(colours)]
+    return colours

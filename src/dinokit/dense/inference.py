@@ -1,0 +1,122 @@
+"""Evaluation of a dense model over a dataset, and pictures of its predictions.
+
+:func:`evaluate` runs :meth:`DenseModel.predict` image by image (batch 1: evaluation images keep
+their own size), at the label's resolution, and accumulates the protocol's metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .datasets import DenseDataset, palette
+from .metrics import DepthMetrics, SegMetrics
+from .model import DenseModel
+
+
+@dataclass
+class InferenceConfig:
+    """How predictions are made at test time."""
+
+    mode: str = "whole"  # "whole" or "slide"
+    crop: int = 512  # slide window
+    stride: int = 341  # slide stride
+    flip: bool = False  # add the mirrored image
+    scales: Sequence[float] = field(default_factory=lambda: (1.0,))  # image ratios (the "ms" heads: 1.0 1.32 1.73)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on the device, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_image(
+    model: DenseModel, image: torch.Tensor, size: Sequence[int], cfg: InferenceConfig, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """(H, W) class map or depth map for one normalised (3, h, w) image, predicted at ``size``."""
+    device = next(model.parameters()).device
+    with autocast(device, dtype):
+        out = model.predict(
+            image[None].to(device), size=size, mode=cfg.mode, crop=cfg.crop, stride=cfg.stride, flip=cfg.flip,
+            scales=tuple(cfg.scales),
+        ).float()
+    return out[0].argmax(dim=0) if model.task == "seg" else out[0, 0]
+
+
+def evaluate(
+    model: DenseModel,
+    dataset: DenseDataset,
+    cfg: InferenceConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict:
+    """Metrics of ``model`` on ``dataset``: mIoU/aAcc/IoU (segmentation) or rmse/abs_rel/delta1/... (depth)."""
+    info = dataset.info
+    if model.task == "seg":
+        meter = SegMetrics(model.decode_head.num_classes)
+    else:
+        meter = DepthMetrics(min_depth=info.min_depth, max_depth=info.max_depth, eigen_crop=info.eigen_crop)
+    was_training = model.training
+    model.eval()
+    for i in tqdm(range(len(dataset)), desc="evaluate", disable=not progress, leave=False):
+        item = dataset[i]
+        label = item["label"]
+        pred = predict_image(model, item["image"], label.shape[-2:], cfg, dtype).cpu()
+        meter.update(pred, label)
+    model.train(was_training)
+    result = meter.compute()
+    if model.task == "seg" and dataset.classes:
+        result["classes"] = list(dataset.classes)[: model.decode_head.num_classes]
+    result["images"] = len(dataset)
+    return result
+
+
+def format_results(result: dict, task: str) -> str:
+    """A short console table of the main numbers."""
+    if task == "seg":
+        rows = [("mIoU", result["mIoU"]), ("aAcc", result["aAcc"])]
+        names = result.get("classes") or [str(i) for i in range(len(result["IoU"]))]
+        rows += [(f"IoU {n}", v) for n, v in zip(names, result["IoU"])][:12]
+        return "\n".join(f"  {k:<20} {v:8.2f}" for k, v in rows)
+    keys = ("rmse", "abs_rel", "log10", "delta1", "delta2", "delta3")
+    return "\n".join(f"  {k:<20} {result[k]:8.4f}" for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+_DEPTH_ANCHORS = np.array(  # near = warm, far = dark blue (a perceptually ordered ramp)
+    [[252, 253, 191], [252, 137, 97], [183, 55, 121], [81, 18, 124], [0, 0, 4]], dtype=np.float64
+)
+
+
+def colourise_depth(depth: np.ndarray, max_depth: float | None = None) -> np.ndarray:
+    """(H, W) metres -> (H, W, 3) uint8, near bright, far dark, over [0, max_depth or the map's max]."""
+    top = max_depth or float(np.nanmax(depth)) or 1.0
+    t = np.clip(depth / top, 0, 1) * (len(_DEPTH_ANCHORS) - 1)
+    lo = np.floor(t).astype(int).clip(0, len(_DEPTH_ANCHORS) - 2)
+    frac = (t - lo)[..., None]
+    return (_DEPTH_ANCHORS[lo] * (1 - frac) + _DEPTH_ANCHORS[lo + 1] * frac).astype(np.uint8)
+
+
+def colourise_seg(classes: np.ndarray, palette_name: str, num_classes: int) -> np.ndarray:
+    """(H, W) class indices -> (H, W, 3) uint8 with the dataset's palette (255 = black)."""
+    colours = palette(palette_name, num_classes)
+    out = colours[np.clip(classes, 0, len(colours) - 1)]
+    out[classes == 255] = 0
+    return out
+
+
+def side_by_side(image: Image.Image, picture: np.ndarray) -> Image.Image:
+    """The input and its prediction picture next to each other, at the input's size."""
+    pred = Image.fromarray(picture).resize(image.size, Image.NEAREST)
+    canvas = Image.new("RGB", (image.width * 2, image.height))
+    canvas.paste(image.convert("RGB"), (0, 0))
+    canvas.paste(pred, (image.width, 0))
+    return canvas

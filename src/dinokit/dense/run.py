@@ -1,0 +1,253 @@
+"""What ``dinokit dense train|eval|predict`` do, as functions (the command only parses arguments).
+
+A trained head is saved as ``OUTPUT_DIR/head.pth`` in the official layout (``{"state_dict":
+{"decode_head.*"}}``) with a ``"dinokit"`` entry recording the head kind, its features, classes or depth
+range, the backbone it was trained on and the evaluation settings; ``eval`` and ``predict`` rebuild
+everything from it (official head files work too, given the backbone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import DinokitError
+from ..models.checkpoint import atomic_write
+from .datasets import DenseDataset, DenseEvalTransform, make_dense_dataset
+from .heads import FeatureSpec
+from .inference import InferenceConfig, evaluate, format_results
+from .loading import head_kind_of, load_head, read_head_file, save_head
+from .model import DenseModel, build_head
+from .train import DenseHeadTask, DenseRecipe, cache_training_features, lr_schedule, make_batches, recipe_with_overrides, train_transform
+
+HEAD_CHOICES = {"seg": ("linear", "ms", "linear4"), "depth": ("linear", "linear4", "dpt")}
+MS_SCALES = (1.0, 1.32, 1.73)  # the "ms" heads' test-time ratios (the first three of the config, as the notebook)
+
+
+def head_kind(task: str, head: str) -> str:
+    """``--task/--head`` -> a kind of :func:`build_head` (segmentation "linear4" is the "ms" head's architecture)."""
+    if head not in HEAD_CHOICES[task]:
+        raise DinokitError(f"--head {head} is not a {task} head; use one of {', '.join(HEAD_CHOICES[task])}")
+    if task == "seg":
+        return "seg-linear" if head == "linear" else "seg-ms"
+    return f"depth-{head}"
+
+
+def _backbone(source: dict[str, Any], device: torch.device):
+    from ..eval.setup import setup_eval_model
+
+    return setup_eval_model(
+        config_file=source.get("config_file"), pretrained_weights=source.get("pretrained_weights"),
+        model=source.get("model"), random_init=bool(source.get("random_init")), opts=source.get("opts") or (),
+        device=device,
+    )
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1, default=str))
+
+
+def results_name(task: str) -> str:
+    return "results_eval_segmentation.json" if task == "seg" else "results_eval_depth.json"
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train_head(
+    *,
+    task: str,
+    head: str,
+    backbone_source: dict[str, Any],
+    train_dataset: str,
+    val_dataset: str,
+    output_dir: str | Path,
+    overrides: Sequence[str] = (),
+    device: str = "auto",
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Train a head on the frozen backbone, evaluate it on ``val_dataset``, save ``head.pth`` and the results."""
+    from ..engine import Engine, EngineConfig, init_run
+    from ..eval.setup import resolve_device
+
+    kind = head_kind(task, head)
+    recipe = recipe_with_overrides(task, head, list(overrides))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device_ = resolve_device(device)
+    train_set = make_dense_dataset(train_dataset, transform=train_transform(recipe, task))
+    val_set = make_dense_dataset(val_dataset, transform=DenseEvalTransform(recipe.eval_size or None))
+    for ds in (train_set, val_set):
+        if ds.info.task != task:
+            raise DinokitError(f"{ds.name!r} is a {ds.info.task} dataset but --task is {task}")
+    num_classes = max(train_set.info.num_classes, val_set.info.num_classes)
+    init_run(recipe.seed)
+    backbone, description = _backbone(backbone_source, device_)
+    head_module, spec = build_head(
+        kind, embed_dim=backbone.embed_dim, depth=len(backbone.blocks), num_classes=num_classes,
+        min_depth=recipe.min_depth, max_depth=recipe.max_depth, dropout=recipe.dropout,
+        class_token=recipe.class_token and task == "seg", norm=recipe.norm,
+    )
+    backbone_dtype = torch.bfloat16 if device_.type == "cuda" else None
+    dense_task = DenseHeadTask(backbone, head_module, spec, recipe, task=task, backbone_dtype=backbone_dtype)
+    cached = None
+    if not recipe.augment and recipe.cache_features:
+        dense_task.to(device_)
+        cached = cache_training_features(dense_task, train_set, device_, batch_size=recipe.batch_size, progress=progress)
+    inference = _inference_config(recipe, head)
+    meta = {
+        "task": task, "head": head, "kind": kind, "spec": {"indices": list(spec.indices), "norm": spec.norm,
+                                                            "class_token": spec.class_token},
+        "num_classes": num_classes, "classes": list(train_set.classes) if task == "seg" else [],
+        "palette": train_set.info.palette, "min_depth": recipe.min_depth, "max_depth": recipe.max_depth,
+        "backbone": {k: v for k, v in backbone_source.items() if v}, "backbone_description": description,
+        "inference": {"mode": inference.mode, "crop": inference.crop, "stride": inference.stride, "flip": inference.flip,
+                      "scales": list(inference.scales), "eval_size": recipe.eval_size},
+        "train_dataset": train_dataset, "recipe": dataclasses_asdict(recipe),
+    }
+    dense_model = DenseModel(backbone, head_module, spec)  # the same modules, for evaluation
+
+    def eval_hook(iteration: int, snapshots: dict, log) -> None:
+        if iteration + 1 < recipe.iterations:
+            result = evaluate(dense_model, val_set, inference, progress=False)
+            log({"iteration": iteration, **_headline(result, task)})
+
+    engine = Engine(
+        dense_task,
+        EngineConfig(max_iter=recipe.iterations, checkpoint_period=recipe.checkpoint_period,
+                     snapshot_period=recipe.eval_period, log_freq=recipe.log_freq, clip_grad=recipe.clip_grad,
+                     betas=tuple(recipe.betas)),
+        output_dir=out, device=device_, schedules={"lr": lr_schedule(recipe), "wd": [recipe.weight_decay] * recipe.iterations},
+        hooks=[eval_hook],
+    )
+    start = engine.restore(resume=resume)
+    engine.run(lambda start_iter: make_batches(cached, train_set, recipe, start_iter), start_iter=start)
+    save_head(head_module, out / "head.pth", meta)
+    result = evaluate(dense_model, val_set, inference, progress=progress)
+    result["dataset"] = val_dataset
+    _write_json(out / results_name(task), result)
+    print(f"{task} head '{head}' on {val_dataset}:\n{format_results(result, task)}")
+    print(f"head saved to {out / 'head.pth'}; results in {out / results_name(task)}")
+    return result
+
+
+def dataclasses_asdict(recipe: DenseRecipe) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(recipe).items()}
+
+
+def _headline(result: dict, task: str) -> dict:
+    if task == "seg":
+        return {"val_mIoU": result["mIoU"], "val_aAcc": result["aAcc"]}
+    return {"val_rmse": result["rmse"], "val_abs_rel": result["abs_rel"], "val_delta1": result["delta1"]}
+
+
+def _inference_config(recipe: DenseRecipe, head: str) -> InferenceConfig:
+    return InferenceConfig(
+        mode=recipe.eval_mode, crop=recipe.eval_crop, stride=recipe.eval_stride,
+        flip=head == "ms", scales=MS_SCALES if head == "ms" else (1.0,),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- loading a trained head
+def load_dense_model(
+    head_file: str | Path,
+    *,
+    backbone_source: dict[str, Any] | None = None,
+    device: str = "auto",
+    depth_range: tuple[float, float] | None = None,
+) -> tuple[DenseModel, dict[str, Any]]:
+    """A :class:`DenseModel` from a head file (dinokit or official) and a backbone (given, or the one recorded)."""
+    from ..eval.setup import resolve_device
+
+    sd, meta = read_head_file(head_file)
+    source = {k: v for k, v in (backbone_source or {}).items() if v} or meta.get("backbone")
+    if not source:
+        raise DinokitError(f"{str(head_file)!r} does not record its backbone; give --model or --config-file/--pretrained-weights")
+    device_ = resolve_device(device)
+    backbone, _ = _backbone(source, device_)
+    dim, depth = backbone.embed_dim, len(backbone.blocks)
+    if meta.get("kind"):
+        kind = meta["kind"]
+    else:  # an official file: the kind and the levels follow from the keys and shapes
+        found = head_kind_of(sd)
+        if found == "seg":
+            kind = "seg-ms" if sd["conv_seg.weight"].shape[1] == 4 * dim else "seg-linear"
+        elif found == "linear-depth":
+            kind = "depth-linear4" if sd["conv_depth.weight"].shape[1] == 8 * dim else "depth-linear"
+        elif found == "dpt":
+            kind = "depth-dpt"
+        else:
+            raise DinokitError(f"{str(head_file)!r} is not a dense-head file (keys {', '.join(list(sd)[:3])})")
+        meta = {**meta, "kind": kind, "task": kind.split("-")[0], "head": kind.split("-")[1]}
+    low, high = depth_range or (meta.get("min_depth", 0.001), meta.get("max_depth", 80.0 if kind != "depth-dpt" else 10.0))
+    num_classes = int(sd["conv_seg.weight"].shape[0]) if "conv_seg.weight" in sd else 0
+    class_token = bool(meta.get("spec", {}).get("class_token")) and kind.startswith("seg")
+    head, spec = build_head(kind, embed_dim=dim, depth=depth, num_classes=num_classes or 1, min_depth=low, max_depth=high,
+                            class_token=class_token)
+    if "spec" in meta:
+        spec = FeatureSpec(tuple(meta["spec"]["indices"]), bool(meta["spec"]["norm"]), bool(meta["spec"]["class_token"]))
+    load_head(head, {"state_dict": {f"decode_head.{k}": v for k, v in sd.items()}})
+    model = DenseModel(backbone, head.to(device_), spec).eval()
+    return model, meta
+
+
+def eval_head(
+    *, head_file: str | Path, val_dataset: str, output_dir: str | Path, backbone_source: dict[str, Any] | None = None,
+    device: str = "auto", inference: InferenceConfig | None = None, eval_size: int | None = None, progress: bool = True,
+) -> dict:
+    """Evaluate a saved head on ``val_dataset``; writes ``results_eval_{segmentation,depth}.json``."""
+    model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
+    saved = meta.get("inference", {})
+    if inference is None:
+        inference = InferenceConfig(mode=saved.get("mode", "whole"), crop=saved.get("crop", 512),
+                                    stride=saved.get("stride", 341), flip=saved.get("flip", False),
+                                    scales=tuple(saved.get("scales", (1.0,))))
+    size = eval_size if eval_size is not None else saved.get("eval_size", 0)
+    dataset = make_dense_dataset(val_dataset, transform=DenseEvalTransform(size or None))
+    if dataset.info.task != model.task:
+        raise DinokitError(f"{val_dataset!r} is a {dataset.info.task} dataset but the head predicts {model.task}")
+    result = evaluate(model, dataset, inference, progress=progress)
+    result["dataset"] = val_dataset
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / results_name(model.task), result)
+    print(f"{model.task} head {str(head_file)!r} on {val_dataset}:\n{format_results(result, model.task)}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def predict_files(
+    images: Sequence[str], *, head_file: str | Path, out_dir: str | Path, backbone_source: dict[str, Any] | None = None,
+    device: str = "auto", size: int | None = None, inference: InferenceConfig | None = None,
+) -> list[Path]:
+    """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image."""
+    from ..data.images import load_image, resolve_image_inputs
+    from .datasets import _normalise, _resize_pair, short_side_size
+    from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
+
+    model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
+    inference = inference or InferenceConfig()
+    files = [f for item in images for f in resolve_image_inputs(item)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in files:
+        pil = load_image(path)
+        image = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        if size:
+            image, _ = _resize_pair(image, None, short_side_size(*image.shape[-2:], size))
+        pred = predict_image(model, _normalise(image), (pil.height, pil.width), inference).cpu().numpy()
+        if model.task == "seg":
+            picture = colourise_seg(pred.astype(np.int64), meta.get("palette", ""), model.decode_head.num_classes)
+        else:
+            picture = colourise_depth(pred, model.decode_head.max_depth if meta.get("max_depth") else None)
+        target = out / f"{Path(path).stem}_{model.task}.png"
+        side_by_side(pil, picture).save(target)
+        written.append(target)
+    print(f"wrote {len(written)} picture(s) to {out}")
+    return written

@@ -1,0 +1,250 @@
+"""Training dense heads on a frozen backbone: the recipes and the :class:`DenseHeadTask` the engine runs.
+
+Recipes (:data:`RECIPES`, every field overridable as ``key=value``):
+
+* segmentation (DINOv3's linear ADE20K recipe): AdamW lr 1e-3, wd 1e-3, 40,000 iterations, batch 16,
+  linear warm-up over 1,500 iterations from 1e-6·lr then cosine to 0; random scale (short side 512 x
+  0.5-2), 512 crops (no class over 75%), flip, photometric jitter; cross-entropy (ignore 255, mean over
+  all pixels); dropout 0.1; evaluation by sliding windows of 512, stride 341;
+* depth (NYU): AdamW lr 3e-4, wd 1e-4, 38,400 iterations, batch 16, warm-up 12,800, crops 416x544,
+  flip; SigLoss (warm-up 100 calls), + 0.5 x gradient loss for DPT; range 0.001-10 m; whole-image evaluation.
+
+The backbone runs without gradients in eval mode (bf16 autocast on CUDA). With ``augment=False``
+images are only resized to ``crop_size``, so the backbone features of the training set are computed
+once and kept in memory (``cache_features``): training then costs only the head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..engine import LossOutput, Task
+from ..errors import DinokitError
+from .datasets import DenseDataset, DenseTrainTransform, collate_dense
+from .heads import FeatureSpec
+from .inference import autocast
+from .losses import SigLoss, gradient_loss, seg_cross_entropy
+from .model import backbone_features
+
+
+@dataclass
+class DenseRecipe:
+    """The settings of one head-training run (defaults: the published recipe of its task)."""
+
+    iterations: int = 40000
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6  # the warm-up starts at lr * warmup_ratio
+    final_lr_ratio: float = 0.0  # the cosine ends at lr * final_lr_ratio
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 0.0
+    crop_size: tuple[int, int] = (512, 512)
+    base_size: int = 512  # short side before the random scale (0: no resize)
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    augment: bool = True  # False: resize to crop_size only (and cache the features)
+    cache_features: bool = True
+    dropout: float = 0.1
+    class_token: bool = False  # segmentation: concatenate the CLS token to each patch (DINOv3 use_cls_token)
+    norm: bool = True  # features after the backbone's final LayerNorm (DINOv2's depth heads: False)
+    grad_loss_weight: float = 0.0  # gradient loss weight (depth)
+    sig_warm_up: int = 100  # SigLoss warm-up calls
+    min_depth: float = 0.001
+    max_depth: float = 10.0
+    eval_mode: str = "slide"
+    eval_crop: int = 512
+    eval_stride: int = 341
+    eval_size: int = 512  # short side of evaluation images (0: keep)
+    eval_period: int = 5000  # iterations between validation runs (0: only at the end)
+    checkpoint_period: int = 2000
+    log_freq: int = 20
+    num_workers: int = 4
+    seed: int = 0
+
+
+RECIPES: dict[str, DenseRecipe] = {
+    "seg": DenseRecipe(),
+    "depth": DenseRecipe(
+        iterations=38400, lr=3e-4, weight_decay=1e-4, warmup_iters=12800, warmup_ratio=1e-3, final_lr_ratio=4e-5,
+        betas=(0.9, 0.99), clip_grad=35.0, crop_size=(416, 544), base_size=0, scale_min=1.0, scale_max=1.0,
+        dropout=0.0, norm=False, eval_mode="whole", eval_size=0, eval_period=1600,
+    ),
+}
+
+
+def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRecipe:
+    """The recipe of ``task`` (+ the DPT gradient loss) with ``key=value`` overrides, type-checked."""
+    recipe = dataclasses.replace(RECIPES[task])
+    if task == "depth" and head == "dpt":
+        recipe.grad_loss_weight, recipe.lr, recipe.weight_decay = 0.5, 1e-4, 0.01
+    fields = {f.name: f for f in dataclasses.fields(DenseRecipe)}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            raise DinokitError(f"unknown setting {item!r}; known: {', '.join(fields)} (as key=value)")
+        setattr(recipe, key, _parse(key, value, getattr(recipe, key)))
+    return recipe
+
+
+def _parse(key: str, value: str, current: Any) -> Any:
+    try:
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        if isinstance(current, tuple):
+            parts = [p for p in value.replace("x", ",").strip("[]()").split(",") if p]
+            items = [type(current[0])(p) for p in parts]
+            return tuple(items * 2 if len(items) == 1 else items)
+        return type(current)(value)
+    except ValueError:
+        raise DinokitError(f"{key}={value!r} is not a valid {type(current).__name__}") from None
+
+
+def lr_schedule(recipe: DenseRecipe) -> torch.Tensor:
+    """Per-iteration lr: linear warm-up from lr·warmup_ratio, then cosine to lr·final_lr_ratio."""
+    n, warm = recipe.iterations, min(recipe.warmup_iters, recipe.iterations)
+    lr, low, final = recipe.lr, recipe.lr * recipe.warmup_ratio, recipe.lr * recipe.final_lr_ratio
+    values = [low + (lr - low) * i / max(warm, 1) for i in range(warm)]
+    rest = n - warm
+    values += [final + 0.5 * (lr - final) * (1 + math.cos(math.pi * i / max(rest, 1))) for i in range(rest)]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- the task
+class DenseHeadTask(Task):
+    """A trainable dense head on a frozen backbone; batches hold images or cached backbone features."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, spec: FeatureSpec, recipe: DenseRecipe, *, task: str,
+                 backbone_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.backbone, self.head, self.spec = backbone, head, spec
+        self.task_name, self.recipe, self.backbone_dtype = task, recipe, backbone_dtype
+        self.sig_loss = SigLoss(warm_up_iters=recipe.sig_warm_up)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"head": self.head}
+
+    def inference_modules(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone}
+
+    def frozen_modules(self) -> tuple[str, ...]:
+        return ("backbone",)
+
+    def batch_size(self, batch: Mapping[str, Any]) -> int:
+        return int(batch["label"].shape[0])
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> list:
+        """The frozen backbone's features for the head (no gradients, eval mode, optional autocast)."""
+        with autocast(images.device, self.backbone_dtype):
+            feats = backbone_features(self.backbone, self.spec, images)
+        return _map_tensors(feats, lambda t: t.float())
+
+    def compute_losses(self, batch: Mapping[str, Any], iteration: int, sched: Mapping[str, float]) -> LossOutput:
+        label = batch["label"]
+        if "features" in batch:
+            feats = _map_tensors(batch["features"], lambda t: t.to(label.device, non_blocking=True))
+        else:
+            feats = self.features(batch["image"])
+        out = F.interpolate(self.head(feats), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        if self.task_name == "seg":
+            loss = seg_cross_entropy(out, label)
+            return LossOutput(total=loss, terms={"ce_loss": loss.detach()})
+        pred, valid = out[:, 0], (label > self.recipe.min_depth) & (label < self.recipe.max_depth)
+        sig = self.sig_loss(pred, label, valid)
+        terms = {"sig_loss": sig.detach()}
+        total = sig
+        if self.recipe.grad_loss_weight:
+            grad = gradient_loss(pred, label, valid)
+            terms["grad_loss"] = grad.detach()
+            total = total + self.recipe.grad_loss_weight * grad
+        return LossOutput(total=total, terms=terms)
+
+
+def _map_tensors(feats: list, fn) -> list:
+    """Apply ``fn`` to every tensor of a feature list (maps, or (map, CLS) pairs)."""
+    return [tuple(fn(t) for t in f) if isinstance(f, (tuple, list)) else fn(f) for f in feats]
+
+
+# ---------------------------------------------------------------------------------------------- data
+def train_transform(recipe: DenseRecipe, task: str):
+    """The joint training transform; with ``augment=False`` a plain resize to ``crop_size``."""
+    if not recipe.augment:
+        return _FixedResize(recipe.crop_size)
+    return DenseTrainTransform(
+        task=task, crop_size=recipe.crop_size, base_size=recipe.base_size or None,
+        scale_range=(recipe.scale_min, recipe.scale_max),
+    )
+
+
+class _FixedResize:
+    """Resize image (bilinear) and label (nearest) to one size, then normalise: deterministic, so cacheable."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = tuple(size)
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor):
+        from .datasets import DenseEvalTransform, _resize_pair
+
+        if tuple(image.shape[-2:]) != self.size:
+            image, label = _resize_pair(image, label, self.size)
+        return DenseEvalTransform(None)(image, label)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, start_batch: int) -> Iterator[list[int]]:
+    """Endless batches of a fresh permutation per epoch (seeded), starting at global batch ``start_batch``.
+
+    Epochs drop their last partial batch, so a resumed run sees exactly the batches it would have seen.
+    """
+    per_epoch = max(n // batch_size, 1)
+    epoch, offset = divmod(start_batch, per_epoch)
+    while True:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        if n < batch_size:
+            order = (order * math.ceil(batch_size / n))[:batch_size]
+        for b in range(offset, per_epoch):
+            yield order[b * batch_size:(b + 1) * batch_size]
+        epoch, offset = epoch + 1, 0
+
+
+def cache_training_features(task: DenseHeadTask, dataset: DenseDataset, device: torch.device, *,
+                            batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+    """Backbone features and labels of every training item (fixed transform), on the CPU."""
+    from tqdm import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_dense)
+    feats: list[list] = []
+    labels: list[torch.Tensor] = []
+    for batch in tqdm(loader, desc="caching features", disable=not progress, leave=False):
+        feats.append(_map_tensors(task.features(batch["image"].to(device)), lambda t: t.cpu()))
+        labels.append(batch["label"])
+    levels = []
+    for i in range(len(feats[0])):
+        parts = [f[i] for f in feats]
+        levels.append(tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts))
+    return {"features": levels, "label": torch.cat(labels)}
+
+
+def make_batches(cached: dict[str, Any] | None, dataset: DenseDataset, recipe: DenseRecipe, start_iter: int):
+    """The engine's loader: batches from iteration ``start_iter`` on (cached features, or images via workers)."""
+    n = len(cached["label"]) if cached is not None else len(dataset)
+    indices = batch_indices(n, recipe.batch_size, recipe.seed, start_iter)
+    if cached is not None:
+        def from_cache():
+            for idx in indices:
+                index = torch.as_tensor(idx)
+                yield {"features": _map_tensors(cached["features"], lambda t: t[index]), "label": cached["label"][index]}
+        return from_cache()
+    return iter(DataLoader(dataset, batch_sampler=indices, num_workers=recipe.num_workers, collate_fn=collate_dense,
+                           persistent_workers=recipe.num_workers > 0))
