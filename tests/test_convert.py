@@ -4,15 +4,18 @@ mmpretrain -> official and mmpretrain's get_model calls, and the ``dinokit conve
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import dinokit
+
 from dinokit.cli import main
 from dinokit.convert import (
     BackboneSpec,
-    get_model,
     hf_to_official,
     mmpretrain_to_official,
     official_to_hf,
@@ -210,19 +213,27 @@ def test_mmpretrain_to_official(tmp_path: Path, variant: str) -> None:
 def test_get_model_mmpretrain_usage(tmp_path: Path) -> None:
     """The seed-page calls: model(inputs) and model.extract_feat(inputs) give (normalised cls (B, 384),),
     with mmpretrain's size= position resize, which is also what HF's Dinov2Model computes."""
-    official = create_model("dinov2_vits14")
-    torch.save(to_mmpretrain_layout(official.state_dict()), tmp_path / "mm.pth")
-    model = get_model("vit-small-p14_dinov2-pre_3rdparty", weights=tmp_path / "mm.pth")
+    with torch.device("meta"):  # shapes only; random values below are faster than the model's initialisation
+        shapes = {k: v.shape for k, v in create_model("dinov2_vits14").state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    official = {k: torch.randn(shape, generator=generator) * 0.05 for k, shape in shapes.items()}
+    torch.save(to_mmpretrain_layout(official), tmp_path / "mm.pth")
+    model = dinokit.get_model("vit-small-p14_dinov2-pre_3rdparty", weights=tmp_path / "mm.pth")
     inputs = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         out, feats = model(inputs), model.extract_feat(inputs)
     assert isinstance(out, tuple) and len(out) == 1 and out[0].shape == (1, 384)
     assert torch.equal(out[0], feats[0])
-    hf = transformers.AutoModel.from_pretrained(save_hf_folder(official.state_dict(), tmp_path / "hf"))
+    hf = transformers.AutoModel.from_pretrained(save_hf_folder(official, tmp_path / "hf"))
     with torch.no_grad():
         assert torch.allclose(out[0], hf.eval()(pixel_values=inputs).pooler_output, atol=1e-4, rtol=0)
     with pytest.raises(DinokitError, match="has no head"):
         model(inputs, mode="predict")
+
+
+def test_import_dinokit_stays_light() -> None:
+    code = "import dinokit, dinokit.convert, sys; print(sorted({'transformers', 'timm', 'onnx', 'wandb'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------- CLI
