@@ -107,6 +107,17 @@ def test_embed_reads_shards(shards, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert str(saved["bad_paths"][0]).endswith(f"{broken // 5:06d}.tar/{broken:09d}")  # shard/key of the corrupt file
 
 
+def test_other_urls_are_fetched_once_through_webdataset(shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("webdataset")
+    dataset_str, _ = shards
+    monkeypatch.setenv("DINOKIT_SHARD_CACHE", str(tmp_path / "cache"))
+    local = make_dataset(dataset_str, labelled=True)
+    piped = make_dataset(dataset_str.replace("urls=", "urls=pipe:cat "), labelled=True)  # a URL webdataset opens
+    assert len(list((tmp_path / "cache").iterdir())) == 5  # one cached copy per shard
+    assert piped.targets == local.targets and piped.classes == [str(i) for i in range(3)]  # names live beside local shards
+    assert np.array_equal(np.asarray(piped.read_image(3)), np.asarray(local.read_image(3)))
+
+
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(DinokitError, match=r"shard '.*missing/000\.tar' does not exist; check the WebDataset urls"):
         make_dataset(f"WebDataset:urls={tmp_path}/missing/{{000..001}}.tar")
