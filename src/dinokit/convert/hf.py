@@ -22,7 +22,7 @@ import torch
 
 from ..errors import DinokitError
 from ..models.checkpoint import atomic_write, load_state_dict_file
-from .spec import BackboneSpec, StateDict, heads_for, spec_from_state_dict, with_layerscale
+from .spec import BackboneSpec, StateDict, spec_from_state_dict, with_layerscale
 
 # official suffix inside a block -> Hugging Face suffix inside encoder.layer.i
 _BLOCK_RENAMES = {
@@ -204,10 +204,3 @@ def read_hf_folder(path: str | Path) -> tuple[StateDict, dict[str, Any] | None]:
         raise DinokitError(f"{str(path)!r} holds no model.safetensors or pytorch_model.bin; pass a Hugging Face model folder")
     return hf_to_official(load_state_dict_file(path)), config
 
-
-def spec_from_hf_config(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None) -> BackboneSpec:
-    """The backbone spec of converted weights, taking the number of heads from ``config.json`` when given."""
-    spec = spec_from_state_dict(sd)
-    if config and "num_attention_heads" in config:
-        return BackboneSpec(**{**spec.to_dict(), "num_heads": int(config["num_attention_heads"])})
-    return BackboneSpec(**{**spec.to_dict(), "num_heads": heads_for(spec.embed_dim, spec.depth)})
