@@ -69,15 +69,15 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 
 def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], targets: list[torch.Tensor],
-            bad: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
-    """Concatenate this rank's batches, gather every rank's, and sort the rows by dataset index."""
+            bad: list[int], distributed: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
+    """Concatenate this rank's batches, gather every rank's (if ``distributed``), sort the rows by dataset index."""
     local = (
         {k: torch.cat(v) for k, v in parts.items()},
         torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
         torch.cat(targets) if targets else torch.empty(0, dtype=torch.long),
         bad,
     )
-    shards = all_gather_object(local)
+    shards = all_gather_object(local) if distributed else [local]
     keys = next((list(s[0]) for s in shards if s[0]), [])
     index = torch.cat([s[1] for s in shards])
     order = torch.argsort(index)
@@ -98,17 +98,20 @@ def extract_features(
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
     desc: str = "features",
+    distributed: bool = True,
 ) -> ExtractedFeatures:
     """Run ``feature_fn(model, images)`` over ``dataset`` (items ``(index, image_or_None, target)``).
 
     ``feature_fn`` returns a dict of (B, ...) tensors; the default gives ``{"cls": model(images)}``.
+    ``distributed=False``: this process embeds all of ``dataset`` alone and keeps the result (no
+    sharding over ranks, no gather), for callers that already split the work per rank.
     ``dtype`` bf16/fp16 runs under autocast. The model is moved to ``device`` and put in eval mode
     for the duration (its training flag is restored afterwards).
     """
     device = torch.device(device)
     amp = autocast_context(device, resolve_dtype(dtype))
     feature_fn = feature_fn or cls_feature_fn
-    rank, world = get_rank(), get_world_size()
+    rank, world = (get_rank(), get_world_size()) if distributed else (0, 1)
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     loader = DataLoader(
         shard,
@@ -145,5 +148,5 @@ def extract_features(
         model.train(was_training)
     seconds = time.perf_counter() - start
     # Outside inference mode, so the gathered tensors are ordinary ones (usable to train probes).
-    features, index, target, bad = _gather(parts, indices, targets, bad)
+    features, index, target, bad = _gather(parts, indices, targets, bad, distributed)
     return ExtractedFeatures(features=features, indices=index, targets=target, bad=bad, seconds=seconds)

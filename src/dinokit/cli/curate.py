@@ -1,0 +1,118 @@
+"""``dinokit curate``: from a folder of uncurated images to a balanced, deduplicated training manifest.
+
+Examples::
+
+    dinokit curate run --pool photos/ --output-dir work --target-size 100000
+    dinokit curate run --pool photos/ --eval-set Sample:split=VAL --seed-set curated/ --output-dir work \\
+        --config-file run/config.yaml --weights run/eval/training_12499/teacher_checkpoint.pth
+    dinokit curate cluster --output-dir work cluster.n_clusters=[2000,200]   # redo clustering and after
+    torchrun --nproc_per_node=8 -m dinokit curate run --pool ... --output-dir work
+
+Every stage is also a sub-command (embed, dedup, retrieve, cluster, sample, report) that reads and
+writes files in the work folder; finished stages are skipped, so a killed run resumes where it stopped.
+Settings given once are saved in ``WORK/config.json`` and reused by later commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+CONFIG_FILE = "config.json"
+STAGE_HELP = {
+    "run": "every stage in order (finished ones are skipped)",
+    "embed": "class-token and copy-detection features of the pool, seed and evaluation images",
+    "dedup": "drop near-copies inside the pool and pool images that copy evaluation images",
+    "retrieve": "keep the pool images close to the seed set (nothing to do without --seed-set)",
+    "cluster": "hierarchical k-means with resampling of the remaining images",
+    "sample": "balanced sampling of --target-size images; writes WORK/manifest.txt",
+    "report": "WORK/report.json and WORK/report.html",
+}
+KNOBS = (
+    "settings (key=value): embed.image_size=224 embed.batch_size=64 embed.num_workers=2 embed.shard_size=8192 "
+    "embed.copy=gem|cls|model embed.gem_p=3 embed.storage=float16|float32; dedup.k=64 dedup.threshold=0.85 "
+    "dedup.eval_threshold=0.75 dedup.center=true dedup.keep=largest|first|central dedup.knn=auto|exact|faiss|faiss-ivf; "
+    "retrieve.mode=sample|cluster retrieve.k=0(auto) retrieve.n_clusters=0(auto) retrieve.min_seed_images=3 "
+    "retrieve.per_cluster=10000 retrieve.max_images=1000000; cluster.n_clusters=[k1,k2,...] "
+    "cluster.resampling_steps=[...] cluster.sample_size=[...] cluster.sampling=c|r cluster.n_iters=20 "
+    "cluster.metric=l2|cos cluster.float64=false cluster.seed=0; sample.strategy=r|c sample.seed=0"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "curate", help="automatic data curation: embed, deduplicate, retrieve, cluster, sample",
+        description="Curate a pool of uncurated images into a deduplicated, balanced training set "
+        "(WORK/manifest.txt, usable as FileList:path=WORK/manifest.txt by 'dinokit train').",
+    )
+    stages = parser.add_subparsers(dest="stage", metavar="STAGE")
+    stages.required = True
+    for name, help_text in STAGE_HELP.items():
+        p = stages.add_parser(name, help=help_text, description=help_text, epilog=KNOBS)
+        p.add_argument("--output-dir", required=True, metavar="WORK", help="the work folder (resumable)")
+        p.add_argument("--pool", help="uncurated images: a folder or a dataset string (FileList:path=..., ...)")
+        p.add_argument("--seed-set", help="curated images to retrieve around (dataset string or folder)")
+        p.add_argument("--eval-set", action="append", metavar="STR",
+                       help="evaluation images no pretraining image may copy (repeatable)")
+        p.add_argument("--target-size", type=int, help="images in the curated set (default: all that dedup leaves)")
+        p.add_argument("--model", help="hub name of the embedding backbone (default dinov2_vits14, official weights)")
+        p.add_argument("--config-file", help="embed with the backbone of a training config.yaml instead")
+        p.add_argument("--weights", help="backbone weights (teacher_checkpoint.pth, ...); 'random' = random init")
+        p.add_argument("--copy-model", help="a hub backbone for the copy-detection descriptor (embed.copy=model)")
+        p.add_argument("--copy-config-file", help="... or a training config.yaml")
+        p.add_argument("--copy-weights", help="... and its weights")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda [auto]")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name != "run":
+            p.add_argument("--force", action="store_true", help="rerun the stage even if it finished")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="stage settings (listed below)")
+        p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace):
+    from ..errors import DinokitError
+    from ..curate.config import make_config, to_dict
+
+    work = Path(args.output_dir)
+    saved = work / CONFIG_FILE
+    base = json.loads(saved.read_text()) if saved.is_file() else {}
+    given = {"pool": args.pool, "seed_set": args.seed_set, "eval_sets": args.eval_set, "target_size": args.target_size,
+             "model": args.model, "config_file": args.config_file, "weights": args.weights,
+             "copy_model": args.copy_model, "copy_config_file": args.copy_config_file, "copy_weights": args.copy_weights}
+    base.update({k: v for k, v in given.items() if v is not None})
+    if args.overrides and any("=" not in o for o in args.overrides):
+        bad = next(o for o in args.overrides if "=" not in o)
+        raise DinokitError(f"unexpected argument {bad!r}; settings are key=value (e.g. dedup.threshold=0.9)")
+    config = make_config(base, args.overrides)
+    if not config.pool:
+        raise DinokitError("--pool is required (a folder of images or a dataset string) the first time in a work folder")
+    if config.config_file and not config.weights:
+        raise DinokitError("--config-file needs --weights (e.g. a teacher_checkpoint.pth, or 'random')")
+    return config, to_dict(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import distributed as du
+    from ..curate.pipeline import STAGES, Work, run_pipeline, run_stage
+    from ..eval.setup import resolve_device
+
+    du.init_from_environment()
+    config, as_dict = _config(args)
+    work = Path(args.output_dir)
+    if du.is_main_process():
+        work.mkdir(parents=True, exist_ok=True)
+        (work / CONFIG_FILE).write_text(json.dumps(as_dict, indent=1))
+    device = resolve_device(args.device)
+    if args.stage == "run":
+        report = run_pipeline(config, work, device=device, progress=not args.no_progress)
+    else:
+        assert args.stage in STAGES
+        report = run_stage(Work(work, config), args.stage, device=device, progress=not args.no_progress,
+                           force=args.force)
+    if du.is_main_process() and args.stage in ("run", "report"):
+        counts = report["counts"]
+        print("counts: " + ", ".join(f"{k} {'-' if v is None else v}" for k, v in counts.items()))
+        print(f"wrote {work / 'manifest.txt'} (train on it: dinokit train ... train.dataset_path=FileList:path="
+              f"{work / 'manifest.txt'}), {work / 'report.json'}, {work / 'report.html'}")
+    return 0

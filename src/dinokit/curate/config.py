@@ -1,0 +1,154 @@
+"""The curation settings: one typed section per stage, changed with dotted ``key=value`` overrides.
+
+Each stage records a digest of its own section (and of the stages it reads), so a rerun with the same
+settings skips it and a changed knob reruns that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import DinokitError
+
+
+@dataclass
+class EmbedConfig:
+    image_size: int = 224
+    """Centre-crop size in pixels (the evaluation transform)."""
+    batch_size: int = 64
+    """Images per forward pass."""
+    num_workers: int = 2
+    """Image decoding processes."""
+    shard_size: int = 8192
+    """Images per shard file; a killed run re-embeds at most one shard per rank."""
+    copy: str = "gem"
+    """Copy-detection descriptor: gem (GeM-pooled patch tokens), cls (the class token), or model (--copy-model)."""
+    gem_p: float = 3.0
+    """GeM exponent (3 as in SSCD)."""
+    storage: str = "float16"
+    """On-disk dtype of the embeddings: float16 halves the disk of float32; cosines move by < 1e-3."""
+
+
+@dataclass
+class DedupConfig:
+    k: int = 64
+    """Neighbours per image in the copy-detection graph."""
+    threshold: float = 0.85
+    """Cosine above which two pool images are copies (calibrated for the centred GeM descriptor; 0.6 for SSCD)."""
+    eval_threshold: float = 0.75
+    """Stricter cosine against the evaluation sets: a whole pool component touching one is dropped (SSCD: 0.45)."""
+    center: bool = True
+    """Subtract the pool's mean descriptor before comparing (removes the direction every image shares)."""
+    keep: str = "largest"
+    """Which copy to keep: largest (file size), first (path order) or central (closest to the component mean)."""
+    knn: str = "auto"
+    """Neighbour search: auto, exact, faiss or faiss-ivf."""
+
+
+@dataclass
+class RetrieveConfig:
+    mode: str = "sample"
+    """sample: each seed image's k nearest pool images; cluster: pool clusters that hold seed images."""
+    k: int = 0
+    """Neighbours per seed image; 0 = 32 below 1.5M seed images, else 4."""
+    n_clusters: int = 0
+    """Pool clusters for mode=cluster; 0 = 4·sqrt(pool size)."""
+    min_seed_images: int = 3
+    """mode=cluster: a cluster is retrieved when it holds more than this many seed images."""
+    per_cluster: int = 10000
+    """mode=cluster: images taken (at random) from each retrieved cluster."""
+    max_images: int = 1000000
+    """Cap on the images retrieved for one seed set."""
+
+
+@dataclass
+class ClusterConfig:
+    n_clusters: list[int] = field(default_factory=list)
+    """Clusters per level, bottom-up (e.g. [1000, 100]); empty = two levels sized from the pool."""
+    resampling_steps: list[int] = field(default_factory=list)
+    """Resampling rounds after each level's first k-means; empty = 10 per level."""
+    sample_size: list[int] = field(default_factory=list)
+    """Points per cluster in a resampling round; empty = half the level's average cluster size."""
+    sampling: str = "c"
+    """Which points a resampling round takes: c (closest to the centroid) or r (random)."""
+    n_iters: int = 20
+    """Lloyd iterations per k-means."""
+    metric: str = "l2"
+    """l2 or cos."""
+    float64: bool = False
+    """Cluster in float64 (exact, twice the memory); sums are float64 either way."""
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    strategy: str = "r"
+    """Within a leaf cluster: r (random) or c (closest to the centroid first)."""
+    seed: int = 0
+
+
+@dataclass
+class CurateConfig:
+    pool: str = ""
+    """The uncurated images: a folder or a dataset string."""
+    seed_set: str = ""
+    """Optional curated images to retrieve around."""
+    eval_sets: list[str] = field(default_factory=list)
+    """Evaluation images that no pretraining image may copy."""
+    target_size: int = 0
+    """Images in the curated set; 0 = all that dedup (and retrieval) leave."""
+    model: str = "dinov2_vits14"
+    """Hub name of the embedding backbone (unless config_file)."""
+    config_file: str = ""
+    """A training config.yaml whose backbone embeds (with weights)."""
+    weights: str = ""
+    """Backbone weights for config_file (or to replace the hub model's)."""
+    copy_model: str = ""
+    copy_config_file: str = ""
+    copy_weights: str = ""
+    """Another backbone for the copy-detection descriptor (embed.copy=model)."""
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def make_config(base: dict | None = None, overrides: Sequence[str] = ()) -> CurateConfig:
+    """A checked :class:`CurateConfig` from ``base`` (e.g. the saved one) and ``key=value`` overrides."""
+    schema = OmegaConf.structured(CurateConfig)
+    try:
+        cfg = OmegaConf.merge(schema, base or {}, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        raise DinokitError(f"bad curation setting {key!r}: {str(err).splitlines()[0]}; see 'dinokit curate run --help'") from None
+    config: CurateConfig = OmegaConf.to_object(cfg)
+    _check(config)
+    return config
+
+
+def _check(c: CurateConfig) -> None:
+    choices = {"embed.copy": (c.embed.copy, ("gem", "cls", "model")), "embed.storage": (c.embed.storage, ("float16", "float32")),
+               "dedup.keep": (c.dedup.keep, ("largest", "first", "central")),
+               "dedup.knn": (c.dedup.knn, ("auto", "exact", "faiss", "faiss-ivf")),
+               "retrieve.mode": (c.retrieve.mode, ("sample", "cluster")), "cluster.sampling": (c.cluster.sampling, ("c", "r")),
+               "cluster.metric": (c.cluster.metric, ("l2", "cos")), "sample.strategy": (c.sample.strategy, ("r", "c"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise DinokitError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key, value in (("embed.image_size", c.embed.image_size), ("embed.batch_size", c.embed.batch_size),
+                       ("embed.shard_size", c.embed.shard_size), ("dedup.k", c.dedup.k)):
+        if value < 1:
+            raise DinokitError(f"{key} must be at least 1, not {value}")
+    if c.target_size < 0:
+        raise DinokitError(f"--target-size must be positive, not {c.target_size}")
+    if c.embed.copy == "model" and not (c.copy_model or c.copy_config_file):
+        raise DinokitError("embed.copy=model needs --copy-model NAME or --copy-config-file CFG --copy-weights PATH")
+
+
+def to_dict(config: CurateConfig) -> dict:
+    return asdict(config)

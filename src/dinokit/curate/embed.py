@@ -1,0 +1,205 @@
+"""Embedding a pool: features of every image, written as memory-mapped shards, resumable, per rank.
+
+A folder ``WORK/<name>/`` holds ``paths.txt`` (every image of the set, in order) and, per shard of
+``shard_size`` images, ``shard-NNNNN.<key>.npy`` arrays (one row per readable image: ``cls``, the
+normalised class token for retrieval and clustering, and ``copy``, the copy-detection descriptor) and
+``shard-NNNNN.json`` (which images the rows are, their file sizes, the unreadable ones). The JSON is
+written last, so a shard with a JSON is complete: a killed run redoes only unfinished shards. Under
+``torchrun`` rank ``r`` embeds shards ``r, r + world, ...`` and writes them itself; no rank ever holds the
+features of the others.
+
+The copy-detection descriptor: DINOv2 has no SSCD (the copy-detection network of the LVD-142M
+pipeline; not installable here), so by default it is the GeM-pooled (p = 3, as SSCD pools) normalised
+patch tokens of the same backbone, L2-normalised; ``cls`` uses the class token, and any other backbone
+can be plugged in. Patch tokens keep the spatial layout that a crop or a text overlay disturbs only
+locally, which is what copy detection needs; the class token is more semantic (two different photos of
+one landmark score high).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from .. import distributed as du
+from ..errors import DinokitError
+from ..features import extract_features
+from ..models.checkpoint import atomic_write
+from .config import EmbedConfig
+
+PATHS_FILE = "paths.txt"
+
+
+def gem(tokens: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """Generalised mean over tokens (B, N, D) -> (B, D), signed so that negative activations count.
+
+    ``sign(m)·|m|^(1/p)`` of ``m = mean(sign(x)·|x|^p)``: p = 1 is the mean, large p tends to the extreme
+    activation. (SSCD pools non-negative ReLU maps; a ViT's tokens are signed.)
+    """
+    powered = tokens.sign() * tokens.abs().clamp_min(1e-6).pow(p)
+    mean = powered.mean(dim=1)  # (B, N, D) -> (B, D)
+    return mean.sign() * mean.abs().pow(1.0 / p)
+
+
+def curation_feature_fn(copy: str = "gem", gem_p: float = 3.0, copy_model: nn.Module | None = None) -> Callable:
+    """``(model, images) -> {"cls": (B, D), "copy": (B, D')}``, both L2-normalised (no ``copy`` for ``cls``)."""
+
+    def features(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = model.forward_features(images)
+        result = {"cls": F.normalize(out["x_norm_clstoken"].float(), dim=1)}
+        if copy == "gem":
+            result["copy"] = F.normalize(gem(out["x_norm_patchtokens"].float(), gem_p), dim=1)
+        elif copy == "model":
+            result["copy"] = F.normalize(copy_model.to(images.device).eval()(images).float(), dim=1)
+        return result
+
+    return features
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _shard_name(s: int) -> str:
+    return f"shard-{s:05d}"
+
+
+def embed_set(
+    dataset: Dataset,
+    paths: list[str],
+    folder: str | Path,
+    *,
+    model: nn.Module,
+    feature_fn: Callable,
+    config: EmbedConfig,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> None:
+    """Embed every image of ``dataset`` (whose items are ``paths``) into shards under ``folder``.
+
+    Finished shards are kept; a different path list in an existing folder is an error.
+    """
+    folder = Path(folder)
+    rank, world = du.get_rank(), du.get_world_size()
+    text = "".join(f"{p}\n" for p in paths)
+    listing = folder / PATHS_FILE
+    if listing.is_file() and listing.read_text() != text:
+        raise DinokitError(f"{folder} holds embeddings of other images; use a new --output-dir or delete {folder}")
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(listing) as tmp:
+            tmp.write_text(text)
+    du.barrier()
+    n_shards = -(-len(paths) // config.shard_size)
+    storage = np.float16 if config.storage == "float16" else np.float32
+    for s in range(rank, n_shards, world):
+        meta_file = folder / f"{_shard_name(s)}.json"
+        if meta_file.is_file():
+            continue  # finished in an earlier run
+        start, stop = s * config.shard_size, min((s + 1) * config.shard_size, len(paths))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="skipping unreadable image")  # listed in the shard's JSON
+            result = extract_features(
+                model, Subset(dataset, range(start, stop)), feature_fn=feature_fn, batch_size=config.batch_size,
+                num_workers=config.num_workers, device=device, dtype=dtype, progress=progress,
+                desc=f"embed {folder.name} {s + 1}/{n_shards}", distributed=False,
+            )
+        rows = (result.indices + start).tolist()
+        for key, value in result.features.items():
+            with atomic_write(folder / f"{_shard_name(s)}.{key}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, value.numpy().astype(storage))
+        meta = {"start": start, "stop": stop, "rows": rows, "keys": sorted(result.features),
+                "bad": [start + i for i in result.bad], "bytes": [_file_size(paths[i]) for i in rows]}
+        with atomic_write(meta_file) as tmp:
+            tmp.write_text(json.dumps(meta))
+    du.barrier()
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class EmbeddingStore:
+    """The embeddings in a folder written by :func:`embed_set`, read through memory maps.
+
+    Rows are the readable images in path order; ``rows[i]`` is row i's index in ``paths``.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        listing = self.folder / PATHS_FILE
+        if not listing.is_file():
+            raise DinokitError(f"no embeddings in {self.folder}; run 'dinokit curate embed' first")
+        self.paths = listing.read_text().splitlines()
+        self.shards: list[dict] = []
+        for s in range(-(-len(self.paths) // max(1, self._shard_size()))):
+            meta_file = self.folder / f"{_shard_name(s)}.json"
+            try:
+                self.shards.append(json.loads(meta_file.read_text()))
+            except (OSError, ValueError) as err:
+                raise DinokitError(f"embeddings file {meta_file} is missing or unreadable ({type(err).__name__}); "
+                                   "rerun 'dinokit curate embed' to finish the embedding") from None
+        self.rows = np.array([r for m in self.shards for r in m["rows"]], dtype=np.int64)
+        self.bad = [b for m in self.shards for b in m["bad"]]
+        self.sizes = np.array([b for m in self.shards for b in m["bytes"]], dtype=np.int64)
+        self._ends = np.cumsum([len(m["rows"]) for m in self.shards])
+
+    def _shard_size(self) -> int:
+        first = self.folder / f"{_shard_name(0)}.json"
+        try:
+            meta = json.loads(first.read_text())
+        except (OSError, ValueError):
+            return len(self.paths)  # reported as missing by the caller's loop
+        return meta["stop"] - meta["start"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _array(self, s: int, key: str) -> np.ndarray:
+        if key not in self.shards[s]["keys"]:
+            key = "cls"  # embed.copy=cls: the class token is the copy descriptor
+        path = self.folder / f"{_shard_name(s)}.{key}.npy"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise DinokitError(f"embeddings file {path} is unreadable ({type(err).__name__}: {err}); delete it and "
+                               f"{_shard_name(s)}.json and rerun 'dinokit curate embed' to recompute that shard") from None
+        if array.ndim != 2 or len(array) != len(self.shards[s]["rows"]):
+            raise DinokitError(f"embeddings file {path} has shape {array.shape}, not ({len(self.shards[s]['rows'])}, D); "
+                               f"delete it and {_shard_name(s)}.json and rerun 'dinokit curate embed'")
+        return array
+
+    def load(self, key: str, rows: np.ndarray | slice | None = None) -> torch.Tensor:
+        """float32 (n, D) features ``key`` (``cls`` or ``copy``) of ``rows`` (sorted row indices; default all)."""
+        if rows is None:
+            rows = slice(0, len(self))
+        if isinstance(rows, slice):
+            rows = np.arange(len(self))[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.concatenate([[0], self._ends[:-1]])
+        parts = []
+        shard_of = np.searchsorted(self._ends, rows, side="right")
+        for s in np.unique(shard_of):
+            local = rows[shard_of == s] - starts[s]
+            parts.append(np.asarray(self._array(int(s), key)[local], dtype=np.float32))
+        if not parts:
+            return torch.empty(0, self.dim(key))
+        return torch.from_numpy(np.concatenate(parts))
+
+    def dim(self, key: str) -> int:
+        filled = [s for s, m in enumerate(self.shards) if m["rows"]]
+        return int(self._array(filled[0], key).shape[1]) if filled else 0
+
+    def row_paths(self, rows: np.ndarray) -> list[str]:
+        return [self.paths[i] for i in self.rows[np.asarray(rows, dtype=np.int64)]]

@@ -1,0 +1,321 @@
+"""The curation pipeline: embed -> dedup -> retrieve -> cluster -> sample -> report, in a work folder.
+
+Every stage reads and writes files under ``WORK/<stage>/`` and finishes by writing ``WORK/<stage>/done.json``
+(its settings' digest, its counts and its time). A rerun skips a stage whose ``done.json`` carries the same
+digest (a stage's digest includes those of the stages it reads), so a killed run resumes at the stage
+it was in, and a changed knob redoes that stage and the ones after it. The result is
+``WORK/manifest.txt``: one absolute image path per line, i.e. ``FileList:path=WORK/manifest.txt``.
+
+Under ``torchrun`` the heavy stages are shared: each rank embeds its shards, searches the neighbours of
+its slice of the pool, and holds a slice of the points in the first k-means level; the light ones
+(union-find, sampling, the report) run on rank 0 while the others wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import distributed as du
+from ..data import make_classification_eval_transform, make_dataset
+from ..errors import DinokitError
+from ..models.checkpoint import atomic_write
+from .config import CurateConfig
+from .dedup import choose_representatives, connected_components, edges_above, relative_dedup
+from .embed import EmbeddingStore, curation_feature_fn, embed_set
+from .kmeans import hierarchical_kmeans
+from .knn import knn_search
+from .retrieve import retrieve_by_clusters, retrieve_by_samples
+from .sampling import hierarchical_sample
+
+STAGES = ("embed", "dedup", "retrieve", "cluster", "sample", "report")
+MANIFEST = "manifest.txt"
+
+
+def _log(message: str) -> None:
+    if du.is_main_process():
+        print(message, flush=True)
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_json(path: Path, obj: object) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+class Work:
+    """The work folder: stage folders, their ``done.json`` markers and the saved settings."""
+
+    def __init__(self, root: str | Path, config: CurateConfig) -> None:
+        self.root = Path(root)
+        self.config = config
+        c = asdict(config)
+        embed_keys = ("pool", "seed_set", "eval_sets", "model", "config_file", "weights", "copy_model",
+                      "copy_config_file", "copy_weights", "embed")
+        self.digests: dict[str, str] = {"embed": _digest({k: c[k] for k in embed_keys})}
+        self.digests["dedup"] = _digest([self.digests["embed"], c["dedup"]])
+        self.digests["retrieve"] = _digest([self.digests["dedup"], c["retrieve"]])
+        self.digests["cluster"] = _digest([self.digests["retrieve"], c["cluster"]])
+        self.digests["sample"] = _digest([self.digests["cluster"], c["sample"], c["target_size"]])
+
+    def folder(self, stage: str) -> Path:
+        return self.root / stage
+
+    def done(self, stage: str) -> dict | None:
+        """The stage's record when it finished with the current settings, else None."""
+        marker = self.folder(stage) / "done.json"
+        try:
+            record = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if record.get("digest") == self.digests.get(stage) else None
+
+    def finish(self, stage: str, seconds: float, counts: dict) -> dict:
+        record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts}
+        if du.is_main_process():
+            _save_json(self.folder(stage) / "done.json", record)
+        du.barrier()
+        return record
+
+    def need(self, stage: str) -> dict:
+        record = self.done(stage)
+        if record is None:
+            raise DinokitError(f"stage {stage} has not finished in {self.root} with these settings; "
+                               f"run 'dinokit curate {stage}' (or 'dinokit curate run') first")
+        return record
+
+
+# ---------------------------------------------------------------------------------------------- embed
+def _build_models(config: CurateConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    from ..eval.setup import setup_eval_model
+
+    def build(model: str, config_file: str, weights: str) -> torch.nn.Module:
+        random_init = weights == "random"
+        backbone, _ = setup_eval_model(
+            config_file=config_file or None, model=None if config_file else model,
+            pretrained_weights=None if random_init else (weights or None), random_init=random_init, device=device,
+        )
+        return backbone
+
+    main = build(config.model, config.config_file, config.weights)
+    copy = None
+    if config.embed.copy == "model":
+        copy = build(config.copy_model, config.copy_config_file, config.copy_weights)
+    return main, copy
+
+
+def _sets(config: CurateConfig) -> dict[str, str]:
+    """Folder name -> dataset string of every image set to embed."""
+    sets = {"pool": config.pool}
+    if config.seed_set:
+        sets["seed"] = config.seed_set
+    sets.update({f"eval-{i}": s for i, s in enumerate(config.eval_sets)})
+    return sets
+
+
+def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
+                models: tuple[torch.nn.Module, torch.nn.Module | None] | None = None) -> dict:
+    config = work.config
+    transform = make_classification_eval_transform(crop_size=config.embed.image_size)
+    datasets = {name: make_dataset(s, transform=transform) for name, s in _sets(config).items()}
+    n_pool = len(datasets["pool"])
+    if config.target_size > n_pool:
+        raise DinokitError(f"--target-size {config.target_size} is larger than the pool ({n_pool} images); lower it")
+    model, copy_model = models or _build_models(config, device)
+    feature_fn = curation_feature_fn(config.embed.copy, config.embed.gem_p, copy_model)
+    for name, dataset in datasets.items():
+        embed_set(dataset, [str(p) for p in dataset.paths], work.folder("embed") / name, model=model,
+                  feature_fn=feature_fn, config=config.embed, device=device, progress=progress)
+    pool = EmbeddingStore(work.folder("embed") / "pool")
+    if len(pool) == 0:
+        raise DinokitError(f"none of the {n_pool} pool images could be read (first: {pool.paths[pool.bad[0]]}); check the files")
+    return {"pool": n_pool, "unreadable": len(pool.bad), "embedded": len(pool)}
+
+
+# ---------------------------------------------------------------------------------------------- dedup
+def _rank_slice(n: int) -> slice:
+    """This rank's contiguous block of ``n`` rows."""
+    rank, world = du.get_rank(), du.get_world_size()
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> dict:
+    c = work.config.dedup
+    pool = EmbeddingStore(work.folder("embed") / "pool")
+    x = pool.load("copy").to(device)
+    center = x.mean(0) if c.center else torch.zeros_like(x[0])
+    x = F.normalize(x - center, dim=1)
+    n = len(x)
+    # Links above the looser of the two thresholds, kept once: self-dedup cuts them again at its own.
+    low = min(c.threshold, c.eval_threshold)
+    mine = _rank_slice(n)
+    sims, idx = knn_search(x[mine], x, min(c.k + 1, n), method=c.knn)  # + 1: an image finds itself
+    parts = du.all_gather_object(edges_above(sims, idx, low, row_offset=mine.start))
+    counts: dict = {}
+    if du.is_main_process():
+        edges = np.concatenate([p[0] for p in parts])
+        edge_sims = np.concatenate([p[1] for p in parts])
+        labels = connected_components(n, edges[edge_sims > c.threshold])
+        kept = choose_representatives(labels, keep=c.keep, sizes=pool.sizes, features=x.cpu())
+        removed = np.zeros(n, dtype=bool)
+        for name in sorted(p.name for p in work.folder("embed").glob("eval-*")):
+            evals = F.normalize(EmbeddingStore(work.folder("embed") / name).load("copy").to(device) - center, dim=1)
+            e_sims, e_idx = knn_search(evals, x, min(c.k, n), method=c.knn)
+            removed |= relative_dedup(n, edges[edge_sims > c.eval_threshold], e_sims, e_idx, c.eval_threshold)
+        final = kept[~removed[kept]]
+        folder = work.folder("dedup")
+        _save_npy(folder / "components.npy", labels)
+        _save_npy(folder / "kept.npy", kept)
+        _save_npy(folder / "eval_removed.npy", np.nonzero(removed)[0])
+        _save_npy(folder / "after_eval.npy", final)
+        copies = int((np.bincount(labels) > 1).sum())
+        counts = {"after_dedup": len(kept), "after_eval_dedup": len(final), "groups_with_copies": copies,
+                  "eval_removed": int(removed.sum())}
+    return du.broadcast_object(counts)
+
+
+# ---------------------------------------------------------------------------------------------- retrieve
+def stage_retrieve(work: Work, *, device: torch.device, progress: bool = True) -> dict:
+    config, c = work.config, work.config.retrieve
+    candidates = np.load(work.folder("dedup") / "after_eval.npy")
+    counts: dict = {"retrieved": None}
+    if du.is_main_process():
+        selected = candidates
+        if config.seed_set:
+            pool = EmbeddingStore(work.folder("embed") / "pool").load("cls", candidates).to(device)
+            seed = EmbeddingStore(work.folder("embed") / "seed").load("cls").to(device)
+            if c.mode == "sample":
+                chosen = retrieve_by_samples(seed, pool, k=c.k, max_images=c.max_images, method=work.config.dedup.knn)
+            else:
+                chosen = retrieve_by_clusters(seed, pool, n_clusters=c.n_clusters, min_seed_images=c.min_seed_images,
+                                              per_cluster=c.per_cluster, max_images=c.max_images)
+            selected = candidates[chosen]
+            counts["retrieved"] = len(selected)
+        _save_npy(work.folder("retrieve") / "selected.npy", selected)
+    return du.broadcast_object(counts)
+
+
+# ---------------------------------------------------------------------------------------------- cluster
+def auto_levels(n: int) -> list[int]:
+    """Two levels sized from the number of points: ~2·sqrt(n) clusters, then ~2·sqrt of that."""
+    k1 = max(2, min(n, round(2 * math.sqrt(n))))
+    k2 = max(1, min(k1 - 1, round(2 * math.sqrt(k1))))
+    return [k1, k2]
+
+
+def cluster_settings(config: CurateConfig, n: int) -> dict:
+    c = config.cluster
+    levels = list(c.n_clusters) or auto_levels(n)
+    sizes = [n] + levels[:-1]
+    return {
+        "n_clusters": levels,
+        "resampling_steps": list(c.resampling_steps) or [10] * len(levels),
+        "sample_size": list(c.sample_size) or [max(1, s // (2 * k)) for s, k in zip(sizes, levels)],
+    }
+
+
+def stage_cluster(work: Work, *, device: torch.device, progress: bool = True) -> dict:
+    c = work.config.cluster
+    selected = np.load(work.folder("retrieve") / "selected.npy")
+    settings = cluster_settings(work.config, len(selected))
+    mine = _rank_slice(len(selected))
+    x = EmbeddingStore(work.folder("embed") / "pool").load("cls", selected[mine]).to(device)
+    if c.float64:
+        x = x.double()
+    levels = hierarchical_kmeans(x, settings["n_clusters"], resampling_steps=settings["resampling_steps"],
+                                 sample_size=settings["sample_size"], sampling=c.sampling, n_iters=c.n_iters,
+                                 seed=c.seed, metric=c.metric, distributed=du.get_world_size() > 1)
+    folder = work.folder("cluster")
+    rank = du.get_rank()
+    _save_npy(folder / f"leaf.rank{rank}.npy",
+              np.stack([levels[0].labels.cpu().double().numpy(), levels[0].distances.cpu().double().numpy()]))
+    if du.is_main_process():
+        for i, level in enumerate(levels, start=1):
+            _save_npy(folder / f"centroids{i}.npy", level.centroids.cpu().float().numpy())
+            if i > 1:
+                _save_npy(folder / f"parents{i - 1}.npy", level.labels.cpu().numpy())
+    return {**settings, "ranks": du.get_world_size()}
+
+
+def load_leaves(work: Work) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Leaf cluster and distance of every selected image, and each level's parent array."""
+    record = work.need("cluster")["counts"]
+    leaves = np.concatenate([np.load(work.folder("cluster") / f"leaf.rank{r}.npy") for r in range(record["ranks"])], axis=1)
+    parents = [np.load(work.folder("cluster") / f"parents{i}.npy") for i in range(1, len(record["n_clusters"]))]
+    return leaves[0].astype(np.int64), leaves[1], parents
+
+
+# ---------------------------------------------------------------------------------------------- sample
+def stage_sample(work: Work, *, device: torch.device, progress: bool = True) -> dict:
+    config = work.config
+    counts: dict = {}
+    if du.is_main_process():
+        selected = np.load(work.folder("retrieve") / "selected.npy")
+        leaf, distances, parents = load_leaves(work)
+        target = config.target_size or len(selected)
+        chosen = hierarchical_sample(leaf, parents, target, distances=distances, strategy=config.sample.strategy,
+                                     seed=config.sample.seed)
+        _save_npy(work.folder("sample") / "chosen.npy", chosen)
+        pool = EmbeddingStore(work.folder("embed") / "pool")
+        paths = [str(Path(p).resolve()) for p in pool.row_paths(selected[chosen])]
+        with atomic_write(work.root / MANIFEST) as tmp:
+            tmp.write_text("".join(f"{p}\n" for p in paths))
+        counts = {"sampled": len(chosen)}
+    return du.broadcast_object(counts)
+
+
+# ---------------------------------------------------------------------------------------------- run
+STAGE_FUNCTIONS: dict[str, Callable[..., dict]] = {
+    "embed": stage_embed, "dedup": stage_dedup, "retrieve": stage_retrieve, "cluster": stage_cluster,
+    "sample": stage_sample,
+}
+
+
+def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = True, force: bool = False,
+              **kwargs) -> dict:
+    """Run ``stage`` unless it finished with the same settings; the stages before it must have finished."""
+    if stage == "report":
+        from .report import write_report
+
+        return write_report(work)
+    order = list(STAGE_FUNCTIONS)
+    for before in order[: order.index(stage)]:
+        work.need(before)
+    record = work.done(stage)
+    if record is not None and not force:
+        _log(f"[{stage}] finished earlier with these settings ({record['seconds']:.1f} s): skipped")
+        return record
+    _log(f"[{stage}] running")
+    start = time.perf_counter()
+    counts = STAGE_FUNCTIONS[stage](work, device=device, progress=progress, **kwargs)
+    record = work.finish(stage, time.perf_counter() - start, counts)
+    _log(f"[{stage}] done in {record['seconds']:.1f} s: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return record
+
+
+def run_pipeline(config: CurateConfig, work_dir: str | Path, *, device: torch.device | str = "cpu",
+                 progress: bool = True, models=None) -> dict:
+    """Every stage in order (finished ones skipped); returns the report's counts and times."""
+    work = Work(work_dir, config)
+    device = torch.device(device)
+    for stage in STAGES:
+        extra = {"models": models} if stage == "embed" and models is not None else {}
+        run_stage(work, stage, device=device, progress=progress, **extra)
+    return json.loads((work.root / "report.json").read_text())

@@ -1,0 +1,99 @@
+"""Hierarchical balanced sampling: a target number of images spread as evenly as possible over clusters.
+
+The budget is split top-down. At every level the clusters' shares are "water-filled": the largest cut
+``x`` with ``sum(min(x, size_i)) <= budget`` gives each cluster ``min(x, size_i)`` images (sizes counted in
+original points), and what is left of the budget goes one image each to randomly chosen clusters still
+larger than ``x``. A small cluster is taken whole; big ones are capped at the same level. Within a leaf
+cluster the images are drawn at random, or the closest to the centroid first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DinokitError
+
+STRATEGIES = ("r", "c")
+
+
+def best_cut(sizes: np.ndarray, budget: int) -> int:
+    """The largest integer ``x`` with ``sum(min(x, sizes)) <= budget`` (``max(sizes)`` when all fit)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if sizes.sum() <= budget:
+        return int(sizes.max(initial=0))
+    lo, hi = 0, int(sizes.max())  # sum(min(lo, .)) <= budget < sum(min(hi, .))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if np.minimum(sizes, mid).sum() <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def split_budget(sizes: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Per-cluster quotas summing to ``min(budget, sum(sizes))``, each at most its cluster's size."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if sizes.sum() <= budget:
+        return sizes.copy()
+    cut = best_cut(sizes, budget)
+    quotas = np.minimum(sizes, cut)
+    remainder = budget - int(quotas.sum())
+    larger = np.nonzero(sizes > cut)[0]  # more than `remainder` of them, or cut + 1 would have fitted
+    quotas[rng.choice(larger, size=remainder, replace=False)] += 1
+    return quotas
+
+
+def hierarchical_sample(
+    leaf_labels: np.ndarray,
+    parents: list[np.ndarray],
+    target_size: int,
+    *,
+    distances: np.ndarray | None = None,
+    strategy: str = "r",
+    seed: int = 0,
+) -> np.ndarray:
+    """Sorted indices of ``target_size`` points drawn top-down through the cluster hierarchy.
+
+    ``leaf_labels`` (N,) is each point's level-1 cluster; ``parents[l]`` maps each level-(l+1) cluster
+    to its level-(l+2) cluster (empty list: one level). ``distances`` (N,) to the leaf centroid are
+    needed by ``strategy='c'`` (closest first); ``'r'`` draws at random.
+    """
+    if strategy not in STRATEGIES:
+        raise DinokitError(f"unknown sample.strategy {strategy!r}; use r (random) or c (closest to the centroid)")
+    leaf_labels = np.asarray(leaf_labels, dtype=np.int64)
+    n = len(leaf_labels)
+    if target_size > n:
+        raise DinokitError(f"--target-size {target_size} is larger than the {n} images left to sample from; lower it")
+    if strategy == "c" and distances is None:
+        raise ValueError("strategy 'c' needs the distances to the centroids")
+    rng = np.random.default_rng(seed)
+    n_leaves = int(leaf_labels.max()) + 1 if n else 0
+    # flat sizes (original points under each cluster) at every level, bottom-up
+    sizes = [np.bincount(leaf_labels, minlength=n_leaves)]
+    for parent in parents:
+        parent = np.asarray(parent, dtype=np.int64)
+        sizes.append(np.bincount(parent, weights=sizes[-1], minlength=int(parent.max()) + 1).astype(np.int64))
+    # top-down: the top level's clusters share the whole budget, then each cluster its own quota
+    quotas = split_budget(sizes[-1], target_size, rng)
+    for level in range(len(parents) - 1, -1, -1):
+        parent = np.asarray(parents[level], dtype=np.int64)
+        child_quotas = np.zeros(len(parent), dtype=np.int64)
+        by_parent = np.argsort(parent, kind="stable")  # children grouped by parent, in index order
+        ends = np.cumsum(np.bincount(parent, minlength=len(quotas)))
+        for cluster in np.nonzero(quotas)[0]:
+            children = by_parent[(ends[cluster - 1] if cluster else 0) : ends[cluster]]
+            child_quotas[children] = split_budget(sizes[level][children], int(quotas[cluster]), rng)
+        quotas = child_quotas
+    # within each leaf: random, or closest to the centroid first
+    keys = rng.random(n) if strategy == "r" else np.asarray(distances, dtype=np.float64)
+    order = np.lexsort((np.arange(n), keys, leaf_labels))  # by leaf, then key, then index
+    starts = np.cumsum(sizes[0]) - sizes[0]
+    rank_in_leaf = np.empty(n, dtype=np.int64)
+    rank_in_leaf[order] = np.arange(n) - starts[leaf_labels[order]]
+    return np.nonzero(rank_in_leaf < quotas[leaf_labels])[0]
+
+
+def leaf_quotas(leaf_labels: np.ndarray, chosen: np.ndarray, n_leaves: int) -> np.ndarray:
+    """How many of ``chosen`` fell in each leaf cluster (for reports and tests)."""
+    return np.bincount(np.asarray(leaf_labels)[chosen], minlength=n_leaves)

@@ -1,0 +1,249 @@
+"""Curation algorithms: union-find dedup, relative dedup, neighbour search, k-means, balanced sampling."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinokit.curate.dedup import choose_representatives, connected_components, edges_above, relative_dedup
+from dinokit.curate.kmeans import assign, hierarchical_kmeans, kmeans
+from dinokit.curate.knn import knn_search
+from dinokit.curate.retrieve import retrieve_by_clusters, retrieve_by_samples
+from dinokit.curate.sampling import best_cut, hierarchical_sample, leaf_quotas, split_budget
+from dinokit.errors import DinokitError
+
+
+# ---------------------------------------------------------------------------------------------- union-find
+def test_components_of_a_planted_graph_whatever_the_edge_order():
+    # components {0, 3, 7, 9}, {1}, {2, 5}, {4, 6, 8} (a chain, a pair, a star), node 1 alone
+    edges = np.array([[9, 7], [3, 7], [0, 9], [5, 2], [8, 4], [6, 4], [4, 8]])
+    expected = np.array([0, 1, 2, 0, 4, 2, 4, 0, 4, 0])
+    for seed in range(5):
+        shuffled = np.random.default_rng(seed).permutation(edges)
+        flipped = np.where(np.random.default_rng(seed).random((len(edges), 1)) < 0.5, shuffled, shuffled[:, ::-1])
+        np.testing.assert_array_equal(connected_components(10, flipped), expected)
+    np.testing.assert_array_equal(connected_components(3, np.empty((0, 2))), [0, 1, 2])
+
+
+def test_components_of_a_long_chain_and_a_random_graph_match_a_plain_search():
+    n = 2000
+    chain = np.stack([np.arange(n - 1), np.arange(1, n)], 1)[::-1]  # worst case for naive hooking
+    assert (connected_components(n, chain) == 0).all()
+    rng = np.random.default_rng(0)
+    edges = rng.integers(0, n, size=(1500, 2))
+    labels = connected_components(n, edges)
+    # reference: breadth-first search
+    neighbours = [[] for _ in range(n)]
+    for a, b in edges:
+        neighbours[a].append(b)
+        neighbours[b].append(a)
+    reference = -np.ones(n, dtype=int)
+    for start in range(n):
+        if reference[start] < 0:
+            reference[start], queue = start, [start]
+            while queue:
+                node = queue.pop()
+                for m in neighbours[node]:
+                    if reference[m] < 0:
+                        reference[m] = start
+                        queue.append(m)
+    np.testing.assert_array_equal(labels, reference)
+
+
+def test_representative_rules():
+    labels = connected_components(6, np.array([[0, 2], [2, 4], [1, 5]]))  # {0, 2, 4}, {1, 5}, {3}
+    sizes = np.array([10, 7, 30, 5, 30, 9])
+    np.testing.assert_array_equal(choose_representatives(labels, keep="largest", sizes=sizes), [2, 3, 5])  # 30 = 30: index 2
+    np.testing.assert_array_equal(choose_representatives(labels, keep="first"), [0, 1, 3])
+    features = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.2, 1.0]]), dim=1)
+    # {0, 2, 4}: their mean points along (1, 1) -> image 2; {1, 5}: two members are always equally close to
+    # their mean -> the smaller index, 1
+    np.testing.assert_array_equal(choose_representatives(labels, keep="central", features=features), [1, 2, 3])
+    with pytest.raises(DinokitError, match="unknown dedup.keep 'best'"):
+        choose_representatives(labels, keep="best")
+
+
+def test_edges_above_drop_self_links_and_missing_neighbours():
+    sims = np.array([[1.0, 0.9, 0.5], [1.0, 0.95, -np.inf]])
+    idx = np.array([[0, 3, 2], [1, 0, -1]])
+    edges, values = edges_above(sims, idx, 0.8, row_offset=0)
+    np.testing.assert_array_equal(edges, [[0, 3], [1, 0]])
+    np.testing.assert_allclose(values, [0.9, 0.95])
+
+
+def test_relative_dedup_removes_whole_components_touching_evaluation_images():
+    # pool components at the eval threshold: {0, 1, 2} (chain), {3, 4}, {5}, {6}
+    pool_edges = np.array([[0, 1], [1, 2], [3, 4]])
+    # eval image 0 is a copy of pool 2 (sim 0.8); eval image 1 is only weakly like pool 5 (0.3)
+    eval_sims = np.array([[0.8, 0.2], [0.3, 0.1]])
+    eval_idx = np.array([[2, 6], [5, 3]])
+    removed = relative_dedup(7, pool_edges, eval_sims, eval_idx, threshold=0.45)
+    np.testing.assert_array_equal(np.nonzero(removed)[0], [0, 1, 2])  # the whole chain, not just image 2
+
+
+# ---------------------------------------------------------------------------------------------- neighbours
+def test_exact_search_returns_the_true_neighbours_in_chunks():
+    gen = torch.Generator().manual_seed(0)
+    db = F.normalize(torch.randn(500, 16, generator=gen), dim=1)
+    q = F.normalize(torch.randn(37, 16, generator=gen), dim=1)
+    sims, idx = knn_search(q, db, 7, method="exact", batch_size=10, chunk_size=64)
+    full = q @ db.T
+    ref_sims, ref_idx = full.topk(7, dim=1)
+    torch.testing.assert_close(sims, ref_sims)
+    assert torch.equal(idx, ref_idx)
+    short_sims, short_idx = knn_search(q[:2], db[:3], 5, method="exact")
+    assert (short_idx[:, 3:] == -1).all() and torch.isinf(short_sims[:, 3:]).all()
+    pytest.importorskip("faiss")
+    f_sims, f_idx = knn_search(q, db, 7, method="faiss")
+    assert torch.equal(f_idx, ref_idx)
+    torch.testing.assert_close(f_sims, ref_sims, atol=1e-5, rtol=0)
+
+
+def test_sample_retrieval_is_the_union_of_exact_neighbours():
+    gen = torch.Generator().manual_seed(1)
+    pool = F.normalize(torch.randn(300, 8, generator=gen), dim=1)
+    seed = F.normalize(torch.randn(20, 8, generator=gen), dim=1)
+    chosen = retrieve_by_samples(seed, pool, k=4, method="exact")
+    expected = np.unique((seed @ pool.T).topk(4, dim=1).indices.numpy())
+    np.testing.assert_array_equal(chosen, expected)
+    assert len(retrieve_by_samples(seed, pool, k=4, max_images=10, method="exact")) == 10
+
+
+def test_cluster_retrieval_takes_clusters_holding_seed_images():
+    centres = torch.eye(4) * 10
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.cat([c + torch.randn(50, 4, generator=gen) * 0.1 for c in centres])  # 4 blobs of 50
+    seed = torch.cat([centres[1] + torch.randn(5, 4, generator=gen) * 0.1, centres[3][None]])  # 5 in blob 1, 1 in 3
+    chosen = retrieve_by_clusters(seed, pool, n_clusters=4, min_seed_images=3, per_cluster=20)
+    assert len(chosen) == 20 and ((chosen >= 50) & (chosen < 100)).all()
+
+
+# ---------------------------------------------------------------------------------------------- k-means
+def _lloyd_reference(x: np.ndarray, centroids: np.ndarray, n_iters: int) -> tuple[np.ndarray, np.ndarray]:
+    for _ in range(n_iters):
+        d = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+        labels = d.argmin(1)
+        centroids = np.stack([x[labels == j].mean(0) if (labels == j).any() else centroids[j]
+                              for j in range(len(centroids))])
+    return centroids, ((x[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+
+
+def test_kmeans_matches_a_brute_force_lloyd_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5))
+    init = x[rng.choice(400, 6, replace=False)]
+    ref_centroids, ref_labels = _lloyd_reference(x, init, 8)
+    result = kmeans(torch.from_numpy(x), 6, init=torch.from_numpy(init), n_iters=8, chunk_elements=100)
+    np.testing.assert_allclose(result.centroids.numpy(), ref_centroids, atol=1e-10)
+    np.testing.assert_array_equal(result.labels.numpy(), ref_labels)
+    assert result.inertia == pytest.approx(((x - ref_centroids[ref_labels]) ** 2).sum())
+
+
+def test_kmeans_finds_separable_blobs_like_scikit_learn():
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 16)) * 10
+    truth = rng.integers(0, 8, size=2000)
+    x = (centres[truth] + rng.normal(size=(2000, 16))).astype(np.float32)
+    ours = kmeans(torch.from_numpy(x), 8, n_iters=20, seed=0)
+    theirs = sklearn_cluster.KMeans(8, n_init=1, random_state=0).fit(x)
+    assert adjusted_rand_score(truth, ours.labels.numpy()) == 1.0
+    assert adjusted_rand_score(truth, theirs.labels_) == 1.0
+    assert ours.inertia == pytest.approx(theirs.inertia_, rel=1e-4)
+    with pytest.raises(DinokitError, match="cannot make 9 clusters of 8 points"):
+        kmeans(torch.from_numpy(x[:8]), 9)
+
+
+def test_hierarchical_kmeans_flattens_the_density_level_by_level():
+    # points crowded near 0 (x = u^4): 16% lie above 0.5. k-means centroids follow the density only
+    # partly, and clustering the centroids again flattens it further: the balanced sampler relies on this.
+    x = torch.from_numpy(np.random.default_rng(0).random(3000) ** 4)[:, None]
+    levels = hierarchical_kmeans(x, [20, 5], resampling_steps=[3, 3], sample_size=[10, 2], n_iters=20)
+    assert [tuple(l.centroids.shape) for l in levels] == [(20, 1), (5, 1)]
+    assert levels[1].labels.shape == (20,)  # level 2 clusters level 1's centroids
+    share = [float((v > 0.5).double().mean()) for v in (x, levels[0].centroids, levels[1].centroids)]
+    assert share[0] < 0.17 and share[1] >= 0.3 and share[2] >= share[1], share
+    labels, _ = assign(x, levels[0].centroids)
+    assert torch.equal(labels, levels[0].labels)  # final labels = assignment to the final (resampled) centroids
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def test_water_filling_cut_and_remainder():
+    assert best_cut(np.array([10, 1, 5]), 7) == 3  # 3 + 1 + 3
+    assert best_cut(np.array([2, 3]), 10) == 3  # everything fits
+    quotas = split_budget(np.array([5, 5, 5]), 7, np.random.default_rng(0))
+    assert sorted(quotas.tolist()) == [2, 2, 3]
+    np.testing.assert_array_equal(split_budget(np.array([1, 8, 3]), 7, np.random.default_rng(0)), [1, 3, 3])
+
+
+def test_hierarchical_sampler_gives_exact_quotas_on_a_planted_hierarchy():
+    # leaves of sizes [10, 1, 5 | 1, 8, 3] under two top clusters (16 and 12 images); 14 to draw:
+    # top: 7 + 7; first: cut 3 -> 3, 1, 3; second: cut 3 -> 1, 3, 3
+    sizes = [10, 1, 5, 1, 8, 3]
+    leaf = np.repeat(np.arange(6), sizes)
+    leaf = leaf[np.random.default_rng(0).permutation(len(leaf))]
+    parents = [np.array([0, 0, 0, 1, 1, 1])]
+    chosen = hierarchical_sample(leaf, parents, 14, strategy="r", seed=3)
+    assert len(chosen) == 14 and len(np.unique(chosen)) == 14
+    np.testing.assert_array_equal(leaf_quotas(leaf, chosen, 6), [3, 1, 3, 1, 3, 3])
+    distances = np.random.default_rng(1).random(len(leaf))
+    closest = hierarchical_sample(leaf, parents, 14, distances=distances, strategy="c")
+    members = np.nonzero(leaf == 0)[0]
+    np.testing.assert_array_equal(np.intersect1d(closest, members), np.sort(members[np.argsort(distances[members])[:3]]))
+    assert len(hierarchical_sample(leaf, parents, 28)) == 28  # everything
+    with pytest.raises(DinokitError, match="--target-size 29 is larger than the 28 images left to sample from"):
+        hierarchical_sample(leaf, parents, 29)
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _blobs() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 8)) * 5
+    return torch.from_numpy(centres[rng.integers(0, 6, 601)] + rng.normal(size=(601, 8))).float()
+
+
+def _hkmeans(x: torch.Tensor, distributed: bool):
+    return hierarchical_kmeans(x, [20, 5], resampling_steps=[3, 2], sample_size=[8, 2], sampling="r", n_iters=10,
+                               seed=1, distributed=distributed)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    x = _blobs()
+    part = slice(len(x) * rank // world, len(x) * (rank + 1) // world)
+    levels = _hkmeans(x[part], True)
+    torch.save([(l.centroids, l.labels) for l in levels], f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_clustering_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "levels")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    single = _hkmeans(_blobs(), False)
+    for level, ref in enumerate(single):
+        for r in range(2):
+            torch.testing.assert_close(ranks[r][level][0], ref.centroids, atol=1e-5, rtol=0)
+        if level == 0:  # each rank labels its own slice of the points
+            assert torch.equal(torch.cat([ranks[0][0][1], ranks[1][0][1]]), ref.labels)
+        else:
+            assert torch.equal(ranks[0][level][1], ref.labels)
