@@ -264,6 +264,15 @@ def _yaml_loader() -> type:
     return Loader
 
 
+def find_run_config(weights: str | Path) -> Path | None:
+    """The ``config.yaml`` of the run that wrote ``RUN/[subdir/]eval/<tag>/teacher_checkpoint.pth`` (or beside it)."""
+    path = Path(weights).expanduser()
+    for parent in list(path.parents)[:3]:
+        if (parent / "config.yaml").is_file():
+            return parent / "config.yaml"
+    return None
+
+
 def write_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     """Write the resolved ``cfg`` to ``output_dir/config.yaml`` (loadable by :func:`load_config`)."""
     path = Path(output_dir) / "config.yaml"

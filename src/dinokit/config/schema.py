@@ -113,7 +113,7 @@ class TrainConfig:
 class StudentConfig:
     """Official ``student``: the backbone shared by student and teacher (only the student has drop path)."""
 
-    arch: str = "vit_large"  # vit_pico, vit_nano, vit_tiny, vit_small, vit_base, vit_large, vit_giant2 (_memeff ok)
+    arch: str = "vit_large"  # vit_pico, vit_nano, vit_tiny, vit_small, vit_base, vit_large, vit_giant2, vit_femto (_memeff ok)
     patch_size: int = 16  # patch size in pixels
     drop_path_rate: float = 0.3  # stochastic-depth rate of the student
     layerscale: float = 1.0e-5  # initial LayerScale value (0 = no LayerScale)

@@ -31,7 +31,7 @@ from ..features import DTYPES, ExtractedFeatures, cls_feature_fn, extract_featur
 from ..models import DinoVisionTransformer
 from ..models.checkpoint import atomic_write, load_backbone_weights
 from ..models import registry
-from ..config import backbone_from_config, load_config
+from ..config import backbone_from_config, find_run_config, load_config
 
 RANDOM_INIT_SEED = 0
 
@@ -57,15 +57,6 @@ def build_eval_backbone(config: DictConfig) -> DinoVisionTransformer:
     embedding of the released weights); LayerScale from ``student.layerscale`` (0 = none).
     """
     return backbone_from_config(config.student, img_size=config.crops.global_crops_size)
-
-
-def _find_run_config(weights: str) -> Path | None:
-    """The ``config.yaml`` of the training run that wrote ``RUN/eval/<tag>/teacher_checkpoint.pth``."""
-    path = Path(weights).expanduser()
-    for parent in list(path.parents)[:3]:
-        if (parent / "config.yaml").is_file():
-            return parent / "config.yaml"
-    return None
 
 
 def _weights_identity(weights: str) -> dict[str, Any]:
@@ -103,7 +94,7 @@ def setup_eval_model(
     if config_file and model:
         raise DinokitError("give either --config-file or --model, not both: each defines the architecture")
     if not config_file and not model:
-        found = _find_run_config(pretrained_weights) if pretrained_weights else None
+        found = find_run_config(pretrained_weights) if pretrained_weights else None
         if found is None:
             raise DinokitError(
                 "say which backbone to evaluate: --model NAME (e.g. dinov2_vits14) or --config-file "

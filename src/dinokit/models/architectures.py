@@ -19,6 +19,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
     "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
+    "vit_femto": dict(embed_dim=48, depth=3, num_heads=3),  # a CPU distillation student (under half of vit_pico)
 }
 
 

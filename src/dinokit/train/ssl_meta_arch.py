@@ -215,6 +215,8 @@ class SSLMetaArch(SSLObjective, Task):
         backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size, training=True)
         if cfg.student.pretrained_weights:
             load_pretrained_backbone(backbone, cfg.student.pretrained_weights)
+        if not self.do_ibot:
+            backbone.mask_token.requires_grad_(False)  # no masking without iBOT: it would get no gradient
         self.student = nn.ModuleDict({"backbone": backbone, **ssl_heads(dino, ibot, backbone.embed_dim)})
         # The teacher starts as an exact copy of the student, without drop path, and never gets gradients.
         self.teacher = copy.deepcopy(self.student)

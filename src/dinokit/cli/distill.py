@@ -1,0 +1,55 @@
+"""``dinokit distill``: distil a frozen teacher into one or several students (one process, ``torchrun``, SLURM)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a trained teacher (a dinokit run or an official backbone) into smaller students",
+        description="Distil TEACHER (a dinokit train output folder, a teacher_checkpoint.pth beside its run's "
+        "config.yaml, or with distillation.loss=features any backbone file) into the student(s) of the config. "
+        "Resumes automatically from OUTPUT_DIR/checkpoints. Multi-GPU: torchrun --nproc_per_node=8 -m dinokit "
+        "distill ...",
+    )
+    p.add_argument("--config-file", default="distill_demo",
+                   help="preset name (see dinokit train --list-presets) or a YAML file [distill_demo]")
+    p.add_argument("--teacher", required=False, help="the teacher: run folder, teacher_checkpoint.pth or backbone file")
+    p.add_argument("--output-dir", required=False, help="where checkpoints, logs and the students' snapshots go")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT_DIR has checkpoints")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
+    p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. student.arch=vit_small")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..config import load_config
+    from ..errors import DinokitError
+
+    if not args.output_dir:
+        raise DinokitError("--output-dir is required (where checkpoints and the students' snapshots go)")
+    overrides = [*args.opts] + ([f"distillation.teacher={args.teacher}"] if args.teacher else [])
+    cfg = load_config(args.config_file, overrides)
+    summary = run_distillation(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
+    if distributed.is_main_process():
+        loss = (summary.get("metrics") or {}).get("total_loss")
+        print(f"done: {summary['iteration']} iterations in {summary['output_dir']}"
+              + (f", final loss {loss:.4f}" if loss is not None else ""))
+        for snap in summary.get("snapshots", [])[-1:]:
+            print(f"student snapshot (EMA): {snap}")
+    distributed.shutdown()
+    return 0
+
+
+def run_distillation(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop_after: int | None = None) -> dict:
+    """``dinokit distill`` as a function: distillation with a k-NN monitor of every student's EMA snapshots."""
+    from ..devices import resolve_device
+    from ..distill import distill, student_sections
+    from ..eval import knn_monitor
+
+    monitor = knn_monitor(cfg, resolve_device(device), students=student_sections(cfg))
+    return distill(cfg, output_dir=output_dir, resume=resume, device=device, stop_after=stop_after,
+                   hooks=[monitor] if monitor else [])

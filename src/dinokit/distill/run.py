@@ -1,0 +1,115 @@
+"""``dinokit distill``: a frozen teacher into one or several students, on the shared training engine.
+
+Outputs are those of ``dinokit train``: ``config.yaml`` describing the student, ``training_metrics.json``,
+resumable checkpoints in ``checkpoints/`` (the frozen teacher is not saved in them: it is reloaded from
+its file) and ``eval/training_<it>/teacher_checkpoint.pth`` snapshots of each student's EMA, which
+``dinokit eval``, ``embed`` and the hub entry points load like any teacher snapshot. With several
+students (``distillation.students``), each has its own subfolder with its ``config.yaml`` and snapshots;
+checkpoints and metrics (terms prefixed with the student's name) stay in the run folder.
+
+Under ``torchrun`` every student is sharded over all ranks, like the teacher: one teacher forward per
+batch serves every student with no extra communication; the price is that each rank holds a shard of
+every student, and the step takes the teacher's time plus the sum of the students' (DINOv3's disjoint
+rank ranges per student balance step times instead, at the cost of all-gathers of inputs and targets).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import apply_scaling_rules, write_config
+from ..config.schema import StudentConfig
+from ..devices import resolve_device
+from ..engine import Engine, Hook, build_schedulers, init_run
+from ..errors import DinokitError
+from ..train.data import build_train_loader
+from ..train.train import engine_config
+from .task import DistillationTask, check_compatible
+from .teacher import build_teacher, resolve_teacher
+
+_STUDENT_KEYS = tuple(StudentConfig.__dataclass_fields__)
+
+
+def student_sections(cfg: DictConfig) -> dict[str, DictConfig]:
+    """name -> ``student`` section of every student: ``{"": cfg.student}`` for one, else each entry of
+    ``distillation.students`` merged over ``student.*`` (entries may set ``name``, default ``student<i>_<arch>``)."""
+    if not cfg.distillation.students:
+        return {"": cfg.student}
+    sections: dict[str, DictConfig] = {}
+    for i, entry in enumerate(cfg.distillation.students):
+        entry = dict(OmegaConf.to_container(entry) if OmegaConf.is_config(entry) else entry or {})
+        name = str(entry.pop("name", "") or f"student{i}_{entry.get('arch', cfg.student.arch)}")
+        for key in entry:
+            if key not in _STUDENT_KEYS:
+                close = difflib.get_close_matches(key, _STUDENT_KEYS, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else "keys: name, " + ", ".join(_STUDENT_KEYS)
+                raise DinokitError(f"unknown student key 'distillation.students[{i}].{key}' ({hint})")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in sections:
+            raise DinokitError(f"student name {name!r} (distillation.students[{i}]) must be unique and a plain "
+                               "folder name (letters, digits, _ . -)")
+        try:
+            sections[name] = OmegaConf.merge(cfg.student, entry)
+        except OmegaConfBaseException as err:
+            raise DinokitError(f"distillation.students[{i}]: {str(err).splitlines()[0]}") from None
+    return sections
+
+
+def student_config(cfg: DictConfig, section: DictConfig) -> DictConfig:
+    """The run's configuration as seen from one student (its ``config.yaml``): ``student`` = that student."""
+    single = copy.deepcopy(cfg)
+    single.student = section
+    single.distillation.students = []
+    return single
+
+
+def distill(
+    cfg: DictConfig,
+    *,
+    output_dir: str | Path,
+    resume: bool = True,
+    device: str = "auto",
+    stop_after: int | None = None,
+    hooks: Iterable[Hook] = (),
+) -> dict[str, Any]:
+    """Distil ``cfg.distillation.teacher`` into the configured students in ``output_dir``; returns the summary."""
+    rank, world = init_run(cfg.train.seed)
+    output_dir = Path(output_dir)
+    students = student_sections(cfg)
+    source = resolve_teacher(cfg.distillation.teacher, cfg.distillation.teacher_config)
+    teacher, teacher_cfg = build_teacher(source, with_heads=cfg.distillation.loss == "dino_ibot")
+    check_compatible(cfg, teacher_cfg, students, teacher.backbone.patch_size)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg.train.output_dir = str(output_dir)
+    cfg.distillation.teacher = str(source.weights)
+    apply_scaling_rules(cfg, world)
+    if rank == 0:
+        write_config(cfg, output_dir)
+        for name, section in students.items():
+            if name:
+                write_config(student_config(cfg, section), output_dir / name)
+        print(f"distilling {source.weights} ({type(teacher.backbone).__name__} {teacher.backbone.embed_dim}-d, "
+              f"{teacher.backbone.n_blocks} blocks) into " + ", ".join(
+                  f"{name or 'the student'} ({s.arch})" for name, s in students.items()))
+    dev = resolve_device(device)
+
+    task = DistillationTask(cfg, teacher=teacher, students=students)
+    settings = engine_config(cfg, dev)
+    precision = cfg.compute_precision.student
+    settings.reshard_after_forward = {f"{key}.{part}": precision[part].sharding_strategy == "FULL_SHARD"
+                                      for key, student in task.students.items() for part in student
+                                      if part in ("backbone", "dino_head", "ibot_head")}
+    engine = Engine(task, settings, output_dir=output_dir, device=dev, schedules=build_schedulers(cfg), hooks=hooks)
+    start = engine.restore(resume=resume, weights=cfg.MODEL.WEIGHTS or None)
+    return engine.run(
+        lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=dev.type == "cuda"),
+        start_iter=start,
+        stop_after=stop_after,
+    )

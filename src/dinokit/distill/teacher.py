@@ -1,0 +1,120 @@
+"""The frozen teacher of a distillation: where it comes from, and the modules it is loaded into.
+
+A teacher is (1) a ``dinokit train`` output folder (its newest ``eval/training_*/teacher_checkpoint.pth``
+and its ``config.yaml``), (2) a ``teacher_checkpoint.pth`` with its run's ``config.yaml`` beside it (or
+named by ``distillation.teacher_config``), or (3) a bare backbone file (official ``*_pretrain.pth``,
+``.safetensors``...), usable with ``distillation.loss=features`` only: the released backbones come
+without the DINO/iBOT heads that the paper's recipe needs. Loading is strict.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..config import backbone_from_config, find_run_config, load_config
+from ..config.schema import StudentConfig
+from ..errors import DinokitError
+from ..models.architectures import ARCHITECTURES
+from ..models.checkpoint import (
+    backbone_state_dict_from_checkpoint,
+    describe_backbone_state_dict,
+    load_backbone_weights,
+    load_state_dict_file,
+)
+from ..train.ssl_meta_arch import ssl_heads
+
+
+@dataclass
+class TeacherSource:
+    weights: Path  # the file the teacher is loaded from
+    config: DictConfig | None  # its run's configuration (architecture and heads); None for a bare backbone file
+
+
+def _snapshot_iteration(path: Path) -> int:
+    match = re.fullmatch(r"training_(\d+)", path.parent.name)
+    return int(match.group(1)) if match else -1
+
+
+def resolve_teacher(spec: str, teacher_config: str = "") -> TeacherSource:
+    """Find the teacher's weights and configuration from ``distillation.teacher`` (and ``teacher_config``)."""
+    if not spec:
+        raise DinokitError("no teacher given: pass --teacher RUN_DIR|teacher_checkpoint.pth|backbone file")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DinokitError(f"teacher {spec!r} does not exist; pass a dinokit train output folder, a "
+                           "teacher_checkpoint.pth or a backbone file")
+    if path.is_dir():
+        snapshots = sorted(path.glob("eval/training_*/teacher_checkpoint.pth"), key=_snapshot_iteration)
+        if not snapshots:
+            raise DinokitError(f"teacher folder {spec!r} has no eval/training_*/teacher_checkpoint.pth; pass a run "
+                               "folder of dinokit train with at least one snapshot, or a checkpoint file")
+        path = snapshots[-1]
+    if teacher_config:
+        config_path = Path(teacher_config).expanduser()
+        if not config_path.is_file():
+            raise DinokitError(f"distillation.teacher_config {teacher_config!r} is not a file; give the teacher "
+                               "run's config.yaml")
+    else:
+        config_path = find_run_config(path)
+    return TeacherSource(weights=path, config=load_config(str(config_path)) if config_path else None)
+
+
+def backbone_section(info: dict) -> DictConfig:
+    """A ``student`` section describing a backbone file from its shapes (official settings for the rest)."""
+    arch = next((name for name, dims in ARCHITECTURES.items()
+                 if (dims["embed_dim"], dims["depth"]) == (info.get("embed_dim"), info.get("depth"))), None)
+    if arch is None:
+        raise DinokitError(f"the teacher file holds a ViT with embed_dim {info.get('embed_dim')} and "
+                           f"{info.get('depth')} blocks, which no dinokit architecture has; give its run's "
+                           "config.yaml with distillation.teacher_config")
+    registers = info["num_register_tokens"]
+    section = OmegaConf.structured(StudentConfig(
+        arch=arch, patch_size=info["patch_size"], ffn_layer=info.get("ffn_layer", "mlp"),
+        layerscale=1.0 if info["layerscale"] else 0.0, num_register_tokens=registers,
+        # the released register models resize the position embedding by size with antialiasing
+        interpolate_antialias=registers > 0, interpolate_offset=0.0 if registers else 0.1,
+    ))
+    return section
+
+
+def build_teacher(source: TeacherSource, *, with_heads: bool) -> tuple[nn.ModuleDict, DictConfig | None]:
+    """The teacher as a ``ModuleDict`` (``backbone``, and with ``with_heads`` its ``dino_head``/``ibot_head``),
+    loaded strictly, and its run's configuration (None for a bare backbone file)."""
+    state = load_state_dict_file(source.weights)
+    where = str(source.weights)
+    if source.config is None:
+        if with_heads:
+            raise DinokitError(
+                f"no config.yaml found beside the teacher {where!r}, so its heads cannot be built: set "
+                "distillation.teacher_config=RUN/config.yaml, or distil its tokens with distillation.loss=features"
+            )
+        sd = backbone_state_dict_from_checkpoint(state)
+        info = describe_backbone_state_dict(sd)
+        backbone = backbone_from_config(backbone_section(info), img_size=info.get("img_size", 224))
+        load_backbone_weights(backbone, sd)
+        return nn.ModuleDict({"backbone": backbone}), None
+
+    tcfg = source.config
+    backbone = backbone_from_config(tcfg.student, img_size=tcfg.crops.global_crops_size)
+    load_backbone_weights(backbone, backbone_state_dict_from_checkpoint(state))
+    modules: dict[str, nn.Module] = {"backbone": backbone}
+    if with_heads:
+        inner = state.get("teacher", state)
+        for name, head in ssl_heads(tcfg.dino, tcfg.ibot, backbone.embed_dim).items():
+            head_sd = {k[len(name) + 1 :]: v for k, v in inner.items() if k.startswith(name + ".")}
+            if not head_sd:
+                raise DinokitError(f"the teacher file {where!r} has no {name} (only backbones were saved); distil "
+                                   "its tokens with distillation.loss=features")
+            try:
+                head.load_state_dict(head_sd, strict=True)
+            except RuntimeError as err:
+                first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+                raise DinokitError(f"the teacher's {name} in {where!r} does not match its config.yaml ({first}); "
+                                   "check distillation.teacher_config") from None
+            modules[name] = head
+    return nn.ModuleDict(modules), tcfg
