@@ -286,9 +286,9 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
     if name == "SegFolder":
         pairs = _paired_folder(root, "masks", (".png",), dataset_str)
         classes_file = root / "classes.txt"
+        if not classes_file.is_file():
+            classes_file = root.parent / "classes.txt"  # shared by the splits of a generated set
         classes = [l.strip() for l in classes_file.read_text().splitlines() if l.strip()] if classes_file.is_file() else []
-        if not classes and (root.parent / "classes.txt").is_file():
-            classes = [l.strip() for l in (root.parent / "classes.txt").read_text().splitlines() if l.strip()]
         num = len(classes) if classes else _max_label(pairs) + 1
         return DenseDataset(pairs, DenseInfo("seg", num_classes=num), name=dataset_str, transform=transform, classes=classes)
     if name == "DepthFolder":

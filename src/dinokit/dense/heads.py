@@ -100,12 +100,12 @@ def bins_to_depth(logits: torch.Tensor, min_depth: float, max_depth: float, *, n
     centres = torch.linspace(min_depth, max_depth, logits.shape[1], device=logits.device, dtype=logits.dtype)
     if norm == "linear":
         weights = torch.relu(logits) + 0.1
-        probs = weights / weights.sum(dim=1, keepdim=True)
     elif norm == "softmax":
-        probs = torch.softmax(logits, dim=1)
+        weights = torch.exp(logits - logits.amax(dim=1, keepdim=True))
     else:
         raise ValueError(f"unknown bin normalisation {norm!r}; use linear or softmax")
-    return torch.einsum("bkhw,k->bhw", probs, centres).unsqueeze(1)
+    # Σ_k (w_k / Σ w) c_k as one 1x1 convolution over the bins divided by Σ w: no (B, K, H, W) probability copy
+    return F.conv2d(weights, centres.view(1, -1, 1, 1)) / weights.sum(dim=1, keepdim=True)
 
 
 class LinearDepthHead(nn.Module):

@@ -1,0 +1,191 @@
+"""Dense metrics against hand-computed values, aligned image/label transforms, dataset strings and bad inputs."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinokit.dense.datasets import DenseTrainTransform, make_dense_dataset
+from dinokit.dense.losses import SigLoss, gradient_loss, seg_cross_entropy
+from dinokit.dense.metrics import DepthMetrics, SegMetrics, depth_metrics, eigen_crop_mask, reduce_zero_label
+from dinokit.errors import DinokitError
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_miou_is_pooled_over_the_dataset_and_ignores_255():
+    m = SegMetrics(3)
+    m.update(torch.tensor([[0, 0], [1, 2]]), torch.tensor([[0, 1], [1, 255]]))  # image 1
+    m.update(torch.tensor([[2, 2, 2, 0]]), torch.tensor([[2, 2, 0, 0]]))  # image 2
+    # class 0: I = 1 + 1 = 2, U = (pred 2+1) + (label 1+2) - 2 = 4; class 1: I 1, U = 1 + 2 - 1 = 2;
+    # class 2: I 2, U = 3 + 2 - 2 = 3 (the pixel labelled 255 is ignored although predicted 2)
+    r = m.compute()
+    assert r["IoU"] == [50.0, 50.0, 66.67]
+    assert r["mIoU"] == round(100 * (0.5 + 0.5 + 2 / 3) / 3, 2)
+    assert r["aAcc"] == round(100 * 5 / 7, 2)
+    # per-image averaging would give another number: pooling is what the protocol asks
+    absent = SegMetrics(4)
+    absent.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert math.isnan(absent.compute()["IoU"][3]) and absent.compute()["mIoU"] == 100.0
+
+
+def test_reduce_zero_label():
+    assert reduce_zero_label(torch.tensor([0, 1, 150, 255])).tolist() == [255, 0, 149, 255]
+
+
+def test_depth_metrics_by_hand_and_eigen_crop():
+    gt = torch.tensor([1.0, 2.0, 4.0, 0.0])
+    pred = torch.tensor([1.0, 2.6, 2.0, 5.0])  # the last pixel has no ground truth
+    r = depth_metrics(pred, gt)
+    assert r["delta1"] == pytest.approx(1 / 3)  # ratios 1, 1.3, 2
+    assert r["delta2"] == pytest.approx(2 / 3)  # 1.3 < 1.5625
+    assert r["delta3"] == pytest.approx(2 / 3)  # 2 > 1.953
+    assert r["abs_rel"] == pytest.approx((0 + 0.3 + 0.5) / 3)
+    assert r["rmse"] == pytest.approx(math.sqrt((0 + 0.36 + 4) / 3))
+    assert r["log10"] == pytest.approx((0 + abs(math.log10(2 / 2.6)) + math.log10(2)) / 3)
+    mask = eigen_crop_mask(480, 640)
+    assert mask.sum() == (471 - 45) * (601 - 41) and mask[45, 41] and not mask[44, 41] and not mask[45, 601]
+    assert eigen_crop_mask(240, 320).sum() == (235 - 22) * (300 - 20)
+    # per image, then averaged over images (not pooled over pixels)
+    meter = DepthMetrics(min_depth=0.1, max_depth=10.0)
+    meter.update(torch.tensor([[[1.0, 1.0]]]), torch.tensor([[[1.0, 2.0]]]))  # rmse sqrt(1/2)
+    meter.update(torch.tensor([[[3.0, 3.0, 3.0, 3.0]]]), torch.tensor([[[3.0, 3.0, 3.0, 3.0]]]))  # rmse 0
+    assert meter.compute()["rmse"] == pytest.approx(math.sqrt(0.5) / 2)
+    crop = DepthMetrics(eigen_crop=True)
+    gt2 = torch.full((1, 48, 64), 2.0)
+    pred2 = gt2.clone()
+    pred2[:, :4] = 9.0  # wrong only above the crop (rows 0-3 of 48; the crop starts at row 4)
+    crop.update(pred2, gt2)
+    assert crop.compute()["rmse"] == 0.0
+
+
+def test_losses_by_hand():
+    logits = torch.zeros(1, 3, 1, 2)
+    logits[0, 1, 0, 0] = math.log(2.0)  # p(class 1) = 1/2 at pixel 0; uniform 1/3 at pixel 1
+    loss = seg_cross_entropy(logits, torch.tensor([[[1, 255]]]))
+    assert loss.item() == pytest.approx(math.log(2) / 2)  # the ignored pixel counts in the denominator
+    sig = SigLoss(warm_up_iters=1)
+    pred, gt, valid = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 1.0]), torch.tensor([True, True])
+    g = torch.log(pred + 1e-3) - torch.log(gt + 1e-3)
+    assert sig(pred, gt, valid).item() == pytest.approx(math.sqrt(0.15) * g.mean().item(), rel=1e-5)  # warm-up
+    assert sig(pred, gt, valid).item() == pytest.approx(math.sqrt(g.var().item() + 0.15 * g.mean().item() ** 2), rel=1e-5)
+    flat = gradient_loss(torch.full((1, 8, 8), 3.0), torch.full((1, 8, 8), 1.0), torch.ones(1, 8, 8, dtype=torch.bool))
+    assert flat.item() == 0.0  # a constant offset has no gradient
+    ramp = torch.arange(8.0).repeat(8, 1)[None]
+    assert gradient_loss(ramp, torch.zeros(1, 8, 8), torch.ones(1, 8, 8, dtype=torch.bool)).item() > 0
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def test_training_transform_keeps_image_and_label_aligned():
+    random.seed(0)
+    torch.manual_seed(0)
+    h, w = 40, 60
+    classes = (torch.arange(h)[:, None] // 20 * 3 + torch.arange(w)[None] // 20)  # 2 x 3 blocks of 20 px, classes 0-5
+    image = (classes.float() / 5).expand(3, h, w).clone()  # the class written into the pixel values
+    t = DenseTrainTransform(task="seg", crop_size=(32, 32), base_size=40, scale_range=(0.5, 2.0), photometric=False)
+    for _ in range(20):
+        img, label = t(image, classes)
+        assert img.shape == (3, 32, 32) and label.shape == (32, 32)
+        value = img[0] * 0.229 + 0.485  # undo the normalisation of channel 0
+        valid = label != 255
+        decoded = torch.round(value * 5).long()
+        # bilinear (image) and nearest (label) resizing agree away from block borders: nearly all pixels match
+        assert (decoded[valid] == label[valid]).float().mean() > 0.85  # a flip or shift of one of them: < 0.5
+        assert (img[:, ~valid] == 0).all()  # padding: image 0, label 255
+    depth = torch.rand(40, 60) + 1
+    rgb = depth.expand(3, 40, 60).clone() / 2
+    td = DenseTrainTransform(task="depth", crop_size=(24, 48), photometric=False)
+    for _ in range(10):
+        img, label = td(rgb, depth)  # no rescaling: crops and flips are exact
+        assert torch.allclose((img[0] * 0.229 + 0.485) * 2, label, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def _write_pair(root, name, image_size=(8, 6), mask=None, mask_size=None, depth=None):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", image_size, (10, 20, 30)).save(root / "images" / f"{name}.jpg")
+    if mask is not None:
+        (root / "masks").mkdir(exist_ok=True)
+        Image.fromarray(np.full(mask_size[::-1] if mask_size else image_size[::-1], mask, np.uint8)).save(root / "masks" / f"{name}.png")
+    if depth is not None:
+        (root / "depth").mkdir(exist_ok=True)
+        np.save(root / "depth" / f"{name}.npy", np.full(image_size[::-1], depth, np.float32))
+
+
+def test_folder_datasets_and_their_errors(tmp_path):
+    seg = tmp_path / "seg"
+    _write_pair(seg, "a", mask=1)
+    _write_pair(seg, "b", mask=255)
+    ds = make_dense_dataset(f"SegFolder:root={seg}")
+    assert ds.info.num_classes == 2 and len(ds) == 2
+    item = ds[0]
+    assert item["image"].shape == (3, 6, 8) and item["label"].dtype == torch.int64 and item["label"].unique().tolist() == [1]
+    (seg / "classes.txt").write_text("sky\n")  # one class: the mask value 1 is now out of range
+    with pytest.raises(DinokitError, match=r"mask '.*a.png' holds class 1, but the dataset has 1 classes"):
+        make_dense_dataset(f"SegFolder:root={seg}")[0]
+    (seg / "classes.txt").unlink()
+    _write_pair(seg, "c")
+    with pytest.raises(DinokitError, match=r"no label for '.*c.jpg': expected '.*masks/c.png'"):
+        make_dense_dataset(f"SegFolder:root={seg}")
+    _write_pair(seg, "c", mask=0, mask_size=(5, 5))
+    with pytest.raises(DinokitError, match=r"label '.*c.png' is 5x5 but its image '.*c.jpg' is 8x6"):
+        make_dense_dataset(f"SegFolder:root={seg}")[2]
+
+    dep = tmp_path / "depth"
+    _write_pair(dep, "x", depth=2.5)
+    (dep / "depth").mkdir(exist_ok=True)
+    _write_pair(dep, "y")
+    Image.fromarray(np.full((6, 8), 1500, np.uint16)).save(dep / "depth" / "y.png")  # millimetres
+    d = make_dense_dataset(f"DepthFolder:root={dep}")
+    assert d[0]["label"].unique().tolist() == [2.5] and d[1]["label"].unique().tolist() == [1.5]
+    with pytest.raises(DinokitError, match="is not a dense dataset"):
+        make_dense_dataset(str(dep))
+    with pytest.raises(DinokitError, match="unknown dataset 'Seg'"):
+        make_dense_dataset("Seg:root=/x")
+    with pytest.raises(DinokitError, match="ADE20K split must be training or validation"):
+        make_dense_dataset(f"ADE20K:root={tmp_path}:split=val")
+
+
+def test_ade20k_voc_and_nyu_layouts(tmp_path):
+    ade = tmp_path / "ADEChallengeData2016"
+    (ade / "images" / "validation").mkdir(parents=True)
+    (ade / "annotations" / "validation").mkdir(parents=True)
+    Image.new("RGB", (4, 3)).save(ade / "images" / "validation" / "ADE_val_1.jpg")
+    Image.fromarray(np.array([[0, 1, 150, 2]] * 3, np.uint8)).save(ade / "annotations" / "validation" / "ADE_val_1.png")
+    label = make_dense_dataset(f"ADE20K:root={ade}:split=validation")[0]["label"]
+    assert label[0].tolist() == [255, 0, 149, 1]  # reduce-zero-label
+    voc = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    Image.new("RGB", (4, 3)).save(voc / "JPEGImages" / "2007_1.jpg")
+    palette_mask = Image.fromarray(np.array([[0, 15, 255, 20]] * 3, np.uint8), mode="L").convert("P")
+    palette_mask.save(voc / "SegmentationClass" / "2007_1.png")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_1\n")
+    v = make_dense_dataset(f"VOC2012:root={voc}:split=val")
+    assert v.info.num_classes == 21 and v[0]["label"][0].tolist() == [0, 15, 255, 20]
+    nyu = tmp_path / "nyu"
+    (nyu / "kitchen").mkdir(parents=True)
+    Image.new("RGB", (64, 48)).save(nyu / "kitchen" / "rgb_00001.jpg")
+    Image.fromarray(np.full((48, 64), 2000, np.uint16)).save(nyu / "kitchen" / "sync_depth_00001.png")
+    (nyu / "nyu_test.txt").write_text("/kitchen/rgb_00001.jpg /kitchen/sync_depth_00001.png 518.8579\n")
+    n = make_dense_dataset(f"NYU:root={nyu}:split=test")
+    assert n.info.eigen_crop and n[0]["label"].max().item() == 2.0
+
+
+def test_generated_sets(tmp_path):
+    from dinokit.dense.generated import write_dense_sample
+
+    root = write_dense_sample("seg", tmp_path / "s", counts={"train": 3})
+    seg = make_dense_dataset(f"SegFolder:root={tmp_path / 's' / 'train'}")
+    assert root == tmp_path / "s" and len(seg) == 3 and seg.info.num_classes == 9 and seg.classes[0] == "background"
+    labels = torch.cat([seg[i]["label"].flatten() for i in range(3)])
+    assert labels.min() == 0 and labels.max() <= 8 and len(labels.unique()) >= 2
+    write_dense_sample("depth", tmp_path / "d", counts={"train": 3})
+    depth = make_dense_dataset(f"DepthFolder:root={tmp_path / 'd' / 'train'}")
+    d = depth[0]["label"]
+    assert d.shape == (64, 64) and 0.2 < d.min() and d.max() <= 10.0
+    assert d[-1].mean() < d[32].mean()  # the floor comes nearer towards the bottom of the picture
