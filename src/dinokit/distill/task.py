@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import backbone_from_config
-from ..engine.task import Export, LossOutput, Task
+from ..engine.task import Export, LossOutput, Task, ema_update
 from ..errors import DinokitError
-from ..losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from ..train.ssl_meta_arch import SSLObjective, load_pretrained_backbone, ssl_heads
 
 
@@ -77,12 +76,7 @@ class DistillationTask(SSLObjective, Task):
         self.loss_kind, self.ibot_positions = dist.loss, dist.ibot_positions
         self.feature_loss, self.feature_patch_weight = dist.feature_loss, dist.feature_patch_weight
         dino, ibot = cfg.dino, cfg.ibot
-        self.dino_weight, self.koleo_weight, self.ibot_weight = dino.loss_weight, dino.koleo_loss_weight, ibot.loss_weight
-        self.do_dino = dino.loss_weight > 0
-        self.do_koleo = dino.koleo_loss_weight > 0
-        self.do_ibot = ibot.loss_weight > 0
-        self.ibot_separate_head = ibot.separate_head
-        self.centering = cfg.train.centering
+        self.configure_objective(dino, ibot, cfg.train.centering)
 
         self.teacher = teacher.requires_grad_(False)
         t_dim = teacher.backbone.embed_dim
@@ -107,10 +101,6 @@ class DistillationTask(SSLObjective, Task):
                 blk.drop_path_rate = 0.0
         self.student_emas.requires_grad_(False)
 
-        self.dino_loss = DINOLoss(dino.head_n_prototypes)
-        self.koleo_loss = KoLeoLoss()
-        self.ibot_patch_loss = iBOTPatchLoss(ibot.head_n_prototypes if self.ibot_separate_head else dino.head_n_prototypes)
-
     # ------------------------------------------------------------------ the Task contract
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {f"{key}.{part}": m for key, student in self.students.items() for part, m in student.items()}
@@ -128,12 +118,10 @@ class DistillationTask(SSLObjective, Task):
     def batch_size(self, batch) -> int:
         return batch.global_crops.shape[0] // 2
 
-    @torch.no_grad()
     def after_step(self, iteration: int, sched: Mapping[str, float]) -> None:
         """student EMA <- m * EMA + (1 - m) * student, with the ``momentum`` schedule."""
         for key, student in self.students.items():
-            ema = [p.data for p in self.student_emas[key].parameters()]
-            torch._foreach_lerp_(ema, [p.data for p in student.parameters()], 1.0 - sched["momentum"])
+            ema_update(self.student_emas[key], student, sched["momentum"])
 
     # ------------------------------------------------------------------ losses
     def compute_losses(self, batch, iteration: int, sched: Mapping[str, float]) -> LossOutput:

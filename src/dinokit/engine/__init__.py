@@ -21,7 +21,7 @@ from .checkpoint import Checkpointer, atomic_torch_save, list_checkpoints
 from .loop import Engine, EngineConfig, Hook, batch_to, init_run, save_export
 from .metrics import MetricsLogger
 from .optim import CosineScheduler, ScheduleConfig, build_schedulers, get_param_groups
-from .task import Export, LossOutput, Task
+from .task import Export, LossOutput, Task, ema_update
 
 __all__ = [
     "Checkpointer",
@@ -37,6 +37,7 @@ __all__ = [
     "atomic_torch_save",
     "batch_to",
     "build_schedulers",
+    "ema_update",
     "get_param_groups",
     "init_run",
     "list_checkpoints",

@@ -28,6 +28,12 @@ class Export:
     filename: str = "teacher_checkpoint.pth"
 
 
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
+    """``ema <- momentum * ema + (1 - momentum) * model`` over every parameter (sharded or not), in one foreach call."""
+    torch._foreach_lerp_([p.data for p in ema.parameters()], [p.data for p in model.parameters()], 1.0 - momentum)
+
+
 class Task(nn.Module):
     """A training task: the modules it owns and what one step computes.
 

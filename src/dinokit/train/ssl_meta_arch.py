@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import backbone_from_config
-from ..engine.task import Export, LossOutput, Task
+from ..engine.task import Export, LossOutput, Task, ema_update
 from ..layers import DINOHead
 from ..losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from ..models.checkpoint import (
@@ -78,6 +78,18 @@ class SSLObjective:
     weights ``dino_weight``, ``koleo_weight``, ``ibot_weight``. Teacher and student are ``ModuleDict``s
     with ``backbone``, ``dino_head`` and optionally ``ibot_head``.
     """
+
+    def configure_objective(self, dino, ibot, centering: str) -> None:
+        """Set the flags, weights and loss modules from the ``dino`` and ``ibot`` sections and ``train.centering``."""
+        self.dino_weight, self.koleo_weight, self.ibot_weight = dino.loss_weight, dino.koleo_loss_weight, ibot.loss_weight
+        self.do_dino = dino.loss_weight > 0
+        self.do_koleo = dino.koleo_loss_weight > 0
+        self.do_ibot = ibot.loss_weight > 0
+        self.ibot_separate_head = ibot.separate_head
+        self.centering = centering
+        self.dino_loss = DINOLoss(dino.head_n_prototypes)
+        self.koleo_loss = KoLeoLoss()
+        self.ibot_patch_loss = iBOTPatchLoss(ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes)
 
     @torch.no_grad()
     def teacher_probs(self, teacher: nn.ModuleDict, global_crops: torch.Tensor, patch_index: torch.Tensor,
@@ -204,12 +216,7 @@ class SSLMetaArch(SSLObjective, Task):
     def __init__(self, cfg) -> None:
         super().__init__()
         dino, ibot = cfg.dino, cfg.ibot
-        self.dino_weight, self.koleo_weight, self.ibot_weight = dino.loss_weight, dino.koleo_loss_weight, ibot.loss_weight
-        self.do_dino = dino.loss_weight > 0
-        self.do_koleo = dino.koleo_loss_weight > 0
-        self.do_ibot = ibot.loss_weight > 0
-        self.ibot_separate_head = ibot.separate_head
-        self.centering = cfg.train.centering
+        self.configure_objective(dino, ibot, cfg.train.centering)
         self.block_chunks = cfg.student.block_chunks
 
         backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size, training=True)
@@ -224,9 +231,6 @@ class SSLMetaArch(SSLObjective, Task):
             blk.drop_path_rate = 0.0
         self.teacher.requires_grad_(False)
 
-        self.dino_loss = DINOLoss(dino.head_n_prototypes)
-        self.koleo_loss = KoLeoLoss()
-        self.ibot_patch_loss = iBOTPatchLoss(ibot.head_n_prototypes if self.ibot_separate_head else dino.head_n_prototypes)
 
     # ------------------------------------------------------------------ the Task contract
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -260,9 +264,6 @@ class SSLMetaArch(SSLObjective, Task):
         )
 
     # ------------------------------------------------------------------ EMA
-    @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """teacher <- m * teacher + (1 - m) * student over every parameter (sharded or not)."""
-        student = [p.data for p in self.student.parameters()]
-        teacher = [p.data for p in self.teacher.parameters()]
-        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+        ema_update(self.teacher, self.student, momentum)
