@@ -90,7 +90,7 @@ def render_room(rng: np.random.Generator, size: int = DEFAULT_SIZE) -> tuple[Ima
     :data:`ROOM_SCALES` entry. Perspective makes a scaled room look the same, so position alone gives
     relative depth and only recognising the material gives the absolute scale.
     """
-    f = 0.8 * size  # focal length in pixels: about 77 degrees of field of view
+    f = 1.6 * size  # focal length in pixels: about 35 degrees of field of view
     v, u = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     d_cam = np.stack([(u - size / 2) / f, (size / 2 - v) / f, np.ones_like(u)])  # (3, S, S), z = 1: t is z-depth
     yaw, pitch = rng.uniform(-0.3, 0.3), rng.uniform(-0.12, 0.12)
