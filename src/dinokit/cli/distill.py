@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..config import load_config
     from ..errors import DinokitError
+    from .train import write_plot
 
     if not args.output_dir:
         raise DinokitError("--output-dir is required (where checkpoints and the students' snapshots go)")
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
               + (f", final loss {loss:.4f}" if loss is not None else ""))
         for snap in summary.get("snapshots", [])[-1:]:
             print(f"student snapshot (EMA): {snap}")
+        write_plot(args.output_dir)
     distributed.shutdown()
     return 0
 

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
               + (f", final loss {loss:.4f}" if loss is not None else ""))
         for snap in summary.get("snapshots", [])[-1:]:
             print(f"teacher snapshot: {snap}")
+        write_plot(args.output_dir)
     distributed.shutdown()
     return 0
 
@@ -68,3 +69,14 @@ def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop
     monitor = knn_monitor(cfg, resolve_device(device))
     return train(cfg, output_dir=output_dir, resume=resume, device=device, stop_after=stop_after,
                  hooks=[monitor] if monitor else [])
+
+
+def write_plot(run_dir) -> None:
+    """The run's metrics as ``RUN_DIR/training_metrics.png`` when matplotlib is installed (else nothing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    from ..plot import plot_run
+
+    print(f"plot: {plot_run(run_dir)}")

@@ -109,6 +109,7 @@ class Engine:
         self.schedules = dict(schedules)
         self.hooks = list(hooks)
         self.is_main = dist_utils.is_main_process()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
 
         task.to(device)
         mesh = None

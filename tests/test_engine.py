@@ -1,0 +1,174 @@
+"""The training engine's contract on a toy task, plus what the engine refactor fixed or added:
+one backbone builder for training and evaluation, official keys that cannot act, sharding strategies,
+temporary-file clean-up, the NaN message and trackers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dinokit.cli import main
+from dinokit.config import load_config
+from dinokit.data import write_sample_dataset
+from dinokit.engine import CosineScheduler, Engine, EngineConfig, Export, LossOutput, Task, init_run
+from dinokit.errors import DinokitError
+
+
+class Regression(Task):
+    """y = x @ w_true: a linear model learns w_true; an EMA copy is exported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Linear(4, 1, bias=False)
+        self.ema = nn.Linear(4, 1, bias=False).requires_grad_(False)
+        self.ema.load_state_dict(self.model.state_dict())
+
+    def trainable_modules(self):
+        return {"model": self.model}
+
+    def inference_modules(self):
+        return {"ema": self.ema}
+
+    def compute_losses(self, batch, iteration, sched):
+        x, y = batch
+        loss = ((self.model(x) - y) ** 2).mean()
+        return LossOutput(total=loss, terms={"mse": loss})
+
+    def after_step(self, iteration, sched):
+        from dinokit.engine import ema_update
+
+        ema_update(self.ema, self.model, sched["momentum"])
+
+    def exports(self):
+        return [Export(self.ema)]
+
+    def batch_size(self, batch):
+        return batch[0].shape[0]
+
+
+W_TRUE = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+def batches(start: int):
+    """Batch i depends only on i: a resumed run sees exactly the batches it would have seen."""
+    i = start
+    while True:
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(16, 4, generator=g)
+        yield x, x @ W_TRUE
+        i += 1
+
+
+def run_toy(out: Path, *, stop_after=None, max_iter=40):
+    init_run(0)
+    cfg = EngineConfig(max_iter=max_iter, checkpoint_period=10, snapshot_period=20, log_freq=5, clip_grad=10.0)
+    schedules = {"lr": CosineScheduler(0.5, 0.01, max_iter), "wd": CosineScheduler(0.0, 0.0, max_iter),
+                 "momentum": CosineScheduler(0.9, 0.9, max_iter)}
+    engine = Engine(Regression(), cfg, output_dir=out, device=torch.device("cpu"), schedules=schedules)
+    start = engine.restore(resume=True)
+    return engine, engine.run(batches, start_iter=start, stop_after=stop_after)
+
+
+def test_a_toy_task_trains_through_the_same_loop(tmp_path):
+    engine, summary = run_toy(tmp_path / "run")
+    lines = [json.loads(l) for l in (tmp_path / "run" / "training_metrics.json").read_text().splitlines()]
+    assert [l["iteration"] for l in lines] == [4, 9, 14, 19, 24, 29, 34, 39]
+    assert lines[-1]["mse"] < 0.02 * lines[0]["mse"]  # it learns
+    assert lines[0]["current_batch_size"] == 16 and "lr" in lines[0] and "mom" in lines[0]
+    assert torch.allclose(engine.task.model.weight.T, W_TRUE, atol=0.3)
+    snaps = sorted((tmp_path / "run" / "eval").glob("training_*/teacher_checkpoint.pth"))
+    assert [p.parent.name for p in snaps] == ["training_19", "training_39"]
+    exported = torch.load(snaps[-1], weights_only=True)["teacher"]
+    assert torch.equal(exported["weight"], engine.task.ema.weight)  # the EMA, not the trained model
+    assert not torch.equal(engine.task.ema.weight, engine.task.model.weight)
+
+
+def test_toy_kill_and_resume_is_bit_exact(tmp_path):
+    straight, _ = run_toy(tmp_path / "a")
+    run_toy(tmp_path / "b", stop_after=20)
+    resumed, summary = run_toy(tmp_path / "b")
+    assert summary["iteration"] == 40
+    for a, b in zip(straight.task.state_dict().values(), resumed.task.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_half_written_checkpoints_of_a_killed_run_are_removed(tmp_path):
+    run_toy(tmp_path / "run", stop_after=10)
+    leftover = tmp_path / "run" / "checkpoints" / ".checkpoint_0000020.pth.tmp-12345"
+    leftover.write_bytes(b"torn")
+    run_toy(tmp_path / "run")
+    assert not leftover.exists()
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(Regression, "compute_losses",
+                        lambda self, b, i, s: LossOutput(total=self.model(b[0]).sum() * float("nan"), terms={}))
+    with pytest.raises(DinokitError, match="loss became nan at iteration 0; no checkpoint had been written yet"):
+        run_toy(tmp_path / "run")
+
+
+TINY = [
+    "student.arch=vit_pico", "student.patch_size=8", "crops.global_crops_size=32", "crops.local_crops_size=16",
+    "crops.local_crops_number=2", "dino.head_n_prototypes=32", "dino.head_hidden_dim=16", "dino.head_bottleneck_dim=8",
+    "ibot.head_n_prototypes=32", "ibot.head_hidden_dim=16", "ibot.head_bottleneck_dim=8",
+    "train.batch_size_per_gpu=4", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=2", "train.saveckp_freq=1",
+    "optim.epochs=1", "optim.warmup_epochs=0", "teacher.warmup_teacher_temp_epochs=0",
+    "evaluation.eval_period_iterations=2", "evaluation.knn_dataset=null",
+]
+
+
+def test_a_run_without_layerscale_is_evaluated_with_its_own_architecture(tmp_path, capsys):
+    """Evaluation used to build LayerScale 1.0 for a run trained with student.layerscale=0, so its teacher failed."""
+    from dinokit.cli.train import pretrain
+
+    root = write_sample_dataset(tmp_path / "sample", counts={"train": 3, "val": 2}, image_size=40)
+    cfg = load_config("demo", [*TINY, "student.layerscale=0", f"train.dataset_path=ImageFolder:root={root / 'train'}"])
+    pretrain(cfg, output_dir=tmp_path / "run", device="cpu")
+    snapshot = tmp_path / "run" / "eval" / "training_1" / "teacher_checkpoint.pth"
+    assert not any("ls1" in k for k in torch.load(snapshot, weights_only=True)["teacher"])
+    argv = ["eval", "knn", "--pretrained-weights", str(snapshot), "--train-dataset", f"ImageFolder:root={root / 'train'}",
+            "--val-dataset", f"ImageFolder:root={root / 'val'}", "--output-dir", str(tmp_path / "eval"),
+            "--image-size", "32", "--nb-knn", "1", "--device", "cpu", "--no-progress", "--num-workers", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "eval" / "results_eval_knn.json").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.cache_dataset=false", "config key 'train.cache_dataset' is False but has no effect in dinokit"),
+    ("compute_precision.student.backbone.mixed_precision.param_dtype=bf16",
+     "has no effect in dinokit: FSDP2 computes in compute_precision.dtype"),
+    ("compute_precision.teacher.dino_head.mixed_precision.buffer_dtype=fp16", "set that key"),
+    ("compute_precision.student.backbone.sharding_strategy=NO_SHARD", "use one of: FULL_SHARD, SHARD_GRAD_OP"),
+])
+def test_official_keys_that_cannot_act_stop_with_one_line(override, message):
+    with pytest.raises(DinokitError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config("demo", [override])
+    load_config("demo", ["compute_precision.student.dino_head.mixed_precision.reduce_dtype=fp32"])  # what dinokit does
+
+
+def test_sharding_strategy_sets_reshard_after_forward():
+    from dinokit.train.train import engine_config
+
+    cfg = load_config("demo", ["compute_precision.student.backbone.sharding_strategy=FULL_SHARD"])
+    reshard = engine_config(cfg, torch.device("cpu")).reshard_after_forward
+    assert reshard["student.backbone"] is True and reshard["student.dino_head"] is False  # SHARD_GRAD_OP: kept
+
+
+def test_tensorboard_tracker_receives_the_metrics_lines(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dinokit.cli.train import pretrain
+
+    root = write_sample_dataset(tmp_path / "sample", counts={"train": 3, "val": 2}, image_size=40)
+    cfg = load_config("demo", [*TINY, "train.tracker=tensorboard", "train.log_freq=1",
+                               f"train.dataset_path=ImageFolder:root={root / 'train'}"])
+    pretrain(cfg, output_dir=tmp_path / "run", device="cpu")
+    events = EventAccumulator(str(next((tmp_path / "run").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"total_loss", "lr", "ibot_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("total_loss")] == [0, 1]
