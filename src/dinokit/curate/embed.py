@@ -111,12 +111,12 @@ def embed_set(
                 num_workers=config.num_workers, device=device, dtype=dtype, progress=progress,
                 desc=f"embed {folder.name} {s + 1}/{n_shards}", distributed=False,
             )
-        rows = (result.indices + start).tolist()
+        rows = result.indices.tolist()  # the dataset's own indices (a Subset passes them through)
         for key, value in result.features.items():
             with atomic_write(folder / f"{_shard_name(s)}.{key}.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, value.numpy().astype(storage))
         meta = {"start": start, "stop": stop, "rows": rows, "keys": sorted(result.features),
-                "bad": [start + i for i in result.bad], "bytes": [_file_size(paths[i]) for i in rows]}
+                "bad": list(result.bad), "bytes": [_file_size(paths[i]) for i in rows]}
         with atomic_write(meta_file) as tmp:
             tmp.write_text(json.dumps(meta))
     du.barrier()

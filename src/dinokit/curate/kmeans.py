@@ -47,10 +47,11 @@ class KMeansResult:
 # ---------------------------------------------------------------------------------------------- distances
 def _distances(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
     """(n, k) squared L2 distances (||x||^2 - 2 x.c + ||c||^2), or 1 - cosine for normalised rows."""
-    dots = x @ centroids.T
     if metric == "cos":
-        return 1 - dots
-    return ((x * x).sum(1, keepdim=True) - 2 * dots + (centroids * centroids).sum(1)[None]).clamp_min_(0)
+        return torch.addmm(torch.ones(1, dtype=x.dtype, device=x.device), x, centroids.T, alpha=-1)
+    # one BLAS call: ||c||^2 - 2 x.c, then + ||x||^2 (clamped: rounding can dip below 0)
+    partial = torch.addmm((centroids * centroids).sum(1)[None], x, centroids.T, alpha=-2)
+    return partial.add_((x * x).sum(1, keepdim=True)).clamp_min_(0)
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2",

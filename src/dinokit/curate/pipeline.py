@@ -215,9 +215,10 @@ def stage_retrieve(work: Work, *, device: torch.device, progress: bool = True) -
 # ---------------------------------------------------------------------------------------------- cluster
 def auto_levels(n: int) -> list[int]:
     """Two levels sized from the number of points: ~2·sqrt(n) clusters, then ~2·sqrt of that."""
-    k1 = max(2, min(n, round(2 * math.sqrt(n))))
-    k2 = max(1, min(k1 - 1, round(2 * math.sqrt(k1))))
-    return [k1, k2]
+    k1 = min(n, max(2, round(2 * math.sqrt(n))))
+    if k1 < 3:
+        return [max(k1, 1)]  # too few images for two levels
+    return [k1, min(k1 - 1, round(2 * math.sqrt(k1)))]
 
 
 def cluster_settings(config: CurateConfig, n: int) -> dict:
