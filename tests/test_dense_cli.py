@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,12 +23,7 @@ SEG = ["iterations=400", "batch_size=16", "lr=3e-2", "dropout=0", "class_token=t
 DEPTH = ["iterations=300", "batch_size=8", "lr=3e-2", "norm=true"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_dense_heads import one_thread  # noqa: E402,F401  (autouse: one intra-op thread for this module too)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +52,12 @@ def test_segmentation_pretrained_beats_random_init_and_eval_predict(demo_teacher
     assert trained["mIoU"] > 1.5 * random_init["mIoU"] and trained["mIoU"] > random_init["mIoU"] + 6
     assert len(trained["IoU"]) == 9 and trained["classes"][0] == "background"
     assert (tmp_path / "seg" / "training_metrics.json").is_file() and (tmp_path / "seg" / "checkpoints").is_dir()
+    snapshot = torch.load(tmp_path / "seg" / "eval" / "training_399" / "head.pth", weights_only=True)
+    assert set(snapshot["teacher"]) == {f"decode_head.{k}" for k in ("bn.weight", "bn.bias", "bn.running_mean",
+                                                                    "bn.running_var", "bn.num_batches_tracked",
+                                                                    "conv_seg.weight", "conv_seg.bias")}
+    # resuming a finished run does nothing and keeps the results
+    assert _train(tmp_path / "seg", "seg", ["--pretrained-weights", str(demo_teacher.snapshot)], dense_root, SEG) == trained
 
     # eval: the saved head (it records its backbone) gives the same numbers; slide inference runs too
     head = tmp_path / "seg" / "head.pth"
@@ -74,7 +76,7 @@ def test_segmentation_pretrained_beats_random_init_and_eval_predict(demo_teacher
     assert main(["dense", "predict", *map(str, images), "--head", str(head), "--out", str(tmp_path / "pred")]) == 0
     picture = Image.open(tmp_path / "pred" / f"{images[0].stem}_seg.png")
     assert picture.size == (128, 64)
-    assert len(set(picture.crop((64, 0, 128, 64)).getdata())) >= 2  # background and the object in different colours
+    assert len(np.unique(np.asarray(picture.crop((64, 0, 128, 64))).reshape(-1, 3), axis=0)) >= 2  # background and the object in different colours
     assert "mIoU" in capsys.readouterr().out
 
 

@@ -24,6 +24,15 @@ from dinokit.models.registry import create_model
 SMALL = dict(embed_dim=32, num_heads=2)  # ViT-S/14 layout (12 blocks), narrow so that 518 px runs in a second
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small ops on a loaded 2-core machine run several times faster on one intra-op thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------- reference
 def ref_pad(x, multiple=14):
     h, w = x.shape[-2:]
@@ -130,7 +139,7 @@ def test_linear_depther_matches_the_official_formula(tmp_path, layers):
 def test_dpt_head_matches_the_official_formula(tmp_path):
     torch.manual_seed(0)
     backbone = create_model("dinov2_vits14", pretrained=False, **SMALL)
-    head = DPTHead(embed_dim=32, channels=16, min_depth=0.001, max_depth=10.0)  # official: 256 channels (see below)
+    head = DPTHead(embed_dim=32, channels=8, min_depth=0.001, max_depth=10.0)  # official: 256 channels (see below)
     model = DenseModel(backbone, head, FeatureSpec((2, 5, 8, 11), False, True)).eval()
     shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     sd = random_head_file(tmp_path / "dpt.pth", shapes, seed=1)

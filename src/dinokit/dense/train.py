@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..engine import LossOutput, Task
+from ..engine import Export, LossOutput, Task
 from ..errors import DinokitError
 from .datasets import DenseDataset, DenseTrainTransform, collate_dense
 from .heads import FeatureSpec
@@ -140,6 +140,10 @@ class DenseHeadTask(Task):
 
     def frozen_modules(self) -> tuple[str, ...]:
         return ("backbone",)
+
+    def exports(self) -> list[Export]:
+        """Snapshots hold the head in the official layout: ``eval/training_<it>/head.pth``."""
+        return [Export(self.head, filename="head.pth", layout=lambda sd: {f"decode_head.{k}": v for k, v in sd.items()})]
 
     def batch_size(self, batch: Mapping[str, Any]) -> int:
         return int(batch["label"].shape[0])
