@@ -120,3 +120,19 @@ def test_bad_inputs_are_one_line_errors(dense_root, tmp_path, capsys):
                  "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not record its backbone" in err and err.count("\n") == 1
+
+
+def test_eval_of_an_official_segmentation_head_file(dense_root, tmp_path):
+    """An mmseg-layout file (no dinokit description) + a hub backbone: the head kind and levels come from the shapes."""
+    g = torch.Generator().manual_seed(0)
+    sd = {"decode_head.bn.weight": torch.ones(384), "decode_head.bn.bias": torch.zeros(384),
+          "decode_head.bn.running_mean": torch.zeros(384), "decode_head.bn.running_var": torch.ones(384),
+          "decode_head.bn.num_batches_tracked": torch.tensor(0),
+          "decode_head.conv_seg.weight": torch.randn(150, 384, 1, 1, generator=g), "decode_head.conv_seg.bias": torch.zeros(150)}
+    torch.save({"state_dict": sd, "meta": {}}, tmp_path / "dinov2_vits14_ade20k_linear_head.pth")
+    val = f"SegSample:split=val:root={dense_root / 'seg'}"
+    assert main(["dense", "eval", "--head-weights", str(tmp_path / "dinov2_vits14_ade20k_linear_head.pth"),
+                 "--model", "dinov2_vits14", "--random-init", "--val-dataset", val, "--output-dir", str(tmp_path),
+                 "--no-progress"]) == 0
+    result = json.loads((tmp_path / "results_eval_segmentation.json").read_text())
+    assert len(result["IoU"]) == 150 and 0 <= result["aAcc"] <= 100

@@ -181,6 +181,11 @@ def test_hub_depth_range_and_names():
         create_model("dinov2_vits14_ld", pretrained=False, layers=2, **SMALL)
     with pytest.raises(DinokitError, match="'NYU', 'KITTI' or a head file"):
         create_model("dinov2_vits14_ld", pretrained=False, weights="SUNRGBD", **SMALL)
+    from dinokit.dense.hub import head_url
+
+    base = "https://dl.fbaipublicfiles.com/dinov2"
+    assert head_url("dinov2_vitb14", "NYU", "linear4") == f"{base}/dinov2_vitb14/dinov2_vitb14_nyu_linear4_head.pth"
+    assert head_url("dinov2_vitg14", "KITTI", "dpt") == f"{base}/dinov2_vitg14/dinov2_vitg14_kitti_dpt_head.pth"
     import hubconf
 
     for size in "sblg":

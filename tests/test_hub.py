@@ -73,7 +73,7 @@ def test_backbone_variants_match_the_released_checkpoints(name: str) -> None:
 
 def test_names_urls_and_aliases() -> None:
     names = list_models()
-    assert len(names) == 16 and len(set(names)) == 16
+    assert len(names) == 24 and len(set(names)) == 24  # 16 backbones and classifiers, 8 depthers
     base = "https://dl.fbaipublicfiles.com/dinov2"
     assert model_info("dinov2_vits14").backbone_url == f"{base}/dinov2_vits14/dinov2_vits14_pretrain.pth"
     assert model_info("dinov2_vitl14_reg").backbone_url == f"{base}/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth"
