@@ -102,6 +102,16 @@ def test_training_transform_keeps_image_and_label_aligned():
     for _ in range(10):
         img, label = td(rgb, depth)  # no rescaling: crops and flips are exact
         assert torch.allclose((img[0] * 0.229 + 0.485) * 2, label, atol=1e-5)
+    # with the depth recipe's rotation: a vertical edge stays where the depth edge is (within a pixel)
+    step = torch.zeros(40, 60)
+    step[:, 30:] = 1.0
+    td = DenseTrainTransform(task="depth", crop_size=(40, 60), flip=0.0)
+    for _ in range(10):
+        img, label = td(step.expand(3, 40, 60).clone(), step + 1)
+        rows = slice(10, 30)  # away from the rotated-in corners
+        edge_img = (img[0, rows] > img[0, rows].mean()).float().argmax(1)
+        edge_label = (label[rows] > 1.5).float().argmax(1)
+        assert (edge_img - edge_label).abs().max() <= 1
 
 
 # ---------------------------------------------------------------------------------------------- datasets

@@ -11,7 +11,8 @@ Strings, in dinokit's ``Name:key=value`` syntax:
   (``DIR/nyu_<split>.txt``, lines ``rgb_path depth_path [focal]`` relative to DIR, depth PNGs in mm), or
   ``DIR/<split>/images`` + ``DIR/<split>/depth`` as for DepthFolder. Range 0.001-10 m, Eigen crop at evaluation.
 * ``SegFolder:root=DIR``: ``DIR/images/<name>.<ext>`` with ``DIR/masks/<name>.png`` (one class index per
-  pixel, 255 = ignore); the classes are ``DIR/classes.txt`` (one name per line) if present, else 0..max label.
+  pixel, 255 = ignore); the classes are ``DIR/classes.txt`` (one name per line; else ``DIR/../classes.txt``,
+  shared by split folders) if present, else 0..max label.
 * ``DepthFolder:root=DIR``: ``DIR/images/<name>.<ext>`` with ``DIR/depth/<name>.png`` (uint16 millimetres,
   0 = invalid) or ``DIR/depth/<name>.npy`` (float metres).
 * ``SegSample:split=train|val[:root=DIR]`` and ``DepthSample:...``: the generated sets of
@@ -24,7 +25,6 @@ one-line :class:`DinokitError` naming the file.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +62,19 @@ class DenseInfo:
 
 
 # ---------------------------------------------------------------------------------------------- transforms
-def _normalise(image: torch.Tensor) -> torch.Tensor:
+def image_to_tensor(pil: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """ImageNet mean/std normalisation of a (3, H, W) image in [0, 1] (= the official x255 and mean 123.675 ...)."""
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
     return (image - mean) / std
 
 
-def _resize_pair(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]) -> tuple:
+def resize_pair(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]) -> tuple:
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     if label is not None:
         label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
@@ -84,7 +90,8 @@ def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
 class DenseTrainTransform:
     """Random scale (short side ``base_size`` x U(scale_range)), random crop (with ``cat_max_ratio`` for
     segmentation), horizontal flip, photometric jitter, normalisation, padding to the crop size
-    (image 0, label 255 or 0). Image and label always receive the same geometry."""
+    (image 0, label 255 or 0). Depth adds the NYU recipe's ±2.5° rotation (p 0.5) and its colour jitter.
+    Image and label always receive the same geometry."""
 
     def __init__(
         self,
@@ -113,10 +120,12 @@ class DenseTrainTransform:
         return top, left
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task == "depth" and self.photometric and random.random() < 0.5:
+            image, label = _rotate_pair(image, label, random.uniform(-2.5, 2.5))
         h, w = image.shape[-2:]
         if self.base_size:
             short = self.base_size * random.uniform(*self.scale_range)
-            image, label = _resize_pair(image, label, short_side_size(h, w, max(int(short), 1)))
+            image, label = resize_pair(image, label, short_side_size(h, w, max(int(short), 1)))
             h, w = image.shape[-2:]
         top, left = self._crop_box(label, h, w)
         ch, cw = self.crop_size
@@ -124,13 +133,33 @@ class DenseTrainTransform:
         if random.random() < self.flip:
             image, label = image.flip(-1), label.flip(-1)
         if self.photometric:
-            image = _photometric(image)
-        image = _normalise(image)
+            image = _photometric(image) if self.task == "seg" else _depth_colour(image)
+        image = normalise(image)
         pad_h, pad_w = ch - image.shape[-2], cw - image.shape[-1]
         if pad_h > 0 or pad_w > 0:
             image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
             label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX if self.task == "seg" else 0)
         return image, label
+
+
+def _rotate_pair(image: torch.Tensor, label: torch.Tensor, degrees: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate both about the centre (image bilinear, depth nearest; uncovered depth becomes 0 = invalid)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    image = TF.rotate(image, degrees, interpolation=InterpolationMode.BILINEAR)
+    label = TF.rotate(label[None], degrees, interpolation=InterpolationMode.NEAREST)[0]
+    return image, label
+
+
+def _depth_colour(image: torch.Tensor) -> torch.Tensor:
+    """The NYU recipe's colour augmentation, with probability 0.5: gamma U(0.9, 1.1), brightness U(0.75, 1.25),
+    per-channel colour U(0.9, 1.1)."""
+    if random.random() < 0.5:
+        image = image.clamp(0, 1) ** random.uniform(0.9, 1.1)
+        image = image * random.uniform(0.75, 1.25)
+        image = image * torch.empty(3, 1, 1).uniform_(0.9, 1.1)
+    return image.clamp(0, 1)
 
 
 def _photometric(image: torch.Tensor) -> torch.Tensor:
@@ -153,8 +182,21 @@ class DenseEvalTransform:
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.size:
-            image, _ = _resize_pair(image, None, short_side_size(*image.shape[-2:], self.size))
-        return _normalise(image), label
+            image, _ = resize_pair(image, None, short_side_size(*image.shape[-2:], self.size))
+        return normalise(image), label
+
+
+class DenseResizeTransform:
+    """Resize image (bilinear) and label (nearest) to one fixed size, then normalise: deterministic, so the
+    backbone features of a training set can be computed once (training without augmentation)."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = tuple(size)
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tuple(image.shape[-2:]) != self.size:
+            image, label = resize_pair(image, label, self.size)
+        return normalise(image), label
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -207,8 +249,7 @@ class DenseDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_path = self.pairs[index][0]
-        pil = load_image(image_path)
-        image = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        image = image_to_tensor(load_image(image_path))
         label = self.read_label(index)
         if tuple(label.shape) != tuple(image.shape[-2:]):
             raise DinokitError(

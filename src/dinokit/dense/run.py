@@ -18,7 +18,7 @@ import torch
 
 from ..errors import DinokitError
 from ..models.checkpoint import atomic_write
-from .datasets import DenseDataset, DenseEvalTransform, make_dense_dataset
+from .datasets import DenseEvalTransform, make_dense_dataset
 from .heads import FeatureSpec
 from .inference import InferenceConfig, evaluate, format_results
 from .loading import head_kind_of, load_head, read_head_file, save_head
@@ -227,7 +227,7 @@ def predict_files(
 ) -> list[Path]:
     """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image."""
     from ..data.images import load_image, resolve_image_inputs
-    from .datasets import _normalise, _resize_pair, short_side_size
+    from .datasets import image_to_tensor, normalise, resize_pair, short_side_size
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
 
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
@@ -238,10 +238,10 @@ def predict_files(
     written = []
     for path in files:
         pil = load_image(path)
-        image = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        image = image_to_tensor(pil)
         if size:
-            image, _ = _resize_pair(image, None, short_side_size(*image.shape[-2:], size))
-        pred = predict_image(model, _normalise(image), (pil.height, pil.width), inference).cpu().numpy()
+            image, _ = resize_pair(image, None, short_side_size(*image.shape[-2:], size))
+        pred = predict_image(model, normalise(image), (pil.height, pil.width), inference).cpu().numpy()
         if model.task == "seg":
             picture = colourise_seg(pred.astype(np.int64), meta.get("palette", ""), model.decode_head.num_classes)
         else:

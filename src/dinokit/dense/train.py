@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..engine import Export, LossOutput, Task
 from ..errors import DinokitError
-from .datasets import DenseDataset, DenseTrainTransform, collate_dense
+from .datasets import DenseDataset, DenseResizeTransform, DenseTrainTransform, collate_dense
 from .heads import FeatureSpec
 from .inference import autocast
 from .losses import SigLoss, gradient_loss, seg_cross_entropy
@@ -185,25 +185,11 @@ def _map_tensors(feats: list, fn) -> list:
 def train_transform(recipe: DenseRecipe, task: str):
     """The joint training transform; with ``augment=False`` a plain resize to ``crop_size``."""
     if not recipe.augment:
-        return _FixedResize(recipe.crop_size)
+        return DenseResizeTransform(recipe.crop_size)
     return DenseTrainTransform(
         task=task, crop_size=recipe.crop_size, base_size=recipe.base_size or None,
         scale_range=(recipe.scale_min, recipe.scale_max),
     )
-
-
-class _FixedResize:
-    """Resize image (bilinear) and label (nearest) to one size, then normalise: deterministic, so cacheable."""
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        self.size = tuple(size)
-
-    def __call__(self, image: torch.Tensor, label: torch.Tensor):
-        from .datasets import DenseEvalTransform, _resize_pair
-
-        if tuple(image.shape[-2:]) != self.size:
-            image, label = _resize_pair(image, label, self.size)
-        return DenseEvalTransform(None)(image, label)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, start_batch: int) -> Iterator[list[int]]:
