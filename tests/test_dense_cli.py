@@ -136,3 +136,30 @@ def test_eval_of_an_official_segmentation_head_file(dense_root, tmp_path):
                  "--no-progress"]) == 0
     result = json.loads((tmp_path / "results_eval_segmentation.json").read_text())
     assert len(result["IoU"]) == 150 and 0 <= result["aAcc"] <= 100
+
+
+def test_augmented_training_validates_resumes_and_trains_dpt(demo_teacher, tmp_path, capsys):
+    from dinokit.dense.generated import write_dense_sample
+
+    write_dense_sample("seg", tmp_path / "seg", counts={"train": 4, "val": 2})
+    write_dense_sample("depth", tmp_path / "depth", counts={"train": 4, "val": 2})
+    backbone = ["--pretrained-weights", str(demo_teacher.snapshot)]
+    seg = ["iterations=6", "batch_size=2", "crop_size=48", "base_size=64", "eval_period=3", "checkpoint_period=3",
+           "eval_size=0", "eval_mode=slide", "eval_crop=48", "eval_stride=32", "num_workers=0", "warmup_iters=2"]
+    common = ["dense", "train", "--task", "seg", "--head", "ms", *backbone, "--train-dataset",
+              f"SegSample:split=train:root={tmp_path / 'seg'}", "--val-dataset", f"SegSample:split=val:root={tmp_path / 'seg'}",
+              "--output-dir", str(tmp_path / "ms"), "--no-progress"]
+    assert main([*common, *seg]) == 0
+    lines = [json.loads(l) for l in (tmp_path / "ms" / "training_metrics.json").read_text().splitlines()]
+    assert any("val_mIoU" in l for l in lines)  # validation at iteration 3 (the last one is the final evaluation)
+    assert main([*common, *seg, "iterations=8"]) == 0  # a longer schedule resumes from the last checkpoint
+    assert "resumed from iteration 6" in capsys.readouterr().out
+    depth = ["iterations=2", "batch_size=2", "crop_size=32", "eval_period=0", "num_workers=0", "warmup_iters=1"]
+    assert main(["dense", "train", "--task", "depth", "--head", "dpt", *backbone, "--train-dataset",
+                 f"DepthSample:split=train:root={tmp_path / 'depth'}", "--val-dataset",
+                 f"DepthSample:split=val:root={tmp_path / 'depth'}", "--output-dir", str(tmp_path / "dpt"), "--no-progress",
+                 *depth]) == 0
+    lines = [json.loads(l) for l in (tmp_path / "dpt" / "training_metrics.json").read_text().splitlines()]
+    assert "grad_loss" in lines[-1] and "sig_loss" in lines[-1]
+    result = json.loads((tmp_path / "dpt" / "results_eval_depth.json").read_text())
+    assert result["images"] == 2 and result["rmse"] > 0

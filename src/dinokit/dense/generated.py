@@ -152,10 +152,15 @@ def write_dense_sample(
     size: int = DEFAULT_SIZE,
     seed: int = 0,
 ) -> Path:
-    """Write the generated ``seg`` or ``depth`` set as ``root/<split>/{images,masks|depth}`` (idempotent)."""
+    """Write the generated ``seg`` or ``depth`` set as ``root/<split>/{images,masks|depth}`` (idempotent).
+
+    Without ``counts``, any complete set of this version already under ``root`` is kept (else 160/40 images).
+    """
     if kind not in ("seg", "depth"):
         raise ValueError(f"kind must be seg or depth, not {kind!r}")
     root = Path(root) if root is not None else default_dense_root(kind)
+    if counts is None and any(root.glob(f".complete-v{GENERATED_VERSION}-{kind}-*")):
+        return root  # a complete set of this version is there (maybe of other counts): use it as it is
     counts = counts or DEFAULT_COUNTS
     tag = "-".join(f"{k}{v}" for k, v in sorted(counts.items()))
     marker = root / f".complete-v{GENERATED_VERSION}-{kind}-{size}-{seed}-{tag}"
