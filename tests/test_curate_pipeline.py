@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +135,18 @@ def test_errors_are_one_line(scenes, tmp_path, capsys):
 
     assert main(["curate", "run", "--output-dir", str(tmp_path / "w3"), "dedup.keep=best"]) == 2
     assert capsys.readouterr().err.strip() == "error: dedup.keep='best' is not one of largest, first, central"
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_two_process_gloo_run_equals_the_one_process_result(scenes, tmp_path):
+    """Under torchrun each rank embeds its shards, searches its slice and holds a slice in k-means: same manifest."""
+    _, work, argv, _ = scenes
+    two = tmp_path / "two"
+    args = [a if a != str(work) else str(two) for a in argv]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_port=29541", "-m", "dinokit", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((two / "embed" / "pool").glob("shard-*.json"))) == 3  # 120 images in shards of 50
+    assert (two / "cluster" / "leaf.rank1.npy").is_file()  # rank 1 clustered its own slice
+    assert (two / "manifest.txt").read_text() == (work / "manifest.txt").read_text()
+    assert json.loads((two / "report.json").read_text())["counts"] == json.loads((work / "report.json").read_text())["counts"]
