@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import distributed as du
 from ..errors import DinokitError
 from ..models.checkpoint import atomic_write
 from .datasets import DenseEvalTransform, make_dense_dataset
@@ -126,13 +127,15 @@ def train_head(
         hooks=[eval_hook],
     )
     start = engine.restore(resume=resume)
-    engine.run(lambda start_iter: make_batches(cached, train_set, recipe, start_iter), start_iter=start)
-    save_head(head_module, out / "head.pth", meta)
+    rank = du.get_rank()  # each rank draws its own batches (seeded by rank), as a sharded sampler would
+    engine.run(lambda start_iter: make_batches(cached, train_set, recipe, start_iter, rank=rank), start_iter=start)
     result = evaluate(dense_model, val_set, inference, progress=progress)
     result["dataset"] = val_dataset
-    _write_json(out / results_name(task), result)
-    print(f"{task} head '{head}' on {val_dataset}:\n{format_results(result, task)}")
-    print(f"head saved to {out / 'head.pth'}; results in {out / results_name(task)}")
+    if du.is_main_process():
+        save_head(head_module, out / "head.pth", meta)
+        _write_json(out / results_name(task), result)
+        print(f"{task} head '{head}' on {val_dataset}:\n{format_results(result, task)}")
+        print(f"head saved to {out / 'head.pth'}; results in {out / results_name(task)}")
     return result
 
 
@@ -213,10 +216,11 @@ def eval_head(
         raise DinokitError(f"{val_dataset!r} is a {dataset.info.task} dataset but the head predicts {model.task}")
     result = evaluate(model, dataset, inference, progress=progress)
     result["dataset"] = val_dataset
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / results_name(model.task), result)
-    print(f"{model.task} head {str(head_file)!r} on {val_dataset}:\n{format_results(result, model.task)}")
+    if du.is_main_process():
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / results_name(model.task), result)
+        print(f"{model.task} head {str(head_file)!r} on {val_dataset}:\n{format_results(result, model.task)}")
     return result
 
 

@@ -226,10 +226,11 @@ def cache_training_features(task: DenseHeadTask, dataset: DenseDataset, device: 
     return {"features": levels, "label": torch.cat(labels)}
 
 
-def make_batches(cached: dict[str, Any] | None, dataset: DenseDataset, recipe: DenseRecipe, start_iter: int):
+def make_batches(cached: dict[str, Any] | None, dataset: DenseDataset, recipe: DenseRecipe, start_iter: int, *,
+                 rank: int = 0):
     """The engine's loader: batches from iteration ``start_iter`` on (cached features, or images via workers)."""
     n = len(cached["label"]) if cached is not None else len(dataset)
-    indices = batch_indices(n, recipe.batch_size, recipe.seed, start_iter)
+    indices = batch_indices(n, recipe.batch_size, recipe.seed + 7919 * rank, start_iter)
     if cached is not None:
         def from_cache():
             for idx in indices:
