@@ -199,3 +199,13 @@ def test_generated_sets(tmp_path):
     d = depth[0]["label"]
     assert d.shape == (64, 64) and 0.2 < d.min() and d.max() <= 10.0
     assert d[-1].mean() < d[32].mean()  # the floor comes nearer towards the bottom of the picture
+
+
+def test_voc_palette():
+    from dinokit.dense.inference import colourise_seg, palette
+
+    voc = palette("voc", 21)
+    assert voc[0].tolist() == [0, 0, 0] and voc[1].tolist() == [128, 0, 0] and voc[2].tolist() == [0, 128, 0]
+    assert voc[15].tolist() == [192, 128, 128]  # person
+    picture = colourise_seg(np.array([[1, 255]]), "voc", 21)
+    assert picture.tolist() == [[[128, 0, 0], [0, 0, 0]]]

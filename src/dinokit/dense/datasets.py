@@ -375,27 +375,3 @@ def collate_dense(items: list[dict]) -> dict:
         "label": torch.stack([it["label"] for it in items]),
         "index": torch.as_tensor([it["index"] for it in items]),
     }
-
-
-def palette(name: str, num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colours: VOC's bit-interleaved palette, or a fixed random one for others."""
-    if name == "voc":
-        colours = np.zeros((max(num_classes, 1), 3), dtype=np.uint8)
-        for i in range(len(colours)):
-            c, r, g, b = i, 0, 0, 0
-            for j in range(8):
-                r |= ((c >> 0) & 1) << (7 - j)
-                g |= ((c >> 1) & 1) << (7 - j)
-                b |= ((c >> 2) & 1) << (7 - j)
-                c >>= 3
-            colours[i] = (r, g, b)
-        return colours
-    rng = np.random.default_rng(3 if name == "ade20k" else 0)  # deterministic distinct colours
-    colours = rng.integers(0, 256, size=(max(num_classes, 1), 3)).astype(np.uint8)
-    if name != "ade20k":
-        # few classes: well-separated hues from a fixed table
-        table = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-                          [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40]],
-                         dtype=np.uint8)
-        colours[: min(len(table), len(colours))] = table[: len(colours)]
-    return colours

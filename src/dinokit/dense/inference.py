@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .datasets import DenseDataset, palette
+from .datasets import DenseDataset
 from .metrics import DepthMetrics, SegMetrics
 from .model import DenseModel
 
@@ -103,6 +103,30 @@ def colourise_depth(depth: np.ndarray, max_depth: float | None = None) -> np.nda
     lo = np.floor(t).astype(int).clip(0, len(_DEPTH_ANCHORS) - 2)
     frac = (t - lo)[..., None]
     return (_DEPTH_ANCHORS[lo] * (1 - frac) + _DEPTH_ANCHORS[lo + 1] * frac).astype(np.uint8)
+
+
+def palette(name: str, num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours: VOC's bit-interleaved palette, or a fixed random one for others."""
+    if name == "voc":
+        colours = np.zeros((max(num_classes, 1), 3), dtype=np.uint8)
+        for i in range(len(colours)):
+            c, r, g, b = i, 0, 0, 0
+            for j in range(8):
+                r |= ((c >> 0) & 1) << (7 - j)
+                g |= ((c >> 1) & 1) << (7 - j)
+                b |= ((c >> 2) & 1) << (7 - j)
+                c >>= 3
+            colours[i] = (r, g, b)
+        return colours
+    rng = np.random.default_rng(3 if name == "ade20k" else 0)  # deterministic distinct colours
+    colours = rng.integers(0, 256, size=(max(num_classes, 1), 3)).astype(np.uint8)
+    if name != "ade20k":
+        # few classes: well-separated hues from a fixed table
+        table = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+                          [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40]],
+                         dtype=np.uint8)
+        colours[: min(len(table), len(colours))] = table[: len(colours)]
+    return colours
 
 
 def colourise_seg(classes: np.ndarray, palette_name: str, num_classes: int) -> np.ndarray:
