@@ -38,7 +38,7 @@ def _add_inference(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("dense", help="semantic segmentation and depth heads on frozen features",
-                            description=__doc__.split("\n\n")[1])
+                            description=__doc__.split("\n\n")[1].replace("``", ""))
     commands = parser.add_subparsers(dest="dense_command", metavar="COMMAND")
     commands.required = True
 
