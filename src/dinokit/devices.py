@@ -24,3 +24,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise DinokitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "cpu", *, key: str = "--dtype") -> torch.dtype:
+    """The compute (autocast) dtype: ``auto`` = bf16 on CUDA (fp16 where bf16 is missing), fp32 on the CPU.
+
+    A torch dtype passes through and None means fp32; ``float32`` means "no autocast" to every consumer.
+    bf16 rather than the official fp16 by default: it cannot overflow. ``key`` names the setting in errors.
+    """
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise DinokitError(f"{key} is {name!r}; use one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]

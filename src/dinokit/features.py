@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .data.images import collate_skip_bad
+from .devices import resolve_dtype
 from .distributed import all_gather_object, get_rank, get_world_size
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -47,15 +47,6 @@ class ExtractedFeatures:
 def cls_feature_fn(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The default: ``model(images)``, the normalised class token of a DINOv2 backbone."""
     return {"cls": model(images)}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``"bf16"``/``"fp16"``/``"fp32"`` (or a torch dtype, or None) -> torch dtype or None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -109,7 +100,7 @@ def extract_features(
     for the duration (its training flag is restored afterwards).
     """
     device = torch.device(device)
-    amp = autocast_context(device, resolve_dtype(dtype))
+    amp = autocast_context(device, resolve_dtype(dtype, device))
     feature_fn = feature_fn or cls_feature_fn
     rank, world = (get_rank(), get_world_size()) if distributed else (0, 1)
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset

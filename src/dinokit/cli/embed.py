@@ -28,7 +28,8 @@ from ..data.datasets import make_dataset
 from ..data.images import ImageFiles, resolve_image_inputs
 from ..data.transforms import make_classification_eval_transform
 from ..errors import DinokitError
-from ..eval.setup import resolve_device, resolve_dtype, setup_eval_model
+from ..devices import resolve_device, resolve_dtype
+from ..eval.setup import setup_eval_model
 from ..features import ExtractedFeatures, extract_features
 from ..models.checkpoint import atomic_write
 from ..models.registry import model_info
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         paths = resolve_image_inputs(args.input)
         dataset = ImageFiles(paths, transform=transform)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)  # None: fp32, no autocast
+    dtype = resolve_dtype(args.dtype, device)  # float32: no autocast
     model, description = _build_model(args, device)
 
     with warnings.catch_warnings():

@@ -23,7 +23,7 @@ from torch import nn
 from ..data.images import resolve_image_inputs
 from ..devices import resolve_device
 from ..errors import DinokitError
-from ..eval.setup import resolve_dtype
+from ..devices import resolve_dtype
 from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps
 from ..viz.drawing import UPSAMPLE_MODES, grid, save_png
 from ..viz.figures import attention_figure, matches_figure, pca_figures

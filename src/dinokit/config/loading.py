@@ -26,8 +26,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..devices import DTYPES, resolve_dtype
 from ..errors import DinokitError
 from ..models.architectures import ARCHITECTURES
+from ..models.checkpoint import atomic_write
 from .schema import (  # noqa: F401 (re-exported)
     ModelConfig,
     MixedPrecisionConfig,
@@ -276,10 +278,8 @@ def find_run_config(weights: str | Path) -> Path | None:
 def write_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     """Write the resolved ``cfg`` to ``output_dir/config.yaml`` (loadable by :func:`load_config`)."""
     path = Path(output_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    tmp.replace(path)  # atomic: a crash never leaves a half-written config next to a run
+    with atomic_write(path) as tmp:  # a crash never leaves a half-written config next to a run
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     return path
 
 
@@ -292,7 +292,6 @@ def as_dataclass(cfg: DictConfig) -> SSLConfig:
 # Validation
 # ---------------------------------------------------------------------------------------------------
 
-DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # FSDP1 strategies that FSDP2 expresses per module: FULL_SHARD = reshard parameters after forward,
 # SHARD_GRAD_OP = keep them gathered until backward (more memory, fewer all-gathers).
 ACTIVE_SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")
@@ -407,11 +406,4 @@ def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
 
 def compute_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """The autocast dtype for ``compute_precision.dtype``: ``auto`` = bf16 on CUDA (fp16 without bf16), else fp32."""
-    if name != "auto":
-        if name not in DTYPES:
-            allowed = ", ".join(("auto", *DTYPES))
-            raise DinokitError(f"config key 'compute_precision.dtype' is {name!r}; use one of: {allowed}")
-        return DTYPES[name]
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return resolve_dtype(name, device, key="config key 'compute_precision.dtype'")

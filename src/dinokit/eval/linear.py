@@ -32,6 +32,7 @@ from ..data import ImageDataset, collate_skip_bad, make_classification_train_tra
 from ..errors import DinokitError
 from ..features import autocast_context
 from ..models.checkpoint import atomic_write
+from ..models.linear_classifier import probe_input
 from .setup import EvalContext, linear_feature_parts
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -67,19 +68,6 @@ def probe_settings(
     scale = total_batch / 256.0
     layouts = [(n, avgpool) for n in n_last_blocks for avgpool in (False, True)]
     return [ProbeSetting(n, avgpool, lr * scale) for n, avgpool in layouts for lr in learning_rates]
-
-
-def probe_input(
-    cls_tokens: torch.Tensor, patch_mean: torch.Tensor, *, n_last_blocks: int, avgpool: bool
-) -> torch.Tensor:
-    """(B, n*D [+ D]) features: the last ``n_last_blocks`` class tokens oldest first, then the patch mean.
-
-    The same layout as the hub ``_lc`` heads (:func:`dinokit.models.linear_classifier.linear_features`).
-    """
-    parts = [cls_tokens[:, -n_last_blocks:].flatten(1)]  # (B, n, D) -> (B, n*D)
-    if avgpool:
-        parts.append(patch_mean)
-    return torch.cat(parts, dim=1).float()
 
 
 class LinearProbes(nn.Module):

@@ -24,12 +24,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .. import distributed as du
-from ..devices import resolve_device
+from ..devices import resolve_device, resolve_dtype
 from ..data import ImageDataset, make_classification_eval_transform, make_dataset
 from ..errors import DinokitError
-from ..features import DTYPES, ExtractedFeatures, cls_feature_fn, extract_features
+from ..features import ExtractedFeatures, cls_feature_fn, extract_features
 from ..models import DinoVisionTransformer
 from ..models.checkpoint import atomic_write, load_backbone_weights
+from ..models.linear_classifier import feature_parts
 from ..models import registry
 from ..config import backbone_from_config, find_run_config, load_config
 
@@ -37,18 +38,6 @@ RANDOM_INIT_SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------- devices
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of the backbone: ``auto`` = bf16 on CUDA, fp32 (None: no autocast) on the CPU.
-
-    bf16 rather than the official fp16: it cannot overflow (random-init baselines, fresh checkpoints).
-    """
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if name not in DTYPES:
-        raise DinokitError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
-    return None if name == "fp32" else DTYPES[name]
-
-
 # ---------------------------------------------------------------------------------------------- model
 def build_eval_backbone(config: DictConfig) -> DinoVisionTransformer:
     """The teacher backbone of a training or eval config, built as training built it (no drop path).
@@ -162,9 +151,8 @@ def linear_feature_parts(model: nn.Module, images: torch.Tensor, n_last_blocks: 
     """The linear probe's features: class tokens of the last blocks (B, n, D), oldest first, and the
     mean of the last block's patch tokens (B, D), all after the final norm (official layout)."""
     n = min(n_last_blocks, len(model.blocks))
-    outputs = model.get_intermediate_layers(images, n=n, return_class_token=True, norm=True)
-    cls_tokens = torch.stack([cls for _, cls in outputs], dim=1)  # n x (B, D) -> (B, n, D)
-    return {"cls_tokens": cls_tokens.float(), "patch_mean": outputs[-1][0].mean(dim=1).float()}
+    cls_tokens, patch_mean = feature_parts(model.get_intermediate_layers(images, n=n, return_class_token=True, norm=True))
+    return {"cls_tokens": cls_tokens.float(), "patch_mean": patch_mean.float()}
 
 
 FEATURE_KINDS: dict[str, Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]] = {

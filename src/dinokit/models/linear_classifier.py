@@ -33,11 +33,23 @@ def linear_features_from_intermediates(
     """
     if not 1 <= layers <= len(intermediates):
         raise ValueError(f"layers={layers} needs between 1 and {len(intermediates)} intermediate outputs")
-    chosen = intermediates[-layers:]
-    parts = [cls for _, cls in chosen]
+    cls_tokens, patch_mean = feature_parts(intermediates)
+    return probe_input(cls_tokens, patch_mean, n_last_blocks=layers, avgpool=avgpool)
+
+
+def feature_parts(intermediates: Intermediates) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class tokens of the given blocks (B, n, D), oldest first, and the last block's patch-token mean (B, D)."""
+    cls_tokens = torch.stack([cls for _, cls in intermediates], dim=1)  # n x (B, D) -> (B, n, D)
+    return cls_tokens, intermediates[-1][0].mean(dim=1)  # (B, N, D) -> (B, D)
+
+
+def probe_input(cls_tokens: torch.Tensor, patch_mean: torch.Tensor, *, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
+    """(B, n*D [+ D]) fp32 features of the official linear heads: the last ``n_last_blocks`` class tokens oldest
+    first, then (``avgpool``) the patch-token mean. The one place this layout is written."""
+    parts = [cls_tokens[:, -n_last_blocks:].flatten(1)]  # (B, n, D) -> (B, n*D)
     if avgpool:
-        parts.append(chosen[-1][0].mean(dim=1))  # (B, N, D) -> (B, D)
-    return torch.cat(parts, dim=-1).float()
+        parts.append(patch_mean)
+    return torch.cat(parts, dim=1).float()
 
 
 def linear_features(backbone: nn.Module, x: torch.Tensor, *, layers: int = 4, avgpool: bool = True) -> torch.Tensor:
