@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # ---------------------------------------------------------------------------------------------------
-# Schema (official names and defaults; spec §1.14)
+# Schema (official names and defaults)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -142,7 +142,7 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    """Official ``optim``: AdamW and its schedules (spec §1.8)."""
+    """Official ``optim``: AdamW and its schedules."""
 
     epochs: int = 100  # training length, in epochs of OFFICIAL_EPOCH_LENGTH iterations
     weight_decay: float = 0.04  # weight decay at the start (cosine schedule)
@@ -162,7 +162,7 @@ class OptimConfig:
 
 @dataclass
 class CropsConfig:
-    """Official ``crops``: multi-crop augmentation (spec §1.9)."""
+    """Official ``crops``: multi-crop augmentation."""
 
     global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # RandomResizedCrop area range
     local_crops_number: int = 8  # local crops per image (0 = none)

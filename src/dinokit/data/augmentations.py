@@ -1,4 +1,4 @@
-"""The DINOv2 multi-crop augmentation (spec §1.9), with torchvision transforms v2 on PIL images.
+"""The DINOv2 multi-crop augmentation, with torchvision transforms v2 on PIL images.
 
 Two global crops and ``local_crops_number`` local crops of one image, each with random flips,
 colour jitter, grayscale and Gaussian blur; the second global crop may also be solarised.

@@ -1,4 +1,4 @@
-"""Batching multi-crop samples and drawing the iBOT masks (spec §1.9 ``collate_data_and_cast``).
+"""Batching multi-crop samples and drawing the iBOT masks (the official ``collate_data_and_cast``).
 
 Crops are stacked crop-major: all images' global crop 1, then all images' global crop 2 (likewise
 for local crops), which is the order the losses chunk the teacher outputs in. Masks go to

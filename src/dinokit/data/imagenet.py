@@ -1,4 +1,4 @@
-"""ImageNet-1k in the official layout (spec §1.13), readable with or without the ``extra`` metadata.
+"""ImageNet-1k in the official layout, readable with or without the ``extra`` metadata.
 
 Files under ``root``::
 

@@ -1,4 +1,4 @@
-"""Block-wise patch masks for the iBOT masked-image-modelling loss (spec §1.9).
+"""Block-wise patch masks for the iBOT masked-image-modelling loss.
 
 A mask is built from random rectangles on the patch grid. Each rectangle has an area drawn uniformly
 in ``[min_num_patches, max_mask]`` and a log-uniform aspect ratio; it is kept only if it adds between

@@ -9,7 +9,7 @@ sample (which image, which crops, which masks) is a function of ``(seed, p)`` on
   given ``start = k * B_tot``.
 
 The official ``SHARDED_INFINITE`` sampler was seeded with the start iteration, so the data order was
-not restored on resume (spec §1.9, §4 item 7); this design fixes that.
+not restored on resume; this design fixes that.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Optimiser, per-parameter-group multipliers and the precomputed training schedules (spec §1.8).
+"""Optimiser, per-parameter-group multipliers and the precomputed training schedules.
 
 Schedules are data: every per-iteration value (lr, weight decay, teacher momentum, teacher
 temperature, last-layer lr) is precomputed as an array by :func:`build_schedulers`. The optimiser's

@@ -1,4 +1,4 @@
-"""k-NN classification of frozen features, as the official ``eval/knn.py`` protocol (spec §1.12).
+"""k-NN classification of frozen features, as the official ``eval/knn.py`` protocol.
 
 Features are the L2-normalised class tokens. For each query, the ``max(ks)`` most cosine-similar
 training samples vote with weights ``softmax(sim / T)`` taken over those ``max(ks)`` neighbours; the

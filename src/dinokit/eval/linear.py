@@ -1,4 +1,4 @@
-"""Linear probing of a frozen backbone, as the official ``eval/linear.py`` protocol (spec §1.12).
+"""Linear probing of a frozen backbone, as the official ``eval/linear.py`` protocol.
 
 A grid of linear classifiers is trained at once on the same frozen features: the class tokens of
 the last 1 or 4 blocks, with or without the mean of the last block's patch tokens (all after the

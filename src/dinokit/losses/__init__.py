@@ -1,4 +1,4 @@
-"""The three DINOv2 training losses (spec §1.6-1.7), usable on CPU without a process group.
+"""The three DINOv2 training losses, usable on CPU without a process group.
 
 - :class:`DINOLoss`: class-token cross-entropy between student and teacher views, with momentum
   centring (one step late) or Sinkhorn-Knopp teacher targets.

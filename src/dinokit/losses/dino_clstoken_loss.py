@@ -1,6 +1,6 @@
 """DINO loss on class tokens: cross-entropy between student and (centred or balanced) teacher views.
 
-Spec §1.6-1.7. The student distribution is softmax(s / 0.1); the teacher targets come from
+The student distribution is softmax(s / 0.1); the teacher targets come from
 :meth:`DINOLoss.softmax_center_teacher` (momentum centring, one step late) or
 :meth:`DINOLoss.sinkhorn_knopp_teacher`. ``forward`` sums the cross-entropy over every (student view,
 teacher view) pair, exactly like the official ``DINOLoss.forward``; the caller divides by the number

@@ -1,6 +1,6 @@
 """iBOT loss on masked patch tokens: the student predicts the teacher's target for each masked patch.
 
-Spec §1.6-1.7. Each masked patch contributes the cross-entropy between the teacher target and
+Each masked patch contributes the cross-entropy between the teacher target and
 softmax(student / 0.1), weighted by 1 / (number of masked patches in its image); the weighted sum is
 divided by the number of global images (images without any masked patch still count).
 """

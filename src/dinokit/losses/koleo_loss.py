@@ -1,7 +1,7 @@
 """KoLeo regulariser: spread the batch features uniformly on the sphere.
 
 Kozachenko-Leonenko differential entropy estimator (Sablayrolles et al., "Spreading vectors for
-similarity search", ICLR 2019), used by DINOv2 on the student backbone class tokens (spec §1.6-1.7):
+similarity search", ICLR 2019), used by DINOv2 on the student backbone class tokens:
 ``-mean_i log(d(x_i, nearest neighbour of x_i) + eps)`` on L2-normalised rows.
 """
 

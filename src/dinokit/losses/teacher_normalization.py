@@ -2,7 +2,7 @@
 
 Both are shared by the DINO (class-token) and iBOT (patch-token) losses.
 
-Centring (spec §1.7): the centre is an EMA of the mean teacher logits, updated **one step late**:
+Centring: the centre is an EMA of the mean teacher logits, updated **one step late**:
 ``update_center(t)`` only records the (all-reduced) batch statistics, and the next
 ``softmax_center_teacher`` applies ``center <- m * center + (1 - m) * global_sum / (count * world)``
 before using the centre. The official code launches an async all-reduce in ``update_center``; here
@@ -14,7 +14,7 @@ the checkpoint must keep the official single key ``center``. So a ``state_dict``
 pending update before the buffer is saved (the result is the same: nothing else reads or writes the
 centre in between), and a ``load_state_dict`` pre-hook drops any pending update of the replaced state.
 
-Sinkhorn-Knopp (spec §1.7, SwAV): the official code exponentiates ``t / T`` directly, which overflows
+Sinkhorn-Knopp (SwAV): the official code exponentiates ``t / T`` directly, which overflows
 in fp32 once ``t / T`` exceeds ~88 (PR #583). :func:`sinkhorn_knopp` starts in the log domain, so it
 is exact for any finite logits and equal to the official result (up to fp32 rounding) wherever that
 one is finite.
