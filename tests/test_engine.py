@@ -172,3 +172,12 @@ def test_tensorboard_tracker_receives_the_metrics_lines(tmp_path):
     events.Reload()
     assert {"total_loss", "lr", "ibot_loss"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("total_loss")] == [0, 1]
+
+
+def test_distillation_keys_in_a_pretraining_run_are_refused(tmp_path):
+    from dinokit.train.train import train
+
+    cfg = load_config("demo", [*TINY, "distillation.loss=features"])
+    with pytest.raises(DinokitError, match="the distillation.\\* keys are read by dinokit distill, not dinokit train"):
+        train(cfg, output_dir=tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

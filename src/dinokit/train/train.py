@@ -16,8 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import apply_scaling_rules, compute_dtype, write_config
+from ..config.schema import DistillationConfig
 from ..devices import resolve_device
 from ..engine import Engine, EngineConfig, Hook, build_schedulers, init_run
+from ..errors import DinokitError
 from .data import build_train_loader
 from .ssl_meta_arch import SSLMetaArch
 
@@ -61,6 +63,9 @@ def train(
     ``stop_after`` ends the run after that many iterations as if it had been killed there (used by
     the resume tests); a normal run goes to ``optim.epochs * train.OFFICIAL_EPOCH_LENGTH``.
     """
+    if OmegaConf.to_container(cfg.distillation) != OmegaConf.to_container(OmegaConf.structured(DistillationConfig)):
+        raise DinokitError("the distillation.* keys are read by dinokit distill, not dinokit train; remove them or "
+                           "run dinokit distill")
     rank, world = init_run(cfg.train.seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
