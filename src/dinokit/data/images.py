@@ -6,10 +6,12 @@ and :func:`collate_skip_bad` drops it from the batch while recording its index.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
@@ -76,11 +78,104 @@ def resolve_image_inputs(input_path: str | Path) -> list[Path]:
     raise DinokitError(f"{str(path)!r} is neither a folder, an image, nor a .txt list of image paths")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image fully as RGB; raises ``OSError``/``ValueError`` for unreadable or truncated files."""
-    with Image.open(path) as img:
-        img.load()  # force full decode so that truncation is detected here, not later
-        return img.convert("RGB")
+# Decoding settings, read from the environment so that every command and every data-loader worker
+# (forked or spawned) decodes the same way.
+BACKGROUND_ENV = "DINOKIT_IMAGE_BACKGROUND"  # white (default), black, grey, or R,G,B
+MAX_PIXELS_ENV = "DINOKIT_MAX_IMAGE_PIXELS"  # pixels above which a file is skipped (0: no limit)
+DEFAULT_MAX_PIXELS = 200_000_000
+_NAMED_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
+
+
+def image_background(value: str | None = None) -> tuple[int, int, int]:
+    """The colour transparent pixels are composited onto: ``value`` or ``$DINOKIT_IMAGE_BACKGROUND`` (white)."""
+    text = (value if value is not None else os.environ.get(BACKGROUND_ENV, "")).strip().lower() or "white"
+    if text in _NAMED_BACKGROUNDS:
+        return _NAMED_BACKGROUNDS[text]
+    try:
+        rgb = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise DinokitError(f"{BACKGROUND_ENV}={text!r} is not a colour; use white, black, grey or R,G,B (0-255)")
+    return rgb  # type: ignore[return-value]
+
+
+def max_image_pixels() -> int | None:
+    """The pixel limit of one image (``$DINOKIT_MAX_IMAGE_PIXELS``, default 200 million; 0 = none)."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise DinokitError(f"{MAX_PIXELS_ENV}={text!r} is not a number of pixels; e.g. 500000000, or 0 for no limit") from None
+    return value if value > 0 else None
+
+
+class ImageTooLargeError(ValueError):
+    """An image above the pixel limit (it is skipped like an unreadable file, with this reason)."""
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """RGB as a person sees the image: transparency over ``background``, 16-bit and float data scaled to 8 bits."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # palette transparency, then composited like any alpha
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        data = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or data.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(np.round(data * (255.0 / top)), 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        data = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if data.size and np.nanmax(data) <= 1.0 else 1.0  # floats in [0, 1] or already in [0, 255]
+        img = Image.fromarray(np.clip(np.nan_to_num(data * scale), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, background: str | None = None) -> Image.Image:
+    """Decode an image fully as RGB, as a person sees it; raises ``OSError``/``ValueError`` for unreadable,
+    truncated or too large files (:class:`ImageTooLargeError`, whose message gives the size and the limit).
+
+    Transparent pixels are composited onto white (``background`` or ``$DINOKIT_IMAGE_BACKGROUND``),
+    16-bit greyscale is scaled to 8 bits, and a JPEG is decoded at a reduced scale (at least
+    ``draft_size`` pixels on its short side) when ``draft_size`` is given.
+    """
+    limit = max_image_pixels()
+    colour = image_background(background)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path) as img:
+                pixels = img.width * img.height
+                if limit is not None and pixels > limit:
+                    raise ImageTooLargeError(
+                        f"{img.width}x{img.height} image ({pixels:,} pixels) is above the limit of {limit:,} pixels "
+                        f"(raise it with {MAX_PIXELS_ENV}=N, 0 for no limit)"
+                    )
+                if draft_size and img.format == "JPEG":
+                    scale = max(1, min(img.width, img.height) // int(draft_size))
+                    if scale > 1:
+                        img.draft("RGB", (img.width // scale, img.height // scale))
+                img.load()  # force full decode so that truncation is detected here, not later
+                return _to_rgb(img, colour)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+class SkippedImageWarning(UserWarning):
+    """An image left out of a run, with the reason (shown once per file, without a source line)."""
+
+
+def warn_skipped(path: str | Path, err: Exception) -> None:
+    """Warn that ``path`` is skipped and why (one line: no source line of the data loader under it)."""
+    kind = "too large" if isinstance(err, ImageTooLargeError) else "unreadable"
+    reason = " ".join(str(err).split()) or type(err).__name__
+    warnings.warn_explicit(f"skipping {kind} image {path}: {reason}", SkippedImageWarning, "dinokit", 0)
 
 
 class ImageFiles(Dataset):
@@ -110,7 +205,7 @@ class ImageFiles(Dataset):
         try:
             image = self.read_image(index)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            warnings.warn(f"skipping unreadable image {self.paths[index]}: {err}", stacklevel=2)
+            warn_skipped(self.paths[index], err)
             return index, None, self.targets[index]
         if self.transform is not None:
             image = self.transform(image)
