@@ -1,0 +1,397 @@
+"""The DINOv2 multi-crop augmentation on batched tensors (CPU tensors or an accelerator).
+
+Same distributions as :class:`dinokit.data.augmentations.DataAugmentationDINO` (the PIL path), split
+in two so the pixel work can leave the data workers:
+
+1. :class:`MultiCropSource`, per sample, in the data workers: decode to a uint8 tensor and draw every
+   random parameter of the sample's crops (boxes, flips, jitter factors and order, grayscale, blur
+   sigma, solarize) from the global torch generator. :class:`~dinokit.data.loaders.SSLDataset` seeds
+   that generator from ``(seed, stream position)``, so the crops stay a function of the seed and the
+   position, whichever device later applies them, and a resumed stream is exact.
+2. :class:`TensorMultiCrop`, per batch, on any device: crops and resizes (bicubic, antialiased), then
+   runs the photometric operations on all crops of a size at once, each crop with its own factors.
+
+Every draw uses the PIL path's parameters: RandomResizedCrop's area ``scale`` and aspect ratio
+``(3/4, 4/3)`` (log-uniform, ten attempts, centre-crop fallback), flip 0.5, colour jitter with
+probability 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random order), grayscale
+0.2, Gaussian blur (kernel 9, sigma 0.1-2.0) with the per-crop probabilities of
+``blur_probabilities``, solarize 0.2 on the second global crop only. One deliberate difference: the
+PIL path rounds to uint8 after each operation, the tensor path stays in float32 until the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from ..errors import DinokitError
+from .augmentations import BLUR_PROBABILITIES, SOLARIZE_PROBABILITY
+from .collate import SSLBatch, SSLCollate
+from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's default aspect-ratio range
+CROP_ATTEMPTS = 10  # torchvision draws up to ten boxes before falling back to a centre crop
+FLIP_PROBABILITY = 0.5
+JITTER_PROBABILITY = 0.8
+# Colour jitter strengths: the factor ranges are [1 - s, 1 + s] (hue: [-s, s]), as in torchvision.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
+GRAYSCALE_PROBABILITY = 0.2
+BLUR_KERNEL_SIZE = 9
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128 / 255  # the PIL path's threshold of 128 on uint8 pixels
+# Indices of the jitter operations in ``CropParams.jitter_order`` / ``jitter_factors``.
+OP_BRIGHTNESS, OP_CONTRAST, OP_SATURATION, OP_HUE = range(4)
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters (drawn per sample, on the CPU)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CropParams:
+    """Every random choice for the ``C = 2 + n_local`` crops of one image (crop 0, 1 global; then local)."""
+
+    boxes: torch.Tensor
+    """(C, 4) long: ``top, left, height, width`` of each crop in the source image."""
+    flip: torch.Tensor
+    """(C,) bool: horizontal flip."""
+    jitter: torch.Tensor
+    """(C,) bool: colour jitter applied."""
+    jitter_order: torch.Tensor
+    """(C, 4) long: the order of the four jitter operations (``OP_*`` indices)."""
+    jitter_factors: torch.Tensor
+    """(C, 4) float: brightness, contrast and saturation factors, then the hue shift."""
+    grayscale: torch.Tensor
+    """(C,) bool."""
+    blur: torch.Tensor
+    """(C,) bool."""
+    blur_sigma: torch.Tensor
+    """(C,) float: the Gaussian's standard deviation, in pixels."""
+    solarize: torch.Tensor
+    """(C,) bool."""
+
+
+def random_resized_crop_boxes(
+    height: int,
+    width: int,
+    n: int,
+    *,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = CROP_RATIO,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(n, 4) long boxes ``top, left, height, width`` drawn as torchvision's ``RandomResizedCrop``.
+
+    Area fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio``; the first of ten
+    attempts that fits the image wins; when none fits, the centre crop with the ratio clamped.
+    All attempts are drawn at once (the distribution is the same as drawing them one by one).
+    """
+    area = height * width
+    target = area * torch.empty(n, CROP_ATTEMPTS, dtype=torch.float64).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, CROP_ATTEMPTS, dtype=torch.float64).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target * aspect)).long()  # (n, attempts)
+    h = torch.round(torch.sqrt(target / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.long().argmax(dim=1, keepdim=True)  # index of the first fitting attempt (0 if none)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+
+    # Centre-crop fallback with the aspect ratio clamped into ``ratio``.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = int(round(height * max(ratio))), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = fits.any(dim=1)
+    w = torch.where(found, w, fallback_w)
+    h = torch.where(found, h, fallback_h)
+    # torch.randint(0, H - h + 1) per row, as floor(u * (H - h + 1)).
+    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).long(), (height - h) // 2)
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).long(), (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def draw_crop_params(
+    height: int,
+    width: int,
+    *,
+    global_crops_scale: tuple[float, float],
+    local_crops_scale: tuple[float, float],
+    local_crops_number: int,
+    blur_probabilities: str = "official",
+    generator: torch.Generator | None = None,
+) -> CropParams:
+    """Draw all random parameters of one image's crops (default: the global torch generator)."""
+    n_crops = 2 + local_crops_number
+    blur_global1, blur_global2, blur_local = BLUR_PROBABILITIES[blur_probabilities]
+    boxes = torch.cat(
+        [
+            random_resized_crop_boxes(height, width, 2, scale=global_crops_scale, generator=generator),
+            random_resized_crop_boxes(height, width, local_crops_number, scale=local_crops_scale, generator=generator),
+        ]
+    )
+    u = torch.rand(n_crops, 6, generator=generator)  # flip, jitter, grayscale, blur, solarize, sigma
+    jitter_order = torch.stack([torch.randperm(4, generator=generator) for _ in range(n_crops)])
+    ranges = torch.tensor([[1 - BRIGHTNESS, 1 + BRIGHTNESS], [1 - CONTRAST, 1 + CONTRAST], [1 - SATURATION, 1 + SATURATION], [-HUE, HUE]])
+    factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * torch.rand(n_crops, 4, generator=generator)
+    blur_p = torch.tensor([blur_global1, blur_global2] + [blur_local] * local_crops_number)
+    solarize_p = torch.tensor([0.0, SOLARIZE_PROBABILITY] + [0.0] * local_crops_number)
+    return CropParams(
+        boxes=boxes,
+        flip=u[:, 0] < FLIP_PROBABILITY,
+        jitter=u[:, 1] < JITTER_PROBABILITY,
+        jitter_order=jitter_order,
+        jitter_factors=factors,
+        grayscale=u[:, 2] < GRAYSCALE_PROBABILITY,
+        blur=u[:, 3] < blur_p,
+        blur_sigma=BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 5],
+        solarize=u[:, 4] < solarize_p,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-crop photometric operations on float batches (N, 3, H, W) in [0, 1], one factor per crop
+# ---------------------------------------------------------------------------------------------------
+
+
+def _per_crop(factor: torch.Tensor) -> torch.Tensor:
+    return factor.view(-1, 1, 1, 1)  # (N,) -> (N, 1, 1, 1), broadcast over channels and pixels
+
+
+def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    ratio = _per_crop(factor)
+    return (ratio * image + (1 - ratio) * other).clamp_(0, 1)
+
+
+def grayscale(image: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) luma."""
+    r, g, b = image.unbind(dim=-3)
+    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(-3)
+
+
+def adjust_brightness(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (image * _per_crop(factor)).clamp_(0, 1)
+
+
+def adjust_contrast(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(image).mean(dim=(-3, -2, -1), keepdim=True)  # (N, 1, 1, 1)
+    return _blend(image, mean, factor)
+
+
+def adjust_saturation(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(image, grayscale(image), factor)
+
+
+def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    r, g, b = image.unbind(dim=-3)
+    maxc = image.amax(dim=-3)
+    minc = image.min(dim=-3).values
+    delta = maxc - minc
+    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    saturation = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    # Hue sector by the largest channel (ties resolved like torchvision: red, then green, then blue).
+    hue_r = (g - b) / safe_delta
+    hue_g = 2.0 + (b - r) / safe_delta
+    hue_b = 4.0 + (r - g) / safe_delta
+    hue = torch.where(maxc == r, hue_r, torch.where(maxc == g, hue_g, hue_b))
+    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
+    return torch.stack([hue, saturation, maxc], dim=-3)
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    h, s, v = hsv.unbind(dim=-3)
+    sector = torch.floor(h * 6.0)
+    f = h * 6.0 - sector
+    sector = sector.long() % 6  # (N, H, W)
+    p = v * (1 - s)
+    q = v * (1 - s * f)
+    t = v * (1 - s * (1 - f))
+    # For sector k the (r, g, b) sources among (v, q, p, t), indices 0..3.
+    table = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=hsv.device)
+    candidates = torch.stack([v, q, p, t], dim=-3)  # (N, 4, H, W)
+    index = table[sector].movedim(-1, -3)  # (N, H, W, 3) -> (N, 3, H, W)
+    return candidates.gather(-3, index)
+
+
+def adjust_hue(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by ``shift`` (fraction of a turn, per crop)."""
+    hsv = _rgb_to_hsv(image)
+    hsv[:, 0] = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
+    return _hsv_to_rgb(hsv)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_KERNEL_SIZE) -> torch.Tensor:
+    """Separable Gaussian blur, one sigma per crop, reflect padding (torchvision's kernel and border)."""
+    n, c, height, width = image.shape
+    x = torch.arange(kernel_size, device=image.device, dtype=image.dtype) - (kernel_size - 1) / 2
+    kernel = torch.exp(-0.5 * (x / sigma.to(image).view(-1, 1)) ** 2)  # (N, k)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (N * C, k)
+    pad = kernel_size // 2
+    # Each (crop, channel) plane is its own group of a depthwise convolution: (1, N * C, H, W).
+    planes = F.pad(image.reshape(1, n * c, height, width), (pad, pad, pad, pad), mode="reflect")
+    planes = F.conv2d(planes, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    planes = F.conv2d(planes, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return planes.view(n, c, height, width)
+
+
+def solarize(image: torch.Tensor) -> torch.Tensor:
+    return torch.where(image >= SOLARIZE_THRESHOLD, 1.0 - image, image)
+
+
+_JITTER_OPS = {
+    OP_BRIGHTNESS: adjust_brightness,
+    OP_CONTRAST: adjust_contrast,
+    OP_SATURATION: adjust_saturation,
+    OP_HUE: adjust_hue,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two halves: per sample (workers) and per batch (any device)
+# ---------------------------------------------------------------------------------------------------
+
+
+class MultiCropSource:
+    """Callable, per sample: PIL image -> ``{"image": uint8 (3, H, W), "params": CropParams}``.
+
+    ``max_size`` (optional) first shrinks images whose shorter side is larger, so that workers ship
+    less data; the crop distribution is then relative to the shrunk image. Crops never leave the
+    image, so the resize is the only pixel work done here besides decoding.
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: tuple[float, float],
+        local_crops_scale: tuple[float, float],
+        local_crops_number: int,
+        *,
+        blur_probabilities: str = "official",
+        max_size: int | None = None,
+    ) -> None:
+        if blur_probabilities not in BLUR_PROBABILITIES:
+            raise DinokitError(
+                f"unknown blur_probabilities {blur_probabilities!r}; "
+                "use 'official' (as the released models were trained) or 'intended'"
+            )
+        if local_crops_number < 0:
+            raise DinokitError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        self.global_crops_scale = tuple(global_crops_scale)
+        self.local_crops_scale = tuple(local_crops_scale)
+        self.local_crops_number = local_crops_number
+        self.blur_probabilities = blur_probabilities
+        self.max_size = max_size
+
+    def __call__(self, image: Image.Image) -> dict[str, Any]:
+        if self.max_size is not None and min(image.size) > self.max_size:
+            image = TF.resize(image, self.max_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        pixels = TF.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+        params = draw_crop_params(
+            pixels.shape[1],
+            pixels.shape[2],
+            global_crops_scale=self.global_crops_scale,
+            local_crops_scale=self.local_crops_scale,
+            local_crops_number=self.local_crops_number,
+            blur_probabilities=self.blur_probabilities,
+        )
+        return {"image": pixels, "params": params}
+
+
+class TensorMultiCrop:
+    """Per batch: apply drawn :class:`CropParams` to uint8 images on ``images[0].device``.
+
+    Returns ``(global_crops, local_crops)``, float32 and ImageNet-normalised, crop-major as in
+    :class:`~dinokit.data.collate.SSLBatch`: ``(2 * n, 3, G, G)`` and ``(n_local * n, 3, L, L)``.
+    """
+
+    def __init__(self, *, global_crops_size: int = 224, local_crops_size: int = 96) -> None:
+        self.global_crops_size = global_crops_size
+        self.local_crops_size = local_crops_size
+
+    def __call__(self, images: Sequence[torch.Tensor], params: Sequence[CropParams]) -> tuple[torch.Tensor, torch.Tensor]:
+        n_crops = params[0].boxes.shape[0]
+        global_crops = self._crops(images, params, range(0, 2), self.global_crops_size)
+        if n_crops > 2:
+            local_crops = self._crops(images, params, range(2, n_crops), self.local_crops_size)
+        else:
+            local_crops = torch.empty(0, device=images[0].device)
+        return global_crops, local_crops
+
+    def _crops(
+        self, images: Sequence[torch.Tensor], params: Sequence[CropParams], crop_ids: range, size: int
+    ) -> torch.Tensor:
+        device = images[0].device
+        # Resize in uint8 (the fast, PIL-like kernel on CPUs), crop-major: crop c of every image, then c + 1.
+        crops = [
+            TF.resized_crop(
+                image, *p.boxes[c].tolist(), [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True
+            )
+            for c in crop_ids
+            for image, p in zip(images, params)
+        ]
+        x = torch.stack(crops).float().div_(255)  # (N, 3, size, size) in [0, 1]
+
+        def gather(field: str) -> torch.Tensor:
+            # The per-crop parameter in the same crop-major order, on the CPU: (N, ...).
+            return torch.stack([getattr(p, field)[c] for c in crop_ids for p in params])
+
+        def apply(mask: torch.Tensor, fn, *args: torch.Tensor) -> None:
+            # Index lists are built on the CPU, so selecting a subset never waits for the device.
+            rows = mask.nonzero().flatten()
+            if len(rows):
+                dev_rows = rows.to(device, non_blocking=True)
+                x[dev_rows] = fn(x[dev_rows], *(a[rows].to(device, non_blocking=True) for a in args))
+
+        apply(gather("flip"), lambda t: t.flip(-1))
+        jitter, order, factors = gather("jitter"), gather("jitter_order"), gather("jitter_factors")
+        for slot in range(4):
+            for op, fn in _JITTER_OPS.items():
+                apply(jitter & (order[:, slot] == op), fn, factors[:, op])
+        apply(gather("grayscale"), lambda t: grayscale(t).expand_as(t).contiguous())
+        apply(gather("blur"), gaussian_blur, gather("blur_sigma"))
+        apply(gather("solarize"), solarize)
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+class TensorAugmentCollate:
+    """Picklable collate for ``SSLDataset`` batches of ``(position, MultiCropSource output or None)``.
+
+    Applies :class:`TensorMultiCrop` on ``device`` (``"cpu"`` in DataLoader workers), then batches
+    and masks exactly as :class:`~dinokit.data.collate.SSLCollate`: the masks do not depend on the
+    augmentation path.
+    """
+
+    def __init__(self, collate: SSLCollate, multi_crop: TensorMultiCrop, *, device: str | torch.device = "cpu") -> None:
+        self.collate = collate
+        self.multi_crop = multi_crop
+        self.device = torch.device(device)
+
+    def __call__(self, batch: Sequence[tuple[int, dict[str, Any] | None]]) -> SSLBatch:
+        good = [sample for _, sample in batch if sample is not None]
+        crops_per_sample: dict[int, dict[str, Any]] = {}
+        if good:
+            images = [sample["image"].to(self.device, non_blocking=True) for sample in good]
+            global_crops, local_crops = self.multi_crop(images, [sample["params"] for sample in good])
+            n = len(good)
+            n_local = len(local_crops) // n
+            # Back to per-sample lists of views; SSLCollate stacks them crop-major again.
+            for k, sample in enumerate(good):
+                crops_per_sample[id(sample)] = {
+                    "global_crops": [global_crops[c * n + k] for c in range(2)],
+                    "local_crops": [local_crops[c * n + k] for c in range(n_local)],
+                }
+        return self.collate([(position, crops_per_sample.get(id(s)) if s is not None else None) for position, s in batch])

@@ -1,0 +1,240 @@
+"""Tensor multi-crop augmentation: operations, distributions against the PIL path, determinism, resume."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from dinokit.data import tensor_augment as ta
+from dinokit.data.augmentations import DataAugmentationDINO
+from dinokit.data.collate import SSLCollate
+from dinokit.data.loaders import make_ssl_data_loader
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Like the data workers (one intra-op thread each): on a loaded machine, thread hand-offs dominate tiny crops.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _smooth_image(height=48, width=64, seed=0) -> Image.Image:
+    # Low-frequency colour fields, so that crops, blur and jitter all change the pixels measurably.
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [np.sin(2 * math.pi * (rng.uniform(0.5, 2) * xx + rng.uniform(0.5, 2) * yy + rng.uniform())) for _ in range(3)]
+    return Image.fromarray(((np.stack(channels, -1) * 0.5 + 0.5) * 255).astype(np.uint8))
+
+
+def _pil_path(n_local=2, blur="official") -> DataAugmentationDINO:
+    return DataAugmentationDINO(
+        (0.32, 1.0), (0.05, 0.32), n_local, global_crops_size=16, local_crops_size=8, blur_probabilities=blur
+    )
+
+
+def _find(pipeline, kind):
+    """The single transform of type ``kind`` inside nested Compose/RandomApply, with its RandomApply's p."""
+    found = []
+
+    def walk(t, p):
+        if isinstance(t, kind):
+            found.append((t, p))
+        for child in getattr(t, "transforms", []):
+            walk(child, t.p if isinstance(t, v2.RandomApply) else p)
+
+    walk(pipeline, 1.0)
+    assert len(found) == 1
+    return found[0]
+
+
+# ---------------------------------------------------------------- operations against torchvision
+
+
+@pytest.mark.parametrize(
+    "mine, reference, factors",
+    [
+        (ta.adjust_brightness, TF.adjust_brightness, [0.6, 0.9, 1.0, 1.4]),
+        (ta.adjust_contrast, TF.adjust_contrast, [0.6, 0.9, 1.0, 1.4]),
+        (ta.adjust_saturation, TF.adjust_saturation, [0.8, 0.9, 1.0, 1.2]),
+        (ta.adjust_hue, TF.adjust_hue, [-0.1, -0.03, 0.0, 0.1]),
+        (ta.gaussian_blur, lambda t, s: TF.gaussian_blur(t, [9, 9], [s, s]), [0.1, 0.7, 1.3, 2.0]),
+    ],
+)
+def test_per_crop_operations_equal_torchvision_per_image(mine, reference, factors):
+    x = torch.rand(4, 3, 12, 15, generator=torch.Generator().manual_seed(0))
+    out = mine(x.clone(), torch.tensor(factors))
+    expected = torch.stack([reference(x[i], f) for i, f in enumerate(factors)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
+
+
+def test_grayscale_and_solarize_equal_torchvision():
+    x = torch.rand(2, 3, 5, 6, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ta.grayscale(x), TF.rgb_to_grayscale(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ta.solarize(x), TF.solarize(x, 128 / 255), rtol=0, atol=0)
+
+
+def test_crop_without_photometric_changes_matches_the_pil_resize():
+    image = _smooth_image()
+    params = ta.draw_crop_params(48, 64, global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number=1)
+    for name in ("flip", "jitter", "grayscale", "blur", "solarize"):
+        getattr(params, name).zero_()
+    global_crops, local_crops = ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8)(
+        [TF.pil_to_tensor(image)], [params]
+    )
+    normalize = v2.Normalize(mean=ta.IMAGENET_DEFAULT_MEAN, std=ta.IMAGENET_DEFAULT_STD)
+    for crop, box, size in zip([*global_crops, *local_crops], params.boxes.tolist(), [16, 16, 8]):
+        pil = TF.resized_crop(image, *box, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        expected = normalize(TF.to_dtype(TF.pil_to_tensor(pil), torch.float32, scale=True))
+        # uint8 bicubic on tensors and in PIL differ by at most one grey level.
+        torch.testing.assert_close(crop, expected, rtol=0, atol=1.01 / 255 / 0.224)
+
+
+# ---------------------------------------------------------------- distributions against the PIL path
+
+
+def _histogram(values, edges):
+    return np.histogram(values, bins=edges)[0] / len(values)
+
+
+@pytest.mark.parametrize("scale", [(0.32, 1.0), (0.05, 0.32)])
+def test_crop_area_and_aspect_histograms_match_torchvision(scale):
+    height, width, n = 120, 180, 600
+    torch.manual_seed(0)
+    reference = np.array([RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(ta.CROP_RATIO)) for _ in range(n)])
+    mine = ta.random_resized_crop_boxes(height, width, n, scale=scale, generator=torch.Generator().manual_seed(1)).numpy()
+    for boxes in (reference, mine):
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= height).all()
+        assert (boxes[:, 1] >= 0).all() and (boxes[:, 1] + boxes[:, 3] <= width).all()
+    area = lambda b: b[:, 2] * b[:, 3] / (height * width)  # noqa: E731
+    log_aspect = lambda b: np.log(b[:, 3] / b[:, 2])  # noqa: E731
+    area_edges = np.linspace(scale[0] * 0.95, scale[1] * 1.05, 6)
+    aspect_edges = np.linspace(math.log(0.74), math.log(1.36), 6)
+    # 600 draws per side: a bin frequency has a standard deviation of at most 0.02.
+    np.testing.assert_allclose(_histogram(area(mine), area_edges), _histogram(area(reference), area_edges), atol=0.07)
+    np.testing.assert_allclose(
+        _histogram(log_aspect(mine), aspect_edges), _histogram(log_aspect(reference), aspect_edges), atol=0.07
+    )
+    # Where the box sits: the top-left corner uniform over the free room, as in torchvision.
+    free = lambda b: b[:, 0] / np.maximum(height - b[:, 2], 1)  # noqa: E731
+    assert abs(free(mine).mean() - free(reference).mean()) < 0.06
+
+
+def test_centre_crop_fallback_equals_torchvision():
+    # No box of ratio in [3/4, 4/3] and area >= 0.9 fits a 10 x 1000 strip: the clamped centre crop.
+    expected = RandomResizedCrop.get_params(torch.empty(3, 10, 1000), [0.9, 1.0], list(ta.CROP_RATIO))
+    boxes = ta.random_resized_crop_boxes(10, 1000, 3, scale=(0.9, 1.0), generator=torch.Generator().manual_seed(0))
+    assert boxes.tolist() == [list(expected)] * 3 == [[0, 493, 10, 13]] * 3
+
+
+@pytest.mark.parametrize("blur", ["official", "intended"])
+def test_per_crop_frequencies_and_jitter_ranges_match_the_pil_path(blur):
+    pil = _pil_path(n_local=2, blur=blur)
+    n = 500
+    generator = torch.Generator().manual_seed(2)
+    draws = [
+        ta.draw_crop_params(
+            60, 80, global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number=2,
+            blur_probabilities=blur, generator=generator,
+        )
+        for _ in range(n)
+    ]
+    frequency = lambda name: torch.stack([getattr(d, name) for d in draws]).float().mean(0).numpy()  # noqa: E731
+    crops_pipelines = [pil.global_transfo1, pil.global_transfo2, pil.local_transfo, pil.local_transfo]
+    jitter, jitter_p = _find(pil.local_transfo, v2.ColorJitter)
+    expected = {
+        "flip": [pil.geometric_augmentation_global.transforms[1].p] * 2 + [pil.geometric_augmentation_local.transforms[1].p] * 2,
+        "jitter": [jitter_p] * 4,
+        "grayscale": [_find(p, v2.RandomGrayscale)[0].p for p in crops_pipelines],
+        "blur": [_find(p, v2.GaussianBlur)[1] for p in crops_pipelines],
+        "solarize": [0.0, _find(pil.global_transfo2, v2.RandomSolarize)[0].p, 0.0, 0.0],
+    }
+    for name, probabilities in expected.items():
+        # Binomial standard deviation at n = 500 is at most 0.023.
+        np.testing.assert_allclose(frequency(name), probabilities, atol=0.075, err_msg=name)
+    factors = torch.stack([d.jitter_factors for d in draws]).flatten(0, 1)  # (n * 4 crops, 4)
+    ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+    for column, (lo, hi) in zip(factors.T, ranges):
+        assert lo <= float(column.min()) < lo + 0.02 and hi - 0.02 < float(column.max()) <= hi
+        assert abs(float(column.mean()) - (lo + hi) / 2) < 0.02 * (hi - lo) * 5
+    sigma = torch.stack([d.blur_sigma for d in draws])
+    sigma_range = _find(pil.local_transfo, v2.GaussianBlur)[0].sigma
+    assert sigma_range[0] <= float(sigma.min()) < 0.15 and 1.95 < float(sigma.max()) <= sigma_range[1]
+    # All 24 orders of the four jitter operations occur, each about equally often.
+    orders = torch.stack([d.jitter_order for d in draws]).flatten(0, 1)
+    counts = torch.unique(orders, dim=0, return_counts=True)[1]
+    assert len(counts) == 24 and int(counts.min()) > 0.5 * len(orders) / 24
+
+
+def test_output_pixel_statistics_match_the_pil_path():
+    # Per-crop channel means and spreads over 150 samples of one image, both paths: same distribution.
+    image = _smooth_image(seed=3)
+    pil = _pil_path(n_local=2)
+    source = ta.MultiCropSource((0.32, 1.0), (0.05, 0.32), 2)
+    multi_crop = ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8)
+    torch.manual_seed(0)
+    pil_out = [pil(image) for _ in range(150)]
+    samples = [source(image) for _ in range(150)]
+    global_crops, local_crops = multi_crop([s["image"] for s in samples], [s["params"] for s in samples])
+    for crop_id in range(2):
+        a = torch.stack([o["global_crops"][crop_id] for o in pil_out])
+        b = global_crops[crop_id * 150 : (crop_id + 1) * 150]
+        torch.testing.assert_close(b.mean(dim=(0, 2, 3)), a.mean(dim=(0, 2, 3)), rtol=0, atol=0.12)
+        torch.testing.assert_close(b.std(dim=(2, 3)).mean(0), a.std(dim=(2, 3)).mean(0), rtol=0, atol=0.1)
+    a = torch.stack([c for o in pil_out for c in o["local_crops"]])
+    torch.testing.assert_close(local_crops.mean(dim=(0, 2, 3)), a.mean(dim=(0, 2, 3)), rtol=0, atol=0.12)
+
+
+# ---------------------------------------------------------------- determinism and resume
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tensor_aug_images")
+    for i in range(5):
+        _smooth_image(24 + 4 * i, 30, seed=i).save(root / f"im{i}.png")
+    (root / "bad.png").write_bytes(b"broken")
+    return root
+
+
+def _loader(root, *, seed=5, start_iteration=0):
+    return make_ssl_data_loader(
+        f"ImageFolder:root={root}",
+        transform=ta.MultiCropSource((0.32, 1.0), (0.05, 0.32), 2),
+        collate=ta.TensorAugmentCollate(
+            SSLCollate(seed=seed, global_crops_size=16, patch_size=4),
+            ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8),
+        ),
+        seed=seed,
+        batch_size_per_rank=3,
+        num_workers=0,
+        start_iteration=start_iteration,
+        pin_memory=False,
+        rank=0,
+        world_size=1,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_stream_is_a_function_of_seed_and_position_and_resumes_exactly(image_folder):
+    reference = list(itertools.islice(iter(_loader(image_folder)), 5))
+    # 15 positions over 6 images: two full passes (the broken image once in each) and 3 positions of a third.
+    assert sum(b.n_bad + b.n_samples for b in reference) == 15 and sum(b.n_bad for b in reference) in (2, 3)
+    first = next(b for b in reference if b.n_samples == 3)
+    assert first.global_crops.shape == (6, 3, 16, 16) and first.local_crops.shape == (6, 3, 8, 8)
+    again = list(itertools.islice(iter(_loader(image_folder)), 5))
+    resumed = list(itertools.islice(iter(_loader(image_folder, start_iteration=3)), 2))
+    for a, b in zip(reference, again):
+        torch.testing.assert_close(a.global_crops, b.global_crops, rtol=0, atol=0)
+    for a, b in zip(reference[3:], resumed):
+        for name in ("global_crops", "local_crops", "masks"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+    other_seed = next(iter(_loader(image_folder, seed=6)))
+    assert not torch.equal(other_seed.global_crops[:1], reference[0].global_crops[:1])
