@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dinokit.errors import DinokitError
-from dinokit.train.config import (
+from dinokit.config.loading import (
     SSLConfig,
     apply_scaling_rules,
     as_dataclass,

@@ -177,7 +177,7 @@ def test_extract_features_keeps_dataset_order_and_reports_bad(images, weights) -
 
 
 def test_config_file_builds_the_backbone_of_a_training_run(images, tmp_path, capsys) -> None:
-    config_mod = pytest.importorskip("dinokit.train.config")
+    config_mod = pytest.importorskip("dinokit.config")
     from dinokit.eval.setup import build_eval_backbone
 
     config = tmp_path / "run" / "config.yaml"

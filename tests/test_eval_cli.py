@@ -13,7 +13,7 @@ from dinokit.cli import main
 from dinokit.data import make_classification_eval_transform, write_sample_dataset
 from dinokit.data.images import load_image
 from dinokit.eval import build_eval_backbone, run_knn_eval
-from dinokit.train.config import load_config, write_config
+from dinokit.config import load_config, write_config
 from test_knn import one_thread  # noqa: F401  (autouse fixture)
 
 TINY_CONFIG = "student:\n  arch: vit_pico\n  patch_size: 8\ncrops:\n  global_crops_size: 32\n"

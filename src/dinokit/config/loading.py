@@ -30,24 +30,7 @@ from ..devices import DTYPES, resolve_dtype
 from ..errors import DinokitError
 from ..models.architectures import ARCHITECTURES
 from ..models.checkpoint import atomic_write
-from .schema import (  # noqa: F401 (re-exported)
-    ModelConfig,
-    MixedPrecisionConfig,
-    ModulePrecisionConfig,
-    ModelPrecisionConfig,
-    ComputePrecisionConfig,
-    DinoConfig,
-    IBotConfig,
-    TrainConfig,
-    StudentConfig,
-    TeacherConfig,
-    OptimConfig,
-    CropsConfig,
-    KnnDatasetConfig,
-    EvaluationConfig,
-    DistillationConfig,
-    SSLConfig,
-)
+from .schema import SSLConfig
 from ..engine.optim import SCALING_RULES, scale_lr
 
 # ---------------------------------------------------------------------------------------------------
