@@ -238,3 +238,29 @@ def test_stream_is_a_function_of_seed_and_position_and_resumes_exactly(image_fol
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
     other_seed = next(iter(_loader(image_folder, seed=6)))
     assert not torch.equal(other_seed.global_crops[:1], reference[0].global_crops[:1])
+
+
+# ---------------------------------------------------------------- the config switch
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_config_switch_builds_the_tensor_stream(image_folder):
+    from dinokit.config import load_config
+    from dinokit.errors import DinokitError
+    from dinokit.train.data import build_train_loader
+
+    overrides = [
+        f"train.dataset_path=ImageFolder:root={image_folder}", "train.batch_size_per_gpu=2", "train.num_workers=0",
+        "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=3",
+        "student.patch_size=4",
+    ]
+    assert load_config("demo", overrides).crops.augmentation == "pil"
+    cfg = load_config("demo", [*overrides, "crops.augmentation=tensor"])
+    loader = build_train_loader(cfg, start_iteration=0, pin_memory=False)
+    assert isinstance(loader.dataset.transform, ta.MultiCropSource)
+    batch = next(b for b in loader if b.n_samples == 2)
+    assert batch.global_crops.shape == (4, 3, 16, 16) and batch.local_crops.shape == (6, 3, 8, 8)
+    assert batch.masks.shape == (4, 16)
+    cfg.crops.augmentation = "gpu"
+    with pytest.raises(DinokitError, match="unknown crops.augmentation 'gpu'; use 'pil' or 'tensor'"):
+        build_train_loader(cfg, start_iteration=0, pin_memory=False)

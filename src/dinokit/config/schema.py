@@ -172,6 +172,9 @@ class CropsConfig:
     # dinokit: "official" = the blur the released models were trained with (global 1: 0, global 2: 0.9,
     # local: 0.5; the official code inverts its p, PR #411); "intended" = as written (1.0, 0.1, 0.5).
     blur_probabilities: str = "official"
+    # dinokit: "pil" = per-image PIL transforms in the data workers; "tensor" = the same distributions on
+    # batched uint8/float tensors (dinokit.data.tensor_augment), applied by the collate in the workers.
+    augmentation: str = "pil"
 
 
 @dataclass

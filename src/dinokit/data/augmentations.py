@@ -33,6 +33,17 @@ BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {
 SOLARIZE_PROBABILITY = 0.2  # global crop 2 only
 
 
+def check_crop_options(local_crops_number: int, blur_probabilities: str) -> None:
+    """Raise :class:`DinokitError` for options that no multi-crop augmentation accepts."""
+    if blur_probabilities not in BLUR_PROBABILITIES:
+        raise DinokitError(
+            f"unknown blur_probabilities {blur_probabilities!r}; "
+            "use 'official' (as the released models were trained) or 'intended'"
+        )
+    if local_crops_number < 0:
+        raise DinokitError(f"local_crops_number must be >= 0, got {local_crops_number}")
+
+
 def _blur(p: float) -> v2.RandomApply:
     return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
 
@@ -63,13 +74,7 @@ class DataAugmentationDINO:
         local_crops_size: int = 96,
         blur_probabilities: str = "official",
     ) -> None:
-        if blur_probabilities not in BLUR_PROBABILITIES:
-            raise DinokitError(
-                f"unknown blur_probabilities {blur_probabilities!r}; "
-                "use 'official' (as the released models were trained) or 'intended'"
-            )
-        if local_crops_number < 0:
-            raise DinokitError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        check_crop_options(local_crops_number, blur_probabilities)
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import DinokitError
-from .augmentations import BLUR_PROBABILITIES, SOLARIZE_PROBABILITY
+from .augmentations import BLUR_PROBABILITIES, SOLARIZE_PROBABILITY, check_crop_options
 from .collate import SSLBatch, SSLCollate
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -281,13 +280,7 @@ class MultiCropSource:
         blur_probabilities: str = "official",
         max_size: int | None = None,
     ) -> None:
-        if blur_probabilities not in BLUR_PROBABILITIES:
-            raise DinokitError(
-                f"unknown blur_probabilities {blur_probabilities!r}; "
-                "use 'official' (as the released models were trained) or 'intended'"
-            )
-        if local_crops_number < 0:
-            raise DinokitError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        check_crop_options(local_crops_number, blur_probabilities)
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number

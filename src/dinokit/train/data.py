@@ -8,19 +8,18 @@ from torch.utils.data import DataLoader
 from ..data.augmentations import DataAugmentationDINO
 from ..data.collate import SSLCollate
 from ..data.loaders import make_ssl_data_loader
+from ..data.tensor_augment import MultiCropSource, TensorAugmentCollate, TensorMultiCrop
+from ..errors import DinokitError
+
+AUGMENTATIONS = ("pil", "tensor")
 
 
 def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: bool) -> DataLoader:
     """Batch ``i`` of the returned loader is global batch ``start_iteration + i`` (this rank's part)."""
     crops = cfg.crops
-    transform = DataAugmentationDINO(
-        tuple(crops.global_crops_scale),
-        tuple(crops.local_crops_scale),
-        crops.local_crops_number,
-        global_crops_size=crops.global_crops_size,
-        local_crops_size=crops.local_crops_size,
-        blur_probabilities=crops.blur_probabilities,
-    )
+    augmentation = crops.augmentation
+    if augmentation not in AUGMENTATIONS:
+        raise DinokitError(f"unknown crops.augmentation {augmentation!r}; use 'pil' or 'tensor'")
     collate = SSLCollate(
         seed=cfg.train.seed,
         global_crops_size=crops.global_crops_size,
@@ -28,6 +27,25 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
     )
+    if augmentation == "tensor":
+        # Workers decode and draw the crop parameters per image; the collate crops and colours the whole batch.
+        transform = MultiCropSource(
+            tuple(crops.global_crops_scale),
+            tuple(crops.local_crops_scale),
+            crops.local_crops_number,
+            blur_probabilities=crops.blur_probabilities,
+        )
+        multi_crop = TensorMultiCrop(global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size)
+        collate = TensorAugmentCollate(collate, multi_crop)
+    else:
+        transform = DataAugmentationDINO(
+            tuple(crops.global_crops_scale),
+            tuple(crops.local_crops_scale),
+            crops.local_crops_number,
+            global_crops_size=crops.global_crops_size,
+            local_crops_size=crops.local_crops_size,
+            blur_probabilities=crops.blur_probabilities,
+        )
     return make_ssl_data_loader(
         cfg.train.dataset_path,
         transform=transform,
