@@ -173,23 +173,50 @@ def test_per_crop_frequencies_and_jitter_ranges_match_the_pil_path(blur):
     assert len(counts) == 24 and int(counts.min()) > 0.5 * len(orders) / 24
 
 
+def _texture(height=48, width=64) -> Image.Image:
+    # A stationary colour texture: every crop has about the same content, so crop statistics vary by augmentation.
+    yy, xx = np.mgrid[0:height, 0:width].astype(float)
+    waves = [np.sin(2 * math.pi * (xx / p1 + yy / p2)) for p1, p2 in ((5, 7), (6, -4), (-7, 5))]
+    pixels = np.array([0.6, 0.45, 0.3]) + 0.25 * np.stack(waves, -1)
+    return Image.fromarray((pixels.clip(0, 1) * 255).astype(np.uint8))
+
+
+def _ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical distribution functions."""
+    pooled = torch.cat([a, b]).sort().values
+    cdf_a = torch.searchsorted(a.sort().values, pooled, right=True) / len(a)
+    cdf_b = torch.searchsorted(b.sort().values, pooled, right=True) / len(b)
+    return float((cdf_a - cdf_b).abs().max())
+
+
 def test_output_pixel_statistics_match_the_pil_path():
-    # Per-crop channel means and spreads over 150 samples of one image, both paths: same distribution.
-    image = _smooth_image(seed=3)
+    # Per-crop channel means and contrasts over n samples of one image from both paths: same distributions.
+    n = 400
+    image = _texture()
     pil = _pil_path(n_local=2)
     source = ta.MultiCropSource((0.32, 1.0), (0.05, 0.32), 2)
-    multi_crop = ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8)
     torch.manual_seed(0)
-    pil_out = [pil(image) for _ in range(150)]
-    samples = [source(image) for _ in range(150)]
-    global_crops, local_crops = multi_crop([s["image"] for s in samples], [s["params"] for s in samples])
-    for crop_id in range(2):
-        a = torch.stack([o["global_crops"][crop_id] for o in pil_out])
-        b = global_crops[crop_id * 150 : (crop_id + 1) * 150]
-        torch.testing.assert_close(b.mean(dim=(0, 2, 3)), a.mean(dim=(0, 2, 3)), rtol=0, atol=0.12)
-        torch.testing.assert_close(b.std(dim=(2, 3)).mean(0), a.std(dim=(2, 3)).mean(0), rtol=0, atol=0.1)
-    a = torch.stack([c for o in pil_out for c in o["local_crops"]])
-    torch.testing.assert_close(local_crops.mean(dim=(0, 2, 3)), a.mean(dim=(0, 2, 3)), rtol=0, atol=0.12)
+    pil_out = [pil(image) for _ in range(n)]
+    samples = [source(image) for _ in range(n)]
+    global_crops, local_crops = ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8)(
+        [s["image"] for s in samples], [s["params"] for s in samples]
+    )
+    pairs = {
+        "global 1": (torch.stack([o["global_crops"][0] for o in pil_out]), global_crops[:n]),
+        "global 2": (torch.stack([o["global_crops"][1] for o in pil_out]), global_crops[n:]),
+        "local": (torch.stack([c for o in pil_out for c in o["local_crops"]]), local_crops),
+    }
+    # Two samples of n from one distribution exceed this distance with probability 1e-5.
+    critical = math.sqrt(-0.5 * math.log(1e-5 / 2)) * math.sqrt(2 / n)
+    for name, (expected, mine) in pairs.items():
+        statistics = [(f"channel {c} mean", lambda t, c=c: t[:, c].mean(dim=(1, 2))) for c in range(3)]
+        statistics += [
+            ("contrast", lambda t: t.std(dim=(1, 2, 3))),
+            ("colourfulness", lambda t: t.std(dim=1).mean(dim=(1, 2))),  # 0 for grayscale crops
+            ("sharpness", lambda t: (t[..., 1:] - t[..., :-1]).abs().mean(dim=(1, 2, 3))),  # lowered by blur
+        ]
+        for label, statistic in statistics:
+            assert _ks_distance(statistic(expected), statistic(mine)) < critical, f"{name}: {label}"
 
 
 # ---------------------------------------------------------------- determinism and resume

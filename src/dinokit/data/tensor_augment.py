@@ -143,7 +143,8 @@ def draw_crop_params(
         ]
     )
     u = torch.rand(n_crops, 6, generator=generator)  # flip, jitter, grayscale, blur, solarize, sigma
-    jitter_order = torch.stack([torch.randperm(4, generator=generator) for _ in range(n_crops)])
+    # Ranks of i.i.d. uniforms: a uniformly random order per crop, in one call instead of one randperm per crop.
+    jitter_order = torch.rand(n_crops, 4, generator=generator).argsort(dim=1)
     ranges = torch.tensor([[1 - BRIGHTNESS, 1 + BRIGHTNESS], [1 - CONTRAST, 1 + CONTRAST], [1 - SATURATION, 1 + SATURATION], [-HUE, HUE]])
     factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * torch.rand(n_crops, 4, generator=generator)
     blur_p = torch.tensor([blur_global1, blur_global2] + [blur_local] * local_crops_number)

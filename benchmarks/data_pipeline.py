@@ -1,0 +1,104 @@
+"""Multi-crop data pipeline throughput per CPU core: decode + PIL multi-crop vs decode + tensor multi-crop.
+
+Run from the repo root on a folder of real photos (JPEG/PNG of a few hundred pixels):
+``PYTHONPATH=src python benchmarks/data_pipeline.py --images DIR``.
+
+Everything runs in one process on one intra-op thread (a data worker's setting), on the same encoded
+images held in memory, so decoding is measured too. Throughput is images per CPU-second of this
+process (``time.process_time``), i.e. per core, which a busy machine distorts less than wall time.
+Rows:
+
+* ``decode``: ``load_image`` only, the floor of any path.
+* ``decode + PIL multi-crop``: :class:`DataAugmentationDINO`, the default path.
+* ``decode + crop parameters``: :class:`MultiCropSource`, the worker's share when the pixels are
+  augmented on an accelerator (decode, uint8 tensor, parameter draws).
+* ``decode + tensor multi-crop on CPU``: the same plus :class:`TensorMultiCrop` on CPU tensors in
+  batches, i.e. ``crops.augmentation=tensor`` with the collate in the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dinokit.data.augmentations import DataAugmentationDINO
+from dinokit.data.images import find_images, load_image
+from dinokit.data.tensor_augment import MultiCropSource, TensorMultiCrop
+
+
+def cpu_seconds(fn, n_images: int, min_seconds: float) -> float:
+    """Images per CPU-second of ``fn(k)`` (which handles images ``k, k+1, ...``), repeated for ``min_seconds``."""
+    fn(0)  # warm-up
+    done, start = 0, time.process_time()
+    while time.process_time() - start < min_seconds:
+        done += fn(done)
+    return done / (time.process_time() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", required=True, help="folder of photos")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32, help="images per tensor multi-crop call")
+    parser.add_argument("--seconds", type=float, default=10.0, help="CPU seconds per row")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    encoded = [io.BytesIO(path.read_bytes()) for path in find_images(args.images)]
+    if not encoded:
+        raise SystemExit(f"no images in {args.images}")
+    sizes = [load_image(data).size for data in encoded]
+
+    def decode(k: int):
+        data = encoded[k % len(encoded)]
+        data.seek(0)
+        return load_image(data)
+
+    scales = dict(global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number=args.local_crops)
+    pil = DataAugmentationDINO(
+        scales["global_crops_scale"], scales["local_crops_scale"], args.local_crops,
+        global_crops_size=args.global_size, local_crops_size=args.local_size,
+    )
+    source = MultiCropSource(scales["global_crops_scale"], scales["local_crops_scale"], args.local_crops)
+    multi_crop = TensorMultiCrop(global_crops_size=args.global_size, local_crops_size=args.local_size)
+
+    def one(transform):
+        def run(k: int) -> int:
+            transform(decode(k))
+            return 1
+
+        return run
+
+    def tensor_batch(k: int) -> int:
+        samples = [source(decode(k + i)) for i in range(args.batch)]
+        multi_crop([s["image"] for s in samples], [s["params"] for s in samples])
+        return args.batch
+
+    rows = {
+        "decode": one(lambda image: image),
+        "decode + PIL multi-crop": one(pil),
+        "decode + crop parameters": one(source),
+        "decode + tensor multi-crop on CPU": tensor_batch,
+    }
+    results = {name: cpu_seconds(fn, len(encoded), args.seconds) for name, fn in rows.items()}
+    mean_w = sum(w for w, _ in sizes) / len(sizes)
+    mean_h = sum(h for _, h in sizes) / len(sizes)
+    print(f"{len(encoded)} images, mean {mean_w:.0f}x{mean_h:.0f} px; crops 2x{args.global_size} + "
+          f"{args.local_crops}x{args.local_size}; torch {torch.__version__}; {platform.processor() or platform.machine()}")
+    base = results["decode + PIL multi-crop"]
+    for name, value in results.items():
+        print(f"{name:36s} {value:8.1f} images/s per core  ({value / base:.2f}x PIL path)")
+    print(json.dumps({name: round(value, 1) for name, value in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
