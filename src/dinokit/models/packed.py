@@ -1,0 +1,106 @@
+"""Packed multi-crop forward: all crop sets (e.g. global and local crops) through each block in one pass.
+
+:meth:`DinoVisionTransformer.forward_features_list` runs every block once per crop set. Here the
+token-wise work of a block (LayerNorms, the qkv and output projections, the MLP, LayerScale, the
+residual adds) runs once on the concatenation of every set's tokens, ``(T, D)`` with
+``T = sum_i B_i * N_i``: fewer, larger matrix products. Attention stays block-diagonal, each crop
+attending only to its own tokens: one ``scaled_dot_product_attention`` per crop size on a view of
+the packed qkv. The results equal the per-set forwards (same modules, same weights; fp32 differences
+are rounding only), so this is a drop-in for ``forward_features_list`` that leaves the model untouched.
+
+Stochastic depth follows the block's own rules per crop set: the batch-subset form draws a subset
+of each set's samples (the subsets of all sets then go through the branch together), the classic form
+a per-sample mask. The random draws happen in a different order than in the per-set forward, so
+training-mode outputs have the same distribution, not the same values.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.block import SUBSET_DROP_PATH_THRESHOLD, Block
+from ..layers.layer_scale import LayerScale
+from .vision_transformer import DinoVisionTransformer, FeatureDict
+
+Shapes = list[tuple[int, int]]  # (B_i, N_i) of each crop set, in packing order
+
+
+def _split(flat: torch.Tensor, shapes: Shapes) -> list[torch.Tensor]:
+    """(T, D) -> [(B_i, N_i, D)] views."""
+    chunks = flat.split([b * n for b, n in shapes])
+    return [chunk.view(b, n, -1) for chunk, (b, n) in zip(chunks, shapes)]
+
+
+def packed_attention(attn: nn.Module, flat: torch.Tensor, shapes: Shapes) -> torch.Tensor:
+    """The block's ``Attention`` on packed tokens (T, D), each crop attending to its own tokens only."""
+    heads, head_dim = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(flat)  # (T, 3D): one projection for every crop set
+    dropout = attn.attn_drop if attn.training else 0.0
+    outputs = []
+    for chunk in _split(qkv, shapes):
+        b, n, _ = chunk.shape
+        # (B, N, 3D) -> (3, B, heads, N, head_dim), the layout of Attention.forward
+        q, k, v = chunk.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, heads, N, head_dim)
+        outputs.append(out.transpose(1, 2).reshape(b * n, heads * head_dim))
+    return attn.proj_drop(attn.proj(torch.cat(outputs)))  # (T, D)
+
+
+def _packed_residual(
+    block: Block,
+    flat: torch.Tensor,
+    shapes: Shapes,
+    branch: Callable[[torch.Tensor, Shapes], torch.Tensor],
+    layer_scale: nn.Module,
+    drop: nn.Module,
+) -> torch.Tensor:
+    """``flat + drop_path(layer_scale(branch(flat)))`` with the block's stochastic depth applied per crop set."""
+    rate = block.drop_path_rate if block.training else 0.0
+    if rate > SUBSET_DROP_PATH_THRESHOLD:
+        # Batch-subset stochastic depth (layers/drop_path.py), per set; the kept samples of all sets run together.
+        groups = _split(flat, shapes)
+        picks = []
+        for x in groups:
+            subset = max(int(x.shape[0] * (1.0 - rate)), 1)
+            picks.append(torch.randperm(x.shape[0], device=x.device)[:subset])
+        sub_shapes = [(len(idx), x.shape[1]) for idx, x in zip(picks, groups)]
+        sub_flat = torch.cat([x[idx].flatten(0, 1) for idx, x in zip(picks, groups)])  # (T_kept, D)
+        residuals = _split(layer_scale(branch(sub_flat, sub_shapes)).to(flat.dtype), sub_shapes)
+        out = [
+            torch.index_add(x.flatten(1), 0, idx, r.flatten(1), alpha=x.shape[0] / len(idx)).view_as(x)
+            for x, idx, r in zip(groups, picks, residuals)
+        ]
+        return torch.cat([x.flatten(0, 1) for x in out])
+    if rate > 0:
+        residuals = _split(layer_scale(branch(flat, shapes)), shapes)
+        return flat + torch.cat([drop(r).flatten(0, 1) for r in residuals])
+    y = branch(flat, shapes)
+    # x + gamma * y in one kernel, as Block.forward does in evaluation
+    return torch.addcmul(flat, y, layer_scale.gamma) if isinstance(layer_scale, LayerScale) else flat + layer_scale(y)
+
+
+def packed_block(block: Block, flat: torch.Tensor, shapes: Shapes) -> torch.Tensor:
+    """One :class:`~dinokit.layers.block.Block` on packed tokens (T, D)."""
+    flat = _packed_residual(
+        block, flat, shapes, lambda x, s: packed_attention(block.attn, block.norm1(x), s), block.ls1, block.drop_path1
+    )
+    return _packed_residual(block, flat, shapes, lambda x, s: block.mlp(block.norm2(x)), block.ls2, block.drop_path2)
+
+
+def forward_features_packed(
+    model: DinoVisionTransformer,
+    x_list: Sequence[torch.Tensor],
+    masks_list: Sequence[torch.Tensor | None] | None = None,
+) -> list[FeatureDict]:
+    """What ``model.forward_features_list(x_list, masks_list)`` returns, with the crop sets packed per block."""
+    masks_list = list(masks_list) if masks_list is not None else [None] * len(x_list)
+    tokens = [model.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]  # [(B_i, N_i, D)]
+    shapes = [(t.shape[0], t.shape[1]) for t in tokens]
+    flat = torch.cat([t.flatten(0, 1) for t in tokens])  # (T, D)
+    for block in model.blocks:
+        flat = packed_block(block, flat, shapes)
+    return [model._output_dict(x, m) for x, m in zip(_split(flat, shapes), masks_list)]

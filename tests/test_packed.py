@@ -1,0 +1,88 @@
+"""Packed multi-crop forward: equal to the per-crop-set forward (fp32, atol 1e-5), values and gradients."""
+
+import pytest
+import torch
+
+from dinokit.models import build_backbone
+from dinokit.models.packed import forward_features_packed
+
+KEYS = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm")
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    model = build_backbone("vit_pico", patch_size=8, img_size=32, **kwargs)
+    model.init_weights()
+    with torch.no_grad():  # LayerScale away from 1 and a non-zero mask token, so that both matter
+        for block in model.blocks:
+            for ls in (block.ls1, block.ls2):
+                if hasattr(ls, "gamma"):
+                    ls.gamma.uniform_(0.2, 1.5)
+        model.mask_token.normal_()
+    return model
+
+
+def _crops():
+    generator = torch.Generator().manual_seed(1)
+    global_crops = torch.randn(4, 3, 32, 32, generator=generator)
+    local_crops = torch.randn(6, 3, 16, 16, generator=generator)
+    masks = torch.rand(4, 16, generator=generator) < 0.4
+    return [global_crops, local_crops], [masks, None]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(num_register_tokens=2, ffn_layer="swiglu"), dict(init_values=None)],
+    ids=["mlp", "registers-swiglu", "no-layerscale"],
+)
+def test_packed_equals_per_crop_set_forward_values_and_gradients(kwargs):
+    model = _model(**kwargs).eval()
+    x_list, masks_list = _crops()
+    expected = model.forward_features_list(x_list, masks_list)
+    packed = forward_features_packed(model, x_list, masks_list)
+    assert len(packed) == 2
+    for a, b in zip(expected, packed):
+        for key in KEYS:
+            assert a[key].shape == b[key].shape
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+        assert b["masks"] is a["masks"]
+
+    def grads(outputs):
+        model.zero_grad()
+        loss = sum((out["x_norm_clstoken"] ** 2).sum() + out["x_norm_patchtokens"].mean() for out in outputs)
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    reference = grads(model.forward_features_list(x_list, masks_list))
+    mine = grads(forward_features_packed(model, x_list, masks_list))
+    assert reference.keys() == mine.keys() and "blocks.0.attn.qkv.weight" in mine
+    for name in reference:
+        torch.testing.assert_close(mine[name], reference[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_packed_training_with_stochastic_depth():
+    # Training mode without drop path: still equal. With DINOv2's batch-subset drop path (rate 0.5 > 0.1):
+    # for a block whose branches are switched off (LayerScale 0), exactly the identity; otherwise finite
+    # and different from evaluation (the branches of a subset of samples were skipped).
+    x_list, masks_list = _crops()
+    model = _model().train()
+    expected = model.forward_features_list(x_list, masks_list)
+    for a, b in zip(expected, forward_features_packed(model, x_list, masks_list)):
+        torch.testing.assert_close(b["x_prenorm"], a["x_prenorm"], rtol=0, atol=1e-5)
+
+    for rate in (0.05, 0.5):  # classic per-sample drop path, then the batch-subset form
+        model = _model(drop_path_rate=rate, drop_path_uniform=True).train()
+        with torch.no_grad():
+            for block in model.blocks:
+                block.ls1.gamma.zero_()
+                block.ls2.gamma.zero_()
+        tokens = [model.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
+        for out, t in zip(forward_features_packed(model, x_list, masks_list), tokens):
+            torch.testing.assert_close(out["x_prenorm"], t, rtol=0, atol=0)
+
+        model = _model(drop_path_rate=rate, drop_path_uniform=True).train()
+        torch.manual_seed(3)
+        train_out = forward_features_packed(model, x_list, masks_list)
+        eval_out = forward_features_packed(model.eval(), x_list, masks_list)
+        for a, b in zip(train_out, eval_out):
+            assert torch.isfinite(a["x_prenorm"]).all() and not torch.allclose(a["x_prenorm"], b["x_prenorm"])
