@@ -28,10 +28,13 @@ class WeightNormLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight_v, a=5**0.5)
         nn.init.ones_(self.weight_g)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
+        """(K, in): ``g * v / ||v||``, the matrix the layer multiplies by."""
         v = self.weight_v
-        weight = v * (self.weight_g / torch.linalg.vector_norm(v, dim=1, keepdim=True))
-        return F.linear(x, weight)
+        return v * (self.weight_g / torch.linalg.vector_norm(v, dim=1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight())
 
 
 class DINOHead(nn.Module):
@@ -71,8 +74,11 @@ class DINOHead(nn.Module):
                     nn.init.zeros_(m.bias)
         self.last_layer.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., bottleneck_dim): the L2-normalised code the prototypes score."""
         x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, p=2, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.bottleneck(x))
