@@ -121,3 +121,218 @@ def test_skip_warning_is_one_line_without_a_source_line(tmp_path):
     (w,) = record
     text = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
     assert text.count("\n") == 1 and "self.dataset" not in text and "warnings.warn" not in text
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+import errno  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from dinokit.cli import main as cli_main  # noqa: E402
+from dinokit.cli.train import pretrain  # noqa: E402
+from dinokit.config import load_config  # noqa: E402
+from dinokit.data import write_sample_dataset  # noqa: E402
+from dinokit.engine.run_dir import check_disk_space, open_run_dir  # noqa: E402
+from dinokit.errors import DinokitError  # noqa: E402
+
+TINY = [
+    "student.arch=vit_pico", "student.patch_size=8", "crops.global_crops_size=32", "crops.local_crops_size=16",
+    "crops.local_crops_number=1", "dino.head_n_prototypes=32", "dino.head_hidden_dim=16", "dino.head_bottleneck_dim=8",
+    "ibot.head_n_prototypes=32", "ibot.head_hidden_dim=16", "ibot.head_bottleneck_dim=8",
+    "train.batch_size_per_gpu=2", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=3", "train.saveckp_freq=1",
+    "train.log_freq=1", "optim.epochs=2", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+    "evaluation.eval_period_iterations=100", "evaluation.knn_dataset=null",
+]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_sample_dataset(tmp_path_factory.mktemp("sample"), counts={"train": 1, "val": 1}, image_size=32)
+
+
+def _args(images: Path, *extra: str) -> list[str]:
+    return [*TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}", *extra]
+
+
+def _cfg(images: Path, *extra: str):
+    return load_config("demo", _args(images, *extra))
+
+
+def _cli(out: Path, images: Path, *extra: str, flags=()) -> list[str]:
+    return ["train", "--output-dir", str(out), "--device", "cpu", *flags, *_args(images, *extra)]
+
+
+def _error(capsys) -> str:
+    """The one error line (after the progress bar, if training started), with no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err) and not any(line.startswith("error:") for line in err[:-1]), err
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def straight(images, tmp_path_factory) -> Path:
+    """An uninterrupted 6-iteration run (the reference of the resume tests)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    pretrain(_cfg(images), output_dir=out, device="cpu")
+    return out
+
+
+def _final_state(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "checkpoint_0000006.pth", map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = _final_state(a)["model"], _final_state(b)["model"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_output_dir_that_is_a_file_is_one_line(images, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert cli_main(_cli(target, images)) == 2
+    assert _error(capsys) == f"error: --output-dir '{target}' is a file, not a folder; give a folder path"
+    assert target.read_text() == "mine"
+
+
+def test_no_resume_in_an_existing_run_is_refused_and_changes_nothing(images, straight, capsys, tmp_path):
+    before = {p: p.read_bytes() for p in straight.rglob("*") if p.is_file()}
+    assert cli_main(_cli(straight, images, flags=["--no-resume"])) == 2
+    assert _error(capsys) == (
+        f"error: {straight} already holds a run (checkpoint of iteration 6); starting another one there would mix "
+        f"the two: give a new --output-dir, or delete {straight / 'checkpoints'} to start again here")
+    assert {p: p.read_bytes() for p in straight.rglob("*") if p.is_file()} == before
+
+
+def test_changed_configuration_is_refused_before_anything_is_written(images, straight, capsys):
+    saved = (straight / "config.yaml").read_bytes()
+    assert cli_main(_cli(straight, images, "student.arch=vit_femto", "dino.head_hidden_dim=24")) == 2
+    assert _error(capsys) == (
+        f"error: {straight} holds a run with another configuration: dino.head_hidden_dim (saved 16, now 24), "
+        "student.arch (saved vit_pico, now vit_femto); rerun with the saved settings to resume it, or give a new "
+        "--output-dir to start a new run")
+    assert (straight / "config.yaml").read_bytes() == saved
+    # keys that may change between starts are only reported: a finished run stays finished
+    assert cli_main(_cli(straight, images, "train.log_freq=2")) == 0
+    out = capsys.readouterr().out
+    assert "resuming with changed settings: train.log_freq (saved 1, now 2)" in out
+    assert "training already complete (6 iterations)" in out
+
+
+def test_a_second_run_in_the_same_folder_is_refused(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    with open_run_dir(out, resume=True):
+        assert (out / ".dinokit.lock").read_text() == f"{socket.gethostname()} {os.getpid()}"
+        assert cli_main(_cli(out, images)) == 2
+        assert _error(capsys) == (
+            f"error: another run (process {os.getpid()} on {socket.gethostname()}) is writing to {out}; wait for it "
+            f"to end or give another --output-dir (if that process is gone, delete {out / '.dinokit.lock'})")
+    assert not (out / ".dinokit.lock").exists()
+    # a lock left by a killed process is taken over
+    proc = __import__("subprocess").run(["true"])
+    (out / ".dinokit.lock").write_text(f"{socket.gethostname()} {2 ** 22 + 12345}")
+    assert proc.returncode == 0
+    with open_run_dir(out, resume=True):
+        assert (out / ".dinokit.lock").read_text().endswith(str(os.getpid()))
+
+
+def test_sigterm_checkpoints_says_how_to_resume_and_resumes_bit_exact(images, straight, tmp_path, capsys,
+                                                                      monkeypatch):
+    from dinokit.train.ssl_meta_arch import SSLMetaArch
+
+    original, calls = SSLMetaArch.compute_losses, {"n": 0}
+
+    def signalled(self, batch, iteration, sched):
+        calls["n"] += 1
+        if calls["n"] == 2:  # during iteration 1: the run stops after it, not at a checkpoint boundary
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, iteration, sched)
+
+    monkeypatch.setattr(SSLMetaArch, "compute_losses", signalled)
+    out = tmp_path / "run"
+    assert cli_main(_cli(out, images)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM after iteration 2 of 6: checkpoint of iteration 2 kept in {out / 'checkpoints'}; "
+        "rerun the same command to resume")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_0000002.pth"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    monkeypatch.setattr(SSLMetaArch, "compute_losses", original)
+    # a killed run logged two iterations past its checkpoint: the resumed log has each iteration once
+    with open(out / "training_metrics.json", "a") as f:
+        f.write(json.dumps({"iteration": 2, "total_loss": 0.0}) + "\n" + '{"iteration": 3, "tot')
+    assert cli_main(_cli(out, images)) == 0
+    assert "resumed from iteration 2" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == list(range(6))
+    reference = [json.loads(line) for line in (straight / "training_metrics.json").read_text().splitlines()]
+    assert [line["total_loss"] for line in lines] == [line["total_loss"] for line in reference]
+    _assert_same_weights(straight, out)
+
+
+def test_fresh_run_says_starting_from_scratch(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / ".checkpoint_0000003.pth.tmp-999").write_bytes(b"x" * 100)  # a kill's leftover
+    (out / "training_metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\n")
+    pretrain(_cfg(images, "optim.epochs=1"), output_dir=out, device="cpu", stop_after=1)
+    assert f"starting from scratch: no checkpoint in {out / 'checkpoints'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0000001.pth"]
+    assert [json.loads(line)["iteration"] for line in (out / "training_metrics.json").read_text().splitlines()] == [0]
+
+
+def test_disk_space_is_checked_before_the_first_step(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=50 * 2**20))
+    with pytest.raises(DinokitError) as err:
+        check_disk_space(tmp_path, 80 * 2**20, keep=3)
+    assert str(err.value) == (f"only 50 MB free on the disk of {tmp_path}, and one checkpoint needs about 80 MB; "
+                              "free some space or give another --output-dir")
+    check_disk_space(tmp_path, 20 * 2**20, keep=3)
+    assert capsys.readouterr().out.strip() == (
+        f"warning: only 50 MB free on the disk of {tmp_path}; keeping 3 checkpoints needs 4 x 20 MB at peak: the run "
+        "may stop at a checkpoint")
+
+
+class _FullDisk(__import__("io").FileIO):
+    """A file on a disk that fills up after ``room`` bytes (``code``: ENOSPC or EIO)."""
+
+    room, code = 2000, errno.ENOSPC
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(self.code, os.strerror(self.code))
+        return super().write(data)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_disk_full_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(images, straight, tmp_path, capsys,
+                                                                                monkeypatch, code):
+    import dinokit.engine.checkpoint as ckpt_module
+    from dinokit.models.checkpoint import _mount_point
+
+    out = tmp_path / "run"
+    pretrain(_cfg(images), output_dir=out, device="cpu", stop_after=3)
+
+    def full_open(path, mode="r", *a, **k):
+        return _FullDisk(path, mode.replace("b", "")) if "w" in mode else open(path, mode, *a, **k)
+
+    monkeypatch.setattr(_FullDisk, "code", code)
+    # room for the teacher snapshot, not for the (larger) checkpoint written after it
+    monkeypatch.setattr(_FullDisk, "room", (straight / "eval" / "training_5" / "teacher_checkpoint.pth").stat().st_size + 4096)
+    monkeypatch.setattr(ckpt_module, "open", full_open, raising=False)
+    assert cli_main(_cli(out, images)) == 2
+    target = out / "checkpoints" / "checkpoint_0000006.pth"
+    reason = f"no space left on {_mount_point(target)}" if code == errno.ENOSPC else "input/output error"
+    assert _error(capsys) == (f"error: {reason} while writing {target}; the partial file was removed and nothing "
+                              "else was changed: free some space (or use another disk) and rerun")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0000003.pth"]
+    assert not [p for p in out.rglob(".*tmp*")]  # no hidden temporary file left behind
+    monkeypatch.undo()
+    assert cli_main(_cli(out, images)) == 0
+    _assert_same_weights(straight, out)

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err.strerror}: '{err.filename}' (check the path and its permissions)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a training run says what it kept and how to resume
+        print(str(err) or "interrupted", file=sys.stderr)
         return 130
 
 

@@ -59,6 +59,11 @@ def results_name(task: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- train
+# settings that may change between two starts of one head-training run (the rest must match)
+DENSE_RESUMABLE_CHANGES = ("val_dataset", "recipe.iterations", "recipe.num_workers", "recipe.eval_period",
+                           "recipe.checkpoint_period", "recipe.log_freq")
+
+
 def train_head(
     *,
     task: str,
@@ -74,69 +79,77 @@ def train_head(
 ) -> dict:
     """Train a head on the frozen backbone, evaluate it on ``val_dataset``, save ``head.pth`` and the results."""
     from ..engine import Engine, EngineConfig, init_run
+    from ..engine.run_dir import open_run_dir
     from ..eval.setup import resolve_device
 
     kind = head_kind(task, head)
     recipe = recipe_with_overrides(task, head, list(overrides))
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device_ = resolve_device(device)
-    train_set = make_dense_dataset(train_dataset, transform=train_transform(recipe, task))
-    val_set = make_dense_dataset(val_dataset, transform=DenseEvalTransform(recipe.eval_size or None))
-    for ds in (train_set, val_set):
-        if ds.info.task != task:
-            raise DinokitError(f"{ds.name!r} is a {ds.info.task} dataset but --task is {task}")
-    num_classes = max(train_set.info.num_classes, val_set.info.num_classes)
-    init_run(recipe.seed)
-    backbone, description = _backbone(backbone_source, device_)
-    head_module, spec = build_head(
-        kind, embed_dim=backbone.embed_dim, depth=len(backbone.blocks), num_classes=num_classes,
-        min_depth=recipe.min_depth, max_depth=recipe.max_depth, dropout=recipe.dropout,
-        class_token=recipe.class_token and task == "seg", norm=recipe.norm,
-    )
-    backbone_dtype = torch.bfloat16 if device_.type == "cuda" else None
-    dense_task = DenseHeadTask(backbone, head_module, spec, recipe, task=task, backbone_dtype=backbone_dtype)
-    cached = None
-    if not recipe.augment and recipe.cache_features:
-        dense_task.to(device_)
-        cached = cache_training_features(dense_task, train_set, device_, batch_size=recipe.batch_size, progress=progress)
-    inference = _inference_config(recipe, head)
-    meta = {
-        "task": task, "head": head, "kind": kind, "spec": {"indices": list(spec.indices), "norm": spec.norm,
-                                                            "class_token": spec.class_token},
-        "num_classes": num_classes, "classes": list(train_set.classes) if task == "seg" else [],
-        "palette": train_set.info.palette, "min_depth": recipe.min_depth, "max_depth": recipe.max_depth,
-        "backbone": {k: v for k, v in backbone_source.items() if v}, "backbone_description": description,
-        "inference": {"mode": inference.mode, "crop": inference.crop, "stride": inference.stride, "flip": inference.flip,
-                      "scales": list(inference.scales), "eval_size": recipe.eval_size},
-        "train_dataset": train_dataset, "recipe": dataclasses_asdict(recipe),
-    }
-    dense_model = DenseModel(backbone, head_module, spec)  # the same modules, for evaluation
+    settings = json.loads(json.dumps(  # plain values, as they read back from dense_config.json
+        {"task": task, "head": head, "backbone": {k: v for k, v in backbone_source.items() if v},
+         "train_dataset": train_dataset, "val_dataset": val_dataset, "recipe": dataclasses_asdict(recipe)}, default=str))
+    # checked before anything is written: a folder of its own, no other run in it, the same settings
+    with open_run_dir(out, resume=resume, config=settings, config_file="dense_config.json",
+                      allowed_changes=DENSE_RESUMABLE_CHANGES):
+        if du.is_main_process():
+            _write_json(out / "dense_config.json", settings)
+        train_set = make_dense_dataset(train_dataset, transform=train_transform(recipe, task))
+        val_set = make_dense_dataset(val_dataset, transform=DenseEvalTransform(recipe.eval_size or None))
+        for ds in (train_set, val_set):
+            if ds.info.task != task:
+                raise DinokitError(f"{ds.name!r} is a {ds.info.task} dataset but --task is {task}")
+        num_classes = max(train_set.info.num_classes, val_set.info.num_classes)
+        init_run(recipe.seed)
+        backbone, description = _backbone(backbone_source, device_)
+        head_module, spec = build_head(
+            kind, embed_dim=backbone.embed_dim, depth=len(backbone.blocks), num_classes=num_classes,
+            min_depth=recipe.min_depth, max_depth=recipe.max_depth, dropout=recipe.dropout,
+            class_token=recipe.class_token and task == "seg", norm=recipe.norm,
+        )
+        backbone_dtype = torch.bfloat16 if device_.type == "cuda" else None
+        dense_task = DenseHeadTask(backbone, head_module, spec, recipe, task=task, backbone_dtype=backbone_dtype)
+        cached = None
+        if not recipe.augment and recipe.cache_features:
+            dense_task.to(device_)
+            cached = cache_training_features(dense_task, train_set, device_, batch_size=recipe.batch_size, progress=progress)
+        inference = _inference_config(recipe, head)
+        meta = {
+            "task": task, "head": head, "kind": kind, "spec": {"indices": list(spec.indices), "norm": spec.norm,
+                                                                "class_token": spec.class_token},
+            "num_classes": num_classes, "classes": list(train_set.classes) if task == "seg" else [],
+            "palette": train_set.info.palette, "min_depth": recipe.min_depth, "max_depth": recipe.max_depth,
+            "backbone": {k: v for k, v in backbone_source.items() if v}, "backbone_description": description,
+            "inference": {"mode": inference.mode, "crop": inference.crop, "stride": inference.stride, "flip": inference.flip,
+                          "scales": list(inference.scales), "eval_size": recipe.eval_size},
+            "train_dataset": train_dataset, "recipe": dataclasses_asdict(recipe),
+        }
+        dense_model = DenseModel(backbone, head_module, spec)  # the same modules, for evaluation
 
-    def eval_hook(iteration: int, snapshots: dict, log) -> None:
-        if iteration + 1 < recipe.iterations:
-            result = evaluate(dense_model, val_set, inference, progress=False)
-            log({"iteration": iteration, **_headline(result, task)})
+        def eval_hook(iteration: int, snapshots: dict, log) -> None:
+            if iteration + 1 < recipe.iterations:
+                result = evaluate(dense_model, val_set, inference, progress=False)
+                log({"iteration": iteration, **_headline(result, task)})
 
-    engine = Engine(
-        dense_task,
-        EngineConfig(max_iter=recipe.iterations, checkpoint_period=recipe.checkpoint_period,
-                     snapshot_period=recipe.eval_period, log_freq=recipe.log_freq, clip_grad=recipe.clip_grad,
-                     betas=tuple(recipe.betas)),
-        output_dir=out, device=device_, schedules={"lr": lr_schedule(recipe), "wd": [recipe.weight_decay] * recipe.iterations},
-        hooks=[eval_hook],
-    )
-    start = engine.restore(resume=resume)
-    rank = du.get_rank()  # each rank draws its own batches (seeded by rank), as a sharded sampler would
-    engine.run(lambda start_iter: make_batches(cached, train_set, recipe, start_iter, rank=rank), start_iter=start)
-    result = evaluate(dense_model, val_set, inference, progress=progress)
-    result["dataset"] = val_dataset
-    if du.is_main_process():
-        save_head(head_module, out / "head.pth", meta)
-        _write_json(out / results_name(task), result)
-        print(f"{task} head '{head}' on {val_dataset}:\n{format_results(result, task)}")
-        print(f"head saved to {out / 'head.pth'}; results in {out / results_name(task)}")
-    return result
+        engine = Engine(
+            dense_task,
+            EngineConfig(max_iter=recipe.iterations, checkpoint_period=recipe.checkpoint_period,
+                         snapshot_period=recipe.eval_period, log_freq=recipe.log_freq, clip_grad=recipe.clip_grad,
+                         betas=tuple(recipe.betas)),
+            output_dir=out, device=device_, schedules={"lr": lr_schedule(recipe), "wd": [recipe.weight_decay] * recipe.iterations},
+            hooks=[eval_hook],
+        )
+        start = engine.restore(resume=resume)
+        rank = du.get_rank()  # each rank draws its own batches (seeded by rank), as a sharded sampler would
+        engine.run(lambda start_iter: make_batches(cached, train_set, recipe, start_iter, rank=rank), start_iter=start)
+        result = evaluate(dense_model, val_set, inference, progress=progress)
+        result["dataset"] = val_dataset
+        if du.is_main_process():
+            save_head(head_module, out / "head.pth", meta)
+            _write_json(out / results_name(task), result)
+            print(f"{task} head '{head}' on {val_dataset}:\n{format_results(result, task)}")
+            print(f"head saved to {out / 'head.pth'}; results in {out / results_name(task)}")
+        return result
 
 
 def dataclasses_asdict(recipe: DenseRecipe) -> dict:

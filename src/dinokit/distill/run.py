@@ -29,6 +29,7 @@ from ..config import apply_scaling_rules, write_config
 from ..config.schema import StudentConfig
 from ..devices import resolve_device
 from ..engine import Engine, Hook, build_schedulers, init_run
+from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from ..train.data import build_train_loader
 from ..train.train import engine_config
@@ -86,30 +87,31 @@ def distill(
     source = resolve_teacher(cfg.distillation.teacher, cfg.distillation.teacher_config)
     teacher, teacher_cfg = build_teacher(source, with_heads=cfg.distillation.loss == "dino_ibot")
     check_compatible(cfg, teacher_cfg, students, teacher.backbone.patch_size)
-    output_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.output_dir = str(output_dir)
     cfg.distillation.teacher = str(source.weights)
     apply_scaling_rules(cfg, world)
-    if rank == 0:
-        write_config(cfg, output_dir)
-        for name, section in students.items():
-            if name:
-                write_config(student_config(cfg, section), output_dir / name)
-        print(f"distilling {source.weights} ({type(teacher.backbone).__name__} {teacher.backbone.embed_dim}-d, "
-              f"{teacher.backbone.n_blocks} blocks) into " + ", ".join(
-                  f"{name or 'the student'} ({s.arch})" for name, s in students.items()))
     dev = resolve_device(device)
-
-    task = DistillationTask(cfg, teacher=teacher, students=students)
-    settings = engine_config(cfg, dev)
-    precision = cfg.compute_precision.student
-    settings.reshard_after_forward = {f"{key}.{part}": precision[part].sharding_strategy == "FULL_SHARD"
-                                      for key, student in task.students.items() for part in student
-                                      if part in ("backbone", "dino_head", "ibot_head")}
-    engine = Engine(task, settings, output_dir=output_dir, device=dev, schedules=build_schedulers(cfg), hooks=hooks)
-    start = engine.restore(resume=resume, weights=cfg.MODEL.WEIGHTS or None)
-    return engine.run(
-        lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=dev.type == "cuda"),
-        start_iter=start,
-        stop_after=stop_after,
-    )
+    weights = cfg.MODEL.WEIGHTS or None
+    # checked before anything is written: a folder of its own, no other run in it, the same configuration
+    with open_run_dir(output_dir, resume=resume and not weights, config=OmegaConf.to_container(cfg, resolve=True)):
+        if rank == 0:
+            write_config(cfg, output_dir)
+            for name, section in students.items():
+                if name:
+                    write_config(student_config(cfg, section), output_dir / name)
+            print(f"distilling {source.weights} ({type(teacher.backbone).__name__} {teacher.backbone.embed_dim}-d, "
+                  f"{teacher.backbone.n_blocks} blocks) into " + ", ".join(
+                      f"{name or 'the student'} ({s.arch})" for name, s in students.items()))
+        task = DistillationTask(cfg, teacher=teacher, students=students)
+        settings = engine_config(cfg, dev)
+        precision = cfg.compute_precision.student
+        settings.reshard_after_forward = {f"{key}.{part}": precision[part].sharding_strategy == "FULL_SHARD"
+                                          for key, student in task.students.items() for part in student
+                                          if part in ("backbone", "dino_head", "ibot_head")}
+        engine = Engine(task, settings, output_dir=output_dir, device=dev, schedules=build_schedulers(cfg), hooks=hooks)
+        start = engine.restore(resume=resume, weights=weights)
+        return engine.run(
+            lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=dev.type == "cuda"),
+            start_iter=start,
+            stop_after=stop_after,
+        )

@@ -25,6 +25,7 @@ from .. import distributed as dist_utils
 from ..errors import DinokitError
 from .checkpoint import Checkpointer, atomic_torch_save
 from .metrics import MetricsLogger
+from .run_dir import InterruptGuard, RunInterrupted, check_disk_space, truncate_metrics
 from .optim import apply_optim_schedule, build_optimizer, get_param_groups
 from .parallel import parallelize
 from .task import Export, Task
@@ -176,7 +177,16 @@ class Engine:
             if self.is_main:
                 print(f"resumed from iteration {start} ({self.checkpointer.directory})")
             return start
+        if resume and self.is_main:
+            print(f"starting from scratch: no checkpoint in {self.checkpointer.directory}")
         return 0
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: the checkpointed tensors plus AdamW's two moments per trainable weight."""
+        model = self.task.checkpointed()
+        size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        return size + sum(2 * p.numel() * 4 for m in self.task.trainable_modules().values() for p in m.parameters()
+                          if p.requires_grad)
 
     # ------------------------------------------------------------------ the run
     def run(
@@ -192,6 +202,9 @@ class Engine:
             if self.is_main:
                 print(f"training already complete ({max_iter} iterations) in {output_dir}")
             return {"iteration": start_iter, "output_dir": str(output_dir), "resumed": True}
+        if self.is_main:
+            check_disk_space(self.checkpointer.directory.parent, self.checkpoint_bytes(), cfg.keep_checkpoints)
+            truncate_metrics(output_dir / "training_metrics.json", start_iter)  # a resumed run logs these again
         loader = make_loader(start_iter)
         tracker = _make_tracker(cfg, output_dir) if self.is_main else None
         logger = MetricsLogger(
@@ -206,7 +219,10 @@ class Engine:
         iteration = start_iter
         last_batch = None
         t_data = time.perf_counter()
+        completed, saved = start_iter, start_iter  # iterations done, and the newest checkpoint
+        guard = InterruptGuard()
         try:
+            guard.__enter__()
             for iteration, batch in zip(range(start_iter, end_iter), loader):
                 data_time = time.perf_counter() - t_data
                 n_bad = int(getattr(batch, "n_bad", 0))
@@ -221,6 +237,7 @@ class Engine:
                 batch = batch_to(batch, self.device)
                 sched = {name: float(values[iteration]) for name, values in self.schedules.items()}
                 out = self.step(batch, iteration, sched)
+                completed = iteration + 1
                 pending.append((out.total.detach(), {k: v.detach() for k, v in out.terms.items()}))
                 logger.update(**_schedule_fields(sched), current_batch_size=self.task.batch_size(batch),
                               data_time=data_time, iter_time=time.perf_counter() - t_data)
@@ -237,11 +254,41 @@ class Engine:
                     snapshots.append(str(self._snapshot(iteration, logger)))
                 if done % ckpt_period == 0 or is_last or done == end_iter:
                     self.checkpointer.save(done)
+                    saved = done
+                if self._stop_requested(guard, done % log_freq == 0):
+                    raise RunInterrupted(self._interrupted(guard.requested, completed, saved))
                 t_data = time.perf_counter()
+        except (RunInterrupted, DinokitError):
+            raise
+        except BaseException:
+            if guard.requested and dist_utils.get_world_size() == 1:  # e.g. data workers killed by the same Ctrl-C
+                raise RunInterrupted(self._interrupted(guard.requested, completed, saved)) from None
+            raise
         finally:
+            guard.__exit__()
             logger.close()
         return {"iteration": iteration + 1, "output_dir": str(output_dir), "metrics": last_record,
                 "snapshots": snapshots, "bad_images": n_bad_total}
+
+    def _stop_requested(self, guard: InterruptGuard, window_end: bool) -> bool:
+        """Whether a signal asked to stop (every rank agrees, at logging windows, under torchrun)."""
+        if dist_utils.get_world_size() == 1:
+            return guard.requested is not None
+        if not window_end:
+            return False
+        flag = torch.tensor([1.0 if guard.requested else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        guard.requested = guard.requested or ("SIGTERM" if flag.item() else None)
+        return bool(flag.item())
+
+    def _interrupted(self, signal_name: str | None, completed: int, saved: int) -> str:
+        """Save the state after ``completed`` iterations (unless just saved) and say what was kept."""
+        if completed > saved:
+            self.checkpointer.save(completed)
+        kept = (f"checkpoint of iteration {completed} kept in {self.checkpointer.directory}" if completed > 0
+                else "no iteration was completed, nothing to keep")
+        return (f"stopped by {signal_name or 'a signal'} after iteration {completed} of {self.cfg.max_iter}: {kept}; "
+                "rerun the same command to resume")
 
     def _flush_losses(self, pending, logger: MetricsLogger, iteration: int) -> None:
         if not pending:

@@ -300,9 +300,36 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if (errno := _write_errno(err)) is None:
+            raise
+        kept = "the previous file is intact" if path.exists() else "nothing else was changed"
+        reason = f"no space left on {_mount_point(path)}" if errno == 28 else os.strerror(errno).lower()
+        raise DinokitError(f"{reason} while writing {path}; the partial file was removed and {kept}: free some "
+                           "space (or use another disk) and rerun") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _mount_point(path: Path) -> str:
+    """The mount point (the disk) that holds ``path``."""
+    folder = path.resolve().parent
+    while not os.path.ismount(folder) and folder != folder.parent:
+        folder = folder.parent
+    return str(folder)
+
+
+def _write_errno(err: BaseException) -> int | None:
+    """ENOSPC, EDQUOT, EIO or EROFS behind a failed write (torch wraps them in a RuntimeError), else None."""
+    import errno as codes
+
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in (codes.ENOSPC, codes.EDQUOT, codes.EIO, codes.EROFS):
+            return err.errno
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def save_backbone(model_or_state_dict: nn.Module | Mapping[str, Any], path: str | Path) -> Path:

@@ -19,6 +19,7 @@ from ..config import apply_scaling_rules, compute_dtype, write_config
 from ..config.schema import DistillationConfig
 from ..devices import resolve_device
 from ..engine import Engine, EngineConfig, Hook, build_schedulers, init_run
+from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from .data import build_train_loader
 from .ssl_meta_arch import SSLMetaArch
@@ -68,23 +69,24 @@ def train(
                            "run dinokit distill")
     rank, world = init_run(cfg.train.seed)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.output_dir = str(output_dir)
     apply_scaling_rules(cfg, world)
-    if rank == 0:
-        write_config(cfg, output_dir)
     dev = resolve_device(device)
-
-    model = SSLMetaArch(cfg)
-    model.teacher.load_state_dict(model.student.state_dict())
-    engine = Engine(model, engine_config(cfg, dev), output_dir=output_dir, device=dev,
-                    schedules=build_schedulers(cfg), hooks=hooks)
-    start = engine.restore(resume=resume, weights=cfg.MODEL.WEIGHTS or None)
-    return engine.run(
-        lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=dev.type == "cuda"),
-        start_iter=start,
-        stop_after=stop_after,
-    )
+    weights = cfg.MODEL.WEIGHTS or None
+    # checked before anything is written: a folder of its own, no other run in it, the same configuration
+    with open_run_dir(output_dir, resume=resume and not weights, config=OmegaConf.to_container(cfg, resolve=True)):
+        if rank == 0:
+            write_config(cfg, output_dir)
+        model = SSLMetaArch(cfg)
+        model.teacher.load_state_dict(model.student.state_dict())
+        engine = Engine(model, engine_config(cfg, dev), output_dir=output_dir, device=dev,
+                        schedules=build_schedulers(cfg), hooks=hooks)
+        start = engine.restore(resume=resume, weights=weights)
+        return engine.run(
+            lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=dev.type == "cuda"),
+            start_iter=start,
+            stop_after=stop_after,
+        )
 
 
 def save_teacher_snapshot(model: SSLMetaArch, path: str | Path) -> None:

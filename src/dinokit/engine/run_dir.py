@@ -1,0 +1,252 @@
+"""The run folder of a training command: one run per folder, never mixed, never lost.
+
+Every trainer (``dinokit train``, ``distill``, ``dense train``) opens its output folder with
+:func:`open_run_dir` before writing anything. It checks, in this order, and stops with one line:
+
+- the folder can be a folder and is writable;
+- no other run is writing into it (a lock file, ``.dinokit.lock``, holding host and process id; a lock
+  left by a killed process is taken over);
+- starting again (``--no-resume`` or explicit weights) in a folder that holds checkpoints is refused,
+  since the two runs' checkpoints would interleave and a later start would "resume" the wrong one;
+- resuming with a configuration that differs from the saved one is refused, naming the differing keys
+  (keys that may change between resumes, such as ``optim.epochs``, are only reported).
+
+The engine then uses :func:`truncate_metrics` (the log goes back to the resumed iteration),
+:func:`check_disk_space` and :class:`InterruptGuard` (SIGINT/SIGTERM: checkpoint, then say how to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .. import distributed as dist_utils
+from ..errors import DinokitError
+from .checkpoint import list_checkpoints
+
+LOCK_NAME = ".dinokit.lock"
+
+# Keys of the training configuration that may change between two starts of one run: derived values
+# (the lr follows the number of processes), the per-process batch (with the number of processes), the
+# length of the run and of its warm-ups, how it is computed, and what is logged or evaluated.
+RESUMABLE_CHANGES: tuple[str, ...] = (
+    "train.output_dir", "train.num_workers", "train.log_freq", "train.tracker", "train.saveckp_freq",
+    "train.batch_size_per_gpu", "train.compile", "train.activation_checkpointing", "optim.lr", "optim.epochs",
+    "optim.warmup_epochs", "teacher.warmup_teacher_temp_epochs", "MODEL.WEIGHTS", "evaluation", "compute_precision",
+)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped a run after it saved a checkpoint; the message says what was kept and how to resume."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def _may_change(key: str, allowed: Sequence[str]) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def config_changes(saved: Mapping, current: Mapping, allowed: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """(refused, allowed) differences between two configurations, as ``key (saved X, now Y)`` strings."""
+    a, b = _flatten(saved), _flatten(current)
+    refused, accepted = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            text = f"{key} (saved {_short(a.get(key, '<unset>'))}, now {_short(b.get(key, '<unset>'))})"
+            (accepted if _may_change(key, allowed) else refused).append(text)
+    return refused, accepted
+
+
+def _listing(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _check_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DinokitError(f"--output-dir {str(out)!r} is a file, not a folder; give a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DinokitError(f"cannot create --output-dir {str(out)!r} ({err.strerror}); give a writable folder") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DinokitError(f"--output-dir {str(out)!r} is not writable; give a folder you can write to")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_lock(out: Path) -> Path:
+    lock = out / LOCK_NAME
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+                owner_alive = host != socket.gethostname() or _alive(int(pid))
+            except (OSError, ValueError):
+                host, pid, owner_alive = "?", "?", False  # torn or vanished lock: a killed run's
+            if owner_alive:
+                raise DinokitError(
+                    f"another run (process {pid} on {host}) is writing to {out}; wait for it to end or give another "
+                    f"--output-dir (if that process is gone, delete {lock})"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a killed run
+            continue
+        except PermissionError:
+            raise DinokitError(f"--output-dir {str(out)!r} is not writable; give a folder you can write to") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+    raise DinokitError(f"cannot take the lock {lock}; delete it if no run is writing to {out}")
+
+
+def _load_saved(path: Path) -> Mapping | None:
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore[return-value]
+    except Exception:  # an unreadable saved config is replaced by the current one
+        return None
+
+
+@contextmanager
+def open_run_dir(
+    output_dir: str | Path,
+    *,
+    resume: bool,
+    config: Mapping | None = None,
+    config_file: str = "config.yaml",
+    allowed_changes: Sequence[str] = RESUMABLE_CHANGES,
+) -> Iterator[Path]:
+    """Check ``output_dir`` and hold its lock for the ``with`` block (main process); yields the folder.
+
+    ``resume=False`` means "start from iteration 0" (``--no-resume`` or explicit weights). ``config``
+    (a plain nested dict) is compared with ``output_dir/config_file`` when resuming; the caller writes
+    its configuration afterwards.
+    """
+    out = Path(output_dir)
+    main = dist_utils.is_main_process()
+    lock = None
+    if main:
+        _check_folder(out)
+        found = list_checkpoints(out / "checkpoints")
+        if found and not resume:
+            raise DinokitError(
+                f"{out} already holds a run (checkpoint of iteration {found[-1][0]}); starting another one there would "
+                f"mix the two: give a new --output-dir, or delete {out / 'checkpoints'} to start again here"
+            )
+        if found and config is not None and (saved := _load_saved(out / config_file)) is not None:
+            refused, accepted = config_changes(saved, config, allowed_changes)
+            if refused:
+                raise DinokitError(
+                    f"{out} holds a run with another configuration: {_listing(refused)}; rerun with the saved "
+                    f"settings to resume it, or give a new --output-dir to start a new run"
+                )
+            if accepted:
+                print(f"resuming with changed settings: {_listing(accepted, 5)}")
+        lock = _take_lock(out)
+    try:
+        yield out
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+
+
+def truncate_metrics(path: Path, start_iter: int) -> None:
+    """Drop the lines of ``training_metrics.json`` at or after ``start_iter`` (a resumed run logs them again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("iteration", -1)) < start_iter:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue  # a line torn by a kill
+    from ..models.checkpoint import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 2**20:,.0f} MB" if n < 2**30 else f"{n / 2**30:,.1f} GB"
+
+
+def check_disk_space(directory: Path, checkpoint_bytes: int, keep: int) -> None:
+    """Stop when not even one checkpoint fits on the disk; warn when the ``keep`` newest ones may not."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    peak = (keep + 1) * checkpoint_bytes  # the newest are kept while the next one is written
+    if free < checkpoint_bytes:
+        raise DinokitError(
+            f"only {_megabytes(free)} free on the disk of {directory}, and one checkpoint needs about "
+            f"{_megabytes(checkpoint_bytes)}; free some space or give another --output-dir"
+        )
+    if free < peak:
+        print(f"warning: only {_megabytes(free)} free on the disk of {directory}; keeping {keep} checkpoints needs "
+              f"{keep + 1} x {_megabytes(checkpoint_bytes)} at peak: the run may stop at a checkpoint")
+
+
+class InterruptGuard:
+    """While active, SIGINT and SIGTERM only set :attr:`requested` (a second signal acts as usual).
+
+    The engine checks the flag after each step, saves a checkpoint and raises :class:`RunInterrupted`.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        self._restore()  # a second Ctrl-C stops at once (checkpoints are written atomically)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "InterruptGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
