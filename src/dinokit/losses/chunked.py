@@ -32,6 +32,19 @@ def _chunk_cross_entropy(code: torch.Tensor, weight: torch.Tensor, target: torch
     return soft_cross_entropy(F.linear(code, weight), target, student_temp=student_temp)  # (chunk,)
 
 
+def _rows_cross_entropy(
+    code: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, student_temp: float, chunk_rows: int
+) -> torch.Tensor:
+    """(n,) cross-entropy of ``F.linear(code, weight)`` against ``targets``, ``chunk_rows`` rows at a time."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    losses = [
+        checkpoint(_chunk_cross_entropy, c, weight, t, student_temp, use_reentrant=False)
+        for c, t in zip(code.split(chunk_rows), targets.split(chunk_rows))
+    ]
+    return torch.cat(losses) if losses else code.new_zeros(0)
+
+
 def head_cross_entropy(
     head: DINOHead,
     tokens: torch.Tensor,
@@ -44,15 +57,9 @@ def head_cross_entropy(
 
     ``tokens`` is (n, D), ``targets`` (n, K) (teacher probabilities, no gradient needed).
     """
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     code = head.bottleneck(tokens)  # (n, bottleneck_dim)
     weight = head.last_layer.effective_weight()  # (K, bottleneck_dim), formed once for every chunk
-    losses = [
-        checkpoint(_chunk_cross_entropy, c, weight, t, student_temp, use_reentrant=False)
-        for c, t in zip(code.split(chunk_rows), targets.split(chunk_rows))
-    ]
-    return torch.cat(losses) if losses else code.new_zeros(0)
+    return _rows_cross_entropy(code, weight, targets, student_temp, chunk_rows)
 
 
 def chunked_dino_loss(
@@ -69,9 +76,12 @@ def chunked_dino_loss(
     sum over all (student, teacher) pairs of the batch-mean cross-entropy.
     """
     target = torch.stack(list(teacher_probs)).sum(dim=0)  # (B, K): CE is linear in the target
+    # The head's MLP once for every view: (V * B, D) -> (V, B, bottleneck_dim); the prototypes once.
+    codes = head.bottleneck(torch.cat(list(student_tokens))).unflatten(0, (len(student_tokens), -1))
+    weight = head.last_layer.effective_weight()
     total = torch.zeros((), device=target.device)
-    for tokens in student_tokens:
-        total = total + head_cross_entropy(head, tokens, target, student_temp=student_temp, chunk_rows=chunk_rows).mean()
+    for code in codes:
+        total = total + _rows_cross_entropy(code, weight, target, student_temp, chunk_rows).mean()
     return total
 
 
