@@ -291,3 +291,17 @@ def test_config_switch_builds_the_tensor_stream(image_folder):
     cfg.crops.augmentation = "gpu"
     with pytest.raises(DinokitError, match="unknown crops.augmentation 'gpu'; use 'pil' or 'tensor'"):
         build_train_loader(cfg, start_iteration=0, pin_memory=False)
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_deferred_batches_make_the_same_crops_on_the_device(image_folder):
+    # defer=True: the workers ship uint8 images + parameters; .to(device) makes the crops there (CPU in CI).
+    immediate = list(itertools.islice(iter(_loader(image_folder)), 3))
+    loader = _loader(image_folder)
+    loader.collate_fn.defer = True
+    for expected, pending in zip(immediate, itertools.islice(iter(loader), 3)):
+        assert isinstance(pending, ta.PendingSSLBatch) and pending.images[0].dtype == torch.uint8
+        batch = pending.pin_memory().to("cpu") if torch.cuda.is_available() else pending.to("cpu")
+        for name in ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight"):
+            torch.testing.assert_close(getattr(batch, name), getattr(expected, name), rtol=0, atol=0)
+        assert (batch.n_samples, batch.n_bad, batch.upperbound) == (expected.n_samples, expected.n_bad, expected.upperbound)

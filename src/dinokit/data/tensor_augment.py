@@ -21,6 +21,7 @@ PIL path rounds to uint8 after each operation, the tensor path stays in float32 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -361,21 +362,67 @@ class TensorMultiCrop:
         return x.sub_(mean).div_(std)
 
 
+class PendingSSLBatch:
+    """A collated batch whose crops are not made yet: uint8 images, their crop parameters, and the masks.
+
+    ``to(device)`` moves the images and makes the crops there, returning the finished
+    :class:`~dinokit.data.collate.SSLBatch`: with a CUDA device, the pixel work of the augmentation
+    runs on the GPU while the data workers only decode and draw parameters.
+    """
+
+    def __init__(
+        self, batch: SSLBatch, images: list[torch.Tensor], params: list[CropParams], multi_crop: TensorMultiCrop
+    ) -> None:
+        self.batch = batch
+        self.images = images
+        self.params = params
+        self.multi_crop = multi_crop
+
+    def pin_memory(self) -> PendingSSLBatch:
+        """Called by ``DataLoader(pin_memory=True)``."""
+        self.images = [image.pin_memory() for image in self.images]
+        self.batch = self.batch.pin_memory()
+        return self
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> SSLBatch:
+        batch = self.batch.to(device, non_blocking=non_blocking)
+        if not self.images:
+            return batch
+        images = [image.to(device, non_blocking=non_blocking) for image in self.images]
+        global_crops, local_crops = self.multi_crop(images, self.params)
+        dtype = self.batch.global_crops.dtype
+        return dataclasses.replace(batch, global_crops=global_crops.to(dtype), local_crops=local_crops.to(dtype))
+
+
 class TensorAugmentCollate:
     """Picklable collate for ``SSLDataset`` batches of ``(position, MultiCropSource output or None)``.
 
     Applies :class:`TensorMultiCrop` on ``device`` (``"cpu"`` in DataLoader workers), then batches
     and masks exactly as :class:`~dinokit.data.collate.SSLCollate`: the masks do not depend on the
-    augmentation path.
+    augmentation path. With ``defer=True`` it returns a :class:`PendingSSLBatch` instead, whose
+    ``to(device)`` makes the crops on that device (for the training loop, not the workers).
     """
 
-    def __init__(self, collate: SSLCollate, multi_crop: TensorMultiCrop, *, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        collate: SSLCollate,
+        multi_crop: TensorMultiCrop,
+        *,
+        device: str | torch.device = "cpu",
+        defer: bool = False,
+    ) -> None:
         self.collate = collate
         self.multi_crop = multi_crop
         self.device = torch.device(device)
+        self.defer = defer
 
-    def __call__(self, batch: Sequence[tuple[int, dict[str, Any] | None]]) -> SSLBatch:
+    def __call__(self, batch: Sequence[tuple[int, dict[str, Any] | None]]) -> SSLBatch | PendingSSLBatch:
         good = [sample for _, sample in batch if sample is not None]
+        if self.defer:
+            # Crop-less stand-ins: the collate only needs the number of global crops to draw the masks.
+            stand_in = {"global_crops": [torch.empty(0)] * 2, "local_crops": []}
+            masked = self.collate([(position, stand_in if s is not None else None) for position, s in batch])
+            return PendingSSLBatch(masked, [s["image"] for s in good], [s["params"] for s in good], self.multi_crop)
         crops_per_sample: dict[int, dict[str, Any]] = {}
         if good:
             images = [sample["image"].to(self.device, non_blocking=True) for sample in good]
