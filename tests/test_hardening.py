@@ -336,3 +336,36 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(
     monkeypatch.undo()
     assert cli_main(_cli(out, images)) == 0
     _assert_same_weights(straight, out)
+
+
+# ---------------------------------------------------------------------------------------------- weights files
+def test_weights_files_that_are_not_state_dicts_are_one_line(tmp_path, capsys):
+    import pickle
+
+    bare, plain, torn = tmp_path / "bare.pth", tmp_path / "plain.pth", tmp_path / "torn.pth"
+    torch.save(torch.zeros(3), bare)
+    with open(plain, "wb") as f:
+        pickle.dump({"w": [1.0, 2.0]}, f, protocol=4)
+    torch.save({"w": torch.zeros(1000)}, torn)
+    torn.write_bytes(torn.read_bytes()[:300])
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    expected = {
+        bare: f"checkpoint '{bare}' holds a Tensor, not a dict of named tensors; save model.state_dict() (or a "
+              ".safetensors file) instead",
+        plain: f"checkpoint '{plain}' is a plain Python pickle, not a torch.save file, and will not be unpickled; "
+               "save its tensors with torch.save(state_dict, path) or as .safetensors",
+        torn: f"cannot read checkpoint '{torn}': the file is corrupt or truncated (PytorchStreamReader failed reading "
+              "zip archive: failed finding central directory)",
+    }
+    for path, message in expected.items():
+        code = cli_main(["embed", str(image), "--out", str(tmp_path / "e.npz"), "--model", "dinov2_vits14",
+                         "--weights", str(path), "--device", "cpu", "--no-progress"])
+        assert code == 2
+        line = _error(capsys)
+        assert line == f"error: {message}" and "weights_only" not in line
+
+
+def test_unknown_device_is_one_line(images, tmp_path, capsys):
+    assert cli_main(["train", "--output-dir", str(tmp_path / "run"), "--device", "gpu", *_args(images)]) == 2
+    assert _error(capsys) == "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"

@@ -70,9 +70,9 @@ def config_changes(saved: Mapping, current: Mapping, allowed: Sequence[str] = ()
     """(refused, allowed) differences between two configurations, as ``key (saved X, now Y)`` strings."""
     a, b = _flatten(saved), _flatten(current)
     refused, accepted = [], []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "<unset>") != b.get(key, "<unset>"):
-            text = f"{key} (saved {_short(a.get(key, '<unset>'))}, now {_short(b.get(key, '<unset>'))})"
+    for key in sorted(set(a) & set(b)):  # a key on one side only comes from another dinokit version: its default
+        if a[key] != b[key]:
+            text = f"{key} (saved {_short(a[key])}, now {_short(b[key])})"
             (accepted if _may_change(key, allowed) else refused).append(text)
     return refused, accepted
 

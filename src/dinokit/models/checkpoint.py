@@ -18,6 +18,7 @@ import pickle
 import re
 import urllib.error
 import urllib.parse
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -67,7 +68,9 @@ def _unreadable_error(source: str, err: Exception) -> DinokitError:
             f"checkpoint {source} contains arbitrary Python objects ({found.group(1)}) and will not be unpickled; "
             "save a plain state dict of tensors (or .safetensors) instead"
         )
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = str(err).split("WeightsUnpickler error:")[-1]  # torch's own advice before it is never the fix here
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    reason = lines[0].split(". ")[0][:120] if lines else type(err).__name__
     return DinokitError(f"cannot read checkpoint {source}: the file is corrupt or truncated ({reason})")
 
 
@@ -107,9 +110,20 @@ def load_state_dict_file(path_or_url: str | Path) -> dict[str, Any]:
         except (SafetensorError, OSError, ValueError) as err:
             raise DinokitError(f"cannot read {str(path)!r}: not a valid .safetensors file ({err})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the file is refused below anyway
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except _UNREADABLE as err:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80" and isinstance(err, pickle.UnpicklingError) and "GLOBAL" not in str(err):
+            raise DinokitError(f"checkpoint {str(path)!r} is a plain Python pickle, not a torch.save file, and will not "
+                               "be unpickled; save its tensors with torch.save(state_dict, path) or as .safetensors") from None
         raise _unreadable_error(repr(str(path)), err) from None
+    if not isinstance(loaded, Mapping):
+        raise DinokitError(f"checkpoint {str(path)!r} holds a {type(loaded).__name__}, not a dict of named tensors; "
+                           "save model.state_dict() (or a .safetensors file) instead")
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------- normalising
