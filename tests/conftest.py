@@ -50,3 +50,14 @@ def demo_teacher(tmp_path_factory) -> DemoTeacher:
         run_dir=run, snapshot=run / "eval" / "training_199" / "teacher_checkpoint.pth", config_file=run / "config.yaml",
         train_str=train_str, val_str=val_str, sample_root=root, iterations=200,
     )
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as in a data worker: on a busy machine, thread hand-offs dominate tiny tensors."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

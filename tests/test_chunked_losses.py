@@ -8,6 +8,8 @@ from dinokit.layers.dino_head import DINOHead
 from dinokit.losses import DINOLoss, iBOTPatchLoss
 from dinokit.losses.chunked import chunked_dino_loss, chunked_ibot_loss, head_cross_entropy
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 K, D, B = 512, 32, 6
 
 

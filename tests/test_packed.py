@@ -6,6 +6,8 @@ import torch
 from dinokit.models import build_backbone
 from dinokit.models.packed import forward_features_packed
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 KEYS = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm")
 
 
@@ -58,6 +60,25 @@ def test_packed_equals_per_crop_set_forward_values_and_gradients(kwargs):
     assert reference.keys() == mine.keys() and "blocks.0.attn.qkv.weight" in mine
     for name in reference:
         torch.testing.assert_close(mine[name], reference[name], rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.filterwarnings("ignore:.*without torch.compile")
+def test_flex_attention_packing_equals_per_crop_set_forward():
+    # One flex_attention call per block over all crops, block-diagonal mask (eager here: exact but unfused).
+    # Forward only: this torch has no flex_attention backward on CPU.
+    model = _model(num_register_tokens=1).eval().requires_grad_(False)
+    x_list, masks_list = _crops()
+    expected = model.forward_features_list(x_list, masks_list)
+    for a, b in zip(expected, forward_features_packed(model, x_list, masks_list, attention="flex")):
+        for key in KEYS:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    # Training with batch-subset drop path packs a subset of the crops: the mask follows.
+    model = _model(drop_path_rate=0.5, drop_path_uniform=True).train().requires_grad_(False)
+    outputs = forward_features_packed(model, x_list, masks_list, attention="flex")
+    assert [o["x_prenorm"].shape for o in outputs] == [(4, 17, 64), (6, 5, 64)]
+    with pytest.raises(ValueError, match="unknown attention 'xformers'"):
+        forward_features_packed(model, x_list, masks_list, attention="xformers")
 
 
 def test_packed_training_with_stochastic_depth():

@@ -16,14 +16,7 @@ from dinokit.data.augmentations import DataAugmentationDINO
 from dinokit.data.collate import SSLCollate
 from dinokit.data.loaders import make_ssl_data_loader
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Like the data workers (one intra-op thread each): on a loaded machine, thread hand-offs dominate tiny crops.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _smooth_image(height=48, width=64, seed=0) -> Image.Image:

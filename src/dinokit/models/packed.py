@@ -5,7 +5,7 @@ token-wise work of a block (LayerNorms, the qkv and output projections, the MLP,
 residual adds) runs once on the concatenation of every set's tokens, ``(T, D)`` with
 ``T = sum_i B_i * N_i``: fewer, larger matrix products. Attention stays block-diagonal, each crop
 attending only to its own tokens: one ``scaled_dot_product_attention`` per crop size on a view of
-the packed qkv. The results equal the per-set forwards (same modules, same weights; fp32 differences
+the packed qkv, or one ``flex_attention`` call with a block-diagonal mask over all crops. The results equal the per-set forwards (same modules, same weights; fp32 differences
 are rounding only), so this is a drop-in for ``forward_features_list`` that leaves the model untouched.
 
 Stochastic depth follows the block's own rules per crop set: the batch-subset form draws a subset
@@ -35,11 +35,39 @@ def _split(flat: torch.Tensor, shapes: Shapes) -> list[torch.Tensor]:
     return [chunk.view(b, n, -1) for chunk, (b, n) in zip(chunks, shapes)]
 
 
-def packed_attention(attn: nn.Module, flat: torch.Tensor, shapes: Shapes) -> torch.Tensor:
-    """The block's ``Attention`` on packed tokens (T, D), each crop attending to its own tokens only."""
+def crop_block_mask(shapes: Shapes, device: torch.device | str):
+    """The ``flex_attention`` block mask of packed crops: token i attends to token j iff they share a crop."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = torch.tensor([n for b, n in shapes for _ in range(b)], device=device)
+    crop_of = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)  # (T,) crop index
+
+    def same_crop(batch, head, q_index, kv_index):
+        return crop_of[q_index] == crop_of[kv_index]
+
+    total = int(lengths.sum())
+    return create_block_mask(same_crop, None, None, total, total, device=device)
+
+
+def packed_attention(attn: nn.Module, flat: torch.Tensor, shapes: Shapes, block_mask=None) -> torch.Tensor:
+    """The block's ``Attention`` on packed tokens (T, D), each crop attending to its own tokens only.
+
+    Without ``block_mask``: one ``scaled_dot_product_attention`` per crop size. With the mask of
+    :func:`crop_block_mask`: one ``flex_attention`` call over all T tokens (a single fused kernel
+    under ``torch.compile``; in eager mode it materialises T x T scores, for tests only).
+    """
     heads, head_dim = attn.num_heads, attn.head_dim
     qkv = attn.qkv(flat)  # (T, 3D): one projection for every crop set
     dropout = attn.attn_drop if attn.training else 0.0
+    if block_mask is not None:
+        if dropout:
+            raise ValueError("flex attention has no attention dropout; use attention='sdpa'")
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # (T, 3D) -> (3, 1, heads, T, head_dim): all crops as one sequence, the mask keeps them apart
+        q, k, v = qkv.reshape(1, -1, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = flex_attention(q, k, v, block_mask=block_mask)  # (1, heads, T, head_dim)
+        return attn.proj_drop(attn.proj(out[0].transpose(0, 1).reshape(-1, heads * head_dim)))
     outputs = []
     for chunk in _split(qkv, shapes):
         b, n, _ = chunk.shape
@@ -83,11 +111,15 @@ def _packed_residual(
     return torch.addcmul(flat, y, layer_scale.gamma) if isinstance(layer_scale, LayerScale) else flat + layer_scale(y)
 
 
-def packed_block(block: Block, flat: torch.Tensor, shapes: Shapes) -> torch.Tensor:
+def packed_block(block: Block, flat: torch.Tensor, shapes: Shapes, block_mask=None) -> torch.Tensor:
     """One :class:`~dinokit.layers.block.Block` on packed tokens (T, D)."""
-    flat = _packed_residual(
-        block, flat, shapes, lambda x, s: packed_attention(block.attn, block.norm1(x), s), block.ls1, block.drop_path1
-    )
+
+    def attention(x: torch.Tensor, s: Shapes) -> torch.Tensor:
+        # The batch-subset drop path packs fewer crops: the full mask no longer fits, so it makes its own.
+        mask = block_mask if s == shapes or block_mask is None else crop_block_mask(s, x.device)
+        return packed_attention(block.attn, block.norm1(x), s, mask)
+
+    flat = _packed_residual(block, flat, shapes, attention, block.ls1, block.drop_path1)
     return _packed_residual(block, flat, shapes, lambda x, s: block.mlp(block.norm2(x)), block.ls2, block.drop_path2)
 
 
@@ -95,12 +127,21 @@ def forward_features_packed(
     model: DinoVisionTransformer,
     x_list: Sequence[torch.Tensor],
     masks_list: Sequence[torch.Tensor | None] | None = None,
+    *,
+    attention: str = "sdpa",
 ) -> list[FeatureDict]:
-    """What ``model.forward_features_list(x_list, masks_list)`` returns, with the crop sets packed per block."""
+    """What ``model.forward_features_list(x_list, masks_list)`` returns, with the crop sets packed per block.
+
+    ``attention``: ``"sdpa"`` (one attention call per crop size) or ``"flex"`` (one ``flex_attention``
+    call over all crops with a block-diagonal mask; compile the caller for speed).
+    """
+    if attention not in ("sdpa", "flex"):
+        raise ValueError(f"unknown attention {attention!r}; use 'sdpa' or 'flex'")
     masks_list = list(masks_list) if masks_list is not None else [None] * len(x_list)
     tokens = [model.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]  # [(B_i, N_i, D)]
     shapes = [(t.shape[0], t.shape[1]) for t in tokens]
     flat = torch.cat([t.flatten(0, 1) for t in tokens])  # (T, D)
+    block_mask = crop_block_mask(shapes, flat.device) if attention == "flex" else None
     for block in model.blocks:
-        flat = packed_block(block, flat, shapes)
+        flat = packed_block(block, flat, shapes, block_mask)
     return [model._output_dict(x, m) for x, m in zip(_split(flat, shapes), masks_list)]
