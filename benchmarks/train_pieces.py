@@ -6,7 +6,8 @@
   (``DINOHead`` then ``DINOLoss`` / ``iBOTPatchLoss``) vs ``dinokit.losses.chunked``.
 
 Run from the repo root: ``PYTHONPATH=src python benchmarks/train_pieces.py`` (a GPU when there is one,
-bf16 autocast there; ``--device cpu --arch vit_small --batch 4`` for a CPU check). Prints milliseconds per
+bf16 autocast there; ``--device cpu --arch vit_small --batch 4`` for a CPU check; ``--flex`` adds the packed
+forward with compiled ``flex_attention``). Prints milliseconds per
 iteration, the ratio and, on CUDA, the peak memory of each variant.
 """
 
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--chunk-rows", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--parts", default="backbone,heads")
+    p.add_argument("--flex", action="store_true", help="also the packed forward with compiled flex_attention")
     args = p.parse_args()
     device = torch.device(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -101,6 +103,10 @@ def backbone_part(args, device, autocast, masks, results) -> None:
     results["backbone packed"] = measure(
         backbone(lambda xs, ms: forward_features_packed(model, xs, ms)), device, args.steps
     )
+    if args.flex:
+        # flex_attention is only fused under torch.compile; compiling the whole packed forward compiles it too.
+        packed_flex = torch.compile(lambda xs, ms: forward_features_packed(model, xs, ms, attention="flex"))
+        results["backbone packed flex"] = measure(backbone(packed_flex), device, args.steps)
 
 
 def heads_part(args, device, autocast, masks, results) -> None:
