@@ -1,0 +1,72 @@
+"""Curation pays: the demo recipe learns more from a curated set than from a random subset of the same size.
+
+The pool is what web data looks like to the pipeline: one texture class dominant, and that class made
+mostly of near-copies (10 images with 30 edited copies each: resize, JPEG, crop, flip, colour shift, text),
+beside 20 distinct images of each other class (450 images). ``dinokit curate run`` (embedded by the
+``demo_teacher`` backbone) picks 96 images; a random subset of 96 is the baseline. Both train the demo
+recipe for the same 120 iterations (batch 32; teacher momentum 0.95), and the teacher's k-NN top-1 on a
+balanced validation split (8 classes x 10, with a balanced memory of 8 x 20) is compared.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from dinokit.cli import main
+from dinokit.curate.synthetic import write_pool
+from dinokit.data import write_sample_dataset
+
+SIZE = 96
+ITERATIONS = 120  # 4 epochs of 30
+
+
+def _train_knn(manifest: Path, eval_root: Path, out: Path) -> float:
+    argv = ["train", "--config-file", "demo", "--output-dir", str(out), "--device", "cpu",
+            f"train.dataset_path=FileList:path={manifest}", f"train.OFFICIAL_EPOCH_LENGTH={ITERATIONS // 4}", "optim.epochs=4",
+            "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.num_workers=1", "train.seed=0",
+            # a faster teacher than the demo's 0.99: with 0.99 the teacher still lags far behind after 120 steps
+            "teacher.momentum_teacher=0.95",
+            f"evaluation.knn_dataset.train=ImageFolder:root={eval_root / 'train'}",
+            f"evaluation.knn_dataset.val=ImageFolder:root={eval_root / 'val'}",
+            f"evaluation.eval_period_iterations={ITERATIONS}", "evaluation.knn_k=[10]"]
+    assert main(argv) == 0
+    logged = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+    return [line["knn_top1_k10"] for line in logged if "knn_top1_k10" in line][-1]
+
+
+def _describe(paths: list[str]) -> tuple[int, int]:
+    """(images of the dominant class, distinct originals) of a list of pool paths."""
+    names = [Path(p).name for p in paths]
+    distinct = {re.sub(r"_copy.*", "", n.split(".")[0]) for n in names}
+    return Counter(n.split("_")[0] for n in names)["checker"], len(distinct)
+
+
+def test_curated_subset_beats_a_random_subset_of_the_same_size(demo_teacher, tmp_path):
+    pool = write_pool(tmp_path / "pool", dominant="checker", n_dominant=10, n_other=20, n_copied=10, copies=30)
+    eval_root = write_sample_dataset(tmp_path / "balanced", counts={"train": 20, "val": 10}, seed=7)
+    work = tmp_path / "work"
+    assert main(["curate", "run", "--pool", str(pool.root), "--output-dir", str(work), "--target-size", str(SIZE),
+                 "--config-file", str(demo_teacher.config_file), "--weights", str(demo_teacher.snapshot),
+                 "--device", "cpu", "--no-progress", "embed.image_size=64", "embed.num_workers=0",
+                 # a texture's copies and its distinct siblings look alike to this small backbone: only
+                 # near-identical pairs count as copies here (the default 0.85 is calibrated on scenes)
+                 "dedup.threshold=0.98"]) == 0
+    curated = (work / "manifest.txt").read_text().splitlines()
+    rng = np.random.default_rng(0)
+    random_subset = sorted(rng.choice(sorted(str(p.resolve()) for p in pool.paths), size=SIZE, replace=False))
+    (tmp_path / "random.txt").write_text("".join(f"{p}\n" for p in random_subset))
+
+    # what curation changed: fewer copies of the dominant class, more distinct images
+    (cur_dominant, cur_distinct), (rnd_dominant, rnd_distinct) = _describe(curated), _describe(random_subset)
+    assert len(curated) == SIZE and cur_dominant < rnd_dominant - 15 and cur_distinct > rnd_distinct + 15, (
+        cur_dominant, rnd_dominant, cur_distinct, rnd_distinct)
+
+    knn_curated = _train_knn(work / "manifest.txt", eval_root, tmp_path / "train-curated")
+    knn_random = _train_knn(tmp_path / "random.txt", eval_root, tmp_path / "train-random")
+    # measured 47.5% vs 42.5% (random init: 15%); other seeds in the README. Strictly higher is the claim.
+    assert knn_curated > knn_random, (knn_curated, knn_random)
