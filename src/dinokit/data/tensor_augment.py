@@ -196,42 +196,25 @@ def adjust_saturation(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor
     return _blend(image, grayscale(image), factor)
 
 
-def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+def adjust_hue(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by ``shift`` (fraction of a turn, per crop), keeping HSV saturation and value.
+
+    Equal to converting to HSV, shifting H and converting back (torchvision's ``adjust_hue``), without
+    forming S: each output channel is ``max - (max - min) * clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6 * H) mod 6`` and ``n = 5, 3, 1`` for red, green, blue.
+    """
     r, g, b = image.unbind(dim=-3)
     maxc = image.amax(dim=-3)
-    minc = image.min(dim=-3).values
-    delta = maxc - minc
+    delta = maxc - image.amin(dim=-3)
     safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    saturation = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    # Hue sector by the largest channel (ties resolved like torchvision: red, then green, then blue).
-    hue_r = (g - b) / safe_delta
-    hue_g = 2.0 + (b - r) / safe_delta
-    hue_b = 4.0 + (r - g) / safe_delta
-    hue = torch.where(maxc == r, hue_r, torch.where(maxc == g, hue_g, hue_b))
-    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
-    return torch.stack([hue, saturation, maxc], dim=-3)
-
-
-def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    h, s, v = hsv.unbind(dim=-3)
-    sector = torch.floor(h * 6.0)
-    f = h * 6.0 - sector
-    sector = sector.long() % 6  # (N, H, W)
-    p = v * (1 - s)
-    q = v * (1 - s * f)
-    t = v * (1 - s * (1 - f))
-    # For sector k the (r, g, b) sources among (v, q, p, t), indices 0..3.
-    table = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=hsv.device)
-    candidates = torch.stack([v, q, p, t], dim=-3)  # (N, 4, H, W)
-    index = table[sector].movedim(-1, -3)  # (N, H, W, 3) -> (N, 3, H, W)
-    return candidates.gather(-3, index)
-
-
-def adjust_hue(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``shift`` (fraction of a turn, per crop)."""
-    hsv = _rgb_to_hsv(image)
-    hsv[:, 0] = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
-    return _hsv_to_rgb(hsv)
+    # Hue in sixths of a turn, by the largest channel (ties: red, then green, then blue, as torchvision).
+    hue = torch.where(
+        maxc == r, (g - b) / safe_delta, torch.where(maxc == g, 2.0 + (b - r) / safe_delta, 4.0 + (r - g) / safe_delta)
+    )
+    hue = hue + 6.0 * shift.view(-1, 1, 1)  # (N, H, W)
+    n = torch.tensor([5.0, 3.0, 1.0], device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + hue.unsqueeze(-3), 6.0)  # (N, 3, H, W)
+    return maxc.unsqueeze(-3) - delta.unsqueeze(-3) * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
 
 def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_KERNEL_SIZE) -> torch.Tensor:
