@@ -369,3 +369,20 @@ def test_weights_files_that_are_not_state_dicts_are_one_line(tmp_path, capsys):
 def test_unknown_device_is_one_line(images, tmp_path, capsys):
     assert cli_main(["train", "--output-dir", str(tmp_path / "run"), "--device", "gpu", *_args(images)]) == 2
     assert _error(capsys) == "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"
+
+
+# ---------------------------------------------------------------------------------------------- sample set
+def test_sample_set_never_overwrites_a_users_file(tmp_path, capsys):
+    mine = tmp_path / "train" / "blobs" / "blobs_0000.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own picture")
+    assert cli_main(["data", "sample", "--out", str(tmp_path)]) == 2
+    assert _error(capsys) == (f"error: {mine} already exists and is not part of the sample set; it is left as it is: "
+                              "give an empty or new folder")
+    assert mine.read_bytes() == b"my own picture"
+    # files of an interrupted earlier call are the sample set's own: completing the set keeps them
+    mine.unlink()
+    write_sample_dataset(tmp_path / "again", counts={"train": 1}, image_size=16)
+    next((tmp_path / "again").glob(".complete-v*")).unlink()
+    write_sample_dataset(tmp_path / "again", counts={"train": 1}, image_size=16)
+    assert len(list((tmp_path / "again" / "train").rglob("*.png"))) == 8

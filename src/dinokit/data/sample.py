@@ -16,6 +16,7 @@ Generating the default set takes about three seconds on two CPU cores.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from ..errors import DinokitError
 
 SAMPLE_CLASSES = ("blobs", "checker", "diagonal", "dots", "grid", "hstripes", "rings", "vstripes")
 SAMPLE_VERSION = 4
@@ -132,8 +135,16 @@ def write_sample_dataset(
             for i in range(count):
                 rng = np.random.default_rng([seed, split_seed, class_index, i])
                 path = folder / f"{texture}_{i:04d}.png"
-                tmp = path.with_suffix(".tmp.png")
-                render_sample(texture, rng, image_size).save(tmp)
+                buffer = io.BytesIO()
+                render_sample(texture, rng, image_size).save(buffer, format="PNG")
+                data = buffer.getvalue()
+                if path.exists():
+                    if path.is_file() and path.read_bytes() == data:
+                        continue  # written by an earlier, interrupted call
+                    raise DinokitError(f"{path} already exists and is not part of the sample set; it is left as it "
+                                       "is: give an empty or new folder")
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_bytes(data)
                 os.replace(tmp, path)  # atomic: a killed run never leaves a half-written image
     marker.touch()
     return root

@@ -93,7 +93,7 @@ def distill(
     dev = resolve_device(device)
     weights = cfg.MODEL.WEIGHTS or None
     # checked before anything is written: a folder of its own, no other run in it, the same configuration
-    with open_run_dir(output_dir, resume=resume and not weights, config=OmegaConf.to_container(cfg, resolve=True)):
+    with open_run_dir(output_dir, resume=resume, config=OmegaConf.to_container(cfg, resolve=True)):
         if rank == 0:
             write_config(cfg, output_dir)
             for name, section in students.items():

@@ -124,7 +124,7 @@ class Checkpointer:
             raise
         except Exception as err:  # a torn or foreign file
             raise DinokitError(
-                f"cannot read checkpoint {str(path)!r} ({type(err).__name__}); delete it or pass --no-resume"
+                f"cannot read checkpoint {str(path)!r} ({type(err).__name__}); delete it, or give a new --output-dir"
             ) from None
         rngs = meta.get("rng") or []
         rank = dist_utils.get_rank()

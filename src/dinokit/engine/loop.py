@@ -169,14 +169,16 @@ class Engine:
 
     # ------------------------------------------------------------------ resume
     def restore(self, *, resume: bool, weights: str | Path | None = None) -> int:
-        """The iteration to start from: an explicit checkpoint ``weights``, else the newest one (``resume``), else 0."""
-        if weights:
-            return int(self.checkpointer.load(Path(weights))["iteration"])
+        """The iteration to start from: the newest checkpoint of the run (``resume``), else an explicit training
+        checkpoint ``weights`` (a new run starting from it), else 0."""
         if resume and (state := self.checkpointer.resume()) is not None:
             start = int(state["iteration"])
             if self.is_main:
-                print(f"resumed from iteration {start} ({self.checkpointer.directory})")
+                print(f"resumed from iteration {start} ({self.checkpointer.directory})"
+                      + (f"; {weights} is used by new runs only" if weights else ""))
             return start
+        if weights:
+            return int(self.checkpointer.load(Path(weights))["iteration"])
         if resume and self.is_main:
             print(f"starting from scratch: no checkpoint in {self.checkpointer.directory}")
         return 0

@@ -6,7 +6,7 @@ Every trainer (``dinokit train``, ``distill``, ``dense train``) opens its output
 - the folder can be a folder and is writable;
 - no other run is writing into it (a lock file, ``.dinokit.lock``, holding host and process id; a lock
   left by a killed process is taken over);
-- starting again (``--no-resume`` or explicit weights) in a folder that holds checkpoints is refused,
+- starting again (``--no-resume``) in a folder that holds checkpoints is refused,
   since the two runs' checkpoints would interleave and a later start would "resume" the wrong one;
 - resuming with a configuration that differs from the saved one is refused, naming the differing keys
   (keys that may change between resumes, such as ``optim.epochs``, are only reported).
@@ -151,7 +151,7 @@ def open_run_dir(
 ) -> Iterator[Path]:
     """Check ``output_dir`` and hold its lock for the ``with`` block (main process); yields the folder.
 
-    ``resume=False`` means "start from iteration 0" (``--no-resume`` or explicit weights). ``config``
+    ``resume=False`` means "start a new run" (``--no-resume``). ``config``
     (a plain nested dict) is compared with ``output_dir/config_file`` when resuming; the caller writes
     its configuration afterwards.
     """
