@@ -9,6 +9,8 @@ process (``time.process_time``), i.e. per core, which a busy machine distorts le
 Rows:
 
 * ``decode``: ``load_image`` only, the floor of any path.
+* ``decode + one resize``: plus one bicubic resize of the short side to the global crop size (PIL), the
+  budget a worker should stay within when the augmentation runs on the accelerator.
 * ``decode + PIL multi-crop``: :class:`DataAugmentationDINO`, the default path.
 * ``decode + crop parameters``: :class:`MultiCropSource`, the worker's share when the pixels are
   augmented on an accelerator (decode, uint8 tensor, parameter draws).
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from dinokit.data.augmentations import DataAugmentationDINO
 from dinokit.data.images import find_images, load_image
@@ -85,6 +88,9 @@ def main() -> None:
 
     rows = {
         "decode": one(lambda image: image),
+        "decode + one resize": one(
+            lambda image: TF.resize(image, args.global_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        ),
         "decode + PIL multi-crop": one(pil),
         "decode + crop parameters": one(source),
         "decode + tensor multi-crop on CPU": tensor_batch,
