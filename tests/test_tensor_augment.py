@@ -226,7 +226,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def _loader(root, *, seed=5, start_iteration=0):
+def _loader(root, *, seed=5, start_iteration=0, num_workers=0):
     return make_ssl_data_loader(
         f"ImageFolder:root={root}",
         transform=ta.MultiCropSource((0.32, 1.0), (0.05, 0.32), 2),
@@ -236,7 +236,7 @@ def _loader(root, *, seed=5, start_iteration=0):
         ),
         seed=seed,
         batch_size_per_rank=3,
-        num_workers=0,
+        num_workers=num_workers,
         start_iteration=start_iteration,
         pin_memory=False,
         rank=0,
@@ -251,11 +251,9 @@ def test_stream_is_a_function_of_seed_and_position_and_resumes_exactly(image_fol
     assert sum(b.n_bad + b.n_samples for b in reference) == 15 and sum(b.n_bad for b in reference) in (2, 3)
     first = next(b for b in reference if b.n_samples == 3)
     assert first.global_crops.shape == (6, 3, 16, 16) and first.local_crops.shape == (6, 3, 8, 8)
-    again = list(itertools.islice(iter(_loader(image_folder)), 5))
+    again = list(itertools.islice(iter(_loader(image_folder, num_workers=2)), 5))  # parameters drawn in workers
     resumed = list(itertools.islice(iter(_loader(image_folder, start_iteration=3)), 2))
-    for a, b in zip(reference, again):
-        torch.testing.assert_close(a.global_crops, b.global_crops, rtol=0, atol=0)
-    for a, b in zip(reference[3:], resumed):
+    for a, b in [*zip(reference, again), *zip(reference[3:], resumed)]:
         for name in ("global_crops", "local_crops", "masks"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
     other_seed = next(iter(_loader(image_folder, seed=6)))
