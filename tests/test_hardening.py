@@ -386,3 +386,41 @@ def test_sample_set_never_overwrites_a_users_file(tmp_path, capsys):
     next((tmp_path / "again").glob(".complete-v*")).unlink()
     write_sample_dataset(tmp_path / "again", counts={"train": 1}, image_size=16)
     assert len(list((tmp_path / "again" / "train").rglob("*.png"))) == 8
+
+
+# ---------------------------------------------------------------------------------------------- pre-flight
+def test_unreadable_knn_dataset_stops_before_the_first_step(images, tmp_path, capsys):
+    out, missing = tmp_path / "run", tmp_path / "nowhere"
+    code = cli_main(_cli(out, images, f"evaluation.knn_dataset.train=ImageFolder:root={images / 'train'}",
+                         f"evaluation.knn_dataset.val=ImageFolder:root={missing}"))
+    assert code == 2
+    line = _error(capsys)
+    assert line.startswith("error: evaluation.knn_dataset.val: ") and str(missing) in line
+    assert line.endswith("(or evaluation.knn_dataset=null to skip the k-NN monitor)")
+    assert not out.exists()  # nothing was written
+
+
+def test_texture_knn_with_the_users_images_is_said_at_start(images, capsys):
+    from dinokit.eval.monitor import check_knn_datasets
+
+    mine = f"ImageFolder:root={images / 'train'}"
+    check_knn_datasets("Sample:split=TRAIN", "Sample:split=VAL", mine)
+    assert capsys.readouterr().out.strip() == (
+        f"note: evaluation.knn_dataset is the built-in texture set while train.dataset_path is {mine}: the logged "
+        "knn_top1 describes textures; set evaluation.knn_dataset.train/val to labelled folders of yours, or "
+        "evaluation.knn_dataset=null")
+    check_knn_datasets("Sample:split=TRAIN", "Sample:split=VAL", "Sample:split=TRAIN")
+    assert capsys.readouterr().out == ""
+
+
+def test_many_empty_class_folders_are_one_short_line(tmp_path):
+    from dinokit.data import make_dataset
+
+    for i in range(40):
+        (tmp_path / f"class_with_a_long_name_{i:02d}").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "class_with_a_long_name_00" / "a.png")
+    with pytest.raises(DinokitError) as err:
+        make_dataset(f"ImageFolder:root={tmp_path}", labelled=True)
+    assert str(err.value) == (
+        f"39 class folder(s) of '{tmp_path}' contain no images (class_with_a_long_name_01, class_with_a_long_name_02, "
+        "class_with_a_long_name_03, ...); add images or remove the folder")

@@ -98,7 +98,8 @@ def _image_folder(root: str, labelled: bool, transform, dataset_str: str) -> Ima
     empty = [c for c, n in by_class.items() if n == 0]
     if empty:
         raise DinokitError(
-            f"class folder(s) {', '.join(repr(str(path / c)) for c in empty)} contain no images; add images or remove the folder"
+            f"{len(empty)} class folder(s) of {str(path)!r} contain no images ({', '.join(empty[:3])}"
+            f"{', ...' if len(empty) > 3 else ''}); add images or remove the folder"
         )
     return ImageDataset(paths, targets, classes, transform, dataset_str)
 

@@ -49,6 +49,27 @@ def knn_monitor(cfg, device: torch.device, students: Mapping[str, Any] | None = 
     knn = evaluation.knn_dataset
     if knn is None or not knn.train or not knn.val:
         return None
+    check_knn_datasets(knn.train, knn.val, cfg.train.dataset_path)
     return KnnMonitor(train=knn.train, val=knn.val, students=students or {"": cfg.student},
                       image_size=cfg.crops.global_crops_size, ks=evaluation.knn_k,
                       temperature=evaluation.knn_temperature, device=device)
+
+
+def check_knn_datasets(train: str, val: str, pretraining: str) -> None:
+    """Before the first step: both k-NN datasets open with labels (else one line naming the key), and a
+    note when they are the built-in sample set while pretraining reads other images."""
+    from ..data import make_dataset
+    from ..data.datasets import parse_dataset_str
+    from ..errors import DinokitError
+
+    for key, value in (("train", train), ("val", val)):
+        try:
+            make_dataset(value, labelled=True)
+        except DinokitError as err:
+            raise DinokitError(f"evaluation.knn_dataset.{key}: {err} (or evaluation.knn_dataset=null to skip the "
+                               "k-NN monitor)") from None
+    names = {parse_dataset_str(s)[0] for s in (train, val)}
+    if names == {"Sample"} and parse_dataset_str(pretraining)[0] != "Sample":
+        print("note: evaluation.knn_dataset is the built-in texture set while train.dataset_path is "
+              f"{pretraining}: the logged knn_top1 describes textures; set evaluation.knn_dataset.train/val to "
+              "labelled folders of yours, or evaluation.knn_dataset=null")
