@@ -424,3 +424,61 @@ def test_many_empty_class_folders_are_one_short_line(tmp_path):
     assert str(err.value) == (
         f"39 class folder(s) of '{tmp_path}' contain no images (class_with_a_long_name_01, class_with_a_long_name_02, "
         "class_with_a_long_name_03, ...); add images or remove the folder")
+
+
+# ---------------------------------------------------------------------------------------------- kill -9 loop
+@pytest.mark.slow
+def test_random_kill_9_loop_then_resume_is_bit_exact(images, tmp_path):
+    """``kill -9`` at random moments (inside checkpoint writes too), again and again; the run still ends bit for bit
+    equal to an uninterrupted one, with each iteration logged once and no temporary file left."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    # 40 iterations with a checkpoint every 2, so that kills land inside checkpoint writes often
+    cmd = [sys.executable, "-m", "dinokit", *_cli(out, images, "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=20")]
+    ref = tmp_path / "ref"
+    assert subprocess.run([*cmd[:5], str(ref), *cmd[6:]], capture_output=True).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(8):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(rng.uniform(4.0, 12.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 4
+    assert subprocess.run(cmd, capture_output=True, env=env).returncode == 0
+    a = torch.load(ref / "checkpoints" / "checkpoint_0000040.pth", weights_only=True)["model"]
+    b = torch.load(out / "checkpoints" / "checkpoint_0000040.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == list(range(40))
+    assert not list(out.rglob(".*tmp*")) and not (out / ".dinokit.lock").exists()
+
+
+def test_train_says_what_it_will_do_and_what_it_did(images, tmp_path, capsys):
+    import re
+
+    out = tmp_path / "run"
+    knn = [f"evaluation.knn_dataset.train=ImageFolder:root={images / 'train'}",
+           f"evaluation.knn_dataset.val=ImageFolder:root={images / 'val'}", "evaluation.knn_k=[3]"]
+    assert cli_main(_cli(out, images, "optim.epochs=1", *knn)) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == (
+        f"training vit_pico: 3 iterations (1 epochs of 3) on cpu, images from ImageFolder:root={images / 'train'}, "
+        f"into {out}; k-NN on ImageFolder:root={images / 'val'} (neighbours from ImageFolder:root={images / 'train'}) "
+        "at each snapshot")
+    lines = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+    top1 = [line["knn_top1_k3"] for line in lines if "knn_top1_k3" in line][-1]
+    snap = out / "eval" / "training_2" / "teacher_checkpoint.pth"
+    done = next(i for i, line in enumerate(printed) if line.startswith("done: "))
+    assert re.fullmatch(rf"done: 3 iterations in {re.escape(str(out))} \(\d+ s\), final loss \d+\.\d{{4}}, "
+                        rf"knn_top1_k3 {top1:.1f}%, bad images skipped: 0", printed[done])
+    assert printed[done + 1:done + 3] == [
+        f"teacher snapshot: {snap}",
+        f"next: dinokit embed IMAGES --config-file {out / 'config.yaml'} --weights {snap} --out emb.npz"]

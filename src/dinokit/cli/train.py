@@ -45,19 +45,54 @@ def run(args: argparse.Namespace) -> int:
                      comment=args.slurm_comment)
         print(f"submitted SLURM job {job.job_id}; logs in {args.output_dir}")
         return 0
-    summary = pretrain(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
+    import time
+
     from .. import distributed
 
+    started = time.perf_counter()
     if distributed.is_main_process():
-        metrics = summary.get("metrics") or {}
-        loss = metrics.get("total_loss")
-        print(f"done: {summary['iteration']} iterations in {summary['output_dir']}"
-              + (f", final loss {loss:.4f}" if loss is not None else ""))
-        for snap in summary.get("snapshots", [])[-1:]:
-            print(f"teacher snapshot: {snap}")
+        print(start_banner(cfg, args.output_dir, args.device))
+    summary = pretrain(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
+    if distributed.is_main_process():
+        print(end_summary(summary, time.perf_counter() - started))
         write_plot(args.output_dir)
     distributed.shutdown()
     return 0
+
+
+def start_banner(cfg, output_dir, device: str) -> str:
+    """One line before the first step: the run's length, device, data, output folder and what is evaluated."""
+    from ..devices import resolve_device
+
+    knn = cfg.evaluation.knn_dataset
+    evaluated = (f"k-NN on {knn.val} (neighbours from {knn.train}) at each snapshot" if knn and knn.train and knn.val
+                 else "no k-NN monitor (evaluation.knn_dataset is unset)")
+    return (f"training {cfg.student.arch}: {cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH} iterations "
+            f"({cfg.optim.epochs} epochs of {cfg.train.OFFICIAL_EPOCH_LENGTH}) on {resolve_device(device)}, images from "
+            f"{cfg.train.dataset_path}, into {output_dir}; {evaluated}")
+
+
+def end_summary(summary: dict, seconds: float) -> str:
+    """The lines after a run: iterations and time, loss, the last k-NN figure, skipped images, what to do next."""
+    import json
+    from pathlib import Path
+
+    out = Path(summary["output_dir"])
+    loss = (summary.get("metrics") or {}).get("total_loss")
+    knn = {}
+    metrics_file = out / "training_metrics.json"
+    if metrics_file.is_file():
+        for line in metrics_file.read_text().splitlines():
+            record = json.loads(line)
+            knn = {k: v for k, v in record.items() if k.startswith("knn_top1")} or knn
+    lines = [f"done: {summary['iteration']} iterations in {out} ({seconds:.0f} s)"
+             + (f", final loss {loss:.4f}" if loss is not None else "")
+             + "".join(f", {k} {v:.1f}%" for k, v in sorted(knn.items())[-1:])
+             + f", bad images skipped: {summary.get('bad_images', 0)}"]
+    for snap in summary.get("snapshots", [])[-1:]:
+        lines.append(f"teacher snapshot: {snap}")
+        lines.append(f"next: dinokit embed IMAGES --config-file {out / 'config.yaml'} --weights {snap} --out emb.npz")
+    return "\n".join(lines)
 
 
 def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop_after: int | None = None) -> dict:
