@@ -1,4 +1,4 @@
-"""Curation pays: the demo recipe learns more from a curated set than from a random subset of the same size.
+"""Curated set vs a random subset of the same size, both pretrained with the demo recipe (see the caveat below).
 
 The pool is what web data looks like to the pipeline: one texture class dominant, and that class made
 mostly of near-copies (10 images with 30 edited copies each: resize, JPEG, crop, flip, colour shift, text),
@@ -46,7 +46,7 @@ def _describe(paths: list[str]) -> tuple[int, int]:
     return Counter(n.split("_")[0] for n in names)["checker"], len(distinct)
 
 
-def test_curated_subset_beats_a_random_subset_of_the_same_size(demo_teacher, tmp_path):
+def test_curated_and_random_subsets_of_the_same_size_both_train(demo_teacher, tmp_path):
     pool = write_pool(tmp_path / "pool", dominant="checker", n_dominant=10, n_other=20, n_copied=10, copies=30)
     eval_root = write_sample_dataset(tmp_path / "balanced", counts={"train": 20, "val": 10}, seed=7)
     work = tmp_path / "work"
@@ -68,5 +68,9 @@ def test_curated_subset_beats_a_random_subset_of_the_same_size(demo_teacher, tmp
 
     knn_curated = _train_knn(work / "manifest.txt", eval_root, tmp_path / "train-curated")
     knn_random = _train_knn(tmp_path / "random.txt", eval_root, tmp_path / "train-random")
-    # measured 47.5% vs 42.5% (random init: 15%); other seeds in the README. Strictly higher is the claim.
-    assert knn_curated > knn_random, (knn_curated, knn_random)
+    # Both sets train (random init: 15.0%). Which one wins is NOT settled: measured 47.5% (curated) vs 42.5%
+    # (random) with seed 0, but 43.75% vs 51.25% with seed 1 (README). Asserting "curated > random" at the one
+    # seed where it held would be a cherry-picked result, so this test pins only what held on every run:
+    # the manifest trains, the curated set is more diverse and less dominated, and both runs learn.
+    print(f"k-NN top-1: curated {knn_curated}%, random subset {knn_random}%")
+    assert knn_curated >= 30 and knn_random >= 30, (knn_curated, knn_random)
