@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -176,11 +177,19 @@ def open_run_dir(
             if accepted:
                 print(f"resuming with changed settings: {_listing(accepted, 5)}")
         lock = _take_lock(out)
+        _remove_partial_files(out)
     try:
         yield out
     finally:
         if lock is not None:
             lock.unlink(missing_ok=True)
+
+
+def _remove_partial_files(out: Path) -> None:
+    """Delete the hidden ``.NAME.tmp-PID`` files that a killed run's atomic writes left (snapshots, logs, configs)."""
+    for path in out.rglob(".*.tmp-*"):
+        if path.is_file() and re.fullmatch(r"\..+\.tmp-\d+", path.name):
+            path.unlink(missing_ok=True)
 
 
 def truncate_metrics(path: Path, start_iter: int) -> None:
