@@ -505,3 +505,21 @@ def test_disk_full_while_writing_embeddings_is_one_line(tmp_path, capsys, monkey
     assert _error(capsys) == (f"error: no space left on {_mount_point(out)} while writing {out}; the partial file was "
                               "removed and nothing else was changed: free some space (or use another disk) and rerun")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+# ---------------------------------------------------------------------------------------------- evaluation trust
+def test_knn_says_when_its_numbers_cannot_be_trusted(capsys):
+    from dinokit.eval.knn import evaluate_knn
+
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(12, 8, generator=g), torch.randn(8, 8, generator=g)
+    train_y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2])  # class 3 has no (readable) training image
+    test_y = torch.tensor([0, 1, 2, 3, 3, 0, 1, 2])
+    evaluate_knn(train_x, train_y, test_x, test_y, num_classes=4, ks=(3,))
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: 1 val class(es) have no readable training image (class 3): their 25.0% of the val images can never "
+        "be classified right",
+        "note: with 4 classes top-5 is 100% by construction; read top-1 only",
+    ]
+    evaluate_knn(train_x, train_y, test_x[test_y < 3], test_y[test_y < 3], num_classes=10, ks=(3,))
+    assert capsys.readouterr().out == ""

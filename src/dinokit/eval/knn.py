@@ -161,6 +161,9 @@ def evaluate_knn(
             f"n_per_class_list={list(n_per_class_list)}); ks, temperature, n_tries and n_per_class must be positive "
             "(n_per_class -1 = all)"
         )
+    if du.is_main_process():
+        for line in label_warnings(train_labels, test_labels, num_classes):
+            print(line)
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)
     rank, world = du.get_rank(), du.get_world_size()
@@ -186,6 +189,22 @@ def evaluate_knn(
             top5 = sum(r[k][1] for r in runs) / len(runs)
             results.append(KnnResult(n_per_class=n_per_class, k=k, top1=top1, top5=top5, n_tries=len(runs)))
     return results
+
+
+def label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int) -> list[str]:
+    """Lines that say when accuracies cannot be trusted: classes without a (readable) training image, or a
+    top-5 that is 100% by construction."""
+    lines = []
+    in_train = set(train_labels.unique().tolist())
+    only_val = sorted(set(test_labels.unique().tolist()) - in_train)
+    if only_val:
+        shown = ", ".join(str(c) for c in only_val[:5]) + (", ..." if len(only_val) > 5 else "")
+        share = 100.0 * float(torch.isin(test_labels, torch.tensor(only_val)).float().mean())
+        lines.append(f"warning: {len(only_val)} val class(es) have no readable training image (class {shown}): "
+                     f"their {share:.1f}% of the val images can never be classified right")
+    if num_classes <= 5:
+        lines.append(f"note: with {num_classes} classes top-5 is 100% by construction; read top-1 only")
+    return lines
 
 
 def write_knn_results(results: Sequence[KnnResult], output_dir: str | Path) -> Path:
