@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--train-dataset", required=True, metavar="STR", help=DATASETS_HELP)
     train.add_argument("--val-dataset", required=True, metavar="STR", help="validation set (same syntax)")
     train.add_argument("--output-dir", required=True)
-    train.add_argument("--no-resume", action="store_true", help="start again even if OUTPUT_DIR has checkpoints")
+    train.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
     train.add_argument("--no-progress", action="store_true")
     train.add_argument("opts", nargs="*", metavar="KEY=VALUE",
                        help="recipe overrides: iterations, batch_size, lr, weight_decay, warmup_iters, crop_size, "

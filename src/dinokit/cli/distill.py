@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="preset name (see dinokit train --list-presets) or a YAML file [distill_demo]")
     p.add_argument("--teacher", required=False, help="the teacher: run folder, teacher_checkpoint.pth or backbone file")
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and the students' snapshots go")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT_DIR has checkpoints")
+    p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. student.arch=vit_small")
     p.set_defaults(func=run)

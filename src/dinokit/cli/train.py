@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config-file", default="demo", help="preset name (see --list-presets) or a YAML file [demo]")
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and snapshots go")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT_DIR has checkpoints")
+    p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
     p.add_argument("--list-presets", action="store_true", help="print the shipped presets and exit")
     slurm = p.add_argument_group("SLURM (needs the 'slurm' extra: pip install dinokit[slurm])")
