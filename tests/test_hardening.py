@@ -524,3 +524,14 @@ def test_knn_says_when_its_numbers_cannot_be_trusted(capsys):
     ]
     evaluate_knn(train_x, train_y, test_x[test_y < 3], test_y[test_y < 3], num_classes=10, ks=(3,))
     assert capsys.readouterr().out == ""
+
+
+def test_embed_finds_the_runs_config_beside_a_teacher_snapshot(straight, tmp_path, capsys):
+    snap = straight / "eval" / "training_5" / "teacher_checkpoint.pth"
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (0, 128, 255)).save(image)
+    out = tmp_path / "e.npz"
+    assert cli_main(["embed", str(image), "--weights", str(snap), "--out", str(out), "--image-size", "32",
+                     "--device", "cpu", "--no-progress"]) == 0
+    assert f"using the training config {straight / 'config.yaml'}" in capsys.readouterr().out
+    assert np.load(out)["cls"].shape == (1, 64)  # vit_pico's width, not ViT-S/14's 384

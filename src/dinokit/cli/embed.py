@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import find_run_config
 from ..data.datasets import make_dataset
 from ..data.images import ImageFiles, resolve_image_inputs
 from ..data.transforms import make_classification_eval_transform
@@ -33,6 +34,8 @@ from ..eval.setup import setup_eval_model
 from ..features import ExtractedFeatures, extract_features
 from ..models.checkpoint import atomic_write
 from ..models.registry import model_info
+
+DEFAULT_MODEL = "dinov2_vits14"
 
 OUTPUT_FORMATS = (".npz", ".npy", ".parquet")
 _MAX_BAD_SHOWN = 5
@@ -52,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="a folder (searched recursively), one image, a .txt file listing image paths, "
                    "or WebDataset:urls=SHARDS/{000000..000009}.tar")
     p.add_argument("--out", required=True, help="output file: .npz, .npy or .parquet")
-    p.add_argument("--model", default="dinov2_vits14", help="hub name (default: %(default)s; see 'dinokit models')")
+    p.add_argument("--model", default=None, help="hub name (default: dinov2_vits14, or the run's config.yaml found "
+                   "beside a --weights teacher_checkpoint.pth; see 'dinokit models')")
     p.add_argument("--weights", help="backbone file or URL (hub layout, teacher_checkpoint.pth, .safetensors, ...)")
     p.add_argument("--random-init", action="store_true",
                    help="random weights; without it and without --weights, the official weights are downloaded "
@@ -99,14 +103,17 @@ def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Mod
         if not args.weights and not args.random_init:
             raise DinokitError("--config-file needs --weights (e.g. a teacher_checkpoint.pth), or --random-init")
         name = f"{args.config_file} backbone"
+    elif args.model is None and args.weights and (found := find_run_config(args.weights)) is not None:
+        name = f"{found} backbone"  # a training run's snapshot: its architecture is in the run's config.yaml
     else:
+        args.model = args.model or DEFAULT_MODEL
         if model_info(args.model).is_classifier:
             backbone = args.model.removesuffix("_lc")
             raise DinokitError(f"{args.model} is a classifier; embed with its backbone: --model {backbone}")
         name = args.model
     model, _ = setup_eval_model(
         config_file=args.config_file,
-        model=None if args.config_file else args.model,
+        model=None if args.config_file else args.model,  # None: the run config found beside the weights
         pretrained_weights=args.weights,
         random_init=args.random_init,
         device=device,
