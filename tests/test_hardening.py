@@ -535,3 +535,13 @@ def test_embed_finds_the_runs_config_beside_a_teacher_snapshot(straight, tmp_pat
                      "--device", "cpu", "--no-progress"]) == 0
     assert f"using the training config {straight / 'config.yaml'}" in capsys.readouterr().out
     assert np.load(out)["cls"].shape == (1, 64)  # vit_pico's width, not ViT-S/14's 384
+
+
+def test_download_failure_names_weights_and_random_init():
+    from dinokit.models.checkpoint import load_state_dict_file
+
+    with pytest.raises(DinokitError) as err:
+        load_state_dict_file("http://127.0.0.1:9/w.pth")  # nothing listens on port 9: refused at once
+    assert str(err.value).startswith("could not download http://127.0.0.1:9/w.pth (")
+    assert str(err.value).endswith("); check the network connection, or download the file and pass its local path "
+                                   "with --weights FILE (or use --random-init)")

@@ -55,7 +55,8 @@ def _hub_cache_path(url: str) -> Path:
 
 def _download_error(url: str, err: Exception) -> DinokitError:
     return DinokitError(
-        f"could not download {url} ({err}); check the network connection, or download the file and pass its local path"
+        f"could not download {url} ({' '.join(str(err).split())[:100]}); check the network connection, or download "
+        "the file and pass its local path with --weights FILE (or use --random-init)"
     )
 
 
