@@ -181,3 +181,20 @@ def test_distillation_keys_in_a_pretraining_run_are_refused(tmp_path):
     with pytest.raises(DinokitError, match="the distillation.\\* keys are read by dinokit distill, not dinokit train"):
         train(cfg, output_dir=tmp_path / "run", device="cpu")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_batches_that_move_themselves_are_asked_to():
+    from dinokit.engine import batch_to
+
+    class Deferred:  # e.g. a batch whose crops are made on the device it is moved to
+        def to(self, device, non_blocking=False):
+            return ("made on", str(device), non_blocking)
+
+    assert batch_to(Deferred(), torch.device("cpu")) == ("made on", "cpu", True)
+    moved = batch_to({"x": torch.ones(2)}, torch.device("cpu"))
+    assert torch.equal(moved["x"], torch.ones(2))
+
+
+def test_unknown_augmentation_is_refused_at_load():
+    with pytest.raises(DinokitError, match="config key 'crops.augmentation' is 'gpu'; use one of: pil, tensor"):
+        load_config("demo", ["crops.augmentation=gpu"])

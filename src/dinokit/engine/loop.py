@@ -71,8 +71,11 @@ def init_run(seed: int) -> tuple[int, int]:
 
 
 def batch_to(batch: Any, device: torch.device) -> Any:
-    """A dataclass batch (or a dict/tuple of tensors) with its tensors on ``device``."""
+    """A dataclass batch (or a dict/tuple of tensors) with its tensors on ``device``; any other object with a
+    ``to`` method (e.g. a batch whose crops are made on the device) moves itself."""
     move = lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    if not dataclasses.is_dataclass(batch) and not isinstance(batch, (dict, tuple, list)) and hasattr(batch, "to"):
+        return batch.to(device, non_blocking=True)
     if dataclasses.is_dataclass(batch):
         return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
     if isinstance(batch, dict):
