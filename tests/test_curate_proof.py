@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dinokit.cli import main
 from dinokit.curate.synthetic import write_pool
@@ -46,7 +47,10 @@ def _describe(paths: list[str]) -> tuple[int, int]:
     return Counter(n.split("_")[0] for n in names)["checker"], len(distinct)
 
 
-def test_curated_and_random_subsets_of_the_same_size_both_train(demo_teacher, tmp_path):
+@pytest.fixture(scope="module")
+def curated(demo_teacher, tmp_path_factory):
+    """The pool curated to SIZE images, a random subset of the same size, and a balanced evaluation set."""
+    tmp_path = tmp_path_factory.mktemp("curate-proof")
     pool = write_pool(tmp_path / "pool", dominant="checker", n_dominant=10, n_other=20, n_copied=10, copies=30)
     eval_root = write_sample_dataset(tmp_path / "balanced", counts={"train": 20, "val": 10}, seed=7)
     work = tmp_path / "work"
@@ -56,18 +60,33 @@ def test_curated_and_random_subsets_of_the_same_size_both_train(demo_teacher, tm
                  # a texture's copies and its distinct siblings look alike to this small backbone: only
                  # near-identical pairs count as copies here (the default 0.85 is calibrated on scenes)
                  "dedup.threshold=0.98"]) == 0
-    curated = (work / "manifest.txt").read_text().splitlines()
     rng = np.random.default_rng(0)
     random_subset = sorted(rng.choice(sorted(str(p.resolve()) for p in pool.paths), size=SIZE, replace=False))
     (tmp_path / "random.txt").write_text("".join(f"{p}\n" for p in random_subset))
+    return tmp_path, work / "manifest.txt", tmp_path / "random.txt", eval_root
 
+
+def test_curated_set_is_less_dominated_and_its_manifest_trains(curated, tmp_path):
+    root, manifest, random_list, _ = curated
+    curated_paths, random_subset = manifest.read_text().splitlines(), random_list.read_text().splitlines()
     # what curation changed: fewer copies of the dominant class, more distinct images
-    (cur_dominant, cur_distinct), (rnd_dominant, rnd_distinct) = _describe(curated), _describe(random_subset)
-    assert len(curated) == SIZE and cur_dominant < rnd_dominant - 15 and cur_distinct > rnd_distinct + 15, (
+    (cur_dominant, cur_distinct), (rnd_dominant, rnd_distinct) = _describe(curated_paths), _describe(random_subset)
+    assert len(curated_paths) == SIZE and cur_dominant < rnd_dominant - 15 and cur_distinct > rnd_distinct + 15, (
         cur_dominant, rnd_dominant, cur_distinct, rnd_distinct)
+    # the manifest is a dataset string that dinokit train reads (a few steps; the slow test trains for real)
+    argv = ["train", "--config-file", "demo", "--output-dir", str(tmp_path / "run"), "--device", "cpu",
+            f"train.dataset_path=FileList:path={manifest}", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=1",
+            "optim.warmup_epochs=0", "teacher.warmup_teacher_temp_epochs=0", "train.num_workers=0",
+            "evaluation.knn_dataset=null"]
+    assert main(argv) == 0
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_0000002.pth").is_file()
 
-    knn_curated = _train_knn(work / "manifest.txt", eval_root, tmp_path / "train-curated")
-    knn_random = _train_knn(tmp_path / "random.txt", eval_root, tmp_path / "train-random")
+
+@pytest.mark.slow
+def test_curated_and_random_subsets_of_the_same_size_both_train(curated):
+    root, manifest, random_list, eval_root = curated
+    knn_curated = _train_knn(manifest, eval_root, root / "train-curated")
+    knn_random = _train_knn(random_list, eval_root, root / "train-random")
     # Both sets train (random init: 15.0%). Which one wins is NOT settled: measured 47.5% (curated) vs 42.5%
     # (random) with seed 0, but 43.75% vs 51.25% with seed 1 (README). Asserting "curated > random" at the one
     # seed where it held would be a cherry-picked result, so this test pins only what held on every run:
