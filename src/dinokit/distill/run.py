@@ -28,11 +28,10 @@ from omegaconf.errors import OmegaConfBaseException
 from ..config import apply_scaling_rules, write_config
 from ..config.schema import StudentConfig
 from ..devices import resolve_device
-from ..engine import Engine, Hook, build_schedulers, init_run
+from ..engine import Hook, init_run
 from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
-from ..train.data import build_train_loader
-from ..train.train import engine_config
+from ..train.train import engine_config, run_on_ssl_data
 from .task import DistillationTask, check_compatible
 from .teacher import build_teacher, resolve_teacher
 
@@ -108,10 +107,5 @@ def distill(
         settings.reshard_after_forward = {f"{key}.{part}": precision[part].sharding_strategy == "FULL_SHARD"
                                           for key, student in task.students.items() for part in student
                                           if part in ("backbone", "dino_head", "ibot_head")}
-        engine = Engine(task, settings, output_dir=output_dir, device=dev, schedules=build_schedulers(cfg), hooks=hooks)
-        start = engine.restore(resume=resume, weights=weights)
-        return engine.run(
-            lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=dev.type == "cuda"),
-            start_iter=start,
-            stop_after=stop_after,
-        )
+        return run_on_ssl_data(task, settings, cfg, output_dir=output_dir, device=dev, hooks=hooks, resume=resume,
+                               weights=weights, stop_after=stop_after)

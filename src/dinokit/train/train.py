@@ -79,14 +79,20 @@ def train(
             write_config(cfg, output_dir)
         model = SSLMetaArch(cfg)
         model.teacher.load_state_dict(model.student.state_dict())
-        engine = Engine(model, engine_config(cfg, dev), output_dir=output_dir, device=dev,
-                        schedules=build_schedulers(cfg), hooks=hooks)
-        start = engine.restore(resume=resume, weights=weights)
-        return engine.run(
-            lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=dev.type == "cuda"),
-            start_iter=start,
-            stop_after=stop_after,
-        )
+        return run_on_ssl_data(model, engine_config(cfg, dev), cfg, output_dir=output_dir, device=dev, hooks=hooks,
+                               resume=resume, weights=weights, stop_after=stop_after)
+
+
+def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir: Path, device: torch.device,
+                    hooks: Iterable[Hook], resume: bool, weights, stop_after: int | None) -> dict[str, Any]:
+    """Run ``task`` on the engine, fed by the multi-crop stream of ``cfg`` (pretraining and distillation alike)."""
+    engine = Engine(task, settings, output_dir=output_dir, device=device, schedules=build_schedulers(cfg), hooks=hooks)
+    start = engine.restore(resume=resume, weights=weights)
+    return engine.run(
+        lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=device.type == "cuda"),
+        start_iter=start,
+        stop_after=stop_after,
+    )
 
 
 def save_teacher_snapshot(model: SSLMetaArch, path: str | Path) -> None:
