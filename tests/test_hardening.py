@@ -112,6 +112,35 @@ def test_large_jpeg_is_decoded_at_reduced_scale_when_the_target_is_small(tmp_pat
     assert abs(int(np.asarray(small)[150, 200, 2]) - 90) <= 3
 
 
+def test_readers_decode_large_jpegs_at_the_size_their_transform_needs(tmp_path):
+    from dinokit.data.augmentations import DataAugmentationDINO
+    from dinokit.data.loaders import make_ssl_data_loader
+    from dinokit.data.transforms import make_classification_eval_transform, make_classification_train_transform
+
+    h, w = 1500, 2000
+    y, x = np.mgrid[0:h, 0:w]
+    pattern = np.stack([x * 255 / w, y * 255 / h, 128 + 100 * np.sin(x / 90) * np.cos(y / 70)], -1)
+    Image.fromarray(pattern.astype(np.uint8)).save(tmp_path / "big.jpg", quality=95)
+    evaluation = make_classification_eval_transform(crop_size=224)  # resize to 256, centre crop 224
+    drafted, full = ImageFiles([tmp_path / "big.jpg"], transform=evaluation), ImageFiles([tmp_path / "big.jpg"],
+                                                                                          transform=evaluation,
+                                                                                          draft_size=0)
+    assert drafted.draft_size == 256 and drafted.read_image(0).size == (500, 375)  # 1/4 scale: short side >= 256
+    assert full.read_image(0).size == (2000, 1500)
+    difference = (drafted[0][1] - full[0][1]).abs()  # normalised pixels (std ~0.23 per unit of 255 / 255)
+    assert difference.mean() < 0.02 and difference.max() < 0.1
+    # the linear probe's RandomResizedCrop (scale >= 0.08) needs 224 / sqrt(0.08) = 792 pixels
+    drafted.transform = make_classification_train_transform(crop_size=224)
+    assert drafted.draft_size == 792 and drafted.read_image(0).size == (2000, 1500)  # half would be too small
+    # pretraining: the smallest local crop (96 px of 5% of the area) needs 96 / sqrt(0.05) = 430 pixels
+    augmentation = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2)
+    assert augmentation.draft_size == max(397, 430)
+    loader = make_ssl_data_loader(f"ImageFolder:root={tmp_path}", transform=augmentation, collate=lambda b: b, seed=0,
+                                  batch_size_per_rank=1, num_workers=0, rank=0, world_size=1)
+    assert loader.dataset.base_dataset.draft_size == 430
+    assert loader.dataset.base_dataset.read_image(0).size == (1000, 750)
+
+
 def test_skip_warning_is_one_line_without_a_source_line(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ..errors import DinokitError
+from .images import crop_draft_size
 from .transforms import make_normalize_transform
 
 # Effective probabilities of blurring (global crop 1, global crop 2, local crops).
@@ -101,6 +102,12 @@ class DataAugmentationDINO:
             [color_jittering, _blur(blur_global2), v2.RandomSolarize(threshold=128, p=SOLARIZE_PROBABILITY), normalize]
         )
         self.local_transfo = v2.Compose([color_jittering, _blur(blur_local), normalize])
+
+    @property
+    def draft_size(self) -> int:
+        """The short side an image needs so that no crop is upsampled (larger JPEGs are decoded smaller)."""
+        return max(crop_draft_size(self.global_crops_size, self.global_crops_scale[0]),
+                   crop_draft_size(self.local_crops_size, self.local_crops_scale[0]))
 
     def __repr__(self) -> str:
         return (

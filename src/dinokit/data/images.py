@@ -6,6 +6,7 @@ and :func:`collate_skip_bad` drops it from the batch while recording its index.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -167,6 +168,32 @@ def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, b
             Image.MAX_IMAGE_PIXELS = saved
 
 
+def crop_draft_size(size: int | Sequence[int], min_scale: float = 1.0) -> int:
+    """The short side an image needs so that a crop of ``min_scale`` of its area still has ``size`` pixels across
+    (a random-resized crop is then never upsampled): ``ceil(size / sqrt(min_scale))``."""
+    side = max(size) if isinstance(size, Sequence) else int(size)
+    return math.ceil(side / math.sqrt(min_scale) - 1e-9)
+
+
+def draft_size_for(transform: Any) -> int | None:
+    """The short side ``transform`` needs of its input (so larger JPEGs may be decoded at reduced scale), or None
+    when it cannot tell: a ``draft_size`` attribute, else the first resize or crop of a torchvision ``Compose``."""
+    from torchvision.transforms import v2
+
+    declared = getattr(transform, "draft_size", None)
+    if declared is not None:
+        return int(declared)
+    steps = getattr(transform, "transforms", None) if isinstance(transform, v2.Compose) else [transform]
+    for step in steps or ():
+        if isinstance(step, v2.RandomResizedCrop):
+            return crop_draft_size(step.size, step.scale[0])
+        if isinstance(step, (v2.Resize, v2.CenterCrop)) and step.size is not None:
+            return crop_draft_size(step.size)
+        if isinstance(step, v2.Compose):
+            return draft_size_for(step)
+    return None
+
+
 class SkippedImageWarning(UserWarning):
     """An image left out of a run, with the reason (shown once per file, without a source line)."""
 
@@ -181,7 +208,9 @@ def warn_skipped(path: str | Path, err: Exception) -> None:
 class ImageFiles(Dataset):
     """Images given by path, with optional integer targets; a bad file yields ``None``.
 
-    Each item is ``(index, image_or_None, target)``; ``image`` is ``transform(PIL image)``.
+    Each item is ``(index, image_or_None, target)``; ``image`` is ``transform(PIL image)``. Large JPEGs are
+    decoded at reduced scale, down to :attr:`draft_size` pixels on their short side: the one set, else the
+    one ``transform`` needs (:func:`draft_size_for`), else full size.
     """
 
     def __init__(
@@ -189,17 +218,27 @@ class ImageFiles(Dataset):
         paths: Sequence[str | Path],
         targets: Sequence[int] | None = None,
         transform: Callable[[Image.Image], Any] | None = None,
+        draft_size: int | None = None,
     ) -> None:
         self.paths = [Path(p) for p in paths]
         self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
         self.transform = transform
+        self._draft_size = draft_size
+
+    @property
+    def draft_size(self) -> int | None:
+        return self._draft_size if self._draft_size is not None else draft_size_for(self.transform)
+
+    @draft_size.setter
+    def draft_size(self, value: int | None) -> None:
+        self._draft_size = value
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def read_image(self, index: int) -> Image.Image:
         """The decoded RGB image of item ``index`` (subclasses read from elsewhere, e.g. tar shards)."""
-        return load_image(self.paths[index])
+        return load_image(self.paths[index], draft_size=self.draft_size)
 
     def __getitem__(self, index: int):
         try:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import distributed
 from ..errors import DinokitError
 from .datasets import make_dataset
+from .images import crop_draft_size, draft_size_for
 from .samplers import InfiniteStreamSampler, derive_seed, seeded_rngs
 
 _CACHED_PASSES = 2  # a batch can straddle two passes
@@ -70,6 +71,17 @@ def _limit_worker_threads(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def _draft_size(transform: Any, collate: Any) -> int | None:
+    """The short side the crops need of an image: from the transform, or (batched tensor crops) from the
+    collate's crop sizes and the transform's crop scales."""
+    size = draft_size_for(transform)
+    multi_crop = getattr(collate, "multi_crop", None)
+    if size is None and multi_crop is not None and hasattr(transform, "global_crops_scale"):
+        size = max(crop_draft_size(multi_crop.global_crops_size, transform.global_crops_scale[0]),
+                   crop_draft_size(multi_crop.local_crops_size, transform.local_crops_scale[0]))
+    return size
+
+
 def make_ssl_data_loader(
     dataset_str: str,
     *,
@@ -95,6 +107,7 @@ def make_ssl_data_loader(
     rank = distributed.get_rank() if rank is None else rank
     world_size = distributed.get_world_size() if world_size is None else world_size
     base = make_dataset(dataset_str, transform=None, labelled=False)
+    base.draft_size = _draft_size(transform, collate)
     sampler = InfiniteStreamSampler.for_iteration(
         start_iteration, rank=rank, world_size=world_size, batch_size_per_rank=batch_size_per_rank
     )

@@ -176,7 +176,7 @@ class ShardDataset(ImageDataset):
         offset, size = sample.image
         f = self._file(sample.shard)
         f.seek(offset)
-        return load_image(io.BytesIO(f.read(size)))  # decoded like any image file
+        return load_image(io.BytesIO(f.read(size)), draft_size=self.draft_size)  # decoded like any image file
 
 
 def make_shard_dataset(urls: str, *, transform: Callable | None = None, labelled: bool = False,

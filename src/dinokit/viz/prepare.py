@@ -67,7 +67,7 @@ def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None 
     if isinstance(image, (str, Path)):
         name = Path(image).stem
         try:
-            image = load_image(image)
+            image = load_image(image, draft_size=image_size)  # large JPEGs decoded nearer the size used
         except FileNotFoundError:
             raise DinokitError(f"input image {str(image)!r} does not exist; check the path") from None
         except (OSError, ValueError, Image.DecompressionBombError) as err:
