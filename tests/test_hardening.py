@@ -269,19 +269,24 @@ def test_a_second_run_in_the_same_folder_is_refused(images, tmp_path, capsys):
         assert (out / ".dinokit.lock").read_text().endswith(str(os.getpid()))
 
 
-def test_sigterm_checkpoints_says_how_to_resume_and_resumes_bit_exact(images, straight, tmp_path, capsys,
-                                                                      monkeypatch):
+def _signal_during_iteration_1(monkeypatch, sig) -> None:
+    """Send ``sig`` to this process during iteration 1 of the next run (not at a checkpoint boundary)."""
     from dinokit.train.ssl_meta_arch import SSLMetaArch
 
     original, calls = SSLMetaArch.compute_losses, {"n": 0}
 
     def signalled(self, batch, iteration, sched):
         calls["n"] += 1
-        if calls["n"] == 2:  # during iteration 1: the run stops after it, not at a checkpoint boundary
-            os.kill(os.getpid(), signal.SIGTERM)
+        if calls["n"] == 2:
+            os.kill(os.getpid(), sig)
         return original(self, batch, iteration, sched)
 
     monkeypatch.setattr(SSLMetaArch, "compute_losses", signalled)
+
+
+def test_sigterm_checkpoints_says_how_to_resume_and_resumes_bit_exact(images, straight, tmp_path, capsys,
+                                                                      monkeypatch):
+    _signal_during_iteration_1(monkeypatch, signal.SIGTERM)
     out = tmp_path / "run"
     assert cli_main(_cli(out, images)) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -289,7 +294,7 @@ def test_sigterm_checkpoints_says_how_to_resume_and_resumes_bit_exact(images, st
         "rerun the same command to resume")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_0000002.pth"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    monkeypatch.setattr(SSLMetaArch, "compute_losses", original)
+    monkeypatch.undo()
     # a killed run logged two iterations past its checkpoint: the resumed log has each iteration once
     with open(out / "training_metrics.json", "a") as f:
         f.write(json.dumps({"iteration": 2, "total_loss": 0.0}) + "\n" + '{"iteration": 3, "tot')
@@ -300,6 +305,18 @@ def test_sigterm_checkpoints_says_how_to_resume_and_resumes_bit_exact(images, st
     reference = [json.loads(line) for line in (straight / "training_metrics.json").read_text().splitlines()]
     assert [line["total_loss"] for line in lines] == [line["total_loss"] for line in reference]
     _assert_same_weights(straight, out)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this platform")
+def test_slurm_preemption_signal_checkpoints_like_sigterm(images, tmp_path, capsys, monkeypatch):
+    _signal_during_iteration_1(monkeypatch, signal.SIGUSR1)
+    out = tmp_path / "run"
+    assert cli_main(_cli(out, images)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"stopped by SIGUSR1 (SLURM pre-emption or time limit) after iteration 2 of 6: checkpoint of iteration 2 "
+        f"kept in {out / 'checkpoints'}; rerun the same command to resume")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_0000002.pth"]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 def test_fresh_run_says_starting_from_scratch(images, tmp_path, capsys):

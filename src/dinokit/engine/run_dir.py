@@ -12,7 +12,7 @@ Every trainer (``dinokit train``, ``distill``, ``dense train``) opens its output
   (keys that may change between resumes, such as ``optim.epochs``, are only reported).
 
 The engine then uses :func:`truncate_metrics` (the log goes back to the resumed iteration),
-:func:`check_disk_space` and :class:`InterruptGuard` (SIGINT/SIGTERM: checkpoint, then say how to resume).
+:func:`check_disk_space` and :class:`InterruptGuard` (SIGINT/SIGTERM/SIGUSR1: checkpoint, then say how to resume).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM stopped a run after it saved a checkpoint; the message says what was kept and how to resume."""
+    """SIGINT/SIGTERM/SIGUSR1 stopped a run after it saved a checkpoint; the message says what was kept and how to resume."""
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -231,19 +231,22 @@ def check_disk_space(directory: Path, checkpoint_bytes: int, keep: int) -> None:
 
 
 class InterruptGuard:
-    """While active, SIGINT and SIGTERM only set :attr:`requested` (a second signal acts as usual).
+    """While active, SIGINT, SIGTERM and SIGUSR1 (what SLURM sends before pre-emption or the time limit with
+    ``--signal=USR1@SECONDS``) only set :attr:`requested` (a second signal acts as usual).
 
     The engine checks the flag after each step, saves a checkpoint and raises :class:`RunInterrupted`.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+    _MEANING = {"SIGUSR1": "SIGUSR1 (SLURM pre-emption or time limit)"}
 
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
-        self.requested = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        self.requested = self._MEANING.get(name, name)
         self._restore()  # a second Ctrl-C stops at once (checkpoints are written atomically)
 
     def _restore(self) -> None:
