@@ -177,7 +177,7 @@ def test_heterogeneous_teacher_and_several_students_share_one_teacher_forward(im
                                                       weights_only=True)["model"])  # frozen teacher not checkpointed
 
 
-def test_feature_distillation_from_an_official_backbone_file(images, tmp_path):
+def test_feature_distillation_from_an_official_backbone_file(images, tmp_path, capsys):
     torch.manual_seed(0)
     official = build_backbone("vit_pico", patch_size=8, img_size=48, init_values=1.0, num_register_tokens=4,
                               interpolate_antialias=True, interpolate_offset=0.0)
@@ -188,6 +188,8 @@ def test_feature_distillation_from_an_official_backbone_file(images, tmp_path):
     assert isinstance(task.students["student"].projection, torch.nn.Linear)  # 48-d student -> 64-d teacher
     assert task.students["student"].projection.weight.shape == (64, 48)
     summary = distill(cfg, output_dir=tmp_path / "run", device="cpu")
+    assert f"into the student (vit_femto), 24 images found in ImageFolder:root={images / 'train'}\n" in \
+        capsys.readouterr().out
     lines = [json.loads(l) for l in (tmp_path / "run" / "training_metrics.json").read_text().splitlines()]
     assert summary["iteration"] == 6 and {"feature_cls_loss", "feature_patch_loss"} <= set(lines[-1])
     assert lines[-1]["feature_cls_loss"] < lines[0]["feature_cls_loss"]  # the student moves towards the teacher

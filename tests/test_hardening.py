@@ -522,7 +522,7 @@ def test_train_says_what_it_will_do_and_what_it_did(images, tmp_path, capsys):
     assert cli_main(_cli(out, images, "optim.epochs=1", *knn)) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == (
-        f"training vit_pico: 3 iterations (1 epochs of 3) on cpu, images from ImageFolder:root={images / 'train'}, "
+        f"training vit_pico: 3 iterations (1 epochs of 3) on cpu, 8 images found in ImageFolder:root={images / 'train'}, "
         f"into {out}; k-NN on ImageFolder:root={images / 'val'} (neighbours from ImageFolder:root={images / 'train'}) "
         "at each snapshot")
     lines = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]

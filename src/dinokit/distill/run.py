@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..config import apply_scaling_rules, write_config
 from ..config.schema import StudentConfig
+from ..data import make_dataset
 from ..devices import resolve_device
 from ..engine import Hook, init_run
 from ..engine.run_dir import open_run_dir
@@ -100,7 +101,8 @@ def distill(
                     write_config(student_config(cfg, section), output_dir / name)
             print(f"distilling {source.weights} ({type(teacher.backbone).__name__} {teacher.backbone.embed_dim}-d, "
                   f"{teacher.backbone.n_blocks} blocks) into " + ", ".join(
-                      f"{name or 'the student'} ({s.arch})" for name, s in students.items()))
+                      f"{name or 'the student'} ({s.arch})" for name, s in students.items())
+                  + f", {len(make_dataset(cfg.train.dataset_path))} images found in {cfg.train.dataset_path}")
         task = DistillationTask(cfg, teacher=teacher, students=students)
         settings = engine_config(cfg, dev)
         precision = cfg.compute_precision.student
