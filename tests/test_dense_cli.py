@@ -136,6 +136,9 @@ def test_eval_of_an_official_segmentation_head_file(dense_root, tmp_path):
                  "--no-progress"]) == 0
     result = json.loads((tmp_path / "results_eval_segmentation.json").read_text())
     assert len(result["IoU"]) == 150 and 0 <= result["aAcc"] <= 100
+    # where the numbers came from
+    assert (result["weights"], result["dataset"]) == ("random-init (seed 0)", val)
+    assert result["head"] == str((tmp_path / "dinov2_vits14_ade20k_linear_head.pth").resolve())
 
 
 def test_augmented_training_validates_resumes_and_trains_dpt(demo_teacher, tmp_path, capsys):

@@ -572,6 +572,79 @@ def test_knn_says_when_its_numbers_cannot_be_trusted(capsys):
     assert capsys.readouterr().out == ""
 
 
+@pytest.fixture(scope="module")
+def untrusted(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Train classes a, b and c (c's images all unreadable); val classes a, b, c and d (d only in val); the weights
+    of a tiny backbone and its config."""
+    from dinokit.eval import build_eval_backbone
+
+    root = tmp_path_factory.mktemp("untrusted")
+    for split, classes in (("train", "abc"), ("val", "abcd")):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                if split == "train" and name == "c":
+                    (root / split / name / f"{i}.png").write_bytes(b"not an image")
+                else:
+                    Image.new("RGB", (16, 16), (60 * c, 40 * i, 200)).save(root / split / name / f"{i}.png")
+    config = root / "tiny.yaml"
+    config.write_text("student:\n  arch: vit_pico\n  patch_size: 8\ncrops:\n  global_crops_size: 16\n")
+    torch.manual_seed(0)
+    weights = root / "w.pth"
+    torch.save(build_eval_backbone(load_config(str(config))).state_dict(), weights)
+    return root, config, weights
+
+
+@pytest.mark.parametrize("protocol, extra", [
+    ("knn", ["--nb-knn", "2"]),
+    ("linear", ["--epochs", "1", "--epoch-length", "2", "--batch-size", "4", "--learning-rates", "0.1",
+                "--n-last-blocks", "1"]),
+    ("logreg", ["--c-grid-size", "2", "--max-iter", "20"]),
+])
+def test_eval_says_when_its_numbers_cannot_be_trusted_and_where_they_came_from(untrusted, tmp_path, capsys,
+                                                                              protocol, extra):
+    root, config, weights = untrusted
+    out = tmp_path / "out"
+    argv = ["eval", protocol, "--output-dir", str(out), "--train-dataset", str(root / "train"), "--val-dataset",
+            f"ImageFolder:root={root / 'val'}", "--config-file", str(config), "--pretrained-weights", str(weights),
+            "--image-size", "16", "--num-workers", "0", "--device", "cpu", "--no-progress", *extra]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped images' own lines
+        assert cli_main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    unusable = ("warning: 2 val class(es) have no readable training image (class 2, 3): their 50.0% of the val "
+                "images can never be classified right")
+    assert unusable in printed
+    top5 = "note: with 4 classes top-5 is 100% by construction; read top-1 only"
+    assert (top5 in printed) == (protocol == "knn")  # linear and logreg report top-1 only
+    (line,) = [json.loads(x) for x in (out / f"results_eval_{protocol}.json").read_text().splitlines()]
+    assert line["weights"] == str(weights.resolve())
+    assert (line["train_dataset"], line["val_dataset"]) == (str(root / "train"), f"ImageFolder:root={root / 'val'}")
+    assert line["warnings"] == [unusable] + ([top5] if protocol == "knn" else [])
+
+
+def test_results_are_appended_atomically(tmp_path, monkeypatch):
+    from dinokit.eval.setup import append_results
+    from dinokit.models.checkpoint import _mount_point
+
+    path = tmp_path / "results_eval_knn.json"
+    append_results(path, [{"top1": 1.0}])
+    append_results(path, [{"top1": 2.0}, {"top1": 3.0}])
+    assert [json.loads(x)["top1"] for x in path.read_text().splitlines()] == [1.0, 2.0, 3.0]
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(DinokitError) as err:
+        append_results(path, [{"top1": 4.0}])
+    monkeypatch.undo()
+    assert str(err.value) == (f"no space left on {_mount_point(path)} while writing {path}; the partial file was "
+                              "removed and the previous file is intact: free some space (or use another disk) and rerun")
+    assert [json.loads(x)["top1"] for x in path.read_text().splitlines()] == [1.0, 2.0, 3.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results_eval_knn.json"]
+
+
 def test_embed_finds_the_runs_config_beside_a_teacher_snapshot(straight, tmp_path, capsys):
     snap = straight / "eval" / "training_5" / "teacher_checkpoint.pth"
     image = tmp_path / "a.png"

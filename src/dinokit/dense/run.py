@@ -49,6 +49,13 @@ def _backbone(source: dict[str, Any], device: torch.device):
     )
 
 
+def _weights(source: dict[str, Any]) -> str:
+    """Which backbone weights a result came from (a path, ``official NAME`` or the random init)."""
+    from ..eval.setup import weights_label
+
+    return weights_label(source.get("pretrained_weights"), source.get("model"), bool(source.get("random_init")))
+
+
 def _write_json(path: Path, payload: dict) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=1, default=str))
@@ -143,7 +150,7 @@ def train_head(
         rank = du.get_rank()  # each rank draws its own batches (seeded by rank), as a sharded sampler would
         engine.run(lambda start_iter: make_batches(cached, train_set, recipe, start_iter, rank=rank), start_iter=start)
         result = evaluate(dense_model, val_set, inference, progress=progress)
-        result["dataset"] = val_dataset
+        result.update(dataset=val_dataset, train_dataset=train_dataset, weights=_weights(backbone_source))
         if du.is_main_process():
             save_head(head_module, out / "head.pth", meta)
             _write_json(out / results_name(task), result)
@@ -184,6 +191,7 @@ def load_dense_model(
     source = {k: v for k, v in (backbone_source or {}).items() if v} or meta.get("backbone")
     if not source:
         raise DinokitError(f"{str(head_file)!r} does not record its backbone; give --model or --config-file/--pretrained-weights")
+    meta = {**meta, "backbone": source}  # the backbone actually used
     device_ = resolve_device(device)
     backbone, _ = _backbone(source, device_)
     dim, depth = backbone.embed_dim, len(backbone.blocks)
@@ -228,7 +236,7 @@ def eval_head(
     if dataset.info.task != model.task:
         raise DinokitError(f"{val_dataset!r} is a {dataset.info.task} dataset but the head predicts {model.task}")
     result = evaluate(model, dataset, inference, progress=progress)
-    result["dataset"] = val_dataset
+    result.update(dataset=val_dataset, head=str(Path(head_file).resolve()), weights=_weights(meta["backbone"]))
     if du.is_main_process():
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

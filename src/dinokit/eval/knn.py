@@ -13,7 +13,6 @@ gathered and merged into the global top-k, so every rank ends with the same, exa
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +23,8 @@ from torch import nn
 
 from .. import distributed as du
 from ..errors import DinokitError
-from .setup import EvalContext, extract_eval_features, load_eval_datasets
+from .setup import (EvalContext, append_results, extract_eval_features, label_warnings, load_eval_datasets,
+                    report_label_warnings)
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
@@ -161,9 +161,7 @@ def evaluate_knn(
             f"n_per_class_list={list(n_per_class_list)}); ks, temperature, n_tries and n_per_class must be positive "
             "(n_per_class -1 = all)"
         )
-    if du.is_main_process():
-        for line in label_warnings(train_labels, test_labels, num_classes):
-            print(line)
+    report_label_warnings(train_labels, test_labels, num_classes)
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)
     rank, world = du.get_rank(), du.get_world_size()
@@ -191,30 +189,10 @@ def evaluate_knn(
     return results
 
 
-def label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int) -> list[str]:
-    """Lines that say when accuracies cannot be trusted: classes without a (readable) training image, or a
-    top-5 that is 100% by construction."""
-    lines = []
-    in_train = set(train_labels.unique().tolist())
-    only_val = sorted(set(test_labels.unique().tolist()) - in_train)
-    if only_val:
-        shown = ", ".join(str(c) for c in only_val[:5]) + (", ..." if len(only_val) > 5 else "")
-        share = 100.0 * float(torch.isin(test_labels, torch.tensor(only_val)).float().mean())
-        lines.append(f"warning: {len(only_val)} val class(es) have no readable training image (class {shown}): "
-                     f"their {share:.1f}% of the val images can never be classified right")
-    if num_classes <= 5:
-        lines.append(f"note: with {num_classes} classes top-5 is 100% by construction; read top-1 only")
-    return lines
-
-
-def write_knn_results(results: Sequence[KnnResult], output_dir: str | Path) -> Path:
-    """Append one JSON line per (n_per_class, k) to ``output_dir/results_eval_knn.json``."""
-    path = Path(output_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        for r in results:
-            f.write(json.dumps(asdict(r)) + "\n")
-    return path
+def write_knn_results(results: Sequence[KnnResult], output_dir: str | Path, provenance: dict | None = None) -> Path:
+    """Append one JSON line per (n_per_class, k) to ``output_dir/results_eval_knn.json`` (atomically), each with
+    ``provenance`` (weights, datasets, warnings)."""
+    return append_results(Path(output_dir) / RESULTS_FILE, [{**asdict(r), **(provenance or {})} for r in results])
 
 
 def format_knn_table(results: Sequence[KnnResult]) -> str:
@@ -258,7 +236,7 @@ def run_knn_eval(
         num_classes=num_classes, ks=ks, temperature=temperature, device=device,
     )
     if write_results and output_dir is not None and du.is_main_process():
-        write_knn_results(results, output_dir)
+        write_knn_results(results, output_dir, {"train_dataset": train_dataset_str, "val_dataset": val_dataset_str})
     metrics = {}
     for r in results:
         metrics[f"knn_top1_k{r.k}"] = r.top1
@@ -284,5 +262,6 @@ def knn_protocol(
         n_tries=n_tries, chunk_size=chunk_size, device=ctx.device,
     )
     if du.is_main_process():
-        write_knn_results(results, ctx.output_dir)
+        trust = label_warnings(train.targets, val.targets, ctx.num_classes)
+        write_knn_results(results, ctx.output_dir, {**ctx.provenance, "warnings": trust})
     return results

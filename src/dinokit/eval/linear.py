@@ -16,7 +16,6 @@ faster, usually a little less accurate.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -33,7 +32,7 @@ from ..errors import DinokitError
 from ..features import autocast_context
 from ..models.checkpoint import atomic_write
 from ..models.linear_classifier import probe_input
-from .setup import EvalContext, linear_feature_parts
+from .setup import EvalContext, append_results, linear_feature_parts, report_label_warnings
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 N_LAST_BLOCKS = (1, 4)
@@ -120,9 +119,10 @@ def cached_batches(
 
 def augmented_batches(
     backbone: nn.Module, dataset: ImageDataset, *, batch_size: int, num_workers: int = 0, seed: int = 0,
-    device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = None, unreadable: set[int] | None = None,
 ) -> Iterator[FeatureBatch]:
-    """Endless batches of frozen features of augmented images (``dataset`` carries the train transform)."""
+    """Endless batches of frozen features of augmented images (``dataset`` carries the train transform); the
+    indices of the images found unreadable are added to ``unreadable``."""
     device = torch.device(device)
     sampler = InfiniteShuffle(len(dataset), seed=seed, rank=du.get_rank(), world_size=du.get_world_size())
     loader = DataLoader(
@@ -130,6 +130,8 @@ def augmented_batches(
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
     )
     for batch in loader:
+        if unreadable is not None:
+            unreadable.update(batch["bad"])
         if batch["image"] is None:
             continue  # every image of the batch was unreadable
         with torch.no_grad(), autocast_context(device, dtype):
@@ -214,10 +216,11 @@ def save_linear_head(linear: nn.Linear, path: str | Path) -> Path:
 
 
 def save_results(
-    probes: LinearProbes, accuracies: dict[str, float], output_dir: str | Path, *, iterations: int, augment: bool
+    probes: LinearProbes, accuracies: dict[str, float], output_dir: str | Path, *, iterations: int, augment: bool,
+    provenance: dict | None = None,
 ) -> LinearResult:
     """Save the best head (``linear_head_best.pth``), the best ``_lc``-compatible heads
-    (avgpool, ``linear_head_1.pth`` / ``linear_head_4.pth``) and append the result line."""
+    (avgpool, ``linear_head_1.pth`` / ``linear_head_4.pth``) and append the result line (with ``provenance``)."""
     output_dir = Path(output_dir)
     best = best_classifier(accuracies, probes.settings)
     s = probes.settings[best]
@@ -232,8 +235,7 @@ def save_results(
         best_classifier=best, top1=accuracies[best], n_last_blocks=s.n_last_blocks, avgpool=s.avgpool, lr=s.lr,
         iterations=iterations, augment=augment, head_files=files, classifiers=accuracies,
     )
-    with open(output_dir / RESULTS_FILE, "a") as f:
-        f.write(json.dumps(asdict(result)) + "\n")
+    append_results(output_dir / RESULTS_FILE, [{**asdict(result), **(provenance or {})}])
     return result
 
 
@@ -276,22 +278,29 @@ def linear_protocol(
         torch.manual_seed(seed)  # identical initial classifiers on every rank
         probes = LinearProbes(settings, embed_dim=val.features["patch_mean"].shape[1], num_classes=ctx.num_classes)
     probes.to(ctx.device)
+    unreadable: set[int] = set()
     if augment:
         train_set = copy.copy(ctx.train)  # same files, training transform
         train_set.transform = make_classification_train_transform(crop_size=ctx.image_size)
         batches = augmented_batches(ctx.model, train_set, batch_size=batch_size, num_workers=ctx.num_workers,
-                                    seed=seed, device=ctx.device, dtype=ctx.dtype)
+                                    seed=seed, device=ctx.device, dtype=ctx.dtype, unreadable=unreadable)
+        train_targets = ctx.train.targets
     else:
         train = ctx.features("train", "linear")
         batches = cached_batches(train.features["cls_tokens"], train.features["patch_mean"], train.targets,
                                  batch_size=batch_size, seed=seed, device=ctx.device)
+        train_targets = train.targets.tolist()
     iterations = epochs * epoch_length
     try:
         train_probes(probes, batches, iterations=iterations, progress=ctx.progress)
     finally:
         batches.close()  # stops the data-loader workers
+    # the classes the probes could learn: those with a training image read (the augmented stream met the others)
+    readable = torch.as_tensor([t for i, t in enumerate(train_targets) if i not in unreadable], dtype=torch.long)
+    trust = report_label_warnings(readable, val.targets, ctx.num_classes, top5=False)  # the probes report top-1
     accuracies = evaluate_probes(probes, val.features["cls_tokens"], val.features["patch_mean"], val.targets)
     result = None
     if du.is_main_process():
-        result = save_results(probes, accuracies, ctx.output_dir, iterations=iterations, augment=augment)
+        result = save_results(probes, accuracies, ctx.output_dir, iterations=iterations, augment=augment,
+                              provenance={**ctx.provenance, "warnings": trust})
     return result, probes, accuracies

@@ -12,7 +12,6 @@ any device (``backend="torch"``, the GPU path; the official code needs cuML inst
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import distributed as du
 from ..errors import DinokitError
-from .setup import EvalContext
+from .setup import EvalContext, append_results, report_label_warnings
 
 RESULTS_FILE = "results_eval_logreg.json"
 DEFAULT_MAX_ITER = 1000
@@ -206,12 +205,9 @@ def evaluate_logreg(
     )
 
 
-def write_logreg_result(result: LogregResult, output_dir: str | Path) -> Path:
-    path = Path(output_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(asdict(result)) + "\n")
-    return path
+def write_logreg_result(result: LogregResult, output_dir: str | Path, provenance: dict | None = None) -> Path:
+    """Append the result line (with ``provenance``) to ``output_dir/results_eval_logreg.json``, atomically."""
+    return append_results(Path(output_dir) / RESULTS_FILE, [{**asdict(result), **(provenance or {})}])
 
 
 def logreg_protocol(
@@ -226,10 +222,11 @@ def logreg_protocol(
     """``dinokit eval logreg``: cached class tokens, C selection and refit, ``results_eval_logreg.json``."""
     train = ctx.features("train", "cls")
     val = ctx.features("val", "cls")
+    trust = report_label_warnings(train.targets, val.targets, ctx.num_classes, top5=False)  # top-1 only
     result = evaluate_logreg(
         train.features["cls"], train.targets, val.features["cls"], val.targets, c_values=c_values,
         backend=backend, holdout_fraction=holdout_fraction, max_iter=max_iter, tol=tol, device=ctx.device,
     )
     if du.is_main_process():
-        write_logreg_result(result, ctx.output_dir)
+        write_logreg_result(result, ctx.output_dir, {**ctx.provenance, "warnings": trust})
     return result

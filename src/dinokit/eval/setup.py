@@ -118,6 +118,55 @@ def setup_eval_model(
     return backbone.to(device).eval().requires_grad_(False), description
 
 
+def weights_label(pretrained_weights: str | None, model: str | None, random_init: bool) -> str:
+    """Which weights a result came from: the file's absolute path (or the URL), ``official NAME`` or the random init."""
+    if pretrained_weights:
+        path = Path(pretrained_weights).expanduser()
+        return str(path.resolve()) if path.exists() else pretrained_weights
+    if model and not random_init:
+        return f"official {model}"
+    return f"random-init (seed {RANDOM_INIT_SEED})"
+
+
+# ---------------------------------------------------------------------------------------------- results
+def label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *,
+                   top5: bool = True) -> list[str]:
+    """Lines that say when accuracies cannot be trusted: val classes without a readable training image (present
+    only in val, or whose training images are all unreadable), or a top-5 that is 100% by construction."""
+    lines = []
+    in_train = set(train_labels.unique().tolist())
+    only_val = sorted(set(test_labels.unique().tolist()) - in_train)
+    if only_val:
+        shown = ", ".join(str(c) for c in only_val[:5]) + (", ..." if len(only_val) > 5 else "")
+        share = 100.0 * float(torch.isin(test_labels, torch.tensor(only_val)).float().mean())
+        lines.append(f"warning: {len(only_val)} val class(es) have no readable training image (class {shown}): "
+                     f"their {share:.1f}% of the val images can never be classified right")
+    if top5 and num_classes <= 5:
+        lines.append(f"note: with {num_classes} classes top-5 is 100% by construction; read top-1 only")
+    return lines
+
+
+def report_label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *,
+                          top5: bool = True) -> list[str]:
+    """:func:`label_warnings`, printed once (main process); returned for the results file."""
+    lines = label_warnings(train_labels, test_labels, num_classes, top5=top5)
+    if du.is_main_process():
+        for line in lines:
+            print(line)
+    return lines
+
+
+def append_results(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Append one JSON line per record to ``path``, atomically: a crash or a full disk leaves the old lines intact."""
+    path = Path(path)
+    old = path.read_text() if path.is_file() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"  # a line torn by an older, non-atomic writer stays a line of its own
+    with atomic_write(path) as tmp:
+        tmp.write_text(old + "".join(json.dumps(r, default=str) + "\n" for r in records))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- data
 def load_eval_datasets(
     train_dataset_str: str, val_dataset_str: str, *, image_size: int = 224, transform: Callable | None = None
@@ -283,6 +332,8 @@ class EvalContext:
     batch_size: int = 64
     num_workers: int = 0
     progress: bool = True
+    # what every result line says it came from: {"weights": ..., "train_dataset": ..., "val_dataset": ...}
+    provenance: dict[str, str] = field(default_factory=dict)
 
     def features(self, split: str, kind: str) -> ExtractedFeatures:
         """``kind`` features of the ``train`` or ``val`` split, from the cache or extracted (and cached)."""
@@ -332,4 +383,6 @@ def prepare_eval(
         cache=FeatureCache(output_dir / "features" if cache else None, key), output_dir=output_dir,
         image_size=image_size, device=device_, dtype=dtype_, batch_size=batch_size, num_workers=num_workers,
         progress=progress,
+        provenance={"weights": weights_label(pretrained_weights, model, random_init), "train_dataset": train_dataset,
+                    "val_dataset": val_dataset},
     )
