@@ -22,7 +22,8 @@ from dinokit.config.loading import (
 )
 
 PRESETS = [
-    "train/demo", "train/distill_demo", "train/vitg14", "train/vitl14", "train/vitl14_distilled", "train/vitl16_short",
+    "train/continued", "train/demo", "train/distill_demo", "train/vitg14", "train/vitg14_highres", "train/vitl14",
+    "train/vitl14_distilled", "train/vitl14_highres", "train/vitl16_short",
     "eval/vitb14_pretrain", "eval/vitb14_reg4_pretrain", "eval/vitg14_pretrain", "eval/vitg14_reg4_pretrain",
     "eval/vitl14_pretrain", "eval/vitl14_reg4_pretrain", "eval/vits14_pretrain", "eval/vits14_reg4_pretrain",
 ]  # fmt: skip
@@ -232,7 +233,7 @@ def test_file_errors(tmp_path) -> None:
     broken.write_text("optim: [1,\n")
     with pytest.raises(DinokitError, match="is not valid YAML"):
         load_config(str(broken))
-    with pytest.raises(DinokitError, match=r"neither a YAML file nor a preset; presets: demo, distill_demo, vitg14, .*vits14_"):
+    with pytest.raises(DinokitError, match=r"neither a YAML file nor a preset; presets: .*demo, distill_demo, .*vitg14, .*vits14_"):
         load_config("vitl99")
     with pytest.raises(DinokitError, match="neither a YAML file nor a preset"):
         load_config(str(tmp_path / "missing.yaml"))

@@ -290,6 +290,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "distillation.loss": ("dino_ibot", "features"),
     "distillation.ibot_positions": ("all", "masked"),
     "distillation.feature_loss": ("cosine", "smooth_l1"),
+    "gram.tokens_used": ("all", "masked", "unmasked"),
 }
 for _role in ("teacher", "student"):
     for _module in ("backbone", "dino_head", "ibot_head"):
@@ -304,11 +305,13 @@ _POSITIVE = (
     "dino.head_n_prototypes", "dino.head_bottleneck_dim", "dino.head_nlayers", "dino.head_hidden_dim",
     "ibot.head_n_prototypes", "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim",
     "evaluation.eval_period_iterations", "evaluation.knn_temperature", "optim.layerwise_decay",
+    "gram.update_frequency",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "train.num_workers", "student.block_chunks", "student.num_register_tokens", "crops.local_crops_number",
     "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs", "optim.base_lr",
     "optim.min_lr", "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight",
+    "train.freeze_backbone_epochs", "optim.backbone_lr_mult", "gram.loss_weight", "gram.it_first_update",
 )  # fmt: skip
 _FRACTION_PAIRS = ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max")
 
@@ -348,7 +351,34 @@ def validate(cfg: DictConfig) -> None:
     knn = cfg.evaluation.knn_dataset
     if knn is not None and (knn.train is None) != (knn.val is None):
         raise DinokitError("set both evaluation.knn_dataset.train and evaluation.knn_dataset.val, or neither")
+    _validate_stages(cfg)
     check_inert_keys(cfg)
+
+
+def _validate_stages(cfg: DictConfig) -> None:
+    """The keys of continued pretraining, later stages and Gram anchoring that must agree with each other."""
+    if cfg.train.freeze_backbone_epochs >= cfg.optim.epochs:
+        raise DinokitError(f"config key 'train.freeze_backbone_epochs' ({cfg.train.freeze_backbone_epochs}) must be "
+                           f"below optim.epochs ({cfg.optim.epochs}): the backbone would never train")
+    if cfg.student.pretrained_weights and cfg.student.resume_from_teacher_chkpt:
+        raise DinokitError("set student.pretrained_weights (a backbone, fresh heads) or student.resume_from_teacher_chkpt "
+                           "(a teacher with its heads), not both")
+    gram = cfg.gram
+    if not gram.use_loss:
+        return
+    if gram.ema_teacher and (gram.ckpt or gram.it_load_ema_teacher >= 0):
+        raise DinokitError("gram.ema_teacher uses the EMA teacher itself; remove gram.ckpt and gram.it_load_ema_teacher")
+    if not gram.ema_teacher and not gram.ckpt and gram.it_load_ema_teacher < 0:
+        raise DinokitError("gram.use_loss needs a Gram teacher: set gram.ckpt, gram.it_load_ema_teacher >= 0 or "
+                           "gram.ema_teacher=true")
+    if gram.remove_neg and gram.remove_only_teacher_neg:
+        raise DinokitError("gram.remove_neg and gram.remove_only_teacher_neg exclude each other; keep one")
+    if gram.tokens_used != "all" and gram.img_level:
+        raise DinokitError(f"gram.tokens_used={gram.tokens_used} selects a different number of patches per image; "
+                           "set gram.img_level=false")
+    if gram.tokens_used != "all" and cfg.ibot.loss_weight <= 0:
+        raise DinokitError(f"gram.tokens_used={gram.tokens_used} needs the iBOT masks; set ibot.loss_weight > 0 or "
+                           "gram.tokens_used=all")
 
 
 # Official keys that dinokit reads but that cannot act in it: their official value is accepted, any other value stops

@@ -107,6 +107,9 @@ class TrainConfig:
     compile: bool = False  # dinokit: torch.compile each transformer block (GPU training; slower start-up)
     activation_checkpointing: bool = False  # dinokit: recompute block activations in backward to save memory
     tracker: str = "none"  # dinokit: also log metrics to tensorboard or wandb (optional extras), or none
+    # dinokit: head warm-up of continued pretraining: for this many epochs the student backbone is frozen (run
+    # without gradients) and only the heads learn; then it joins, its lr re-warmed over optim.warmup_epochs
+    freeze_backbone_epochs: int = 0
 
 
 @dataclass
@@ -118,7 +121,13 @@ class StudentConfig:
     drop_path_rate: float = 0.3  # stochastic-depth rate of the student
     layerscale: float = 1.0e-5  # initial LayerScale value (0 = no LayerScale)
     drop_path_uniform: bool = True  # same rate in every block (else linear from 0)
-    pretrained_weights: str = ""  # checkpoint with a "model" key loaded non-strictly into the student backbone
+    # dinokit: any backbone file or checkpoint (official, registers, SwiGLU, a training checkpoint), loaded strictly
+    # into both backbones with the position embedding resized; the heads start fresh (see train.freeze_backbone_epochs)
+    pretrained_weights: str = ""
+    # DINOv3 name: a teacher_checkpoint.pth (or a run folder: its newest snapshot) whose backbone AND heads start
+    # both student and teacher, position embedding resized; iterations, schedules and optimiser start at 0
+    # (a new stage, e.g. high-resolution adaptation, unlike MODEL.WEIGHTS which continues a run)
+    resume_from_teacher_chkpt: str = ""
     ffn_layer: str = "mlp"  # mlp, swiglu, swiglufused (same as swiglu) or identity
     block_chunks: int = 0  # blocks grouped in this many chunks (official FSDP units; keys blocks.<chunk>.<i>)
     qkv_bias: bool = True  # bias in the attention qkv projection
@@ -156,6 +165,7 @@ class OptimConfig:
     scaling_rule: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 (official), linear_wrt_256 or none (lr = base_lr)
     patch_embed_lr_mult: float = 0.2  # lr multiplier of the patch embedding
     layerwise_decay: float = 0.9  # lr multiplier per block below the top (1.0 = off)
+    backbone_lr_mult: float = 1.0  # dinokit: lr multiplier of the student backbone (on top of layer-wise decay)
     adamw_beta1: float = 0.9  # AdamW beta1
     adamw_beta2: float = 0.999  # AdamW beta2
 
@@ -196,6 +206,31 @@ class EvaluationConfig:
 
 
 @dataclass
+class GramConfig:
+    """DINOv3's Gram anchoring (dinokit implements the keys below; off by default).
+
+    The loss compares Gram matrices of the L2-normalised patch features of the student's (masked) global crops
+    with those of a Gram teacher on the same crops: an earlier EMA teacher, refreshed every
+    ``update_frequency`` iterations, or the EMA teacher itself (``ema_teacher``).
+    """
+
+    use_loss: bool = False  # add w * L_gram to the loss
+    loss_weight: float = 1.0  # w
+    ema_teacher: bool = False  # the EMA teacher is the Gram teacher (no copy; ckpt/rep_update unused)
+    ckpt: str = ""  # teacher_checkpoint.pth (or run folder) of the first Gram teacher (heads ignored)
+    it_load_ema_teacher: int = -1  # without ckpt: iteration at which the EMA teacher is copied in (loss off before)
+    rep_update: bool = True  # refresh the Gram teacher from the EMA teacher ...
+    update_frequency: int = 50000  # ... when (it + 1) % update_frequency == 0 ...
+    it_first_update: int = 0  # ... and it + 1 >= it_first_update ...
+    max_updates: int | None = None  # ... at most this many times (null: no limit)
+    normalized: bool = True  # L2-normalise patch features before the Gram matrix
+    img_level: bool = False  # one Gram matrix per image (else one over all patches of the local batch)
+    remove_neg: bool = False  # clamp negative similarities (both matrices) to 0
+    remove_only_teacher_neg: bool = False  # clamp the teacher's negatives; zero the student's where both are negative
+    tokens_used: str = "all"  # all, masked or unmasked student patches (masked/unmasked need img_level false)
+
+
+@dataclass
 class DistillationConfig:
     """dinokit: ``dinokit distill``, a frozen teacher distilled into one or several students.
 
@@ -226,4 +261,5 @@ class SSLConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    gram: GramConfig = field(default_factory=GramConfig)  # DINOv3
     distillation: DistillationConfig = field(default_factory=DistillationConfig)  # dinokit

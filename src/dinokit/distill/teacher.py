@@ -9,7 +9,6 @@ without the DINO/iBOT heads that the paper's recipe needs. Loading is strict.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from ..config import backbone_from_config, find_run_config, load_config
 from ..config.schema import StudentConfig
+from ..engine.loop import newest_snapshot
 from ..errors import DinokitError
 from ..models.architectures import ARCHITECTURES
 from ..models.checkpoint import (
@@ -35,11 +35,6 @@ class TeacherSource:
     config: DictConfig | None  # its run's configuration (architecture and heads); None for a bare backbone file
 
 
-def _snapshot_iteration(path: Path) -> int:
-    match = re.fullmatch(r"training_(\d+)", path.parent.name)
-    return int(match.group(1)) if match else -1
-
-
 def resolve_teacher(spec: str, teacher_config: str = "") -> TeacherSource:
     """Find the teacher's weights and configuration from ``distillation.teacher`` (and ``teacher_config``)."""
     if not spec:
@@ -49,11 +44,11 @@ def resolve_teacher(spec: str, teacher_config: str = "") -> TeacherSource:
         raise DinokitError(f"teacher {spec!r} does not exist; pass a dinokit train output folder, a "
                            "teacher_checkpoint.pth or a backbone file")
     if path.is_dir():
-        snapshots = sorted(path.glob("eval/training_*/teacher_checkpoint.pth"), key=_snapshot_iteration)
-        if not snapshots:
+        snapshot = newest_snapshot(path)
+        if snapshot is None:
             raise DinokitError(f"teacher folder {spec!r} has no eval/training_*/teacher_checkpoint.pth; pass a run "
                                "folder of dinokit train with at least one snapshot, or a checkpoint file")
-        path = snapshots[-1]
+        path = snapshot
     if teacher_config:
         config_path = Path(teacher_config).expanduser()
         if not config_path.is_file():

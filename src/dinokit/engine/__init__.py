@@ -14,11 +14,11 @@ the NaN stop, snapshots and hooks. A command builds the task, the schedules and 
     summary = engine.run(lambda start_iter: make_loader(start_iter), start_iter=start)
 
 Schedules are indexable per iteration (``CosineScheduler`` or anything with ``__getitem__``); ``lr`` and
-``wd`` are required, ``last_layer_lr`` optional; all of them reach ``compute_losses`` in ``sched``.
+``wd`` are required, ``last_layer_lr`` and ``backbone_lr`` optional; all of them reach ``compute_losses`` in ``sched``.
 """
 
 from .checkpoint import Checkpointer, atomic_torch_save, list_checkpoints
-from .loop import Engine, EngineConfig, Hook, batch_to, init_run, save_export
+from .loop import Engine, EngineConfig, Hook, batch_to, init_run, newest_snapshot, save_export
 from .metrics import MetricsLogger
 from .optim import CosineScheduler, ScheduleConfig, build_schedulers, get_param_groups
 from .task import Export, LossOutput, Task, ema_update
@@ -41,5 +41,6 @@ __all__ = [
     "get_param_groups",
     "init_run",
     "list_checkpoints",
+    "newest_snapshot",
     "save_export",
 ]

@@ -44,6 +44,24 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def fill_missing_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give AdamW's fresh state (step 0, zero moments) to trainable parameters that had no gradient yet.
+
+    A frozen phase (e.g. the backbone during a head warm-up) leaves parameters without optimizer state,
+    which checkpoints must still hold to load strictly; AdamW treats the filled state exactly as the
+    state it would create at the parameter's first gradient.
+    """
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            if p.requires_grad and not optimizer.state.get(p):
+                optimizer.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     """(iteration, path) of the finished checkpoints in ``directory``, oldest first (files and folders)."""
     if not directory.is_dir():
@@ -73,6 +91,7 @@ class Checkpointer:
         """Save the state *after* ``iteration`` steps (collective: every rank must call it)."""
         rngs = dist_utils.all_gather_object(_rng_state())
         meta = {"iteration": iteration, "world_size": dist_utils.get_world_size(), "rng": rngs, **extra}
+        fill_missing_optimizer_state(self.optimizer)
         if dist_utils.get_world_size() > 1:
             path = self._save_sharded(iteration, meta)
         else:

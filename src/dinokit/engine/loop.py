@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -95,6 +96,16 @@ def save_export(export: Export, path: Path) -> None:
     dist_utils.barrier()
 
 
+def newest_snapshot(run_dir: str | Path, filename: str = "teacher_checkpoint.pth") -> Path | None:
+    """The snapshot of the highest iteration in ``run_dir/eval/training_<it>/`` (None if there is none)."""
+    def iteration(path: Path) -> int:
+        match = re.fullmatch(r"training_(\d+)", path.parent.name)
+        return int(match.group(1)) if match else -1
+
+    snapshots = sorted(Path(run_dir).glob(f"eval/training_*/{filename}"), key=iteration)
+    return snapshots[-1] if snapshots else None
+
+
 class Engine:
     """Runs ``task`` into ``output_dir`` on ``device`` with the given schedules and hooks."""
 
@@ -150,7 +161,8 @@ class Engine:
     # ------------------------------------------------------------------ one step
     def step(self, batch: Any, iteration: int, sched: Mapping[str, float]):
         """losses -> backward -> clip per trainable module -> optimiser step -> ``task.after_step``."""
-        apply_optim_schedule(self.optimizer, lr=sched["lr"], wd=sched["wd"], last_layer_lr=sched.get("last_layer_lr", sched["lr"]))
+        apply_optim_schedule(self.optimizer, lr=sched["lr"], wd=sched["wd"], last_layer_lr=sched.get("last_layer_lr", sched["lr"]),
+                             backbone_lr=sched.get("backbone_lr"))
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
             out = self.task.compute_losses(batch, iteration, sched)

@@ -87,6 +87,8 @@ class ScheduleConfig:
     teacher_temp: float = 0.07  # teacher.teacher_temp: teacher temperature after the warm-up
     warmup_teacher_temp_epochs: int = 30  # teacher.warmup_teacher_temp_epochs: linear temperature warm-up
     freeze_last_layer_epochs: int = 1  # optim.freeze_last_layer_epochs: epochs with the heads' last layer at lr 0
+    freeze_backbone_epochs: int = 0  # train.freeze_backbone_epochs (dinokit): epochs with the backbone at lr 0
+    backbone_lr_mult: float = 1.0  # optim.backbone_lr_mult (dinokit): lr multiplier of the backbone
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -115,14 +117,17 @@ class ScheduleConfig:
         ``cfg`` may be an OmegaConf ``DictConfig``, nested dicts, or any objects with those attributes;
         ``optim.lr`` must already be scaled for the total batch.
         """
-        def get(path: str) -> Any:
+        def get(path: str, default: Any) -> Any:
             node = cfg
             for key in path.split("."):
-                node = node[key] if isinstance(node, Mapping) else getattr(node, key)
+                try:
+                    node = node[key] if isinstance(node, Mapping) else getattr(node, key)
+                except (KeyError, AttributeError):
+                    return default  # a tree without dinokit's own keys
             return node
 
         casts = {"int": int, "float": float}  # field types, as strings under postponed annotations
-        return cls(**{f.name: casts[f.type](get(_official_key(f.name))) for f in fields(cls)})
+        return cls(**{f.name: casts[f.type](get(_official_key(f.name), f.default)) for f in fields(cls)})
 
 
 _TEACHER_FIELDS = frozenset(
@@ -134,14 +139,19 @@ def _official_key(field_name: str) -> str:
     """The official config key of a :class:`ScheduleConfig` field."""
     if field_name == "epoch_length":
         return "train.OFFICIAL_EPOCH_LENGTH"
+    if field_name == "freeze_backbone_epochs":
+        return "train.freeze_backbone_epochs"
     return f"{'teacher' if field_name in _TEACHER_FIELDS else 'optim'}.{field_name}"
 
 
 def build_schedulers(cfg: ScheduleConfig | Any) -> dict[str, CosineScheduler]:
-    """The five training schedules, keyed ``lr``, ``wd``, ``momentum``, ``teacher_temp``, ``last_layer_lr``.
+    """The training schedules, keyed ``lr``, ``wd``, ``momentum``, ``teacher_temp``, ``last_layer_lr``, and
+    ``backbone_lr`` when the backbone has its own (a head warm-up or ``backbone_lr_mult`` != 1).
 
     ``cfg`` is a :class:`ScheduleConfig` or a config tree with the official keys. Each value is
     indexed by iteration (``schedules["lr"][it]``) and holds its last value past the end.
+    ``backbone_lr`` is ``lr * backbone_lr_mult``, 0 during the ``freeze_backbone_epochs`` of a head warm-up
+    and then ramped linearly over ``warmup_epochs`` (a fresh warm-up for the backbone's new AdamW state).
     """
     c = cfg if isinstance(cfg, ScheduleConfig) else ScheduleConfig.from_config(cfg)
     total = c.epochs * c.epoch_length
@@ -150,6 +160,15 @@ def build_schedulers(cfg: ScheduleConfig | Any) -> dict[str, CosineScheduler]:
     # The last layer is "frozen" by lr 0 only; AdamW moments still accumulate, as in the official code.
     last_layer_lr.schedule[: c.freeze_last_layer_epochs * c.epoch_length] = 0.0
     temp_iters = c.warmup_teacher_temp_epochs * c.epoch_length
+    extra = {}
+    if c.freeze_backbone_epochs or c.backbone_lr_mult != 1.0:
+        freeze, warmup = c.freeze_backbone_epochs * c.epoch_length, c.warmup_epochs * c.epoch_length
+        steps = np.arange(total) - freeze + 1  # 1 at the first iteration the backbone trains
+        ramp = np.clip(steps / warmup, 0.0, 1.0) if (freeze and warmup) else (steps > 0).astype(np.float64)
+        backbone_lr = copy.deepcopy(lr)
+        backbone_lr.schedule = lr.schedule * c.backbone_lr_mult * ramp
+        backbone_lr.final_value = lr.final_value * c.backbone_lr_mult
+        extra["backbone_lr"] = backbone_lr
     return {
         "lr": lr,
         "wd": CosineScheduler(c.weight_decay, c.weight_decay_end, total),
@@ -163,6 +182,7 @@ def build_schedulers(cfg: ScheduleConfig | Any) -> dict[str, CosineScheduler]:
             start_warmup_value=c.warmup_teacher_temp,
         ),
         "last_layer_lr": last_layer_lr,
+        **extra,
     }
 
 
@@ -248,8 +268,9 @@ def get_param_groups(
     ``patch_embed`` is further multiplied by ``patch_embed_lr_mult``. Other parameters (heads) get 1.
     wd_multiplier is 0 for names ending in ``.bias`` or containing ``norm`` or ``gamma``;
     ``is_last_layer`` marks names containing ``last_layer``. Names are matched without wrapper
-    prefixes (``_orig_mod.``, ``_checkpoint_wrapped_module.``, ...). Groups with equal
-    (lr_multiplier, wd_multiplier, is_last_layer) are fused, in order of first appearance.
+    prefixes (``_orig_mod.``, ``_checkpoint_wrapped_module.``, ...); ``is_backbone`` marks backbone
+    parameters (they follow the ``backbone_lr`` schedule when there is one). Groups with equal
+    (lr_multiplier, wd_multiplier, is_last_layer, is_backbone) are fused, in order of first appearance.
     """
     layer_ids = _layer_ids(module, n_blocks)
     fused: dict[tuple[float, float, bool], dict[str, Any]] = {}
@@ -257,16 +278,17 @@ def get_param_groups(
         if not param.requires_grad:
             continue
         name = canonical_name(raw_name)
-        lr_mult = 1.0
-        if id(param) in layer_ids:
+        lr_mult, in_backbone = 1.0, id(param) in layer_ids
+        if in_backbone:
             depth, layer_id, is_patch_embed = layer_ids[id(param)]
             lr_mult = lr_decay_rate ** (depth + 1 - layer_id)
             if is_patch_embed:
                 lr_mult *= patch_embed_lr_mult
         wd_mult = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
-        key = (lr_mult, wd_mult, "last_layer" in name)
+        key = (lr_mult, wd_mult, "last_layer" in name, in_backbone)
         group = fused.setdefault(
-            key, {"params": [], "lr_multiplier": key[0], "wd_multiplier": key[1], "is_last_layer": key[2]}
+            key, {"params": [], "lr_multiplier": key[0], "wd_multiplier": key[1], "is_last_layer": key[2],
+                  "is_backbone": key[3]}
         )
         group["params"].append(param)
     return list(fused.values())
@@ -275,10 +297,17 @@ def get_param_groups(
 # ---------------------------------------------------------------------------------------------- optimiser
 
 
-def apply_optim_schedule(optimizer: torch.optim.Optimizer, *, lr: float, wd: float, last_layer_lr: float) -> None:
-    """Set each group's lr and weight decay for this iteration from the schedules and its multipliers."""
+def apply_optim_schedule(optimizer: torch.optim.Optimizer, *, lr: float, wd: float, last_layer_lr: float,
+                         backbone_lr: float | None = None) -> None:
+    """Set each group's lr and weight decay for this iteration from the schedules and its multipliers
+    (``backbone_lr``, when given, replaces ``lr`` for the backbone groups)."""
     for group in optimizer.param_groups:
-        base = last_layer_lr if group.get("is_last_layer", False) else lr
+        if group.get("is_last_layer", False):
+            base = last_layer_lr
+        elif backbone_lr is not None and group.get("is_backbone", False):
+            base = backbone_lr
+        else:
+            base = lr
         group["lr"] = base * group.get("lr_multiplier", 1.0)
         group["weight_decay"] = wd * group.get("wd_multiplier", 1.0)
 

@@ -8,16 +8,20 @@ sharding and compilation to the modules declared here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import backbone_from_config
+from ..engine.loop import newest_snapshot
 from ..engine.task import Export, LossOutput, Task, ema_update
+from ..errors import DinokitError
 from ..layers import DINOHead
-from ..losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from ..losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 from ..models.checkpoint import (
     backbone_state_dict_from_checkpoint,
     load_backbone_weights,
@@ -51,13 +55,49 @@ def chunked_backbone_keys(state_dict: dict[str, torch.Tensor], depth: int, block
     return out
 
 
-def load_pretrained_backbone(backbone: nn.Module, path: str) -> None:
-    """Any backbone layout, strictly, with the position embedding resized to ``backbone``'s grid.
+def teacher_checkpoint_path(path: str) -> Path:
+    """A ``teacher_checkpoint.pth`` named directly, or the newest snapshot of a ``dinokit train`` run folder."""
+    found = Path(path).expanduser()
+    if found.is_dir():
+        snapshot = newest_snapshot(found)
+        if snapshot is None:
+            raise DinokitError(f"{path!r} has no eval/training_*/teacher_checkpoint.pth; give a run folder with a "
+                               "snapshot or the checkpoint file itself")
+        return snapshot
+    return found
+
+
+def load_pretrained_backbone(backbone: nn.Module, path: str, checkpoint: Mapping | None = None) -> None:
+    """Any backbone layout (or the newest snapshot of a run folder), strictly, with the position embedding resized
+    to ``backbone``'s grid; heads in the file are ignored.
 
     Unlike the official ``student.pretrained_weights`` (non-strict, ``{"model": ...}`` files only).
     """
-    sd = backbone_state_dict_from_checkpoint(load_state_dict_file(path))
+    sd = backbone_state_dict_from_checkpoint(checkpoint or load_state_dict_file(teacher_checkpoint_path(path)))
     load_backbone_weights(backbone, resize_pos_embed(sd, backbone.patch_embed.num_patches))
+
+
+def load_teacher_heads(heads: Mapping[str, nn.Module], checkpoint: Mapping, path: str) -> None:
+    """The ``dino_head``/``ibot_head`` of a teacher checkpoint into ``heads`` (strict: same prototypes and widths)."""
+    sd = checkpoint.get("teacher", checkpoint)
+    for name, head in heads.items():
+        part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(f"{name}.")}
+        if not part:
+            raise DinokitError(f"{path} holds no {name}; student.resume_from_teacher_chkpt needs a teacher_checkpoint.pth "
+                               "of a dinokit train run (for a bare backbone use student.pretrained_weights)")
+        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in part.items()}
+        if expected != found:
+            raise DinokitError(f"the {name} in {path} does not match the config's ({_first_difference(expected, found)}); "
+                               "set the dino.*/ibot.* head keys to the run's values")
+        head.load_state_dict(part)
+
+
+def _first_difference(expected: dict, found: dict) -> str:
+    for key in sorted(set(expected) | set(found)):
+        if expected.get(key) != found.get(key):
+            return f"{key}: file {found.get(key, 'missing')}, config {expected.get(key, 'missing')}"
+    return ""
 
 
 def ssl_heads(dino_cfg, ibot_cfg, embed_dim: int) -> dict[str, DINOHead]:
@@ -79,8 +119,9 @@ class SSLObjective:
     with ``backbone``, ``dino_head`` and optionally ``ibot_head``.
     """
 
-    def configure_objective(self, dino, ibot, centering: str) -> None:
-        """Set the flags, weights and loss modules from the ``dino`` and ``ibot`` sections and ``train.centering``."""
+    def configure_objective(self, dino, ibot, centering: str, gram=None) -> None:
+        """Set the flags, weights and loss modules from the ``dino``, ``ibot`` (and ``gram``) sections and
+        ``train.centering``."""
         self.dino_weight, self.koleo_weight, self.ibot_weight = dino.loss_weight, dino.koleo_loss_weight, ibot.loss_weight
         self.do_dino = dino.loss_weight > 0
         self.do_koleo = dino.koleo_loss_weight > 0
@@ -90,14 +131,21 @@ class SSLObjective:
         self.dino_loss = DINOLoss(dino.head_n_prototypes)
         self.koleo_loss = KoLeoLoss()
         self.ibot_patch_loss = iBOTPatchLoss(ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes)
+        self.do_gram = bool(gram is not None and gram.use_loss)
+        if self.do_gram:
+            self.gram_weight, self.gram_tokens = gram.loss_weight, gram.tokens_used
+            self.gram_loss = GramLoss(normalized=gram.normalized, img_level=gram.img_level, remove_neg=gram.remove_neg,
+                                      remove_only_teacher_neg=gram.remove_only_teacher_neg)
 
     @torch.no_grad()
     def teacher_probs(self, teacher: nn.ModuleDict, global_crops: torch.Tensor, patch_index: torch.Tensor,
-                      n_patches: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      n_patches: torch.Tensor, teacher_temp: float,
+                      backbone_out: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Teacher probabilities: DINO (2, B, K) with the two global views swapped, iBOT (n_patches, K) for the
-        patch tokens at ``patch_index`` (flat indices into the (2B * N) global-crop tokens)."""
+        patch tokens at ``patch_index`` (flat indices into the (2B * N) global-crop tokens).
+        ``backbone_out``: the teacher backbone's output on ``global_crops`` when already computed."""
         n_images = global_crops.shape[0] // 2
-        out = teacher.backbone(global_crops, is_training=True)
+        out = backbone_out if backbone_out is not None else teacher.backbone(global_crops, is_training=True)
         cls = out["x_norm_clstoken"]  # (2B, D)
         cls = torch.cat((cls[n_images:], cls[:n_images]))  # [crop2; crop1]: each student view meets the other view
         masked_patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, patch_index)  # (n_masked, D)
@@ -141,12 +189,16 @@ class SSLObjective:
         masks_weight: torch.Tensor | None,
         dino_probs: torch.Tensor | None,
         ibot_probs: torch.Tensor | None,
+        freeze_backbone: bool = False,
+        gram_targets: torch.Tensor | None = None,
     ) -> LossOutput:
         """All loss terms of one student against the teacher's probabilities; no backward.
 
         ``student_masks`` masks the student's global-crop input (iBOT pretraining) or is None (distillation);
         the iBOT loss compares the student's tokens at ``patch_index`` with ``ibot_probs``, weighted per image
         by ``masks_weight`` (default: 1 / the selected tokens of the row's image, from ``ibot_masks_flat``).
+        ``freeze_backbone`` runs the backbone without gradients (head warm-up). ``gram_targets``: the Gram
+        teacher's (2B, N, D) patch features of the global crops (Gram anchoring; logged as 0 when None).
         """
         n_images = global_crops.shape[0] // 2
         n_local = local_crops.shape[0] // n_images if local_crops is not None else 0
@@ -155,7 +207,8 @@ class SSLObjective:
         if n_local:
             crops.append(local_crops)
             masks.append(None)
-        outs = student.backbone(crops, masks=masks, is_training=True)
+        with torch.no_grad() if freeze_backbone else contextlib.nullcontext():
+            outs = student.backbone(crops, masks=masks, is_training=True)
         global_out = outs[0]
         global_cls = global_out["x_norm_clstoken"]  # (2B, D)
         local_cls = outs[1]["x_norm_clstoken"] if n_local else global_cls[:0]  # (n_l*B, D)
@@ -204,32 +257,93 @@ class SSLObjective:
             ibot = ibot * loss_scales * 0.5  # x loss_scales x 1/n_global_crops, as the official code
             terms["ibot_loss"] = ibot / loss_scales
             total = total + self.ibot_weight * ibot
+        if getattr(self, "do_gram", False):
+            gram = total.new_zeros(())
+            if gram_targets is not None:
+                gram = self.gram_loss(*self._gram_tokens(global_out["x_norm_patchtokens"], gram_targets, ibot_masks_flat))
+                total = total + self.gram_weight * gram
+            terms["gram_loss"] = gram
         return LossOutput(total=total, terms=terms)
+
+    def _gram_tokens(self, student: torch.Tensor, teacher: torch.Tensor,
+                     masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student and teacher patch features the Gram loss compares (``gram.tokens_used``)."""
+        if self.gram_tokens == "all":
+            return student, teacher
+        keep = masks.flatten() if self.gram_tokens == "masked" else ~masks.flatten()
+        return student.flatten(0, 1)[keep], teacher.flatten(0, 1)[keep]
 
 
 class SSLMetaArch(SSLObjective, Task):
     """Student and teacher (same architecture) with DINO and optional separate iBOT heads, plus the losses.
 
-    Built from the config's ``student``, ``dino``, ``ibot``, ``crops`` and ``train.centering`` sections.
+    Built from the config's ``student``, ``dino``, ``ibot``, ``gram``, ``crops`` and ``train.centering`` sections
+    (and the head warm-up length ``train.freeze_backbone_epochs``).
+
+    Later stages start from earlier weights: ``student.pretrained_weights`` gives both backbones (the heads
+    start fresh, usually with a head warm-up: the backbone runs without gradients for the first
+    ``train.freeze_backbone_epochs``); ``student.resume_from_teacher_chkpt`` gives backbones and heads from a
+    finished run's teacher (e.g. a high-resolution stage). Position embeddings are resized to the crop size.
     """
 
     def __init__(self, cfg) -> None:
         super().__init__()
-        dino, ibot = cfg.dino, cfg.ibot
-        self.configure_objective(dino, ibot, cfg.train.centering)
+        dino, ibot, gram = cfg.dino, cfg.ibot, cfg.gram
+        self.configure_objective(dino, ibot, cfg.train.centering, gram)
         self.block_chunks = cfg.student.block_chunks
+        self.freeze_backbone_iters = cfg.train.freeze_backbone_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
 
         backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size, training=True)
+        heads = ssl_heads(dino, ibot, backbone.embed_dim)
         if cfg.student.pretrained_weights:
             load_pretrained_backbone(backbone, cfg.student.pretrained_weights)
+        if cfg.student.resume_from_teacher_chkpt:
+            path = teacher_checkpoint_path(cfg.student.resume_from_teacher_chkpt)
+            checkpoint = load_state_dict_file(path)
+            load_pretrained_backbone(backbone, str(path), checkpoint)
+            load_teacher_heads(heads, checkpoint, str(path))
         if not self.do_ibot:
             backbone.mask_token.requires_grad_(False)  # no masking without iBOT: it would get no gradient
-        self.student = nn.ModuleDict({"backbone": backbone, **ssl_heads(dino, ibot, backbone.embed_dim)})
+        self.student = nn.ModuleDict({"backbone": backbone, **heads})
         # The teacher starts as an exact copy of the student, without drop path, and never gets gradients.
         self.teacher = copy.deepcopy(self.student)
         for blk in self.teacher.backbone.blocks:
             blk.drop_path_rate = 0.0
         self.teacher.requires_grad_(False)
+        self._configure_gram_teacher(gram)
+
+    def _configure_gram_teacher(self, gram) -> None:
+        """A separate Gram teacher (a copy of the teacher backbone) unless the EMA teacher plays the part."""
+        self.gram_load_iteration = 0  # the loss acts from this iteration on
+        self.gram_teacher = None
+        if not self.do_gram:
+            return
+        self.gram_cfg = gram
+        if gram.ema_teacher:
+            return
+        self.gram_teacher = copy.deepcopy(self.teacher.backbone)
+        if gram.ckpt:
+            load_pretrained_backbone(self.gram_teacher, gram.ckpt)
+        else:
+            self.gram_load_iteration = gram.it_load_ema_teacher
+
+    def gram_refreshes(self, iteration: int) -> bool:
+        """Whether the Gram teacher is refreshed from the EMA teacher after ``iteration`` (DINOv3's rule)."""
+        g = self.gram_cfg
+        step = iteration + 1
+        if self.gram_teacher is None or not g.rep_update or step < g.it_first_update or step % g.update_frequency:
+            return False
+        if step <= self.gram_load_iteration:
+            return False  # not loaded yet: nothing to refresh
+        earlier = sum(1 for m in range(g.update_frequency, step, g.update_frequency)
+                      if m >= g.it_first_update and m > self.gram_load_iteration)
+        return g.max_updates is None or earlier < g.max_updates
+
+    @torch.no_grad()
+    def copy_teacher_to_gram(self) -> None:
+        """Gram teacher <- EMA teacher backbone, exactly (sharded or not)."""
+        torch._foreach_copy_([p.data for p in self.gram_teacher.parameters()],
+                             [p.data for p in self.teacher.backbone.parameters()])
 
 
     # ------------------------------------------------------------------ the Task contract
@@ -237,7 +351,10 @@ class SSLMetaArch(SSLObjective, Task):
         return {f"student.{name}": module for name, module in self.student.items()}
 
     def inference_modules(self) -> dict[str, nn.Module]:
-        return {f"teacher.{name}": module for name, module in self.teacher.items()}
+        modules = {f"teacher.{name}": module for name, module in self.teacher.items()}
+        if self.gram_teacher is not None:
+            modules["gram_teacher"] = self.gram_teacher
+        return modules
 
     def exports(self) -> list[Export]:
         """The teacher, in the official ``teacher_checkpoint.pth`` layout (chunked keys when block_chunks > 0)."""
@@ -249,18 +366,32 @@ class SSLMetaArch(SSLObjective, Task):
 
     def after_step(self, iteration: int, sched: Mapping[str, float]) -> None:
         self.update_teacher(sched["momentum"])
+        if self.do_gram and self.gram_refreshes(iteration):
+            self.copy_teacher_to_gram()
 
     # ------------------------------------------------------------------ losses
     def compute_losses(self, batch, iteration: int, sched: Mapping[str, float]) -> LossOutput:
         """All DINOv2 loss terms for one batch, at this iteration's teacher temperature; no backward."""
+        teacher_out = gram_targets = None
+        if self.do_gram and iteration >= self.gram_load_iteration:
+            with torch.no_grad():
+                if self.gram_teacher is None:  # the EMA teacher is the Gram teacher: one forward for both
+                    teacher_out = self.teacher.backbone(batch.global_crops, is_training=True)
+                    gram_targets = teacher_out["x_norm_patchtokens"]
+                else:
+                    if iteration == self.gram_load_iteration and not self.gram_cfg.ckpt:
+                        self.copy_teacher_to_gram()  # gram.it_load_ema_teacher reached
+                    gram_targets = self.gram_teacher(batch.global_crops, is_training=True)["x_norm_patchtokens"]
         dino_probs, ibot_probs = self.teacher_probs(
-            self.teacher, batch.global_crops, batch.mask_indices, batch.n_masked_patches, sched["teacher_temp"]
+            self.teacher, batch.global_crops, batch.mask_indices, batch.n_masked_patches, sched["teacher_temp"],
+            backbone_out=teacher_out,
         )
         return self.student_losses(
             self.student, global_crops=batch.global_crops, local_crops=batch.local_crops,
             student_masks=batch.masks if self.do_ibot else None, patch_index=batch.mask_indices,
             ibot_masks_flat=batch.masks, n_patches=batch.n_masked_patches, masks_weight=batch.masks_weight,
             dino_probs=dino_probs, ibot_probs=ibot_probs,
+            freeze_backbone=iteration < self.freeze_backbone_iters, gram_targets=gram_targets,
         )
 
     # ------------------------------------------------------------------ EMA

@@ -1,0 +1,232 @@
+"""Pretraining beyond one stage: head warm-up, continued pretraining from backbone files, a high-resolution
+stage from a finished run, and Gram anchoring (loss values and teacher refresh schedule)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinokit.cli.train import pretrain as train
+from dinokit.config import backbone_from_config, load_config
+from dinokit.engine import build_schedulers
+from dinokit.errors import DinokitError
+from dinokit.losses import GramLoss
+from dinokit.models.checkpoint import resize_pos_embed, save_backbone
+from dinokit.train.ssl_meta_arch import SSLMetaArch
+from test_train import TINY, images, tiny_cfg  # noqa: F401  (images is a fixture)
+
+
+def checkpoint_model(out: Path) -> dict[str, torch.Tensor]:
+    ckpts = sorted((out / "checkpoints").glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=True)["model"]
+
+
+def part(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+
+
+def backbone_file(tmp_path: Path, img_size: int, **student) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A backbone in the official flat layout (as released), random weights, trained at ``img_size``."""
+    cfg = load_config("demo", [*TINY, *(f"student.{k}={v}" for k, v in student.items())])
+    torch.manual_seed(123)
+    model = backbone_from_config(cfg.student, img_size=img_size)
+    with torch.no_grad():  # visible values everywhere (LayerScale and biases start at constants)
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = save_backbone(model, tmp_path / "released.pth")
+    return path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- head warm-up
+def test_backbone_lr_schedule_freezes_then_rewarms():
+    cfg = load_config("demo", ["train.OFFICIAL_EPOCH_LENGTH=10", "optim.epochs=6", "optim.warmup_epochs=1",
+                               "train.freeze_backbone_epochs=2", "optim.backbone_lr_mult=0.5"])
+    cfg.optim.lr = 1e-3
+    s = build_schedulers(cfg)
+    lr, backbone = s["lr"].schedule, s["backbone_lr"].schedule
+    assert (backbone[:20] == 0).all() and backbone[20] > 0
+    # re-warmed linearly over optim.warmup_epochs (10 iterations) after the freeze, at half the heads' lr
+    np.testing.assert_allclose(backbone[20:30], lr[20:30] * 0.5 * np.arange(1, 11) / 10)
+    np.testing.assert_allclose(backbone[30:], lr[30:] * 0.5)
+    assert "backbone_lr" not in build_schedulers(load_config("demo"))  # default runs: one lr for everything
+
+
+def test_head_warmup_freezes_exactly_the_backbone_then_unfreezes(images, tmp_path):
+    path, released = backbone_file(tmp_path, img_size=32)
+    cfg = lambda: tiny_cfg(images, f"student.pretrained_weights={path}", "train.freeze_backbone_epochs=1",  # noqa: E731
+                           "optim.backbone_lr_mult=0.5", "student.drop_path_rate=0.0")
+    out = tmp_path / "run"
+    train(cfg(), output_dir=out, stop_after=3)  # the 3 iterations of the frozen epoch
+    state = checkpoint_model(out)
+    for role in ("student", "teacher"):
+        backbone = part(state, f"{role}.backbone.")
+        assert backbone.keys() == released.keys()
+        assert all(torch.equal(backbone[k], released[k]) for k in released), role  # bit for bit
+    # the heads learnt: the student's moved away from the teacher's (both started equal; the teacher is an EMA)
+    assert not torch.equal(state["student.dino_head.mlp.0.weight"], state["teacher.dino_head.mlp.0.weight"])
+
+    train(cfg(), output_dir=out)  # resumes; the backbone joins
+    straight = tmp_path / "straight"
+    train(cfg(), output_dir=straight)
+    final, reference = checkpoint_model(out), checkpoint_model(straight)
+    assert all(torch.equal(final[k], reference[k]) for k in reference)  # the resume across the freeze is exact
+    after = part(final, "student.backbone.")
+    assert not torch.equal(after["blocks.0.attn.qkv.weight"], released["blocks.0.attn.qkv.weight"])
+    lines = metrics(out)
+    assert [l["backbone_lr"] == 0 for l in lines] == [True] * 3 + [False] * 3
+    assert all(l["backbone_lr"] == pytest.approx(0.5 * l["lr"] * min(1, (l["iteration"] - 2) / 3)) for l in lines[3:])
+
+
+# ---------------------------------------------------------------------------------------------- continued pretraining
+@pytest.mark.parametrize("student", [{}, {"num_register_tokens": 4, "interpolate_antialias": True,
+                                          "interpolate_offset": 0.0}, {"ffn_layer": "swiglufused"}],
+                         ids=["plain", "registers", "swiglu"])
+def test_continued_pretraining_from_an_official_file_with_a_size_change(images, tmp_path, student):
+    path, released = backbone_file(tmp_path, img_size=24, **student)  # 3x3 grid in the file; training at 32 px: 4x4
+    overrides = [f"student.{k}={v}" for k, v in student.items()]
+    model = SSLMetaArch(tiny_cfg(images, *overrides, f"student.pretrained_weights={path}"))
+    expected = resize_pos_embed(released, 16)
+    for module in (model.student.backbone, model.teacher.backbone):
+        got = module.state_dict()
+        assert got["pos_embed"].shape == (1, 17, released["pos_embed"].shape[-1])
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    out = tmp_path / "run"
+    summary = train(tiny_cfg(images, *overrides, f"student.pretrained_weights={path}"), output_dir=out, stop_after=2)
+    assert summary["iteration"] == 2 and np.isfinite(metrics(out)[-1]["total_loss"])
+
+
+def test_a_released_file_of_another_architecture_is_one_line(images, tmp_path):
+    path, _ = backbone_file(tmp_path, img_size=32, num_register_tokens=4)
+    with pytest.raises(DinokitError, match="register") as err:
+        SSLMetaArch(tiny_cfg(images, f"student.pretrained_weights={path}"))
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- high-resolution stage
+def test_high_resolution_stage_starts_from_a_finished_run(images, tmp_path):
+    low = tmp_path / "low"
+    train(tiny_cfg(images), output_dir=low)
+    snapshot = torch.load(low / "eval" / "training_5" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+
+    high_cfg = lambda: tiny_cfg(images, f"student.resume_from_teacher_chkpt={low}", "crops.global_crops_size=48",  # noqa: E731
+                                "crops.local_crops_size=24", "optim.base_lr=0.001")
+    model = SSLMetaArch(high_cfg())
+    grid = (48 // 8) ** 2
+    for role in (model.student, model.teacher):
+        got = role.state_dict()
+        assert got["backbone.pos_embed"].shape[1] == grid + 1  # 16 + 1 -> 36 + 1 positions, interpolated
+        resized = resize_pos_embed({"pos_embed": snapshot["backbone.pos_embed"]}, grid)["pos_embed"]
+        assert torch.equal(got["backbone.pos_embed"], resized)
+        for key, value in snapshot.items():  # every other tensor, heads included, is the finished run's teacher
+            if key != "backbone.pos_embed":
+                assert torch.equal(got[key], value), key
+
+    high = tmp_path / "high"
+    summary = train(high_cfg(), output_dir=high)
+    lines = metrics(high)
+    assert summary["iteration"] == 6 and lines[0]["iteration"] == 0  # a new run: iterations restart at 0
+    assert lines[0]["lr"] == 0 and lines[0]["last_layer_lr"] == 0  # schedules restart: warm-up, frozen last layer
+    low_lr = max(l["lr"] for l in metrics(low))
+    assert max(l["lr"] for l in lines) == pytest.approx(low_lr * 0.001 / 0.02)  # the stage's lower base_lr
+
+
+def test_resume_from_teacher_checks_heads_and_conflicts(images, tmp_path):
+    path, _ = backbone_file(tmp_path, img_size=32)
+    with pytest.raises(DinokitError, match="holds no dino_head; .*student.pretrained_weights"):
+        SSLMetaArch(tiny_cfg(images, f"student.resume_from_teacher_chkpt={path}"))
+    with pytest.raises(DinokitError, match="no eval/training_"):
+        SSLMetaArch(tiny_cfg(images, f"student.resume_from_teacher_chkpt={tmp_path}"))
+    with pytest.raises(DinokitError, match="not both"):
+        tiny_cfg(images, f"student.resume_from_teacher_chkpt={path}", f"student.pretrained_weights={path}")
+
+
+def test_highres_presets_load():
+    for name in ("vitl14_highres", "vitg14_highres"):
+        cfg = load_config(name, ["student.resume_from_teacher_chkpt=/some/run"])
+        assert cfg.crops.global_crops_size == 518 and cfg.student.patch_size == 14
+    cfg = load_config("continued", ["student.pretrained_weights=/some/file.pth"])
+    assert cfg.train.freeze_backbone_epochs > 0 and cfg.optim.backbone_lr_mult < 1
+
+
+# ---------------------------------------------------------------------------------------------- Gram anchoring
+def test_gram_loss_by_hand():
+    s = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[3.0, 4.0], [1.0, 1.0]]])  # (B=2, P=2, D=2)
+    t = torch.tensor([[[1.0, 1.0], [1.0, -1.0]], [[0.0, 1.0], [0.0, 2.0]]])
+    # normalised rows: s -> [1,0],[0,1] | [.6,.8],[.7071,.7071]; t -> [.7071,.7071],[.7071,-.7071] | [0,1],[0,1]
+    # image level: Gram_s = [[1,0],[0,1]] and [[1,.98995],[.98995,1]]; Gram_t = [[1,0],[0,1]] and [[1,1],[1,1]]
+    r = 0.6 * 0.70710678 + 0.8 * 0.70710678
+    expected = 2 * (r - 1) ** 2 / 8  # two off-diagonal entries differ, mean over 2 x 2 x 2 entries
+    assert GramLoss(img_level=True)(s, t).item() == pytest.approx(expected, rel=1e-5)
+    # batch level: one 4x4 Gram over all patches, compared with numpy
+    def gram(x):
+        x = x.reshape(-1, 2).numpy()
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return x @ x.T
+    assert GramLoss()(s, t).item() == pytest.approx(((gram(s) - gram(t)) ** 2).mean(), rel=1e-5)
+    # unnormalised, image level: raw dot products
+    raw = ((s @ s.transpose(1, 2) - t @ t.transpose(1, 2)) ** 2).mean()
+    assert GramLoss(normalized=False, img_level=True)(s, t).item() == pytest.approx(raw.item())
+    # remove_neg clamps both Gram matrices; remove_only_teacher_neg zeroes the student where both are negative
+    gs, gt = gram(s), gram(t)
+    clamped = ((np.clip(gs, 0, None) - np.clip(gt, 0, None)) ** 2).mean()
+    assert GramLoss(remove_neg=True)(s, t).item() == pytest.approx(clamped, rel=1e-5)
+    only = ((np.where((gs < 0) & (gt < 0), 0, gs) - np.clip(gt, 0, None)) ** 2).mean()
+    assert GramLoss(remove_only_teacher_neg=True)(s, t).item() == pytest.approx(only, rel=1e-5)
+    # gradients reach the student only
+    s.requires_grad_(True)
+    GramLoss()(s, t).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def gram_cfg(images, *extra):
+    return tiny_cfg(images, "gram.use_loss=true", "gram.img_level=true", *extra)
+
+
+def test_gram_teacher_refresh_schedule(images):
+    model = SSLMetaArch(gram_cfg(images, "gram.it_load_ema_teacher=0", "gram.update_frequency=3",
+                                 "gram.it_first_update=4", "gram.max_updates=2"))
+    # refreshed after the iterations whose count (it + 1) is a multiple of 3, from 4 on, twice at most
+    assert [it for it in range(20) if model.gram_refreshes(it)] == [5, 8]
+    unlimited = SSLMetaArch(gram_cfg(images, "gram.it_load_ema_teacher=0", "gram.update_frequency=3"))
+    assert [it for it in range(10) if unlimited.gram_refreshes(it)] == [2, 5, 8]
+    fixed = SSLMetaArch(gram_cfg(images, "gram.it_load_ema_teacher=0", "gram.rep_update=false"))
+    assert not any(fixed.gram_refreshes(it) for it in range(10))
+    ema = SSLMetaArch(gram_cfg(images, "gram.ema_teacher=true"))
+    assert ema.gram_teacher is None and "gram_teacher" not in ema.inference_modules()
+
+
+def test_gram_training_loads_refreshes_and_resumes(images, tmp_path):
+    """Loaded from the EMA teacher at iteration 1, refreshed after iteration 3 (count 4), then fixed."""
+    cfg = lambda: gram_cfg(images, "gram.it_load_ema_teacher=1", "gram.update_frequency=4",  # noqa: E731
+                           "gram.loss_weight=2.0", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=3",
+                           "train.saveckp_freq=1")
+    out = tmp_path / "run"
+    train(cfg(), output_dir=out, stop_after=4)
+    state = checkpoint_model(out)  # after iteration 3: the Gram teacher was just refreshed
+    gram, teacher = part(state, "gram_teacher."), part(state, "teacher.backbone.")
+    assert gram.keys() == teacher.keys() and all(torch.equal(gram[k], teacher[k]) for k in gram)
+    train(cfg(), output_dir=out)  # resumed: the copy survives, and moves no more
+    state = checkpoint_model(out)
+    assert torch.equal(part(state, "gram_teacher.")["blocks.0.attn.qkv.weight"], gram["blocks.0.attn.qkv.weight"])
+    lines = metrics(out)
+    assert lines[0]["gram_loss"] == 0  # not loaded yet at iteration 0
+    assert all(l["gram_loss"] > 0 for l in lines[1:])
+
+
+def test_gram_config_errors(images):
+    for extra, message in [
+        ((), "gram.use_loss needs a Gram teacher"),
+        (("gram.ema_teacher=true", "gram.it_load_ema_teacher=0"), "remove gram.ckpt and gram.it_load_ema_teacher"),
+        (("gram.ema_teacher=true", "gram.remove_neg=true", "gram.remove_only_teacher_neg=true"), "exclude each other"),
+        (("gram.ema_teacher=true", "gram.tokens_used=masked", "gram.img_level=true"), "gram.img_level=false"),
+    ]:
+        with pytest.raises(DinokitError, match=message):
+            tiny_cfg(images, "gram.use_loss=true", *extra)
