@@ -230,3 +230,34 @@ def test_gram_config_errors(images):
     ]:
         with pytest.raises(DinokitError, match=message):
             tiny_cfg(images, "gram.use_loss=true", *extra)
+
+
+def test_head_warmup_and_gram_under_two_process_fsdp(images, tmp_path):
+    """The frozen backbone runs forward only (FSDP2 must reshard it), the Gram teacher is a sharded copy."""
+    import os
+    import subprocess
+    import sys
+
+    path, _ = backbone_file(tmp_path, img_size=24)
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29537", "-m", "dinokit", "train", "--config-file", "demo",
+           "--output-dir", str(out), "--device", "cpu", *TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}",
+           "train.batch_size_per_gpu=2", "train.freeze_backbone_epochs=1", f"student.pretrained_weights={path}",
+           "gram.use_loss=true", "gram.it_load_ema_teacher=1", "gram.update_frequency=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = metrics(out)
+    assert [l["iteration"] for l in lines] == list(range(6))
+    assert [l["backbone_lr"] == 0 for l in lines] == [True] * 3 + [False] * 3
+    assert lines[0]["gram_loss"] == 0 and all(np.isfinite(l["total_loss"]) and l["gram_loss"] > 0 for l in lines[1:])
+
+
+@pytest.mark.parametrize("key", ["gram.use_loss=true", "train.freeze_backbone_epochs=1",
+                                 "student.resume_from_teacher_chkpt=/a/run"])
+def test_distill_refuses_stage_keys(images, tmp_path, key):
+    from dinokit.distill.run import distill
+
+    cfg = tiny_cfg(images, key, "gram.ema_teacher=true")
+    with pytest.raises(DinokitError, match=f"{key.split('=')[0]} is a pretraining-stage key that dinokit distill"):
+        distill(cfg, output_dir=tmp_path / "d")

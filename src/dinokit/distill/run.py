@@ -81,6 +81,11 @@ def distill(
     hooks: Iterable[Hook] = (),
 ) -> dict[str, Any]:
     """Distil ``cfg.distillation.teacher`` into the configured students in ``output_dir``; returns the summary."""
+    for key, unused in (("gram.use_loss", cfg.gram.use_loss), ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs),
+                        ("student.resume_from_teacher_chkpt", cfg.student.resume_from_teacher_chkpt)):
+        if unused:
+            raise DinokitError(f"{key} is a pretraining-stage key that dinokit distill does not use; remove it "
+                               "(distillation starts students from student.pretrained_weights)")
     rank, world = init_run(cfg.train.seed)
     output_dir = Path(output_dir)
     students = student_sections(cfg)

@@ -28,7 +28,7 @@ from .checkpoint import Checkpointer, atomic_torch_save
 from .metrics import MetricsLogger
 from .run_dir import InterruptGuard, RunInterrupted, check_disk_space, truncate_metrics
 from .optim import apply_optim_schedule, build_optimizer, get_param_groups
-from .parallel import parallelize
+from .parallel import parallelize, reshard
 from .task import Export, Task
 
 
@@ -132,6 +132,7 @@ class Engine:
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh(device.type, (dist_utils.get_world_size(),))
+        self.sharded = mesh is not None
         for module in task.inference_modules().values():
             module.requires_grad_(False)
         parallelize(
@@ -171,6 +172,9 @@ class Engine:
             self.scaler.unscale_(self.optimizer)
         else:
             out.total.backward()
+        if self.sharded:
+            for module in self.task.trainable_modules().values():
+                reshard(module)  # a module that ran without gradients keeps gathered parameters otherwise
         if self.cfg.clip_grad:
             for module in self.task.trainable_modules().values():
                 torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.clip_grad)

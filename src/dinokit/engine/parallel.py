@@ -76,3 +76,17 @@ def parallelize(
             apply_fsdp(module, mesh=mesh, param_dtype=param_dtype, reshard_after_forward=reshard)
         for module in inference.values():  # no backward follows to reshard them: always free after forward
             apply_fsdp(module, mesh=mesh, param_dtype=param_dtype, reshard_after_forward=True)
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit in ``module`` (nothing when it is not sharded).
+
+    FSDP2 reshards a module after its backward; a module that ran forward without gradients (a frozen
+    backbone during a head warm-up) and keeps its parameters gathered would otherwise expose full
+    tensors where the optimizer and the EMA expect shards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()

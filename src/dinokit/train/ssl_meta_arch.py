@@ -342,8 +342,8 @@ class SSLMetaArch(SSLObjective, Task):
     @torch.no_grad()
     def copy_teacher_to_gram(self) -> None:
         """Gram teacher <- EMA teacher backbone, exactly (sharded or not)."""
-        torch._foreach_copy_([p.data for p in self.gram_teacher.parameters()],
-                             [p.data for p in self.teacher.backbone.parameters()])
+        for gram, ema in zip(self.gram_teacher.parameters(), self.teacher.backbone.parameters()):
+            gram.data.copy_(ema.data)  # rare (each refresh); DTensors have no foreach copy
 
 
     # ------------------------------------------------------------------ the Task contract
