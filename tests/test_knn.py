@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dinokit import distributed as du
 from dinokit.errors import DinokitError
-from dinokit.eval.knn import _local_topk, evaluate_knn, knn_classify, sample_per_class
+from dinokit.eval.knn import evaluate_knn, knn_classify, local_topk, sample_per_class
 
 
 @pytest.fixture(autouse=True)
@@ -70,9 +70,9 @@ def test_knn_matches_brute_force_exactly(chunk_size):
 
 def test_chunked_neighbours_identical_to_unchunked():
     train, train_y, test, _ = random_problem(n_train=101)
-    reference = _local_topk(test, train, train_y, 20, None)
+    reference = local_topk(test, train, train_y, 20, None)
     for chunk in (1, 7, 100, 1000):
-        sims, labels = _local_topk(test, train, train_y, 20, chunk)
+        sims, labels = local_topk(test, train, train_y, 20, chunk)
         assert torch.equal(labels, reference[1])
         torch.testing.assert_close(sims, reference[0], rtol=0, atol=1e-14)  # matmul shapes round differently
     # The similarities are the 20 largest of the full matrix, in descending order.

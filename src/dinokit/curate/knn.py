@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import DinokitError
-from ..eval.knn import _local_topk
+from ..eval.knn import local_topk
 
 METHODS = ("auto", "exact", "faiss", "faiss-ivf")
 # FAISS's flat index searched 5k and 20k rows (all against all, 384-d, k = 65) 1.6x faster than the
@@ -83,7 +83,7 @@ def _exact(queries, database, k, batch_size, chunk_size):
     sims, idx = [], []
     for start in range(0, len(queries), batch_size):
         q = queries[start : start + batch_size].to(database.device, database.dtype)
-        s, i = _local_topk(q, database, ids, k, chunk_size)  # (B, k); the "labels" are the row indices
+        s, i = local_topk(q, database, ids, k, chunk_size)  # (B, k); the "labels" are the row indices
         i[torch.isinf(s)] = -1
         sims.append(s.cpu())
         idx.append(i.cpu())

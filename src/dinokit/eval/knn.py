@@ -44,7 +44,7 @@ class KnnResult:
 
 
 # ---------------------------------------------------------------------------------------------- core
-def _local_topk(
+def local_topk(
     queries: torch.Tensor, train_features: torch.Tensor, train_labels: torch.Tensor, k: int, chunk_size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most similar rows of ``train_features`` for each query, merged chunk by chunk.
@@ -108,7 +108,7 @@ def knn_classify(
     for start in range(0, test_features.shape[0], batch_size):
         queries = test_features[start : start + batch_size].to(device, train_features.dtype)
         targets = test_labels[start : start + batch_size].to(device)
-        sims, labels = _local_topk(queries, train_features, train_labels, max_k, chunk_size)
+        sims, labels = local_topk(queries, train_features, train_labels, max_k, chunk_size)
         sims, labels = _merge_across_ranks(sims, labels)
         weights = torch.softmax(sims / temperature, dim=1)  # over the max_k neighbours, as official
         for k in ks:
