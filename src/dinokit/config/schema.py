@@ -182,6 +182,12 @@ class CropsConfig:
     # dinokit: "official" = the blur the released models were trained with (global 1: 0, global 2: 0.9,
     # local: 0.5; the official code inverts its p, PR #411); "intended" = as written (1.0, 0.1, 0.5).
     blur_probabilities: str = "official"
+    # dinokit: probability that a crop is turned grey (official 0.2, in the code, not a key); more stops a small
+    # run from matching crops by their colour when colour does not tell the classes apart (the small preset)
+    grayscale_probability: float = 0.2
+    # dinokit: colour jitter at this many times the official strengths (brightness 0.4, contrast 0.4, saturation 0.2,
+    # hue 0.1 capped at 0.5; factors in [max(0, 1 - s), 1 + s]); 1 = official
+    color_jitter_strength: float = 1.0
     # dinokit: "pil" = per-image PIL transforms in the data workers; "tensor" = the same distributions on
     # batched uint8/float tensors (dinokit.data.tensor_augment), applied by the collate in the workers.
     augmentation: str = "pil"

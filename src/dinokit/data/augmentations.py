@@ -1,7 +1,10 @@
 """The DINOv2 multi-crop augmentation, with torchvision transforms v2 on PIL images.
 
 Two global crops and ``local_crops_number`` local crops of one image, each with random flips,
-colour jitter, grayscale and Gaussian blur; the second global crop may also be solarised.
+colour jitter, grayscale and Gaussian blur; the second global crop may also be solarised. The grayscale
+probability (0.2 officially) is ``crops.grayscale_probability`` and ``crops.color_jitter_strength`` scales
+the jitter (1 = official): small sets whose colours do not tell the classes apart need more (see the
+``small`` preset).
 
 Blur probabilities. The official code wraps the blur in ``RandomApply(p=1 - p)``, believing that
 torchvision applies with probability ``1 - p``; it applies with ``p``. The released models were
@@ -32,10 +35,29 @@ BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {
     "intended": (1.0, 0.1, 0.5),
 }
 SOLARIZE_PROBABILITY = 0.2  # global crop 2 only
+GRAYSCALE_PROBABILITY = 0.2  # official; crops.grayscale_probability changes it
+# Official colour-jitter strengths (brightness, contrast, saturation, hue), scaled by crops.color_jitter_strength.
+COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)
 
 
-def check_crop_options(local_crops_number: int, blur_probabilities: str) -> None:
+def color_jitter_strengths(strength: float = 1.0) -> tuple[float, float, float, float]:
+    """(brightness, contrast, saturation, hue) of the jitter at ``strength`` times the official values; the
+    factors are drawn from ``[max(0, 1 - s), 1 + s]`` (torchvision's rule) and the hue shift is capped at half a turn."""
+    brightness, contrast, saturation, hue = (strength * v for v in COLOR_JITTER)
+    return brightness, contrast, saturation, min(hue, 0.5)
+
+
+def check_crop_options(
+    local_crops_number: int,
+    blur_probabilities: str,
+    grayscale_probability: float = GRAYSCALE_PROBABILITY,
+    color_jitter_strength: float = 1.0,
+) -> None:
     """Raise :class:`DinokitError` for options that no multi-crop augmentation accepts."""
+    if color_jitter_strength < 0:
+        raise DinokitError(f"crops.color_jitter_strength must be >= 0 (1 = official), got {color_jitter_strength}")
+    if not 0.0 <= grayscale_probability <= 1.0:
+        raise DinokitError(f"crops.grayscale_probability must be in [0, 1], got {grayscale_probability}")
     if blur_probabilities not in BLUR_PROBABILITIES:
         raise DinokitError(
             f"unknown blur_probabilities {blur_probabilities!r}; "
@@ -74,14 +96,18 @@ class DataAugmentationDINO:
         global_crops_size: int = 224,
         local_crops_size: int = 96,
         blur_probabilities: str = "official",
+        grayscale_probability: float = GRAYSCALE_PROBABILITY,
+        color_jitter_strength: float = 1.0,
     ) -> None:
-        check_crop_options(local_crops_number, blur_probabilities)
+        check_crop_options(local_crops_number, blur_probabilities, grayscale_probability, color_jitter_strength)
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number
         self.global_crops_size = global_crops_size
         self.local_crops_size = local_crops_size
         self.blur_probabilities = blur_probabilities
+        self.grayscale_probability = grayscale_probability
+        self.color_jitter_strength = color_jitter_strength
         blur_global1, blur_global2, blur_local = BLUR_PROBABILITIES[blur_probabilities]
 
         self.geometric_augmentation_global = _geometric(global_crops_size, self.global_crops_scale)
@@ -89,8 +115,8 @@ class DataAugmentationDINO:
         # One definition, drawn independently for every crop.
         color_jittering = v2.Compose(
             [
-                v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.ColorJitter(*color_jitter_strengths(color_jitter_strength))], p=0.8),
+                v2.RandomGrayscale(p=grayscale_probability),
             ]
         )
         normalize = v2.Compose(
@@ -113,7 +139,8 @@ class DataAugmentationDINO:
         return (
             f"{type(self).__name__}(global {self.global_crops_size}px scale={self.global_crops_scale}, "
             f"{self.local_crops_number} x local {self.local_crops_size}px scale={self.local_crops_scale}, "
-            f"blur={self.blur_probabilities})"
+            f"blur={self.blur_probabilities}, grayscale={self.grayscale_probability}, "
+            f"jitter x{self.color_jitter_strength})"
         )
 
     def __call__(self, image: Image.Image) -> dict[str, Any]:

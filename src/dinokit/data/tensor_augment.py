@@ -13,8 +13,8 @@ in two so the pixel work can leave the data workers:
 
 Every draw uses the PIL path's parameters: RandomResizedCrop's area ``scale`` and aspect ratio
 ``(3/4, 4/3)`` (log-uniform, ten attempts, centre-crop fallback), flip 0.5, colour jitter with
-probability 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random order), grayscale
-0.2, Gaussian blur (kernel 9, sigma 0.1-2.0) with the per-crop probabilities of
+probability 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, times ``color_jitter_strength``,
+in a random order), grayscale ``grayscale_probability`` (0.2), Gaussian blur (kernel 9, sigma 0.1-2.0) with the per-crop probabilities of
 ``blur_probabilities``, solarize 0.2 on the second global crop only. One deliberate difference: the
 PIL path rounds to uint8 after each operation, the tensor path stays in float32 until the end.
 """
@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from .augmentations import BLUR_PROBABILITIES, SOLARIZE_PROBABILITY, check_crop_options
+from .augmentations import (
+    BLUR_PROBABILITIES,
+    GRAYSCALE_PROBABILITY,
+    SOLARIZE_PROBABILITY,
+    check_crop_options,
+    color_jitter_strengths,
+)
 from .collate import SSLBatch, SSLCollate
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -39,9 +45,6 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's default a
 CROP_ATTEMPTS = 10  # torchvision draws up to ten boxes before falling back to a centre crop
 FLIP_PROBABILITY = 0.5
 JITTER_PROBABILITY = 0.8
-# Colour jitter strengths: the factor ranges are [1 - s, 1 + s] (hue: [-s, s]), as in torchvision.
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
-GRAYSCALE_PROBABILITY = 0.2
 BLUR_KERNEL_SIZE = 9
 BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128 / 255  # the PIL path's threshold of 128 on uint8 pixels
@@ -132,6 +135,8 @@ def draw_crop_params(
     local_crops_scale: tuple[float, float],
     local_crops_number: int,
     blur_probabilities: str = "official",
+    grayscale_probability: float = GRAYSCALE_PROBABILITY,
+    color_jitter_strength: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> CropParams:
     """Draw all random parameters of one image's crops (default: the global torch generator)."""
@@ -146,7 +151,9 @@ def draw_crop_params(
     u = torch.rand(n_crops, 6, generator=generator)  # flip, jitter, grayscale, blur, solarize, sigma
     # Ranks of i.i.d. uniforms: a uniformly random order per crop, in one call instead of one randperm per crop.
     jitter_order = torch.rand(n_crops, 4, generator=generator).argsort(dim=1)
-    ranges = torch.tensor([[1 - BRIGHTNESS, 1 + BRIGHTNESS], [1 - CONTRAST, 1 + CONTRAST], [1 - SATURATION, 1 + SATURATION], [-HUE, HUE]])
+    # Factor ranges [max(0, 1 - s), 1 + s] (hue: [-s, s]), as in torchvision.
+    *factor_strengths, hue = color_jitter_strengths(color_jitter_strength)
+    ranges = torch.tensor([[max(0.0, 1 - v), 1 + v] for v in factor_strengths] + [[-hue, hue]])
     factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * torch.rand(n_crops, 4, generator=generator)
     blur_p = torch.tensor([blur_global1, blur_global2] + [blur_local] * local_crops_number)
     solarize_p = torch.tensor([0.0, SOLARIZE_PROBABILITY] + [0.0] * local_crops_number)
@@ -156,7 +163,7 @@ def draw_crop_params(
         jitter=u[:, 1] < JITTER_PROBABILITY,
         jitter_order=jitter_order,
         jitter_factors=factors,
-        grayscale=u[:, 2] < GRAYSCALE_PROBABILITY,
+        grayscale=u[:, 2] < grayscale_probability,
         blur=u[:, 3] < blur_p,
         blur_sigma=BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 5],
         solarize=u[:, 4] < solarize_p,
@@ -263,13 +270,17 @@ class MultiCropSource:
         local_crops_number: int,
         *,
         blur_probabilities: str = "official",
+        grayscale_probability: float = GRAYSCALE_PROBABILITY,
+        color_jitter_strength: float = 1.0,
         max_size: int | None = None,
     ) -> None:
-        check_crop_options(local_crops_number, blur_probabilities)
+        check_crop_options(local_crops_number, blur_probabilities, grayscale_probability, color_jitter_strength)
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number
         self.blur_probabilities = blur_probabilities
+        self.grayscale_probability = grayscale_probability
+        self.color_jitter_strength = color_jitter_strength
         self.max_size = max_size
 
     def __call__(self, image: Image.Image) -> dict[str, Any]:
@@ -283,6 +294,8 @@ class MultiCropSource:
             local_crops_scale=self.local_crops_scale,
             local_crops_number=self.local_crops_number,
             blur_probabilities=self.blur_probabilities,
+            grayscale_probability=self.grayscale_probability,
+            color_jitter_strength=self.color_jitter_strength,
         )
         return {"image": pixels, "params": params}
 

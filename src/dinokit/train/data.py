@@ -34,6 +34,8 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
             tuple(crops.local_crops_scale),
             crops.local_crops_number,
             blur_probabilities=crops.blur_probabilities,
+            grayscale_probability=crops.grayscale_probability,
+            color_jitter_strength=crops.color_jitter_strength,
         )
         multi_crop = TensorMultiCrop(global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size)
         collate = TensorAugmentCollate(collate, multi_crop)
@@ -45,6 +47,8 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
             global_crops_size=crops.global_crops_size,
             local_crops_size=crops.local_crops_size,
             blur_probabilities=crops.blur_probabilities,
+            grayscale_probability=crops.grayscale_probability,
+            color_jitter_strength=crops.color_jitter_strength,
         )
     return make_ssl_data_loader(
         cfg.train.dataset_path,
