@@ -61,3 +61,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def real_warnings():
+    """Warnings printed on stderr as the command line prints them (pytest would record them instead), in forked
+    data-loader workers too."""
+    import sys
+    import warnings
+
+    def to_stderr(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        sys.stderr.flush()  # a forked worker ends without flushing
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = to_stderr
+        yield

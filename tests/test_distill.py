@@ -19,14 +19,11 @@ from dinokit.models.checkpoint import save_backbone
 from dinokit.train.ssl_meta_arch import SSLMetaArch
 from dinokit.train.train import engine_config, save_teacher_snapshot
 
-HEADS = ["dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-         "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16"]
-TINY = [
-    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2", *HEADS,
-    "train.batch_size_per_gpu=4", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=3", "train.saveckp_freq=1",
-    "train.log_freq=1", "optim.epochs=2", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
-    "optim.freeze_last_layer_epochs=0", "evaluation.eval_period_iterations=3", "evaluation.knn_dataset=null",
-]
+from tiny import tiny_run
+
+# the students come from the distillation presets
+TINY = [*tiny_run(student=False, prototypes=64, hidden=32, bottleneck=16, local_crops=2, batch=4, eval_period=3),
+        "optim.freeze_last_layer_epochs=0"]
 
 
 @pytest.fixture(scope="module")

@@ -111,14 +111,9 @@ def test_nan_before_any_checkpoint_says_so(tmp_path, monkeypatch):
         run_toy(tmp_path / "run")
 
 
-TINY = [
-    "student.arch=vit_pico", "student.patch_size=8", "crops.global_crops_size=32", "crops.local_crops_size=16",
-    "crops.local_crops_number=2", "dino.head_n_prototypes=32", "dino.head_hidden_dim=16", "dino.head_bottleneck_dim=8",
-    "ibot.head_n_prototypes=32", "ibot.head_hidden_dim=16", "ibot.head_bottleneck_dim=8",
-    "train.batch_size_per_gpu=4", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=2", "train.saveckp_freq=1",
-    "optim.epochs=1", "optim.warmup_epochs=0", "teacher.warmup_teacher_temp_epochs=0",
-    "evaluation.eval_period_iterations=2", "evaluation.knn_dataset=null",
-]
+from tiny import tiny_run  # noqa: E402
+
+TINY = tiny_run(local_crops=2, batch=4, epoch_length=2, epochs=1, warmup=0, eval_period=2, log_freq=None)
 
 
 def test_a_run_without_layerscale_is_evaluated_with_its_own_architecture(tmp_path, capsys):

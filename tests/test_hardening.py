@@ -152,6 +152,45 @@ def test_skip_warning_is_one_line_without_a_source_line(tmp_path):
     assert text.count("\n") == 1 and "self.dataset" not in text and "warnings.warn" not in text
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_repeated_warnings_are_shown_once_and_summarised(tmp_path, capfd, real_warnings, workers):
+    for i in range(2):
+        Image.new("RGB", (16, 16), (90 * i, 0, 0)).save(tmp_path / f"good{i}.png")
+    for i in range(5):
+        (tmp_path / f"bad{i}.png").write_bytes(b"not an image %d" % i)
+    code = cli_main(["embed", str(tmp_path), "--out", str(tmp_path / "e.npz"), "--model", "dinov2_vits14",
+                     "--random-init", "--image-size", "28", "--device", "cpu", "--no-progress", "--num-workers",
+                     str(workers), "--batch-size", "2"])
+    assert code == 0
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    skips = [line for line in err if "skipping unreadable image" in line]
+    assert len(skips) == 1 and "cannot identify image file" in skips[0]  # the first, with its reason
+    assert err[-1] == ("warning: 5 image reads skipped in all (unreadable, not an image or too large); the first is "
+                       "named above")
+    assert len(np.load(tmp_path / "e.npz")["cls"]) == 2
+
+
+def test_warning_kinds_mask_paths_and_numbers(capsys):
+    from dinokit.data.images import SkippedImageWarning
+    from dinokit.warning_summary import summarised_warnings, warning_kind
+
+    assert warning_kind(SkippedImageWarning, "skipping too large image /a.png: 1x2") == "SkippedImageWarning"
+    assert warning_kind(UserWarning, "iteration 12: no readable image in the batch") == warning_kind(
+        UserWarning, "iteration 7: no readable image in the batch")
+    assert warning_kind(UserWarning, "ignoring unreadable feature cache /x/a.pt (EOF); recomputing") == warning_kind(
+        UserWarning, "ignoring unreadable feature cache /y/b.pt (EOF); recomputing")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with summarised_warnings():
+            for i in range(4):
+                warnings.warn(f"iteration {i}: no readable image in the batch; repeating the previous batch")
+            warnings.warn("something else")
+    assert [str(w.message) for w in shown] == [
+        "iteration 0: no readable image in the batch; repeating the previous batch", "something else"]
+    assert capsys.readouterr().err == ("warning: 4 warnings of this kind in all, shown once: iteration 0: no readable "
+                                       "image in the batch; repeating the previous batch\n")
+
+
 # ---------------------------------------------------------------------------------------------- run folders
 import errno  # noqa: E402
 import json  # noqa: E402
@@ -169,14 +208,9 @@ from dinokit.data import write_sample_dataset  # noqa: E402
 from dinokit.engine.run_dir import check_disk_space, open_run_dir  # noqa: E402
 from dinokit.errors import DinokitError  # noqa: E402
 
-TINY = [
-    "student.arch=vit_pico", "student.patch_size=8", "crops.global_crops_size=32", "crops.local_crops_size=16",
-    "crops.local_crops_number=1", "dino.head_n_prototypes=32", "dino.head_hidden_dim=16", "dino.head_bottleneck_dim=8",
-    "ibot.head_n_prototypes=32", "ibot.head_hidden_dim=16", "ibot.head_bottleneck_dim=8",
-    "train.batch_size_per_gpu=2", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=3", "train.saveckp_freq=1",
-    "train.log_freq=1", "optim.epochs=2", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
-    "evaluation.eval_period_iterations=100", "evaluation.knn_dataset=null",
-]
+from tiny import tiny_run  # noqa: E402
+
+TINY = tiny_run()  # 6 iterations of 2 images, a checkpoint each
 
 
 @pytest.fixture(scope="module")
@@ -387,6 +421,54 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(
         monkeypatch.undo()
         assert cli_main(_cli(out, images)) == 0
         _assert_same_weights(straight, out)
+
+
+# ---------------------------------------------------------------------------------------------- read-only outputs
+def _read_only(folder: Path, monkeypatch) -> None:
+    """Make ``folder`` read-only; as root (which writes anyway) the permission check is told so."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: (False if Path(p) == folder and mode & os.W_OK
+                                                                else real(p, mode, **k)))
+
+
+_FOLDER = "error: {opt} '{ro}' is not writable; give a folder you can write to"
+_FILE = "error: --out '{ro}/out.{ext}' cannot be written: '{ro}' is not writable; give a path you can write to"
+READ_ONLY_CASES = {
+    "train": (["train", "--output-dir", "{ro}", "--device", "cpu", "train.dataset_path={images}"], _FOLDER),
+    "distill": (["distill", "--teacher", "{images}", "--output-dir", "{ro}", "--device", "cpu"], _FOLDER),
+    "embed": (["embed", "{images}", "--out", "{ro}/out.npz", "--model", "dinov2_vits14", "--random-init"], _FILE),
+    "eval": (["eval", "knn", "--output-dir", "{ro}", "--train-dataset", "{images}", "--val-dataset", "{images}",
+              "--model", "dinov2_vits14", "--random-init"], _FOLDER),
+    "dense train": (["dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14",
+                     "--random-init", "--train-dataset", "{images}", "--val-dataset", "{images}", "--output-dir", "{ro}"],
+                    _FOLDER),
+    "dense eval": (["dense", "eval", "--head-weights", "{images}/h.pth", "--val-dataset", "{images}", "--output-dir",
+                    "{ro}"], _FOLDER),
+    "dense predict": (["dense", "predict", "{images}", "--head", "{images}/h.pth", "--out", "{ro}"], _FOLDER),
+    "viz pca": (["viz", "pca", "{images}", "--out", "{ro}", "--random-init"], _FOLDER),
+    "viz attention": (["viz", "attention", "{images}", "--out", "{ro}", "--random-init"], _FOLDER),
+    "viz match": (["viz", "match", "{images}/a.png", "{images}/b.png", "--out", "{ro}/out.png", "--random-init"],
+                  _FILE),
+    "curate": (["curate", "run", "--pool", "{images}", "--output-dir", "{ro}"], _FOLDER),
+}
+
+
+@pytest.mark.parametrize("command", list(READ_ONLY_CASES))
+def test_read_only_output_is_one_line_before_any_work(command, tmp_path, capsys, monkeypatch):
+    argv, message = READ_ONLY_CASES[command]
+    ro = tmp_path / "ro"
+    _read_only(ro, monkeypatch)
+    fields = {"ro": ro, "images": tmp_path, "ext": argv[argv.index("--out") + 1][-3:] if "--out" in argv else "",
+              "opt": "--out" if "--out" in argv else "--output-dir"}
+    try:
+        assert cli_main([a.format(**fields) for a in argv]) == 2
+    finally:
+        ro.chmod(0o755)
+    assert capsys.readouterr().err.strip() == message.format(**fields)
+    assert not list(ro.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------- weights files

@@ -18,15 +18,10 @@ from dinokit.errors import DinokitError
 from dinokit.cli.train import pretrain as train
 from dinokit.config import load_config
 
-TINY = [
-    "student.arch=vit_pico", "student.patch_size=8", "student.drop_path_rate=0.2",
-    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
-    "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
-    "train.batch_size_per_gpu=4", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=3", "train.saveckp_freq=1",
-    "train.log_freq=1", "optim.epochs=2", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
-    "evaluation.eval_period_iterations=3", "evaluation.knn_dataset=null",
-]
+from tiny import tiny_run
+
+TINY = [*tiny_run(prototypes=64, hidden=32, bottleneck=16, local_crops=2, batch=4, eval_period=3),
+        "student.drop_path_rate=0.2"]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 Each module ``dinokit.cli.<name>`` exposes ``register(subparsers)``, which adds its parser and sets
 ``func`` to a callable taking the parsed arguments and returning an exit status. User errors
 (:class:`dinokit.errors.DinokitError`, and file-system errors about a path) are printed as one line,
-without a traceback.
+without a traceback. Each kind of warning is shown once per command and counted in a line at its end
+(:mod:`dinokit.warning_summary`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pkgutil
 import sys
 
 from ..errors import DinokitError
+from ..warning_summary import summarised_warnings
 
 # Listed first in ``dinokit --help``, in this order; any other module of this package that defines
 # ``register`` is a sub-command too (so a new command is one new file).
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with summarised_warnings():  # a repeated warning is shown once, and counted at the end
+            return int(args.func(args) or 0)
     except DinokitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -95,9 +95,12 @@ def _config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from .. import distributed as du
     from ..curate.pipeline import STAGES, Work, run_pipeline, run_stage
+    from ..engine.run_dir import check_writable
     from ..eval.setup import resolve_device
 
     du.init_from_environment()
+    if du.is_main_process():
+        check_writable(args.output_dir)  # one line before any work
     config, as_dict = _config(args)
     work = Path(args.output_dir)
     if du.is_main_process():

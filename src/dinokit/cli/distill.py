@@ -32,13 +32,17 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.output_dir:
         raise DinokitError("--output-dir is required (where checkpoints and the students' snapshots go)")
+    from ..engine.run_dir import check_writable
+
+    check_writable(args.output_dir)  # one line before any work
     overrides = [*args.opts] + ([f"distillation.teacher={args.teacher}"] if args.teacher else [])
     cfg = load_config(args.config_file, overrides)
     summary = run_distillation(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
     if distributed.is_main_process():
         loss = (summary.get("metrics") or {}).get("total_loss")
         print(f"done: {summary['iteration']} iterations in {summary['output_dir']}"
-              + (f", final loss {loss:.4f}" if loss is not None else ""))
+              + (f", final loss {loss:.4f}" if loss is not None else "")
+              + f", bad images skipped: {summary.get('bad_images', 0)}")
         for snap in summary.get("snapshots", [])[-1:]:
             print(f"student snapshot (EMA): {snap}")
         write_plot(args.output_dir)

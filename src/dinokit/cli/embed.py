@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from ..errors import DinokitError
 from ..devices import resolve_device, resolve_dtype
 from ..eval.setup import setup_eval_model
 from ..features import ExtractedFeatures, extract_features
+from ..engine.run_dir import check_writable
 from ..models.checkpoint import atomic_write
 from ..models.registry import model_info
 
@@ -91,6 +91,7 @@ def _check_output(args: argparse.Namespace) -> Path:
             raise DinokitError("writing .parquet needs pyarrow: pip install 'dinokit[parquet]' (or use .npz)") from None
     if out.is_dir():
         raise DinokitError(f"--out {args.out!r} is a folder; give a file name such as {out / 'embeddings.npz'}")
+    check_writable(args.out, "--out", is_file=True)
     for name in ("image_size", "batch_size"):
         if getattr(args, name) < 1:
             raise DinokitError(f"--{name.replace('_', '-')} must be at least 1")
@@ -200,19 +201,19 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)  # float32: no autocast
     model, description = _build_model(args, device)
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="skipping unreadable image")  # listed in the summary instead
-        result = extract_features(
-            model,
-            dataset,
-            feature_fn=_feature_fn(patch_mean=args.patch_mean, patch_tokens=args.patch_tokens),
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            device=device,
-            dtype=dtype,
-            progress=not args.no_progress,
-            desc="embed",
-        )
+    # the first skipped image is named with its reason (the CLI shows each kind of warning once), the others
+    # are listed in the summary and in the output
+    result = extract_features(
+        model,
+        dataset,
+        feature_fn=_feature_fn(patch_mean=args.patch_mean, patch_tokens=args.patch_tokens),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=device,
+        dtype=dtype,
+        progress=not args.no_progress,
+        desc="embed",
+    )
     bad_paths = [str(paths[i]) for i in result.bad]
     if len(result) == 0:
         raise DinokitError(f"none of the {len(paths)} images could be read (first: {bad_paths[0]}); check the files")

@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.output_dir:
         raise DinokitError("--output-dir is required (where checkpoints and logs go)")
+    from ..engine.run_dir import check_writable
+
+    check_writable(args.output_dir)  # one line before any work
     cfg = load_config(args.config_file, args.opts)
     if args.nodes > 0:
         from ..train.slurm import submit

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data.images import resolve_image_inputs
 from ..devices import resolve_device
+from ..engine.run_dir import check_writable
 from ..errors import DinokitError
 from ..devices import resolve_dtype
 from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps
@@ -148,6 +149,7 @@ def _out_dir(out: str) -> Path:
     path = Path(out).expanduser()
     if path.is_file():
         raise DinokitError(f"--out {out!r} is a file; give a folder")
+    check_writable(out, "--out")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -159,6 +161,7 @@ def run_pca(args: argparse.Namespace) -> int:
         raise DinokitError("--video takes one folder of frames (or give a video file without --video)")
     if args.columns < 1 or args.fps <= 0 or args.max_frames < 1:
         raise DinokitError("--columns, --fps and --max-frames must be positive")
+    check_writable(args.out, "--out")  # before the frames are read
     inputs = (read_frames(args.inputs[0], step=args.frame_step, max_frames=args.max_frames)
               if video_file or args.video else _image_paths(args.inputs))
     out = _out_dir(args.out)
@@ -187,6 +190,7 @@ def run_pca(args: argparse.Namespace) -> int:
 def run_attention(args: argparse.Namespace) -> int:
     if args.keep_mass is not None and not 0 < args.keep_mass <= 1:
         raise DinokitError("--keep-mass must be a fraction in (0, 1], e.g. 0.6")
+    check_writable(args.out, "--out")  # before the images are looked for
     paths = _image_paths(args.inputs)
     out = _out_dir(args.out)
     model, options = _setup(args)
@@ -209,6 +213,7 @@ def run_match(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.suffix.lower() != ".png":
         raise DinokitError(f"--out {args.out!r} must be a .png file")
+    check_writable(args.out, "--out", is_file=True)
     if args.max_matches < 1:
         raise DinokitError("--max-matches must be at least 1")
     images = _image_paths([args.image_a]) + _image_paths([args.image_b])

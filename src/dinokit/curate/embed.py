@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -104,13 +103,12 @@ def embed_set(
         if meta_file.is_file():
             continue  # finished in an earlier run
         start, stop = s * config.shard_size, min((s + 1) * config.shard_size, len(paths))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="skipping unreadable image")  # listed in the shard's JSON
-            result = extract_features(
-                model, Subset(dataset, range(start, stop)), feature_fn=feature_fn, batch_size=config.batch_size,
-                num_workers=config.num_workers, device=device, dtype=dtype, progress=progress,
-                desc=f"embed {folder.name} {s + 1}/{n_shards}", distributed=False,
-            )
+        # skipped images are listed in the shard's JSON; the command line names the first and counts them all
+        result = extract_features(
+            model, Subset(dataset, range(start, stop)), feature_fn=feature_fn, batch_size=config.batch_size,
+            num_workers=config.num_workers, device=device, dtype=dtype, progress=progress,
+            desc=f"embed {folder.name} {s + 1}/{n_shards}", distributed=False,
+        )
         rows = result.indices.tolist()  # the dataset's own indices (a Subset passes them through)
         for key, value in result.features.items():
             with atomic_write(folder / f"{_shard_name(s)}.{key}.npy") as tmp, open(tmp, "wb") as f:

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.datasets import parse_dataset_str
-from ..data.images import IMAGE_EXTENSIONS, load_image
+from ..data.images import IMAGE_EXTENSIONS, load_image, warn_skipped
 from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..errors import DinokitError
 from .metrics import IGNORE_INDEX, reduce_zero_label
@@ -247,9 +247,14 @@ class DenseDataset(Dataset):
             )
         return label
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | None:
+        """``{"image", "label", "index"}``, or None (with a one-line warning) when the image cannot be read."""
         image_path = self.pairs[index][0]
-        image = image_to_tensor(load_image(image_path))
+        try:
+            image = image_to_tensor(load_image(image_path))
+        except (OSError, ValueError) as err:
+            warn_skipped(image_path, err)
+            return None
         label = self.read_label(index)
         if tuple(label.shape) != tuple(image.shape[-2:]):
             raise DinokitError(
@@ -368,8 +373,12 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
     return DenseDataset(pairs, info, name=dataset_str, transform=transform)
 
 
-def collate_dense(items: list[dict]) -> dict:
-    """Stack images and labels of equal size (training crops; evaluation uses batches of one)."""
+def collate_dense(items: list[dict | None]) -> dict:
+    """Stack images and labels of equal size (training crops; evaluation uses batches of one); unreadable
+    images (None) are left out."""
+    items = [it for it in items if it is not None]
+    if not items:
+        raise DinokitError("no image of a dense batch could be read; remove or fix the unreadable files named above")
     return {
         "image": torch.stack([it["image"] for it in items]),
         "label": torch.stack([it["label"] for it in items]),

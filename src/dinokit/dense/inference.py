@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import DinokitError
 from .datasets import DenseDataset
 from .metrics import DepthMetrics, SegMetrics
 from .model import DenseModel
@@ -66,16 +67,23 @@ def evaluate(
         meter = DepthMetrics(min_depth=info.min_depth, max_depth=info.max_depth, eigen_crop=info.eigen_crop)
     was_training = model.training
     model.eval()
+    skipped = 0
     for i in tqdm(range(len(dataset)), desc="evaluate", disable=not progress, leave=False):
         item = dataset[i]
+        if item is None:  # unreadable image (named in a warning)
+            skipped += 1
+            continue
         label = item["label"]
         pred = predict_image(model, item["image"], label.shape[-2:], cfg, dtype).cpu()
         meter.update(pred, label)
     model.train(was_training)
+    if skipped == len(dataset):
+        raise DinokitError(f"no image of {dataset.name!r} could be read; check the files")
     result = meter.compute()
     if model.task == "seg" and dataset.classes:
         result["classes"] = list(dataset.classes)[: model.decode_head.num_classes]
-    result["images"] = len(dataset)
+    result["images"] = len(dataset) - skipped
+    result["skipped_images"] = skipped
     return result
 
 

@@ -18,6 +18,7 @@ import torch
 
 from .. import distributed as du
 from ..errors import DinokitError
+from ..engine.run_dir import check_writable
 from ..models.checkpoint import atomic_write
 from .datasets import DenseEvalTransform, make_dense_dataset
 from .heads import FeatureSpec
@@ -225,6 +226,7 @@ def eval_head(
     device: str = "auto", inference: InferenceConfig | None = None, eval_size: int | None = None, progress: bool = True,
 ) -> dict:
     """Evaluate a saved head on ``val_dataset``; writes ``results_eval_{segmentation,depth}.json``."""
+    check_writable(output_dir)  # one line before any work
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
     saved = meta.get("inference", {})
     if inference is None:
@@ -251,7 +253,8 @@ def predict_files(
     device: str = "auto", size: int | None = None, inference: InferenceConfig | None = None,
 ) -> list[Path]:
     """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image."""
-    from ..data.images import load_image, resolve_image_inputs
+    check_writable(out_dir, "--out")  # one line before any work
+    from ..data.images import load_image, resolve_image_inputs, warn_skipped
     from .datasets import image_to_tensor, normalise, resize_pair, short_side_size
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
 
@@ -260,9 +263,14 @@ def predict_files(
     files = [f for item in images for f in resolve_image_inputs(item)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, skipped = [], 0
     for path in files:
-        pil = load_image(path)
+        try:
+            pil = load_image(path, draft_size=size)
+        except (OSError, ValueError) as err:
+            warn_skipped(path, err)
+            skipped += 1
+            continue
         image = image_to_tensor(pil)
         if size:
             image, _ = resize_pair(image, None, short_side_size(*image.shape[-2:], size))
@@ -274,5 +282,7 @@ def predict_files(
         target = out / f"{Path(path).stem}_{model.task}.png"
         side_by_side(pil, picture).save(target)
         written.append(target)
-    print(f"wrote {len(written)} picture(s) to {out}")
+    if not written:
+        raise DinokitError(f"none of the {len(files)} image(s) could be read (first: {files[0]}); check the files")
+    print(f"wrote {len(written)} picture(s) to {out}" + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
     return written

@@ -82,15 +82,34 @@ def _listing(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+def check_writable(path: str | Path, option: str = "--output-dir", *, is_file: bool = False) -> Path:
+    """Stop with one line, before any work and without writing anything, when the output ``path`` (a folder, or
+    with ``is_file`` a file) cannot be written: a file where a folder is wanted, or a read-only folder (``path``'s
+    own, or the nearest existing folder above it, where it would be created)."""
+    target = Path(path).expanduser()
+    if not is_file and target.exists() and not target.is_dir():
+        raise DinokitError(f"{option} {str(path)!r} is a file, not a folder; give a folder path")
+    existing = target.parent if is_file else target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    kind = "path" if is_file else "folder"
+    if not existing.is_dir():
+        raise DinokitError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file; give a {kind} "
+                           "you can write to")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == target:
+            raise DinokitError(f"{option} {str(path)!r} is not writable; give a folder you can write to")
+        raise DinokitError(f"{option} {str(path)!r} cannot be written: {str(existing)!r} is not writable; give a "
+                           f"{kind} you can write to")
+    return target
+
+
 def _check_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise DinokitError(f"--output-dir {str(out)!r} is a file, not a folder; give a folder path")
+    check_writable(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DinokitError(f"cannot create --output-dir {str(out)!r} ({err.strerror}); give a writable folder") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise DinokitError(f"--output-dir {str(out)!r} is not writable; give a folder you can write to")
 
 
 def _alive(pid: int) -> bool:

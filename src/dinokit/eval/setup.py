@@ -26,6 +26,7 @@ from torch import nn
 from .. import distributed as du
 from ..devices import resolve_device, resolve_dtype
 from ..data import ImageDataset, make_classification_eval_transform, make_dataset
+from ..engine.run_dir import check_writable
 from ..errors import DinokitError
 from ..features import ExtractedFeatures, cls_feature_fn, extract_features
 from ..models import DinoVisionTransformer
@@ -368,6 +369,8 @@ def prepare_eval(
     """Everything an evaluation command needs; the datasets are checked before the model is loaded."""
     if image_size < 1 or batch_size < 1 or num_workers < 0:
         raise DinokitError("--image-size and --batch-size must be positive and --num-workers non-negative")
+    if du.is_main_process():
+        check_writable(output_dir)  # one line before any work
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype, device_)
     train, val, num_classes = load_eval_datasets(train_dataset, val_dataset, image_size=image_size)

@@ -108,7 +108,7 @@ def match_patches(
     dtype: torch.dtype | None = None,
 ) -> PatchMatches:
     """Patch correspondences between two images (foreground patches only unless ``foreground=False``)."""
-    images = prepare_images(model, [image_a, image_b], image_size=image_size)
+    images = prepare_images(model, [image_a, image_b], image_size=image_size, skip_unreadable=False)
     features: Sequence[torch.Tensor] = patch_features(model, images, device=device, dtype=dtype)
     masks = foreground_masks(features, threshold=threshold)[0] if foreground else [None, None]
     matches = match_features(features[0], features[1], foreground_a=masks[0], foreground_b=masks[1],

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.images import load_image
+from ..data.images import load_image, warn_skipped
 from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_normalize_transform
 from ..errors import DinokitError
 from ..features import autocast_context
@@ -71,7 +71,7 @@ def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None 
         except FileNotFoundError:
             raise DinokitError(f"input image {str(image)!r} does not exist; check the path") from None
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise DinokitError(f"cannot read image {str(image)!r} ({err}); check the file") from None
+            raise DinokitError(f"cannot read image {str(image)!r} ({err}); check the file") from err
     if isinstance(image, Image.Image):
         image = TF.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
@@ -86,21 +86,29 @@ def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None 
 
 
 def prepare_images(model: nn.Module, images: ImageLike | Sequence[ImageLike], *,
-                   image_size: int | None = DEFAULT_IMAGE_SIZE) -> list[PreparedImage]:
+                   image_size: int | None = DEFAULT_IMAGE_SIZE, skip_unreadable: bool = True) -> list[PreparedImage]:
     """Paths, PIL images, (3, H, W) tensors, or one (B, 3, H, W) normalised batch -> prepared images.
 
-    Tensors are taken as they are (no resize) unless they are uint8 pixels.
+    Tensors are taken as they are (no resize) unless they are uint8 pixels. An unreadable file is skipped with
+    a warning naming it and why (``skip_unreadable=False``: one error line instead); none readable is an error.
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         images = list(images)
     elif isinstance(images, (str, Path, Image.Image, torch.Tensor)):
         images = [images]
-    prepared = []
+    prepared: list[PreparedImage] = []
+    first_error = None
     for i, image in enumerate(images):
         size = None if isinstance(image, torch.Tensor) and image.is_floating_point() else image_size
-        prepared.append(prepare_image(model, image, image_size=size, name=f"image{i}"))
+        try:
+            prepared.append(prepare_image(model, image, image_size=size, name=f"image{i}"))
+        except DinokitError as err:
+            if not skip_unreadable or not isinstance(err.__cause__, (OSError, ValueError)):
+                raise
+            warn_skipped(image, err.__cause__)
+            first_error = first_error or err
     if not prepared:
-        raise DinokitError("no images given")
+        raise first_error or DinokitError("no images given")
     return prepared
 
 

@@ -1,0 +1,98 @@
+"""Repeated warnings shown once per command, then counted, and summarised when the command ends.
+
+A folder with 500 unreadable files, a data set whose PNGs all carry the same odd metadata, or a batch of
+unreadable images at every iteration would otherwise print hundreds of lines, once per file and once
+per data-loading worker. Inside :func:`summarised_warnings` (the CLI runs every command in it):
+
+- the first warning of each kind is shown as usual; later ones of that kind are only counted;
+- a kind is the warning's category and its text with paths, quoted names and numbers masked, so that
+  "skipping unreadable image a.png" and "... b.png" are one kind (every skipped image is one kind);
+- the counts live in shared memory that forked data-loader workers inherit, so a warning shown by one
+  worker is not shown again by another, and the summary counts the workers' warnings too;
+- when the command ends, one line per kind that came more than once says how many there were.
+
+Counters are updated without a lock (a killed worker can never hang the others); two processes
+meeting a new kind at the same instant may each show it once.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.sharedctypes import RawArray
+
+_SLOTS = 64  # kinds tracked per command (more kinds are shown as usual)
+_TEXT = 240  # bytes of each kind's first message kept for the summary
+_MASK = re.compile(r"'[^']*'|\"[^\"]*\"|\S*[/\\]\S*|\d+(?:\.\d+)?")
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.keys = RawArray("I", _SLOTS)  # crc32 of the kind (0: free slot)
+        self.counts = RawArray("i", _SLOTS)
+        self.texts = RawArray("c", _SLOTS * _TEXT)
+
+    def add(self, key: str, text: str) -> int | None:
+        """Count one warning of kind ``key``; returns how many of that kind so far (None: no slot left)."""
+        h = zlib.crc32(key.encode()) or 1
+        for i in range(_SLOTS):
+            slot = (h + i) % _SLOTS
+            if self.keys[slot] == 0:
+                self.keys[slot] = h
+                encoded = text.encode(errors="replace")[: _TEXT - 1]
+                self.texts[slot * _TEXT: slot * _TEXT + len(encoded)] = encoded
+            if self.keys[slot] == h:
+                self.counts[slot] += 1
+                return self.counts[slot]
+        return None
+
+    def repeated(self) -> list[tuple[int, str]]:
+        """``(count, first message)`` of every kind that came more than once."""
+        out = []
+        for slot in range(_SLOTS):
+            if self.keys[slot] and self.counts[slot] > 1:
+                raw = bytes(self.texts[slot * _TEXT: (slot + 1) * _TEXT]).split(b"\0", 1)[0]
+                out.append((self.counts[slot], raw.decode(errors="replace")))
+        return out
+
+
+def warning_kind(category: type[Warning], text: str) -> str:
+    """What makes two warnings "the same": every skipped image is one kind; otherwise the category and the text
+    with paths, quoted names and numbers masked."""
+    if any(c.__name__ == "SkippedImageWarning" for c in category.__mro__):  # dinokit.data.images (not imported
+        return "SkippedImageWarning"  # here: the CLI starts without torch)
+    return f"{category.__name__}: {_MASK.sub('#', text)}"
+
+
+def summary_line(count: int, first: str) -> str:
+    """The end-of-command line of a kind of warning that came ``count`` times (``first``: its first text)."""
+    if first.startswith("skipping "):
+        return (f"warning: {count} image reads skipped in all (unreadable, not an image or too large); the first is "
+                "named above")
+    short = first if len(first) <= 120 else first[:117] + "..."
+    return f"warning: {count} warnings of this kind in all, shown once: {short}"
+
+
+@contextmanager
+def summarised_warnings() -> Iterator[None]:
+    """Within the block, each kind of warning is shown once; at its end, one line per repeated kind (stderr)."""
+    counts = _Counts()
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        seen = counts.add(warning_kind(category, text), text)
+        if seen is None or seen == 1:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+        for count, first in counts.repeated():
+            print(summary_line(count, first), file=sys.stderr)

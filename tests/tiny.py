@@ -1,0 +1,36 @@
+"""The tiny pretraining configuration the tests share: a vit_pico on 32-pixel crops, small heads, no k-NN monitor.
+
+``tiny_run(...)`` returns the overrides (for ``load_config("demo", ...)`` or a command line); each test file
+passes what it needs to differ (run length, batch, heads) by keyword.
+"""
+
+from __future__ import annotations
+
+
+def tiny_run(
+    *,
+    student: bool = True,
+    prototypes: int = 32,
+    hidden: int = 16,
+    bottleneck: int = 8,
+    local_crops: int = 1,
+    batch: int = 2,
+    epoch_length: int = 3,
+    epochs: int = 2,
+    warmup: int = 1,
+    eval_period: int = 100,
+    log_freq: int | None = 1,
+) -> list[str]:
+    """Overrides of a tiny run: ``epochs`` x ``epoch_length`` iterations of ``batch`` images, a checkpoint each
+    iteration; ``student=False`` leaves the student to the preset (distillation presets define their own)."""
+    return [
+        *(["student.arch=vit_pico", "student.patch_size=8"] if student else []),
+        "crops.global_crops_size=32", "crops.local_crops_size=16", f"crops.local_crops_number={local_crops}",
+        *(f"{head}.head_n_prototypes={prototypes}" for head in ("dino", "ibot")),
+        *(f"{head}.head_hidden_dim={hidden}" for head in ("dino", "ibot")),
+        *(f"{head}.head_bottleneck_dim={bottleneck}" for head in ("dino", "ibot")),
+        f"train.batch_size_per_gpu={batch}", "train.num_workers=0", f"train.OFFICIAL_EPOCH_LENGTH={epoch_length}",
+        "train.saveckp_freq=1", *([f"train.log_freq={log_freq}"] if log_freq else []), f"optim.epochs={epochs}",
+        f"optim.warmup_epochs={warmup}", f"teacher.warmup_teacher_temp_epochs={warmup}",
+        f"evaluation.eval_period_iterations={eval_period}", "evaluation.knn_dataset=null",
+    ]
