@@ -158,8 +158,10 @@ def test_repeated_warnings_are_shown_once_and_summarised(tmp_path, capfd, real_w
         Image.new("RGB", (16, 16), (90 * i, 0, 0)).save(tmp_path / f"good{i}.png")
     for i in range(5):
         (tmp_path / f"bad{i}.png").write_bytes(b"not an image %d" % i)
-    code = cli_main(["embed", str(tmp_path), "--out", str(tmp_path / "e.npz"), "--model", "dinov2_vits14",
-                     "--random-init", "--image-size", "28", "--device", "cpu", "--no-progress", "--num-workers",
+    config = tmp_path / "tiny.yaml"
+    config.write_text("student:\n  arch: vit_pico\n  patch_size: 8\ncrops:\n  global_crops_size: 32\n")
+    code = cli_main(["embed", str(tmp_path), "--out", str(tmp_path / "e.npz"), "--config-file", str(config),
+                     "--random-init", "--image-size", "32", "--device", "cpu", "--no-progress", "--num-workers",
                      str(workers), "--batch-size", "2"])
     assert code == 0
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]

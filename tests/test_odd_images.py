@@ -99,8 +99,8 @@ def _assert_skips_said_once(err: list[str], reads: int) -> None:
 
 
 def test_embed_skips_the_bad_and_decodes_the_odd_ones_as_seen(odd, tmp_path, capfd, real_warnings):
-    base, root, _, good = odd
-    common = ["--model", "dinov2_vits14", "--random-init", "--image-size", "28", "--device", "cpu", "--no-progress",
+    base, root, config, good = odd
+    common = ["--config-file", str(config), "--random-init", "--image-size", "32", "--device", "cpu", "--no-progress",
               "--num-workers", "0", "--batch-size", "4"]
     assert main(["embed", str(root), "--out", str(tmp_path / "odd.npz"), *common]) == 0
     err, out = _stderr_lines(capfd)
