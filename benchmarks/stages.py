@@ -126,7 +126,10 @@ def seg_miou(snapshot: Path, dense_root: Path, out: Path) -> float:
                         "--pretrained-weights", str(snapshot), "--device", "cpu", "--no-progress",
                         "--train-dataset", f"SegSample:split=train:root={dense_root}",
                         "--val-dataset", f"SegSample:split=val:root={dense_root}", "--output-dir", str(out),
-                        "iterations=400", "batch_size=16", "lr=3e-2", "dropout=0", "class_token=false"],
+                        "iterations=400", "batch_size=16", "lr=3e-2", "dropout=0", "class_token=false",
+                        # cached features of whole 64-px images (no augmentation), as tests/test_dense_cli.py
+                        "augment=false", "crop_size=64", "eval_size=0", "eval_mode=whole", "eval_period=0",
+                        "num_workers=0", "warmup_iters=10", "checkpoint_period=1000", "log_freq=50"],
                        check=True, stdout=subprocess.DEVNULL)
     lines = (out / "results_eval_segmentation.json").read_text().splitlines()
     return round(float(json.loads(lines[-1])["mIoU"]), 2)
@@ -163,6 +166,7 @@ def main() -> None:
     epochs = args.stage_iters // epoch
     variants = {
         "continued_warmup": ["train.freeze_backbone_epochs=1", "optim.backbone_lr_mult=0.1"],
+        "continued_warmup_full_lr": ["train.freeze_backbone_epochs=1"],
         "continued_no_warmup": [],
     }
     for name, extra in variants.items():
@@ -183,8 +187,15 @@ def main() -> None:
                                   f"evaluation.eval_period_iterations={args.stage_iters}"])
     pretrain(hr_cfg, output_dir=out / "highres", device="cpu")
     hr = last_snapshot(out / "highres")
+    # control: the same stage at the base resolution (same iterations and lr), evaluated at both sizes
+    lr_cfg = load_config(str(out / "highres" / "config.yaml"), ["crops.global_crops_size=64", "crops.local_crops_size=32"])
+    pretrain(lr_cfg, output_dir=out / "lowres_control", device="cpu")
+    lr = last_snapshot(out / "lowres_control")
     results["highres"] = {"base_at_96": knn(base_cfg, base, s_train, s_val, 96), "base_at_64": results["base"]["orig"],
-                          "highres_at_96": knn(hr_cfg, hr, s_train, s_val, 96)}
+                          "highres_at_96": knn(hr_cfg, hr, s_train, s_val, 96),
+                          "highres_at_64": knn(hr_cfg, hr, s_train, s_val, 64),
+                          "control_at_96": knn(lr_cfg, lr, s_train, s_val, 96),
+                          "control_at_64": knn(lr_cfg, lr, s_train, s_val, 64)}
     print(json.dumps({"highres": results["highres"]}), flush=True)
 
     # 4. Gram anchoring to the base teacher, same budget, on the sample set

@@ -257,7 +257,7 @@ class SSLObjective:
             ibot = ibot * loss_scales * 0.5  # x loss_scales x 1/n_global_crops, as the official code
             terms["ibot_loss"] = ibot / loss_scales
             total = total + self.ibot_weight * ibot
-        if getattr(self, "do_gram", False):
+        if self.do_gram:
             gram = total.new_zeros(())
             if gram_targets is not None:
                 gram = self.gram_loss(*self._gram_tokens(global_out["x_norm_patchtokens"], gram_targets, ibot_masks_flat))
