@@ -22,7 +22,8 @@ from dinokit.config.loading import (
 )
 
 PRESETS = [
-    "train/continued", "train/demo", "train/distill_demo", "train/vitg14", "train/vitg14_highres", "train/vitl14",
+    "train/continued", "train/demo", "train/distill_demo", "train/small", "train/vitg14", "train/vitg14_highres",
+    "train/vitl14",
     "train/vitl14_distilled", "train/vitl14_highres", "train/vitl16_short",
     "eval/vitb14_pretrain", "eval/vitb14_reg4_pretrain", "eval/vitg14_pretrain", "eval/vitg14_reg4_pretrain",
     "eval/vitl14_pretrain", "eval/vitl14_reg4_pretrain", "eval/vits14_pretrain", "eval/vits14_reg4_pretrain",

@@ -1,0 +1,122 @@
+"""The ``small`` preset's colour knobs, and the learning proof that the preset does not pass yet.
+
+The learning proof: a shortened run (100 iterations, 320 images) on a generated set that is not the sample set
+(``patterns`` of ``benchmarks/small_data.py`` in grey, loaded from that file by path so that the benchmark
+and the test share one generator) should beat the same network at random initialisation and k-NN on raw
+pixels. Measured on 2026-12-02 (2 busy CPU cores, 2 min 48 s): trained 7.5%, random init 10.0%, raw pixels
+18.8% (chance 12.5%). It is marked slow and expected to fail (strict) until a recipe passes it; the full
+benchmark is in the README ("Small-data recipe").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "small_data.py"
+ITERATIONS = 100  # 4 epochs of 25
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    spec = importlib.util.spec_from_file_location("small_data_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met yet: measured 7.5% trained vs 10.0% random init and 18.8% raw pixels "
+                                      "(2026-12-02, 100 iterations); see the README's Small-data recipe")
+def test_small_preset_learns_a_set_other_than_the_sample_set(tmp_path, small_data):
+    from dinokit.cli.train import pretrain
+    from dinokit.config import load_config
+
+    def render_grey(pattern, rng):
+        return small_data.render_pattern(pattern, rng).convert("L").convert("RGB")
+
+    root = small_data.write_generated(tmp_path / "patterns", small_data.PATTERNS, render_grey, {"train": 40, "val": 10})
+    train = f"ImageFolder:root={root / 'train'}"
+    cfg = load_config("small", [
+        f"train.dataset_path={train}", "train.num_workers=1", "evaluation.knn_dataset=null",
+        "train.OFFICIAL_EPOCH_LENGTH=25", "optim.epochs=4", "optim.warmup_epochs=1",
+        "teacher.warmup_teacher_temp_epochs=1", f"evaluation.eval_period_iterations={ITERATIONS}",
+    ])
+    assert cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH == ITERATIONS
+    torch.manual_seed(0)
+    summary = pretrain(cfg, output_dir=tmp_path / "run", device="cpu")
+    snapshot = Path(summary["snapshots"][-1])
+    assert snapshot.parent.name == f"training_{ITERATIONS - 1}"
+
+    size = cfg.crops.global_crops_size
+    raw = small_data.raw_pixel_knn(root, size)
+    random_init = small_data.network_knn(root, cfg, None)
+    trained = small_data.network_knn(root, cfg, snapshot)
+    print(f"k-NN top-1: raw pixels {raw:.1f}%, random init {random_init:.1f}%, trained {trained:.1f}%")
+    # the goal (not met yet, see the module docstring); chance is 12.5%
+    assert trained >= random_init + 10, (trained, random_init)
+    assert trained >= raw + 5, (trained, raw)
+
+
+# ---------------------------------------------------------------------------------------------- colour knobs
+def _unnormalised(t: torch.Tensor) -> torch.Tensor:
+    from dinokit.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return t * torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) + torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+
+
+def test_grayscale_probability_one_makes_every_pil_crop_grey_and_zero_none():
+    from PIL import Image
+
+    from dinokit.data.augmentations import DataAugmentationDINO
+
+    image = Image.new("RGB", (48, 48), (200, 30, 60))  # saturated red: a grey crop has R == G == B
+    for p, grey in ((1.0, True), (0.0, False)):
+        augment = DataAugmentationDINO((0.5, 1.0), (0.2, 0.5), 2, global_crops_size=16, local_crops_size=8,
+                                       grayscale_probability=p, color_jitter_strength=0.0)
+        torch.manual_seed(0)
+        out = augment(image)
+        for crop in out["global_crops"] + out["local_crops"]:
+            rgb = _unnormalised(crop)
+            spread = float((rgb.max(dim=0).values - rgb.min(dim=0).values).max())
+            assert (spread < 0.02) == grey, (p, spread)
+
+
+def test_tensor_path_draws_the_configured_grayscale_and_jitter_ranges():
+    from dinokit.data.augmentations import color_jitter_strengths
+    from dinokit.data.tensor_augment import draw_crop_params
+
+    assert color_jitter_strengths(1.0) == (0.4, 0.4, 0.2, 0.1)  # official
+    assert color_jitter_strengths(2.0) == (0.8, 0.8, 0.4, 0.2)
+    assert color_jitter_strengths(10.0)[3] == 0.5  # the hue shift stops at half a turn
+    torch.manual_seed(0)
+    params = [draw_crop_params(64, 64, global_crops_scale=(0.3, 1), local_crops_scale=(0.05, 0.3), local_crops_number=6,
+                               grayscale_probability=1.0, color_jitter_strength=3.0) for _ in range(200)]
+    assert all(bool(p.grayscale.all()) for p in params)
+    factors = torch.cat([p.jitter_factors for p in params])  # (1600, 4): brightness, contrast, saturation, hue
+    assert float(factors[:, :3].min()) >= 0.0 and float(factors[:, 0].max()) > 2.0  # [max(0, 1 - 1.2), 2.2]
+    assert float(factors[:, 3].abs().max()) <= 0.3 and float(factors[:, 3].abs().max()) > 0.25
+    torch.manual_seed(0)
+    none = draw_crop_params(64, 64, global_crops_scale=(0.3, 1), local_crops_scale=(0.05, 0.3), local_crops_number=6,
+                            grayscale_probability=0.0, color_jitter_strength=0.0)
+    assert not bool(none.grayscale.any()) and torch.equal(none.jitter_factors, torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 8))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("crops.grayscale_probability=1.5", "crops.grayscale_probability must be in [0, 1], got 1.5"),
+    ("crops.color_jitter_strength=-1", "crops.color_jitter_strength must be >= 0 (1 = official), got -1.0"),
+])
+def test_bad_colour_settings_are_one_line_errors(override, message):
+    from dinokit.config import load_config
+    from dinokit.data.augmentations import DataAugmentationDINO
+    from dinokit.errors import DinokitError
+
+    crops = load_config("small", [override]).crops
+    with pytest.raises(DinokitError) as err:
+        DataAugmentationDINO(tuple(crops.global_crops_scale), tuple(crops.local_crops_scale), crops.local_crops_number,
+                             grayscale_probability=crops.grayscale_probability,
+                             color_jitter_strength=crops.color_jitter_strength)
+    assert str(err.value) == message
