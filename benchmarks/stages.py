@@ -131,8 +131,7 @@ def seg_miou(snapshot: Path, dense_root: Path, out: Path) -> float:
                         "augment=false", "crop_size=64", "eval_size=0", "eval_mode=whole", "eval_period=0",
                         "num_workers=0", "warmup_iters=10", "checkpoint_period=1000", "log_freq=50"],
                        check=True, stdout=subprocess.DEVNULL)
-    lines = (out / "results_eval_segmentation.json").read_text().splitlines()
-    return round(float(json.loads(lines[-1])["mIoU"]), 2)
+    return round(float(json.loads((out / "results_eval_segmentation.json").read_text())["mIoU"]), 2)
 
 
 def main() -> None:
