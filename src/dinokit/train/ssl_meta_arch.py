@@ -11,22 +11,20 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import backbone_from_config
-from ..engine.loop import newest_snapshot
 from ..engine.task import Export, LossOutput, Task, ema_update
-from ..errors import DinokitError
 from ..layers import DINOHead
 from ..losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
-from ..models.checkpoint import (
-    backbone_state_dict_from_checkpoint,
-    load_backbone_weights,
-    load_state_dict_file,
-    resize_pos_embed,
+from ..models.checkpoint import load_state_dict_file
+from .weights import (  # noqa: F401  (load_pretrained_backbone is also used from here by distillation)
+    chunked_backbone_keys,
+    load_pretrained_backbone,
+    load_teacher_heads,
+    teacher_checkpoint_path,
 )
 
 
@@ -39,65 +37,6 @@ def build_head(head_cfg, embed_dim: int) -> DINOHead:
         bottleneck_dim=head_cfg.head_bottleneck_dim,
         nlayers=head_cfg.head_nlayers,
     )
-
-
-def chunked_backbone_keys(state_dict: dict[str, torch.Tensor], depth: int, block_chunks: int) -> dict[str, torch.Tensor]:
-    """``backbone.blocks.i.*`` -> ``backbone.blocks.<chunk>.i.*`` (the official training layout when chunked)."""
-    if block_chunks <= 0:
-        return state_dict
-    chunk = depth // block_chunks
-    out = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if len(parts) > 2 and parts[0] == "backbone" and parts[1] == "blocks":
-            parts.insert(2, str(int(parts[2]) // chunk))
-        out[".".join(parts)] = value
-    return out
-
-
-def teacher_checkpoint_path(path: str) -> Path:
-    """A ``teacher_checkpoint.pth`` named directly, or the newest snapshot of a ``dinokit train`` run folder."""
-    found = Path(path).expanduser()
-    if found.is_dir():
-        snapshot = newest_snapshot(found)
-        if snapshot is None:
-            raise DinokitError(f"{path!r} has no eval/training_*/teacher_checkpoint.pth; give a run folder with a "
-                               "snapshot or the checkpoint file itself")
-        return snapshot
-    return found
-
-
-def load_pretrained_backbone(backbone: nn.Module, path: str, checkpoint: Mapping | None = None) -> None:
-    """Any backbone layout (or the newest snapshot of a run folder), strictly, with the position embedding resized
-    to ``backbone``'s grid; heads in the file are ignored.
-
-    Unlike the official ``student.pretrained_weights`` (non-strict, ``{"model": ...}`` files only).
-    """
-    sd = backbone_state_dict_from_checkpoint(checkpoint or load_state_dict_file(teacher_checkpoint_path(path)))
-    load_backbone_weights(backbone, resize_pos_embed(sd, backbone.patch_embed.num_patches))
-
-
-def load_teacher_heads(heads: Mapping[str, nn.Module], checkpoint: Mapping, path: str) -> None:
-    """The ``dino_head``/``ibot_head`` of a teacher checkpoint into ``heads`` (strict: same prototypes and widths)."""
-    sd = checkpoint.get("teacher", checkpoint)
-    for name, head in heads.items():
-        part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(f"{name}.")}
-        if not part:
-            raise DinokitError(f"{path} holds no {name}; student.resume_from_teacher_chkpt needs a teacher_checkpoint.pth "
-                               "of a dinokit train run (for a bare backbone use student.pretrained_weights)")
-        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in part.items()}
-        if expected != found:
-            raise DinokitError(f"the {name} in {path} does not match the config's ({_first_difference(expected, found)}); "
-                               "set the dino.*/ibot.* head keys to the run's values")
-        head.load_state_dict(part)
-
-
-def _first_difference(expected: dict, found: dict) -> str:
-    for key in sorted(set(expected) | set(found)):
-        if expected.get(key) != found.get(key):
-            return f"{key}: file {found.get(key, 'missing')}, config {expected.get(key, 'missing')}"
-    return ""
 
 
 def ssl_heads(dino_cfg, ibot_cfg, embed_dim: int) -> dict[str, DINOHead]:
