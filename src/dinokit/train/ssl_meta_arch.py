@@ -20,7 +20,7 @@ from ..engine.task import Export, LossOutput, Task, ema_update
 from ..layers import DINOHead
 from ..losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 from ..models.checkpoint import load_state_dict_file
-from .weights import (  # noqa: F401  (load_pretrained_backbone is also used from here by distillation)
+from .weights import (
     chunked_backbone_keys,
     load_pretrained_backbone,
     load_teacher_heads,
