@@ -253,7 +253,7 @@ def test_distillation_beats_training_from_scratch(demo_teacher, tmp_path):
     from dinokit.cli.train import pretrain
 
     common = [f"train.dataset_path={demo_teacher.train_str}", "train.num_workers=1", "optim.epochs=2",
-              "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+              "train.batch_size_per_gpu=16", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
               f"evaluation.knn_dataset.train={demo_teacher.train_str}",
               f"evaluation.knn_dataset.val={demo_teacher.val_str}", "evaluation.eval_period_iterations=100",
               "evaluation.knn_k=[10]"]
@@ -267,5 +267,5 @@ def test_distillation_beats_training_from_scratch(demo_teacher, tmp_path):
     pretrain(load_config("demo", [*common, "student.arch=vit_femto"]), output_dir=tmp_path / "scratch",
              resume=False, device="cpu")
     distilled, scratch = knn(tmp_path / "distilled"), knn(tmp_path / "scratch")
-    # measured (100 iterations each): see the README's distillation table
+    # batch 16 halves the time of the README comparison (batch 32): 52.5% vs 25.0% measured (56.3 vs 25.0 at 32)
     assert distilled >= scratch + 10, (distilled, scratch)
