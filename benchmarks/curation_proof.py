@@ -13,8 +13,10 @@ compared. One line per seed, then the mean and the smallest difference (README, 
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/curation_proof.py --seeds 0 1 2 3 4 --out runs/curation_proof
 
-``--embedder RUN_DIR`` reuses a trained embedder (a run folder with config.yaml and eval/training_*/); the
-pools, curated sets and trainings of finished seeds are reused when the same ``--out`` is given again.
+``--embedder RUN_DIR`` reuses a trained embedder (a run folder with config.yaml and eval/training_*/), else one is
+trained for ``--embedder-iterations``; ``--repeats N`` trains each set N times (training seeds seed, seed + 1000,
+...) and compares the means; ``--dedup-threshold`` and ``--curate-extra`` set ``curate run``. The pools, curated
+sets and trainings of finished seeds are reused when the same ``--out`` is given again.
 """
 
 from __future__ import annotations
@@ -36,19 +38,22 @@ from dinokit.data import write_sample_dataset
 EMBEDDER_ITERATIONS = 200
 
 
-def train_embedder(out: Path) -> tuple[Path, Path]:
-    """The demo recipe for 200 iterations on a balanced 40-per-class sample set (the tests' ``demo_teacher``):
-    (config.yaml, teacher weights)."""
+def train_embedder(out: Path, iterations: int = EMBEDDER_ITERATIONS) -> tuple[Path, Path]:
+    """The demo recipe for ``iterations`` (a multiple of 50) on a balanced 40-per-class sample set: 200 is the
+    tests' ``demo_teacher``, 800 the full demo recipe. (config.yaml, teacher weights)."""
+    assert iterations % 50 == 0, iterations
+    epochs = iterations // 50
+    warmup = max(1, epochs // 8)  # 200 iterations: 4 epochs, 1 of warm-up (demo_teacher); 800: the demo's 16 and 2
     root = write_sample_dataset(out / "sample", counts={"train": 40, "val": 10})
     train, val = f"ImageFolder:root={root / 'train'}", f"ImageFolder:root={root / 'val'}"
     run = out / "run"
-    weights = run / "eval" / f"training_{EMBEDDER_ITERATIONS - 1}" / "teacher_checkpoint.pth"
+    weights = run / "eval" / f"training_{iterations - 1}" / "teacher_checkpoint.pth"
     if not weights.is_file():
         assert dinokit(["train", "--config-file", "demo", "--output-dir", str(run), "--device", "cpu",
-                        f"train.dataset_path={train}", "train.num_workers=1", "optim.epochs=4", "optim.warmup_epochs=1",
-                        "teacher.warmup_teacher_temp_epochs=1", f"evaluation.knn_dataset.train={train}",
-                        f"evaluation.knn_dataset.val={val}", f"evaluation.eval_period_iterations={EMBEDDER_ITERATIONS}",
-                        "evaluation.knn_k=[10]"]) == 0
+                        f"train.dataset_path={train}", "train.num_workers=1", f"optim.epochs={epochs}",
+                        f"optim.warmup_epochs={warmup}", f"teacher.warmup_teacher_temp_epochs={warmup}",
+                        f"evaluation.knn_dataset.train={train}", f"evaluation.knn_dataset.val={val}",
+                        f"evaluation.eval_period_iterations={iterations}", "evaluation.knn_k=[10]"]) == 0
     return run / "config.yaml", weights
 
 
@@ -60,7 +65,8 @@ def embedder_of(run: Path) -> tuple[Path, Path]:
     return run / "config.yaml", snapshots[-1]
 
 
-def curate(pool_root: Path, work: Path, size: int, embedder: tuple[Path, Path]) -> list[str]:
+def curate(pool_root: Path, work: Path, size: int, embedder: tuple[Path, Path], threshold: float = 0.98,
+           overrides: tuple[str, ...] = ()) -> list[str]:
     """``dinokit curate run`` of the pool to ``size`` images: the manifest's paths."""
     config, weights = embedder
     assert dinokit(["curate", "run", "--pool", str(pool_root), "--output-dir", str(work), "--target-size", str(size),
@@ -68,7 +74,7 @@ def curate(pool_root: Path, work: Path, size: int, embedder: tuple[Path, Path]) 
                     "embed.image_size=64", "embed.num_workers=0",
                     # a texture's copies and its distinct siblings look alike to this small backbone: only
                     # near-identical pairs count as copies here (the default 0.85 is calibrated on scenes)
-                    "dedup.threshold=0.98"]) == 0
+                    f"dedup.threshold={threshold}", *overrides]) == 0
     return (work / "manifest.txt").read_text().splitlines()
 
 
@@ -116,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/curation_proof"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--embedder", type=Path, help="a trained run folder to embed with (default: train the demo_teacher)")
+    p.add_argument("--embedder-iterations", type=int, default=EMBEDDER_ITERATIONS,
+                   help="demo-recipe iterations of the embedder trained when --embedder is not given")
     p.add_argument("--dominant", default="checker")
     p.add_argument("--n-dominant", type=int, default=40)
     p.add_argument("--n-copied", type=int, default=10)
@@ -123,8 +131,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-other", type=int, default=12)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--iterations", type=int, default=80)
+    p.add_argument("--repeats", type=int, default=1, help="trainings per set (training seeds seed, seed+1000, ...): their mean counts")
     p.add_argument("--memory", type=int, default=60, help="k-NN memory images per class")
     p.add_argument("--val", type=int, default=60, help="validation images per class")
+    p.add_argument("--dedup-threshold", type=float, default=0.98, help="dedup.threshold of curate run")
+    p.add_argument("--curate-extra", nargs="*", default=[], help="more key=value settings for curate run")
     p.add_argument("--extra", nargs="*", default=[], help="more key=value settings for both trainings")
     return p.parse_args(argv)
 
@@ -139,7 +150,7 @@ def build_sets(out: Path, seed: int, args: argparse.Namespace, embedder: tuple[P
     images: their paths and what they hold."""
     pool = write_pool(out / "pool", dominant=args.dominant, n_dominant=args.n_dominant, n_other=args.n_other,
                       n_copied=args.n_copied, copies=args.copies, seed=100 + seed)
-    curated = curate(pool.root, out / "curate", args.size, embedder)
+    curated = curate(pool.root, out / "curate", args.size, embedder, args.dedup_threshold, tuple(args.curate_extra))
     rand = random_subset(pool.paths, args.size, seed)
     return {"seed": seed, "pool": len(pool.paths),
             "pool_dominant": sum(1 for p in pool.paths if p.name.startswith(args.dominant + "_")),
@@ -148,12 +159,15 @@ def build_sets(out: Path, seed: int, args: argparse.Namespace, embedder: tuple[P
 
 
 def run_seed(out: Path, seed: int, args: argparse.Namespace, embedder: tuple[Path, Path], eval_root: Path) -> dict:
-    """:func:`build_sets`, then both sets pretrained with training seed ``seed``: the k-NN top-1 of each."""
+    """:func:`build_sets`, then both sets pretrained ``args.repeats`` times (training seeds ``seed``,
+    ``seed`` + 1000, ...): the mean k-NN top-1 of each, and every run's."""
     start = time.perf_counter()
     row = build_sets(out, seed, args, embedder)
     for name in ("curated", "random"):
-        row[name] = train_knn(row.pop(f"{name}_paths"), eval_root, out / f"train-{name}", args.iterations, seed,
-                              tuple(args.extra))
+        paths = row.pop(f"{name}_paths")
+        runs = [train_knn(paths, eval_root, out / (f"train-{name}" + (f"-r{r}" if r else "")), args.iterations,
+                          seed + 1000 * r, tuple(args.extra)) for r in range(args.repeats)]
+        row[name], row[f"{name}_runs"] = statistics.mean(runs), runs
     row["seconds"] = round(time.perf_counter() - start)
     return row
 
@@ -161,7 +175,8 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace, embedder: tuple[Pat
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    embedder = embedder_of(args.embedder) if args.embedder else train_embedder(args.out / "embedder")
+    embedder = (embedder_of(args.embedder) if args.embedder
+                else train_embedder(args.out / "embedder", args.embedder_iterations))
     eval_root = balanced_eval_set(args.out / "balanced", args)
     results = []
     for seed in args.seeds:
