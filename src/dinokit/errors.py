@@ -8,3 +8,7 @@ Anything a user can cause (a bad path, an unknown key, a wrong shape, a corrupt 
 
 class DinokitError(Exception):
     """An error caused by user input; its message is a complete one-line explanation."""
+
+
+class TrainingHealthWarning(UserWarning):
+    """A training run that goes on but shows a sign of failure (e.g. collapsed heads); the text says what to try."""

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed as dist_utils
-from ..errors import DinokitError
+from ..errors import DinokitError, TrainingHealthWarning
 from .checkpoint import Checkpointer, atomic_torch_save
 from .metrics import MetricsLogger
 from .run_dir import InterruptGuard, RunInterrupted, check_disk_space, truncate_metrics
@@ -236,6 +236,7 @@ class Engine:
         last_record: dict[str, Any] = {}
         snapshots: list[str] = []
         n_bad_total = 0
+        diagnosed: set[str] = set()  # warnings of Task.diagnose already shown
         end_iter = max_iter if stop_after is None else min(max_iter, stop_after)
         iteration = start_iter
         last_batch = None
@@ -271,6 +272,10 @@ class Engine:
                     pending.clear()
                     last_record = logger.log(iteration)
                     last_record["bad_images"] = n_bad_total
+                    problem = self.task.diagnose(last_record, iteration) if self.is_main else None
+                    if problem and problem not in diagnosed:
+                        diagnosed.add(problem)
+                        warnings.warn(problem, TrainingHealthWarning, stacklevel=1)
                 if (cfg.snapshot_period > 0 and done % cfg.snapshot_period == 0) or is_last:
                     snapshots.append(str(self._snapshot(iteration, logger)))
                 if done % ckpt_period == 0 or is_last or done == end_iter:

@@ -50,6 +50,8 @@ class Task(nn.Module):
     - :meth:`after_step` ``(iteration, sched)``: after the optimiser step (an EMA update, or nothing).
     - :meth:`exports`: what snapshots write (:class:`Export`).
     - :meth:`frozen_modules`: names of inference modules left out of checkpoints (they never change).
+    - :meth:`diagnose` ``(record, iteration)``: a one-line warning when a logged line shows a failing run
+      (e.g. collapse), else None; the engine shows each kind once.
     """
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -69,6 +71,9 @@ class Task(nn.Module):
 
     def exports(self) -> list[Export]:
         return []
+
+    def diagnose(self, record: Mapping[str, float], iteration: int) -> str | None:
+        return None
 
     def batch_size(self, batch: Any) -> int:
         """Images in this rank's batch (logged as ``current_batch_size``)."""

@@ -20,6 +20,7 @@ from ..engine.task import Export, LossOutput, Task, ema_update
 from ..layers import DINOHead
 from ..losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 from ..models.checkpoint import load_state_dict_file
+from .health import CollapseCheck, teacher_health
 from .weights import (
     chunked_backbone_keys,
     load_pretrained_backbone,
@@ -250,6 +251,9 @@ class SSLMetaArch(SSLObjective, Task):
             blk.drop_path_rate = 0.0
         self.teacher.requires_grad_(False)
         self._configure_gram_teacher(gram)
+        # collapse is looked for after the lr warm-up (the targets may be near-uniform in the first steps)
+        self.collapse_check = CollapseCheck(dino.head_n_prototypes,
+                                            start=cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH)
 
     def _configure_gram_teacher(self, gram) -> None:
         """A separate Gram teacher (a copy of the teacher backbone) unless the EMA teacher plays the part."""
@@ -325,13 +329,19 @@ class SSLMetaArch(SSLObjective, Task):
             self.teacher, batch.global_crops, batch.mask_indices, batch.n_masked_patches, sched["teacher_temp"],
             backbone_out=teacher_out,
         )
-        return self.student_losses(
+        out = self.student_losses(
             self.student, global_crops=batch.global_crops, local_crops=batch.local_crops,
             student_masks=batch.masks if self.do_ibot else None, patch_index=batch.mask_indices,
             ibot_masks_flat=batch.masks, n_patches=batch.n_masked_patches, masks_weight=batch.masks_weight,
             dino_probs=dino_probs, ibot_probs=ibot_probs,
             freeze_backbone=iteration < self.freeze_backbone_iters, gram_targets=gram_targets,
         )
+        if dino_probs is not None:
+            out.terms.update(teacher_health(dino_probs))
+        return out
+
+    def diagnose(self, record: Mapping[str, float], iteration: int) -> str | None:
+        return self.collapse_check(record, iteration) if self.do_dino else None
 
     # ------------------------------------------------------------------ EMA
     def update_teacher(self, momentum: float) -> None:
