@@ -317,6 +317,45 @@ def network_knn(folder: Path, cfg, weights: Path | None) -> float:
     return float(metrics[f"knn_top1_k{KNN_K}"])
 
 
+def supervised_knn(folder: Path, cfg, steps: int, seed: int = 0) -> float:
+    """The control WITH labels: the preset's backbone (random init, seed ``seed``) and a linear classifier on its
+    class token, trained by cross-entropy on the train split (AdamW lr 1e-3, weight decay 0.05, batch 32,
+    ``steps`` steps, random resized crops of [0.5, 1], flips, the official colour jitter); then the same k-NN
+    as :func:`network_knn` on the class token. It bounds what the network reaches in that budget."""
+    import torch
+    from torch import nn
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    from dinokit.config import backbone_from_config
+    from dinokit.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from dinokit.eval.knn import run_knn_eval
+
+    torch.manual_seed(seed)
+    size = cfg.crops.global_crops_size
+    backbone = backbone_from_config(cfg.student, img_size=size)
+    augment = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+                          v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.2, 0.1),
+                          v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    data = datasets.ImageFolder(folder / "train", transform=augment)
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, num_workers=1, drop_last=True)
+    classifier = nn.Linear(backbone.embed_dim, len(data.classes))
+    optimizer = torch.optim.AdamW([*backbone.parameters(), *classifier.parameters()], lr=1e-3, weight_decay=0.05)
+    step = 0
+    while step < steps:
+        for images, labels in loader:
+            loss = nn.functional.cross_entropy(classifier(backbone(images)), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == steps:
+                break
+    metrics = run_knn_eval(backbone.eval(), train_dataset_str=f"ImageFolder:root={folder}/train",
+                           val_dataset_str=f"ImageFolder:root={folder}/val", image_size=size, ks=[KNN_K])
+    return float(metrics[f"knn_top1_k{KNN_K}"])
+
+
 def train_preset(folder: Path, preset: str, out: Path, iterations: int | None, opts: list[str], eval_every: int = 0):
     """``dinokit train`` of ``preset`` on ``folder/train``, with the k-NN monitor on the set every ``eval_every``
     iterations (0: none); returns (cfg, last teacher snapshot, seconds, iterations, {iteration: k-NN top-1})."""
@@ -349,7 +388,9 @@ def train_preset(folder: Path, preset: str, out: Path, iterations: int | None, o
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=list(ALL_SETS), choices=ALL_SETS)
-    parser.add_argument("--presets", nargs="+", default=["demo", "small"], help="training presets to compare")
+    parser.add_argument("--presets", nargs="+", default=["demo", "small"],
+                        help="training presets to compare (the first also gives the baselines' network)")
+    parser.add_argument("--no-training", action="store_true", help="only the baselines and controls")
     parser.add_argument("--root", type=Path, default=Path("runs/small_data"), help="data, runs and results")
     parser.add_argument("--iterations", type=int, default=None, help="override the presets' length")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of every preset")
@@ -358,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="name of this variant in the results (for ablations)")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure raw pixels and random init [yes]")
+    parser.add_argument("--supervised-steps", type=int, default=0,
+                        help="also train the first preset's network WITH the labels for N steps (the supervised "
+                             "control; README: 1000) [0: no]")
     args = parser.parse_args(argv)
 
     from dinokit.config import load_config
@@ -375,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.baselines:
             row["raw_pixels"] = raw_pixel_knn(folder, size)
             row["random_init"] = network_knn(folder, load_config(args.presets[0], list(args.opts)), None)
-        for preset in args.presets:
+        if args.supervised_steps:
+            cfg = load_config(args.presets[0], list(args.opts))
+            row[f"supervised_{args.supervised_steps}"] = supervised_knn(folder, cfg, args.supervised_steps)
+        for preset in ([] if args.no_training else args.presets):
             label = f"{preset}{'+' + args.tag if args.tag else ''}"
             out = args.root / "runs" / f"{name}-{label}"
             cfg, snapshot, seconds, total, curve = train_preset(folder, preset, out, args.iterations, args.opts,
