@@ -19,11 +19,12 @@ def test_plot_of_the_demo_run(demo_teacher, tmp_path: Path, capsys: pytest.Captu
     assert main(["plot", str(demo_teacher.run_dir), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == (1300, 720)  # 2 x 2 panels at 650 x 360 px
+        assert image.format == "PNG" and image.size == (1300, 1080)  # 3 x 2 panels at 650 x 360 px
     lines = [json.loads(l) for l in (demo_teacher.run_dir / "training_metrics.json").read_text().splitlines()]
     panels = collect_series(read_metrics(demo_teacher.run_dir))
-    assert set(panels) == {"losses", "optimiser", "teacher", "knn"}
+    assert set(panels) == {"losses", "optimiser", "teacher", "knn", "entropy", "collapse"}
     train = [l for l in lines if "total_loss" in l]
+    assert panels["entropy"]["teacher_entropy"][1] == [l["teacher_entropy"] for l in train]  # logged by pretraining
     assert panels["losses"]["total_loss"] == ([l["iteration"] for l in train], [l["total_loss"] for l in train])
     assert set(panels["losses"]) == {k for k in train[0] if k.endswith("_loss")}
     assert panels["teacher"]["mom"][1] == [l["mom"] for l in train]
