@@ -37,7 +37,8 @@ def test_small_preset_learns_a_set_other_than_the_sample_set(tmp_path, small_dat
     random_init = small_data.network_knn(root, cfg, None)
     trained = small_data.network_knn(root, cfg, snapshot)
     print(f"k-NN top-1: raw pixels {raw:.1f}%, random init {random_init:.1f}%, trained {trained:.1f}%")
-    # measured by the benchmark (2026-12-03): 29.2% trained, 16.8% raw pixels, 11.8% random init (chance 12.5%)
+    # measured 2026-12-03: 26.2% trained here (2 threads), 29.2% in the benchmark's run (1 thread, k-NN monitor
+    # every 100 iterations); 16.8% raw pixels, 11.8% random init (chance 12.5%)
     assert trained >= random_init + 12, (trained, random_init)
     assert trained >= raw + 8, (trained, raw)
 
