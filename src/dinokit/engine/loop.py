@@ -275,7 +275,7 @@ class Engine:
                     problem = self.task.diagnose(last_record, iteration) if self.is_main else None
                     if problem and problem not in diagnosed:
                         diagnosed.add(problem)
-                        warnings.warn(problem, TrainingHealthWarning, stacklevel=1)
+                        warnings.warn_explicit(problem, TrainingHealthWarning, "dinokit", 0)  # one line, no source
                 if (cfg.snapshot_period > 0 and done % cfg.snapshot_period == 0) or is_last:
                     snapshots.append(str(self._snapshot(iteration, logger)))
                 if done % ckpt_period == 0 or is_last or done == end_iter:
