@@ -328,7 +328,7 @@ def supervised_knn(folder: Path, cfg, steps: int, seed: int = 0) -> float:
     from torchvision.transforms import v2
 
     from dinokit.config import backbone_from_config
-    from dinokit.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from dinokit.data.transforms import make_normalize_transform
     from dinokit.eval.knn import run_knn_eval
 
     torch.manual_seed(seed)
@@ -336,7 +336,7 @@ def supervised_knn(folder: Path, cfg, steps: int, seed: int = 0) -> float:
     backbone = backbone_from_config(cfg.student, img_size=size)
     augment = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
                           v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.2, 0.1),
-                          v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+                          v2.ToDtype(torch.float32, scale=True), make_normalize_transform()])
     data = datasets.ImageFolder(folder / "train", transform=augment)
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, num_workers=1, drop_last=True)
     classifier = nn.Linear(backbone.embed_dim, len(data.classes))
@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.root.mkdir(parents=True, exist_ok=True)
     results_file = args.root / "results.jsonl"
+    first = load_config(args.presets[0], list(args.opts))  # the network of the baselines and the control
     rows = []
     for name in args.sets:
         folder = prepare_set(name, args.root / "data")
@@ -415,13 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         n_val = sum(1 for _ in (folder / "val").rglob("*.png"))
         n_classes = sum(1 for d in (folder / "train").iterdir() if d.is_dir())
         row = {"set": name, "train": n_train, "val": n_val, "classes": n_classes, "k": KNN_K}
-        size = load_config(args.presets[0], list(args.opts)).crops.global_crops_size
         if args.baselines:
-            row["raw_pixels"] = raw_pixel_knn(folder, size)
-            row["random_init"] = network_knn(folder, load_config(args.presets[0], list(args.opts)), None)
+            row["raw_pixels"] = raw_pixel_knn(folder, first.crops.global_crops_size)
+            row["random_init"] = network_knn(folder, first, None)
         if args.supervised_steps:
-            cfg = load_config(args.presets[0], list(args.opts))
-            row[f"supervised_{args.supervised_steps}"] = supervised_knn(folder, cfg, args.supervised_steps)
+            row[f"supervised_{args.supervised_steps}"] = supervised_knn(folder, first, args.supervised_steps)
         for preset in ([] if args.no_training else args.presets):
             label = f"{preset}{'+' + args.tag if args.tag else ''}"
             out = args.root / "runs" / f"{name}-{label}"
