@@ -88,17 +88,32 @@ def test_tensor_path_draws_the_configured_grayscale_and_jitter_ranges():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("crops.grayscale_probability=1.5", "crops.grayscale_probability must be in [0, 1], got 1.5"),
-    ("crops.color_jitter_strength=-1", "crops.color_jitter_strength must be >= 0 (1 = official), got -1.0"),
+    ("crops.grayscale_probability=1.5", "config key 'crops.grayscale_probability' is 1.5; it must be in [0, 1]"),
+    ("crops.color_jitter_strength=-1", "config key 'crops.color_jitter_strength' is -1.0; it must be >= 0"),
 ])
-def test_bad_colour_settings_are_one_line_errors(override, message):
+def test_bad_colour_settings_are_one_line_errors_at_config_loading(override, message, tmp_path, capsys):
+    from dinokit.cli import main
     from dinokit.config import load_config
+    from dinokit.errors import DinokitError
+
+    with pytest.raises(DinokitError) as err:
+        load_config("small", [override])
+    assert str(err.value) == message
+    # the command stops before it starts anything: one line on stderr, nothing on stdout, no run folder
+    assert main(["train", "--config-file", "small", "--output-dir", str(tmp_path / "run"), override]) == 2
+    out, errors = capsys.readouterr()
+    assert out == "" and errors.strip().splitlines() == [f"error: {message}"], (out, errors)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"grayscale_probability": 1.5}, "crops.grayscale_probability must be in [0, 1], got 1.5"),
+    ({"color_jitter_strength": -1.0}, "crops.color_jitter_strength must be >= 0 (1 = official), got -1.0"),
+])
+def test_the_augmentation_refuses_bad_colour_settings_given_in_python(kwargs, message):
     from dinokit.data.augmentations import DataAugmentationDINO
     from dinokit.errors import DinokitError
 
-    crops = load_config("small", [override]).crops
     with pytest.raises(DinokitError) as err:
-        DataAugmentationDINO(tuple(crops.global_crops_scale), tuple(crops.local_crops_scale), crops.local_crops_number,
-                             grayscale_probability=crops.grayscale_probability,
-                             color_jitter_strength=crops.color_jitter_strength)
+        DataAugmentationDINO((0.5, 1.0), (0.15, 0.5), 4, **kwargs)
     assert str(err.value) == message

@@ -312,6 +312,7 @@ _NON_NEGATIVE = (
     "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs", "optim.base_lr",
     "optim.min_lr", "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight",
     "train.freeze_backbone_epochs", "optim.backbone_lr_mult", "gram.loss_weight", "gram.it_first_update",
+    "crops.color_jitter_strength",
 )  # fmt: skip
 _FRACTION_PAIRS = ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max")
 
@@ -333,8 +334,9 @@ def validate(cfg: DictConfig) -> None:
         pair = list(OmegaConf.select(cfg, key))
         if len(pair) != 2 or not 0 <= pair[0] <= pair[1] <= 1:
             raise DinokitError(f"config key '{key}' is {pair}; give [low, high] with 0 <= low <= high <= 1")
-    if not 0 <= cfg.ibot.mask_sample_probability <= 1:
-        raise DinokitError("config key 'ibot.mask_sample_probability' must be in [0, 1]")
+    for key in ("ibot.mask_sample_probability", "crops.grayscale_probability"):
+        if not 0 <= OmegaConf.select(cfg, key) <= 1:
+            raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be in [0, 1]")
     if not 0 <= cfg.student.drop_path_rate < 1:
         raise DinokitError("config key 'student.drop_path_rate' must be in [0, 1)")
     for key in ("crops.global_crops_size", "crops.local_crops_size"):
