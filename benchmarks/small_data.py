@@ -12,13 +12,16 @@ Sets (all written under ``--root``, deterministic, ImageFolder layout ``<set>/{t
 
 - ``shapes``: 10 classes of filled shapes in random colours on random-colour backgrounds (generated);
 - ``patterns``: 8 new two-colour texture families in random colours (waves, zigzag, bricks, ...; generated);
+- ``families``: 8 grey texture families that the sample set does not hold (zigzag, waves, crosses, hex dots,
+  squares, triangles, bricks, spiral; any orientation), rendered like it (generated; also
+  ``benchmarks/stages.py``'s new data);
 - ``clipart``: 8 top-level categories of the Open Clip Art Library (Debian ``openclipart-png``);
 - ``tuxpaint``: 7 categories of Tux Paint's stamps (Debian ``tuxpaint-stamps-default``).
 
 The real images are composited onto white, padded to a square and stored at 96 px (as the generated ones),
 so that training reads small files. Usage (one training at a time; OMP_NUM_THREADS=1 leaves a core free)::
 
-    OMP_NUM_THREADS=1 python benchmarks/small_data.py --sets shapes patterns clipart tuxpaint \\
+    OMP_NUM_THREADS=1 python benchmarks/small_data.py --sets shapes patterns families clipart tuxpaint \\
         --presets demo small --root runs/small_data
 
 ``--opts KEY=VALUE ...`` overrides preset keys (ablations; the tag ``--tag`` names the variant in the
@@ -38,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from dinokit.data.sample import render_grey_texture
 
 IMAGE_SIZE = 96
 KNN_K = 20
@@ -173,6 +178,50 @@ def render_pattern(pattern: str, rng: np.random.Generator, size: int = IMAGE_SIZ
     return image
 
 
+NEW_FAMILIES = ("zigzag", "waves", "crosses", "hexdots", "squares", "triangles", "bricks", "spiral")
+
+
+def new_texture_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Eight texture families that are not in the built-in sample set (random period, phase, orientation)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    period = size * rng.uniform(1 / 10, 1 / 5)
+    angle = rng.uniform(0, math.pi)
+    u = x * math.cos(angle) + y * math.sin(angle) + rng.uniform(0, period)
+    v = -x * math.sin(angle) + y * math.cos(angle) + rng.uniform(0, period)
+    if kind == "zigzag":
+        return (u + np.abs((v % period) - period / 2)) % period < period / 2
+    if kind == "waves":
+        return (u + 0.25 * period * np.sin(2 * math.pi * v / period)) % period < period / 2
+    if kind == "crosses":
+        a, b = u % period - period / 2, v % period - period / 2
+        arm = 0.12 * period
+        return ((np.abs(a) < arm) & (np.abs(b) < 0.35 * period)) | ((np.abs(b) < arm) & (np.abs(a) < 0.35 * period))
+    if kind == "hexdots":
+        row = np.floor(v / period)
+        a = (u + (row % 2) * period / 2) % period - period / 2
+        b = v % period - period / 2
+        return a**2 + b**2 < (0.22 * period) ** 2
+    if kind == "squares":
+        cx, cy = rng.uniform(0, size, size=2)
+        return np.maximum(np.abs(x - cx), np.abs(y - cy)) % period < period / 2
+    if kind == "triangles":
+        a, b = u % period, v % period
+        return a < b
+    if kind == "bricks":
+        row = np.floor(v / (period / 2))
+        a = (u + (row % 2) * period / 2) % period
+        return (a < 0.12 * period) | (v % (period / 2) < 0.12 * period)
+    if kind == "spiral":
+        cx, cy = rng.uniform(0, size, size=2)
+        r, t = np.hypot(x - cx, y - cy), np.arctan2(y - cy, x - cx)
+        return (r + period * t / (2 * math.pi)) % period < period / 2
+    raise ValueError(kind)
+
+def render_family(kind: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
+    """One texture of family ``kind`` rendered like the sample set (two grey tones, noise, sometimes blur)."""
+    return render_grey_texture(new_texture_mask(kind, rng, size), rng)
+
+
 def write_generated(root: Path, classes: tuple[str, ...], render, counts: dict[str, int], seed: int = 0) -> Path:
     """Write ``root/<split>/<class>/<class>_NNNN.png`` (idempotent: a complete set is kept)."""
     tag = "-".join(f"{k}{v}" for k, v in sorted(counts.items()))
@@ -260,6 +309,7 @@ def write_real(root: Path, source: Path, classes: tuple[str, ...], per_class: in
 GENERATED_SETS = {
     "shapes": (SHAPES, render_shape, {"train": 200, "val": 50}),
     "patterns": (PATTERNS, render_pattern, {"train": 200, "val": 50}),
+    "families": (NEW_FAMILIES, render_family, {"train": 200, "val": 50}),
 }
 ALL_SETS = (*GENERATED_SETS, *REAL_SETS)
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
 
 from dinokit.cli.train import pretrain
 from dinokit.config import backbone_from_config, load_config
@@ -34,45 +32,8 @@ from dinokit.data import write_sample_dataset
 from dinokit.eval.knn import run_knn_eval
 from dinokit.models import load_backbone_weights
 
-NEW_FAMILIES = ("zigzag", "waves", "crosses", "hexdots", "squares", "triangles", "bricks", "spiral")
-
-
-def new_texture_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Eight texture families that are not in the built-in sample set (random period, phase, orientation)."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
-    period = size * rng.uniform(1 / 10, 1 / 5)
-    angle = rng.uniform(0, math.pi)
-    u = x * math.cos(angle) + y * math.sin(angle) + rng.uniform(0, period)
-    v = -x * math.sin(angle) + y * math.cos(angle) + rng.uniform(0, period)
-    if kind == "zigzag":
-        return (u + np.abs((v % period) - period / 2)) % period < period / 2
-    if kind == "waves":
-        return (u + 0.25 * period * np.sin(2 * math.pi * v / period)) % period < period / 2
-    if kind == "crosses":
-        a, b = u % period - period / 2, v % period - period / 2
-        arm = 0.12 * period
-        return ((np.abs(a) < arm) & (np.abs(b) < 0.35 * period)) | ((np.abs(b) < arm) & (np.abs(a) < 0.35 * period))
-    if kind == "hexdots":
-        row = np.floor(v / period)
-        a = (u + (row % 2) * period / 2) % period - period / 2
-        b = v % period - period / 2
-        return a**2 + b**2 < (0.22 * period) ** 2
-    if kind == "squares":
-        cx, cy = rng.uniform(0, size, size=2)
-        return np.maximum(np.abs(x - cx), np.abs(y - cy)) % period < period / 2
-    if kind == "triangles":
-        a, b = u % period, v % period
-        return a < b
-    if kind == "bricks":
-        row = np.floor(v / (period / 2))
-        a = (u + (row % 2) * period / 2) % period
-        return (a < 0.12 * period) | (v % (period / 2) < 0.12 * period)
-    if kind == "spiral":
-        cx, cy = rng.uniform(0, size, size=2)
-        r, t = np.hypot(x - cx, y - cy), np.arctan2(y - cy, x - cx)
-        return (r + period * t / (2 * math.pi)) % period < period / 2
-    raise ValueError(kind)
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from small_data import NEW_FAMILIES, render_family  # noqa: E402  (the texture families: one implementation)
 
 def write_new_families(root: Path, counts: dict[str, int], size: int = 96) -> Path:
     """ImageFolder train/val sets of the new families, rendered like the sample set (grey tones, noise, blur)."""
@@ -83,17 +44,7 @@ def write_new_families(root: Path, counts: dict[str, int], size: int = 96) -> Pa
             folder = root / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                rng = np.random.default_rng([7, len(split), index, i])
-                mask = new_texture_mask(kind, rng, size)
-                low, high = np.sort(rng.uniform(0, 255, size=2))
-                if high - low < 60:
-                    mid = (low + high) / 2
-                    low, high = max(mid - 30, 0.0), min(mid + 30, 255.0)
-                fg, bg = (low, high) if rng.random() < 0.5 else (high, low)
-                grey = np.where(mask, fg, bg) + rng.normal(0, 12, size=(size, size))
-                image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
-                if rng.random() < 0.3:
-                    image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
+                image = render_family(kind, np.random.default_rng([7, len(split), index, i]), size)
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
                 (folder / f"{kind}_{i:04d}.png").write_bytes(buffer.getvalue())

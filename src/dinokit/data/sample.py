@@ -77,13 +77,19 @@ def _texture_mask(texture: str, rng: np.random.Generator, size: int) -> np.ndarr
 
 def render_sample(texture: str, rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
     """One RGB image of ``texture``: random period, phase and two grey levels, noise, sometimes blur."""
-    mask = _texture_mask(texture, rng, size)
+    return render_grey_texture(_texture_mask(texture, rng, size), rng)
+
+
+def render_grey_texture(mask: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A boolean (H, W) texture mask as the sample set renders it: two random grey levels at least
+    ``MIN_CONTRAST`` apart, Gaussian noise (std 12), and a light blur in 30% of the images."""
+    size = mask.shape
     low, high = np.sort(rng.uniform(0, 255, size=2))
     if high - low < MIN_CONTRAST:
         middle = (low + high) / 2
         low, high = max(middle - MIN_CONTRAST / 2, 0.0), min(middle + MIN_CONTRAST / 2, 255.0)
     fg, bg = (low, high) if rng.random() < 0.5 else (high, low)
-    grey = np.where(mask, fg, bg) + rng.normal(0, 12, size=(size, size))
+    grey = np.where(mask, fg, bg) + rng.normal(0, 12, size=size)
     image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
