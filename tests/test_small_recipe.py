@@ -65,9 +65,10 @@ def test_small_preset_learns_a_set_other_than_the_sample_set(tmp_path, small_dat
     trained = small_data.network_knn(root, cfg, snapshot)
     print(f"k-NN top-1: raw pixels {raw:.1f}%, random init {random_init:.1f}%, trained {trained:.1f}%")
     # measured 2026-12-03: 26.2% trained here (2 threads), 29.2% in the benchmark's run (1 thread, k-NN monitor
-    # every 100 iterations); 16.8% raw pixels, 11.8% random init (chance 12.5%)
-    assert trained >= random_init + 12, (trained, random_init)
-    assert trained >= raw + 8, (trained, raw)
+    # every 100 iterations); 16.8% raw pixels, 11.8% random init (chance 12.5%). Room of about 3 points for
+    # the trajectory's noise (those two runs differ by 3.0)
+    assert trained >= random_init + 11, (trained, random_init)
+    assert trained >= raw + 6, (trained, raw)
 
 
 # ---------------------------------------------------------------------------------------------- colour knobs
