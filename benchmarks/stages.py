@@ -35,6 +35,7 @@ from dinokit.models import load_backbone_weights
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from image_sets import NEW_FAMILIES, render_family  # noqa: E402  (the texture families: one implementation)
 
+
 def write_new_families(root: Path, counts: dict[str, int], size: int = 96) -> Path:
     """ImageFolder train/val sets of the new families, rendered like the sample set (grey tones, noise, blur)."""
     if (root / ".complete").exists():
