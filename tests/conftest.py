@@ -1,7 +1,7 @@
 """Shared fixtures.
 
-``demo_teacher``: the demo recipe pretrained for 200 iterations on a 320-image sample set (about 2 min on
-2 CPU cores), trained once per test session and shared by every test that needs a backbone that has
+``demo_teacher``: the demo recipe pretrained for 200 iterations on a 320-image sample set (about 3 min on
+one CPU thread), trained once per test session and shared by every test that needs a backbone that has
 learnt something (the demo learning test, distillation, dense heads, visualisation). Set
 ``DINOKIT_TEST_CACHE=DIR`` to keep it between sessions while developing (CI never sets it).
 """
@@ -13,6 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers), each worker computes on one thread: two workers of
+    two threads each on a 2-core machine would fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by command-line subprocesses and data-loader workers
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """The tests that share the ``demo_teacher`` run go to one xdist worker (``--dist loadgroup``), so the
+    session fixture is trained once, not once per worker."""
+    for item in items:
+        if "demo_teacher" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("demo_teacher"))
 
 
 @dataclass(frozen=True)
