@@ -120,6 +120,12 @@ def test_errors_are_one_line(scenes, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["curate", "run", "--pool", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "w"), *MODEL]) == 2
     assert capsys.readouterr().err.strip() == f"error: no images found under '{tmp_path / 'empty'}' (in '{tmp_path / 'empty'}')"
+    # a missing pool: the one line comes before any progress line and nothing is written
+    missing = tmp_path / "missing"
+    assert main(["curate", "run", "--pool", str(missing), "--output-dir", str(tmp_path / "w0"), *MODEL]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (tmp_path / "w0").exists()
+    assert captured.err.strip() == f"error: dataset folder '{missing}' does not exist or is not a folder (in '{missing}')"
 
     assert main(["curate", "run", "--pool", str(root / "eval"), "--output-dir", str(tmp_path / "w2"), "--target-size",
                  "5", *MODEL]) == 2

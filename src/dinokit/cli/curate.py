@@ -94,7 +94,7 @@ def _config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed as du
-    from ..curate.pipeline import STAGES, Work, run_pipeline, run_stage
+    from ..curate.pipeline import STAGES, Work, open_sets, run_pipeline, run_stage
     from ..engine.run_dir import check_writable
     from ..eval.setup import resolve_device
 
@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.output_dir)  # one line before any work
     config, as_dict = _config(args)
     work = Path(args.output_dir)
+    embeds = args.stage in ("run", "embed") and (getattr(args, "force", False) or Work(work, config).done("embed") is None)
+    if du.is_main_process() and embeds:
+        open_sets(config)  # a missing set or a too large target: one line before the work folder is written
     if du.is_main_process():
         work.mkdir(parents=True, exist_ok=True)
         (work / CONFIG_FILE).write_text(json.dumps(as_dict, indent=1))

@@ -130,14 +130,21 @@ def _sets(config: CurateConfig) -> dict[str, str]:
     return sets
 
 
-def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
-                models: tuple[torch.nn.Module, torch.nn.Module | None] | None = None) -> dict:
-    config = work.config
-    transform = make_classification_eval_transform(crop_size=config.embed.image_size)
+def open_sets(config: CurateConfig, transform=None) -> dict:
+    """Every image set of the run, opened (listed); one line when a set is missing or the target too large. The
+    command line calls it before writing anything into the work folder."""
     datasets = {name: make_dataset(s, transform=transform) for name, s in _sets(config).items()}
     n_pool = len(datasets["pool"])
     if config.target_size > n_pool:
         raise DinokitError(f"--target-size {config.target_size} is larger than the pool ({n_pool} images); lower it")
+    return datasets
+
+
+def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
+                models: tuple[torch.nn.Module, torch.nn.Module | None] | None = None) -> dict:
+    config = work.config
+    datasets = open_sets(config, make_classification_eval_transform(crop_size=config.embed.image_size))
+    n_pool = len(datasets["pool"])
     model, copy_model = models or _build_models(config, device)
     feature_fn = curation_feature_fn(config.embed.copy, config.embed.gem_p, copy_model)
     for name, dataset in datasets.items():
