@@ -281,9 +281,41 @@ def test_config_switch_builds_the_tensor_stream(image_folder):
     batch = next(b for b in loader if b.n_samples == 2)
     assert batch.global_crops.shape == (4, 3, 16, 16) and batch.local_crops.shape == (6, 3, 8, 8)
     assert batch.masks.shape == (4, 16)
+    # "device": the workers ship images + parameters; moving the batch makes the same crops on the device
+    cfg_device = load_config("demo", [*overrides, "crops.augmentation=device"])
+    pending = next(b for b in build_train_loader(cfg_device, start_iteration=0, pin_memory=False) if b.n_samples == 2)
+    assert isinstance(pending, ta.PendingSSLBatch) and (pending.n_samples, pending.n_bad) == (batch.n_samples, batch.n_bad)
+    moved = pending.to("cpu")
+    for name in ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight"):
+        torch.testing.assert_close(getattr(moved, name), getattr(batch, name), rtol=0, atol=0)
     cfg.crops.augmentation = "gpu"
-    with pytest.raises(DinokitError, match="unknown crops.augmentation 'gpu'; use 'pil' or 'tensor'"):
+    with pytest.raises(DinokitError, match="unknown crops.augmentation 'gpu'; use 'pil', 'tensor' or 'device'"):
         build_train_loader(cfg, start_iteration=0, pin_memory=False)
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_training_with_crops_made_on_the_device_equals_the_tensor_path(image_folder, tmp_path):
+    """crops.augmentation=device trains exactly as =tensor (on CPU the 'device' is the CPU), bad images counted."""
+    import json
+
+    from dinokit.cli.train import pretrain
+    from dinokit.config import load_config
+
+    from tiny import tiny_run
+
+    runs = {}
+    for mode in ("tensor", "device"):
+        cfg = load_config("demo", [*tiny_run(batch=3, epochs=1, epoch_length=3), f"crops.augmentation={mode}",
+                                   f"train.dataset_path=ImageFolder:root={image_folder}", "crops.global_crops_size=16",
+                                   "crops.local_crops_size=8", "student.patch_size=4"])
+        summary = pretrain(cfg, output_dir=tmp_path / mode, device="cpu")
+        metrics = [json.loads(line) for line in (tmp_path / mode / "training_metrics.json").read_text().splitlines()]
+        state = torch.load(sorted((tmp_path / mode / "checkpoints").glob("*.pth"))[-1], weights_only=True)
+        runs[mode] = metrics, state["model"], summary["bad_images"]
+    (metrics_t, model_t, bad_t), (metrics_d, model_d, bad_d) = runs["tensor"], runs["device"]
+    assert len(metrics_t) == 3 and [m["total_loss"] for m in metrics_d] == [m["total_loss"] for m in metrics_t]
+    assert bad_d == bad_t >= 1  # the broken file is counted on both paths (9 reads of 6 files)
+    assert model_d.keys() == model_t.keys() and all(torch.equal(model_d[k], model_t[k]) for k in model_t)
 
 
 @pytest.mark.filterwarnings("ignore:skipping unreadable image")

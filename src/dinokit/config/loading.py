@@ -286,7 +286,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "crops.blur_probabilities": ("official", "intended"),
     "compute_precision.dtype": ("auto", *DTYPES),
     "train.tracker": ("none", "tensorboard", "wandb"),
-    "crops.augmentation": ("pil", "tensor"),
+    "crops.augmentation": ("pil", "tensor", "device"),
     "distillation.loss": ("dino_ibot", "features"),
     "distillation.ibot_positions": ("all", "masked"),
     "distillation.feature_loss": ("cosine", "smooth_l1"),

@@ -189,7 +189,9 @@ class CropsConfig:
     # hue 0.1 capped at 0.5; factors in [max(0, 1 - s), 1 + s]); 1 = official
     color_jitter_strength: float = 1.0
     # dinokit: "pil" = per-image PIL transforms in the data workers; "tensor" = the same distributions on
-    # batched uint8/float tensors (dinokit.data.tensor_augment), applied by the collate in the workers.
+    # batched uint8/float tensors (dinokit.data.tensor_augment), applied by the collate in the workers;
+    # "device" = the workers only decode and draw the crop parameters, and the training loop makes the crops
+    # on the training device (the GPU) when it moves the batch there: the same crops as "tensor".
     augmentation: str = "pil"
 
 

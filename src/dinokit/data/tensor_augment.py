@@ -374,6 +374,14 @@ class PendingSSLBatch:
         self.params = params
         self.multi_crop = multi_crop
 
+    @property
+    def n_samples(self) -> int:  # read by the training loop before the batch moves (readable images)
+        return self.batch.n_samples
+
+    @property
+    def n_bad(self) -> int:  # unreadable images skipped in this batch
+        return self.batch.n_bad
+
     def pin_memory(self) -> PendingSSLBatch:
         """Called by ``DataLoader(pin_memory=True)``."""
         self.images = [image.pin_memory() for image in self.images]

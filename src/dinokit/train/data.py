@@ -11,7 +11,7 @@ from ..data.loaders import make_ssl_data_loader
 from ..data.tensor_augment import MultiCropSource, TensorAugmentCollate, TensorMultiCrop
 from ..errors import DinokitError
 
-AUGMENTATIONS = ("pil", "tensor")
+AUGMENTATIONS = ("pil", "tensor", "device")
 
 
 def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: bool) -> DataLoader:
@@ -19,7 +19,7 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
     crops = cfg.crops
     augmentation = crops.augmentation
     if augmentation not in AUGMENTATIONS:
-        raise DinokitError(f"unknown crops.augmentation {augmentation!r}; use 'pil' or 'tensor'")
+        raise DinokitError(f"unknown crops.augmentation {augmentation!r}; use 'pil', 'tensor' or 'device'")
     collate = SSLCollate(
         seed=cfg.train.seed,
         global_crops_size=crops.global_crops_size,
@@ -27,8 +27,10 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
     )
-    if augmentation == "tensor":
-        # Workers decode and draw the crop parameters per image; the collate crops and colours the whole batch.
+    if augmentation in ("tensor", "device"):
+        # Workers decode and draw the crop parameters per image; the collate crops and colours the whole batch
+        # ("tensor"), or ships the images and parameters as a PendingSSLBatch whose move to the training device
+        # makes the crops there ("device": the engine's batch_to calls its .to(device)).
         transform = MultiCropSource(
             tuple(crops.global_crops_scale),
             tuple(crops.local_crops_scale),
@@ -38,7 +40,7 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
             color_jitter_strength=crops.color_jitter_strength,
         )
         multi_crop = TensorMultiCrop(global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size)
-        collate = TensorAugmentCollate(collate, multi_crop)
+        collate = TensorAugmentCollate(collate, multi_crop, defer=augmentation == "device")
     else:
         transform = DataAugmentationDINO(
             tuple(crops.global_crops_scale),
