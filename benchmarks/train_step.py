@@ -2,6 +2,11 @@
 
 Run on a GPU machine from the repo root: ``PYTHONPATH=src python benchmarks/train_step.py [--compile]``.
 Synthetic images, the official vitl14 recipe otherwise (heads, iBOT, KoLeo, Sinkhorn-Knopp, EMA).
+
+``--data DIR`` feeds the step from the real data path instead: the images under DIR decoded and augmented as
+``dinokit train`` does (``crops.augmentation=pil|tensor|device`` among the trailing ``KEY=VALUE`` overrides;
+``device`` makes the crops on the GPU), with ``train.num_workers`` data workers; the timed steps then include
+waiting for data. ``--device cpu`` runs it anywhere (the tests use it with a tiny config).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from dinokit.config import load_config
 from dinokit.data.collate import SSLCollate
 from dinokit.engine import Engine, batch_to
+from dinokit.train.data import build_train_loader
 from dinokit.train.ssl_meta_arch import SSLMetaArch
 from dinokit.train.train import engine_config
 
@@ -33,39 +39,52 @@ def synthetic_batch(cfg, batch_size: int):
     return collate(samples)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="vitl14")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--ac", action="store_true")
+    p.add_argument("--data", help="an image folder: real decoding + augmentation instead of synthetic crops")
+    p.add_argument("--device", default="cuda")
     p.add_argument("opts", nargs="*")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = load_config(args.config, [f"train.batch_size_per_gpu={args.batch}", *args.opts])
-    dev = torch.device("cuda")
+    data = [f"train.dataset_path=ImageFolder:root={args.data}"] if args.data else []
+    cfg = load_config(args.config, [f"train.batch_size_per_gpu={args.batch}", *data, *args.opts])
     model = SSLMetaArch(cfg)
     model.teacher.load_state_dict(model.student.state_dict())
     settings = engine_config(cfg, dev)
     settings.compile, settings.activation_checkpointing = args.compile, args.ac
     engine = Engine(model, settings, output_dir="/tmp/dinokit-bench", device=dev, schedules={})
-    batches = [batch_to(synthetic_batch(cfg, args.batch), dev) for _ in range(2)]
-    sched = {"lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07, "last_layer_lr": 1e-4}
     warmup = 5 if args.compile else 3
+    if args.data:
+        loader = iter(build_train_loader(cfg, start_iteration=0, pin_memory=cuda))
+        next_batch = lambda i: batch_to(next(loader), dev)  # noqa: E731  (decode + augmentation, timed)
+    else:
+        batches = [batch_to(synthetic_batch(cfg, args.batch), dev) for _ in range(2)]
+        next_batch = lambda i: batches[i % 2]  # noqa: E731
+    sched = {"lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07, "last_layer_lr": 1e-4}
     for i in range(warmup):
-        engine.step(batches[i % 2], i, sched)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+        engine.step(next_batch(i), i, sched)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(args.steps):
-        out = engine.step(batches[i % 2], i, sched)
-    torch.cuda.synchronize()
+        out = engine.step(next_batch(i), i, sched)
+    if cuda:
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     res = {"images_per_s": round(args.batch * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),
-           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "compile": args.compile,
-           "loss": float(out.total)}
+           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
+           "compile": args.compile, "data": "synthetic" if not args.data else cfg.crops.augmentation,
+           "num_workers": cfg.train.num_workers if args.data else 0, "loss": float(out.total.detach())}
     print(json.dumps(res), flush=True)
+    return res
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
 
 def pytest_configure(config):
     """Under pytest-xdist (``make test`` runs two workers), each worker computes on one thread: two workers of
@@ -69,6 +71,20 @@ def demo_teacher(tmp_path_factory) -> DemoTeacher:
         run_dir=run, snapshot=run / "eval" / "training_199" / "teacher_checkpoint.pth", config_file=run / "config.yaml",
         train_str=train_str, val_str=val_str, sample_root=root, iterations=200,
     )
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("small_data")``: the module ``benchmarks/small_data.py`` (not a package; its main not run)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

@@ -15,22 +15,18 @@ seed of the benchmark (README, "Data curation").
 
 from __future__ import annotations
 
-import runpy
 import statistics
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from dinokit.cli import main
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "curation_proof.py"
 SEED = 0
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return SimpleNamespace(**runpy.run_path(str(BENCHMARK)))  # its functions, without running its main
+def bench(load_benchmark):
+    return load_benchmark("curation_proof")  # its functions, without running its main
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,13 @@ The full table, with the sets where the preset does NOT win, is in the README ("
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "small_data.py"
-
 
 @pytest.fixture(scope="module")
-def small_data():
-    spec = importlib.util.spec_from_file_location("small_data_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def small_data(load_benchmark):
+    return load_benchmark("small_data")
 
 
 FAST_ITERATIONS = 200

@@ -1,0 +1,29 @@
+"""The GPU speed scripts run end to end on the CPU with a tiny config, so that a GPU session spends its minutes
+measuring, not debugging (``benchmarks/train_step.py``; the figures themselves need a GPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dinokit.data import write_sample_dataset
+
+from tiny import tiny_run
+
+
+@pytest.fixture(scope="module")
+def train_step(load_benchmark):
+    return load_benchmark("train_step")
+
+
+@pytest.mark.parametrize("source", ["synthetic", "pil", "device"])
+def test_train_step_benchmark_runs_on_synthetic_and_real_data(train_step, source, tmp_path_factory):
+    tiny = [o for o in tiny_run(batch=2) if not o.startswith("train.batch_size_per_gpu")]
+    args = ["--device", "cpu", "--config", "demo", "--batch", "2", "--steps", "2"]
+    if source != "synthetic":
+        root = write_sample_dataset(tmp_path_factory.mktemp("bench"), counts={"train": 1, "val": 1}, image_size=40)
+        args += ["--data", str(root / "train")]
+    result = train_step.main([*args, *tiny, *([f"crops.augmentation={source}"] if source != "synthetic" else [])])
+    assert result["data"] == source and result["images_per_s"] > 0 and math.isfinite(result["loss"])
+    assert result["peak_mem_gb"] is None  # no CUDA memory figure on the CPU
