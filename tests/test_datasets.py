@@ -203,6 +203,44 @@ def test_sample_rewrite_replaces_an_older_version_but_keeps_user_files(tmp_path)
     assert not list(root.glob(".complete-v3*"))
 
 
+def _write_sample_when_released(root: str, start, out) -> None:
+    from dinokit.data.sample import write_sample_dataset
+
+    start.wait()
+    try:
+        write_sample_dataset(root, counts={"train": 6, "val": 2}, image_size=24)
+        out.put("ok")
+    except Exception as err:  # reported to the test, which names it
+        out.put(f"{type(err).__name__}: {err}")
+
+
+def test_processes_writing_the_sample_set_at_once_all_succeed(tmp_path):
+    """torchrun ranks (or parallel test workers) may write the same sample set together: a shared temporary
+    file name made one of them fail with FileNotFoundError; each now writes its own."""
+    import multiprocessing as mp
+
+    from dinokit.data.sample import write_sample_dataset
+
+    ctx = mp.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    for attempt in range(3):
+        root = tmp_path / f"sample{attempt}"
+        procs = [ctx.Process(target=_write_sample_when_released, args=(str(root), start, out)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        start.set()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        start.clear()
+        assert results == ["ok"] * 3
+        assert not [p for p in root.rglob("*") if ".tmp" in p.name]
+        reference = write_sample_dataset(tmp_path / "one", counts={"train": 6, "val": 2}, image_size=24)
+        written = sorted(p.relative_to(root) for p in root.rglob("*.png"))
+        assert written == sorted(p.relative_to(reference) for p in reference.rglob("*.png")) and len(written) == 64
+        assert all((root / p).read_bytes() == (reference / p).read_bytes() for p in written)
+
+
 def test_cli_sample_reports_counts(sample_root, capsys):
     assert main(["data", "sample", "--out", str(sample_root)]) == 0
     out = capsys.readouterr().out

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ..errors import DinokitError
+from ..models.checkpoint import atomic_write
 
 SAMPLE_CLASSES = ("blobs", "checker", "diagonal", "dots", "grid", "hstripes", "rings", "vstripes")
 SAMPLE_VERSION = 4
@@ -149,8 +150,7 @@ def write_sample_dataset(
                         continue  # written by an earlier, interrupted call
                     raise DinokitError(f"{path} already exists and is not part of the sample set; it is left as it "
                                        "is: give an empty or new folder")
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)  # atomic: a killed run never leaves a half-written image
+                with atomic_write(path) as tmp:  # a per-process temporary: processes writing the set at once
+                    tmp.write_bytes(data)        # (torchrun ranks) never take each other's file
     marker.touch()
     return root

@@ -15,7 +15,6 @@ Both are deterministic for a seed and take a few seconds for a few hundred 64-px
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.sample import SAMPLE_CLASSES, default_sample_root, render_sample
+from ..models.checkpoint import atomic_write
 
 GENERATED_VERSION = 3
 DEFAULT_SIZE = 64
@@ -139,9 +139,10 @@ def render_room(rng: np.random.Generator, size: int = DEFAULT_SIZE) -> tuple[Ima
 
 # ---------------------------------------------------------------------------------------------- writing
 def _save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written file
+    # atomic, with a hidden per-process temporary name: a killed run leaves no half-written or stray .png, and
+    # processes writing the same set at once (torchrun ranks, parallel tests) do not take each other's file
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def write_dense_sample(
