@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.teacher.load_state_dict(model.student.state_dict())
     settings = engine_config(cfg, dev)
     settings.compile, settings.activation_checkpointing = args.compile, args.ac
-    engine = Engine(model, settings, output_dir="/tmp/dinokit-bench", device=dev, schedules={})
+    engine = Engine(model, settings, output_dir=tempfile.mkdtemp(prefix="dinokit-bench-"), device=dev, schedules={})
     warmup = 5 if args.compile else 3
     if args.data:
         loader = iter(build_train_loader(cfg, start_iteration=0, pin_memory=cuda))
