@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock  # a dependency of torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -49,13 +50,28 @@ class DemoTeacher:
 
 @pytest.fixture(scope="session")
 def demo_teacher(tmp_path_factory) -> DemoTeacher:
-    from dinokit.data import write_sample_dataset
     from dinokit.data.sample import SAMPLE_VERSION
+
+    cache = os.environ.get("DINOKIT_TEST_CACHE")
+    if cache:
+        base = Path(cache) / f"demo-teacher-v{SAMPLE_VERSION}"
+    elif os.environ.get("PYTEST_XDIST_WORKER"):  # one folder for all workers: the session's common temp root
+        base = tmp_path_factory.getbasetemp().parent / "demo-teacher"
+    else:
+        base = tmp_path_factory.mktemp("demo-teacher")
+    base.mkdir(parents=True, exist_ok=True)
+    # Workers take turns: the first trains, a later one finds the finished run and only resumes it (no work).
+    # The xdist group above normally keeps every user of the teacher on one worker; the lock makes a lost
+    # group (some pytest/xdist pairs drop it silently) cost waiting, not a second training.
+    with FileLock(str(base / ".lock")):
+        return _train_demo_teacher(base)
+
+
+def _train_demo_teacher(base: Path) -> DemoTeacher:
+    from dinokit.data import write_sample_dataset
     from dinokit.cli.train import pretrain
     from dinokit.config import load_config
 
-    cache = os.environ.get("DINOKIT_TEST_CACHE")
-    base = Path(cache) / f"demo-teacher-v{SAMPLE_VERSION}" if cache else tmp_path_factory.mktemp("demo-teacher")
     root = write_sample_dataset(base / "sample", counts={"train": 40, "val": 10})
     train_str, val_str = f"ImageFolder:root={root / 'train'}", f"ImageFolder:root={root / 'val'}"
     cfg = load_config("demo", [
