@@ -201,6 +201,20 @@ def test_generated_sets(tmp_path):
     assert d[-1].mean() < d[32].mean()  # the floor comes nearer towards the bottom of the picture
 
 
+def test_texture_on_texture_mosaic():
+    from dinokit.dense.generated import render_mosaic
+
+    for seed in range(6):
+        flat_image, flat_mask = render_mosaic(np.random.default_rng(seed))
+        image, mask = render_mosaic(np.random.default_rng(seed), textured_background=True)
+        inside, classes = flat_mask > 0, np.unique(mask)
+        # same object (texture, shape and its pixels); the background is another texture, not class 0
+        assert (mask > 0).all() and len(classes) == 2 and (mask[inside] == flat_mask[inside]).all()
+        assert (mask[~inside] != flat_mask[inside][0]).all()
+        outside = np.asarray(image)[~inside].astype(float)
+        assert outside.std() > 1.5 * np.asarray(flat_image)[~inside].astype(float).std()  # a pattern, not flat noise
+
+
 def test_voc_palette():
     from dinokit.dense.inference import colourise_seg, palette
 

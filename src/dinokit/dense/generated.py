@@ -39,11 +39,14 @@ def default_dense_root(kind: str) -> Path:
 SEG_CLASSES = ("background",) + SAMPLE_CLASSES
 
 
-def render_mosaic(rng: np.random.Generator, size: int = DEFAULT_SIZE) -> tuple[Image.Image, np.ndarray]:
+def render_mosaic(rng: np.random.Generator, size: int = DEFAULT_SIZE, *,
+                  textured_background: bool = False) -> tuple[Image.Image, np.ndarray]:
     """One textured object on a plain background: (RGB image, (size, size) uint8 class map).
 
     The object is a random ellipse (25-60% of the image) filled with one of the 8 sample textures
-    (class 1-8); the background is flat grey with noise (class 0).
+    (class 1-8); the background is flat grey with noise (class 0), or with ``textured_background`` another
+    of the sample textures (its class 1-8): then only texture tells the regions apart, which makes the
+    images a test of patch features (``benchmarks/stages.py``).
     """
     texture = int(rng.integers(len(SAMPLE_CLASSES)))
     y, x = np.mgrid[0:size, 0:size] + 0.5
@@ -53,10 +56,16 @@ def render_mosaic(rng: np.random.Generator, size: int = DEFAULT_SIZE) -> tuple[I
     u = ((x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)) / rx
     v = (-(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)) / ry
     inside = u**2 + v**2 < 1
-    grey = np.clip(rng.uniform(40, 215) + rng.normal(0, 12, size=(size, size)), 0, 255)
-    image = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    if textured_background:
+        other = (texture + 1 + int(rng.integers(len(SAMPLE_CLASSES) - 1))) % len(SAMPLE_CLASSES)
+        image = np.asarray(render_sample(SAMPLE_CLASSES[other], rng, size)).copy()
+        background = other + 1
+    else:
+        grey = np.clip(rng.uniform(40, 215) + rng.normal(0, 12, size=(size, size)), 0, 255)
+        image = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+        background = 0
     image[inside] = np.asarray(render_sample(SAMPLE_CLASSES[texture], rng, size))[inside]
-    mask = np.where(inside, texture + 1, 0).astype(np.uint8)
+    mask = np.where(inside, texture + 1, background).astype(np.uint8)
     return Image.fromarray(image), mask
 
 
