@@ -10,7 +10,17 @@
    position embeddings interpolated, schedules restarted, lower lr); k-NN at 96 px before and after.
 4. Gram: the base run continued on the sample set with and without Gram anchoring to the base teacher (same
    budget); patch-level quality = mIoU of the official patch-only linear segmentation head on the generated
-   dense set (dinokit dense train ... class_token=false), and k-NN as a check of the image level.
+   dense set (dinokit dense train ... class_token=false), patch k-NN (below), and k-NN as a check of the
+   image level.
+
+    python benchmarks/stages.py --out runs/gram_probe --gram-base runs/demo/train-v4/eval/training_399/teacher_checkpoint.pth \
+        --gram-strong runs/demo/train-v4/eval/training_799/teacher_checkpoint.pth   # after make demo; ~45 min, one core
+
+runs only a Gram probe from an existing run's snapshots (the demo's, trained on the same sample set): (a) the
+base snapshot continued for 400 iterations with the iBOT loss off, a setting meant to let patch features drift,
+without and with Gram anchoring to the base; (b) a new run from scratch for 200 iterations, without and with
+Gram anchoring (weight 2 and 10) to the stronger (later) snapshot, for two training seeds. Patch-level quality is patch k-NN:
+the texture of single patches of texture-on-texture mosaics, found by their nearest patches (cosine).
 Prints one JSON object per measurement and a Markdown summary; every run writes into --out (rerun resumes).
 """
 
@@ -25,11 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dinokit.cli.train import pretrain
 from dinokit.config import backbone_from_config, load_config
 from dinokit.data import write_sample_dataset
-from dinokit.eval.knn import run_knn_eval
+from dinokit.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from dinokit.dense.generated import render_mosaic
+from dinokit.eval.knn import knn_classify, run_knn_eval
 from dinokit.models import load_backbone_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,11 +99,78 @@ def seg_miou(snapshot: Path, dense_root: Path, out: Path) -> float:
     return round(float(json.loads((out / "results_eval_segmentation.json").read_text())["mIoU"]), 2)
 
 
+def texture_mosaics(n: int, seed: int, size: int = 64, patch: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` images of one sample texture inside an ellipse and another outside (eval-normalised (n, 3, S, S)),
+    the texture (1-8) of each patch (n, P) and whether the patch lies wholly in one region (n, P)."""
+    rng = np.random.default_rng([11, seed])
+    images, masks = zip(*(render_mosaic(rng, size, textured_background=True) for _ in range(n)))
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None], torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    g = size // patch
+    pixels = torch.from_numpy(np.stack(masks)).long().view(n, g, patch, g, patch).permute(0, 1, 3, 2, 4).reshape(n, g * g, -1)
+    return (x - mean) / std, pixels[..., 0], (pixels == pixels[..., :1]).all(-1)
+
+
+@torch.no_grad()
+def patch_knn(snapshot: Path | None, cfg, seeds: tuple[int, ...] = (1, 2, 3), counts: tuple[int, int] = (400, 200)) -> float:
+    """Patch-level quality: texture k-NN of single patches (k=20, T=0.07, as dinokit eval knn) on
+    texture-on-texture mosaics; the pure patches of ``counts`` = (train, val) images, mean over ``seeds``
+    (one draw of images each). Only texture tells a patch's region apart here, and the
+    neighbours are found by cosine similarity, which is what Gram anchoring constrains."""
+    torch.manual_seed(0)
+    backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size).eval()
+    if snapshot is not None:
+        load_backbone_weights(backbone, snapshot)
+    scores = []
+    for seed in seeds:
+        sets = [texture_mosaics(count, 2 * seed + i, cfg.crops.global_crops_size, cfg.student.patch_size)
+                for i, count in enumerate(counts)]
+        feats = [torch.cat([F.normalize(backbone.forward_features(x[j:j + 100])["x_norm_patchtokens"], dim=-1)
+                            for j in range(0, len(x), 100)]) for x, _, _ in sets]
+        train, val = [(f[m], y[m]) for f, (_, y, m) in zip(feats, sets)]  # pure patches only
+        scores.append(knn_classify(*train, *val, num_classes=9, ks=(20,), temperature=0.07)[20][0])
+    return round(float(np.mean(scores)), 2)
+
+
+def gram_probe(out: Path, base: Path, strong: Path, train: str, val: str) -> dict:
+    """The runs of the Gram probe (module docstring); patch k-NN and image k-NN of every teacher."""
+    epoch = 50
+    common = ["train.num_workers=1", "evaluation.knn_dataset=null", f"train.OFFICIAL_EPOCH_LENGTH={epoch}",
+              f"train.dataset_path={train}", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1"]
+    gram = ["gram.use_loss=true", "gram.rep_update=false", "gram.img_level=true"]
+    runs = {  # name: (iterations, overrides)
+        "ibot_off": (400, [f"student.resume_from_teacher_chkpt={base}", "optim.freeze_last_layer_epochs=0",
+                           "ibot.loss_weight=0"]),
+        "scratch_s0": (200, []),
+        "scratch_s1": (200, ["train.seed=1"]),
+    }
+    runs["ibot_off_gram"] = (400, runs["ibot_off"][1] + gram + [f"gram.ckpt={base}", "gram.loss_weight=1.0"])
+    for seed in (0, 1):
+        for weight in (2, 10):  # DINOv3's ViT-7B used 2; 10: does a stronger pull move patch quality further?
+            runs[f"scratch_s{seed}_gram{weight}"] = (200, runs[f"scratch_s{seed}"][1] + gram
+                                                     + [f"gram.ckpt={strong}", f"gram.loss_weight={weight}"])
+    demo = load_config("demo")
+    results = {"random": {"patch_knn": patch_knn(None, demo), "knn": knn(demo, None, train, val, 64)}}
+    for name, snap in (("base", base), ("strong", strong)):
+        cfg = load_config(str(snap.parents[2] / "config.yaml"))
+        results[name] = {"patch_knn": patch_knn(snap, cfg), "knn": knn(cfg, snap, train, val, 64)}
+    for name, (iters, extra) in runs.items():
+        cfg = load_config("demo", [*common, f"optim.epochs={iters // epoch}",
+                                   f"evaluation.eval_period_iterations={iters}", *extra])
+        pretrain(cfg, output_dir=out / name, device="cpu")
+        snap = last_snapshot(out / name)
+        results[name] = {"patch_knn": patch_knn(snap, cfg), "knn": knn(cfg, snap, train, val, 64)}
+        print(json.dumps({name: results[name]}), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/stages"))
     parser.add_argument("--base-iters", type=int, default=400)
     parser.add_argument("--stage-iters", type=int, default=200)
+    parser.add_argument("--gram-base", type=Path, help="only the Gram probe, from this teacher snapshot")
+    parser.add_argument("--gram-strong", type=Path, help="the Gram probe's stronger snapshot (with --gram-base)")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +178,13 @@ def main() -> None:
 
     sample = write_sample_dataset(out / "data" / "sample")
     s_train, s_val = f"ImageFolder:root={sample / 'train'}", f"ImageFolder:root={sample / 'val'}"
+    if args.gram_base:
+        if args.gram_strong is None:
+            parser.error("--gram-base needs --gram-strong (a later snapshot of the same run)")
+        results = gram_probe(out, args.gram_base, args.gram_strong, s_train, s_val)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=1))
+        return
     fam = write_new_families(out / "data" / "new", {"train": 80, "val": 20})
     n_train, n_val = f"ImageFolder:root={fam / 'train'}", f"ImageFolder:root={fam / 'val'}"
     epoch = 50
@@ -161,9 +248,10 @@ def main() -> None:
         pretrain(cfg, output_dir=out / name, device="cpu")
         snap = last_snapshot(out / name)
         results[name] = {"seg_miou_patch_linear": seg_miou(snap, dense_root, out / f"{name}_seg"),
-                         "knn": knn(cfg, snap, s_train, s_val, 64)}
+                         "patch_knn": patch_knn(snap, cfg), "knn": knn(cfg, snap, s_train, s_val, 64)}
         print(json.dumps({name: results[name]}), flush=True)
     results["base"]["seg_miou_patch_linear"] = seg_miou(base, dense_root, out / "base_seg")
+    results["base"]["patch_knn"] = patch_knn(base, base_cfg)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

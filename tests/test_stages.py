@@ -261,3 +261,24 @@ def test_distill_refuses_stage_keys(images, tmp_path, key):
     cfg = tiny_cfg(images, key, "gram.ema_teacher=true")
     with pytest.raises(DinokitError, match=f"{key.split('=')[0]} is a pretraining-stage key that dinokit distill"):
         distill(cfg, output_dir=tmp_path / "d")
+
+
+def test_patch_knn_of_the_gram_probe(load_benchmark, tmp_path):
+    """The README's patch-level measure: labels of whole patches; a random network, whose patch tokens carry
+    pixel statistics, scores well above the most frequent texture, a network whose tokens are all equal does not."""
+    stages = load_benchmark("stages")
+    x, labels, pure = stages.texture_mosaics(6, seed=0, size=32, patch=8)
+    assert x.shape == (6, 3, 32, 32) and labels.shape == pure.shape == (6, 16)
+    assert pure.any() and (~pure).any() and set(labels[pure].unique().tolist()) <= set(range(1, 9))
+    cfg = load_config("demo", [*TINY, "crops.global_crops_size=32"])
+    _, val_labels, val_pure = stages.texture_mosaics(30, seed=1, size=32, patch=cfg.student.patch_size)  # seed 0's val
+    majority = 100 * val_labels[val_pure].bincount().max().item() / val_pure.sum().item()
+    random_init = stages.patch_knn(None, cfg, seeds=(0,), counts=(60, 30))
+    assert random_init > majority + 10
+    torch.manual_seed(0)
+    model = backbone_from_config(cfg.student, img_size=32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # every patch token the same: one fixed vote for every patch
+    zeros = save_backbone(model, tmp_path / "zeros.pth")
+    assert stages.patch_knn(zeros, cfg, seeds=(0,), counts=(60, 30)) <= majority + 1e-6
