@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dinokit.cli.train import pretrain
 from dinokit.config import backbone_from_config, load_config
 from dinokit.data import write_sample_dataset
-from dinokit.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from dinokit.data.transforms import make_normalize_transform
 from dinokit.dense.generated import render_mosaic
 from dinokit.eval.knn import knn_classify, run_knn_eval
 from dinokit.models import load_backbone_weights
@@ -66,14 +66,19 @@ def write_new_families(root: Path, counts: dict[str, int], size: int = 96) -> Pa
     return root
 
 
+def load_backbone(cfg, weights: Path | None) -> torch.nn.Module:
+    """The run's backbone at its own crop size, in eval mode: a snapshot's weights, or random init (seed 0)."""
+    torch.manual_seed(0)
+    backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size)
+    if weights is not None:
+        load_backbone_weights(backbone, weights)
+    return backbone.eval()
+
+
 def knn(run_or_cfg, weights: Path | None, train: str, val: str, image_size: int) -> float:
     """k-NN top-1 (k=10) of a snapshot (or of the random-init network when weights is None)."""
     cfg = load_config(str(run_or_cfg)) if not hasattr(run_or_cfg, "student") else run_or_cfg
-    torch.manual_seed(0)
-    backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size)  # its own grid
-    if weights is not None:
-        load_backbone_weights(backbone, weights)
-    metrics = run_knn_eval(backbone.eval(), train_dataset_str=train, val_dataset_str=val, device=torch.device("cpu"),
+    metrics = run_knn_eval(load_backbone(cfg, weights), train_dataset_str=train, val_dataset_str=val, device=torch.device("cpu"),
                            image_size=image_size, ks=(10,), temperature=0.07)
     return round(float(metrics["knn_top1_k10"]), 2)
 
@@ -105,10 +110,9 @@ def texture_mosaics(n: int, seed: int, size: int = 64, patch: int = 8) -> tuple[
     rng = np.random.default_rng([11, seed])
     images, masks = zip(*(render_mosaic(rng, size, textured_background=True) for _ in range(n)))
     x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None], torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
     g = size // patch
     pixels = torch.from_numpy(np.stack(masks)).long().view(n, g, patch, g, patch).permute(0, 1, 3, 2, 4).reshape(n, g * g, -1)
-    return (x - mean) / std, pixels[..., 0], (pixels == pixels[..., :1]).all(-1)
+    return make_normalize_transform()(x), pixels[..., 0], (pixels == pixels[..., :1]).all(-1)
 
 
 @torch.no_grad()
@@ -117,10 +121,7 @@ def patch_knn(snapshot: Path | None, cfg, seeds: tuple[int, ...] = (1, 2, 3), co
     texture-on-texture mosaics; the pure patches of ``counts`` = (train, val) images, mean over ``seeds``
     (one draw of images each). Only texture tells a patch's region apart here, and the
     neighbours are found by cosine similarity, which is what Gram anchoring constrains."""
-    torch.manual_seed(0)
-    backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size).eval()
-    if snapshot is not None:
-        load_backbone_weights(backbone, snapshot)
+    backbone = load_backbone(cfg, snapshot)
     scores = []
     for seed in seeds:
         sets = [texture_mosaics(count, 2 * seed + i, cfg.crops.global_crops_size, cfg.student.patch_size)

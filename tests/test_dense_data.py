@@ -208,7 +208,7 @@ def test_texture_on_texture_mosaic():
         flat_image, flat_mask = render_mosaic(np.random.default_rng(seed))
         image, mask = render_mosaic(np.random.default_rng(seed), textured_background=True)
         inside, classes = flat_mask > 0, np.unique(mask)
-        # same object (texture, shape and its pixels); the background is another texture, not class 0
+        # same object (texture and outline; its pixels are drawn later); the background is another texture
         assert (mask > 0).all() and len(classes) == 2 and (mask[inside] == flat_mask[inside]).all()
         assert (mask[~inside] != flat_mask[inside][0]).all()
         outside = np.asarray(image)[~inside].astype(float)
