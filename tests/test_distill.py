@@ -245,6 +245,11 @@ def test_one_line_errors(images, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     err = error_of(capsys, [*base(tmp_path / "empty")])  # a folder with no snapshot
     assert "has no eval/training_*/teacher_checkpoint.pth" in err
+    # a student's starting weights are checked before the run folder is written
+    err = error_of(capsys, [*base(teacher_dir), "distillation.students=[{arch: vit_femto}, "
+                            f"{{arch: vit_femto, pretrained_weights: {tmp_path / 'none.pth'}}}]"])
+    assert f"config key 'distillation.students[1].pretrained_weights' is '{tmp_path / 'none.pth'}', which does not " \
+           "exist" in err and not (tmp_path / "out").exists()
 
 
 def test_distillation_beats_training_from_scratch(demo_teacher, tmp_path):

@@ -253,6 +253,24 @@ def test_head_warmup_and_gram_under_two_process_fsdp(images, tmp_path):
     assert lines[0]["gram_loss"] == 0 and all(np.isfinite(l["total_loss"]) and l["gram_loss"] > 0 for l in lines[1:])
 
 
+@pytest.mark.parametrize("key", ["student.pretrained_weights", "student.resume_from_teacher_chkpt", "gram.ckpt"])
+def test_missing_start_weights_stop_before_the_run_folder(images, tmp_path, capsys, key):
+    """A stage's starting file that is not there (or a folder without a snapshot): one line naming the key, and no
+    run folder or config.yaml left behind (URLs are checked when fetched)."""
+    from dinokit.cli import main
+
+    gram = ["gram.use_loss=true", "gram.img_level=true"] if key == "gram.ckpt" else []
+    for missing, said in ((tmp_path / "no" / "such.pth", "which does not exist"),
+                          (tmp_path, "has no eval/training_*/teacher_checkpoint.pth")):
+        out = tmp_path / "run"
+        args = ["train", "--output-dir", str(out), "--device", "cpu", *TINY,
+                f"train.dataset_path=ImageFolder:root={images / 'train'}", *gram, f"{key}={missing}"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: config key '{key}'") and said in err and "\n" not in err
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("key", ["gram.use_loss=true", "train.freeze_backbone_epochs=1",
                                  "student.resume_from_teacher_chkpt=/a/run"])
 def test_distill_refuses_stage_keys(images, tmp_path, key):

@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
 
     started = time.perf_counter()
+    from ..train.train import check_stage_weights
+
+    check_stage_weights(cfg)  # before the banner, which announces the run
     if distributed.is_main_process():
         print(start_banner(cfg, args.output_dir, args.device))
     summary = pretrain(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)

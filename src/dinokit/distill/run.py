@@ -33,6 +33,7 @@ from ..engine import Hook, init_run
 from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from ..train.train import engine_config, run_on_ssl_data
+from ..train.weights import check_weight_sources
 from .task import DistillationTask, check_compatible
 from .teacher import build_teacher, resolve_teacher
 
@@ -89,6 +90,8 @@ def distill(
     rank, world = init_run(cfg.train.seed)
     output_dir = Path(output_dir)
     students = student_sections(cfg)
+    check_weight_sources({f"distillation.students[{i}].pretrained_weights" if name else "student.pretrained_weights":
+                          section.pretrained_weights for i, (name, section) in enumerate(students.items())})
     source = resolve_teacher(cfg.distillation.teacher, cfg.distillation.teacher_config)
     teacher, teacher_cfg = build_teacher(source, with_heads=cfg.distillation.loss == "dino_ibot")
     check_compatible(cfg, teacher_cfg, students, teacher.backbone.patch_size)

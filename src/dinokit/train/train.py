@@ -23,6 +23,7 @@ from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from .data import build_train_loader
 from .ssl_meta_arch import SSLMetaArch
+from .weights import check_weight_sources
 
 
 def engine_config(cfg: DictConfig, device: torch.device) -> EngineConfig:
@@ -67,6 +68,7 @@ def train(
     if OmegaConf.to_container(cfg.distillation) != OmegaConf.to_container(OmegaConf.structured(DistillationConfig)):
         raise DinokitError("the distillation.* keys are read by dinokit distill, not dinokit train; remove them or "
                            "run dinokit distill")
+    check_stage_weights(cfg)
     rank, world = init_run(cfg.train.seed)
     output_dir = Path(output_dir)
     cfg.train.output_dir = str(output_dir)
@@ -81,6 +83,13 @@ def train(
         model.teacher.load_state_dict(model.student.state_dict())
         return run_on_ssl_data(model, engine_config(cfg, dev), cfg, output_dir=output_dir, device=dev, hooks=hooks,
                                resume=resume, weights=weights, stop_after=stop_after)
+
+
+def check_stage_weights(cfg: DictConfig) -> None:
+    """The files a stage starts from (``student.*``, ``gram.ckpt``) are there: one line before anything is written."""
+    check_weight_sources({"student.pretrained_weights": cfg.student.pretrained_weights,
+                          "student.resume_from_teacher_chkpt": cfg.student.resume_from_teacher_chkpt,
+                          "gram.ckpt": cfg.gram.ckpt if cfg.gram.use_loss else ""})
 
 
 def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir: Path, device: torch.device,

@@ -17,6 +17,7 @@ from ..engine.loop import newest_snapshot
 from ..errors import DinokitError
 from ..models.checkpoint import (
     backbone_state_dict_from_checkpoint,
+    is_url,
     load_backbone_weights,
     load_state_dict_file,
     resize_pos_embed,
@@ -47,6 +48,21 @@ def teacher_checkpoint_path(path: str) -> Path:
                                "snapshot or the checkpoint file itself")
         return snapshot
     return found
+
+
+def check_weight_sources(sources: Mapping[str, str]) -> None:
+    """Stop with one line if a weights key (``{config key: value}``) names a file or folder that is not there, before
+    a run folder is written (URLs are fetched, and checked, when loaded)."""
+    for key, value in sources.items():
+        if not value or is_url(value):
+            continue
+        if not Path(value).expanduser().exists():
+            raise DinokitError(f"config key '{key}' is {value!r}, which does not exist; give a teacher_checkpoint.pth, "
+                               "a backbone file or a dinokit train run folder")
+        try:
+            teacher_checkpoint_path(value)  # a folder must hold a snapshot
+        except DinokitError as err:
+            raise DinokitError(f"config key '{key}': {err}") from None
 
 
 def load_pretrained_backbone(backbone: nn.Module, path: str, checkpoint: Mapping | None = None) -> None:
