@@ -15,6 +15,7 @@ import pytest
 from dinokit.cli import main
 from dinokit.curate import pipeline
 from dinokit.curate.embed import EmbeddingStore
+from dinokit.data import make_dataset
 from dinokit.curate.synthetic import EDITS, near_duplicate, save_copy, write_copy_pairs
 
 N_SCENES = 40
@@ -98,9 +99,17 @@ def test_killed_run_resumes_at_the_unfinished_stage(scenes, tmp_path, monkeypatc
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
+    listed = []  # each image set is listed once (a pool may hold millions of files): checked, then embedded
+
+    def counted(spec, **kwargs):
+        listed.append(spec)
+        return make_dataset(spec, **kwargs)
+
+    monkeypatch.setattr(pipeline, "make_dataset", counted)
     monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "cluster", killed)
     assert main(argv) == 130
     assert (half / "retrieve" / "done.json").is_file() and not (half / "cluster" / "done.json").exists()
+    assert sorted(listed) == sorted(str(root / name) for name in ("pool", "seed", "eval"))
     monkeypatch.undo()
     capsys.readouterr()
     assert main(argv) == 0

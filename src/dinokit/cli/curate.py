@@ -104,18 +104,19 @@ def run(args: argparse.Namespace) -> int:
     config, as_dict = _config(args)
     work = Path(args.output_dir)
     embeds = args.stage in ("run", "embed") and (getattr(args, "force", False) or Work(work, config).done("embed") is None)
-    if du.is_main_process() and embeds:
-        open_sets(config)  # a missing set or a too large target: one line before the work folder is written
+    # a missing set or a too large target: one line before the work folder is written (and the sets, once listed,
+    # go on to the embed stage)
+    datasets = open_sets(config) if du.is_main_process() and embeds else None
     if du.is_main_process():
         work.mkdir(parents=True, exist_ok=True)
         (work / CONFIG_FILE).write_text(json.dumps(as_dict, indent=1))
     device = resolve_device(args.device)
     if args.stage == "run":
-        report = run_pipeline(config, work, device=device, progress=not args.no_progress)
+        report = run_pipeline(config, work, device=device, progress=not args.no_progress, datasets=datasets)
     else:
         assert args.stage in STAGES
         report = run_stage(Work(work, config), args.stage, device=device, progress=not args.no_progress,
-                           force=args.force)
+                           force=args.force, **({"datasets": datasets} if datasets else {}))
     if du.is_main_process() and args.stage in ("run", "report"):
         counts = report["counts"]
         print("counts: " + ", ".join(f"{k} {'-' if v is None else v}" for k, v in counts.items()))

@@ -141,9 +141,12 @@ def open_sets(config: CurateConfig, transform=None) -> dict:
 
 
 def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
-                models: tuple[torch.nn.Module, torch.nn.Module | None] | None = None) -> dict:
+                models: tuple[torch.nn.Module, torch.nn.Module | None] | None = None, datasets: dict | None = None) -> dict:
+    """Embed every image set; ``datasets``: the sets already opened by :func:`open_sets` (a pool is listed once)."""
     config = work.config
-    datasets = open_sets(config, make_classification_eval_transform(crop_size=config.embed.image_size))
+    datasets = datasets or open_sets(config)
+    for dataset in datasets.values():
+        dataset.transform = make_classification_eval_transform(crop_size=config.embed.image_size)
     n_pool = len(datasets["pool"])
     model, copy_model = models or _build_models(config, device)
     feature_fn = curation_feature_fn(config.embed.copy, config.embed.gem_p, copy_model)
@@ -319,11 +322,12 @@ def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = 
 
 
 def run_pipeline(config: CurateConfig, work_dir: str | Path, *, device: torch.device | str = "cpu",
-                 progress: bool = True, models=None) -> dict:
-    """Every stage in order (finished ones skipped); returns the report's counts and times."""
+                 progress: bool = True, models=None, datasets: dict | None = None) -> dict:
+    """Every stage in order (finished ones skipped); returns the report's counts and times. ``models`` and
+    ``datasets`` (from :func:`open_sets`) go to the embed stage."""
     work = Work(work_dir, config)
     device = torch.device(device)
     for stage in STAGES:
-        extra = {"models": models} if stage == "embed" and models is not None else {}
+        extra = {k: v for k, v in (("models", models), ("datasets", datasets)) if v is not None} if stage == "embed" else {}
         run_stage(work, stage, device=device, progress=progress, **extra)
     return json.loads((work.root / "report.json").read_text())
