@@ -252,3 +252,37 @@ def test_cli_unwritable_output_is_one_line(tmp_path, capsys):
     assert main(["data", "sample", "--out", str(blocker / "sample")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(blocker) in err and len(err.splitlines()) == 1
+
+
+def test_cli_sample_refuses_a_folder_that_is_not_a_sample_set(folder, tmp_path, capsys):
+    """F24: ``data sample --out`` an existing image folder added eight class folders to it without a word."""
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    assert main(["data", "sample", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "not a dinokit sample set" in err and len(err.splitlines()) == 1
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # nothing written
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    assert main(["data", "sample", "--out", str(notes)]) == 2
+    assert [p.name for p in notes.iterdir()] == ["notes.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["data", "sample", "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and len(err.splitlines()) == 2  # one line per refusal above
+
+
+def test_sample_root_check_accepts_new_empty_complete_and_interrupted_sets(tmp_path):
+    from dinokit.data.sample import check_sample_root, write_sample_dataset
+
+    check_sample_root(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_sample_root(tmp_path / "empty")
+    done = write_sample_dataset(tmp_path / "done", counts={"train": 1, "val": 1}, image_size=16)
+    check_sample_root(done)
+    (tmp_path / "partial" / "train" / SAMPLE_CLASSES[0]).mkdir(parents=True)  # a first write cut short
+    check_sample_root(tmp_path / "partial")
+    (tmp_path / "partial" / "train" / "cat").mkdir()
+    with pytest.raises(DinokitError, match="not a dinokit sample set"):
+        check_sample_root(tmp_path / "partial")

@@ -16,7 +16,7 @@ import argparse
 
 from ..data.imagenet import dump_imagenet_extra
 from ..data.images import find_images
-from ..data.sample import default_sample_root, write_sample_dataset
+from ..data.sample import check_sample_root, default_sample_root, write_sample_dataset
 from ..errors import DinokitError
 
 
@@ -29,7 +29,9 @@ def _imagenet_extra(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    root = write_sample_dataset(args.out or default_sample_root())
+    root = args.out or default_sample_root()
+    check_sample_root(root)  # never add the sample classes to someone's image folder
+    root = write_sample_dataset(root)
     for split in ("train", "val"):
         print(f"{len(find_images(root / split))} images in {root / split}")
     print(f"use it with: ImageFolder:root={root / 'train'} (or Sample:split=TRAIN:root={root})")

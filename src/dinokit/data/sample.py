@@ -119,6 +119,28 @@ def _remove_stale_classes(root: Path) -> None:
         m.unlink()
 
 
+def check_sample_root(root: str | Path) -> None:
+    """Refuse to write the sample set into ``root`` unless it is new, empty, or already a sample set.
+
+    A sample set is a folder with a ``.complete-v*`` marker, or (an interrupted first write) one that holds
+    nothing but ``train/`` and ``val/`` with sample class folders in them. Anything else is someone's data:
+    adding eight class folders to it would silently change what it trains and evaluates on.
+    """
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DinokitError(f"--out {str(root)!r} is a file, not a folder; give a new or empty folder")
+    if not root.is_dir() or any(root.glob(".complete-v*")):
+        return
+    entries = list(root.iterdir())
+    ours = all(
+        e.name in DEFAULT_COUNTS and e.is_dir() and all(c.name in SAMPLE_CLASSES and c.is_dir() for c in e.iterdir())
+        for e in entries
+    )
+    if entries and not ours:
+        raise DinokitError(f"--out {str(root)!r} is not empty and is not a dinokit sample set; "
+                           "give a new or empty folder")
+
+
 def write_sample_dataset(
     root: str | Path | None = None,
     *,
