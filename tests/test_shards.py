@@ -3,6 +3,7 @@ exact resume at a data position, bad samples skipped and counted, and ``embed`` 
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +34,25 @@ def keep(batch: list) -> list:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[str, Path]:
-    """23 solid-colour PNGs in 3 class folders plus one corrupt file, written as shards of 5 by the CLI."""
+    """23 solid-colour PNGs in 3 class folders plus one more, written as shards of 5 by the CLI; that one is
+    then damaged in its shard (and in the folder), as bytes may be damaged after the shards were written."""
     root = tmp_path_factory.mktemp("images")
     for i in range(N_GOOD):
         folder = root / CLASSES[i % 3]
         folder.mkdir(exist_ok=True)
         Image.new("RGB", (16, 12), colour(i)).save(folder / f"img{i:02d}.png")
-    (root / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    broken = root / "b" / "broken.png"
+    Image.new("RGB", (16, 12), (1, 2, 3)).save(broken)
     out = tmp_path_factory.mktemp("shards")
     assert main(["data", "shard", str(root), "--out", str(out), "--shard-size", "5"]) == 0
+    position = [p.name for p in make_dataset(f"ImageFolder:root={root}").paths].index("broken.png")
+    shard = out / f"{position // 5:06d}.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmember(f"{position:09d}.png")
+    with open(shard, "r+b") as f:  # same length, so the tar itself stays valid
+        f.seek(member.offset_data)
+        f.write(b"\x89PNG not really".ljust(member.size, b"\0"))
+    broken.write_bytes(b"\x89PNG not really")
     return f"WebDataset:urls={out}/{{000000..000004}}.tar", root
 
 
@@ -126,3 +137,48 @@ def test_errors(tmp_path: Path) -> None:
         make_dataset(f"WebDataset:urls={tmp_path}/x.tar")
     with pytest.raises(DinokitError, match="WebDataset does not take root"):
         make_dataset(f"WebDataset:root={tmp_path}")
+
+
+def _unreadable_files(folder: Path) -> None:
+    """Three files named as images that are not: text renamed .jpg, a truncated PNG, a zero-byte PNG."""
+    folder.mkdir(parents=True)
+    (folder / "text.jpg").write_text("not an image")
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "whole.png")
+    (folder / "truncated.png").write_bytes((folder / "whole.png").read_bytes()[:60])
+    (folder / "whole.png").unlink()
+    (folder / "empty.png").write_bytes(b"")
+
+
+def test_shard_skips_unreadable_files_and_refuses_when_none_is_readable(tmp_path: Path, capsys) -> None:
+    """F25: unreadable files were packed as images and only surfaced as skipped reads in training."""
+    _unreadable_files(tmp_path / "bad")
+    assert main(["data", "shard", str(tmp_path / "bad"), "--out", str(tmp_path / "sh_bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: none of the 3 images could be read (first: ") and len(err.splitlines()) == 1
+    assert not (tmp_path / "sh_bad").exists()  # nothing written
+
+    mixed = tmp_path / "mixed"
+    _unreadable_files(mixed / "x")
+    for i in range(4):
+        Image.new("RGB", (8, 8), colour(i)).save(mixed / "x" / f"good{i}.png")
+    assert main(["data", "shard", str(mixed), "--out", str(tmp_path / "sh_mixed"), "--shard-size", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 3 unreadable image(s) (first: " in out and "wrote 4 images" in out and "2 shard(s)" in out
+    ds = make_dataset(f"WebDataset:urls={tmp_path}/sh_mixed/{{000000..000001}}.tar", labelled=True)
+    assert len(ds) == 4 and sorted(ds[i][1].getpixel((0, 0)) for i in range(4)) == [colour(i) for i in range(4)]
+
+
+def test_shard_refuses_an_out_that_holds_shards_or_is_a_file(shards, tmp_path: Path, capsys) -> None:
+    _, root = shards
+    out = tmp_path / "sh"
+    assert main(["data", "shard", str(root / "a"), "--out", str(out), "--shard-size", "3"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["data", "shard", str(root / "a"), "--out", str(out), "--shard-size", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {str(out)!r} already holds shards; give an empty folder\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the first set, untouched
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["data", "shard", str(root / "a"), "--out", str(afile)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and afile.read_text() == "x"

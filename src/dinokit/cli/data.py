@@ -40,16 +40,20 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _shard(args: argparse.Namespace) -> int:
     from ..data.datasets import make_dataset
-    from ..data.shards import shard_pattern, write_shards
+    from ..data.shards import check_shard_out, shard_pattern, write_shards
 
+    check_shard_out(args.out)  # before the source is listed: a wrong --out is told at once
     src = f"FileList:path={args.src}" if args.src.lower().endswith((".txt", ".lst", ".csv")) else args.src
     try:  # keep the labels of a class-per-folder layout or a labelled list, when there are any
         dataset = make_dataset(src, labelled=True)
     except DinokitError:
         dataset = make_dataset(src, labelled=False)
-    shards = write_shards(dataset, args.out, shard_size=args.shard_size)
+    shards, unreadable = write_shards(dataset, args.out, shard_size=args.shard_size)
+    if unreadable:
+        path, reason = unreadable[0]
+        print(f"skipped {len(unreadable)} unreadable image(s) (first: {path}: {reason})")
     labels = f", {len(dataset.classes)} classes" if dataset.classes else ""
-    print(f"wrote {len(dataset)} images{labels} into {len(shards)} shard(s) in {args.out}")
+    print(f"wrote {len(dataset) - len(unreadable)} images{labels} into {len(shards)} shard(s) in {args.out}")
     print(f"use it with: WebDataset:urls={shard_pattern(shards)}")
     return 0
 

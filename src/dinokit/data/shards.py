@@ -206,33 +206,67 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int) -> list[Path]:
-    """Write ``dataset``'s image files, unchanged, into ``out_dir/000000.tar``, ... (``shard_size`` samples each).
+def check_shard_out(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path, refusing a file and a folder that already holds shards (new shards beside stale
+    ones would be read together by ``DIR/*.tar`` or an old brace range)."""
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DinokitError(f"--out {str(out_dir)!r} is a file, not a folder; give a new or empty folder")
+    if out_dir.is_dir() and any(p.suffix == ".tar" for p in out_dir.iterdir()):
+        raise DinokitError(f"--out {str(out_dir)!r} already holds shards; give an empty folder")
+    return out_dir
 
-    Sample ``i`` is ``%09d`` of its index: ``.<ext>`` holds the original bytes, ``.cls`` the label when there
-    is one; ``classes.txt`` holds the class names. Shards are written atomically.
+
+def write_shards(dataset: ImageDataset, out_dir: str | Path, *,
+                 shard_size: int) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Write ``dataset``'s readable image files, unchanged, into ``out_dir/000000.tar``, ... (``shard_size``
+    samples each); return the shards and the ``(path, reason)`` of each file left out because it does not
+    decode as an image (a text file named .jpg, a truncated or empty file).
+
+    Sample ``i`` is ``%09d`` of its position among the written samples: ``.<ext>`` holds the original bytes,
+    ``.cls`` the label when there is one; ``classes.txt`` holds the class names. Shards are written atomically;
+    nothing is written when no image is readable (a :class:`DinokitError` then names the first file).
     """
-    from ..models.checkpoint import atomic_write
-
     if shard_size < 1:
         raise DinokitError(f"--shard-size must be >= 1, got {shard_size}")
-    out_dir = Path(out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    indices = range(len(dataset))
-    for first in range(0, len(dataset), shard_size):
-        path = out_dir / f"{first // shard_size:06d}.tar"
+    out_dir = check_shard_out(out_dir)
+    written: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
+    pending: list[tuple[str, bytes, int]] = []  # (extension, bytes, label) of the next shard's samples
+    count = 0
+
+    def flush() -> None:
+        from ..models.checkpoint import atomic_write
+
+        path = out_dir / f"{len(written):06d}.tar"
         with atomic_write(path) as tmp, tarfile.open(tmp, "w") as tar:
-            for i in indices[first : first + shard_size]:
-                source = dataset.paths[i]
-                key = f"{i:09d}"
-                _add(tar, f"{key}.{source.suffix.lstrip('.').lower() or 'jpg'}", source.read_bytes())
-                if dataset.targets[i] >= 0:
-                    _add(tar, f"{key}.cls", str(dataset.targets[i]).encode())
+            for position, (ext, data, target) in enumerate(pending, start=count - len(pending)):
+                key = f"{position:09d}"
+                _add(tar, f"{key}.{ext}", data)
+                if target >= 0:
+                    _add(tar, f"{key}.cls", str(target).encode())
         written.append(path)
+        pending.clear()
+
+    for source, target in zip(dataset.paths, dataset.targets):
+        try:
+            data = source.read_bytes()
+            load_image(io.BytesIO(data))  # decoded once here, so that a bad file is found now, not in training
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some malformed headers
+            unreadable.append((source, " ".join(str(err).split()) or type(err).__name__))
+            continue
+        pending.append((source.suffix.lstrip(".").lower() or "jpg", data, target))
+        count += 1
+        if len(pending) == shard_size:
+            flush()
+    if pending:
+        flush()
+    if not written:
+        first = f" (first: {unreadable[0][0]})" if unreadable else ""
+        raise DinokitError(f"none of the {len(dataset)} images could be read{first}; nothing was written")
     if dataset.classes:
         (out_dir / CLASSES_FILE).write_text("\n".join(dataset.classes) + "\n")
-    return written
+    return written, unreadable
 
 
 def shard_pattern(paths: Iterable[Path]) -> str:
