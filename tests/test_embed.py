@@ -220,3 +220,20 @@ def test_ranks_embed_strided_shards_and_gather_in_dataset_order(images, weights,
     assert merged.indices.tolist() == single.indices.tolist() == [0, 1, 2, 3, 4]
     assert merged.bad == single.bad == [5, 6]
     torch.testing.assert_close(merged.features["cls"], single.features["cls"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weights", "w.pth", "--random-init"], "error: --random-init and --weights contradict each other; give one"),
+        (["--random-init", "--num-workers", "-1"], "error: --num-workers must be >= 0, got -1"),
+    ],
+)
+def test_contradicting_or_negative_options_are_one_line(images, tmp_path, monkeypatch, capsys, extra, message) -> None:
+    """F9: --random-init was silently ignored beside --weights; F27: --num-workers -1 gave a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pth").write_bytes(b"")
+    assert main(["embed", str(images), "--out", "emb.npz", "--image-size", "56", "--device", "cpu", "--no-progress",
+                 *extra]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not (tmp_path / "emb.npz").exists()

@@ -170,3 +170,27 @@ def test_other_user_errors(sample, tmp_path, capsys):
     assert "--model NAME" in error_of(capsys, ["eval", "knn", *no_model])
     too_deep = args(sample, tmp_path / "out", "--n-last-blocks", "8", "--epochs", "1", "--epoch-length", "1")
     assert "exceeds the backbone's 4 blocks" in error_of(capsys, ["eval", "linear", *too_deep])
+
+
+@pytest.mark.parametrize(
+    "protocol, extra, message",
+    [
+        ("knn", ["--pretrained-weights", "w.pth", "--random-init"],
+         "--random-init and --pretrained-weights contradict each other; give one"),
+        ("linear", ["--n-last-blocks", "0"], "--n-last-blocks must be at least 1, got 0"),
+        ("knn", ["--nb-knn", "5", "0"], "--nb-knn must be at least 1, got 0"),
+        ("knn", ["--temperature", "0"], "--temperature must be positive, got 0"),
+        ("knn", ["--n-per-class-list", "0"], "--n-per-class-list must hold positive numbers (or -1 = all), got 0"),
+        ("logreg", ["--holdout-fraction", "1.5"], "--holdout-fraction is 1.5; it must be between 0 and 1 (exclusive)"),
+        ("logreg", ["--c-grid-size", "0"], "--c-grid-size must be at least 1, got 0"),
+        ("linear", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    ],
+)
+def test_option_errors_name_the_option_before_any_work(sample, tmp_path, capsys, protocol, extra, message):
+    """F7, F8, F9: each wrong option is named in one line before the output folder or any feature is written."""
+    argv = args(sample, tmp_path / "out", *extra)
+    if "--pretrained-weights" in extra:  # with weights and no --config-file/--model; the check comes first anyway
+        (tmp_path / "w.pth").write_bytes(b"")
+        argv[argv.index("--pretrained-weights") + 1] = str(tmp_path / "w.pth")
+    assert error_of(capsys, ["eval", protocol, *argv]) == f"error: {message}"
+    assert not (tmp_path / "out").exists()

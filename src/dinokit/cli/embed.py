@@ -77,6 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------- options
 def _check_output(args: argparse.Namespace) -> Path:
+    if args.random_init and args.weights:
+        raise DinokitError("--random-init and --weights contradict each other; give one")
+    for name in ("image_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise DinokitError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_workers < 0:
+        raise DinokitError(f"--num-workers must be >= 0, got {args.num_workers}")
     out = Path(args.out).expanduser()
     if out.suffix not in OUTPUT_FORMATS:
         raise DinokitError(f"--out {args.out!r} has an unknown extension; use one of {', '.join(OUTPUT_FORMATS)}")
@@ -92,9 +99,6 @@ def _check_output(args: argparse.Namespace) -> Path:
     if out.is_dir():
         raise DinokitError(f"--out {args.out!r} is a folder; give a file name such as {out / 'embeddings.npz'}")
     check_writable(args.out, "--out", is_file=True)
-    for name in ("image_size", "batch_size"):
-        if getattr(args, name) < 1:
-            raise DinokitError(f"--{name.replace('_', '-')} must be at least 1")
     return out
 
 

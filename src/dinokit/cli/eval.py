@@ -91,10 +91,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     logreg.set_defaults(func=run_logreg)
 
 
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        from ..errors import DinokitError
+
+        raise DinokitError(message)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The option values, each named when wrong, before any folder is written or any feature computed."""
+    _check(not (args.random_init and args.pretrained_weights),
+           "--random-init and --pretrained-weights contradict each other; give one")
+    if args.protocol == "knn":
+        _check(min(args.nb_knn) >= 1, f"--nb-knn must be at least 1, got {min(args.nb_knn)}")
+        _check(args.temperature > 0, f"--temperature must be positive, got {args.temperature:g}")
+        _check(args.n_tries >= 1, f"--n-tries must be at least 1, got {args.n_tries}")
+        bad = [n for n in args.n_per_class_list if n == 0 or n < -1]
+        _check(not bad, f"--n-per-class-list must hold positive numbers (or -1 = all), got {bad[0] if bad else ''}")
+        _check(args.chunk_size >= 0, f"--chunk-size must be >= 0 (0 = all at once), got {args.chunk_size}")
+    elif args.protocol == "linear":
+        _check(args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}")
+        _check(args.epoch_length >= 1, f"--epoch-length must be at least 1, got {args.epoch_length}")
+        _check(not args.learning_rates or min(args.learning_rates) > 0,
+               f"--learning-rates must be positive, got {min(args.learning_rates or [1]):g}")
+        _check(min(args.n_last_blocks) >= 1, f"--n-last-blocks must be at least 1, got {min(args.n_last_blocks)}")
+    elif args.protocol == "logreg":
+        _check(args.c_grid_size >= 1, f"--c-grid-size must be at least 1, got {args.c_grid_size}")
+        _check(0 < args.holdout_fraction < 1,
+               f"--holdout-fraction is {args.holdout_fraction:g}; it must be between 0 and 1 (exclusive)")
+        _check(args.max_iter >= 1, f"--max-iter must be at least 1, got {args.max_iter}")
+
+
 def _context(args: argparse.Namespace):
     from .. import distributed
     from ..eval import prepare_eval
 
+    check_options(args)
     distributed.init_from_environment()
     return prepare_eval(
         output_dir=args.output_dir, train_dataset=args.train_dataset, val_dataset=args.val_dataset,

@@ -267,6 +267,8 @@ def linear_protocol(
     """
     if epochs < 1 or epoch_length < 1 or batch_size < 1 or not learning_rates or min(learning_rates) <= 0:
         raise DinokitError("--epochs, --epoch-length, --batch-size and --learning-rates must be positive")
+    if not n_last_blocks or min(n_last_blocks) < 1:
+        raise DinokitError(f"--n-last-blocks must be at least 1, got {min(n_last_blocks, default=0)}")
     depth = len(ctx.model.blocks)
     usable = [n for n in n_last_blocks if n <= depth]
     if not usable:

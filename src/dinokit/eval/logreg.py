@@ -179,8 +179,10 @@ def evaluate_logreg(
     """
     backend = resolve_backend(backend, device)
     c_values = sorted(c_values if c_values is not None else c_grid())
-    if not c_values or min(c_values) <= 0 or not 0 < holdout_fraction < 1:
-        raise DinokitError("C values must be positive (--c-grid-size >= 1) and --holdout-fraction between 0 and 1")
+    if not c_values or min(c_values) <= 0:
+        raise DinokitError("C values must be positive and at least one (--c-grid-size >= 1)")
+    if not 0 < holdout_fraction < 1:
+        raise DinokitError(f"--holdout-fraction is {holdout_fraction:g}; it must be between 0 and 1 (exclusive)")
     if len(train_y) < 2:
         raise DinokitError("logistic regression needs at least 2 training images")
     # float64 as officially; the torch solver gets the data on its device once, not once per C.
