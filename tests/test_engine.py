@@ -104,6 +104,26 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed(tmp_path):
     assert not leftover.exists()
 
 
+@pytest.mark.parametrize("content, reason", [
+    (b"torn", "is corrupt or truncated"),  # not even an archive: torch.load fails
+    (None, "is not readable as a checkpoint of this model"),  # a whole torch.save file of something else
+])
+def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path, content, reason):
+    out = tmp_path / "run"
+    run_toy(out, stop_after=10)
+    ckpt = out / "checkpoints" / "checkpoint_0000010.pth"
+    if content is None:
+        torch.save({"something": torch.zeros(2)}, ckpt)
+    else:
+        ckpt.write_bytes(content)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(DinokitError) as err:
+        run_toy(out)
+    assert str(err.value) == (f"no readable checkpoint in {out / 'checkpoints'} (checkpoint_0000010.pth {reason}); "
+                              "delete it to restart this run from scratch, or give a new --output-dir")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_nan_before_any_checkpoint_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(Regression, "compute_losses",
                         lambda self, b, i, s: LossOutput(total=self.model(b[0]).sum() * float("nan"), terms={}))

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -68,6 +69,47 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
     return sorted(found)
+
+
+def _file_damage(path: Path) -> str | None:
+    """Why the ``torch.save`` file ``path`` cannot be whole, found without reading it (None: it may be)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return f"unreadable ({err.strerror or type(err).__name__})"
+    if size == 0:
+        return "an empty file"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # a torch.save archive without its end record
+        return "corrupt or truncated"
+    return None
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the checkpoint ``path`` (file or sharded folder) is unusable, found by a cheap look at its structure
+    (an empty file, an archive cut short, a folder without its metadata); None when it may be whole."""
+    if path.is_dir():
+        return "incomplete (no meta.pt)" if not (path / _META).is_file() else _file_damage(path / _META)
+    return _file_damage(path)
+
+
+def no_readable_checkpoint(directory: Path, damaged: list[tuple[Path, str]]) -> DinokitError:
+    """The refusal to start over in a run folder whose checkpoints (``(path, reason)``, newest first) all fail."""
+    what = "; ".join(f"{p.name} is {reason}" for p, reason in damaged)
+    them = "it" if len(damaged) == 1 else "them"
+    return DinokitError(
+        f"no readable checkpoint in {directory} ({what}); delete {them} to restart this run from scratch, or give "
+        "a new --output-dir"
+    )
+
+
+class UnreadableCheckpoint(DinokitError):
+    """A checkpoint that could not be restored; ``reason`` says why ("corrupt or truncated", "an empty file"...)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read checkpoint {str(path)!r}: it is {reason}")
+        self.path, self.reason = path, reason
 
 
 def _remove(path: Path) -> None:
@@ -131,20 +173,25 @@ class Checkpointer:
     def load(self, path: Path) -> dict:
         """Restore from a checkpoint file or sharded folder; returns its metadata (``iteration``...)."""
         path = Path(path)
+        if (damage := checkpoint_damage(path)) is not None:
+            raise UnreadableCheckpoint(path, damage)
         try:
             if path.is_dir():
                 meta = self._load_sharded(path)
             else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except DinokitError:
+                    raise
+                except Exception:  # a torn or foreign file
+                    raise UnreadableCheckpoint(path, "corrupt or truncated") from None
                 set_state_dict(self.model, self.optimizer, model_state_dict=state.pop("model"),
                                optim_state_dict=state.pop("optimizer"), options=StateDictOptions(full_state_dict=True))
                 meta = state
         except DinokitError:
             raise
-        except Exception as err:  # a torn or foreign file
-            raise DinokitError(
-                f"cannot read checkpoint {str(path)!r} ({type(err).__name__}); delete it, or give a new --output-dir"
-            ) from None
+        except Exception:  # readable, but not a checkpoint of this model (or a torn sharded folder)
+            raise UnreadableCheckpoint(path, "not readable as a checkpoint of this model") from None
         rngs = meta.get("rng") or []
         rank = dist_utils.get_rank()
         if meta.get("world_size") == dist_utils.get_world_size() and rank < len(rngs):
@@ -164,13 +211,23 @@ class Checkpointer:
         return meta
 
     def resume(self) -> dict | None:
-        """Load the newest readable checkpoint, falling back to older ones; None when there is none."""
+        """Load the newest readable checkpoint, falling back to older ones (with a one-line warning); None when
+        there is none. Checkpoints that all fail stop the run: starting over would overwrite the run they hold."""
         self.remove_leftovers()
+        damaged: list[tuple[Path, str]] = []
         for iteration, path in reversed(list_checkpoints(self.directory)):
             try:
-                return self.load(path)
-            except DinokitError as err:
-                warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
+                meta = self.load(path)
+            except UnreadableCheckpoint as err:
+                damaged.append((path, err.reason))
+                continue
+            if damaged and dist_utils.is_main_process():
+                what = "; ".join(f"cannot read checkpoint {p}: it is {reason}" for p, reason in damaged)
+                warnings.warn_explicit(  # one line, no source line
+                    f"{what}; resuming from the older {path.name} (iteration {iteration})", UserWarning, "dinokit", 0)
+            return meta
+        if damaged:
+            raise no_readable_checkpoint(self.directory, damaged)
         return None
 
     def remove_leftovers(self) -> None:

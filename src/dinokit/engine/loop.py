@@ -24,7 +24,7 @@ import torch
 
 from .. import distributed as dist_utils
 from ..errors import DinokitError, TrainingHealthWarning
-from .checkpoint import Checkpointer, atomic_torch_save
+from .checkpoint import Checkpointer, UnreadableCheckpoint, atomic_torch_save
 from .metrics import MetricsLogger
 from .run_dir import InterruptGuard, RunInterrupted, check_disk_space, truncate_metrics
 from .optim import apply_optim_schedule, build_optimizer, get_param_groups
@@ -197,7 +197,11 @@ class Engine:
                       + (f"; {weights} is used by new runs only" if weights else ""))
             return start
         if weights:
-            return int(self.checkpointer.load(Path(weights))["iteration"])
+            try:
+                return int(self.checkpointer.load(Path(weights))["iteration"])
+            except UnreadableCheckpoint as err:
+                raise DinokitError(f"cannot start from the training checkpoint {str(weights)!r}: it is {err.reason}; "
+                                   "check the path, or copy the file again") from None
         if resume and self.is_main:
             print(f"starting from scratch: no checkpoint in {self.checkpointer.directory}")
         return 0

@@ -8,6 +8,8 @@ Every trainer (``dinokit train``, ``distill``, ``dense train``) opens its output
   left by a killed process is taken over);
 - starting again (``--no-resume``) in a folder that holds checkpoints is refused,
   since the two runs' checkpoints would interleave and a later start would "resume" the wrong one;
+- resuming in a folder whose checkpoints are all unreadable (empty, cut short) is refused, since starting over
+  would overwrite the run they hold;
 - resuming with a configuration that differs from the saved one is refused, naming the differing keys
   (keys that may change between resumes, such as ``optim.epochs``, are only reported).
 
@@ -31,7 +33,7 @@ from typing import Any
 
 from .. import distributed as dist_utils
 from ..errors import DinokitError
-from .checkpoint import list_checkpoints
+from .checkpoint import checkpoint_damage, list_checkpoints, no_readable_checkpoint
 
 LOCK_NAME = ".dinokit.lock"
 
@@ -186,6 +188,9 @@ def open_run_dir(
                 f"{out} already holds a run (checkpoint of iteration {found[-1][0]}); starting another one there would "
                 f"mix the two: give a new --output-dir, or delete {out / 'checkpoints'} to start again here"
             )
+        damaged = [(path, reason) for _, path in reversed(found) if (reason := checkpoint_damage(path)) is not None]
+        if found and resume and len(damaged) == len(found):  # starting over would overwrite the run they hold
+            raise no_readable_checkpoint(out / "checkpoints", damaged)
         if found and config is not None and (saved := _load_saved(out / config_file)) is not None:
             refused, accepted = config_changes(saved, config, allowed_changes)
             if refused:
