@@ -16,7 +16,12 @@
     python benchmarks/stages.py --out runs/gram_probe --gram-base runs/demo/train-v4/eval/training_399/teacher_checkpoint.pth \
         --gram-strong runs/demo/train-v4/eval/training_799/teacher_checkpoint.pth   # after make demo; ~45 min, one core
 
-runs only a Gram probe from an existing run's snapshots (the demo's, trained on the same sample set): (a) the
+    python benchmarks/stages.py --out runs/gram_long --gram-long        # about 75 minutes of one core
+
+runs 3200 iterations of the demo recipe (schedules stretched) without and with Gram anchoring (the EMA teacher of
+iteration 400, refreshed every 800 iterations, weight 2), patch k-NN and image k-NN of both teachers every 400.
+
+The --gram-base form runs only a Gram probe from an existing run's snapshots (the demo's, trained on the same sample set): (a) the
 base snapshot continued for 400 iterations with the iBOT loss off, a setting meant to let patch features drift,
 without and with Gram anchoring to the base; (b) a new run from scratch for 200 iterations, without and with
 Gram anchoring (weight 2 and 10) to the stronger (later) snapshot, for two training seeds. Patch-level quality is patch k-NN:
@@ -165,6 +170,29 @@ def gram_probe(out: Path, base: Path, strong: Path, train: str, val: str) -> dic
     return results
 
 
+def gram_long_run(out: Path, train: str, val: str, iterations: int = 3200, every: int = 400) -> dict:
+    """A long demo-recipe run (schedules stretched to ``iterations``) without and with Gram anchoring, patch k-NN
+    and image k-NN of the teacher every ``every`` iterations. With Gram: the EMA teacher of iteration ``every`` is
+    copied in as the Gram teacher and refreshed every ``2 * every`` iterations (DINOv3's scheme, scaled down),
+    image level, weight 2."""
+    epoch = 50
+    common = ["train.num_workers=1", "evaluation.knn_dataset=null", f"train.OFFICIAL_EPOCH_LENGTH={epoch}",
+              f"train.dataset_path={train}", f"optim.epochs={iterations // epoch}",
+              f"evaluation.eval_period_iterations={every}"]
+    gram = ["gram.use_loss=true", "gram.img_level=true", f"gram.it_load_ema_teacher={every - 1}",
+            "gram.rep_update=true", f"gram.update_frequency={2 * every}", "gram.loss_weight=2"]
+    results: dict[str, dict] = {}
+    for name, extra in (("long", []), ("long_gram", gram)):
+        cfg = load_config("demo", [*common, *extra])
+        pretrain(cfg, output_dir=out / name, device="cpu")
+        for snap in sorted((out / name).glob("eval/training_*/teacher_checkpoint.pth"),
+                           key=lambda p: int(p.parent.name.split("_")[1])):
+            it = int(snap.parent.name.split("_")[1]) + 1
+            results.setdefault(name, {})[it] = {"patch_knn": patch_knn(snap, cfg), "knn": knn(cfg, snap, train, val, 64)}
+            print(json.dumps({name: {it: results[name][it]}}), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/stages"))
@@ -172,6 +200,7 @@ def main() -> None:
     parser.add_argument("--stage-iters", type=int, default=200)
     parser.add_argument("--gram-base", type=Path, help="only the Gram probe, from this teacher snapshot")
     parser.add_argument("--gram-strong", type=Path, help="the Gram probe's stronger snapshot (with --gram-base)")
+    parser.add_argument("--gram-long", action="store_true", help="only the long run without and with Gram anchoring")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +208,10 @@ def main() -> None:
 
     sample = write_sample_dataset(out / "data" / "sample")
     s_train, s_val = f"ImageFolder:root={sample / 'train'}", f"ImageFolder:root={sample / 'val'}"
+    if args.gram_long:
+        results = gram_long_run(out, s_train, s_val)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return
     if args.gram_base:
         if args.gram_strong is None:
             parser.error("--gram-base needs --gram-strong (a later snapshot of the same run)")
