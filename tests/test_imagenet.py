@@ -1,5 +1,7 @@
 """ImageNet in the official layout: scanning, the extra metadata files, targets, errors, the data CLI."""
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -137,3 +139,18 @@ def test_cli_imagenet_extra(imagenet, tmp_path, capsys):
     assert "ImageNet:split=TRAIN" in capsys.readouterr().out
     assert main(["data", "imagenet-extra", "--root", str(tmp_path / "missing"), "--extra", str(extra)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_cli_imagenet_extra_refuses_a_file_and_writes_nothing_on_a_bad_root(imagenet, tmp_path, capsys):
+    """F25/F28: --extra a file gave a raw OSError; a bad root left a half-filled --extra folder."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["data", "imagenet-extra", "--root", str(imagenet), "--extra", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --extra {str(afile)!r} is a file, not a folder; give a folder for the metadata files\n"
+    not_imagenet = tmp_path / "not_imagenet"
+    shutil.copytree(imagenet, not_imagenet)
+    first = next((not_imagenet / "val").rglob("*.JPEG"))
+    first.rename(first.with_name("x0.png"))  # not named as ImageNet names files: found after TRAIN was scanned
+    assert main(["data", "imagenet-extra", "--root", str(not_imagenet), "--extra", str(tmp_path / "ie2")]) == 2
+    assert "unexpected file" in capsys.readouterr().err and not (tmp_path / "ie2").exists()

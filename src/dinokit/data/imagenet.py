@@ -184,17 +184,20 @@ def dump_imagenet_extra(root: str | Path, extra: str | Path) -> list[Path]:
     splits = [s for s in SPLITS if (root / s.lower()).is_dir()]
     if not splits:
         raise DinokitError(f"{str(root)!r} has no train/, val/ or test/ folder; give the ImageNet root with --root")
-    extra.mkdir(parents=True, exist_ok=True)
+    if extra.exists() and not extra.is_dir():
+        raise DinokitError(f"--extra {str(extra)!r} is a file, not a folder; give a folder for the metadata files")
     wnids, names = read_labels(root) if splits != ["TEST"] else ([], [])
-    written = []
+    files = {}  # every split scanned before anything is written: a bad root leaves no half-filled --extra
     for split in splits:
-        files = {f"entries-{split}.npy": scan_entries(root, split)}
+        files[f"entries-{split}.npy"] = scan_entries(root, split)
         if split != "TEST":  # the official files have no class lists for TEST
             files[f"class-ids-{split}.npy"] = np.array(wnids, dtype=f"U{max(map(len, wnids), default=1)}")
             files[f"class-names-{split}.npy"] = np.array(names, dtype=f"U{max(map(len, names), default=1)}")
-        for filename, array in files.items():
-            np.save(extra / filename, array)
-            written.append(extra / filename)
+    extra.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, array in files.items():
+        np.save(extra / filename, array)
+        written.append(extra / filename)
     return written
 
 
