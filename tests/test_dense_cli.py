@@ -122,14 +122,21 @@ def test_bad_inputs_are_one_line_errors(dense_root, tmp_path, capsys):
     assert err.startswith("error: ") and "does not record its backbone" in err and err.count("\n") == 1
 
 
-def test_eval_of_an_official_segmentation_head_file(dense_root, tmp_path):
-    """An mmseg-layout file (no dinokit description) + a hub backbone: the head kind and levels come from the shapes."""
+def _official_seg_head(path, num_classes=3):
+    """An mmseg-layout linear segmentation head for dinov2_vits14 (384 channels), random weights."""
     g = torch.Generator().manual_seed(0)
     sd = {"decode_head.bn.weight": torch.ones(384), "decode_head.bn.bias": torch.zeros(384),
           "decode_head.bn.running_mean": torch.zeros(384), "decode_head.bn.running_var": torch.ones(384),
           "decode_head.bn.num_batches_tracked": torch.tensor(0),
-          "decode_head.conv_seg.weight": torch.randn(150, 384, 1, 1, generator=g), "decode_head.conv_seg.bias": torch.zeros(150)}
-    torch.save({"state_dict": sd, "meta": {}}, tmp_path / "dinov2_vits14_ade20k_linear_head.pth")
+          "decode_head.conv_seg.weight": torch.randn(num_classes, 384, 1, 1, generator=g),
+          "decode_head.conv_seg.bias": torch.zeros(num_classes)}
+    torch.save({"state_dict": sd, "meta": {}}, path)
+    return path
+
+
+def test_eval_of_an_official_segmentation_head_file(dense_root, tmp_path):
+    """An mmseg-layout file (no dinokit description) + a hub backbone: the head kind and levels come from the shapes."""
+    _official_seg_head(tmp_path / "dinov2_vits14_ade20k_linear_head.pth", num_classes=150)
     val = f"SegSample:split=val:root={dense_root / 'seg'}"
     assert main(["dense", "eval", "--head-weights", str(tmp_path / "dinov2_vits14_ade20k_linear_head.pth"),
                  "--model", "dinov2_vits14", "--random-init", "--val-dataset", val, "--output-dir", str(tmp_path),
@@ -166,3 +173,27 @@ def test_augmented_training_validates_resumes_and_trains_dpt(demo_teacher, tmp_p
     assert "grad_loss" in lines[-1] and "sig_loss" in lines[-1]
     result = json.loads((tmp_path / "dpt" / "results_eval_depth.json").read_text())
     assert result["images"] == 2 and result["rmse"] > 0
+
+
+def test_predict_keeps_images_of_the_same_name_from_different_folders(tmp_path, capsys):
+    """a/x0.png and b/x0.png (and an input really named x0-2.png) give three pictures, none overwritten."""
+    rng = np.random.default_rng(0)
+    for rel in ("a/x0.png", "b/x0.png", "b/x0-2.png"):
+        (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((28, 28, 3)) * 255).astype(np.uint8)).save(tmp_path / "in" / rel)
+    (tmp_path / "in" / "a" / "bad.png").write_bytes(b"not an image")
+    head = _official_seg_head(tmp_path / "head.pth")
+    out = tmp_path / "pred"
+    assert main(["dense", "predict", str(tmp_path / "in"), "--head", str(head), "--out", str(out), "--size", "28",
+                 "--model", "dinov2_vits14", "--random-init", "--device", "cpu"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["x0-2_seg.png", "x0-3_seg.png", "x0_seg.png"]
+    assert f"wrote 3 picture(s) to {out}; skipped 1 unreadable image(s)" in capsys.readouterr().out
+    # each picture holds its own input (left half), so none was overwritten by another
+    lefts = {name: np.asarray(Image.open(out / name))[:, :28] for name in written}
+    assert len({v.tobytes() for v in lefts.values()}) == 3
+    # nothing readable: one line, and no empty --out folder left behind
+    assert main(["dense", "predict", str(tmp_path / "in" / "a" / "bad.png"), "--head", str(head), "--out",
+                 str(tmp_path / "none"), "--model", "dinov2_vits14", "--random-init", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: none of the 1 image(s) could be read")
+    assert not (tmp_path / "none").exists()

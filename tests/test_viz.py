@@ -328,3 +328,13 @@ def test_viz_errors(demo_teacher, sample_images, tmp_path, capsys):
     mismatch = ["viz", "attention", str(sample_images[0]), "--out", str(tmp_path), "--model", "dinov2_vits14",
                 "--weights", str(demo_teacher.snapshot)]
     assert "does not fit the model" in error(mismatch)  # the file holds vit_pico, the model is ViT-S/14
+
+
+def test_unique_stems_suffix_clashing_names():
+    """Output names of pca/attention (and dense predict): a clash gets -2, -3, ..., never another input's own name."""
+    from dinokit.viz.drawing import unique_stems
+
+    assert unique_stems(["x0", "x1"]) == ["x0", "x1"]
+    assert unique_stems(["x0", "x0", "x0"]) == ["x0", "x0-2", "x0-3"]
+    assert unique_stems(["x0", "x0", "x0-2"]) == ["x0", "x0-3", "x0-2"]  # x0-2 belongs to the third input
+    assert unique_stems(["x0-2", "x0", "x0"]) == ["x0-2", "x0", "x0-3"]

@@ -26,11 +26,11 @@ from ..engine.run_dir import check_writable
 from ..errors import DinokitError
 from ..devices import resolve_dtype
 from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps
-from ..viz.drawing import UPSAMPLE_MODES, grid, save_png
+from ..viz.drawing import UPSAMPLE_MODES, grid, save_png, unique_stems
 from ..viz.figures import attention_figure, matches_figure, pca_figures
 from ..viz.match import DEFAULT_MAX_MATCHES, DEFAULT_MIN_SPACING, match_patches
 from ..viz.pca import PCA_MODES, pca_rgb
-from ..viz.prepare import DEFAULT_IMAGE_SIZE, PreparedImage
+from ..viz.prepare import DEFAULT_IMAGE_SIZE
 from ..viz.video import ANIMATION_FORMATS, is_video_file, read_frames, write_animation
 from .embed import _build_model
 
@@ -134,17 +134,6 @@ def _image_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def _unique_names(images: list[PreparedImage]) -> list[str]:
-    """File-name stems, made unique with a counter where two inputs share one."""
-    seen: dict[str, int] = {}
-    names = []
-    for image in images:
-        count = seen.get(image.name, 0)
-        seen[image.name] = count + 1
-        names.append(image.name if count == 0 else f"{image.name}-{count + 1}")
-    return names
-
-
 def _out_dir(out: str) -> Path:
     path = Path(out).expanduser()
     if path.is_file():
@@ -175,7 +164,7 @@ def run_pca(args: argparse.Namespace) -> int:
         written.append(write_animation(panels, out / f"pca.{args.format}", fps=args.fps))
         shown = [panels[i] for i in np.linspace(0, len(panels) - 1, min(GRID_FRAMES, len(panels))).round().astype(int)]
     else:
-        for name, panel in zip(_unique_names(picture.images), panels):
+        for name, panel in zip(unique_stems([image.name for image in picture.images]), panels):
             written.append(save_png(panel, out / f"{name}_pca.png"))
         shown = panels
     written.append(save_png(grid(shown, args.columns), out / "pca_grid.png"))
@@ -195,7 +184,7 @@ def run_attention(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     model, options = _setup(args)
     maps = attention_maps(model, paths, block=args.block, **options)
-    names = _unique_names(maps.images)
+    names = unique_stems([image.name for image in maps.images])
     for name, image, attention, norms in zip(names, maps.images, maps.attention, maps.patch_norms):
         figure = attention_figure(image.pixels, attention, norms, keep_mass=args.keep_mass, upsample_mode=args.upsample)
         save_png(figure, out / f"{name}_attention.png")

@@ -257,14 +257,15 @@ def predict_files(
     from ..data.images import load_image, resolve_image_inputs, warn_skipped
     from .datasets import image_to_tensor, normalise, resize_pair, short_side_size
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
+    from ..viz.drawing import unique_stems
 
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
     inference = inference or InferenceConfig()
     files = [f for item in images for f in resolve_image_inputs(item)]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], 0
-    for path in files:
+    # inputs of different folders may share a file name: suffixed, so that no output overwrites another
+    for path, name in zip(files, unique_stems([Path(f).stem for f in files])):
         try:
             pil = load_image(path, draft_size=size)
         except (OSError, ValueError) as err:
@@ -279,7 +280,8 @@ def predict_files(
             picture = colourise_seg(pred.astype(np.int64), meta.get("palette", ""), model.decode_head.num_classes)
         else:
             picture = colourise_depth(pred, model.decode_head.max_depth if meta.get("max_depth") else None)
-        target = out / f"{Path(path).stem}_{model.task}.png"
+        out.mkdir(parents=True, exist_ok=True)  # here: no empty folder where no image could be read
+        target = out / f"{name}_{model.task}.png"
         side_by_side(pil, picture).save(target)
         written.append(target)
     if not written:

@@ -118,6 +118,25 @@ def draw_matches(pixels_a: np.ndarray, pixels_b: np.ndarray, points_a: np.ndarra
     return np.asarray(image)
 
 
+def unique_stems(stems: Sequence[str]) -> list[str]:
+    """Output-file stems, one per input: a name that is already taken gets ``-2``, ``-3``, ... (the first keeps it).
+
+    Inputs from different folders may share a file name (``a/x0.png``, ``b/x0.png``); without this their
+    outputs would overwrite each other. A suffixed name never collides with another input's own stem.
+    """
+    taken = set(stems)
+    used: set[str] = set()
+    names = []
+    for stem in stems:
+        name, n = stem, 1
+        while name in used or (name != stem and name in taken):
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write (H, W, 3) uint8 as PNG, atomically."""
     path = Path(path)
