@@ -286,3 +286,10 @@ def test_sample_root_check_accepts_new_empty_complete_and_interrupted_sets(tmp_p
     (tmp_path / "partial" / "train" / "cat").mkdir()
     with pytest.raises(DinokitError, match="not a dinokit sample set"):
         check_sample_root(tmp_path / "partial")
+
+
+def test_sample_dataset_string_refuses_a_users_folder(folder):
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(DinokitError, match=r"^Sample root '.*' is not empty and is not a dinokit sample set"):
+        make_dataset(f"Sample:split=TRAIN:root={folder}")
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before

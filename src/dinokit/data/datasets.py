@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import DinokitError
 from .images import ImageFiles, find_images, read_path_list
-from .sample import SAMPLE_CLASSES, default_sample_root, write_sample_dataset
+from .sample import SAMPLE_CLASSES, check_sample_root, default_sample_root, write_sample_dataset
 
 KNOWN_KEYS = ("root", "split", "extra", "path", "urls")
 DATASET_NAMES = ("ImageFolder", "FileList", "ImageNet", "Sample", "WebDataset")
@@ -161,7 +161,9 @@ def make_dataset(
         split = kwargs.get("split", "TRAIN").upper()
         if split not in ("TRAIN", "VAL"):
             raise DinokitError(f"Sample split must be TRAIN or VAL, not {split!r}")
-        root = write_sample_dataset(kwargs.get("root") or default_sample_root())
+        root = kwargs.get("root") or default_sample_root()
+        check_sample_root(root, "Sample root")  # never add the sample classes to someone's image folder
+        root = write_sample_dataset(root)
         ds = _image_folder(str(root / split.lower()), True, transform, dataset_str)
         assert tuple(ds.classes) == SAMPLE_CLASSES
         return ds

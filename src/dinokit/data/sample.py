@@ -119,7 +119,7 @@ def _remove_stale_classes(root: Path) -> None:
         m.unlink()
 
 
-def check_sample_root(root: str | Path) -> None:
+def check_sample_root(root: str | Path, option: str = "--out") -> None:
     """Refuse to write the sample set into ``root`` unless it is new, empty, or already a sample set.
 
     A sample set is a folder with a ``.complete-v*`` marker, or (an interrupted first write) one that holds
@@ -128,7 +128,7 @@ def check_sample_root(root: str | Path) -> None:
     """
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
-        raise DinokitError(f"--out {str(root)!r} is a file, not a folder; give a new or empty folder")
+        raise DinokitError(f"{option} {str(root)!r} is a file, not a folder; give a new or empty folder")
     if not root.is_dir() or any(root.glob(".complete-v*")):
         return
     entries = list(root.iterdir())
@@ -137,7 +137,7 @@ def check_sample_root(root: str | Path) -> None:
         for e in entries
     )
     if entries and not ours:
-        raise DinokitError(f"--out {str(root)!r} is not empty and is not a dinokit sample set; "
+        raise DinokitError(f"{option} {str(root)!r} is not empty and is not a dinokit sample set; "
                            "give a new or empty folder")
 
 
