@@ -213,12 +213,31 @@ def test_overrides_with_lists_and_dataset_strings() -> None:
         ("evaluation.knn_k=[10,0]", "config key 'evaluation.knn_k' is [10, 0]; give positive neighbour counts"),
         ("evaluation.knn_dataset=3", "key 'evaluation.knn_dataset' expects a section of keys (train, val) or null"),
         ("evaluation.knn_dataset.val=null", "set both evaluation.knn_dataset.train and evaluation.knn_dataset.val"),
+        # used to end in a traceback from torch (seed, betas) or to train silently on nonsense (temperatures...)
+        ("train.seed=-1", "config key 'train.seed' is -1; it must be >= 0"),
+        ("optim.adamw_beta1=1.5", "config key 'optim.adamw_beta1' is 1.5; it must be in [0, 1)"),
+        ("optim.adamw_beta2=-1", "config key 'optim.adamw_beta2' is -1.0; it must be in [0, 1)"),
+        ("optim.adamw_beta2=1", "config key 'optim.adamw_beta2' is 1.0; it must be in [0, 1)"),
+        ("teacher.teacher_temp=0", "config key 'teacher.teacher_temp' is 0.0; it must be > 0"),
+        ("teacher.warmup_teacher_temp=-1", "config key 'teacher.warmup_teacher_temp' is -1.0; it must be > 0"),
+        ("teacher.momentum_teacher=2", "config key 'teacher.momentum_teacher' is 2.0; it must be in [0, 1]"),
+        ("teacher.final_momentum_teacher=-0.5", "config key 'teacher.final_momentum_teacher' is -0.5; it must be in [0, 1]"),
+        ("optim.weight_decay=-5", "config key 'optim.weight_decay' is -5.0; it must be >= 0"),
+        ("optim.weight_decay_end=-0.1", "config key 'optim.weight_decay_end' is -0.1; it must be >= 0"),
+        ("optim.clip_grad=-1", "config key 'optim.clip_grad' is -1.0; it must be >= 0"),
     ],
 )
 def test_override_errors_name_the_key(override: str, message: str) -> None:
     with pytest.raises(DinokitError) as info:
         load_config("demo", [override])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_range_limits_are_accepted() -> None:
+    cfg = load_config("demo", ["train.seed=0", "optim.adamw_beta1=0", "optim.adamw_beta2=0.9999", "optim.clip_grad=0",
+                               "teacher.momentum_teacher=0", "teacher.final_momentum_teacher=1", "optim.weight_decay=0",
+                               "optim.weight_decay_end=0", "teacher.teacher_temp=0.01"])
+    assert (cfg.optim.clip_grad, cfg.optim.adamw_beta2, cfg.teacher.final_momentum_teacher) == (0.0, 0.9999, 1.0)
 
 
 def test_file_errors(tmp_path) -> None:

@@ -305,10 +305,10 @@ _POSITIVE = (
     "dino.head_n_prototypes", "dino.head_bottleneck_dim", "dino.head_nlayers", "dino.head_hidden_dim",
     "ibot.head_n_prototypes", "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim",
     "evaluation.eval_period_iterations", "evaluation.knn_temperature", "optim.layerwise_decay",
-    "gram.update_frequency",
+    "gram.update_frequency", "teacher.warmup_teacher_temp", "teacher.teacher_temp",
 )  # fmt: skip
 _NON_NEGATIVE = (
-    "train.num_workers", "student.block_chunks", "student.num_register_tokens", "crops.local_crops_number",
+    "train.seed", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "train.num_workers", "student.block_chunks", "student.num_register_tokens", "crops.local_crops_number",
     "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs", "optim.base_lr",
     "optim.min_lr", "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight",
     "train.freeze_backbone_epochs", "optim.backbone_lr_mult", "gram.loss_weight", "gram.it_first_update",
@@ -334,9 +334,13 @@ def validate(cfg: DictConfig) -> None:
         pair = list(OmegaConf.select(cfg, key))
         if len(pair) != 2 or not 0 <= pair[0] <= pair[1] <= 1:
             raise DinokitError(f"config key '{key}' is {pair}; give [low, high] with 0 <= low <= high <= 1")
-    for key in ("ibot.mask_sample_probability", "crops.grayscale_probability"):
+    for key in ("ibot.mask_sample_probability", "crops.grayscale_probability", "teacher.momentum_teacher",
+                "teacher.final_momentum_teacher"):
         if not 0 <= OmegaConf.select(cfg, key) <= 1:
             raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be in [0, 1]")
+    for key in ("optim.adamw_beta1", "optim.adamw_beta2"):
+        if not 0 <= OmegaConf.select(cfg, key) < 1:
+            raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be in [0, 1)")
     if not 0 <= cfg.student.drop_path_rate < 1:
         raise DinokitError("config key 'student.drop_path_rate' must be in [0, 1)")
     for key in ("crops.global_crops_size", "crops.local_crops_size"):

@@ -160,7 +160,7 @@ class OptimConfig:
     lr: float = 0.0  # peak learning rate, computed from base_lr by apply_scaling_rules
     warmup_epochs: int = 10  # linear lr warm-up from 0, in epochs
     min_lr: float = 1.0e-6  # learning rate at the end of the cosine
-    clip_grad: float = 3.0  # gradient-norm clip, per student submodule
+    clip_grad: float = 3.0  # gradient-norm clip, per student submodule (0: no clipping)
     freeze_last_layer_epochs: int = 1  # epochs with lr 0 for the heads' last layers
     scaling_rule: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 (official), linear_wrt_256 or none (lr = base_lr)
     patch_embed_lr_mult: float = 0.2  # lr multiplier of the patch embedding
