@@ -235,6 +235,9 @@ def test_one_line_errors(images, tmp_path, capsys):
     assert "set dino.head_n_prototypes=64" in err
     err = error_of(capsys, [*base(teacher_dir), "distillation.students=[{arhc: vit_femto}]"])
     assert "unknown student key 'distillation.students[0].arhc' (did you mean 'arch'?)" in err
+    err = error_of(capsys, [*base(teacher_dir), "distillation.students=[{arch: vit_femto}, {arch: nosuch}]"])
+    assert err.startswith("error: config key 'distillation.students[1].arch' is 'nosuch'; use one of: vit_pico, ")
+    assert "vit_femto" in err and not (tmp_path / "out").exists()  # was a traceback after the folders were written
     lonely = tmp_path / "lonely" / "teacher_checkpoint.pth"
     lonely.parent.mkdir()
     lonely.write_bytes((teacher_dir / "eval" / "training_9" / "teacher_checkpoint.pth").read_bytes())
