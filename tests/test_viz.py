@@ -304,6 +304,20 @@ def test_viz_match_command(demo_teacher, sample_images, tmp_path, capsys):
     assert _size(out) == (64 + 8 + 64, 64)
 
 
+def test_viz_match_refuses_to_overwrite_an_input(demo_teacher, sample_images, tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    image.write_bytes(sample_images[1].read_bytes())
+    before = image.read_bytes()
+    # the same file, spelled another way: still refused
+    same = tmp_path / "sub" / ".." / "photo.png"
+    (tmp_path / "sub").mkdir()
+    assert main(["viz", "match", str(sample_images[0]), str(image), "--out", str(same), "--image-size", "64"]
+                + _backbone_args(demo_teacher)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out '{same}' is one of the input images; give another file name\n"
+    assert image.read_bytes() == before
+
+
 def test_viz_errors(demo_teacher, sample_images, tmp_path, capsys):
     def error(args: list[str]) -> str:
         assert main(args) == 2
