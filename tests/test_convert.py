@@ -237,8 +237,11 @@ def test_import_dinokit_stays_light() -> None:
 
 
 # ------------------------------------------------------------------------------------------- CLI
+PICO = BackboneSpec(embed_dim=64, depth=4, num_heads=4, patch_size=14, img_size=56)  # vit_pico's width and depth
+
+
 def test_cli_round_trips_through_hf_and_timm(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    model = random_backbone(tiny_spec("plain"))
+    model = random_backbone(PICO)
     src = save_backbone(model, tmp_path / "src.pth")
     assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf", "--model", "vit_pico"]) == 0
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--to", "official"]) == 0
@@ -248,3 +251,36 @@ def test_cli_round_trips_through_hf_and_timm(tmp_path: Path, capsys: pytest.Capt
     assert layout == "timm" and torch.equal(got["blocks.1.attn.qkv.weight"], model.state_dict()["blocks.1.attn.qkv.weight"])
     assert main(["convert", str(src), str(tmp_path / "t.bin"), "--to", "timm"]) == 2
     assert "error: cannot save timm weights as 't.bin'; use a .pth or .safetensors file name" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_overwrite_its_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = save_backbone(random_backbone(PICO), tmp_path / "mine.pth")
+    (tmp_path / "sub").mkdir()
+    before = src.read_bytes()
+    for dst, to in ((src, "official"), (tmp_path / "sub" / ".." / "mine.pth", "safetensors"), (src, "timm")):
+        assert main(["convert", str(src), str(dst), "--to", to]) == 2
+        assert capsys.readouterr().err == f"error: the output '{dst}' is the input file; give another output path\n"
+    assert src.read_bytes() == before
+    # a Hugging Face folder converted onto itself, or onto its own weights file
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    weights = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert "is the input folder; give another output path" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == weights
+
+
+def test_cli_refuses_a_model_of_another_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = save_backbone(random_backbone(PICO), tmp_path / "pico.pth")
+    for model, size in (("vit_large", "1024 and 24"), ("dinov2_vits14", "384 and 12"), ("vit_femto", "48 and 3")):
+        assert main(["convert", str(src), str(tmp_path / "out.pth"), "--to", "official", "--model", model]) == 2
+        assert capsys.readouterr().err == (f"error: --model {model} has embed_dim {size} blocks but the weights have 64 "
+                                           "and 4; give the matching architecture (vit_pico) or leave --model out\n")
+    # a width no named architecture has: no name to suggest
+    odd = save_backbone(random_backbone(tiny_spec("plain")), tmp_path / "odd.pth")  # 64 wide, 2 blocks
+    assert main(["convert", str(odd), str(tmp_path / "hf"), "--to", "hf", "--model", "vit_pico"]) == 2
+    assert capsys.readouterr().err.endswith("give an architecture of that size or leave --model out\n")
+    assert not (tmp_path / "out.pth").exists() and not (tmp_path / "hf").exists()
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf", "--model", "vit_pico"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_attention_heads"] == 4

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import DinokitError
+from ..models.architectures import ARCHITECTURES
 from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_state_dict_file, save_backbone
 from .hf import is_hf_state_dict, hf_to_official, read_hf_folder, save_hf_folder
 from .mmpretrain import is_mmpretrain_state_dict, mmpretrain_to_official
@@ -59,9 +60,16 @@ def resolve_spec(sd: StateDict, *, model: str | None = None, config: Mapping[str
         heads = int(config["num_attention_heads"])
     elif model is not None:
         try:
-            heads = spec_from_model_name(model).num_heads
+            named = spec_from_model_name(model)
+            heads, size = named.num_heads, (named.embed_dim, named.depth)
         except DinokitError:
-            heads = heads_for(spec.embed_dim, spec.depth, arch=model)
+            heads = heads_for(spec.embed_dim, spec.depth, arch=model)  # an architecture key, or one line if unknown
+            dims = ARCHITECTURES[model.removesuffix("_memeff")]
+            size = (dims["embed_dim"], dims["depth"])
+        if size != (spec.embed_dim, spec.depth):  # its head count would be stamped on another network
+            fix = f"give the matching architecture ({spec.arch})" if spec.arch else "give an architecture of that size"
+            raise DinokitError(f"--model {model} has embed_dim {size[0]} and {size[1]} blocks but the weights have "
+                               f"{spec.embed_dim} and {spec.depth}; {fix} or leave --model out")
     return BackboneSpec(**{**spec.to_dict(), "num_heads": heads or spec.num_heads})
 
 
@@ -71,6 +79,11 @@ def convert_checkpoint(
     """Convert ``src`` into ``dst`` in the ``to`` layout; returns what was done (for the CLI to print)."""
     if to not in TARGETS:
         raise DinokitError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
+    source_path, out_path = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    written = {out_path, out_path / "model.safetensors", out_path / "config.json"} if to == "hf" else {out_path}
+    if source_path in written:
+        raise DinokitError(f"the output {str(dst)!r} is the input {'folder' if source_path.is_dir() else 'file'}; "
+                           "give another output path")
     sd, source, config = read_backbone(src, layout=layout)
     spec = resolve_spec(sd, model=model, config=config)
     dst = Path(dst).expanduser()
