@@ -259,6 +259,27 @@ def test_file_errors(tmp_path) -> None:
         load_config(str(tmp_path / "missing.yaml"))
 
 
+def test_binary_config_file_is_one_line(tmp_path) -> None:
+    """A checkpoint or other binary file given as --config-file used to end in a UnicodeDecodeError traceback."""
+    import torch
+
+    ckpt = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(3)}, ckpt)
+    with pytest.raises(DinokitError) as info:
+        load_config(str(ckpt))
+    assert str(info.value) == (f"config file '{ckpt}' is not a text YAML file; it looks like a checkpoint: weights go "
+                               "to --weights, --pretrained-weights or student.pretrained_weights, not --config-file")
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("optim:\n  epochs: 30  # r\xe9glage\n".encode("latin-1"))  # not UTF-8, no NUL byte
+    with pytest.raises(DinokitError) as info:
+        load_config(str(latin))
+    assert str(info.value) == (f"config file '{latin}' is not a text YAML file (not UTF-8: byte 0xe9 at position 24); "
+                               "give a YAML file saved as UTF-8")
+    utf8 = tmp_path / "utf8.yaml"
+    utf8.write_text("optim:\n  epochs: 30  # r\xe9glage\n", encoding="utf-8")
+    assert load_config(str(utf8)).optim.epochs == 30
+
+
 def test_config_yaml_round_trip(tmp_path) -> None:
     cfg = load_config("demo", ["evaluation.knn_dataset.val=ImageFolder:root=/x:y", "train.output_dir=" + str(tmp_path)])
     apply_scaling_rules(cfg, world_size=2)

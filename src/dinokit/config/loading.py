@@ -182,7 +182,20 @@ def _read_config_text(config_file: str | Path) -> tuple[str, str]:
     config_file = str(config_file)
     path = Path(config_file).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8"), f"config file '{config_file}'"
+        with open(path, "rb") as f:
+            head = f.read(65536)
+        try:
+            text, why = (None, "") if b"\0" in head else (path.read_text(encoding="utf-8"), "")
+        except UnicodeDecodeError as err:
+            text, why = None, f" (not UTF-8: byte 0x{err.object[err.start]:02x} at position {err.start})"
+        if text is None:  # a checkpoint, an image, an archive, a file in another encoding
+            if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save archive, pickle
+                fix = ("it looks like a checkpoint: weights go to --weights, --pretrained-weights or "
+                       "student.pretrained_weights, not --config-file")
+            else:
+                fix = "give a YAML file saved as UTF-8"
+            raise DinokitError(f"config file '{config_file}' is not a text YAML file{why}; {fix}")
+        return text, f"config file '{config_file}'"
     name = config_file.removesuffix(".yaml")
     presets = list_presets()
     candidates = [name] + [f"{folder}/{name}" for folder in _PRESET_DIRS]
