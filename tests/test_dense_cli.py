@@ -197,3 +197,21 @@ def test_predict_keeps_images_of_the_same_name_from_different_folders(tmp_path, 
                  str(tmp_path / "none"), "--model", "dinov2_vits14", "--random-init", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("error: none of the 1 image(s) could be read")
     assert not (tmp_path / "none").exists()
+
+
+def test_bad_inference_numbers_are_one_line_errors_before_any_work(tmp_path, capsys):
+    """--scales 0, --crop 0, --eval-size -3, --size -1: one line, before the head file is even read."""
+    missing_head = str(tmp_path / "no-head.pth")  # never opened: the options are checked first
+    common = ["--head-weights", missing_head, "--val-dataset", "SegSample:split=val", "--output-dir", str(tmp_path / "o")]
+    cases = {
+        ("--scales", "1", "0"): "error: --scales must be positive ratios (e.g. 1.0 1.32 1.73), got 0\n",
+        ("--mode", "slide", "--crop", "0"): "error: --crop and --stride must be at least 1 pixel, got 0 and 341\n",
+        ("--stride", "-2"): "error: --crop and --stride must be at least 1 pixel, got 512 and -2\n",
+        ("--eval-size", "-3"): "error: --eval-size must be >= 0 (0 = keep the images' size), got -3\n",
+    }
+    for extra, message in cases.items():
+        assert main(["dense", "eval", *common, *extra]) == 2
+        assert capsys.readouterr().err == message
+    assert main(["dense", "predict", str(tmp_path), "--head", missing_head, "--out", str(tmp_path / "p"), "--size", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --size must be >= 0 (0 = keep the images' size), got -1\n"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import DinokitError
+
 DATASETS_HELP = (
     "SegFolder:root=DIR (DIR/images + DIR/masks), DepthFolder:root=DIR (DIR/images + DIR/depth), "
     "ADE20K:root=DIR:split=training|validation, VOC2012:root=DIR:split=train|val, NYU:root=DIR:split=train|test, "
@@ -87,6 +89,12 @@ def _backbone_source(args: argparse.Namespace) -> dict:
 def _inference(args: argparse.Namespace, *, keep_saved: bool):
     from ..dense.inference import InferenceConfig
 
+    # checked before any work: a zero or negative value would fail deep inside torch
+    if args.crop < 1 or args.stride < 1:
+        raise DinokitError(f"--crop and --stride must be at least 1 pixel, got {args.crop} and {args.stride}")
+    bad = [r for r in args.scales or () if not r > 0]
+    if bad:
+        raise DinokitError(f"--scales must be positive ratios (e.g. 1.0 1.32 1.73), got {bad[0]:g}")
     if keep_saved and args.mode is None and not args.flip and args.scales is None:
         return None
     return InferenceConfig(mode=args.mode or "whole", crop=args.crop, stride=args.stride, flip=args.flip,
@@ -105,6 +113,9 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from ..dense.run import eval_head
 
+    if args.eval_size is not None and args.eval_size < 0:
+        raise DinokitError(f"--eval-size must be >= 0 (0 = keep the images' size), got {args.eval_size}")
+
     eval_head(head_file=args.head_weights, val_dataset=args.val_dataset, output_dir=args.output_dir,
               backbone_source=_backbone_source(args), device=args.device, inference=_inference(args, keep_saved=True),
               eval_size=args.eval_size, progress=not args.no_progress)
@@ -113,6 +124,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from ..dense.run import predict_files
+
+    if args.size is not None and args.size < 0:
+        raise DinokitError(f"--size must be >= 0 (0 = keep the images' size), got {args.size}")
 
     predict_files(args.images, head_file=args.head_weights, out_dir=args.out, backbone_source=_backbone_source(args),
                   device=args.device, size=args.size, inference=_inference(args, keep_saved=False))
