@@ -221,7 +221,7 @@ def test_overrides_with_lists_and_dataset_strings() -> None:
         ("teacher.teacher_temp=0", "config key 'teacher.teacher_temp' is 0.0; it must be > 0"),
         ("teacher.warmup_teacher_temp=-1", "config key 'teacher.warmup_teacher_temp' is -1.0; it must be > 0"),
         ("teacher.momentum_teacher=2", "config key 'teacher.momentum_teacher' is 2.0; it must be in [0, 1]"),
-        ("teacher.final_momentum_teacher=-0.5", "config key 'teacher.final_momentum_teacher' is -0.5; it must be in [0, 1]"),
+        ("teacher.final_momentum_teacher=-0.5", "key 'teacher.final_momentum_teacher' is -0.5; it must be in [0, 1]"),
         ("optim.weight_decay=-5", "config key 'optim.weight_decay' is -5.0; it must be >= 0"),
         ("optim.weight_decay_end=-0.1", "config key 'optim.weight_decay_end' is -0.1; it must be >= 0"),
         ("optim.clip_grad=-1", "config key 'optim.clip_grad' is -1.0; it must be >= 0"),

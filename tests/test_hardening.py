@@ -387,12 +387,13 @@ def test_unreadable_last_checkpoint_is_refused_not_overwritten(images, straight,
     """A torn or zero-byte checkpoint used to start the run over in its folder, overwriting it and the metrics."""
     last = (straight / "checkpoints" / "checkpoint_0000006.pth").read_bytes()
     out = tmp_path / "run"
-    before = _copy_with_torn_checkpoints(straight, out, {"checkpoint_0000003.pth": None,
-                                                         "checkpoint_0000006.pth": last[:1000] if how == "truncated" else b""})
+    torn = last[:1000] if how == "truncated" else b""
+    before = _copy_with_torn_checkpoints(straight, out,
+                                         {"checkpoint_0000003.pth": None, "checkpoint_0000006.pth": torn})
     assert cli_main(_cli(out, images)) == 2
     reason = "is corrupt or truncated" if how == "truncated" else "is an empty file"
-    assert _error(capsys) == (f"error: no readable checkpoint in {out / 'checkpoints'} (checkpoint_0000006.pth {reason}); "
-                              "delete it to restart this run from scratch, or give a new --output-dir")
+    assert _error(capsys) == (f"error: no readable checkpoint in {out / 'checkpoints'} (checkpoint_0000006.pth "
+                              f"{reason}); delete it to restart this run from scratch, or give a new --output-dir")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # config, metrics, checkpoints kept
 
 
@@ -404,8 +405,8 @@ def test_unreadable_last_checkpoint_falls_back_to_the_older_one_with_one_line(im
     assert cli_main(_cli(out, images)) == 0
     captured = capfd.readouterr()
     warned = [line for line in captured.err.splitlines() if "checkpoint" in line]
-    assert warned == [f"dinokit:0: UserWarning: cannot read checkpoint {out / 'checkpoints' / 'checkpoint_0000006.pth'}: "
-                      "it is corrupt or truncated; resuming from the older checkpoint_0000003.pth (iteration 3)"]
+    assert warned == [f"dinokit:0: UserWarning: cannot read checkpoint {out / 'checkpoints' / 'checkpoint_0000006.pth'}"
+                      ": it is corrupt or truncated; resuming from the older checkpoint_0000003.pth (iteration 3)"]
     assert "resumed from iteration 3" in captured.out and "starting from scratch" not in captured.out
     _assert_same_weights(straight, out)  # the rewritten last checkpoint is the uninterrupted run's
     lines = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]

@@ -321,7 +321,8 @@ _POSITIVE = (
     "gram.update_frequency", "teacher.warmup_teacher_temp", "teacher.teacher_temp",
 )  # fmt: skip
 _NON_NEGATIVE = (
-    "train.seed", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "train.num_workers", "student.block_chunks", "student.num_register_tokens", "crops.local_crops_number",
+    "train.seed", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad",
+    "train.num_workers", "student.block_chunks", "student.num_register_tokens", "crops.local_crops_number",
     "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs", "optim.base_lr",
     "optim.min_lr", "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight",
     "train.freeze_backbone_epochs", "optim.backbone_lr_mult", "gram.loss_weight", "gram.it_first_update",
