@@ -99,3 +99,17 @@ def test_cli_exports_a_training_run(tmp_path: Path, demo_teacher, capsys: pytest
     assert main(["export", "onnx", "--model", "dinov2_vits14", "--random-init", "--image-size", "64", "64",
                  "--out", str(tmp_path / "x.txt")]) == 2
     assert "error: the output must be a .onnx file, not 'x.txt'" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_sizes_and_tolerance_up_front(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Checked before the model is built (a missing weights file is never opened) and nothing is written."""
+    common = ["export", "onnx", "--model", "dinov2_vits14", "--weights", str(tmp_path / "missing.pth"),
+              "--out", str(tmp_path / "sub" / "x.onnx")]
+    assert main([*common, "--image-size", "0", "32"]) == 2
+    assert capsys.readouterr().err == "error: --image-size must be positive multiples of the model's patch size, got 0x32\n"
+    assert main([*common, "--image-size", "28", "-14"]) == 2
+    assert "got 28x-14" in capsys.readouterr().err
+    assert main([*common, "--image-size", "28", "28", "--tolerance", "-1"]) == 2
+    assert capsys.readouterr().err == (f"error: --tolerance is a relative error: it must be >= 0 (default "
+                                       f"{DEFAULT_TOLERANCE:g}), got -1\n")
+    assert not (tmp_path / "sub").exists()
