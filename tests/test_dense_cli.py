@@ -115,6 +115,12 @@ def test_bad_inputs_are_one_line_errors(dense_root, tmp_path, capsys):
     assert main(["dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14", "--random-init",
                  "--train-dataset", val, "--val-dataset", val, "--output-dir", str(tmp_path), "iters=5"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown setting 'iters=5'; known: iterations,")
+    for setting in ("iterations=0", "batch_size=-1"):  # nothing would be trained: refused before the folder is made
+        assert main(["dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14", "--random-init",
+                     "--train-dataset", val, "--val-dataset", val, "--output-dir", str(tmp_path / "zero"), setting]) == 2
+        key, value = setting.split("=")
+        assert capsys.readouterr().err == f"error: {key} must be at least 1, got {value}\n"
+        assert not (tmp_path / "zero").exists()
     torch.save({"state_dict": {"decode_head.conv_depth.weight": torch.zeros(256, 10, 1, 1)}}, tmp_path / "h.pth")
     assert main(["dense", "eval", "--head-weights", str(tmp_path / "h.pth"), "--val-dataset", val,
                  "--output-dir", str(tmp_path)]) == 2

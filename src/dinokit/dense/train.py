@@ -93,6 +93,10 @@ def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRe
         if not eq or key not in fields:
             raise DinokitError(f"unknown setting {item!r}; known: {', '.join(fields)} (as key=value)")
         setattr(recipe, key, _parse(key, value, getattr(recipe, key)))
+    if recipe.iterations < 1:  # no training: the saved head would be the random initialisation
+        raise DinokitError(f"iterations must be at least 1, got {recipe.iterations}")
+    if recipe.batch_size < 1:
+        raise DinokitError(f"batch_size must be at least 1, got {recipe.batch_size}")
     return recipe
 
 
