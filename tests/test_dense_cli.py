@@ -112,6 +112,11 @@ def test_bad_inputs_are_one_line_errors(dense_root, tmp_path, capsys):
     assert main(["dense", "train", "--task", "depth", "--head", "linear", "--model", "dinov2_vits14", "--random-init",
                  "--train-dataset", val, "--val-dataset", val, "--output-dir", str(tmp_path)]) == 2
     assert "is a seg dataset but --task is depth" in capsys.readouterr().err
+    for dataset in (val, f"SegFolder:root={tmp_path / 'nosuch'}"):  # dataset errors leave no dense_config.json behind
+        assert main(["dense", "train", "--task", "depth", "--head", "linear", "--model", "dinov2_vits14", "--random-init",
+                     "--train-dataset", dataset, "--val-dataset", val, "--output-dir", str(tmp_path / "ds")]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        assert not (tmp_path / "ds").exists()
     assert main(["dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14", "--random-init",
                  "--train-dataset", val, "--val-dataset", val, "--output-dir", str(tmp_path), "iters=5"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown setting 'iters=5'; known: iterations,")

@@ -97,16 +97,17 @@ def train_head(
     settings = json.loads(json.dumps(  # plain values, as they read back from dense_config.json
         {"task": task, "head": head, "backbone": {k: v for k, v in backbone_source.items() if v},
          "train_dataset": train_dataset, "val_dataset": val_dataset, "recipe": dataclasses_asdict(recipe)}, default=str))
+    # the datasets (a missing folder, a depth set for a seg head) are checked before anything is written too
+    train_set = make_dense_dataset(train_dataset, transform=train_transform(recipe, task))
+    val_set = make_dense_dataset(val_dataset, transform=DenseEvalTransform(recipe.eval_size or None))
+    for ds in (train_set, val_set):
+        if ds.info.task != task:
+            raise DinokitError(f"{ds.name!r} is a {ds.info.task} dataset but --task is {task}")
     # checked before anything is written: a folder of its own, no other run in it, the same settings
     with open_run_dir(out, resume=resume, config=settings, config_file="dense_config.json",
                       allowed_changes=DENSE_RESUMABLE_CHANGES):
         if du.is_main_process():
             _write_json(out / "dense_config.json", settings)
-        train_set = make_dense_dataset(train_dataset, transform=train_transform(recipe, task))
-        val_set = make_dense_dataset(val_dataset, transform=DenseEvalTransform(recipe.eval_size or None))
-        for ds in (train_set, val_set):
-            if ds.info.task != task:
-                raise DinokitError(f"{ds.name!r} is a {ds.info.task} dataset but --task is {task}")
         num_classes = max(train_set.info.num_classes, val_set.info.num_classes)
         init_run(recipe.seed)
         backbone, description = _backbone(backbone_source, device_)
