@@ -352,3 +352,18 @@ def test_unique_stems_suffix_clashing_names():
     assert unique_stems(["x0", "x0", "x0"]) == ["x0", "x0-2", "x0-3"]
     assert unique_stems(["x0", "x0", "x0-2"]) == ["x0", "x0-3", "x0-2"]  # x0-2 belongs to the third input
     assert unique_stems(["x0-2", "x0", "x0"]) == ["x0-2", "x0", "x0-3"]
+
+
+def test_image_size_below_one_patch_is_one_line_before_the_out_folder(demo_teacher, sample_images, tmp_path, capsys):
+    for action in ("pca", "attention"):
+        out = tmp_path / action
+        assert main(["viz", action, str(sample_images[0]), "--out", str(out), "--image-size", "5"]
+                    + _backbone_args(demo_teacher)) == 2
+        patch = capsys.readouterr().err  # the demo backbone's patch size is in the message
+        assert patch.startswith("error: --image-size 5 is smaller than the model's ") and patch.count("\n") == 1
+        assert patch.endswith("-pixel patch; use at least " + patch.split("model's ")[1].split("-")[0] + "\n")
+        assert not out.exists()
+    assert main(["viz", "match", str(sample_images[0]), str(sample_images[1]), "--out", str(tmp_path / "m.png"),
+                 "--image-size", "5"] + _backbone_args(demo_teacher)) == 2
+    assert "--image-size 5 is smaller than the model's" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()

@@ -119,6 +119,9 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, dict]:
             raise DinokitError(f"--{name.replace('_', '-')} must be at least 1")
     device = resolve_device(args.device)
     model, description = _build_model(args, device)
+    if args.image_size < model.patch_size:  # the crop to a patch multiple would leave nothing
+        raise DinokitError(f"--image-size {args.image_size} is smaller than the model's {model.patch_size}-pixel patch; "
+                           f"use at least {model.patch_size}")
     print(f"backbone: {description}")
     options = {"image_size": args.image_size, "batch_size": args.batch_size, "device": device,
                "dtype": resolve_dtype(args.dtype, device)}
@@ -153,8 +156,8 @@ def run_pca(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out")  # before the frames are read
     inputs = (read_frames(args.inputs[0], step=args.frame_step, max_frames=args.max_frames)
               if video_file or args.video else _image_paths(args.inputs))
+    model, options = _setup(args)  # before the --out folder is made: its checks need no output
     out = _out_dir(args.out)
-    model, options = _setup(args)
     picture = pca_rgb(model, inputs, mode=args.mode, threshold=args.threshold,
                       foreground_examples=args.fg_examples, **options)
     panels = pca_figures(picture, upsample_mode=args.upsample)
@@ -181,8 +184,8 @@ def run_attention(args: argparse.Namespace) -> int:
         raise DinokitError("--keep-mass must be a fraction in (0, 1], e.g. 0.6")
     check_writable(args.out, "--out")  # before the images are looked for
     paths = _image_paths(args.inputs)
+    model, options = _setup(args)  # before the --out folder is made: its checks need no output
     out = _out_dir(args.out)
-    model, options = _setup(args)
     maps = attention_maps(model, paths, block=args.block, **options)
     names = unique_stems([image.name for image in maps.images])
     for name, image, attention, norms in zip(names, maps.images, maps.attention, maps.patch_norms):
