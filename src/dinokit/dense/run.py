@@ -92,7 +92,7 @@ def train_head(
 
     kind = head_kind(task, head)
     recipe = recipe_with_overrides(task, head, list(overrides))
-    out = Path(output_dir)
+    out = check_writable(output_dir)  # one line before any work (the datasets are listed next)
     device_ = resolve_device(device)
     settings = json.loads(json.dumps(  # plain values, as they read back from dense_config.json
         {"task": task, "head": head, "backbone": {k: v for k, v in backbone_source.items() if v},
