@@ -25,7 +25,8 @@ def _onnx(args: argparse.Namespace) -> int:
     if h < 1 or w < 1:  # before building the model; the patch multiple is checked once its patch size is known
         raise DinokitError(f"--image-size must be positive multiples of the model's patch size, got {h}x{w}")
     if not args.tolerance >= 0:
-        raise DinokitError(f"--tolerance is a relative error: it must be >= 0 (default {DEFAULT_TOLERANCE:g}), got {args.tolerance:g}")
+        raise DinokitError(f"--tolerance is a relative error: it must be >= 0 (default {DEFAULT_TOLERANCE:g}), "
+                           f"got {args.tolerance:g}")
     check_output(args.out)  # before building the model
     model, description = setup_eval_model(
         config_file=args.config_file, pretrained_weights=args.weights, model=None if args.config_file else args.model,

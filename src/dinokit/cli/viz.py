@@ -120,8 +120,8 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     device = resolve_device(args.device)
     model, description = _build_model(args, device)
     if args.image_size < model.patch_size:  # the crop to a patch multiple would leave nothing
-        raise DinokitError(f"--image-size {args.image_size} is smaller than the model's {model.patch_size}-pixel patch; "
-                           f"use at least {model.patch_size}")
+        raise DinokitError(f"--image-size {args.image_size} is smaller than the model's {model.patch_size}-pixel "
+                           f"patch; use at least {model.patch_size}")
     print(f"backbone: {description}")
     options = {"image_size": args.image_size, "batch_size": args.batch_size, "device": device,
                "dtype": resolve_dtype(args.dtype, device)}

@@ -141,7 +141,8 @@ def open_sets(config: CurateConfig, transform=None) -> dict:
 
 
 def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
-                models: tuple[torch.nn.Module, torch.nn.Module | None] | None = None, datasets: dict | None = None) -> dict:
+                models: tuple[torch.nn.Module, torch.nn.Module | None] | None = None,
+                datasets: dict | None = None) -> dict:
     """Embed every image set; ``datasets``: the sets already opened by :func:`open_sets` (a pool is listed once)."""
     config = work.config
     datasets = datasets or open_sets(config)
@@ -328,6 +329,7 @@ def run_pipeline(config: CurateConfig, work_dir: str | Path, *, device: torch.de
     work = Work(work_dir, config)
     device = torch.device(device)
     for stage in STAGES:
-        extra = {k: v for k, v in (("models", models), ("datasets", datasets)) if v is not None} if stage == "embed" else {}
+        given = {"models": models, "datasets": datasets} if stage == "embed" else {}
+        extra = {k: v for k, v in given.items() if v is not None}
         run_stage(work, stage, device=device, progress=progress, **extra)
     return json.loads((work.root / "report.json").read_text())
