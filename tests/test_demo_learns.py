@@ -60,3 +60,37 @@ def test_demo_cli_prints_the_comparison_and_reuses_a_finished_run(tmp_path, caps
     again = capsys.readouterr().out
     assert "training already complete" in again and f"of the finished run in {run}" in again
     assert [l for l in again.splitlines() if l.strip().startswith("pretrained")] == [rows["pretrained"]]
+
+
+def test_demo_checks_overrides_device_and_output_dir_before_writing_the_sample_set(tmp_path, capsys):
+    """F26/F25: a typo in an override, a bad --device or a file as --output-dir stop with one line, and the
+    800 sample images are not written first."""
+    import pytest
+
+    from dinokit.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    cases = [
+        (["--output-dir", str(tmp_path / "dm1"), "optim.epochz=1"],
+         "error: unknown config key 'optim.epochz' (did you mean 'optim.epochs'?)"),
+        (["--output-dir", str(tmp_path / "dm2"), "--device", "gpu"], "error: unknown device 'gpu'"),
+        (["--output-dir", str(tmp_path / "dm3"), "student.pretrained_weights=" + str(tmp_path / "none.pth")],
+         "error: config key 'student.pretrained_weights' is "),
+        (["--output-dir", str(afile)], f"error: --output-dir {str(afile)!r} is a file, not a folder"),
+    ]
+    for argv, expected in cases:
+        assert main(["demo", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(expected), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no output folder, no sample image
+    assert afile.read_text() == "not a folder"
+
+    mine = tmp_path / "dm4" / "sample" / "train" / "mine"  # someone's images where the sample set would go
+    mine.mkdir(parents=True)
+    (mine / "x.png").write_bytes(b"")
+    assert main(["demo", "--output-dir", str(tmp_path / "dm4")]) == 2
+    assert "is not empty and is not a dinokit sample set" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "dm4" / "sample" / "train").iterdir()] == ["mine"]
+    with pytest.raises(SystemExit):  # sanity: argparse still owns unknown options
+        main(["demo", "--no-such-option"])

@@ -24,18 +24,27 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import backbone_from_config, load_config
     from ..data import write_sample_dataset
-    from ..data.sample import SAMPLE_VERSION
+    from ..data.sample import SAMPLE_VERSION, check_sample_root
     from ..devices import resolve_device
+    from ..engine.run_dir import check_writable
     from ..eval import run_knn_eval
     from ..models import load_backbone_weights
+    from ..train.train import check_stage_weights
     from .train import pretrain
 
     out = Path(args.output_dir)
-    root = write_sample_dataset(out / "sample")
+    root = out / "sample"
     train_str, val_str = f"Sample:split=TRAIN:root={root}", f"Sample:split=VAL:root={root}"
     overrides = [f"train.dataset_path={train_str}", f"evaluation.knn_dataset.train={train_str}",
                  f"evaluation.knn_dataset.val={val_str}", *args.opts]
+    # Every check that needs no computation comes before the 800 sample images are written: the output
+    # folder, the overrides (an unknown key, a bad value, missing weights) and the device each stop with one line.
+    check_writable(out)
     cfg = load_config("demo", overrides)
+    device = resolve_device(args.device)
+    check_stage_weights(cfg)  # a student.pretrained_weights override that is not there
+    check_sample_root(root, option="the sample folder of --output-dir")
+    root = write_sample_dataset(root)
     n_iter = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
     print(f"dinokit demo: pretraining {cfg.student.arch} (patch {cfg.student.patch_size}) for {n_iter} iterations "
           f"on the built-in sample set ({root}); about 7 minutes on 2 CPU cores")
@@ -46,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     summary = pretrain(cfg, output_dir=train_dir, resume=not args.no_resume, device=args.device)
     train_minutes = (time.time() - t0) / 60
 
-    device = resolve_device(args.device)
     image_size = cfg.crops.global_crops_size
     results = {}
     torch.manual_seed(0)
