@@ -252,6 +252,12 @@ def test_cli_unwritable_output_is_one_line(tmp_path, capsys):
     assert main(["data", "sample", "--out", str(blocker / "sample")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(blocker) in err and len(err.splitlines()) == 1
+    # F25: named as the option, not as a raw OSError about a class folder deep inside
+    assert err == (f"error: --out {str(blocker / 'sample')!r} cannot be created: {str(blocker)!r} is a file; "
+                   "give a folder you can write to\n")
+    assert main(["data", "sample", "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err == f"error: --out {str(blocker)!r} is a file, not a folder; give a new or empty folder\n"
+    assert blocker.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["a_file.png"]
 
 
 def test_cli_sample_refuses_a_folder_that_is_not_a_sample_set(folder, tmp_path, capsys):

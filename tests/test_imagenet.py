@@ -148,6 +148,10 @@ def test_cli_imagenet_extra_refuses_a_file_and_writes_nothing_on_a_bad_root(imag
     assert main(["data", "imagenet-extra", "--root", str(imagenet), "--extra", str(afile)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: --extra {str(afile)!r} is a file, not a folder; give a folder for the metadata files\n"
+    assert main(["data", "imagenet-extra", "--root", str(imagenet), "--extra", str(afile / "sub")]) == 2
+    assert capsys.readouterr().err == (f"error: --extra {str(afile / 'sub')!r} cannot be created: {str(afile)!r} is "
+                                       "a file; give a folder you can write to\n")
+    assert afile.read_text() == "x"
     not_imagenet = tmp_path / "not_imagenet"
     shutil.copytree(imagenet, not_imagenet)
     first = next((not_imagenet / "val").rglob("*.JPEG"))

@@ -181,4 +181,8 @@ def test_shard_refuses_an_out_that_holds_shards_or_is_a_file(shards, tmp_path: P
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert main(["data", "shard", str(root / "a"), "--out", str(afile)]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err and afile.read_text() == "x"
+    assert capsys.readouterr().err == f"error: --out {str(afile)!r} is a file, not a folder; give a new or empty folder\n"
+    assert main(["data", "shard", str(root / "a"), "--out", str(afile / "sub")]) == 2  # under a file: one line too
+    assert capsys.readouterr().err == (f"error: --out {str(afile / 'sub')!r} cannot be created: {str(afile)!r} is a "
+                                       "file; give a folder you can write to\n")
+    assert afile.read_text() == "x"

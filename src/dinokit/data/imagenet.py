@@ -186,6 +186,9 @@ def dump_imagenet_extra(root: str | Path, extra: str | Path) -> list[Path]:
         raise DinokitError(f"{str(root)!r} has no train/, val/ or test/ folder; give the ImageNet root with --root")
     if extra.exists() and not extra.is_dir():
         raise DinokitError(f"--extra {str(extra)!r} is a file, not a folder; give a folder for the metadata files")
+    from ..engine.run_dir import check_writable
+
+    check_writable(extra, "--extra")  # under a file, or read-only: one line before the splits are scanned
     wnids, names = read_labels(root) if splits != ["TEST"] else ([], [])
     files = {}  # every split scanned before anything is written: a bad root leaves no half-filled --extra
     for split in splits:

@@ -129,7 +129,12 @@ def check_sample_root(root: str | Path, option: str = "--out") -> None:
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise DinokitError(f"{option} {str(root)!r} is a file, not a folder; give a new or empty folder")
-    if not root.is_dir() or any(root.glob(".complete-v*")):
+    if root.is_dir() and any(root.glob(".complete-v*")):
+        return
+    from ..engine.run_dir import check_writable
+
+    check_writable(root, option)  # to be written: under a file, or read-only, is one line too
+    if not root.is_dir():
         return
     entries = list(root.iterdir())
     ours = all(

@@ -214,7 +214,9 @@ def check_shard_out(out_dir: str | Path) -> Path:
         raise DinokitError(f"--out {str(out_dir)!r} is a file, not a folder; give a new or empty folder")
     if out_dir.is_dir() and any(p.suffix == ".tar" for p in out_dir.iterdir()):
         raise DinokitError(f"--out {str(out_dir)!r} already holds shards; give an empty folder")
-    return out_dir
+    from ..engine.run_dir import check_writable
+
+    return check_writable(out_dir, "--out")  # under a file, or read-only: one line too
 
 
 def write_shards(dataset: ImageDataset, out_dir: str | Path, *,
