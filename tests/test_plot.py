@@ -54,3 +54,18 @@ def test_plot_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "training_metrics.json").write_text('{"iteration": 1, "total_loss": 1.0}\n')
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.jpg")]) == 2
     assert "error: the plot is a PNG: name the output *.png, not 'x.jpg'" in capsys.readouterr().err
+
+
+def test_plot_tells_a_corrupt_metrics_file_from_an_empty_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """F28: a file of garbage said "holds no metrics yet"; it is not a metrics file at all."""
+    metrics = tmp_path / "training_metrics.json"
+    not_metrics = (f"error: '{metrics}' is not a JSON-lines metrics file (one JSON object with an 'iteration' per "
+                   "line); pass the output folder of a dinokit training run\n")
+    not_yet = f"error: '{metrics}' holds no metrics yet; plot it once the run has logged\n"
+    cases = [(b"garbage\n", not_metrics), (bytes(range(256)), not_metrics), (b'{"epoch": 3}\n', not_metrics),
+             (b"", not_yet), (b"\n\n", not_yet), (b'{"iteration": 0, "total_lo', not_yet)]  # the last: being written
+    for content, expected in cases:
+        metrics.write_bytes(content)
+        assert main(["plot", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == expected, content
+    assert not (tmp_path / "training_metrics.png").exists()

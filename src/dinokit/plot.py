@@ -44,8 +44,14 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = path / METRICS_FILE if path.is_dir() else path
     if not path.is_file():
         raise DinokitError(f"no {METRICS_FILE} at {str(path)!r}; pass the output folder of a training run")
+    not_metrics = (f"{str(path)!r} is not a JSON-lines metrics file (one JSON object with an 'iteration' per "
+                   "line); pass the output folder of a dinokit training run")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:  # binary content
+        raise DinokitError(not_metrics) from None
     records = []
-    lines = path.read_text().splitlines()
+    partial = False  # the only content is a JSON object cut short: the run is writing its first line
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -53,11 +59,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
+                partial = line.lstrip().startswith("{")
                 continue  # a run stopped while writing its last line
             raise DinokitError(f"line {number} of {str(path)!r} is not JSON; the metrics file is damaged") from None
         if isinstance(record, dict) and "iteration" in record:
             records.append(record)
     if not records:
+        content = [line for line in lines if line.strip()]
+        if content and not (partial and len(content) == 1):  # something, but not metrics: not "empty"
+            raise DinokitError(not_metrics)
         raise DinokitError(f"{str(path)!r} holds no metrics yet; plot it once the run has logged")
     return records
 
