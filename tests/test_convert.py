@@ -281,6 +281,9 @@ def test_cli_refuses_a_model_of_another_size(tmp_path: Path, capsys: pytest.Capt
     odd = save_backbone(random_backbone(tiny_spec("plain")), tmp_path / "odd.pth")  # 64 wide, 2 blocks
     assert main(["convert", str(odd), str(tmp_path / "hf"), "--to", "hf", "--model", "vit_pico"]) == 2
     assert capsys.readouterr().err.endswith("give an architecture of that size or leave --model out\n")
+    # a name that is neither a hub model nor an architecture: the same line as every other arch key
+    assert main(["convert", str(src), str(tmp_path / "out.pth"), "--to", "official", "--model", "vit_huge"]) == 2
+    assert capsys.readouterr().err.startswith("error: --model is 'vit_huge'; use one of: vit_pico, vit_nano, ")
     assert not (tmp_path / "out.pth").exists() and not (tmp_path / "hf").exists()
     assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf", "--model", "vit_pico"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_attention_heads"] == 4

@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..devices import DTYPES, resolve_dtype
 from ..errors import DinokitError
-from ..models.architectures import ARCHITECTURES
+from ..models.architectures import arch_dims
 from ..models.checkpoint import atomic_write
 from .schema import SSLConfig
 from ..engine.optim import SCALING_RULES, scale_lr
@@ -333,9 +333,7 @@ _FRACTION_PAIRS = ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.
 
 def validate(cfg: DictConfig) -> None:
     """Check the values the schema's types cannot (choices, ranges, consistency); errors name the key."""
-    arch = cfg.student.arch
-    if arch.removesuffix("_memeff") not in ARCHITECTURES:
-        raise DinokitError(f"config key 'student.arch' is {arch!r}; use one of: {', '.join(ARCHITECTURES)}")
+    arch_dims(cfg.student.arch, "config key 'student.arch'")
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import DinokitError
-from ..models.architectures import ARCHITECTURES
+from ..models.architectures import arch_dims
 from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_state_dict_file, save_backbone
 from .hf import is_hf_state_dict, hf_to_official, read_hf_folder, save_hf_folder
 from .mmpretrain import is_mmpretrain_state_dict, mmpretrain_to_official
-from .spec import BackboneSpec, StateDict, heads_for, spec_from_model_name, spec_from_state_dict
+from .spec import BackboneSpec, StateDict, spec_from_model_name, spec_from_state_dict
 from .timm import is_timm_state_dict, official_to_timm_checked, timm_model_name, timm_to_official
 
 SOURCE_LAYOUTS = ("official", "hf", "timm", "mmpretrain")
@@ -63,8 +63,8 @@ def resolve_spec(sd: StateDict, *, model: str | None = None, config: Mapping[str
             named = spec_from_model_name(model)
             heads, size = named.num_heads, (named.embed_dim, named.depth)
         except DinokitError:
-            heads = heads_for(spec.embed_dim, spec.depth, arch=model)  # an architecture key, or one line if unknown
-            dims = ARCHITECTURES[model.removesuffix("_memeff")]
+            dims = arch_dims(model, "--model")  # an architecture key, or one line if unknown
+            heads = int(dims["num_heads"])
             size = (dims["embed_dim"], dims["depth"])
         if size != (spec.embed_dim, spec.depth):  # its head count would be stamped on another network
             fix = f"give the matching architecture ({spec.arch})" if spec.arch else "give an architecture of that size"

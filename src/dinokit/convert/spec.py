@@ -69,13 +69,8 @@ class BackboneSpec:
         return asdict(self)
 
 
-def heads_for(embed_dim: int, depth: int, arch: str | None = None) -> int:
-    """Attention heads: from ``arch`` if given, else the named architecture of this size, else 64-wide heads."""
-    if arch is not None:
-        name = arch.removesuffix("_memeff")
-        if name not in ARCHITECTURES:
-            raise DinokitError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-        return int(ARCHITECTURES[name]["num_heads"])
+def heads_for(embed_dim: int, depth: int) -> int:
+    """Attention heads: those of the named architecture of this size, else 64-wide heads."""
     for dims in ARCHITECTURES.values():
         if (dims["embed_dim"], dims["depth"]) == (embed_dim, depth):
             return int(dims["num_heads"])

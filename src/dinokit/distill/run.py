@@ -32,7 +32,7 @@ from ..devices import resolve_device
 from ..engine import Hook, init_run
 from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
-from ..models.architectures import ARCHITECTURES
+from ..models.architectures import arch_dims
 from ..train.train import engine_config, run_on_ssl_data
 from ..train.weights import check_weight_sources
 from .task import DistillationTask, check_compatible
@@ -56,9 +56,7 @@ def student_sections(cfg: DictConfig) -> dict[str, DictConfig]:
                 hint = f"did you mean '{close[0]}'?" if close else "keys: name, " + ", ".join(_STUDENT_KEYS)
                 raise DinokitError(f"unknown student key 'distillation.students[{i}].{key}' ({hint})")
         arch = entry.get("arch", cfg.student.arch)
-        if not isinstance(arch, str) or arch.removesuffix("_memeff") not in ARCHITECTURES:
-            raise DinokitError(f"config key 'distillation.students[{i}].arch' is {arch!r}; use one of: "
-                               f"{', '.join(ARCHITECTURES)}")
+        arch_dims(arch, f"config key 'distillation.students[{i}].arch'")
         name = str(name or f"student{i}_{arch}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in sections:
             raise DinokitError(f"student name {name!r} (distillation.students[{i}]) must be unique and a plain "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import DinokitError
 from .vision_transformer import DinoVisionTransformer
 
 # name -> (embed_dim, depth, num_heads, default ffn_layer)
@@ -23,13 +24,17 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
+def arch_dims(arch: Any, key: str = "architecture") -> dict[str, Any]:
+    """Width, depth and heads of ``arch`` (an ``_memeff`` suffix is ignored); one line naming ``key`` if unknown."""
+    name = arch.removesuffix("_memeff") if isinstance(arch, str) else None
+    if name not in ARCHITECTURES:
+        raise DinokitError(f"{key} is {arch!r}; use one of: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
 def build_backbone(arch: str, **kwargs: Any) -> DinoVisionTransformer:
     """Build ``arch`` (a key of :data:`ARCHITECTURES`; an ``_memeff`` suffix is ignored) with ``kwargs``."""
-    name = arch.removesuffix("_memeff")
-    if name not in ARCHITECTURES:
-        known = ", ".join(ARCHITECTURES)
-        raise ValueError(f"unknown architecture {arch!r}; known: {known}")
-    params = {"patch_size": 16, "img_size": 224, "mlp_ratio": 4.0, **ARCHITECTURES[name], **kwargs}
+    params = {"patch_size": 16, "img_size": 224, "mlp_ratio": 4.0, **arch_dims(arch), **kwargs}
     return DinoVisionTransformer(**params)
 
 
