@@ -45,6 +45,7 @@ def sample_root(tmp_path_factory):
         ("C:/data/x", ("ImageFolder", {"root": "C:/data/x"})),
         ("ImageNet:split=VAL:root=C:/in1k:extra=/e", ("ImageNet", {"split": "VAL", "root": "C:/in1k", "extra": "/e"})),
         ("ImageFolder:root=s3://bucket/x", ("ImageFolder", {"root": "s3://bucket/x"})),
+        ("WebDataset:urls=http://h/{0..9}.tar", ("WebDataset", {"urls": "http://h/{0..9}.tar"})),
     ],
 )
 def test_parse_dataset_str(text, expected):
@@ -57,6 +58,7 @@ def test_parse_dataset_str(text, expected):
         ("", "empty dataset string"),
         ("Places:root=/x", "unknown dataset 'Places'"),
         ("ImageFolder:colour=red", "bad item"),
+        ("ImageFolder:root=/data/x:foo=1", "unknown option 'foo' in dataset string 'ImageFolder:root=/data/x:foo=1'"),
         ("ImageFolder:path=/x", "does not take path"),
         ("FileList:root=/x", "does not take root"),
         ("ImageFolder", "needs root"),

@@ -63,6 +63,10 @@ def parse_dataset_str(dataset_str: str, names: Sequence[str] = DATASET_NAMES) ->
                 raise DinokitError(
                     f"bad item {token!r} in dataset string {dataset_str!r}; expected key=value with key in {KNOWN_KEYS}"
                 )
+            glued = re.search(r":([A-Za-z_]\w*)=", value)
+            if glued and not Path(value).exists():  # e.g. 'root=/data:foo=1': an unknown option, not part of the path
+                raise DinokitError(f"unknown option {glued.group(1)!r} in dataset string {dataset_str!r}; "
+                                   f"options: {', '.join(KNOWN_KEYS)}")
             kwargs[key] = value
     return head, kwargs
 
