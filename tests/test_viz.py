@@ -367,3 +367,34 @@ def test_image_size_below_one_patch_is_one_line_before_the_out_folder(demo_teach
                  "--image-size", "5"] + _backbone_args(demo_teacher)) == 2
     assert "--image-size 5 is smaller than the model's" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_failing_viz_leaves_no_out_folder(demo_teacher, sample_images, tmp_path, capsys):
+    """Every refusal is one line and --out is made only once the inputs are known good (F19)."""
+    backbone = _backbone_args(demo_teacher)
+    unreadable = tmp_path / "text.png"
+    unreadable.write_text("not an image")
+    out = tmp_path / "out"
+
+    def error(args: list[str]) -> str:
+        assert main(args + ["--out", str(out)] + backbone) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the skipped-image warnings
+        assert not out.exists()
+        return err
+
+    image = str(sample_images[0])
+    missing = str(tmp_path / "nosuch.png")
+    assert error(["viz", "pca", image, "--fg-examples", missing]) == \
+        f"error: foreground example '{missing}' does not exist; check the path"
+    assert error(["viz", "pca", image, "--fg-examples", image]) == \
+        f"error: foreground example '{image}' has no alpha channel; give IMAGE=MASK instead"
+    for action in ("pca", "attention"):
+        assert error(["viz", action, str(unreadable), "--image-size", "64"]).startswith(
+            f"error: cannot read image '{unreadable}'")
+    # 16 pixels = 2 x 2 patches of the demo backbone: too few foreground patches for a PCA
+    assert error(["viz", "pca", image, "--image-size", "16"]).startswith("error: only ")
+    for block in ("4", "-5"):  # the demo backbone has 4 blocks: -4..3 are accepted
+        assert error(["viz", "attention", image, "--block", block]) == \
+            f"error: --block {block} is out of range: the model has 4 blocks; give -4..3 (negative counts from the end)"
+    assert main(["viz", "attention", image, "--block", "-4", "--image-size", "64", "--out", str(out)] + backbone) == 0
+    assert "attention of block 0 " in capsys.readouterr().out and out.is_dir()

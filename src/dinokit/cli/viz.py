@@ -25,11 +25,11 @@ from ..devices import resolve_device
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError
 from ..devices import resolve_dtype
-from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps
+from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps, resolve_block
 from ..viz.drawing import UPSAMPLE_MODES, grid, save_png, unique_stems
 from ..viz.figures import attention_figure, matches_figure, pca_figures
 from ..viz.match import DEFAULT_MAX_MATCHES, DEFAULT_MIN_SPACING, match_patches
-from ..viz.pca import PCA_MODES, pca_rgb
+from ..viz.pca import PCA_MODES, pca_rgb, read_foreground_example
 from ..viz.prepare import DEFAULT_IMAGE_SIZE
 from ..viz.video import ANIMATION_FORMATS, is_video_file, read_frames, write_animation
 from .embed import _build_model
@@ -154,13 +154,15 @@ def run_pca(args: argparse.Namespace) -> int:
     if args.columns < 1 or args.fps <= 0 or args.max_frames < 1:
         raise DinokitError("--columns, --fps and --max-frames must be positive")
     check_writable(args.out, "--out")  # before the frames are read
+    for spec in args.fg_examples:  # a missing file or one without alpha: one line before the model is built
+        read_foreground_example(spec)
     inputs = (read_frames(args.inputs[0], step=args.frame_step, max_frames=args.max_frames)
               if video_file or args.video else _image_paths(args.inputs))
-    model, options = _setup(args)  # before the --out folder is made: its checks need no output
-    out = _out_dir(args.out)
+    model, options = _setup(args)
     picture = pca_rgb(model, inputs, mode=args.mode, threshold=args.threshold,
                       foreground_examples=args.fg_examples, **options)
     panels = pca_figures(picture, upsample_mode=args.upsample)
+    out = _out_dir(args.out)  # only now: unreadable inputs or too few foreground patches leave no empty folder
     fg = float(np.mean(np.concatenate([f.reshape(-1) for f in picture.foreground])))
     written = []
     if video_file or args.video:
@@ -184,9 +186,10 @@ def run_attention(args: argparse.Namespace) -> int:
         raise DinokitError("--keep-mass must be a fraction in (0, 1], e.g. 0.6")
     check_writable(args.out, "--out")  # before the images are looked for
     paths = _image_paths(args.inputs)
-    model, options = _setup(args)  # before the --out folder is made: its checks need no output
-    out = _out_dir(args.out)
+    model, options = _setup(args)
+    resolve_block(model, args.block)  # out of range: one line before any image is read
     maps = attention_maps(model, paths, block=args.block, **options)
+    out = _out_dir(args.out)  # only now: all-unreadable inputs leave no empty folder
     names = unique_stems([image.name for image in maps.images])
     for name, image, attention, norms in zip(names, maps.images, maps.attention, maps.patch_norms):
         figure = attention_figure(image.pixels, attention, norms, keep_mass=args.keep_mass, upsample_mode=args.upsample)

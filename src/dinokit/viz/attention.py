@@ -46,18 +46,20 @@ def block_forward_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[tor
     return x, weights
 
 
-def _resolve_block(model: nn.Module, block: int) -> int:
+def resolve_block(model: nn.Module, block: int) -> int:
+    """The index in ``model.blocks`` of ``block`` (negative: from the end), or a one-line error naming the range."""
     depth = len(model.blocks)
     index = block + depth if block < 0 else block
     if not 0 <= index < depth:
-        raise DinokitError(f"--block {block} is out of range: the model has {depth} blocks (0..{depth - 1}, or -1)")
+        raise DinokitError(f"--block {block} is out of range: the model has {depth} blocks; give -{depth}..{depth - 1} "
+                           "(negative counts from the end)")
     return index
 
 
 def cls_attention_and_norms(model: nn.Module, batch: torch.Tensor, *, block: int = -1) -> dict[str, torch.Tensor]:
     """For a (B, 3, H, W) batch: ``attention`` (B, heads, h, w), the class token's attention to the
     patches in ``block``; ``patch_norms`` (B, h, w), the output patch tokens' norms before the final norm."""
-    index = _resolve_block(model, block)
+    index = resolve_block(model, block)
     x = model.crop_to_patch_multiple(batch)
     h, w = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
     first_patch = 1 + model.num_register_tokens  # tokens are [cls, registers, patches]
@@ -96,7 +98,7 @@ def attention_maps(
 ) -> AttentionMaps:
     """The class token's attention per head in ``block`` (default: the last) and the patch-norm map."""
     prepared = prepare_images(model, images, image_size=image_size)
-    _resolve_block(model, block)  # a one-line error before any work
+    resolve_block(model, block)  # a one-line error before any work
 
     def fn(m: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return cls_attention_and_norms(m, batch, block=block)

@@ -193,14 +193,14 @@ def pca_colours(
 
 
 # ------------------------------------------------------------------------------------------- DINOv3 foreground
-def load_foreground_example(model: nn.Module, spec: str | Path, *,
-                            image_size: int | None = DEFAULT_IMAGE_SIZE) -> tuple[PreparedImage, torch.Tensor]:
-    """An example image and its (h, w) foreground fraction per patch.
-
-    ``spec`` is an image whose alpha channel marks the foreground, or ``IMAGE=MASK`` (a grey mask,
-    white = foreground). The mask gets the image's resize and crop, then is averaged over each patch.
-    """
+def read_foreground_example(spec: str | Path) -> tuple[Image.Image, Image.Image]:
+    """The RGB image and its grey mask (white = foreground) of a foreground example ``spec``: an image with an
+    alpha channel, or ``IMAGE=MASK``. A missing or unreadable file, or an image without alpha, is a one-line
+    error (no model needed: the command checks its --fg-examples with this before any work)."""
     image_path, _, mask_path = str(spec).partition("=")
+    for path in (image_path, mask_path):
+        if path and Path(path).is_dir():
+            raise DinokitError(f"foreground example {path!r} is a folder; give an image file (or IMAGE=MASK)")
     try:
         with Image.open(image_path) as img:
             img.load()
@@ -219,6 +219,18 @@ def load_foreground_example(model: nn.Module, spec: str | Path, *,
         raise DinokitError(f"foreground example {err.filename!r} does not exist; check the path") from None
     except OSError as err:
         raise DinokitError(f"cannot read foreground example {str(spec)!r} ({err}); check the file") from None
+    return rgb, mask
+
+
+def load_foreground_example(model: nn.Module, spec: str | Path, *,
+                            image_size: int | None = DEFAULT_IMAGE_SIZE) -> tuple[PreparedImage, torch.Tensor]:
+    """An example image and its (h, w) foreground fraction per patch.
+
+    ``spec`` is an image whose alpha channel marks the foreground, or ``IMAGE=MASK`` (a grey mask,
+    white = foreground). The mask gets the image's resize and crop, then is averaged over each patch.
+    """
+    image_path = str(spec).partition("=")[0]
+    rgb, mask = read_foreground_example(spec)
     prepared = prepare_image(model, rgb, image_size=image_size, name=Path(image_path).stem)
     mask_t = TF.to_dtype(TF.pil_to_tensor(mask), torch.float32, scale=True)  # (1, H, W) in [0, 1]
     mask_t = model.crop_to_patch_multiple(
