@@ -1,5 +1,7 @@
 """Dataset strings and image files: ImageFolder, FileList, Sample, bad items, user errors, ``dinokit data sample``."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -152,6 +154,25 @@ def test_file_list_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(DinokitError, match="names no images"):
         make_dataset(f"FileList:path={tmp_path / 'empty.txt'}")
+
+
+def test_file_list_missing_files_are_named_once_when_read(folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("images/cat/0.png,0\nimages/cat/gone.png,1\nimages/dog/0.png,1\n/nowhere/x.png,0\n")
+    with pytest.warns(UserWarning) as caught:
+        ds = make_dataset(f"FileList:path={listing}", labelled=True)
+    assert [str(w.message) for w in caught] == [
+        f"2 of the 4 files listed in {listing} do not exist and are left out (first: {tmp_path / 'images/cat/gone.png'})"]
+    assert ds.paths == [folder / "cat" / "0.png", folder / "dog" / "0.png"] and ds.targets == [0, 1]
+    assert ds.classes == ["0", "1"]  # the labels of the list, kept as written
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reading the kept files warns no more: nothing is retried per epoch
+        assert all(ds[i][1] is not None for i in range(len(ds)))
+    # a list none of whose files exists: one line, for a bare list (embed, viz) too
+    listing.write_text("gone/a.png\ngone/b.png\n")
+    for call in (lambda: make_dataset(f"FileList:path={listing}"), lambda: resolve_image_inputs(listing)):
+        with pytest.raises(DinokitError, match=r"none of the 2 files listed in .* exists \(first: .*gone/a.png'\); relative"):
+            call()
 
 
 def test_resolve_image_inputs(folder, tmp_path):

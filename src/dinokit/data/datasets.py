@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import DinokitError
-from .images import ImageFiles, find_images, read_path_list
+from .images import ImageFiles, find_images, keep_existing, read_path_list
 from .sample import SAMPLE_CLASSES, check_sample_root, default_sample_root, write_sample_dataset
 
 KNOWN_KEYS = ("root", "split", "extra", "path", "urls")
@@ -132,6 +132,8 @@ def _file_list(list_path: str, transform, dataset_str: str) -> ImageDataset:
     if not paths:
         raise DinokitError(f"list file {list_path!r} names no images")
     n_classes = max(targets) + 1 if has_labels else 0
+    keep = keep_existing(paths, list_path)
+    paths, targets = [paths[i] for i in keep], [targets[i] for i in keep]
     return ImageDataset(paths, targets, [str(i) for i in range(n_classes)], transform, dataset_str)
 
 

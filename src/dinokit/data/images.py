@@ -59,6 +59,23 @@ def read_path_list(list_file: str | Path) -> list[Path]:
     return paths
 
 
+def keep_existing(paths: list[Path], list_file: str | Path) -> list[int]:
+    """Indices of the ``paths`` listed in ``list_file`` that exist; the missing ones are named once, here.
+
+    Checked when the list is read, so that a missing file is reported once rather than skipped (and
+    retried) at every epoch; one line if none exists.
+    """
+    exists = [p.is_file() for p in paths]
+    keep = [i for i, ok in enumerate(exists) if ok]
+    if paths and not keep:
+        raise DinokitError(f"none of the {len(paths)} files listed in {str(list_file)!r} exists (first: "
+                           f"{str(paths[0])!r}); relative paths are read from the list file's folder")
+    if len(keep) < len(paths):
+        warnings.warn_explicit(f"{len(paths) - len(keep)} of the {len(paths)} files listed in {list_file} do not exist "
+                               f"and are left out (first: {paths[exists.index(False)]})", SkippedImageWarning, "dinokit", 0)
+    return keep
+
+
 def resolve_image_inputs(input_path: str | Path) -> list[Path]:
     """A folder (recursive), a single image, or a ``.txt``/``.lst`` file listing image paths."""
     path = Path(input_path)
@@ -75,7 +92,7 @@ def resolve_image_inputs(input_path: str | Path) -> list[Path]:
         files = read_path_list(path)
         if not files:
             raise DinokitError(f"list file {str(path)!r} names no images")
-        return files
+        return [files[i] for i in keep_existing(files, path)]
     raise DinokitError(f"{str(path)!r} is neither a folder, an image, nor a .txt list of image paths")
 
 
