@@ -182,8 +182,15 @@ def test_other_user_errors(sample, tmp_path, capsys):
         ("knn", ["--temperature", "0"], "--temperature must be positive, got 0"),
         ("knn", ["--n-per-class-list", "0"], "--n-per-class-list must hold positive numbers (or -1 = all), got 0"),
         ("logreg", ["--holdout-fraction", "1.5"], "--holdout-fraction is 1.5; it must be between 0 and 1 (exclusive)"),
-        ("logreg", ["--c-grid-size", "0"], "--c-grid-size must be at least 1, got 0"),
+        ("logreg", ["--c-grid-size", "0"], "--c-grid-size must be at least 1: there is no value of C to try"),
         ("linear", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        ("knn", ["--chunk-size", "-1"], "--chunk-size must be >= 0 (0 = all at once), got -1"),
+        ("logreg", ["--max-iter", "0"], "--max-iter must be at least 1, got 0"),
+        ("logreg", ["--backend", "torch", "--tol", "-1"],
+         "--tol must be positive (the solver's gradient tolerance), got -1"),
+        ("linear", ["--learning-rates", "0.1", "-1"], "--learning-rates must be positive, got -1"),
+        # needs the model's depth (the tiny backbone has 4 blocks): checked once it is built, before the folder
+        ("linear", ["--n-last-blocks", "50"], "--n-last-blocks 50 exceeds the backbone's 4 blocks; give at most 4"),
     ],
 )
 def test_option_errors_name_the_option_before_any_work(sample, tmp_path, capsys, protocol, extra, message):

@@ -129,9 +129,23 @@ def test_k_larger_than_the_training_set_uses_every_sample(capsys):
 
 
 def test_bad_settings_are_user_errors():
+    """Python callers get the same one-line wording as ``dinokit eval knn`` (one checker for both)."""
     train, train_y, test, test_y = random_problem(n_train=12)
-    with pytest.raises(DinokitError, match="must be positive"):
-        evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(0,))
+    for bad, message in [
+        (dict(ks=(5, 0)), "--nb-knn must be at least 1, got 0"),
+        (dict(temperature=0.0), "--temperature must be positive, got 0"),
+        (dict(temperature=float("nan")), "--temperature must be positive, got nan"),
+        (dict(n_tries=0), "--n-tries must be at least 1, got 0"),
+        (dict(n_per_class_list=(-1, -2)), "--n-per-class-list must hold positive numbers (or -1 = all), got -2"),
+        (dict(chunk_size=-1), "--chunk-size must be >= 0 (0 = all at once), got -1"),
+    ]:
+        with pytest.raises(DinokitError) as err:
+            evaluate_knn(train, train_y, test, test_y, num_classes=7, **bad)
+        assert str(err.value) == message
+    # chunk_size 0 (the CLI's "all at once") and None agree with a small chunk
+    a = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(3,), chunk_size=0)
+    b = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(3,), chunk_size=5)
+    assert (a[0].top1, a[0].top5) == (b[0].top1, b[0].top5)
 
 
 class _ThreadRanks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -11,12 +12,14 @@ from dinokit.eval.linear import (
     ProbeSetting,
     best_classifier,
     cached_batches,
+    check_linear_options,
     evaluate_probes,
     probe_input,
     probe_settings,
     save_linear_head,
     train_probes,
 )
+from dinokit.errors import DinokitError
 from dinokit.eval.setup import linear_feature_parts
 from dinokit.models import DinoVisionTransformer
 from dinokit.models.linear_classifier import linear_features
@@ -114,3 +117,19 @@ def test_saved_head_loads_through_the_lc_hub_entry_point(tmp_path):
         expected = linear(probe_input(parts["cls_tokens"], parts["patch_mean"], n_last_blocks=4, avgpool=True))
         torch.testing.assert_close(classifier(x), expected)
 
+
+
+def test_option_checks_name_the_wrong_option():
+    """One checker for ``dinokit eval linear`` and :func:`linear_protocol`: the same wording from both."""
+    check_linear_options(n_last_blocks=[1, 4, 50], depth=4)  # 50 is left out; 1 and 4 fit
+    for bad, message in [
+        (dict(epochs=0), "--epochs must be at least 1, got 0"),
+        (dict(epoch_length=-3), "--epoch-length must be at least 1, got -3"),
+        (dict(batch_size=0), "--batch-size must be at least 1, got 0"),
+        (dict(learning_rates=[0.1, 0.0]), "--learning-rates must be positive, got 0"),
+        (dict(n_last_blocks=[0]), "--n-last-blocks must be at least 1, got 0"),
+        (dict(n_last_blocks=[50], depth=12), "--n-last-blocks 50 exceeds the backbone's 12 blocks; give at most 12"),
+    ]:
+        with pytest.raises(DinokitError) as err:
+            check_linear_options(**bad)
+        assert str(err.value) == message

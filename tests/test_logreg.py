@@ -90,6 +90,18 @@ def test_errors():
     x, y = blobs(20, 2)
     with pytest.raises(DinokitError, match="holdout"):
         evaluate_logreg(x, y, x, y, c_values=[1.0], holdout_fraction=1.5, backend="torch")
+    # the same checker and wording as ``dinokit eval logreg`` (tests/test_eval_cli.py)
+    for bad, message in [
+        (dict(c_values=[]), "--c-grid-size must be at least 1: there is no value of C to try"),
+        (dict(c_values=[1.0, -2.0]), "the values of C must be positive, got -2"),
+        (dict(max_iter=0), "--max-iter must be at least 1, got 0"),
+        (dict(tol=-1.0), "--tol must be positive (the solver's gradient tolerance), got -1"),
+        (dict(tol=0.0, backend="sklearn"), "--tol must be positive (the solver's gradient tolerance), got 0"),
+        (dict(backend="cuml"), "unknown logistic-regression backend 'cuml'; use auto, sklearn or torch"),
+    ]:
+        with pytest.raises(DinokitError) as err:
+            evaluate_logreg(x, y, x, y, **{"c_values": [1.0], "backend": "torch", **bad})
+        assert str(err.value) == message
     with pytest.raises(DinokitError, match="backend"):
         resolve_backend("cuml", "cpu")
     assert resolve_backend("auto", "cpu") == "sklearn"

@@ -91,38 +91,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     logreg.set_defaults(func=run_logreg)
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        from ..errors import DinokitError
-
-        raise DinokitError(message)
-
-
 def check_options(args: argparse.Namespace) -> None:
-    """The option values, each named when wrong, before any folder is written or any feature computed."""
-    _check(not (args.random_init and args.pretrained_weights),
-           "--random-init and --pretrained-weights contradict each other; give one")
+    """The option values, each named when wrong, before any folder is written or any feature computed (the
+    protocol's own checker, which its Python function calls too)."""
+    from ..errors import DinokitError
+
+    if args.random_init and args.pretrained_weights:
+        raise DinokitError("--random-init and --pretrained-weights contradict each other; give one")
     if args.protocol == "knn":
-        _check(min(args.nb_knn) >= 1, f"--nb-knn must be at least 1, got {min(args.nb_knn)}")
-        _check(args.temperature > 0, f"--temperature must be positive, got {args.temperature:g}")
-        _check(args.n_tries >= 1, f"--n-tries must be at least 1, got {args.n_tries}")
-        bad = [n for n in args.n_per_class_list if n == 0 or n < -1]
-        _check(not bad, f"--n-per-class-list must hold positive numbers (or -1 = all), got {bad[0] if bad else ''}")
-        _check(args.chunk_size >= 0, f"--chunk-size must be >= 0 (0 = all at once), got {args.chunk_size}")
+        from ..eval.knn import check_knn_options
+
+        check_knn_options(ks=args.nb_knn, temperature=args.temperature, n_per_class_list=args.n_per_class_list,
+                          n_tries=args.n_tries, chunk_size=args.chunk_size)
     elif args.protocol == "linear":
-        _check(args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}")
-        _check(args.epoch_length >= 1, f"--epoch-length must be at least 1, got {args.epoch_length}")
-        _check(not args.learning_rates or min(args.learning_rates) > 0,
-               f"--learning-rates must be positive, got {min(args.learning_rates or [1]):g}")
-        _check(min(args.n_last_blocks) >= 1, f"--n-last-blocks must be at least 1, got {min(args.n_last_blocks)}")
+        from ..eval.linear import check_linear_options
+
+        check_linear_options(**_linear_options(args))
     elif args.protocol == "logreg":
-        _check(args.c_grid_size >= 1, f"--c-grid-size must be at least 1, got {args.c_grid_size}")
-        _check(0 < args.holdout_fraction < 1,
-               f"--holdout-fraction is {args.holdout_fraction:g}; it must be between 0 and 1 (exclusive)")
-        _check(args.max_iter >= 1, f"--max-iter must be at least 1, got {args.max_iter}")
+        from ..eval.logreg import check_logreg_options
+
+        check_logreg_options(**_logreg_options(args))
 
 
-def _context(args: argparse.Namespace):
+def _linear_options(args: argparse.Namespace) -> dict:
+    from ..eval.linear import LEARNING_RATES
+
+    return dict(epochs=args.epochs, epoch_length=args.epoch_length, batch_size=args.batch_size,
+                learning_rates=args.learning_rates or LEARNING_RATES, n_last_blocks=args.n_last_blocks)
+
+
+def _logreg_options(args: argparse.Namespace) -> dict:
+    from ..eval.logreg import c_grid
+
+    return dict(c_values=c_grid(args.c_grid_size) if args.c_grid_size >= 1 else [], backend=args.backend,
+                holdout_fraction=args.holdout_fraction, max_iter=args.max_iter, tol=args.tol)
+
+
+def _context(args: argparse.Namespace, check_model=None):
     from .. import distributed
     from ..eval import prepare_eval
 
@@ -133,7 +138,7 @@ def _context(args: argparse.Namespace):
         config_file=args.config_file, pretrained_weights=args.pretrained_weights, model=args.model,
         random_init=args.random_init, opts=args.opts, image_size=args.image_size, batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device, dtype=args.dtype,
-        progress=not args.no_progress, cache=not args.no_cache,
+        progress=not args.no_progress, cache=not args.no_cache, check_model=check_model,
     )
 
 
@@ -158,14 +163,12 @@ def run_knn(args: argparse.Namespace) -> int:
 
 
 def run_linear(args: argparse.Namespace) -> int:
-    from ..eval.linear import LEARNING_RATES, RESULTS_FILE, format_linear_table, linear_protocol
+    from ..eval.linear import RESULTS_FILE, check_linear_options, format_linear_table, linear_protocol
 
-    ctx = _context(args)
-    result, probes, accuracies = linear_protocol(
-        ctx, epochs=args.epochs, epoch_length=args.epoch_length, batch_size=args.batch_size,
-        learning_rates=args.learning_rates or LEARNING_RATES, n_last_blocks=args.n_last_blocks,
-        augment=not args.no_augment, seed=args.seed,
-    )
+    options = _linear_options(args)
+    # --n-last-blocks against the backbone's depth: right after it is built, before the output folder
+    ctx = _context(args, check_model=lambda model: check_linear_options(**options, depth=len(model.blocks)))
+    result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment, seed=args.seed)
     mode = "cached features" if args.no_augment else "augmented images"
     _report(ctx, f"linear probes ({result.iterations if result else 0} iterations, {mode})",
             format_linear_table(probes, accuracies), RESULTS_FILE)
@@ -176,11 +179,10 @@ def run_linear(args: argparse.Namespace) -> int:
 
 
 def run_logreg(args: argparse.Namespace) -> int:
-    from ..eval.logreg import RESULTS_FILE, c_grid, logreg_protocol
+    from ..eval.logreg import RESULTS_FILE, logreg_protocol
 
     ctx = _context(args)
-    result = logreg_protocol(ctx, c_values=c_grid(args.c_grid_size), backend=args.backend,
-                             holdout_fraction=args.holdout_fraction, max_iter=args.max_iter, tol=args.tol)
+    result = logreg_protocol(ctx, **_logreg_options(args))
     table = f"best C {result.best_C:.3g} ({result.backend}): top-1 {result.top1:.2f}"
     _report(ctx, "logistic regression", table, RESULTS_FILE)
     return 0

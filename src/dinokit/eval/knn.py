@@ -135,6 +135,31 @@ def sample_per_class(labels: torch.Tensor, n_per_class: int, *, seed: int) -> to
 
 
 # ---------------------------------------------------------------------------------------------- protocol
+def check_knn_options(
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    n_per_class_list: Sequence[int] = (-1,),
+    n_tries: int = 1,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> None:
+    """The k-NN settings, the first wrong one named in one line (by its ``dinokit eval knn`` option).
+
+    The command calls this before any folder or feature is written; :func:`evaluate_knn` calls it for Python callers.
+    """
+    if not ks or min(ks) < 1:
+        raise DinokitError(f"--nb-knn must be at least 1, got {min(ks, default='nothing')}")
+    if not temperature > 0:  # NaN too
+        raise DinokitError(f"--temperature must be positive, got {temperature:g}")
+    if n_tries < 1:
+        raise DinokitError(f"--n-tries must be at least 1, got {n_tries}")
+    bad = [n for n in n_per_class_list if n == 0 or n < -1]
+    if bad or not n_per_class_list:
+        raise DinokitError(f"--n-per-class-list must hold positive numbers (or -1 = all), got {bad[0] if bad else 'nothing'}")
+    if chunk_size is not None and chunk_size < 0:
+        raise DinokitError(f"--chunk-size must be >= 0 (0 = all at once), got {chunk_size}")
+
+
 def evaluate_knn(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -155,12 +180,8 @@ def evaluate_knn(
     Every rank passes the full feature sets; each keeps its shard of the training set on ``device``.
     Few-shot subsets (``n_per_class > 0``) use seeds 0 .. ``n_tries - 1``; accuracies are averaged.
     """
-    if not ks or min(ks) < 1 or temperature <= 0 or n_tries < 1 or any(n == 0 or n < -1 for n in n_per_class_list):
-        raise DinokitError(
-            f"bad k-NN settings (ks={list(ks)}, temperature={temperature}, n_tries={n_tries}, "
-            f"n_per_class_list={list(n_per_class_list)}); ks, temperature, n_tries and n_per_class must be positive "
-            "(n_per_class -1 = all)"
-        )
+    check_knn_options(ks=ks, temperature=temperature, n_per_class_list=n_per_class_list, n_tries=n_tries,
+                      chunk_size=chunk_size)
     report_label_warnings(train_labels, test_labels, num_classes)
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)

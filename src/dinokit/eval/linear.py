@@ -250,6 +250,34 @@ def format_linear_table(probes: LinearProbes, accuracies: dict[str, float]) -> s
 
 
 # ---------------------------------------------------------------------------------------------- protocol
+def check_linear_options(
+    *,
+    epochs: int = 10,
+    epoch_length: int = 1250,
+    batch_size: int = 128,
+    learning_rates: Sequence[float] = LEARNING_RATES,
+    n_last_blocks: Sequence[int] = N_LAST_BLOCKS,
+    depth: int | None = None,
+) -> None:
+    """The linear-probe settings, the first wrong one named in one line (by its ``dinokit eval linear`` option).
+
+    ``depth``, the backbone's number of blocks, when known: --n-last-blocks must leave at least one value within it
+    (larger values are left out). The command calls this before the model is built and again with ``depth`` right
+    after, before any folder or feature is written; :func:`linear_protocol` calls it for Python callers.
+    """
+    for name, value in (("--epochs", epochs), ("--epoch-length", epoch_length), ("--batch-size", batch_size)):
+        if value < 1:
+            raise DinokitError(f"{name} must be at least 1, got {value}")
+    bad = [lr for lr in learning_rates if not lr > 0]  # NaN too
+    if bad or not learning_rates:
+        raise DinokitError(f"--learning-rates must be positive, got {format(bad[0], 'g') if bad else 'nothing'}")
+    if not n_last_blocks or min(n_last_blocks) < 1:
+        raise DinokitError(f"--n-last-blocks must be at least 1, got {min(n_last_blocks, default='nothing')}")
+    if depth is not None and min(n_last_blocks) > depth:
+        raise DinokitError(f"--n-last-blocks {' '.join(map(str, n_last_blocks))} exceeds the backbone's {depth} "
+                           f"blocks; give at most {depth}")
+
+
 def linear_protocol(
     ctx: EvalContext,
     *,
@@ -265,14 +293,10 @@ def linear_protocol(
 
     Returns (the result written, None on ranks other than 0; the probes; every probe's val top-1).
     """
-    if epochs < 1 or epoch_length < 1 or batch_size < 1 or not learning_rates or min(learning_rates) <= 0:
-        raise DinokitError("--epochs, --epoch-length, --batch-size and --learning-rates must be positive")
-    if not n_last_blocks or min(n_last_blocks) < 1:
-        raise DinokitError(f"--n-last-blocks must be at least 1, got {min(n_last_blocks, default=0)}")
     depth = len(ctx.model.blocks)
+    check_linear_options(epochs=epochs, epoch_length=epoch_length, batch_size=batch_size,
+                         learning_rates=learning_rates, n_last_blocks=n_last_blocks, depth=depth)
     usable = [n for n in n_last_blocks if n <= depth]
-    if not usable:
-        raise DinokitError(f"--n-last-blocks {list(n_last_blocks)} exceeds the backbone's {depth} blocks")
     val = ctx.features("val", "linear")
     settings = probe_settings(learning_rates=learning_rates, n_last_blocks=usable,
                               total_batch=batch_size * du.get_world_size())

@@ -55,6 +55,35 @@ class LogregModel:
 
 
 # ---------------------------------------------------------------------------------------------- solvers
+def check_logreg_options(
+    *,
+    c_values: Sequence[float] | None = None,
+    backend: str = "auto",
+    holdout_fraction: float = 0.1,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+) -> None:
+    """The logistic-regression settings, the first wrong one named in one line (by its ``dinokit eval logreg``
+    option). ``c_values`` None: the official grid; empty: no --c-grid-size values.
+
+    The command calls this before any folder or feature is written; :func:`evaluate_logreg` calls it for Python
+    callers.
+    """
+    if c_values is not None and not c_values:
+        raise DinokitError("--c-grid-size must be at least 1: there is no value of C to try")
+    bad = [c for c in c_values or () if not c > 0]  # NaN too
+    if bad:
+        raise DinokitError(f"the values of C must be positive, got {bad[0]:g}")
+    if backend not in ("auto", "sklearn", "torch"):
+        raise DinokitError(f"unknown logistic-regression backend {backend!r}; use auto, sklearn or torch")
+    if not 0 < holdout_fraction < 1:
+        raise DinokitError(f"--holdout-fraction is {holdout_fraction:g}; it must be between 0 and 1 (exclusive)")
+    if max_iter < 1:
+        raise DinokitError(f"--max-iter must be at least 1, got {max_iter}")
+    if not tol > 0:
+        raise DinokitError(f"--tol must be positive (the solver's gradient tolerance), got {tol:g}")
+
+
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """``auto`` = torch on CUDA, else scikit-learn when installed, else torch on the CPU."""
     if backend == "auto":
@@ -177,12 +206,10 @@ def evaluate_logreg(
 
     Under ``torchrun`` the C values are spread over the ranks and the held-out scores gathered.
     """
+    check_logreg_options(c_values=c_values, backend=backend, holdout_fraction=holdout_fraction, max_iter=max_iter,
+                         tol=tol)
     backend = resolve_backend(backend, device)
     c_values = sorted(c_values if c_values is not None else c_grid())
-    if not c_values or min(c_values) <= 0:
-        raise DinokitError("C values must be positive and at least one (--c-grid-size >= 1)")
-    if not 0 < holdout_fraction < 1:
-        raise DinokitError(f"--holdout-fraction is {holdout_fraction:g}; it must be between 0 and 1 (exclusive)")
     if len(train_y) < 2:
         raise DinokitError("logistic regression needs at least 2 training images")
     # float64 as officially; the torch solver gets the data on its device once, not once per C.

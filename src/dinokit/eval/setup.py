@@ -365,8 +365,13 @@ def prepare_eval(
     dtype: str = "auto",
     progress: bool = True,
     cache: bool = True,
+    check_model: Callable[[nn.Module], None] | None = None,
 ) -> EvalContext:
-    """Everything an evaluation command needs; the datasets are checked before the model is loaded."""
+    """Everything an evaluation command needs; the datasets are checked before the model is loaded.
+
+    ``check_model(backbone)``, when given, runs once the backbone is built and before the output folder is made
+    (settings that depend on the model, e.g. its depth, refused without writing anything).
+    """
     if image_size < 1 or batch_size < 1 or num_workers < 0:
         raise DinokitError("--image-size and --batch-size must be positive and --num-workers non-negative")
     if du.is_main_process():
@@ -378,6 +383,8 @@ def prepare_eval(
         config_file=config_file, pretrained_weights=pretrained_weights, model=model, random_init=random_init,
         opts=opts, device=device_,
     )
+    if check_model is not None:
+        check_model(backbone)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     key = {**description, "image_size": image_size, "dtype": str(dtype_)}
