@@ -253,6 +253,19 @@ def test_one_line_errors(images, tmp_path, capsys):
                             f"{{arch: vit_femto, pretrained_weights: {tmp_path / 'none.pth'}}}]"])
     assert f"config key 'distillation.students[1].pretrained_weights' is '{tmp_path / 'none.pth'}', which does not " \
            "exist" in err and not (tmp_path / "out").exists()
+    # the teacher's own run folder as --output-dir: refused, the teacher's run unchanged
+    before = {p: p.read_bytes() for p in teacher_dir.rglob("*") if p.is_file()}
+    args = [*base(teacher_dir)]
+    args[args.index("--output-dir") + 1] = str(teacher_dir)
+    err = error_of(capsys, args)
+    snapshot = teacher_dir / "eval" / "training_9" / "teacher_checkpoint.pth"
+    assert err == (f"error: --output-dir {teacher_dir} holds the teacher ({snapshot}); give a new --output-dir for "
+                   "the students")
+    assert {p: p.read_bytes() for p in teacher_dir.rglob("*") if p.is_file()} == before
+    # the dataset is listed before anything is written
+    (tmp_path / "noimages").mkdir()
+    err = error_of(capsys, [*base(teacher_dir), f"train.dataset_path=ImageFolder:root={tmp_path / 'noimages'}"])
+    assert err.startswith("error: no images found under") and not (tmp_path / "out" / "config.yaml").exists()
 
 
 def test_distillation_beats_training_from_scratch(demo_teacher, tmp_path):

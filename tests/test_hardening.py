@@ -199,6 +199,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -267,10 +268,32 @@ def test_output_dir_that_is_a_file_is_one_line(images, tmp_path, capsys):
 def test_no_resume_in_an_existing_run_is_refused_and_changes_nothing(images, straight, capsys, tmp_path):
     before = {p: p.read_bytes() for p in straight.rglob("*") if p.is_file()}
     assert cli_main(_cli(straight, images, flags=["--no-resume"])) == 2
-    assert _error(capsys) == (
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no banner announcing the refused run
+    assert captured.err.strip() == (
         f"error: {straight} already holds a run (checkpoint of iteration 6); starting another one there would mix "
         f"the two: give a new --output-dir, or delete {straight / 'checkpoints'} to start again here")
     assert {p: p.read_bytes() for p in straight.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_missing_tracker_package_is_one_line_before_anything_is_written(images, tmp_path, capsys, monkeypatch,
+                                                                          tracker):
+    monkeypatch.setitem(sys.modules, {"tensorboard": "torch.utils.tensorboard"}.get(tracker, tracker), None)
+    out = tmp_path / "run"
+    assert cli_main(_cli(out, images, f"train.tracker={tracker}")) == 2
+    assert _error(capsys) == f"error: train.tracker={tracker} needs {tracker}: pip install 'dinokit[tracking]'"
+    assert not out.exists()
+
+
+def test_a_dataset_without_images_is_one_line_before_the_config_is_written(images, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    assert cli_main(["train", "--output-dir", str(out), "--device", "cpu",
+                     *_args(images, f"train.dataset_path=ImageFolder:root={empty}")]) == 2
+    assert _error(capsys).startswith(f"error: no images found under '{empty}'")
+    assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
 
 
 def test_changed_configuration_is_refused_before_anything_is_written(images, straight, capsys):

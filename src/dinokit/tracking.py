@@ -14,6 +14,7 @@ Only finite numbers are logged; the step is the training iteration.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -23,6 +24,16 @@ from typing import Any, Mapping, Protocol
 from .errors import DinokitError
 
 TRACKERS = ("none", "tensorboard", "wandb")
+
+
+def check_tracker(kind: str) -> None:
+    """One line if the package of tracker ``kind`` is missing: called before a run writes anything."""
+    modules = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+    try:
+        if kind in modules:
+            importlib.import_module(modules[kind])
+    except ImportError:
+        raise DinokitError(f"train.tracker={kind} needs {kind}: pip install 'dinokit[tracking]'") from None
 
 
 class Tracker(Protocol):
@@ -53,10 +64,8 @@ class TensorBoardTracker:
     """One scalar series per metric name, in ``OUTPUT_DIR/tensorboard``; the run config as a text entry."""
 
     def __init__(self, output_dir: str | Path, config: Mapping[str, Any] | None = None) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise DinokitError("train.tracker=tensorboard needs tensorboard: pip install 'dinokit[tracking]'") from None
+        check_tracker("tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
         self.log_dir = Path(output_dir) / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
         if config:
@@ -76,10 +85,8 @@ class WandbTracker:
     """A Weights & Biases run named after the output folder, with the run config attached."""
 
     def __init__(self, output_dir: str | Path, config: Mapping[str, Any] | None = None) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise DinokitError("train.tracker=wandb needs wandb: pip install 'dinokit[tracking]'") from None
+        check_tracker("wandb")
+        import wandb
         output_dir = Path(output_dir).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(

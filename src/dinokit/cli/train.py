@@ -56,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train.train import check_stage_weights
 
     check_stage_weights(cfg)  # before the banner, which announces the run
-    if distributed.is_main_process():
-        print(start_banner(cfg, args.output_dir, args.device))
-    summary = pretrain(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
+    summary = pretrain(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device,
+                       banner=lambda: start_banner(cfg, args.output_dir, args.device))
     if distributed.is_main_process():
         print(end_summary(summary, time.perf_counter() - started))
         write_plot(args.output_dir)
@@ -103,7 +102,8 @@ def end_summary(summary: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop_after: int | None = None) -> dict:
+def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop_after: int | None = None,
+             banner=None) -> dict:
     """``dinokit train`` as a function: pretraining with the monitors the config asks for (k-NN on each snapshot)."""
     from ..devices import resolve_device
     from ..eval import knn_monitor
@@ -111,7 +111,7 @@ def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop
 
     monitor = knn_monitor(cfg, resolve_device(device))
     return train(cfg, output_dir=output_dir, resume=resume, device=device, stop_after=stop_after,
-                 hooks=[monitor] if monitor else [])
+                 hooks=[monitor] if monitor else [], banner=banner)
 
 
 def write_plot(run_dir) -> None:

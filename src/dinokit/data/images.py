@@ -71,8 +71,9 @@ def keep_existing(paths: list[Path], list_file: str | Path) -> list[int]:
         raise DinokitError(f"none of the {len(paths)} files listed in {str(list_file)!r} exists (first: "
                            f"{str(paths[0])!r}); relative paths are read from the list file's folder")
     if len(keep) < len(paths):
-        warnings.warn_explicit(f"{len(paths) - len(keep)} of the {len(paths)} files listed in {list_file} do not exist "
-                               f"and are left out (first: {paths[exists.index(False)]})", SkippedImageWarning, "dinokit", 0)
+        message = (f"{len(paths) - len(keep)} of the {len(paths)} files listed in {list_file} do not exist and are "
+                   f"left out (first: {paths[exists.index(False)]})")
+        warnings.warn_explicit(message, SkippedImageWarning, "dinokit", 0)
     return keep
 
 

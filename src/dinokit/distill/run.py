@@ -33,6 +33,7 @@ from ..engine import Hook, init_run
 from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
+from ..tracking import check_tracker
 from ..train.train import engine_config, run_on_ssl_data
 from ..train.weights import check_weight_sources
 from .task import DistillationTask, check_compatible
@@ -99,6 +100,10 @@ def distill(
     source = resolve_teacher(cfg.distillation.teacher, cfg.distillation.teacher_config)
     teacher, teacher_cfg = build_teacher(source, with_heads=cfg.distillation.loss == "dino_ibot")
     check_compatible(cfg, teacher_cfg, students, teacher.backbone.patch_size)
+    check_tracker(cfg.train.tracker)
+    if output_dir.resolve() in Path(source.weights).resolve().parents:
+        raise DinokitError(f"--output-dir {output_dir} holds the teacher ({source.weights}); give a new --output-dir "
+                           "for the students")
     cfg.train.output_dir = str(output_dir)
     cfg.distillation.teacher = str(source.weights)
     apply_scaling_rules(cfg, world)
@@ -106,15 +111,15 @@ def distill(
     weights = cfg.MODEL.WEIGHTS or None
     # checked before anything is written: a folder of its own, no other run in it, the same configuration
     with open_run_dir(output_dir, resume=resume, config=OmegaConf.to_container(cfg, resolve=True)):
-        if rank == 0:
-            write_config(cfg, output_dir)
-            for name, section in students.items():
-                if name:
-                    write_config(student_config(cfg, section), output_dir / name)
+        if rank == 0:  # the banner lists the images first: a missing or empty folder is one line, nothing written
             print(f"distilling {source.weights} ({type(teacher.backbone).__name__} {teacher.backbone.embed_dim}-d, "
                   f"{teacher.backbone.n_blocks} blocks) into " + ", ".join(
                       f"{name or 'the student'} ({s.arch})" for name, s in students.items())
                   + f", {len(make_dataset(cfg.train.dataset_path))} images found in {cfg.train.dataset_path}")
+            write_config(cfg, output_dir)
+            for name, section in students.items():
+                if name:
+                    write_config(student_config(cfg, section), output_dir / name)
         task = DistillationTask(cfg, teacher=teacher, students=students)
         settings = engine_config(cfg, dev)
         precision = cfg.compute_precision.student

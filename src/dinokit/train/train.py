@@ -8,7 +8,7 @@ snapshot are hooks passed in by the command (``dinokit.cli.train``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..devices import resolve_device
 from ..engine import Engine, EngineConfig, Hook, build_schedulers, init_run
 from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
+from ..tracking import check_tracker
 from .data import build_train_loader
 from .ssl_meta_arch import SSLMetaArch
 from .weights import check_weight_sources
@@ -59,16 +60,19 @@ def train(
     device: str = "auto",
     stop_after: int | None = None,
     hooks: Iterable[Hook] = (),
+    banner: Callable[[], str] | None = None,
 ) -> dict[str, Any]:
     """Pretrain with ``cfg`` into ``output_dir``; returns a summary (last metrics, snapshot paths).
 
     ``stop_after`` ends the run after that many iterations as if it had been killed there (used by
-    the resume tests); a normal run goes to ``optim.epochs * train.OFFICIAL_EPOCH_LENGTH``.
+    the resume tests); a normal run goes to ``optim.epochs * train.OFFICIAL_EPOCH_LENGTH``. ``banner``
+    (main process) makes the line printed once the run folder is accepted, before anything is written in it.
     """
     if OmegaConf.to_container(cfg.distillation) != OmegaConf.to_container(OmegaConf.structured(DistillationConfig)):
         raise DinokitError("the distillation.* keys are read by dinokit distill, not dinokit train; remove them or "
                            "run dinokit distill")
     check_stage_weights(cfg)
+    check_tracker(cfg.train.tracker)
     rank, world = init_run(cfg.train.seed)
     output_dir = Path(output_dir)
     cfg.train.output_dir = str(output_dir)
@@ -78,6 +82,8 @@ def train(
     # checked before anything is written: a folder of its own, no other run in it, the same configuration
     with open_run_dir(output_dir, resume=resume, config=OmegaConf.to_container(cfg, resolve=True)):
         if rank == 0:
+            if banner is not None:
+                print(banner())
             write_config(cfg, output_dir)
         model = SSLMetaArch(cfg)
         model.teacher.load_state_dict(model.student.state_dict())
