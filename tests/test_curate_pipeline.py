@@ -165,3 +165,65 @@ def test_two_process_gloo_run_equals_the_one_process_result(scenes, tmp_path):
     assert (two / "cluster" / "leaf.rank1.npy").is_file()  # rank 1 clustered its own slice
     assert (two / "manifest.txt").read_text() == (work / "manifest.txt").read_text()
     assert json.loads((two / "report.json").read_text())["counts"] == json.loads((work / "report.json").read_text())["counts"]
+
+
+def _tiny_pool(folder: Path, n: int = 4) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_settings_and_inputs_are_refused_in_one_line_before_the_work_folder_is_written(tmp_path, capsys):
+    """F28: out-of-range thresholds and target sizes were accepted; an unknown key printed OmegaConf internals;
+    dedup before embed, garbage weights and an unreadable pool wrote WORK/config.json (and embeddings) first."""
+    pool = _tiny_pool(tmp_path / "pool")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"b{i}.jpg").write_text("not an image")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("garbage")
+    work = tmp_path / "work"
+    run = ["curate", "run", "--output-dir", str(work)]
+    cases = [
+        ([*run, "--pool", str(pool), *MODEL, "dedup.threshold=5"],
+         "dedup.threshold is a cosine similarity in (0, 1], not 5.0; e.g. dedup.threshold=0.85"),
+        ([*run, "--pool", str(pool), *MODEL, "dedup.eval_threshold=0"],
+         "dedup.eval_threshold is a cosine similarity in (0, 1], not 0.0; e.g. dedup.eval_threshold=0.75"),
+        ([*run, "--pool", str(pool), *MODEL, "--target-size", "0"],
+         "--target-size must be at least 1, not 0; leave it out to keep every image that dedup leaves"),
+        ([*run, "--pool", str(pool), *MODEL, "--target-size", "-2"],
+         "--target-size must be at least 1, not -2; leave it out to keep every image that dedup leaves"),
+        ([*run, "--pool", str(pool), *MODEL, "dedup.treshold=0.9"],
+         "unknown curate key 'dedup.treshold' (did you mean 'dedup.threshold'?); see 'dinokit curate run --help'"),
+        ([*run, "--pool", str(pool), *MODEL, "threshold=0.9"],
+         "unknown curate key 'threshold' (did you mean 'dedup.threshold'?); see 'dinokit curate run --help'"),
+        ([*run, "--pool", str(pool), *MODEL, "dedup.fooo=1"],
+         "unknown curate key 'dedup.fooo' (keys of 'dedup': k, threshold, eval_threshold, center, keep, knn); "
+         "see 'dinokit curate run --help'"),
+        ([*run, "--pool", str(pool), *MODEL, "dedup.threshold=high"],
+         "curate key 'dedup.threshold' must be a number, not 'high'"),
+        ([*run, "--pool", str(pool), *MODEL, "cluster.n_clusters=5"],
+         "curate key 'cluster.n_clusters' must be a list of integers, e.g. [1000,100], not '5'"),
+        ([*run, "--pool", str(pool), *MODEL, "dedup=3"],
+         "curate key 'dedup' is a section; set one of its keys, e.g. dedup.k=..."),
+        (["curate", "dedup", "--output-dir", str(work), "--pool", str(pool), *MODEL],
+         f"stage embed has not finished in {work} with these settings; run 'dinokit curate embed' (or 'dinokit curate "
+         "run') first"),
+        ([*run, "--pool", str(bad), *MODEL],
+         f"none of the 3 pool images could be read (first: {bad / 'b0.jpg'}); check the files"),
+        ([*run, "--pool", str(pool), "--config-file", "demo", "--weights", str(garbage), "--device", "cpu"],
+         f"cannot read checkpoint '{garbage}'"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {expected}"), (argv, err)
+        assert captured.out == "" and not work.exists(), argv  # no progress line, no work folder
+
+    assert main([*run, "--pool", str(pool), *MODEL, "dedup.threshold=1", "--target-size", "2"]) == 0  # the bounds
+    assert len((work / "manifest.txt").read_text().splitlines()) == 2

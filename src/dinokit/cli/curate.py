@@ -80,6 +80,9 @@ def _config(args: argparse.Namespace):
     given = {"pool": args.pool, "seed_set": args.seed_set, "eval_sets": args.eval_set, "target_size": args.target_size,
              "model": args.model, "config_file": args.config_file, "weights": args.weights,
              "copy_model": args.copy_model, "copy_config_file": args.copy_config_file, "copy_weights": args.copy_weights}
+    if args.target_size is not None and args.target_size < 1:  # 0 in the settings means "all": not given here
+        raise DinokitError(f"--target-size must be at least 1, not {args.target_size}; leave it out to keep every "
+                           "image that dedup leaves")
     base.update({k: v for k, v in given.items() if v is not None})
     if args.overrides and any("=" not in o for o in args.overrides):
         bad = next(o for o in args.overrides if "=" not in o)
@@ -94,7 +97,7 @@ def _config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed as du
-    from ..curate.pipeline import STAGES, Work, open_sets, run_pipeline, run_stage
+    from ..curate.pipeline import STAGES, Work, build_models, check_ready, open_sets, run_pipeline, run_stage
     from ..engine.run_dir import check_writable
     from ..eval.setup import resolve_device
 
@@ -103,20 +106,24 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.output_dir)  # one line before any work
     config, as_dict = _config(args)
     work = Path(args.output_dir)
+    check_ready(Work(work, config), args.stage)  # e.g. dedup before embed: one line, nothing written
+    device = resolve_device(args.device)
     embeds = args.stage in ("run", "embed") and (getattr(args, "force", False) or Work(work, config).done("embed") is None)
-    # a missing set or a too large target: one line before the work folder is written (and the sets, once listed,
-    # go on to the embed stage)
+    # a missing set, a pool of which no image reads, a too large target, weights that do not load: one line before
+    # the work folder is written (the sets, once listed, and the models go on to the embed stage)
     datasets = open_sets(config) if du.is_main_process() and embeds else None
+    models = build_models(config, device) if embeds else None
     if du.is_main_process():
         work.mkdir(parents=True, exist_ok=True)
         (work / CONFIG_FILE).write_text(json.dumps(as_dict, indent=1))
-    device = resolve_device(args.device)
     if args.stage == "run":
-        report = run_pipeline(config, work, device=device, progress=not args.no_progress, datasets=datasets)
+        report = run_pipeline(config, work, device=device, progress=not args.no_progress, datasets=datasets,
+                              models=models)
     else:
         assert args.stage in STAGES
+        given = {"datasets": datasets, "models": models} if args.stage == "embed" else {}
         report = run_stage(Work(work, config), args.stage, device=device, progress=not args.no_progress,
-                           force=args.force, **({"datasets": datasets} if datasets else {}))
+                           force=args.force, **{k: v for k, v in given.items() if v is not None})
     if du.is_main_process() and args.stage in ("run", "report"):
         counts = report["counts"]
         print("counts: " + ", ".join(f"{k} {'-' if v is None else v}" for k, v in counts.items()))

@@ -6,6 +6,9 @@ settings skips it and a changed knob reruns that stage and everything after it.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -118,14 +121,73 @@ class CurateConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
+def _fields(cls: type) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _leaf_keys() -> dict[str, typing.Any]:
+    """Every settable dotted key (``pool``, ``dedup.threshold``, ...) -> its annotation."""
+    keys = {}
+    for name, tp in _fields(CurateConfig).items():
+        if dataclasses.is_dataclass(tp):
+            keys.update({f"{name}.{sub}": sub_tp for sub, sub_tp in _fields(tp).items()})
+        else:
+            keys[name] = tp
+    return keys
+
+
+def _describe(tp: typing.Any) -> str:
+    if typing.get_origin(tp) is list:
+        return "a list of integers, e.g. [1000,100]"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _check_override_keys(overrides: Sequence[str]) -> None:
+    """One line naming an unknown key (with the closest known one), a section set as a value, or a value used
+    as a section, as ``dinokit train`` does for its config keys."""
+    leaves = _leaf_keys()
+    sections = [n for n, tp in _fields(CurateConfig).items() if dataclasses.is_dataclass(tp)]
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in leaves:
+            continue
+        if key in sections:
+            example = next(k for k in leaves if k.startswith(key + "."))
+            raise DinokitError(f"curate key '{key}' is a section; set one of its keys, e.g. {example}=...")
+        parent = next((k for k in leaves if key.startswith(k + ".")), None)
+        if parent:
+            raise DinokitError(f"curate key '{parent}' is a value, not a section (in '{override}')")
+        section, _, leaf = key.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in leaves if k.rpartition(".")[0] == section}
+        close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+        close = [siblings[close[0]]] if close else difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.8)
+        if not close:  # the right name in another section (threshold -> dedup.threshold)
+            by_leaf = {k.rpartition(".")[2]: k for k in reversed(list(leaves))}
+            close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)]
+        if close:
+            hint = f"did you mean '{close[0]}'?"
+        elif section in sections:
+            hint = f"keys of '{section}': " + ", ".join(siblings)
+        else:
+            hint = "keys: " + ", ".join(k for k in leaves if "." not in k) + "; sections: " + ", ".join(sections)
+        raise DinokitError(f"unknown curate key '{key}' ({hint}); see 'dinokit curate run --help'")
+
+
 def make_config(base: dict | None = None, overrides: Sequence[str] = ()) -> CurateConfig:
     """A checked :class:`CurateConfig` from ``base`` (e.g. the saved one) and ``key=value`` overrides."""
+    _check_override_keys(overrides)
     schema = OmegaConf.structured(CurateConfig)
     try:
         cfg = OmegaConf.merge(schema, base or {}, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
-        raise DinokitError(f"bad curation setting {key!r}: {str(err).splitlines()[0]}; see 'dinokit curate run --help'") from None
+        tp = _leaf_keys().get(key)
+        if tp is not None:  # a value of the wrong type
+            given = next((o.partition("=")[2] for o in reversed(overrides) if o.partition("=")[0].strip() == key), None)
+            value = f", not {given!r}" if given is not None else ""
+            raise DinokitError(f"curate key '{key}' must be {_describe(tp)}{value}") from None
+        raise DinokitError(f"bad curation setting {key!r}: {str(err).splitlines()[0]}; "
+                           "see 'dinokit curate run --help'") from None
     config: CurateConfig = OmegaConf.to_object(cfg)
     _check(config)
     return config
@@ -145,7 +207,12 @@ def _check(c: CurateConfig) -> None:
         if value < 1:
             raise DinokitError(f"{key} must be at least 1, not {value}")
     if c.target_size < 0:
-        raise DinokitError(f"--target-size must be positive, not {c.target_size}")
+        raise DinokitError(f"--target-size must be at least 1, not {c.target_size}; leave it out to keep every image "
+                           "that dedup leaves")
+    for key, value in (("dedup.threshold", c.dedup.threshold), ("dedup.eval_threshold", c.dedup.eval_threshold)):
+        if not 0 < value <= 1:  # a cosine similarity: above 1 no pair is a copy, at or below 0 every pair is
+            raise DinokitError(f"{key} is a cosine similarity in (0, 1], not {value}; e.g. {key}="
+                               f"{DedupConfig.threshold if key == 'dedup.threshold' else DedupConfig.eval_threshold}")
     if c.embed.copy == "model" and not (c.copy_model or c.copy_config_file):
         raise DinokitError("embed.copy=model needs --copy-model NAME or --copy-config-file CFG --copy-weights PATH")
 

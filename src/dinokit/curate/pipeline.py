@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .. import distributed as du
 from ..data import make_classification_eval_transform, make_dataset
@@ -103,7 +104,7 @@ class Work:
 
 
 # ---------------------------------------------------------------------------------------------- embed
-def _build_models(config: CurateConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+def build_models(config: CurateConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     from ..eval.setup import setup_eval_model
 
     def build(model: str, config_file: str, weights: str) -> torch.nn.Module:
@@ -134,10 +135,28 @@ def open_sets(config: CurateConfig, transform=None) -> dict:
     """Every image set of the run, opened (listed); one line when a set is missing or the target too large. The
     command line calls it before writing anything into the work folder."""
     datasets = {name: make_dataset(s, transform=transform) for name, s in _sets(config).items()}
-    n_pool = len(datasets["pool"])
+    pool = datasets["pool"]
+    n_pool = len(pool)
     if config.target_size > n_pool:
         raise DinokitError(f"--target-size {config.target_size} is larger than the pool ({n_pool} images); lower it")
+    for i in range(n_pool):  # decoded until one reads: one image for a good pool, the whole pool for an all-bad one
+        try:
+            pool.read_image(i)
+            break
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    else:
+        raise DinokitError(f"none of the {n_pool} pool images could be read (first: {pool.paths[0]}); check the files")
     return datasets
+
+
+def check_ready(work: Work, stage: str) -> None:
+    """One line when a stage before ``stage`` has not finished with these settings (``run`` and ``report``
+    need none): the command line calls it before writing anything into the work folder."""
+    order = list(STAGE_FUNCTIONS)
+    if stage in order:
+        for before in order[: order.index(stage)]:
+            work.need(before)
 
 
 def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
@@ -149,7 +168,7 @@ def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
     for dataset in datasets.values():
         dataset.transform = make_classification_eval_transform(crop_size=config.embed.image_size)
     n_pool = len(datasets["pool"])
-    model, copy_model = models or _build_models(config, device)
+    model, copy_model = models or build_models(config, device)
     feature_fn = curation_feature_fn(config.embed.copy, config.embed.gem_p, copy_model)
     for name, dataset in datasets.items():
         embed_set(dataset, [str(p) for p in dataset.paths], work.folder("embed") / name, model=model,
@@ -307,9 +326,7 @@ def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = 
         from .report import write_report
 
         return write_report(work)
-    order = list(STAGE_FUNCTIONS)
-    for before in order[: order.index(stage)]:
-        work.need(before)
+    check_ready(work, stage)
     record = work.done(stage)
     if record is not None and not force:
         _log(f"[{stage}] finished earlier with these settings ({record['seconds']:.1f} s): skipped")
