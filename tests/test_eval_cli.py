@@ -201,3 +201,26 @@ def test_option_errors_name_the_option_before_any_work(sample, tmp_path, capsys,
         argv[argv.index("--pretrained-weights") + 1] = str(tmp_path / "w.pth")
     assert error_of(capsys, ["eval", protocol, *argv]) == f"error: {message}"
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_scikit_learn_is_refused_before_any_work(sample, tmp_path, capsys, monkeypatch):
+    """F23: --backend sklearn without scikit-learn is one line before the model, the features or the folder."""
+    import sys
+
+    from dinokit.errors import DinokitError
+    from dinokit.eval import evaluate_logreg
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError
+
+    def no_model(**kwargs):
+        raise AssertionError("the backbone should not be built")
+
+    monkeypatch.setattr(eval_setup, "setup_eval_model", no_model)
+    message = "the sklearn backend needs scikit-learn: pip install 'dinokit[eval]', or use --backend torch"
+    assert error_of(capsys, ["eval", "logreg", *args(sample, tmp_path / "out", "--backend", "sklearn")]) == \
+        f"error: {message}"
+    assert not (tmp_path / "out").exists()
+    x, y = torch.randn(8, 3), torch.arange(8) % 2
+    with pytest.raises(DinokitError) as err:  # the Python function: the same check and line
+        evaluate_logreg(x, y, x, y, c_values=[1.0], backend="sklearn")
+    assert str(err.value) == message

@@ -398,3 +398,27 @@ def test_failing_viz_leaves_no_out_folder(demo_teacher, sample_images, tmp_path,
             f"error: --block {block} is out of range: the model has 4 blocks; give -4..3 (negative counts from the end)"
     assert main(["viz", "attention", image, "--block", "-4", "--image-size", "64", "--out", str(out)] + backbone) == 0
     assert "attention of block 0 " in capsys.readouterr().out and out.is_dir()
+
+
+def test_mp4_without_pyav_is_refused_before_any_work(demo_teacher, tmp_path, capsys, monkeypatch):
+    """F23: --format mp4 without PyAV is one line before the frames are read or the backbone is built."""
+    import sys
+
+    import dinokit.cli.viz as viz_cli
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for t in range(2):
+        Image.fromarray(np.full((16, 16, 3), 40 * t, dtype=np.uint8)).save(frames / f"f{t}.png")
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+
+    def no_model(*a, **k):
+        raise AssertionError("the backbone should not be built")
+
+    monkeypatch.setattr(viz_cli, "_setup", no_model)
+    out = tmp_path / "out"
+    assert main(["viz", "pca", str(frames), "--video", "--format", "mp4", "--out", str(out)]
+                + _backbone_args(demo_teacher)) == 2
+    assert capsys.readouterr().err == ("error: writing MP4 needs PyAV: pip install 'dinokit[video]' (or use a folder "
+                                       "of frames / a .gif)\n")
+    assert not out.exists()

@@ -31,7 +31,7 @@ from ..viz.figures import attention_figure, matches_figure, pca_figures
 from ..viz.match import DEFAULT_MAX_MATCHES, DEFAULT_MIN_SPACING, match_patches
 from ..viz.pca import PCA_MODES, pca_rgb, read_foreground_example
 from ..viz.prepare import DEFAULT_IMAGE_SIZE
-from ..viz.video import ANIMATION_FORMATS, is_video_file, read_frames, write_animation
+from ..viz.video import ANIMATION_FORMATS, is_video_file, read_frames, require_pyav, write_animation
 from .embed import _build_model
 
 GRID_FRAMES = 8  # frames of a video shown in pca_grid.png
@@ -153,6 +153,8 @@ def run_pca(args: argparse.Namespace) -> int:
         raise DinokitError("--video takes one folder of frames (or give a video file without --video)")
     if args.columns < 1 or args.fps <= 0 or args.max_frames < 1:
         raise DinokitError("--columns, --fps and --max-frames must be positive")
+    if (video_file or args.video) and args.format == "mp4":
+        require_pyav("writing MP4")  # a missing optional package: one line before any work
     check_writable(args.out, "--out")  # before the frames are read
     for spec in args.fg_examples:  # a missing file or one without alpha: one line before the model is built
         read_foreground_example(spec)

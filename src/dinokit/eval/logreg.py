@@ -27,6 +27,7 @@ from .setup import EvalContext, append_results, report_label_warnings
 RESULTS_FILE = "results_eval_logreg.json"
 DEFAULT_MAX_ITER = 1000
 DEFAULT_TOL = 1e-12  # official (cuML); in practice the iteration budget stops the solver first
+_NEEDS_SKLEARN = "the sklearn backend needs scikit-learn: pip install 'dinokit[eval]', or use --backend torch"
 
 
 def c_grid(size: int = 45, low: float = -6.0, high: float = 5.0) -> list[float]:
@@ -76,6 +77,11 @@ def check_logreg_options(
         raise DinokitError(f"the values of C must be positive, got {bad[0]:g}")
     if backend not in ("auto", "sklearn", "torch"):
         raise DinokitError(f"unknown logistic-regression backend {backend!r}; use auto, sklearn or torch")
+    if backend == "sklearn":  # a missing optional package: one line before any feature is computed
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            raise DinokitError(_NEEDS_SKLEARN) from None
     if not 0 < holdout_fraction < 1:
         raise DinokitError(f"--holdout-fraction is {holdout_fraction:g}; it must be between 0 and 1 (exclusive)")
     if max_iter < 1:
@@ -103,9 +109,7 @@ def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, *, C: float, max_iter: int, t
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError as err:
-        raise DinokitError(
-            "the sklearn backend needs scikit-learn: pip install 'dinokit[eval]', or use --backend torch"
-        ) from err
+        raise DinokitError(_NEEDS_SKLEARN) from err
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning

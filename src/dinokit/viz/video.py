@@ -35,11 +35,19 @@ def is_video_file(path: str | Path) -> bool:
         return True  # unreadable: reported as a video that cannot be read
 
 
-def _decode_with_pyav(path: Path) -> list[Image.Image]:
+def require_pyav(what: str):
+    """The ``av`` module, or a one-line error: ``what`` (e.g. "writing MP4") needs PyAV and how to get it.
+
+    ``dinokit viz pca --format mp4`` calls this with its option checks, before the backbone runs."""
     try:
         import av
     except ImportError:
-        raise DinokitError(f"decoding {path.suffix} video {_NEEDS_PYAV}") from None
+        raise DinokitError(f"{what} {_NEEDS_PYAV}") from None
+    return av
+
+
+def _decode_with_pyav(path: Path) -> list[Image.Image]:
+    av = require_pyav(f"decoding {path.suffix} video")
     with av.open(str(path)) as container:
         return [frame.to_image() for frame in container.decode(video=0)]
 
@@ -87,10 +95,7 @@ def write_animation(frames: Sequence[np.ndarray], path: str | Path, *, fps: floa
             images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
                            duration=round(1000 / fps), loop=0, optimize=False)
         return path
-    try:
-        import av
-    except ImportError:
-        raise DinokitError(f"writing MP4 {_NEEDS_PYAV}") from None
+    av = require_pyav("writing MP4")
     h, w = frames[0].shape[:2]
     with atomic_write(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=round(fps))
