@@ -227,3 +227,21 @@ def test_settings_and_inputs_are_refused_in_one_line_before_the_work_folder_is_w
 
     assert main([*run, "--pool", str(pool), *MODEL, "dedup.threshold=1", "--target-size", "2"]) == 0  # the bounds
     assert len((work / "manifest.txt").read_text().splitlines()) == 2
+
+
+def test_a_missing_faiss_is_told_before_the_embed_stage(tmp_path, capsys, monkeypatch):
+    """F23: dedup.knn=faiss without FAISS failed only after the pool was embedded."""
+    import sys
+
+    pool = _tiny_pool(tmp_path / "pool")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError, as when it is not installed
+    for knn in ("faiss", "faiss-ivf"):
+        work = tmp_path / f"work-{knn}"
+        argv = ["curate", "run", "--pool", str(pool), "--output-dir", str(work), *MODEL, f"dedup.knn={knn}"]
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.err == (f"error: dedup.knn={knn} needs FAISS: pip install 'dinokit[faiss]' "
+                                "(or use dedup.knn=exact)\n")
+        assert captured.out == "" and not work.exists()  # no embed stage ran, nothing written
+    assert main(["curate", "embed", "--pool", str(pool), "--output-dir", str(tmp_path / "w"), *MODEL,
+                 "dedup.knn=auto"]) == 0  # auto falls back to the exact search without FAISS

@@ -213,6 +213,12 @@ def _check(c: CurateConfig) -> None:
         if not 0 < value <= 1:  # a cosine similarity: above 1 no pair is a copy, at or below 0 every pair is
             raise DinokitError(f"{key} is a cosine similarity in (0, 1], not {value}; e.g. {key}="
                                f"{DedupConfig.threshold if key == 'dedup.threshold' else DedupConfig.eval_threshold}")
+    if c.dedup.knn in ("faiss", "faiss-ivf"):  # told now, not after the embed stage has run
+        from .knn import faiss_available
+
+        if not faiss_available():
+            raise DinokitError(f"dedup.knn={c.dedup.knn} needs FAISS: pip install 'dinokit[faiss]' (or use "
+                               "dedup.knn=exact)")
     if c.embed.copy == "model" and not (c.copy_model or c.copy_config_file):
         raise DinokitError("embed.copy=model needs --copy-model NAME or --copy-config-file CFG --copy-weights PATH")
 
