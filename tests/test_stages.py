@@ -103,11 +103,19 @@ def test_continued_pretraining_from_an_official_file_with_a_size_change(images, 
     assert summary["iteration"] == 2 and np.isfinite(metrics(out)[-1]["total_loss"])
 
 
-def test_a_released_file_of_another_architecture_is_one_line(images, tmp_path):
+def test_a_released_file_of_another_architecture_is_one_line(images, tmp_path, capsys):
+    from dinokit.cli import main
+
     path, _ = backbone_file(tmp_path, img_size=32, num_register_tokens=4)
     with pytest.raises(DinokitError, match="register") as err:
         SSLMetaArch(tiny_cfg(images, f"student.pretrained_weights={path}"))
     assert "\n" not in str(err.value)
+    # from the command: refused before config.yaml is written (the folder holds no run to resume by mistake)
+    out = tmp_path / "run"
+    assert main(["train", "--output-dir", str(out), "--device", "cpu", *TINY,
+                 f"train.dataset_path=ImageFolder:root={images / 'train'}", f"student.pretrained_weights={path}"]) == 2
+    assert "register" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (out / "config.yaml").exists()
 
 
 # ---------------------------------------------------------------------------------------------- high-resolution stage

@@ -116,11 +116,12 @@ def distill(
                   f"{teacher.backbone.n_blocks} blocks) into " + ", ".join(
                       f"{name or 'the student'} ({s.arch})" for name, s in students.items())
                   + f", {len(make_dataset(cfg.train.dataset_path))} images found in {cfg.train.dataset_path}")
+        task = DistillationTask(cfg, teacher=teacher, students=students)  # starting weights that do not fit: one line
+        if rank == 0:
             write_config(cfg, output_dir)
             for name, section in students.items():
                 if name:
                     write_config(student_config(cfg, section), output_dir / name)
-        task = DistillationTask(cfg, teacher=teacher, students=students)
         settings = engine_config(cfg, dev)
         precision = cfg.compute_precision.student
         settings.reshard_after_forward = {f"{key}.{part}": precision[part].sharding_strategy == "FULL_SHARD"

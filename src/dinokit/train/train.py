@@ -81,12 +81,12 @@ def train(
     weights = cfg.MODEL.WEIGHTS or None
     # checked before anything is written: a folder of its own, no other run in it, the same configuration
     with open_run_dir(output_dir, resume=resume, config=OmegaConf.to_container(cfg, resolve=True)):
-        if rank == 0:
-            if banner is not None:
-                print(banner())
-            write_config(cfg, output_dir)
-        model = SSLMetaArch(cfg)
+        if rank == 0 and banner is not None:
+            print(banner())
+        model = SSLMetaArch(cfg)  # loads the starting weights: a file that does not fit is one line, nothing written
         model.teacher.load_state_dict(model.student.state_dict())
+        if rank == 0:
+            write_config(cfg, output_dir)
         return run_on_ssl_data(model, engine_config(cfg, dev), cfg, output_dir=output_dir, device=dev, hooks=hooks,
                                resume=resume, weights=weights, stop_after=stop_after)
 
