@@ -176,8 +176,39 @@ def test_layouts_are_normalised_to_the_official_one() -> None:
         assert list(out) == list(sd), name
         assert all(out[k] is sd[k] for k in sd), name  # a filter: no copies
     assert "backbone.blocks.1.3.ls2.gamma" in teacher["teacher"]  # the input is not modified
-    with pytest.raises(DinokitError, match="holds no backbone tensors .*pass a backbone checkpoint"):
+    with pytest.raises(DinokitError) as err:
         backbone_state_dict_from_checkpoint({"optimizer": {"state": {}}, "iteration": 3})
+    assert str(err.value) == ("the checkpoint holds no ViT backbone tensors (its keys: optimizer, iteration); give a "
+                              "backbone file (hub layout, teacher_checkpoint.pth, .safetensors)")
+
+
+def test_files_without_vit_tensors_and_folders_are_named(tmp_path: Path) -> None:
+    """F11: no 'embed_dim None and None blocks', no 'does not exist' for a folder that exists."""
+    from safetensors.torch import save_file
+
+    from dinokit.models.checkpoint import check_weights_path
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({f"wrong.key{i}": torch.randn(2, 2) for i in range(6)}, str(wrong))
+    with pytest.raises(DinokitError) as err:
+        load_backbone_weights(tiny_vit(), wrong)
+    assert str(err.value) == (f"'{wrong}' holds no ViT backbone tensors (its keys: wrong.key0, wrong.key1, wrong.key2, "
+                              "wrong.key3 (+2 more)); give a backbone file (hub layout, teacher_checkpoint.pth, "
+                              ".safetensors)")
+    assert "None" not in str(err.value)
+
+    run = tmp_path / "run"
+    for iteration in (9, 10):  # the newest snapshot by number, not by name
+        save_backbone(tiny_vit(), run / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth")
+    with pytest.raises(DinokitError) as err:
+        check_weights_path(str(run), "--weights")
+    assert str(err.value) == (f"--weights '{run}' is a folder, not a weights file; give the file, e.g. "
+                              f"'{run / 'eval' / 'training_10' / 'teacher_checkpoint.pth'}'")
+    with pytest.raises(DinokitError) as err:  # the loader itself, for every command
+        load_backbone_weights(tiny_vit(), tmp_path / "run" / "eval")
+    assert str(err.value) == (f"checkpoint '{run / 'eval'}' is a folder, not a weights file; give the weights file "
+                              "(.pth, .pt or .safetensors)")
+    assert check_weights_path(str(wrong)) == wrong
 
 
 def test_teacher_checkpoint_file_loads_strictly(tmp_path: Path) -> None:

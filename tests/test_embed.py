@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from dinokit.cli import main
 from dinokit.data import ImageFiles, make_classification_eval_transform
@@ -227,12 +228,17 @@ def test_ranks_embed_strided_shards_and_gather_in_dataset_order(images, weights,
     [
         (["--weights", "w.pth", "--random-init"], "error: --random-init and --weights contradict each other; give one"),
         (["--random-init", "--num-workers", "-1"], "error: --num-workers must be >= 0, got -1"),
+        (["--weights", "."], "error: --weights '.' is a folder, not a weights file; give the file, e.g. 'w.pth'"),
+        (["--weights", "nosuch.pth"], "error: --weights 'nosuch.pth' does not exist; check the path"),
+        (["--weights", "wrong.safetensors"], "error: 'wrong.safetensors' holds no ViT backbone tensors (its keys: "
+         "wrong.key); give a backbone file (hub layout, teacher_checkpoint.pth, .safetensors)"),
     ],
 )
 def test_contradicting_or_negative_options_are_one_line(images, tmp_path, monkeypatch, capsys, extra, message) -> None:
     """F9: --random-init was silently ignored beside --weights; F27: --num-workers -1 gave a traceback."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w.pth").write_bytes(b"")
+    save_file({"wrong.key": torch.zeros(2, 2)}, str(tmp_path / "wrong.safetensors"))
     assert main(["embed", str(images), "--out", "emb.npz", "--image-size", "56", "--device", "cpu", "--no-progress",
                  *extra]) == 2
     assert capsys.readouterr().err == message + "\n"

@@ -32,7 +32,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..eval.setup import setup_eval_model
 from ..features import ExtractedFeatures, extract_features
 from ..engine.run_dir import check_writable
-from ..models.checkpoint import atomic_write
+from ..models.checkpoint import atomic_write, check_weights_path
 from ..models.registry import model_info
 
 DEFAULT_MODEL = "dinov2_vits14"
@@ -104,6 +104,8 @@ def _check_output(args: argparse.Namespace) -> Path:
 
 def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, str]:
     """The frozen backbone (built as the evaluations build it) and a short description for the summary."""
+    if args.weights:
+        check_weights_path(args.weights, "--weights")  # a folder or a missing file: one line naming the option
     if args.config_file:
         if not args.weights and not args.random_init:
             raise DinokitError("--config-file needs --weights (e.g. a teacher_checkpoint.pth), or --random-init")

@@ -78,6 +78,31 @@ def _unreadable_error(source: str, err: Exception) -> DinokitError:
 _UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
 
 
+def _weights_in_folder(folder: Path) -> str:
+    """The fix for a folder given as weights: its newest teacher snapshot (a training run), else a weights file in it."""
+    def iteration(path: Path) -> int:
+        return int(path.parent.name.rpartition("_")[2]) if path.parent.name.rpartition("_")[2].isdigit() else -1
+
+    snapshots = sorted(folder.glob("eval/training_*/teacher_checkpoint.pth"), key=iteration)
+    files = snapshots[-1:] or sorted(p for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".safetensors"))
+    if files:
+        return f"give the file, e.g. {str(files[-1] if snapshots else files[0])!r}"
+    return "give the weights file (.pth, .pt or .safetensors)"
+
+
+def check_weights_path(path_or_url: str | Path, option: str = "checkpoint") -> Path:
+    """The weights file's path; a folder or a missing file is a one-line error naming ``option`` (e.g. ``--weights``),
+    which a command calls before any work. URLs are not checked here."""
+    path = Path(path_or_url).expanduser()
+    if is_url(path_or_url):
+        return path
+    if path.is_dir():
+        raise DinokitError(f"{option} {str(path_or_url)!r} is a folder, not a weights file; {_weights_in_folder(path)}")
+    if not path.is_file():
+        raise DinokitError(f"{option} {str(path)!r} does not exist; check the path")
+    return path
+
+
 def load_state_dict_file(path_or_url: str | Path) -> dict[str, Any]:
     """Read a ``.safetensors`` or ``.pth``/``.pt`` file (or an http(s)/file URL) onto the CPU.
 
@@ -99,9 +124,7 @@ def load_state_dict_file(path_or_url: str | Path) -> dict[str, Any]:
             raise _download_error(url, err) from None
         except _UNREADABLE as err:
             raise _unreadable_error(f"{url} (cached as {str(cached)!r}; delete it to download again)", err) from None
-    path = Path(path_or_url).expanduser()
-    if not path.is_file():
-        raise DinokitError(f"checkpoint {str(path)!r} does not exist; check the path")
+    path = check_weights_path(path_or_url)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -139,13 +162,14 @@ def _strip_noise(key: str) -> str:
     return key
 
 
-def backbone_state_dict_from_checkpoint(checkpoint: Mapping[str, Any]) -> StateDict:
+def backbone_state_dict_from_checkpoint(checkpoint: Mapping[str, Any], *, source: str = "the checkpoint") -> StateDict:
     """Normalise any supported checkpoint layout to the flat official backbone layout.
 
     Handles ``{"teacher"|"model"|"state_dict": ...}`` wrappers, ``module.``/``_orig_mod.`` prefixes,
     ``teacher.backbone.``/``backbone.`` prefixes (heads such as ``dino_head.*``/``ibot_head.*`` are
     dropped), and training-time chunked keys ``blocks.<chunk>.<index>.*`` -> ``blocks.<index>.*``.
-    A pure function: the input is not modified, tensors are not copied.
+    A pure function: the input is not modified, tensors are not copied. No ViT tensor at all (neither
+    ``cls_token`` nor ``blocks.N.*``) is a one-line error naming ``source`` and the keys it holds.
     """
     sd: Mapping[str, Any] = checkpoint
     for _ in range(len(_WRAPPER_KEYS)):  # unwrap {"teacher"|"model"|"state_dict": ...}, possibly nested
@@ -159,9 +183,9 @@ def backbone_state_dict_from_checkpoint(checkpoint: Mapping[str, Any]) -> StateD
             tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             break
     out = {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in tensors.items()}
-    if not out:
-        keys = ", ".join(list(checkpoint)[:_MAX_LISTED])
-        raise DinokitError(f"the checkpoint holds no backbone tensors (its keys: {keys}); pass a backbone checkpoint")
+    if not any(k == "cls_token" or _BLOCK_INDEX.match(k) for k in out):
+        raise DinokitError(f"{source} holds no ViT backbone tensors (its keys: {_listing([str(k) for k in sd])}); "
+                           "give a backbone file (hub layout, teacher_checkpoint.pth, .safetensors)")
     return out
 
 
@@ -205,6 +229,8 @@ def _hub_name(info: Mapping[str, Any]) -> str | None:
 def _mismatch_hint(file_info: Mapping[str, Any], model_info: Mapping[str, Any]) -> str:
     """The most useful single fix for a file/model mismatch, or ''."""
     f, m = file_info, model_info
+    if f.get("embed_dim") is None or f.get("depth") is None:  # a partial state dict: the key lists say it all
+        return ""
     if (f.get("embed_dim"), f.get("depth")) != (m.get("embed_dim"), m.get("depth")):
         hint = (
             f"the file holds a ViT with embed_dim {f.get('embed_dim')} and {f.get('depth')} blocks; "
@@ -296,7 +322,7 @@ def load_backbone_weights(model: nn.Module, weights: str | Path | Mapping[str, A
     """
     source = "the state dict" if isinstance(weights, Mapping) else repr(str(weights))
     checkpoint = weights if isinstance(weights, Mapping) else load_state_dict_file(weights)
-    sd = backbone_state_dict_from_checkpoint(checkpoint)
+    sd = backbone_state_dict_from_checkpoint(checkpoint, source=source)
     check_backbone_state_dict(model, sd, source=source)
     model.load_state_dict(sd, strict=True)
     return model
