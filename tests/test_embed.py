@@ -169,7 +169,7 @@ def test_extract_features_keeps_dataset_order_and_reports_bad(images, weights) -
     np.testing.assert_allclose(result.features["cls"].numpy(), want, rtol=1e-4, atol=1e-5)
     assert not result.features["cls"].is_inference()  # usable to train probes
     model.train()
-    with pytest.warns(UserWarning, match="fp16 is not supported for CPU"):
+    with pytest.warns(UserWarning, match="fp16 is not supported on CPU; running in fp32"):
         fp16 = extract_features(model, dataset, dtype="fp16", progress=False)
     assert model.training  # mode restored
     torch.testing.assert_close(fp16.features["cls"], result.features["cls"])
@@ -243,3 +243,14 @@ def test_contradicting_or_negative_options_are_one_line(images, tmp_path, monkey
                  *extra]) == 2
     assert capsys.readouterr().err == message + "\n"
     assert not (tmp_path / "emb.npz").exists()
+
+
+def test_fp16_on_cpu_is_one_warning_line(images, tmp_path, capsys) -> None:
+    """F28: not Python's warning format with a stray source line; the features are computed in fp32."""
+    out = tmp_path / "fp16.npz"
+    assert embed(str(images / "a.png"), "--random-init", "--dtype", "fp16", "--out", str(out)) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "warning: fp16 is not supported on CPU; running in fp32\n"
+    assert "on cpu (fp32)" in captured.out
+    assert embed(str(images / "a.png"), "--random-init", "--out", str(tmp_path / "fp32.npz")) == 0
+    np.testing.assert_array_equal(np.load(out)["cls"], np.load(tmp_path / "fp32.npz")["cls"])

@@ -7,6 +7,7 @@ results are gathered on every rank, back in dataset order.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -49,12 +50,29 @@ def cls_feature_fn(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
     return {"cls": model(images)}
 
 
+FP16_ON_CPU = "fp16 is not supported on CPU; running in fp32"
+
+
+def inference_dtype(device: torch.device, dtype: torch.dtype, *, say: bool = True) -> torch.dtype:
+    """The dtype the features are computed in: ``dtype``, except fp16 on the CPU, which runs in fp32.
+
+    For commands: with ``say``, the fp32 fallback is one line on stderr (``warning: ...``, as dinokit's other
+    warnings end a command), once, when the options are resolved, rather than a Python warning with a source line.
+    """
+    if torch.device(device).type == "cpu" and dtype == torch.float16:
+        if say:
+            print(f"warning: {FP16_ON_CPU}", file=sys.stderr)
+        return torch.float32
+    return dtype
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """Autocast for bf16/fp16 where supported; fp16 on the CPU runs in fp32 (with a warning)."""
+    """Autocast for bf16/fp16 where supported; fp16 on the CPU runs in fp32 (with a warning: the commands pass
+    :func:`inference_dtype`'s result, so this one is for Python callers)."""
     if dtype in (None, torch.float32):
         return nullcontext()
     if device.type == "cpu" and dtype == torch.float16:
-        warnings.warn("fp16 is not supported for CPU inference; running in fp32", stacklevel=3)
+        warnings.warn(FP16_ON_CPU, stacklevel=3)
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

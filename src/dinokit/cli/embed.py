@@ -30,7 +30,7 @@ from ..data.transforms import make_classification_eval_transform
 from ..errors import DinokitError
 from ..devices import resolve_device, resolve_dtype
 from ..eval.setup import setup_eval_model
-from ..features import ExtractedFeatures, extract_features
+from ..features import ExtractedFeatures, inference_dtype, extract_features
 from ..engine.run_dir import check_writable
 from ..models.checkpoint import atomic_write, check_weights_path
 from ..models.registry import model_info
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         paths = resolve_image_inputs(args.input)
         dataset = ImageFiles(paths, transform=transform)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)  # float32: no autocast
+    dtype = inference_dtype(device, resolve_dtype(args.dtype, device))  # float32: no autocast; fp16 on CPU: a warning
     model, description = _build_model(args, device)
 
     # the first skipped image is named with its reason (the CLI shows each kind of warning once), the others
@@ -228,7 +228,5 @@ def run(args: argparse.Namespace) -> int:
     ok_paths = [str(paths[i]) for i in result.indices.tolist()]
     written = write_embeddings(out, arrays, ok_paths, bad_paths)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    if device.type == "cpu" and dtype == torch.float16:
-        precision = "fp32"  # extract_features runs fp16 requests in fp32 on the CPU
     print(_summary(result, model=description, device=device, dtype=precision, bad_paths=bad_paths, written=written))
     return 0

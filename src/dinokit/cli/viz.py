@@ -21,10 +21,10 @@ import numpy as np
 from torch import nn
 
 from ..data.images import resolve_image_inputs
-from ..devices import resolve_device
+from ..devices import resolve_device, resolve_dtype
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError
-from ..devices import resolve_dtype
+from ..features import inference_dtype
 from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps, resolve_block
 from ..viz.drawing import UPSAMPLE_MODES, grid, save_png, unique_stems
 from ..viz.figures import attention_figure, matches_figure, pca_figures
@@ -124,7 +124,7 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, dict]:
                            f"patch; use at least {model.patch_size}")
     print(f"backbone: {description}")
     options = {"image_size": args.image_size, "batch_size": args.batch_size, "device": device,
-               "dtype": resolve_dtype(args.dtype, device)}
+               "dtype": inference_dtype(device, resolve_dtype(args.dtype, device))}
     return model, options
 
 

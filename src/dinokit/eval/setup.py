@@ -28,7 +28,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..data import ImageDataset, make_classification_eval_transform, make_dataset
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError
-from ..features import ExtractedFeatures, cls_feature_fn, extract_features
+from ..features import ExtractedFeatures, cls_feature_fn, inference_dtype, extract_features
 from ..models import DinoVisionTransformer
 from ..models.checkpoint import atomic_write, load_backbone_weights
 from ..models.linear_classifier import feature_parts
@@ -377,7 +377,7 @@ def prepare_eval(
     if du.is_main_process():
         check_writable(output_dir)  # one line before any work
     device_ = resolve_device(device)
-    dtype_ = resolve_dtype(dtype, device_)
+    dtype_ = inference_dtype(device_, resolve_dtype(dtype, device_), say=du.is_main_process())  # fp16 on CPU: fp32
     train, val, num_classes = load_eval_datasets(train_dataset, val_dataset, image_size=image_size)
     backbone, description = setup_eval_model(
         config_file=config_file, pretrained_weights=pretrained_weights, model=model, random_init=random_init,
