@@ -14,6 +14,7 @@ from dinokit.config import backbone_from_config, load_config, write_config
 from dinokit.data import write_sample_dataset
 from dinokit.distill import DistillationTask, build_teacher, distill, resolve_teacher, student_sections
 from dinokit.engine import Engine, build_schedulers
+from dinokit.errors import DinokitError
 from dinokit.models import build_backbone
 from dinokit.models.checkpoint import save_backbone
 from dinokit.train.ssl_meta_arch import SSLMetaArch
@@ -191,6 +192,12 @@ def test_feature_distillation_from_an_official_backbone_file(images, tmp_path, c
     assert summary["iteration"] == 6 and {"feature_cls_loss", "feature_patch_loss"} <= set(lines[-1])
     assert lines[-1]["feature_cls_loss"] < lines[0]["feature_cls_loss"]  # the student moves towards the teacher
     assert (tmp_path / "run" / "eval" / "training_5" / "teacher_checkpoint.pth").is_file()
+    # a file that is not a backbone: one line naming it and what it holds
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"optimizer": {}, "iteration": 3}, wrong)
+    with pytest.raises(DinokitError) as err:
+        distill(distill_cfg(images, wrong, "distillation.loss=features"), output_dir=tmp_path / "run2", device="cpu")
+    assert str(err.value).startswith(f"'{wrong}' holds no ViT backbone tensors (its keys: optimizer, iteration)")
 
 
 def test_cosine_feature_loss_by_hand():

@@ -88,7 +88,7 @@ def build_teacher(source: TeacherSource, *, with_heads: bool) -> tuple[nn.Module
                 f"no config.yaml found beside the teacher {where!r}, so its heads cannot be built: set "
                 "distillation.teacher_config=RUN/config.yaml, or distil its tokens with distillation.loss=features"
             )
-        sd = backbone_state_dict_from_checkpoint(state)
+        sd = backbone_state_dict_from_checkpoint(state, source=repr(where))
         info = describe_backbone_state_dict(sd)
         backbone = backbone_from_config(backbone_section(info), img_size=info.get("img_size", 224))
         load_backbone_weights(backbone, sd)
@@ -96,7 +96,7 @@ def build_teacher(source: TeacherSource, *, with_heads: bool) -> tuple[nn.Module
 
     tcfg = source.config
     backbone = backbone_from_config(tcfg.student, img_size=tcfg.crops.global_crops_size)
-    load_backbone_weights(backbone, backbone_state_dict_from_checkpoint(state))
+    load_backbone_weights(backbone, backbone_state_dict_from_checkpoint(state, source=repr(where)))
     modules: dict[str, nn.Module] = {"backbone": backbone}
     if with_heads:
         inner = state.get("teacher", state)
