@@ -167,6 +167,7 @@ def test_repeated_warnings_are_shown_once_and_summarised(tmp_path, capfd, real_w
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     skips = [line for line in err if "skipping unreadable image" in line]
     assert len(skips) == 1 and "cannot identify image file" in skips[0]  # the first, with its reason
+    assert skips[0].startswith("warning: skipping unreadable image ")  # dinokit's warnings read like its errors
     assert err[-1] == ("warning: 5 image reads skipped in all (unreadable, not an image or too large); the first is "
                        "named above")
     assert len(np.load(tmp_path / "e.npz")["cls"]) == 2
@@ -428,7 +429,7 @@ def test_unreadable_last_checkpoint_falls_back_to_the_older_one_with_one_line(im
     assert cli_main(_cli(out, images)) == 0
     captured = capfd.readouterr()
     warned = [line for line in captured.err.splitlines() if "checkpoint" in line]
-    assert warned == [f"dinokit:0: UserWarning: cannot read checkpoint {out / 'checkpoints' / 'checkpoint_0000006.pth'}"
+    assert warned == [f"warning: cannot read checkpoint {out / 'checkpoints' / 'checkpoint_0000006.pth'}"
                       ": it is corrupt or truncated; resuming from the older checkpoint_0000003.pth (iteration 3)"]
     assert "resumed from iteration 3" in captured.out and "starting from scratch" not in captured.out
     _assert_same_weights(straight, out)  # the rewritten last checkpoint is the uninterrupted run's

@@ -4,7 +4,8 @@ A folder with 500 unreadable files, a data set whose PNGs all carry the same odd
 unreadable images at every iteration would otherwise print hundreds of lines, once per file and once
 per data-loading worker. Inside :func:`summarised_warnings` (the CLI runs every command in it):
 
-- the first warning of each kind is shown as usual; later ones of that kind are only counted;
+- the first warning of each kind is shown, dinokit's own as one ``warning: ...`` line (others in Python's
+  format, which names their source); later ones of that kind are only counted;
 - a kind is the warning's category and its text with paths, quoted names and numbers masked, so that
   "skipping unreadable image a.png" and "... b.png" are one kind (every skipped image is one kind);
 - the counts live in shared memory that forked data-loader workers inherit, so a warning shown by one
@@ -68,6 +69,11 @@ def warning_kind(category: type[Warning], text: str) -> str:
     return f"{category.__name__}: {_MASK.sub('#', text)}"
 
 
+def is_dinokit_warning(filename: str) -> bool:
+    """Whether a warning comes from dinokit itself (raised in its source, or by ``warn_explicit(..., "dinokit", 0)``)."""
+    return filename == "dinokit" or "/dinokit/" in filename.replace("\\", "/")
+
+
 def summary_line(count: int, first: str) -> str:
     """The end-of-command line of a kind of warning that came ``count`` times (``first``: its first text)."""
     if first.startswith("skipping "):
@@ -81,7 +87,7 @@ def summary_line(count: int, first: str) -> str:
 def summarised_warnings() -> Iterator[None]:
     """Within the block, each kind of warning is shown once; at its end, one line per repeated kind (stderr)."""
     counts = _Counts()
-    previous = warnings.showwarning
+    previous, previous_format = warnings.showwarning, warnings.formatwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         text = str(message)
@@ -89,10 +95,15 @@ def summarised_warnings() -> Iterator[None]:
         if seen is None or seen == 1:
             previous(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show
+    def format_warning(message, category, filename, lineno, line=None):
+        if is_dinokit_warning(str(filename)):  # our own warnings read like our errors: one plain line
+            return f"warning: {message}\n"
+        return previous_format(message, category, filename, lineno, line)  # a library's names its source
+
+    warnings.showwarning, warnings.formatwarning = show, format_warning
     try:
         yield
     finally:
-        warnings.showwarning = previous
+        warnings.showwarning, warnings.formatwarning = previous, previous_format
         for count, first in counts.repeated():
             print(summary_line(count, first), file=sys.stderr)

@@ -303,7 +303,7 @@ def _load(path: Path) -> ExtractedFeatures | None:
             features=features, indices=payload["indices"], targets=payload["targets"], bad=payload["bad"].tolist()
         )
     except Exception as err:  # any damage (truncation, foreign file) means: extract again
-        reason = f"{type(err).__name__}: {err}"
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}".rstrip(": ")
         warnings.warn(f"ignoring unreadable feature cache {path} ({reason}); recomputing", stacklevel=2)
         return None
 
