@@ -50,9 +50,10 @@ def _section(tp: Any) -> Any:
     return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
 
 
-def _field_type(path: str) -> Any:
-    """The annotation of the dotted ``path`` (a list index like ``[1]`` gives the item type), or None."""
-    tp: Any = SSLConfig
+def _field_type(path: str, root: type | None = None) -> Any:
+    """The annotation of the dotted ``path`` in the schema ``root`` (default: the training config; a list index
+    like ``[1]`` gives the item type), or None."""
+    tp: Any = root or SSLConfig
     for part in path.split("."):
         name, index = re.fullmatch(r"([^\[]*)(\[\d+\])?", part).groups()
         section = _section(tp)
@@ -75,7 +76,7 @@ def _describe(tp: Any) -> str:
 
 
 @functools.cache
-def _all_keys() -> tuple[str, ...]:
+def _all_keys(root: type | None = None) -> tuple[str, ...]:
     def walk(cls: type, prefix: str) -> list[str]:
         keys = []
         for name, tp in _hints(cls).items():
@@ -84,27 +85,33 @@ def _all_keys() -> tuple[str, ...]:
                 keys += walk(_section(tp), f"{prefix}{name}.")
         return keys
 
-    return tuple(walk(SSLConfig, ""))
+    return tuple(walk(root or SSLConfig, ""))
 
 
-def _unknown_key(path: str, source: str) -> DinokitError:
+def key_hint(path: str, root: type | None = None) -> str:
+    """What to tell about the unknown dotted key ``path`` of the schema ``root`` (default: the training config):
+    a close name in the same section, else a very close one at the same depth (train.epochs -> optim.epochs), else
+    in any section (threshold -> dedup.threshold); else the section's keys."""
+    root = root or SSLConfig
     parent, _, leaf = path.rpartition(".")
-    section = _section(_field_type(parent)) if parent else SSLConfig
-    # A close name in the same section, else a very close one in another (train.epochs -> optim.epochs).
-    same_depth = [k for k in _all_keys() if k.count(".") == path.count(".")]
+    section = _section(_field_type(parent, root)) if parent else root
+    every = _all_keys(root)
+    same_depth = [k for k in every if k.count(".") == path.count(".")]
     siblings = [k for k in same_depth if k.rpartition(".")[0] == parent]
     close = None
-    for keys, cutoff in ((siblings, 0.6), (same_depth, 0.8)):
+    for keys, cutoff in ((siblings, 0.6), (same_depth, 0.8), (every, 0.8)):
         leaves = {k.rpartition(".")[2].lower(): k for k in keys}
         match = difflib.get_close_matches(leaf.lower(), list(leaves), n=1, cutoff=cutoff)
         close = close or (leaves[match[0]] if match else None)
     if close:
-        hint = f"did you mean '{close}'?"
-    elif section:
-        hint = (f"keys of '{parent}': " if parent else "sections: ") + ", ".join(_hints(section))
-    else:
-        hint = f"'{parent}' is a value, not a section"
-    return DinokitError(f"unknown config key '{path}' ({hint}), in {source}")
+        return f"did you mean '{close}'?"
+    if section:
+        return (f"keys of '{parent}': " if parent else "sections: ") + ", ".join(_hints(section))
+    return f"'{parent}' is a value, not a section"
+
+
+def _unknown_key(path: str, source: str) -> DinokitError:
+    return DinokitError(f"unknown config key '{path}' ({key_hint(path)}), in {source}")
 
 
 def _format_value(value: Any) -> str:

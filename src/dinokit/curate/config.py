@@ -7,7 +7,6 @@ settings skips it and a changed knob reruns that stage and everything after it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -15,6 +14,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..config.loading import key_hint
 from ..errors import DinokitError
 
 
@@ -157,19 +157,7 @@ def _check_override_keys(overrides: Sequence[str]) -> None:
         parent = next((k for k in leaves if key.startswith(k + ".")), None)
         if parent:
             raise DinokitError(f"curate key '{parent}' is a value, not a section (in '{override}')")
-        section, _, leaf = key.rpartition(".")
-        siblings = {k.rpartition(".")[2]: k for k in leaves if k.rpartition(".")[0] == section}
-        close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
-        close = [siblings[close[0]]] if close else difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.8)
-        if not close:  # the right name in another section (threshold -> dedup.threshold)
-            by_leaf = {k.rpartition(".")[2]: k for k in reversed(list(leaves))}
-            close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)]
-        if close:
-            hint = f"did you mean '{close[0]}'?"
-        elif section in sections:
-            hint = f"keys of '{section}': " + ", ".join(siblings)
-        else:
-            hint = "keys: " + ", ".join(k for k in leaves if "." not in k) + "; sections: " + ", ".join(sections)
+        hint = key_hint(key, CurateConfig)  # the closest key, as dinokit train says it
         raise DinokitError(f"unknown curate key '{key}' ({hint}); see 'dinokit curate run --help'")
 
 
