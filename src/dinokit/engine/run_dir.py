@@ -181,6 +181,7 @@ def open_run_dir(
     main = dist_utils.is_main_process()
     lock = None
     if main:
+        created = not out.exists()
         _check_folder(out)
         found = list_checkpoints(out / "checkpoints")
         if found and not resume:
@@ -202,11 +203,15 @@ def open_run_dir(
                 print(f"resuming with changed settings: {_listing(accepted, 5)}")
         lock = _take_lock(out)
         _remove_partial_files(out)
+    failed = True
     try:
         yield out
+        failed = False
     finally:
         if lock is not None:
             lock.unlink(missing_ok=True)
+            if failed and created and not any(out.iterdir()):  # stopped before writing anything: no folder left
+                out.rmdir()
 
 
 def _remove_partial_files(out: Path) -> None:
