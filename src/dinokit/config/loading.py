@@ -333,7 +333,7 @@ _NON_NEGATIVE = (
     "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs", "optim.base_lr",
     "optim.min_lr", "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight",
     "train.freeze_backbone_epochs", "optim.backbone_lr_mult", "gram.loss_weight", "gram.it_first_update",
-    "crops.color_jitter_strength", "student.layerscale",
+    "crops.color_jitter_strength", "student.layerscale", "train.head_chunk_rows",
 )  # fmt: skip
 _FRACTION_PAIRS = ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max")
 
@@ -376,8 +376,28 @@ def validate(cfg: DictConfig) -> None:
     knn = cfg.evaluation.knn_dataset
     if knn is not None and (knn.train is None) != (knn.val is None):
         raise DinokitError("set both evaluation.knn_dataset.train and evaluation.knn_dataset.val, or neither")
+    _validate_step_levers(cfg)
     _validate_stages(cfg)
     check_inert_keys(cfg)
+
+
+def _validate_step_levers(cfg: DictConfig) -> None:
+    """``train.packed_crops`` runs the blocks' parts outside the blocks' own forward: nothing may wrap the blocks."""
+    if cfg.train.packed_crops:
+        for key in ("train.compile", "train.activation_checkpointing"):
+            if OmegaConf.select(cfg, key):
+                raise DinokitError(f"train.packed_crops does not combine with {key} (the packed forward bypasses the "
+                                   f"wrapped blocks); set one of them to false")
+
+
+def check_step_levers(train_cfg, world_size: int) -> None:
+    """``train.packed_crops`` and ``train.head_chunk_rows`` call the modules' parts directly, which FSDP2's
+    sharded modules do not allow: one process only."""
+    if world_size > 1:
+        for key, value in (("packed_crops", train_cfg.packed_crops), ("head_chunk_rows", train_cfg.head_chunk_rows)):
+            if value:
+                raise DinokitError(f"train.{key} works in one process only (FSDP2 shards the modules it calls "
+                                   f"piecewise) and this run has {world_size}; remove it")
 
 
 def _validate_stages(cfg: DictConfig) -> None:

@@ -77,7 +77,8 @@ class DistillationTask(SSLObjective, Task):
         self.loss_kind, self.ibot_positions = dist.loss, dist.ibot_positions
         self.feature_loss, self.feature_patch_weight = dist.feature_loss, dist.feature_patch_weight
         dino, ibot = cfg.dino, cfg.ibot
-        self.configure_objective(dino, ibot, cfg.train.centering)
+        self.configure_objective(dino, ibot, cfg.train.centering, packed_crops=cfg.train.packed_crops,
+                                 head_chunk_rows=cfg.train.head_chunk_rows)
 
         self.teacher = teacher.requires_grad_(False)
         t_dim = teacher.backbone.embed_dim

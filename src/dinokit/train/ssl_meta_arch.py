@@ -19,7 +19,9 @@ from ..config import backbone_from_config
 from ..engine.task import Export, LossOutput, Task, ema_update
 from ..layers import DINOHead
 from ..losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
+from ..losses.chunked import chunked_dino_loss, chunked_ibot_loss
 from ..models.checkpoint import load_state_dict_file
+from ..models.packed import forward_features_packed
 from .health import CollapseCheck, teacher_health
 from .weights import (
     chunked_backbone_keys,
@@ -59,9 +61,12 @@ class SSLObjective:
     with ``backbone``, ``dino_head`` and optionally ``ibot_head``.
     """
 
-    def configure_objective(self, dino, ibot, centering: str, gram=None) -> None:
+    def configure_objective(self, dino, ibot, centering: str, gram=None, *, packed_crops: bool = False,
+                            head_chunk_rows: int = 0) -> None:
         """Set the flags, weights and loss modules from the ``dino``, ``ibot`` (and ``gram``) sections and
-        ``train.centering``."""
+        ``train.centering``; ``packed_crops`` and ``head_chunk_rows`` (``train.*``) choose how the student's
+        forward and heads are computed (same values; see :meth:`student_losses`)."""
+        self.packed_crops, self.head_chunk_rows = packed_crops, head_chunk_rows
         self.dino_weight, self.koleo_weight, self.ibot_weight = dino.loss_weight, dino.koleo_loss_weight, ibot.loss_weight
         self.do_dino = dino.loss_weight > 0
         self.do_koleo = dino.koleo_loss_weight > 0
@@ -148,7 +153,10 @@ class SSLObjective:
             crops.append(local_crops)
             masks.append(None)
         with torch.no_grad() if freeze_backbone else contextlib.nullcontext():
-            outs = student.backbone(crops, masks=masks, is_training=True)
+            if self.packed_crops and len(crops) > 1:
+                outs = forward_features_packed(student.backbone, crops, masks)
+            else:
+                outs = student.backbone(crops, masks=masks, is_training=True)
         global_out = outs[0]
         global_cls = global_out["x_norm_clstoken"]  # (2B, D)
         local_cls = outs[1]["x_norm_clstoken"] if n_local else global_cls[:0]  # (n_l*B, D)
@@ -157,7 +165,9 @@ class SSLObjective:
         # One head call over [local cls; global cls; (masked patches)] when the heads are shared.
         n_l_rows, n_g_rows = local_cls.shape[0], global_cls.shape[0]
         student_patch_logits = None
-        if self.do_ibot and not self.ibot_separate_head:
+        if self.head_chunk_rows:
+            pass  # the heads run inside the chunked losses below
+        elif self.do_ibot and not self.ibot_separate_head:
             logits = student.dino_head(torch.cat((local_cls, global_cls, masked_patches)))
             local_logits, global_logits = logits[:n_l_rows], logits[n_l_rows : n_l_rows + n_g_rows]
             student_patch_logits = logits[n_l_rows + n_g_rows :]
@@ -176,10 +186,18 @@ class SSLObjective:
         total = global_cls.new_zeros(())
         if self.do_dino:
             if n_local:
-                local_loss = self.dino_loss(list(local_logits.chunk(n_local)), list(dino_probs.unbind(0))) / denom
+                if self.head_chunk_rows:
+                    local_loss = self._chunked_dino(student, list(local_cls.chunk(n_local)), list(dino_probs.unbind(0)))
+                else:
+                    local_loss = self.dino_loss(list(local_logits.chunk(n_local)), list(dino_probs.unbind(0)))
+                local_loss = local_loss / denom
                 terms["dino_local_crops_loss"] = local_loss
                 total = total + self.dino_weight * local_loss
-            global_loss = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)]) * loss_scales / denom
+            if self.head_chunk_rows:
+                global_loss = self._chunked_dino(student, [global_cls], [dino_probs.flatten(0, 1)])
+            else:
+                global_loss = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)])
+            global_loss = global_loss * loss_scales / denom
             terms["dino_global_crops_loss"] = global_loss
             total = total + self.dino_weight * global_loss
         if self.do_koleo:
@@ -187,13 +205,16 @@ class SSLObjective:
             terms["koleo_loss"] = koleo / loss_scales
             total = total + koleo
         if self.do_ibot:
-            ibot = self.ibot_patch_loss.forward_masked(
-                student_patch_logits,
-                ibot_probs,
-                student_masks_flat=ibot_masks_flat,
-                n_masked_patches=n_patches,
-                masks_weight=masks_weight,
-            )
+            if self.head_chunk_rows:
+                ibot = self._chunked_ibot(student, masked_patches, ibot_probs, ibot_masks_flat, n_patches, masks_weight)
+            else:
+                ibot = self.ibot_patch_loss.forward_masked(
+                    student_patch_logits,
+                    ibot_probs,
+                    student_masks_flat=ibot_masks_flat,
+                    n_masked_patches=n_patches,
+                    masks_weight=masks_weight,
+                )
             ibot = ibot * loss_scales * 0.5  # x loss_scales x 1/n_global_crops, as the official code
             terms["ibot_loss"] = ibot / loss_scales
             total = total + self.ibot_weight * ibot
@@ -204,6 +225,22 @@ class SSLObjective:
                 total = total + self.gram_weight * gram
             terms["gram_loss"] = gram
         return LossOutput(total=total, terms=terms)
+
+    def _chunked_dino(self, student: nn.ModuleDict, tokens: list[torch.Tensor], probs: list[torch.Tensor]) -> torch.Tensor:
+        """``self.dino_loss`` of ``dino_head(tokens)``, ``head_chunk_rows`` rows of logits at a time."""
+        return chunked_dino_loss(student.dino_head, tokens, probs, student_temp=self.dino_loss.student_temp,
+                                 chunk_rows=self.head_chunk_rows)
+
+    def _chunked_ibot(self, student: nn.ModuleDict, patches: torch.Tensor, probs: torch.Tensor, masks: torch.Tensor,
+                      n_patches, masks_weight: torch.Tensor | None) -> torch.Tensor:
+        """``ibot_patch_loss.forward_masked`` of the iBOT head on ``patches``, ``head_chunk_rows`` rows at a time."""
+        if masks_weight is None:  # forward_masked's default: 1 / (masked patches of the row's image)
+            masks_weight = (1 / masks.sum(dim=-1, keepdim=True).clamp(min=1.0)).expand_as(masks)[masks]
+        if n_patches is not None:  # rows past n_patches are padding
+            patches, probs, masks_weight = patches[:n_patches], probs[:n_patches], masks_weight[:n_patches]
+        head = student.ibot_head if self.ibot_separate_head else student.dino_head
+        return chunked_ibot_loss(head, patches, probs, masks_weight, masks.shape[0],
+                                 student_temp=self.ibot_patch_loss.student_temp, chunk_rows=self.head_chunk_rows)
 
     def _gram_tokens(self, student: torch.Tensor, teacher: torch.Tensor,
                      masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +266,8 @@ class SSLMetaArch(SSLObjective, Task):
     def __init__(self, cfg) -> None:
         super().__init__()
         dino, ibot, gram = cfg.dino, cfg.ibot, cfg.gram
-        self.configure_objective(dino, ibot, cfg.train.centering, gram)
+        self.configure_objective(dino, ibot, cfg.train.centering, gram, packed_crops=cfg.train.packed_crops,
+                                 head_chunk_rows=cfg.train.head_chunk_rows)
         self.block_chunks = cfg.student.block_chunks
         self.freeze_backbone_iters = cfg.train.freeze_backbone_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
 

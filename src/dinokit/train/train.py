@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import apply_scaling_rules, compute_dtype, write_config
+from ..config import apply_scaling_rules, check_step_levers, compute_dtype, write_config
 from ..config.schema import DistillationConfig
 from ..devices import resolve_device
 from ..engine import Engine, EngineConfig, Hook, build_schedulers, init_run
@@ -74,6 +74,7 @@ def train(
     check_stage_weights(cfg)
     check_tracker(cfg.train.tracker)
     rank, world = init_run(cfg.train.seed)
+    check_step_levers(cfg.train, world)
     output_dir = Path(output_dir)
     cfg.train.output_dir = str(output_dir)
     apply_scaling_rules(cfg, world)
