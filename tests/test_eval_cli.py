@@ -81,8 +81,10 @@ def test_linear_saves_hub_heads_and_feeds_knn_cache(sample, tmp_path, capsys, mo
 
 def test_linear_with_augmentation(sample, tmp_path):
     extra = ("--epochs", "1", "--epoch-length", "3", "--batch-size", "8", "--learning-rates", "0.1",
-             "--n-last-blocks", "1")
-    assert main(["eval", "linear", *args(sample, tmp_path, *extra)]) == 0
+             "--n-last-blocks", "1", "50")
+    # a value beyond the depth is left out, and said so (not silently)
+    with pytest.warns(UserWarning, match="--n-last-blocks 50 left out: the backbone has 4 blocks"):
+        assert main(["eval", "linear", *args(sample, tmp_path, *extra)]) == 0
     (result,) = read_lines(tmp_path / "results_eval_linear.json")
     assert result["augment"] is True and result["n_last_blocks"] == 1
     assert set(result["head_files"]) == {"best", "layers_1"}

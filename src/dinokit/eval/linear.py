@@ -16,6 +16,7 @@ faster, usually a little less accurate.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -262,7 +263,7 @@ def check_linear_options(
     """The linear-probe settings, the first wrong one named in one line (by its ``dinokit eval linear`` option).
 
     ``depth``, the backbone's number of blocks, when known: --n-last-blocks must leave at least one value within it
-    (larger values are left out). The command calls this before the model is built and again with ``depth`` right
+    (larger values are left out, with a warning). The command calls this before the model is built and again with ``depth`` right
     after, before any folder or feature is written; :func:`linear_protocol` calls it for Python callers.
     """
     for name, value in (("--epochs", epochs), ("--epoch-length", epoch_length), ("--batch-size", batch_size)):
@@ -297,6 +298,9 @@ def linear_protocol(
     check_linear_options(epochs=epochs, epoch_length=epoch_length, batch_size=batch_size,
                          learning_rates=learning_rates, n_last_blocks=n_last_blocks, depth=depth)
     usable = [n for n in n_last_blocks if n <= depth]
+    if len(usable) < len(n_last_blocks):
+        left_out = " ".join(str(n) for n in n_last_blocks if n > depth)
+        warnings.warn(f"--n-last-blocks {left_out} left out: the backbone has {depth} blocks", stacklevel=2)
     val = ctx.features("val", "linear")
     settings = probe_settings(learning_rates=learning_rates, n_last_blocks=usable,
                               total_batch=batch_size * du.get_world_size())
