@@ -164,6 +164,12 @@ def test_model_weights_starts_from_an_explicit_checkpoint(images, tmp_path):
     first = tmp_path / "first"
     train(tiny_cfg(images), output_dir=first, stop_after=3)
     ckpt = first / "checkpoints" / "checkpoint_0000003.pth"
+    # a checkpoint that fails to load stops the run before it writes anything: no config.yaml, no folder
+    torn = tmp_path / "torn.pth"
+    torn.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(DinokitError, match="torn.pth': it is corrupt or truncated"):
+        train(tiny_cfg(images, f"MODEL.WEIGHTS={torn}"), output_dir=tmp_path / "second")
+    assert not (tmp_path / "second").exists()
     summary = train(tiny_cfg(images, f"MODEL.WEIGHTS={ckpt}"), output_dir=tmp_path / "second")
     assert summary["iteration"] == 6
     lines = [json.loads(l) for l in (tmp_path / "second" / "training_metrics.json").read_text().splitlines()]

@@ -118,15 +118,17 @@ def distill(
                       f"{name or 'the student'} ({s.arch})" for name, s in students.items())
                   + f", {len(make_dataset(cfg.train.dataset_path))} images found in {cfg.train.dataset_path}")
         task = DistillationTask(cfg, teacher=teacher, students=students)  # starting weights that do not fit: one line
-        if rank == 0:
-            write_config(cfg, output_dir)
-            for name, section in students.items():
-                if name:
-                    write_config(student_config(cfg, section), output_dir / name)
+
+        def write_configs() -> None:  # once the checkpoint to resume from (if any) has loaded
+            if rank == 0:
+                write_config(cfg, output_dir)
+                for name, section in students.items():
+                    if name:
+                        write_config(student_config(cfg, section), output_dir / name)
         settings = engine_config(cfg, dev)
         precision = cfg.compute_precision.student
         settings.reshard_after_forward = {f"{key}.{part}": precision[part].sharding_strategy == "FULL_SHARD"
                                           for key, student in task.students.items() for part in student
                                           if part in ("backbone", "dino_head", "ibot_head")}
         return run_on_ssl_data(task, settings, cfg, output_dir=output_dir, device=dev, hooks=hooks, resume=resume,
-                               weights=weights, stop_after=stop_after)
+                               weights=weights, stop_after=stop_after, on_restored=write_configs)

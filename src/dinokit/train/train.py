@@ -86,10 +86,9 @@ def train(
             print(banner())
         model = SSLMetaArch(cfg)  # loads the starting weights: a file that does not fit is one line, nothing written
         model.teacher.load_state_dict(model.student.state_dict())
-        if rank == 0:
-            write_config(cfg, output_dir)
         return run_on_ssl_data(model, engine_config(cfg, dev), cfg, output_dir=output_dir, device=dev, hooks=hooks,
-                               resume=resume, weights=weights, stop_after=stop_after)
+                               resume=resume, weights=weights, stop_after=stop_after,
+                               on_restored=lambda: write_config(cfg, output_dir) if rank == 0 else None)
 
 
 def check_stage_weights(cfg: DictConfig) -> None:
@@ -100,10 +99,16 @@ def check_stage_weights(cfg: DictConfig) -> None:
 
 
 def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir: Path, device: torch.device,
-                    hooks: Iterable[Hook], resume: bool, weights, stop_after: int | None) -> dict[str, Any]:
-    """Run ``task`` on the engine, fed by the multi-crop stream of ``cfg`` (pretraining and distillation alike)."""
+                    hooks: Iterable[Hook], resume: bool, weights, stop_after: int | None,
+                    on_restored: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run ``task`` on the engine, fed by the multi-crop stream of ``cfg`` (pretraining and distillation alike).
+
+    ``on_restored`` runs once the run's or ``weights``' checkpoint is loaded, before the first step: the caller
+    writes its config.yaml there, so that a checkpoint that fails to load leaves the folder as it was."""
     engine = Engine(task, settings, output_dir=output_dir, device=device, schedules=build_schedulers(cfg), hooks=hooks)
     start = engine.restore(resume=resume, weights=weights)
+    if on_restored is not None:
+        on_restored()
     return engine.run(
         lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=device.type == "cuda"),
         start_iter=start,
