@@ -106,12 +106,13 @@ def key_hint(path: str, root: type | None = None) -> str:
     if close:
         return f"did you mean '{close}'?"
     if section:
-        return (f"keys of '{parent}': " if parent else "sections: ") + ", ".join(_hints(section))
+        top = "sections: " if all(_section(tp) for tp in _hints(section).values()) else "top-level keys: "
+        return (f"keys of '{parent}': " if parent else top) + ", ".join(_hints(section))
     return f"'{parent}' is a value, not a section"
 
 
-def _unknown_key(path: str, source: str) -> DinokitError:
-    return DinokitError(f"unknown config key '{path}' ({key_hint(path)}), in {source}")
+def _unknown_key(path: str, source: str, root: type, noun: str) -> DinokitError:
+    return DinokitError(f"unknown {noun} '{path}' ({key_hint(path, root)}), in {source}")
 
 
 def _format_value(value: Any) -> str:
@@ -122,7 +123,7 @@ def _format_value(value: Any) -> str:
     return repr(value)
 
 
-def _check_keys(data: dict, cls: type, prefix: str, source: str) -> dict:
+def _check_keys(data: dict, cls: type, prefix: str, source: str, root: type, noun: str) -> dict:
     """``data`` checked for unknown keys and scalars given to sections, with full dotted keys in the errors.
 
     A null section (``evaluation:`` with its keys commented out) is dropped: YAML's way to say "empty".
@@ -132,35 +133,38 @@ def _check_keys(data: dict, cls: type, prefix: str, source: str) -> dict:
         path = f"{prefix}{key}"
         tp = _hints(cls).get(str(key))
         if tp is None:
-            raise _unknown_key(path, source)
+            raise _unknown_key(path, source, root, noun)
         section = _section(tp)
         if isinstance(value, dict) and value and not section:
-            raise _unknown_key(f"{path}.{next(iter(value))}", source)
+            raise _unknown_key(f"{path}.{next(iter(value))}", source, root, noun)
         if section and isinstance(value, dict):
-            value = _check_keys(value, section, path + ".", source)
+            value = _check_keys(value, section, path + ".", source, root, noun)
         elif section and value is None and section is tp:
             continue
         elif section and value is not None:
-            raise DinokitError(f"config key '{path}' expects {_describe(tp)}, got {_format_value(value)}, in {source}")
+            raise DinokitError(f"{noun} '{path}' expects {_describe(tp)}, got {_format_value(value)}, in {source}")
         checked[key] = value
     return checked
 
 
-def _merge(cfg: DictConfig, data: Any, source: str) -> DictConfig:
+def merge_checked(cfg: DictConfig, data: Any, source: str, root: type = SSLConfig, noun: str = "config key") -> DictConfig:
+    """``cfg`` (a structured config of the dataclass ``root``) with ``data`` merged in; an unknown key (with the
+    closest known one), a value given to a section or of the wrong type is one line naming the ``noun`` and
+    ``source``. The training config and the curation settings load through this."""
     if data is None:
         return cfg
     if not isinstance(data, dict):
         raise DinokitError(f"{source} must hold a mapping of config sections, got {_format_value(data)}")
-    data = _check_keys(data, SSLConfig, "", source)
+    data = _check_keys(data, root, "", source, root, noun)
     try:
         return typing.cast(DictConfig, OmegaConf.merge(cfg, data))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         if not key:
             raise DinokitError(f"invalid config in {source}: {str(err).splitlines()[0]}") from err
-        expected = _describe(_field_type(key))
+        expected = _describe(_field_type(key, root))
         got = _format_value(err.value)
-        raise DinokitError(f"config key '{key}' expects {expected}, got {got}, in {source}") from err
+        raise DinokitError(f"{noun} '{key}' expects {expected}, got {got}, in {source}") from err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,12 +230,13 @@ def _parse_value(raw: str, tp: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else raw
 
 
-def _override_to_dict(text: str) -> dict:
+def override_to_dict(text: str, root: type = SSLConfig, example: str = "optim.epochs=2") -> dict:
+    """A ``key=value`` override of the schema ``root`` as a nested mapping (values typed by the key's field)."""
     key, sep, raw = text.partition("=")  # the first "=": values like "Sample:split=TRAIN" keep theirs
     key = key.strip()
     if not sep or not key:
-        raise DinokitError(f"override '{text}' is not key=value; write e.g. optim.epochs=2")
-    nested: Any = _parse_value(raw.strip(), _field_type(key))
+        raise DinokitError(f"override '{text}' is not key=value; write e.g. {example}")
+    nested: Any = _parse_value(raw.strip(), _field_type(key, root))
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
@@ -250,9 +255,9 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError as err:
             first = str(err).replace("\n", " ")
             raise DinokitError(f"{source} is not valid YAML ({first}); fix the file") from err
-        cfg = _merge(cfg, data, source)
+        cfg = merge_checked(cfg, data, source)
     for text in overrides:
-        cfg = _merge(cfg, _override_to_dict(text), f"override '{text}'")
+        cfg = merge_checked(cfg, override_to_dict(text), f"override '{text}'")
     validate(cfg)
     return cfg
 

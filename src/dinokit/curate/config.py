@@ -6,16 +6,15 @@ settings skips it and a changed knob reruns that stage and everything after it.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from ..config.loading import key_hint
+from ..config.loading import merge_checked, override_to_dict
 from ..errors import DinokitError
+
+NOUN = "curate key"  # how messages name a setting
 
 
 @dataclass
@@ -121,61 +120,15 @@ class CurateConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-def _fields(cls: type) -> dict[str, typing.Any]:
-    return typing.get_type_hints(cls)
-
-
-def _leaf_keys() -> dict[str, typing.Any]:
-    """Every settable dotted key (``pool``, ``dedup.threshold``, ...) -> its annotation."""
-    keys = {}
-    for name, tp in _fields(CurateConfig).items():
-        if dataclasses.is_dataclass(tp):
-            keys.update({f"{name}.{sub}": sub_tp for sub, sub_tp in _fields(tp).items()})
-        else:
-            keys[name] = tp
-    return keys
-
-
-def _describe(tp: typing.Any) -> str:
-    if typing.get_origin(tp) is list:
-        return "a list of integers, e.g. [1000,100]"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _check_override_keys(overrides: Sequence[str]) -> None:
-    """One line naming an unknown key (with the closest known one), a section set as a value, or a value used
-    as a section, as ``dinokit train`` does for its config keys."""
-    leaves = _leaf_keys()
-    sections = [n for n, tp in _fields(CurateConfig).items() if dataclasses.is_dataclass(tp)]
-    for override in overrides:
-        key = override.partition("=")[0].strip()
-        if key in leaves:
-            continue
-        if key in sections:
-            example = next(k for k in leaves if k.startswith(key + "."))
-            raise DinokitError(f"curate key '{key}' is a section; set one of its keys, e.g. {example}=...")
-        parent = next((k for k in leaves if key.startswith(k + ".")), None)
-        if parent:
-            raise DinokitError(f"curate key '{parent}' is a value, not a section (in '{override}')")
-        hint = key_hint(key, CurateConfig)  # the closest key, as dinokit train says it
-        raise DinokitError(f"unknown curate key '{key}' ({hint}); see 'dinokit curate run --help'")
-
-
 def make_config(base: dict | None = None, overrides: Sequence[str] = ()) -> CurateConfig:
-    """A checked :class:`CurateConfig` from ``base`` (e.g. the saved one) and ``key=value`` overrides."""
-    _check_override_keys(overrides)
-    schema = OmegaConf.structured(CurateConfig)
-    try:
-        cfg = OmegaConf.merge(schema, base or {}, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or ""
-        tp = _leaf_keys().get(key)
-        if tp is not None:  # a value of the wrong type
-            given = next((o.partition("=")[2] for o in reversed(overrides) if o.partition("=")[0].strip() == key), None)
-            value = f", not {given!r}" if given is not None else ""
-            raise DinokitError(f"curate key '{key}' must be {_describe(tp)}{value}") from None
-        raise DinokitError(f"bad curation setting {key!r}: {str(err).splitlines()[0]}; "
-                           "see 'dinokit curate run --help'") from None
+    """A checked :class:`CurateConfig` from ``base`` (e.g. the saved one) and ``key=value`` overrides.
+
+    Keys and types are checked as the training config's are (one line naming the key and the closest known one).
+    """
+    cfg = merge_checked(OmegaConf.structured(CurateConfig), base or {}, "the curation settings", CurateConfig, NOUN)
+    for text in overrides:
+        cfg = merge_checked(cfg, override_to_dict(text, CurateConfig, "dedup.threshold=0.9"), f"override '{text}'",
+                            CurateConfig, NOUN)
     config: CurateConfig = OmegaConf.to_object(cfg)
     _check(config)
     return config
