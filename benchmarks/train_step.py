@@ -7,6 +7,10 @@ Synthetic images, the official vitl14 recipe otherwise (heads, iBOT, KoLeo, Sink
 ``dinokit train`` does (``crops.augmentation=pil|tensor|device`` among the trailing ``KEY=VALUE`` overrides;
 ``device`` makes the crops on the GPU), with ``train.num_workers`` data workers; the timed steps then include
 waiting for data. ``--device cpu`` runs it anywhere (the tests use it with a tiny config).
+
+``--variants`` times the step four times in one process, side by side: plain, with ``train.packed_crops``
+(eager only: the packed forward bypasses compiled blocks), with ``train.head_chunk_rows`` (``--chunk-rows``),
+and with both; each line carries its speed relative to the plain step.
 """
 
 from __future__ import annotations
@@ -40,22 +44,19 @@ def synthetic_batch(cfg, batch_size: int):
     return collate(samples)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", default="vitl14")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--ac", action="store_true")
-    p.add_argument("--data", help="an image folder: real decoding + augmentation instead of synthetic crops")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("opts", nargs="*")
-    args = p.parse_args(argv)
+VARIANTS = {"plain": [], "packed": ["train.packed_crops=true"], "chunked": ["train.head_chunk_rows={rows}"],
+            "packed+chunked": ["train.packed_crops=true", "train.head_chunk_rows={rows}"]}
+
+
+def measure(args, opts: list[str]) -> dict:
+    """Images/s, step time and peak memory of the training step with the config overrides ``opts``."""
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = True
     data = [f"train.dataset_path=ImageFolder:root={args.data}"] if args.data else []
-    cfg = load_config(args.config, [f"train.batch_size_per_gpu={args.batch}", *data, *args.opts])
+    cfg = load_config(args.config, [f"train.batch_size_per_gpu={args.batch}", *data, *opts])
+    if args.compile and cfg.train.packed_crops:
+        raise SystemExit("--compile compiles the blocks, which train.packed_crops bypasses: leave one out")
+    torch.manual_seed(0)  # the same initial weights and synthetic crops for every variant
     model = SSLMetaArch(cfg)
     model.teacher.load_state_dict(model.student.state_dict())
     settings = engine_config(cfg, dev)
@@ -80,12 +81,39 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    res = {"images_per_s": round(args.batch * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),
-           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
-           "compile": args.compile, "data": "synthetic" if not args.data else cfg.crops.augmentation,
-           "num_workers": cfg.train.num_workers if args.data else 0, "loss": float(out.total.detach())}
-    print(json.dumps(res), flush=True)
-    return res
+    return {"images_per_s": round(args.batch * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
+            "compile": args.compile, "data": "synthetic" if not args.data else cfg.crops.augmentation,
+            "num_workers": cfg.train.num_workers if args.data else 0, "loss": float(out.total.detach())}
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="vitl14")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--ac", action="store_true")
+    p.add_argument("--data", help="an image folder: real decoding + augmentation instead of synthetic crops")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--variants", action="store_true", help="plain, packed crops, chunked heads and both, side by side")
+    p.add_argument("--chunk-rows", type=int, default=4096, help="train.head_chunk_rows of the chunked variants")
+    p.add_argument("opts", nargs="*")
+    args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if not args.variants:
+        res = measure(args, args.opts)
+        print(json.dumps(res), flush=True)
+        return res
+    results = []
+    for name, extra in VARIANTS.items():
+        if args.compile and "train.packed_crops=true" in extra:
+            continue  # the packed forward runs eager only
+        res = {"variant": name, **measure(args, [*args.opts, *(o.format(rows=args.chunk_rows) for o in extra)])}
+        res["vs_plain"] = round(res["images_per_s"] / results[0]["images_per_s"], 2) if results else 1.0
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    return results
 
 
 if __name__ == "__main__":

@@ -27,3 +27,14 @@ def test_train_step_benchmark_runs_on_synthetic_and_real_data(train_step, source
     result = train_step.main([*args, *tiny, *([f"crops.augmentation={source}"] if source != "synthetic" else [])])
     assert result["data"] == source and result["images_per_s"] > 0 and math.isfinite(result["loss"])
     assert result["peak_mem_gb"] is None  # no CUDA memory figure on the CPU
+
+
+def test_train_step_benchmark_times_the_levers_side_by_side(train_step):
+    tiny = [o for o in tiny_run(batch=2, local_crops=2) if not o.startswith("train.batch_size_per_gpu")]
+    args = ["--device", "cpu", "--config", "demo", "--batch", "2", "--steps", "1", "--variants", "--chunk-rows", "7"]
+    results = train_step.main([*args, *tiny])
+    assert [r["variant"] for r in results] == ["plain", "packed", "chunked", "packed+chunked"]
+    assert results[0]["vs_plain"] == 1.0 and all(r["vs_plain"] > 0 for r in results)
+    # the same model, crops and steps: the levers change how the losses are computed, not their values
+    for r in results[1:]:
+        assert r["loss"] == pytest.approx(results[0]["loss"], rel=1e-4), r["variant"]
