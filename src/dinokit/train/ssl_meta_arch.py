@@ -165,13 +165,12 @@ class SSLObjective:
         # One head call over [local cls; global cls; (masked patches)] when the heads are shared.
         n_l_rows, n_g_rows = local_cls.shape[0], global_cls.shape[0]
         student_patch_logits = None
-        if self.head_chunk_rows:
-            pass  # the heads run inside the chunked losses below
-        elif self.do_ibot and not self.ibot_separate_head:
+        chunked = self.head_chunk_rows > 0  # then the heads run inside the chunked losses below
+        if not chunked and self.do_ibot and not self.ibot_separate_head:
             logits = student.dino_head(torch.cat((local_cls, global_cls, masked_patches)))
             local_logits, global_logits = logits[:n_l_rows], logits[n_l_rows : n_l_rows + n_g_rows]
             student_patch_logits = logits[n_l_rows + n_g_rows :]
-        else:
+        elif not chunked:
             if self.do_dino:
                 logits = student.dino_head(torch.cat((local_cls, global_cls)))
                 local_logits, global_logits = logits[:n_l_rows], logits[n_l_rows:]
@@ -186,14 +185,14 @@ class SSLObjective:
         total = global_cls.new_zeros(())
         if self.do_dino:
             if n_local:
-                if self.head_chunk_rows:
+                if chunked:
                     local_loss = self._chunked_dino(student, list(local_cls.chunk(n_local)), list(dino_probs.unbind(0)))
                 else:
                     local_loss = self.dino_loss(list(local_logits.chunk(n_local)), list(dino_probs.unbind(0)))
                 local_loss = local_loss / denom
                 terms["dino_local_crops_loss"] = local_loss
                 total = total + self.dino_weight * local_loss
-            if self.head_chunk_rows:
+            if chunked:
                 global_loss = self._chunked_dino(student, [global_cls], [dino_probs.flatten(0, 1)])
             else:
                 global_loss = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)])
@@ -205,7 +204,7 @@ class SSLObjective:
             terms["koleo_loss"] = koleo / loss_scales
             total = total + koleo
         if self.do_ibot:
-            if self.head_chunk_rows:
+            if chunked:
                 ibot = self._chunked_ibot(student, masked_patches, ibot_probs, ibot_masks_flat, n_patches, masks_weight)
             else:
                 ibot = self.ibot_patch_loss.forward_masked(
