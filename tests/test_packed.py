@@ -107,3 +107,34 @@ def test_packed_training_with_stochastic_depth():
         eval_out = forward_features_packed(model.eval(), x_list, masks_list)
         for a, b in zip(train_out, eval_out):
             assert torch.isfinite(a["x_prenorm"]).all() and not torch.allclose(a["x_prenorm"], b["x_prenorm"])
+
+
+def test_the_packed_block_compiles_as_one_graph_for_every_block():
+    """``train.compile`` with ``train.packed_crops`` runs ``torch.compile(packed_block)``: dynamo must capture a
+    block whole (fullgraph: no graph break) and reuse that graph for every block of the same structure."""
+    from torch._dynamo.testing import CompileCounter
+
+    from dinokit.models.packed import packed_block
+
+    model = _model().eval()
+    x_list, masks_list = _crops()
+    expected = model.forward_features_list(x_list, masks_list)
+    counter = CompileCounter()  # a backend that counts the graphs it is given and runs them eagerly
+    torch._dynamo.reset()
+    compiled = torch.compile(packed_block, backend=counter, fullgraph=True, dynamic=False)
+    for a, b in zip(expected, forward_features_packed(model, x_list, masks_list, block_fn=compiled)):
+        for key in KEYS:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    assert counter.frame_count == 1 and len(model.blocks) == 4  # one graph for the four blocks
+
+
+def test_compile_with_packed_crops_swaps_in_a_compiled_block_function():
+    from types import SimpleNamespace
+
+    from dinokit.models.packed import packed_block
+    from dinokit.train.train import compile_packed_blocks
+
+    for compile_, packed, swapped in ((True, True, True), (True, False, False), (False, True, False)):
+        task = SimpleNamespace(packed_block_fn=packed_block)
+        compile_packed_blocks(task, SimpleNamespace(compile=compile_, packed_crops=packed))
+        assert (task.packed_block_fn is not packed_block) == swapped

@@ -111,7 +111,7 @@ class TrainConfig:
     # without gradients) and only the heads learn; then it joins, its lr re-warmed over optim.warmup_epochs
     freeze_backbone_epochs: int = 0
     # dinokit: the student's global and local crops through each block in one pass (models/packed.py; one
-    # process, without train.compile or train.activation_checkpointing); same losses up to float rounding
+    # process, without train.activation_checkpointing); same losses up to float rounding
     packed_crops: bool = False
     # dinokit: the student heads' prototype layer and cross-entropy this many rows at a time (losses/chunked.py),
     # so that the (rows x prototypes) logits never exist at once; 0 = in one piece (one process only)

@@ -129,11 +129,14 @@ def forward_features_packed(
     masks_list: Sequence[torch.Tensor | None] | None = None,
     *,
     attention: str = "sdpa",
+    block_fn: Callable[..., torch.Tensor] = packed_block,
 ) -> list[FeatureDict]:
     """What ``model.forward_features_list(x_list, masks_list)`` returns, with the crop sets packed per block.
 
     ``attention``: ``"sdpa"`` (one attention call per crop size) or ``"flex"`` (one ``flex_attention``
-    call over all crops with a block-diagonal mask; compile the caller for speed).
+    call over all crops with a block-diagonal mask; compile the caller for speed). ``block_fn``:
+    :func:`packed_block` or a compiled version of it (``torch.compile(packed_block)``: one graph serves every
+    block of the same structure), applied from outside as the per-block compile of the plain forward is.
     """
     if attention not in ("sdpa", "flex"):
         raise ValueError(f"unknown attention {attention!r}; use 'sdpa' or 'flex'")
@@ -143,5 +146,5 @@ def forward_features_packed(
     flat = torch.cat([t.flatten(0, 1) for t in tokens])  # (T, D)
     block_mask = crop_block_mask(shapes, flat.device) if attention == "flex" else None
     for block in model.blocks:
-        flat = packed_block(block, flat, shapes, block_mask)
+        flat = block_fn(block, flat, shapes, block_mask)
     return [model._output_dict(x, m) for x, m in zip(_split(flat, shapes), masks_list)]

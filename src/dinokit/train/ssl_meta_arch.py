@@ -21,7 +21,7 @@ from ..layers import DINOHead
 from ..losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 from ..losses.chunked import chunked_dino_loss, chunked_ibot_loss
 from ..models.checkpoint import load_state_dict_file
-from ..models.packed import forward_features_packed
+from ..models.packed import forward_features_packed, packed_block
 from .health import CollapseCheck, teacher_health
 from .weights import (
     chunked_backbone_keys,
@@ -67,6 +67,7 @@ class SSLObjective:
         ``train.centering``; ``packed_crops`` and ``head_chunk_rows`` (``train.*``) choose how the student's
         forward and heads are computed (same values; see :meth:`student_losses`)."""
         self.packed_crops, self.head_chunk_rows = packed_crops, head_chunk_rows
+        self.packed_block_fn = packed_block  # the trainer may swap in a compiled one (train.compile)
         self.dino_weight, self.koleo_weight, self.ibot_weight = dino.loss_weight, dino.koleo_loss_weight, ibot.loss_weight
         self.do_dino = dino.loss_weight > 0
         self.do_koleo = dino.koleo_loss_weight > 0
@@ -154,7 +155,7 @@ class SSLObjective:
             masks.append(None)
         with torch.no_grad() if freeze_backbone else contextlib.nullcontext():
             if self.packed_crops and len(crops) > 1:
-                outs = forward_features_packed(student.backbone, crops, masks)
+                outs = forward_features_packed(student.backbone, crops, masks, block_fn=self.packed_block_fn)
             else:
                 outs = student.backbone(crops, masks=masks, is_training=True)
         global_out = outs[0]

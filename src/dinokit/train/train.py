@@ -85,10 +85,20 @@ def train(
         if rank == 0 and banner is not None:
             print(banner())
         model = SSLMetaArch(cfg)  # loads the starting weights: a file that does not fit is one line, nothing written
+        compile_packed_blocks(model, cfg.train)
         model.teacher.load_state_dict(model.student.state_dict())
         return run_on_ssl_data(model, engine_config(cfg, dev), cfg, output_dir=output_dir, device=dev, hooks=hooks,
                                resume=resume, weights=weights, stop_after=stop_after,
                                on_restored=lambda: write_config(cfg, output_dir) if rank == 0 else None)
+
+
+def compile_packed_blocks(task, train_cfg) -> None:
+    """With ``train.compile`` and ``train.packed_crops``, the student's packed forward runs a compiled block
+    function (the engine compiles the blocks' own forward, which the packed forward does not call)."""
+    if train_cfg.compile and train_cfg.packed_crops:
+        from ..models.packed import packed_block
+
+        task.packed_block_fn = torch.compile(packed_block, dynamic=False)
 
 
 def check_stage_weights(cfg: DictConfig) -> None:
