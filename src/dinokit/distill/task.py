@@ -154,7 +154,7 @@ class DistillationTask(SSLObjective, Task):
         return {
             key: self.student_losses(
                 student, global_crops=global_crops, local_crops=batch.local_crops, student_masks=None,
-                patch_index=patch_index, ibot_masks_flat=masks_flat, n_patches=n_patches, masks_weight=masks_weight,
+                patch_index=patch_index, ibot_masks_flat=masks_flat, masks_weight=masks_weight,
                 dino_probs=dino_probs, ibot_probs=ibot_probs,
             )
             for key, student in self.students.items()

@@ -131,7 +131,6 @@ class SSLObjective:
         student_masks: torch.Tensor | None,
         patch_index: torch.Tensor,
         ibot_masks_flat: torch.Tensor,
-        n_patches: torch.Tensor | int | None,
         masks_weight: torch.Tensor | None,
         dino_probs: torch.Tensor | None,
         ibot_probs: torch.Tensor | None,
@@ -206,13 +205,15 @@ class SSLObjective:
             total = total + koleo
         if self.do_ibot:
             if chunked:
-                ibot = self._chunked_ibot(student, masked_patches, ibot_probs, ibot_masks_flat, n_patches, masks_weight)
+                ibot = self._chunked_ibot(student, masked_patches, ibot_probs, ibot_masks_flat, masks_weight)
             else:
+                # n_masked_patches=None: the rows are exactly the selected tokens (index_select, never padded),
+                # and slicing by a device tensor would make the host wait for the device every step
                 ibot = self.ibot_patch_loss.forward_masked(
                     student_patch_logits,
                     ibot_probs,
                     student_masks_flat=ibot_masks_flat,
-                    n_masked_patches=n_patches,
+                    n_masked_patches=None,
                     masks_weight=masks_weight,
                 )
             ibot = ibot * loss_scales * 0.5  # x loss_scales x 1/n_global_crops, as the official code
@@ -232,12 +233,10 @@ class SSLObjective:
                                  chunk_rows=self.head_chunk_rows)
 
     def _chunked_ibot(self, student: nn.ModuleDict, patches: torch.Tensor, probs: torch.Tensor, masks: torch.Tensor,
-                      n_patches, masks_weight: torch.Tensor | None) -> torch.Tensor:
+                      masks_weight: torch.Tensor | None) -> torch.Tensor:
         """``ibot_patch_loss.forward_masked`` of the iBOT head on ``patches``, ``head_chunk_rows`` rows at a time."""
         if masks_weight is None:  # forward_masked's default: 1 / (masked patches of the row's image)
             masks_weight = (1 / masks.sum(dim=-1, keepdim=True).clamp(min=1.0)).expand_as(masks)[masks]
-        if n_patches is not None:  # rows past n_patches are padding
-            patches, probs, masks_weight = patches[:n_patches], probs[:n_patches], masks_weight[:n_patches]
         head = student.ibot_head if self.ibot_separate_head else student.dino_head
         return chunked_ibot_loss(head, patches, probs, masks_weight, masks.shape[0],
                                  student_temp=self.ibot_patch_loss.student_temp, chunk_rows=self.head_chunk_rows)
@@ -370,7 +369,7 @@ class SSLMetaArch(SSLObjective, Task):
         out = self.student_losses(
             self.student, global_crops=batch.global_crops, local_crops=batch.local_crops,
             student_masks=batch.masks if self.do_ibot else None, patch_index=batch.mask_indices,
-            ibot_masks_flat=batch.masks, n_patches=batch.n_masked_patches, masks_weight=batch.masks_weight,
+            ibot_masks_flat=batch.masks, masks_weight=batch.masks_weight,
             dino_probs=dino_probs, ibot_probs=ibot_probs,
             freeze_backbone=iteration < self.freeze_backbone_iters, gram_targets=gram_targets,
         )
