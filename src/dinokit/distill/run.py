@@ -34,7 +34,7 @@ from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
 from ..tracking import check_tracker
-from ..train.train import compile_packed_blocks, engine_config, run_on_ssl_data
+from ..train.train import engine_config, run_on_ssl_data
 from ..train.weights import check_weight_sources
 from .task import DistillationTask, check_compatible
 from .teacher import build_teacher, resolve_teacher
@@ -118,7 +118,6 @@ def distill(
                       f"{name or 'the student'} ({s.arch})" for name, s in students.items())
                   + f", {len(make_dataset(cfg.train.dataset_path))} images found in {cfg.train.dataset_path}")
         task = DistillationTask(cfg, teacher=teacher, students=students)  # starting weights that do not fit: one line
-        compile_packed_blocks(task, cfg.train)
 
         def write_configs() -> None:  # once the checkpoint to resume from (if any) has loaded
             if rank == 0:

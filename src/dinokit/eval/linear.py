@@ -263,8 +263,9 @@ def check_linear_options(
     """The linear-probe settings, the first wrong one named in one line (by its ``dinokit eval linear`` option).
 
     ``depth``, the backbone's number of blocks, when known: --n-last-blocks must leave at least one value within it
-    (larger values are left out, with a warning). The command calls this before the model is built and again with ``depth`` right
-    after, before any folder or feature is written; :func:`linear_protocol` calls it for Python callers.
+    (larger values are left out, with a warning). The command calls this before the model is built and again with
+    ``depth`` right after, before any folder or feature is written; :func:`linear_protocol` calls it for Python
+    callers.
     """
     for name, value in (("--epochs", epochs), ("--epoch-length", epoch_length), ("--batch-size", batch_size)):
         if value < 1:

@@ -14,6 +14,12 @@ from .teacher_normalization import DelayedCenter, sinkhorn_knopp
 from ..distributed import all_reduce_sum
 
 
+def default_masks_weight(masks: torch.Tensor) -> torch.Tensor:
+    """(n_masked,) weights of the masked patches of a (B, N) boolean mask: 1 / (masked patches of the row's image)."""
+    per_image = 1 / masks.sum(dim=-1).clamp(min=1.0)  # (B,)
+    return per_image.unsqueeze(-1).expand_as(masks)[masks]
+
+
 class iBOTPatchLoss(DelayedCenter):  # noqa: N801 (the official class name)
     """The iBOT patch loss with its teacher centre (buffer ``center``, shape (1, 1, K))."""
 
@@ -89,8 +95,7 @@ class iBOTPatchLoss(DelayedCenter):  # noqa: N801 (the official class name)
             student_patch_tokens_masked, teacher_patch_tokens_masked, student_temp=self.student_temp
         ).reshape(-1)  # (n,) whether the teacher came as (n, K) or (1, n, K)
         if masks_weight is None:
-            per_image = 1 / student_masks_flat.sum(dim=-1).clamp(min=1.0)  # (B_global,)
-            masks_weight = per_image.unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]
+            masks_weight = default_masks_weight(student_masks_flat)
         if n_masked_patches is not None:
             loss = loss[:n_masked_patches]
         return (loss * masks_weight).sum() / student_masks_flat.shape[0]

@@ -20,6 +20,7 @@ from ..engine.task import Export, LossOutput, Task, ema_update
 from ..layers import DINOHead
 from ..losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 from ..losses.chunked import chunked_dino_loss, chunked_ibot_loss
+from ..losses.ibot_patch_loss import default_masks_weight
 from ..models.checkpoint import load_state_dict_file
 from ..models.packed import forward_features_packed, packed_block
 from .health import CollapseCheck, teacher_health
@@ -235,8 +236,8 @@ class SSLObjective:
     def _chunked_ibot(self, student: nn.ModuleDict, patches: torch.Tensor, probs: torch.Tensor, masks: torch.Tensor,
                       masks_weight: torch.Tensor | None) -> torch.Tensor:
         """``ibot_patch_loss.forward_masked`` of the iBOT head on ``patches``, ``head_chunk_rows`` rows at a time."""
-        if masks_weight is None:  # forward_masked's default: 1 / (masked patches of the row's image)
-            masks_weight = (1 / masks.sum(dim=-1, keepdim=True).clamp(min=1.0)).expand_as(masks)[masks]
+        if masks_weight is None:
+            masks_weight = default_masks_weight(masks)  # forward_masked's default
         head = student.ibot_head if self.ibot_separate_head else student.dino_head
         return chunked_ibot_loss(head, patches, probs, masks_weight, masks.shape[0],
                                  student_temp=self.ibot_patch_loss.student_temp, chunk_rows=self.head_chunk_rows)

@@ -85,7 +85,6 @@ def train(
         if rank == 0 and banner is not None:
             print(banner())
         model = SSLMetaArch(cfg)  # loads the starting weights: a file that does not fit is one line, nothing written
-        compile_packed_blocks(model, cfg.train)
         model.teacher.load_state_dict(model.student.state_dict())
         return run_on_ssl_data(model, engine_config(cfg, dev), cfg, output_dir=output_dir, device=dev, hooks=hooks,
                                resume=resume, weights=weights, stop_after=stop_after,
@@ -115,6 +114,7 @@ def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir
 
     ``on_restored`` runs once the run's or ``weights``' checkpoint is loaded, before the first step: the caller
     writes its config.yaml there, so that a checkpoint that fails to load leaves the folder as it was."""
+    compile_packed_blocks(task, cfg.train)
     engine = Engine(task, settings, output_dir=output_dir, device=device, schedules=build_schedulers(cfg), hooks=hooks)
     start = engine.restore(resume=resume, weights=weights)
     if on_restored is not None:
