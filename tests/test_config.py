@@ -17,9 +17,9 @@ from dinokit.config.loading import (
     compute_dtype,
     list_presets,
     load_config,
-    validate,
     write_config,
 )
+from dinokit.config.validation import validate
 
 PRESETS = [
     "train/continued", "train/demo", "train/distill_demo", "train/small", "train/vitg14", "train/vitg14_highres",

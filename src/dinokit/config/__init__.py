@@ -1,5 +1,6 @@
-"""Configuration: the official DINOv2 key tree as a typed schema (``schema.py``), loading and checks
-(``loading.py``), and the one place where a ``student`` section becomes a backbone (``backbone.py``).
+"""Configuration: the official DINOv2 key tree as a typed schema (``schema.py``), loading (``loading.py``), the
+checks the types cannot make (``validation.py``), and the one place where a ``student`` section becomes a
+backbone (``backbone.py``).
 
 Components take their own section (``cfg.optim``, ``cfg.crops``, ``cfg.student``...), never the whole tree.
 """
@@ -9,16 +10,14 @@ from .loading import (
     DTYPES,
     apply_scaling_rules,
     as_dataclass,
-    check_inert_keys,
-    check_step_levers,
     compute_dtype,
     find_run_config,
     list_presets,
     load_config,
-    validate,
     write_config,
 )
 from .schema import SSLConfig, StudentConfig
+from .validation import check_inert_keys, check_step_levers, validate
 
 __all__ = [
     "DTYPES",

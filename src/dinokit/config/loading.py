@@ -28,10 +28,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..devices import DTYPES, resolve_dtype
 from ..errors import DinokitError
-from ..models.architectures import arch_dims
 from ..models.checkpoint import atomic_write
 from .schema import SSLConfig
-from ..engine.optim import SCALING_RULES, scale_lr
+from ..engine.optim import scale_lr
+from .validation import validate
 
 # ---------------------------------------------------------------------------------------------------
 # Schema introspection (for error messages and for parsing overrides by field type)
@@ -294,162 +294,6 @@ def write_config(cfg: DictConfig, output_dir: str | Path) -> Path:
 def as_dataclass(cfg: DictConfig) -> SSLConfig:
     """The typed :class:`SSLConfig` instance of ``cfg`` (attribute access checked by type checkers)."""
     return typing.cast(SSLConfig, OmegaConf.to_object(cfg))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------------
-
-# FSDP1 strategies that FSDP2 expresses per module: FULL_SHARD = reshard parameters after forward,
-# SHARD_GRAD_OP = keep them gathered until backward (more memory, fewer all-gathers).
-ACTIVE_SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")
-
-_CHOICES: dict[str, Sequence[str]] = {
-    "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),
-    "train.centering": ("centering", "sinkhorn_knopp"),
-    "optim.scaling_rule": SCALING_RULES,
-    "crops.blur_probabilities": ("official", "intended"),
-    "compute_precision.dtype": ("auto", *DTYPES),
-    "train.tracker": ("none", "tensorboard", "wandb"),
-    "crops.augmentation": ("pil", "tensor", "device"),
-    "distillation.loss": ("dino_ibot", "features"),
-    "distillation.ibot_positions": ("all", "masked"),
-    "distillation.feature_loss": ("cosine", "smooth_l1"),
-    "gram.tokens_used": ("all", "masked", "unmasked"),
-}
-for _role in ("teacher", "student"):
-    for _module in ("backbone", "dino_head", "ibot_head"):
-        _prefix = f"compute_precision.{_role}.{_module}"
-        _CHOICES[f"{_prefix}.sharding_strategy"] = ACTIVE_SHARDING_STRATEGIES
-        for _kind in ("param", "reduce", "buffer"):
-            _CHOICES[f"{_prefix}.mixed_precision.{_kind}_dtype"] = tuple(DTYPES)
-
-_POSITIVE = (
-    "train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "train.saveckp_freq", "train.log_freq",
-    "student.patch_size", "optim.epochs", "crops.global_crops_size", "crops.local_crops_size",
-    "dino.head_n_prototypes", "dino.head_bottleneck_dim", "dino.head_nlayers", "dino.head_hidden_dim",
-    "ibot.head_n_prototypes", "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim",
-    "evaluation.eval_period_iterations", "evaluation.knn_temperature", "optim.layerwise_decay",
-    "gram.update_frequency", "teacher.warmup_teacher_temp", "teacher.teacher_temp",
-)  # fmt: skip
-_NON_NEGATIVE = (
-    "train.seed", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad",
-    "train.num_workers", "student.block_chunks", "student.num_register_tokens", "crops.local_crops_number",
-    "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs", "optim.base_lr",
-    "optim.min_lr", "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight",
-    "train.freeze_backbone_epochs", "optim.backbone_lr_mult", "gram.loss_weight", "gram.it_first_update",
-    "crops.color_jitter_strength", "student.layerscale", "train.head_chunk_rows",
-)  # fmt: skip
-_FRACTION_PAIRS = ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check the values the schema's types cannot (choices, ranges, consistency); errors name the key."""
-    arch_dims(cfg.student.arch, "config key 'student.arch'")
-    for key, allowed in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise DinokitError(f"config key '{key}' is {value!r}; use one of: {', '.join(allowed)}")
-    for keys, ok, wanted in ((_POSITIVE, lambda v: v > 0, "> 0"), (_NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
-        for key in keys:
-            if not ok(OmegaConf.select(cfg, key)):
-                raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be {wanted}")
-    for key in _FRACTION_PAIRS:
-        pair = list(OmegaConf.select(cfg, key))
-        if len(pair) != 2 or not 0 <= pair[0] <= pair[1] <= 1:
-            raise DinokitError(f"config key '{key}' is {pair}; give [low, high] with 0 <= low <= high <= 1")
-    for key in ("ibot.mask_sample_probability", "crops.grayscale_probability", "teacher.momentum_teacher",
-                "teacher.final_momentum_teacher"):
-        if not 0 <= OmegaConf.select(cfg, key) <= 1:
-            raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be in [0, 1]")
-    for key in ("optim.adamw_beta1", "optim.adamw_beta2"):
-        if not 0 <= OmegaConf.select(cfg, key) < 1:
-            raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be in [0, 1)")
-    if not 0 <= cfg.student.drop_path_rate < 1:
-        raise DinokitError("config key 'student.drop_path_rate' must be in [0, 1)")
-    for key in ("crops.global_crops_size", "crops.local_crops_size"):
-        size, patch = OmegaConf.select(cfg, key), cfg.student.patch_size
-        if size % patch:
-            fix = f"use e.g. {size // patch * patch}"
-            raise DinokitError(f"config key '{key}' is {size}, not a multiple of student.patch_size {patch}; {fix}")
-    if cfg.optim.warmup_epochs > cfg.optim.epochs:
-        warmup, epochs = cfg.optim.warmup_epochs, cfg.optim.epochs
-        raise DinokitError(f"config key 'optim.warmup_epochs' ({warmup}) exceeds optim.epochs ({epochs}); lower it")
-    if not cfg.evaluation.knn_k or min(cfg.evaluation.knn_k) <= 0:
-        knn_k = list(cfg.evaluation.knn_k)
-        raise DinokitError(f"config key 'evaluation.knn_k' is {knn_k}; give positive neighbour counts")
-    knn = cfg.evaluation.knn_dataset
-    if knn is not None and (knn.train is None) != (knn.val is None):
-        raise DinokitError("set both evaluation.knn_dataset.train and evaluation.knn_dataset.val, or neither")
-    _validate_step_levers(cfg)
-    _validate_stages(cfg)
-    check_inert_keys(cfg)
-
-
-def _validate_step_levers(cfg: DictConfig) -> None:
-    """``train.packed_crops`` runs the blocks' parts outside the blocks' own forward, so it misses their activation
-    checkpointing (``train.compile`` compiles the packed block function instead: train/train.py)."""
-    if cfg.train.packed_crops and cfg.train.activation_checkpointing:
-        raise DinokitError("train.packed_crops does not combine with train.activation_checkpointing (the packed "
-                           "forward bypasses the checkpointed blocks); set one of them to false")
-
-
-def check_step_levers(train_cfg, world_size: int) -> None:
-    """``train.packed_crops`` and ``train.head_chunk_rows`` call the modules' parts directly, which FSDP2's
-    sharded modules do not allow: one process only."""
-    if world_size > 1:
-        for key, value in (("packed_crops", train_cfg.packed_crops), ("head_chunk_rows", train_cfg.head_chunk_rows)):
-            if value:
-                raise DinokitError(f"train.{key} works in one process only (FSDP2 shards the modules it calls "
-                                   f"piecewise) and this run has {world_size}; remove it")
-
-
-def _validate_stages(cfg: DictConfig) -> None:
-    """The keys of continued pretraining, later stages and Gram anchoring that must agree with each other."""
-    if cfg.train.freeze_backbone_epochs >= cfg.optim.epochs:
-        raise DinokitError(f"config key 'train.freeze_backbone_epochs' ({cfg.train.freeze_backbone_epochs}) must be "
-                           f"below optim.epochs ({cfg.optim.epochs}): the backbone would never train")
-    if cfg.student.pretrained_weights and cfg.student.resume_from_teacher_chkpt:
-        raise DinokitError("set student.pretrained_weights (a backbone, fresh heads) or student.resume_from_teacher_chkpt "
-                           "(a teacher with its heads), not both")
-    gram = cfg.gram
-    if not gram.use_loss:
-        return
-    if gram.ema_teacher and (gram.ckpt or gram.it_load_ema_teacher >= 0):
-        raise DinokitError("gram.ema_teacher uses the EMA teacher itself; remove gram.ckpt and gram.it_load_ema_teacher")
-    if not gram.ema_teacher and not gram.ckpt and gram.it_load_ema_teacher < 0:
-        raise DinokitError("gram.use_loss needs a Gram teacher: set gram.ckpt, gram.it_load_ema_teacher >= 0 or "
-                           "gram.ema_teacher=true")
-    if gram.remove_neg and gram.remove_only_teacher_neg:
-        raise DinokitError("gram.remove_neg and gram.remove_only_teacher_neg exclude each other; keep one")
-    if gram.tokens_used != "all" and gram.img_level:
-        raise DinokitError(f"gram.tokens_used={gram.tokens_used} selects a different number of patches per image; "
-                           "set gram.img_level=false")
-    if gram.tokens_used != "all" and cfg.ibot.loss_weight <= 0:
-        raise DinokitError(f"gram.tokens_used={gram.tokens_used} needs the iBOT masks; set ibot.loss_weight > 0 or "
-                           "gram.tokens_used=all")
-
-
-# Official keys that dinokit reads but that cannot act in it: their official value is accepted, any other value stops
-# the run with what to use instead (a setting must never silently do nothing).
-_INERT: dict[str, tuple[tuple[Any, ...], str]] = {
-    "train.cache_dataset": ((True,), "dinokit reads images from disk every epoch; remove the key"),
-}
-for _role in ("teacher", "student"):
-    for _module in ("backbone", "dino_head", "ibot_head"):
-        _prefix = f"compute_precision.{_role}.{_module}.mixed_precision"
-        _use_dtype = "FSDP2 computes in compute_precision.dtype (auto|bf16|fp16|fp32) under autocast; set that key"
-        _INERT[f"{_prefix}.param_dtype"] = (("fp16",), _use_dtype)
-        _INERT[f"{_prefix}.buffer_dtype"] = (("fp32",), _use_dtype)
-        _INERT[f"{_prefix}.reduce_dtype"] = (("fp16", "fp32"), "dinokit always reduces gradients in fp32; remove the key")
-
-
-def check_inert_keys(cfg: DictConfig) -> None:
-    """Stop on an official key that has no effect in dinokit but was set to a non-default value."""
-    for key, (accepted, instead) in _INERT.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in accepted:
-            raise DinokitError(f"config key '{key}' is {value!r} but has no effect in dinokit: {instead}")
 
 
 # ---------------------------------------------------------------------------------------------------
