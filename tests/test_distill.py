@@ -94,7 +94,7 @@ def test_paper_recipe_pieces(images, tmp_path):
     n_tokens = batch.global_crops.shape[0] * (32 // 8) ** 2
     logits_shape, probs_shape, masks_flat, weights = calls["ibot"]
     assert logits_shape == (n_tokens, 64) and probs_shape == (n_tokens, 64)
-    assert bool(masks_flat.all()) and weights is None
+    assert bool(masks_flat.all()) and torch.equal(weights, torch.full((n_tokens,), 1 / 16))
     assert batch.masks.sum() < batch.masks.numel()  # while the collate's own masks cover only a part
     assert set(out.terms) == {"dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"}
 

@@ -1,7 +1,8 @@
 """The training step never reads a tensor's value on the host (on a GPU each such read makes the CPU wait for the
 device): the losses, backward, optimiser, clipping and EMA of pretraining and distillation, checked on the CPU
 by watching for ``aten._local_scalar_dense``, the operation behind ``.item()``, ``float(t)``, ``int(t)``,
-``bool(t)`` and slicing by a tensor. Logged values are read in batches at logging time (engine/loop.py)."""
+``bool(t)`` and slicing by a tensor, and for selections whose size depends on the data (``nonzero``, boolean-mask
+indexing, ``masked_select``: on a GPU the host waits to learn the size). Logged values are read in batches at logging time (engine/loop.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ TINY = tiny_run(prototypes=64, hidden=32, bottleneck=16, local_crops=2, batch=4)
 SCHED = {"lr": 1e-3, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.06, "last_layer_lr": 1e-3}
 
 
+SIZED_BY_DATA = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
+
+
 class HostReads(TorchDispatchMode):
     """Records every read of a tensor value by the host, except of the tensors in ``ignore``."""
 
@@ -37,6 +41,9 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].data_ptr() not in self.ignore:
+            self.reads += 1
+        elif func in SIZED_BY_DATA or (func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1])):
             self.reads += 1
         return func(*args, **(kwargs or {}))
 
@@ -65,7 +72,8 @@ def _engine_steps(task, cfg, batch, steps: int = 2) -> int:
     ["train.centering=sinkhorn_knopp", "ibot.separate_head=true"],
     ["train.packed_crops=true", "train.head_chunk_rows=5"],
     ["gram.use_loss=true", "gram.ema_teacher=true", "optim.clip_grad=0"],
-], ids=["official", "sinkhorn-separate-head", "levers", "gram-no-clip"])
+    ["gram.use_loss=true", "gram.ema_teacher=true", "gram.img_level=false", "gram.tokens_used=masked"],
+], ids=["official", "sinkhorn-separate-head", "levers", "gram-no-clip", "gram-masked"])
 def test_a_pretraining_step_never_reads_a_tensor_on_the_host(images, extra):
     cfg = load_config("demo", [*TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}", *extra])
     batch = next(iter(build_train_loader(cfg, start_iteration=0, pin_memory=False)))
@@ -83,4 +91,5 @@ def test_the_spy_sees_host_reads():
     with HostReads() as spy:
         x = torch.arange(5.0)
         float(x.sum()), x[: torch.tensor(3)]
-    assert spy.reads == 2
+        x[x > 2], x.nonzero(), x.masked_select(x > 1)
+    assert spy.reads == 5

@@ -188,6 +188,14 @@ def test_gram_loss_by_hand():
     assert GramLoss(remove_neg=True)(s, t).item() == pytest.approx(clamped, rel=1e-5)
     only = ((np.where((gs < 0) & (gt < 0), 0, gs) - np.clip(gt, 0, None)) ** 2).mean()
     assert GramLoss(remove_only_teacher_neg=True)(s, t).item() == pytest.approx(only, rel=1e-5)
+    # keep (gram.tokens_used=masked/unmasked): the Gram entries between kept patches only, by hand
+    keep = torch.tensor([True, False, True, True])
+    kept = np.ix_([0, 2, 3], [0, 2, 3])
+    assert GramLoss()(s, t, keep).item() == pytest.approx(((gs[kept] - gt[kept]) ** 2).mean(), rel=1e-5)
+    assert GramLoss(remove_neg=True)(s, t, keep).item() == pytest.approx(
+        ((np.clip(gs[kept], 0, None) - np.clip(gt[kept], 0, None)) ** 2).mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="img_level must be False"):
+        GramLoss(img_level=True)(s, t, keep)
     # gradients reach the student only
     s.requires_grad_(True)
     GramLoss()(s, t).backward()

@@ -146,7 +146,8 @@ class DistillationTask(SSLObjective, Task):
             masks_flat = torch.ones_like(batch.masks)
             patch_index = torch.arange(masks_flat.numel(), device=masks_flat.device)
             n_patches = torch.tensor(masks_flat.numel(), device=masks_flat.device)
-            masks_weight = None  # 1 / N for each token
+            # 1 / N for each token (computed here: the loss's default selects by the mask, a host sync)
+            masks_weight = torch.full((masks_flat.numel(),), 1.0 / masks_flat.shape[1], device=masks_flat.device)
         else:  # DINOv3: the positions the mask generator chose
             masks_flat, patch_index = batch.masks, batch.mask_indices
             n_patches, masks_weight = batch.n_masked_patches, batch.masks_weight

@@ -223,7 +223,7 @@ class SSLObjective:
         if self.do_gram:
             gram = total.new_zeros(())
             if gram_targets is not None:
-                gram = self.gram_loss(*self._gram_tokens(global_out["x_norm_patchtokens"], gram_targets, ibot_masks_flat))
+                gram = self.gram_loss(global_out["x_norm_patchtokens"], gram_targets, self._gram_keep(ibot_masks_flat))
                 total = total + self.gram_weight * gram
             terms["gram_loss"] = gram
         return LossOutput(total=total, terms=terms)
@@ -242,13 +242,11 @@ class SSLObjective:
         return chunked_ibot_loss(head, patches, probs, masks_weight, masks.shape[0],
                                  student_temp=self.ibot_patch_loss.student_temp, chunk_rows=self.head_chunk_rows)
 
-    def _gram_tokens(self, student: torch.Tensor, teacher: torch.Tensor,
-                     masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The student and teacher patch features the Gram loss compares (``gram.tokens_used``)."""
+    def _gram_keep(self, masks: torch.Tensor | None) -> torch.Tensor | None:
+        """Which student patches the Gram loss compares (``gram.tokens_used``; None: all of them)."""
         if self.gram_tokens == "all":
-            return student, teacher
-        keep = masks.flatten() if self.gram_tokens == "masked" else ~masks.flatten()
-        return student.flatten(0, 1)[keep], teacher.flatten(0, 1)[keep]
+            return None
+        return masks.flatten() if self.gram_tokens == "masked" else ~masks.flatten()
 
 
 class SSLMetaArch(SSLObjective, Task):
