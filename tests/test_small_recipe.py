@@ -5,8 +5,8 @@ the tests share one implementation: the teacher must beat the same network at ra
 on raw pixels.
 
 - In the default run: the benchmark's ``families`` set (eight grey texture families that the sample set does
-  not hold: zigzag, waves, crosses, hex dots, ...), the preset shortened to 200 iterations (its schedules
-  compressed: 4 epochs of 50 iterations, warm-ups of one epoch), about 1.5 minutes.
+  not hold: zigzag, waves, crosses, hex dots, ...), the preset shortened to 300 iterations (its schedules
+  compressed: 6 epochs of 50 iterations, warm-ups of one epoch), about 2.5 minutes.
 - Slow (900 iterations, about 6 minutes on one idle core): the benchmark's coloured ``patterns`` run, where the
   preset must learn past random colours; it needs the whole run (no gain by 300 iterations).
 
@@ -24,23 +24,24 @@ def small_data(load_benchmark):
     return load_benchmark("small_data")
 
 
-FAST_ITERATIONS = 200
-FAST_SCHEDULE = ["optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1"]  # 4 epochs of 50 iterations
+FAST_ITERATIONS = 300
+FAST_SCHEDULE = ["optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1"]  # 6 epochs of 50 iterations
 
 
-def test_small_preset_learns_new_texture_families_in_200_iterations(tmp_path, small_data):
+def test_small_preset_learns_new_texture_families_in_300_iterations(tmp_path, small_data):
     root = small_data.prepare_set("families", tmp_path)
     cfg, snapshot, _, iterations, _ = small_data.train_preset(root, "small", tmp_path / "run", FAST_ITERATIONS,
                                                               FAST_SCHEDULE)
     assert iterations == FAST_ITERATIONS and snapshot.parent.name == f"training_{FAST_ITERATIONS - 1}"
-    assert (cfg.optim.epochs, cfg.crops.global_crops_size, cfg.student.arch) == (4, 64, "vit_pico")
+    assert (cfg.optim.epochs, cfg.crops.global_crops_size, cfg.student.arch) == (6, 64, "vit_pico")
     raw = small_data.raw_pixel_knn(root, cfg.crops.global_crops_size)
     random_init = small_data.network_knn(root, cfg, None)
     trained = small_data.network_knn(root, cfg, snapshot)
     print(f"k-NN top-1: raw pixels {raw:.1f}%, random init {random_init:.1f}%, trained {trained:.1f}%")
-    # measured 2026-12-03 (one thread, chance 12.5%): 39.0% trained, 26.5% raw pixels, 20.8% random init; the
-    # same 200 iterations on another draw of the families (benchmarks/stages.py's), training seeds 0 / 1 / 2:
-    # 36.0 / 50.8 / 47.2% against 27.0% raw and 17.8% random. The full 900-iteration preset: 67.0% (README)
+    # measured 2026-12-04 (one thread, chance 12.5%): 37.5% trained, 26.5% raw pixels, 20.5% random init. With
+    # the preset's earlier lr (0.02), 200 iterations reached 39.0% (and 36.0 / 50.8 / 47.2% with seeds 0 / 1 / 2 on
+    # another draw of the families); its lr of 0.005 learns slower (28.5% after 200), hence 300. The full
+    # 900-iteration preset: 70.8 / 75.2% (seeds 0 / 1; README)
     assert trained >= random_init + 10, (trained, random_init)
     assert trained >= raw + 4, (trained, raw)
 
@@ -56,11 +57,11 @@ def test_small_preset_learns_a_set_other_than_the_sample_set(tmp_path, small_dat
     random_init = small_data.network_knn(root, cfg, None)
     trained = small_data.network_knn(root, cfg, snapshot)
     print(f"k-NN top-1: raw pixels {raw:.1f}%, random init {random_init:.1f}%, trained {trained:.1f}%")
-    # measured 2026-12-03: 26.2% trained here (2 threads), 29.2% in the benchmark's run (1 thread, k-NN monitor
-    # every 100 iterations); 16.8% raw pixels, 11.8% random init (chance 12.5%). Room of about 3 points for
-    # the trajectory's noise (those two runs differ by 3.0)
-    assert trained >= random_init + 11, (trained, random_init)
-    assert trained >= raw + 6, (trained, raw)
+    # measured 2026-12-04 (lr 0.005): 26.2% trained here (2 threads), 24.0 / 25.8% in the benchmark's runs (1 thread,
+    # seeds 0 / 1, k-NN monitor every 300 iterations); 16.8% raw pixels, 11.8% random init (chance 12.5%). Room
+    # of about 3 points for the trajectory's noise
+    assert trained >= random_init + 9, (trained, random_init)
+    assert trained >= raw + 4, (trained, raw)
 
 
 # ---------------------------------------------------------------------------------------------- colour knobs
