@@ -73,7 +73,8 @@ def _engine_steps(task, cfg, batch, steps: int = 2) -> int:
     ["train.packed_crops=true", "train.head_chunk_rows=5"],
     ["gram.use_loss=true", "gram.ema_teacher=true", "optim.clip_grad=0"],
     ["gram.use_loss=true", "gram.ema_teacher=true", "gram.img_level=false", "gram.tokens_used=masked"],
-], ids=["official", "sinkhorn-separate-head", "levers", "gram-no-clip", "gram-masked"])
+    ["gram.use_loss=true", "gram.ema_teacher=true", "gram.img_level=false", "gram.tokens_used=unmasked"],
+], ids=["official", "sinkhorn-separate-head", "levers", "gram-no-clip", "gram-masked", "gram-unmasked"])
 def test_a_pretraining_step_never_reads_a_tensor_on_the_host(images, extra):
     cfg = load_config("demo", [*TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}", *extra])
     batch = next(iter(build_train_loader(cfg, start_iteration=0, pin_memory=False)))

@@ -188,18 +188,27 @@ def test_gram_loss_by_hand():
     assert GramLoss(remove_neg=True)(s, t).item() == pytest.approx(clamped, rel=1e-5)
     only = ((np.where((gs < 0) & (gt < 0), 0, gs) - np.clip(gt, 0, None)) ** 2).mean()
     assert GramLoss(remove_only_teacher_neg=True)(s, t).item() == pytest.approx(only, rel=1e-5)
-    # keep (gram.tokens_used=masked/unmasked): the Gram entries between kept patches only, by hand
-    keep = torch.tensor([True, False, True, True])
-    kept = np.ix_([0, 2, 3], [0, 2, 3])
-    assert GramLoss()(s, t, keep).item() == pytest.approx(((gs[kept] - gt[kept]) ** 2).mean(), rel=1e-5)
-    assert GramLoss(remove_neg=True)(s, t, keep).item() == pytest.approx(
-        ((np.clip(gs[kept], 0, None) - np.clip(gt[kept], 0, None)) ** 2).mean(), rel=1e-5)
-    with pytest.raises(ValueError, match="img_level must be False"):
-        GramLoss(img_level=True)(s, t, keep)
     # gradients reach the student only
     s.requires_grad_(True)
     GramLoss()(s, t).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_gram_tokens_pick_the_masked_or_unmasked_rows_by_index():
+    """gram.tokens_used=masked/unmasked: the rows a boolean mask would select, in the same order, picked by index."""
+    from types import SimpleNamespace
+
+    from dinokit.train.ssl_meta_arch import SSLObjective
+
+    student, teacher = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    masks = torch.tensor([[True, False, True, False, False], [False, False, False, True, False]])
+    masked_index = masks.flatten().nonzero().flatten()  # as the collate gives it
+    for mode, keep in (("masked", masks.flatten()), ("unmasked", ~masks.flatten()), ("all", None)):
+        s, t = SSLObjective._gram_tokens(SimpleNamespace(gram_tokens=mode), student, teacher, masks, masked_index)
+        if keep is None:
+            assert s is student and t is teacher
+        else:
+            assert torch.equal(s, student.flatten(0, 1)[keep]) and torch.equal(t, teacher.flatten(0, 1)[keep])
 
 
 def gram_cfg(images, *extra):

@@ -40,10 +40,7 @@ class GramLoss(nn.Module):
             x = x.flatten(0, 1)
         return x @ x.transpose(-1, -2)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss; ``keep`` (batch level only: a boolean per flattened patch) limits it to the Gram entries
-        between kept patches, the value of ``forward(student.flatten(0, 1)[keep], teacher.flatten(0, 1)[keep])``
-        without selecting rows (a selection of data-dependent size makes the host wait for the device)."""
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         s, t = self.gram(student), self.gram(teacher.detach())
         if self.remove_neg:
             s, t = s.clamp(min=0), t.clamp(min=0)
@@ -51,9 +48,4 @@ class GramLoss(nn.Module):
             both_negative = (s < 0) & (t < 0)
             t = t.clamp(min=0)
             s = torch.where(both_negative, torch.zeros_like(s), s)
-        if keep is None:
-            return nn.functional.mse_loss(s, t)
-        if self.img_level:
-            raise ValueError("keep selects patches of a batch-level Gram matrix; img_level must be False")
-        pairs = (keep[:, None] & keep[None, :]).to(s.dtype)
-        return ((s - t).square() * pairs).sum() / pairs.sum().clamp(min=1)
+        return nn.functional.mse_loss(s, t)

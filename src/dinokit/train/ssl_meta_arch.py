@@ -223,7 +223,8 @@ class SSLObjective:
         if self.do_gram:
             gram = total.new_zeros(())
             if gram_targets is not None:
-                gram = self.gram_loss(global_out["x_norm_patchtokens"], gram_targets, self._gram_keep(ibot_masks_flat))
+                gram = self.gram_loss(*self._gram_tokens(global_out["x_norm_patchtokens"], gram_targets, ibot_masks_flat,
+                                                         patch_index))
                 total = total + self.gram_weight * gram
             terms["gram_loss"] = gram
         return LossOutput(total=total, terms=terms)
@@ -242,11 +243,22 @@ class SSLObjective:
         return chunked_ibot_loss(head, patches, probs, masks_weight, masks.shape[0],
                                  student_temp=self.ibot_patch_loss.student_temp, chunk_rows=self.head_chunk_rows)
 
-    def _gram_keep(self, masks: torch.Tensor | None) -> torch.Tensor | None:
-        """Which student patches the Gram loss compares (``gram.tokens_used``; None: all of them)."""
+    def _gram_tokens(self, student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
+                     masked_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student and teacher patch features the Gram loss compares (``gram.tokens_used``).
+
+        Rows are picked by index, never by a boolean mask: ``masked_index`` (the collate's flat indices of the
+        masked patches) has a size the host knows, and the unmasked rows are the first ``numel - len(masked_index)``
+        of a stable sort of the mask, so the host never waits for the device to learn how many rows there are.
+        """
         if self.gram_tokens == "all":
-            return None
-        return masks.flatten() if self.gram_tokens == "masked" else ~masks.flatten()
+            return student, teacher
+        if self.gram_tokens == "masked":
+            rows = masked_index
+        else:
+            flat = masks.flatten()
+            rows = torch.argsort(flat.to(torch.uint8), stable=True)[: flat.numel() - masked_index.numel()]
+        return student.flatten(0, 1).index_select(0, rows), teacher.flatten(0, 1).index_select(0, rows)
 
 
 class SSLMetaArch(SSLObjective, Task):
