@@ -177,6 +177,53 @@ def test_extract_features_keeps_dataset_order_and_reports_bad(images, weights) -
     torch.testing.assert_close(bf16.features["cls"], result.features["cls"], rtol=0.1, atol=0.05)
 
 
+def test_compiled_extraction_pads_to_one_static_graph_and_gives_the_eager_features(images, weights) -> None:
+    """``compile_backend``: batches of 2 and 1 real images (bad images dropped, short last batch) are padded to the
+    batch size, so dynamo captures one graph for the whole dataset, and the real rows equal the eager ones."""
+    from torch._dynamo.testing import CompileCounter
+
+    from dinokit.cli.embed import _feature_fn
+
+    model, _ = weights
+    paths = [images / n for n in ("sub/c.png", "broken.png", "a.png", "sub/fake.jpg", "b.jpg")]
+    dataset = ImageFiles(paths, transform=make_classification_eval_transform(crop_size=56))
+    feature_fn = _feature_fn(patch_mean=True, patch_tokens=True)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        eager = extract_features(model, dataset, feature_fn=feature_fn, batch_size=3, progress=False)
+    counter = CompileCounter()  # counts the graphs dynamo hands it and runs them eagerly
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        compiled = extract_features(model, dataset, feature_fn=feature_fn, batch_size=3, progress=False,
+                                    compile_backend=counter)
+    assert counter.frame_count == 1  # batches of 2 and 1 real images, one graph
+    assert compiled.indices.tolist() == [0, 2, 4] and compiled.bad == [1, 3]
+    for key in ("cls", "patch_mean", "patch_tokens"):
+        assert compiled.features[key].shape == eager.features[key].shape
+        torch.testing.assert_close(compiled.features[key], eager.features[key], rtol=1e-5, atol=1e-5)
+
+
+def test_embed_compile_option_writes_the_eager_embeddings(images, weights, tmp_path, monkeypatch) -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    _, path = weights
+    assert embed(str(images), "--weights", str(path), "--out", str(tmp_path / "eager.npz")) == 0
+    counter, real_compile = CompileCounter(), torch.compile
+    seen = {}
+
+    def counting_compile(fn, **kwargs):  # inductor would take a minute on a CPU: count the graphs instead
+        seen.update(kwargs)
+        return real_compile(fn, **{**kwargs, "backend": counter})
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    torch._dynamo.reset()
+    assert embed(str(images), "--weights", str(path), "--out", str(tmp_path / "compiled.npz"), "--compile",
+                 "--batch-size", "3") == 0
+    assert seen == {"backend": "inductor", "dynamic": False} and counter.frame_count == 1
+    eager, compiled = np.load(tmp_path / "eager.npz"), np.load(tmp_path / "compiled.npz")
+    assert compiled["paths"].tolist() == eager["paths"].tolist()
+    np.testing.assert_allclose(compiled["cls"], eager["cls"], rtol=1e-5, atol=1e-5)
+
+
 def test_config_file_builds_the_backbone_of_a_training_run(images, tmp_path, capsys) -> None:
     config_mod = pytest.importorskip("dinokit.config")
     from dinokit.eval.setup import build_eval_backbone

@@ -1,5 +1,6 @@
 """The GPU speed scripts run end to end on the CPU with a tiny config, so that a GPU session spends its minutes
-measuring, not debugging (``benchmarks/train_step.py``; the figures themselves need a GPU)."""
+measuring, not debugging (``benchmarks/train_step.py``, ``benchmarks/embed.py``; the figures themselves need a
+GPU)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,13 @@ def test_train_step_benchmark_times_the_levers_side_by_side(train_step):
     # the same model, crops and steps: the levers change how the losses are computed, not their values
     for r in results[1:]:
         assert r["loss"] == pytest.approx(results[0]["loss"], rel=1e-4), r["variant"]
+
+
+def test_embed_benchmark_times_the_model_alone_and_dinokit_embed_end_to_end(load_benchmark):
+    """``benchmarks/embed.py`` (the ``embed`` within 85% of the model figure) on generated JPEGs, tiny model."""
+    result = load_benchmark("embed").main(["--model", "dinov2_vits14", "--tiny", "--images", "10", "--batch", "4",
+                                           "--workers", "0", "--image-size", "28", "--device", "cpu"])
+    assert result["images"] == 10 and result["dtype"] == "float32" and not result["compiled"]
+    assert result["model_only_images_per_s"] > 0 and result["end_to_end_images_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["end_to_end_images_per_s"] / result["model_only_images_per_s"],
+                                            abs=2e-3)

@@ -96,6 +96,20 @@ def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], t
     return features, index[order], targets_all, bad_all
 
 
+def static_batch_fn(feature_fn: FeatureFn, model: nn.Module, batch_size: int, backend: str | Callable):
+    """``feature_fn(model, images)`` compiled for ``batch_size`` images: shorter batches are padded with zeros
+    and their outputs cut back (the images are independent, so padding does not change the real rows)."""
+    compiled = torch.compile(lambda images: feature_fn(model, images), backend=backend, dynamic=False)
+
+    def run(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = images.shape[0]
+        if n < batch_size:
+            images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
+        return {key: value[:n] for key, value in compiled(images).items()}
+
+    return run
+
+
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
@@ -108,6 +122,7 @@ def extract_features(
     progress: bool = True,
     desc: str = "features",
     distributed: bool = True,
+    compile_backend: str | Callable | None = None,
 ) -> ExtractedFeatures:
     """Run ``feature_fn(model, images)`` over ``dataset`` (items ``(index, image_or_None, target)``).
 
@@ -116,6 +131,9 @@ def extract_features(
     sharding over ranks, no gather), for callers that already split the work per rank.
     ``dtype`` bf16/fp16 runs under autocast. The model is moved to ``device`` and put in eval mode
     for the duration (its training flag is restored afterwards).
+    ``compile_backend`` (e.g. "inductor"): ``feature_fn`` runs under ``torch.compile`` with static shapes; every
+    batch is padded to ``batch_size`` (a short last batch, or one that lost bad images) and its outputs cut back,
+    so one graph serves the whole dataset.
     """
     device = torch.device(device)
     amp = autocast_context(device, resolve_dtype(dtype, device))
@@ -136,6 +154,8 @@ def extract_features(
     bad: list[int] = []
     was_training = model.training
     model.to(device).eval()
+    run = static_batch_fn(feature_fn, model, batch_size, compile_backend) if compile_backend else (
+        lambda images: feature_fn(model, images))
     start = time.perf_counter()
     bar = tqdm(total=len(shard), desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     try:
@@ -147,7 +167,7 @@ def extract_features(
                     continue
                 images = batch["image"].to(device, non_blocking=True)
                 with amp:
-                    out = feature_fn(model, images)
+                    out = run(images)
                 for key, value in out.items():
                     parts.setdefault(key, []).append(value.float().cpu())
                 indices.append(batch["index"])
