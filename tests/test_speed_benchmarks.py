@@ -49,3 +49,20 @@ def test_embed_benchmark_times_the_model_alone_and_dinokit_embed_end_to_end(load
     assert result["model_only_images_per_s"] > 0 and result["end_to_end_images_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["end_to_end_images_per_s"] / result["model_only_images_per_s"],
                                             abs=2e-3)
+
+
+def test_inference_benchmark_compares_the_same_architecture_across_peers(load_benchmark):
+    """``benchmarks/inference.py``: dinokit, timm and Hugging Face build the same backbone for every size (built on
+    the meta device: no memory; timm's has no mask token, one vector of the width fewer), and it runs on the CPU."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    import torch
+
+    bench = load_benchmark("inference")
+    for arch, spec in bench.ARCHS.items():
+        with torch.device("meta"):
+            counts = {name: bench.n_params(bench.build(name, arch)) for name in ("dinokit", "timm", "hf")}
+        assert counts["dinokit"] == counts["hf"] == counts["timm"] + spec["width"], (arch, counts)
+    results = bench.main(["--arch", "vits14", "--device", "cpu", "--batch", "2", "--steps", "1", "--size", "28",
+                          "--modes", "eager"])
+    assert set(results) == {"dinokit/eager", "timm/eager", "hf/eager"} and all(v > 0 for v in results.values())
