@@ -2,7 +2,8 @@
 device): the losses, backward, optimiser, clipping and EMA of pretraining and distillation, checked on the CPU
 by watching for ``aten._local_scalar_dense``, the operation behind ``.item()``, ``float(t)``, ``int(t)``,
 ``bool(t)`` and slicing by a tensor, and for selections whose size depends on the data (``nonzero``, boolean-mask
-indexing, ``masked_select``: on a GPU the host waits to learn the size). Logged values are read in batches at logging time (engine/loop.py)."""
+indexing, ``masked_select``: on a GPU the host waits to learn the size). Logged values are read in batches at
+logging time (engine/loop.py)."""
 
 from __future__ import annotations
 

@@ -223,8 +223,8 @@ class SSLObjective:
         if self.do_gram:
             gram = total.new_zeros(())
             if gram_targets is not None:
-                gram = self.gram_loss(*self._gram_tokens(global_out["x_norm_patchtokens"], gram_targets, ibot_masks_flat,
-                                                         patch_index))
+                student_patches = global_out["x_norm_patchtokens"]
+                gram = self.gram_loss(*self._gram_tokens(student_patches, gram_targets, ibot_masks_flat, patch_index))
                 total = total + self.gram_weight * gram
             terms["gram_loss"] = gram
         return LossOutput(total=total, terms=terms)
