@@ -30,7 +30,7 @@ from dinokit.cli.embed import _feature_fn
 from dinokit.data import ImageFiles, make_classification_eval_transform
 from dinokit.data.images import resolve_image_inputs
 from dinokit.devices import resolve_device, resolve_dtype
-from dinokit.features import static_batch_fn, autocast_context, extract_features, inference_dtype
+from dinokit.features import feature_runner, autocast_context, extract_features, inference_dtype
 from dinokit.models import create_model
 
 
@@ -55,8 +55,7 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def model_only(model, feature_fn, *, n: int, batch: int, size: int, device, dtype, compile_backend) -> float:
     """Images/s of the feature function alone on ``n`` images' worth of on-device batches."""
-    run = (static_batch_fn(feature_fn, model, batch, compile_backend) if compile_backend
-           else (lambda images: feature_fn(model, images)))
+    run = feature_runner(feature_fn, model, batch, compile_backend)
     x = torch.randn(batch, 3, size, size, device=device)
     steps = max(1, n // batch)
     with autocast_context(device, dtype):

@@ -96,9 +96,12 @@ def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], t
     return features, index[order], targets_all, bad_all
 
 
-def static_batch_fn(feature_fn: FeatureFn, model: nn.Module, batch_size: int, backend: str | Callable):
-    """``feature_fn(model, images)`` compiled for ``batch_size`` images: shorter batches are padded with zeros
-    and their outputs cut back (the images are independent, so padding does not change the real rows)."""
+def feature_runner(feature_fn: FeatureFn, model: nn.Module, batch_size: int, backend: str | Callable | None = None):
+    """``images -> feature_fn(model, images)``; with a compile ``backend``, compiled for ``batch_size`` images:
+    shorter batches are padded with zeros and their outputs cut back (the images are independent, so padding
+    does not change the real rows)."""
+    if backend is None:
+        return lambda images: feature_fn(model, images)
     compiled = torch.compile(lambda images: feature_fn(model, images), backend=backend, dynamic=False)
 
     def run(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -154,8 +157,7 @@ def extract_features(
     bad: list[int] = []
     was_training = model.training
     model.to(device).eval()
-    run = static_batch_fn(feature_fn, model, batch_size, compile_backend) if compile_backend else (
-        lambda images: feature_fn(model, images))
+    run = feature_runner(feature_fn, model, batch_size, compile_backend)
     start = time.perf_counter()
     bar = tqdm(total=len(shard), desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     try:
