@@ -8,9 +8,10 @@ Synthetic images, the official vitl14 recipe otherwise (heads, iBOT, KoLeo, Sink
 ``device`` makes the crops on the GPU), with ``train.num_workers`` data workers; the timed steps then include
 waiting for data. ``--device cpu`` runs it anywhere (the tests use it with a tiny config).
 
-``--variants`` times the step four times in one process, side by side: plain, with ``train.packed_crops``
-(with ``--compile``: a compiled packed block function), with ``train.head_chunk_rows`` (``--chunk-rows``), and
-with both; each line carries its speed relative to the plain step.
+``--variants`` times the step six times in one process, side by side: plain, with ``train.packed_crops``
+(with ``--compile``: a compiled packed block function), with ``train.head_chunk_rows`` (``--chunk-rows``), with
+both, and with activation checkpointing of the student's blocks, full and selective (speed for memory); each
+line carries its speed relative to the plain step. ``--ac full|selective`` checkpoints every variant.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def synthetic_batch(cfg, batch_size: int):
 
 
 VARIANTS = {"plain": [], "packed": ["train.packed_crops=true"], "chunked": ["train.head_chunk_rows={rows}"],
-            "packed+chunked": ["train.packed_crops=true", "train.head_chunk_rows={rows}"]}
+            "packed+chunked": ["train.packed_crops=true", "train.head_chunk_rows={rows}"],
+            "checkpointed full": ["train.activation_checkpointing=true"],
+            "checkpointed selective": ["train.activation_checkpointing=true",
+                                       "train.activation_checkpointing_policy=selective"]}
 
 
 def measure(args, opts: list[str]) -> dict:
@@ -53,14 +57,15 @@ def measure(args, opts: list[str]) -> dict:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     data = [f"train.dataset_path=ImageFolder:root={args.data}"] if args.data else []
-    wrap = [f"train.{k}=true" for k, on in (("compile", args.compile), ("activation_checkpointing", args.ac)) if on]
+    wrap = [*(["train.compile=true"] if args.compile else []),
+            *(["train.activation_checkpointing=true", f"train.activation_checkpointing_policy={args.ac}"]
+              if args.ac else [])]
     cfg = load_config(args.config, [f"train.batch_size_per_gpu={args.batch}", *data, *wrap, *opts])
     torch.manual_seed(0)  # the same initial weights and synthetic crops for every variant
     model = SSLMetaArch(cfg)
     compile_packed_blocks(model, cfg.train)  # as dinokit train does
     model.teacher.load_state_dict(model.student.state_dict())
     settings = engine_config(cfg, dev)
-    settings.compile, settings.activation_checkpointing = args.compile, args.ac
     engine = Engine(model, settings, output_dir=tempfile.mkdtemp(prefix="dinokit-bench-"), device=dev, schedules={})
     warmup = 5 if args.compile else 3
     if args.data:
@@ -84,7 +89,8 @@ def measure(args, opts: list[str]) -> dict:
     return {"images_per_s": round(args.batch * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
             "compile": args.compile, "data": "synthetic" if not args.data else cfg.crops.augmentation,
-            "num_workers": cfg.train.num_workers if args.data else 0, "loss": float(out.total.detach())}
+            "num_workers": cfg.train.num_workers if args.data else 0, "loss": float(out.total.detach()),
+            "checkpointing": cfg.train.activation_checkpointing_policy if cfg.train.activation_checkpointing else None}
 
 
 def main(argv: list[str] | None = None) -> dict | list[dict]:
@@ -93,10 +99,11 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--ac", action="store_true")
+    p.add_argument("--ac", choices=["full", "selective"], help="activation checkpointing of the student's blocks")
     p.add_argument("--data", help="an image folder: real decoding + augmentation instead of synthetic crops")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--variants", action="store_true", help="plain, packed crops, chunked heads and both, side by side")
+    p.add_argument("--variants", action="store_true",
+                   help="plain, packed crops, chunked heads, both, checkpointed blocks (full, selective), side by side")
     p.add_argument("--chunk-rows", type=int, default=4096, help="train.head_chunk_rows of the chunked variants")
     p.add_argument("opts", nargs="*")
     args = p.parse_args(argv)
@@ -107,8 +114,9 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         return res
     results = []
     for name, extra in VARIANTS.items():
-        if args.ac and "train.packed_crops=true" in extra:
-            continue  # the packed forward bypasses checkpointed blocks (refused by the config)
+        checkpointed = args.ac or "train.activation_checkpointing=true" in extra
+        if (checkpointed and "train.packed_crops=true" in extra) or (args.ac and name.startswith("checkpointed")):
+            continue  # the packed forward bypasses checkpointed blocks (refused by the config); no double wrapping
         res = {"variant": name, **measure(args, [*args.opts, *(o.format(rows=args.chunk_rows) for o in extra)])}
         res["vs_plain"] = round(res["images_per_s"] / results[0]["images_per_s"], 2) if results else 1.0
         print(json.dumps(res), flush=True)

@@ -106,6 +106,9 @@ class TrainConfig:
     log_freq: int = 10  # dinokit: iterations between training_metrics.json lines (official: fixed 10)
     compile: bool = False  # dinokit: torch.compile each transformer block (GPU training; slower start-up)
     activation_checkpointing: bool = False  # dinokit: recompute block activations in backward to save memory
+    # dinokit: what a checkpointed block keeps for backward: full (only its input) or selective (also the outputs
+    # of its matmuls and attention: recomputes only the elementwise work, less compute, more memory than full)
+    activation_checkpointing_policy: str = "full"
     tracker: str = "none"  # dinokit: also log metrics to tensorboard or wandb (optional extras), or none
     # dinokit: head warm-up of continued pretraining: for this many epochs the student backbone is frozen (run
     # without gradients) and only the heads learn; then it joins, its lr re-warmed over optim.warmup_epochs

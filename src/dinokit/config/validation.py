@@ -25,6 +25,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "crops.blur_probabilities": ("official", "intended"),
     "compute_precision.dtype": ("auto", *DTYPES),
     "train.tracker": ("none", "tensorboard", "wandb"),
+    "train.activation_checkpointing_policy": ("full", "selective"),
     "crops.augmentation": ("pil", "tensor", "device"),
     "distillation.loss": ("dino_ibot", "features"),
     "distillation.ibot_positions": ("all", "masked"),

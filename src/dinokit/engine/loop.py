@@ -45,6 +45,7 @@ class EngineConfig:
     grad_scaler: bool = True  # scale the loss when dtype is float16
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute block activations of trainable modules in backward
+    checkpoint_policy: str = "full"  # what checkpointed blocks keep: full (their input) or selective (+ matmuls)
     reshard_after_forward: Mapping[str, bool] | None = None  # FSDP2 flag per module name (default True)
     layerwise_decay: float = 1.0  # lr multiplier per block below the top of each backbone
     patch_embed_lr_mult: float = 1.0  # extra lr multiplier of patch embeddings
@@ -141,6 +142,7 @@ class Engine:
             mesh=mesh,
             compile_blocks=cfg.compile,
             activation_checkpointing=cfg.activation_checkpointing,
+            checkpoint_policy=cfg.checkpoint_policy,
             param_dtype=cfg.dtype if (mesh is not None and device.type == "cuda" and cfg.dtype != torch.float32) else None,
             reshard_after_forward=dict(cfg.reshard_after_forward or {}),
         )

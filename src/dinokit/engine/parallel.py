@@ -7,16 +7,38 @@ this. In a single process without CUDA, only compilation (if asked) applies.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+CHECKPOINT_POLICIES = ("full", "selective")
 
-def apply_activation_checkpointing(backbone: nn.Module) -> None:
-    """Recompute each block's activations in backward (trades ~30% compute for memory)."""
+
+def saved_ops() -> list:
+    """The operators whose outputs selective activation checkpointing keeps: the matrix products and the
+    attention kernels (most of a block's compute). LayerNorms, GELU/SwiGLU, LayerScale, residual additions and
+    dropouts (cheap, memory-bound) are recomputed in backward."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    return [getattr(aten, name).default for name in names if hasattr(aten, name)]
+
+
+def apply_activation_checkpointing(backbone: nn.Module, policy: str = "full") -> None:
+    """Recompute each block's activations in backward: ``full`` keeps only the block's input (trades ~30% compute
+    for memory), ``selective`` also keeps the outputs of :func:`saved_ops` (recomputes only elementwise work)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"activation checkpointing policy {policy!r} is not one of {CHECKPOINT_POLICIES}")
+    kwargs = {}
+    if policy == "selective":
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, saved_ops())
     for i, block in enumerate(backbone.blocks):
-        backbone.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+        backbone.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True, **kwargs)
 
 
 def apply_compile(backbone: nn.Module) -> None:
@@ -54,12 +76,13 @@ def parallelize(
     mesh=None,
     compile_blocks: bool = False,
     activation_checkpointing: bool = False,
+    checkpoint_policy: str = "full",
     param_dtype: torch.dtype | None = None,
     reshard_after_forward: dict[str, bool] | None = None,
 ) -> None:
     """Prepare a task's modules in the documented order; ``mesh`` set means shard (FSDP2).
 
-    ``trainable`` modules get activation checkpointing (if asked), compiled blocks and FSDP2; ``inference``
+    ``trainable`` modules get activation checkpointing (if asked; ``checkpoint_policy`` full or selective), compiled blocks and FSDP2; ``inference``
     modules (EMA teachers, frozen teachers) compiled blocks and FSDP2. Each module is its own FSDP unit, its
     blocks nested units; ``reshard_after_forward`` maps trainable module names to FSDP2's flag (default
     True); inference modules always free their gathered parameters after their forward.
@@ -67,7 +90,7 @@ def parallelize(
     for name, module in {**trainable, **inference}.items():
         for backbone in _backbones(module):
             if activation_checkpointing and name in trainable:
-                apply_activation_checkpointing(backbone)
+                apply_activation_checkpointing(backbone, checkpoint_policy)
             if compile_blocks:
                 apply_compile(backbone)
     if mesh is not None:

@@ -43,6 +43,7 @@ def engine_config(cfg: DictConfig, device: torch.device) -> EngineConfig:
         grad_scaler=precision.grad_scaler,
         compile=cfg.train.compile,
         activation_checkpointing=cfg.train.activation_checkpointing,
+        checkpoint_policy=cfg.train.activation_checkpointing_policy,
         reshard_after_forward=reshard,
         layerwise_decay=cfg.optim.layerwise_decay,
         patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
