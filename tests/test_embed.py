@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from dinokit.cli import main
 from dinokit.data import ImageFiles, make_classification_eval_transform
-from dinokit.features import extract_features
+from dinokit.features import HostCopies, extract_features
 from dinokit.models import create_model, save_backbone
 from dinokit.models import registry
 
@@ -158,7 +158,13 @@ def test_all_images_unreadable_is_an_error(images, tmp_path, capsys) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:skipping unreadable image")
-def test_extract_features_keeps_dataset_order_and_reports_bad(images, weights) -> None:
+@pytest.mark.parametrize("queued", [False, True], ids=["cpu", "gpu-copy-queue"])
+def test_extract_features_keeps_dataset_order_and_reports_bad(images, weights, queued, monkeypatch) -> None:
+    """``queued``: the outputs go through the GPU path's one-batch-late host copies (run on CPU tensors)."""
+    if queued:
+        from dinokit import features
+
+        monkeypatch.setattr(features, "HostCopies", lambda device: HostCopies(device, asynchronous=True))
     model, _ = weights
     paths = [images / n for n in ("sub/c.png", "broken.png", "a.png", "sub/fake.jpg", "b.jpg")]
     dataset = ImageFiles(paths, targets=[3, 4, 5, 6, 7], transform=make_classification_eval_transform(crop_size=56))
@@ -175,6 +181,27 @@ def test_extract_features_keeps_dataset_order_and_reports_bad(images, weights) -
     torch.testing.assert_close(fp16.features["cls"], result.features["cls"])
     bf16 = extract_features(model, dataset, dtype=torch.bfloat16, progress=False)
     torch.testing.assert_close(bf16.features["cls"], result.features["cls"], rtol=0.1, atol=0.05)
+
+
+def test_host_copies_collect_each_batch_one_batch_later_in_order() -> None:
+    """The GPU path's queue (run on CPU tensors): a batch is collected when the next one is queued, or by flush."""
+    copies = HostCopies(torch.device("cpu"), asynchronous=True)
+    batches = [{"cls": torch.full((2, 3), float(i), dtype=torch.bfloat16), "patch": torch.randn(2, 4, 3)}
+               for i in range(3)]
+    copies.add(batches[0])
+    assert copies.parts == {}  # still in flight
+    copies.add(batches[1])
+    assert [t[0, 0].item() for t in copies.parts["cls"]] == [0.0]
+    copies.add(batches[2])
+    copies.flush()
+    copies.flush()  # nothing left: no duplicate
+    assert [t[0, 0].item() for t in copies.parts["cls"]] == [0.0, 1.0, 2.0]
+    assert all(t.dtype == torch.float32 for key in copies.parts for t in copies.parts[key])
+    for got, batch in zip(copies.parts["patch"], batches):
+        assert torch.equal(got, batch["patch"]) and got.data_ptr() != batch["patch"].data_ptr()
+    cpu = HostCopies(torch.device("cpu"))  # the CPU default keeps each batch at once
+    cpu.add(batches[0])
+    assert not cpu.asynchronous and len(cpu.parts["cls"]) == 1
 
 
 def test_compiled_extraction_pads_to_one_static_graph_and_gives_the_eager_features(images, weights) -> None:

@@ -96,6 +96,55 @@ def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], t
     return features, index[order], targets_all, bad_all
 
 
+class _CompletedEvent:
+    """A CPU stand-in for ``torch.cuda.Event``: work on the CPU is done when it returns."""
+
+    def record(self) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+class HostCopies:
+    """Collects each batch's outputs as float32 host tensors, in order, without making the host wait for the device.
+
+    On a GPU a batch's copy is queued behind its compute (non-blocking, into pinned memory) with an event, and
+    collected only after the next batch has been queued: the GPU never idles while the host decodes, moves and
+    launches the next batch, and at most two batches of pinned memory are held (each collected batch is copied
+    out into ordinary memory). On a CPU the outputs are kept as they are. Call :meth:`flush` after the last batch.
+    """
+
+    def __init__(self, device: torch.device, asynchronous: bool | None = None) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        cuda = device.type == "cuda"
+        self.asynchronous = cuda if asynchronous is None else asynchronous  # (tests run the queue on a CPU)
+        self._pin, self._event = cuda, (torch.cuda.Event if cuda else _CompletedEvent)
+        self._pending: tuple[dict[str, torch.Tensor], object] | None = None
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        if not self.asynchronous:
+            self._keep({key: value.float().cpu() for key, value in out.items()})
+            return
+        staged = {}
+        for key, value in out.items():
+            staged[key] = torch.empty(value.shape, dtype=torch.float32, pin_memory=self._pin)
+            staged[key].copy_(value.float(), non_blocking=True)
+        event = self._event()
+        event.record()
+        self.flush()  # the previous batch: its copy finished while this batch was being queued
+        self._pending = (staged, event)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            staged, event = self._pending
+            self._pending = None
+            event.synchronize()
+            self._keep({key: value.clone() for key, value in staged.items()})  # out of pinned memory
+
+    def _keep(self, out: dict[str, torch.Tensor]) -> None:
+        for key, value in out.items():
+            self.parts.setdefault(key, []).append(value)
+
+
 def feature_runner(feature_fn: FeatureFn, model: nn.Module, batch_size: int, backend: str | Callable | None = None):
     """``images -> feature_fn(model, images)``; with a compile ``backend``, compiled for ``batch_size`` images:
     shorter batches are padded with zeros and their outputs cut back (the images are independent, so padding
@@ -151,7 +200,7 @@ def extract_features(
         collate_fn=collate_skip_bad,
         pin_memory=device.type == "cuda",
     )
-    parts: dict[str, list[torch.Tensor]] = {}
+    outputs = HostCopies(device)
     indices: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     bad: list[int] = []
@@ -169,15 +218,14 @@ def extract_features(
                     continue
                 images = batch["image"].to(device, non_blocking=True)
                 with amp:
-                    out = run(images)
-                for key, value in out.items():
-                    parts.setdefault(key, []).append(value.float().cpu())
+                    outputs.add(run(images))
                 indices.append(batch["index"])
                 targets.append(batch["target"])
+            outputs.flush()
     finally:
         bar.close()
         model.train(was_training)
     seconds = time.perf_counter() - start
     # Outside inference mode, so the gathered tensors are ordinary ones (usable to train probes).
-    features, index, target, bad = _gather(parts, indices, targets, bad, distributed)
+    features, index, target, bad = _gather(outputs.parts, indices, targets, bad, distributed)
     return ExtractedFeatures(features=features, indices=index, targets=target, bad=bad, seconds=seconds)
