@@ -198,7 +198,7 @@ def test_gram_tokens_pick_the_masked_or_unmasked_rows_by_index():
     """gram.tokens_used=masked/unmasked: the rows a boolean mask would select, in the same order, picked by index."""
     from types import SimpleNamespace
 
-    from dinokit.train.ssl_meta_arch import SSLObjective
+    from dinokit.train.objective import SSLObjective
 
     student, teacher = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
     masks = torch.tensor([[True, False, True, False, False], [False, False, False, True, False]])

@@ -29,7 +29,7 @@ from torch import nn
 from ..config import backbone_from_config
 from ..engine.task import Export, LossOutput, Task, ema_update
 from ..errors import DinokitError
-from ..train.ssl_meta_arch import SSLObjective, ssl_heads
+from ..train.objective import SSLObjective, ssl_heads
 from ..train.weights import load_pretrained_backbone
 
 

@@ -26,7 +26,7 @@ from ..models.checkpoint import (
     load_backbone_weights,
     load_state_dict_file,
 )
-from ..train.ssl_meta_arch import ssl_heads
+from ..train.objective import ssl_heads
 
 
 @dataclass
