@@ -136,6 +136,7 @@ def test_two_process_gloo_run_and_resume_on_one_process(images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: 3 iterations" in proc.stdout and "teacher snapshot:" in proc.stdout  # flushed by end_process
     # two processes write one sharded folder (torch.distributed.checkpoint), each rank its own shards
     folder = out / "checkpoints" / "checkpoint_0000003"
     assert folder.is_dir() and not list((out / "checkpoints").glob("*.pth"))
@@ -147,6 +148,30 @@ def test_two_process_gloo_run_and_resume_on_one_process(images, tmp_path):
     # the sharded run's checkpoint resumes in a single process (world-size independent)
     summary = train(tiny_cfg(images, "train.batch_size_per_gpu=4", "optim.epochs=2"), output_dir=out)
     assert summary["iteration"] == 6
+
+
+def test_end_process_runs_the_exit_handlers_flushes_and_exits_with_the_code():
+    """How a torchrun/SLURM rank ends (dinokit.distributed.end_process): no interpreter finalisation, nothing lost."""
+    code = ("import atexit, sys; from dinokit import distributed; atexit.register(lambda: print('handler ran')); "
+            "print('buffered', end=''); sys.stderr.write('err'); distributed.end_process(3)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "bufferedhandler ran\n", "err")
+
+
+def test_a_command_that_joined_a_process_group_ends_its_process_with_its_status(monkeypatch, tmp_path, capsys):
+    from dinokit import distributed
+
+    ended = []
+
+    def end_process(code):
+        ended.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(distributed, "joined_group", lambda: True)
+    monkeypatch.setattr(distributed, "end_process", end_process)
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--config-file", "demo", "--output-dir", str(tmp_path), "optim.lrr=1"])
+    assert ended == [2] and "unknown config key 'optim.lrr'" in capsys.readouterr().err
 
 
 def test_knn_is_logged_for_each_snapshot(images, tmp_path):

@@ -40,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. A process that joined a ``torchrun``/SLURM group ends here instead of
+    returning (:func:`dinokit.distributed.end_process`)."""
+    from .. import distributed
+
+    code = _run(argv)
+    if distributed.joined_group():
+        distributed.end_process(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
