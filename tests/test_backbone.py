@@ -225,3 +225,20 @@ def test_masked_patches_take_the_mask_token_before_the_position_embedding() -> N
     torch.testing.assert_close(masked["x_prenorm"][1], plain["x_prenorm"][1], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(masked["x_prenorm"][0], plain["x_prenorm"][0])
     assert masked["masks"] is masks
+
+
+def test_batch_subset_drop_path_adds_the_rescaled_branch_to_the_drawn_samples_only() -> None:
+    """The official stochastic depth above rate 0.1: the branch runs on a random subset of the batch and is added to
+    those samples, scaled by batch / subset; the result is a new tensor, not a view (FSDP2 warns about views)."""
+    from dinokit.layers.drop_path import subset_residual
+
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 5, 6), torch.randn(6, 6)
+    torch.manual_seed(1)
+    out = subset_residual(x, lambda t: t @ w, 0.4)
+    torch.manual_seed(1)
+    drawn = torch.randperm(8)[:4]  # int(8 * 0.6) = 4 samples
+    want = x.clone()
+    want[drawn] += 2.0 * (x[drawn] @ w)
+    torch.testing.assert_close(out, want)
+    assert not out._is_view()

@@ -45,4 +45,6 @@ def subset_residual(
     idx = torch.randperm(b, device=x.device)[:subset]
     residual = branch(x[idx])  # (subset, N, D)
     scale = b / subset
-    return torch.index_add(x.flatten(1), 0, idx, residual.flatten(1).to(x.dtype), alpha=scale).view_as(x)
+    # on (B, N, D) directly: the same sums as on flattened rows, and a new tensor rather than a view of one (FSDP2
+    # warns about modules that return views: an in-place op on one would skip its pre-backward hook)
+    return torch.index_add(x, 0, idx, residual.to(x.dtype), alpha=scale)
