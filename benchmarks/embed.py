@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinokit.cli.embed import _feature_fn
 from dinokit.data import ImageFiles, make_classification_eval_transform
 from dinokit.data.images import resolve_image_inputs
 from dinokit.devices import resolve_device, resolve_dtype
-from dinokit.features import feature_runner, autocast_context, extract_features, inference_dtype
+from dinokit.features import autocast_context, embedding_feature_fn, extract_features, feature_runner, inference_dtype
 from dinokit.models import create_model
 
 
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     overrides = dict(embed_dim=32, depth=2, num_heads=2, img_size=args.image_size) if args.tiny else {}
     model = create_model(args.model, **overrides).to(device).eval()
-    feature_fn = _feature_fn(patch_mean=False, patch_tokens=False)
+    feature_fn = embedding_feature_fn(patch_mean=False, patch_tokens=False)
     backend = "inductor" if args.compile else None
     with tempfile.TemporaryDirectory(prefix="dinokit-embed-bench-") as tmp:
         paths = resolve_image_inputs(args.folder) if args.folder else write_jpegs(Path(tmp), args.images)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from dinokit.cli import main
 from dinokit.data import ImageFiles, make_classification_eval_transform
-from dinokit.features import HostCopies, extract_features
+from dinokit.features import HostCopies, embedding_feature_fn, extract_features
 from dinokit.models import create_model, save_backbone
 from dinokit.models import registry
 
@@ -209,12 +209,11 @@ def test_compiled_extraction_pads_to_one_static_graph_and_gives_the_eager_featur
     batch size, so dynamo captures one graph for the whole dataset, and the real rows equal the eager ones."""
     from torch._dynamo.testing import CompileCounter
 
-    from dinokit.cli.embed import _feature_fn
 
     model, _ = weights
     paths = [images / n for n in ("sub/c.png", "broken.png", "a.png", "sub/fake.jpg", "b.jpg")]
     dataset = ImageFiles(paths, transform=make_classification_eval_transform(crop_size=56))
-    feature_fn = _feature_fn(patch_mean=True, patch_tokens=True)
+    feature_fn = embedding_feature_fn(patch_mean=True, patch_tokens=True)
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         eager = extract_features(model, dataset, feature_fn=feature_fn, batch_size=3, progress=False)
     counter = CompileCounter()  # counts the graphs dynamo hands it and runs them eagerly

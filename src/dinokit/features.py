@@ -50,6 +50,22 @@ def cls_feature_fn(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
     return {"cls": model(images)}
 
 
+def embedding_feature_fn(*, patch_mean: bool = False, patch_tokens: bool = False) -> FeatureFn:
+    """What ``dinokit embed`` computes: ``cls`` (= ``model(images)``), and optionally ``patch_mean`` (the mean of
+    the normalised patch tokens, (B, D)) and ``patch_tokens`` ((B, N, D))."""
+
+    def embed(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = model.forward_features(images)
+        features = {"cls": out["x_norm_clstoken"]}
+        if patch_mean:
+            features["patch_mean"] = out["x_norm_patchtokens"].mean(dim=1)
+        if patch_tokens:
+            features["patch_tokens"] = out["x_norm_patchtokens"]
+        return features
+
+    return embed
+
+
 FP16_ON_CPU = "fp16 is not supported on CPU; running in fp32"
 
 

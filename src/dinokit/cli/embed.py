@@ -30,7 +30,7 @@ from ..data.transforms import make_classification_eval_transform
 from ..errors import DinokitError
 from ..devices import resolve_device, resolve_dtype
 from ..eval.setup import setup_eval_model
-from ..features import ExtractedFeatures, inference_dtype, extract_features
+from ..features import ExtractedFeatures, embedding_feature_fn, extract_features, inference_dtype
 from ..engine.run_dir import check_writable
 from ..models.checkpoint import atomic_write, check_weights_path
 from ..models.registry import model_info
@@ -132,19 +132,6 @@ def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Mod
     return model, f"{name} ({weights})"
 
 
-def _feature_fn(*, patch_mean: bool, patch_tokens: bool):
-    def embed(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = model.forward_features(images)
-        features = {"cls": out["x_norm_clstoken"]}  # = model(images): the normalised class token
-        if patch_mean:
-            features["patch_mean"] = out["x_norm_patchtokens"].mean(dim=1)  # (B, N, D) -> (B, D)
-        if patch_tokens:
-            features["patch_tokens"] = out["x_norm_patchtokens"]
-        return features
-
-    return embed
-
-
 # ------------------------------------------------------------------------------------------- writing
 def _write_lines(path: Path, lines: list[str]) -> None:
     with atomic_write(path) as tmp:
@@ -215,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     result = extract_features(
         model,
         dataset,
-        feature_fn=_feature_fn(patch_mean=args.patch_mean, patch_tokens=args.patch_tokens),
+        feature_fn=embedding_feature_fn(patch_mean=args.patch_mean, patch_tokens=args.patch_tokens),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         device=device,
