@@ -9,6 +9,7 @@ learnt something (the demo learning test, distillation, dense heads, visualisati
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def load_benchmark():
     def load(name: str):
         spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # (dataclasses look their module up there)
         spec.loader.exec_module(module)
         return module
 

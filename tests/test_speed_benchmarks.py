@@ -4,6 +4,7 @@ GPU)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -68,3 +69,36 @@ def test_inference_benchmark_compares_the_same_architecture_across_peers(load_be
     results = bench.main(["--arch", "vits14", "--device", "cpu", "--batch", "2", "--steps", "1", "--size", "28",
                           "--modes", "eager"])
     assert set(results) == {"dinokit/eager", "timm/eager", "hf/eager"} and all(v > 0 for v in results.values())
+
+
+def test_gpu_suite_runs_its_steps_in_order_within_the_budget_and_keeps_going(load_benchmark, tmp_path):
+    """``benchmarks/gpu_suite.py``: each step in its own process; JSON lines become results tagged with the step; a
+    failing or timed-out step is recorded and the next one runs; a step that no longer fits is skipped."""
+    suite = load_benchmark("gpu_suite")
+    scripts = {"ok": 'print("noise"); print(\'{"a": 1}\'); print(\'[{"b": 2}, 3]\')',
+               "bad": "import sys; sys.exit(3)", "slow": "import time; print('{\"c\": 0}', flush=True); time.sleep(30)"}
+    for name, code in scripts.items():
+        (tmp_path / f"{name}.py").write_text(code)
+    steps = [suite.Step("ok", [str(tmp_path / "ok.py")], 60, min_s=0),
+             suite.Step("bad", [str(tmp_path / "bad.py")], 60, min_s=0),
+             suite.Step("slow", [str(tmp_path / "slow.py")], 2, min_s=0),
+             suite.Step("big", [str(tmp_path / "ok.py")], 60, min_s=10_000)]
+    out = tmp_path / "out"
+    statuses = suite.run_steps(steps, out, budget_s=60)
+    assert [(s["step"], s["status"]) for s in statuses] == [
+        ("ok", "ran"), ("bad", "failed (exit 3)"), ("slow", "timed out"), ("big", "skipped")]
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert results == [{"step": "ok", "a": 1}, {"step": "ok", "b": 2}, {"step": "slow", "c": 0}]
+    assert "exit" not in (out / "ok.log").read_text() and (out / "bad.log").exists()
+    assert "ok: ran" in suite.summary(out, statuses)
+
+
+def test_gpu_suite_steps_name_existing_scripts_and_their_options(load_benchmark, tmp_path):
+    """A GPU session cannot afford a typo: every step's script exists and every --option it passes is one of that
+    script's (the toy-size run of every step is by hand: ``gpu_suite.py --device cpu --smoke``)."""
+    suite = load_benchmark("gpu_suite")
+    for smoke in (False, True):
+        for step in suite.steps("cuda", smoke, tmp_path, workers=4):
+            source = (suite.HERE / step.argv[0]).read_text()
+            for option in (a for a in step.argv[1:] if a.startswith("--")):
+                assert f'"{option}"' in source, (step.name, option)
