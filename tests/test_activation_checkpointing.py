@@ -86,3 +86,8 @@ def test_a_bad_policy_is_refused_in_one_line():
     with pytest.raises(DinokitError, match=r"train.activation_checkpointing_policy.*sometimes") as error:
         load_config("demo", ["train.activation_checkpointing_policy=sometimes"])
     assert "\n" not in str(error.value) and "selective" in str(error.value)
+    # a setting never silently does nothing
+    with pytest.raises(DinokitError, match="has no effect without train.activation_checkpointing=true"):
+        load_config("demo", ["train.activation_checkpointing_policy=selective"])
+    both = ["train.activation_checkpointing=true", "train.activation_checkpointing_policy=selective"]
+    assert load_config("demo", both).train.activation_checkpointing_policy == "selective"

@@ -102,8 +102,13 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_step_levers(cfg: DictConfig) -> None:
-    """``train.packed_crops`` runs the blocks' parts outside the blocks' own forward, so it misses their activation
-    checkpointing (``train.compile`` compiles the packed block function instead: train/train.py)."""
+    """A checkpointing policy needs checkpointing on; ``train.packed_crops`` runs the blocks' parts outside the blocks'
+    own forward, so it misses their activation checkpointing (``train.compile`` compiles the packed block function
+    instead: train/train.py)."""
+    policy = cfg.train.activation_checkpointing_policy
+    if policy != "full" and not cfg.train.activation_checkpointing:
+        raise DinokitError(f"train.activation_checkpointing_policy={policy} has no effect without "
+                           f"train.activation_checkpointing=true; set that too, or remove the policy")
     if cfg.train.packed_crops and cfg.train.activation_checkpointing:
         raise DinokitError("train.packed_crops does not combine with train.activation_checkpointing (the packed "
                            "forward bypasses the checkpointed blocks); set one of them to false")
