@@ -2,7 +2,7 @@
 
 ``SSLObjective`` computes the teacher's targets (centring or Sinkhorn-Knopp) and the student's DINO, KoLeo,
 iBOT and Gram terms; the pretraining task (``ssl_meta_arch.SSLMetaArch``) and distillation
-(``distill.task``) both build on it. It holds no modules of its own and never calls backward.
+(``distill.task``) both build on it. Its only state is the losses' centres; it never calls backward.
 """
 
 from __future__ import annotations
