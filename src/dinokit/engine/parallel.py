@@ -82,10 +82,11 @@ def parallelize(
 ) -> None:
     """Prepare a task's modules in the documented order; ``mesh`` set means shard (FSDP2).
 
-    ``trainable`` modules get activation checkpointing (if asked; ``checkpoint_policy`` full or selective), compiled blocks and FSDP2; ``inference``
-    modules (EMA teachers, frozen teachers) compiled blocks and FSDP2. Each module is its own FSDP unit, its
-    blocks nested units; ``reshard_after_forward`` maps trainable module names to FSDP2's flag (default
-    True); inference modules always free their gathered parameters after their forward.
+    ``trainable`` modules get activation checkpointing (if asked; ``checkpoint_policy`` full or selective),
+    compiled blocks and FSDP2; ``inference`` modules (EMA teachers, frozen teachers) compiled blocks and FSDP2.
+    Each module is its own FSDP unit, its blocks nested units; ``reshard_after_forward`` maps trainable module
+    names to FSDP2's flag (default True); inference modules always free their gathered parameters after their
+    forward.
     """
     for name, module in {**trainable, **inference}.items():
         for backbone in _backbones(module):
