@@ -8,6 +8,7 @@ this. In a single process without CUDA, only compilation (if asked) applies.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -56,6 +57,12 @@ def fsdp_mixed_precision(param_dtype: torch.dtype | None, reduce_dtype: torch.dt
 def apply_fsdp(module: nn.Module, *, mesh, param_dtype: torch.dtype | None, reshard_after_forward: bool = True) -> None:
     """Shard every transformer block of ``module`` (any depth) with FSDP2 ``fully_shard``, then ``module`` itself."""
     from torch.distributed.fsdp import fully_shard
+
+    # FSDP2 warns when a sharded module returns a view: an in-place op on it would skip the module's
+    # pre-backward hook. The backbone returns its class, register and patch tokens as views of one normalised
+    # tensor by design, and nothing in dinokit modifies them in place, so that warning (for the backbone only)
+    # says nothing here. The blocks return new tensors.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPDinoVisionTransformer\) returned a view")
 
     kwargs = dict(mesh=mesh, mp_policy=fsdp_mixed_precision(param_dtype), reshard_after_forward=reshard_after_forward)
     for backbone in _backbones(module):
