@@ -159,6 +159,18 @@ def test_end_process_runs_the_exit_handlers_flushes_and_exits_with_the_code():
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "bufferedhandler ran\n", "err")
 
 
+def test_messages_before_the_group_starts_come_from_the_launchers_first_process(monkeypatch):
+    """Notes printed before ``init_process_group`` (e.g. about the k-NN monitor) appear once per run, not per rank."""
+    from dinokit import distributed
+
+    for env, first in (({}, True), ({"RANK": "0"}, True), ({"RANK": "1"}, False), ({"SLURM_PROCID": "3"}, False)):
+        for key in ("RANK", "SLURM_PROCID"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert distributed.is_first_process() is first, env
+
+
 def test_a_command_that_joined_a_process_group_ends_its_process_with_its_status(monkeypatch, tmp_path, capsys):
     from dinokit import distributed
 

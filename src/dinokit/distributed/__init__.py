@@ -33,6 +33,14 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def is_first_process() -> bool:
+    """Rank 0; before the process group starts, the process that the launcher numbers 0 (torchrun's ``RANK``,
+    SLURM's ``SLURM_PROCID``): for messages printed once per run."""
+    if is_enabled():
+        return get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
 def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

@@ -60,6 +60,7 @@ def check_knn_datasets(train: str, val: str, pretraining: str) -> None:
     note when they are the built-in sample set while pretraining reads other images."""
     from ..data import make_dataset
     from ..data.datasets import parse_dataset_str
+    from ..distributed import is_first_process
     from ..errors import DinokitError
 
     for key, value in (("train", train), ("val", val)):
@@ -69,7 +70,7 @@ def check_knn_datasets(train: str, val: str, pretraining: str) -> None:
             raise DinokitError(f"evaluation.knn_dataset.{key}: {err} (or evaluation.knn_dataset=null to skip the "
                                "k-NN monitor)") from None
     names = {parse_dataset_str(s)[0] for s in (train, val)}
-    if names == {"Sample"} and parse_dataset_str(pretraining)[0] != "Sample":
+    if names == {"Sample"} and parse_dataset_str(pretraining)[0] != "Sample" and is_first_process():  # once per run
         print("note: evaluation.knn_dataset is the built-in texture set while train.dataset_path is "
               f"{pretraining}: the logged knn_top1 describes textures; set evaluation.knn_dataset.train/val to "
               "labelled folders of yours, or evaluation.knn_dataset=null")
