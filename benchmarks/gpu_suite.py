@@ -172,12 +172,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     import torch
 
-    photos = write_photos(args.out / "data", 16 if args.smoke else args.photos)
+    photos = args.out / "data"
     all_steps = steps(args.device, args.smoke, photos, args.workers)
     unknown = set(args.only or []) - {s.name for s in all_steps}
     if unknown:
         p.error(f"unknown steps {sorted(unknown)}; choose from {[s.name for s in all_steps]}")
     selected = [s for s in all_steps if not args.only or s.name in args.only]
+    if any(s.name in ("train_step_data", "data_pipeline") for s in selected):
+        write_photos(photos, 16 if args.smoke else args.photos)
     header = {"machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(header), flush=True)
