@@ -1,10 +1,16 @@
 """``train.activation_checkpointing`` with its two policies: the training step's losses and gradients equal the plain
 step's, ``full`` recomputes every forward matmul of the blocks in backward and ``selective`` none of them (only the
-elementwise work), and a bad policy is refused in one line."""
+elementwise work), selective checkpointing composes with FSDP2 (two processes), and a bad policy is refused in one
+line."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +97,22 @@ def test_a_bad_policy_is_refused_in_one_line():
         load_config("demo", ["train.activation_checkpointing_policy=selective"])
     both = ["train.activation_checkpointing=true", "train.activation_checkpointing_policy=selective"]
     assert load_config("demo", both).train.activation_checkpointing_policy == "selective"
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_selective_checkpointing_under_fsdp2_logs_the_plain_losses(cfg, tmp_path):
+    """Two processes (gloo, FSDP2 sharding the checkpointed blocks): the same losses as without checkpointing."""
+    def losses(out: Path, port: int, *extra: str) -> list[float]:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m",
+               "dinokit", "train", "--config-file", "demo", "--output-dir", str(out), "--device", "cpu", *TINY,
+               f"train.dataset_path={cfg.train.dataset_path}", "train.batch_size_per_gpu=2", "optim.epochs=1",
+               "optim.warmup_epochs=0", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [json.loads(line)["total_loss"] for line in (out / "training_metrics.json").read_text().splitlines()]
+
+    plain = losses(tmp_path / "plain", 29551)
+    selective = losses(tmp_path / "selective", 29552, "train.activation_checkpointing=true",
+                       "train.activation_checkpointing_policy=selective")
+    assert len(plain) == 3 and selective == pytest.approx(plain, rel=1e-6)
