@@ -12,6 +12,9 @@ Rows:
 * ``decode + one resize``: plus one bicubic resize of the short side to the global crop size (PIL), the
   budget a worker should stay within when the augmentation runs on the accelerator.
 * ``decode + PIL multi-crop``: :class:`DataAugmentationDINO`, the default path.
+* ``decode + official composition``: the official ``DataAugmentationDINO``'s transforms as it composes them
+  (torchvision's v1 transforms on PIL images, its published parameters and effective blur probabilities),
+  rebuilt here for timing: the peer of the PIL path.
 * ``decode + crop parameters``: :class:`MultiCropSource`, the worker's share when the pixels are
   augmented on an accelerator (decode, uint8 tensor, parameter draws).
 * ``decode + tensor multi-crop on CPU``: the same plus :class:`TensorMultiCrop` on CPU tensors in
@@ -42,6 +45,27 @@ def cpu_seconds(fn, n_images: int, min_seconds: float) -> float:
     while time.process_time() - start < min_seconds:
         done += fn(done)
     return done / (time.process_time() - start)
+
+
+def official_composition(global_size: int, local_size: int, local_crops: int):
+    """The official multi-crop as the official code composes it, from its published parameters (v1 transforms):
+    crops of (0.32, 1) and (0.05, 0.32) with bicubic resizing and flips, colour jitter (0.4, 0.4, 0.2, 0.1) with
+    p 0.8, grayscale 0.2, a 9-pixel Gaussian blur with the effective probabilities 0 / 0.9 / 0.5 (global 1 /
+    global 2 / local), solarize (128, p 0.2) on global 2, then ToTensor and the ImageNet normalisation."""
+    from torchvision import transforms as T
+
+    def crop(size: int, scale: tuple[float, float]):
+        return [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(p=0.5)]
+
+    colour = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+    blur = lambda p: T.RandomApply([T.GaussianBlur(9, sigma=(0.1, 2.0))], p=p)  # noqa: E731
+    finish = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    global_1 = T.Compose([*crop(global_size, (0.32, 1.0)), *colour, blur(0.0), *finish])
+    global_2 = T.Compose([*crop(global_size, (0.32, 1.0)), *colour, blur(0.9), T.RandomSolarize(128, p=0.2), *finish])
+    local = T.Compose([*crop(local_size, (0.05, 0.32)), *colour, blur(0.5), *finish])
+    return lambda image: {"global_crops": [global_1(image), global_2(image)],
+                          "local_crops": [local(image) for _ in range(local_crops)]}
 
 
 def main() -> None:
@@ -92,6 +116,7 @@ def main() -> None:
             lambda image: TF.resize(image, args.global_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         ),
         "decode + PIL multi-crop": one(pil),
+        "decode + official composition": one(official_composition(args.global_size, args.local_size, args.local_crops)),
         "decode + crop parameters": one(source),
         "decode + tensor multi-crop on CPU": tensor_batch,
     }

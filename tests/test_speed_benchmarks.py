@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from dinokit.data import write_sample_dataset
 
@@ -102,3 +103,20 @@ def test_gpu_suite_steps_name_existing_scripts_and_their_options(load_benchmark,
             source = (suite.HERE / step.argv[0]).read_text()
             for option in (a for a in step.argv[1:] if a.startswith("--")):
                 assert f'"{option}"' in source, (step.name, option)
+
+
+def test_data_pipeline_times_the_official_composition_with_the_same_crops(load_benchmark):
+    """``benchmarks/data_pipeline.py``'s peer row: the official multi-crop as composed from its published parameters
+    gives what dinokit's PIL path gives (two global crops, the local crops, normalised tensors of their sizes)."""
+    from PIL import Image
+
+    from dinokit.data.augmentations import DataAugmentationDINO
+
+    image = Image.new("RGB", (60, 45))  # black: every colour operation keeps it black (solarize: below 128)
+    official = load_benchmark("data_pipeline").official_composition(32, 16, 3)(image)
+    ours = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, global_crops_size=32, local_crops_size=16)(image)
+    for key in ("global_crops", "local_crops"):
+        assert [t.shape for t in official[key]] == [t.shape for t in ours[key]], key
+    for t in official["global_crops"] + official["local_crops"]:  # normalised: black is -mean/std
+        torch.testing.assert_close(t, (-torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225]))
+                                   .view(3, 1, 1).expand_as(t))
