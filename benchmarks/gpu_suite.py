@@ -14,7 +14,9 @@ the step's name), one log per step, and ``summary.txt`` (the table to paste into
 6. ``train_step_data``: the step fed by decoding + augmentation on the GPU (``crops.augmentation=device``) from
    photo-sized JPEGs, with ``--workers`` data workers;
 7. ``train_step_vits14`` / ``train_step_vitb14`` / ``train_step_vitg14``: the other recipes' steps;
-8. ``data_pipeline``: images per CPU core for the PIL, tensor and GPU-bound worker paths.
+8. ``data_pipeline``: images per CPU core for the PIL, tensor and GPU-bound worker paths and the official one;
+9. ``train_pieces``: the packed forward (SDPA and flex attention) and the chunked heads alone, against the plain
+   ones, with peak memory.
 
 On a GPU machine, from the repository root. dinokit needs OmegaConf, which an image with PyTorch, timm and
 transformers may lack: fetch its wheel where pip works (``pip download --no-deps --only-binary=:all: -d .whl
@@ -109,6 +111,9 @@ def steps(device: str, smoke: bool, photos: Path, workers: int) -> list[Step]:
         Step("train_step_vitg14", train("vitg14", "--ac", "selective"), 360, min_s=120),
         Step("data_pipeline", ["data_pipeline.py", "--images", str(photos / "photos"),
                                "--seconds", "0.5" if smoke else "10"], 300),
+        Step("train_pieces", ["train_pieces.py", *dev, *(
+            ["--arch", "vit_pico", "--patch", "8", "--batch", "2", "--global-size", "32", "--local-size", "16",
+             "--local", "2", "--prototypes", "64", "--chunk-rows", "8", "--steps", "1"] if smoke else ["--flex"])], 300),
     ]
 
 
