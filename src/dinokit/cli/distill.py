@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
         for snap in summary.get("snapshots", [])[-1:]:
             print(f"student snapshot (EMA): {snap}")
         write_plot(args.output_dir)
-    distributed.shutdown()
     return 0
 
 

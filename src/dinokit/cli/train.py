@@ -61,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     if distributed.is_main_process():
         print(end_summary(summary, time.perf_counter() - started))
         write_plot(args.output_dir)
-    distributed.shutdown()
     return 0
 
 

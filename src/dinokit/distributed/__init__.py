@@ -166,11 +166,14 @@ def end_process(code: int) -> NoReturn:
     that releases its last collective's tensors during interpreter finalisation aborts the process ("terminate
     called without an active exception", pytorch/pytorch#190489; 2 two-process CPU runs in 10 under load did).
     So the process ends here, after what finalisation would have done that matters: the exit handlers and
-    flushing the standard streams.
+    flushing the standard streams. After a success (``code`` 0) the ranks first leave the group together
+    (:func:`shutdown`); after a failure they do not wait for each other (another rank may never get there).
     """
     import atexit
 
     try:
+        if code == 0:
+            shutdown()
         atexit._run_exitfuncs()
     finally:
         sys.stdout.flush()
