@@ -171,6 +171,25 @@ def test_messages_before_the_group_starts_come_from_the_launchers_first_process(
         assert distributed.is_first_process() is first, env
 
 
+def test_a_config_error_under_a_launcher_is_printed_once_per_node_not_once_per_rank(monkeypatch, tmp_path, capsys):
+    """Before joining the group every rank fails alike on its arguments: the first process of each node says why."""
+    from dinokit import cli
+
+    monkeypatch.setattr(cli, "SILENT_RANK_EXIT_DELAY_S", 0.0)
+    cases = (({}, True), ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, True),
+             ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, False),
+             ({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}, True),  # the second node's first process
+             ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}, False))
+    for env, prints in cases:
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert cli.main(["train", "--config-file", "small", "--output-dir", str(tmp_path / "run"), "optim.bogus_key=1"]) == 2, env
+        err = capsys.readouterr().err
+        assert (err.count("error: ") == 1 and "bogus_key" in err and len(err.splitlines()) == 1) if prints else err == "", (env, err)
+
+
 def test_a_command_that_joined_a_process_group_ends_its_process_with_its_status(monkeypatch, tmp_path, capsys):
     from dinokit import distributed
 

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import time
 
 from ..errors import DinokitError
 from ..warning_summary import summarised_warnings
@@ -57,16 +58,31 @@ def _run(argv: list[str] | None) -> int:
         with summarised_warnings():  # a repeated warning is shown once, and counted at the end
             return int(args.func(args) or 0)
     except DinokitError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(f"error: {err}")
         return 2
     except OSError as err:
         if err.filename is None:  # not about a path the user gave: a real failure, keep the traceback
             raise
-        print(f"error: {err.strerror}: '{err.filename}' (check the path and its permissions)", file=sys.stderr)
+        _report(f"error: {err.strerror}: '{err.filename}' (check the path and its permissions)")
         return 2
     except KeyboardInterrupt as err:  # a training run says what it kept and how to resume
         print(str(err) or "interrupted", file=sys.stderr)
         return 130
+
+
+# A rank that stays silent about an error waits this long before it exits: the launcher stops every rank when the
+# first one fails, and the rank that prints the line must not be stopped before it has.
+SILENT_RANK_EXIT_DELAY_S = 5.0
+
+
+def _report(line: str) -> None:
+    """Print a user error, once per node under a launcher (:func:`dinokit.distributed.reports_user_errors`)."""
+    from ..distributed import reports_user_errors
+
+    if reports_user_errors():
+        print(line, file=sys.stderr)
+    else:
+        time.sleep(SILENT_RANK_EXIT_DELAY_S)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,17 @@ def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def reports_user_errors() -> bool:
+    """Whether this process prints a user error (``error: ...``). A process that has not joined its launcher's
+    group yet fails on its arguments and configuration, which every process of the run reads alike, so only
+    the first process of each node prints (one line per node, not one per rank; a node whose files differ still
+    says why). After joining, or in a single process, every process prints: the error may be its own."""
+    env = os.environ
+    if _joined_group or int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))) <= 1:
+        return True
+    return int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))) == 0
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks; identity in one process. Returns ``tensor``."""
     if is_enabled() and get_world_size() > 1:
