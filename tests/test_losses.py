@@ -106,6 +106,23 @@ def test_dino_forward_one_hot_teacher_sums_pairs():
     torch.testing.assert_close(value, torch.tensor(2 * (math.log(2) + math.log(4))))
 
 
+def test_dino_forward_equals_the_official_per_pair_sum_with_its_gradient():
+    """DINOLoss.forward meets each student view with the sum of the teacher views; the official form loops pairs."""
+    torch.manual_seed(0)
+    students = [torch.randn(5, 64, requires_grad=True) for _ in range(3)]
+    teachers = [torch.softmax(torch.randn(5, 64) / 0.04, dim=-1) for _ in range(2)]
+    value = DINOLoss(64)(students, teachers)
+    grads = torch.autograd.grad(value, students)
+    official = torch.zeros(())
+    for s in students:
+        lsm = torch.log_softmax(s / 0.1, dim=-1)
+        for t in teachers:
+            official = official - torch.sum(t * lsm, dim=-1).mean()
+    torch.testing.assert_close(value, official, rtol=1e-6, atol=0)
+    for got, expected in zip(grads, torch.autograd.grad(official, students)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_sanity_values_at_initialisation_k65536():
     """Spec "Sanity values": uniform predictions give local 16/18 log K and global 2/18 log K."""
     k, batch, n_local = 65536, 2, 8

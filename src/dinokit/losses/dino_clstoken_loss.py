@@ -58,9 +58,16 @@ class DINOLoss(DelayedCenter):
     def forward(
         self, student_output_list: Sequence[torch.Tensor], teacher_out_softmaxed_centered_list: Sequence[torch.Tensor]
     ) -> torch.Tensor:
-        """Sum over all (s, t) pairs of ``mean_b CE(t, softmax(s / T))``; each tensor is (B, K)."""
+        """Sum over all (s, t) pairs of ``mean_b CE(t, softmax(s / T))``; each tensor is (B, K).
+
+        The cross-entropy is linear in the target, so each student view meets the sum of the teacher views:
+        one log-softmax and one product per student view (the official code: one log-softmax per view, one
+        product per pair), the same value up to fp32 rounding.
+        """
+        target = teacher_out_softmaxed_centered_list[0].float()
+        for t in teacher_out_softmaxed_centered_list[1:]:
+            target = target + t.float()
         total_loss = torch.zeros((), device=student_output_list[0].device)
         for s in student_output_list:
-            for t in teacher_out_softmaxed_centered_list:
-                total_loss = total_loss + soft_cross_entropy(s, t, student_temp=self.student_temp).mean()
+            total_loss = total_loss + soft_cross_entropy(s, target, student_temp=self.student_temp).mean()
         return total_loss
