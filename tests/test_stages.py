@@ -231,8 +231,9 @@ def test_gram_teacher_refresh_schedule(images):
 def test_gram_training_loads_refreshes_and_resumes(images, tmp_path):
     """Loaded from the EMA teacher at iteration 1, refreshed after iteration 3 (count 4), then fixed."""
     cfg = lambda: gram_cfg(images, "gram.it_load_ema_teacher=1", "gram.update_frequency=4",  # noqa: E731
-                           "gram.loss_weight=2.0", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=3",
-                           "train.saveckp_freq=1")
+                           "gram.loss_weight_schedule.start=1", "gram.loss_weight_schedule.peak=3",
+                           "gram.loss_weight_schedule.end=2", "gram.loss_weight_schedule.warmup_epochs=1",
+                           "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=3", "train.saveckp_freq=1")
     out = tmp_path / "run"
     train(cfg(), output_dir=out, stop_after=4)
     state = checkpoint_model(out)  # after iteration 3: the Gram teacher was just refreshed
@@ -244,6 +245,48 @@ def test_gram_training_loads_refreshes_and_resumes(images, tmp_path):
     lines = metrics(out)
     assert lines[0]["gram_loss"] == 0  # not loaded yet at iteration 0
     assert all(l["gram_loss"] > 0 for l in lines[1:])
+    # the weight schedule, logged: 1 -> 3 linearly over one epoch (3 excluded), a half-cosine 3 -> 2 over the rest
+    cosine = [2 + 0.5 * (1 + np.cos(np.pi * i / 4)) for i in range(4)]  # 3, 2.854, 2.5, 2.146
+    np.testing.assert_allclose([l["gram_weight"] for l in lines], [1, 2, *cosine], rtol=1e-6)
+
+
+def test_warmup_cosine_schedule_by_hand():
+    """DINOv3's v2 schedule: linear start -> peak (peak excluded), half-cosine peak -> end, then end."""
+    from dinokit.engine.optim import warmup_cosine_schedule
+
+    sched = warmup_cosine_schedule(1.0, 3.0, 0.5, warmup_iters=2, total_iters=8, cosine_iters=4)
+    cosine = [0.5 + 1.25 * (1 + np.cos(np.pi * i / 4)) for i in range(4)]  # 3, 2.634, 1.75, 0.866
+    np.testing.assert_allclose([sched[i] for i in range(10)], [1.0, 2.0, *cosine, 0.5, 0.5, 0.5, 0.5])
+    rest = warmup_cosine_schedule(0.0, 2.0, 0.0, warmup_iters=1, total_iters=3)  # cosine over the remaining 2
+    np.testing.assert_allclose([rest[i] for i in range(4)], [0.0, 2.0, 1.0, 0.0])
+
+
+def test_gram_loss_weight_schedule_sets_the_weight_of_each_iteration(images):
+    """gram.loss_weight_schedule (DINOv3's 7B Gram stage: 0, then a half-cosine up to w) replaces gram.loss_weight."""
+    from dinokit.train.data import build_train_loader
+    from dinokit.train.train import training_schedules
+
+    schedule = ["gram.loss_weight_schedule.peak=0", "gram.loss_weight_schedule.end=2",
+                "gram.loss_weight_schedule.warmup_epochs=1", "gram.loss_weight_schedule.cosine_epochs=1"]
+    cfg = gram_cfg(images, "gram.ema_teacher=true", "gram.loss_weight=5", "train.OFFICIAL_EPOCH_LENGTH=2",
+                   "optim.epochs=3", *schedule)
+    weights = training_schedules(cfg)["gram_weight"]
+    np.testing.assert_allclose([weights[i] for i in range(7)], [0, 0, 0, 1, 2, 2, 2])
+    assert "gram_weight" not in training_schedules(gram_cfg(images, "gram.ema_teacher=true"))
+    assert "gram_weight" not in training_schedules(tiny_cfg(images, *schedule))  # no Gram loss: no schedule
+
+    batch = next(iter(build_train_loader(cfg, start_iteration=0, pin_memory=False)))
+    totals = {}
+    for weight in (None, 0.0, 3.0):
+        torch.manual_seed(0)
+        out = SSLMetaArch(cfg).compute_losses(batch, 0, {"teacher_temp": 0.06, **({} if weight is None else
+                                                                                  {"gram_weight": weight})})
+        totals[weight], gram = out.total.item(), out.terms["gram_loss"].item()
+    assert gram > 0
+    assert totals[3.0] - totals[0.0] == pytest.approx(3 * gram, rel=1e-4)
+    assert totals[None] - totals[0.0] == pytest.approx(5 * gram, rel=1e-4)  # without the schedule: gram.loss_weight
+    with pytest.raises(DinokitError, match="warmup_epochs -1.0"):
+        gram_cfg(images, "gram.ema_teacher=true", "gram.loss_weight_schedule.warmup_epochs=-1")
 
 
 def test_gram_config_errors(images):

@@ -223,6 +223,19 @@ class EvaluationConfig:
 
 
 @dataclass
+class WeightScheduleConfig:
+    """DINOv3's "v2" schedule of a loss weight (``linear_warmup_cosine_decay``): linear from ``start`` towards
+    ``peak`` over ``warmup_epochs`` (``peak`` itself not reached), a half-cosine from ``peak`` to ``end`` over
+    ``cosine_epochs`` (null: the rest of the run), then ``end``. ``peak: 0, end: w`` is a ramp up to w."""
+
+    start: float = 0.0
+    peak: float = 0.0
+    end: float = 0.0
+    warmup_epochs: float = 0.0  # epochs of train.OFFICIAL_EPOCH_LENGTH iterations
+    cosine_epochs: float | None = None  # null: every epoch after the warm-up
+
+
+@dataclass
 class GramConfig:
     """DINOv3's Gram anchoring (dinokit implements the keys below; off by default).
 
@@ -233,6 +246,7 @@ class GramConfig:
 
     use_loss: bool = False  # add w * L_gram to the loss
     loss_weight: float = 1.0  # w
+    loss_weight_schedule: WeightScheduleConfig | None = None  # w per iteration instead (DINOv3); null: loss_weight
     ema_teacher: bool = False  # the EMA teacher is the Gram teacher (no copy; ckpt/rep_update unused)
     ckpt: str = ""  # teacher_checkpoint.pth (or run folder) of the first Gram teacher (heads ignored)
     it_load_ema_teacher: int = -1  # without ckpt: iteration at which the EMA teacher is copied in (loss off before)

@@ -140,6 +140,10 @@ def _validate_stages(cfg: DictConfig) -> None:
     if not gram.ema_teacher and not gram.ckpt and gram.it_load_ema_teacher < 0:
         raise DinokitError("gram.use_loss needs a Gram teacher: set gram.ckpt, gram.it_load_ema_teacher >= 0 or "
                            "gram.ema_teacher=true")
+    weight = gram.loss_weight_schedule
+    if weight is not None and (weight.warmup_epochs < 0 or (weight.cosine_epochs is not None and weight.cosine_epochs < 0)):
+        raise DinokitError(f"gram.loss_weight_schedule has warmup_epochs {weight.warmup_epochs} and cosine_epochs "
+                           f"{weight.cosine_epochs}; set them to 0 or more (cosine_epochs null: the rest of the run)")
     if gram.remove_neg and gram.remove_only_teacher_neg:
         raise DinokitError("gram.remove_neg and gram.remove_only_teacher_neg exclude each other; keep one")
     if gram.tokens_used != "all" and gram.img_level:

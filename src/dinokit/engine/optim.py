@@ -61,6 +61,14 @@ class CosineScheduler:
             (np.zeros(freeze_iters), np.linspace(start_warmup_value, base_value, warmup_iters), cosine)
         )
 
+    @classmethod
+    def from_values(cls, values: np.ndarray, final_value: float) -> CosineScheduler:
+        """A schedule of the given per-iteration ``values``, ``final_value`` past their end."""
+        scheduler = cls.__new__(cls)
+        scheduler.schedule = np.asarray(values, dtype=np.float64)
+        scheduler.total_iters, scheduler.final_value = len(scheduler.schedule), final_value
+        return scheduler
+
     def __len__(self) -> int:
         return self.total_iters
 
@@ -68,6 +76,21 @@ class CosineScheduler:
         if it >= self.total_iters:
             return self.final_value
         return float(self.schedule[it])
+
+
+def warmup_cosine_schedule(start: float, peak: float, end: float, *, warmup_iters: int, total_iters: int,
+                           cosine_iters: int | None = None) -> CosineScheduler:
+    """DINOv3's "v2" schedule: ``start`` -> ``peak`` linearly over ``warmup_iters`` (``peak`` not included), a
+    half-cosine ``peak`` -> ``end`` over ``cosine_iters`` (None: the rest of ``total_iters``), then ``end``."""
+    if cosine_iters is None:
+        cosine_iters = max(total_iters - warmup_iters, 0)
+    if min(warmup_iters, cosine_iters, total_iters) < 0:
+        raise ValueError(f"warmup_cosine_schedule needs iterations >= 0, got warmup {warmup_iters}, "
+                         f"cosine {cosine_iters}, total {total_iters}")
+    warmup = np.linspace(start, peak, warmup_iters, endpoint=False)
+    cosine = end + 0.5 * (peak - end) * (1 + np.cos(np.pi * np.arange(cosine_iters) / max(cosine_iters, 1)))
+    rest = np.full(max(total_iters - warmup_iters - cosine_iters, 0), float(end))
+    return CosineScheduler.from_values(np.concatenate((warmup, cosine, rest)), float(end))
 
 
 @dataclass(frozen=True)

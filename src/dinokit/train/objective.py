@@ -125,6 +125,7 @@ class SSLObjective:
         ibot_probs: torch.Tensor | None,
         freeze_backbone: bool = False,
         gram_targets: torch.Tensor | None = None,
+        gram_weight: float | None = None,
     ) -> LossOutput:
         """All loss terms of one student against the teacher's probabilities; no backward.
 
@@ -132,7 +133,8 @@ class SSLObjective:
         the iBOT loss compares the student's tokens at ``patch_index`` with ``ibot_probs``, weighted per image
         by ``masks_weight`` (default: 1 / the selected tokens of the row's image, from ``ibot_masks_flat``).
         ``freeze_backbone`` runs the backbone without gradients (head warm-up). ``gram_targets``: the Gram
-        teacher's (2B, N, D) patch features of the global crops (Gram anchoring; logged as 0 when None).
+        teacher's (2B, N, D) patch features of the global crops (Gram anchoring; logged as 0 when None), weighted
+        by ``gram_weight`` (this iteration's value of ``gram.loss_weight_schedule``; None: ``gram.loss_weight``).
         """
         n_images = global_crops.shape[0] // 2
         n_local = local_crops.shape[0] // n_images if local_crops is not None else 0
@@ -213,7 +215,7 @@ class SSLObjective:
             if gram_targets is not None:
                 student_patches = global_out["x_norm_patchtokens"]
                 gram = self.gram_loss(*self._gram_tokens(student_patches, gram_targets, ibot_masks_flat, patch_index))
-                total = total + self.gram_weight * gram
+                total = total + (self.gram_weight if gram_weight is None else gram_weight) * gram
             terms["gram_loss"] = gram
         return LossOutput(total=total, terms=terms)
 

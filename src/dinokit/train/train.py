@@ -19,6 +19,7 @@ from ..config import apply_scaling_rules, check_step_levers, compute_dtype, writ
 from ..config.schema import DistillationConfig
 from ..devices import resolve_device
 from ..engine import Engine, EngineConfig, Hook, build_schedulers, init_run
+from ..engine.optim import CosineScheduler, warmup_cosine_schedule
 from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from ..tracking import check_tracker
@@ -108,6 +109,20 @@ def check_stage_weights(cfg: DictConfig) -> None:
                           "gram.ckpt": cfg.gram.ckpt if cfg.gram.use_loss else ""})
 
 
+def training_schedules(cfg: DictConfig) -> dict[str, CosineScheduler]:
+    """The engine's schedules (:func:`dinokit.engine.build_schedulers`), plus ``gram_weight`` (the Gram loss's
+    weight per iteration) when ``gram.loss_weight_schedule`` is set."""
+    schedules = build_schedulers(cfg)
+    weight = cfg.gram.loss_weight_schedule
+    if cfg.gram.use_loss and weight is not None:
+        epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+        cosine = None if weight.cosine_epochs is None else round(weight.cosine_epochs * epoch)
+        schedules["gram_weight"] = warmup_cosine_schedule(
+            weight.start, weight.peak, weight.end, warmup_iters=round(weight.warmup_epochs * epoch),
+            total_iters=cfg.optim.epochs * epoch, cosine_iters=cosine)
+    return schedules
+
+
 def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir: Path, device: torch.device,
                     hooks: Iterable[Hook], resume: bool, weights, stop_after: int | None,
                     on_restored: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -116,7 +131,7 @@ def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir
     ``on_restored`` runs once the run's or ``weights``' checkpoint is loaded, before the first step: the caller
     writes its config.yaml there, so that a checkpoint that fails to load leaves the folder as it was."""
     compile_packed_blocks(task, cfg.train)
-    engine = Engine(task, settings, output_dir=output_dir, device=device, schedules=build_schedulers(cfg), hooks=hooks)
+    engine = Engine(task, settings, output_dir=output_dir, device=device, schedules=training_schedules(cfg), hooks=hooks)
     start = engine.restore(resume=resume, weights=weights)
     if on_restored is not None:
         on_restored()
