@@ -289,15 +289,61 @@ def test_gram_loss_weight_schedule_sets_the_weight_of_each_iteration(images):
         gram_cfg(images, "gram.ema_teacher=true", "gram.loss_weight_schedule.warmup_epochs=-1")
 
 
+def test_resize_patch_features_by_hand():
+    from dinokit.losses.gram_loss import resize_patch_features
+
+    ramp = torch.arange(4.0).repeat(4, 1)  # 4 x 4 grid, value = column
+    tokens = torch.stack([ramp, 10 * ramp], dim=-1).flatten(0, 1)[None]  # (1, 16, 2)
+    # bilinear, align_corners=False: output columns sit at input coordinates 0.5 and 2.5
+    out = resize_patch_features(tokens, 2, mode="bilinear")
+    torch.testing.assert_close(out, torch.tensor([[[0.5, 5.0], [2.5, 25.0], [0.5, 5.0], [2.5, 25.0]]]))
+    assert resize_patch_features(tokens, 4) is tokens
+    assert resize_patch_features(tokens, 8, mode="nearest").unflatten(1, (8, 8))[0, :, :, 0][0].tolist() == \
+        [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="square grid"):
+        resize_patch_features(tokens[:, :15], 2)
+
+
+def test_high_resolution_gram_teacher_sees_its_own_crops_resized_to_the_student_grid(images, tmp_path):
+    """crops.gram_teacher_crops_size (DINOv3's L_HRef): the Gram teacher runs on 2x crops, its patch features are
+    resized to the student's grid; a run with it trains and its Gram loss is logged."""
+    from dinokit.losses.gram_loss import resize_patch_features
+    from dinokit.train.data import build_train_loader
+
+    cfg = gram_cfg(images, "gram.it_load_ema_teacher=0", "crops.gram_teacher_crops_size=64",
+                   "gram.global_teacher_resize_method=bilinear", "gram.global_teacher_resize_antialias=true")
+    batch = next(iter(build_train_loader(cfg, start_iteration=0, pin_memory=False)))
+    assert batch.gram_crops.shape == (batch.global_crops.shape[0], 3, 64, 64)
+    model = SSLMetaArch(cfg)
+    seen = []
+    model.gram_teacher.register_forward_hook(lambda module, args, out: seen.append(out["x_norm_patchtokens"]))
+    with torch.no_grad():
+        targets = model._gram_teacher_patches(batch)
+    assert seen[0].shape[1] == 64 and targets.shape[1] == 16  # 8 x 8 patches of 8 px, resized to the 4 x 4 grid
+    torch.testing.assert_close(targets, resize_patch_features(seen[0], 4, mode="bilinear", antialias=True))
+
+    out = tmp_path / "run"
+    train(cfg, output_dir=out)
+    lines = metrics(out)
+    assert all(np.isfinite(l["total_loss"]) and l["gram_loss"] > 0 for l in lines)
+
+
 def test_gram_config_errors(images):
     for extra, message in [
         ((), "gram.use_loss needs a Gram teacher"),
         (("gram.ema_teacher=true", "gram.it_load_ema_teacher=0"), "remove gram.ckpt and gram.it_load_ema_teacher"),
         (("gram.ema_teacher=true", "gram.remove_neg=true", "gram.remove_only_teacher_neg=true"), "exclude each other"),
         (("gram.ema_teacher=true", "gram.tokens_used=masked", "gram.img_level=true"), "gram.img_level=false"),
+        (("gram.ema_teacher=true", "crops.gram_teacher_crops_size=64"), "needs a separate Gram teacher"),
+        (("gram.it_load_ema_teacher=0", "crops.gram_teacher_crops_size=60"), "positive multiple of student.patch_size"),
+        (("gram.it_load_ema_teacher=0", "gram.global_teacher_resize_method=nearest",
+          "gram.global_teacher_resize_antialias=true"), "bilinear or bicubic"),
+        (("gram.it_load_ema_teacher=0", "gram.global_teacher_resize_method=area"), "bicubic, bilinear, nearest"),
     ]:
         with pytest.raises(DinokitError, match=message):
             tiny_cfg(images, "gram.use_loss=true", *extra)
+    with pytest.raises(DinokitError, match="set gram.use_loss=true or remove the key"):
+        tiny_cfg(images, "crops.gram_teacher_crops_size=64")
 
 
 def test_head_warmup_and_gram_under_two_process_fsdp(images, tmp_path):

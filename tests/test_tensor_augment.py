@@ -81,7 +81,7 @@ def test_crop_without_photometric_changes_matches_the_pil_resize():
     params = ta.draw_crop_params(48, 64, global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number=1)
     for name in ("flip", "jitter", "grayscale", "blur", "solarize"):
         getattr(params, name).zero_()
-    global_crops, local_crops = ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8)(
+    global_crops, local_crops, _ = ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8)(
         [TF.pil_to_tensor(image)], [params]
     )
     normalize = v2.Normalize(mean=ta.IMAGENET_DEFAULT_MEAN, std=ta.IMAGENET_DEFAULT_STD)
@@ -193,7 +193,7 @@ def test_output_pixel_statistics_match_the_pil_path():
     torch.manual_seed(0)
     pil_out = [pil(image) for _ in range(n)]
     samples = [source(image) for _ in range(n)]
-    global_crops, local_crops = ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8)(
+    global_crops, local_crops, _ = ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8)(
         [s["image"] for s in samples], [s["params"] for s in samples]
     )
     pairs = {
@@ -330,3 +330,49 @@ def test_deferred_batches_make_the_same_crops_on_the_device(image_folder):
         for name in ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight"):
             torch.testing.assert_close(getattr(batch, name), getattr(expected, name), rtol=0, atol=0)
         assert (batch.n_samples, batch.n_bad, batch.upperbound) == (expected.n_samples, expected.n_bad, expected.upperbound)
+
+
+# ---------------------------------------------------------------- Gram teacher crops (high-resolution Gram anchoring)
+
+
+def test_gram_crops_are_the_global_regions_at_their_own_size_in_both_paths():
+    """crops.gram_teacher_crops_size: the same region as each global crop, cut at the larger side, distorted there
+    and resized to both (so the Gram crop resized to the global size IS the global crop); the draws are unchanged."""
+    from dinokit.data.augmentations import resize_crop
+
+    image = _smooth_image()
+    kwargs = dict(global_crops_size=16, local_crops_size=8)
+    gram = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, gram_crops_size=32, **kwargs)
+    torch.manual_seed(0)
+    out = gram(image)
+    torch.manual_seed(0)
+    plain = _pil_path()(image)
+    assert [tuple(c.shape) for c in out["gram_crops"]] == [(3, 32, 32)] * 2 and "gram_crops" not in plain
+    for crop, region in zip(out["global_crops"], out["gram_crops"]):
+        torch.testing.assert_close(resize_crop(region, 16), crop, rtol=0, atol=0)
+    for mine, reference in zip(out["local_crops"], plain["local_crops"]):  # the same random draws
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
+    # Undistorted Gram crops: with no colour change, global crop 1 (never blurred or solarised officially) is
+    # the Gram crop 1 resized.
+    undistorted = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, gram_crops_size=32, gram_no_distortions=True,
+                                       color_jitter_strength=0, grayscale_probability=0, **kwargs)
+    torch.manual_seed(0)
+    out = undistorted(image)
+    torch.testing.assert_close(resize_crop(out["gram_crops"][0], 16), out["global_crops"][0], rtol=0, atol=1e-5)
+
+    # The tensor path: the same, from the drawn parameters.
+    torch.manual_seed(0)
+    params = ta.draw_crop_params(48, 64, global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32),
+                                 local_crops_number=1)
+    params.flip[:] = True  # flips are geometric: the undistorted Gram crops are flipped too
+    pixels = [TF.pil_to_tensor(image)]
+    global_crops, local_crops, gram_crops = ta.TensorMultiCrop(**kwargs, gram_crops_size=32)(pixels, [params])
+    assert gram_crops.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(resize_crop(gram_crops, 16), global_crops, rtol=0, atol=0)
+    reference_local = ta.TensorMultiCrop(**kwargs)(pixels, [params])[1]
+    torch.testing.assert_close(local_crops, reference_local, rtol=0, atol=0)
+    for name in ("jitter", "grayscale", "blur", "solarize"):
+        getattr(params, name).zero_()
+    global_crops, _, gram_crops = ta.TensorMultiCrop(**kwargs, gram_crops_size=32, gram_no_distortions=True)(
+        pixels, [params])
+    torch.testing.assert_close(resize_crop(gram_crops, 16), global_crops, rtol=0, atol=1e-5)

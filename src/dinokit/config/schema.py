@@ -202,6 +202,11 @@ class CropsConfig:
     # "device" = the workers only decode and draw the crop parameters, and the training loop makes the crops
     # on the training device (the GPU) when it moves the batch there: the same crops as "tensor".
     augmentation: str = "pil"
+    # DINOv3: the Gram teacher's own crops (high-resolution Gram anchoring, L_HRef): each global crop's region also
+    # at this side (e.g. twice the global size); the Gram teacher's patch features are resized to the student's
+    # grid (gram.global_teacher_resize_method). null: the Gram teacher sees the global crops.
+    gram_teacher_crops_size: int | None = None
+    gram_teacher_no_distortions: bool = False  # DINOv3: the Gram crops without colour, blur and solarize
 
 
 @dataclass
@@ -259,6 +264,8 @@ class GramConfig:
     remove_neg: bool = False  # clamp negative similarities (both matrices) to 0
     remove_only_teacher_neg: bool = False  # clamp the teacher's negatives; zero the student's where both are negative
     tokens_used: str = "all"  # all, masked or unmasked student patches (masked/unmasked need img_level false)
+    global_teacher_resize_method: str = "bicubic"  # resizing the Gram teacher's features to the student's grid
+    global_teacher_resize_antialias: bool = False  # ... with antialiasing (bilinear and bicubic only)
 
 
 @dataclass

@@ -31,6 +31,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "distillation.ibot_positions": ("all", "masked"),
     "distillation.feature_loss": ("cosine", "smooth_l1"),
     "gram.tokens_used": ("all", "masked", "unmasked"),
+    "gram.global_teacher_resize_method": ("bicubic", "bilinear", "nearest"),
 }
 for _role in ("teacher", "student"):
     for _module in ("backbone", "dino_head", "ibot_head"):
@@ -133,8 +134,21 @@ def _validate_stages(cfg: DictConfig) -> None:
         raise DinokitError("set student.pretrained_weights (a backbone, fresh heads) or student.resume_from_teacher_chkpt "
                            "(a teacher with its heads), not both")
     gram = cfg.gram
+    gram_size = cfg.crops.gram_teacher_crops_size
+    if gram_size is not None and not gram.use_loss:
+        raise DinokitError("crops.gram_teacher_crops_size makes crops for the Gram teacher; set gram.use_loss=true "
+                           "or remove the key")
     if not gram.use_loss:
         return
+    if gram_size is not None and gram.ema_teacher:
+        raise DinokitError("crops.gram_teacher_crops_size needs a separate Gram teacher (the EMA teacher sees the "
+                           "global crops); set gram.ckpt or gram.it_load_ema_teacher instead of gram.ema_teacher")
+    if gram_size is not None and (gram_size <= 0 or gram_size % cfg.student.patch_size):
+        raise DinokitError(f"crops.gram_teacher_crops_size is {gram_size}; use a positive multiple of "
+                           f"student.patch_size ({cfg.student.patch_size}), e.g. {2 * cfg.crops.global_crops_size}")
+    if gram.global_teacher_resize_antialias and gram.global_teacher_resize_method == "nearest":
+        raise DinokitError("gram.global_teacher_resize_antialias works with bilinear or bicubic resizing; set "
+                           "gram.global_teacher_resize_method=bicubic or the antialias to false")
     if gram.ema_teacher and (gram.ckpt or gram.it_load_ema_teacher >= 0):
         raise DinokitError("gram.ema_teacher uses the EMA teacher itself; remove gram.ckpt and gram.it_load_ema_teacher")
     if not gram.ema_teacher and not gram.ckpt and gram.it_load_ema_teacher < 0:

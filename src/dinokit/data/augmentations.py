@@ -71,6 +71,13 @@ def _blur(p: float) -> v2.RandomApply:
     return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
 
 
+def resize_crop(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """A (…, C, H, W) float crop at ``size`` x ``size`` (bicubic, antialiased); a copy when it already is."""
+    if crop.shape[-2:] == (size, size):
+        return crop.clone()
+    return v2.functional.resize(crop, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
 def _geometric(size: int, scale: tuple[float, float]) -> v2.Compose:
     return v2.Compose(
         [
@@ -86,6 +93,12 @@ class DataAugmentationDINO:
     ``global_crops`` is ``[g1, g2]`` of shape (3, global_crops_size, global_crops_size);
     ``global_crops_teacher`` is the same two tensors; ``local_crops`` holds ``local_crops_number``
     tensors of shape (3, local_crops_size, local_crops_size); ``offsets`` is ``()``.
+
+    With ``gram_crops_size`` (DINOv3's high-resolution Gram teacher) the output also has ``gram_crops``: each
+    global crop's region at that side. As DINOv3 does, the region is cut at the larger of the two sides, distorted
+    there, and resized to both (the global crops are then resized after the distortions); with
+    ``gram_no_distortions`` the Gram crop is the undistorted region, only normalised. The random draws are the
+    same as without Gram crops.
     """
 
     def __init__(
@@ -98,6 +111,8 @@ class DataAugmentationDINO:
         blur_probabilities: str = "official",
         grayscale_probability: float = GRAYSCALE_PROBABILITY,
         color_jitter_strength: float = 1.0,
+        gram_crops_size: int | None = None,
+        gram_no_distortions: bool = False,
     ) -> None:
         check_crop_options(local_crops_number, blur_probabilities, grayscale_probability, color_jitter_strength)
         self.global_crops_scale = tuple(global_crops_scale)
@@ -110,7 +125,10 @@ class DataAugmentationDINO:
         self.color_jitter_strength = color_jitter_strength
         blur_global1, blur_global2, blur_local = BLUR_PROBABILITIES[blur_probabilities]
 
-        self.geometric_augmentation_global = _geometric(global_crops_size, self.global_crops_scale)
+        self.gram_crops_size, self.gram_no_distortions = gram_crops_size, gram_no_distortions
+        # With Gram crops, the global regions are cut at the larger side and resized after the distortions.
+        self.geometric_augmentation_global = _geometric(max(global_crops_size, gram_crops_size or 0),
+                                                        self.global_crops_scale)
         self.geometric_augmentation_local = _geometric(local_crops_size, self.local_crops_scale)
         # One definition, drawn independently for every crop.
         color_jittering = v2.Compose(
@@ -119,7 +137,7 @@ class DataAugmentationDINO:
                 v2.RandomGrayscale(p=grayscale_probability),
             ]
         )
-        normalize = v2.Compose(
+        self.normalize = normalize = v2.Compose(
             [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), make_normalize_transform(), v2.ToPureTensor()]
         )
         # Solarize acts on the uint8 PIL image (threshold 128 of 255), before the float conversion.
@@ -132,7 +150,7 @@ class DataAugmentationDINO:
     @property
     def draft_size(self) -> int:
         """The short side an image needs so that no crop is upsampled (larger JPEGs are decoded smaller)."""
-        return max(crop_draft_size(self.global_crops_size, self.global_crops_scale[0]),
+        return max(crop_draft_size(max(self.global_crops_size, self.gram_crops_size or 0), self.global_crops_scale[0]),
                    crop_draft_size(self.local_crops_size, self.local_crops_scale[0]))
 
     def __repr__(self) -> str:
@@ -145,14 +163,20 @@ class DataAugmentationDINO:
 
     def __call__(self, image: Image.Image) -> dict[str, Any]:
         # Draw order: global 1, global 2, then the local crops (each geometric, then photometric).
-        global_crop_1 = self.global_transfo1(self.geometric_augmentation_global(image))
-        global_crop_2 = self.global_transfo2(self.geometric_augmentation_global(image))
+        global_crops, gram_crops = [], []
+        for transfo in (self.global_transfo1, self.global_transfo2):
+            region = self.geometric_augmentation_global(image)
+            crop = transfo(region)
+            if self.gram_crops_size is not None:
+                undistorted = self.normalize(region) if self.gram_no_distortions else crop
+                gram_crops.append(resize_crop(undistorted, self.gram_crops_size))
+                crop = resize_crop(crop, self.global_crops_size)
+            global_crops.append(crop)
         local_crops = [
             self.local_transfo(self.geometric_augmentation_local(image)) for _ in range(self.local_crops_number)
         ]
-        return {
-            "global_crops": [global_crop_1, global_crop_2],
-            "global_crops_teacher": [global_crop_1, global_crop_2],
-            "local_crops": local_crops,
-            "offsets": (),
-        }
+        out = {"global_crops": global_crops, "global_crops_teacher": global_crops, "local_crops": local_crops,
+               "offsets": ()}
+        if self.gram_crops_size is not None:
+            out["gram_crops"] = gram_crops
+        return out

@@ -41,6 +41,9 @@ class SSLBatch:
     """Images in the batch (bad images excluded). 0 means every image failed to decode: skip the batch."""
     n_bad: int
     """Images dropped because they could not be read."""
+    gram_crops: torch.Tensor | None = None
+    """(N_g, 3, S, S), crop-major like ``global_crops``: their regions for the Gram teacher at
+    ``crops.gram_teacher_crops_size`` (DINOv3's high-resolution Gram anchoring); None without them."""
 
     def _map_tensors(self, fn) -> SSLBatch:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -103,6 +106,7 @@ def collate_data_and_cast(
 
     global_crops = _stack_crop_major(samples, "global_crops", dtype)
     local_crops = _stack_crop_major(samples, "local_crops", dtype)
+    gram_crops = _stack_crop_major(samples, "gram_crops", dtype) if "gram_crops" in samples[0] else None
 
     n_global = len(global_crops)
     n_masked_images = int(n_global * mask_probability)
@@ -131,6 +135,7 @@ def collate_data_and_cast(
         upperbound=upperbound,
         n_samples=len(samples),
         n_bad=n_bad,
+        gram_crops=gram_crops,
     )
 
 

@@ -37,6 +37,7 @@ from .augmentations import (
     SOLARIZE_PROBABILITY,
     check_crop_options,
     color_jitter_strengths,
+    resize_crop,
 )
 from .collate import SSLBatch, SSLCollate
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -303,36 +304,62 @@ class MultiCropSource:
 class TensorMultiCrop:
     """Per batch: apply drawn :class:`CropParams` to uint8 images on ``images[0].device``.
 
-    Returns ``(global_crops, local_crops)``, float32 and ImageNet-normalised, crop-major as in
-    :class:`~dinokit.data.collate.SSLBatch`: ``(2 * n, 3, G, G)`` and ``(n_local * n, 3, L, L)``.
+    Returns ``(global_crops, local_crops, gram_crops)``, float32 and ImageNet-normalised, crop-major as in
+    :class:`~dinokit.data.collate.SSLBatch`: ``(2 * n, 3, G, G)``, ``(n_local * n, 3, L, L)`` and, with
+    ``gram_crops_size`` S (DINOv3's high-resolution Gram teacher), the global crops' regions ``(2 * n, 3, S, S)``
+    (else None). As in the PIL path, the global regions are then cut at max(G, S), distorted there and resized to
+    both; ``gram_no_distortions`` keeps the Gram crops undistorted (only normalised).
     """
 
-    def __init__(self, *, global_crops_size: int = 224, local_crops_size: int = 96) -> None:
+    def __init__(self, *, global_crops_size: int = 224, local_crops_size: int = 96, gram_crops_size: int | None = None,
+                 gram_no_distortions: bool = False) -> None:
         self.global_crops_size = global_crops_size
         self.local_crops_size = local_crops_size
+        self.gram_crops_size = gram_crops_size
+        self.gram_no_distortions = gram_no_distortions
 
-    def __call__(self, images: Sequence[torch.Tensor], params: Sequence[CropParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: Sequence[torch.Tensor], params: Sequence[CropParams]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         n_crops = params[0].boxes.shape[0]
-        global_crops = self._crops(images, params, range(0, 2), self.global_crops_size)
+        gram_crops = None
+        if self.gram_crops_size is None:
+            global_crops = self._distort(self._regions(images, params, range(0, 2), self.global_crops_size), params,
+                                         range(0, 2))
+        else:
+            regions = self._regions(images, params, range(0, 2), max(self.global_crops_size, self.gram_crops_size))
+            if self.gram_no_distortions:
+                gram_crops = _normalize(resize_crop(regions, self.gram_crops_size))
+            distorted = self._distort(regions, params, range(0, 2))
+            global_crops = resize_crop(distorted, self.global_crops_size)
+            if gram_crops is None:
+                gram_crops = resize_crop(distorted, self.gram_crops_size)
         if n_crops > 2:
-            local_crops = self._crops(images, params, range(2, n_crops), self.local_crops_size)
+            local_ids = range(2, n_crops)
+            local_crops = self._distort(self._regions(images, params, local_ids, self.local_crops_size), params,
+                                        local_ids)
         else:
             local_crops = torch.empty(0, device=images[0].device)
-        return global_crops, local_crops
+        return global_crops, local_crops, gram_crops
 
-    def _crops(
-        self, images: Sequence[torch.Tensor], params: Sequence[CropParams], crop_ids: range, size: int
-    ) -> torch.Tensor:
-        device = images[0].device
-        # Resize in uint8 (the fast, PIL-like kernel on CPUs), crop-major: crop c of every image, then c + 1.
-        crops = [
-            TF.resized_crop(
-                image, *p.boxes[c].tolist(), [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True
-            )
-            for c in crop_ids
-            for image, p in zip(images, params)
-        ]
-        x = torch.stack(crops).float().div_(255)  # (N, 3, size, size) in [0, 1]
+    @staticmethod
+    def _regions(images: Sequence[torch.Tensor], params: Sequence[CropParams], crop_ids: range,
+                 size: int) -> torch.Tensor:
+        """The crops' boxes at ``size``, flipped where drawn, crop-major (crop c of every image, then c + 1):
+        (N, 3, size, size) in [0, 1]."""
+        # Resize in uint8 (the fast, PIL-like kernel on CPUs); the flags are CPU tensors, so no device wait.
+        crops = []
+        for c in crop_ids:
+            for image, p in zip(images, params):
+                crop = TF.resized_crop(image, *p.boxes[c].tolist(), [size, size],
+                                       interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+                crops.append(crop.flip(-1) if p.flip[c] else crop)
+        return torch.stack(crops).float().div_(255)
+
+    @staticmethod
+    def _distort(x: torch.Tensor, params: Sequence[CropParams], crop_ids: range) -> torch.Tensor:
+        """Colour, blur and solarize of the crops ``crop_ids`` (rows of ``x``, in place), then normalised."""
+        device = x.device
 
         def gather(field: str) -> torch.Tensor:
             # The per-crop parameter in the same crop-major order, on the CPU: (N, ...).
@@ -345,7 +372,6 @@ class TensorMultiCrop:
                 dev_rows = rows.to(device, non_blocking=True)
                 x[dev_rows] = fn(x[dev_rows], *(a[rows].to(device, non_blocking=True) for a in args))
 
-        apply(gather("flip"), lambda t: t.flip(-1))
         jitter, order, factors = gather("jitter"), gather("jitter_order"), gather("jitter_factors")
         for slot in range(4):
             for op, fn in _JITTER_OPS.items():
@@ -353,9 +379,14 @@ class TensorMultiCrop:
         apply(gather("grayscale"), lambda t: grayscale(t).expand_as(t).contiguous())
         apply(gather("blur"), gaussian_blur, gather("blur_sigma"))
         apply(gather("solarize"), solarize)
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std)
+        return _normalize(x)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) pixels in [0, 1] ImageNet-normalised, in place."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 class PendingSSLBatch:
@@ -393,9 +424,10 @@ class PendingSSLBatch:
         if not self.images:
             return batch
         images = [image.to(device, non_blocking=non_blocking) for image in self.images]
-        global_crops, local_crops = self.multi_crop(images, self.params)
+        global_crops, local_crops, gram_crops = self.multi_crop(images, self.params)
         dtype = self.batch.global_crops.dtype
-        return dataclasses.replace(batch, global_crops=global_crops.to(dtype), local_crops=local_crops.to(dtype))
+        return dataclasses.replace(batch, global_crops=global_crops.to(dtype), local_crops=local_crops.to(dtype),
+                                   gram_crops=None if gram_crops is None else gram_crops.to(dtype))
 
 
 class TensorAugmentCollate:
@@ -430,7 +462,7 @@ class TensorAugmentCollate:
         crops_per_sample: dict[int, dict[str, Any]] = {}
         if good:
             images = [sample["image"].to(self.device, non_blocking=True) for sample in good]
-            global_crops, local_crops = self.multi_crop(images, [sample["params"] for sample in good])
+            global_crops, local_crops, gram_crops = self.multi_crop(images, [sample["params"] for sample in good])
             n = len(good)
             n_local = len(local_crops) // n
             # Back to per-sample lists of views; SSLCollate stacks them crop-major again.
@@ -439,4 +471,6 @@ class TensorAugmentCollate:
                     "global_crops": [global_crops[c * n + k] for c in range(2)],
                     "local_crops": [local_crops[c * n + k] for c in range(n_local)],
                 }
+                if gram_crops is not None:
+                    crops_per_sample[id(sample)]["gram_crops"] = [gram_crops[c * n + k] for c in range(2)]
         return self.collate([(position, crops_per_sample.get(id(s)) if s is not None else None) for position, s in batch])

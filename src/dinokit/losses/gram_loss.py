@@ -9,8 +9,29 @@ themselves, so the features may keep moving while their local structure stays cl
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def resize_patch_features(tokens: torch.Tensor, grid: int, *, mode: str = "bicubic",
+                          antialias: bool = False) -> torch.Tensor:
+    """(B, N, D) patch features of a square grid resampled to ``grid`` x ``grid``: (B, grid², D).
+
+    DINOv3's high-resolution Gram teacher sees larger crops than the student; its feature map is resized to the
+    student's grid (``gram.global_teacher_resize_method``, ``gram.global_teacher_resize_antialias``).
+    """
+    side = math.isqrt(tokens.shape[1])
+    if side * side != tokens.shape[1]:
+        raise ValueError(f"resize_patch_features needs a square grid of patches, got {tokens.shape[1]}")
+    if side == grid:
+        return tokens
+    maps = tokens.unflatten(1, (side, side)).permute(0, 3, 1, 2)  # (B, D, side, side)
+    corners = {} if mode == "nearest" else {"align_corners": False}
+    resized = F.interpolate(maps.float(), size=(grid, grid), mode=mode, antialias=antialias, **corners)
+    return resized.flatten(2).transpose(1, 2).to(tokens.dtype)
 
 
 class GramLoss(nn.Module):

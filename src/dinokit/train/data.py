@@ -39,7 +39,9 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
             grayscale_probability=crops.grayscale_probability,
             color_jitter_strength=crops.color_jitter_strength,
         )
-        multi_crop = TensorMultiCrop(global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size)
+        multi_crop = TensorMultiCrop(global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size,
+                                     gram_crops_size=crops.gram_teacher_crops_size,
+                                     gram_no_distortions=crops.gram_teacher_no_distortions)
         collate = TensorAugmentCollate(collate, multi_crop, defer=augmentation == "device")
     else:
         transform = DataAugmentationDINO(
@@ -51,6 +53,8 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
             blur_probabilities=crops.blur_probabilities,
             grayscale_probability=crops.grayscale_probability,
             color_jitter_strength=crops.color_jitter_strength,
+            gram_crops_size=crops.gram_teacher_crops_size,
+            gram_no_distortions=crops.gram_teacher_no_distortions,
         )
     return make_ssl_data_loader(
         cfg.train.dataset_path,

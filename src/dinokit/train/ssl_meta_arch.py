@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import backbone_from_config
 from ..engine.task import Export, LossOutput, Task, ema_update
+from ..losses.gram_loss import resize_patch_features
 from ..models.checkpoint import load_state_dict_file
 from .health import CollapseCheck, teacher_health
 from .objective import SSLObjective, build_head, ssl_heads
@@ -140,7 +141,7 @@ class SSLMetaArch(SSLObjective, Task):
                 else:
                     if iteration == self.gram_load_iteration and not self.gram_cfg.ckpt:
                         self.copy_teacher_to_gram()  # gram.it_load_ema_teacher reached
-                    gram_targets = self.gram_teacher(batch.global_crops, is_training=True)["x_norm_patchtokens"]
+                    gram_targets = self._gram_teacher_patches(batch)
         dino_probs, ibot_probs = self.teacher_probs(
             self.teacher, batch.global_crops, batch.mask_indices, batch.n_masked_patches, sched["teacher_temp"],
             backbone_out=teacher_out,
@@ -156,6 +157,16 @@ class SSLMetaArch(SSLObjective, Task):
         if dino_probs is not None:
             out.terms.update(teacher_health(dino_probs))
         return out
+
+    def _gram_teacher_patches(self, batch) -> torch.Tensor:
+        """The Gram teacher's (2B, N, D) patch features of the global crops; from their high-resolution versions
+        (``crops.gram_teacher_crops_size``) resized to the student's grid when the batch has them."""
+        if batch.gram_crops is None:
+            return self.gram_teacher(batch.global_crops, is_training=True)["x_norm_patchtokens"]
+        patches = self.gram_teacher(batch.gram_crops, is_training=True)["x_norm_patchtokens"]
+        grid = batch.global_crops.shape[-1] // self.teacher.backbone.patch_size
+        return resize_patch_features(patches, grid, mode=self.gram_cfg.global_teacher_resize_method,
+                                     antialias=self.gram_cfg.global_teacher_resize_antialias)
 
     def diagnose(self, record: Mapping[str, float], iteration: int) -> str | None:
         return self.collapse_check(record, iteration) if self.do_dino else None
