@@ -138,8 +138,9 @@ def patch_knn(snapshot: Path | None, cfg, seeds: tuple[int, ...] = (1, 2, 3), co
     return round(float(np.mean(scores)), 2)
 
 
-def gram_probe(out: Path, base: Path, strong: Path, train: str, val: str) -> dict:
-    """The runs of the Gram probe (module docstring); patch k-NN and image k-NN of every teacher."""
+def gram_probe(out: Path, base: Path, strong: Path, train: str, val: str, only: list[str] | None = None) -> dict:
+    """The runs of the Gram probe (module docstring); patch k-NN and image k-NN of every teacher. ``only``: just
+    these runs (without the reference measurements of random init, base and strong)."""
     epoch = 50
     common = ["train.num_workers=1", "evaluation.knn_dataset=null", f"train.OFFICIAL_EPOCH_LENGTH={epoch}",
               f"train.dataset_path={train}", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1"]
@@ -155,12 +156,22 @@ def gram_probe(out: Path, base: Path, strong: Path, train: str, val: str) -> dic
         for weight in (2, 10):  # DINOv3's ViT-7B used 2; 10: does a stronger pull move patch quality further?
             runs[f"scratch_s{seed}_gram{weight}"] = (200, runs[f"scratch_s{seed}"][1] + gram
                                                      + [f"gram.ckpt={strong}", f"gram.loss_weight={weight}"])
-    demo = load_config("demo")
-    results = {"random": {"patch_knn": patch_knn(None, demo), "knn": knn(demo, None, train, val, 64)}}
-    for name, snap in (("base", base), ("strong", strong)):
-        cfg = load_config(str(snap.parents[2] / "config.yaml"))
-        results[name] = {"patch_knn": patch_knn(snap, cfg), "knn": knn(cfg, snap, train, val, 64)}
+        # the high-resolution Gram teacher (DINOv3's L_HRef): the same anchor, seeing the crops at 2x (128 px)
+        runs[f"scratch_s{seed}_gram2_hr"] = (200, runs[f"scratch_s{seed}_gram2"][1]
+                                             + ["crops.gram_teacher_crops_size=128"])
+    unknown = sorted(set(only or ()) - set(runs))
+    if unknown:
+        raise SystemExit(f"unknown Gram probe runs {unknown}; the runs are {sorted(runs)}")
+    results = {}
+    if not only:
+        demo = load_config("demo")
+        results["random"] = {"patch_knn": patch_knn(None, demo), "knn": knn(demo, None, train, val, 64)}
+        for name, snap in (("base", base), ("strong", strong)):
+            cfg = load_config(str(snap.parents[2] / "config.yaml"))
+            results[name] = {"patch_knn": patch_knn(snap, cfg), "knn": knn(cfg, snap, train, val, 64)}
     for name, (iters, extra) in runs.items():
+        if only and name not in only:
+            continue
         cfg = load_config("demo", [*common, f"optim.epochs={iters // epoch}",
                                    f"evaluation.eval_period_iterations={iters}", *extra])
         pretrain(cfg, output_dir=out / name, device="cpu")
@@ -200,6 +211,7 @@ def main() -> None:
     parser.add_argument("--stage-iters", type=int, default=200)
     parser.add_argument("--gram-base", type=Path, help="only the Gram probe, from this teacher snapshot")
     parser.add_argument("--gram-strong", type=Path, help="the Gram probe's stronger snapshot (with --gram-base)")
+    parser.add_argument("--gram-runs", nargs="+", metavar="NAME", help="with --gram-base: only these runs of the probe")
     parser.add_argument("--gram-long", action="store_true", help="only the long run without and with Gram anchoring")
     args = parser.parse_args()
     out = args.out
@@ -215,7 +227,7 @@ def main() -> None:
     if args.gram_base:
         if args.gram_strong is None:
             parser.error("--gram-base needs --gram-strong (a later snapshot of the same run)")
-        results = gram_probe(out, args.gram_base, args.gram_strong, s_train, s_val)
+        results = gram_probe(out, args.gram_base, args.gram_strong, s_train, s_val, only=args.gram_runs)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
         return
