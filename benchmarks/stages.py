@@ -24,7 +24,8 @@ iteration 400, refreshed every 800 iterations, weight 2), patch k-NN and image k
 The --gram-base form runs only a Gram probe from an existing run's snapshots (the demo's, trained on the same sample set): (a) the
 base snapshot continued for 400 iterations with the iBOT loss off, a setting meant to let patch features drift,
 without and with Gram anchoring to the base; (b) a new run from scratch for 200 iterations, without and with
-Gram anchoring (weight 2 and 10) to the stronger (later) snapshot, for two training seeds. Patch-level quality is patch k-NN:
+Gram anchoring (weight 2 and 10, and weight 2 with the Gram teacher on 128-px crops: crops.gram_teacher_crops_size) to
+the stronger (later) snapshot, for two training seeds. Patch-level quality is patch k-NN:
 the texture of single patches of texture-on-texture mosaics, found by their nearest patches (cosine).
 Prints one JSON object per measurement and a Markdown summary; every run writes into --out (rerun resumes).
 """
