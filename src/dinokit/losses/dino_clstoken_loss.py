@@ -60,14 +60,12 @@ class DINOLoss(DelayedCenter):
     ) -> torch.Tensor:
         """Sum over all (s, t) pairs of ``mean_b CE(t, softmax(s / T))``; each tensor is (B, K).
 
-        The cross-entropy is linear in the target, so each student view meets the sum of the teacher views:
-        one log-softmax and one product per student view (the official code: one log-softmax per view, one
-        product per pair), the same value up to fp32 rounding.
+        As the official code: one log-softmax per student view, reused for every teacher view (the products and
+        sums in the official order, so the values match it to the last bit where its inputs do).
         """
-        target = teacher_out_softmaxed_centered_list[0].float()
-        for t in teacher_out_softmaxed_centered_list[1:]:
-            target = target + t.float()
         total_loss = torch.zeros((), device=student_output_list[0].device)
         for s in student_output_list:
-            total_loss = total_loss + soft_cross_entropy(s, target, student_temp=self.student_temp).mean()
+            log_probs = F.log_softmax(s.float() / self.student_temp, dim=-1)
+            for t in teacher_out_softmaxed_centered_list:
+                total_loss = total_loss - torch.sum(t.float() * log_probs, dim=-1).mean()
         return total_loss
