@@ -11,10 +11,12 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from dinokit.data import photometric
 from dinokit.data import tensor_augment as ta
 from dinokit.data.augmentations import DataAugmentationDINO
 from dinokit.data.collate import SSLCollate
 from dinokit.data.loaders import make_ssl_data_loader
+from dinokit.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -54,11 +56,11 @@ def _find(pipeline, kind):
 @pytest.mark.parametrize(
     "mine, reference, factors",
     [
-        (ta.adjust_brightness, TF.adjust_brightness, [0.6, 0.9, 1.0, 1.4]),
-        (ta.adjust_contrast, TF.adjust_contrast, [0.6, 0.9, 1.0, 1.4]),
-        (ta.adjust_saturation, TF.adjust_saturation, [0.8, 0.9, 1.0, 1.2]),
-        (ta.adjust_hue, TF.adjust_hue, [-0.1, -0.03, 0.0, 0.1]),
-        (ta.gaussian_blur, lambda t, s: TF.gaussian_blur(t, [9, 9], [s, s]), [0.1, 0.7, 1.3, 2.0]),
+        (photometric.adjust_brightness, TF.adjust_brightness, [0.6, 0.9, 1.0, 1.4]),
+        (photometric.adjust_contrast, TF.adjust_contrast, [0.6, 0.9, 1.0, 1.4]),
+        (photometric.adjust_saturation, TF.adjust_saturation, [0.8, 0.9, 1.0, 1.2]),
+        (photometric.adjust_hue, TF.adjust_hue, [-0.1, -0.03, 0.0, 0.1]),
+        (photometric.gaussian_blur, lambda t, s: TF.gaussian_blur(t, [9, 9], [s, s]), [0.1, 0.7, 1.3, 2.0]),
     ],
 )
 def test_per_crop_operations_equal_torchvision_per_image(mine, reference, factors):
@@ -72,8 +74,8 @@ def test_per_crop_operations_equal_torchvision_per_image(mine, reference, factor
 
 def test_grayscale_and_solarize_equal_torchvision():
     x = torch.rand(2, 3, 5, 6, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(ta.grayscale(x), TF.rgb_to_grayscale(x), rtol=0, atol=1e-6)
-    torch.testing.assert_close(ta.solarize(x), TF.solarize(x, 128 / 255), rtol=0, atol=0)
+    torch.testing.assert_close(photometric.grayscale(x), TF.rgb_to_grayscale(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(photometric.solarize(x), TF.solarize(x, 128 / 255), rtol=0, atol=0)
 
 
 def test_crop_without_photometric_changes_matches_the_pil_resize():
@@ -84,7 +86,7 @@ def test_crop_without_photometric_changes_matches_the_pil_resize():
     global_crops, local_crops, _ = ta.TensorMultiCrop(global_crops_size=16, local_crops_size=8)(
         [TF.pil_to_tensor(image)], [params]
     )
-    normalize = v2.Normalize(mean=ta.IMAGENET_DEFAULT_MEAN, std=ta.IMAGENET_DEFAULT_STD)
+    normalize = v2.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     for crop, box, size in zip([*global_crops, *local_crops], params.boxes.tolist(), [16, 16, 8]):
         pil = TF.resized_crop(image, *box, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         expected = normalize(TF.to_dtype(TF.pil_to_tensor(pil), torch.float32, scale=True))

@@ -9,7 +9,8 @@ in two so the pixel work can leave the data workers:
    that generator from ``(seed, stream position)``, so the crops stay a function of the seed and the
    position, whichever device later applies them, and a resumed stream is exact.
 2. :class:`TensorMultiCrop`, per batch, on any device: crops and resizes (bicubic, antialiased), then
-   runs the photometric operations on all crops of a size at once, each crop with its own factors.
+   runs the photometric operations (:mod:`dinokit.data.photometric`) on all crops of a size at once, each crop
+   with its own factors.
 
 Every draw uses the PIL path's parameters: RandomResizedCrop's area ``scale`` and aspect ratio
 ``(3/4, 4/3)`` (log-uniform, ten attempts, centre-crop fallback), flip 0.5, colour jitter with
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -40,18 +40,13 @@ from .augmentations import (
     resize_crop,
 )
 from .collate import SSLBatch, SSLCollate
-from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from .photometric import JITTER_OPS, gaussian_blur, grayscale, normalize, solarize
 
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's default aspect-ratio range
 CROP_ATTEMPTS = 10  # torchvision draws up to ten boxes before falling back to a centre crop
 FLIP_PROBABILITY = 0.5
 JITTER_PROBABILITY = 0.8
-BLUR_KERNEL_SIZE = 9
 BLUR_SIGMA = (0.1, 2.0)
-SOLARIZE_THRESHOLD = 128 / 255  # the PIL path's threshold of 128 on uint8 pixels
-# Indices of the jitter operations in ``CropParams.jitter_order`` / ``jitter_factors``.
-OP_BRIGHTNESS, OP_CONTRAST, OP_SATURATION, OP_HUE = range(4)
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -70,7 +65,7 @@ class CropParams:
     jitter: torch.Tensor
     """(C,) bool: colour jitter applied."""
     jitter_order: torch.Tensor
-    """(C, 4) long: the order of the four jitter operations (``OP_*`` indices)."""
+    """(C, 4) long: the order of the four jitter operations (``photometric.OP_*`` indices)."""
     jitter_factors: torch.Tensor
     """(C, 4) float: brightness, contrast and saturation factors, then the hue shift."""
     grayscale: torch.Tensor
@@ -172,86 +167,6 @@ def draw_crop_params(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per-crop photometric operations on float batches (N, 3, H, W) in [0, 1], one factor per crop
-# ---------------------------------------------------------------------------------------------------
-
-
-def _per_crop(factor: torch.Tensor) -> torch.Tensor:
-    return factor.view(-1, 1, 1, 1)  # (N,) -> (N, 1, 1, 1), broadcast over channels and pixels
-
-
-def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    ratio = _per_crop(factor)
-    return (ratio * image + (1 - ratio) * other).clamp_(0, 1)
-
-
-def grayscale(image: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 1, H, W) luma."""
-    r, g, b = image.unbind(dim=-3)
-    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(-3)
-
-
-def adjust_brightness(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (image * _per_crop(factor)).clamp_(0, 1)
-
-
-def adjust_contrast(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(image).mean(dim=(-3, -2, -1), keepdim=True)  # (N, 1, 1, 1)
-    return _blend(image, mean, factor)
-
-
-def adjust_saturation(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(image, grayscale(image), factor)
-
-
-def adjust_hue(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``shift`` (fraction of a turn, per crop), keeping HSV saturation and value.
-
-    Equal to converting to HSV, shifting H and converting back (torchvision's ``adjust_hue``), without
-    forming S: each output channel is ``max - (max - min) * clamp(min(k, 4 - k), 0, 1)`` with
-    ``k = (n + 6 * H) mod 6`` and ``n = 5, 3, 1`` for red, green, blue.
-    """
-    r, g, b = image.unbind(dim=-3)
-    maxc = image.amax(dim=-3)
-    delta = maxc - image.amin(dim=-3)
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    # Hue in sixths of a turn, by the largest channel (ties: red, then green, then blue, as torchvision).
-    hue = torch.where(
-        maxc == r, (g - b) / safe_delta, torch.where(maxc == g, 2.0 + (b - r) / safe_delta, 4.0 + (r - g) / safe_delta)
-    )
-    hue = hue + 6.0 * shift.view(-1, 1, 1)  # (N, H, W)
-    n = torch.tensor([5.0, 3.0, 1.0], device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + hue.unsqueeze(-3), 6.0)  # (N, 3, H, W)
-    return maxc.unsqueeze(-3) - delta.unsqueeze(-3) * torch.minimum(k, 4.0 - k).clamp_(0, 1)
-
-
-def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_KERNEL_SIZE) -> torch.Tensor:
-    """Separable Gaussian blur, one sigma per crop, reflect padding (torchvision's kernel and border)."""
-    n, c, height, width = image.shape
-    x = torch.arange(kernel_size, device=image.device, dtype=image.dtype) - (kernel_size - 1) / 2
-    kernel = torch.exp(-0.5 * (x / sigma.to(image).view(-1, 1)) ** 2)  # (N, k)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (N * C, k)
-    pad = kernel_size // 2
-    # Each (crop, channel) plane is its own group of a depthwise convolution: (1, N * C, H, W).
-    planes = F.pad(image.reshape(1, n * c, height, width), (pad, pad, pad, pad), mode="reflect")
-    planes = F.conv2d(planes, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
-    planes = F.conv2d(planes, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
-    return planes.view(n, c, height, width)
-
-
-def solarize(image: torch.Tensor) -> torch.Tensor:
-    return torch.where(image >= SOLARIZE_THRESHOLD, 1.0 - image, image)
-
-
-_JITTER_OPS = {
-    OP_BRIGHTNESS: adjust_brightness,
-    OP_CONTRAST: adjust_contrast,
-    OP_SATURATION: adjust_saturation,
-    OP_HUE: adjust_hue,
-}
-
-
-# ---------------------------------------------------------------------------------------------------
 # The two halves: per sample (workers) and per batch (any device)
 # ---------------------------------------------------------------------------------------------------
 
@@ -329,7 +244,7 @@ class TensorMultiCrop:
         else:
             regions = self._regions(images, params, range(0, 2), max(self.global_crops_size, self.gram_crops_size))
             if self.gram_no_distortions:
-                gram_crops = _normalize(resize_crop(regions, self.gram_crops_size))
+                gram_crops = normalize(resize_crop(regions, self.gram_crops_size))
             distorted = self._distort(regions, params, range(0, 2))
             global_crops = resize_crop(distorted, self.global_crops_size)
             if gram_crops is None:
@@ -374,19 +289,12 @@ class TensorMultiCrop:
 
         jitter, order, factors = gather("jitter"), gather("jitter_order"), gather("jitter_factors")
         for slot in range(4):
-            for op, fn in _JITTER_OPS.items():
+            for op, fn in JITTER_OPS.items():
                 apply(jitter & (order[:, slot] == op), fn, factors[:, op])
         apply(gather("grayscale"), lambda t: grayscale(t).expand_as(t).contiguous())
         apply(gather("blur"), gaussian_blur, gather("blur_sigma"))
         apply(gather("solarize"), solarize)
-        return _normalize(x)
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) pixels in [0, 1] ImageNet-normalised, in place."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+        return normalize(x)
 
 
 class PendingSSLBatch:

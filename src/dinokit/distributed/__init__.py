@@ -38,7 +38,12 @@ def is_first_process() -> bool:
     SLURM's ``SLURM_PROCID``): for messages printed once per run."""
     if is_enabled():
         return get_rank() == 0
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    return _launcher_value("RANK", "SLURM_PROCID", 0) == 0
+
+
+def _launcher_value(torchrun_name: str, slurm_name: str, default: int) -> int:
+    """A process number the launcher set before the group starts: torchrun's variable, else SLURM's."""
+    return int(os.environ.get(torchrun_name, os.environ.get(slurm_name, default)))
 
 
 def get_local_rank() -> int:
@@ -50,10 +55,9 @@ def reports_user_errors() -> bool:
     group yet fails on its arguments and configuration, which every process of the run reads alike, so only
     the first process of each node prints (one line per node, not one per rank; a node whose files differ still
     says why). After joining, or in a single process, every process prints: the error may be its own."""
-    env = os.environ
-    if _joined_group or int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))) <= 1:
+    if _joined_group or _launcher_value("WORLD_SIZE", "SLURM_NTASKS", 1) <= 1:
         return True
-    return int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))) == 0
+    return _launcher_value("LOCAL_RANK", "SLURM_LOCALID", 0) == 0
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,11 @@ from ..errors import DinokitError
 # ---------------------------------------------------------------------------------------------- schedules
 
 
+def _half_cosine(start: float, end: float, n: int) -> np.ndarray:
+    """``end + 0.5 (start - end) (1 + cos(pi i / n))`` for i in 0..n-1: from ``start`` towards ``end``."""
+    return end + 0.5 * (start - end) * (1 + np.cos(np.pi * np.arange(n) / max(n, 1)))
+
+
 class CosineScheduler:
     """Per-iteration values: ``freeze_iters`` zeros, a linear warm-up, then a cosine to ``final_value``.
 
@@ -56,7 +61,7 @@ class CosineScheduler:
             )
         self.final_value = final_value
         self.total_iters = total_iters
-        cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * np.arange(n_cosine) / n_cosine))
+        cosine = _half_cosine(base_value, final_value, n_cosine)
         self.schedule: np.ndarray = np.concatenate(
             (np.zeros(freeze_iters), np.linspace(start_warmup_value, base_value, warmup_iters), cosine)
         )
@@ -88,7 +93,7 @@ def warmup_cosine_schedule(start: float, peak: float, end: float, *, warmup_iter
         raise ValueError(f"warmup_cosine_schedule needs iterations >= 0, got warmup {warmup_iters}, "
                          f"cosine {cosine_iters}, total {total_iters}")
     warmup = np.linspace(start, peak, warmup_iters, endpoint=False)
-    cosine = end + 0.5 * (peak - end) * (1 + np.cos(np.pi * np.arange(cosine_iters) / max(cosine_iters, 1)))
+    cosine = _half_cosine(peak, end, cosine_iters)
     rest = np.full(max(total_iters - warmup_iters - cosine_iters, 0), float(end))
     return CosineScheduler.from_values(np.concatenate((warmup, cosine, rest)), float(end))
 
