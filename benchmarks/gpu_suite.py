@@ -6,7 +6,8 @@ keeps going when one fails, and writes everything under ``--out``: ``results.jso
 the step's name), one log per step, and ``summary.txt`` (the table to paste into the README). Steps, in order:
 
 1. ``train_step``: the DINOv2 ViT-L/14 step (2x224 + 8x98 crops, batch 64, bf16), eager, side by side with packed
-   crops, chunked heads and full/selective activation checkpointing (target >= 280 images/s, <= 52 GB);
+   crops, chunked heads, compiled loss terms and full/selective activation checkpointing (target >= 280 images/s,
+   <= 52 GB);
 2. ``train_step_compiled``: the same step with ``train.compile=true`` (and the packed/chunked variants);
 3. ``inference_vitl14``: ViT-L/14 at 224 px, dinokit vs timm vs Hugging Face, eager and compiled (target 3,000);
 4. ``inference_vits14`` / ``inference_vitg14``: the other targets (25,000 and 800 images/s);

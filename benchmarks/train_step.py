@@ -8,10 +8,11 @@ Synthetic images, the official vitl14 recipe otherwise (heads, iBOT, KoLeo, Sink
 ``device`` makes the crops on the GPU), with ``train.num_workers`` data workers; the timed steps then include
 waiting for data. ``--device cpu`` runs it anywhere (the tests use it with a tiny config).
 
-``--variants`` times the step six times in one process, side by side: plain, with ``train.packed_crops``
+``--variants`` times the step eight times in one process, side by side: plain, with ``train.packed_crops``
 (with ``--compile``: a compiled packed block function), with ``train.head_chunk_rows`` (``--chunk-rows``), with
-both, and with activation checkpointing of the student's blocks, full and selective (speed for memory); each
-line carries its speed relative to the plain step. ``--ac full|selective`` checkpoints every variant.
+both, with ``train.compile_loss`` (the loss terms compiled), with packed crops and the compiled loss, and with
+activation checkpointing of the student's blocks, full and selective (speed for memory); each line carries its
+speed relative to the plain step. ``--ac full|selective`` checkpoints every variant.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dinokit.data.collate import SSLCollate
 from dinokit.engine import Engine, batch_to
 from dinokit.train.data import build_train_loader
 from dinokit.train.ssl_meta_arch import SSLMetaArch
-from dinokit.train.train import compile_packed_blocks, engine_config
+from dinokit.train.train import compile_objective, engine_config
 
 
 def synthetic_batch(cfg, batch_size: int):
@@ -47,6 +48,8 @@ def synthetic_batch(cfg, batch_size: int):
 
 VARIANTS = {"plain": [], "packed": ["train.packed_crops=true"], "chunked": ["train.head_chunk_rows={rows}"],
             "packed+chunked": ["train.packed_crops=true", "train.head_chunk_rows={rows}"],
+            "compiled loss": ["train.compile_loss=true"],
+            "packed+compiled loss": ["train.packed_crops=true", "train.compile_loss=true"],
             "checkpointed full": ["train.activation_checkpointing=true"],
             "checkpointed selective": ["train.activation_checkpointing=true",
                                        "train.activation_checkpointing_policy=selective"]}
@@ -63,7 +66,7 @@ def measure(args, opts: list[str]) -> dict:
     cfg = load_config(args.config, [f"train.batch_size_per_gpu={args.batch}", *data, *wrap, *opts])
     torch.manual_seed(0)  # the same initial weights and synthetic crops for every variant
     model = SSLMetaArch(cfg)
-    compile_packed_blocks(model, cfg.train)  # as dinokit train does
+    compile_objective(model, cfg.train)  # as dinokit train does
     model.teacher.load_state_dict(model.student.state_dict())
     settings = engine_config(cfg, dev)
     engine = Engine(model, settings, output_dir=tempfile.mkdtemp(prefix="dinokit-bench-"), device=dev, schedules={})
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     p.add_argument("--data", help="an image folder: real decoding + augmentation instead of synthetic crops")
     p.add_argument("--device", default="cuda")
     p.add_argument("--variants", action="store_true",
-                   help="plain, packed crops, chunked heads, both, checkpointed blocks (full, selective), side by side")
+                   help="plain, packed crops, chunked heads, both, compiled loss (alone, with packed crops), "
+                        "checkpointed blocks (full, selective), side by side")
     p.add_argument("--chunk-rows", type=int, default=4096, help="train.head_chunk_rows of the chunked variants")
     p.add_argument("opts", nargs="*")
     args = p.parse_args(argv)

@@ -132,9 +132,9 @@ def test_compile_with_packed_crops_swaps_in_a_compiled_block_function():
     from types import SimpleNamespace
 
     from dinokit.models.packed import packed_block
-    from dinokit.train.train import compile_packed_blocks
+    from dinokit.train.train import compile_objective
 
     for compile_, packed, swapped in ((True, True, True), (True, False, False), (False, True, False)):
         task = SimpleNamespace(packed_block_fn=packed_block)
-        compile_packed_blocks(task, SimpleNamespace(compile=compile_, packed_crops=packed))
+        compile_objective(task, SimpleNamespace(compile=compile_, packed_crops=packed, compile_loss=False))
         assert (task.packed_block_fn is not packed_block) == swapped

@@ -36,8 +36,8 @@ def test_train_step_benchmark_times_the_levers_side_by_side(train_step):
     tiny = [o for o in tiny_run(batch=2, local_crops=2) if not o.startswith("train.batch_size_per_gpu")]
     args = ["--device", "cpu", "--config", "demo", "--batch", "2", "--steps", "1", "--variants", "--chunk-rows", "7"]
     results = train_step.main([*args, *tiny])
-    assert [r["variant"] for r in results] == ["plain", "packed", "chunked", "packed+chunked", "checkpointed full",
-                                               "checkpointed selective"]
+    assert [r["variant"] for r in results] == ["plain", "packed", "chunked", "packed+chunked", "compiled loss",
+                                               "packed+compiled loss", "checkpointed full", "checkpointed selective"]
     assert results[0]["vs_plain"] == 1.0 and all(r["vs_plain"] > 0 for r in results)
     assert [r["checkpointing"] for r in results[-3:]] == [None, "full", "selective"]
     # the same model, crops and steps: the levers change how the losses are computed, not their values

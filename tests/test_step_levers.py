@@ -1,6 +1,6 @@
-"""``train.packed_crops`` and ``train.head_chunk_rows`` in the training step: the same losses and gradients as the
-plain student path (pretraining and distillation), whole runs that log the same losses, and one-line refusals
-where they cannot work (compiled or checkpointed blocks, several processes)."""
+"""``train.packed_crops``, ``train.head_chunk_rows`` and ``train.compile_loss`` in the training step: the same losses
+and gradients as the plain student path (pretraining and distillation), whole runs that log the same losses, and
+one-line refusals where they cannot work (compiled or checkpointed blocks, several processes)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def _cfg(images: Path, *extra: str):
     return load_config("demo", [*TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}", *extra])
 
 
-def _step(cfg, batch, iteration: int = 4):
-    """Loss terms and student gradients of one step of a freshly built (seeded) SSLMetaArch."""
+def _step(cfg, batch, iteration: int = 4, task=None):
+    """Loss terms and student gradients of one step of a freshly built (seeded) SSLMetaArch, or of ``task``."""
     torch.manual_seed(0)
-    task = SSLMetaArch(cfg)
+    task = task if task is not None else SSLMetaArch(cfg)
     out = task.compute_losses(batch, iteration, {"teacher_temp": 0.06})
     out.total.backward()
     grads = {name: p.grad for name, p in task.student.named_parameters() if p.grad is not None}
@@ -96,7 +96,41 @@ def test_a_run_with_both_levers_logs_the_plain_losses(images, tmp_path):
     assert train(_cfg(images, *LEVERS, "optim.epochs=3"), output_dir=tmp_path / "plain", device="cpu")["iteration"] == 9
 
 
+def test_compiled_loss_terms_give_the_plain_losses_and_gradients(images, tmp_path):
+    """``train.compile_loss``: the DINO, iBOT and KoLeo terms run through torch.compile (inductor, here on the CPU)
+    and give the eager values and gradients; the iBOT term keeps its graph as its row count changes, and a whole
+    run logs the plain run's losses."""
+    from dinokit.train.train import compile_objective
+
+    torch._dynamo.reset()
+    cfg, plain_cfg = _cfg(images, "train.compile_loss=true"), _cfg(images)
+    tasks = []
+    for c in (plain_cfg, cfg):
+        torch.manual_seed(0)
+        tasks.append(SSLMetaArch(c))
+    compile_objective(tasks[1], cfg.train)  # as dinokit train does
+    assert tasks[1].ibot_masked_loss is not tasks[1].ibot_patch_loss.forward_masked
+    assert tasks[1].dino_loss._compiled_call_impl is not None and tasks[1].koleo_loss._compiled_call_impl is not None
+    loader = iter(build_train_loader(cfg, start_iteration=0, pin_memory=False))
+    counts = set()
+    for _ in range(3):  # three batches, each with its own number of masked patches (the centres move on alike)
+        batch = next(loader)
+        counts.add(int(batch.n_masked_patches))
+        for task in tasks:
+            task.zero_grad(set_to_none=True)
+        _assert_same_step(_step(plain_cfg, batch, task=tasks[0]), _step(cfg, batch, task=tasks[1]))
+    assert len(counts) > 1
+
+    def losses(out: Path, *extra: str) -> list[float]:
+        train(_cfg(images, *extra), output_dir=out, device="cpu")
+        return [json.loads(line)["total_loss"] for line in (out / "training_metrics.json").read_text().splitlines()]
+
+    assert losses(tmp_path / "compiled", "train.compile_loss=true") == pytest.approx(losses(tmp_path / "plain"), rel=1e-4)
+
+
 def test_refusals_are_one_line(images):
+    with pytest.raises(DinokitError, match="train.compile_loss does not combine with train.head_chunk_rows"):
+        _cfg(images, "train.compile_loss=true", "train.head_chunk_rows=8")
     with pytest.raises(DinokitError, match="train.packed_crops does not combine with train.activation_checkpointing"):
         _cfg(images, "train.packed_crops=true", "train.activation_checkpointing=true")
     assert _cfg(images, "train.packed_crops=true", "train.compile=true").train.compile  # compiles the packed blocks

@@ -119,6 +119,10 @@ class TrainConfig:
     # dinokit: the student heads' prototype layer and cross-entropy this many rows at a time (losses/chunked.py),
     # so that the (rows x prototypes) logits never exist at once; 0 = in one piece (one process only)
     head_chunk_rows: int = 0
+    # dinokit: torch.compile the student's loss terms (DINO and iBOT cross-entropies, KoLeo, Gram): the
+    # log-softmax, product and sum become one fused kernel that never stores the (rows x prototypes)
+    # log-probabilities; same values up to float rounding; not with train.head_chunk_rows
+    compile_loss: bool = False
 
 
 @dataclass

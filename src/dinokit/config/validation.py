@@ -105,7 +105,7 @@ def validate(cfg: DictConfig) -> None:
 def _validate_step_levers(cfg: DictConfig) -> None:
     """A checkpointing policy needs checkpointing on; ``train.packed_crops`` runs the blocks' parts outside the blocks'
     own forward, so it misses their activation checkpointing (``train.compile`` compiles the packed block function
-    instead: train/train.py)."""
+    instead: train/train.py); ``train.compile_loss`` compiles the plain loss terms, which the chunked heads replace."""
     policy = cfg.train.activation_checkpointing_policy
     if policy != "full" and not cfg.train.activation_checkpointing:
         raise DinokitError(f"train.activation_checkpointing_policy={policy} has no effect without "
@@ -113,6 +113,9 @@ def _validate_step_levers(cfg: DictConfig) -> None:
     if cfg.train.packed_crops and cfg.train.activation_checkpointing:
         raise DinokitError("train.packed_crops does not combine with train.activation_checkpointing (the packed "
                            "forward bypasses the checkpointed blocks); set one of them to false")
+    if cfg.train.compile_loss and cfg.train.head_chunk_rows:
+        raise DinokitError("train.compile_loss does not combine with train.head_chunk_rows (the chunked heads compute "
+                           "their own loss, chunk by chunk); set one of them off")
 
 
 def check_step_levers(train_cfg, world_size: int) -> None:

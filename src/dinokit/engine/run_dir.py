@@ -44,7 +44,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "train.output_dir", "train.num_workers", "train.log_freq", "train.tracker", "train.saveckp_freq",
     "train.batch_size_per_gpu", "train.compile", "train.activation_checkpointing",
     "train.activation_checkpointing_policy", "train.packed_crops",
-    "train.head_chunk_rows", "optim.lr", "optim.epochs",
+    "train.head_chunk_rows", "train.compile_loss", "optim.lr", "optim.epochs",
     "optim.warmup_epochs", "teacher.warmup_teacher_temp_epochs", "MODEL.WEIGHTS", "evaluation", "compute_precision",
 )
 

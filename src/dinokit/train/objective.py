@@ -66,6 +66,7 @@ class SSLObjective:
         self.dino_loss = DINOLoss(dino.head_n_prototypes)
         self.koleo_loss = KoLeoLoss()
         self.ibot_patch_loss = iBOTPatchLoss(ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes)
+        self.ibot_masked_loss = self.ibot_patch_loss.forward_masked  # the trainer may swap in a compiled one
         self.do_gram = bool(gram is not None and gram.use_loss)
         if self.do_gram:
             self.gram_weight, self.gram_tokens = gram.loss_weight, gram.tokens_used
@@ -200,7 +201,7 @@ class SSLObjective:
             else:
                 # n_masked_patches=None: the rows are exactly the selected tokens (index_select, never padded),
                 # and slicing by a device tensor would make the host wait for the device every step
-                ibot = self.ibot_patch_loss.forward_masked(
+                ibot = self.ibot_masked_loss(
                     student_patch_logits,
                     ibot_probs,
                     student_masks_flat=ibot_masks_flat,

@@ -93,13 +93,23 @@ def train(
                                on_restored=lambda: write_config(cfg, output_dir) if rank == 0 else None)
 
 
-def compile_packed_blocks(task, train_cfg) -> None:
-    """With ``train.compile`` and ``train.packed_crops``, the student's packed forward runs a compiled block
-    function (the engine compiles the blocks' own forward, which the packed forward does not call)."""
+def compile_objective(task, train_cfg) -> None:
+    """Compile what the engine's per-block compile does not reach, from outside the objective.
+
+    With ``train.compile`` and ``train.packed_crops``, the student's packed forward runs a compiled block function
+    (the engine compiles the blocks' own forward, which the packed forward does not call). With
+    ``train.compile_loss``, the student's loss terms run compiled (the modules' ``forward`` only: the teacher's
+    centring methods stay eager); the iBOT term's row count changes every step, so its graph is dynamic in it
+    after the second size (``dynamic=None``) instead of recompiling each time."""
     if train_cfg.compile and train_cfg.packed_crops:
         from ..models.packed import packed_block
 
         task.packed_block_fn = torch.compile(packed_block, dynamic=False)
+    if train_cfg.compile_loss:
+        for name in ("dino_loss", "koleo_loss", "gram_loss"):
+            if hasattr(task, name):
+                getattr(task, name).compile(dynamic=None)
+        task.ibot_masked_loss = torch.compile(task.ibot_patch_loss.forward_masked, dynamic=None)
 
 
 def check_stage_weights(cfg: DictConfig) -> None:
@@ -130,7 +140,7 @@ def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir
 
     ``on_restored`` runs once the run's or ``weights``' checkpoint is loaded, before the first step: the caller
     writes its config.yaml there, so that a checkpoint that fails to load leaves the folder as it was."""
-    compile_packed_blocks(task, cfg.train)
+    compile_objective(task, cfg.train)
     engine = Engine(task, settings, output_dir=output_dir, device=device, schedules=training_schedules(cfg), hooks=hooks)
     start = engine.restore(resume=resume, weights=weights)
     if on_restored is not None:
