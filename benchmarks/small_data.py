@@ -65,16 +65,16 @@ def network_knn(folder: Path, cfg, weights: Path | None) -> float:
     """k-NN top-1 of the preset's backbone: random initialisation (seed 0) or ``weights``."""
     import torch
 
-    from dinokit.config import backbone_from_config
+    from dinokit.config import backbone_from_config, backbone_img_size
     from dinokit.eval.knn import run_knn_eval
     from dinokit.models import load_backbone_weights
 
     torch.manual_seed(0)
-    backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size)
+    backbone = backbone_from_config(cfg.student, img_size=backbone_img_size(cfg.crops))
     if weights is not None:
         load_backbone_weights(backbone, weights)
     metrics = run_knn_eval(backbone.eval(), train_dataset_str=f"ImageFolder:root={folder}/train",
-                           val_dataset_str=f"ImageFolder:root={folder}/val", image_size=cfg.crops.global_crops_size,
+                           val_dataset_str=f"ImageFolder:root={folder}/val", image_size=backbone_img_size(cfg.crops),
                            ks=[KNN_K])
     return float(metrics[f"knn_top1_k{KNN_K}"])
 
@@ -89,12 +89,12 @@ def supervised_knn(folder: Path, cfg, steps: int, seed: int = 0) -> float:
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    from dinokit.config import backbone_from_config
+    from dinokit.config import backbone_from_config, backbone_img_size
     from dinokit.data.transforms import make_normalize_transform
     from dinokit.eval.knn import run_knn_eval
 
     torch.manual_seed(seed)
-    size = cfg.crops.global_crops_size
+    size = backbone_img_size(cfg.crops)
     backbone = backbone_from_config(cfg.student, img_size=size)
     augment = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
                           v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.2, 0.1),
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                              "control; README: 1000) [0: no]")
     args = parser.parse_args(argv)
 
-    from dinokit.config import load_config
+    from dinokit.config import backbone_img_size, load_config
 
     args.root.mkdir(parents=True, exist_ok=True)
     results_file = args.root / "results.jsonl"
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         n_classes = sum(1 for d in (folder / "train").iterdir() if d.is_dir())
         row = {"set": name, "train": n_train, "val": n_val, "classes": n_classes, "k": KNN_K}
         if args.baselines:
-            row["raw_pixels"] = raw_pixel_knn(folder, first.crops.global_crops_size)
+            row["raw_pixels"] = raw_pixel_knn(folder, backbone_img_size(first.crops))
             row["random_init"] = network_knn(folder, first, None)
         if args.supervised_steps:
             row[f"supervised_{args.supervised_steps}"] = supervised_knn(folder, first, args.supervised_steps)

@@ -7,7 +7,9 @@
    here) with fresh heads, with the head warm-up (backbone frozen, then at a lower lr) and without it.
    k-NN top-1 is reported on both the original and the new validation images, before and after.
 3. high-res: the base run continued at 96-px instead of 64-px global crops (student.resume_from_teacher_chkpt,
-   position embeddings interpolated, schedules restarted, lower lr); k-NN at 96 px before and after.
+   position embeddings interpolated, schedules restarted, lower lr); k-NN at 96 px before and after; the same
+   stage at 64 px (control) and with DINOv3's mixed resolutions (each iteration at 64 or 96 px, half and half).
+   ``--highres-only`` runs steps 1 and 3 alone (about 12 minutes of one core).
 4. Gram: the base run continued on the sample set with and without Gram anchoring to the base teacher (same
    budget); patch-level quality = mIoU of the official patch-only linear segmentation head on the generated
    dense set (dinokit dense train ... class_token=false), patch k-NN (below), and k-NN as a check of the
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from dinokit.cli.train import pretrain
-from dinokit.config import backbone_from_config, load_config
+from dinokit.config import backbone_from_config, backbone_img_size, load_config
 from dinokit.data import write_sample_dataset
 from dinokit.data.transforms import make_normalize_transform
 from dinokit.dense.generated import render_mosaic
@@ -75,7 +77,7 @@ def write_new_families(root: Path, counts: dict[str, int], size: int = 96) -> Pa
 def load_backbone(cfg, weights: Path | None) -> torch.nn.Module:
     """The run's backbone at its own crop size, in eval mode: a snapshot's weights, or random init (seed 0)."""
     torch.manual_seed(0)
-    backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size)
+    backbone = backbone_from_config(cfg.student, img_size=backbone_img_size(cfg.crops))
     if weights is not None:
         load_backbone_weights(backbone, weights)
     return backbone.eval()
@@ -214,6 +216,7 @@ def main() -> None:
     parser.add_argument("--gram-strong", type=Path, help="the Gram probe's stronger snapshot (with --gram-base)")
     parser.add_argument("--gram-runs", nargs="+", metavar="NAME", help="with --gram-base: only these runs of the probe")
     parser.add_argument("--gram-long", action="store_true", help="only the long run without and with Gram anchoring")
+    parser.add_argument("--highres-only", action="store_true", help="only the base and the high-resolution stages")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -249,7 +252,7 @@ def main() -> None:
 
     # 2. continued pretraining on the new families: fresh heads, with and without the head warm-up
     epochs = args.stage_iters // epoch
-    variants = {
+    variants = {} if args.highres_only else {
         "continued_warmup": ["train.freeze_backbone_epochs=1", "optim.backbone_lr_mult=0.1"],
         "continued_warmup_full_lr": ["train.freeze_backbone_epochs=1"],
         "continued_no_warmup": [],
@@ -276,12 +279,22 @@ def main() -> None:
     lr_cfg = load_config(str(out / "highres" / "config.yaml"), ["crops.global_crops_size=64", "crops.local_crops_size=32"])
     pretrain(lr_cfg, output_dir=out / "lowres_control", device="cpu")
     lr = last_snapshot(out / "lowres_control")
+    # DINOv3's mixed resolutions: each iteration at 64 / 32 or 96 / 48 px, half and half
+    mixed_cfg = load_config(str(out / "highres" / "config.yaml"), [
+        "crops.global_crops_size=[64,96]", "crops.local_crops_size=[32,48]", "crops.global_local_crop_pairs_ratios=[1,1]"])
+    pretrain(mixed_cfg, output_dir=out / "highres_mixed", device="cpu")
+    mixed = last_snapshot(out / "highres_mixed")
     results["highres"] = {"base_at_96": knn(base_cfg, base, s_train, s_val, 96), "base_at_64": results["base"]["orig"],
                           "highres_at_96": knn(hr_cfg, hr, s_train, s_val, 96),
                           "highres_at_64": knn(hr_cfg, hr, s_train, s_val, 64),
                           "control_at_96": knn(lr_cfg, lr, s_train, s_val, 96),
-                          "control_at_64": knn(lr_cfg, lr, s_train, s_val, 64)}
+                          "control_at_64": knn(lr_cfg, lr, s_train, s_val, 64),
+                          "mixed_at_96": knn(mixed_cfg, mixed, s_train, s_val, 96),
+                          "mixed_at_64": knn(mixed_cfg, mixed, s_train, s_val, 64)}
     print(json.dumps({"highres": results["highres"]}), flush=True)
+    if args.highres_only:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return
 
     # 4. Gram anchoring to the base teacher, same budget, on the sample set
     dense_root = out / "data" / "seg"

@@ -75,13 +75,13 @@ def test_paper_recipe_pieces(images, tmp_path):
         calls.setdefault(id(self), []).append(masks)
         return backbone_forward(self, x, masks=masks, **kw)
 
-    original = task.ibot_patch_loss.forward_masked
+    original = task.ibot_masked_loss  # the objective's iBOT term (train.compile_loss may swap in a compiled one)
 
     def ibot_spy(logits, probs, student_masks_flat, n_masked_patches=None, masks_weight=None):
         calls["ibot"] = (logits.shape, probs.shape, student_masks_flat.clone(), masks_weight)
         return original(logits, probs, student_masks_flat, n_masked_patches, masks_weight)
 
-    task.ibot_patch_loss.forward_masked = ibot_spy
+    task.ibot_masked_loss = ibot_spy
     batch = one_batch(cfg, images)
     type(student.backbone).forward = spy
     try:

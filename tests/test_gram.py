@@ -188,7 +188,10 @@ def test_gram_config_errors(images):
         (("gram.ema_teacher=true", "gram.remove_neg=true", "gram.remove_only_teacher_neg=true"), "exclude each other"),
         (("gram.ema_teacher=true", "gram.tokens_used=masked", "gram.img_level=true"), "gram.img_level=false"),
         (("gram.ema_teacher=true", "crops.gram_teacher_crops_size=64"), "needs a separate Gram teacher"),
-        (("gram.it_load_ema_teacher=0", "crops.gram_teacher_crops_size=60"), "positive multiple of student.patch_size"),
+        (("gram.it_load_ema_teacher=0", "crops.gram_teacher_crops_size=60"),
+         "'crops.gram_teacher_crops_size' is 60, not a multiple of student.patch_size 8"),
+        (("gram.it_load_ema_teacher=0", "crops.gram_teacher_crops_size=0"), "'crops.gram_teacher_crops_size' is 0; give "
+                                                                             "positive integers"),
         (("gram.it_load_ema_teacher=0", "gram.global_teacher_resize_method=nearest",
           "gram.global_teacher_resize_antialias=true"), "bilinear or bicubic"),
         (("gram.it_load_ema_teacher=0", "gram.global_teacher_resize_method=area"), "bicubic, bilinear, nearest"),

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..config import backbone_from_config, load_config
+    from ..config import backbone_from_config, backbone_img_size, load_config
     from ..data import write_sample_dataset
     from ..data.sample import SAMPLE_VERSION, check_sample_root
     from ..devices import resolve_device
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     summary = pretrain(cfg, output_dir=train_dir, resume=not args.no_resume, device=args.device)
     train_minutes = (time.time() - t0) / 60
 
-    image_size = cfg.crops.global_crops_size
+    image_size = backbone_img_size(cfg.crops)
     results = {}
     torch.manual_seed(0)
     random_backbone = backbone_from_config(cfg.student, img_size=image_size)

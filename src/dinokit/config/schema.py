@@ -190,8 +190,12 @@ class CropsConfig:
     global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # RandomResizedCrop area range
     local_crops_number: int = 8  # local crops per image (0 = none)
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # area range of local crops
-    global_crops_size: int = 224  # global crop side; also the backbone img_size (518 in the eval presets)
-    local_crops_size: int = 96  # local crop side
+    # global crop side; also the backbone img_size (518 in the eval presets). DINOv3: a list (with local_crops_size,
+    # gram_teacher_crops_size and global_local_crop_pairs_ratios lists of the same length) mixes resolutions, one
+    # (global, local, Gram) triple per iteration; the backbone's img_size is then the largest (config/crops.py)
+    global_crops_size: Any = 224
+    local_crops_size: Any = 96  # local crop side (a list: one per global_crops_size entry)
+    global_local_crop_pairs_ratios: Any = 1.0  # DINOv3: the probability of each triple (normalised to sum to 1)
     # dinokit: "official" = the blur the released models were trained with (global 1: 0, global 2: 0.9,
     # local: 0.5; the official code inverts its p, PR #411); "intended" = as written (1.0, 0.1, 0.5).
     blur_probabilities: str = "official"
@@ -209,7 +213,7 @@ class CropsConfig:
     # DINOv3: the Gram teacher's own crops (high-resolution Gram anchoring, L_HRef): each global crop's region also
     # at this side (e.g. twice the global size); the Gram teacher's patch features are resized to the student's
     # grid (gram.global_teacher_resize_method). null: the Gram teacher sees the global crops.
-    gram_teacher_crops_size: int | None = None
+    gram_teacher_crops_size: Any = None  # (a list under mixed resolutions: one per global_crops_size entry)
     gram_teacher_no_distortions: bool = False  # DINOv3: the Gram crops without colour, blur and solarize
 
 

@@ -13,6 +13,7 @@ from ..devices import DTYPES
 from ..engine.optim import SCALING_RULES
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
+from .crops import crop_resolutions
 
 # FSDP1 strategies that FSDP2 expresses per module: FULL_SHARD = reshard parameters after forward,
 # SHARD_GRAD_OP = keep them gathered until backward (more memory, fewer all-gathers).
@@ -42,7 +43,7 @@ for _role in ("teacher", "student"):
 
 _POSITIVE = (
     "train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "train.saveckp_freq", "train.log_freq",
-    "student.patch_size", "optim.epochs", "crops.global_crops_size", "crops.local_crops_size",
+    "student.patch_size", "optim.epochs",
     "dino.head_n_prototypes", "dino.head_bottleneck_dim", "dino.head_nlayers", "dino.head_hidden_dim",
     "ibot.head_n_prototypes", "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim",
     "evaluation.eval_period_iterations", "evaluation.knn_temperature", "optim.layerwise_decay",
@@ -83,11 +84,7 @@ def validate(cfg: DictConfig) -> None:
             raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be in [0, 1)")
     if not 0 <= cfg.student.drop_path_rate < 1:
         raise DinokitError("config key 'student.drop_path_rate' must be in [0, 1)")
-    for key in ("crops.global_crops_size", "crops.local_crops_size"):
-        size, patch = OmegaConf.select(cfg, key), cfg.student.patch_size
-        if size % patch:
-            fix = f"use e.g. {size // patch * patch}"
-            raise DinokitError(f"config key '{key}' is {size}, not a multiple of student.patch_size {patch}; {fix}")
+    crop_resolutions(cfg.crops, cfg.student.patch_size)  # sizes (one, or DINOv3's mixed lists): one line each
     if cfg.optim.warmup_epochs > cfg.optim.epochs:
         warmup, epochs = cfg.optim.warmup_epochs, cfg.optim.epochs
         raise DinokitError(f"config key 'optim.warmup_epochs' ({warmup}) exceeds optim.epochs ({epochs}); lower it")
@@ -137,7 +134,7 @@ def _validate_stages(cfg: DictConfig) -> None:
         raise DinokitError("set student.pretrained_weights (a backbone, fresh heads) or student.resume_from_teacher_chkpt "
                            "(a teacher with its heads), not both")
     gram = cfg.gram
-    gram_size = cfg.crops.gram_teacher_crops_size
+    gram_size = crop_resolutions(cfg.crops)[0][0].gram_size  # all set or all null (crop_resolutions checks)
     if gram_size is not None and not gram.use_loss:
         raise DinokitError("crops.gram_teacher_crops_size makes crops for the Gram teacher; set gram.use_loss=true "
                            "or remove the key")
@@ -146,9 +143,6 @@ def _validate_stages(cfg: DictConfig) -> None:
     if gram_size is not None and gram.ema_teacher:
         raise DinokitError("crops.gram_teacher_crops_size needs a separate Gram teacher (the EMA teacher sees the "
                            "global crops); set gram.ckpt or gram.it_load_ema_teacher instead of gram.ema_teacher")
-    if gram_size is not None and (gram_size <= 0 or gram_size % cfg.student.patch_size):
-        raise DinokitError(f"crops.gram_teacher_crops_size is {gram_size}; use a positive multiple of "
-                           f"student.patch_size ({cfg.student.patch_size}), e.g. {2 * cfg.crops.global_crops_size}")
     if gram.global_teacher_resize_antialias and gram.global_teacher_resize_method == "nearest":
         raise DinokitError("gram.global_teacher_resize_antialias works with bilinear or bicubic resizing; set "
                            "gram.global_teacher_resize_method=bicubic or the antialias to false")

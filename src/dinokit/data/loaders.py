@@ -62,8 +62,10 @@ class SSLDataset(Dataset):
         _, image, _ = self.base_dataset[self.dataset_index(position)]
         if image is None:
             return position, None
+        # A mixed-resolution transform (data/resolutions.py) applies the crop sizes of the position's iteration.
+        transform = self.transform.for_position(position) if hasattr(self.transform, "for_position") else self.transform
         with seeded_rngs(derive_seed(self.seed, position, "crops")):
-            return position, self.transform(image)
+            return position, transform(image)
 
 
 def _limit_worker_threads(worker_id: int) -> None:
@@ -73,11 +75,17 @@ def _limit_worker_threads(worker_id: int) -> None:
 
 def _draft_size(transform: Any, collate: Any) -> int | None:
     """The short side the crops need of an image: from the transform, or (batched tensor crops) from the
-    collate's crop sizes and the transform's crop scales."""
+    collate's crop sizes and the transform's crop scales; under mixed resolutions, the largest of the options'."""
+    options = getattr(collate, "options", None)
+    if options is not None:
+        transforms = getattr(transform, "options", [transform] * len(options))
+        sizes = [_draft_size(t, c) for t, c in zip(transforms, options)]
+        return None if None in sizes else max(sizes)
     size = draft_size_for(transform)
     multi_crop = getattr(collate, "multi_crop", None)
     if size is None and multi_crop is not None and hasattr(transform, "global_crops_scale"):
-        size = max(crop_draft_size(multi_crop.global_crops_size, transform.global_crops_scale[0]),
+        largest_global = max(multi_crop.global_crops_size, multi_crop.gram_crops_size or 0)  # Gram crops: same region
+        size = max(crop_draft_size(largest_global, transform.global_crops_scale[0]),
                    crop_draft_size(multi_crop.local_crops_size, transform.local_crops_scale[0]))
     return size
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import backbone_from_config
+from ..config import backbone_from_config, backbone_img_size
 from ..engine.task import Export, LossOutput, Task, ema_update
 from ..errors import DinokitError
 from ..train.objective import SSLObjective, ssl_heads
@@ -84,7 +84,7 @@ class DistillationTask(SSLObjective, Task):
         t_dim = teacher.backbone.embed_dim
         built = {}
         for name, section in students.items():
-            backbone = backbone_from_config(section, img_size=cfg.crops.global_crops_size, training=True)
+            backbone = backbone_from_config(section, img_size=backbone_img_size(cfg.crops), training=True)
             if section.pretrained_weights:
                 load_pretrained_backbone(backbone, section.pretrained_weights)
             backbone.mask_token.requires_grad_(False)  # students are never masked: it would get no gradient

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import backbone_from_config, find_run_config, load_config
+from ..config import backbone_from_config, backbone_img_size, find_run_config, load_config
 from ..config.schema import StudentConfig
 from ..engine.loop import newest_snapshot
 from ..errors import DinokitError
@@ -95,7 +95,7 @@ def build_teacher(source: TeacherSource, *, with_heads: bool) -> tuple[nn.Module
         return nn.ModuleDict({"backbone": backbone}), None
 
     tcfg = source.config
-    backbone = backbone_from_config(tcfg.student, img_size=tcfg.crops.global_crops_size)
+    backbone = backbone_from_config(tcfg.student, img_size=backbone_img_size(tcfg.crops))
     load_backbone_weights(backbone, backbone_state_dict_from_checkpoint(state, source=repr(where)))
     modules: dict[str, nn.Module] = {"backbone": backbone}
     if with_heads:

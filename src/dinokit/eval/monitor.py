@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import backbone_from_config
+from ..config import backbone_from_config, backbone_img_size
 from ..models import load_backbone_weights
 from .knn import run_knn_eval
 
@@ -51,7 +51,7 @@ def knn_monitor(cfg, device: torch.device, students: Mapping[str, Any] | None = 
         return None
     check_knn_datasets(knn.train, knn.val, cfg.train.dataset_path)
     return KnnMonitor(train=knn.train, val=knn.val, students=students or {"": cfg.student},
-                      image_size=cfg.crops.global_crops_size, ks=evaluation.knn_k,
+                      image_size=backbone_img_size(cfg.crops), ks=evaluation.knn_k,
                       temperature=evaluation.knn_temperature, device=device)
 
 

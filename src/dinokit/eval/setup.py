@@ -33,7 +33,7 @@ from ..models import DinoVisionTransformer
 from ..models.checkpoint import atomic_write, load_backbone_weights
 from ..models.linear_classifier import feature_parts
 from ..models import registry
-from ..config import backbone_from_config, find_run_config, load_config
+from ..config import backbone_from_config, backbone_img_size, find_run_config, load_config
 
 RANDOM_INIT_SEED = 0
 
@@ -46,7 +46,7 @@ def build_eval_backbone(config: DictConfig) -> DinoVisionTransformer:
     ``img_size = crops.global_crops_size`` (518 in the eval presets, which sizes the position
     embedding of the released weights); LayerScale from ``student.layerscale`` (0 = none).
     """
-    return backbone_from_config(config.student, img_size=config.crops.global_crops_size)
+    return backbone_from_config(config.student, img_size=backbone_img_size(config.crops))
 
 
 def _weights_identity(weights: str) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def setup_eval_model(
         if config_file:
             config = load_config(config_file, opts)
             backbone = build_eval_backbone(config)
-            description["config"] = {"student": dict(config.student), "img_size": config.crops.global_crops_size}
+            description["config"] = {"student": dict(config.student), "img_size": backbone_img_size(config.crops)}
         else:
             if opts:
                 raise DinokitError("--opts applies to --config-file only; drop it or give a config file")

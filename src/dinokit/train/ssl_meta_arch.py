@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..config import backbone_from_config
+from ..config import backbone_from_config, backbone_img_size
 from ..engine.task import Export, LossOutput, Task, ema_update
 from ..losses.gram_loss import resize_patch_features
 from ..models.checkpoint import load_state_dict_file
@@ -50,7 +50,7 @@ class SSLMetaArch(SSLObjective, Task):
         self.block_chunks = cfg.student.block_chunks
         self.freeze_backbone_iters = cfg.train.freeze_backbone_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
 
-        backbone = backbone_from_config(cfg.student, img_size=cfg.crops.global_crops_size, training=True)
+        backbone = backbone_from_config(cfg.student, img_size=backbone_img_size(cfg.crops), training=True)
         heads = ssl_heads(dino, ibot, backbone.embed_dim)
         if cfg.student.pretrained_weights:
             load_pretrained_backbone(backbone, cfg.student.pretrained_weights)
