@@ -8,7 +8,6 @@ import json
 import math
 import warnings
 
-import pytest
 import torch
 
 from dinokit.config import load_config

@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 
