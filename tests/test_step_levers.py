@@ -70,18 +70,23 @@ def test_levers_give_the_plain_losses_and_gradients(images, separate_head, lever
 def test_levers_in_distillation(images, tmp_path):
     from test_distill import build_task, distill_cfg, make_teacher_run, one_batch
 
+    from dinokit.train.train import compile_objective
+
     teacher = make_teacher_run(tmp_path / "teacher")
 
     def step(*extra):
         cfg = distill_cfg(images, teacher, *extra)
         torch.manual_seed(0)
         task = build_task(cfg)
+        compile_objective(task, cfg.train)  # as dinokit distill does (train.compile_loss)
         out = task.compute_losses(one_batch(cfg, images), 4, {"teacher_temp": 0.06})
         out.total.backward()
         grads = {n: p.grad for n, p in task.students.named_parameters() if p.grad is not None}
         return {k: v.detach() for k, v in out.terms.items()}, out.total.detach(), grads
 
-    _assert_same_step(step(), step(*LEVERS))
+    plain = step()
+    _assert_same_step(plain, step(*LEVERS))
+    _assert_same_step(plain, step("train.compile_loss=true"))
 
 
 def test_a_run_with_both_levers_logs_the_plain_losses(images, tmp_path):
