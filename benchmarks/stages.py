@@ -9,7 +9,7 @@
 3. high-res: the base run continued at 96-px instead of 64-px global crops (student.resume_from_teacher_chkpt,
    position embeddings interpolated, schedules restarted, lower lr); k-NN at 96 px before and after; the same
    stage at 64 px (control) and with DINOv3's mixed resolutions (each iteration at 64 or 96 px, half and half).
-   ``--highres-only`` runs steps 1 and 3 alone (about 12 minutes of one core).
+   ``--highres-only`` runs steps 1 and 3 alone (about 10 minutes of one core).
 4. Gram: the base run continued on the sample set with and without Gram anchoring to the base teacher (same
    budget); patch-level quality = mIoU of the official patch-only linear segmentation head on the generated
    dense set (dinokit dense train ... class_token=false), patch k-NN (below), and k-NN as a check of the
