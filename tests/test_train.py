@@ -190,6 +190,29 @@ def test_a_config_error_under_a_launcher_is_printed_once_per_node_not_once_per_r
         assert (err.count("error: ") == 1 and "bogus_key" in err and len(err.splitlines()) == 1) if prints else err == "", (env, err)
 
 
+def test_a_process_without_its_gpu_says_so_whatever_its_rank(monkeypatch, images, tmp_path, capsys):
+    """torchrun --nproc_per_node 2 on a one-GPU node: local rank 1 has no GPU 1. That error is its own (rank 0 is
+    fine and waits for it), so it prints it in one line although it is not the node's first process, and stops
+    before asking CUDA for the device."""
+    from dinokit import cli, distributed
+
+    monkeypatch.setattr(cli, "SILENT_RANK_EXIT_DELAY_S", 0.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device called"))
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(DinokitError, match=r"process 1 \(local rank 1\) needs GPU 1 but this node has 1 GPU; start one "
+                                           r"process per GPU \(torchrun --nproc_per_node 1"):
+        distributed.init_from_environment()
+    args = ["train", "--config-file", "demo", "--output-dir", str(tmp_path / "run"), "--device", "cpu", *tiny_run(),
+            f"train.dataset_path=ImageFolder:root={images / 'train'}"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: process 1 (local rank 1) needs GPU 1") == 1 and len(err.splitlines()) == 1, err
+    assert not distributed.joined_group()
+
+
 def test_a_command_that_joined_a_process_group_ends_its_process_with_its_status(monkeypatch, tmp_path, capsys):
     from dinokit import distributed
 

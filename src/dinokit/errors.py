@@ -10,5 +10,11 @@ class DinokitError(Exception):
     """An error caused by user input; its message is a complete one-line explanation."""
 
 
+class ProcessSpecificError(DinokitError):
+    """A user error that only some processes of a ``torchrun``/SLURM run hit (e.g. a process without its GPU):
+    printed by every process that hits it, even before the process group starts (other user errors are then
+    printed once per node, since every process reads the same arguments)."""
+
+
 class TrainingHealthWarning(UserWarning):
     """A training run that goes on but shows a sign of failure (e.g. collapsed heads); the text says what to try."""

@@ -15,6 +15,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from ..errors import ProcessSpecificError
+
 
 def is_enabled() -> bool:
     """True when a default process group is initialised."""
@@ -140,7 +142,13 @@ def init_from_environment(timeout_minutes: int = 30) -> bool:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(get_local_rank())
+        local_rank, n_gpus = get_local_rank(), torch.cuda.device_count()
+        if local_rank >= n_gpus:
+            raise ProcessSpecificError(
+                f"process {env.get('RANK', '?')} (local rank {local_rank}) needs GPU {local_rank} but this node has "
+                f"{n_gpus} GPU{'s' if n_gpus != 1 else ''}; start one process per GPU "
+                f"(torchrun --nproc_per_node {n_gpus}, or SLURM --ntasks-per-node {n_gpus})")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     global _joined_group
     _joined_group = True
