@@ -16,8 +16,8 @@ the step's name), one log per step, and ``summary.txt`` (the table to paste into
    photo-sized JPEGs, with ``--workers`` data workers;
 7. ``train_step_vits14`` / ``train_step_vitb14`` / ``train_step_vitg14``: the other recipes' steps;
 8. ``data_pipeline``: images per CPU core for the PIL, tensor and GPU-bound worker paths and the official one;
-9. ``train_pieces``: the packed forward (SDPA and flex attention) and the chunked heads alone, against the plain
-   ones, with peak memory.
+9. ``train_pieces``: the packed forward (SDPA and flex attention), the chunked heads and the compiled loss terms
+   alone, against the plain ones, with peak memory.
 
 On a GPU machine, from the repository root. dinokit needs OmegaConf, which an image with PyTorch, timm and
 transformers may lack: fetch its wheel where pip works (``pip download --no-deps --only-binary=:all: -d .whl

@@ -3,7 +3,8 @@
 * Backbone: one forward + backward of the student's crop sets (2 global + ``local`` local crops per
   image), ``forward_features_list`` (one pass per crop size) vs ``forward_features_packed``.
 * Student heads: DINO (class tokens) + iBOT (masked patches) head and cross-entropy, plain
-  (``DINOHead`` then ``DINOLoss`` / ``iBOTPatchLoss``) vs ``dinokit.losses.chunked``.
+  (``DINOHead`` then ``DINOLoss`` / ``iBOTPatchLoss``) vs ``dinokit.losses.chunked`` and vs the loss terms
+  compiled (``train.compile_loss``).
 
 Run from the repo root: ``PYTHONPATH=src python benchmarks/train_pieces.py`` (a GPU when there is one,
 bf16 autocast there; ``--device cpu --arch vit_small --batch 4`` for a CPU check; ``--flex`` adds the packed
@@ -74,7 +75,8 @@ def main() -> None:
     for label, (ms, peak) in results.items():
         memory = f", peak {peak:.1f} GB" if peak is not None else ""
         print(f"{label:24s} {ms:9.1f} ms{memory}")
-    for plain, fast in (("backbone per crop size", "backbone packed"), ("heads plain", "heads chunked")):
+    for plain, fast in (("backbone per crop size", "backbone packed"), ("heads plain", "heads chunked"),
+                        ("heads plain", "heads compiled loss")):
         if plain in results:
             print(f"{fast} vs {plain}: {results[plain][0] / results[fast][0]:.2f}x speed")
     print(json.dumps({label: [round(ms, 2), peak] for label, (ms, peak) in results.items()}))
@@ -121,13 +123,20 @@ def heads_part(args, device, autocast, masks, results) -> None:
     weights = torch.full((n_masked,), 1.0 / max(n_masked, 1), device=device)
     dino_loss, ibot_loss = DINOLoss(args.prototypes).to(device), iBOTPatchLoss(args.prototypes).to(device)
 
-    def plain():
+    def plain(dino=dino_loss, ibot_masked=ibot_loss.forward_masked):
         head.zero_grad(set_to_none=True)
         with autocast:
-            local = dino_loss(list(head(cls_local).chunk(args.local)), teacher)
-            glob = dino_loss(list(head(cls_global).chunk(2)), teacher)
-            ibot = ibot_loss.forward_masked(head(patches), patch_targets, masks, masks_weight=weights)
+            local = dino(list(head(cls_local).chunk(args.local)), teacher)
+            glob = dino(list(head(cls_global).chunk(2)), teacher)
+            ibot = ibot_masked(head(patches), patch_targets, masks, masks_weight=weights)
         (local + glob + ibot).backward()
+
+    def compiled_loss():  # train.compile_loss: the same head, the loss terms through torch.compile
+        plain(compiled_dino, compiled_ibot)
+
+    compiled_dino = DINOLoss(args.prototypes).to(device)
+    compiled_dino.compile(dynamic=None)
+    compiled_ibot = torch.compile(iBOTPatchLoss(args.prototypes).to(device).forward_masked, dynamic=None)
 
     def chunked():
         head.zero_grad(set_to_none=True)
@@ -139,6 +148,7 @@ def heads_part(args, device, autocast, masks, results) -> None:
 
     results["heads plain"] = measure(plain, device, args.steps)
     results["heads chunked"] = measure(chunked, device, args.steps)
+    results["heads compiled loss"] = measure(compiled_loss, device, args.steps)
 
 
 if __name__ == "__main__":
