@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ..errors import DinokitError
-from .images import crop_draft_size
+from .images import multi_crop_draft_size
 from .transforms import make_normalize_transform
 
 # Effective probabilities of blurring (global crop 1, global crop 2, local crops).
@@ -150,8 +150,8 @@ class DataAugmentationDINO:
     @property
     def draft_size(self) -> int:
         """The short side an image needs so that no crop is upsampled (larger JPEGs are decoded smaller)."""
-        return max(crop_draft_size(max(self.global_crops_size, self.gram_crops_size or 0), self.global_crops_scale[0]),
-                   crop_draft_size(self.local_crops_size, self.local_crops_scale[0]))
+        return multi_crop_draft_size(self.global_crops_size, self.local_crops_size, self.gram_crops_size,
+                                     self.global_crops_scale, self.local_crops_scale)
 
     def __repr__(self) -> str:
         return (

@@ -193,6 +193,15 @@ def crop_draft_size(size: int | Sequence[int], min_scale: float = 1.0) -> int:
     return math.ceil(side / math.sqrt(min_scale) - 1e-9)
 
 
+def multi_crop_draft_size(global_size: int, local_size: int, gram_size: int | None,
+                          global_scale: Sequence[float], local_scale: Sequence[float]) -> int:
+    """The short side the multi-crop augmentation needs of an image (either path): its smallest global crop at the
+    larger of the global and Gram sides (a Gram crop is cut from its global crop's region), its smallest local
+    crop at the local side."""
+    return max(crop_draft_size(max(global_size, gram_size or 0), global_scale[0]),
+               crop_draft_size(local_size, local_scale[0]))
+
+
 def draft_size_for(transform: Any) -> int | None:
     """The short side ``transform`` needs of its input (so larger JPEGs may be decoded at reduced scale), or None
     when it cannot tell: a ``draft_size`` attribute, else the first resize or crop of a torchvision ``Compose``."""

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import distributed
 from ..errors import DinokitError
 from .datasets import make_dataset
-from .images import crop_draft_size, draft_size_for
+from .images import draft_size_for, multi_crop_draft_size
 from .samplers import InfiniteStreamSampler, derive_seed, seeded_rngs
 
 _CACHED_PASSES = 2  # a batch can straddle two passes
@@ -84,9 +84,9 @@ def _draft_size(transform: Any, collate: Any) -> int | None:
     size = draft_size_for(transform)
     multi_crop = getattr(collate, "multi_crop", None)
     if size is None and multi_crop is not None and hasattr(transform, "global_crops_scale"):
-        largest_global = max(multi_crop.global_crops_size, multi_crop.gram_crops_size or 0)  # Gram crops: same region
-        size = max(crop_draft_size(largest_global, transform.global_crops_scale[0]),
-                   crop_draft_size(multi_crop.local_crops_size, transform.local_crops_scale[0]))
+        size = multi_crop_draft_size(multi_crop.global_crops_size, multi_crop.local_crops_size,
+                                     multi_crop.gram_crops_size, transform.global_crops_scale,
+                                     transform.local_crops_scale)
     return size
 
 
