@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import sys
 import warnings
 
 import numpy as np
@@ -194,13 +194,31 @@ def test_warning_kinds_mask_paths_and_numbers(capsys):
                                        "image in the batch; repeating the previous batch\n")
 
 
+def test_warning_during_a_progress_bar_gets_its_own_line(capsys):
+    """A warning raised while a tqdm bar is drawn (a skipped image during training) is written on its own line,
+    not glued to the end of the bar's line."""
+    from tqdm import tqdm
+
+    from dinokit.data.images import SkippedImageWarning
+    from dinokit.warning_summary import summarised_warnings
+
+    with summarised_warnings():
+        bar = tqdm(total=3, desc="train", file=sys.stderr, ascii=True)
+        bar.update(1)
+        warnings.warn_explicit("skipping unreadable image /d/a.png: truncated", SkippedImageWarning, "dinokit", 0)
+        bar.update(2)
+        bar.close()
+    lines = capsys.readouterr().err.replace("\r", "\n").split("\n")
+    assert "warning: skipping unreadable image /d/a.png: truncated" in lines
+    assert not any("train" in x and "warning" in x for x in lines)
+
+
 # ---------------------------------------------------------------------------------------------- run folders
 import errno  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402

@@ -369,6 +369,28 @@ def test_image_size_below_one_patch_is_one_line_before_the_out_folder(demo_teach
     assert not (tmp_path / "m.png").exists()
 
 
+def test_panoramas_are_capped_and_slivers_skipped(demo_teacher, sample_images, tmp_path, capsys):
+    """A 400x50 panorama at --image-size 32 is drawn with its long side capped at 4x the short (not 256x32); a
+    4000x20 sliver, under one patch once capped (128x1), is skipped with a one-line warning naming it, and alone
+    it is a one-line error. (A 4000x50 panorama at the default size used to become 35840x448 px: a hang.)"""
+    from dinokit.data.images import SkippedImageWarning
+    from dinokit.viz.prepare import MAX_ASPECT
+
+    pano, sliver = tmp_path / "pano.png", tmp_path / "sliver.png"
+    Image.new("RGB", (400, 50), (200, 30, 30)).save(pano)
+    Image.new("RGB", (4000, 20), (200, 30, 30)).save(sliver)
+    out = tmp_path / "out"
+    with pytest.warns(SkippedImageWarning, match=f"skipping too elongated image {sliver}: 128x1 px .* under one"):
+        assert main(["viz", "pca", str(pano), str(sliver), str(sample_images[0]), "--out", str(out),
+                     "--image-size", "32"] + _backbone_args(demo_teacher)) == 0
+    assert _size(out / "pano_pca.png") == (2 * MAX_ASPECT * 32 + 4, 16)  # image | colours, each 400x50 -> 128x16
+    assert not (out / "sliver_pca.png").exists()
+    assert main(["viz", "attention", str(sliver), "--out", str(tmp_path / "alone"), "--image-size", "32"]
+                + _backbone_args(demo_teacher)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: image 'sliver' is ") and "larger --image-size" in err and err.count("\n") == 1
+
+
 def test_failing_viz_leaves_no_out_folder(demo_teacher, sample_images, tmp_path, capsys):
     """Every refusal is one line and --out is made only once the inputs are known good (F19)."""
     backbone = _backbone_args(demo_teacher)

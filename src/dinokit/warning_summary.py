@@ -10,7 +10,9 @@ per data-loading worker. Inside :func:`summarised_warnings` (the CLI runs every 
   "skipping unreadable image a.png" and "... b.png" are one kind (every skipped image is one kind);
 - the counts live in shared memory that forked data-loader workers inherit, so a warning shown by one
   worker is not shown again by another, and the summary counts the workers' warnings too;
-- when the command ends, one line per kind that came more than once says how many there were.
+- when the command ends, one line per kind that came more than once says how many there were;
+- while a progress bar is on screen, a warning is written through ``tqdm.write`` on its own line (not glued
+  onto the bar's line).
 
 Counters are updated without a lock (a killed worker can never hang the others); two processes
 meeting a new kind at the same instant may each show it once.
@@ -28,6 +30,16 @@ from multiprocessing.sharedctypes import RawArray
 
 _SLOTS = 64  # kinds tracked per command (more kinds are shown as usual)
 _TEXT = 240  # bytes of each kind's first message kept for the summary
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _open_progress_bar():
+    """tqdm's class when a progress bar of this process is open (tqdm is then imported), else None."""
+    tqdm_module = sys.modules.get("tqdm")
+    bar_class = getattr(tqdm_module, "tqdm", None)
+    return bar_class if bar_class is not None and len(getattr(bar_class, "_instances", ())) else None
+
+
 _MASK = re.compile(r"'[^']*'|\"[^\"]*\"|\S*[/\\]\S*|\d+(?:\.\d+)?")
 
 
@@ -93,7 +105,12 @@ def summarised_warnings() -> Iterator[None]:
         text = str(message)
         seen = counts.add(warning_kind(category, text), text)
         if seen is None or seen == 1:
-            previous(message, category, filename, lineno, file, line)
+            bar = _open_progress_bar() if previous is _PYTHON_SHOWWARNING and file is None else None
+            if bar is not None:
+                bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
+                          file=sys.stderr)
+            else:
+                previous(message, category, filename, lineno, file, line)
 
     def format_warning(message, category, filename, lineno, line=None):
         if is_dinokit_warning(str(filename)):  # our own warnings read like our errors: one plain line

@@ -225,9 +225,10 @@ class SkippedImageWarning(UserWarning):
     """An image left out of a run, with the reason (shown once per file, without a source line)."""
 
 
-def warn_skipped(path: str | Path, err: Exception) -> None:
-    """Warn that ``path`` is skipped and why (one line: no source line of the data loader under it)."""
-    kind = "too large" if isinstance(err, ImageTooLargeError) else "unreadable"
+def warn_skipped(path: str | Path, err: Exception, kind: str | None = None) -> None:
+    """Warn that ``path`` is skipped and why (one line: no source line of the data loader under it); ``kind``
+    says what is wrong with it (default: "too large" or "unreadable")."""
+    kind = kind or ("too large" if isinstance(err, ImageTooLargeError) else "unreadable")
     reason = " ".join(str(err).split()) or type(err).__name__
     warnings.warn_explicit(f"skipping {kind} image {path}: {reason}", SkippedImageWarning, "dinokit", 0)
 

@@ -1,6 +1,7 @@
 """Images in, per-image tensors out: the preprocessing and batched forward every picture shares.
 
-An image is resized so that its short side is ``image_size`` pixels (bicubic, aspect ratio kept), then
+An image is resized so that its short side is ``image_size`` pixels (bicubic, aspect ratio kept; its long side
+at most ``MAX_ASPECT`` times that, so that a panorama does not become tens of thousands of patches), then
 centre-cropped to a multiple of the patch size exactly as the backbone crops its input
 (:meth:`DinoVisionTransformer.crop_to_patch_multiple`), so that the pixels drawn next to a map are the
 pixels the map describes. Images of different sizes are batched by shape.
@@ -25,6 +26,13 @@ from ..errors import DinokitError
 from ..features import autocast_context
 
 DEFAULT_IMAGE_SIZE = 448  # 32 patches of 14 on the short side
+MAX_ASPECT = 4  # the long side is resized to at most MAX_ASPECT * image_size
+
+
+class TooElongatedError(ValueError):
+    """An image whose short side is under one patch once its long side is capped."""
+
+
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
 
 
@@ -55,10 +63,16 @@ def _denormalise(x: torch.Tensor) -> np.ndarray:
 
 
 def resize_short_side(image: torch.Tensor, image_size: int | None, *, interpolation=v2.InterpolationMode.BICUBIC):
-    """(C, H, W) -> short side ``image_size`` (aspect ratio kept); ``None`` keeps the size."""
+    """(C, H, W) -> short side ``image_size``, long side at most ``MAX_ASPECT * image_size`` (aspect ratio kept);
+    ``None`` keeps the size."""
     if image_size is None:
         return image
-    return TF.resize(image, image_size, interpolation=interpolation, antialias=True)
+    h, w = image.shape[-2:]
+    if max(h, w) * image_size <= MAX_ASPECT * image_size * min(h, w):
+        return TF.resize(image, image_size, interpolation=interpolation, antialias=True)
+    scale = MAX_ASPECT * image_size / max(h, w)  # a panorama: the long side capped (the short one at least 1 px)
+    return TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=interpolation,
+                     antialias=True)
 
 
 def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None = DEFAULT_IMAGE_SIZE,
@@ -81,7 +95,12 @@ def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None 
         tensor = make_normalize_transform()(TF.to_dtype(image, torch.float32, scale=True))
     else:  # already normalised
         tensor = resize_short_side(image.float(), image_size)
-    tensor = model.crop_to_patch_multiple(tensor)
+    try:
+        tensor = model.crop_to_patch_multiple(tensor)
+    except ValueError:  # too elongated for one patch on its short side (skipped like an unreadable file)
+        why = (f"{tensor.shape[-1]}x{tensor.shape[-2]} px after resizing (long side at most {MAX_ASPECT}x the short), "
+               f"under one {model.patch_size}-px patch on its short side; crop it or pass a larger --image-size")
+        raise DinokitError(f"image {name!r} is {why}") from TooElongatedError(why)
     return PreparedImage(tensor=tensor, pixels=_denormalise(tensor), name=name)
 
 
@@ -105,7 +124,8 @@ def prepare_images(model: nn.Module, images: ImageLike | Sequence[ImageLike], *,
         except DinokitError as err:
             if not skip_unreadable or not isinstance(err.__cause__, (OSError, ValueError)):
                 raise
-            warn_skipped(image, err.__cause__)
+            elongated = isinstance(err.__cause__, TooElongatedError)
+            warn_skipped(image, err.__cause__, "too elongated" if elongated else None)
             first_error = first_error or err
     if not prepared:
         raise first_error or DinokitError("no images given")
