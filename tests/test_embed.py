@@ -301,6 +301,8 @@ def test_ranks_embed_strided_shards_and_gather_in_dataset_order(images, weights,
     [
         (["--weights", "w.pth", "--random-init"], "error: --random-init and --weights contradict each other; give one"),
         (["--random-init", "--num-workers", "-1"], "error: --num-workers must be >= 0, got -1"),
+        (["--random-init", "--image-size", "7"],  # was a ValueError traceback from the patch crop
+         "error: --image-size 7 is smaller than the model's 14-pixel patch; use at least 14"),
         (["--weights", "."], "error: --weights '.' is a folder, not a weights file; give the file, e.g. 'w.pth'"),
         (["--weights", "nosuch.pth"], "error: --weights 'nosuch.pth' does not exist; check the path"),
         (["--weights", "wrong.safetensors"], "error: 'wrong.safetensors' holds no ViT backbone tensors (its keys: "

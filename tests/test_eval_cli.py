@@ -194,6 +194,7 @@ def test_other_user_errors(sample, tmp_path, capsys):
         ("linear", ["--learning-rates", "0.1", "-1"], "--learning-rates must be positive, got -1"),
         # needs the model's depth (the tiny backbone has 4 blocks): checked once it is built, before the folder
         ("linear", ["--n-last-blocks", "50"], "--n-last-blocks 50 exceeds the backbone's 4 blocks; give at most 4"),
+        ("knn", ["--image-size", "4"], "--image-size 4 is smaller than the model's 8-pixel patch; use at least 8"),
     ],
 )
 def test_option_errors_name_the_option_before_any_work(sample, tmp_path, capsys, protocol, extra, message):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .data.images import collate_skip_bad
 from .devices import resolve_dtype
 from .distributed import all_gather_object, get_rank, get_world_size
+from .errors import DinokitError
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -67,6 +68,14 @@ def embedding_feature_fn(*, patch_mean: bool = False, patch_tokens: bool = False
 
 
 FP16_ON_CPU = "fp16 is not supported on CPU; running in fp32"
+
+
+def check_image_size(image_size: int, model: nn.Module, option: str = "--image-size") -> None:
+    """One line when ``image_size`` is under one patch of ``model`` (the crop of the input to a patch multiple would
+    leave nothing): every command that resizes images for a backbone checks it before any image is read."""
+    patch = getattr(model, "patch_size", None)
+    if isinstance(patch, int) and image_size < patch:
+        raise DinokitError(f"{option} {image_size} is smaller than the model's {patch}-pixel patch; use at least {patch}")
 
 
 def inference_dtype(device: torch.device, dtype: torch.dtype, *, say: bool = True) -> torch.dtype:

@@ -30,7 +30,7 @@ from ..data.transforms import make_classification_eval_transform
 from ..errors import DinokitError
 from ..devices import resolve_device, resolve_dtype
 from ..eval.setup import setup_eval_model
-from ..features import ExtractedFeatures, embedding_feature_fn, extract_features, inference_dtype
+from ..features import ExtractedFeatures, check_image_size, embedding_feature_fn, extract_features, inference_dtype
 from ..engine.run_dir import check_writable
 from ..models.checkpoint import atomic_write, check_weights_path
 from ..models.registry import model_info
@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = inference_dtype(device, resolve_dtype(args.dtype, device))  # float32: no autocast; fp16 on CPU: a warning
     model, description = _build_model(args, device)
+    check_image_size(args.image_size, model)
 
     # the first skipped image is named with its reason (the CLI shows each kind of warning once), the others
     # are listed in the summary and in the output

@@ -24,7 +24,7 @@ from ..data.images import resolve_image_inputs
 from ..devices import resolve_device, resolve_dtype
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError
-from ..features import inference_dtype
+from ..features import check_image_size, inference_dtype
 from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps, resolve_block
 from ..viz.drawing import UPSAMPLE_MODES, grid, save_png, unique_stems
 from ..viz.figures import attention_figure, matches_figure, pca_figures
@@ -119,9 +119,7 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, dict]:
             raise DinokitError(f"--{name.replace('_', '-')} must be at least 1")
     device = resolve_device(args.device)
     model, description = _build_model(args, device)
-    if args.image_size < model.patch_size:  # the crop to a patch multiple would leave nothing
-        raise DinokitError(f"--image-size {args.image_size} is smaller than the model's {model.patch_size}-pixel "
-                           f"patch; use at least {model.patch_size}")
+    check_image_size(args.image_size, model)
     print(f"backbone: {description}")
     options = {"image_size": args.image_size, "batch_size": args.batch_size, "device": device,
                "dtype": inference_dtype(device, resolve_dtype(args.dtype, device))}

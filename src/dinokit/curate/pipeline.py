@@ -29,6 +29,7 @@ from PIL import Image
 from .. import distributed as du
 from ..data import make_classification_eval_transform, make_dataset
 from ..errors import DinokitError
+from ..features import check_image_size
 from ..models.checkpoint import atomic_write
 from .config import CurateConfig
 from .dedup import choose_representatives, connected_components, edges_above, relative_dedup
@@ -113,6 +114,7 @@ def build_models(config: CurateConfig, device: torch.device) -> tuple[torch.nn.M
             config_file=config_file or None, model=None if config_file else model,
             pretrained_weights=None if random_init else (weights or None), random_init=random_init, device=device,
         )
+        check_image_size(config.embed.image_size, backbone, "embed.image_size")
         return backbone
 
     main = build(config.model, config.config_file, config.weights)

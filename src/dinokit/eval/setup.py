@@ -28,7 +28,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..data import ImageDataset, make_classification_eval_transform, make_dataset
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError
-from ..features import ExtractedFeatures, cls_feature_fn, inference_dtype, extract_features
+from ..features import ExtractedFeatures, check_image_size, cls_feature_fn, extract_features, inference_dtype
 from ..models import DinoVisionTransformer
 from ..models.checkpoint import atomic_write, load_backbone_weights
 from ..models.linear_classifier import feature_parts
@@ -383,6 +383,7 @@ def prepare_eval(
         config_file=config_file, pretrained_weights=pretrained_weights, model=model, random_init=random_init,
         opts=opts, device=device_,
     )
+    check_image_size(image_size, backbone)
     if check_model is not None:
         check_model(backbone)
     output_dir = Path(output_dir)
