@@ -92,6 +92,14 @@ def test_image_folder_transform_is_applied(folder):
 def test_image_folder_errors(folder, tmp_path):
     with pytest.raises(DinokitError, match="does not exist"):
         make_dataset(str(tmp_path / "missing"))
+    listed = tmp_path / "list.txt"  # a file where a folder is expected: the line says what to write instead
+    listed.write_text("a.png\n")
+    hint = f"is a file, not a folder .*; for the images it lists use FileList:path={listed}$"
+    with pytest.raises(DinokitError, match=hint):
+        make_dataset(str(listed))
+    image = next(folder.rglob("*.png"))
+    with pytest.raises(DinokitError, match=f"give the folder that holds the images, e.g. '{image.parent}'$"):
+        make_dataset(f"ImageFolder:root={image}")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DinokitError, match="no images found"):
         make_dataset(f"ImageFolder:root={tmp_path / 'empty'}")

@@ -75,7 +75,8 @@ def check_image_size(image_size: int, model: nn.Module, option: str = "--image-s
     leave nothing): every command that resizes images for a backbone checks it before any image is read."""
     patch = getattr(model, "patch_size", None)
     if isinstance(patch, int) and image_size < patch:
-        raise DinokitError(f"{option} {image_size} is smaller than the model's {patch}-pixel patch; use at least {patch}")
+        raise DinokitError(f"{option} {image_size} is smaller than the model's {patch}-pixel patch; use at least "
+                           f"{patch}")
 
 
 def inference_dtype(device: torch.device, dtype: torch.dtype, *, say: bool = True) -> torch.dtype:

@@ -79,6 +79,10 @@ def _check_keys(name: str, kwargs: dict[str, str], allowed: tuple[str, ...], dat
 
 def _image_folder(root: str, labelled: bool, transform, dataset_str: str) -> ImageDataset:
     path = Path(root).expanduser()
+    if path.is_file():  # a list of paths or one image where a folder is expected: say what to write instead
+        hint = (f"for the images it lists use FileList:path={root}" if path.suffix.lower() == ".txt"
+                else f"give the folder that holds the images, e.g. {str(path.parent)!r}")
+        raise DinokitError(f"dataset folder {root!r} is a file, not a folder (in {dataset_str!r}); {hint}")
     if not path.is_dir():
         raise DinokitError(f"dataset folder {root!r} does not exist or is not a folder (in {dataset_str!r})")
     files = find_images(path)
