@@ -211,6 +211,32 @@ def test_predict_keeps_images_of_the_same_name_from_different_folders(tmp_path, 
     assert not (tmp_path / "none").exists()
 
 
+def test_predict_caps_a_panoramas_long_side(tmp_path, monkeypatch):
+    """--size 28 on a 400x20 panorama predicts at 112x6 (long side at most 4x the size), not at 560x28; a 4000x50
+    panorama at --size 448 used to become a 35840x448 input. Ordinary images keep the short side exactly."""
+    import dinokit.dense.inference as inference
+    from dinokit.data.transforms import short_side_size
+
+    assert short_side_size(20, 400, 28, max_aspect=4) == (6, 112) and short_side_size(20, 400, 28) == (28, 560)
+    assert short_side_size(50, 100, 28, max_aspect=4) == (28, 56)
+    assert short_side_size(5, 4000, 448, max_aspect=4) == (2, 1792)
+    Image.new("RGB", (400, 20), (90, 20, 20)).save(tmp_path / "pano.png")
+    Image.new("RGB", (30, 40), (20, 90, 20)).save(tmp_path / "photo.png")
+    seen = []
+    original = inference.predict_image
+
+    def spy(model, image, *args, **kwargs):
+        seen.append(tuple(image.shape[-2:]))
+        return original(model, image, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_image", spy)
+    head = _official_seg_head(tmp_path / "head.pth")
+    assert main(["dense", "predict", str(tmp_path / "pano.png"), str(tmp_path / "photo.png"), "--head", str(head),
+                 "--out", str(tmp_path / "pred"), "--size", "28", "--model", "dinov2_vits14", "--random-init",
+                 "--device", "cpu"]) == 0
+    assert seen == [(6, 112), (37, 28)]  # photo: 30x40 -> short side 28 (+0.5 rounding of 37.3)
+
+
 def test_bad_inference_numbers_are_one_line_errors_before_any_work(tmp_path, capsys):
     """--scales 0, --crop 0, --eval-size -3, --size -1: one line, before the head file is even read."""
     missing_head = str(tmp_path / "no-head.pth")  # never opened: the options are checked first

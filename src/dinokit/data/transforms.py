@@ -9,6 +9,15 @@ IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
+def short_side_size(h: int, w: int, short: int, *, max_aspect: float | None = None) -> tuple[int, int]:
+    """(H, W) with the short side ``short`` and the aspect ratio kept (+0.5 rounding); with ``max_aspect``, the long
+    side at most ``max_aspect * short`` (a panorama then gets a shorter short side, at least 1 px)."""
+    scale = short / min(h, w)
+    if max_aspect is not None and max(h, w) * scale > max_aspect * short:
+        scale = max_aspect * short / max(h, w)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
 def make_normalize_transform(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> v2.Normalize:
     return v2.Normalize(mean=mean, std=std)
 

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from ..data.datasets import parse_dataset_str
 from ..data.images import IMAGE_EXTENSIONS, load_image, warn_skipped
-from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, short_side_size
 from ..errors import DinokitError
 from .metrics import IGNORE_INDEX, reduce_zero_label
 
@@ -79,12 +79,6 @@ def resize_pair(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int
     if label is not None:
         label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
     return image, label
-
-
-def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
-    """(H, W) with the short side ``short`` and the aspect ratio kept (+0.5 rounding)."""
-    scale = short / min(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
 class DenseTrainTransform:

@@ -256,7 +256,9 @@ def predict_files(
     """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image."""
     check_writable(out_dir, "--out")  # one line before any work
     from ..data.images import load_image, resolve_image_inputs, warn_skipped
-    from .datasets import image_to_tensor, normalise, resize_pair, short_side_size
+    from ..data.transforms import short_side_size
+    from ..viz.prepare import MAX_ASPECT
+    from .datasets import image_to_tensor, normalise, resize_pair
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
     from ..viz.drawing import unique_stems
 
@@ -275,7 +277,7 @@ def predict_files(
             continue
         image = image_to_tensor(pil)
         if size:
-            image, _ = resize_pair(image, None, short_side_size(*image.shape[-2:], size))
+            image, _ = resize_pair(image, None, short_side_size(*image.shape[-2:], size, max_aspect=MAX_ASPECT))
         pred = predict_image(model, normalise(image), (pil.height, pil.width), inference).cpu().numpy()
         if model.task == "seg":
             picture = colourise_seg(pred.astype(np.int64), meta.get("palette", ""), model.decode_head.num_classes)

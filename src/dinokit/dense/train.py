@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -68,7 +69,7 @@ class DenseRecipe:
     eval_period: int = 5000  # iterations between validation runs (0: only at the end)
     checkpoint_period: int = 2000
     log_freq: int = 20
-    num_workers: int = 4
+    num_workers: int = min(4, os.cpu_count() or 1)  # 4, or fewer on a machine with fewer cores (as eval and embed)
     seed: int = 0
 
 

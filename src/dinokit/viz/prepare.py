@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..data.images import load_image, warn_skipped
-from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_normalize_transform
+from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_normalize_transform, short_side_size
 from ..errors import DinokitError
 from ..features import autocast_context
 
@@ -68,11 +68,10 @@ def resize_short_side(image: torch.Tensor, image_size: int | None, *, interpolat
     if image_size is None:
         return image
     h, w = image.shape[-2:]
-    if max(h, w) * image_size <= MAX_ASPECT * image_size * min(h, w):
+    if max(h, w) <= MAX_ASPECT * min(h, w):
         return TF.resize(image, image_size, interpolation=interpolation, antialias=True)
-    scale = MAX_ASPECT * image_size / max(h, w)  # a panorama: the long side capped (the short one at least 1 px)
-    return TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=interpolation,
-                     antialias=True)
+    size = short_side_size(h, w, image_size, max_aspect=MAX_ASPECT)  # a panorama: the long side capped
+    return TF.resize(image, list(size), interpolation=interpolation, antialias=True)
 
 
 def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None = DEFAULT_IMAGE_SIZE,
