@@ -102,6 +102,15 @@ def test_errors():
         with pytest.raises(DinokitError) as err:
             evaluate_logreg(x, y, x, y, **{"c_values": [1.0], "backend": "torch", **bad})
         assert str(err.value) == message
+    # two images of two classes: the fit part holds one class once one image is held out (sklearn: a traceback)
+    for backend in ("sklearn", "torch"):
+        with pytest.raises(DinokitError) as err:
+            evaluate_logreg(x[:2], torch.tensor([0, 1]), x, y, c_values=[1.0], backend=backend)
+        assert str(err.value) == ("logistic regression needs at least 2 classes among the images it fits on; the 1 "
+                                  "training image(s) left after holding out 1 to choose C have 1; add training images "
+                                  "of more classes")
+    with pytest.raises(DinokitError, match="have 1; add"):  # one class in all
+        evaluate_logreg(x, torch.zeros(20, dtype=torch.long), x, y, c_values=[1.0], backend="torch")
     with pytest.raises(DinokitError, match="backend"):
         resolve_backend("cuml", "cpu")
     assert resolve_backend("auto", "cpu") == "sklearn"

@@ -220,6 +220,11 @@ def evaluate_logreg(
     data_device = device if backend == "torch" else "cpu"
     train_x, val_x = train_x.to(data_device, torch.float64), val_x.to(data_device, torch.float64)
     fit_idx, held_idx = holdout_split(len(train_y), holdout_fraction, seed)
+    n_fit_classes = int(torch.unique(train_y[fit_idx]).numel())
+    if n_fit_classes < 2:  # the solvers need two classes (sklearn raised a ValueError traceback)
+        raise DinokitError(f"logistic regression needs at least 2 classes among the images it fits on; the "
+                           f"{len(fit_idx)} training image(s) left after holding out {len(held_idx)} to choose C "
+                           f"have {n_fit_classes}; add training images of more classes")
     scores: dict[float, float] = {}
     previous = None
     for C in c_values[du.get_rank() :: du.get_world_size()]:  # increasing C: warm starts follow the path
