@@ -203,6 +203,21 @@ def test_missing_start_weights_stop_before_the_run_folder(images, tmp_path, caps
         assert not out.exists()
 
 
+def test_head_warm_up_without_a_backbone_stops_before_the_run_folder(images, tmp_path, capsys):
+    """The continued preset without its weights file trained from scratch, its first epochs with a frozen random
+    backbone; now one line, and no run folder."""
+    from dinokit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--output-dir", str(out), "--device", "cpu", *TINY, "train.freeze_backbone_epochs=1",
+                 f"train.dataset_path=ImageFolder:root={images / 'train'}"]) == 2
+    assert capsys.readouterr().err == (
+        "error: train.freeze_backbone_epochs=1 is a head warm-up for a loaded backbone, but student.pretrained_weights "
+        "is empty: give the backbone to continue (e.g. student.pretrained_weights=dinov2_vits14_pretrain.pth), or "
+        "train.freeze_backbone_epochs=0 to train from scratch\n")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("key", ["gram.use_loss=true", "train.freeze_backbone_epochs=1",
                                  "student.resume_from_teacher_chkpt=/a/run"])
 def test_distill_refuses_stage_keys(images, tmp_path, key):

@@ -113,7 +113,15 @@ def compile_objective(task, train_cfg) -> None:
 
 
 def check_stage_weights(cfg: DictConfig) -> None:
-    """The files a stage starts from (``student.*``, ``gram.ckpt``) are there: one line before anything is written."""
+    """The files a stage starts from (``student.*``, ``gram.ckpt``) are there: one line before anything is written.
+    A head warm-up needs a backbone to keep: without one (the ``continued`` preset without its weights file) it
+    would freeze a random initialisation and silently train from scratch."""
+    freeze = cfg.train.freeze_backbone_epochs
+    if freeze and not (cfg.student.pretrained_weights or cfg.student.resume_from_teacher_chkpt):
+        raise DinokitError(f"train.freeze_backbone_epochs={freeze} is a head warm-up for a loaded backbone, but "
+                           "student.pretrained_weights is empty: give the backbone to continue (e.g. student."
+                           "pretrained_weights=dinov2_vits14_pretrain.pth), or train.freeze_backbone_epochs=0 to "
+                           "train from scratch")
     check_weight_sources({"student.pretrained_weights": cfg.student.pretrained_weights,
                           "student.resume_from_teacher_chkpt": cfg.student.resume_from_teacher_chkpt,
                           "gram.ckpt": cfg.gram.ckpt if cfg.gram.use_loss else ""})
