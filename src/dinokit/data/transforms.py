@@ -9,6 +9,9 @@ IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
+MAX_ASPECT = 4  # pictures of a user's images (viz, dense predict): the long side at most 4x the short side's size
+
+
 def short_side_size(h: int, w: int, short: int, *, max_aspect: float | None = None) -> tuple[int, int]:
     """(H, W) with the short side ``short`` and the aspect ratio kept (+0.5 rounding); with ``max_aspect``, the long
     side at most ``max_aspect * short`` (a panorama then gets a shorter short side, at least 1 px)."""

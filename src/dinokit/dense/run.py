@@ -256,8 +256,7 @@ def predict_files(
     """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image."""
     check_writable(out_dir, "--out")  # one line before any work
     from ..data.images import load_image, resolve_image_inputs, warn_skipped
-    from ..data.transforms import short_side_size
-    from ..viz.prepare import MAX_ASPECT
+    from ..data.transforms import MAX_ASPECT, short_side_size
     from .datasets import image_to_tensor, normalise, resize_pair
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
     from ..viz.drawing import unique_stems

@@ -21,12 +21,17 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..data.images import load_image, warn_skipped
-from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_normalize_transform, short_side_size
+from ..data.transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    MAX_ASPECT,
+    make_normalize_transform,
+    short_side_size,
+)
 from ..errors import DinokitError
 from ..features import autocast_context
 
 DEFAULT_IMAGE_SIZE = 448  # 32 patches of 14 on the short side
-MAX_ASPECT = 4  # the long side is resized to at most MAX_ASPECT * image_size
 
 
 class TooElongatedError(ValueError):

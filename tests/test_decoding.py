@@ -1,0 +1,215 @@
+"""Real-image decoding (transparency, 16-bit, CMYK, huge files, reduced-scale JPEGs) and the skip warnings: each
+kind shown once, counted, one line, never glued to a progress bar."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinokit.cli import main as cli_main
+from dinokit.data.images import ImageFiles, load_image
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def _line_art(mode: str) -> Image.Image:
+    """Black strokes on a fully transparent background (clip-art style)."""
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[4:12, 7:9] = (0, 0, 0, 255)  # a black bar, opaque
+    return Image.fromarray(rgba, "RGBA").convert(mode) if mode != "RGBA" else Image.fromarray(rgba, "RGBA")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparent_line_art_is_composited_on_white(tmp_path, mode):
+    path = tmp_path / f"art_{mode}.png"
+    _line_art(mode).save(path)
+    rgb = np.asarray(load_image(path))
+    assert rgb.shape == (16, 16, 3)
+    assert (rgb[0, 0] == 255).all()  # transparent background -> white (was black before)
+    assert (rgb[6, 7] == 0).all()  # the stroke stays black
+
+
+def test_palette_transparency_and_configurable_background(tmp_path, monkeypatch):
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    pal.putpixel((1, 1), 1)
+    path = tmp_path / "pal.png"
+    pal.save(path, transparency=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no palette-transparency warning either
+        rgb = np.asarray(load_image(path))
+    assert tuple(rgb[0, 0]) == (255, 255, 255) and tuple(rgb[1, 1]) == (200, 10, 10)
+    assert tuple(np.asarray(load_image(path, background="black"))[0, 0]) == (0, 0, 0)
+    monkeypatch.setenv("DINOKIT_IMAGE_BACKGROUND", "10,20,30")
+    assert tuple(np.asarray(load_image(path))[0, 0]) == (10, 20, 30)
+    monkeypatch.setenv("DINOKIT_IMAGE_BACKGROUND", "purple")
+    from dinokit.errors import DinokitError
+
+    with pytest.raises(DinokitError) as err:
+        load_image(path)
+    assert str(err.value) == ("DINOKIT_IMAGE_BACKGROUND='purple' is not a colour; use white, black, grey or R,G,B "
+                              "(0-255)")
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 256, dtype=np.float64).round().astype(np.uint16).reshape(16, 16)
+    path = tmp_path / "depth16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(load_image(path))
+    expected = np.round(ramp / 257.0).astype(np.uint8)
+    assert (rgb[..., 0] == expected).all() and (rgb[..., 1] == expected).all()
+    assert (rgb == 255).mean() < 0.01  # was 99% white
+
+
+def test_cmyk_grey_and_one_pixel_images_decode(tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("L", (1, 1), 77).save(tmp_path / "one.png")
+    red = np.asarray(load_image(tmp_path / "cmyk.jpg"))
+    assert red.shape == (8, 8, 3) and red[..., 0].min() > 240 and red[..., 1:].max() < 15
+    assert np.asarray(load_image(tmp_path / "one.png")).tolist() == [[[77, 77, 77]]]
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (a decompression-bomb sized file of a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def test_huge_image_is_skipped_with_its_size_and_the_setting(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    path.write_bytes(_huge_png_header(30000, 25000))
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (4, 4)).save(ok)
+    ds = ImageFiles([path, ok])
+    with pytest.warns(UserWarning) as record:
+        assert ds[0][1] is None
+    assert [str(w.message) for w in record] == [
+        f"skipping too large image {path}: 30000x25000 image (750,000,000 pixels) is above the limit of "
+        "200,000,000 pixels "
+        "(raise it with DINOKIT_MAX_IMAGE_PIXELS=N, 0 for no limit)"
+    ]
+    monkeypatch.setenv("DINOKIT_MAX_IMAGE_PIXELS", "10")
+    with pytest.warns(UserWarning, match=r"4x4 image \(16 pixels\) is above the limit of 10 pixels"):
+        assert ds[1][1] is None
+    monkeypatch.setenv("DINOKIT_MAX_IMAGE_PIXELS", "0")
+    assert ds[1][1].size == (4, 4)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_when_the_target_is_small(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (1600, 1200), (30, 60, 90)).save(path)
+    assert load_image(path).size == (1600, 1200)
+    small = load_image(path, draft_size=224)
+    assert small.size == (400, 300)  # 1/4 scale: still >= 224 on the short side
+    assert abs(int(np.asarray(small)[150, 200, 2]) - 90) <= 3
+
+
+def test_readers_decode_large_jpegs_at_the_size_their_transform_needs(tmp_path):
+    from dinokit.data.augmentations import DataAugmentationDINO
+    from dinokit.data.loaders import make_ssl_data_loader
+    from dinokit.data.transforms import make_classification_eval_transform, make_classification_train_transform
+
+    h, w = 1500, 2000
+    y, x = np.mgrid[0:h, 0:w]
+    pattern = np.stack([x * 255 / w, y * 255 / h, 128 + 100 * np.sin(x / 90) * np.cos(y / 70)], -1)
+    Image.fromarray(pattern.astype(np.uint8)).save(tmp_path / "big.jpg", quality=95)
+    evaluation = make_classification_eval_transform(crop_size=224)  # resize to 256, centre crop 224
+    drafted, full = ImageFiles([tmp_path / "big.jpg"], transform=evaluation), ImageFiles([tmp_path / "big.jpg"],
+                                                                                          transform=evaluation,
+                                                                                          draft_size=0)
+    assert drafted.draft_size == 256 and drafted.read_image(0).size == (500, 375)  # 1/4 scale: short side >= 256
+    assert full.read_image(0).size == (2000, 1500)
+    difference = (drafted[0][1] - full[0][1]).abs()  # normalised pixels (std ~0.23 per unit of 255 / 255)
+    assert difference.mean() < 0.02 and difference.max() < 0.1
+    # the linear probe's RandomResizedCrop (scale >= 0.08) needs 224 / sqrt(0.08) = 792 pixels
+    drafted.transform = make_classification_train_transform(crop_size=224)
+    assert drafted.draft_size == 792 and drafted.read_image(0).size == (2000, 1500)  # half would be too small
+    # pretraining: the smallest local crop (96 px of 5% of the area) needs 96 / sqrt(0.05) = 430 pixels
+    augmentation = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2)
+    assert augmentation.draft_size == max(397, 430)
+    loader = make_ssl_data_loader(f"ImageFolder:root={tmp_path}", transform=augmentation, collate=lambda b: b, seed=0,
+                                  batch_size_per_rank=1, num_workers=0, rank=0, world_size=1)
+    assert loader.dataset.base_dataset.draft_size == 430
+    assert loader.dataset.base_dataset.read_image(0).size == (1000, 750)
+
+
+def test_skip_warning_is_one_line_without_a_source_line(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ImageFiles([bad])[0]
+    (w,) = record
+    text = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
+    assert text.count("\n") == 1 and "self.dataset" not in text and "warnings.warn" not in text
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_repeated_warnings_are_shown_once_and_summarised(tmp_path, capfd, real_warnings, workers):
+    for i in range(2):
+        Image.new("RGB", (16, 16), (90 * i, 0, 0)).save(tmp_path / f"good{i}.png")
+    for i in range(5):
+        (tmp_path / f"bad{i}.png").write_bytes(b"not an image %d" % i)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("student:\n  arch: vit_pico\n  patch_size: 8\ncrops:\n  global_crops_size: 32\n")
+    code = cli_main(["embed", str(tmp_path), "--out", str(tmp_path / "e.npz"), "--config-file", str(config),
+                     "--random-init", "--image-size", "32", "--device", "cpu", "--no-progress", "--num-workers",
+                     str(workers), "--batch-size", "2"])
+    assert code == 0
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    skips = [line for line in err if "skipping unreadable image" in line]
+    assert len(skips) == 1 and "cannot identify image file" in skips[0]  # the first, with its reason
+    assert skips[0].startswith("warning: skipping unreadable image ")  # dinokit's warnings read like its errors
+    assert err[-1] == ("warning: 5 image reads skipped in all (unreadable, not an image or too large); the first is "
+                       "named above")
+    assert len(np.load(tmp_path / "e.npz")["cls"]) == 2
+
+
+def test_warning_kinds_mask_paths_and_numbers(capsys):
+    from dinokit.data.images import SkippedImageWarning
+    from dinokit.warning_summary import summarised_warnings, warning_kind
+
+    assert warning_kind(SkippedImageWarning, "skipping too large image /a.png: 1x2") == "SkippedImageWarning"
+    assert warning_kind(UserWarning, "iteration 12: no readable image in the batch") == warning_kind(
+        UserWarning, "iteration 7: no readable image in the batch")
+    assert warning_kind(UserWarning, "ignoring unreadable feature cache /x/a.pt (EOF); recomputing") == warning_kind(
+        UserWarning, "ignoring unreadable feature cache /y/b.pt (EOF); recomputing")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with summarised_warnings():
+            for i in range(4):
+                warnings.warn(f"iteration {i}: no readable image in the batch; repeating the previous batch")
+            warnings.warn("something else")
+    assert [str(w.message) for w in shown] == [
+        "iteration 0: no readable image in the batch; repeating the previous batch", "something else"]
+    assert capsys.readouterr().err == ("warning: 4 warnings of this kind in all, shown once: iteration 0: no readable "
+                                       "image in the batch; repeating the previous batch\n")
+
+
+def test_warning_during_a_progress_bar_gets_its_own_line(capsys):
+    """A warning raised while a tqdm bar is drawn (a skipped image during training) is written on its own line,
+    not glued to the end of the bar's line."""
+    from tqdm import tqdm
+
+    from dinokit.data.images import SkippedImageWarning
+    from dinokit.warning_summary import summarised_warnings
+
+    with summarised_warnings():
+        bar = tqdm(total=3, desc="train", file=sys.stderr, ascii=True)
+        bar.update(1)
+        warnings.warn_explicit("skipping unreadable image /d/a.png: truncated", SkippedImageWarning, "dinokit", 0)
+        bar.update(2)
+        bar.close()
+    lines = capsys.readouterr().err.replace("\r", "\n").split("\n")
+    assert "warning: skipping unreadable image /d/a.png: truncated" in lines
+    assert not any("train" in x and "warning" in x for x in lines)
