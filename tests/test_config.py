@@ -83,7 +83,22 @@ def test_default_yaml_file_spells_out_the_schema() -> None:
 def test_every_preset_loads() -> None:
     assert list_presets() == PRESETS
     for name in PRESETS:
-        assert load_config(name) == load_config(name.split("/")[1] + ".yaml")
+        given = ["student.resume_from_teacher_chkpt=/runs/base"] if name.endswith("_highres") else []
+        assert load_config(name, given) == load_config(name.split("/")[1] + ".yaml", given)
+
+
+def test_a_value_marked_missing_must_be_given(tmp_path) -> None:
+    """``???`` in a preset or file is mandatory: one line naming the key until an override gives it (a merge
+    alone would keep the default, and the high-resolution stage would start from scratch)."""
+    with pytest.raises(DinokitError, match=r"^preset 'train/vitl14_highres' needs a value for "
+                       r"student.resume_from_teacher_chkpt \(marked \?\?\?\): add student.resume_from_teacher_chkpt=\.\.\. "):
+        load_config("vitl14_highres")
+    assert load_config("vitg14_highres", ["student.resume_from_teacher_chkpt=/runs/base"]).student.resume_from_teacher_chkpt == "/runs/base"
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim:\n  epochs: ???\nstudent:\n  pretrained_weights: ???\n")
+    with pytest.raises(DinokitError, match="needs a value for optim.epochs, student.pretrained_weights .*add optim.epochs=... student.pretrained_weights=..."):
+        load_config(path, ["train.seed=1"])
+    assert load_config(path, ["optim.epochs=30", "student.pretrained_weights=w.pth"]).optim.epochs == 30
 
 
 def test_vitl14_and_vitg14_presets() -> None:

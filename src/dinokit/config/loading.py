@@ -248,6 +248,8 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -
     The result is validated (:func:`validate`); ``optim.lr`` is not scaled yet (see :func:`apply_scaling_rules`).
     """
     cfg = OmegaConf.structured(SSLConfig)
+    required: list[str] = []
+    source = "the defaults"
     if config_file:
         text, source = _read_config_text(config_file)
         try:
@@ -256,10 +258,35 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -
             first = str(err).replace("\n", " ")
             raise DinokitError(f"{source} is not valid YAML ({first}); fix the file") from err
         cfg = merge_checked(cfg, data, source)
+        required = _mandatory_keys(data)
+        for key in required:  # a merge never replaces a value by "???": mark the key missing explicitly
+            OmegaConf.update(cfg, key, MISSING_VALUE, merge=False)
     for text in overrides:
         cfg = merge_checked(cfg, override_to_dict(text), f"override '{text}'")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        given = " ".join(f"{key}=..." for key in missing)
+        raise DinokitError(f"{source} needs a value for {', '.join(missing)} (marked {MISSING_VALUE}): add {given} "
+                           "to the command")
     validate(cfg)
     return cfg
+
+
+MISSING_VALUE = "???"  # OmegaConf's mark of a mandatory value: a preset's way to say "the user must give this"
+
+
+def _mandatory_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a config file's mapping whose value is ``???`` (e.g. the run a high-resolution stage
+    starts from)."""
+    if not isinstance(data, dict):
+        return []
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            keys += _mandatory_keys(value, f"{prefix}{key}.")
+        elif value == MISSING_VALUE:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 @functools.cache
