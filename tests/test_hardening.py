@@ -1,5 +1,6 @@
-"""Fault injection: every fault ends in one clear line, nothing is lost or mixed (run folders, signals, torn
-checkpoints, full disks, read-only outputs, weights files, pre-flight checks, kill -9, evaluation trust)."""
+"""Fault injection into training runs: every fault ends in one clear line, nothing is lost or mixed (run folders,
+signals, torn checkpoints, full disks, kill -9). Checks before any work and the trust of results:
+``test_preflight.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import signal
 import socket
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from dinokit.data import write_sample_dataset
 from dinokit.engine.run_dir import check_disk_space, open_run_dir
 from dinokit.errors import DinokitError
 
-from tiny import tiny_run
+from tiny import error_line, tiny_run
 
 
 # ---------------------------------------------------------------------------------------------- run folders
@@ -48,13 +48,6 @@ def _cli(out: Path, images: Path, *extra: str, flags=()) -> list[str]:
     return ["train", "--output-dir", str(out), "--device", "cpu", *flags, *_args(images, *extra)]
 
 
-def _error(capsys) -> str:
-    """The one error line (after the progress bar, if training started), with no traceback."""
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err) and not any(line.startswith("error:") for line in err[:-1]), err
-    return err[-1]
-
-
 @pytest.fixture(scope="module")
 def straight(images, tmp_path_factory) -> Path:
     """An uninterrupted 6-iteration run (the reference of the resume tests)."""
@@ -76,7 +69,7 @@ def test_output_dir_that_is_a_file_is_one_line(images, tmp_path, capsys):
     target = tmp_path / "notes.txt"
     target.write_text("mine")
     assert cli_main(_cli(target, images)) == 2
-    assert _error(capsys) == f"error: --output-dir '{target}' is a file, not a folder; give a folder path"
+    assert error_line(capsys) == f"error: --output-dir '{target}' is a file, not a folder; give a folder path"
     assert target.read_text() == "mine"
 
 
@@ -97,7 +90,7 @@ def test_a_missing_tracker_package_is_one_line_before_anything_is_written(images
     monkeypatch.setitem(sys.modules, {"tensorboard": "torch.utils.tensorboard"}.get(tracker, tracker), None)
     out = tmp_path / "run"
     assert cli_main(_cli(out, images, f"train.tracker={tracker}")) == 2
-    assert _error(capsys) == f"error: train.tracker={tracker} needs {tracker}: pip install 'dinokit[tracking]'"
+    assert error_line(capsys) == f"error: train.tracker={tracker} needs {tracker}: pip install 'dinokit[tracking]'"
     assert not out.exists()
 
 
@@ -107,14 +100,14 @@ def test_a_dataset_without_images_is_one_line_before_the_config_is_written(image
     out = tmp_path / "run"
     assert cli_main(["train", "--output-dir", str(out), "--device", "cpu",
                      *_args(images, f"train.dataset_path=ImageFolder:root={empty}")]) == 2
-    assert _error(capsys).startswith(f"error: no images found under '{empty}'")
+    assert error_line(capsys).startswith(f"error: no images found under '{empty}'")
     assert not out.exists()  # not even an empty run folder
 
 
 def test_changed_configuration_is_refused_before_anything_is_written(images, straight, capsys):
     saved = (straight / "config.yaml").read_bytes()
     assert cli_main(_cli(straight, images, "student.arch=vit_femto", "dino.head_hidden_dim=24")) == 2
-    assert _error(capsys) == (
+    assert error_line(capsys) == (
         f"error: {straight} holds a run with another configuration: dino.head_hidden_dim (saved 16, now 24), "
         "student.arch (saved vit_pico, now vit_femto); rerun with the saved settings to resume it, or give a new "
         "--output-dir to start a new run")
@@ -131,7 +124,7 @@ def test_a_second_run_in_the_same_folder_is_refused(images, tmp_path, capsys):
     with open_run_dir(out, resume=True):
         assert (out / ".dinokit.lock").read_text() == f"{socket.gethostname()} {os.getpid()}"
         assert cli_main(_cli(out, images)) == 2
-        assert _error(capsys) == (
+        assert error_line(capsys) == (
             f"error: another run (process {os.getpid()} on {socket.gethostname()}) is writing to {out}; wait for it "
             f"to end or give another --output-dir (if that process is gone, delete {out / '.dinokit.lock'})")
     assert not (out / ".dinokit.lock").exists()
@@ -230,7 +223,7 @@ def test_unreadable_last_checkpoint_is_refused_not_overwritten(images, straight,
                                          {"checkpoint_0000003.pth": None, "checkpoint_0000006.pth": torn})
     assert cli_main(_cli(out, images)) == 2
     reason = "is corrupt or truncated" if how == "truncated" else "is an empty file"
-    assert _error(capsys) == (f"error: no readable checkpoint in {out / 'checkpoints'} (checkpoint_0000006.pth "
+    assert error_line(capsys) == (f"error: no readable checkpoint in {out / 'checkpoints'} (checkpoint_0000006.pth "
                               f"{reason}); delete it to restart this run from scratch, or give a new --output-dir")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # config, metrics, checkpoints kept
 
@@ -296,7 +289,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(
     assert cli_main(_cli(out, images)) == 2
     target = out / "checkpoints" / "checkpoint_0000006.pth"
     reason = f"no space left on {_mount_point(target)}" if code == errno.ENOSPC else "input/output error"
-    assert _error(capsys) == (f"error: {reason} while writing {target}; the partial file was removed and nothing "
+    assert error_line(capsys) == (f"error: {reason} while writing {target}; the partial file was removed and nothing "
                               "else was changed: free some space (or use another disk) and rerun")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0000003.pth"]
     assert not [p for p in out.rglob(".*tmp*")]  # no hidden temporary file left behind
@@ -304,142 +297,6 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(
         monkeypatch.undo()
         assert cli_main(_cli(out, images)) == 0
         _assert_same_weights(straight, out)
-
-
-# ---------------------------------------------------------------------------------------------- read-only outputs
-def _read_only(folder: Path, monkeypatch) -> None:
-    """Make ``folder`` read-only; as root (which writes anyway) the permission check is told so."""
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o555)
-    if os.geteuid() == 0:
-        real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **k: (False if Path(p) == folder and mode & os.W_OK
-                                                                else real(p, mode, **k)))
-
-
-_FOLDER = "error: {opt} '{ro}' is not writable; give a folder you can write to"
-_FILE = "error: --out '{ro}/out.{ext}' cannot be written: '{ro}' is not writable; give a path you can write to"
-READ_ONLY_CASES = {
-    "train": (["train", "--output-dir", "{ro}", "--device", "cpu", "train.dataset_path={images}"], _FOLDER),
-    "distill": (["distill", "--teacher", "{images}", "--output-dir", "{ro}", "--device", "cpu"], _FOLDER),
-    "embed": (["embed", "{images}", "--out", "{ro}/out.npz", "--model", "dinov2_vits14", "--random-init"], _FILE),
-    "eval": (["eval", "knn", "--output-dir", "{ro}", "--train-dataset", "{images}", "--val-dataset", "{images}",
-              "--model", "dinov2_vits14", "--random-init"], _FOLDER),
-    "dense train": (["dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14",
-                     "--random-init", "--train-dataset", "{images}", "--val-dataset", "{images}", "--output-dir", "{ro}"],
-                    _FOLDER),
-    "dense eval": (["dense", "eval", "--head-weights", "{images}/h.pth", "--val-dataset", "{images}", "--output-dir",
-                    "{ro}"], _FOLDER),
-    "dense predict": (["dense", "predict", "{images}", "--head", "{images}/h.pth", "--out", "{ro}"], _FOLDER),
-    "viz pca": (["viz", "pca", "{images}", "--out", "{ro}", "--random-init"], _FOLDER),
-    "viz attention": (["viz", "attention", "{images}", "--out", "{ro}", "--random-init"], _FOLDER),
-    "viz match": (["viz", "match", "{images}/a.png", "{images}/b.png", "--out", "{ro}/out.png", "--random-init"],
-                  _FILE),
-    "curate": (["curate", "run", "--pool", "{images}", "--output-dir", "{ro}"], _FOLDER),
-}
-
-
-@pytest.mark.parametrize("command", list(READ_ONLY_CASES))
-def test_read_only_output_is_one_line_before_any_work(command, tmp_path, capsys, monkeypatch):
-    argv, message = READ_ONLY_CASES[command]
-    ro = tmp_path / "ro"
-    _read_only(ro, monkeypatch)
-    fields = {"ro": ro, "images": tmp_path, "ext": argv[argv.index("--out") + 1][-3:] if "--out" in argv else "",
-              "opt": "--out" if "--out" in argv else "--output-dir"}
-    try:
-        assert cli_main([a.format(**fields) for a in argv]) == 2
-    finally:
-        ro.chmod(0o755)
-    assert capsys.readouterr().err.strip() == message.format(**fields)
-    assert not list(ro.iterdir())
-
-
-# ---------------------------------------------------------------------------------------------- weights files
-def test_weights_files_that_are_not_state_dicts_are_one_line(tmp_path, capsys):
-    import pickle
-
-    bare, plain, torn = tmp_path / "bare.pth", tmp_path / "plain.pth", tmp_path / "torn.pth"
-    torch.save(torch.zeros(3), bare)
-    with open(plain, "wb") as f:
-        pickle.dump({"w": [1.0, 2.0]}, f, protocol=4)
-    torch.save({"w": torch.zeros(1000)}, torn)
-    torn.write_bytes(torn.read_bytes()[:300])
-    image = tmp_path / "a.png"
-    Image.new("RGB", (8, 8)).save(image)
-    expected = {
-        bare: f"checkpoint '{bare}' holds a Tensor, not a dict of named tensors; save model.state_dict() (or a "
-              ".safetensors file) instead",
-        plain: f"checkpoint '{plain}' is a plain Python pickle, not a torch.save file, and will not be unpickled; "
-               "save its tensors with torch.save(state_dict, path) or as .safetensors",
-        torn: f"cannot read checkpoint '{torn}': the file is corrupt or truncated (PytorchStreamReader failed reading "
-              "zip archive: failed finding central directory)",
-    }
-    for path, message in expected.items():
-        code = cli_main(["embed", str(image), "--out", str(tmp_path / "e.npz"), "--model", "dinov2_vits14",
-                         "--weights", str(path), "--device", "cpu", "--no-progress"])
-        assert code == 2
-        line = _error(capsys)
-        assert line == f"error: {message}" and "weights_only" not in line
-
-
-def test_unknown_device_is_one_line(images, tmp_path, capsys):
-    assert cli_main(["train", "--output-dir", str(tmp_path / "run"), "--device", "gpu", *_args(images)]) == 2
-    assert _error(capsys) == "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"
-
-
-# ---------------------------------------------------------------------------------------------- sample set
-def test_sample_set_never_overwrites_a_users_file(tmp_path, capsys):
-    mine = tmp_path / "train" / "blobs" / "blobs_0000.png"
-    mine.parent.mkdir(parents=True)
-    mine.write_bytes(b"my own picture")
-    assert cli_main(["data", "sample", "--out", str(tmp_path)]) == 2
-    assert _error(capsys) == (f"error: {mine} already exists and is not part of the sample set; it is left as it is: "
-                              "give an empty or new folder")
-    assert mine.read_bytes() == b"my own picture"
-    # files of an interrupted earlier call are the sample set's own: completing the set keeps them
-    mine.unlink()
-    write_sample_dataset(tmp_path / "again", counts={"train": 1}, image_size=16)
-    next((tmp_path / "again").glob(".complete-v*")).unlink()
-    write_sample_dataset(tmp_path / "again", counts={"train": 1}, image_size=16)
-    assert len(list((tmp_path / "again" / "train").rglob("*.png"))) == 8
-
-
-# ---------------------------------------------------------------------------------------------- pre-flight
-def test_unreadable_knn_dataset_stops_before_the_first_step(images, tmp_path, capsys):
-    out, missing = tmp_path / "run", tmp_path / "nowhere"
-    code = cli_main(_cli(out, images, f"evaluation.knn_dataset.train=ImageFolder:root={images / 'train'}",
-                         f"evaluation.knn_dataset.val=ImageFolder:root={missing}"))
-    assert code == 2
-    line = _error(capsys)
-    assert line.startswith("error: evaluation.knn_dataset.val: ") and str(missing) in line
-    assert line.endswith("(or evaluation.knn_dataset=null to skip the k-NN monitor)")
-    assert not out.exists()  # nothing was written
-
-
-def test_texture_knn_with_the_users_images_is_said_at_start(images, capsys):
-    from dinokit.eval.monitor import check_knn_datasets
-
-    mine = f"ImageFolder:root={images / 'train'}"
-    check_knn_datasets("Sample:split=TRAIN", "Sample:split=VAL", mine)
-    assert capsys.readouterr().out.strip() == (
-        f"note: evaluation.knn_dataset is the built-in texture set while train.dataset_path is {mine}: the logged "
-        "knn_top1 describes textures; set evaluation.knn_dataset.train/val to labelled folders of yours, or "
-        "evaluation.knn_dataset=null")
-    check_knn_datasets("Sample:split=TRAIN", "Sample:split=VAL", "Sample:split=TRAIN")
-    assert capsys.readouterr().out == ""
-
-
-def test_many_empty_class_folders_are_one_short_line(tmp_path):
-    from dinokit.data import make_dataset
-
-    for i in range(40):
-        (tmp_path / f"class_with_a_long_name_{i:02d}").mkdir()
-    Image.new("RGB", (4, 4)).save(tmp_path / "class_with_a_long_name_00" / "a.png")
-    with pytest.raises(DinokitError) as err:
-        make_dataset(f"ImageFolder:root={tmp_path}", labelled=True)
-    assert str(err.value) == (
-        f"39 class folder(s) of '{tmp_path}' contain no images (class_with_a_long_name_01, class_with_a_long_name_02, "
-        "class_with_a_long_name_03, ...); add images or remove the folder")
 
 
 # ---------------------------------------------------------------------------------------------- kill -9 loop
@@ -514,100 +371,9 @@ def test_disk_full_while_writing_embeddings_is_one_line(tmp_path, capsys, monkey
     code = cli_main(["embed", str(tmp_path), "--out", str(out), "--model", "dinov2_vits14", "--random-init",
                      "--image-size", "28", "--device", "cpu", "--no-progress"])
     assert code == 2
-    assert _error(capsys) == (f"error: no space left on {_mount_point(out)} while writing {out}; the partial file was "
+    assert error_line(capsys) == (f"error: no space left on {_mount_point(out)} while writing {out}; the partial file was "
                               "removed and nothing else was changed: free some space (or use another disk) and rerun")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]
-
-
-# ---------------------------------------------------------------------------------------------- evaluation trust
-def test_knn_says_when_its_numbers_cannot_be_trusted(capsys):
-    from dinokit.eval.knn import evaluate_knn
-
-    g = torch.Generator().manual_seed(0)
-    train_x, test_x = torch.randn(12, 8, generator=g), torch.randn(8, 8, generator=g)
-    train_y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2])  # class 3 has no (readable) training image
-    test_y = torch.tensor([0, 1, 2, 3, 3, 0, 1, 2])
-    evaluate_knn(train_x, train_y, test_x, test_y, num_classes=4, ks=(3,))
-    assert capsys.readouterr().out.splitlines() == [
-        "warning: 1 val class(es) have no readable training image (class 3): their 25.0% of the val images can never "
-        "be classified right",
-        "note: with 4 classes top-5 is 100% by construction; read top-1 only",
-    ]
-    evaluate_knn(train_x, train_y, test_x[test_y < 3], test_y[test_y < 3], num_classes=10, ks=(3,))
-    assert capsys.readouterr().out == ""
-
-
-@pytest.fixture(scope="module")
-def untrusted(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """Train classes a, b and c (c's images all unreadable); val classes a, b, c and d (d only in val); the weights
-    of a tiny backbone and its config."""
-    from dinokit.eval import build_eval_backbone
-
-    root = tmp_path_factory.mktemp("untrusted")
-    for split, classes in (("train", "abc"), ("val", "abcd")):
-        for c, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for i in range(2):
-                if split == "train" and name == "c":
-                    (root / split / name / f"{i}.png").write_bytes(b"not an image")
-                else:
-                    Image.new("RGB", (16, 16), (60 * c, 40 * i, 200)).save(root / split / name / f"{i}.png")
-    config = root / "tiny.yaml"
-    config.write_text("student:\n  arch: vit_pico\n  patch_size: 8\ncrops:\n  global_crops_size: 16\n")
-    torch.manual_seed(0)
-    weights = root / "w.pth"
-    torch.save(build_eval_backbone(load_config(str(config))).state_dict(), weights)
-    return root, config, weights
-
-
-@pytest.mark.parametrize("protocol, extra", [
-    ("knn", ["--nb-knn", "2"]),
-    ("linear", ["--epochs", "1", "--epoch-length", "2", "--batch-size", "4", "--learning-rates", "0.1",
-                "--n-last-blocks", "1"]),
-    ("logreg", ["--c-grid-size", "2", "--max-iter", "20"]),
-])
-def test_eval_says_when_its_numbers_cannot_be_trusted_and_where_they_came_from(untrusted, tmp_path, capsys,
-                                                                              protocol, extra):
-    root, config, weights = untrusted
-    out = tmp_path / "out"
-    argv = ["eval", protocol, "--output-dir", str(out), "--train-dataset", str(root / "train"), "--val-dataset",
-            f"ImageFolder:root={root / 'val'}", "--config-file", str(config), "--pretrained-weights", str(weights),
-            "--image-size", "16", "--num-workers", "0", "--device", "cpu", "--no-progress", *extra]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the skipped images' own lines
-        assert cli_main(argv) == 0
-    printed = capsys.readouterr().out.splitlines()
-    unusable = ("warning: 2 val class(es) have no readable training image (class 2, 3): their 50.0% of the val "
-                "images can never be classified right")
-    assert unusable in printed
-    top5 = "note: with 4 classes top-5 is 100% by construction; read top-1 only"
-    assert (top5 in printed) == (protocol == "knn")  # linear and logreg report top-1 only
-    (line,) = [json.loads(x) for x in (out / f"results_eval_{protocol}.json").read_text().splitlines()]
-    assert line["weights"] == str(weights.resolve())
-    assert (line["train_dataset"], line["val_dataset"]) == (str(root / "train"), f"ImageFolder:root={root / 'val'}")
-    assert line["warnings"] == [unusable] + ([top5] if protocol == "knn" else [])
-
-
-def test_results_are_appended_atomically(tmp_path, monkeypatch):
-    from dinokit.eval.setup import append_results
-    from dinokit.models.checkpoint import _mount_point
-
-    path = tmp_path / "results_eval_knn.json"
-    append_results(path, [{"top1": 1.0}])
-    append_results(path, [{"top1": 2.0}, {"top1": 3.0}])
-    assert [json.loads(x)["top1"] for x in path.read_text().splitlines()] == [1.0, 2.0, 3.0]
-
-    def full(src, dst):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "replace", full)
-    with pytest.raises(DinokitError) as err:
-        append_results(path, [{"top1": 4.0}])
-    monkeypatch.undo()
-    assert str(err.value) == (f"no space left on {_mount_point(path)} while writing {path}; the partial file was "
-                              "removed and the previous file is intact: free some space (or use another disk) and rerun")
-    assert [json.loads(x)["top1"] for x in path.read_text().splitlines()] == [1.0, 2.0, 3.0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results_eval_knn.json"]
 
 
 def test_embed_finds_the_runs_config_beside_a_teacher_snapshot(straight, tmp_path, capsys):
@@ -619,13 +385,3 @@ def test_embed_finds_the_runs_config_beside_a_teacher_snapshot(straight, tmp_pat
                      "--device", "cpu", "--no-progress"]) == 0
     assert f"using the training config {straight / 'config.yaml'}" in capsys.readouterr().out
     assert np.load(out)["cls"].shape == (1, 64)  # vit_pico's width, not ViT-S/14's 384
-
-
-def test_download_failure_names_weights_and_random_init():
-    from dinokit.models.checkpoint import load_state_dict_file
-
-    with pytest.raises(DinokitError) as err:
-        load_state_dict_file("http://127.0.0.1:9/w.pth")  # nothing listens on port 9: refused at once
-    assert str(err.value).startswith("could not download http://127.0.0.1:9/w.pth (")
-    assert str(err.value).endswith("); check the network connection, or download the file and pass its local path "
-                                   "with --weights FILE (or use --random-init)")

@@ -34,3 +34,10 @@ def tiny_run(
         f"optim.warmup_epochs={warmup}", f"teacher.warmup_teacher_temp_epochs={warmup}",
         f"evaluation.eval_period_iterations={eval_period}", "evaluation.knn_dataset=null",
     ]
+
+
+def error_line(capsys) -> str:
+    """The one error line a command printed (after the progress bar, if training started), with no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err) and not any(line.startswith("error:") for line in err[:-1]), err
+    return err[-1]
