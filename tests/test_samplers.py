@@ -122,3 +122,17 @@ def test_two_ranks_split_each_global_batch(image_folder):
     rank1 = _batches(_loader(image_folder, rank=1, world_size=2), 1)[0]
     _assert_same(single[0], rank0)
     _assert_same(single[1], rank1)
+
+
+def test_more_workers_than_cores_are_lowered_with_one_line(monkeypatch, capsys):
+    """The official presets ask for 10 workers; on a machine with fewer cores the loader makes one per core
+    (the batches do not depend on it: test above) and says so, instead of torch's two-line warning."""
+    import os
+
+    from dinokit.train.data import usable_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert usable_workers(2) == 2 and usable_workers(0) == 0 and capsys.readouterr().out == ""
+    assert usable_workers(10) == 2
+    assert capsys.readouterr().out == ("note: train.num_workers=10 is more than the 2 CPU core(s) this process may "
+                                       "use: 2 data-loading worker(s)\n")
