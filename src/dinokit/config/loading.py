@@ -248,7 +248,6 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -
     The result is validated (:func:`validate`); ``optim.lr`` is not scaled yet (see :func:`apply_scaling_rules`).
     """
     cfg = OmegaConf.structured(SSLConfig)
-    required: list[str] = []
     source = "the defaults"
     if config_file:
         text, source = _read_config_text(config_file)
@@ -258,8 +257,7 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -
             first = str(err).replace("\n", " ")
             raise DinokitError(f"{source} is not valid YAML ({first}); fix the file") from err
         cfg = merge_checked(cfg, data, source)
-        required = _mandatory_keys(data)
-        for key in required:  # a merge never replaces a value by "???": mark the key missing explicitly
+        for key in _mandatory_keys(data):  # a merge never replaces a value by "???": mark the key missing explicitly
             OmegaConf.update(cfg, key, MISSING_VALUE, merge=False)
     for text in overrides:
         cfg = merge_checked(cfg, override_to_dict(text), f"override '{text}'")
