@@ -123,3 +123,25 @@ def test_a_run_trains_on_mixed_resolutions(images, tmp_path):
     assert result["iteration"] == 6
     lines = [json.loads(line) for line in (tmp_path / "run" / "training_metrics.json").read_text().splitlines()]
     assert len(lines) == 6 and all(torch.isfinite(torch.tensor(line["total_loss"])) for line in lines)
+
+
+def test_compiled_blocks_keep_a_graph_for_every_crop_size(monkeypatch):
+    """``train.compile`` compiles blocks with static shapes: one graph per token count and grad mode. DINOv3's
+    five triples need more than dynamo's default 8 per function, past which it silently ran the rest eagerly."""
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    from dinokit.engine.parallel import apply_compile
+    from dinokit.models.architectures import build_backbone
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)  # dynamo's default, restored after the test
+    torch._dynamo.reset()
+    counters.clear()
+    backbone = build_backbone("vit_pico", patch_size=8, img_size=32)
+    apply_compile(backbone)
+    with torch.no_grad():
+        for rows in range(1, 11):  # ten token counts: 1 to 10 patches
+            backbone(torch.randn(1, 3, 8 * rows, 8))
+    assert counters["stats"]["unique_graphs"] == 10  # 8 (then eager) with dynamo's default limit
+    torch._dynamo.reset()

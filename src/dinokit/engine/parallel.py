@@ -42,8 +42,19 @@ def apply_activation_checkpointing(backbone: nn.Module, policy: str = "full") ->
         backbone.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True, **kwargs)
 
 
+# Graphs one compiled block may keep: static shapes give one per (token count, batch, grad mode), i.e. 3-4 per
+# crop-size triple (student global and local crops, teacher, Gram teacher) plus the k-NN monitor's. Dynamo's
+# default of 8 ran out at DINOv3's five triples and silently fell back to eager for the rest (measured).
+COMPILED_GRAPHS_PER_BLOCK = 64
+
+
 def apply_compile(backbone: nn.Module) -> None:
-    """Compile each transformer block separately: small graphs, shared across crop sizes via dynamic shapes."""
+    """Compile each transformer block separately with static shapes (small graphs, each crop size compiled the
+    first time it occurs), with room for :data:`COMPILED_GRAPHS_PER_BLOCK` of them."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), COMPILED_GRAPHS_PER_BLOCK))
     for block in backbone.blocks:
         block.compile(dynamic=False)
 
