@@ -99,6 +99,8 @@ def test_a_value_marked_missing_must_be_given(tmp_path) -> None:
     with pytest.raises(DinokitError, match="needs a value for optim.epochs, student.pretrained_weights .*add optim.epochs=... student.pretrained_weights=..."):
         load_config(path, ["train.seed=1"])
     assert load_config(path, ["optim.epochs=30", "student.pretrained_weights=w.pth"]).optim.epochs == 30
+    # read for its architecture only (evaluation, embed): the default stays, nothing is asked for
+    assert load_config("vitl14_highres", to_train=False).student.resume_from_teacher_chkpt == ""
 
 
 def test_vitl14_and_vitg14_presets() -> None:

@@ -329,3 +329,13 @@ def test_fp16_on_cpu_is_one_warning_line(images, tmp_path, capsys) -> None:
     assert "on cpu (fp32)" in captured.out
     assert embed(str(images / "a.png"), "--random-init", "--out", str(tmp_path / "fp32.npz")) == 0
     np.testing.assert_array_equal(np.load(out)["cls"], np.load(tmp_path / "fp32.npz")["cls"])
+
+
+def test_a_stage_preset_describes_its_architecture_without_the_run_it_starts_from(tmp_path, capsys):
+    """The high-resolution presets mark the run they start from ``???`` (training must give it); reading one for
+    the architecture of a 518-px ViT-L/14 asks for nothing."""
+    Image.new("RGB", (40, 40), (0, 128, 255)).save(tmp_path / "a.png")
+    out = tmp_path / "e.npz"
+    assert main(["embed", str(tmp_path / "a.png"), "--config-file", "vitl14_highres", "--random-init",
+                     "--image-size", "28", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert np.load(out)["cls"].shape == (1, 1024)

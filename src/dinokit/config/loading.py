@@ -242,10 +242,12 @@ def override_to_dict(text: str, root: type = SSLConfig, example: str = "optim.ep
     return nested
 
 
-def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), *, to_train: bool = True) -> DictConfig:
     """Defaults <- ``config_file`` (preset name or YAML path; None = defaults only) <- ``key=value`` overrides.
 
     The result is validated (:func:`validate`); ``optim.lr`` is not scaled yet (see :func:`apply_scaling_rules`).
+    A key the file marks ``???`` must be given by an override when the config is ``to_train`` (e.g. the run a
+    high-resolution stage starts from); a config read for its architecture only (evaluation) keeps the default.
     """
     cfg = OmegaConf.structured(SSLConfig)
     source = "the defaults"
@@ -257,7 +259,8 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -
             first = str(err).replace("\n", " ")
             raise DinokitError(f"{source} is not valid YAML ({first}); fix the file") from err
         cfg = merge_checked(cfg, data, source)
-        for key in _mandatory_keys(data):  # a merge never replaces a value by "???": mark the key missing explicitly
+        # a merge never replaces a value by "???": mark the key missing explicitly
+        for key in _mandatory_keys(data) if to_train else ():
             OmegaConf.update(cfg, key, MISSING_VALUE, merge=False)
     for text in overrides:
         cfg = merge_checked(cfg, override_to_dict(text), f"override '{text}'")

@@ -97,7 +97,7 @@ def setup_eval_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)  # a reproducible random-init baseline (and cache key)
         if config_file:
-            config = load_config(config_file, opts)
+            config = load_config(config_file, opts, to_train=False)  # the architecture only
             backbone = build_eval_backbone(config)
             description["config"] = {"student": dict(config.student), "img_size": backbone_img_size(config.crops)}
         else:
