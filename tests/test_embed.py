@@ -337,5 +337,5 @@ def test_a_stage_preset_describes_its_architecture_without_the_run_it_starts_fro
     Image.new("RGB", (40, 40), (0, 128, 255)).save(tmp_path / "a.png")
     out = tmp_path / "e.npz"
     assert main(["embed", str(tmp_path / "a.png"), "--config-file", "vitl14_highres", "--random-init",
-                     "--image-size", "28", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+                 "--image-size", "28", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     assert np.load(out)["cls"].shape == (1, 1024)
