@@ -259,8 +259,8 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), *
             first = str(err).replace("\n", " ")
             raise DinokitError(f"{source} is not valid YAML ({first}); fix the file") from err
         cfg = merge_checked(cfg, data, source)
-        # a merge never replaces a value by "???": mark the key missing explicitly
-        for key in _mandatory_keys(data) if to_train else ():
+        # a merge never replaces a value by "???": mark the file's "???" keys missing explicitly
+        for key in OmegaConf.missing_keys(OmegaConf.create(data or {})) if to_train else ():
             OmegaConf.update(cfg, key, MISSING_VALUE, merge=False)
     for text in overrides:
         cfg = merge_checked(cfg, override_to_dict(text), f"override '{text}'")
@@ -274,20 +274,6 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), *
 
 
 MISSING_VALUE = "???"  # OmegaConf's mark of a mandatory value: a preset's way to say "the user must give this"
-
-
-def _mandatory_keys(data: Any, prefix: str = "") -> list[str]:
-    """Dotted keys of a config file's mapping whose value is ``???`` (e.g. the run a high-resolution stage
-    starts from)."""
-    if not isinstance(data, dict):
-        return []
-    keys = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            keys += _mandatory_keys(value, f"{prefix}{key}.")
-        elif value == MISSING_VALUE:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 @functools.cache
