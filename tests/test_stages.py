@@ -119,7 +119,7 @@ def test_a_released_file_of_another_architecture_is_one_line(images, tmp_path, c
 
 
 # ---------------------------------------------------------------------------------------------- high-resolution stage
-def test_high_resolution_stage_starts_from_a_finished_run(images, tmp_path):
+def test_high_resolution_stage_starts_from_a_finished_run(images, tmp_path, capsys):
     low = tmp_path / "low"
     train(tiny_cfg(images), output_dir=low)
     snapshot = torch.load(low / "eval" / "training_5" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
@@ -138,7 +138,11 @@ def test_high_resolution_stage_starts_from_a_finished_run(images, tmp_path):
                 assert torch.equal(got[key], value), key
 
     high = tmp_path / "high"
+    capsys.readouterr()
     summary = train(high_cfg(), output_dir=high)
+    start = low / "eval" / "training_5" / "teacher_checkpoint.pth"  # said, not "starting from scratch"
+    assert (f"starting from the teacher {start} (backbone and heads): no checkpoint in {high / 'checkpoints'}"
+            in capsys.readouterr().out.splitlines())
     lines = metrics(high)
     assert summary["iteration"] == 6 and lines[0]["iteration"] == 0  # a new run: iterations restart at 0
     assert lines[0]["lr"] == 0 and lines[0]["last_layer_lr"] == 0  # schedules restart: warm-up, frozen last layer

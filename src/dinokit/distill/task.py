@@ -87,6 +87,8 @@ class DistillationTask(SSLObjective, Task):
             backbone = backbone_from_config(section, img_size=backbone_img_size(cfg.crops), training=True)
             if section.pretrained_weights:
                 load_pretrained_backbone(backbone, section.pretrained_weights)
+                loaded = f"{f'student {name}' if name else 'the student'}'s backbone {section.pretrained_weights}"
+                self.initial_weights = f"{self.initial_weights}, {loaded}" if self.initial_weights else loaded
             backbone.mask_token.requires_grad_(False)  # students are never masked: it would get no gradient
             if self.loss_kind == "features":
                 s_dim = backbone.embed_dim

@@ -205,7 +205,8 @@ class Engine:
                 raise DinokitError(f"cannot start from the training checkpoint {str(weights)!r}: it is {err.reason}; "
                                    "check the path, or copy the file again") from None
         if resume and self.is_main:
-            print(f"starting from scratch: no checkpoint in {self.checkpointer.directory}")
+            origin = self.task.initial_weights or "scratch"
+            print(f"starting from {origin}: no checkpoint in {self.checkpointer.directory}")
         return 0
 
     def checkpoint_bytes(self) -> int:

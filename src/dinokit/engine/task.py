@@ -52,7 +52,12 @@ class Task(nn.Module):
     - :meth:`frozen_modules`: names of inference modules left out of checkpoints (they never change).
     - :meth:`diagnose` ``(record, iteration)``: a one-line warning when a logged line shows a failing run
       (e.g. collapse), else None; the engine shows each kind once.
+
+    ``initial_weights`` says where the weights of a new run come from when the task loaded files at construction
+    (a later stage, pretrained students); the engine says it instead of "starting from scratch".
     """
+
+    initial_weights: str = ""
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError

@@ -54,11 +54,13 @@ class SSLMetaArch(SSLObjective, Task):
         heads = ssl_heads(dino, ibot, backbone.embed_dim)
         if cfg.student.pretrained_weights:
             load_pretrained_backbone(backbone, cfg.student.pretrained_weights)
+            self.initial_weights = f"the backbone {cfg.student.pretrained_weights} (new heads)"
         if cfg.student.resume_from_teacher_chkpt:
             path = teacher_checkpoint_path(cfg.student.resume_from_teacher_chkpt)
             checkpoint = load_state_dict_file(path)
             load_pretrained_backbone(backbone, str(path), checkpoint)
             load_teacher_heads(heads, checkpoint, str(path))
+            self.initial_weights = f"the teacher {path} (backbone and heads)"
         if not self.do_ibot:
             backbone.mask_token.requires_grad_(False)  # no masking without iBOT: it would get no gradient
         self.student = nn.ModuleDict({"backbone": backbone, **heads})
