@@ -104,6 +104,21 @@ def test_npy_and_parquet_outputs_agree(images, weights, tmp_path) -> None:
     np.testing.assert_array_equal(np.array(table.column("patch_mean").to_pylist(), dtype=np.float32), ref["patch_mean"])
 
 
+def test_more_workers_than_cores_are_lowered_with_one_line(images, weights, tmp_path, monkeypatch, capsys) -> None:
+    """--num-workers above the cores this process may use is lowered as train.num_workers is; same embeddings."""
+    import os
+
+    _, weights_file = weights
+    assert embed(str(images), "--weights", str(weights_file), "--out", str(tmp_path / "a.npz")) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert main(["embed", str(images), "--weights", str(weights_file), "--out", str(tmp_path / "b.npz"),
+                 "--image-size", "56", "--num-workers", "3", "--device", "cpu", "--no-progress"]) == 0
+    assert ("note: --num-workers=3 is more than the 1 CPU core(s) this process may use: 1 data-loading worker(s)"
+            in capsys.readouterr().out)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["cls"], np.load(tmp_path / "b.npz")["cls"])
+
+
 def test_list_file_and_single_image_inputs(images, weights, tmp_path) -> None:
     _, weights_file = weights
     listing = tmp_path / "list.txt"

@@ -129,10 +129,14 @@ def test_more_workers_than_cores_are_lowered_with_one_line(monkeypatch, capsys):
     (the batches do not depend on it: test above) and says so, instead of torch's two-line warning."""
     import os
 
-    from dinokit.train.data import usable_workers
+    from dinokit.devices import default_workers, usable_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert usable_workers(2) == 2 and usable_workers(0) == 0 and capsys.readouterr().out == ""
-    assert usable_workers(10) == 2
+    key = "train.num_workers"
+    assert usable_workers(2, key=key) == 2 and usable_workers(0, key=key) == 0 and capsys.readouterr().out == ""
+    assert usable_workers(10, key=key) == 2
     assert capsys.readouterr().out == ("note: train.num_workers=10 is more than the 2 CPU core(s) this process may "
                                        "use: 2 data-loading worker(s)\n")
+    # the defaults of embed, eval and dense count the same cores (the affinity mask, not the machine's count)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert default_workers() == 2

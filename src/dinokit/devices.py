@@ -1,6 +1,9 @@
-"""Device selection shared by every command: ``auto`` means this rank's CUDA device when there is one, else the CPU."""
+"""Device selection shared by every command (``auto`` means this rank's CUDA device when there is one, else the
+CPU), and the CPU cores its data-loading workers may use."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -46,3 +49,30 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "
     if name not in DTYPES:
         raise DinokitError(f"{key} is {name!r}; use one of: auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one: a SLURM or container
+    limit, ``taskset``), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Data-loading workers when the user names none: 4, or fewer where fewer cores may be used."""
+    return min(4, usable_cores())
+
+
+def usable_workers(requested: int, *, key: str) -> int:
+    """``requested`` data-loading workers, at most :func:`usable_cores` (one line, naming ``key``, when lowered):
+    the official presets ask for 10, and on a laptop more workers than cores only compete for them (torch
+    warns). What a batch holds never depends on the number of workers."""
+    cores = usable_cores()
+    if requested <= cores:
+        return requested
+    if du.is_main_process():
+        print(f"note: {key}={requested} is more than the {cores} CPU core(s) this process may use: "
+              f"{cores} data-loading worker(s)")
+    return cores

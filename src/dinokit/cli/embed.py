@@ -16,7 +16,6 @@ normalisation. Unreadable images are skipped and listed in the output.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from ..data.datasets import make_dataset
 from ..data.images import ImageFiles, resolve_image_inputs
 from ..data.transforms import make_classification_eval_transform
 from ..errors import DinokitError
-from ..devices import resolve_device, resolve_dtype
+from ..devices import default_workers, resolve_device, resolve_dtype, usable_workers
 from ..eval.setup import setup_eval_model
 from ..features import ExtractedFeatures, check_image_size, embedding_feature_fn, extract_features, inference_dtype
 from ..engine.run_dir import check_writable
@@ -66,8 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-tokens", action="store_true", help="also save the patch tokens (N, h*w, D); .npz only")
     p.add_argument("--image-size", type=int, default=224, help="centre-crop size in pixels (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image decoding processes (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=default_workers(),
+                   help="image decoding processes, at most the usable CPU cores (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="compute precision (default: bf16 autocast on CUDA, fp32 on CPU)")
@@ -205,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         dataset,
         feature_fn=embedding_feature_fn(patch_mean=args.patch_mean, patch_tokens=args.patch_tokens),
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=usable_workers(args.num_workers, key="--num-workers"),
         device=device,
         dtype=dtype,
         progress=not args.no_progress,

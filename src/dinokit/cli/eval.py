@@ -8,7 +8,8 @@ Multi-GPU: ``torchrun --nproc_per_node=N -m dinokit eval knn ...``.
 from __future__ import annotations
 
 import argparse
-import os
+
+from ..devices import default_workers, usable_workers
 
 DESCRIPTION = (
     "Evaluate a frozen backbone. Architecture: --config-file (an eval preset such as eval/vits14_pretrain, or "
@@ -33,8 +34,8 @@ def _add_common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
     p.add_argument("--image-size", type=int, default=224,
                    help="centre-crop size; images are first resized to size*256/224 (bicubic) [224, official]")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch and rank [{batch_size}]")
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading worker processes [min(4, CPUs)]")
+    p.add_argument("--num-workers", type=int, default=default_workers(),
+                   help="data-loading worker processes, at most the usable CPU cores [min(4, cores)]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="backbone autocast dtype: auto = bf16 on CUDA, fp32 on CPU; the official code used fp16")
@@ -141,7 +142,7 @@ def _context(args: argparse.Namespace, check_model=None):
         output_dir=args.output_dir, train_dataset=args.train_dataset, val_dataset=args.val_dataset,
         config_file=args.config_file, pretrained_weights=args.pretrained_weights, model=args.model,
         random_init=args.random_init, opts=args.opts, image_size=args.image_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=args.device, dtype=args.dtype,
+        num_workers=usable_workers(args.num_workers, key="--num-workers"), device=args.device, dtype=args.dtype,
         progress=not args.no_progress, cache=not args.no_cache, check_model=check_model,
     )
 

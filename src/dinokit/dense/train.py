@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..devices import default_workers, usable_workers
 from ..engine import Export, LossOutput, Task
 from ..errors import DinokitError
 from .datasets import DenseDataset, DenseResizeTransform, DenseTrainTransform, collate_dense
@@ -69,7 +69,7 @@ class DenseRecipe:
     eval_period: int = 5000  # iterations between validation runs (0: only at the end)
     checkpoint_period: int = 2000
     log_freq: int = 20
-    num_workers: int = min(4, os.cpu_count() or 1)  # 4, or fewer on a machine with fewer cores (as eval and embed)
+    num_workers: int = dataclasses.field(default_factory=default_workers)  # 4, or fewer usable cores (as eval, embed)
     seed: int = 0
 
 
@@ -242,5 +242,6 @@ def make_batches(cached: dict[str, Any] | None, dataset: DenseDataset, recipe: D
                 index = torch.as_tensor(idx)
                 yield {"features": _map_tensors(cached["features"], lambda t: t[index]), "label": cached["label"][index]}
         return from_cache()
-    return iter(DataLoader(dataset, batch_sampler=indices, num_workers=recipe.num_workers, collate_fn=collate_dense,
-                           persistent_workers=recipe.num_workers > 0))
+    workers = usable_workers(recipe.num_workers, key="num_workers")
+    return iter(DataLoader(dataset, batch_sampler=indices, num_workers=workers, collate_fn=collate_dense,
+                           persistent_workers=workers > 0))

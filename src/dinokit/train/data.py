@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from omegaconf import DictConfig
@@ -15,6 +14,7 @@ from ..data.collate import SSLCollate
 from ..data.loaders import make_ssl_data_loader
 from ..data.resolutions import MixedCollate, MixedTransform, ResolutionMix
 from ..data.tensor_augment import MultiCropSource, TensorAugmentCollate, TensorMultiCrop
+from ..devices import usable_workers
 from ..errors import DinokitError
 
 AUGMENTATIONS = ("pil", "tensor", "device")
@@ -42,26 +42,10 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
         collate=collate,
         seed=cfg.train.seed,
         batch_size_per_rank=cfg.train.batch_size_per_gpu,
-        num_workers=usable_workers(cfg.train.num_workers),
+        num_workers=usable_workers(cfg.train.num_workers, key="train.num_workers"),
         start_iteration=start_iteration,
         pin_memory=pin_memory,
     )
-
-
-def usable_workers(requested: int) -> int:
-    """``train.num_workers``, at most the CPU cores this process may use (one line when lowered): the official
-    presets ask for 10, and on a laptop more workers than cores only compete for them (torch warns). Which
-    images and crops a batch holds does not depend on the number of workers."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    if requested <= cores:
-        return requested
-    if distributed.is_main_process():
-        print(f"note: train.num_workers={requested} is more than the {cores} CPU core(s) this process may use: "
-              f"{cores} data-loading worker(s)")
-    return cores
 
 
 def _pipeline(cfg: DictConfig, sizes: CropSizes) -> tuple[Any, Any]:
