@@ -66,6 +66,24 @@ def test_run_writes_manifest_counts_and_report(scenes, capsys):
     assert html.count("<img") > 12 and "Largest groups of copies" in html and "after sampling" in html
 
 
+def test_more_workers_than_cores_are_lowered_once_and_embed_the_same(scenes, tmp_path, monkeypatch, capsys):
+    """embed.num_workers above the usable cores is lowered with one line for the whole stage (not per shard or
+    set), as train.num_workers is; the embeddings are those of the run without workers."""
+    import os
+
+    root, work, argv, _ = scenes
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    capsys.readouterr()
+    embed = ["curate", "embed", *argv[2:4], "--output-dir", str(tmp_path / "w"), *argv[6:10], *MODEL,
+             "embed.num_workers=2"]
+    assert main(embed) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: embed.num_workers=2 is more than the 1 CPU core(s) this process may use") == 1
+    for name in ("pool", "seed", "eval-0"):
+        np.testing.assert_array_equal(EmbeddingStore(tmp_path / "w" / "embed" / name).load("cls"),
+                                      EmbeddingStore(work / "embed" / name).load("cls"))
+
+
 def test_copy_detection_threshold_on_planted_near_duplicates(scenes):
     _, work, _, truth = scenes
     labels = np.load(work / "dedup" / "components.npy")

@@ -30,7 +30,6 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from .. import distributed as du
-from ..devices import usable_workers
 from ..errors import DinokitError
 from ..features import extract_features
 from ..models.checkpoint import atomic_write
@@ -107,7 +106,7 @@ def embed_set(
         # skipped images are listed in the shard's JSON; the command line names the first and counts them all
         result = extract_features(
             model, Subset(dataset, range(start, stop)), feature_fn=feature_fn, batch_size=config.batch_size,
-            num_workers=usable_workers(config.num_workers, key="embed.num_workers"), device=device, dtype=dtype, progress=progress,
+            num_workers=config.num_workers, device=device, dtype=dtype, progress=progress,
             desc=f"embed {folder.name} {s + 1}/{n_shards}", distributed=False,
         )
         rows = result.indices.tolist()  # the dataset's own indices (a Subset passes them through)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,7 @@ from PIL import Image
 
 from .. import distributed as du
 from ..data import make_classification_eval_transform, make_dataset
+from ..devices import usable_workers
 from ..errors import DinokitError
 from ..features import check_image_size
 from ..models.checkpoint import atomic_write
@@ -172,9 +173,11 @@ def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
     n_pool = len(datasets["pool"])
     model, copy_model = models or build_models(config, device)
     feature_fn = curation_feature_fn(config.embed.copy, config.embed.gem_p, copy_model)
+    # at most one worker per usable core (said once); the stage's digest keeps the value asked for
+    embedding = replace(config.embed, num_workers=usable_workers(config.embed.num_workers, key="embed.num_workers"))
     for name, dataset in datasets.items():
         embed_set(dataset, [str(p) for p in dataset.paths], work.folder("embed") / name, model=model,
-                  feature_fn=feature_fn, config=config.embed, device=device, progress=progress)
+                  feature_fn=feature_fn, config=embedding, device=device, progress=progress)
     pool = EmbeddingStore(work.folder("embed") / "pool")
     if len(pool) == 0:
         raise DinokitError(f"none of the {n_pool} pool images could be read (first: {pool.paths[pool.bad[0]]}); check the files")
