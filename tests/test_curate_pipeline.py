@@ -245,7 +245,7 @@ def test_settings_and_inputs_are_refused_in_one_line_before_the_work_folder_is_w
         captured = capsys.readouterr()
         err = captured.err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {expected}"), (argv, err)
-        built = "no weights given: evaluating the randomly initialised backbone (a baseline)\n"  # model-dependent checks
+        built = "random init asked for: the randomly initialised backbone (seed 0), a baseline\n"  # model-dependent checks
         assert captured.out in ("", built) and not work.exists(), argv  # no progress line, no work folder
 
     assert main([*run, "--pool", str(pool), *MODEL, "dedup.threshold=1", "--target-size", "2"]) == 0  # the bounds

@@ -228,3 +228,13 @@ def test_missing_scikit_learn_is_refused_before_any_work(sample, tmp_path, capsy
     with pytest.raises(DinokitError) as err:  # the Python function: the same check and line
         evaluate_logreg(x, y, x, y, c_values=[1.0], backend="sklearn")
     assert str(err.value) == message
+
+
+def test_the_random_init_baseline_says_why(sample, capsys):
+    """The line said "no weights given: evaluating ..." also when --weights random was given, and in embed/curate."""
+    _, config = sample
+    eval_setup.setup_eval_model(config_file=str(config))
+    assert capsys.readouterr().out == "no weights given: the randomly initialised backbone (seed 0), a baseline\n"
+    _, description = eval_setup.setup_eval_model(config_file=str(config), random_init=True)
+    assert capsys.readouterr().out == "random init asked for: the randomly initialised backbone (seed 0), a baseline\n"
+    assert description["weights"] == "random-init (seed 0)"

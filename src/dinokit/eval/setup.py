@@ -114,7 +114,8 @@ def setup_eval_model(
     else:
         description["weights"] = f"random-init (seed {RANDOM_INIT_SEED})"
         if du.is_main_process():
-            print("no weights given: evaluating the randomly initialised backbone (a baseline)")
+            why = "random init asked for" if random_init else "no weights given"
+            print(f"{why}: the randomly initialised backbone (seed {RANDOM_INIT_SEED}), a baseline")
     description["architecture"] = _architecture(backbone)
     return backbone.to(device).eval().requires_grad_(False), description
 
