@@ -268,3 +268,34 @@ def test_a_missing_faiss_is_told_before_the_embed_stage(tmp_path, capsys, monkey
         assert captured.out == "" and not work.exists()  # no embed stage ran, nothing written
     assert main(["curate", "embed", "--pool", str(pool), "--output-dir", str(tmp_path / "w"), *MODEL,
                  "dedup.knn=auto"]) == 0  # auto falls back to the exact search without FAISS
+
+
+def test_a_target_above_what_dedup_left_keeps_the_stages_and_a_mostly_copied_pool_is_noted(scenes, tmp_path, capsys):
+    """Seen on 8,121 clip-art files with a random-init descriptor: dedup kept a fifth of the pool without a word,
+    and --target-size above what it left failed with no hint that the stages are kept."""
+    root, work, argv, _ = scenes
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    capsys.readouterr()
+    assert main(["curate", "dedup", "--output-dir", str(copy), "--force", *MODEL]) == 0
+    out = capsys.readouterr().out
+    after = json.loads((work / "report.json").read_text())["counts"]["after_dedup"]
+    assert (f"note: dedup counts {3 * N_SCENES - after} of the {3 * N_SCENES} pool images "
+            f"({100 * (3 * N_SCENES - after) / (3 * N_SCENES):.0f}%) as near-copies (cosine > 0.85)") in out
+
+    shutil.rmtree(copy)
+    shutil.copytree(work, copy)
+    retrieved = json.loads((work / "report.json").read_text())["counts"]["retrieved"]
+    run = list(argv)
+    run[run.index("--output-dir") + 1] = str(copy)
+    at = run.index("--target-size")
+    run[at + 1] = "100"
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --target-size 100 is larger than the {retrieved} images left after dedup and retrieve; "
+                   "lower it (the finished stages are kept: the same command with a lower --target-size goes on)"]
+    run[at + 1] = "5"
+    assert main(run) == 0
+    out = capsys.readouterr().out
+    assert "[cluster] finished earlier with these settings" in out and "sampled 5" in out
+    assert len((copy / "manifest.txt").read_text().splitlines()) == 5

@@ -223,6 +223,10 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
         copies = int((np.bincount(labels) > 1).sum())
         counts = {"after_dedup": len(kept), "after_eval_dedup": len(final), "groups_with_copies": copies,
                   "eval_removed": int(removed.sum())}
+        if len(kept) < n / 2:  # most of a pool as copies: often a descriptor that sees every image alike
+            _log(f"note: dedup counts {n - len(kept)} of the {n} pool images ({100 * (n - len(kept)) / n:.0f}%) as "
+                 f"near-copies (cosine > {c.threshold}); if the pool is not that redundant, check the weights of "
+                 "the copy descriptor (a random init sees many images alike) or raise dedup.threshold")
     return du.broadcast_object(counts)
 
 
@@ -306,6 +310,10 @@ def stage_sample(work: Work, *, device: torch.device, progress: bool = True) -> 
         selected = np.load(work.folder("retrieve") / "selected.npy")
         leaf, distances, parents = load_leaves(work)
         target = config.target_size or len(selected)
+        if target > len(selected):
+            raise DinokitError(
+                f"--target-size {target} is larger than the {len(selected)} images left after dedup and retrieve; "
+                "lower it (the finished stages are kept: the same command with a lower --target-size goes on)")
         chosen = hierarchical_sample(leaf, parents, target, distances=distances, strategy=config.sample.strategy,
                                      seed=config.sample.seed)
         _save_npy(work.folder("sample") / "chosen.npy", chosen)
