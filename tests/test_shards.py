@@ -186,3 +186,39 @@ def test_shard_refuses_an_out_that_holds_shards_or_is_a_file(shards, tmp_path: P
     assert capsys.readouterr().err == (f"error: --out {str(afile / 'sub')!r} cannot be created: {str(afile)!r} is a "
                                        "file; give a folder you can write to\n")
     assert afile.read_text() == "x"
+
+
+def test_max_size_shrinks_large_images_only_as_the_readers_see_them(tmp_path: Path, capsys) -> None:
+    """--max-size stores images whose short side is above it resized to it (JPEG as JPEG, others as PNG, RGB with
+    transparency composited), smaller ones byte for byte; bad values are one line before anything is written."""
+    from dinokit.data.images import load_image
+
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    yy, xx = np.mgrid[0:120, 0:200]
+    gradient = np.stack([xx * 255 // 199, yy * 255 // 119, np.full_like(xx, 90)], -1).astype(np.uint8)
+    Image.fromarray(gradient).save(src / "big.jpg", quality=98)  # 200x120 -> 80x48
+    rgba = np.concatenate([gradient, np.full((120, 200, 1), 255, np.uint8)], -1)
+    rgba[:, :100, 3] = 0  # left half transparent: white once composited
+    Image.fromarray(rgba, "RGBA").save(src / "clear.png")  # 200x120 -> 80x48 PNG
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(src / "small.png")  # short side 30 <= 48: unchanged
+    out = tmp_path / "sh"
+    assert main(["data", "shard", str(tmp_path / "src"), "--out", str(out), "--max-size", "48"]) == 0
+    assert "wrote 3 images, 1 class (2 resized to a short side of 48 px) into 1 shard(s)" in capsys.readouterr().out
+    with tarfile.open(out / "000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if not m.name.endswith(".cls")}
+    names = [p.name for p in make_dataset(f"ImageFolder:root={tmp_path / 'src'}").paths]  # big, clear, small
+    assert sorted(members) == ["000000000.jpg", "000000001.png", "000000002.png"] and names[2] == "small.png"
+    assert members["000000002.png"] == (src / "small.png").read_bytes()
+    ds = make_dataset(f"WebDataset:urls={out}/000000.tar")
+    big, clear = np.asarray(ds[0][1], dtype=float), np.asarray(ds[1][1], dtype=float)
+    assert big.shape == clear.shape == (48, 80, 3)
+    expected = np.asarray(load_image(src / "big.jpg").resize((80, 48), Image.Resampling.BICUBIC), dtype=float)
+    assert np.abs(big - expected).mean() < 2.0  # one more JPEG generation at quality 95
+    assert (clear[:, :38] == 255).all() and np.abs(clear[:, 42:] - expected[:, 42:]).mean() < 2.0
+
+    for value in ("0", "-5"):
+        assert main(["data", "shard", str(tmp_path / "src"), "--out", str(tmp_path / f"bad{value}"),
+                     "--max-size", value]) == 2
+        assert capsys.readouterr().err == f"error: --max-size must be at least 1 pixel, got {value}\n"
+        assert not any((tmp_path / f"bad{value}").glob("*.tar"))

@@ -5,7 +5,7 @@
       that the dataset string ImageNet:split=TRAIN:root=R:extra=E reads
   dinokit data sample [--out DIR]
       write the built-in sample image set (8 texture classes, train/ and val/)
-  dinokit data shard SRC --out DIR --shard-size N
+  dinokit data shard SRC --out DIR --shard-size N [--max-size PX]
       write WebDataset tar shards (DIR/000000.tar, ...) from a folder, a file list or a dataset string;
       read them back with the dataset string WebDataset:urls=DIR/{000000..0000NN}.tar
 """
@@ -48,12 +48,14 @@ def _shard(args: argparse.Namespace) -> int:
         dataset = make_dataset(src, labelled=True)
     except DinokitError:
         dataset = make_dataset(src, labelled=False)
-    shards, unreadable = write_shards(dataset, args.out, shard_size=args.shard_size)
+    shards, unreadable, resized = write_shards(dataset, args.out, shard_size=args.shard_size, max_size=args.max_size)
     if unreadable:
         path, reason = unreadable[0]
         print(f"skipped {len(unreadable)} unreadable image(s) (first: {path}: {reason})")
-    labels = f", {len(dataset.classes)} classes" if dataset.classes else ""
-    print(f"wrote {len(dataset) - len(unreadable)} images{labels} into {len(shards)} shard(s) in {args.out}")
+    n_classes = len(dataset.classes)
+    labels = f", {n_classes} class{'' if n_classes == 1 else 'es'}" if dataset.classes else ""
+    shrunk = f" ({resized} resized to a short side of {args.max_size} px)" if args.max_size is not None else ""
+    print(f"wrote {len(dataset) - len(unreadable)} images{labels}{shrunk} into {len(shards)} shard(s) in {args.out}")
     print(f"use it with: WebDataset:urls={shard_pattern(shards)}")
     return 0
 
@@ -81,4 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shard.add_argument("src", help="image folder (class subfolders become labels), .txt file list, or a dataset string")
     shard.add_argument("--out", required=True, help="output folder for 000000.tar, 000001.tar, ...")
     shard.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: %(default)s)")
+    shard.add_argument("--max-size", type=int, default=None, metavar="PX",
+                       help="store images whose short side is above PX pixels resized to PX (JPEG stays JPEG at "
+                            "quality 95, others become PNG): less to decode in every epoch; the official crops need "
+                            "439 to never upsample, the demo preset 144, small 91 (default: the files unchanged)")
     shard.set_defaults(func=_shard)

@@ -219,23 +219,41 @@ def check_shard_out(out_dir: str | Path) -> Path:
     return check_writable(out_dir, "--out")  # under a file, or read-only: one line too
 
 
-def write_shards(dataset: ImageDataset, out_dir: str | Path, *,
-                 shard_size: int) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Write ``dataset``'s readable image files, unchanged, into ``out_dir/000000.tar``, ... (``shard_size``
-    samples each); return the shards and the ``(path, reason)`` of each file left out because it does not
-    decode as an image (a text file named .jpg, a truncated or empty file).
+def shrink(image: Image.Image, max_size: int, jpeg: bool) -> tuple[str, bytes]:
+    """``image`` (RGB, as :func:`load_image` returns it) resized so that its short side is ``max_size`` (antialiased
+    bicubic), encoded as JPEG at quality 95 when the source was a JPEG, else as PNG: ``(extension, bytes)``."""
+    scale = max_size / min(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    small = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    if jpeg:
+        small.save(buffer, format="JPEG", quality=95)
+    else:
+        small.save(buffer, format="PNG")
+    return ("jpg" if jpeg else "png"), buffer.getvalue()
 
-    Sample ``i`` is ``%09d`` of its position among the written samples: ``.<ext>`` holds the original bytes,
-    ``.cls`` the label when there is one; ``classes.txt`` holds the class names. Shards are written atomically;
-    nothing is written when no image is readable (a :class:`DinokitError` then names the first file).
+
+def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
+                 max_size: int | None = None) -> tuple[list[Path], list[tuple[Path, str]], int]:
+    """Write ``dataset``'s readable image files into ``out_dir/000000.tar``, ... (``shard_size`` samples each);
+    return the shards, the ``(path, reason)`` of each file left out because it does not decode as an image (a text
+    file named .jpg, a truncated or empty file) and how many images were resized.
+
+    Sample ``i`` is ``%09d`` of its position among the written samples: ``.<ext>`` holds the original bytes, or,
+    with ``max_size``, an image whose short side is above it resized to it (:func:`shrink`; stored as the readers
+    see it: RGB, transparency composited), so that training decodes small files; ``.cls`` holds the label when
+    there is one; ``classes.txt`` the class names. Shards are written atomically; nothing is written when no
+    image is readable (a :class:`DinokitError` then names the first file).
     """
     if shard_size < 1:
         raise DinokitError(f"--shard-size must be >= 1, got {shard_size}")
+    if max_size is not None and max_size < 1:
+        raise DinokitError(f"--max-size must be at least 1 pixel, got {max_size}")
     out_dir = check_shard_out(out_dir)
     written: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
     pending: list[tuple[str, bytes, int]] = []  # (extension, bytes, label) of the next shard's samples
-    count = 0
+    count = resized = 0
 
     def flush() -> None:
         from ..models.checkpoint import atomic_write
@@ -251,13 +269,17 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *,
         pending.clear()
 
     for source, target in zip(dataset.paths, dataset.targets):
+        ext = source.suffix.lstrip(".").lower() or "jpg"
         try:
             data = source.read_bytes()
-            load_image(io.BytesIO(data))  # decoded once here, so that a bad file is found now, not in training
+            image = load_image(io.BytesIO(data), draft_size=max_size)  # a bad file is found now, not in training
         except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some malformed headers
             unreadable.append((source, " ".join(str(err).split()) or type(err).__name__))
             continue
-        pending.append((source.suffix.lstrip(".").lower() or "jpg", data, target))
+        if max_size is not None and min(image.size) > max_size:
+            ext, data = shrink(image, max_size, jpeg=Image.open(io.BytesIO(data)).format == "JPEG")
+            resized += 1
+        pending.append((ext, data, target))
         count += 1
         if len(pending) == shard_size:
             flush()
@@ -268,7 +290,7 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *,
         raise DinokitError(f"none of the {len(dataset)} images could be read{first}; nothing was written")
     if dataset.classes:
         (out_dir / CLASSES_FILE).write_text("\n".join(dataset.classes) + "\n")
-    return written, unreadable
+    return written, unreadable, resized
 
 
 def shard_pattern(paths: Iterable[Path]) -> str:
