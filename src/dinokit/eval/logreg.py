@@ -28,6 +28,10 @@ RESULTS_FILE = "results_eval_logreg.json"
 DEFAULT_MAX_ITER = 1000
 DEFAULT_TOL = 1e-12  # official (cuML); in practice the iteration budget stops the solver first
 _NEEDS_SKLEARN = "the sklearn backend needs scikit-learn: pip install 'dinokit[eval]', or use --backend torch"
+# Below this many multiply-adds per product of the features with the weights, scikit-learn's fits run on one BLAS
+# thread: on a 2-core machine a second OpenBLAS thread made a 1294 x 64 x 8-class fit 20x slower (13 minutes for
+# the 45 values of C), and it never paid up to 20,000 x 384 x 100 there.
+SINGLE_THREAD_BLAS_BELOW = 1e9
 
 
 def c_grid(size: int = 45, low: float = -6.0, high: float = 5.0) -> list[float]:
@@ -114,8 +118,11 @@ def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, *, C: float, max_iter: int, t
 
     from sklearn.exceptions import ConvergenceWarning
 
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
     estimator = LogisticRegression(C=C, max_iter=max_iter, tol=tol)
-    with warnings.catch_warnings():
+    work = x.shape[0] * x.shape[1] * len(torch.unique(y))
+    with warnings.catch_warnings(), threadpool_limits(1 if work < SINGLE_THREAD_BLAS_BELOW else None, user_api="blas"):
         warnings.simplefilter("ignore", ConvergenceWarning)  # hitting max_iter is the official stopping rule
         estimator.fit(x.cpu().double().numpy(), y.cpu().numpy())
     coef = torch.from_numpy(estimator.coef_).double()
