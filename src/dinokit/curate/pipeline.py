@@ -223,8 +223,9 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
         copies = int((np.bincount(labels) > 1).sum())
         counts = {"after_dedup": len(kept), "after_eval_dedup": len(final), "groups_with_copies": copies,
                   "eval_removed": int(removed.sum())}
-        if len(kept) < n / 2:  # most of a pool as copies: often a descriptor that sees every image alike
-            _log(f"note: dedup counts {n - len(kept)} of the {n} pool images ({100 * (n - len(kept)) / n:.0f}%) as "
+        dropped = n - len(kept)
+        if dropped > n / 2:  # most of a pool as copies: often a descriptor that sees every image alike
+            _log(f"note: dedup counts {dropped} of the {n} pool images ({100 * dropped / n:.0f}%) as "
                  f"near-copies (cosine > {c.threshold}); if the pool is not that redundant, check the weights of "
                  "the copy descriptor (a random init sees many images alike) or raise dedup.threshold")
     return du.broadcast_object(counts)
