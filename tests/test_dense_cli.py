@@ -171,6 +171,10 @@ def test_augmented_training_validates_resumes_and_trains_dpt(demo_teacher, tmp_p
               f"SegSample:split=train:root={tmp_path / 'seg'}", "--val-dataset", f"SegSample:split=val:root={tmp_path / 'seg'}",
               "--output-dir", str(tmp_path / "ms"), "--no-progress"]
     assert main([*common, *seg]) == 0
+    captured = capsys.readouterr()
+    assert "train:" not in captured.err  # --no-progress: no training progress bar either
+    assert ("training a seg head 'ms' on 4 images: 6 iterations of batch 2, 48x48 crops, lr 0.001 after 2 warm-up, "
+            "validation every 3") in captured.out
     lines = [json.loads(l) for l in (tmp_path / "ms" / "training_metrics.json").read_text().splitlines()]
     assert any("val_mIoU" in l for l in lines)  # validation at iteration 3 (the last one is the final evaluation)
     assert main([*common, *seg, "iterations=8"]) == 0  # a longer schedule resumes from the last checkpoint
@@ -184,6 +188,18 @@ def test_augmented_training_validates_resumes_and_trains_dpt(demo_teacher, tmp_p
     assert "grad_loss" in lines[-1] and "sig_loss" in lines[-1]
     result = json.loads((tmp_path / "dpt" / "results_eval_depth.json").read_text())
     assert result["images"] == 2 and result["rmse"] > 0
+
+
+def test_a_shorter_run_keeps_the_recipes_warm_up_fraction():
+    """iterations=400 alone once left the 1500-iteration warm-up unfinished: the lr never reached its value."""
+    from dinokit.dense.train import lr_schedule, recipe_with_overrides
+
+    assert recipe_with_overrides("seg", "linear", []).warmup_iters == 1500  # the published 1500 of 40000
+    short = recipe_with_overrides("seg", "linear", ["iterations=400"])
+    assert short.warmup_iters == 15
+    assert float(lr_schedule(short).max()) == pytest.approx(1e-3)
+    assert recipe_with_overrides("depth", "dpt", ["iterations=3840"]).warmup_iters == 1280  # 12800 of 38400
+    assert recipe_with_overrides("seg", "linear", ["iterations=400", "warmup_iters=300"]).warmup_iters == 300
 
 
 def test_predict_keeps_images_of_the_same_name_from_different_folders(tmp_path, capsys):

@@ -144,10 +144,12 @@ def train_head(
             dense_task,
             EngineConfig(max_iter=recipe.iterations, checkpoint_period=recipe.checkpoint_period,
                          snapshot_period=recipe.eval_period, log_freq=recipe.log_freq, clip_grad=recipe.clip_grad,
-                         betas=tuple(recipe.betas)),
+                         betas=tuple(recipe.betas), progress=progress),
             output_dir=out, device=device_, schedules={"lr": lr_schedule(recipe), "wd": [recipe.weight_decay] * recipe.iterations},
             hooks=[eval_hook],
         )
+        if du.is_main_process():
+            print(recipe_line(recipe, head, task, len(train_set)))
         start = engine.restore(resume=resume)
         rank = du.get_rank()  # each rank draws its own batches (seeded by rank), as a sharded sampler would
         engine.run(lambda start_iter: make_batches(cached, train_set, recipe, start_iter, rank=rank), start_iter=start)
@@ -169,6 +171,14 @@ def _headline(result: dict, task: str) -> dict:
     if task == "seg":
         return {"val_mIoU": result["mIoU"], "val_aAcc": result["aAcc"]}
     return {"val_rmse": result["rmse"], "val_abs_rel": result["abs_rel"], "val_delta1": result["delta1"]}
+
+
+def recipe_line(recipe: DenseRecipe, head: str, task: str, n_images: int) -> str:
+    """One line saying what will be trained (a short ``iterations=`` keeps the recipe's warm-up fraction)."""
+    crops = "x".join(map(str, recipe.crop_size)) + (" crops" if recipe.augment else " resized images, features cached")
+    evals = f"validation every {recipe.eval_period}" if 0 < recipe.eval_period < recipe.iterations else "validation at the end"
+    return (f"training a {task} head '{head}' on {n_images} images: {recipe.iterations} iterations of batch "
+            f"{recipe.batch_size}, {crops}, lr {recipe.lr:g} after {recipe.warmup_iters} warm-up, {evals}")
 
 
 def _inference_config(recipe: DenseRecipe, head: str) -> InferenceConfig:

@@ -89,11 +89,16 @@ def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRe
     if task == "depth" and head == "dpt":
         recipe.grad_loss_weight, recipe.lr, recipe.weight_decay = 0.5, 1e-4, 0.01
     fields = {f.name: f for f in dataclasses.fields(DenseRecipe)}
+    given = set()
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or key not in fields:
             raise DinokitError(f"unknown setting {item!r}; known: {', '.join(fields)} (as key=value)")
         setattr(recipe, key, _parse(key, value, getattr(recipe, key)))
+        given.add(key)
+    if "iterations" in given and "warmup_iters" not in given:  # a shorter run keeps the recipe's warm-up fraction
+        published = RECIPES[task]
+        recipe.warmup_iters = round(published.warmup_iters * recipe.iterations / published.iterations)
     if recipe.iterations < 1:  # no training: the saved head would be the random initialisation
         raise DinokitError(f"iterations must be at least 1, got {recipe.iterations}")
     if recipe.batch_size < 1:

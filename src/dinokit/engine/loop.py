@@ -53,6 +53,7 @@ class EngineConfig:
     keep_checkpoints: int = 3
     tracker: str = "none"  # also log to tensorboard or wandb
     run_config: dict | None = None  # recorded by trackers
+    progress: bool = True  # the console progress bar (the metrics lines are written either way)
 
 
 class Hook(Protocol):
@@ -236,7 +237,8 @@ class Engine:
         loader = make_loader(start_iter)
         tracker = _make_tracker(cfg, output_dir) if self.is_main else None
         logger = MetricsLogger(
-            output_dir / "training_metrics.json", total=max_iter, initial=start_iter, enabled=self.is_main, tracker=tracker
+            output_dir / "training_metrics.json", total=max_iter, initial=start_iter, enabled=self.is_main, tracker=tracker,
+            bar=cfg.progress,
         )
         log_freq, ckpt_period = max(1, cfg.log_freq), max(1, cfg.checkpoint_period)
         pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []

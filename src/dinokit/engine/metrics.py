@@ -18,12 +18,14 @@ class MetricsLogger:
     last_layer_lr, current_batch_size, total_loss and each loss term.
     """
 
-    def __init__(self, path: Path | None, *, total: int = 0, initial: int = 0, enabled: bool = True, tracker=None):
+    def __init__(self, path: Path | None, *, total: int = 0, initial: int = 0, enabled: bool = True, tracker=None,
+                 bar: bool = True):
         self.path = Path(path) if path is not None else None
         self.tracker = tracker  # anything with log(metrics, step) and close()
         self.values: dict[str, list[float]] = defaultdict(list)
         self.enabled = enabled
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True, disable=not enabled)
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
+                        disable=not (enabled and bar))
 
     def update(self, **values: float) -> None:
         for key, value in values.items():
