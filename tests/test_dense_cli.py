@@ -190,6 +190,31 @@ def test_augmented_training_validates_resumes_and_trains_dpt(demo_teacher, tmp_p
     assert result["images"] == 2 and result["rmse"] > 0
 
 
+def test_two_process_torchrun_training(demo_teacher, tmp_path):
+    """Under torchrun both ranks once took the run folder's lock (rank 1 failed), and the sharded backbone, read
+    through get_intermediate_layers rather than forward, mixed DTensor and Tensor parameters."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dinokit.dense.generated import write_dense_sample
+
+    write_dense_sample("seg", tmp_path / "seg", counts={"train": 4, "val": 2})
+    data = tmp_path / "seg"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_port=29543", "-m", "dinokit",
+           "dense", "train", "--task", "seg", "--head", "linear", "--pretrained-weights", str(demo_teacher.snapshot),
+           "--device", "cpu", "--train-dataset", f"SegSample:split=train:root={data}",
+           "--val-dataset", f"SegSample:split=val:root={data}", "--output-dir", str(tmp_path / "out"), "--no-progress",
+           "iterations=3", "batch_size=2", "crop_size=48", "base_size=64", "eval_size=0", "eval_mode=whole",
+           "num_workers=0", "checkpoint_period=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mIoU" in proc.stdout and (tmp_path / "out" / "head.pth").is_file()
+    assert json.loads((tmp_path / "out" / "results_eval_segmentation.json").read_text())["images"] == 2
+    assert not (tmp_path / "out" / ".dinokit.lock").exists()
+
+
 def test_a_shorter_run_keeps_the_recipes_warm_up_fraction():
     """iterations=400 alone once left the 1500-iteration warm-up unfinished: the lr never reached its value."""
     from dinokit.dense.train import lr_schedule, recipe_with_overrides

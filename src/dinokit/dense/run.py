@@ -103,6 +103,7 @@ def train_head(
     for ds in (train_set, val_set):
         if ds.info.task != task:
             raise DinokitError(f"{ds.name!r} is a {ds.info.task} dataset but --task is {task}")
+    du.init_from_environment()  # under torchrun, before the run folder: only rank 0 takes its lock
     # checked before anything is written: a folder of its own, no other run in it, the same settings
     with open_run_dir(out, resume=resume, config=settings, config_file="dense_config.json",
                       allowed_changes=DENSE_RESUMABLE_CHANGES):

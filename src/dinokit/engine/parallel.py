@@ -67,7 +67,7 @@ def fsdp_mixed_precision(param_dtype: torch.dtype | None, reduce_dtype: torch.dt
 
 def apply_fsdp(module: nn.Module, *, mesh, param_dtype: torch.dtype | None, reshard_after_forward: bool = True) -> None:
     """Shard every transformer block of ``module`` (any depth) with FSDP2 ``fully_shard``, then ``module`` itself."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     # FSDP2 warns when a sharded module returns a view: an in-place op on it would skip the module's
     # pre-backward hook. The backbone returns its class, register and patch tokens as views of one normalised
@@ -80,6 +80,10 @@ def apply_fsdp(module: nn.Module, *, mesh, param_dtype: torch.dtype | None, resh
         for block in backbone.blocks:
             fully_shard(block, **kwargs)
     fully_shard(module, **kwargs)
+    # a frozen backbone read by a dense head or a linear probe is called through get_intermediate_layers, not
+    # forward: FSDP2 must gather its parameters around that method too (a no-op where module is not the backbone)
+    if hasattr(module, "get_intermediate_layers"):
+        register_fsdp_forward_method(module, "get_intermediate_layers")
 
 
 def _backbones(module: nn.Module) -> list[nn.Module]:
