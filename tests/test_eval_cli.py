@@ -238,3 +238,22 @@ def test_the_random_init_baseline_says_why(sample, capsys):
     _, description = eval_setup.setup_eval_model(config_file=str(config), random_init=True)
     assert capsys.readouterr().out == "random init asked for: the randomly initialised backbone (seed 0), a baseline\n"
     assert description["weights"] == "random-init (seed 0)"
+
+
+def test_the_weights_option_has_both_spellings_in_every_command():
+    """embed/viz/curate/export say --weights, eval/dense (the official evaluation scripts) --pretrained-weights:
+    each command accepts both, so a user switching commands is not refused."""
+    from dinokit.cli import build_parser
+
+    parser = build_parser()
+    commands = {
+        "weights": [["embed", "in", "--out", "o.npz"], ["viz", "pca", "in", "--out", "o"], ["curate", "run", "--pool", "p",
+                    "--output-dir", "w"], ["export", "onnx", "--image-size", "224", "224", "--out", "o.onnx"]],
+        "pretrained_weights": [["eval", "knn", "--train-dataset", "a", "--val-dataset", "b", "--output-dir", "o"],
+                               ["dense", "train", "--task", "seg", "--head", "linear", "--train-dataset", "a",
+                                "--val-dataset", "b", "--output-dir", "o"]],
+    }
+    for dest, argvs in commands.items():
+        for argv in argvs:
+            for option in ("--weights", "--pretrained-weights"):
+                assert getattr(parser.parse_args([*argv, option, "w.pth"]), dest) == "w.pth", (argv, option)

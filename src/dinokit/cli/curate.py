@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--target-size", type=int, help="images in the curated set (default: all that dedup leaves)")
         p.add_argument("--model", help="hub name of the embedding backbone (default dinov2_vits14, official weights)")
         p.add_argument("--config-file", help="embed with the backbone of a training config.yaml instead")
-        p.add_argument("--weights", help="backbone weights (teacher_checkpoint.pth, ...); 'random' = random init")
+        p.add_argument("--weights", "--pretrained-weights", help="backbone weights (teacher_checkpoint.pth, ...); 'random' = random init")
         p.add_argument("--copy-model", help="a hub backbone for the copy-detection descriptor (embed.copy=model)")
         p.add_argument("--copy-config-file", help="... or a training config.yaml")
         p.add_argument("--copy-weights", help="... and its weights")

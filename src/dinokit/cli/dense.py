@@ -22,7 +22,7 @@ DATASETS_HELP = (
 def _add_backbone(p: argparse.ArgumentParser, *, required: bool) -> None:
     note = "" if required else " (default: the backbone recorded in the head file)"
     p.add_argument("--config-file", default=None, help="eval preset or training run config.yaml defining the backbone" + note)
-    p.add_argument("--pretrained-weights", default=None, metavar="PATH",
+    p.add_argument("--pretrained-weights", "--weights", default=None, metavar="PATH",
                    help="backbone weights; a teacher_checkpoint.pth finds its run's config.yaml by itself")
     p.add_argument("--model", default=None, metavar="NAME", help="hub backbone name, e.g. dinov2_vits14")
     p.add_argument("--random-init", action="store_true", help="with --model: random weights (a baseline)")

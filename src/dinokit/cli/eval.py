@@ -26,7 +26,7 @@ def _add_common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
                         "root=...:extra=..., FileList:path=LIST, Sample:split=TRAIN, or a folder path")
     p.add_argument("--val-dataset", required=True, metavar="STR", help="labelled validation set (same syntax)")
     p.add_argument("--config-file", default=None, help="eval preset or training config.yaml defining the backbone")
-    p.add_argument("--pretrained-weights", default=None, metavar="PATH",
+    p.add_argument("--pretrained-weights", "--weights", default=None, metavar="PATH",
                    help="backbone weights (any dinokit/official layout); a teacher_checkpoint.pth finds its run's "
                         "config.yaml by itself")
     p.add_argument("--model", default=None, metavar="NAME", help="hub name, e.g. dinov2_vits14 (see 'dinokit models')")

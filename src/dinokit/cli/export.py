@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = formats.add_parser("onnx", help="ONNX graph checked with onnxruntime (pip install 'dinokit[onnx]')")
     p.add_argument("--model", default="dinov2_vits14", help="hub name (default: %(default)s)")
     p.add_argument("--config-file", help="use the backbone of a training config.yaml instead of --model")
-    p.add_argument("--weights", help="backbone file (any layout dinokit loads); default: the official weights of --model")
+    p.add_argument("--weights", "--pretrained-weights", help="backbone file (any layout dinokit loads); default: the official weights of --model")
     p.add_argument("--random-init", action="store_true", help="random weights (no download)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), required=True, help="input size in pixels")
     p.add_argument("--dynamic", action="store_true", help="free batch, height and width (position embedding resampled in the graph)")
