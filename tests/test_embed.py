@@ -354,3 +354,25 @@ def test_a_stage_preset_describes_its_architecture_without_the_run_it_starts_fro
     assert main(["embed", str(tmp_path / "a.png"), "--config-file", "vitl14_highres", "--random-init",
                  "--image-size", "28", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     assert np.load(out)["cls"].shape == (1, 1024)
+
+
+def test_torchrun_ranks_embed_shards_and_one_writes(images, tmp_path) -> None:
+    """Under torchrun every process once embedded every image alone and all wrote the same file."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["embed", str(images), "--model", "dinov2_vits14", "--random-init", "--image-size", "28",
+            "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "dinokit", *args, "--out", str(tmp_path / "one.npz")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    ranks = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29547", "-m", "dinokit", *args, "--out",
+                            str(tmp_path / "two.npz")], capture_output=True, text=True, timeout=300, env=env)
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    assert ranks.stdout.count("embedded 5 images") == 1 and ranks.stdout.count("wrote ") == 1
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert two["paths"].tolist() == one["paths"].tolist() and sorted(two["bad_paths"]) == sorted(one["bad_paths"])
+    np.testing.assert_allclose(two["cls"], one["cls"], atol=1e-5)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed as du
 from ..config import find_run_config
 from ..data.datasets import make_dataset
 from ..data.images import ImageFiles, resolve_image_inputs
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output file: .npz, .npy or .parquet")
     p.add_argument("--model", default=None, help="hub name (default: dinov2_vits14, or the run's config.yaml found "
                    "beside a --weights teacher_checkpoint.pth; see 'dinokit models')")
-    p.add_argument("--weights", help="backbone file or URL (hub layout, teacher_checkpoint.pth, .safetensors, ...)")
+    p.add_argument("--weights", "--pretrained-weights", help="backbone file or URL (hub layout, teacher_checkpoint.pth, .safetensors, ...)")
     p.add_argument("--random-init", action="store_true",
                    help="random weights; without it and without --weights, the official weights are downloaded "
                    "once into the torch.hub cache")
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         paths = resolve_image_inputs(args.input)
         dataset = ImageFiles(paths, transform=transform)
+    du.init_from_environment()  # under torchrun each rank embeds a shard (extract_features gathers them)
     device = resolve_device(args.device)
     dtype = inference_dtype(device, resolve_dtype(args.dtype, device))  # float32: no autocast; fp16 on CPU: a warning
     model, description = _build_model(args, device)
@@ -215,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
     if len(result) == 0:
         raise DinokitError(f"none of the {len(paths)} images could be read (first: {bad_paths[0]}); check the files")
 
+    if not du.is_main_process():  # every rank holds the gathered result: one writes it
+        return 0
     arrays = {k: v.numpy() for k, v in result.features.items()}
     ok_paths = [str(paths[i]) for i in result.indices.tolist()]
     written = write_embeddings(out, arrays, ok_paths, bad_paths)
