@@ -191,8 +191,9 @@ def test_augmented_training_validates_resumes_and_trains_dpt(demo_teacher, tmp_p
 
 
 def test_two_process_torchrun_training(demo_teacher, tmp_path):
-    """Under torchrun both ranks once took the run folder's lock (rank 1 failed), and the sharded backbone, read
-    through get_intermediate_layers rather than forward, mixed DTensor and Tensor parameters."""
+    """Under torchrun both ranks once took the run folder's lock (rank 1 failed), the sharded backbone, read
+    through get_intermediate_layers rather than forward, mixed DTensor and Tensor parameters, and head.pth held the
+    sharded head's DTensors (no other process could load it)."""
     import os
     import subprocess
     import sys
@@ -211,8 +212,27 @@ def test_two_process_torchrun_training(demo_teacher, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mIoU" in proc.stdout and (tmp_path / "out" / "head.pth").is_file()
-    assert json.loads((tmp_path / "out" / "results_eval_segmentation.json").read_text())["images"] == 2
+    saved = torch.load(tmp_path / "out" / "head.pth", weights_only=True)["state_dict"]
+    assert type(saved["decode_head.conv_seg.weight"]) is torch.Tensor and saved["decode_head.conv_seg.weight"].shape[0] == 9
+    trained = json.loads((tmp_path / "out" / "results_eval_segmentation.json").read_text())
+    assert trained["images"] == 2
     assert not (tmp_path / "out" / ".dinokit.lock").exists()
+    # eval and predict share the images between the ranks (each rank once did all of them and wrote the same files)
+    launch = lambda port: [cmd[0], "--nproc_per_node=2", f"--master_port={port}", "-m", "dinokit"]  # noqa: E731
+    head = str(tmp_path / "out" / "head.pth")
+    proc = subprocess.run([*launch(29544), "dense", "eval", "--head-weights", head, "--val-dataset",
+                           f"SegSample:split=val:root={data}", "--output-dir", str(tmp_path / "ev"), "--no-progress",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("mIoU") == 1
+    pooled = json.loads((tmp_path / "ev" / "results_eval_segmentation.json").read_text())
+    assert (pooled["mIoU"], pooled["IoU"], pooled["images"]) == (trained["mIoU"], trained["IoU"], 2)
+    proc = subprocess.run([*launch(29545), "dense", "predict", str(data / "val" / "images"), "--head", head, "--out",
+                           str(tmp_path / "pred"), "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote 2 picture(s)") == 1 and len(list((tmp_path / "pred").iterdir())) == 2
 
 
 def test_a_shorter_run_keeps_the_recipes_warm_up_fraction():

@@ -289,3 +289,37 @@ def test_slide_inference_equals_whole_inference_when_windows_cover_the_image_onc
         assert torch.allclose(probs, manual, atol=1e-6)
         assert torch.allclose(probs.sum(1), torch.ones(1, 56, 84), atol=1e-5)
         assert model.predict(x, scales=(1.0, 1.5), size=(20, 30)).shape == (1, 5, 20, 30)
+
+
+@pytest.mark.parametrize("kind", ["seg-linear", "depth-linear"])
+def test_sharded_evaluation_pools_to_the_single_process_numbers(tmp_path, monkeypatch, kind):
+    """``evaluate(shard=True)`` under two ranks (simulated): each predicts every other image, the pooled metrics
+    equal one process's exactly (segmentation counts summed, depth rows averaged in dataset order)."""
+    import dinokit.distributed as du
+    from dinokit.dense.datasets import DenseEvalTransform, make_dense_dataset
+    from dinokit.dense.generated import write_dense_sample
+    from dinokit.dense.inference import InferenceConfig, evaluate
+
+    task = kind.split("-")[0]
+    write_dense_sample(task, tmp_path, counts={"train": 1, "val": 5})
+    name = "SegSample" if task == "seg" else "DepthSample"
+    dataset = make_dense_dataset(f"{name}:split=val:root={tmp_path}", transform=DenseEvalTransform(None))
+    torch.manual_seed(0)
+    model = build_dense_model(create_model("dinov2_vits14", pretrained=False, depth=2, **SMALL), kind, num_classes=9)
+    single = evaluate(model, dataset, InferenceConfig(), progress=False, shard=True)  # one process: no sharding
+    shares = {}
+
+    def gather(part, rank):
+        shares[rank] = part
+        return [shares[0], shares[1]] if rank == 0 else [part]
+
+    monkeypatch.setattr(du, "get_world_size", lambda: 2)
+    for rank in (1, 0):  # rank 1 runs first and keeps its share, rank 0 gathers both
+        monkeypatch.setattr(du, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(du, "all_gather_object", lambda part, rank=rank: gather(part, rank))
+        pooled = evaluate(model, dataset, InferenceConfig(), progress=False, shard=True)
+    if task == "depth":
+        assert shares[1][2] == [1, 3] and shares[0][2] == [0, 2, 4]  # the dataset index of each rank's rows
+    else:
+        assert float(shares[1][0].label_area.sum()) == 2 * 64 * 64  # two 64 px images' pixels on rank 1
+    assert pooled == single and pooled["images"] == 5

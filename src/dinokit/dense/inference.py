@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .. import distributed as du
 from ..errors import DinokitError
 from .datasets import DenseDataset
 from .metrics import DepthMetrics, SegMetrics
@@ -58,25 +59,36 @@ def evaluate(
     *,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    shard: bool = False,
 ) -> dict:
-    """Metrics of ``model`` on ``dataset``: mIoU/aAcc/IoU (segmentation) or rmse/abs_rel/delta1/... (depth)."""
+    """Metrics of ``model`` on ``dataset``: mIoU/aAcc/IoU (segmentation) or rmse/abs_rel/delta1/... (depth).
+
+    ``shard``: under ``torchrun`` rank r predicts images r, r + world, ... and the ranks' counts are pooled, giving
+    the single-process numbers (depth rows are averaged in dataset order). Not for a backbone sharded with FSDP2,
+    whose ranks must run the same forwards: training evaluates every image on every rank.
+    """
     info = dataset.info
     if model.task == "seg":
         meter = SegMetrics(model.decode_head.num_classes)
     else:
         meter = DepthMetrics(min_depth=info.min_depth, max_depth=info.max_depth, eigen_crop=info.eigen_crop)
+    rank, world = (du.get_rank(), du.get_world_size()) if shard else (0, 1)
     was_training = model.training
     model.eval()
-    skipped = 0
-    for i in tqdm(range(len(dataset)), desc="evaluate", disable=not progress, leave=False):
+    skipped, row_index = 0, []  # row_index: the dataset index of each depth row
+    for i in tqdm(range(rank, len(dataset), world), desc="evaluate", disable=not progress or rank != 0, leave=False):
         item = dataset[i]
         if item is None:  # unreadable image (named in a warning)
             skipped += 1
             continue
         label = item["label"]
         pred = predict_image(model, item["image"], label.shape[-2:], cfg, dtype).cpu()
+        rows_before = len(getattr(meter, "rows", ()))
         meter.update(pred, label)
+        row_index += [i] * (len(getattr(meter, "rows", ())) - rows_before)
     model.train(was_training)
+    if world > 1:
+        meter, skipped = _pool_ranks(meter, skipped, row_index)
     if skipped == len(dataset):
         raise DinokitError(f"no image of {dataset.name!r} could be read; check the files")
     result = meter.compute()
@@ -85,6 +97,21 @@ def evaluate(
     result["images"] = len(dataset) - skipped
     result["skipped_images"] = skipped
     return result
+
+
+def _pool_ranks(meter, skipped: int, row_index: list[int]):
+    """Every rank's meter merged into one (the same on every rank), and the total of skipped images."""
+    parts = du.all_gather_object((meter, skipped, row_index))
+    merged = parts[0][0]
+    if isinstance(merged, SegMetrics):
+        for other, _, _ in parts[1:]:
+            merged.intersection += other.intersection
+            merged.union += other.union
+            merged.label_area += other.label_area
+    else:
+        rows = sorted((i, n, row) for rank_meter, _, index in parts for n, (i, row) in enumerate(zip(index, rank_meter.rows)))
+        merged.rows = [row for _, _, row in rows]
+    return merged, sum(part[1] for part in parts)
 
 
 def format_results(result: dict, task: str) -> str:

@@ -116,12 +116,14 @@ def load_head(head: nn.Module, weights: str | Path | Mapping[str, Any]) -> nn.Mo
     return head
 
 
-def save_head(head: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> Path:
-    """Write ``head`` as an official-layout file (``{"state_dict": {"decode_head.*"}}``) plus dinokit's description."""
+def save_head(head: nn.Module | Mapping[str, torch.Tensor], path: str | Path, meta: Mapping[str, Any]) -> Path:
+    """Write ``head`` (a module, or its full state dict) as an official-layout file (``{"state_dict":
+    {"decode_head.*"}}``) plus dinokit's description."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = head.state_dict() if isinstance(head, nn.Module) else head
     payload = {
-        "state_dict": {PREFIX + k: v.detach().cpu() for k, v in head.state_dict().items()},
+        "state_dict": {PREFIX + k: v.detach().cpu() for k, v in state.items()},
         "dinokit": dict(meta),
     }
     with atomic_write(path) as tmp:

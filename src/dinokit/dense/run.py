@@ -86,7 +86,7 @@ def train_head(
     progress: bool = True,
 ) -> dict:
     """Train a head on the frozen backbone, evaluate it on ``val_dataset``, save ``head.pth`` and the results."""
-    from ..engine import Engine, EngineConfig, init_run
+    from ..engine import Engine, EngineConfig, full_state_dict, init_run
     from ..engine.run_dir import open_run_dir
     from ..eval.setup import resolve_device
 
@@ -156,8 +156,9 @@ def train_head(
         engine.run(lambda start_iter: make_batches(cached, train_set, recipe, start_iter, rank=rank), start_iter=start)
         result = evaluate(dense_model, val_set, inference, progress=progress)
         result.update(dataset=val_dataset, train_dataset=train_dataset, weights=_weights(backbone_source))
+        head_state = full_state_dict(head_module)  # whole tensors where FSDP2 shards the head (every rank)
         if du.is_main_process():
-            save_head(head_module, out / "head.pth", meta)
+            save_head(head_state, out / "head.pth", meta)
             _write_json(out / results_name(task), result)
             print(f"{task} head '{head}' on {val_dataset}:\n{format_results(result, task)}")
             print(f"head saved to {out / 'head.pth'}; results in {out / results_name(task)}")
@@ -239,6 +240,7 @@ def eval_head(
 ) -> dict:
     """Evaluate a saved head on ``val_dataset``; writes ``results_eval_{segmentation,depth}.json``."""
     check_writable(output_dir)  # one line before any work
+    du.init_from_environment()  # under torchrun the ranks share the images (device: this rank's GPU)
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
     saved = meta.get("inference", {})
     if inference is None:
@@ -249,7 +251,7 @@ def eval_head(
     dataset = make_dense_dataset(val_dataset, transform=DenseEvalTransform(size or None))
     if dataset.info.task != model.task:
         raise DinokitError(f"{val_dataset!r} is a {dataset.info.task} dataset but the head predicts {model.task}")
-    result = evaluate(model, dataset, inference, progress=progress)
+    result = evaluate(model, dataset, inference, progress=progress, shard=True)
     result.update(dataset=val_dataset, head=str(Path(head_file).resolve()), weights=_weights(meta["backbone"]))
     if du.is_main_process():
         out = Path(output_dir)
@@ -264,7 +266,8 @@ def predict_files(
     images: Sequence[str], *, head_file: str | Path, out_dir: str | Path, backbone_source: dict[str, Any] | None = None,
     device: str = "auto", size: int | None = None, inference: InferenceConfig | None = None,
 ) -> list[Path]:
-    """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image."""
+    """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image; returns the
+    pictures this process wrote (under ``torchrun`` each rank draws a share)."""
     check_writable(out_dir, "--out")  # one line before any work
     from ..data.images import load_image, resolve_image_inputs, warn_skipped
     from ..data.transforms import MAX_ASPECT, short_side_size
@@ -272,13 +275,15 @@ def predict_files(
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
     from ..viz.drawing import unique_stems
 
+    du.init_from_environment()  # under torchrun rank r draws pictures r, r + world, ...
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
     inference = inference or InferenceConfig()
     files = [f for item in images for f in resolve_image_inputs(item)]
     out = Path(out_dir)
     written, skipped = [], 0
     # inputs of different folders may share a file name: suffixed, so that no output overwrites another
-    for path, name in zip(files, unique_stems([Path(f).stem for f in files])):
+    jobs = list(zip(files, unique_stems([Path(f).stem for f in files])))
+    for path, name in jobs[du.get_rank()::du.get_world_size()]:
         try:
             pil = load_image(path, draft_size=size)
         except (OSError, ValueError) as err:
@@ -297,7 +302,9 @@ def predict_files(
         target = out / f"{name}_{model.task}.png"
         side_by_side(pil, picture).save(target)
         written.append(target)
-    if not written:
+    n_written, skipped = (sum(counts) for counts in zip(*du.all_gather_object((len(written), skipped))))
+    if not n_written:
         raise DinokitError(f"none of the {len(files)} image(s) could be read (first: {files[0]}); check the files")
-    print(f"wrote {len(written)} picture(s) to {out}" + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
+    if du.is_main_process():
+        print(f"wrote {n_written} picture(s) to {out}" + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
     return written

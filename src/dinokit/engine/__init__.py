@@ -18,7 +18,7 @@ Schedules are indexable per iteration (``CosineScheduler`` or anything with ``__
 """
 
 from .checkpoint import Checkpointer, atomic_torch_save, list_checkpoints
-from .loop import Engine, EngineConfig, Hook, batch_to, init_run, newest_snapshot, save_export
+from .loop import Engine, EngineConfig, Hook, batch_to, full_state_dict, init_run, newest_snapshot, save_export
 from .metrics import MetricsLogger
 from .optim import CosineScheduler, ScheduleConfig, build_schedulers, get_param_groups
 from .task import Export, LossOutput, Task, ema_update
@@ -43,4 +43,5 @@ __all__ = [
     "list_checkpoints",
     "newest_snapshot",
     "save_export",
+    "full_state_dict",
 ]

@@ -88,11 +88,17 @@ def batch_to(batch: Any, device: torch.device) -> Any:
     return move(batch)
 
 
-def save_export(export: Export, path: Path) -> None:
-    """Write ``{"teacher": full state dict}`` of ``export.module`` (collective: every rank calls it)."""
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with whole tensors on the CPU, also where FSDP2 shards it (collective: every rank
+    calls it; plain tensors in one process)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(export.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_export(export: Export, path: Path) -> None:
+    """Write ``{"teacher": full state dict}`` of ``export.module`` (collective: every rank calls it)."""
+    sd = full_state_dict(export.module)
     if dist_utils.is_main_process():
         atomic_torch_save({"teacher": export.layout(sd) if export.layout else sd}, path)
     dist_utils.barrier()
