@@ -61,8 +61,9 @@ def raw_pixel_knn(folder: Path, image_size: int) -> float:
     return _knn_top1(xt, yt, xv, yv, num_classes)
 
 
-def network_knn(folder: Path, cfg, weights: Path | None) -> float:
-    """k-NN top-1 of the preset's backbone: random initialisation (seed 0) or ``weights``."""
+def network_knn(folder: Path, cfg, weights: Path | None, image_size: int = 0) -> float:
+    """k-NN top-1 of the preset's backbone: random initialisation (seed 0) or ``weights``, on images of
+    ``image_size`` (0: the preset's global crop size; the position embeddings are interpolated to other sizes)."""
     import torch
 
     from dinokit.config import backbone_from_config, backbone_img_size
@@ -74,8 +75,8 @@ def network_knn(folder: Path, cfg, weights: Path | None) -> float:
     if weights is not None:
         load_backbone_weights(backbone, weights)
     metrics = run_knn_eval(backbone.eval(), train_dataset_str=f"ImageFolder:root={folder}/train",
-                           val_dataset_str=f"ImageFolder:root={folder}/val", image_size=backbone_img_size(cfg.crops),
-                           ks=[KNN_K])
+                           val_dataset_str=f"ImageFolder:root={folder}/val",
+                           image_size=image_size or backbone_img_size(cfg.crops), ks=[KNN_K])
     return float(metrics[f"knn_top1_k{KNN_K}"])
 
 
@@ -147,6 +148,21 @@ def train_preset(folder: Path, preset: str, out: Path, iterations: int | None, o
     return cfg, Path(snapshots[-1]), seconds, total, curve
 
 
+def finished_run(out: Path):
+    """What :func:`train_preset` returns, read from a finished run folder (None if it is not one)."""
+    from dinokit.config import load_config
+
+    snapshots = sorted((out / "eval").glob("training_*/teacher_checkpoint.pth"),
+                       key=lambda p: int(p.parent.name.split("_")[1]))
+    if not (out / "config.yaml").is_file() or not snapshots:
+        return None
+    cfg = load_config(str(out / "config.yaml"))
+    total = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    if int(snapshots[-1].parent.name.split("_")[1]) + 1 != total:
+        return None
+    return cfg, snapshots[-1], 0.0, total, {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=list(ALL_SETS), choices=ALL_SETS)
@@ -161,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="name of this variant in the results (for ablations)")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure raw pixels and random init [yes]")
+    parser.add_argument("--eval-size", type=int, nargs="+", default=[0],
+                        help="k-NN image sizes (0: the preset's global crop size; others add columns NAME@SIZE) [0]")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="a run folder that holds a finished run is evaluated, not trained again")
     parser.add_argument("--supervised-steps", type=int, default=0,
                         help="also train the first preset's network WITH the labels for N steps (the supervised "
                              "control; README: 1000) [0: no]")
@@ -178,19 +198,24 @@ def main(argv: list[str] | None = None) -> int:
         n_val = sum(1 for _ in (folder / "val").rglob("*.png"))
         n_classes = sum(1 for d in (folder / "train").iterdir() if d.is_dir())
         row = {"set": name, "train": n_train, "val": n_val, "classes": n_classes, "k": KNN_K}
+        sized = lambda key, size: key if size == 0 else f"{key}@{size}"  # noqa: E731
         if args.baselines:
-            row["raw_pixels"] = raw_pixel_knn(folder, backbone_img_size(first.crops))
-            row["random_init"] = network_knn(folder, first, None)
+            for size in args.eval_size:
+                row[sized("raw_pixels", size)] = raw_pixel_knn(folder, size or backbone_img_size(first.crops))
+                row[sized("random_init", size)] = network_knn(folder, first, None, size)
         if args.supervised_steps:
             row[f"supervised_{args.supervised_steps}"] = supervised_knn(folder, first, args.supervised_steps)
         for preset in ([] if args.no_training else args.presets):
             label = f"{preset}{'+' + args.tag if args.tag else ''}"
             out = args.root / "runs" / f"{name}-{label}"
-            cfg, snapshot, seconds, total, curve = train_preset(folder, preset, out, args.iterations, args.opts,
-                                                                args.eval_every)
-            row[label] = network_knn(folder, cfg, snapshot)
+            finished = finished_run(out) if args.reuse_runs else None
+            cfg, snapshot, seconds, total, curve = finished or train_preset(folder, preset, out, args.iterations,
+                                                                            args.opts, args.eval_every)
+            for size in args.eval_size:
+                row[sized(label, size)] = network_knn(folder, cfg, snapshot, size)
             row[f"{label}_iterations"] = total
-            row[f"{label}_seconds"] = round(seconds)
+            if finished is None:
+                row[f"{label}_seconds"] = round(seconds)
             if curve:
                 row[f"{label}_curve"] = curve
         row["opts"] = list(args.opts)
