@@ -109,8 +109,8 @@ def _pool_ranks(meter, skipped: int, row_index: list[int]):
             merged.union += other.union
             merged.label_area += other.label_area
     else:
-        rows = sorted((i, n, row) for rank_meter, _, index in parts for n, (i, row) in enumerate(zip(index, rank_meter.rows)))
-        merged.rows = [row for _, _, row in rows]
+        indexed = [(i, row) for rank_meter, _, index in parts for i, row in zip(index, rank_meter.rows)]
+        merged.rows = [row for _, row in sorted(indexed, key=lambda pair: pair[0])]
     return merged, sum(part[1] for part in parts)
 
 
