@@ -8,7 +8,10 @@ Each set is written under a root folder, deterministically, in the ImageFolder l
   squares, triangles, bricks, spiral; any orientation), rendered like it (generated; also
   ``benchmarks/stages.py``'s new data);
 - ``clipart``: 8 top-level categories of the Open Clip Art Library (Debian ``openclipart-png``);
-- ``tuxpaint``: 7 categories of Tux Paint's stamps (Debian ``tuxpaint-stamps-default``).
+- ``tuxpaint``: 7 categories of Tux Paint's stamps (Debian ``tuxpaint-stamps-default``);
+- ``emoji``: the 9 groups of Unicode's emoji list (smileys, people, animals, food, travel, activities, objects,
+  symbols, flags) drawn from Google's Noto Color Emoji font (Debian ``fonts-noto-color-emoji`` and
+  ``unicode-data``): one picture per fully-qualified emoji, skin-tone variants left out.
 
 The real images are composited onto white, padded to a square and stored at 96 px (as the generated ones),
 so that training reads small files. ``prepare_set(name, root)`` writes one (if needed) and returns its folder.
@@ -241,7 +244,11 @@ def to_small_rgb(path: Path, size: int = IMAGE_SIZE) -> Image.Image:
             raise OSError(f"{path}: {im.width}x{im.height} is too large to decode quickly")
         im.draft("RGB", (size, size))
         im.load()
-        rgba = im.convert("RGBA")
+        return square_on_white(im.convert("RGBA"), size)
+
+
+def square_on_white(rgba: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """An RGBA picture composited onto white, padded to a centred square and resized to ``size``."""
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, rgba).convert("RGB")
     side = max(rgb.size)
@@ -256,6 +263,18 @@ def _readable(path: Path) -> bool:
             return im.width * im.height <= MAX_PIXELS
     except (OSError, Image.DecompressionBombError):
         return False
+
+
+def _write_class(root: Path, name: str, sources: list, picture, rng: np.random.Generator, per_class: int) -> None:
+    """At most ``per_class`` of ``sources`` in a random order, the first ``VAL_FRACTION`` to ``val/name``, the
+    rest to ``train/name``, each saved as ``picture(source)``."""
+    chosen = [sources[i] for i in rng.permutation(len(sources))[:per_class]]
+    n_val = max(1, round(VAL_FRACTION * len(chosen)))
+    for split, part in (("val", chosen[:n_val]), ("train", chosen[n_val:])):
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, source in enumerate(part):
+            picture(source).save(folder / f"{name}_{i:04d}.png")
 
 
 def write_real(root: Path, source: Path, classes: tuple[str, ...], per_class: int, seed: int = 0) -> Path:
@@ -274,14 +293,55 @@ def write_real(root: Path, source: Path, classes: tuple[str, ...], per_class: in
             if digest not in seen and _readable(f):
                 seen.add(digest)
                 files.append(f)
-        order = np.random.default_rng([seed, class_index]).permutation(len(files))[:per_class]
-        chosen = [files[i] for i in order]
-        n_val = max(1, round(VAL_FRACTION * len(chosen)))
-        for split, part in (("val", chosen[:n_val]), ("train", chosen[n_val:])):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, f in enumerate(part):
-                to_small_rgb(f).save(folder / f"{name}_{i:04d}.png")
+        _write_class(root, name, files, to_small_rgb, np.random.default_rng([seed, class_index]), per_class)
+    marker.touch()
+    return root
+
+
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_LIST = Path("/usr/share/unicode/emoji/emoji-test.txt")
+EMOJI_GROUPS = {"Smileys & Emotion": "smileys", "People & Body": "people", "Animals & Nature": "animals",
+                "Food & Drink": "food", "Travel & Places": "travel", "Activities": "activities",
+                "Objects": "objects", "Symbols": "symbols", "Flags": "flags"}
+SKIN_TONES = range(0x1F3FB, 0x1F400)
+
+
+def emoji_by_group(listing: Path = EMOJI_LIST) -> dict[str, list[str]]:
+    """Unicode's emoji-test.txt as {class name: [emoji, ...]} in its order: fully-qualified emoji only, no
+    skin-tone variants, no components."""
+    groups: dict[str, list[str]] = {name: [] for name in EMOJI_GROUPS.values()}
+    group = None
+    for line in listing.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# group:"):
+            group = EMOJI_GROUPS.get(line.split(":", 1)[1].strip())
+        elif group and line.strip() and not line.startswith("#"):
+            codes, rest = line.split(";", 1)
+            points = [int(c, 16) for c in codes.split()]
+            if rest.split("#")[0].strip() == "fully-qualified" and not any(p in SKIN_TONES for p in points):
+                groups[group].append("".join(map(chr, points)))
+    return groups
+
+
+def render_emoji(text: str, font, size: int = IMAGE_SIZE) -> Image.Image:
+    canvas = Image.new("RGBA", (160 * len(text), 160), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).text((16, 16), text, font=font, embedded_color=True)
+    return square_on_white(canvas.crop(canvas.getbbox()), size)
+
+
+def write_emoji(root: Path, per_class: int = 320, seed: int = 0) -> Path:
+    """One picture per emoji of each group, shuffled with ``seed``, split as the other real sets."""
+    from PIL import ImageFont
+
+    marker = root / f".complete-{seed}-{per_class}"
+    if marker.exists():
+        return root
+    if not (EMOJI_FONT.is_file() and EMOJI_LIST.is_file()):
+        raise SystemExit(f"{EMOJI_FONT} or {EMOJI_LIST} is missing: install the Debian packages "
+                         "fonts-noto-color-emoji and unicode-data")
+    font = ImageFont.truetype(str(EMOJI_FONT), 109)  # the font's one bitmap size
+    for class_index, (name, texts) in enumerate(emoji_by_group().items()):
+        _write_class(root, name, texts, lambda text: render_emoji(text, font),
+                     np.random.default_rng([seed, class_index]), per_class)
     marker.touch()
     return root
 
@@ -291,7 +351,7 @@ GENERATED_SETS = {
     "patterns": (PATTERNS, render_pattern, {"train": 200, "val": 50}),
     "families": (NEW_FAMILIES, render_family, {"train": 200, "val": 50}),
 }
-ALL_SETS = (*GENERATED_SETS, *REAL_SETS)
+ALL_SETS = (*GENERATED_SETS, *REAL_SETS, "emoji")
 
 
 def prepare_set(name: str, root: Path) -> Path:
@@ -300,5 +360,7 @@ def prepare_set(name: str, root: Path) -> Path:
     if name in GENERATED_SETS:
         classes, render, counts = GENERATED_SETS[name]
         return write_generated(folder, classes, render, counts)
+    if name == "emoji":
+        return write_emoji(folder)
     source, classes, per_class = REAL_SETS[name]
     return write_real(folder, source, classes, per_class)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,3 +300,15 @@ def test_a_target_above_what_dedup_left_keeps_the_stages_and_a_mostly_copied_poo
     out = capsys.readouterr().out
     assert "[cluster] finished earlier with these settings" in out and "sampled 5" in out
     assert len((copy / "manifest.txt").read_text().splitlines()) == 5
+
+
+def test_retrieve_without_a_seed_set_says_it_had_nothing_to_do(scenes, tmp_path, capsys):
+    """The stage's line read 'retrieved None' when no --seed-set was given."""
+    root, _, _, _ = scenes
+    capsys.readouterr()
+    assert main(["curate", "run", "--pool", str(root / "pool"), "--output-dir", str(tmp_path / "w"),
+                 "--target-size", "5", *MODEL]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\[retrieve\] done in \d+\.\d s: nothing to do$", out, re.MULTILINE), out
+    assert "None" not in out
+    assert json.loads((tmp_path / "w" / "report.json").read_text())["counts"]["retrieved"] is None

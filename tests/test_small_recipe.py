@@ -138,3 +138,26 @@ def test_the_augmentation_refuses_bad_colour_settings_given_in_python(kwargs, me
     with pytest.raises(DinokitError) as err:
         DataAugmentationDINO((0.5, 1.0), (0.15, 0.5), 4, **kwargs)
     assert str(err.value) == message
+
+
+# ---------------------------------------------------------------------------------------------- the emoji set
+def test_emoji_listing_keeps_fully_qualified_emoji_without_skin_tones_by_group(tmp_path, load_benchmark):
+    image_sets = load_benchmark("image_sets")
+    listing = tmp_path / "emoji-test.txt"
+    listing.write_text(
+        "# group: Smileys & Emotion\n# subgroup: face-smiling\n"
+        "1F600                                                  ; fully-qualified     # 😀 E1.0 grinning face\n"
+        "263A FE0F                                              ; fully-qualified     # ☺️ E0.6 smiling face\n"
+        "263A                                                   ; unqualified         # ☺ E0.6 smiling face\n"
+        "# group: People & Body\n"
+        "1F44B 1F3FD                                            ; fully-qualified     # 👋🏽 E1.0 waving hand\n"
+        "1F468 200D 1F469 200D 1F467                            ; fully-qualified     # 👨‍👩‍👧 E2.0 family\n"
+        "# group: Component\n1F3FB                                                  ; component           # 🏻\n"
+        "# group: Flags\n1F1EB 1F1F7                                            ; fully-qualified     # 🇫🇷 France\n",
+        encoding="utf-8")
+    groups = image_sets.emoji_by_group(listing)
+    assert list(groups) == ["smileys", "people", "animals", "food", "travel", "activities", "objects", "symbols",
+                            "flags"]
+    assert groups["smileys"] == ["\U0001F600", "\u263A\uFE0F"]
+    assert groups["people"] == ["\U0001F468\u200D\U0001F469\u200D\U0001F467"]  # the skin-tone variant left out
+    assert groups["flags"] == ["\U0001F1EB\U0001F1F7"] and groups["animals"] == []

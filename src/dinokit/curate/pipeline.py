@@ -349,7 +349,8 @@ def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = 
     start = time.perf_counter()
     counts = STAGE_FUNCTIONS[stage](work, device=device, progress=progress, **kwargs)
     record = work.finish(stage, time.perf_counter() - start, counts)
-    _log(f"[{stage}] done in {record['seconds']:.1f} s: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    said = ", ".join(f"{k} {v}" for k, v in counts.items() if v is not None)  # None: not run (retrieve, no seed set)
+    _log(f"[{stage}] done in {record['seconds']:.1f} s: " + (said or "nothing to do"))
     return record
 
 
