@@ -240,6 +240,10 @@ def test_settings_and_inputs_are_refused_in_one_line_before_the_work_folder_is_w
          f"none of the 3 pool images could be read (first: {bad / 'b0.jpg'}); check the files"),
         ([*run, "--pool", str(pool), "--config-file", "demo", "--weights", str(garbage), "--device", "cpu"],
          f"cannot read checkpoint '{garbage}'"),
+        ([*run, "--pool", str(pool), "--config-file", "demo", "--device", "cpu"],
+         "--config-file needs --weights (e.g. a teacher_checkpoint.pth) or --random-init"),
+        ([*run, "--pool", str(pool), "--config-file", "demo", "--random-init", "--weights", str(garbage)],
+         f"--random-init and --weights '{garbage}' contradict each other; give one"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv
@@ -251,6 +255,10 @@ def test_settings_and_inputs_are_refused_in_one_line_before_the_work_folder_is_w
 
     assert main([*run, "--pool", str(pool), *MODEL, "dedup.threshold=1", "--target-size", "2"]) == 0  # the bounds
     assert len((work / "manifest.txt").read_text().splitlines()) == 2
+    # --random-init, as in every other command, is --weights random (the settings of the work folder unchanged)
+    as_flag = ["--random-init"] + [a for a in MODEL if a not in ("--weights", "random")]
+    assert main([*run, "--pool", str(pool), *as_flag, "dedup.threshold=1", "--target-size", "2"]) == 0
+    assert "finished earlier with these settings" in capsys.readouterr().out
 
 
 def test_a_missing_faiss_is_told_before_the_embed_stage(tmp_path, capsys, monkeypatch):

@@ -19,6 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
+from . import add_overrides
+
 CONFIG_FILE = "config.json"
 STAGE_HELP = {
     "run": "every stage in order (finished ones are skipped)",
@@ -58,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--target-size", type=int, help="images in the curated set (default: all that dedup leaves)")
         p.add_argument("--model", help="hub name of the embedding backbone (default dinov2_vits14, official weights)")
         p.add_argument("--config-file", help="embed with the backbone of a training config.yaml instead")
-        p.add_argument("--weights", "--pretrained-weights", help="backbone weights (teacher_checkpoint.pth, ...); 'random' = random init")
+        p.add_argument("--weights", "--pretrained-weights", help="backbone weights (teacher_checkpoint.pth, ...)")
+        p.add_argument("--random-init", action="store_true", help="random weights (a baseline; = --weights random)")
         p.add_argument("--copy-model", help="a hub backbone for the copy-detection descriptor (embed.copy=model)")
         p.add_argument("--copy-config-file", help="... or a training config.yaml")
         p.add_argument("--copy-weights", help="... and its weights")
@@ -66,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name != "run":
             p.add_argument("--force", action="store_true", help="rerun the stage even if it finished")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="stage settings (listed below)")
+        add_overrides(p, "overrides", "stage settings (listed below)")
         p.set_defaults(func=run)
 
 
@@ -83,6 +86,10 @@ def _config(args: argparse.Namespace):
     if args.target_size is not None and args.target_size < 1:  # 0 in the settings means "all": not given here
         raise DinokitError(f"--target-size must be at least 1, not {args.target_size}; leave it out to keep every "
                            "image that dedup leaves")
+    if args.random_init:
+        if args.weights not in (None, "random"):
+            raise DinokitError(f"--random-init and --weights {args.weights!r} contradict each other; give one")
+        given["weights"] = "random"
     base.update({k: v for k, v in given.items() if v is not None})
     if args.overrides and any("=" not in o for o in args.overrides):
         bad = next(o for o in args.overrides if "=" not in o)
@@ -91,7 +98,7 @@ def _config(args: argparse.Namespace):
     if not config.pool:
         raise DinokitError("--pool is required (a folder of images or a dataset string) the first time in a work folder")
     if config.config_file and not config.weights:
-        raise DinokitError("--config-file needs --weights (e.g. a teacher_checkpoint.pth, or 'random')")
+        raise DinokitError("--config-file needs --weights (e.g. a teacher_checkpoint.pth) or --random-init")
     return config, to_dict(config)
 
 

@@ -99,7 +99,8 @@ def check_weights_path(path_or_url: str | Path, option: str = "checkpoint") -> P
     if path.is_dir():
         raise DinokitError(f"{option} {str(path_or_url)!r} is a folder, not a weights file; {_weights_in_folder(path)}")
     if not path.is_file():
-        raise DinokitError(f"{option} {str(path)!r} does not exist; check the path")
+        hint = "; for random weights give --random-init instead" if str(path_or_url) == "random" else ""
+        raise DinokitError(f"{option} {str(path)!r} does not exist; check the path{hint}")
     return path
 
 
