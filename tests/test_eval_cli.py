@@ -240,6 +240,17 @@ def test_the_random_init_baseline_says_why(sample, capsys):
     assert description["weights"] == "random-init (seed 0)"
 
 
+def test_weights_named_random_point_to_the_random_init_flag(tmp_path, monkeypatch):
+    """`curate` took --weights random; the other commands take --random-init and said only 'check the path'."""
+    from dinokit.errors import DinokitError
+    from dinokit.models.checkpoint import check_weights_path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DinokitError) as err:
+        check_weights_path("random", "--weights")
+    assert str(err.value) == "--weights 'random' does not exist; check the path; for random weights give --random-init instead"
+
+
 def test_the_weights_option_has_both_spellings_in_every_command():
     """embed/viz/curate/export say --weights, eval/dense (the official evaluation scripts) --pretrained-weights:
     each command accepts both, so a user switching commands is not refused."""
@@ -257,3 +268,27 @@ def test_the_weights_option_has_both_spellings_in_every_command():
         for argv in argvs:
             for option in ("--weights", "--pretrained-weights"):
                 assert getattr(parser.parse_args([*argv, option, "w.pth"]), dest) == "w.pth", (argv, option)
+
+
+def test_settings_may_sit_between_the_options_of_every_command_that_takes_them(capsys):
+    """`dinokit train --config-file small optim.epochs=1 --output-dir x train.seed=3` was refused ("unrecognized
+    arguments: train.seed=3"): argparse takes only the first run of KEY=VALUE words."""
+    from dinokit.cli import build_parser, parse_command_line
+
+    parser = build_parser()
+    lines = {
+        "opts": [["train", "--config-file", "small"], ["distill", "--config-file", "d.yaml"], ["demo"],
+                 ["dense", "train", "--task", "seg", "--head", "linear", "--train-dataset", "a", "--val-dataset", "b"]],
+        "overrides": [["curate", "run", "--pool", "p"]],
+    }
+    for dest, heads in lines.items():
+        for head in heads:
+            argv = [*head, "a.b=1", "--output-dir", "o", "c=2", "--no-resume" if head[0] != "curate" else "--no-progress",
+                    "a.b=3"]
+            assert getattr(parse_command_line(parser, argv), dest) == ["a.b=1", "c=2", "a.b=3"], head
+    with pytest.raises(SystemExit) as exit_:
+        parse_command_line(parser, ["train", "--config-file", "small", "a=1", "--output-dir", "o", "--bogus", "b=2"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus b=2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without settings takes no stray KEY=VALUE either
+        parse_command_line(parser, ["embed", "in", "--out", "o.npz", "a=1"])
+    assert "unrecognized arguments: a=1" in capsys.readouterr().err

@@ -51,9 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def add_overrides(parser: argparse.ArgumentParser, dest: str, help: str) -> None:
+    """The command's ``KEY=VALUE`` settings, given anywhere on its line: before, between or after its options (argparse
+    alone takes only the first run of them and refuses the rest)."""
+    parser.add_argument(dest, nargs="*", metavar="KEY=VALUE", help=help)
+    parser.set_defaults(_overrides=dest)
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args, extra = parser.parse_known_args(argv)
+    dest = getattr(args, "_overrides", None)
+    if extra and dest and all("=" in a and not a.startswith("-") for a in extra):
+        setattr(args, dest, [*(getattr(args, dest) or []), *extra])  # in the order given: a later value wins
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         with summarised_warnings():  # a repeated warning is shown once, and counted at the end
             return int(args.func(args) or 0)

@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from . import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--device", default="auto")
-    p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="overrides of the demo preset")
+    add_overrides(p, "opts", "overrides of the demo preset")
     p.set_defaults(func=run)
 
 

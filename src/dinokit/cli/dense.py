@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import DinokitError
+from . import add_overrides
 
 DATASETS_HELP = (
     "SegFolder:root=DIR (DIR/images + DIR/masks), DepthFolder:root=DIR (DIR/images + DIR/depth), "
@@ -55,9 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--output-dir", required=True)
     train.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
     train.add_argument("--no-progress", action="store_true")
-    train.add_argument("opts", nargs="*", metavar="KEY=VALUE",
-                       help="recipe overrides: iterations, batch_size, lr, weight_decay, warmup_iters, crop_size, "
-                            "base_size, augment, eval_mode, eval_size, eval_crop, eval_stride, num_workers, ...")
+    add_overrides(train, "opts",
+                  help="recipe overrides: iterations, batch_size, lr, weight_decay, warmup_iters, crop_size, "
+                       "base_size, augment, eval_mode, eval_size, eval_crop, eval_stride, num_workers, ...")
     train.set_defaults(func=run_train)
 
     ev = commands.add_parser("eval", help="evaluate a saved (or official) head")

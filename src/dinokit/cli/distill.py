@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and the students' snapshots go")
     p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
-    p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. student.arch=vit_small")
+    add_overrides(p, "opts", "config overrides, e.g. student.arch=vit_small")
     p.set_defaults(func=run)
 
 

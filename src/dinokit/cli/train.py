@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     slurm.add_argument("--partition", default=None)
     slurm.add_argument("--timeout", type=int, default=2800, help="job time limit in minutes (requeued on timeout)")
     slurm.add_argument("--slurm-comment", default=None)
-    p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.epochs=10")
+    add_overrides(p, "opts", "config overrides, e.g. optim.epochs=10")
     p.set_defaults(func=run)
 
 
