@@ -69,7 +69,11 @@ def test_linear_saves_hub_heads_and_feeds_knn_cache(sample, tmp_path, capsys, mo
     for name, layers in (("linear_head_1.pth", 1), ("linear_head_4.pth", 4)):
         head = torch.load(tmp_path / name, weights_only=True)
         assert head["weight"].shape == (8, (1 + layers) * 64) and head["bias"].shape == (8,)
-    assert "best:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best:" in out
+    # what is trained is said first (the official 12,500 iterations run long on a CPU, silently with --no-progress)
+    assert out.index("training 8 linear probes (2 learning rates x 4 feature layouts) for 10 iterations (2 epochs "
+                     "of 5), batch 16 per process, on cached features\n") < out.index("best:")
     # k-NN after a cached-features probe reuses the cached class tokens: no second extraction.
     monkeypatch.setattr(eval_setup, "extract_features", lambda *a, **k: pytest.fail("extracted again"))
     assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "3")]) == 0
@@ -79,7 +83,7 @@ def test_linear_saves_hub_heads_and_feeds_knn_cache(sample, tmp_path, capsys, mo
     assert cached == fresh
 
 
-def test_linear_with_augmentation(sample, tmp_path):
+def test_linear_with_augmentation(sample, tmp_path, capsys):
     extra = ("--epochs", "1", "--epoch-length", "3", "--batch-size", "8", "--learning-rates", "0.1",
              "--n-last-blocks", "1", "50")
     # a value beyond the depth is left out, and said so (not silently)
@@ -89,6 +93,9 @@ def test_linear_with_augmentation(sample, tmp_path):
     assert result["augment"] is True and result["n_last_blocks"] == 1
     assert set(result["head_files"]) == {"best", "layers_1"}
     assert not list((tmp_path / "features").glob("*/train-*"))  # training images go through the backbone
+    assert ("training 2 linear probes (1 learning rate x 2 feature layouts) for 3 iterations (1 epoch of 3), batch 8 "
+            "per process, on augmented images (the backbone runs at every step; --no-augment trains on cached "
+            "features, much faster)") in capsys.readouterr().out
 
 
 def test_teacher_checkpoint_finds_its_run_config(sample, tmp_path, capsys):

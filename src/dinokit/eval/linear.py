@@ -280,6 +280,19 @@ def check_linear_options(
                            f"blocks; give at most {depth}")
 
 
+def plan_line(settings: Sequence[ProbeSetting], *, epochs: int, epoch_length: int, batch_size: int,
+              augment: bool) -> str:
+    """What ``linear_protocol`` is about to train (printed first: the official length takes long on a CPU)."""
+    lrs = len({s.lr for s in settings})
+    layouts = len({(s.n_last_blocks, s.avgpool) for s in settings})
+    data = ("augmented images (the backbone runs at every step; --no-augment trains on cached features, much "
+            "faster)" if augment else "cached features")
+    plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
+    return (f"training {plural(len(settings), 'linear probe')} ({plural(lrs, 'learning rate')} x "
+            f"{plural(layouts, 'feature layout')}) for {plural(epochs * epoch_length, 'iteration')} "
+            f"({plural(epochs, 'epoch')} of {epoch_length}), batch {batch_size} per process, on {data}")
+
+
 def linear_protocol(
     ctx: EvalContext,
     *,
@@ -322,6 +335,9 @@ def linear_protocol(
                                  batch_size=batch_size, seed=seed, device=ctx.device)
         train_targets = train.targets.tolist()
     iterations = epochs * epoch_length
+    if du.is_main_process():
+        print(plan_line(settings, epochs=epochs, epoch_length=epoch_length, batch_size=batch_size, augment=augment),
+              flush=True)
     try:
         train_probes(probes, batches, iterations=iterations, progress=ctx.progress)
     finally:
