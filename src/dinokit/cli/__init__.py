@@ -59,6 +59,7 @@ def add_overrides(parser: argparse.ArgumentParser, dest: str, help: str) -> None
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that KEY=VALUE words after the command's options join its settings."""
     args, extra = parser.parse_known_args(argv)
     dest = getattr(args, "_overrides", None)
     if extra and dest and all("=" in a and not a.startswith("-") for a in extra):
