@@ -299,3 +299,22 @@ def test_settings_may_sit_between_the_options_of_every_command_that_takes_them(c
     with pytest.raises(SystemExit):  # a command without settings takes no stray KEY=VALUE either
         parse_command_line(parser, ["embed", "in", "--out", "o.npz", "a=1"])
     assert "unrecognized arguments: a=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("launcher", [{"WORLD_SIZE": "2", "RANK": "{rank}"}, {"SLURM_NTASKS": "2", "SLURM_PROCID": "{rank}"}])
+def test_one_process_commands_launched_as_several_work_once(launcher, tmp_path, monkeypatch, capsys):
+    """`torchrun --nproc_per_node 2 -m dinokit convert|export|viz|data|plot|models ...` did the whole job in every
+    process (the same files written twice): the first process works, the others end at once."""
+    for name in ("WORLD_SIZE", "RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for rank in (1, 0):
+        for name, value in launcher.items():
+            monkeypatch.setenv(name, value.format(rank=rank))
+        out = tmp_path / f"sample-{rank}"
+        assert main(["data", "sample", "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        if rank:
+            assert printed == "" and not out.exists()
+        else:
+            assert printed.startswith("note: 'data' works in one process; the other 1 launched process(es) did nothing\n")
+            assert any((out / "train").iterdir())

@@ -69,9 +69,22 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     return args
 
 
+# Commands that work in one process: launched as several (torchrun, srun), the first does the job and the others end
+# at once, instead of each repeating it and writing the same files.
+ONE_PROCESS_COMMANDS = ("models", "convert", "export", "plot", "data", "viz")
+
+
 def _run(argv: list[str] | None) -> int:
+    from .. import distributed
+
     parser = build_parser()
     args = parse_command_line(parser, argv)
+    launched = distributed.launched_processes()
+    if args.command in ONE_PROCESS_COMMANDS and launched > 1:
+        if not distributed.is_first_process():
+            return 0
+        print(f"note: '{args.command}' works in one process; the other {launched - 1} launched process(es) did "
+              "nothing", flush=True)
     try:
         with summarised_warnings():  # a repeated warning is shown once, and counted at the end
             return int(args.func(args) or 0)

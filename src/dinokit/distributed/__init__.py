@@ -48,6 +48,12 @@ def _launcher_value(torchrun_name: str, slurm_name: str, default: int) -> int:
     return int(os.environ.get(torchrun_name, os.environ.get(slurm_name, default)))
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started for this run (torchrun's ``WORLD_SIZE``, SLURM's ``SLURM_NTASKS``;
+    1 for a plain process), known before any group starts."""
+    return _launcher_value("WORLD_SIZE", "SLURM_NTASKS", 1)
+
+
 def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -57,7 +63,7 @@ def reports_user_errors() -> bool:
     group yet fails on its arguments and configuration, which every process of the run reads alike, so only
     the first process of each node prints (one line per node, not one per rank; a node whose files differ still
     says why). After joining, or in a single process, every process prints: the error may be its own."""
-    if _joined_group or _launcher_value("WORLD_SIZE", "SLURM_NTASKS", 1) <= 1:
+    if _joined_group or launched_processes() <= 1:
         return True
     return _launcher_value("LOCAL_RANK", "SLURM_LOCALID", 0) == 0
 
