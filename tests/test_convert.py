@@ -127,6 +127,15 @@ def test_hf_config_of_a_released_model(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- timm
 @pytest.mark.parametrize("variant", list(VARIANTS))
+def test_timm_constructor_expression_builds_a_model_the_weights_fit(variant: str) -> None:
+    from dinokit.convert.timm import timm_constructor
+
+    spec = tiny_spec(variant)
+    tm = eval(timm_constructor(spec), {"timm": timm, "torch": torch})
+    assert not any(tm.load_state_dict(official_to_timm(random_backbone(spec).state_dict()), strict=True))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_timm_strict_load_and_equal_outputs(variant: str) -> None:
     spec = tiny_spec(variant)
     model = random_backbone(spec)
@@ -246,7 +255,13 @@ def test_cli_round_trips_through_hf_and_timm(tmp_path: Path, capsys: pytest.Capt
     assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf", "--model", "vit_pico"]) == 0
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--to", "official"]) == 0
     assert_bitwise_equal(torch.load(tmp_path / "back.pth"), model.state_dict())
+    capsys.readouterr()
     assert main(["convert", str(src), str(tmp_path / "t.safetensors"), "--to", "timm", "--model", "vit_pico"]) == 0
+    # the printed way to load it runs as printed (it named an undefined `spec` for sizes timm has no name for)
+    how = capsys.readouterr().out.strip().splitlines()[-1].split("; load with ", 1)[1]
+    import safetensors.torch  # noqa: F401  (the printed expression reads the file with it)
+
+    assert not any(eval(how, {"timm": timm, "torch": torch, "safetensors": safetensors}))  # no missing/unexpected keys
     got, layout, _ = read_backbone(tmp_path / "t.safetensors")
     assert layout == "timm" and torch.equal(got["blocks.1.attn.qkv.weight"], model.state_dict()["blocks.1.attn.qkv.weight"])
     assert main(["convert", str(src), str(tmp_path / "t.bin"), "--to", "timm"]) == 2

@@ -24,10 +24,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.to == "hf":
         print(f"wrote {done['out']}/config.json and model.safetensors; load with transformers.AutoModel.from_pretrained")
     elif args.to == "timm":
-        name = done.get("timm_model")
-        how = f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='{done['out']}'))" if name \
-            else "timm VisionTransformer(**dinokit.convert.timm_model_kwargs(spec)).load_state_dict(..., strict=True)"
-        print(f"wrote {done['out']}; load with {how}")
+        from ..convert.timm import timm_constructor
+
+        name, out = done.get("timm_model"), str(done["out"])
+        read = f"safetensors.torch.load_file({out!r})" if out.endswith(".safetensors") else f"torch.load({out!r})"
+        how = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={out!r}))" if name \
+            else f"{timm_constructor(spec)}.load_state_dict({read}, strict=True)"
+        print(f"wrote {out}; load with {how}")
     else:
         print(f"wrote {done['out']} (official layout)")
     return 0

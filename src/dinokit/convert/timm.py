@@ -94,6 +94,17 @@ def timm_model_kwargs(spec: BackboneSpec) -> dict[str, Any]:
     return kwargs
 
 
+def timm_constructor(spec: BackboneSpec) -> str:
+    """:func:`timm_model_kwargs` as a Python expression that builds the model (printed by ``dinokit convert``)."""
+    def literal(key: str, value: Any) -> str:
+        if key == "mlp_layer":  # SwiGLUPacked, a functools.partial: its public name
+            return "timm.layers.SwiGLUPacked"
+        return f"{value.__module__}.{value.__qualname__}" if isinstance(value, type) else repr(value)
+
+    args = ", ".join(f"{k}={literal(k, v)}" for k, v in timm_model_kwargs(spec).items())
+    return f"timm.models.vision_transformer.VisionTransformer({args})"
+
+
 def official_to_timm_checked(sd: Mapping[str, torch.Tensor], spec: BackboneSpec | None = None) -> StateDict:
     """:func:`official_to_timm` after adding LayerScale ones to a backbone without LayerScale (timm's always has it)."""
     spec = spec or spec_from_state_dict(sd)
