@@ -32,7 +32,7 @@ def test_plot_of_the_demo_run(demo_teacher, tmp_path: Path, capsys: pytest.Captu
     assert panels["knn"]["knn_top1_k10"] == ([l["iteration"] for l in knn], [l["knn_top1_k10"] for l in knn])
 
 
-def test_health_signals_and_defaults(tmp_path: Path) -> None:
+def test_health_signals_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     records = [
         {"iteration": 9, "total_loss": 5.0, "teacher_entropy": 3.0, "prototypes_used": 40, "cls_effective_rank": 9.5},
         {"iteration": 19, "total_loss": 4.0, "teacher_entropy": float("nan"), "prototypes_used": 12},
@@ -42,8 +42,20 @@ def test_health_signals_and_defaults(tmp_path: Path) -> None:
     panels = collect_series(read_metrics(tmp_path))  # the cut-off last line is ignored
     assert panels["entropy"] == {"teacher_entropy": ([9], [3.0])}  # NaN dropped
     assert panels["collapse"] == {"prototypes_used": ([9, 19], [40.0, 12.0]), "cls_effective_rank": ([9], [9.5])}
+    from matplotlib.figure import Figure
+
+    drawn, original_savefig = [], Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        drawn.append(fig)
+        return original_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
     out = plot_run(tmp_path)
     assert out == tmp_path / "training_metrics.png" and out.stat().st_size > 0
+    # every panel spans the run, also one whose series has a single point (seen: a k-NN panel spanning 190-210)
+    spans = {tuple(round(v, 6) for v in ax.get_xlim()) for ax in drawn[0].axes}
+    assert spans == {(9 - 0.3, 19 + 0.3)}, spans
     assert _prototypes(tmp_path) == 256  # K of the DINO head (for the log K line), not the iBOT head's
 
 
