@@ -233,6 +233,7 @@ class EvaluationConfig:
     knn_dataset: KnnDatasetConfig | None = field(default_factory=KnnDatasetConfig)  # dinokit (null = no k-NN)
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # dinokit: neighbour counts (official)
     knn_temperature: float = 0.07  # dinokit: temperature of the k-NN vote weights (official)
+    knn_image_size: int | None = None  # dinokit: side of the k-NN images (null: the global crop size; eval knn: 224)
 
 
 @dataclass

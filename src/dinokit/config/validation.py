@@ -91,6 +91,11 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.evaluation.knn_k or min(cfg.evaluation.knn_k) <= 0:
         knn_k = list(cfg.evaluation.knn_k)
         raise DinokitError(f"config key 'evaluation.knn_k' is {knn_k}; give positive neighbour counts")
+    size, patch = cfg.evaluation.knn_image_size, cfg.student.patch_size
+    if size is not None and (size <= 0 or size % patch):
+        raise DinokitError(f"config key 'evaluation.knn_image_size' is {size}; give a positive multiple of "
+                           f"student.patch_size ({patch}), e.g. {patch * max(1, round(size / patch))} (or "
+                           "null: the global crop size)")
     knn = cfg.evaluation.knn_dataset
     if knn is not None and (knn.train is None) != (knn.val is None):
         raise DinokitError("set both evaluation.knn_dataset.train and evaluation.knn_dataset.val, or neither")

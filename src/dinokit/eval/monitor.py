@@ -26,14 +26,15 @@ class KnnMonitor:
     """
 
     def __init__(self, *, train: str, val: str, students: Mapping[str, Any], image_size: int, ks, temperature: float,
-                 device: torch.device) -> None:
+                 device: torch.device, backbone_size: int | None = None) -> None:
         self.train, self.val = train, val
         self.students = dict(students)
         self.image_size, self.ks, self.temperature, self.device = image_size, tuple(ks), temperature, device
+        self.backbone_size = backbone_size or image_size  # the size the backbone is built at (its training crops)
 
     def __call__(self, iteration: int, snapshots: dict[str, Path], log: Callable[[dict], None]) -> None:
         for subdir, path in snapshots.items():
-            backbone = backbone_from_config(self.students[subdir], img_size=self.image_size)
+            backbone = backbone_from_config(self.students[subdir], img_size=self.backbone_size)
             load_backbone_weights(backbone, path)
             metrics = run_knn_eval(
                 backbone.to(self.device).eval(), train_dataset_str=self.train, val_dataset_str=self.val,
@@ -50,8 +51,9 @@ def knn_monitor(cfg, device: torch.device, students: Mapping[str, Any] | None = 
     if knn is None or not knn.train or not knn.val:
         return None
     check_knn_datasets(knn.train, knn.val, cfg.train.dataset_path)
+    crops = backbone_img_size(cfg.crops)
     return KnnMonitor(train=knn.train, val=knn.val, students=students or {"": cfg.student},
-                      image_size=backbone_img_size(cfg.crops), ks=evaluation.knn_k,
+                      image_size=evaluation.knn_image_size or crops, backbone_size=crops, ks=evaluation.knn_k,
                       temperature=evaluation.knn_temperature, device=device)
 
 
