@@ -80,11 +80,12 @@ def network_knn(folder: Path, cfg, weights: Path | None, image_size: int = 0) ->
     return float(metrics[f"knn_top1_k{KNN_K}"])
 
 
-def supervised_knn(folder: Path, cfg, steps: int, seed: int = 0) -> float:
+def supervised_knn(folder: Path, cfg, steps: int, seed: int = 0, sizes: tuple[int, ...] = (0,)) -> dict[int, float]:
     """The control WITH labels: the preset's backbone (random init, seed ``seed``) and a linear classifier on its
     class token, trained by cross-entropy on the train split (AdamW lr 1e-3, weight decay 0.05, batch 32,
     ``steps`` steps, random resized crops of [0.5, 1], flips, the official colour jitter); then the same k-NN
-    as :func:`network_knn` on the class token. It bounds what the network reaches in that budget."""
+    as :func:`network_knn` on the class token, at each of ``sizes`` (0: the crop size): {size: top-1}. It bounds
+    what the network reaches in that budget."""
     import torch
     from torch import nn
     from torchvision import datasets
@@ -114,9 +115,10 @@ def supervised_knn(folder: Path, cfg, steps: int, seed: int = 0) -> float:
             step += 1
             if step == steps:
                 break
-    metrics = run_knn_eval(backbone.eval(), train_dataset_str=f"ImageFolder:root={folder}/train",
-                           val_dataset_str=f"ImageFolder:root={folder}/val", image_size=size, ks=[KNN_K])
-    return float(metrics[f"knn_top1_k{KNN_K}"])
+    backbone.eval()
+    return {at: float(run_knn_eval(backbone, train_dataset_str=f"ImageFolder:root={folder}/train",
+                                   val_dataset_str=f"ImageFolder:root={folder}/val", image_size=at or size,
+                                   ks=[KNN_K])[f"knn_top1_k{KNN_K}"]) for at in sizes}
 
 
 def train_preset(folder: Path, preset: str, out: Path, iterations: int | None, opts: list[str], eval_every: int = 0):
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 row[sized("raw_pixels", size)] = raw_pixel_knn(folder, size or backbone_img_size(first.crops))
                 row[sized("random_init", size)] = network_knn(folder, first, None, size)
         if args.supervised_steps:
-            row[f"supervised_{args.supervised_steps}"] = supervised_knn(folder, first, args.supervised_steps)
+            control = supervised_knn(folder, first, args.supervised_steps, sizes=tuple(args.eval_size))
+            row.update({sized(f"supervised_{args.supervised_steps}", size): v for size, v in control.items()})
         for preset in ([] if args.no_training else args.presets):
             label = f"{preset}{'+' + args.tag if args.tag else ''}"
             out = args.root / "runs" / f"{name}-{label}"
