@@ -124,8 +124,12 @@ def test_few_shot_results_average_the_tries():
 def test_k_larger_than_the_training_set_uses_every_sample(capsys):
     train, train_y, test, test_y = random_problem(n_train=12)
     results = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(12, 200))
-    assert "k=200 exceeds the 12 training samples" in capsys.readouterr().out
+    assert "note: k=200 exceeds the 12 training samples: all 12 vote in that row\n" in capsys.readouterr().out
     assert (results[0].top1, results[0].top5) == (results[1].top1, results[1].top5)
+    # every k above the training set is named (only the largest was: the rows of k=20 and 100 looked measured)
+    evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(10, 20, 100, 200))
+    assert "note: k=20, k=100, k=200 exceed the 12 training samples: all 12 vote in those rows\n" \
+        in capsys.readouterr().out
 
 
 def test_bad_settings_are_user_errors():

@@ -194,8 +194,11 @@ def evaluate_knn(
             subset = slice(None) if seed is None else sample_per_class(train_labels, n_per_class, seed=seed)
             feats, labels = train_features[subset], train_labels[subset]
             n_train = len(labels)
-            if max(ks) > n_train and seed in (None, 0) and du.is_main_process():
-                print(f"note: k={max(ks)} exceeds the {n_train} training samples: all of them vote")
+            above = sorted(k for k in set(ks) if k > n_train)
+            if above and seed in (None, 0) and du.is_main_process():
+                named = ", ".join(f"k={k}" for k in above)
+                print(f"note: {named} {'exceeds' if len(above) == 1 else 'exceed'} the {n_train} training samples: "
+                      f"all {n_train} vote in {'that row' if len(above) == 1 else 'those rows'}")
             shard = slice(rank, None, world)  # rank r holds rows r, r + world, ...
             accuracy = knn_classify(
                 feats[shard].to(device), labels[shard].to(device), test_features, test_labels,
