@@ -68,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
 
 def start_banner(cfg, output_dir, device: str) -> str:
     """One line before the first step: the run's length, device, data, output folder and what is evaluated."""
-    from ..config import backbone_img_size
     from ..data import make_dataset
     from ..devices import resolve_device
+    from ..eval.monitor import knn_image_size
 
-    knn, size = cfg.evaluation.knn_dataset, cfg.evaluation.knn_image_size or backbone_img_size(cfg.crops)
+    knn, size = cfg.evaluation.knn_dataset, knn_image_size(cfg)
     evaluated = (f"k-NN on {knn.val} (neighbours from {knn.train}) at {size} px at each snapshot"
                  if knn and knn.train and knn.val else "no k-NN monitor (evaluation.knn_dataset is unset)")
     found = len(make_dataset(cfg.train.dataset_path, labelled=False))  # a missing or empty folder: one line, here

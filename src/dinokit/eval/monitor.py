@@ -44,6 +44,11 @@ class KnnMonitor:
             log({"iteration": iteration, **{prefix + k: v for k, v in metrics.items()}})
 
 
+def knn_image_size(cfg) -> int:
+    """The side of the monitor's k-NN images: ``evaluation.knn_image_size``, else the global crop size."""
+    return cfg.evaluation.knn_image_size or backbone_img_size(cfg.crops)
+
+
 def knn_monitor(cfg, device: torch.device, students: Mapping[str, Any] | None = None) -> KnnMonitor | None:
     """The monitor described by ``cfg.evaluation`` (None when ``evaluation.knn_dataset`` is unset)."""
     evaluation = cfg.evaluation
@@ -51,9 +56,8 @@ def knn_monitor(cfg, device: torch.device, students: Mapping[str, Any] | None = 
     if knn is None or not knn.train or not knn.val:
         return None
     check_knn_datasets(knn.train, knn.val, cfg.train.dataset_path)
-    crops = backbone_img_size(cfg.crops)
     return KnnMonitor(train=knn.train, val=knn.val, students=students or {"": cfg.student},
-                      image_size=evaluation.knn_image_size or crops, backbone_size=crops, ks=evaluation.knn_k,
+                      image_size=knn_image_size(cfg), backbone_size=backbone_img_size(cfg.crops), ks=evaluation.knn_k,
                       temperature=evaluation.knn_temperature, device=device)
 
 
