@@ -99,6 +99,10 @@ def test_intended_blur_probabilities():
     assert 0.40 <= freq["local_transfo"] <= 0.60
 
 
+def test_no_blur():
+    assert _frequencies("none") == {"global_transfo1": 0.0, "global_transfo2": 0.0, "local_transfo": 0.0}
+
+
 def test_solarize_only_on_global_crop_2_with_p_02():
     aug = _aug()
     others = aug.global_transfo1.transforms + aug.local_transfo.transforms

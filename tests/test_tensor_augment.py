@@ -131,7 +131,7 @@ def test_centre_crop_fallback_equals_torchvision():
     assert boxes.tolist() == [list(expected)] * 3 == [[0, 493, 10, 13]] * 3
 
 
-@pytest.mark.parametrize("blur", ["official", "intended"])
+@pytest.mark.parametrize("blur", ["official", "intended", "none"])
 def test_per_crop_frequencies_and_jitter_ranges_match_the_pil_path(blur):
     pil = _pil_path(n_local=2, blur=blur)
     n = 500

@@ -23,7 +23,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),
     "train.centering": ("centering", "sinkhorn_knopp"),
     "optim.scaling_rule": SCALING_RULES,
-    "crops.blur_probabilities": ("official", "intended"),
+    "crops.blur_probabilities": ("official", "intended", "none"),
     "compute_precision.dtype": ("auto", *DTYPES),
     "train.tracker": ("none", "tensorboard", "wandb"),
     "train.activation_checkpointing_policy": ("full", "selective"),

@@ -11,7 +11,7 @@ torchvision applies with probability ``1 - p``; it applies with ``p``. The relea
 therefore trained with *effective* probabilities 0.0 (global 1), 0.9 (global 2) and 0.5 (local),
 not the written 1.0 / 0.1 / 0.5 (dinov2 PR #411, unmerged; dinov3 #286 kept the behaviour).
 ``blur_probabilities="official"`` (default) reproduces the released models; ``"intended"`` uses
-the written values.
+the written values; ``"none"`` never blurs (the random draws stay the same).
 
 All randomness comes from the global torch generator, so :class:`dinokit.data.loaders.SSLDataset`
 makes a sample's crops a function of ``(seed, stream position)`` by seeding it per sample.
@@ -33,6 +33,7 @@ from .transforms import make_normalize_transform
 BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {
     "official": (0.0, 0.9, 0.5),
     "intended": (1.0, 0.1, 0.5),
+    "none": (0.0, 0.0, 0.0),  # dinokit: no blur (the official sigmas of 0.1-2 px are meant for 224 / 96 px crops)
 }
 SOLARIZE_PROBABILITY = 0.2  # global crop 2 only
 GRAYSCALE_PROBABILITY = 0.2  # official; crops.grayscale_probability changes it
@@ -61,7 +62,7 @@ def check_crop_options(
     if blur_probabilities not in BLUR_PROBABILITIES:
         raise DinokitError(
             f"unknown blur_probabilities {blur_probabilities!r}; "
-            "use 'official' (as the released models were trained) or 'intended'"
+            "use 'official' (as the released models were trained), 'intended' or 'none'"
         )
     if local_crops_number < 0:
         raise DinokitError(f"local_crops_number must be >= 0, got {local_crops_number}")
