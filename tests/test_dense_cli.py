@@ -16,6 +16,8 @@ from PIL import Image
 
 from dinokit.cli import main
 
+from tiny import error_line
+
 # Small-data settings: cached features (no augmentation), whole 64 px images, a short schedule.
 COMMON = ["augment=false", "crop_size=64", "eval_size=0", "eval_mode=whole", "eval_period=0", "num_workers=0",
           "warmup_iters=10", "checkpoint_period=1000", "log_freq=50"]
@@ -131,6 +133,20 @@ def test_bad_inputs_are_one_line_errors(dense_root, tmp_path, capsys):
                  "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not record its backbone" in err and err.count("\n") == 1
+
+
+def test_a_bad_mask_read_by_a_loader_worker_is_one_line(tmp_path, capsys):
+    # Masks are read in DataLoader workers, where torch wraps the error in the worker's whole traceback.
+    (tmp_path / "images").mkdir(), (tmp_path / "masks").mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (90, 20, 20)).save(tmp_path / "images" / f"im{i}.jpg")
+        Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "masks" / f"im{i}.png")  # colours, not class indices
+    data = f"SegFolder:root={tmp_path}"
+    assert main(["dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14", "--random-init",
+                 "--train-dataset", data, "--val-dataset", data, "--output-dir", str(tmp_path / "out"), "--no-progress",
+                 "iterations=1", "batch_size=2", "crop_size=28", "base_size=28", "num_workers=1"]) == 2
+    assert error_line(capsys) == (f"error: mask '{tmp_path / 'masks' / 'im0.png'}' is RGB; "
+                                  "masks must be single-channel PNGs of class indices")
 
 
 def _official_seg_head(path, num_classes=3):

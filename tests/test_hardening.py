@@ -376,6 +376,22 @@ def test_disk_full_while_writing_embeddings_is_one_line(tmp_path, capsys, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]
 
 
+class _Refuses(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise DinokitError(f"image {i} is bad; fix it")
+
+
+def test_a_user_error_raised_in_a_loader_worker_keeps_its_one_line():
+    # torch re-raises it with the worker's traceback as the message; DinokitError unwraps it.
+    with pytest.raises(DinokitError) as err:
+        next(iter(torch.utils.data.DataLoader(_Refuses(), num_workers=1)))
+    assert str(err.value) == "image 0 is bad; fix it"
+    assert str(DinokitError("Caught nothing")) == "Caught nothing"  # other text unchanged
+
+
 def test_embed_finds_the_runs_config_beside_a_teacher_snapshot(straight, tmp_path, capsys):
     snap = straight / "eval" / "training_5" / "teacher_checkpoint.pth"
     image = tmp_path / "a.png"

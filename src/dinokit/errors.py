@@ -7,7 +7,26 @@ Anything a user can cause (a bad path, an unknown key, a wrong shape, a corrupt 
 
 
 class DinokitError(Exception):
-    """An error caused by user input; its message is a complete one-line explanation."""
+    """An error caused by user input; its message is a complete one-line explanation.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process with the worker's whole traceback as
+    the message ("Caught DinokitError in DataLoader worker process 0. Original Traceback ..."); that text is
+    unwrapped here back to the original one line, so that the CLI prints it as it prints any other.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_unwrap_worker_message(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _unwrap_worker_message(message: str, cls: type) -> str:
+    """The original message inside torch's re-raised worker exception text (any other text unchanged)."""
+    if not (message.startswith("Caught ") and "\nOriginal Traceback" in message):
+        return message
+    marker = f"\n{cls.__module__}.{cls.__qualname__}: "
+    start = message.rfind(marker)
+    return message[start + len(marker):].strip() if start >= 0 else message
 
 
 class ProcessSpecificError(DinokitError):
