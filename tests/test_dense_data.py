@@ -152,6 +152,12 @@ def test_folder_datasets_and_their_errors(tmp_path):
     Image.fromarray(np.full((6, 8), 1500, np.uint16)).save(dep / "depth" / "y.png")  # millimetres
     d = make_dense_dataset(f"DepthFolder:root={dep}")
     assert d[0]["label"].unique().tolist() == [2.5] and d[1]["label"].unique().tolist() == [1.5]
+    for picture in (Image.new("L", (8, 6), 200), Image.new("RGB", (8, 6))):  # would read as 0-255 mm
+        picture.save(dep / "depth" / "y.png")
+        with pytest.raises(DinokitError, match=rf"depth '.*y.png' is not 16-bit \(Pillow mode {picture.mode}\); depth PNGs must be "
+                                               r"single-channel 16-bit millimetres \(0 = invalid\), or save float "
+                                               r"metres as 'y.npy'"):
+            d[1]
     with pytest.raises(DinokitError, match="is not a dense dataset"):
         make_dense_dataset(str(dep))
     with pytest.raises(DinokitError, match="unknown dataset 'Seg'"):

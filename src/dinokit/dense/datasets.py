@@ -194,6 +194,9 @@ class DenseResizeTransform:
 
 
 # ---------------------------------------------------------------------------------------------- dataset
+DEPTH_PNG_MODES = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of a 16-bit single-channel PNG
+
+
 class DenseDataset(Dataset):
     """(image, label) file pairs; labels are checked against the image size and the class count."""
 
@@ -226,6 +229,12 @@ class DenseDataset(Dataset):
         with Image.open(path) as img:
             if self.info.task == "seg" and img.mode not in ("L", "P", "I", "I;16"):
                 raise DinokitError(f"mask {str(path)!r} is {img.mode}; masks must be single-channel PNGs of class indices")
+            if self.info.task == "depth" and img.mode not in DEPTH_PNG_MODES:
+                # an 8-bit or colour picture of depth would be read as 0-255 mm and train on nonsense
+                raise DinokitError(
+                    f"depth {str(path)!r} is not 16-bit (Pillow mode {img.mode}); depth PNGs must be single-channel "
+                    f"16-bit millimetres (0 = invalid), or save float metres as '{path.stem}.npy'"
+                )
             array = np.asarray(img)
         if self.info.task == "depth":
             return torch.from_numpy(array.astype(np.float32) / self.info.depth_scale)
