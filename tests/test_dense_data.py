@@ -158,6 +158,17 @@ def test_folder_datasets_and_their_errors(tmp_path):
                                                r"single-channel 16-bit millimetres \(0 = invalid\), or save float "
                                                r"metres as 'y.npy'"):
             d[1]
+    (dep / "depth" / "y.png").unlink()
+    depth = np.full((1, 6, 8), 1.5, np.float32)
+    depth[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    np.save(dep / "depth" / "y.npy", depth)  # (1, H, W), with non-finite pixels: squeezed, invalid (0)
+    label = make_dense_dataset(f"DepthFolder:root={dep}")[1]["label"]
+    assert label.shape == (6, 8) and label[0, :3].tolist() == [0.0, 0.0, 0.0] and label[1:].unique().tolist() == [1.5]
+    for array, expected in ((np.zeros((2, 6, 8)), r"is a float64 array of shape \(2, 6, 8\); save one \(H, W\) array"),
+                            (np.array([{"a": 1}]), "cannot be read as a numpy array")):
+        np.save(dep / "depth" / "y.npy", array, allow_pickle=True)
+        with pytest.raises(DinokitError, match=rf"depth '.*y.npy' {expected}"):
+            make_dense_dataset(f"DepthFolder:root={dep}")[1]
     with pytest.raises(DinokitError, match="is not a dense dataset"):
         make_dense_dataset(str(dep))
     with pytest.raises(DinokitError, match="unknown dataset 'Seg'"):

@@ -14,7 +14,7 @@ Strings, in dinokit's ``Name:key=value`` syntax:
   pixel, 255 = ignore); the classes are ``DIR/classes.txt`` (one name per line; else ``DIR/../classes.txt``,
   shared by split folders) if present, else 0..max label.
 * ``DepthFolder:root=DIR``: ``DIR/images/<name>.<ext>`` with ``DIR/depth/<name>.png`` (uint16 millimetres,
-  0 = invalid) or ``DIR/depth/<name>.npy`` (float metres).
+  0 = invalid) or ``DIR/depth/<name>.npy`` (float metres; NaN and inf = invalid).
 * ``SegSample:split=train|val[:root=DIR]`` and ``DepthSample:...``: the generated sets of
   :mod:`dinokit.dense.generated` (written on first use), read as SegFolder / DepthFolder.
 
@@ -194,6 +194,21 @@ class DenseResizeTransform:
 
 
 # ---------------------------------------------------------------------------------------------- dataset
+def _read_depth_array(path: Path) -> np.ndarray:
+    """A ``.npy`` depth map in metres as (H, W) float32; (1, H, W) and (H, W, 1) are squeezed, NaN and inf become
+    0 (invalid) so that no later resize or loss turns them into NaN."""
+    try:
+        depth = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DinokitError(f"depth {str(path)!r} cannot be read as a numpy array ({err}); save it with np.save") from None
+    if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
+        depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:-1])
+    if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
+        raise DinokitError(f"depth {str(path)!r} is a {depth.dtype} array of shape {depth.shape}; "
+                           "save one (H, W) array of metres")
+    return np.nan_to_num(depth.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
 DEPTH_PNG_MODES = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of a 16-bit single-channel PNG
 
 
@@ -225,7 +240,7 @@ class DenseDataset(Dataset):
         if not path.is_file():
             raise DinokitError(f"label file {str(path)!r} is missing for image {str(self.pairs[index][0])!r}")
         if self.info.task == "depth" and path.suffix == ".npy":
-            return torch.from_numpy(np.load(path).astype(np.float32))
+            return torch.from_numpy(_read_depth_array(path))
         with Image.open(path) as img:
             if self.info.task == "seg" and img.mode not in ("L", "P", "I", "I;16"):
                 raise DinokitError(f"mask {str(path)!r} is {img.mode}; masks must be single-channel PNGs of class indices")
