@@ -347,6 +347,7 @@ def test_train_says_what_it_will_do_and_what_it_did(images, tmp_path, capsys):
         f"training vit_pico: 3 iterations (1 epochs of 3) on cpu, 8 images found in ImageFolder:root={images / 'train'}, "
         f"into {out}; k-NN on ImageFolder:root={images / 'val'} (neighbours from ImageFolder:root={images / 'train'}) "
         "at 32 px at each snapshot")
+    assert not printed[1].startswith("note:")  # 32-px images under 32-px crops: nothing to say about their size
     lines = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
     top1 = [line["knn_top1_k3"] for line in lines if "knn_top1_k3" in line][-1]
     snap = out / "eval" / "training_2" / "teacher_checkpoint.pth"

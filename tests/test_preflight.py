@@ -267,3 +267,25 @@ def test_download_failure_names_weights_and_random_init():
     assert str(err.value).startswith("could not download http://127.0.0.1:9/w.pth (")
     assert str(err.value).endswith("); check the network connection, or download the file and pass its local path "
                                    "with --weights FILE (or use --random-init)")
+
+
+def test_images_much_smaller_than_the_crops_get_a_note(tmp_path):
+    from dinokit.cli.train import start_banner
+    from dinokit.data import make_dataset
+    from dinokit.train.data import small_images_note
+
+    for i, side in enumerate((30, 40, 45, 300)):  # median short side: 45 (the upper middle)
+        Image.new("RGB", (side + 7, side)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")  # unreadable: left out of the median, no error
+    cfg = load_config(None, [f"train.dataset_path={tmp_path}", "crops.global_crops_size=224", "crops.local_crops_size=98",
+                             "student.patch_size=14", "evaluation.knn_dataset=null"])
+    assert start_banner(cfg, tmp_path / "out", "cpu").splitlines()[1] == (
+        "note: these images are small (median short side 45 px of those sampled): the 224-px global crops enlarge "
+        "them at least 5.0x, most of each crop is interpolated; crops near the images' size, e.g. "
+        "crops.global_crops_size=42 crops.local_crops_size=14 (now 224 and 98), cost about 28x less per step")
+    dataset = make_dataset(str(tmp_path), labelled=False)
+    cfg.crops.global_crops_size = 134  # enlarged less than 3x: no note
+    assert small_images_note(cfg.crops, dataset, 14) is None
+    cfg.crops.global_crops_size = [224, 140]  # DINOv3's mixed resolutions: the largest counts
+    cfg.crops.local_crops_size = [98, 56]
+    assert "the 224-px global crops enlarge them at least 5.0x" in small_images_note(cfg.crops, dataset, 14)

@@ -71,14 +71,17 @@ def start_banner(cfg, output_dir, device: str) -> str:
     from ..data import make_dataset
     from ..devices import resolve_device
     from ..eval.monitor import knn_image_size
+    from ..train.data import small_images_note
 
     knn, size = cfg.evaluation.knn_dataset, knn_image_size(cfg)
     evaluated = (f"k-NN on {knn.val} (neighbours from {knn.train}) at {size} px at each snapshot"
                  if knn and knn.train and knn.val else "no k-NN monitor (evaluation.knn_dataset is unset)")
-    found = len(make_dataset(cfg.train.dataset_path, labelled=False))  # a missing or empty folder: one line, here
+    dataset = make_dataset(cfg.train.dataset_path, labelled=False)  # a missing or empty folder: one line, here
+    note = small_images_note(cfg.crops, dataset, cfg.student.patch_size)
     return (f"training {cfg.student.arch}: {cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH} iterations "
             f"({cfg.optim.epochs} epochs of {cfg.train.OFFICIAL_EPOCH_LENGTH}) on {resolve_device(device)}, "
-            f"{found} images found in {cfg.train.dataset_path}, into {output_dir}; {evaluated}")
+            f"{len(dataset)} images found in {cfg.train.dataset_path}, into {output_dir}; {evaluated}"
+            + (f"\n{note}" if note else ""))
 
 
 def end_summary(summary: dict, seconds: float) -> str:

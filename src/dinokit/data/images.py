@@ -221,6 +221,20 @@ def draft_size_for(transform: Any) -> int | None:
     return None
 
 
+def typical_short_side(paths: Sequence[str | Path], samples: int = 32) -> int | None:
+    """The median short side, in pixels, of up to ``samples`` images spread evenly over ``paths`` (headers only:
+    nothing is decoded); None when none of them can be read."""
+    step = max(1, len(paths) // samples)
+    sides = []
+    for index in range(0, len(paths), step)[:samples]:
+        try:
+            with Image.open(paths[index]) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return sorted(sides)[len(sides) // 2] if sides else None
+
+
 class SkippedImageWarning(UserWarning):
     """An image left out of a run, with the reason (shown once per file, without a source line)."""
 

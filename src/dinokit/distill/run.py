@@ -34,6 +34,7 @@ from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
 from ..tracking import check_tracker
+from ..train.data import small_images_note
 from ..train.train import engine_config, run_on_ssl_data
 from ..train.weights import check_weight_sources
 from .task import DistillationTask, check_compatible
@@ -113,10 +114,12 @@ def distill(
     # checked before anything is written: a folder of its own, no other run in it, the same configuration
     with open_run_dir(output_dir, resume=resume, config=OmegaConf.to_container(cfg, resolve=True)):
         if rank == 0:  # the banner lists the images first: a missing or empty folder is one line, nothing written
+            dataset = make_dataset(cfg.train.dataset_path)
+            note = small_images_note(cfg.crops, dataset, cfg.student.patch_size)
             print(f"distilling {source.weights} ({type(teacher.backbone).__name__} {teacher.backbone.embed_dim}-d, "
                   f"{teacher.backbone.n_blocks} blocks) into " + ", ".join(
                       f"{name or 'the student'} ({s.arch})" for name, s in students.items())
-                  + f", {len(make_dataset(cfg.train.dataset_path))} images found in {cfg.train.dataset_path}")
+                  + f", {len(dataset)} images found in {cfg.train.dataset_path}" + (f"\n{note}" if note else ""))
         task = DistillationTask(cfg, teacher=teacher, students=students)  # starting weights that do not fit: one line
 
         def write_configs() -> None:  # once the checkpoint to resume from (if any) has loaded

@@ -11,6 +11,7 @@ from .. import distributed
 from ..config.crops import CropSizes, crop_resolutions
 from ..data.augmentations import DataAugmentationDINO
 from ..data.collate import SSLCollate
+from ..data.images import typical_short_side
 from ..data.loaders import make_ssl_data_loader
 from ..data.resolutions import MixedCollate, MixedTransform, ResolutionMix
 from ..data.tensor_augment import MultiCropSource, TensorAugmentCollate, TensorMultiCrop
@@ -46,6 +47,23 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
         start_iteration=start_iteration,
         pin_memory=pin_memory,
     )
+
+
+def small_images_note(crops: DictConfig, dataset: Any, patch_size: int) -> str | None:
+    """A note when the training images are much smaller than the global crops (e.g. 64-px icons under 224-px crops):
+    every crop then enlarges interpolated pixels, at many times the cost of crops near the images' size."""
+    paths = getattr(dataset, "paths", None)
+    side = typical_short_side(paths) if paths is not None else None
+    sizes = [size for size, _ in crop_resolutions(crops)]
+    global_size, local_size = max(s.global_size for s in sizes), max(s.local_size for s in sizes)
+    if side is None or 3 * side > global_size:
+        return None
+    near = max(patch_size, side // patch_size * patch_size)  # the largest multiple of the patch size within the image
+    return (f"note: these images are small (median short side {side} px of those sampled): the {global_size}-px "
+            f"global crops enlarge them at least {global_size / side:.1f}x, most of each crop is interpolated; crops "
+            f"near the images' size, e.g. crops.global_crops_size={near} crops.local_crops_size="
+            f"{max(patch_size, near // 2 // patch_size * patch_size)} (now {global_size} and {local_size}), cost "
+            f"about {(global_size / near) ** 2:.0f}x less per step")
 
 
 def _pipeline(cfg: DictConfig, sizes: CropSizes) -> tuple[Any, Any]:
