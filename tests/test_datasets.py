@@ -156,6 +156,20 @@ def test_file_list_with_labels(folder, tmp_path):
         make_dataset(f"FileList:path={listing}")
 
 
+def test_file_lists_from_a_windows_editor_and_not_utf8(folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    for text, kind in (("images/cat/0.png,0\r\nimages/dog/0.png,1\r\n", "FileList:path="), ("images/cat/0.png\r\n", "")):
+        listing.write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte-order mark and CRLF line ends
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no file may look missing
+            paths = make_dataset(f"{kind}{listing}").paths if kind else resolve_image_inputs(listing)
+        assert paths[0] == folder / "cat" / "0.png"
+    listing.write_bytes(b"images/cat/0.png\n\xff\xfe\n")
+    for read in (lambda: make_dataset(f"FileList:path={listing}"), lambda: resolve_image_inputs(listing)):
+        with pytest.raises(DinokitError, match=rf"^'{listing}' is not UTF-8 text \(byte 17: invalid start byte\); save it"):
+            read()
+
+
 def test_file_list_errors(tmp_path):
     with pytest.raises(DinokitError, match="does not exist"):
         make_dataset(f"FileList:path={tmp_path / 'nope.txt'}")

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import DinokitError
 from .datasets import ImageDataset
+from .images import read_user_text
 
 SPLITS = ("TRAIN", "VAL", "TEST")
 NO_CLASS = 2**32 - 1  # class_index of TEST entries: uint32(-1), as in the official files
@@ -111,7 +112,7 @@ def read_labels(root: Path) -> tuple[list[str], list[str]]:
     labels = root / "labels.txt"
     if labels.is_file():
         wnids, names = [], []
-        for line in labels.read_text().splitlines():
+        for line in read_user_text(labels).splitlines():
             line = line.strip()
             if not line:
                 continue

@@ -40,6 +40,16 @@ def find_images(root: str | Path) -> list[Path]:
     return files
 
 
+def read_user_text(path: str | Path) -> str:
+    """A text file a user wrote (a path list, labels, class names): UTF-8, a byte-order mark (Windows editors)
+    dropped; anything else is one line naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DinokitError(f"{str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                           "save it as UTF-8 (or check that it is the text file meant)") from None
+
+
 def read_path_list(list_file: str | Path) -> list[Path]:
     """Image paths from a text file, one per line; blank lines and ``#`` comments are ignored.
 
@@ -50,7 +60,7 @@ def read_path_list(list_file: str | Path) -> list[Path]:
         raise DinokitError(f"list file {str(list_file)!r} does not exist; check the path")
     base = list_file.parent
     paths = []
-    for line in list_file.read_text().splitlines():
+    for line in read_user_text(list_file).splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.datasets import parse_dataset_str
-from ..data.images import IMAGE_EXTENSIONS, load_image, warn_skipped
+from ..data.images import IMAGE_EXTENSIONS, load_image, read_user_text, warn_skipped
 from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, short_side_size
 from ..errors import DinokitError
 from .metrics import IGNORE_INDEX, reduce_zero_label
@@ -352,7 +352,7 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
         classes_file = root / "classes.txt"
         if not classes_file.is_file():
             classes_file = root.parent / "classes.txt"  # shared by the splits of a generated set
-        classes = [l.strip() for l in classes_file.read_text().splitlines() if l.strip()] if classes_file.is_file() else []
+        classes = [l.strip() for l in read_user_text(classes_file).splitlines() if l.strip()] if classes_file.is_file() else []
         num = len(classes) if classes else _max_label(pairs) + 1
         return DenseDataset(pairs, DenseInfo("seg", num_classes=num), name=dataset_str, transform=transform, classes=classes)
     if name == "DepthFolder":
@@ -371,7 +371,7 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
         list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not list_file.is_file():
             raise DinokitError(f"{str(list_file)!r} does not exist: ROOT must be the VOC2012 folder (VOCdevkit/VOC2012)")
-        ids = [l.strip() for l in list_file.read_text().splitlines() if l.strip()]
+        ids = [l.strip() for l in read_user_text(list_file).splitlines() if l.strip()]
         pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
         return DenseDataset(pairs, DenseInfo("seg", num_classes=VOC_CLASSES, palette="voc"), name=dataset_str, transform=transform)
     # NYU
@@ -379,7 +379,7 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
     list_file = root / f"nyu_{split}.txt"
     if list_file.is_file():
         pairs = []
-        for line in list_file.read_text().splitlines():
+        for line in read_user_text(list_file).splitlines():
             parts = line.split()
             if len(parts) >= 2:
                 pairs.append((root / parts[0].lstrip("/"), root / parts[1].lstrip("/")))
