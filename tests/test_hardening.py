@@ -402,3 +402,21 @@ def test_embed_finds_the_runs_config_beside_a_teacher_snapshot(straight, tmp_pat
                      "--device", "cpu", "--no-progress"]) == 0
     assert f"using the training config {straight / 'config.yaml'}" in capsys.readouterr().out
     assert np.load(out)["cls"].shape == (1, 64)  # vit_pico's width, not ViT-S/14's 384
+
+
+@pytest.mark.parametrize("command", ["viz", "export", "curate"])
+def test_other_commands_find_the_runs_config_beside_a_teacher_snapshot(straight, tmp_path, capsys, command):
+    # They defaulted to --model dinov2_vits14 and refused the file ("does not fit the model").
+    snap = straight / "eval" / "training_5" / "teacher_checkpoint.pth"
+    (tmp_path / "pics").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (0, 128 * i, 255)).save(tmp_path / "pics" / f"{i}.png")
+    args = {"viz": ["viz", "match", str(tmp_path / "pics" / "0.png"), str(tmp_path / "pics" / "1.png"),
+                    "--out", str(tmp_path / "m.png"), "--image-size", "32", "--device", "cpu", "--all-patches"],
+            "export": ["export", "onnx", "--image-size", "32", "32", "--out", str(tmp_path / "m.onnx")],
+            "curate": ["curate", "embed", "--pool", str(tmp_path / "pics"), "--output-dir", str(tmp_path / "cur"),
+                       "embed.image_size=32", "--no-progress"]}[command]
+    if command == "export":
+        pytest.importorskip("onnxruntime")
+    assert cli_main([*args, "--weights", str(snap)]) == 0
+    assert f"using the training config {straight / 'config.yaml'}" in capsys.readouterr().out

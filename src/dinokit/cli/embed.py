@@ -29,13 +29,12 @@ from ..data.images import ImageFiles, resolve_image_inputs
 from ..data.transforms import make_classification_eval_transform
 from ..errors import DinokitError
 from ..devices import default_workers, resolve_device, resolve_dtype, usable_workers
-from ..eval.setup import setup_eval_model
+from ..eval.setup import DEFAULT_MODEL, setup_eval_model
 from ..features import ExtractedFeatures, check_image_size, embedding_feature_fn, extract_features, inference_dtype
 from ..engine.run_dir import check_writable
 from ..models.checkpoint import atomic_write, check_weights_path
 from ..models.registry import model_info
 
-DEFAULT_MODEL = "dinov2_vits14"
 
 OUTPUT_FORMATS = (".npz", ".npy", ".parquet")
 _MAX_BAD_SHOWN = 5

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import DinokitError
-from ..eval.setup import setup_eval_model
+from ..eval.setup import DEFAULT_MODEL, setup_eval_model
 from ..export.onnx import DEFAULT_TOLERANCE, check_output, export_onnx
 
 
@@ -30,7 +30,7 @@ def _onnx(args: argparse.Namespace) -> int:
     check_output(args.out)  # before building the model
     model, description = setup_eval_model(
         config_file=args.config_file, pretrained_weights=args.weights, model=None if args.config_file else args.model,
-        random_init=args.random_init,
+        random_init=args.random_init, default_model=None if args.config_file else DEFAULT_MODEL,
     )
     report = export_onnx(model, args.out, image_size=tuple(args.image_size), dynamic=args.dynamic, tolerance=args.tolerance)
     kind = "dynamic batch, height and width" if args.dynamic else f"static {args.image_size[0]}x{args.image_size[1]}"
@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     formats = parser.add_subparsers(dest="export_format", metavar="FORMAT")
     formats.required = True
     p = formats.add_parser("onnx", help="ONNX graph checked with onnxruntime (pip install 'dinokit[onnx]')")
-    p.add_argument("--model", default="dinov2_vits14", help="hub name (default: %(default)s)")
+    p.add_argument("--model", default=None, help="hub name (default: dinov2_vits14, or the run's config.yaml found "
+                   "beside a --weights teacher_checkpoint.pth)")
     p.add_argument("--config-file", help="use the backbone of a training config.yaml instead of --model")
     p.add_argument("--weights", "--pretrained-weights", help="backbone file (any layout dinokit loads); default: the official weights of --model")
     p.add_argument("--random-init", action="store_true", help="random weights (no download)")

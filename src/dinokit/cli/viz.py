@@ -40,7 +40,8 @@ GRID_FRAMES = 8  # frames of a video shown in pca_grid.png
 # ------------------------------------------------------------------------------------------- parsers
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("backbone")
-    model.add_argument("--model", default="dinov2_vits14", help="hub name (default: %(default)s; see 'dinokit models')")
+    model.add_argument("--model", default=None, help="hub name (default: dinov2_vits14, or the run's config.yaml found "
+                       "beside a --weights teacher_checkpoint.pth; see 'dinokit models')")
     model.add_argument("--weights", "--pretrained-weights", help="backbone file or URL (hub layout, teacher_checkpoint.pth, .safetensors, ...)")
     model.add_argument("--config-file", help="use the backbone of a training config.yaml (or eval preset), not --model")
     model.add_argument("--random-init", action="store_true", help="random weights (a baseline picture)")

@@ -103,8 +103,9 @@ class CurateConfig:
     """Evaluation images that no pretraining image may copy."""
     target_size: int = 0
     """Images in the curated set; 0 = all that dedup (and retrieval) leave."""
-    model: str = "dinov2_vits14"
-    """Hub name of the embedding backbone (unless config_file)."""
+    model: str = ""
+    """Hub name of the embedding backbone (unless config_file); empty: the training run's config.yaml beside a
+    teacher_checkpoint.pth given as weights, else dinov2_vits14."""
     config_file: str = ""
     """A training config.yaml whose backbone embeds (with weights)."""
     weights: str = ""

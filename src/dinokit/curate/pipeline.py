@@ -107,18 +107,19 @@ class Work:
 
 # ---------------------------------------------------------------------------------------------- embed
 def build_models(config: CurateConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    from ..eval.setup import setup_eval_model
+    from ..eval.setup import DEFAULT_MODEL, setup_eval_model
 
-    def build(model: str, config_file: str, weights: str) -> torch.nn.Module:
+    def build(model: str, config_file: str, weights: str, default_model: str | None = None) -> torch.nn.Module:
         random_init = weights == "random"
         backbone, _ = setup_eval_model(
-            config_file=config_file or None, model=None if config_file else model,
+            config_file=config_file or None, model=None if config_file else (model or None),
             pretrained_weights=None if random_init else (weights or None), random_init=random_init, device=device,
+            default_model=None if config_file else default_model,
         )
         check_image_size(config.embed.image_size, backbone, "embed.image_size")
         return backbone
 
-    main = build(config.model, config.config_file, config.weights)
+    main = build(config.model, config.config_file, config.weights, default_model=DEFAULT_MODEL)
     copy = None
     if config.embed.copy == "model":
         copy = build(config.copy_model, config.copy_config_file, config.copy_weights)

@@ -65,6 +65,9 @@ def _architecture(model: nn.Module) -> dict[str, Any]:
     return {"params": sum(p.numel() for p in model.parameters()), "layout": digest}
 
 
+DEFAULT_MODEL = "dinov2_vits14"  # the backbone of commands that need none named (embed, viz, export, curate)
+
+
 def setup_eval_model(
     *,
     config_file: str | None = None,
@@ -73,26 +76,31 @@ def setup_eval_model(
     random_init: bool = False,
     opts: Sequence[str] = (),
     device: torch.device | str = "cpu",
+    default_model: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen backbone to evaluate (eval mode, on ``device``) and a description for cache keys.
 
     Architecture: ``config_file`` (an eval preset such as ``eval/vits14_pretrain``, or the
     ``config.yaml`` of a training run; found automatically next to a ``teacher_checkpoint.pth``) or
-    ``model`` (a hub name). Weights: ``pretrained_weights`` (backbone file, teacher checkpoint,
-    safetensors or URL), else the official weights of ``model``, else random init (seed 0).
+    ``model`` (a hub name), else ``default_model`` (commands with a default backbone; None: one line asking).
+    Weights: ``pretrained_weights`` (backbone file, teacher checkpoint, safetensors or URL), else the official
+    weights of ``model``, else random init (seed 0).
     """
     if config_file and model:
         raise DinokitError("give either --config-file or --model, not both: each defines the architecture")
     if not config_file and not model:
         found = find_run_config(pretrained_weights) if pretrained_weights else None
-        if found is None:
+        if found is None and default_model:
+            model = default_model
+        elif found is None:
             raise DinokitError(
                 "say which backbone to evaluate: --model NAME (e.g. dinov2_vits14) or --config-file "
                 "(an eval preset such as eval/vits14_pretrain, or the config.yaml of a training run)"
             )
-        config_file = str(found)
-        if du.is_main_process():
-            print(f"using the training config {found}")
+        else:
+            config_file = str(found)
+            if du.is_main_process():
+                print(f"using the training config {found}")
     description: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)  # a reproducible random-init baseline (and cache key)
