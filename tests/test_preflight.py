@@ -155,6 +155,37 @@ def test_texture_knn_with_the_users_images_is_said_at_start(images, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_val_images_that_are_training_images_are_a_warning(images, tmp_path, capsys):
+    import shutil
+
+    from dinokit.data import make_dataset
+    from dinokit.eval.monitor import check_knn_datasets
+    from dinokit.eval.setup import shared_images_warning
+
+    train = images / "train"
+    check_knn_datasets(f"ImageFolder:root={train}", f"{train}/", f"ImageFolder:root={train}")  # the same files
+    n, first = len(list(train.rglob("*.png"))), sorted(train.rglob("*.png"))[0]
+    assert capsys.readouterr().out.strip() == (
+        f"warning: {n} of the {n} evaluation.knn_dataset.val images are also evaluation.knn_dataset.train images "
+        f"(first: {first}): every one of them finds itself, and the accuracies are inflated; hold the "
+        "evaluation.knn_dataset.val images out of the evaluation.knn_dataset.train set")
+    val = tmp_path / "val"
+    shutil.copytree(train, val)  # copies are other files: curation's job, not this check
+    assert shared_images_warning(make_dataset(str(train)), make_dataset(str(val))) is None
+    listing = tmp_path / "val.txt"  # one training image listed among the val ones
+    files = [first, *sorted(val.rglob("*.png"))]
+    listing.write_text("".join(f"{p},{i % 2}\n" for i, p in enumerate(files)))
+    assert shared_images_warning(make_dataset(str(train)), make_dataset(f"FileList:path={listing}")).startswith(
+        f"warning: 1 of the {len(files)} val images are also train images (first: {first})")
+    assert cli_main(["eval", "knn", "--random-init", "--model", "dinov2_vits14", "--train-dataset",
+                     f"FileList:path={listing}", "--val-dataset", f"FileList:path={listing}", "--output-dir",
+                     str(tmp_path / "knn"), "--image-size", "28", "--device", "cpu", "--no-progress",
+                     "--nb-knn", "1"]) == 0
+    assert f"warning: {len(files)} of the {len(files)} val images are also train images" in capsys.readouterr().out
+    (line,) = [json.loads(line) for line in (tmp_path / "knn" / "results_eval_knn.json").read_text().splitlines()]
+    assert line["warnings"][0].startswith(f"warning: {len(files)} of the {len(files)} val images")  # recorded
+
+
 def test_many_empty_class_folders_are_one_short_line(tmp_path):
     from dinokit.data import make_dataset
 

@@ -287,5 +287,5 @@ def knn_protocol(
     )
     if du.is_main_process():
         trust = label_warnings(train.targets, val.targets, ctx.num_classes)
-        write_knn_results(results, ctx.output_dir, {**ctx.provenance, "warnings": trust})
+        write_knn_results(results, ctx.output_dir, ctx.result_provenance(trust))
     return results

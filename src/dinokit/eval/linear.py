@@ -349,5 +349,5 @@ def linear_protocol(
     result = None
     if du.is_main_process():
         result = save_results(probes, accuracies, ctx.output_dir, iterations=iterations, augment=augment,
-                              provenance={**ctx.provenance, "warnings": trust})
+                              provenance=ctx.result_provenance(trust))
     return result, probes, accuracies

@@ -273,5 +273,5 @@ def logreg_protocol(
         backend=backend, holdout_fraction=holdout_fraction, max_iter=max_iter, tol=tol, device=ctx.device,
     )
     if du.is_main_process():
-        write_logreg_result(result, ctx.output_dir, {**ctx.provenance, "warnings": trust})
+        write_logreg_result(result, ctx.output_dir, ctx.result_provenance(trust))
     return result

@@ -16,6 +16,7 @@ import torch
 from ..config import backbone_from_config, backbone_img_size
 from ..models import load_backbone_weights
 from .knn import run_knn_eval
+from .setup import shared_images_warning
 
 
 class KnnMonitor:
@@ -69,12 +70,17 @@ def check_knn_datasets(train: str, val: str, pretraining: str) -> None:
     from ..distributed import is_first_process
     from ..errors import DinokitError
 
+    datasets = {}
     for key, value in (("train", train), ("val", val)):
         try:
-            make_dataset(value, labelled=True)
+            datasets[key] = make_dataset(value, labelled=True)
         except DinokitError as err:
             raise DinokitError(f"evaluation.knn_dataset.{key}: {err} (or evaluation.knn_dataset=null to skip the "
                                "k-NN monitor)") from None
+    shared = shared_images_warning(datasets["train"], datasets["val"], train_name="evaluation.knn_dataset.train",
+                                   val_name="evaluation.knn_dataset.val")
+    if shared and is_first_process():
+        print(shared)
     names = {parse_dataset_str(s)[0] for s in (train, val)}
     if names == {"Sample"} and parse_dataset_str(pretraining)[0] != "Sample" and is_first_process():  # once per run
         print("note: evaluation.knn_dataset is the built-in texture set while train.dataset_path is "

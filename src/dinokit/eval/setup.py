@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,25 @@ def load_eval_datasets(
     return train, val, num_classes
 
 
+def shared_images_warning(train: ImageDataset, val: ImageDataset, *, train_name: str = "train",
+                          val_name: str = "val") -> str | None:
+    """A warning when some val images are also training images (the same files): each finds itself at distance 0,
+    so the accuracies measure memory, not features. Lazy path sequences (ImageNet's splits, separate folders by
+    construction) are compared only by their dataset strings."""
+    if isinstance(train.paths, list) and isinstance(val.paths, list):
+        train_files = {os.path.abspath(path) for path in train.paths}
+        shared = [path for path in val.paths if os.path.abspath(path) in train_files]
+        count, first = len(shared), (shared[0] if shared else None)
+    else:
+        same = bool(train.name) and train.name == val.name
+        count, first = (len(val), val.paths[0]) if same and len(val) else (0, None)
+    if not count:
+        return None
+    return (f"warning: {count} of the {len(val)} {val_name} images are also {train_name} images (first: "
+            f"{first}): every one of them finds itself, and the accuracies are inflated; hold the {val_name} "
+            f"images out of the {train_name} set")
+
+
 def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
     for x, y in zip(a, b):
         if x != y:
@@ -344,6 +364,12 @@ class EvalContext:
     progress: bool = True
     # what every result line says it came from: {"weights": ..., "train_dataset": ..., "val_dataset": ...}
     provenance: dict[str, str] = field(default_factory=dict)
+    # lines about the datasets that every result line records (e.g. val images that are also training images)
+    data_warnings: list[str] = field(default_factory=list)
+
+    def result_provenance(self, trust: Sequence[str]) -> dict[str, Any]:
+        """What a result line records besides its numbers: the provenance and every warning about its trust."""
+        return {**self.provenance, "warnings": [*self.data_warnings, *trust]}
 
     def features(self, split: str, kind: str) -> ExtractedFeatures:
         """``kind`` features of the ``train`` or ``val`` split, from the cache or extracted (and cached)."""
@@ -388,6 +414,9 @@ def prepare_eval(
     device_ = resolve_device(device)
     dtype_ = inference_dtype(device_, resolve_dtype(dtype, device_), say=du.is_main_process())  # fp16 on CPU: fp32
     train, val, num_classes = load_eval_datasets(train_dataset, val_dataset, image_size=image_size)
+    data_warnings = [line for line in [shared_images_warning(train, val)] if line]
+    if du.is_main_process():
+        print(*data_warnings, sep="\n", end="\n" if data_warnings else "")
     backbone, description = setup_eval_model(
         config_file=config_file, pretrained_weights=pretrained_weights, model=model, random_init=random_init,
         opts=opts, device=device_,
@@ -405,4 +434,5 @@ def prepare_eval(
         progress=progress,
         provenance={"weights": weights_label(pretrained_weights, model, random_init), "train_dataset": train_dataset,
                     "val_dataset": val_dataset},
+        data_warnings=data_warnings,
     )
