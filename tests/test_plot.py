@@ -53,9 +53,10 @@ def test_health_signals_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(Figure, "savefig", savefig)
     out = plot_run(tmp_path)
     assert out == tmp_path / "training_metrics.png" and out.stat().st_size > 0
-    # every panel spans the run, also one whose series has a single point (seen: a k-NN panel spanning 190-210)
+    # every panel spans the run from iteration 0, also one whose series has a single point (seen: a k-NN panel
+    # spanning 190-210, and a 20-iteration dense run's one logged step spanning 18-20)
     spans = {tuple(round(v, 6) for v in ax.get_xlim()) for ax in drawn[0].axes}
-    assert spans == {(9 - 0.3, 19 + 0.3)}, spans
+    assert spans == {(-0.57, 19 + 0.57)}, spans
     assert _prototypes(tmp_path) == 256  # K of the DINO head (for the log K line), not the iBOT head's
 
 

@@ -121,8 +121,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig = Figure(figsize=(6.5 * cols, 3.6 * rows), layout="constrained")
     k = _prototypes(run_dir if run_dir.is_dir() else run_dir.parent)
     iterations = [x for name, _ in order for xs, _ in panels[name].values() for x in xs]
-    first, last = min(iterations), max(iterations)
-    margin = 0.03 * (last - first) or 1.0  # every panel spans the run (a k-NN at the last snapshot is a point at the end)
+    # every panel spans the run from its start (a k-NN at the last snapshot is a point at the end; a short run that
+    # logged once is that point at its iteration, not alone on an axis of its own)
+    first, last = min(0, min(iterations)), max(iterations)
+    margin = 0.03 * (last - first) or 1.0
     for index, (name, label) in enumerate(order, start=1):
         ax = fig.add_subplot(rows, cols, index)
         ax.set_xlim(first - margin, last + margin)
