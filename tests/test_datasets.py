@@ -132,6 +132,21 @@ def test_hidden_files_are_ignored(folder):
     assert len(make_dataset(str(folder))) == 4
 
 
+def test_linked_class_folders_are_followed_once(folder, tmp_path):
+    # A set assembled from links to class folders (torchvision's ImageFolder follows them too; they were not found:
+    # "no images found"); a link back to a folder it lies in is not followed round and round.
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "cat").symlink_to(folder / "cat", target_is_directory=True)
+    (linked / "dog").symlink_to(folder / "dog", target_is_directory=True)
+    (linked / "dog" / "again").symlink_to(folder, target_is_directory=True)  # inside dog: back to images/
+    ds = make_dataset(str(linked), labelled=True)
+    assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 1, 1, 1, 1]
+    again = linked / "dog" / "again"  # images/ through the link; its dog/ would be a loop (dog/again/dog/again/...)
+    assert ds.paths == [linked / "cat" / "0.png", linked / "cat" / "1.png", linked / "dog" / "0.png",
+                        again / "cat" / "0.png", again / "cat" / "1.png", again / "extra.png"]
+
+
 # ---------------------------------------------------------------- FileList
 
 

@@ -27,17 +27,29 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """All image files under ``root`` (recursive), in sorted order; skips hidden files and folders."""
+    """All image files under ``root`` (recursive), in sorted order; skips hidden files and folders. Linked folders
+    are followed, as torchvision's ImageFolder does (a set assembled from links to class folders), except a link
+    back to a folder it lies in (a loop)."""
     root = Path(root)
     if not root.exists():
         raise DinokitError(f"input path {str(root)!r} does not exist; check the path")
     if root.is_file():
         return [root]
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    return files
+    top = os.fspath(root)
+    files: list[Path] = []
+    ancestry = {top: {os.path.realpath(top)}}  # folder -> the real folders it lies in, itself included
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        inside = ancestry.pop(folder)
+        keep = []
+        for name in sorted(subfolders):
+            real = os.path.realpath(os.path.join(folder, name))
+            if not name.startswith(".") and real not in inside:
+                ancestry[os.path.join(folder, name)] = inside | {real}
+                keep.append(name)
+        subfolders[:] = keep
+        files.extend(Path(folder) / n for n in names
+                     if not n.startswith(".") and is_image_file(n) and os.path.isfile(os.path.join(folder, n)))
+    return sorted(files)
 
 
 def read_user_text(path: str | Path) -> str:
