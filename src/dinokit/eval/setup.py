@@ -415,8 +415,8 @@ def prepare_eval(
     dtype_ = inference_dtype(device_, resolve_dtype(dtype, device_), say=du.is_main_process())  # fp16 on CPU: fp32
     train, val, num_classes = load_eval_datasets(train_dataset, val_dataset, image_size=image_size)
     data_warnings = [line for line in [shared_images_warning(train, val)] if line]
-    if du.is_main_process():
-        print(*data_warnings, sep="\n", end="\n" if data_warnings else "")
+    for line in data_warnings if du.is_main_process() else []:
+        print(line)
     backbone, description = setup_eval_model(
         config_file=config_file, pretrained_weights=pretrained_weights, model=model, random_init=random_init,
         opts=opts, device=device_,
