@@ -170,6 +170,14 @@ def test_errors_are_one_line(scenes, tmp_path, capsys):
     assert main(["curate", "run", "--output-dir", str(tmp_path / "w3"), "dedup.keep=best"]) == 2
     assert capsys.readouterr().err.strip() == "error: dedup.keep='best' is not one of largest, first, central"
 
+    # the pool given as its own evaluation set: dedup removes every image; said there, not by k-means later
+    # ("cannot make 1 clusters of 0 points; lower the number of clusters")
+    assert main(["curate", "run", "--pool", str(root / "eval"), "--eval-set", str(root / "eval"), "--output-dir",
+                 str(tmp_path / "w4"), *MODEL]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: no pool image is left: all 3 left by dedup copy an image of the evaluation sets (cosine > 0.75); "
+        "give a pool that is not the --eval-set (or raise dedup.eval_threshold)")
+
 
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
 def test_two_process_gloo_run_equals_the_one_process_result(scenes, tmp_path):

@@ -229,7 +229,13 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
             _log(f"note: dedup counts {dropped} of the {n} pool images ({100 * dropped / n:.0f}%) as "
                  f"near-copies (cosine > {c.threshold}); if the pool is not that redundant, check the weights of "
                  "the copy descriptor (a random init sees many images alike) or raise dedup.threshold")
-    return du.broadcast_object(counts)
+    counts = du.broadcast_object(counts)
+    if counts["after_eval_dedup"] == 0:  # every later stage would fail on an empty set, naming the wrong cause
+        raise DinokitError(
+            f"no pool image is left: all {counts['after_dedup']} left by dedup copy an image of the evaluation "
+            f"sets (cosine > {c.eval_threshold}); give a pool that is not the --eval-set (or raise "
+            "dedup.eval_threshold)")
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------- retrieve
