@@ -34,7 +34,8 @@ def test_plot_of_the_demo_run(demo_teacher, tmp_path: Path, capsys: pytest.Captu
 
 def test_health_signals_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     records = [
-        {"iteration": 9, "total_loss": 5.0, "teacher_entropy": 3.0, "prototypes_used": 40, "cls_effective_rank": 9.5},
+        {"iteration": 9, "total_loss": 5.0, "teacher_entropy": 3.0, "prototypes_used": 40, "cls_effective_rank": 9.5,
+         "lr": 1e-3, "wd": 0.04},
         {"iteration": 19, "total_loss": 4.0, "teacher_entropy": float("nan"), "prototypes_used": 12},
     ]
     (tmp_path / "training_metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n{\"iteration\": 2")
@@ -57,6 +58,9 @@ def test_health_signals_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # spanning 190-210, and a 20-iteration dense run's one logged step spanning 18-20)
     spans = {tuple(round(v, 6) for v in ax.get_xlim()) for ax in drawn[0].axes}
     assert spans == {(-0.57, 19 + 0.57)}, spans
+    # a series of one point has a marker, or it is not drawn at all (seen: the weight decay of a short run)
+    assert all(len(line.get_xdata()) > 1 or line.get_marker() not in (None, "None", "")
+               for ax in drawn[0].axes for line in ax.get_lines())
     assert _prototypes(tmp_path) == 256  # K of the DINO head (for the log K line), not the iBOT head's
 
 

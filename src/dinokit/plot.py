@@ -138,7 +138,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         if name == "optimiser" and "wd" in panels[name]:
             twin = ax.twinx()
             xs, ys = panels[name]["wd"]
-            twin.plot(xs, ys, color="tab:gray", linestyle="--", label="wd")
+            twin.plot(xs, ys, color="tab:gray", linestyle="--", label="wd", marker="o" if len(xs) < 20 else None)
             twin.set_ylabel("weight decay")
             twin.legend(loc="center right", fontsize="small")
         if name == "entropy" and k:
