@@ -73,6 +73,21 @@ def test_output_dir_that_is_a_file_is_one_line(images, tmp_path, capsys):
     assert target.read_text() == "mine"
 
 
+def test_output_dir_inside_the_training_images_is_refused_before_anything_is_written(tmp_path, capsys):
+    # Seen: the run's own training_metrics.png became the 41st of 40 training images when the run resumed.
+    import shutil
+
+    data = tmp_path / "mine"
+    shutil.copytree(write_sample_dataset(tmp_path / "s", counts={"train": 1, "val": 0}, image_size=32) / "train", data)
+    before = sorted(data.rglob("*"))
+    for dataset in (str(data), f"ImageFolder:root={data}"):
+        assert cli_main(["train", *TINY, "--output-dir", str(data / "run"), f"train.dataset_path={dataset}"]) == 2
+        assert error_line(capsys) == (
+            f"error: --output-dir {data / 'run'} lies inside the training images' folder {data}: the run's own "
+            "files (plots, snapshots) would become training images when it resumes; give an output folder outside it")
+        assert sorted(data.rglob("*")) == before
+
+
 def test_no_resume_in_an_existing_run_is_refused_and_changes_nothing(images, straight, capsys, tmp_path):
     before = {p: p.read_bytes() for p in straight.rglob("*") if p.is_file()}
     assert cli_main(_cli(straight, images, flags=["--no-resume"])) == 2

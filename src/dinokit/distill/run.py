@@ -34,7 +34,7 @@ from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
 from ..tracking import check_tracker
-from ..train.data import small_images_note
+from ..train.data import check_output_outside_data, small_images_note
 from ..train.train import engine_config, run_on_ssl_data
 from ..train.weights import check_weight_sources
 from .task import DistillationTask, check_compatible
@@ -103,6 +103,7 @@ def distill(
     teacher, teacher_cfg = build_teacher(source, with_heads=cfg.distillation.loss == "dino_ibot")
     check_compatible(cfg, teacher_cfg, students, teacher.backbone.patch_size)
     check_tracker(cfg.train.tracker)
+    check_output_outside_data(output_dir, cfg.train.dataset_path)
     if output_dir.resolve() in Path(source.weights).resolve().parents:
         raise DinokitError(f"--output-dir {output_dir} holds the teacher ({source.weights}); give a new --output-dir "
                            "for the students")

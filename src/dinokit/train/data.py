@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -11,6 +12,7 @@ from .. import distributed
 from ..config.crops import CropSizes, crop_resolutions
 from ..data.augmentations import DataAugmentationDINO
 from ..data.collate import SSLCollate
+from ..data.datasets import parse_dataset_str
 from ..data.images import typical_short_side
 from ..data.loaders import make_ssl_data_loader
 from ..data.resolutions import MixedCollate, MixedTransform, ResolutionMix
@@ -47,6 +49,19 @@ def build_train_loader(cfg: DictConfig, *, start_iteration: int, pin_memory: boo
         start_iteration=start_iteration,
         pin_memory=pin_memory,
     )
+
+
+def check_output_outside_data(output_dir: str | Path, dataset_path: str) -> None:
+    """One line when the run folder lies inside the image folder it trains on: its own plots and snapshots would join
+    the training images when the folder is listed again (on resume), changing the data under the run."""
+    name, kwargs = parse_dataset_str(dataset_path)
+    if name != "ImageFolder":
+        return
+    root, out = Path(kwargs["root"]).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+    if out == root or root in out.parents:
+        raise DinokitError(f"--output-dir {output_dir} lies inside the training images' folder {kwargs['root']}: the "
+                           "run's own files (plots, snapshots) would become training images when it resumes; give "
+                           "an output folder outside it")
 
 
 def small_images_note(crops: DictConfig, dataset: Any, patch_size: int) -> str | None:

@@ -23,7 +23,7 @@ from ..engine.optim import CosineScheduler, warmup_cosine_schedule
 from ..engine.run_dir import open_run_dir
 from ..errors import DinokitError
 from ..tracking import check_tracker
-from .data import build_train_loader
+from .data import build_train_loader, check_output_outside_data
 from .ssl_meta_arch import SSLMetaArch
 from .weights import check_weight_sources
 
@@ -75,6 +75,7 @@ def train(
                            "run dinokit distill")
     check_stage_weights(cfg)
     check_tracker(cfg.train.tracker)
+    check_output_outside_data(output_dir, cfg.train.dataset_path)
     rank, world = init_run(cfg.train.seed)
     check_step_levers(cfg.train, world)
     output_dir = Path(output_dir)
