@@ -160,7 +160,7 @@ def test_val_images_that_are_training_images_are_a_warning(images, tmp_path, cap
 
     from dinokit.data import make_dataset
     from dinokit.eval.monitor import check_knn_datasets
-    from dinokit.eval.setup import shared_images_warning
+    from dinokit.eval.results import shared_images_warning
 
     train = images / "train"
     check_knn_datasets(f"ImageFolder:root={train}", f"{train}/", f"ImageFolder:root={train}")  # the same files
@@ -269,7 +269,7 @@ def test_eval_says_when_its_numbers_cannot_be_trusted_and_where_they_came_from(u
 
 
 def test_results_are_appended_atomically(tmp_path, monkeypatch):
-    from dinokit.eval.setup import append_results
+    from dinokit.eval.results import append_results
     from dinokit.models.checkpoint import _mount_point
 
     path = tmp_path / "results_eval_knn.json"

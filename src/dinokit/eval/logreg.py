@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .. import distributed as du
 from ..errors import DinokitError
-from .setup import EvalContext, append_results, report_label_warnings
+from .results import append_results, report_label_warnings
+from .setup import EvalContext
 
 RESULTS_FILE = "results_eval_logreg.json"
 DEFAULT_MAX_ITER = 1000

@@ -16,7 +16,7 @@ import torch
 from ..config import backbone_from_config, backbone_img_size
 from ..models import load_backbone_weights
 from .knn import run_knn_eval
-from .setup import shared_images_warning
+from .results import shared_images_warning
 
 
 class KnnMonitor:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from ..models.checkpoint import atomic_write, load_backbone_weights
 from ..models.linear_classifier import feature_parts
 from ..models import registry
 from ..config import backbone_from_config, backbone_img_size, find_run_config, load_config
+from .results import shared_images_warning
 
 RANDOM_INIT_SEED = 0
 
@@ -139,45 +139,6 @@ def weights_label(pretrained_weights: str | None, model: str | None, random_init
     return f"random-init (seed {RANDOM_INIT_SEED})"
 
 
-# ---------------------------------------------------------------------------------------------- results
-def label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *,
-                   top5: bool = True) -> list[str]:
-    """Lines that say when accuracies cannot be trusted: val classes without a readable training image (present
-    only in val, or whose training images are all unreadable), or a top-5 that is 100% by construction."""
-    lines = []
-    in_train = set(train_labels.unique().tolist())
-    only_val = sorted(set(test_labels.unique().tolist()) - in_train)
-    if only_val:
-        shown = ", ".join(str(c) for c in only_val[:5]) + (", ..." if len(only_val) > 5 else "")
-        share = 100.0 * float(torch.isin(test_labels, torch.tensor(only_val)).float().mean())
-        lines.append(f"warning: {len(only_val)} val class(es) have no readable training image (class {shown}): "
-                     f"their {share:.1f}% of the val images can never be classified right")
-    if top5 and num_classes <= 5:
-        lines.append(f"note: with {num_classes} classes top-5 is 100% by construction; read top-1 only")
-    return lines
-
-
-def report_label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *,
-                          top5: bool = True) -> list[str]:
-    """:func:`label_warnings`, printed once (main process); returned for the results file."""
-    lines = label_warnings(train_labels, test_labels, num_classes, top5=top5)
-    if du.is_main_process():
-        for line in lines:
-            print(line)
-    return lines
-
-
-def append_results(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
-    """Append one JSON line per record to ``path``, atomically: a crash or a full disk leaves the old lines intact."""
-    path = Path(path)
-    old = path.read_text() if path.is_file() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"  # a line torn by an older, non-atomic writer stays a line of its own
-    with atomic_write(path) as tmp:
-        tmp.write_text(old + "".join(json.dumps(r, default=str) + "\n" for r in records))
-    return path
-
-
 # ---------------------------------------------------------------------------------------------- data
 def load_eval_datasets(
     train_dataset_str: str, val_dataset_str: str, *, image_size: int = 224, transform: Callable | None = None
@@ -197,25 +158,6 @@ def load_eval_datasets(
         )
     num_classes = max(len(long), int(max(train.targets, default=-1)) + 1, int(max(val.targets, default=-1)) + 1)
     return train, val, num_classes
-
-
-def shared_images_warning(train: ImageDataset, val: ImageDataset, *, train_name: str = "train",
-                          val_name: str = "val") -> str | None:
-    """A warning when some val images are also training images (the same files): each finds itself at distance 0,
-    so the accuracies measure memory, not features. Lazy path sequences (ImageNet's splits, separate folders by
-    construction) are compared only by their dataset strings."""
-    if isinstance(train.paths, list) and isinstance(val.paths, list):
-        train_files = {os.path.abspath(path) for path in train.paths}
-        shared = [path for path in val.paths if os.path.abspath(path) in train_files]
-        count, first = len(shared), (shared[0] if shared else None)
-    else:
-        same = bool(train.name) and train.name == val.name
-        count, first = (len(val), val.paths[0]) if same and len(val) else (0, None)
-    if not count:
-        return None
-    return (f"warning: {count} of the {len(val)} {val_name} images are also {train_name} images (first: "
-            f"{first}): every one of them finds itself, and the accuracies are inflated; hold the {val_name} "
-            f"images out of the {train_name} set")
 
 
 def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
