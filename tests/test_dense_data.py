@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dinokit.dense.datasets import DenseTrainTransform, make_dense_dataset
+from dinokit.dense.datasets import make_dense_dataset
+from dinokit.dense.transforms import DenseTrainTransform
 from dinokit.dense.losses import SigLoss, gradient_loss, seg_cross_entropy
 from dinokit.dense.metrics import DepthMetrics, SegMetrics, depth_metrics, eigen_crop_mask, reduce_zero_label
 from dinokit.errors import DinokitError

@@ -296,7 +296,8 @@ def test_sharded_evaluation_pools_to_the_single_process_numbers(tmp_path, monkey
     """``evaluate(shard=True)`` under two ranks (simulated): each predicts every other image, the pooled metrics
     equal one process's exactly (segmentation counts summed, depth rows averaged in dataset order)."""
     import dinokit.distributed as du
-    from dinokit.dense.datasets import DenseEvalTransform, make_dense_dataset
+    from dinokit.dense.datasets import make_dense_dataset
+    from dinokit.dense.transforms import DenseEvalTransform
     from dinokit.dense.generated import write_dense_sample
     from dinokit.dense.inference import InferenceConfig, evaluate
 

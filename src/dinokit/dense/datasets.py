@@ -1,4 +1,4 @@
-"""Dense datasets (image + per-pixel label) named by strings, and transforms that keep both aligned.
+"""Dense datasets (image + per-pixel label) named by strings (their transforms: :mod:`dinokit.dense.transforms`).
 
 Strings, in dinokit's ``Name:key=value`` syntax:
 
@@ -25,22 +25,20 @@ one-line :class:`DinokitError` naming the file.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.datasets import parse_dataset_str
 from ..data.images import IMAGE_EXTENSIONS, load_image, read_user_text, warn_skipped
-from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, short_side_size
 from ..errors import DinokitError
 from .metrics import IGNORE_INDEX, reduce_zero_label
+from .transforms import image_to_tensor
 
 DENSE_DATASET_NAMES = ("ADE20K", "VOC2012", "NYU", "SegFolder", "DepthFolder", "SegSample", "DepthSample")
 ADE20K_CLASSES = 150
@@ -59,138 +57,6 @@ class DenseInfo:
     depth_scale: float = 1000.0  # PNG value per metre
     eigen_crop: bool = False
     palette: str = ""  # "ade20k", "voc" or "" (generated)
-
-
-# ---------------------------------------------------------------------------------------------- transforms
-def image_to_tensor(pil: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-
-
-def normalise(image: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std normalisation of a (3, H, W) image in [0, 1] (= the official x255 and mean 123.675 ...)."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-    return (image - mean) / std
-
-
-def resize_pair(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]) -> tuple:
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    if label is not None:
-        label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
-    return image, label
-
-
-class DenseTrainTransform:
-    """Random scale (short side ``base_size`` x U(scale_range)), random crop (with ``cat_max_ratio`` for
-    segmentation), horizontal flip, photometric jitter, normalisation, padding to the crop size
-    (image 0, label 255 or 0). Depth adds the NYU recipe's ±2.5° rotation (p 0.5) and its colour jitter.
-    Image and label always receive the same geometry."""
-
-    def __init__(
-        self,
-        *,
-        task: str,
-        crop_size: tuple[int, int],
-        base_size: int | None = None,
-        scale_range: tuple[float, float] = (0.5, 2.0),
-        flip: float = 0.5,
-        cat_max_ratio: float = 0.75,
-        photometric: bool = True,
-    ) -> None:
-        self.task, self.crop_size, self.base_size = task, tuple(crop_size), base_size
-        self.scale_range, self.flip, self.cat_max_ratio, self.photometric = scale_range, flip, cat_max_ratio, photometric
-
-    def _crop_box(self, label: torch.Tensor, h: int, w: int) -> tuple[int, int]:
-        ch, cw = self.crop_size
-        for _ in range(10):
-            top, left = random.randint(0, max(h - ch, 0)), random.randint(0, max(w - cw, 0))
-            if self.task != "seg" or self.cat_max_ratio >= 1:
-                break
-            crop = label[top:top + ch, left:left + cw]
-            counts = torch.bincount(crop[crop != IGNORE_INDEX].flatten())
-            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
-                break
-        return top, left
-
-    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.task == "depth" and self.photometric and random.random() < 0.5:
-            image, label = _rotate_pair(image, label, random.uniform(-2.5, 2.5))
-        h, w = image.shape[-2:]
-        if self.base_size:
-            short = self.base_size * random.uniform(*self.scale_range)
-            image, label = resize_pair(image, label, short_side_size(h, w, max(int(short), 1)))
-            h, w = image.shape[-2:]
-        top, left = self._crop_box(label, h, w)
-        ch, cw = self.crop_size
-        image, label = image[:, top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
-        if random.random() < self.flip:
-            image, label = image.flip(-1), label.flip(-1)
-        if self.photometric:
-            image = _photometric(image) if self.task == "seg" else _depth_colour(image)
-        image = normalise(image)
-        pad_h, pad_w = ch - image.shape[-2], cw - image.shape[-1]
-        if pad_h > 0 or pad_w > 0:
-            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
-            label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX if self.task == "seg" else 0)
-        return image, label
-
-
-def _rotate_pair(image: torch.Tensor, label: torch.Tensor, degrees: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate both about the centre (image bilinear, depth nearest; uncovered depth becomes 0 = invalid)."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
-    image = TF.rotate(image, degrees, interpolation=InterpolationMode.BILINEAR)
-    label = TF.rotate(label[None], degrees, interpolation=InterpolationMode.NEAREST)[0]
-    return image, label
-
-
-def _depth_colour(image: torch.Tensor) -> torch.Tensor:
-    """The NYU recipe's colour augmentation, with probability 0.5: gamma U(0.9, 1.1), brightness U(0.75, 1.25),
-    per-channel colour U(0.9, 1.1)."""
-    if random.random() < 0.5:
-        image = image.clamp(0, 1) ** random.uniform(0.9, 1.1)
-        image = image * random.uniform(0.75, 1.25)
-        image = image * torch.empty(3, 1, 1).uniform_(0.9, 1.1)
-    return image.clamp(0, 1)
-
-
-def _photometric(image: torch.Tensor) -> torch.Tensor:
-    """Brightness, contrast and saturation jitter, each with probability 0.5 (values in [0, 1])."""
-    if random.random() < 0.5:
-        image = image + random.uniform(-32, 32) / 255
-    if random.random() < 0.5:
-        image = image * random.uniform(0.5, 1.5)
-    if random.random() < 0.5:
-        grey = image.mean(dim=0, keepdim=True)
-        image = grey + (image - grey) * random.uniform(0.5, 1.5)
-    return image.clamp(0, 1)
-
-
-class DenseEvalTransform:
-    """Resize the image so its short side is ``size`` (None: keep it); the label keeps its full resolution."""
-
-    def __init__(self, size: int | None = None) -> None:
-        self.size = size
-
-    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.size:
-            image, _ = resize_pair(image, None, short_side_size(*image.shape[-2:], self.size))
-        return normalise(image), label
-
-
-class DenseResizeTransform:
-    """Resize image (bilinear) and label (nearest) to one fixed size, then normalise: deterministic, so the
-    backbone features of a training set can be computed once (training without augmentation)."""
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        self.size = tuple(size)
-
-    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if tuple(image.shape[-2:]) != self.size:
-            image, label = resize_pair(image, label, self.size)
-        return normalise(image), label
 
 
 # ---------------------------------------------------------------------------------------------- dataset

@@ -20,7 +20,8 @@ from .. import distributed as du
 from ..errors import DinokitError
 from ..engine.run_dir import check_writable
 from ..models.checkpoint import atomic_write
-from .datasets import DenseEvalTransform, make_dense_dataset
+from .datasets import make_dense_dataset
+from .transforms import DenseEvalTransform
 from .heads import FeatureSpec
 from .inference import InferenceConfig, evaluate, format_results
 from .loading import head_kind_of, load_head, read_head_file, save_head
@@ -271,7 +272,7 @@ def predict_files(
     check_writable(out_dir, "--out")  # one line before any work
     from ..data.images import load_image, resolve_image_inputs, warn_skipped
     from ..data.transforms import MAX_ASPECT, short_side_size
-    from .datasets import image_to_tensor, normalise, resize_pair
+    from .transforms import image_to_tensor, normalise, resize_pair
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
     from ..viz.drawing import unique_stems
 

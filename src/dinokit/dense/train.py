@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from ..devices import default_workers, usable_workers
 from ..engine import Export, LossOutput, Task
 from ..errors import DinokitError
-from .datasets import DenseDataset, DenseResizeTransform, DenseTrainTransform, collate_dense
+from .datasets import DenseDataset, collate_dense
+from .transforms import DenseResizeTransform, DenseTrainTransform
 from .heads import FeatureSpec
 from .inference import autocast
 from .losses import SigLoss, gradient_loss, seg_cross_entropy
