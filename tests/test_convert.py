@@ -302,3 +302,19 @@ def test_cli_refuses_a_model_of_another_size(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "out.pth").exists() and not (tmp_path / "hf").exists()
     assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf", "--model", "vit_pico"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_attention_heads"] == 4
+
+
+def test_cli_takes_the_output_as_out_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # every other command names its output with --out; typing it here was argparse's "unrecognized arguments"
+    model = random_backbone(PICO)
+    src = save_backbone(model, tmp_path / "src.pth")
+    assert main(["convert", str(src), "--out", str(tmp_path / "a.safetensors"), "--to", "safetensors"]) == 0
+    got, _, _ = read_backbone(tmp_path / "a.safetensors")
+    assert_bitwise_equal(got, model.state_dict())
+    assert main(["convert", str(src), str(tmp_path / "a.pth"), "--out", str(tmp_path / "a.pth"), "--to", "official"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(src), str(tmp_path / "b.pth"), "--out", str(tmp_path / "c.pth"), "--to", "official"]) == 2
+    assert capsys.readouterr().err == f"error: two outputs given ('{tmp_path / 'b.pth'}' and --out '{tmp_path / 'c.pth'}'); give one\n"
+    assert main(["convert", str(src), "--to", "official"]) == 2
+    assert capsys.readouterr().err == "error: no output given: dinokit convert SRC DST --to ... (or --out DST)\n"
+    assert not (tmp_path / "b.pth").exists() and not (tmp_path / "c.pth").exists()

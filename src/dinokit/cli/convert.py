@@ -13,9 +13,20 @@ from __future__ import annotations
 import argparse
 
 from ..convert.formats import SOURCE_LAYOUTS, TARGETS, convert_checkpoint
+from ..errors import DinokitError
+
+
+def _destination(args: argparse.Namespace) -> str:
+    """The output path, given as the second positional argument or as ``--out`` (as the other commands take it)."""
+    if args.dst and args.out and args.dst != args.out:
+        raise DinokitError(f"two outputs given ({args.dst!r} and --out {args.out!r}); give one")
+    if not (args.dst or args.out):
+        raise DinokitError("no output given: dinokit convert SRC DST --to ... (or --out DST)")
+    return args.dst or args.out
 
 
 def _run(args: argparse.Namespace) -> int:
+    args.dst = _destination(args)
     done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model, layout=args.source_layout)
     spec = done["spec"]
     kind = f"embed_dim {spec.embed_dim}, {spec.depth} blocks, {spec.num_heads} heads"
@@ -44,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="weights file (any layout dinokit reads) or a Hugging Face model folder")
-    p.add_argument("dst", help="output: a folder for --to hf, else a .pth or .safetensors file")
+    p.add_argument("dst", nargs="?", help="output: a folder for --to hf, else a .pth or .safetensors file")
+    p.add_argument("--out", help="the output, as the other commands take it (instead of DST)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output layout")
     p.add_argument("--model", help="hub name or architecture (vit_small, ...) for the facts the weights do not hold "
                    "(the number of heads); default: the architecture of the same width and depth")
