@@ -37,28 +37,13 @@ KNN_K = 20
 
 
 # ---------------------------------------------------------------------------------------------- measurements
-def _knn_top1(train_feats, train_labels, val_feats, val_labels, num_classes: int) -> float:
-    from dinokit.eval.knn import evaluate_knn
-
-    results = evaluate_knn(train_feats, train_labels, val_feats, val_labels, num_classes=num_classes, ks=[KNN_K])
-    return float(results[0].top1)
-
-
 def raw_pixel_knn(folder: Path, image_size: int) -> float:
-    """k-NN top-1 on flattened eval-transformed pixels."""
-    import torch
+    """k-NN top-1 on flattened eval-transformed pixels (``dinokit eval knn --raw-pixels``)."""
+    from dinokit.eval import RawPixels, run_knn_eval
 
-    from dinokit.eval.setup import load_eval_datasets
-
-    train, val, num_classes = load_eval_datasets(f"ImageFolder:root={folder}/train", f"ImageFolder:root={folder}/val",
-                                                 image_size=image_size)
-
-    def flat(ds):
-        pairs = [ds[i] for i in range(len(ds))]
-        return torch.stack([p[1].flatten() for p in pairs]), torch.tensor([int(p[2]) for p in pairs])
-
-    (xt, yt), (xv, yv) = flat(train), flat(val)
-    return _knn_top1(xt, yt, xv, yv, num_classes)
+    metrics = run_knn_eval(RawPixels(), train_dataset_str=f"ImageFolder:root={folder}/train",
+                           val_dataset_str=f"ImageFolder:root={folder}/val", image_size=image_size, ks=[KNN_K])
+    return float(metrics[f"knn_top1_k{KNN_K}"])
 
 
 def network_knn(folder: Path, cfg, weights: Path | None, image_size: int = 0) -> float:

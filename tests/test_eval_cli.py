@@ -351,3 +351,30 @@ def test_one_process_commands_launched_as_several_work_once(launcher, tmp_path, 
         else:
             assert printed.startswith("note: 'data' works in one process; the other 1 launched process(es) did nothing\n")
             assert any((out / "train").iterdir())
+
+
+def test_raw_pixels_baseline_is_a_one_nearest_neighbour_on_the_images(sample, tmp_path, capsys):
+    root, _ = sample
+    argv = [a for a in args(sample, tmp_path) if a not in ("--config-file", str(sample[1]))]
+    assert main(["eval", "knn", *argv, "--raw-pixels", "--nb-knn", "1"]) == 0
+    (line,) = read_lines(tmp_path / "results_eval_knn.json")
+    assert line["weights"] == "raw pixels" and not (tmp_path / "features").exists()  # nothing cached
+    # by hand: the eval transform (resize 36, centre crop 32, normalise), flattened, cosine 1-NN
+    transform = make_classification_eval_transform(crop_size=32)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+
+    def split(name):
+        paths = sorted((root / name).glob("*/*"))
+        feats = torch.stack([transform(load_image(p)).flatten() for p in paths])
+        return torch.nn.functional.normalize(feats, dim=1), torch.tensor([classes.index(p.parent.name) for p in paths])
+
+    (xt, yt), (xv, yv) = split("train"), split("val")
+    expected = 100 * (yt[(xv @ xt.T).argmax(1)] == yv).float().mean().item()
+    assert line["top1"] == pytest.approx(expected, abs=1e-4) and 0 < expected < 100
+    # a backbone option with it is refused before any work (no output folder made)
+    for extra in (["--model", "dinov2_vits14"], ["--config-file", str(sample[1])], ["--random-init"]):
+        err = error_of(capsys, ["eval", "knn", *argv, "--raw-pixels", *extra])
+        assert err == f"error: --raw-pixels evaluates the images themselves, without a backbone; drop {extra[0]}"
+    argv[argv.index("--output-dir") + 1] = str(tmp_path / "new")
+    error_of(capsys, ["eval", "knn", *argv, "--raw-pixels", "--model", "dinov2_vits14"])
+    assert not (tmp_path / "new").exists()

@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     knn.add_argument("--n-per-class-list", type=int, nargs="+", default=[-1], metavar="N",
                      help="training samples per class; -1 = all [-1]; e.g. -1 1 5 10 for few-shot")
     knn.add_argument("--n-tries", type=int, default=1, help="random subsets per few-shot size [1]")
+    knn.add_argument("--raw-pixels", action="store_true",
+                     help="k-NN on the flattened eval-transformed images instead of a backbone's features: the "
+                          "baseline a network must beat (no backbone option; try --image-size 64 on large sets)")
     knn.add_argument("--chunk-size", type=int, default=65536,
                      help="training features compared per block; bounds memory (0 = all at once) [65536]")
     knn.set_defaults(func=run_knn)
@@ -144,6 +147,7 @@ def _context(args: argparse.Namespace, check_model=None):
         random_init=args.random_init, opts=args.opts, image_size=args.image_size, batch_size=args.batch_size,
         num_workers=usable_workers(args.num_workers, key="--num-workers"), device=args.device, dtype=args.dtype,
         progress=not args.no_progress, cache=not args.no_cache, check_model=check_model,
+        raw_pixels=getattr(args, "raw_pixels", False),
     )
 
 

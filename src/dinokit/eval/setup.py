@@ -37,9 +37,17 @@ from ..config import backbone_from_config, backbone_img_size, find_run_config, l
 from .results import shared_images_warning
 
 RANDOM_INIT_SEED = 0
+RAW_PIXELS = "raw pixels"  # what a result line says it came from when no network made the features
 
 
-# ---------------------------------------------------------------------------------------------- devices
+class RawPixels(nn.Module):
+    """The baseline every network must beat: the eval-transformed image itself (resized, centre-cropped,
+    normalised), flattened to one (3 * size * size,) vector per image, in place of a backbone's class token."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1).float()
+
+
 # ---------------------------------------------------------------------------------------------- model
 def build_eval_backbone(config: DictConfig) -> DinoVisionTransformer:
     """The teacher backbone of a training or eval config, built as training built it (no drop path).
@@ -343,14 +351,22 @@ def prepare_eval(
     progress: bool = True,
     cache: bool = True,
     check_model: Callable[[nn.Module], None] | None = None,
+    raw_pixels: bool = False,
 ) -> EvalContext:
     """Everything an evaluation command needs; the datasets are checked before the model is loaded.
+
+    With ``raw_pixels`` the features are the flattened eval-transformed images (:class:`RawPixels`; no backbone
+    option may be given, and nothing is cached: they cost less to recompute than to store).
 
     ``check_model(backbone)``, when given, runs once the backbone is built and before the output folder is made
     (settings that depend on the model, e.g. its depth, refused without writing anything).
     """
     if image_size < 1 or batch_size < 1 or num_workers < 0:
         raise DinokitError("--image-size and --batch-size must be positive and --num-workers non-negative")
+    given = [name for name, value in (("--config-file", config_file), ("--pretrained-weights", pretrained_weights),
+             ("--model", model), ("--random-init", random_init), ("--opts", opts)) if value and raw_pixels]
+    if given:
+        raise DinokitError(f"--raw-pixels evaluates the images themselves, without a backbone; drop {given[0]}")
     if du.is_main_process():
         check_writable(output_dir)  # one line before any work
     device_ = resolve_device(device)
@@ -359,10 +375,13 @@ def prepare_eval(
     data_warnings = [line for line in [shared_images_warning(train, val)] if line]
     for line in data_warnings if du.is_main_process() else []:
         print(line)
-    backbone, description = setup_eval_model(
-        config_file=config_file, pretrained_weights=pretrained_weights, model=model, random_init=random_init,
-        opts=opts, device=device_,
-    )
+    if raw_pixels:
+        backbone, description, cache = RawPixels().eval(), {"model": RAW_PIXELS}, False
+    else:
+        backbone, description = setup_eval_model(
+            config_file=config_file, pretrained_weights=pretrained_weights, model=model, random_init=random_init,
+            opts=opts, device=device_,
+        )
     check_image_size(image_size, backbone)
     if check_model is not None:
         check_model(backbone)
@@ -374,7 +393,8 @@ def prepare_eval(
         cache=FeatureCache(output_dir / "features" if cache else None, key), output_dir=output_dir,
         image_size=image_size, device=device_, dtype=dtype_, batch_size=batch_size, num_workers=num_workers,
         progress=progress,
-        provenance={"weights": weights_label(pretrained_weights, model, random_init), "train_dataset": train_dataset,
+        provenance={"weights": RAW_PIXELS if raw_pixels else weights_label(pretrained_weights, model, random_init),
+                    "train_dataset": train_dataset,
                     "val_dataset": val_dataset},
         data_warnings=data_warnings,
     )
