@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import os
 import shutil
 import subprocess
@@ -127,7 +128,7 @@ def test_cli_unknown_key_is_one_line_error(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-def test_two_process_gloo_run_and_resume_on_one_process(images, tmp_path):
+def test_two_process_gloo_run_and_resume_on_one_process(images, tmp_path, capsys):
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29531", "-m", "dinokit", "train", "--config-file", "demo",
@@ -146,9 +147,16 @@ def test_two_process_gloo_run_and_resume_on_one_process(images, tmp_path):
     assert len(list(folder.glob("*.distcp"))) == 2
     lines = [json.loads(l) for l in (out / "training_metrics.json").read_text().splitlines()]
     assert len(lines) == 3 and all(l["current_batch_size"] == 2 for l in lines)
-    # the sharded run's checkpoint resumes in a single process (world-size independent)
-    summary = train(tiny_cfg(images, "train.batch_size_per_gpu=4", "optim.epochs=2"), output_dir=out)
+    # the sharded run's checkpoint resumes in a single process (world-size independent), saying that it is then not
+    # the run it would have been, and without torch's warning that it assumes one process
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train(tiny_cfg(images, "train.batch_size_per_gpu=4", "optim.epochs=2"), output_dir=out)
     assert summary["iteration"] == 6
+    assert ("note: checkpoint_0000003 was saved by 2 process(es) and resumes in 1: the total batch (and the lr that "
+            "follows it)") in capsys.readouterr().out
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
 
 
 def test_end_process_runs_the_exit_handlers_flushes_and_exits_with_the_code():

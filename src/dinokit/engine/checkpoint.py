@@ -193,8 +193,13 @@ class Checkpointer:
         except Exception:  # readable, but not a checkpoint of this model (or a torn sharded folder)
             raise UnreadableCheckpoint(path, "not readable as a checkpoint of this model") from None
         rngs = meta.get("rng") or []
-        rank = dist_utils.get_rank()
-        if meta.get("world_size") == dist_utils.get_world_size() and rank < len(rngs):
+        rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+        saved_world = meta.get("world_size")
+        if saved_world is not None and saved_world != world and rank == 0:
+            print(f"note: {path.name} was saved by {saved_world} process(es) and resumes in {world}: the total batch "
+                  "(and the lr that follows it), the data order and the random streams differ from a run that was "
+                  f"never stopped; resume in {saved_world} to continue it exactly")
+        if saved_world == world and rank < len(rngs):
             torch.set_rng_state(rngs[rank]["cpu"])
             if "cuda" in rngs[rank] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rngs[rank]["cuda"])
@@ -206,7 +211,9 @@ class Checkpointer:
         meta = torch.load(path / _META, map_location="cpu", weights_only=True)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # the layout of this run: its shards only
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))  # each rank reads the pieces of its own shards
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint: torch says it assumes that
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))  # each rank reads the pieces of its own shards
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return meta
 
