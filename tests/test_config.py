@@ -245,6 +245,9 @@ def test_overrides_with_lists_and_dataset_strings() -> None:
         ("optim.weight_decay=-5", "config key 'optim.weight_decay' is -5.0; it must be >= 0"),
         ("optim.weight_decay_end=-0.1", "config key 'optim.weight_decay_end' is -0.1; it must be >= 0"),
         ("optim.clip_grad=-1", "config key 'optim.clip_grad' is -1.0; it must be >= 0"),
+        ("optim.layerwise_decay=1.5", "config key 'optim.layerwise_decay' is 1.5; it must be in (0, 1]"),
+        # scaling overwrote it silently, as the official code does
+        ("optim.lr=5", "override 'optim.lr=5': optim.lr is computed from optim.base_lr for the total batch"),
     ],
 )
 def test_override_errors_name_the_key(override: str, message: str) -> None:

@@ -263,6 +263,9 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), *
         for key in OmegaConf.missing_keys(OmegaConf.create(data or {})) if to_train else ():
             OmegaConf.update(cfg, key, MISSING_VALUE, merge=False)
     for text in overrides:
+        if text.partition("=")[0].strip() == "optim.lr":  # as in the official code, scaling overwrites it
+            raise DinokitError(f"override '{text}': optim.lr is computed from optim.base_lr for the total batch "
+                               "(optim.scaling_rule), so a value given for it would be ignored; set optim.base_lr")
         cfg = merge_checked(cfg, override_to_dict(text), f"override '{text}'")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

@@ -82,6 +82,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("optim.adamw_beta1", "optim.adamw_beta2"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be in [0, 1)")
+    if cfg.optim.layerwise_decay > 1:  # > 0 above; above 1 the first blocks would learn faster than the last
+        raise DinokitError(f"config key 'optim.layerwise_decay' is {cfg.optim.layerwise_decay}; it must be in (0, 1] "
+                           "(1: no decay, 0.9: each block down from the top 0.9x the lr of the one above)")
     if not 0 <= cfg.student.drop_path_rate < 1:
         raise DinokitError("config key 'student.drop_path_rate' must be in [0, 1)")
     crop_resolutions(cfg.crops, cfg.student.patch_size)  # sizes (one, or DINOv3's mixed lists): one line each
