@@ -100,11 +100,48 @@ def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRe
     if "iterations" in given and "warmup_iters" not in given:  # a shorter run keeps the recipe's warm-up fraction
         published = RECIPES[task]
         recipe.warmup_iters = round(published.warmup_iters * recipe.iterations / published.iterations)
-    if recipe.iterations < 1:  # no training: the saved head would be the random initialisation
-        raise DinokitError(f"iterations must be at least 1, got {recipe.iterations}")
-    if recipe.batch_size < 1:
-        raise DinokitError(f"batch_size must be at least 1, got {recipe.batch_size}")
+    check_recipe(recipe)
     return recipe
+
+
+# the settings' ranges, checked before any image is read (iterations 0 would save the random head as trained)
+_AT_LEAST_1 = ("iterations", "batch_size", "eval_crop", "eval_stride", "checkpoint_period", "log_freq")
+_AT_LEAST_0 = ("weight_decay", "warmup_iters", "clip_grad", "base_size", "grad_loss_weight", "sig_warm_up",
+               "eval_size", "eval_period", "num_workers", "seed")
+
+
+def check_recipe(recipe: DenseRecipe) -> None:
+    """One line naming the first setting out of its range (the recipe is read from ``key=value`` overrides)."""
+    def bad(key: str, wanted: str) -> DinokitError:
+        return DinokitError(f"{key}={getattr(recipe, key)} is out of range; it must be {wanted}")
+
+    for key in _AT_LEAST_1:
+        if getattr(recipe, key) < 1:
+            raise bad(key, "at least 1")
+    for key in _AT_LEAST_0:
+        if getattr(recipe, key) < 0:
+            raise bad(key, "at least 0")
+    for key in ("warmup_ratio", "final_lr_ratio"):
+        if not 0 <= getattr(recipe, key) <= 1:
+            raise bad(key, "in [0, 1]")
+    if not 0 <= recipe.dropout < 1:
+        raise bad("dropout", "in [0, 1)")
+    if recipe.lr <= 0:
+        raise bad("lr", "above 0")
+    if len(recipe.crop_size) != 2 or min(recipe.crop_size) < 1:
+        raise bad("crop_size", "one or two positive sizes, e.g. 512 or 416x544")
+    if len(recipe.betas) != 2 or not all(0 <= b < 1 for b in recipe.betas):
+        raise bad("betas", "two values in [0, 1), e.g. 0.9,0.999")
+    if not 0 < recipe.scale_min <= recipe.scale_max:
+        raise DinokitError(f"scale_min={recipe.scale_min} and scale_max={recipe.scale_max} are out of range; give "
+                           "0 < scale_min <= scale_max")
+    if not 0 <= recipe.min_depth < recipe.max_depth:
+        raise DinokitError(f"min_depth={recipe.min_depth} and max_depth={recipe.max_depth} are out of range; give "
+                           "0 <= min_depth < max_depth")
+    if recipe.eval_mode not in ("whole", "slide"):
+        raise DinokitError(f"eval_mode={recipe.eval_mode!r} is not a mode; use whole or slide")
+    if recipe.eval_mode == "slide" and recipe.eval_stride > recipe.eval_crop:  # windows would leave gaps
+        raise bad("eval_stride", f"at most eval_crop ({recipe.eval_crop}) so that the windows cover every pixel")
 
 
 def _parse(key: str, value: str, current: Any) -> Any:
