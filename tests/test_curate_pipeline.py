@@ -224,6 +224,13 @@ def test_settings_and_inputs_are_refused_in_one_line_before_the_work_folder_is_w
          "--target-size must be at least 1, not 0; leave it out to keep every image that dedup leaves"),
         ([*run, "--pool", str(pool), *MODEL, "--target-size", "-2"],
          "--target-size must be at least 1, not -2; leave it out to keep every image that dedup leaves"),
+        # these ended in a ZeroDivisionError (gem_p, a level of 0 clusters) or ran on nonsense (0 Lloyd iterations)
+        ([*run, "--pool", str(pool), *MODEL, "embed.gem_p=0"], "embed.gem_p must be above 0, not 0.0; e.g. embed.gem_p=3"),
+        ([*run, "--pool", str(pool), *MODEL, "cluster.n_clusters=[4,0]"], "cluster.n_clusters must be at least 1, not 0"),
+        ([*run, "--pool", str(pool), *MODEL, "cluster.n_iters=0"], "cluster.n_iters must be at least 1, not 0"),
+        ([*run, "--pool", str(pool), *MODEL, "retrieve.k=-1"], "retrieve.k must be at least 0, not -1"),
+        ([*run, "--pool", str(pool), *MODEL, "cluster.resampling_steps=[2,-1]"],
+         "cluster.resampling_steps must be at least 0, not -1"),
         ([*run, "--pool", str(pool), *MODEL, "dedup.treshold=0.9"],
          "unknown curate key 'dedup.treshold' (did you mean 'dedup.threshold'?), in override 'dedup.treshold=0.9'"),
         ([*run, "--pool", str(pool), *MODEL, "threshold=0.9"],

@@ -144,10 +144,21 @@ def _check(c: CurateConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise DinokitError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    for key, value in (("embed.image_size", c.embed.image_size), ("embed.batch_size", c.embed.batch_size),
-                       ("embed.shard_size", c.embed.shard_size), ("dedup.k", c.dedup.k)):
-        if value < 1:
-            raise DinokitError(f"{key} must be at least 1, not {value}")
+    at_least = {1: {"embed.image_size": c.embed.image_size, "embed.batch_size": c.embed.batch_size,
+                    "embed.shard_size": c.embed.shard_size, "dedup.k": c.dedup.k, "cluster.n_iters": c.cluster.n_iters,
+                    "retrieve.per_cluster": c.retrieve.per_cluster, "retrieve.max_images": c.retrieve.max_images,
+                    **{"cluster.n_clusters": v for v in c.cluster.n_clusters if v < 1},
+                    **{"cluster.sample_size": v for v in c.cluster.sample_size if v < 1}},
+                0: {"embed.num_workers": c.embed.num_workers, "retrieve.k": c.retrieve.k,
+                    "retrieve.n_clusters": c.retrieve.n_clusters, "retrieve.min_seed_images": c.retrieve.min_seed_images,
+                    "cluster.seed": c.cluster.seed, "sample.seed": c.sample.seed,
+                    **{"cluster.resampling_steps": v for v in c.cluster.resampling_steps if v < 0}}}
+    for low, values in at_least.items():
+        for key, value in values.items():
+            if value < low:
+                raise DinokitError(f"{key} must be at least {low}, not {value}")
+    if c.embed.gem_p <= 0:  # GeM's 1/p power
+        raise DinokitError(f"embed.gem_p must be above 0, not {c.embed.gem_p}; e.g. embed.gem_p=3")
     if c.target_size < 0:
         raise DinokitError(f"--target-size must be at least 1, not {c.target_size}; leave it out to keep every image "
                            "that dedup leaves")
