@@ -131,8 +131,13 @@ def test_download_failure_is_a_one_line_error(hub_dir: Path, monkeypatch: pytest
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(DinokitError, match="could not download .*pass its local path"), torch.device("meta"):
+    with pytest.raises(DinokitError, match="could not download .*pass its local path") as info, torch.device("meta"):
         create_model("dinov2_vits14", pretrained=True)
+    # the place named for a file fetched by other means is where the next load looks (Python callers have no --weights)
+    cached = hub_dir / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    assert f"put it at {cached} (found there from then on)" in str(info.value)
+    torch.save(create_model("dinov2_vits14", pretrained=False).state_dict(), cached)
+    create_model("dinov2_vits14", pretrained=True)  # no download attempted: the monkeypatched one would raise
     with pytest.raises(DinokitError, match="could not download"):
         load_state_dict_file("https://example.invalid/weights.safetensors")
 

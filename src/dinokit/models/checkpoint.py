@@ -54,9 +54,11 @@ def _hub_cache_path(url: str) -> Path:
 
 
 def _download_error(url: str, err: Exception) -> DinokitError:
+    """Offline: where a file fetched by other means is found by every command and by ``torch.hub.load`` alike."""
     return DinokitError(
-        f"could not download {url} ({' '.join(str(err).split())[:100]}); check the network connection, or download "
-        "the file and pass its local path with --weights FILE (or use --random-init)"
+        f"could not download {url} ({' '.join(str(err).split())[:100]}); check the network connection, or fetch the "
+        f"file another way and put it at {_hub_cache_path(url)} (found there from then on), or pass its local path "
+        "with --weights FILE (or use --random-init)"
     )
 
 
