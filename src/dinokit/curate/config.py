@@ -147,12 +147,12 @@ def _check(c: CurateConfig) -> None:
     at_least = {1: {"embed.image_size": c.embed.image_size, "embed.batch_size": c.embed.batch_size,
                     "embed.shard_size": c.embed.shard_size, "dedup.k": c.dedup.k, "cluster.n_iters": c.cluster.n_iters,
                     "retrieve.per_cluster": c.retrieve.per_cluster, "retrieve.max_images": c.retrieve.max_images,
-                    **{"cluster.n_clusters": v for v in c.cluster.n_clusters if v < 1},
-                    **{"cluster.sample_size": v for v in c.cluster.sample_size if v < 1}},
+                    "cluster.n_clusters": min(c.cluster.n_clusters, default=1),  # every level's value
+                    "cluster.sample_size": min(c.cluster.sample_size, default=1)},
                 0: {"embed.num_workers": c.embed.num_workers, "retrieve.k": c.retrieve.k,
                     "retrieve.n_clusters": c.retrieve.n_clusters, "retrieve.min_seed_images": c.retrieve.min_seed_images,
                     "cluster.seed": c.cluster.seed, "sample.seed": c.sample.seed,
-                    **{"cluster.resampling_steps": v for v in c.cluster.resampling_steps if v < 0}}}
+                    "cluster.resampling_steps": min(c.cluster.resampling_steps, default=0)}}
     for low, values in at_least.items():
         for key, value in values.items():
             if value < low:
