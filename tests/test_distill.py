@@ -173,6 +173,15 @@ def test_heterogeneous_teacher_and_several_students_share_one_teacher_forward(im
         load_backbone_weights(backbone_from_config(student_cfg.student, img_size=32), snapshot)
     assert not any("teacher" in k for k in torch.load(sorted((tmp_path / "run" / "checkpoints").glob("*.pth"))[-1],
                                                       weights_only=True)["model"])  # frozen teacher not checkpointed
+    # the closing lines name every student's snapshot with its own config (only the first one was printed)
+    from dinokit.cli.train import end_summary
+
+    printed = end_summary(summary, 1.0, snapshot_label="student snapshot (EMA)").splitlines()
+    for name in ("femto", "nano"):
+        snap = tmp_path / "run" / name / "eval" / "training_5" / "teacher_checkpoint.pth"
+        assert f"student snapshot (EMA): {snap}" in printed
+        assert (f"next: dinokit embed IMAGES --config-file {tmp_path / 'run' / name / 'config.yaml'} --weights {snap} "
+                "--out emb.npz") in printed
 
 
 def test_feature_distillation_from_an_official_backbone_file(images, tmp_path, capsys):

@@ -27,10 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from .. import distributed
     from ..config import load_config
     from ..errors import DinokitError
-    from .train import write_plot
+    from .train import end_summary, write_plot
+
+    started = time.perf_counter()
 
     if not args.output_dir:
         raise DinokitError("--output-dir is required (where checkpoints and the students' snapshots go)")
@@ -41,12 +45,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_file, overrides)
     summary = run_distillation(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
     if distributed.is_main_process():
-        loss = (summary.get("metrics") or {}).get("total_loss")
-        print(f"done: {summary['iteration']} iterations in {summary['output_dir']}"
-              + (f", final loss {loss:.4f}" if loss is not None else "")
-              + f", bad images skipped: {summary.get('bad_images', 0)}")
-        for snap in summary.get("snapshots", [])[-1:]:
-            print(f"student snapshot (EMA): {snap}")
+        print(end_summary(summary, time.perf_counter() - started, snapshot_label="student snapshot (EMA)"))
         write_plot(args.output_dir)
     return 0
 

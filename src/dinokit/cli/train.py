@@ -84,26 +84,29 @@ def start_banner(cfg, output_dir, device: str) -> str:
             + (f"\n{note}" if note else ""))
 
 
-def end_summary(summary: dict, seconds: float) -> str:
-    """The lines after a run: iterations and time, loss, the last k-NN figure, skipped images, what to do next."""
+def end_summary(summary: dict, seconds: float, *, snapshot_label: str = "teacher snapshot") -> str:
+    """The lines after a run: iterations and time, loss, the last k-NN figure (of each student, when several),
+    skipped images, and per snapshot of the last iteration where it is and how to use it."""
     import json
     from pathlib import Path
 
     out = Path(summary["output_dir"])
     loss = (summary.get("metrics") or {}).get("total_loss")
-    knn = {}
+    knn: dict[str, float] = {}
     metrics_file = out / "training_metrics.json"
     if metrics_file.is_file():
         for line in metrics_file.read_text().splitlines():
             record = json.loads(line)
-            knn = {k: v for k, v in record.items() if k.startswith("knn_top1")} or knn
+            knn.update({k: v for k, v in record.items() if k.rpartition("/")[2].startswith("knn_top1")})
+    last_per_model = {k.rpartition("/")[0]: k for k in sorted(knn)}  # one figure per model ("" or a student)
     lines = [f"done: {summary['iteration']} iterations in {out} ({seconds:.0f} s)"
              + (f", final loss {loss:.4f}" if loss is not None else "")
-             + "".join(f", {k} {v:.1f}%" for k, v in sorted(knn.items())[-1:])
+             + "".join(f", {k} {knn[k]:.1f}%" for k in last_per_model.values())
              + f", bad images skipped: {summary.get('bad_images', 0)}"]
-    for snap in summary.get("snapshots", [])[-1:]:
-        lines.append(f"teacher snapshot: {snap}")
-        lines.append(f"next: dinokit embed IMAGES --config-file {out / 'config.yaml'} --weights {snap} --out emb.npz")
+    for snap in summary.get("last_exports", {}).values():
+        config = Path(snap).parents[2] / "config.yaml"  # RUN[/student]/eval/training_N/teacher_checkpoint.pth
+        lines.append(f"{snapshot_label}: {snap}")
+        lines.append(f"next: dinokit embed IMAGES --config-file {config} --weights {snap} --out emb.npz")
     return "\n".join(lines)
 
 

@@ -250,6 +250,7 @@ class Engine:
         pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         last_record: dict[str, Any] = {}
         snapshots: list[str] = []
+        exports: dict[str, str] = {}  # the newest snapshot's file of each export (several students: one each)
         n_bad_total = 0
         diagnosed: set[str] = set()  # warnings of Task.diagnose already shown
         end_iter = max_iter if stop_after is None else min(max_iter, stop_after)
@@ -292,7 +293,8 @@ class Engine:
                         diagnosed.add(problem)
                         warnings.warn_explicit(problem, TrainingHealthWarning, "dinokit", 0)  # one line, no source
                 if (cfg.snapshot_period > 0 and done % cfg.snapshot_period == 0) or is_last:
-                    snapshots.append(str(self._snapshot(iteration, logger)))
+                    exports = {subdir: str(path) for subdir, path in self._snapshot(iteration, logger).items()}
+                    snapshots.append(next(iter(exports.values()), str(self.output_dir)))
                 if done % ckpt_period == 0 or is_last or done == end_iter:
                     self.checkpointer.save(done)
                     saved = done
@@ -309,7 +311,7 @@ class Engine:
             guard.__exit__()
             logger.close()
         return {"iteration": iteration + 1, "output_dir": str(output_dir), "metrics": last_record,
-                "snapshots": snapshots, "bad_images": n_bad_total}
+                "snapshots": snapshots, "last_exports": exports, "bad_images": n_bad_total}
 
     def _stop_requested(self, guard: InterruptGuard, window_end: bool) -> bool:
         """Whether a signal asked to stop (every rank agrees, at logging windows, under torchrun)."""
@@ -353,8 +355,8 @@ class Engine:
             if terms is not None:
                 logger.update(**{n: terms[i, j].item() for j, n in enumerate(names)})
 
-    def _snapshot(self, iteration: int, logger: MetricsLogger) -> Path:
-        """Write every export of the task, then run the hooks on them."""
+    def _snapshot(self, iteration: int, logger: MetricsLogger) -> dict[str, Path]:
+        """Write every export of the task, then run the hooks on them; {subdir: file}."""
         paths: dict[str, Path] = {}
         for export in self.task.exports():
             path = self.output_dir / export.subdir / "eval" / f"training_{iteration}" / export.filename
@@ -362,7 +364,7 @@ class Engine:
             paths[export.subdir] = path
         for hook in self.hooks:
             hook(iteration, paths, logger.write)
-        return next(iter(paths.values())) if paths else self.output_dir
+        return paths
 
 
 def _schedule_fields(sched: Mapping[str, float]) -> dict[str, float]:
