@@ -214,6 +214,14 @@ def test_files_without_vit_tensors_and_folders_are_named(tmp_path: Path) -> None
     assert str(err.value) == (f"checkpoint '{run / 'eval'}' is a folder, not a weights file; give the weights file "
                               "(.pth, .pt or .safetensors)")
     assert check_weights_path(str(wrong)) == wrong
+    # a distillation into several students keeps each one's snapshots in its own subfolder
+    several = tmp_path / "distilled"
+    for student in ("femto", "nano"):
+        save_backbone(tiny_vit(), several / student / "eval" / "training_5" / "teacher_checkpoint.pth")
+    with pytest.raises(DinokitError) as err:
+        check_weights_path(str(several), "--weights")
+    assert str(err.value).startswith(f"--weights '{several}' is a folder, not a weights file; it holds the students "
+                                     f"femto, nano: give one's snapshot, e.g. '{several}")
 
 
 def test_teacher_checkpoint_file_loads_strictly(tmp_path: Path) -> None:

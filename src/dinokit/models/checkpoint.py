@@ -86,6 +86,11 @@ def _weights_in_folder(folder: Path) -> str:
         return int(path.parent.name.rpartition("_")[2]) if path.parent.name.rpartition("_")[2].isdigit() else -1
 
     snapshots = sorted(folder.glob("eval/training_*/teacher_checkpoint.pth"), key=iteration)
+    if not snapshots:  # a distillation into several students: RUN/<student>/eval/training_*/...
+        snapshots = sorted(folder.glob("*/eval/training_*/teacher_checkpoint.pth"), key=iteration)
+        students = sorted({p.parents[2].name for p in snapshots})
+        if len(students) > 1:
+            return f"it holds the students {', '.join(students)}: give one's snapshot, e.g. {str(snapshots[-1])!r}"
     files = snapshots[-1:] or sorted(p for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".safetensors"))
     if files:
         return f"give the file, e.g. {str(files[-1] if snapshots else files[0])!r}"
