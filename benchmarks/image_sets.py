@@ -11,7 +11,9 @@ Each set is written under a root folder, deterministically, in the ImageFolder l
 - ``tuxpaint``: 7 categories of Tux Paint's stamps (Debian ``tuxpaint-stamps-default``);
 - ``emoji``: the 9 groups of Unicode's emoji list (smileys, people, animals, food, travel, activities, objects,
   symbols, flags) drawn from Google's Noto Color Emoji font (Debian ``fonts-noto-color-emoji`` and
-  ``unicode-data``): one picture per fully-qualified emoji, skin-tone variants left out.
+  ``unicode-data``): one picture per fully-qualified emoji, skin-tone variants left out;
+- ``icons``: 6 categories of two desktop icon themes by different artists (Debian ``oxygen-icon-theme``, 64 px, and
+  ``tango-icon-theme``, 32 px): actions, apps, devices, mimetypes, places, status. Held out like ``emoji``.
 
 The real images are composited onto white, padded to a square and stored at 96 px (as the generated ones),
 so that training reads small files. ``prepare_set(name, root)`` writes one (if needed) and returns its folder.
@@ -228,10 +230,13 @@ CLIPART_ROOT = Path("/usr/share/openclipart/png")
 CLIPART_CLASSES = ("animals", "food", "people", "transportation", "tools", "office", "geography", "plants")
 TUXPAINT_ROOT = Path("/usr/share/tuxpaint/stamps")
 TUXPAINT_CLASSES = ("animals", "food", "household", "plants", "seasonal", "town", "vehicles")
+ICON_ROOTS = (Path("/usr/share/icons/oxygen/base/64x64"), Path("/usr/share/icons/Tango/32x32"))
+ICON_CLASSES = ("actions", "apps", "devices", "mimetypes", "places", "status")
 REAL_SETS = {
-    # name: (root, classes, images per class at most)
+    # name: (root or roots, classes, images per class at most)
     "clipart": (CLIPART_ROOT, CLIPART_CLASSES, 320),
     "tuxpaint": (TUXPAINT_ROOT, TUXPAINT_CLASSES, 150),
+    "icons": (ICON_ROOTS, ICON_CLASSES, 240),
 }
 VAL_FRACTION = 0.25
 MAX_PIXELS = 16_000_000  # a few clip-art PNGs are rendered at 10k+ px a side: skipped (slow to decode)
@@ -277,18 +282,22 @@ def _write_class(root: Path, name: str, sources: list, picture, rng: np.random.G
             picture(source).save(folder / f"{name}_{i:04d}.png")
 
 
-def write_real(root: Path, source: Path, classes: tuple[str, ...], per_class: int, seed: int = 0) -> Path:
-    """Every class folder's PNGs (recursively; sorted, shuffled with ``seed``, at most ``per_class``), split
-    into train and val (``VAL_FRACTION``) and written at 96 px. Exact duplicates (same bytes) are kept once;
-    unreadable and huge files are left out."""
+def write_real(root: Path, source: Path | tuple[Path, ...], classes: tuple[str, ...], per_class: int,
+               seed: int = 0) -> Path:
+    """Every class folder's PNGs (recursively, in each source root; sorted, shuffled with ``seed``, at most
+    ``per_class``), split into train and val (``VAL_FRACTION``) and written at 96 px. Exact duplicates (same
+    bytes, e.g. an icon theme's links) are kept once; unreadable and huge files are left out."""
     marker = root / f".complete-{seed}-{per_class}"
     if marker.exists():
         return root
-    if not source.is_dir():
-        raise SystemExit(f"{source} is missing: install the Debian package (openclipart-png / tuxpaint-stamps-default)")
+    sources = (source,) if isinstance(source, Path) else source
+    for folder in sources:
+        if not folder.is_dir():
+            raise SystemExit(f"{folder} is missing: install the Debian package (openclipart-png, "
+                             "tuxpaint-stamps-default, oxygen-icon-theme, tango-icon-theme)")
     for class_index, name in enumerate(classes):
         seen, files = set(), []
-        for f in sorted((source / name).rglob("*.png")):
+        for f in sorted(f for folder in sources for f in (folder / name).rglob("*.png")):
             digest = zlib.crc32(f.read_bytes())
             if digest not in seen and _readable(f):
                 seen.add(digest)
