@@ -48,8 +48,15 @@ def test_demo_cli_prints_the_comparison_and_reuses_a_finished_run(tmp_path, caps
             "evaluation.eval_period_iterations=2", "evaluation.knn_dataset=null"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line for line in out.splitlines() if line.strip().startswith(("random", "pretrained"))}
-    assert set(rows) == {"random", "pretrained"} and "after" in out and "min of training" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip().startswith(("raw", "random", "pretrained"))}
+    assert set(rows) == {"raw", "random", "pretrained"} and "after" in out and "min of training" in out
+    # the raw-pixel row is the k-NN of the flattened images (`eval knn --raw-pixels`) on the same split and size
+    from dinokit.eval import RawPixels, run_knn_eval
+
+    sample = tmp_path / "sample"
+    raw = run_knn_eval(RawPixels(), train_dataset_str=f"Sample:split=TRAIN:root={sample}",
+                       val_dataset_str=f"Sample:split=VAL:root={sample}", image_size=64, ks=(10, 20))
+    assert rows["raw"].split()[2:] == [f"{raw[k]:.1f}%" for k in sorted(raw)]
     for row in rows.values():  # four accuracies in percent
         values = [float(v.rstrip("%")) for v in row.split()[-4:]]
         assert all(0 <= v <= 100 for v in values)

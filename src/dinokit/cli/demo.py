@@ -1,4 +1,4 @@
-"""``dinokit demo``: pretrain on the built-in sample set, then compare k-NN accuracy with random init."""
+"""``dinokit demo``: pretrain on the built-in sample set, then compare k-NN accuracy with random init and raw pixels."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.sample import SAMPLE_VERSION, check_sample_root
     from ..devices import resolve_device
     from ..engine.run_dir import check_writable
-    from ..eval import run_knn_eval
+    from ..eval import RawPixels, run_knn_eval
     from ..models import load_backbone_weights
     from ..train.train import check_stage_weights
     from .train import pretrain
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                       key=lambda p: int(p.parent.name.split("_")[1]))[-1]
     trained_backbone = backbone_from_config(cfg.student, img_size=image_size)
     load_backbone_weights(trained_backbone, snapshot)
-    for name, backbone in (("random init", random_backbone), ("pretrained", trained_backbone)):
+    for name, backbone in (("raw pixels", RawPixels()), ("random init", random_backbone),
+                           ("pretrained", trained_backbone)):
         backbone.to(device).eval()
         results[name] = run_knn_eval(
             backbone, train_dataset_str=train_str, val_dataset_str=val_str, output_dir=out / "knn" / name.replace(" ", "_"),
