@@ -62,6 +62,11 @@ def test_health_signals_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert all(len(line.get_xdata()) > 1 or line.get_marker() not in (None, "None", "")
                for ax in drawn[0].axes for line in ax.get_lines())
     assert _prototypes(tmp_path) == 256  # K of the DINO head (for the log K line), not the iBOT head's
+    # several students: their k-NN lines are "<student>/knn_top1_k20" (the panel was missing)
+    students = collect_series([{"iteration": 4, "femto/knn_top1_k20": 25.0, "pico/knn_top1_k20": 20.0,
+                                "femto/dino_local_crops_loss": 4.1}])
+    assert students["knn"] == {"femto/knn_top1_k20": ([4], [25.0]), "pico/knn_top1_k20": ([4], [20.0])}
+    assert students["losses"] == {"femto/dino_local_crops_loss": ([4], [4.1])}
 
 
 def test_plot_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

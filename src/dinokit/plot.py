@@ -32,9 +32,10 @@ _PANELS: list[tuple[str, str, re.Pattern]] = [
     ("losses", "loss", re.compile(r".*_loss$")),
     ("optimiser", "learning rate", re.compile(r"^(lr|last_layer_lr)$")),
     ("teacher", "teacher momentum / temperature", re.compile(r"^(mom|teacher_temp)$")),
-    ("knn", "accuracy (%)", re.compile(r"^(knn_top\d+_k\d+|.*_acc|.*_miou)$")),
-    ("entropy", "teacher output entropy (nats)", re.compile(r"^teacher_entropy$")),
-    ("collapse", "count", re.compile(r"^(prototypes_used|cls_effective_rank)$")),
+    # a distillation into several students logs these per student, as "<student>/knn_top1_k20"
+    ("knn", "accuracy (%)", re.compile(r"^([^/]+/)?(knn_top\d+_k\d+|.*_acc|.*_miou)$")),
+    ("entropy", "teacher output entropy (nats)", re.compile(r"^([^/]+/)?teacher_entropy$")),
+    ("collapse", "count", re.compile(r"^([^/]+/)?(prototypes_used|cls_effective_rank)$")),
 ]
 
 
