@@ -168,10 +168,11 @@ def test_repeated_warnings_are_shown_once_and_summarised(tmp_path, capfd, real_w
     assert code == 0
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     skips = [line for line in err if "skipping unreadable image" in line]
-    assert len(skips) == 1 and "cannot identify image file" in skips[0]  # the first, with its reason
+    assert len(skips) == 5 and all("cannot identify image file" in line for line in skips)  # each, with its reason
+    assert len({line.split(": ")[1] for line in skips}) == 5  # five different files, once each
     assert skips[0].startswith("warning: skipping unreadable image ")  # dinokit's warnings read like its errors
-    assert err[-1] == ("warning: 5 image reads skipped in all (unreadable, not an image or too large); the first is "
-                       "named above")
+    assert err[-1] == ("warning: 5 image reads skipped in all (unreadable, not an image or too large); the first 5 "
+                       "files are named above")
     assert len(np.load(tmp_path / "e.npz")["cls"]) == 2
 
 

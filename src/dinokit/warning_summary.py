@@ -5,7 +5,8 @@ unreadable images at every iteration would otherwise print hundreds of lines, on
 per data-loading worker. Inside :func:`summarised_warnings` (the CLI runs every command in it):
 
 - the first warning of each kind is shown, dinokit's own as one ``warning: ...`` line (others in Python's
-  format, which names their source); later ones of that kind are only counted;
+  format, which names their source); later ones of that kind are only counted, except skipped images: the
+  first :data:`SHOWN_FILES` different files are each named once (so that a few bad files are all named);
 - a kind is the warning's category and its text with paths, quoted names and numbers masked, so that
   "skipping unreadable image a.png" and "... b.png" are one kind (every skipped image is one kind);
 - the counts live in shared memory that forked data-loader workers inherit, so a warning shown by one
@@ -29,6 +30,8 @@ from contextlib import contextmanager
 from multiprocessing.sharedctypes import RawArray
 
 _SLOTS = 64  # kinds tracked per command (more kinds are shown as usual)
+SHOWN_FILES = 5  # skipped images named, one line each (a file read again is not named again)
+_SKIPPED = "SkippedImageWarning"
 _TEXT = 240  # bytes of each kind's first message kept for the summary
 _PYTHON_SHOWWARNING = warnings.showwarning
 
@@ -76,8 +79,8 @@ class _Counts:
 def warning_kind(category: type[Warning], text: str) -> str:
     """What makes two warnings "the same": every skipped image is one kind; otherwise the category and the text
     with paths, quoted names and numbers masked."""
-    if any(c.__name__ == "SkippedImageWarning" for c in category.__mro__):  # dinokit.data.images (not imported
-        return "SkippedImageWarning"  # here: the CLI starts without torch)
+    if any(c.__name__ == _SKIPPED for c in category.__mro__):  # dinokit.data.images (not imported
+        return _SKIPPED  # here: the CLI starts without torch)
     return f"{category.__name__}: {_MASK.sub('#', text)}"
 
 
@@ -86,11 +89,13 @@ def is_dinokit_warning(filename: str) -> bool:
     return filename == "dinokit" or "/dinokit/" in filename.replace("\\", "/")
 
 
-def summary_line(count: int, first: str) -> str:
-    """The end-of-command line of a kind of warning that came ``count`` times (``first``: its first text)."""
+def summary_line(count: int, first: str, files_named: int = 1) -> str:
+    """The end-of-command line of a kind of warning that came ``count`` times (``first``: its first text;
+    ``files_named``: for skipped images, how many different files were named)."""
     if first.startswith("skipping "):
-        return (f"warning: {count} image reads skipped in all (unreadable, not an image or too large); the first is "
-                "named above")
+        named = (f"the first {files_named} files are named above" if files_named >= SHOWN_FILES
+                 else "each file is named above" if files_named > 1 else "the file is named above")
+        return f"warning: {count} image reads skipped in all (unreadable, not an image or too large); {named}"
     short = first if len(first) <= 120 else first[:117] + "..."
     return f"warning: {count} warnings of this kind in all, shown once: {short}"
 
@@ -99,12 +104,25 @@ def summary_line(count: int, first: str) -> str:
 def summarised_warnings() -> Iterator[None]:
     """Within the block, each kind of warning is shown once; at its end, one line per repeated kind (stderr)."""
     counts = _Counts()
+    named_files = RawArray("I", SHOWN_FILES)  # crc32 of each skipped-image message shown (0: free)
     previous, previous_format = warnings.showwarning, warnings.formatwarning
+
+    def name_file(text: str) -> bool:
+        """Whether a skipped-image message is to be shown: a file not named yet, while slots are left."""
+        h = zlib.crc32(text.encode(errors="replace")) or 1
+        if h in named_files[:]:
+            return False
+        for slot in range(SHOWN_FILES):
+            if named_files[slot] == 0:
+                named_files[slot] = h
+                return True
+        return False
 
     def show(message, category, filename, lineno, file=None, line=None):
         text = str(message)
-        seen = counts.add(warning_kind(category, text), text)
-        if seen is None or seen == 1:
+        kind = warning_kind(category, text)
+        seen = counts.add(kind, text)
+        if seen is None or (name_file(text) if kind == _SKIPPED else seen == 1):
             bar = _open_progress_bar() if previous is _PYTHON_SHOWWARNING and file is None else None
             if bar is not None:
                 bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
@@ -123,4 +141,4 @@ def summarised_warnings() -> Iterator[None]:
     finally:
         warnings.showwarning, warnings.formatwarning = previous, previous_format
         for count, first in counts.repeated():
-            print(summary_line(count, first), file=sys.stderr)
+            print(summary_line(count, first, sum(1 for h in named_files if h)), file=sys.stderr)
