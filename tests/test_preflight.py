@@ -296,8 +296,10 @@ def test_download_failure_names_weights_and_random_init():
     with pytest.raises(DinokitError) as err:
         load_state_dict_file("http://127.0.0.1:9/w.pth")  # nothing listens on port 9: refused at once
     assert str(err.value).startswith("could not download http://127.0.0.1:9/w.pth (")
-    assert str(err.value).endswith("); check the network connection, or download the file and pass its local path "
-                                   "with --weights FILE (or use --random-init)")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / "w.pth"
+    assert str(err.value).endswith(f"); check the network connection, or fetch the file another way and put it at "
+                                   f"{cached} (found there from then on), or pass its local path with --weights FILE "
+                                   "(or use --random-init)")
 
 
 def test_images_much_smaller_than_the_crops_get_a_note(tmp_path):
