@@ -58,8 +58,7 @@ def _download_error(url: str, err: Exception) -> DinokitError:
     return DinokitError(
         f"could not download {url} ({' '.join(str(err).split())[:100]}); check the network connection, or fetch the "
         f"file another way and put it at {_hub_cache_path(url)} (found there from then on), or pass its local path "
-        "with --weights FILE (or use --random-init)"
-    )
+        "with --weights FILE (or use --random-init)")
 
 
 def _unreadable_error(source: str, err: Exception) -> DinokitError:
@@ -86,11 +85,10 @@ def _weights_in_folder(folder: Path) -> str:
         return int(path.parent.name.rpartition("_")[2]) if path.parent.name.rpartition("_")[2].isdigit() else -1
 
     snapshots = sorted(folder.glob("eval/training_*/teacher_checkpoint.pth"), key=iteration)
-    if not snapshots:  # a distillation into several students: RUN/<student>/eval/training_*/...
-        snapshots = sorted(folder.glob("*/eval/training_*/teacher_checkpoint.pth"), key=iteration)
-        students = sorted({p.parents[2].name for p in snapshots})
-        if len(students) > 1:
-            return f"it holds the students {', '.join(students)}: give one's snapshot, e.g. {str(snapshots[-1])!r}"
+    students = sorted(folder.glob("*/eval/training_*/teacher_checkpoint.pth"), key=iteration)  # several students
+    if not snapshots and len(names := sorted({p.parents[2].name for p in students})) > 1:
+        return f"it holds the students {', '.join(names)}: give one's snapshot, e.g. {str(students[-1])!r}"
+    snapshots = snapshots or students
     files = snapshots[-1:] or sorted(p for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".safetensors"))
     if files:
         return f"give the file, e.g. {str(files[-1] if snapshots else files[0])!r}"
