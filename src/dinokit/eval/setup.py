@@ -376,7 +376,7 @@ def prepare_eval(
     for line in data_warnings if du.is_main_process() else []:
         print(line)
     if raw_pixels:
-        backbone, description, cache = RawPixels().eval(), {"model": RAW_PIXELS}, False
+        backbone, description = RawPixels().eval(), {"model": RAW_PIXELS}
     else:
         backbone, description = setup_eval_model(
             config_file=config_file, pretrained_weights=pretrained_weights, model=model, random_init=random_init,
@@ -390,7 +390,7 @@ def prepare_eval(
     key = {**description, "image_size": image_size, "dtype": str(dtype_)}
     return EvalContext(
         model=backbone, train=train, val=val, num_classes=num_classes,
-        cache=FeatureCache(output_dir / "features" if cache else None, key), output_dir=output_dir,
+        cache=FeatureCache(output_dir / "features" if cache and not raw_pixels else None, key), output_dir=output_dir,
         image_size=image_size, device=device_, dtype=dtype_, batch_size=batch_size, num_workers=num_workers,
         progress=progress,
         provenance={"weights": RAW_PIXELS if raw_pixels else weights_label(pretrained_weights, model, random_init),
