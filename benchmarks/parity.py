@@ -42,8 +42,9 @@ def build_all(spec: BackboneSpec, seed: int):
             if name.endswith(("gamma", "cls_token", "register_tokens", "mask_token")):
                 p.normal_(0, 0.1 if name.endswith("gamma") else 0.5)
     sd = official.state_dict()
-    folder = tempfile.mkdtemp(prefix="parity-hf-")
-    hf = transformers.AutoModel.from_pretrained(save_hf_folder(sd, folder, spec=spec), attn_implementation="eager").eval()
+    with tempfile.TemporaryDirectory(prefix="parity-hf-") as folder:
+        hf = transformers.AutoModel.from_pretrained(save_hf_folder(sd, folder, spec=spec),
+                                                    attn_implementation="eager").eval()
     tm = timm.models.vision_transformer.VisionTransformer(**timm_model_kwargs(spec), dynamic_img_size=True).eval()
     tm.load_state_dict(official_to_timm(sd), strict=True)
     return official, hf, tm

@@ -57,6 +57,11 @@ VARIANTS = {"plain": [], "packed": ["train.packed_crops=true"], "chunked": ["tra
 
 def measure(args, opts: list[str]) -> dict:
     """Images/s, step time and peak memory of the training step with the config overrides ``opts``."""
+    with tempfile.TemporaryDirectory(prefix="dinokit-bench-") as output_dir:
+        return _measure(args, opts, output_dir)
+
+
+def _measure(args, opts: list[str], output_dir: str) -> dict:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     data = [f"train.dataset_path=ImageFolder:root={args.data}"] if args.data else []
@@ -69,7 +74,7 @@ def measure(args, opts: list[str]) -> dict:
     compile_objective(model, cfg.train)  # as dinokit train does
     model.teacher.load_state_dict(model.student.state_dict())
     settings = engine_config(cfg, dev)
-    engine = Engine(model, settings, output_dir=tempfile.mkdtemp(prefix="dinokit-bench-"), device=dev, schedules={})
+    engine = Engine(model, settings, output_dir=output_dir, device=dev, schedules={})
     warmup = 5 if args.compile else 3
     if args.data:
         loader = iter(build_train_loader(cfg, start_iteration=0, pin_memory=cuda))

@@ -7,7 +7,6 @@ logging time (engine/loop.py)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,9 +53,9 @@ def images(tmp_path_factory) -> Path:
     return write_sample_dataset(tmp_path_factory.mktemp("sample"), counts={"train": 3, "val": 2}, image_size=40)
 
 
-def _engine_steps(task, cfg, batch, steps: int = 2) -> int:
+def _engine_steps(task, cfg, batch, output_dir: Path, steps: int = 2) -> int:
     """Host reads during ``steps`` full engine steps (forward, backward, clipping, AdamW, EMA)."""
-    engine = Engine(task, engine_config(cfg, torch.device("cpu")), output_dir=tempfile.mkdtemp(prefix="dinokit-sync-"),
+    engine = Engine(task, engine_config(cfg, torch.device("cpu")), output_dir=str(output_dir),
                     device=torch.device("cpu"), schedules={})
     engine.step(batch, 0, SCHED)  # the first step creates the optimiser state
     # AdamW's step counters: host tensors by design on a GPU (fused AdamW reads them there without a sync); the
@@ -76,17 +75,17 @@ def _engine_steps(task, cfg, batch, steps: int = 2) -> int:
     ["gram.use_loss=true", "gram.ema_teacher=true", "gram.img_level=false", "gram.tokens_used=masked"],
     ["gram.use_loss=true", "gram.ema_teacher=true", "gram.img_level=false", "gram.tokens_used=unmasked"],
 ], ids=["official", "sinkhorn-separate-head", "levers", "gram-no-clip", "gram-masked", "gram-unmasked"])
-def test_a_pretraining_step_never_reads_a_tensor_on_the_host(images, extra):
+def test_a_pretraining_step_never_reads_a_tensor_on_the_host(images, extra, tmp_path):
     cfg = load_config("demo", [*TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}", *extra])
     batch = next(iter(build_train_loader(cfg, start_iteration=0, pin_memory=False)))
-    assert _engine_steps(SSLMetaArch(cfg), cfg, batch) == 0
+    assert _engine_steps(SSLMetaArch(cfg), cfg, batch, tmp_path) == 0
 
 
 def test_a_distillation_step_never_reads_a_tensor_on_the_host(images, tmp_path):
     from test_distill import build_task, distill_cfg, make_teacher_run, one_batch
 
     cfg = distill_cfg(images, make_teacher_run(tmp_path / "teacher"))
-    assert _engine_steps(build_task(cfg), cfg, one_batch(cfg, images)) == 0
+    assert _engine_steps(build_task(cfg), cfg, one_batch(cfg, images), tmp_path / "run") == 0
 
 
 def test_the_spy_sees_host_reads():

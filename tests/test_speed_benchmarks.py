@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ def train_step(load_benchmark):
 
 
 @pytest.mark.parametrize("source", ["synthetic", "pil", "device"])
-def test_train_step_benchmark_runs_on_synthetic_and_real_data(train_step, source, tmp_path_factory):
+def test_train_step_benchmark_runs_on_synthetic_and_real_data(train_step, source, tmp_path_factory, monkeypatch):
+    scratch = tmp_path_factory.mktemp("scratch")
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the run's checkpoint folder goes here
     tiny = [o for o in tiny_run(batch=2) if not o.startswith("train.batch_size_per_gpu")]
     args = ["--device", "cpu", "--config", "demo", "--batch", "2", "--steps", "2"]
     if source != "synthetic":
@@ -30,6 +33,7 @@ def test_train_step_benchmark_runs_on_synthetic_and_real_data(train_step, source
     result = train_step.main([*args, *tiny, *([f"crops.augmentation={source}"] if source != "synthetic" else [])])
     assert result["data"] == source and result["images_per_s"] > 0 and math.isfinite(result["loss"])
     assert result["peak_mem_gb"] is None  # no CUDA memory figure on the CPU
+    assert not any(scratch.iterdir())  # and it is removed: 427 of them once filled a disk
 
 
 def test_train_step_benchmark_times_the_levers_side_by_side(train_step):
