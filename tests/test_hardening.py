@@ -368,7 +368,7 @@ def test_train_says_what_it_will_do_and_what_it_did(images, tmp_path, capsys):
     snap = out / "eval" / "training_2" / "teacher_checkpoint.pth"
     done = next(i for i, line in enumerate(printed) if line.startswith("done: "))
     assert re.fullmatch(rf"done: 3 iterations in {re.escape(str(out))} \(\d+ s\), final loss \d+\.\d{{4}}, "
-                        rf"knn_top1_k3 {top1:.1f}%, bad images skipped: 0", printed[done])
+                        rf"knn_top1_k3 {top1:.1f}%, unreadable images skipped in trained batches: 0", printed[done])
     assert printed[done + 1:done + 3] == [
         f"teacher snapshot: {snap}",
         f"next: dinokit embed IMAGES --config-file {out / 'config.yaml'} --weights {snap} --out emb.npz"]

@@ -144,7 +144,7 @@ def test_train_completes_and_counts_the_bad_files(odd, tmp_path, capfd, real_war
                  f"train.dataset_path=ImageFolder:root={root}"]) == 0
     err, out = _stderr_lines(capfd)
     assert "12 images found in" in out.splitlines()[0]
-    assert "bad images skipped: 4" in next(line for line in out.splitlines() if line.startswith("done: "))
+    assert "unreadable images skipped in trained batches: 4" in next(line for line in out.splitlines() if line.startswith("done: "))
     _assert_skips_said_once(err, 4)
 
 
@@ -160,7 +160,7 @@ def test_distill_completes_and_counts_the_bad_files(odd, tmp_path, capfd, real_w
                  f"train.dataset_path=ImageFolder:root={root}"]) == 0
     err, out = _stderr_lines(capfd)
     assert "12 images found in" in out
-    assert "bad images skipped: 4" in next(line for line in out.splitlines() if line.startswith("done: "))
+    assert "unreadable images skipped in trained batches: 4" in next(line for line in out.splitlines() if line.startswith("done: "))
     _assert_skips_said_once(err, 4)
 
 

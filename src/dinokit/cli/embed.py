@@ -37,7 +37,6 @@ from ..models.registry import model_info
 
 
 OUTPUT_FORMATS = (".npz", ".npy", ".parquet")
-_MAX_BAD_SHOWN = 5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -175,9 +174,9 @@ def _summary(result: ExtractedFeatures, *, model: str, device: torch.device, dty
     rate = n / result.seconds if result.seconds > 0 else float("inf")
     lines = [f"embedded {n} images in {result.seconds:.1f} s ({rate:.1f} images/s) with {model} on {device} ({dtype})"]
     lines.append("  " + "  ".join(f"{k}: {tuple(v.shape)}" for k, v in result.features.items()))
-    if bad_paths:
-        shown = ", ".join(bad_paths[:_MAX_BAD_SHOWN]) + (" ..." if len(bad_paths) > _MAX_BAD_SHOWN else "")
-        lines.append(f"skipped {len(bad_paths)} unreadable image(s): {shown}")
+    if bad_paths:  # the warnings above name the files with their reasons: here, where the whole list is
+        where = f"{written[0]} ('bad_paths')" if written[0].suffix == ".npz" else str(written[-1])
+        lines.append(f"skipped {len(bad_paths)} unreadable image(s), all listed in {where}")
     lines.append("wrote " + ", ".join(str(p) for p in written))
     return "\n".join(lines)
 
@@ -198,8 +197,8 @@ def run(args: argparse.Namespace) -> int:
     model, description = _build_model(args, device)
     check_image_size(args.image_size, model)
 
-    # the first skipped image is named with its reason (the CLI shows each kind of warning once), the others
-    # are listed in the summary and in the output
+    # skipped images: the first few are named with their reasons as they come (dinokit.warning_summary), all of
+    # them in the output
     result = extract_features(
         model,
         dataset,

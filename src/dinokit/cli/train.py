@@ -102,7 +102,7 @@ def end_summary(summary: dict, seconds: float, *, snapshot_label: str = "teacher
     lines = [f"done: {summary['iteration']} iterations in {out} ({seconds:.0f} s)"
              + (f", final loss {loss:.4f}" if loss is not None else "")
              + "".join(f", {k} {knn[k]:.1f}%" for k in last_per_model.values())
-             + f", bad images skipped: {summary.get('bad_images', 0)}"]
+             + f", unreadable images skipped in trained batches: {summary.get('bad_images', 0)}"]
     for snap in summary.get("last_exports", {}).values():
         config = Path(snap).parents[2] / "config.yaml"  # RUN[/student]/eval/training_N/teacher_checkpoint.pth
         lines.append(f"{snapshot_label}: {snap}")
