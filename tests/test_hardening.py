@@ -24,7 +24,7 @@ from dinokit.data import write_sample_dataset
 from dinokit.engine.run_dir import check_disk_space, open_run_dir
 from dinokit.errors import DinokitError
 
-from tiny import error_line, tiny_run
+from tiny import FullDisk, error_line, tiny_run
 
 
 # ---------------------------------------------------------------------------------------------- run folders
@@ -274,17 +274,6 @@ def test_disk_space_is_checked_before_the_first_step(tmp_path, monkeypatch, caps
         "may stop at a checkpoint")
 
 
-class _FullDisk(__import__("io").FileIO):
-    """A file on a disk that fills up after ``room`` bytes (``code``: ENOSPC or EIO)."""
-
-    room, code = 2000, errno.ENOSPC
-
-    def write(self, data):
-        if self.tell() + len(data) > self.room:
-            raise OSError(self.code, os.strerror(self.code))
-        return super().write(data)
-
-
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
 def test_disk_full_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(images, straight, tmp_path, capsys,
                                                                                 monkeypatch, code):
@@ -295,11 +284,11 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(
     pretrain(_cfg(images), output_dir=out, device="cpu", stop_after=3)
 
     def full_open(path, mode="r", *a, **k):
-        return _FullDisk(path, mode.replace("b", "")) if "w" in mode else open(path, mode, *a, **k)
+        return FullDisk(path, mode.replace("b", "")) if "w" in mode else open(path, mode, *a, **k)
 
-    monkeypatch.setattr(_FullDisk, "code", code)
+    monkeypatch.setattr(FullDisk, "code", code)
     # room for the teacher snapshot, not for the (larger) checkpoint written after it
-    monkeypatch.setattr(_FullDisk, "room", (straight / "eval" / "training_5" / "teacher_checkpoint.pth").stat().st_size + 4096)
+    monkeypatch.setattr(FullDisk, "room", (straight / "eval" / "training_5" / "teacher_checkpoint.pth").stat().st_size + 4096)
     monkeypatch.setattr(ckpt_module, "open", full_open, raising=False)
     assert cli_main(_cli(out, images)) == 2
     target = out / "checkpoints" / "checkpoint_0000006.pth"
@@ -372,40 +361,6 @@ def test_train_says_what_it_will_do_and_what_it_did(images, tmp_path, capsys):
     assert printed[done + 1:done + 3] == [
         f"teacher snapshot: {snap}",
         f"next: dinokit embed IMAGES --config-file {out / 'config.yaml'} --weights {snap} --out emb.npz"]
-
-
-def test_disk_full_while_writing_embeddings_is_one_line(tmp_path, capsys, monkeypatch):
-    import dinokit.cli.embed as embed_module
-    from dinokit.models.checkpoint import _mount_point
-
-    for i in range(3):
-        Image.new("RGB", (16, 16), (i * 80, 0, 0)).save(tmp_path / f"{i}.png")
-    out = tmp_path / "emb.npz"
-    monkeypatch.setattr(_FullDisk, "room", 100)
-    monkeypatch.setattr(embed_module, "open", lambda path, mode="r", *a, **k: _FullDisk(path, mode.replace("b", "")),
-                        raising=False)
-    code = cli_main(["embed", str(tmp_path), "--out", str(out), "--model", "dinov2_vits14", "--random-init",
-                     "--image-size", "28", "--device", "cpu", "--no-progress"])
-    assert code == 2
-    assert error_line(capsys) == (f"error: no space left on {_mount_point(out)} while writing {out}; the partial file was "
-                              "removed and nothing else was changed: free some space (or use another disk) and rerun")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]
-
-
-class _Refuses(torch.utils.data.Dataset):
-    def __len__(self):
-        return 2
-
-    def __getitem__(self, i):
-        raise DinokitError(f"image {i} is bad; fix it")
-
-
-def test_a_user_error_raised_in_a_loader_worker_keeps_its_one_line():
-    # torch re-raises it with the worker's traceback as the message; DinokitError unwraps it.
-    with pytest.raises(DinokitError) as err:
-        next(iter(torch.utils.data.DataLoader(_Refuses(), num_workers=1)))
-    assert str(err.value) == "image 0 is bad; fix it"
-    assert str(DinokitError("Caught nothing")) == "Caught nothing"  # other text unchanged
 
 
 def test_embed_finds_the_runs_config_beside_a_teacher_snapshot(straight, tmp_path, capsys):

@@ -322,3 +322,19 @@ def test_images_much_smaller_than_the_crops_get_a_note(tmp_path):
     cfg.crops.global_crops_size = [224, 140]  # DINOv3's mixed resolutions: the largest counts
     cfg.crops.local_crops_size = [98, 56]
     assert "the 224-px global crops enlarge them at least 5.0x" in small_images_note(cfg.crops, dataset, 14)
+
+
+class _Refuses(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise DinokitError(f"image {i} is bad; fix it")
+
+
+def test_a_user_error_raised_in_a_loader_worker_keeps_its_one_line():
+    # torch re-raises it with the worker's traceback as the message; DinokitError unwraps it.
+    with pytest.raises(DinokitError) as err:
+        next(iter(torch.utils.data.DataLoader(_Refuses(), num_workers=1)))
+    assert str(err.value) == "image 0 is bad; fix it"
+    assert str(DinokitError("Caught nothing")) == "Caught nothing"  # other text unchanged

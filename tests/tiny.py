@@ -1,10 +1,15 @@
 """The tiny pretraining configuration the tests share: a vit_pico on 32-pixel crops, small heads, no k-NN monitor.
 
 ``tiny_run(...)`` returns the overrides (for ``load_config("demo", ...)`` or a command line); each test file
-passes what it needs to differ (run length, batch, heads) by keyword.
+passes what it needs to differ (run length, batch, heads) by keyword. Also: the one error line a command printed,
+and a file on a disk that fills up.
 """
 
 from __future__ import annotations
+
+import errno
+import io
+import os
 
 
 def tiny_run(
@@ -41,3 +46,14 @@ def error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "Traceback" not in "\n".join(err) and not any(line.startswith("error:") for line in err[:-1]), err
     return err[-1]
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after ``room`` bytes (``code``: ENOSPC or EIO)."""
+
+    room, code = 2000, errno.ENOSPC
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(self.code, os.strerror(self.code))
+        return super().write(data)
