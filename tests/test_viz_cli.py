@@ -134,6 +134,27 @@ def test_viz_attention_command(demo_teacher, sample_images, tmp_path, capsys):
     assert "error: --block 9 is out of range: the model has 4 blocks" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("action", ["pca", "attention"])
+def test_out_png_writes_one_picture_for_one_image(demo_teacher, sample_images, tmp_path, capsys, action):
+    # --out one.png made a folder called one.png
+    common = ["--image-size", "64", *_backbone_args(demo_teacher)]
+    folder = tmp_path / "folder"
+    assert main(["viz", action, str(sample_images[0]), "--out", str(folder), *common]) == 0
+    one = tmp_path / "one.png"
+    assert main(["viz", action, str(sample_images[0]), "--out", str(one), *common]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"wrote {one}")
+    assert one.is_file() and one.read_bytes() == (folder / f"{sample_images[0].stem}_{action}.png").read_bytes()
+    assert main(["viz", action, *map(str, sample_images[:2]), "--out", str(tmp_path / "two.png"), *common]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {str(tmp_path / 'two.png')!r} names one picture, but "
+                                               f"there are 2 images; give a folder instead, e.g. --out {tmp_path / 'two'}")
+    assert main(["viz", action, str(sample_images[0]), "--out", str(tmp_path / "a.jpg"), *common]) == 2
+    assert "pictures are written as PNG" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "one.png"]
+    (tmp_path / "old.png").mkdir()  # a folder named like a picture stays a folder
+    assert main(["viz", action, str(sample_images[0]), "--out", str(tmp_path / "old.png"), *common]) == 0
+    assert (tmp_path / "old.png" / f"{sample_images[0].stem}_{action}.png").is_file()
+
+
 def test_viz_match_command(demo_teacher, sample_images, tmp_path, capsys):
     out = tmp_path / "match.png"
     args = ["viz", "match", str(sample_images[0]), str(sample_images[0]), "--out", str(out), "--image-size", "64"]
