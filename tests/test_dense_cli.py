@@ -318,6 +318,15 @@ def test_predict_keeps_images_of_the_same_name_from_different_folders(tmp_path, 
     # (the skip warning comes first when pytest does not capture warnings)
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: none of the 1 image(s) could be read")
     assert not (tmp_path / "none").exists()
+    # one image: --out may name the picture itself (it made a folder called one.png); several: one line
+    common = ["--head", str(head), "--size", "28", "--model", "dinov2_vits14", "--random-init", "--device", "cpu"]
+    assert main(["dense", "predict", str(tmp_path / "in" / "b" / "x0.png"), "--out", str(tmp_path / "one.png"),
+                 *common]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"wrote {tmp_path / 'one.png'}")
+    assert (tmp_path / "one.png").read_bytes() == (out / "x0-3_seg.png").read_bytes()  # b/x0.png
+    assert main(["dense", "predict", str(tmp_path / "in"), "--out", str(tmp_path / "all.png"), *common]) == 2
+    assert "names one picture, but there are 4 images; give a folder instead" in capsys.readouterr().err
+    assert not (tmp_path / "all.png").exists()
 
 
 def test_predict_caps_a_panoramas_long_side(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from ..engine.run_dir import check_writable
 from ..errors import DinokitError
 from ..features import check_image_size, inference_dtype
 from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps, resolve_block
-from ..viz.drawing import UPSAMPLE_MODES, grid, save_png, unique_stems
+from ..viz.drawing import UPSAMPLE_MODES, check_one_picture, grid, picture_out, save_png, unique_stems
 from ..viz.figures import attention_figure, matches_figure, pca_figures
 from ..viz.match import DEFAULT_MAX_MATCHES, DEFAULT_MIN_SPACING, match_patches
 from ..viz.pca import PCA_MODES, pca_rgb, read_foreground_example
@@ -36,7 +36,6 @@ from ..viz.video import ANIMATION_FORMATS, is_video_file, read_frames, require_p
 from .embed import _build_model
 
 GRID_FRAMES = 8  # frames of a video shown in pca_grid.png
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # --out as one file
 
 
 # ------------------------------------------------------------------------------------------- parsers
@@ -138,26 +137,6 @@ def _image_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def _picture_out(out: str) -> Path | None:
-    """``--out`` as one picture: a path ending in .png that is not an existing folder (checked writable); None: a
-    folder (checked writable)."""
-    path = Path(out).expanduser()
-    if path.suffix.lower() in PICTURE_SUFFIXES and not path.is_dir():
-        if path.suffix.lower() != ".png":
-            raise DinokitError(f"--out {out!r}: pictures are written as PNG; give a .png file (one image) or a folder")
-        check_writable(out, "--out", is_file=True)
-        return path
-    check_writable(out, "--out")
-    return None
-
-
-def _check_one_picture(picture: Path | None, out: str, what: str) -> None:
-    """``what`` (e.g. "3 images") does not fit in the one picture that ``--out`` names: one line."""
-    if picture is not None:
-        raise DinokitError(f"--out {out!r} names one picture, but there are {what}; give a folder instead, e.g. "
-                           f"--out {picture.with_suffix('')}")
-
-
 def _out_dir(out: str) -> Path:
     path = Path(out).expanduser()
     if path.is_file():
@@ -176,24 +155,24 @@ def run_pca(args: argparse.Namespace) -> int:
         raise DinokitError("--columns, --fps and --max-frames must be positive")
     if (video_file or args.video) and args.format == "mp4":
         require_pyav("writing MP4")  # a missing optional package: one line before any work
-    picture_out = _picture_out(args.out)  # before the frames are read
+    one_picture = picture_out(args.out)  # before the frames are read
     if video_file or args.video:
-        _check_one_picture(picture_out, args.out, "a video's frames")
+        check_one_picture(one_picture, args.out, "a video's frames")
     for spec in args.fg_examples:  # a missing file or one without alpha: one line before the model is built
         read_foreground_example(spec)
     inputs = (read_frames(args.inputs[0], step=args.frame_step, max_frames=args.max_frames)
               if video_file or args.video else _image_paths(args.inputs))
     if len(inputs) != 1:
-        _check_one_picture(picture_out, args.out, f"{len(inputs)} images")
+        check_one_picture(one_picture, args.out, f"{len(inputs)} images")
     model, options = _setup(args)
     picture = pca_rgb(model, inputs, mode=args.mode, threshold=args.threshold,
                       foreground_examples=args.fg_examples, **options)
     panels = pca_figures(picture, upsample_mode=args.upsample)
     fg = float(np.mean(np.concatenate([f.reshape(-1) for f in picture.foreground])))
-    if picture_out is not None:
-        save_png(panels[0], picture_out)
+    if one_picture is not None:
+        save_png(panels[0], one_picture)
         print(f"PCA ({args.mode}) of 1 image: foreground {100 * fg:.0f}% of the patches")
-        print(f"wrote {picture_out}")
+        print(f"wrote {one_picture}")
         return 0
     out = _out_dir(args.out)  # only now: unreadable inputs or too few foreground patches leave no empty folder
     written = []
@@ -216,24 +195,24 @@ def run_pca(args: argparse.Namespace) -> int:
 def run_attention(args: argparse.Namespace) -> int:
     if args.keep_mass is not None and not 0 < args.keep_mass <= 1:
         raise DinokitError("--keep-mass must be a fraction in (0, 1], e.g. 0.6")
-    picture_out = _picture_out(args.out)  # before the images are looked for
+    one_picture = picture_out(args.out)  # before the images are looked for
     paths = _image_paths(args.inputs)
     if len(paths) != 1:
-        _check_one_picture(picture_out, args.out, f"{len(paths)} images")
+        check_one_picture(one_picture, args.out, f"{len(paths)} images")
     model, options = _setup(args)
     resolve_block(model, args.block)  # out of range: one line before any image is read
     maps = attention_maps(model, paths, block=args.block, **options)
-    out = picture_out or _out_dir(args.out)  # only now: all-unreadable inputs leave no empty folder
+    out = one_picture or _out_dir(args.out)  # only now: all-unreadable inputs leave no empty folder
     names = unique_stems([image.name for image in maps.images])
     for name, image, attention, norms in zip(names, maps.images, maps.attention, maps.patch_norms):
         figure = attention_figure(image.pixels, attention, norms, keep_mass=args.keep_mass, upsample_mode=args.upsample)
-        save_png(figure, picture_out or out / f"{name}_attention.png")
+        save_png(figure, one_picture or out / f"{name}_attention.png")
     block = args.block if args.block >= 0 else len(model.blocks) + args.block
     heads = maps.attention[0].shape[0]
     print(f"attention of block {block} ({heads} heads, {model.num_register_tokens} registers excluded) "
           f"for {len(names)} image(s)")
-    if picture_out is not None:
-        print(f"wrote {picture_out}")
+    if one_picture is not None:
+        print(f"wrote {one_picture}")
     else:
         print(f"wrote {len(names)} file(s) to {out}: " + ", ".join(f"{n}_attention.png" for n in names[:4])
               + (" ..." if len(names) > 4 else ""))

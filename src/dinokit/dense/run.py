@@ -267,19 +267,22 @@ def predict_files(
     images: Sequence[str], *, head_file: str | Path, out_dir: str | Path, backbone_source: dict[str, Any] | None = None,
     device: str = "auto", size: int | None = None, inference: InferenceConfig | None = None,
 ) -> list[Path]:
-    """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image; returns the
-    pictures this process wrote (under ``torchrun`` each rank draws a share)."""
-    check_writable(out_dir, "--out")  # one line before any work
+    """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image (or, for one
+    image, to ``out_dir`` itself when it names a .png file); returns the pictures this process wrote (under
+    ``torchrun`` each rank draws a share)."""
     from ..data.images import load_image, resolve_image_inputs, warn_skipped
     from ..data.transforms import MAX_ASPECT, short_side_size
+    from ..viz.drawing import check_one_picture, picture_out, unique_stems
     from .transforms import image_to_tensor, normalise, resize_pair
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
-    from ..viz.drawing import unique_stems
 
+    one_picture = picture_out(out_dir)  # one line before any work
+    files = [f for item in images for f in resolve_image_inputs(item)]
+    if len(files) != 1:
+        check_one_picture(one_picture, out_dir, f"{len(files)} images")
     du.init_from_environment()  # under torchrun rank r draws pictures r, r + world, ...
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
     inference = inference or InferenceConfig()
-    files = [f for item in images for f in resolve_image_inputs(item)]
     out = Path(out_dir)
     written, skipped = [], 0
     # inputs of different folders may share a file name: suffixed, so that no output overwrites another
@@ -299,13 +302,15 @@ def predict_files(
             picture = colourise_seg(pred.astype(np.int64), meta.get("palette", ""), model.decode_head.num_classes)
         else:
             picture = colourise_depth(pred, model.decode_head.max_depth if meta.get("max_depth") else None)
-        out.mkdir(parents=True, exist_ok=True)  # here: no empty folder where no image could be read
-        target = out / f"{name}_{model.task}.png"
+        if one_picture is None:
+            out.mkdir(parents=True, exist_ok=True)  # here: no empty folder where no image could be read
+        target = one_picture or out / f"{name}_{model.task}.png"
         side_by_side(pil, picture).save(target)
         written.append(target)
     n_written, skipped = (sum(counts) for counts in zip(*du.all_gather_object((len(written), skipped))))
     if not n_written:
         raise DinokitError(f"none of the {len(files)} image(s) could be read (first: {files[0]}); check the files")
     if du.is_main_process():
-        print(f"wrote {n_written} picture(s) to {out}" + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
+        print((f"wrote {one_picture}" if one_picture else f"wrote {n_written} picture(s) to {out}")
+              + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
     return written

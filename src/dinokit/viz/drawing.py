@@ -10,12 +10,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from ..engine.run_dir import check_writable
+from ..errors import DinokitError
 from ..models.checkpoint import atomic_write
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 GAP = 4  # pixels between panels
 BACKGROUND = 255
 CAPTION_HEIGHT = 14
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # --out as one file
 
 # A dark-to-bright ramp (black, indigo, magenta, orange, pale yellow) for single-channel maps,
 # monotonic in brightness so it also reads in grey.
@@ -143,3 +146,24 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     with atomic_write(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG", optimize=True)
     return path
+
+
+# ------------------------------------------------------------------------------------------- where they go
+def picture_out(out: str | Path) -> Path | None:
+    """``--out`` as one picture: a path ending in .png that is not an existing folder (checked writable); None: a
+    folder (checked writable)."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() in PICTURE_SUFFIXES and not path.is_dir():
+        if path.suffix.lower() != ".png":
+            raise DinokitError(f"--out {str(out)!r}: pictures are written as PNG; give a .png file (one image) or a folder")
+        check_writable(out, "--out", is_file=True)
+        return path
+    check_writable(out, "--out")
+    return None
+
+
+def check_one_picture(picture: Path | None, out: str | Path, what: str) -> None:
+    """``what`` (e.g. "3 images") does not fit in the one picture that ``--out`` names: one line."""
+    if picture is not None:
+        raise DinokitError(f"--out {str(out)!r} names one picture, but there are {what}; give a folder instead, e.g. "
+                           f"--out {picture.with_suffix('')}")
