@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import dinokit.eval.feature_cache as feature_cache
 import dinokit.eval.setup as eval_setup
 from dinokit.cli import main
 from dinokit.data import make_classification_eval_transform, write_sample_dataset
@@ -53,7 +54,7 @@ def test_knn_then_logreg_extract_once(sample, tmp_path, capsys, monkeypatch):
     def no_extraction(*a, **k):
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(eval_setup, "extract_features", no_extraction)
+    monkeypatch.setattr(feature_cache, "extract_features", no_extraction)
     assert main(["eval", "logreg", *args(sample, tmp_path, "--c-grid-size", "3", "--max-iter", "50")]) == 0
     (result,) = read_lines(tmp_path / "results_eval_logreg.json")
     assert result["backend"] == "sklearn" and len(result["holdout_top1"]) == 3 and 0 <= result["top1"] <= 100
@@ -75,7 +76,7 @@ def test_linear_saves_hub_heads_and_feeds_knn_cache(sample, tmp_path, capsys, mo
     assert out.index("training 8 linear probes (2 learning rates x 4 feature layouts) for 10 iterations (2 epochs "
                      "of 5), batch 16 per process, on cached features\n") < out.index("best:")
     # k-NN after a cached-features probe reuses the cached class tokens: no second extraction.
-    monkeypatch.setattr(eval_setup, "extract_features", lambda *a, **k: pytest.fail("extracted again"))
+    monkeypatch.setattr(feature_cache, "extract_features", lambda *a, **k: pytest.fail("extracted again"))
     assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "3")]) == 0
     monkeypatch.undo()
     assert main(["eval", "knn", *args(sample, tmp_path / "fresh", "--nb-knn", "3", "--no-cache")]) == 0
@@ -207,7 +208,9 @@ def test_empty_class_folder(sample, tmp_path, capsys):
 
 def test_other_user_errors(sample, tmp_path, capsys):
     argv = args_with_train_copy(sample, tmp_path, lambda train: shutil.rmtree(train / "rings"))
-    assert "different classes" in error_of(capsys, ["eval", "knn", *argv])
+    assert error_of(capsys, ["eval", "knn", *argv]) == (
+        "error: the val dataset has classes the train dataset lacks (1 of 8, e.g. 'rings'): no neighbour or probe can "
+        "predict them; use the same class folders in both")
     config = str(sample[1])
     no_model = [a for a in args(sample, tmp_path / "out") if a not in ("--config-file", config)]
     assert "--model NAME" in error_of(capsys, ["eval", "knn", *no_model])
@@ -378,3 +381,19 @@ def test_raw_pixels_baseline_is_a_one_nearest_neighbour_on_the_images(sample, tm
     argv[argv.index("--output-dir") + 1] = str(tmp_path / "new")
     error_of(capsys, ["eval", "knn", *argv, "--raw-pixels", "--model", "dinov2_vits14"])
     assert not (tmp_path / "new").exists()
+
+
+def test_a_val_folder_with_some_of_the_classes_is_labelled_by_class_name(sample, tmp_path, capsys):
+    # it was refused ("different classes"); numbering its two folders 0, 1 would have scored against the wrong ones
+    root, _ = sample
+    for name in ("rings", "dots"):
+        shutil.copytree(root / "val" / name, tmp_path / "some" / name)
+    full_train, full_val, n = eval_setup.load_eval_datasets(str(root / "train"), str(root / "val"), image_size=28)
+    train, val, n_some = eval_setup.load_eval_datasets(str(root / "train"), str(tmp_path / "some"), image_size=28)
+    assert "the val dataset has 2 of the train dataset's 8 classes" in capsys.readouterr().out
+    assert n_some == n == 8 and val.classes == full_val.classes
+    by_name = {path.relative_to(root / "val"): t for path, t in zip(full_val.paths, full_val.targets)}
+    assert [t for path, t in zip(val.paths, val.targets)] == [by_name[p.relative_to(tmp_path / "some")]
+                                                              for p in val.paths]
+    assert sorted(set(val.targets)) == sorted(full_val.classes.index(c) for c in ("dots", "rings"))
+

@@ -20,7 +20,7 @@ from dinokit.eval.linear import (
     train_probes,
 )
 from dinokit.errors import DinokitError
-from dinokit.eval.setup import linear_feature_parts
+from dinokit.eval.feature_cache import linear_feature_parts
 from dinokit.models import DinoVisionTransformer
 from dinokit.models.linear_classifier import linear_features
 from dinokit.models.registry import create_model

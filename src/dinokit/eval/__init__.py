@@ -10,7 +10,8 @@ from .knn import KnnResult, evaluate_knn, knn_classify, knn_protocol, run_knn_ev
 from .linear import LEARNING_RATES, LinearProbes, LinearResult, linear_protocol, probe_input, train_probes
 from .monitor import KnnMonitor, knn_monitor
 from .logreg import LogregResult, c_grid, evaluate_logreg, fit_logreg, logreg_protocol
-from .setup import EvalContext, FeatureCache, RawPixels, build_eval_backbone, prepare_eval, setup_eval_model
+from .feature_cache import FeatureCache
+from .setup import EvalContext, RawPixels, build_eval_backbone, prepare_eval, setup_eval_model
 
 __all__ = [
     "EvalContext",

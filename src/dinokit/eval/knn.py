@@ -24,7 +24,8 @@ from torch import nn
 from .. import distributed as du
 from ..errors import DinokitError
 from .results import append_results, label_warnings, report_label_warnings
-from .setup import EvalContext, extract_eval_features, load_eval_datasets
+from .feature_cache import extract_eval_features
+from .setup import EvalContext, load_eval_datasets
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07

@@ -34,7 +34,8 @@ from ..features import autocast_context
 from ..models.checkpoint import atomic_write
 from ..models.linear_classifier import probe_input
 from .results import append_results, report_label_warnings
-from .setup import EvalContext, linear_feature_parts
+from .feature_cache import linear_feature_parts
+from .setup import EvalContext
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 N_LAST_BLOCKS = (1, 4)
