@@ -191,6 +191,7 @@ def test_warning_kinds_mask_paths_and_numbers(capsys):
             for i in range(4):
                 warnings.warn(f"iteration {i}: no readable image in the batch; repeating the previous batch")
             warnings.warn("something else")
+            warnings.warn("something else")  # the same text again: not summarised (a file list read twice)
     assert [str(w.message) for w in shown] == [
         "iteration 0: no readable image in the batch; repeating the previous batch", "something else"]
     assert capsys.readouterr().err == ("warning: 4 warnings of this kind in all, shown once: iteration 0: no readable "

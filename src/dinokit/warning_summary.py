@@ -11,7 +11,8 @@ per data-loading worker. Inside :func:`summarised_warnings` (the CLI runs every 
   "skipping unreadable image a.png" and "... b.png" are one kind (every skipped image is one kind);
 - the counts live in shared memory that forked data-loader workers inherit, so a warning shown by one
   worker is not shown again by another, and the summary counts the workers' warnings too;
-- when the command ends, one line per kind that came more than once says how many there were;
+- when the command ends, one line per kind that came more than once says how many there were (skipped
+  images: every read; other kinds: when their texts differed, since the same text again says nothing new);
 - while a progress bar is on screen, a warning is written through ``tqdm.write`` on its own line (not glued
   onto the bar's line).
 
@@ -32,6 +33,7 @@ from multiprocessing.sharedctypes import RawArray
 _SLOTS = 64  # kinds tracked per command (more kinds are shown as usual)
 SHOWN_FILES = 5  # skipped images named, one line each (a file read again is not named again)
 _SKIPPED = "SkippedImageWarning"
+_SKIPPED_KEY = zlib.crc32(_SKIPPED.encode()) or 1  # its key in _Counts
 _TEXT = 240  # bytes of each kind's first message kept for the summary
 _PYTHON_SHOWWARNING = warnings.showwarning
 
@@ -51,26 +53,34 @@ class _Counts:
         self.keys = RawArray("I", _SLOTS)  # crc32 of the kind (0: free slot)
         self.counts = RawArray("i", _SLOTS)
         self.texts = RawArray("c", _SLOTS * _TEXT)
+        self.first = RawArray("I", _SLOTS)  # crc32 of the kind's first full text
+        self.varied = RawArray("b", _SLOTS)  # whether a later text differed from the first
 
     def add(self, key: str, text: str) -> int | None:
         """Count one warning of kind ``key``; returns how many of that kind so far (None: no slot left)."""
         h = zlib.crc32(key.encode()) or 1
+        full = zlib.crc32(text.encode(errors="replace"))
         for i in range(_SLOTS):
             slot = (h + i) % _SLOTS
             if self.keys[slot] == 0:
                 self.keys[slot] = h
                 encoded = text.encode(errors="replace")[: _TEXT - 1]
                 self.texts[slot * _TEXT: slot * _TEXT + len(encoded)] = encoded
+                self.first[slot] = full
             if self.keys[slot] == h:
                 self.counts[slot] += 1
+                if full != self.first[slot]:
+                    self.varied[slot] = 1
                 return self.counts[slot]
         return None
 
     def repeated(self) -> list[tuple[int, str]]:
-        """``(count, first message)`` of every kind that came more than once."""
+        """``(count, first message)`` of every kind that came more than once: skipped images (each read counts),
+        or other warnings with differing texts (the same text again, e.g. a file list checked twice, adds
+        nothing to the one shown)."""
         out = []
         for slot in range(_SLOTS):
-            if self.keys[slot] and self.counts[slot] > 1:
+            if self.keys[slot] and self.counts[slot] > 1 and (self.varied[slot] or self.keys[slot] == _SKIPPED_KEY):
                 raw = bytes(self.texts[slot * _TEXT: (slot + 1) * _TEXT]).split(b"\0", 1)[0]
                 out.append((self.counts[slot], raw.decode(errors="replace")))
         return out

@@ -95,7 +95,7 @@ def keep_existing(paths: list[Path], list_file: str | Path) -> list[int]:
     if len(keep) < len(paths):
         message = (f"{len(paths) - len(keep)} of the {len(paths)} files listed in {list_file} do not exist and are "
                    f"left out (first: {paths[exists.index(False)]})")
-        warnings.warn_explicit(message, SkippedImageWarning, "dinokit", 0)
+        warnings.warn_explicit(message, UserWarning, "dinokit", 0)  # one message about the list, not per image
     return keep
 
 
