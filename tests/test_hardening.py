@@ -348,7 +348,7 @@ def test_train_says_what_it_will_do_and_what_it_did(images, tmp_path, capsys):
     assert cli_main(_cli(out, images, "optim.epochs=1", *knn)) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == (
-        f"training vit_pico: 3 iterations (1 epochs of 3) on cpu, 8 images found in ImageFolder:root={images / 'train'}, "
+        f"training vit_pico: 3 iterations (1 epoch of 3) on cpu, 8 images found in ImageFolder:root={images / 'train'}, "
         f"into {out}; k-NN on ImageFolder:root={images / 'val'} (neighbours from ImageFolder:root={images / 'train'}) "
         "at 32 px at each snapshot")
     assert not printed[1].startswith("note:")  # 32-px images under 32-px crops: nothing to say about their size
