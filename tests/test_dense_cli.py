@@ -134,8 +134,9 @@ def test_bad_inputs_are_one_line_errors(dense_root, tmp_path, capsys):
     assert err.startswith("error: ") and "does not record its backbone" in err and err.count("\n") == 1
 
 
-def test_a_bad_mask_read_by_a_loader_worker_is_one_line(tmp_path, capsys):
-    # Masks are read in DataLoader workers, where torch wraps the error in the worker's whole traceback.
+def test_a_colour_mask_is_one_line_before_training(tmp_path, capsys):
+    # Found from the PNG headers when the folder opens; it used to surface when a loader worker met the file,
+    # iterations into the run (torch wraps such an error in the worker's traceback: test_preflight.py).
     (tmp_path / "images").mkdir(), (tmp_path / "masks").mkdir()
     for i in range(2):
         Image.new("RGB", (32, 32), (90, 20, 20)).save(tmp_path / "images" / f"im{i}.jpg")
@@ -146,6 +147,7 @@ def test_a_bad_mask_read_by_a_loader_worker_is_one_line(tmp_path, capsys):
                  "iterations=1", "batch_size=2", "crop_size=28", "base_size=28", "num_workers=1"]) == 2
     assert error_line(capsys) == (f"error: mask '{tmp_path / 'masks' / 'im0.png'}' is RGB; "
                                   "masks must be single-channel PNGs of class indices")
+    assert not (tmp_path / "out").exists()  # nothing was started
 
 
 def _official_seg_head(path, num_classes=3):

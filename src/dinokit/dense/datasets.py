@@ -108,14 +108,7 @@ class DenseDataset(Dataset):
         if self.info.task == "depth" and path.suffix == ".npy":
             return torch.from_numpy(_read_depth_array(path))
         with Image.open(path) as img:
-            if self.info.task == "seg" and img.mode not in ("L", "P", "I", "I;16"):
-                raise DinokitError(f"mask {str(path)!r} is {img.mode}; masks must be single-channel PNGs of class indices")
-            if self.info.task == "depth" and img.mode not in DEPTH_PNG_MODES:
-                # an 8-bit or colour picture of depth would be read as 0-255 mm and train on nonsense
-                raise DinokitError(
-                    f"depth {str(path)!r} is not 16-bit (Pillow mode {img.mode}); depth PNGs must be single-channel "
-                    f"16-bit millimetres (0 = invalid), or save float metres as '{path.stem}.npy'"
-                )
+            check_label_mode(path, img.mode, self.info.task)
             array = np.asarray(img)
         if self.info.task == "depth":
             return torch.from_numpy(array.astype(np.float32) / self.info.depth_scale)
@@ -148,6 +141,31 @@ class DenseDataset(Dataset):
         if self.transform is not None:
             image, label = self.transform(image, label)
         return {"image": image, "label": label, "index": index}
+
+
+def check_label_mode(path: Path, mode: str, task: str) -> None:
+    """One line when a label PNG's Pillow ``mode`` cannot be a mask of class indices / 16-bit depth."""
+    if task == "seg" and mode not in ("L", "P", "I", "I;16"):
+        raise DinokitError(f"mask {str(path)!r} is {mode}; masks must be single-channel PNGs of class indices")
+    if task == "depth" and mode not in DEPTH_PNG_MODES:
+        # an 8-bit or colour picture of depth would be read as 0-255 mm and train on nonsense
+        raise DinokitError(
+            f"depth {str(path)!r} is not 16-bit (Pillow mode {mode}); depth PNGs must be single-channel "
+            f"16-bit millimetres (0 = invalid), or save float metres as '{path.stem}.npy'"
+        )
+
+
+def _check_label_modes(pairs: Sequence[tuple[Path, Path]], task: str) -> None:
+    """Every label PNG of a user's folder, checked from its header when the dataset opens (not thousands of
+    iterations into training, when the loader meets it)."""
+    for _, label in pairs:
+        if label.suffix == ".png":
+            try:
+                with Image.open(label) as img:
+                    mode = img.mode
+            except (OSError, ValueError) as err:
+                raise DinokitError(f"label {str(label)!r} cannot be read ({err}); fix or remove it") from None
+            check_label_mode(label, mode, task)
 
 
 def _paired_folder(root: Path, label_dir: str, suffixes: Sequence[str], dataset_str: str) -> list[tuple[Path, Path]]:
@@ -215,6 +233,7 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
     root = _root(kwargs, name, dataset_str)
     if name == "SegFolder":
         pairs = _paired_folder(root, "masks", (".png",), dataset_str)
+        _check_label_modes(pairs, "seg")
         classes_file = root / "classes.txt"
         if not classes_file.is_file():
             classes_file = root.parent / "classes.txt"  # shared by the splits of a generated set
@@ -223,6 +242,7 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
         return DenseDataset(pairs, DenseInfo("seg", num_classes=num), name=dataset_str, transform=transform, classes=classes)
     if name == "DepthFolder":
         pairs = _paired_folder(root, "depth", (".png", ".npy"), dataset_str)
+        _check_label_modes(pairs, "depth")
         return DenseDataset(pairs, DenseInfo("depth"), name=dataset_str, transform=transform)
     if name == "ADE20K":
         split = _split(kwargs, ("training", "validation"), "training", name, dataset_str)
