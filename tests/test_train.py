@@ -90,6 +90,27 @@ def test_kill_and_resume_is_bit_exact(images, tmp_path):
     assert [l["total_loss"] for l in la][4:] == [l["total_loss"] for l in lb][4:]
 
 
+def test_resuming_on_a_folder_that_changed_says_the_run_is_no_longer_exact(images, tmp_path, capsys):
+    # images added to the folder between two starts changed the data order without a word
+    folder = tmp_path / "images"
+    shutil.copytree(images / "train", folder)
+    cfg = lambda: load_config("demo", [*TINY, f"train.dataset_path=ImageFolder:root={folder}"])  # noqa: E731
+    out = tmp_path / "run"
+    train(cfg(), output_dir=out, stop_after=2)
+    n = len([p for p in folder.rglob("*.png")])
+    assert json.loads((out / "data.json").read_text())["images"] == n
+    train(cfg(), output_dir=out, stop_after=3)  # unchanged: no note
+    assert "note:" not in capsys.readouterr().out
+    extra = sorted(folder.rglob("*.png"))[0]
+    shutil.copy(extra, extra.with_name("added.png"))
+    train(cfg(), output_dir=out, stop_after=4)
+    assert (f"note: ImageFolder:root={folder} now holds {n + 1} images ({n} when this run last started): the run "
+            "goes on, but its data order differs from here on from a run that was never stopped") in capsys.readouterr().out
+    extra.with_name("added.png").rename(extra.with_name("other.png"))  # as many images, other files
+    train(cfg(), output_dir=out, stop_after=5)
+    assert "holds other files than when this run last started" in capsys.readouterr().out
+
+
 def test_torn_checkpoint_falls_back_to_older(images, tmp_path):
     out = tmp_path / "run"
     train(tiny_cfg(images), output_dir=out, stop_after=3)

@@ -19,6 +19,7 @@ The engine then uses :func:`truncate_metrics` (the log goes back to the resumed 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -238,6 +239,31 @@ def truncate_metrics(path: Path, start_iter: int) -> None:
 
     with atomic_write(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
+
+
+DATA_RECORD = "data.json"
+
+
+def data_change_note(out: Path, dataset_name: str, paths: Sequence, *, resumed: bool) -> str | None:
+    """Record in ``out/data.json`` what the run trains on (the image count and a digest of up to ~1000 evenly spaced
+    paths) and, on a resumed run, the note to print when that changed since the run last started: images added to or
+    removed from the folder change the data order, so the run no longer continues exactly."""
+    n = len(paths)
+    picks = sorted({*range(0, n, max(1, n // 1000)), n - 1}) if n else []
+    digest = hashlib.sha1("\n".join(str(paths[i]) for i in picks).encode()).hexdigest()
+    record = {"dataset": dataset_name, "images": n, "sampled_paths_sha1": digest}
+    path = out / DATA_RECORD
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        saved = None  # unreadable: replaced by the current record
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    if not resumed or saved is None or (saved.get("images"), saved.get("sampled_paths_sha1")) == (n, digest):
+        return None
+    what = (f"now holds {n} images ({saved.get('images')} when this run last started)" if saved.get("images") != n
+            else "holds other files than when this run last started")
+    return (f"note: {dataset_name} {what}: the run goes on, but its data order differs from here on from a run "
+            "that was never stopped")
 
 
 def _megabytes(n: float) -> str:

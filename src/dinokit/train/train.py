@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .. import distributed as du
 from ..config import apply_scaling_rules, check_step_levers, compute_dtype, write_config
 from ..config.schema import DistillationConfig
 from ..devices import resolve_device
 from ..engine import Engine, EngineConfig, Hook, build_schedulers, init_run
 from ..engine.optim import CosineScheduler, warmup_cosine_schedule
-from ..engine.run_dir import open_run_dir
+from ..engine.run_dir import data_change_note, open_run_dir
 from ..errors import DinokitError
 from ..tracking import check_tracker
 from .data import build_train_loader, check_output_outside_data
@@ -154,11 +155,17 @@ def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir
     start = engine.restore(resume=resume, weights=weights)
     if on_restored is not None:
         on_restored()
-    return engine.run(
-        lambda start_iter: build_train_loader(cfg, start_iteration=start_iter, pin_memory=device.type == "cuda"),
-        start_iter=start,
-        stop_after=stop_after,
-    )
+
+    def make_loader(start_iter: int):
+        loader = build_train_loader(cfg, start_iteration=start_iter, pin_memory=device.type == "cuda")
+        if du.is_main_process() and start_iter == start:  # images added to or removed from the folder: said
+            note = data_change_note(output_dir, cfg.train.dataset_path, loader.dataset.base_dataset.paths,
+                                    resumed=start > 0)
+            if note:
+                print(note)
+        return loader
+
+    return engine.run(make_loader, start_iter=start, stop_after=stop_after)
 
 
 def save_teacher_snapshot(model: SSLMetaArch, path: str | Path) -> None:
