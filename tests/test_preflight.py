@@ -142,10 +142,15 @@ def test_unreadable_knn_dataset_stops_before_the_first_step(images, tmp_path, ca
     assert not out.exists()  # nothing was written
 
 
-def test_texture_knn_with_the_users_images_is_said_at_start(images, capsys):
+def test_texture_knn_with_the_users_images_is_said_at_start(images, tmp_path, capsys):
+    import shutil
+
     from dinokit.eval.monitor import check_knn_datasets
 
-    mine = f"ImageFolder:root={images / 'train'}"
+    check_knn_datasets("Sample:split=TRAIN", "Sample:split=VAL", f"ImageFolder:root={images / 'train'}")
+    assert capsys.readouterr().out == ""  # the sample set itself, written out by `dinokit data sample`: no note
+    shutil.copytree(images / "train" / "blobs", tmp_path / "mine" / "cats")
+    mine = f"ImageFolder:root={tmp_path / 'mine'}"
     check_knn_datasets("Sample:split=TRAIN", "Sample:split=VAL", mine)
     assert capsys.readouterr().out.strip() == (
         f"note: evaluation.knn_dataset is the built-in texture set while train.dataset_path is {mine}: the logged "
