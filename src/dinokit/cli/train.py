@@ -78,8 +78,9 @@ def start_banner(cfg, output_dir, device: str) -> str:
                  if knn and knn.train and knn.val else "no k-NN monitor (evaluation.knn_dataset is unset)")
     dataset = make_dataset(cfg.train.dataset_path, labelled=False)  # a missing or empty folder: one line, here
     note = small_images_note(cfg.crops, dataset, cfg.student.patch_size)
-    return (f"training {cfg.student.arch}: {cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH} iterations "
-            f"({cfg.optim.epochs} epoch{'s' if cfg.optim.epochs != 1 else ''} of {cfg.train.OFFICIAL_EPOCH_LENGTH}) on {resolve_device(device)}, "
+    epochs, length = cfg.optim.epochs, cfg.train.OFFICIAL_EPOCH_LENGTH
+    return (f"training {cfg.student.arch}: {epochs * length} iterations "
+            f"({epochs} epoch{'s' if epochs != 1 else ''} of {length}) on {resolve_device(device)}, "
             f"{len(dataset)} images found in {cfg.train.dataset_path}, into {output_dir}; {evaluated}"
             + (f"\n{note}" if note else ""))
 
