@@ -166,8 +166,9 @@ def load_eval_datasets(
                 if unknown else
                 f"the train and val datasets have different classes ({len(train.classes)} vs {len(val.classes)}, "
                 f"e.g. {_first_difference(train.classes, val.classes)}); use the same class folders in both")
-        print(f"note: the val dataset has {len(val.classes)} of the train dataset's {len(train.classes)} classes; "
-              "its labels follow the train classes' names")
+        if du.is_main_process():
+            print(f"note: the val dataset has {len(val.classes)} of the train dataset's {len(train.classes)} "
+                  "classes; its labels follow the train classes' names")
         index = {name: i for i, name in enumerate(train.classes)}
         val.targets = [index[val.classes[t]] if t >= 0 else t for t in val.targets]
         val.classes = list(train.classes)
