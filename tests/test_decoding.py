@@ -215,3 +215,34 @@ def test_warning_during_a_progress_bar_gets_its_own_line(capsys):
     lines = capsys.readouterr().err.replace("\r", "\n").split("\n")
     assert "warning: skipping unreadable image /d/a.png: truncated" in lines
     assert not any("train" in x and "warning" in x for x in lines)
+
+
+# ------------------------------------------------------------------------------------------- EXIF orientation
+def _oriented(path, pixels: np.ndarray, orientation: int) -> None:
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation  # what a phone writes instead of rotating the pixels
+    image.save(path, exif=exif)
+
+
+def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
+    # a phone photo stored sideways came out sideways (the official pipeline reads the stored pixels)
+    a = (np.random.default_rng(0).random((4, 6, 3)) * 255).astype(np.uint8)
+    shown = {1: a, 2: a[:, ::-1], 3: a[::-1, ::-1], 4: a[::-1], 5: a.transpose(1, 0, 2), 6: np.rot90(a, -1),
+             7: a[::-1, ::-1].transpose(1, 0, 2), 8: np.rot90(a, 1)}  # the EXIF specification's eight cases
+    for orientation, expected in shown.items():
+        _oriented(tmp_path / f"o{orientation}.png", a, orientation)
+        np.testing.assert_array_equal(np.asarray(load_image(tmp_path / f"o{orientation}.png")), expected)
+        np.testing.assert_array_equal(np.asarray(load_image(tmp_path / f"o{orientation}.png", exif=False)), a)
+
+
+def test_a_sideways_photo_embeds_as_its_upright_copy(tmp_path):
+    a = (np.random.default_rng(1).random((40, 60, 3)) * 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    _oriented(tmp_path / "in" / "sideways.png", a, 6)
+    Image.fromarray(np.ascontiguousarray(np.rot90(a, -1))).save(tmp_path / "in" / "upright.png")
+    out = tmp_path / "e.npz"
+    assert cli_main(["embed", str(tmp_path / "in"), "--out", str(out), "--random-init", "--image-size", "28",
+                     "--device", "cpu", "--no-progress"]) == 0
+    cls = np.load(out)["cls"]
+    np.testing.assert_allclose(cls[0], cls[1], atol=2e-5)  # the same pixels (fp32 rounding of two batch rows)

@@ -133,6 +133,12 @@ def test_folder_datasets_and_their_errors(tmp_path):
     _write_pair(seg, "b", mask=255)
     ds = make_dense_dataset(f"SegFolder:root={seg}")
     assert ds.info.num_classes == 2 and len(ds) == 2
+    # an EXIF orientation does not turn an image away from its label, drawn on the stored pixels
+    stored = Image.open(seg / "images" / "a.jpg")
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(seg / "images" / "a.jpg", exif=exif)
+    assert tuple(ds[0]["image"].shape[-2:]) == tuple(ds[0]["label"].shape) == (6, 8)
     item = ds[0]
     assert item["image"].shape == (3, 6, 8) and item["label"].dtype == torch.int64 and item["label"].unique().tolist() == [1]
     (seg / "classes.txt").write_text("sky\n")  # one class: the mask value 1 is now out of range

@@ -14,7 +14,7 @@ from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import DinokitError
@@ -123,6 +123,7 @@ def resolve_image_inputs(input_path: str | Path) -> list[Path]:
 # (forked or spawned) decodes the same way.
 BACKGROUND_ENV = "DINOKIT_IMAGE_BACKGROUND"  # white (default), black, grey, or R,G,B
 MAX_PIXELS_ENV = "DINOKIT_MAX_IMAGE_PIXELS"  # pixels above which a file is skipped (0: no limit)
+_ORIENTATION = 0x0112  # the EXIF tag of a camera's orientation (1: as stored; 2-8: flipped and/or rotated)
 DEFAULT_MAX_PIXELS = 200_000_000
 _NAMED_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
 
@@ -177,13 +178,16 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, background: str | None = None) -> Image.Image:
+def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, background: str | None = None,
+               exif: bool = True) -> Image.Image:
     """Decode an image fully as RGB, as a person sees it; raises ``OSError``/``ValueError`` for unreadable,
     truncated or too large files (:class:`ImageTooLargeError`, whose message gives the size and the limit).
 
     Transparent pixels are composited onto white (``background`` or ``$DINOKIT_IMAGE_BACKGROUND``),
     16-bit greyscale is scaled to 8 bits, and a JPEG is decoded at a reduced scale (at least
-    ``draft_size`` pixels on its short side) when ``draft_size`` is given.
+    ``draft_size`` pixels on its short side) when ``draft_size`` is given. A camera's EXIF orientation is
+    applied (a phone photo stored sideways comes out upright, as viewers show it; the official pipeline reads
+    the stored pixels) unless ``exif`` is False.
     """
     limit = max_image_pixels()
     colour = image_background(background)
@@ -203,6 +207,8 @@ def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, b
                     if scale > 1:
                         img.draft("RGB", (img.width // scale, img.height // scale))
                 img.load()  # force full decode so that truncation is detected here, not later
+                if exif and img.getexif().get(_ORIENTATION, 1) in range(2, 9):
+                    return _to_rgb(ImageOps.exif_transpose(img), colour)
                 return _to_rgb(img, colour)
         finally:
             Image.MAX_IMAGE_PIXELS = saved

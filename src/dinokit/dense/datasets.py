@@ -128,7 +128,9 @@ class DenseDataset(Dataset):
         """``{"image", "label", "index"}``, or None (with a one-line warning) when the image cannot be read."""
         image_path = self.pairs[index][0]
         try:
-            image = image_to_tensor(load_image(image_path))
+            # the stored pixels, which the public sets' labels are drawn on (no EXIF rotation: it would turn the
+            # image away from its label)
+            image = image_to_tensor(load_image(image_path, exif=False))
         except (OSError, ValueError) as err:
             warn_skipped(image_path, err)
             return None
