@@ -236,6 +236,18 @@ def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
         np.testing.assert_array_equal(np.asarray(load_image(tmp_path / f"o{orientation}.png", exif=False)), a)
 
 
+def test_exif_orientation_can_be_ignored_as_the_official_pipeline_does(tmp_path, monkeypatch):
+    from dinokit.errors import DinokitError
+
+    a = (np.random.default_rng(0).random((4, 6, 3)) * 255).astype(np.uint8)
+    _oriented(tmp_path / "o6.png", a, 6)
+    monkeypatch.setenv("DINOKIT_EXIF_ORIENTATION", "ignore")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "o6.png")), a)
+    monkeypatch.setenv("DINOKIT_EXIF_ORIENTATION", "sideways")
+    with pytest.raises(DinokitError, match="DINOKIT_EXIF_ORIENTATION='sideways' is not a choice; use apply"):
+        load_image(tmp_path / "o6.png")
+
+
 def test_a_sideways_photo_embeds_as_its_upright_copy(tmp_path):
     a = (np.random.default_rng(1).random((40, 60, 3)) * 255).astype(np.uint8)
     (tmp_path / "in").mkdir()

@@ -124,6 +124,7 @@ def resolve_image_inputs(input_path: str | Path) -> list[Path]:
 BACKGROUND_ENV = "DINOKIT_IMAGE_BACKGROUND"  # white (default), black, grey, or R,G,B
 MAX_PIXELS_ENV = "DINOKIT_MAX_IMAGE_PIXELS"  # pixels above which a file is skipped (0: no limit)
 _ORIENTATION = 0x0112  # the EXIF tag of a camera's orientation (1: as stored; 2-8: flipped and/or rotated)
+EXIF_ENV = "DINOKIT_EXIF_ORIENTATION"  # apply (default) or ignore: the official pipeline's stored pixels
 DEFAULT_MAX_PIXELS = 200_000_000
 _NAMED_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
 
@@ -140,6 +141,15 @@ def image_background(value: str | None = None) -> tuple[int, int, int]:
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise DinokitError(f"{BACKGROUND_ENV}={text!r} is not a colour; use white, black, grey or R,G,B (0-255)")
     return rgb  # type: ignore[return-value]
+
+
+def apply_exif_orientation() -> bool:
+    """Whether a camera's EXIF orientation is applied: ``$DINOKIT_EXIF_ORIENTATION`` apply (default) or ignore."""
+    text = os.environ.get(EXIF_ENV, "").strip().lower() or "apply"
+    if text not in ("apply", "ignore"):
+        raise DinokitError(f"{EXIF_ENV}={text!r} is not a choice; use apply (as viewers show photos) or ignore (the "
+                           "stored pixels, as the official pipeline reads them)")
+    return text == "apply"
 
 
 def max_image_pixels() -> int | None:
@@ -179,7 +189,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 
 
 def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, background: str | None = None,
-               exif: bool = True) -> Image.Image:
+               exif: bool | None = None) -> Image.Image:
     """Decode an image fully as RGB, as a person sees it; raises ``OSError``/``ValueError`` for unreadable,
     truncated or too large files (:class:`ImageTooLargeError`, whose message gives the size and the limit).
 
@@ -187,10 +197,11 @@ def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, b
     16-bit greyscale is scaled to 8 bits, and a JPEG is decoded at a reduced scale (at least
     ``draft_size`` pixels on its short side) when ``draft_size`` is given. A camera's EXIF orientation is
     applied (a phone photo stored sideways comes out upright, as viewers show it; the official pipeline reads
-    the stored pixels) unless ``exif`` is False.
+    the stored pixels) unless ``exif`` is False (None: ``$DINOKIT_EXIF_ORIENTATION``, apply by default).
     """
     limit = max_image_pixels()
     colour = image_background(background)
+    exif = apply_exif_orientation() if exif is None else exif
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
