@@ -59,6 +59,10 @@ def test_knn_then_logreg_extract_once(sample, tmp_path, capsys, monkeypatch):
     (result,) = read_lines(tmp_path / "results_eval_logreg.json")
     assert result["backend"] == "sklearn" and len(result["holdout_top1"]) == 3 and 0 <= result["top1"] <= 100
     assert "best C" in capsys.readouterr().out
+    # other decoding settings decode other pixels: not the cached features (they were reused)
+    monkeypatch.setenv("DINOKIT_IMAGE_BACKGROUND", "black")
+    with pytest.raises(AssertionError, match="should come from the cache"):
+        main(["eval", "logreg", *args(sample, tmp_path, "--c-grid-size", "3", "--max-iter", "50")])
 
 
 def test_linear_saves_hub_heads_and_feeds_knn_cache(sample, tmp_path, capsys, monkeypatch):

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import distributed as du
 from ..data import ImageDataset
+from ..data.images import apply_exif_orientation, image_background, max_image_pixels
 from ..errors import DinokitError
 from ..features import ExtractedFeatures, cls_feature_fn, extract_features
 from ..models.checkpoint import atomic_write
@@ -67,7 +68,8 @@ class FeatureCache:
     """Features on disk: ``root/<model key>/<split>-<kind>-<dataset key>.pt``, plain tensors only.
 
     ``root=None`` disables caching. The model key hashes ``model_description`` (weights identity,
-    architecture), the image size and the dtype; the dataset key hashes its string and file list.
+    architecture), the image size and the dtype; the dataset key hashes its string, file list and labels, and the
+    decoding settings of ``$DINOKIT_IMAGE_BACKGROUND``, ``$DINOKIT_EXIF_ORIENTATION`` and ``$DINOKIT_MAX_IMAGE_PIXELS``.
     """
 
     def __init__(self, root: str | Path | None, model_description: dict[str, Any]) -> None:
@@ -78,7 +80,8 @@ class FeatureCache:
 
     def _path(self, split: str, kind: str, dataset: ImageDataset) -> Path:
         files = hashlib.sha1("\n".join(map(str, dataset.paths)).encode() + repr(dataset.targets).encode())
-        key = _digest({"dataset": dataset.name, "files": files.hexdigest()})
+        decoding = {"background": image_background(), "exif": apply_exif_orientation(), "max_pixels": max_image_pixels()}
+        key = _digest({"dataset": dataset.name, "files": files.hexdigest(), "decoding": decoding})
         return self.folder / f"{split}-{kind}-{key[:12]}.pt"
 
     def get(
