@@ -141,6 +141,14 @@ def test_killed_run_resumes_at_the_unfinished_stage(scenes, tmp_path, monkeypatc
     assert main(["curate", "sample", "--output-dir", str(half), "sample.strategy=c"]) == 0
     out = capsys.readouterr().out
     assert "[sample] done" in out and "[cluster]" not in out
+    # another image background decodes other pixels: the embeddings are not reused (they were)
+    from dinokit.curate.config import make_config
+    from dinokit.curate.pipeline import Work
+
+    before = Work(half, make_config()).digests
+    monkeypatch.setenv("DINOKIT_IMAGE_BACKGROUND", "black")
+    after = Work(half, make_config()).digests
+    assert all(after[stage] != before[stage] for stage in before)
 
 
 def test_errors_are_one_line(scenes, tmp_path, capsys):

@@ -28,6 +28,7 @@ from PIL import Image
 
 from .. import distributed as du
 from ..data import make_classification_eval_transform, make_dataset
+from ..data.images import decoding_settings
 from ..devices import usable_workers
 from ..errors import DinokitError
 from ..features import check_image_size
@@ -72,7 +73,9 @@ class Work:
         c = asdict(config)
         embed_keys = ("pool", "seed_set", "eval_sets", "model", "config_file", "weights", "copy_model",
                       "copy_config_file", "copy_weights", "embed")
-        self.digests: dict[str, str] = {"embed": _digest({k: c[k] for k in embed_keys})}
+        # the decoding settings of the environment (image background...) change the embedded pixels too
+        self.digests: dict[str, str] = {"embed": _digest({**{k: c[k] for k in embed_keys},
+                                                          "decoding": decoding_settings()})}
         self.digests["dedup"] = _digest([self.digests["embed"], c["dedup"]])
         self.digests["retrieve"] = _digest([self.digests["dedup"], c["retrieve"]])
         self.digests["cluster"] = _digest([self.digests["retrieve"], c["cluster"]])

@@ -152,6 +152,12 @@ def apply_exif_orientation() -> bool:
     return text == "apply"
 
 
+def decoding_settings() -> dict:
+    """What the environment changes in decoded pixels (background, EXIF orientation, pixel limit): part of the key
+    of anything computed from images and kept (the eval feature cache, curation's embeddings)."""
+    return {"background": image_background(), "exif": apply_exif_orientation(), "max_pixels": max_image_pixels()}
+
+
 def max_image_pixels() -> int | None:
     """The pixel limit of one image (``$DINOKIT_MAX_IMAGE_PIXELS``, default 200 million; 0 = none)."""
     text = os.environ.get(MAX_PIXELS_ENV, "").strip()

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import distributed as du
 from ..data import ImageDataset
-from ..data.images import apply_exif_orientation, image_background, max_image_pixels
+from ..data.images import decoding_settings
 from ..errors import DinokitError
 from ..features import ExtractedFeatures, cls_feature_fn, extract_features
 from ..models.checkpoint import atomic_write
@@ -80,8 +80,7 @@ class FeatureCache:
 
     def _path(self, split: str, kind: str, dataset: ImageDataset) -> Path:
         files = hashlib.sha1("\n".join(map(str, dataset.paths)).encode() + repr(dataset.targets).encode())
-        decoding = {"background": image_background(), "exif": apply_exif_orientation(), "max_pixels": max_image_pixels()}
-        key = _digest({"dataset": dataset.name, "files": files.hexdigest(), "decoding": decoding})
+        key = _digest({"dataset": dataset.name, "files": files.hexdigest(), "decoding": decoding_settings()})
         return self.folder / f"{split}-{kind}-{key[:12]}.pt"
 
     def get(
