@@ -109,6 +109,13 @@ def test_resuming_on_a_folder_that_changed_says_the_run_is_no_longer_exact(image
     extra.with_name("added.png").rename(extra.with_name("other.png"))  # as many images, other files
     train(cfg(), output_dir=out, stop_after=5)
     assert "holds other files than when this run last started" in capsys.readouterr().out
+    os.environ["DINOKIT_IMAGE_BACKGROUND"] = "black"  # other pixels for every transparent image
+    try:
+        train(cfg(), output_dir=out, stop_after=6)
+    finally:
+        del os.environ["DINOKIT_IMAGE_BACKGROUND"]
+    assert ("note: the images are decoded otherwise than when this run last started (background [255, 255, 255] -> "
+            "[0, 0, 0]; DINOKIT_* variables)") in capsys.readouterr().out
 
 
 def test_torn_checkpoint_falls_back_to_older(images, tmp_path):

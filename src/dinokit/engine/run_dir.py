@@ -244,26 +244,36 @@ def truncate_metrics(path: Path, start_iter: int) -> None:
 DATA_RECORD = "data.json"
 
 
-def data_change_note(out: Path, dataset_name: str, paths: Sequence, *, resumed: bool) -> str | None:
-    """Record in ``out/data.json`` what the run trains on (the image count and a digest of up to ~1000 evenly spaced
-    paths) and, on a resumed run, the note to print when that changed since the run last started: images added to or
-    removed from the folder change the data order, so the run no longer continues exactly."""
+def data_change_note(out: Path, dataset_name: str, paths: Sequence, *, resumed: bool,
+                     decoding: Mapping | None = None) -> str | None:
+    """Record in ``out/data.json`` what the run trains on (the image count, a digest of up to ~1000 evenly spaced
+    paths, the ``decoding`` settings) and, on a resumed run, the note to print when that changed since the run last
+    started: images added to or removed from the folder change the data order, other decoding other pixels, so the
+    run no longer continues exactly."""
     n = len(paths)
     picks = sorted({*range(0, n, max(1, n // 1000)), n - 1}) if n else []
     digest = hashlib.sha1("\n".join(str(paths[i]) for i in picks).encode()).hexdigest()
-    record = {"dataset": dataset_name, "images": n, "sampled_paths_sha1": digest}
+    record = {"dataset": dataset_name, "images": n, "sampled_paths_sha1": digest, "decoding": json.loads(json.dumps(dict(decoding or {})))}
     path = out / DATA_RECORD
     try:
         saved = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         saved = None  # unreadable: replaced by the current record
     path.write_text(json.dumps(record, indent=1) + "\n")
-    if not resumed or saved is None or (saved.get("images"), saved.get("sampled_paths_sha1")) == (n, digest):
+    if not resumed or saved is None:
         return None
-    what = (f"now holds {n} images ({saved.get('images')} when this run last started)" if saved.get("images") != n
-            else "holds other files than when this run last started")
-    return (f"note: {dataset_name} {what}: the run goes on, but its data order differs from here on from a run "
-            "that was never stopped")
+    if (saved.get("images"), saved.get("sampled_paths_sha1")) != (n, digest):
+        what = (f"now holds {n} images ({saved.get('images')} when this run last started)" if saved.get("images") != n
+                else "holds other files than when this run last started")
+        return (f"note: {dataset_name} {what}: the run goes on, but its data order differs from here on from a run "
+                "that was never stopped")
+    changed = {k: (saved.get("decoding", {}).get(k), v) for k, v in record["decoding"].items()
+               if "decoding" in saved and saved["decoding"].get(k) != v}
+    if changed:
+        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        return (f"note: the images are decoded otherwise than when this run last started ({what}; DINOKIT_* "
+                "variables): the run goes on, but on other pixels than a run that was never stopped")
+    return None
 
 
 def _megabytes(n: float) -> str:

@@ -24,6 +24,7 @@ from ..engine.optim import CosineScheduler, warmup_cosine_schedule
 from ..engine.run_dir import data_change_note, open_run_dir
 from ..errors import DinokitError
 from ..tracking import check_tracker
+from ..data.images import decoding_settings
 from .data import build_train_loader, check_output_outside_data
 from .ssl_meta_arch import SSLMetaArch
 from .weights import check_weight_sources
@@ -160,7 +161,7 @@ def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir
         loader = build_train_loader(cfg, start_iteration=start_iter, pin_memory=device.type == "cuda")
         if du.is_main_process() and start_iter == start:  # images added to or removed from the folder: said
             note = data_change_note(output_dir, cfg.train.dataset_path, loader.dataset.base_dataset.paths,
-                                    resumed=start > 0)
+                                    resumed=start > 0, decoding=decoding_settings())
             if note:
                 print(note)
         return loader
