@@ -13,8 +13,10 @@ Every trainer (``dinokit train``, ``distill``, ``dense train``) opens its output
 - resuming with a configuration that differs from the saved one is refused, naming the differing keys
   (keys that may change between resumes, such as ``optim.epochs``, are only reported).
 
-The engine then uses :func:`truncate_metrics` (the log goes back to the resumed iteration),
-:func:`check_disk_space` and :class:`InterruptGuard` (SIGINT/SIGTERM/SIGUSR1: checkpoint, then say how to resume).
+At each start, :func:`data_change_note` records what the run trains on (``data.json``) and says when a resumed
+run's images or their decoding changed. The engine then uses :func:`truncate_metrics` (the log goes back to the
+resumed iteration), :func:`check_disk_space` and :class:`InterruptGuard` (SIGINT/SIGTERM/SIGUSR1: checkpoint,
+then say how to resume).
 """
 
 from __future__ import annotations
@@ -253,7 +255,8 @@ def data_change_note(out: Path, dataset_name: str, paths: Sequence, *, resumed: 
     n = len(paths)
     picks = sorted({*range(0, n, max(1, n // 1000)), n - 1}) if n else []
     digest = hashlib.sha1("\n".join(str(paths[i]) for i in picks).encode()).hexdigest()
-    record = {"dataset": dataset_name, "images": n, "sampled_paths_sha1": digest, "decoding": json.loads(json.dumps(dict(decoding or {})))}
+    record = {"dataset": dataset_name, "images": n, "sampled_paths_sha1": digest,
+              "decoding": json.loads(json.dumps(dict(decoding or {})))}  # as read back: tuples become lists
     path = out / DATA_RECORD
     try:
         saved = json.loads(path.read_text()) if path.is_file() else None
@@ -267,12 +270,12 @@ def data_change_note(out: Path, dataset_name: str, paths: Sequence, *, resumed: 
                 else "holds other files than when this run last started")
         return (f"note: {dataset_name} {what}: the run goes on, but its data order differs from here on from a run "
                 "that was never stopped")
-    changed = {k: (saved.get("decoding", {}).get(k), v) for k, v in record["decoding"].items()
-               if "decoding" in saved and saved["decoding"].get(k) != v}
+    before = saved.get("decoding")
+    changed = [f"{k} {before.get(k)} -> {v}" for k, v in record["decoding"].items()
+               if before is not None and before.get(k) != v]
     if changed:
-        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-        return (f"note: the images are decoded otherwise than when this run last started ({what}; DINOKIT_* "
-                "variables): the run goes on, but on other pixels than a run that was never stopped")
+        return (f"note: the images are decoded otherwise than when this run last started ({', '.join(changed)}; "
+                "DINOKIT_* variables): the run goes on, but on other pixels than a run that was never stopped")
     return None
 
 
