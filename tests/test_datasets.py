@@ -359,3 +359,22 @@ def test_sample_dataset_string_refuses_a_users_folder(folder):
     with pytest.raises(DinokitError, match=r"^Sample root '.*' is not empty and is not a dinokit sample set"):
         make_dataset(f"Sample:split=TRAIN:root={folder}")
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def test_a_val_folder_with_some_of_the_classes_is_labelled_by_class_name(sample_root, tmp_path, capsys):
+    # it was refused ("different classes"); numbering its two folders 0, 1 would have scored against the wrong ones
+    import shutil
+
+    from dinokit.eval.setup import load_eval_datasets
+
+    root = sample_root
+    for name in ("rings", "dots"):
+        shutil.copytree(root / "val" / name, tmp_path / "some" / name)
+    full_train, full_val, n = load_eval_datasets(str(root / "train"), str(root / "val"), image_size=28)
+    train, val, n_some = load_eval_datasets(str(root / "train"), str(tmp_path / "some"), image_size=28)
+    assert "the val dataset has 2 of the train dataset's 8 classes" in capsys.readouterr().out
+    assert n_some == n == 8 and val.classes == full_val.classes
+    by_name = {path.relative_to(root / "val"): t for path, t in zip(full_val.paths, full_val.targets)}
+    assert [t for path, t in zip(val.paths, val.targets)] == [by_name[p.relative_to(tmp_path / "some")]
+                                                              for p in val.paths]
+    assert sorted(set(val.targets)) == sorted(full_val.classes.index(c) for c in ("dots", "rings"))

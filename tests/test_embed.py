@@ -16,7 +16,6 @@ from dinokit.features import HostCopies, embedding_feature_fn, extract_features
 from dinokit.models import create_model, save_backbone
 from dinokit.models import registry
 
-from tiny import FullDisk, error_line
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=56)
 GOOD = ("a.png", "b.jpg", "sub/c.png", "sub/d.bmp", "sub/deeper/e.png")
@@ -381,21 +380,3 @@ def test_torchrun_ranks_embed_shards_and_one_writes(images, tmp_path) -> None:
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert two["paths"].tolist() == one["paths"].tolist() and sorted(two["bad_paths"]) == sorted(one["bad_paths"])
     np.testing.assert_allclose(two["cls"], one["cls"], atol=1e-5)
-
-
-def test_disk_full_while_writing_embeddings_is_one_line(tmp_path, capsys, monkeypatch):
-    import dinokit.cli.embed as embed_module
-    from dinokit.models.checkpoint import _mount_point
-
-    for i in range(3):
-        Image.new("RGB", (16, 16), (i * 80, 0, 0)).save(tmp_path / f"{i}.png")
-    out = tmp_path / "emb.npz"
-    monkeypatch.setattr(FullDisk, "room", 100)
-    monkeypatch.setattr(embed_module, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode.replace("b", "")),
-                        raising=False)
-    code = main(["embed", str(tmp_path), "--out", str(out), "--model", "dinov2_vits14", "--random-init",
-                     "--image-size", "28", "--device", "cpu", "--no-progress"])
-    assert code == 2
-    assert error_line(capsys) == (f"error: no space left on {_mount_point(out)} while writing {out}; the partial file was "
-                              "removed and nothing else was changed: free some space (or use another disk) and rerun")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]

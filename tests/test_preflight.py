@@ -19,7 +19,7 @@ from dinokit.config import load_config
 from dinokit.data import write_sample_dataset
 from dinokit.errors import DinokitError
 
-from tiny import error_line, tiny_run
+from tiny import FullDisk, error_line, tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +343,21 @@ def test_a_user_error_raised_in_a_loader_worker_keeps_its_one_line():
         next(iter(torch.utils.data.DataLoader(_Refuses(), num_workers=1)))
     assert str(err.value) == "image 0 is bad; fix it"
     assert str(DinokitError("Caught nothing")) == "Caught nothing"  # other text unchanged
+
+
+def test_disk_full_while_writing_embeddings_is_one_line(tmp_path, capsys, monkeypatch):
+    import dinokit.cli.embed as embed_module
+    from dinokit.models.checkpoint import _mount_point
+
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i * 80, 0, 0)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "emb.npz"
+    monkeypatch.setattr(FullDisk, "room", 100)
+    monkeypatch.setattr(embed_module, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode.replace("b", "")),
+                        raising=False)
+    code = cli_main(["embed", str(tmp_path), "--out", str(out), "--model", "dinov2_vits14", "--random-init",
+                     "--image-size", "28", "--device", "cpu", "--no-progress"])
+    assert code == 2
+    assert error_line(capsys) == (f"error: no space left on {_mount_point(out)} while writing {out}; the partial file was "
+                              "removed and nothing else was changed: free some space (or use another disk) and rerun")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]
