@@ -150,7 +150,12 @@ def test_folder_datasets_and_their_errors(tmp_path):
         make_dense_dataset(f"SegFolder:root={seg}")
     _write_pair(seg, "c", mask=0, mask_size=(5, 5))
     with pytest.raises(DinokitError, match=r"label '.*c.png' is 5x5 but its image '.*c.jpg' is 8x6"):
-        make_dense_dataset(f"SegFolder:root={seg}")[2]
+        make_dense_dataset(f"SegFolder:root={seg}")  # from the headers, when the folder opens
+    from dinokit.dense.datasets import DenseDataset, DenseInfo
+
+    pairs = [(seg / "images" / "c.jpg", seg / "masks" / "c.png")]
+    with pytest.raises(DinokitError, match=r"label '.*c.png' is 5x5 but its image '.*c.jpg' is 8x6"):
+        DenseDataset(pairs, DenseInfo("seg", num_classes=2), name="c")[0]  # and when an item is read
 
     dep = tmp_path / "depth"
     _write_pair(dep, "x", depth=2.5)

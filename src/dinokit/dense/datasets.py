@@ -136,10 +136,7 @@ class DenseDataset(Dataset):
             return None
         label = self.read_label(index)
         if tuple(label.shape) != tuple(image.shape[-2:]):
-            raise DinokitError(
-                f"label {str(self.pairs[index][1])!r} is {label.shape[1]}x{label.shape[0]} but its image "
-                f"{str(image_path)!r} is {image.shape[2]}x{image.shape[1]}; they must have the same size"
-            )
+            raise _size_mismatch(self.pairs[index][1], image_path, label.shape[::-1], image.shape[:0:-1])
         if self.transform is not None:
             image, label = self.transform(image, label)
         return {"image": image, "label": label, "index": index}
@@ -157,17 +154,31 @@ def check_label_mode(path: Path, mode: str, task: str) -> None:
         )
 
 
-def _check_label_modes(pairs: Sequence[tuple[Path, Path]], task: str) -> None:
-    """Every label PNG of a user's folder, checked from its header when the dataset opens (not thousands of
-    iterations into training, when the loader meets it)."""
-    for _, label in pairs:
-        if label.suffix == ".png":
-            try:
-                with Image.open(label) as img:
-                    mode = img.mode
-            except (OSError, ValueError) as err:
-                raise DinokitError(f"label {str(label)!r} cannot be read ({err}); fix or remove it") from None
-            check_label_mode(label, mode, task)
+def _size_mismatch(label: Path, image: Path, label_wh: Sequence[int], image_wh: Sequence[int]) -> DinokitError:
+    return DinokitError(f"label {str(label)!r} is {label_wh[0]}x{label_wh[1]} but its image {str(image)!r} is "
+                        f"{image_wh[0]}x{image_wh[1]}; they must have the same size")
+
+
+def _check_labels(pairs: Sequence[tuple[Path, Path]], task: str) -> None:
+    """Every label PNG of a user's folder, checked from the headers when the dataset opens (not thousands of
+    iterations into training, when the loader meets it): its mode, and its size against its image's (the stored
+    pixels, which the dataset reads: no EXIF rotation)."""
+    for image, label in pairs:
+        if label.suffix != ".png":
+            continue
+        try:
+            with Image.open(label) as img:
+                mode, size = img.mode, img.size
+        except (OSError, ValueError) as err:
+            raise DinokitError(f"label {str(label)!r} cannot be read ({err}); fix or remove it") from None
+        check_label_mode(label, mode, task)
+        try:
+            with Image.open(image) as img:
+                image_size = img.size
+        except Exception:  # an unreadable image is skipped with a warning when it is read
+            continue
+        if size != image_size:
+            raise _size_mismatch(label, image, size, image_size)
 
 
 def _paired_folder(root: Path, label_dir: str, suffixes: Sequence[str], dataset_str: str) -> list[tuple[Path, Path]]:
@@ -235,7 +246,7 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
     root = _root(kwargs, name, dataset_str)
     if name == "SegFolder":
         pairs = _paired_folder(root, "masks", (".png",), dataset_str)
-        _check_label_modes(pairs, "seg")
+        _check_labels(pairs, "seg")
         classes_file = root / "classes.txt"
         if not classes_file.is_file():
             classes_file = root.parent / "classes.txt"  # shared by the splits of a generated set
@@ -244,7 +255,7 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
         return DenseDataset(pairs, DenseInfo("seg", num_classes=num), name=dataset_str, transform=transform, classes=classes)
     if name == "DepthFolder":
         pairs = _paired_folder(root, "depth", (".png", ".npy"), dataset_str)
-        _check_label_modes(pairs, "depth")
+        _check_labels(pairs, "depth")
         return DenseDataset(pairs, DenseInfo("depth"), name=dataset_str, transform=transform)
     if name == "ADE20K":
         split = _split(kwargs, ("training", "validation"), "training", name, dataset_str)
