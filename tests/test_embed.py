@@ -287,7 +287,7 @@ def test_config_file_builds_the_backbone_of_a_training_run(images, tmp_path, cap
     run = ("--config-file", str(config), "--weights", str(checkpoint), "--out", str(out))
     assert embed(str(images / "a.png"), *run) == 0
     np.testing.assert_allclose(np.load(out)["cls"], expected_cls(model, images, ["a.png"]), rtol=1e-4, atol=1e-5)
-    assert embed(str(images), "--config-file", str(config), "--out", str(out)) == 2
+    assert embed(str(images), "--config-file", str(config), "--out", str(tmp_path / "other.npz")) == 2
     assert "--config-file needs --weights" in capsys.readouterr().err
 
 

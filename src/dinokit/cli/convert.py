@@ -27,7 +27,8 @@ def _destination(args: argparse.Namespace) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     args.dst = _destination(args)
-    done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model, layout=args.source_layout)
+    done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model, layout=args.source_layout,
+                              overwrite=args.overwrite)
     spec = done["spec"]
     kind = f"embed_dim {spec.embed_dim}, {spec.depth} blocks, {spec.num_heads} heads"
     kind += f", {spec.num_register_tokens} registers" if spec.num_register_tokens else ""
@@ -57,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="weights file (any layout dinokit reads) or a Hugging Face model folder")
     p.add_argument("dst", nargs="?", help="output: a folder for --to hf, else a .pth or .safetensors file")
     p.add_argument("--out", help="the output, as the other commands take it (instead of DST)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--to", required=True, choices=TARGETS, help="output layout")
     p.add_argument("--model", help="hub name or architecture (vit_small, ...) for the facts the weights do not hold "
                    "(the number of heads); default: the architecture of the same width and depth")

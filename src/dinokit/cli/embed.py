@@ -31,7 +31,7 @@ from ..errors import DinokitError
 from ..devices import default_workers, resolve_device, resolve_dtype, usable_workers
 from ..eval.setup import DEFAULT_MODEL, setup_eval_model
 from ..features import ExtractedFeatures, check_image_size, embedding_feature_fn, extract_features, inference_dtype
-from ..engine.run_dir import check_writable
+from ..engine.run_dir import check_not_replacing, check_writable
 from ..models.checkpoint import atomic_write, check_weights_path
 from ..models.registry import model_info
 
@@ -72,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model with static shapes (a short last batch is padded): faster on a GPU "
                    "for large sets once compiled; the first batch waits for the compilation")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (without it: one line, "
+                   "nothing computed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -100,6 +102,7 @@ def _check_output(args: argparse.Namespace) -> Path:
     if out.is_dir():
         raise DinokitError(f"--out {args.out!r} is a folder; give a file name such as {out / 'embeddings.npz'}")
     check_writable(args.out, "--out", is_file=True)
+    check_not_replacing(args.out, overwrite=args.overwrite)
     return out
 
 

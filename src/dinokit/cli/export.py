@@ -17,6 +17,7 @@ import argparse
 
 from ..errors import DinokitError
 from ..eval.setup import DEFAULT_MODEL, setup_eval_model
+from ..engine.run_dir import check_not_replacing
 from ..export.onnx import DEFAULT_TOLERANCE, check_output, export_onnx
 
 
@@ -28,6 +29,7 @@ def _onnx(args: argparse.Namespace) -> int:
         raise DinokitError(f"--tolerance is a relative error: it must be >= 0 (default {DEFAULT_TOLERANCE:g}), "
                            f"got {args.tolerance:g}")
     check_output(args.out)  # before building the model
+    check_not_replacing(args.out, overwrite=args.overwrite)
     model, description = setup_eval_model(
         config_file=args.config_file, pretrained_weights=args.weights, model=None if args.config_file else args.model,
         random_init=args.random_init, default_model=None if args.config_file else DEFAULT_MODEL,
@@ -58,4 +60,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="largest accepted max|onnx - torch| / max|torch| (default: %(default)g)")
     p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_onnx)

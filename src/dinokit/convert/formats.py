@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..engine.run_dir import check_not_replacing
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
 from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_state_dict_file, save_backbone
@@ -74,9 +75,11 @@ def resolve_spec(sd: StateDict, *, model: str | None = None, config: Mapping[str
 
 
 def convert_checkpoint(
-    src: str | Path, dst: str | Path, *, to: str, model: str | None = None, layout: str | None = None
+    src: str | Path, dst: str | Path, *, to: str, model: str | None = None, layout: str | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
-    """Convert ``src`` into ``dst`` in the ``to`` layout; returns what was done (for the CLI to print)."""
+    """Convert ``src`` into ``dst`` in the ``to`` layout; returns what was done (for the CLI to print). Without
+    ``overwrite``, an existing ``dst`` (for ``to="hf"``: a folder holding its files) is one line."""
     if to not in TARGETS:
         raise DinokitError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
     source_path, out_path = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
@@ -84,6 +87,8 @@ def convert_checkpoint(
     if source_path in written:
         raise DinokitError(f"the output {str(dst)!r} is the input {'folder' if source_path.is_dir() else 'file'}; "
                            "give another output path")
+    hf_files = ("config.json", "model.safetensors") if to == "hf" else ()
+    check_not_replacing(dst, "the output", overwrite=overwrite, inside=hf_files)
     sd, source, config = read_backbone(src, layout=layout)
     spec = resolve_spec(sd, model=model, config=config)
     dst = Path(dst).expanduser()

@@ -272,7 +272,7 @@ def predict_files(
     ``torchrun`` each rank draws a share)."""
     from ..data.images import load_image, resolve_image_inputs, warn_skipped
     from ..data.transforms import MAX_ASPECT, short_side_size
-    from ..viz.drawing import check_one_picture, picture_out, unique_stems
+    from ..viz.drawing import check_one_picture, picture_out, save_png, unique_stems
     from .transforms import image_to_tensor, normalise, resize_pair
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
 
@@ -305,7 +305,7 @@ def predict_files(
         if one_picture is None:
             out.mkdir(parents=True, exist_ok=True)  # here: no empty folder where no image could be read
         target = one_picture or out / f"{name}_{model.task}.png"
-        side_by_side(pil, picture).save(target)
+        save_png(np.asarray(side_by_side(pil, picture)), target)  # atomic: an interrupted run leaves no half file
         written.append(target)
     n_written, skipped = (sum(counts) for counts in zip(*du.all_gather_object((len(written), skipped))))
     if not n_written:

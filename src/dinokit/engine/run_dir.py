@@ -111,6 +111,18 @@ def check_writable(path: str | Path, option: str = "--output-dir", *, is_file: b
     return target
 
 
+def check_not_replacing(
+    path: str | Path, option: str = "--out", *, overwrite: bool, inside: tuple[str, ...] = ()
+) -> None:
+    """Stop with one line when the output file ``path`` exists (for a folder output: when it holds one of the
+    files ``inside``) and ``--overwrite`` was not given: a result that took hours is replaced only when asked."""
+    target = Path(path).expanduser()
+    found = [name for name in inside if (target / name).exists()] if inside else [target.name] * target.is_file()
+    if found and not overwrite:
+        what = f"already holds {found[0]}" if inside else "already exists"
+        raise DinokitError(f"{option} {str(path)!r} {what}; pass --overwrite to replace it, or give another name")
+
+
 def _check_folder(out: Path) -> None:
     check_writable(out)
     try:
