@@ -29,6 +29,13 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_temp_dir(tmp_path_factory) -> None:
+    """Command-line subprocesses make their temporary files under the session's pytest folder (which pytest
+    prunes), not in /tmp: torchrun leaves a ``torchelastic_*`` folder behind at every launch."""
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """The tests that share the ``demo_teacher`` run go to one xdist worker (``--dist loadgroup``), so the
