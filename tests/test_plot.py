@@ -91,3 +91,10 @@ def test_plot_tells_a_corrupt_metrics_file_from_an_empty_one(tmp_path: Path, cap
         assert main(["plot", str(tmp_path)]) == 2
         assert capsys.readouterr().err == expected, content
     assert not (tmp_path / "training_metrics.png").exists()
+    config = tmp_path / "config.yaml"  # the run's config passed for its folder: not a damaged metrics file
+    config.write_text("train:\n  seed: 0\n")
+    assert main(["plot", str(config)]) == 2
+    assert capsys.readouterr().err == not_metrics.replace(str(metrics), str(config))
+    metrics.write_text('{"iteration": 0, "total_loss": 1.0}\ngarbage\n{"iteration": 1, "total_loss": 0.9}\n')
+    assert main(["plot", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: line 2 of '{metrics}' is not JSON; the metrics file is damaged\n"

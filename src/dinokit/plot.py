@@ -62,6 +62,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             if number == len(lines):
                 partial = line.lstrip().startswith("{")
                 continue  # a run stopped while writing its last line
+            if not records:  # another file (a config.yaml, a log): not "damaged"
+                raise DinokitError(not_metrics) from None
             raise DinokitError(f"line {number} of {str(path)!r} is not JSON; the metrics file is damaged") from None
         if isinstance(record, dict) and "iteration" in record:
             records.append(record)
