@@ -200,7 +200,9 @@ def test_viz_errors(demo_teacher, sample_images, tmp_path, capsys):
         assert "needs PyAV: pip install 'dinokit[video]'" in message
     mismatch = ["viz", "attention", str(sample_images[0]), "--out", str(tmp_path), "--model", "dinov2_vits14",
                 "--weights", str(demo_teacher.snapshot)]
-    assert "does not fit the model" in error(mismatch)  # the file holds vit_pico, the model is ViT-S/14
+    message = error(mismatch)  # the file holds vit_pico, the model is ViT-S/14; the run's config says so
+    assert "does not fit the model" in message and message.rstrip().endswith(
+        f"; the run's {demo_teacher.config_file} describes the file's architecture: leave out --model and it is used")
 
 
 def test_unique_stems_suffix_clashing_names():

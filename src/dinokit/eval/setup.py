@@ -121,7 +121,14 @@ def setup_eval_model(
             backbone = registry.create_model(model, pretrained=official)
             description["model"] = model
     if pretrained_weights:
-        load_backbone_weights(backbone, pretrained_weights)
+        try:
+            load_backbone_weights(backbone, pretrained_weights)
+        except DinokitError as err:  # --model given for a run's snapshot: the run says what it holds
+            found = find_run_config(pretrained_weights) if model else None
+            if found is None or "does not fit the model" not in str(err):
+                raise
+            raise DinokitError(f"{err}; the run's {found} describes the file's architecture: leave out --model "
+                               "and it is used") from None
         description["weights"] = _weights_identity(pretrained_weights)
     elif model and not random_init:
         description["weights"] = "official"
