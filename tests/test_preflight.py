@@ -158,6 +158,9 @@ def test_texture_knn_with_the_users_images_is_said_at_start(images, tmp_path, ca
         "evaluation.knn_dataset=null")
     check_knn_datasets("Sample:split=TRAIN", "Sample:split=VAL", "Sample:split=TRAIN")
     assert capsys.readouterr().out == ""
+    for missing in (f"ImageFolder:root={tmp_path / 'typo'}", str(tmp_path / "typo"), "ImageNet:split=TRAIN"):
+        check_knn_datasets("Sample:split=TRAIN", "Sample:split=VAL", missing)  # its own error follows, alone
+        assert capsys.readouterr().out == ""
 
 
 def test_val_images_that_are_training_images_are_a_warning(images, tmp_path, capsys):

@@ -86,7 +86,9 @@ def check_knn_datasets(train: str, val: str, pretraining: str) -> None:
     folder = Path(kwargs.get("root", "")).expanduser() if kind == "ImageFolder" else None
     textures = folder is not None and folder.is_dir() and sorted(  # the sample set, written out by `dinokit data sample`
         d.name for d in folder.iterdir() if d.is_dir()) == sorted(datasets["train"].classes)
-    if names == {"Sample"} and kind != "Sample" and not textures and is_first_process():  # once per run
+    root = kwargs.get("root") or kwargs.get("path")  # a source that is not there: its own error comes first, alone
+    there = kind == "WebDataset" or (root is not None and Path(root).expanduser().exists())
+    if names == {"Sample"} and kind != "Sample" and there and not textures and is_first_process():  # once per run
         print("note: evaluation.knn_dataset is the built-in texture set while train.dataset_path is "
               f"{pretraining}: the logged knn_top1 describes textures; set evaluation.knn_dataset.train/val to "
               "labelled folders of yours, or evaluation.knn_dataset=null")
