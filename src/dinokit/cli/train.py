@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.output_dir)  # one line before any work
     cfg = load_config(args.config_file, args.opts)
     if args.nodes > 0:
-        from ..train.slurm import submit
+        from ..distributed.slurm import submit
 
         job = submit(cfg, output_dir=args.output_dir, resume=not args.no_resume, nodes=args.nodes,
                      gpus_per_node=args.gpus_per_node, partition=args.partition, timeout_min=args.timeout,
