@@ -325,32 +325,3 @@ def test_teacher_snapshot_loads_through_the_hub_entry_point(tmp_path):
         torch.testing.assert_close(hub(x), model.teacher.backbone(x), rtol=0, atol=0)
 
 
-def test_slurm_submission_uses_submitit(monkeypatch, tmp_path, capsys):
-    import types
-
-    calls = {}
-
-    class FakeExecutor:
-        def __init__(self, folder, slurm_max_num_timeout):
-            calls["folder"], calls["max_timeout"] = folder, slurm_max_num_timeout
-
-        def update_parameters(self, **params):
-            calls["params"] = params
-
-        def submit(self, job):
-            calls["job"] = job
-            return types.SimpleNamespace(job_id="123")
-
-    monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=FakeExecutor))
-    assert cli_main(["train", "--config-file", "demo", "--output-dir", str(tmp_path), "--nodes", "2",
-                     "--gpus-per-node", "4", "--partition", "gpu"]) == 0
-    assert "submitted SLURM job 123" in capsys.readouterr().out
-    p = calls["params"]
-    assert (p["nodes"], p["gpus_per_node"], p["tasks_per_node"], p["slurm_partition"]) == (2, 4, 4, "gpu")
-    assert calls["max_timeout"] == 30 and callable(calls["job"].checkpoint)
-
-
-def test_slurm_without_submitit_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "submitit", None)
-    assert cli_main(["train", "--config-file", "demo", "--output-dir", str(tmp_path), "--nodes", "1"]) == 2
-    assert "pip install 'dinokit[slurm]'" in capsys.readouterr().err

@@ -79,6 +79,7 @@ def _run(argv: list[str] | None) -> int:
 
     parser = build_parser()
     args = parse_command_line(parser, argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # what a SLURM job reruns (distributed.slurm)
     launched = distributed.launched_processes()
     if args.command in ONE_PROCESS_COMMANDS and launched > 1:
         if not distributed.is_first_process():

@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..distributed.slurm import add_slurm_options, submit_if_asked
 from . import add_overrides
 
 CONFIG_FILE = "config.json"
@@ -69,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name != "run":
             p.add_argument("--force", action="store_true", help="rerun the stage even if it finished")
+        add_slurm_options(p, timeout_min=720)
         add_overrides(p, "overrides", "stage settings (listed below)")
         p.set_defaults(func=run)
 
@@ -114,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     config, as_dict = _config(args)
     work = Path(args.output_dir)
     check_ready(Work(work, config), args.stage)  # e.g. dedup before embed: one line, nothing written
+    if submit_if_asked(args, work / "slurm"):
+        return 0
     device = resolve_device(args.device)
     embeds = args.stage in ("run", "embed") and (getattr(args, "force", False) or Work(work, config).done("embed") is None)
     # a missing set, a pool of which no image reads, a too large target, weights that do not load: one line before

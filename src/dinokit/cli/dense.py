@@ -9,7 +9,9 @@ scores a saved or official head; ``predict`` writes input | prediction pictures.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..distributed.slurm import add_slurm_options, submit_if_asked
 from ..errors import DinokitError
 from . import add_overrides
 
@@ -56,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--output-dir", required=True)
     train.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
     train.add_argument("--no-progress", action="store_true")
+    add_slurm_options(train, timeout_min=720)
     add_overrides(train, "opts",
                   help="recipe overrides: iterations, batch_size, lr, weight_decay, warmup_iters, crop_size, "
                        "base_size, augment, eval_mode, eval_size, eval_crop, eval_stride, num_workers, ...")
@@ -105,7 +108,13 @@ def _inference(args: argparse.Namespace, *, keep_saved: bool):
 
 def run_train(args: argparse.Namespace) -> int:
     from ..dense.run import train_head
+    from ..dense.train import recipe_with_overrides
+    from ..engine.run_dir import check_writable
 
+    recipe_with_overrides(args.task, args.head, list(args.opts))  # a bad setting: one line here, not in a job's log
+    check_writable(args.output_dir)
+    if submit_if_asked(args, Path(args.output_dir) / "slurm"):
+        return 0
     train_head(task=args.task, head=args.head, backbone_source=_backbone_source(args), train_dataset=args.train_dataset,
                val_dataset=args.val_dataset, output_dir=args.output_dir, overrides=args.opts, device=args.device,
                resume=not args.no_resume, progress=not args.no_progress)

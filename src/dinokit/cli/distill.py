@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..distributed.slurm import add_slurm_options, submit_if_asked
 from . import add_overrides
 
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and the students' snapshots go")
     p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
+    add_slurm_options(p)
     add_overrides(p, "opts", "config overrides, e.g. student.arch=vit_small")
     p.set_defaults(func=run)
 
@@ -43,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.output_dir)  # one line before any work
     overrides = [*args.opts] + ([f"distillation.teacher={args.teacher}"] if args.teacher else [])
     cfg = load_config(args.config_file, overrides)
+    if args.nodes > 0:  # a teacher that is not there: one line here, not in the job's log
+        from ..distill.teacher import resolve_teacher
+
+        resolve_teacher(cfg.distillation.teacher, cfg.distillation.teacher_config)
+    if submit_if_asked(args, f"{args.output_dir}/slurm"):
+        return 0
     summary = run_distillation(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
     if distributed.is_main_process():
         print(end_summary(summary, time.perf_counter() - started, snapshot_label="student snapshot (EMA)"))

@@ -31,6 +31,7 @@ from ..errors import DinokitError
 from ..devices import default_workers, resolve_device, resolve_dtype, usable_workers
 from ..eval.setup import DEFAULT_MODEL, setup_eval_model
 from ..features import ExtractedFeatures, check_image_size, embedding_feature_fn, extract_features, inference_dtype
+from ..distributed.slurm import add_slurm_options, submit_if_asked
 from ..engine.run_dir import check_not_replacing, check_writable
 from ..models.checkpoint import atomic_write, check_weights_path
 from ..models.registry import model_info
@@ -75,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (without it: one line, "
                    "nothing computed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_slurm_options(p, timeout_min=720)
     p.set_defaults(func=run)
 
 
@@ -194,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         paths = resolve_image_inputs(args.input)
         dataset = ImageFiles(paths, transform=transform)
+    if submit_if_asked(args, out.with_name(f"{out.stem}.slurm")):
+        return 0
     du.init_from_environment()  # under torchrun each rank embeds a shard (extract_features gathers them)
     device = resolve_device(args.device)
     dtype = inference_dtype(device, resolve_dtype(args.dtype, device))  # float32: no autocast; fp16 on CPU: a warning

@@ -8,8 +8,10 @@ Multi-GPU: ``torchrun --nproc_per_node=N -m dinokit eval knn ...``.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..devices import default_workers, usable_workers
+from ..distributed.slurm import add_slurm_options, submit_if_asked
 
 DESCRIPTION = (
     "Evaluate a frozen backbone. Architecture: --config-file (an eval preset such as eval/vits14_pretrain, or "
@@ -42,6 +44,7 @@ def _add_common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write OUTPUT_DIR/features")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config-file keys")
+    add_slurm_options(p, timeout_min=720)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -140,6 +143,12 @@ def _context(args: argparse.Namespace, check_model=None):
     from ..eval import prepare_eval
 
     check_options(args)
+    if args.nodes > 0:
+        from ..engine.run_dir import check_writable
+
+        check_writable(args.output_dir)  # one line here, not in the job's log
+    if submit_if_asked(args, Path(args.output_dir) / "slurm"):
+        return None  # the job evaluates
     distributed.init_from_environment()
     return prepare_eval(
         output_dir=args.output_dir, train_dataset=args.train_dataset, val_dataset=args.val_dataset,
@@ -164,6 +173,8 @@ def run_knn(args: argparse.Namespace) -> int:
     from ..eval.knn import RESULTS_FILE, format_knn_table, knn_protocol
 
     ctx = _context(args)
+    if ctx is None:
+        return 0
     results = knn_protocol(ctx, ks=args.nb_knn, temperature=args.temperature,
                            n_per_class_list=args.n_per_class_list, n_tries=args.n_tries,
                            chunk_size=args.chunk_size or None)
@@ -177,6 +188,8 @@ def run_linear(args: argparse.Namespace) -> int:
     options = _linear_options(args)
     # --n-last-blocks against the backbone's depth: right after it is built, before the output folder
     ctx = _context(args, check_model=lambda model: check_linear_options(**options, depth=len(model.blocks)))
+    if ctx is None:
+        return 0
     result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment, seed=args.seed)
     mode = "cached features" if args.no_augment else "augmented images"
     _report(ctx, f"linear probes ({result.iterations if result else 0} iterations, {mode})",
@@ -191,6 +204,8 @@ def run_logreg(args: argparse.Namespace) -> int:
     from ..eval.logreg import RESULTS_FILE, logreg_protocol
 
     ctx = _context(args)
+    if ctx is None:
+        return 0
     result = logreg_protocol(ctx, **_logreg_options(args))
     table = f"best C {result.best_C:.3g} ({result.backend}): top-1 {result.top1:.2f}"
     _report(ctx, "logistic regression", table, RESULTS_FILE)

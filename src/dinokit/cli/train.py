@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..distributed.slurm import add_slurm_options, submit_if_asked
 from . import add_overrides
 
 
@@ -19,12 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
     p.add_argument("--list-presets", action="store_true", help="print the shipped presets and exit")
-    slurm = p.add_argument_group("SLURM (needs the 'slurm' extra: pip install dinokit[slurm])")
-    slurm.add_argument("--nodes", type=int, default=0, help="submit to SLURM on this many nodes")
-    slurm.add_argument("--gpus-per-node", type=int, default=8)
-    slurm.add_argument("--partition", default=None)
-    slurm.add_argument("--timeout", type=int, default=2800, help="job time limit in minutes (requeued on timeout)")
-    slurm.add_argument("--slurm-comment", default=None)
+    add_slurm_options(p)
     add_overrides(p, "opts", "config overrides, e.g. optim.epochs=10")
     p.set_defaults(func=run)
 
@@ -42,13 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable(args.output_dir)  # one line before any work
     cfg = load_config(args.config_file, args.opts)
-    if args.nodes > 0:
-        from ..distributed.slurm import submit
-
-        job = submit(cfg, output_dir=args.output_dir, resume=not args.no_resume, nodes=args.nodes,
-                     gpus_per_node=args.gpus_per_node, partition=args.partition, timeout_min=args.timeout,
-                     comment=args.slurm_comment)
-        print(f"submitted SLURM job {job.job_id}; logs in {args.output_dir}")
+    if submit_if_asked(args, Path(args.output_dir) / "slurm"):
         return 0
     import time
 

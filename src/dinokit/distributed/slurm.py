@@ -1,56 +1,85 @@
-"""SLURM launch through submitit (optional extra): one task per GPU, requeued on timeout.
+"""SLURM launch through submitit (optional extra): a dinokit command line submitted as a job of one task per GPU,
+requeued on timeout or pre-emption.
 
-Each task runs the same ``train()`` as ``torchrun`` would; ``dinokit.distributed`` reads the SLURM
-variables. Because every run resumes from its newest checkpoint, a requeued job simply continues.
+Every task reruns the same command line (``dinokit.cli.main``) as ``torchrun`` would start it: the command's own
+checks, banner and summary run in the job, and ``dinokit.distributed`` reads the launcher variables set here.
+The training commands resume from their newest checkpoint, so a requeued job simply continues; the others start
+again. ``--no-resume`` is dropped from a requeued job's command line (its own checkpoints would be refused).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from ..errors import DinokitError
 
+# Set in a job's tasks: the command they run is the submitted one, and submits nothing itself.
+IN_JOB_ENV = "DINOKIT_SLURM_JOB"
 
-class _TrainJob:
-    def __init__(self, cfg_yaml: str, output_dir: str, resume: bool) -> None:
-        self.cfg_yaml, self.output_dir, self.resume = cfg_yaml, output_dir, resume
+
+def add_slurm_options(parser: argparse.ArgumentParser, *, timeout_min: int = 2800) -> None:
+    """``--nodes`` (submit when > 0), ``--gpus-per-node``, ``--partition``, ``--timeout``, ``--slurm-comment``."""
+    slurm = parser.add_argument_group("SLURM (needs the 'slurm' extra: pip install dinokit[slurm])")
+    slurm.add_argument("--nodes", type=int, default=0, help="submit this command to SLURM on this many nodes")
+    slurm.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU [8]")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--timeout", type=int, default=timeout_min,
+                       help=f"job time limit in minutes (requeued on timeout) [{timeout_min}]")
+    slurm.add_argument("--slurm-comment", default=None)
+
+
+class CommandJob:
+    """One SLURM task of a submitted command line (pickled by submitit)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = list(argv)
 
     def __call__(self) -> None:
         import submitit
 
-        from ..cli.train import pretrain
+        from ..cli import main
 
         env = submitit.JobEnvironment()
         os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
         os.environ.setdefault("MASTER_PORT", str(20000 + int(env.job_id.split("_")[0]) % 40000))
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
-        pretrain(OmegaConf.create(self.cfg_yaml), output_dir=self.output_dir, resume=self.resume)
+        os.environ[IN_JOB_ENV] = "1"
+        code = main(self.argv)  # a task of a process group ends in there (dinokit.distributed.end_process)
+        if code:
+            raise SystemExit(code)
 
-    def checkpoint(self):  # called by submitit on timeout/preemption: requeue, resuming from the last checkpoint
+    def checkpoint(self):  # called by submitit on timeout/pre-emption: requeue, resuming from the last checkpoint
         import submitit
 
-        return submitit.helpers.DelayedSubmission(_TrainJob(self.cfg_yaml, self.output_dir, True))
+        return submitit.helpers.DelayedSubmission(CommandJob([a for a in self.argv if a != "--no-resume"]))
 
 
-def submit(cfg: DictConfig, *, output_dir: str, resume: bool, nodes: int, gpus_per_node: int,
-           partition: str | None, timeout_min: int, comment: str | None = None):
+def submit_if_asked(args: argparse.Namespace, log_dir: str | Path) -> bool:
+    """Submit the command line ``args`` came from when ``--nodes`` > 0 (not inside a job already); True when
+    submitted (the command then ends: the job does the work). Job logs go to ``log_dir``."""
+    if args.nodes <= 0 or os.environ.get(IN_JOB_ENV):
+        return False
+    if args.gpus_per_node < 1 or args.timeout < 1:
+        raise DinokitError("--gpus-per-node and --timeout must be at least 1")
     try:
         import submitit
     except ImportError:
         raise DinokitError("SLURM launch needs submitit: pip install 'dinokit[slurm]' (or use torchrun)") from None
-    folder = Path(output_dir) / "slurm"
+    folder = Path(log_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.AutoExecutor(folder=str(folder), slurm_max_num_timeout=30)
     params = dict(
-        nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=gpus_per_node, cpus_per_task=10,
-        timeout_min=timeout_min, mem_gb=0, slurm_signal_delay_s=120, name="dinokit",
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.gpus_per_node, cpus_per_task=10,
+        timeout_min=args.timeout, mem_gb=0, slurm_signal_delay_s=120, name=f"dinokit-{args.command}",
     )
-    if partition:
-        params["slurm_partition"] = partition
-    if comment:
-        params["slurm_comment"] = comment
+    if args.partition:
+        params["slurm_partition"] = args.partition
+    if args.slurm_comment:
+        params["slurm_comment"] = args.slurm_comment
     executor.update_parameters(**params)
-    return executor.submit(_TrainJob(OmegaConf.to_yaml(cfg), str(output_dir), resume))
+    job = executor.submit(CommandJob(args.command_line))
+    print(f"submitted SLURM job {job.job_id} ({args.nodes} node(s) x {args.gpus_per_node} task(s)): "
+          f"dinokit {' '.join(args.command_line)}; logs in {folder}")
+    return True
