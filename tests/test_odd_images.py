@@ -215,3 +215,35 @@ def test_curate_counts_the_bad_files(odd, tmp_path, capfd, real_warnings):
     counts = json.loads((tmp_path / "work" / "report.json").read_text())["counts"]
     assert (counts["pool"], counts["unreadable"]) == (12, 4)
     _assert_skips_said_once(err, 4)
+
+
+def test_eval_transform_reads_only_the_crop_of_a_panorama():
+    """A 60000x10 panorama was resized whole by the evaluation transform (1.5 million x 256 pixels, over 1 GB) for
+    a centre crop of its middle. Beyond an aspect ratio of 8 only the crop's source box is resampled: the same
+    grid, so the pixels of Resize -> CenterCrop up to one level of rounding; within it, the same transforms."""
+    from torchvision.transforms import v2
+
+    from dinokit.data.transforms import make_classification_eval_transform
+
+    rng = np.random.default_rng(0)
+    for crop in (224, 98):
+        transform = make_classification_eval_transform(crop_size=crop)
+        both = transform.transforms[0]
+        plain = v2.Compose([both.resize, both.crop, *transform.transforms[1:]])
+        for w, h in ((500, 375), (2048, 256), (4000, 300), (333, 9001)):
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            got, expected = transform(image), plain(image)
+            assert got.shape == expected.shape == (3, crop, crop)
+            level = 1 / 255 / 0.224  # one uint8 step after normalisation (the smallest std)
+            if max(w, h) <= 8 * min(w, h):
+                assert torch.equal(got, expected)  # untouched: every ordinary photo
+            else:
+                assert (got - expected).abs().max() <= level * 1.01
+                assert ((got - expected).abs() > 0).float().mean() < 0.05
+    panorama = Image.fromarray(rng.integers(0, 256, (10, 60000, 3), dtype=np.uint8))
+    transform = make_classification_eval_transform()
+    resized = []
+    transform.transforms[0].resize.register_forward_hook(lambda module, args, out: resized.append(out.size))
+    assert transform(panorama).shape == (3, 224, 224) and resized == []  # the whole-image resize never ran
+    transform(Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)))
+    assert resized == [(341, 256)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -21,6 +22,35 @@ def short_side_size(h: int, w: int, short: int, *, max_aspect: float | None = No
     return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
+class ResizeCentreCrop(torch.nn.Module):
+    """``Resize(resize_size)`` then ``CenterCrop(crop_size)``, as torchvision computes them. A PIL image whose long
+    side exceeds ``max_aspect`` times its short side is resampled only inside the source box of the crop (PIL's
+    ``resize(box=...)``: the same sampling grid and filter support): a 60000x10 panorama was resized whole (1.5
+    million x 256 pixels, over 1 GB) for a crop that reads its middle. Other images take the two transforms."""
+
+    def __init__(self, resize_size: int, crop_size: int, interpolation=v2.InterpolationMode.BICUBIC,
+                 max_aspect: float = 8) -> None:
+        super().__init__()
+        self.resize = v2.Resize(resize_size, interpolation=interpolation, antialias=True)
+        self.crop = v2.CenterCrop(crop_size)
+        self.resize_size, self.crop_size, self.max_aspect = resize_size, crop_size, max_aspect
+        self.pil_filter = {v2.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+                           v2.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR}.get(interpolation)
+
+    def forward(self, image):
+        if (not isinstance(image, Image.Image) or self.pil_filter is None or self.crop_size > self.resize_size
+                or max(image.size) <= self.max_aspect * min(image.size)):
+            return self.crop(self.resize(image))
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        size = (self.resize_size, int(self.resize_size * long / short))  # torchvision's (short, long) sizes
+        new_w, new_h = (size[1], size[0]) if w > h else size
+        top, left = (int(round((n - self.crop_size) / 2.0)) for n in (new_h, new_w))  # CenterCrop's offsets
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + self.crop_size) * sx, (top + self.crop_size) * sy)
+        return image.resize((self.crop_size, self.crop_size), self.pil_filter, box=box)
+
+
 def make_normalize_transform(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> v2.Normalize:
     return v2.Normalize(mean=mean, std=std)
 
@@ -34,14 +64,13 @@ def make_classification_eval_transform(
 ) -> v2.Compose:
     """Official evaluation transform: resize the short side to ``crop_size * 256/224``, centre-crop, normalise.
 
-    For the default ``crop_size=224`` this is Resize(256) -> CenterCrop(224).
+    For the default ``crop_size=224`` this is Resize(256) -> CenterCrop(224) (:class:`ResizeCentreCrop`).
     """
     if resize_size is None:
         resize_size = int(round(crop_size * 256 / 224))
     return v2.Compose(
         [
-            v2.Resize(resize_size, interpolation=interpolation, antialias=True),
-            v2.CenterCrop(crop_size),
+            ResizeCentreCrop(resize_size, crop_size, interpolation),
             _to_float_tensor(),
             make_normalize_transform(),
         ]
