@@ -125,7 +125,8 @@ def test_bad_inputs_are_one_line_errors(dense_root, tmp_path, capsys):
     for setting in ("iterations=0", "batch_size=-1"):  # nothing would be trained: refused before the folder is made
         assert main(["dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14", "--random-init",
                      "--train-dataset", val, "--val-dataset", val, "--output-dir", str(tmp_path / "zero"), setting]) == 2
-        assert capsys.readouterr().err == f"error: {setting} is out of range; it must be at least 1\n"
+        key, value = setting.split("=")
+        assert capsys.readouterr().err == f"error: dense setting '{key}' is {value}; it must be at least 1\n"
         assert not (tmp_path / "zero").exists()
     torch.save({"state_dict": {"decode_head.conv_depth.weight": torch.zeros(256, 10, 1, 1)}}, tmp_path / "h.pth")
     assert main(["dense", "eval", "--head-weights", str(tmp_path / "h.pth"), "--val-dataset", val,
@@ -272,20 +273,20 @@ def test_every_recipe_setting_out_of_range_is_one_line(task):
     from dinokit.errors import DinokitError
 
     cases = {
-        "lr=-1": "lr=-1.0 is out of range; it must be above 0",
-        "weight_decay=-1": "weight_decay=-1.0 is out of range; it must be at least 0",
-        "warmup_iters=-5": "warmup_iters=-5 is out of range; it must be at least 0",
-        "num_workers=-2": "num_workers=-2 is out of range; it must be at least 0",
-        "eval_stride=0": "eval_stride=0 is out of range; it must be at least 1",
-        "crop_size=0": "crop_size=(0, 0) is out of range; it must be one or two positive sizes, e.g. 512 or 416x544",
-        "betas=0.9,1.5": "betas=(0.9, 1.5) is out of range; it must be two values in [0, 1), e.g. 0.9,0.999",
-        "dropout=1": "dropout=1.0 is out of range; it must be in [0, 1)",
-        "final_lr_ratio=2": "final_lr_ratio=2.0 is out of range; it must be in [0, 1]",
+        "lr=-1": "dense setting 'lr' is -1.0; it must be above 0",
+        "weight_decay=-1": "dense setting 'weight_decay' is -1.0; it must be at least 0",
+        "warmup_iters=-5": "dense setting 'warmup_iters' is -5; it must be at least 0",
+        "num_workers=-2": "dense setting 'num_workers' is -2; it must be at least 0",
+        "eval_stride=0": "dense setting 'eval_stride' is 0; it must be at least 1",
+        "crop_size=0": "dense setting 'crop_size' is (0, 0); it must be one or two positive sizes, e.g. 512 or 416x544",
+        "betas=0.9,1.5": "dense setting 'betas' is (0.9, 1.5); it must be two values in [0, 1), e.g. 0.9,0.999",
+        "dropout=1": "dense setting 'dropout' is 1.0; it must be in [0, 1)",
+        "final_lr_ratio=2": "dense setting 'final_lr_ratio' is 2.0; it must be in [0, 1]",
         "scale_min=3": "scale_min=3.0 and scale_max=",
         "max_depth=0": "min_depth=0.001 and max_depth=0.0 are out of range; give 0 <= min_depth < max_depth",
         "eval_mode=foo": "eval_mode='foo' is not a mode; use whole or slide",
-        "eval_stride=600": "eval_stride=600 is out of range; it must be at most eval_crop (512)",
-        "checkpoint_period=0": "checkpoint_period=0 is out of range; it must be at least 1",
+        "eval_stride=600": "dense setting 'eval_stride' is 600; it must be at most eval_crop (512)",
+        "checkpoint_period=0": "dense setting 'checkpoint_period' is 0; it must be at least 1",
     }
     for setting, message in cases.items():
         extra = ["eval_mode=slide"] if setting == "eval_stride=600" else []

@@ -79,7 +79,7 @@ def test_a_bad_setting_is_one_line_before_anything_is_submitted(tmp_path, submit
         ("train", "--config-file", "demo", "--output-dir", str(tmp_path / "t"), "optim.epochs=0"): "optim.epochs",
         ("dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14", "--train-dataset",
          "SegSample:split=train", "--val-dataset", "SegSample:split=val", "--output-dir", str(tmp_path / "s"),
-         "lr=-1"): "lr=-1.0 is out of range",
+         "lr=-1"): "dense setting 'lr' is -1.0",
         ("embed", str(tmp_path / "missing"), "--out", str(tmp_path / "e.npz")): "missing",
         ("train", "--output-dir", str(tmp_path / "t"), "--gpus-per-node", "0"): "--gpus-per-node",
         ("distill", "--teacher", str(tmp_path / "nothere"), "--output-dir", str(tmp_path / "d")): "does not exist",

@@ -110,7 +110,7 @@ def test_tensor_path_draws_the_configured_grayscale_and_jitter_ranges():
 
 @pytest.mark.parametrize("override, message", [
     ("crops.grayscale_probability=1.5", "config key 'crops.grayscale_probability' is 1.5; it must be in [0, 1]"),
-    ("crops.color_jitter_strength=-1", "config key 'crops.color_jitter_strength' is -1.0; it must be >= 0"),
+    ("crops.color_jitter_strength=-1", "config key 'crops.color_jitter_strength' is -1.0; it must be at least 0"),
 ])
 def test_bad_colour_settings_are_one_line_errors_at_config_loading(override, message, tmp_path, capsys):
     from dinokit.cli import main

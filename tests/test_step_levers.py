@@ -139,7 +139,7 @@ def test_refusals_are_one_line(images):
     with pytest.raises(DinokitError, match="train.packed_crops does not combine with train.activation_checkpointing"):
         _cfg(images, "train.packed_crops=true", "train.activation_checkpointing=true")
     assert _cfg(images, "train.packed_crops=true", "train.compile=true").train.compile  # compiles the packed blocks
-    with pytest.raises(DinokitError, match=r"'train.head_chunk_rows' is -1; it must be >= 0"):
+    with pytest.raises(DinokitError, match=r"'train.head_chunk_rows' is -1; it must be at least 0"):
         _cfg(images, "train.head_chunk_rows=-1")
     cfg = _cfg(images, *LEVERS)
     check_step_levers(cfg.train, 1)

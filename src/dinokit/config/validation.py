@@ -57,6 +57,21 @@ _NON_NEGATIVE = (
     "train.freeze_backbone_epochs", "optim.backbone_lr_mult", "gram.loss_weight", "gram.it_first_update",
     "crops.color_jitter_strength", "student.layerscale", "train.head_chunk_rows",
 )  # fmt: skip
+def check_bounds(values: dict[str, Any], *, what: str, above: float | None = None,
+                 at_least: float | None = None) -> None:
+    """One line naming the first of ``values`` (key -> a number, or a list of numbers each checked) not ``above``
+    / ``at_least`` its bound: the training config, the curation settings and the dense recipe are told alike,
+    e.g. "config key 'optim.epochs' is 0; it must be above 0". ``what`` names the kind of key."""
+    for key, value in values.items():
+        is_list = isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
+        numbers = list(value) if is_list else [value]
+        if any((above is not None and not v > above) or (at_least is not None and not v >= at_least)
+               for v in numbers):
+            wanted = f"above {above:g}" if above is not None else f"at least {at_least:g}"
+            raise DinokitError(f"{what} '{key}' is {numbers if is_list else value}; "
+                               f"{'every value' if is_list else 'it'} must be {wanted}")
+
+
 _FRACTION_PAIRS = ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max")
 
 
@@ -67,10 +82,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise DinokitError(f"config key '{key}' is {value!r}; use one of: {', '.join(allowed)}")
-    for keys, ok, wanted in ((_POSITIVE, lambda v: v > 0, "> 0"), (_NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
-        for key in keys:
-            if not ok(OmegaConf.select(cfg, key)):
-                raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be {wanted}")
+    check_bounds({key: OmegaConf.select(cfg, key) for key in _POSITIVE}, what="config key", above=0)
+    check_bounds({key: OmegaConf.select(cfg, key) for key in _NON_NEGATIVE}, what="config key", at_least=0)
     for key in _FRACTION_PAIRS:
         pair = list(OmegaConf.select(cfg, key))
         if len(pair) != 2 or not 0 <= pair[0] <= pair[1] <= 1:

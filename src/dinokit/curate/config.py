@@ -12,6 +12,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from ..config.loading import merge_checked, override_to_dict
+from ..config.validation import check_bounds
 from ..errors import DinokitError
 
 NOUN = "curate key"  # how messages name a setting
@@ -144,19 +145,15 @@ def _check(c: CurateConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise DinokitError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    at_least = {1: {"embed.image_size": c.embed.image_size, "embed.batch_size": c.embed.batch_size,
-                    "embed.shard_size": c.embed.shard_size, "dedup.k": c.dedup.k, "cluster.n_iters": c.cluster.n_iters,
-                    "retrieve.per_cluster": c.retrieve.per_cluster, "retrieve.max_images": c.retrieve.max_images,
-                    "cluster.n_clusters": min(c.cluster.n_clusters, default=1),  # every level's value
-                    "cluster.sample_size": min(c.cluster.sample_size, default=1)},
-                0: {"embed.num_workers": c.embed.num_workers, "retrieve.k": c.retrieve.k,
-                    "retrieve.n_clusters": c.retrieve.n_clusters, "retrieve.min_seed_images": c.retrieve.min_seed_images,
-                    "cluster.seed": c.cluster.seed, "sample.seed": c.sample.seed,
-                    "cluster.resampling_steps": min(c.cluster.resampling_steps, default=0)}}
-    for low, values in at_least.items():
-        for key, value in values.items():
-            if value < low:
-                raise DinokitError(f"{key} must be at least {low}, not {value}")
+    check_bounds({"embed.image_size": c.embed.image_size, "embed.batch_size": c.embed.batch_size,
+                  "embed.shard_size": c.embed.shard_size, "dedup.k": c.dedup.k, "cluster.n_iters": c.cluster.n_iters,
+                  "retrieve.per_cluster": c.retrieve.per_cluster, "retrieve.max_images": c.retrieve.max_images,
+                  "cluster.n_clusters": c.cluster.n_clusters, "cluster.sample_size": c.cluster.sample_size},
+                 what="curate key", at_least=1)  # the lists: every level's value
+    check_bounds({"embed.num_workers": c.embed.num_workers, "retrieve.k": c.retrieve.k,
+                  "retrieve.n_clusters": c.retrieve.n_clusters, "retrieve.min_seed_images": c.retrieve.min_seed_images,
+                  "cluster.seed": c.cluster.seed, "sample.seed": c.sample.seed,
+                  "cluster.resampling_steps": c.cluster.resampling_steps}, what="curate key", at_least=0)
     if c.embed.gem_p <= 0:  # GeM's 1/p power
         raise DinokitError(f"embed.gem_p must be above 0, not {c.embed.gem_p}; e.g. embed.gem_p=3")
     if c.target_size < 0:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..config.validation import check_bounds
 from ..devices import default_workers, usable_workers
 from ..engine import Export, LossOutput, Task
 from ..errors import DinokitError
@@ -113,21 +114,16 @@ _AT_LEAST_0 = ("weight_decay", "warmup_iters", "clip_grad", "base_size", "grad_l
 def check_recipe(recipe: DenseRecipe) -> None:
     """One line naming the first setting out of its range (the recipe is read from ``key=value`` overrides)."""
     def bad(key: str, wanted: str) -> DinokitError:
-        return DinokitError(f"{key}={getattr(recipe, key)} is out of range; it must be {wanted}")
+        return DinokitError(f"dense setting '{key}' is {getattr(recipe, key)}; it must be {wanted}")
 
-    for key in _AT_LEAST_1:
-        if getattr(recipe, key) < 1:
-            raise bad(key, "at least 1")
-    for key in _AT_LEAST_0:
-        if getattr(recipe, key) < 0:
-            raise bad(key, "at least 0")
+    check_bounds({key: getattr(recipe, key) for key in _AT_LEAST_1}, what="dense setting", at_least=1)
+    check_bounds({key: getattr(recipe, key) for key in _AT_LEAST_0}, what="dense setting", at_least=0)
     for key in ("warmup_ratio", "final_lr_ratio"):
         if not 0 <= getattr(recipe, key) <= 1:
             raise bad(key, "in [0, 1]")
     if not 0 <= recipe.dropout < 1:
         raise bad("dropout", "in [0, 1)")
-    if recipe.lr <= 0:
-        raise bad("lr", "above 0")
+    check_bounds({"lr": recipe.lr}, what="dense setting", above=0)
     if len(recipe.crop_size) != 2 or min(recipe.crop_size) < 1:
         raise bad("crop_size", "one or two positive sizes, e.g. 512 or 416x544")
     if len(recipe.betas) != 2 or not all(0 <= b < 1 for b in recipe.betas):
