@@ -249,7 +249,8 @@ def multi_crop_draft_size(global_size: int, local_size: int, gram_size: int | No
 
 def draft_size_for(transform: Any) -> int | None:
     """The short side ``transform`` needs of its input (so larger JPEGs may be decoded at reduced scale), or None
-    when it cannot tell: a ``draft_size`` attribute, else the first resize or crop of a torchvision ``Compose``."""
+    when it cannot tell: a ``draft_size`` attribute (of the transform or of a step), else the first resize or crop of
+    a torchvision ``Compose``."""
     from torchvision.transforms import v2
 
     declared = getattr(transform, "draft_size", None)
@@ -257,6 +258,8 @@ def draft_size_for(transform: Any) -> int | None:
         return int(declared)
     steps = getattr(transform, "transforms", None) if isinstance(transform, v2.Compose) else [transform]
     for step in steps or ():
+        if getattr(step, "draft_size", None) is not None:  # e.g. data.transforms.ResizeCentreCrop
+            return int(step.draft_size)
         if isinstance(step, v2.RandomResizedCrop):
             return crop_draft_size(step.size, step.scale[0])
         if isinstance(step, (v2.Resize, v2.CenterCrop)) and step.size is not None:

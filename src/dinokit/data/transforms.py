@@ -34,6 +34,7 @@ class ResizeCentreCrop(torch.nn.Module):
         self.resize = v2.Resize(resize_size, interpolation=interpolation, antialias=True)
         self.crop = v2.CenterCrop(crop_size)
         self.resize_size, self.crop_size, self.max_aspect = resize_size, crop_size, max_aspect
+        self.draft_size = resize_size  # the short side it reads: a JPEG may be decoded at a reduced scale down to it
         self.pil_filter = {v2.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
                            v2.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR}.get(interpolation)
 
