@@ -78,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("images", nargs="+", metavar="IMAGES", help="images, folders or .txt lists of paths")
     pr.add_argument("--head", "--head-weights", dest="head_weights", required=True, metavar="FILE",
                     help="head.pth of 'dense train', or an official head file")
-    pr.add_argument("--out", required=True, metavar="DIR", help="output folder, or a .png file for one image (pictures of the same name are replaced)")
+    pr.add_argument("--out", required=True, metavar="DIR", help="output folder, or a .png file for one image "
+                     "(pictures of the same name are replaced)")
     pr.add_argument("--size", type=int, default=None,
                     help="resize the short side to SIZE before predicting (the long side at most 4x SIZE)")
     _add_backbone(pr, required=False)

@@ -65,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pca = actions.add_parser("pca", help="PCA of patch features as RGB (images, frame folders, videos)",
                              description="One PCA over the patch features of all inputs, mapped to RGB.")
     pca.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, .txt lists, or one video")
-    pca.add_argument("--out", required=True, help="output folder, or a .png file for one image (pictures of the same name are replaced)")
+    pca.add_argument("--out", required=True, help="output folder, or a .png file for one image "
+                     "(pictures of the same name are replaced)")
     pca.add_argument("--mode", choices=PCA_MODES, default="paper",
                      help="paper: foreground from the 1st component, 2nd PCA on it (default); plain: one PCA, "
                      "no foreground; dinov3: whitened PCA, sigmoid(2x) colours")
@@ -89,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              description="The class token's attention to the patches for every head of one "
                              "block (registers excluded), their mean, and the patch-token norm map.")
     att.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders or .txt lists")
-    att.add_argument("--out", required=True, help="output folder, or a .png file for one image (pictures of the same name are replaced)")
+    att.add_argument("--out", required=True, help="output folder, or a .png file for one image "
+                     "(pictures of the same name are replaced)")
     att.add_argument("--block", type=int, default=-1, help="block index, negative from the end (default: last)")
     att.add_argument("--keep-mass", type=float, nargs="?", const=DEFAULT_KEEP_MASS, default=None, metavar="FRACTION",
                      help="also draw DINO's masks: the patches that hold this fraction of the attention "
