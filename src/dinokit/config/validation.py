@@ -57,6 +57,8 @@ _NON_NEGATIVE = (
     "train.freeze_backbone_epochs", "optim.backbone_lr_mult", "gram.loss_weight", "gram.it_first_update",
     "crops.color_jitter_strength", "student.layerscale", "train.head_chunk_rows",
 )  # fmt: skip
+
+
 def check_bounds(values: dict[str, Any], *, what: str, above: float | None = None,
                  at_least: float | None = None) -> None:
     """One line naming the first of ``values`` (key -> a number, or a list of numbers each checked) not ``above``
