@@ -120,3 +120,29 @@ def test_slurm_without_submitit_is_a_clear_error(monkeypatch, tmp_path, capsys) 
     monkeypatch.delenv(IN_JOB_ENV, raising=False)
     assert main(["train", "--config-file", "demo", "--output-dir", str(tmp_path), "--nodes", "1"]) == 2
     assert "pip install 'dinokit[slurm]'" in capsys.readouterr().err
+
+
+def test_a_real_submitit_job_runs_the_command(tmp_path, monkeypatch) -> None:
+    """submitit itself (its local executor where there is no SLURM, as here): the job is pickled, started in
+    another process with submitit's job environment, and that process runs the command and writes its output."""
+    import time
+
+    submitit = pytest.importorskip("submitit")
+    if submitit.AutoExecutor.which() != "local":
+        pytest.skip("a SLURM cluster is reachable: its executor would queue the job")
+    monkeypatch.delenv(IN_JOB_ENV, raising=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
+    config = tmp_path / "config.yaml"
+    config.write_text("student:\n  arch: vit_pico\n  patch_size: 14\ncrops:\n  local_crops_size: 28\n")
+    out = tmp_path / "e.npz"
+    assert main(["embed", str(images), "--config-file", str(config), "--random-init", "--image-size", "28",
+                 "--num-workers", "0", "--device", "cpu", "--no-progress", "--out", str(out),
+                 "--nodes", "1", "--gpus-per-node", "1", "--timeout", "5"]) == 0
+    deadline = time.monotonic() + 300
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in (tmp_path / "e.slurm").glob("*.out"))
+    assert out.exists(), logs
+    assert np.load(out)["cls"].shape == (1, 64) and "wrote" in logs
