@@ -115,6 +115,14 @@ def test_the_job_reruns_the_command_and_a_requeue_resumes(tmp_path, submitted, m
     assert train.checkpoint().argv == ["train", "--output-dir", "x", *SLURM]  # its own checkpoints: resumed
 
 
+def test_nodes_under_a_launcher_is_refused(tmp_path, submitted, monkeypatch, capsys) -> None:
+    """torchrun ... --nodes 2 would have submitted one job per launched process."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--config-file", "demo", "--output-dir", str(tmp_path), "--nodes", "2"]) == 2
+    assert "run it once, without torchrun or srun" in capsys.readouterr().err and submitted == []
+
+
 def test_slurm_without_submitit_is_a_clear_error(monkeypatch, tmp_path, capsys) -> None:
     monkeypatch.setitem(sys.modules, "submitit", None)
     monkeypatch.delenv(IN_JOB_ENV, raising=False)

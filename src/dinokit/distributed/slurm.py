@@ -63,6 +63,11 @@ def submit_if_asked(args: argparse.Namespace, log_dir: str | Path) -> bool:
         return False
     if args.gpus_per_node < 1 or args.timeout < 1:
         raise DinokitError("--gpus-per-node and --timeout must be at least 1")
+    from . import launched_processes
+
+    if launched_processes() > 1:  # every launched process would submit its own job
+        raise DinokitError("--nodes submits the command to SLURM, which starts its processes: run it once, "
+                           "without torchrun or srun")
     try:
         import submitit
     except ImportError:
