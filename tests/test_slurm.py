@@ -87,6 +87,13 @@ def test_a_bad_setting_is_one_line_before_anything_is_submitted(tmp_path, submit
          "dinov2_vits14", "--output-dir", str(tmp_path / "f" / "x")): "is a file",
     }
     (tmp_path / "f").write_bytes(b"")
+    (tmp_path / "old" / "checkpoints" / "checkpoint_0000009.pth").parent.mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "checkpoint_0000009.pth").write_bytes(b"")
+    old = ["--output-dir", str(tmp_path / "old"), "--no-resume"]  # a new run over an old one: they would mix
+    bad[("train", "--config-file", "demo", *old)] = "already holds a run (checkpoint of iteration 9)"
+    bad[("distill", "--teacher", str(tmp_path / "f"), *old)] = "already holds a run"
+    bad[("dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14", "--train-dataset",
+         "SegSample:split=train", "--val-dataset", "SegSample:split=val", *old)] = "already holds a run"
     for argv, message in bad.items():
         assert main([*argv, "--nodes", "1"]) == 2
         err = capsys.readouterr().err

@@ -110,10 +110,11 @@ def _inference(args: argparse.Namespace, *, keep_saved: bool):
 def run_train(args: argparse.Namespace) -> int:
     from ..dense.run import train_head
     from ..dense.train import recipe_with_overrides
-    from ..engine.run_dir import check_writable
+    from ..engine.run_dir import check_new_run, check_writable
 
     recipe_with_overrides(args.task, args.head, list(args.opts))  # a bad setting: one line here, not in a job's log
     check_writable(args.output_dir)
+    check_new_run(args.output_dir, resume=not args.no_resume)
     if submit_if_asked(args, Path(args.output_dir) / "slurm"):
         return 0
     train_head(task=args.task, head=args.head, backbone_source=_backbone_source(args), train_dataset=args.train_dataset,

@@ -45,10 +45,12 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.output_dir)  # one line before any work
     overrides = [*args.opts] + ([f"distillation.teacher={args.teacher}"] if args.teacher else [])
     cfg = load_config(args.config_file, overrides)
-    if args.nodes > 0:  # a teacher that is not there: one line here, not in the job's log
+    if args.nodes > 0:  # a teacher that is not there, a new run over an old one: one line here, not in a job's log
         from ..distill.teacher import resolve_teacher
+        from ..engine.run_dir import check_new_run
 
         resolve_teacher(cfg.distillation.teacher, cfg.distillation.teacher_config)
+        check_new_run(args.output_dir, resume=not args.no_resume)
     if submit_if_asked(args, f"{args.output_dir}/slurm"):
         return 0
     summary = run_distillation(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable(args.output_dir)  # one line before any work
     cfg = load_config(args.config_file, args.opts)
+    if args.nodes > 0:  # here, not in the job's log
+        from ..engine.run_dir import check_new_run
+
+        check_new_run(args.output_dir, resume=not args.no_resume)
     if submit_if_asked(args, Path(args.output_dir) / "slurm"):
         return 0
     import time

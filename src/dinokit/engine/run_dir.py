@@ -123,6 +123,19 @@ def check_not_replacing(
         raise DinokitError(f"{option} {str(path)!r} {what}; pass --overwrite to replace it, or give another name")
 
 
+def check_new_run(output_dir: str | Path, *, resume: bool) -> list[tuple[int, Path]]:
+    """The finished checkpoints in ``output_dir``; one line when a new run (``resume=False``, ``--no-resume``) would
+    mix with the one they hold. Also called before a SLURM submission, so that the refusal is not in a job's log."""
+    out = Path(output_dir).expanduser()
+    found = list_checkpoints(out / "checkpoints")
+    if found and not resume:
+        raise DinokitError(
+            f"{out} already holds a run (checkpoint of iteration {found[-1][0]}); starting another one there would "
+            f"mix the two: give a new --output-dir, or delete {out / 'checkpoints'} to start again here"
+        )
+    return found
+
+
 def _check_folder(out: Path) -> None:
     check_writable(out)
     try:
@@ -200,12 +213,7 @@ def open_run_dir(
     if main:
         created = not out.exists()
         _check_folder(out)
-        found = list_checkpoints(out / "checkpoints")
-        if found and not resume:
-            raise DinokitError(
-                f"{out} already holds a run (checkpoint of iteration {found[-1][0]}); starting another one there would "
-                f"mix the two: give a new --output-dir, or delete {out / 'checkpoints'} to start again here"
-            )
+        found = check_new_run(out, resume=resume)
         damaged = [(path, reason) for _, path in reversed(found) if (reason := checkpoint_damage(path)) is not None]
         if found and resume and len(damaged) == len(found):  # starting over would overwrite the run they hold
             raise no_readable_checkpoint(out / "checkpoints", damaged)
