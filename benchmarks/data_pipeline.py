@@ -80,6 +80,8 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
+    if not Path(args.images).expanduser().is_dir():
+        parser.error(f"--images {args.images!r} is not a folder")
     encoded = [io.BytesIO(path.read_bytes()) for path in find_images(args.images)]
     if not encoded:
         raise SystemExit(f"no images in {args.images}")

@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     import torch
 
+    if not args.budget_s > 0:  # every step would be skipped
+        p.error(f"--budget-s must be above 0, got {args.budget_s:g}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # every step would fail the same way
+        p.error("no CUDA GPU here: pass --device cpu (with --smoke for toy sizes)")
     photos = args.out / "data"
     all_steps = steps(args.device, args.smoke, photos, args.workers)
     unknown = set(args.only or []) - {s.name for s in all_steps}

@@ -109,6 +109,19 @@ def test_gpu_suite_steps_name_existing_scripts_and_their_options(load_benchmark,
                 assert f'"{option}"' in source, (step.name, option)
 
 
+def test_gpu_suite_refuses_a_run_that_could_only_skip_or_fail(load_benchmark, tmp_path, capsys, monkeypatch):
+    """A budget of 0 skipped every step, and the default --device cuda on a machine without a GPU failed every step
+    with a traceback in its log; each is one line before anything runs."""
+    suite = load_benchmark("gpu_suite")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, message in ((["--budget-s", "0", "--device", "cpu"], "--budget-s must be above 0, got 0"),
+                          ([], "no CUDA GPU here: pass --device cpu (with --smoke for toy sizes)")):
+        with pytest.raises(SystemExit):
+            suite.main(["--out", str(tmp_path / "out"), *argv])
+        assert capsys.readouterr().err.strip().endswith(message)
+    assert not (tmp_path / "out").exists()
+
+
 def test_data_pipeline_times_the_official_composition_with_the_same_crops(load_benchmark):
     """``benchmarks/data_pipeline.py``'s peer row: the official multi-crop as composed from its published parameters
     gives what dinokit's PIL path gives (two global crops, the local crops, normalised tensors of their sizes)."""
