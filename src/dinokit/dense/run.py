@@ -305,7 +305,7 @@ def predict_files(
         if one_picture is None:
             out.mkdir(parents=True, exist_ok=True)  # here: no empty folder where no image could be read
         target = one_picture or out / f"{name}_{model.task}.png"
-        save_png(np.asarray(side_by_side(pil, picture)), target)  # atomic: an interrupted run leaves no half file
+        save_png(side_by_side(pil, picture), target)  # atomic: an interrupted run leaves no half file
         written.append(target)
     n_written, skipped = (sum(counts) for counts in zip(*du.all_gather_object((len(written), skipped))))
     if not n_written:

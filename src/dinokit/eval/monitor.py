@@ -83,11 +83,12 @@ def check_knn_datasets(train: str, val: str, pretraining: str) -> None:
         print(shared)
     names = {parse_dataset_str(s)[0] for s in (train, val)}
     kind, kwargs = parse_dataset_str(pretraining)
-    folder = Path(kwargs.get("root", "")).expanduser() if kind == "ImageFolder" else None
-    textures = folder is not None and folder.is_dir() and sorted(  # the sample set, written out by `dinokit data sample`
-        d.name for d in folder.iterdir() if d.is_dir()) == sorted(datasets["train"].classes)
-    root = kwargs.get("root") or kwargs.get("path")  # a source that is not there: its own error comes first, alone
-    there = kind == "WebDataset" or (root is not None and Path(root).expanduser().exists())
+    root = kwargs.get("root") or kwargs.get("path")
+    source = Path(root).expanduser() if root else None
+    there = kind == "WebDataset" or (source is not None and source.exists())  # else its own error comes first, alone
+    # the sample set itself, written out by `dinokit data sample`: no note
+    textures = kind == "ImageFolder" and there and source.is_dir() and sorted(
+        d.name for d in source.iterdir() if d.is_dir()) == sorted(datasets["train"].classes)
     if names == {"Sample"} and kind != "Sample" and there and not textures and is_first_process():  # once per run
         print("note: evaluation.knn_dataset is the built-in texture set while train.dataset_path is "
               f"{pretraining}: the logged knn_top1 describes textures; set evaluation.knn_dataset.train/val to "

@@ -140,11 +140,11 @@ def unique_stems(stems: Sequence[str]) -> list[str]:
     return names
 
 
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write (H, W, 3) uint8 as PNG, atomically."""
+def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:
+    """Write (H, W, 3) uint8 (or a PIL image) as PNG, atomically."""
     path = Path(path)
     with atomic_write(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG", optimize=True)
+        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp, format="PNG", optimize=True)
     return path
 
 
