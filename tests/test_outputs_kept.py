@@ -8,25 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dinokit.cli import main
 from dinokit.convert import BackboneSpec
 from dinokit.models import save_backbone
-
-
-def two_images(root: Path) -> Path:
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("a.png", "b.png"):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / name)
-    return root
+from tiny import PICO_CONFIG, write_images
 
 
 def test_embed_keeps_an_existing_output_unless_told(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text("student:\n  arch: vit_pico\n  patch_size: 14\ncrops:\n  local_crops_size: 28\n")
-    images, out = two_images(tmp_path / "images"), tmp_path / "e.npz"
+    config.write_text(PICO_CONFIG)
+    images, out = write_images(tmp_path / "images", ("a.png", "b.png"), (40, 50)), tmp_path / "e.npz"
     embed = ["embed", str(images), "--config-file", str(config), "--random-init", "--image-size", "28",
              "--num-workers", "0", "--device", "cpu", "--no-progress", "--out", str(out)]
     assert main(embed) == 0

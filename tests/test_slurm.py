@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from dinokit.cli import main
 from dinokit.distributed.slurm import IN_JOB_ENV, CommandJob
+from tiny import PICO_CONFIG, write_images
 
 SLURM = ["--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu"]
 
@@ -44,9 +44,7 @@ def submitted(monkeypatch) -> list[dict]:
 
 
 def test_every_long_command_submits_its_own_command_line(tmp_path, submitted, capsys) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
+    images = write_images(tmp_path / "images")
     out, teacher = tmp_path / "out", tmp_path / "teacher.pth"
     teacher.write_bytes(b"weights")  # found, not read: the job loads it
     commands = {
@@ -105,11 +103,9 @@ def test_the_job_reruns_the_command_and_a_requeue_resumes(tmp_path, submitted, m
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", IN_JOB_ENV):
         monkeypatch.setenv(name, "")  # set here so that the job's values are undone after the test
         monkeypatch.delenv(name)
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
+    images = write_images(tmp_path / "images")
     config = tmp_path / "config.yaml"
-    config.write_text("student:\n  arch: vit_pico\n  patch_size: 14\ncrops:\n  local_crops_size: 28\n")
+    config.write_text(PICO_CONFIG)
     argv = ["embed", str(images), "--config-file", str(config), "--random-init", "--image-size", "28",
             "--num-workers", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "e.npz"), *SLURM]
     assert main(argv) == 0 and not (tmp_path / "e.npz").exists()
@@ -146,11 +142,9 @@ def test_a_real_submitit_job_runs_the_command(tmp_path, monkeypatch) -> None:
     if submitit.AutoExecutor.which() != "local":
         pytest.skip("a SLURM cluster is reachable: its executor would queue the job")
     monkeypatch.delenv(IN_JOB_ENV, raising=False)
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
+    images = write_images(tmp_path / "images")
     config = tmp_path / "config.yaml"
-    config.write_text("student:\n  arch: vit_pico\n  patch_size: 14\ncrops:\n  local_crops_size: 28\n")
+    config.write_text(PICO_CONFIG)
     out = tmp_path / "e.npz"
     assert main(["embed", str(images), "--config-file", str(config), "--random-init", "--image-size", "28",
                  "--num-workers", "0", "--device", "cpu", "--no-progress", "--out", str(out),

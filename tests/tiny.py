@@ -2,7 +2,7 @@
 
 ``tiny_run(...)`` returns the overrides (for ``load_config("demo", ...)`` or a command line); each test file
 passes what it needs to differ (run length, batch, heads) by keyword. Also: the one error line a command printed,
-and a file on a disk that fills up.
+a file on a disk that fills up, and a few images with a backbone config for the commands that embed them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+from pathlib import Path
 
 
 def tiny_run(
@@ -57,3 +58,19 @@ class FullDisk(io.FileIO):
         if self.tell() + len(data) > self.room:
             raise OSError(self.code, os.strerror(self.code))
         return super().write(data)
+
+
+# `--config-file` of a tiny backbone (vit_pico, patch 14) for embed and the commands built like it
+PICO_CONFIG = "student:\n  arch: vit_pico\n  patch_size: 14\ncrops:\n  local_crops_size: 28\n"
+
+
+def write_images(root: Path, names=("a.png",), size=(32, 32)) -> Path:
+    """``root`` with one random RGB image (height, width = ``size``) per name."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name)
+    return root
