@@ -13,6 +13,7 @@ from ..devices import DTYPES
 from ..engine.optim import SCALING_RULES
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
+from ..tracking import TRACKERS
 from .crops import crop_resolutions
 
 # FSDP1 strategies that FSDP2 expresses per module: FULL_SHARD = reshard parameters after forward,
@@ -25,7 +26,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "optim.scaling_rule": SCALING_RULES,
     "crops.blur_probabilities": ("official", "intended", "none"),
     "compute_precision.dtype": ("auto", *DTYPES),
-    "train.tracker": ("none", "tensorboard", "wandb"),
+    "train.tracker": TRACKERS,
     "train.activation_checkpointing_policy": ("full", "selective"),
     "crops.augmentation": ("pil", "tensor", "device"),
     "distillation.loss": ("dino_ibot", "features"),

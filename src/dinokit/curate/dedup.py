@@ -106,11 +106,6 @@ def choose_representatives(
     return np.sort(order[first])
 
 
-def component_sizes(labels: np.ndarray) -> np.ndarray:
-    """Sizes of the components, largest first."""
-    return np.sort(np.bincount(np.asarray(labels))[np.unique(labels)])[::-1]
-
-
 # ---------------------------------------------------------------------------------------------- relative dedup
 def relative_dedup(n_pool: int, pool_edges: np.ndarray, eval_sims, eval_idx, threshold: float) -> np.ndarray:
     """Boolean (n_pool,) mask of the pool images to drop: all members of a component holding an eval image.

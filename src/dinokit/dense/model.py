@@ -193,9 +193,6 @@ def _build_head(kind: str, *, embed_dim: int, depth: int, num_classes: int, min_
     raise ValueError(f"unknown head kind {kind!r}")
 
 
-HEAD_KINDS = ("seg-linear", "seg-ms", "depth-linear", "depth-linear4", "depth-dpt")
-
-
 def build_dense_model(backbone: nn.Module, kind: str, **head_kwargs) -> DenseModel:
     """``backbone`` (any dinokit ViT) + a fresh head of ``kind`` (see :func:`build_head`)."""
     head, spec = build_head(kind, embed_dim=backbone.embed_dim, depth=len(backbone.blocks), **head_kwargs)

@@ -53,12 +53,6 @@ class PreparedImage:
     """A short name for output files (the file stem, or ``image<i>``)."""
 
 
-def patch_grid(model: nn.Module, image: PreparedImage) -> tuple[int, int]:
-    """(h, w) patches of ``image`` for ``model``."""
-    p = model.patch_size
-    return image.pixels.shape[0] // p, image.pixels.shape[1] // p
-
-
 def _denormalise(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) ImageNet-normalised -> (H, W, 3) uint8."""
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
