@@ -140,6 +140,29 @@ def test_eval_presets(size: str, arch: str) -> None:
     assert (student.num_register_tokens, student.interpolate_antialias, student.interpolate_offset) == (4, True, 0.0)
 
 
+def test_files_merge_in_turn(tmp_path) -> None:
+    """Several files (``--config-file small --config-file mine.yaml``): each merges over the ones before, so a file of
+    a few keys extends a preset; a later file fills a key an earlier one marks ``???``; errors name their file."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("optim:\n  epochs: 30\ntrain:\n  dataset_path: /data/photos\n")
+    cfg = load_config(["small", mine])
+    small = load_config("small")
+    assert (cfg.optim.epochs, cfg.train.dataset_path) == (30, "/data/photos")
+    assert cfg.student.arch == small.student.arch and cfg.optim.base_lr == small.optim.base_lr  # the rest: the preset
+    assert cfg.student.arch != load_config(mine).student.arch  # alone, the file extends the defaults
+    assert load_config(["small", mine], ["optim.epochs=50"]).optim.epochs == 50  # overrides come last
+    base = tmp_path / "base.yaml"
+    base.write_text("student:\n  resume_from_teacher_chkpt: /runs/base\n")
+    assert load_config(["vitl14_highres", base]).student.resume_from_teacher_chkpt == "/runs/base"
+    with pytest.raises(DinokitError, match=r"^preset 'train/vitl14_highres' \+ config file '.*mine.yaml' needs a "
+                                           r"value for student.resume_from_teacher_chkpt"):
+        load_config(["vitl14_highres", mine])
+    mine.write_text("optim:\n  epoch: 3\n")
+    with pytest.raises(DinokitError, match=r"unknown config key 'optim.epoch' \(did you mean 'optim.epochs'\?\), in "
+                                           r"config file '.*mine.yaml'$"):
+        load_config(["small", mine])
+
+
 def test_demo_preset() -> None:
     cfg = load_config("demo")
     assert (cfg.student.arch, cfg.student.patch_size, cfg.student.drop_path_rate) == ("vit_pico", 8, 0.0)

@@ -20,6 +20,7 @@ import statistics
 import pytest
 
 from dinokit.cli import main
+from dinokit.config import load_config
 
 SEED = 0
 
@@ -50,12 +51,16 @@ def test_curated_set_is_less_dominated_and_more_diverse_and_its_manifest_trains(
     assert curated["dominant"] < rand["dominant"] - 8 and curated["distinct"] > rand["distinct"] + 8, (curated, rand)
     # the manifest is a dataset string that dinokit train reads (a few steps; the slow test trains for real)
     manifest = root / f"seed{SEED}" / "curate" / "manifest.txt"
-    argv = ["train", "--config-file", "demo", "--output-dir", str(tmp_path / "run"), "--device", "cpu",
-            f"train.dataset_path=FileList:path={manifest}", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=1",
-            "optim.warmup_epochs=0", "teacher.warmup_teacher_temp_epochs=0", "train.num_workers=0",
-            "evaluation.knn_dataset=null"]
+    # a file of a few keys over the demo preset (--config-file twice), then overrides
+    short = tmp_path / "short.yaml"
+    short.write_text("train:\n  OFFICIAL_EPOCH_LENGTH: 2\n  num_workers: 0\noptim:\n  epochs: 1\n  warmup_epochs: 0\n"
+                     "teacher:\n  warmup_teacher_temp_epochs: 0\nevaluation:\n  knn_dataset: null\n")
+    argv = ["train", "--config-file", "demo", "--config-file", str(short), "--output-dir", str(tmp_path / "run"),
+            "--device", "cpu", f"train.dataset_path=FileList:path={manifest}"]
     assert main(argv) == 0
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_0000002.pth").is_file()
+    written = load_config(tmp_path / "run" / "config.yaml")
+    assert (written.student.arch, written.train.OFFICIAL_EPOCH_LENGTH) == ("vit_pico", 2)  # the preset + the file
 
 
 @pytest.mark.slow

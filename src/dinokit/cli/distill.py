@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Resumes automatically from OUTPUT_DIR/checkpoints. Multi-GPU: torchrun --nproc_per_node=8 -m dinokit "
         "distill ...",
     )
-    p.add_argument("--config-file", default="distill_demo",
-                   help="preset name (see dinokit train --list-presets) or a YAML file [distill_demo]")
+    p.add_argument("--config-file", action="append",
+                   help="preset name (see dinokit train --list-presets) or a YAML file; repeat it to merge several "
+                   "in turn [distill_demo]")
     p.add_argument("--teacher", required=False, help="the teacher: run folder, teacher_checkpoint.pth or backbone file")
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and the students' snapshots go")
     p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable(args.output_dir)  # one line before any work
     overrides = [*args.opts] + ([f"distillation.teacher={args.teacher}"] if args.teacher else [])
-    cfg = load_config(args.config_file, overrides)
+    cfg = load_config(args.config_file or ["distill_demo"], overrides)
     if args.nodes > 0:  # a teacher that is not there, a new run over an old one: one line here, not in a job's log
         from ..distill.teacher import resolve_teacher
         from ..engine.run_dir import check_new_run

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pretrain with the DINOv2 recipe. Resumes automatically from OUTPUT_DIR/checkpoints. "
         "Multi-GPU: torchrun --nproc_per_node=8 -m dinokit train ...; SLURM: add --nodes/--gpus-per-node.",
     )
-    p.add_argument("--config-file", default="demo", help="preset name (see --list-presets) or a YAML file [demo]")
+    p.add_argument("--config-file", action="append", help="preset name (see --list-presets) or a YAML file; "
+                   "repeat it to merge several in turn, e.g. --config-file small --config-file mine.yaml [demo]")
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and snapshots go")
     p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.run_dir import check_writable
 
     check_writable(args.output_dir)  # one line before any work
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file or ["demo"], args.opts)
     if args.nodes > 0:  # here, not in the job's log
         from ..engine.run_dir import check_new_run
 

@@ -242,17 +242,22 @@ def override_to_dict(text: str, root: type = SSLConfig, example: str = "optim.ep
     return nested
 
 
-def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), *, to_train: bool = True) -> DictConfig:
-    """Defaults <- ``config_file`` (preset name or YAML path; None = defaults only) <- ``key=value`` overrides.
+def load_config(config_file: str | Path | Sequence[str | Path] | None, overrides: Sequence[str] = (), *,
+                to_train: bool = True) -> DictConfig:
+    """Defaults <- ``config_file`` (preset name or YAML path; a list merges each in turn, so a file of a few keys
+    can extend a preset; None = defaults only) <- ``key=value`` overrides.
 
     The result is validated (:func:`validate`); ``optim.lr`` is not scaled yet (see :func:`apply_scaling_rules`).
-    A key the file marks ``???`` must be given by an override when the config is ``to_train`` (e.g. the run a
-    high-resolution stage starts from); a config read for its architecture only (evaluation) keeps the default.
+    A key a file marks ``???`` must be given by a later file or an override when the config is ``to_train`` (e.g.
+    the run a high-resolution stage starts from); a config read for its architecture only (evaluation) keeps the
+    default.
     """
     cfg = OmegaConf.structured(SSLConfig)
-    source = "the defaults"
-    if config_file:
-        text, source = _read_config_text(config_file)
+    files = [config_file] if isinstance(config_file, (str, Path)) else list(config_file or ())
+    files = [file for file in files if file]  # "" or None: the defaults
+    sources = []
+    for file in files:
+        text, source = _read_config_text(file)
         try:
             data = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as err:
@@ -262,6 +267,8 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), *
         # a merge never replaces a value by "???": mark the file's "???" keys missing explicitly
         for key in OmegaConf.missing_keys(OmegaConf.create(data or {})) if to_train else ():
             OmegaConf.update(cfg, key, MISSING_VALUE, merge=False)
+        sources.append(source)
+    source = " + ".join(sources) or "the defaults"
     for text in overrides:
         if text.partition("=")[0].strip() == "optim.lr":  # as in the official code, scaling overwrites it
             raise DinokitError(f"override '{text}': optim.lr is computed from optim.base_lr for the total batch "
