@@ -174,6 +174,34 @@ def test_hierarchical_kmeans_flattens_the_density_level_by_level():
     assert torch.equal(labels, levels[0].labels)  # final labels = assignment to the final (resampled) centroids
 
 
+def test_split_level_splits_each_cluster_by_its_own_kmeans():
+    """cluster.n_splits (the paper's 10M-cluster level): each cluster of a k-means is split by a k-means of its own
+    points, in min(n_splits, size) sub-clusters numbered cluster by cluster; the next level clusters those."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 4)) * 20
+    x = torch.from_numpy(np.concatenate([centres[i] + rng.normal(size=(n, 4)) for i, n in enumerate((50, 40, 3))]))
+    plain = hierarchical_kmeans(x, [3], n_iters=20)[0]
+    levels = hierarchical_kmeans(x, [3, 2], n_splits=[4, 1], n_iters=20)
+    split = levels[0]
+    assert split.centroids.shape == (4 + 4 + 3, 4) and levels[1].labels.shape == (11,)  # the 3-point blob: 3
+    parent_of_sub = {}
+    for c in range(3):
+        members = torch.nonzero(plain.labels == c)[:, 0]
+        subs = torch.unique(split.labels[members])
+        assert len(subs) == min(4, len(members)) and subs.tolist() == list(range(subs.min(), subs.max() + 1))
+        parent_of_sub.update({int(s): c for s in subs})
+        for s in subs:  # a converged k-means of c's points: each sub-centroid is the mean of its points
+            torch.testing.assert_close(split.centroids[s], x[split.labels == s].mean(0))
+        own, _ = assign(x[members], split.centroids[subs])  # each point: the nearest sub-centroid of its cluster
+        assert torch.equal(split.labels[members], subs[own])
+    assert sorted(parent_of_sub) == list(range(11))
+    labels, dists = assign(x, split.centroids)  # sub-clusters are tight: the nearest overall is the own one here
+    assert torch.equal(labels, split.labels) and torch.allclose(dists, split.distances)
+    assert hierarchical_kmeans(x, [3, 5], n_splits=[2, 1])[1].centroids.shape == (5, 4)  # 5 < 3 x 2
+    with pytest.raises(DinokitError, match=r"must decrease level after level \(a level split by cluster.n_splits"):
+        hierarchical_kmeans(x, [3, 6], n_splits=[2, 1])
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 def test_water_filling_cut_and_remainder():
     assert best_cut(np.array([10, 1, 5]), 7) == 3  # 3 + 1 + 3
@@ -215,9 +243,12 @@ def _blobs() -> torch.Tensor:
     return torch.from_numpy(centres[rng.integers(0, 6, 601)] + rng.normal(size=(601, 8))).float()
 
 
-def _hkmeans(x: torch.Tensor, distributed: bool):
-    return hierarchical_kmeans(x, [20, 5], resampling_steps=[3, 2], sample_size=[8, 2], sampling="r", n_iters=10,
-                               seed=1, distributed=distributed)
+def _hkmeans(x: torch.Tensor, distributed: bool, n_splits=None):
+    return hierarchical_kmeans(x, [20, 5], resampling_steps=[3, 2], sample_size=[8, 2], n_splits=n_splits,
+                               sampling="r", n_iters=10, seed=1, distributed=distributed)
+
+
+SPLITS = (None, [2, 1])
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -228,8 +259,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     x = _blobs()
     part = slice(len(x) * rank // world, len(x) * (rank + 1) // world)
-    levels = _hkmeans(x[part], True)
-    torch.save([(l.centroids, l.labels) for l in levels], f"{out}.{rank}")
+    for splits in SPLITS:
+        levels = _hkmeans(x[part], True, splits)
+        torch.save([(l.centroids, l.labels) for l in levels], f"{out}.{splits}.{rank}")
     dist.destroy_process_group()
 
 
@@ -239,12 +271,14 @@ def test_two_process_gloo_clustering_equals_one_process(tmp_path):
     out = str(tmp_path / "levels")
     # fork: the children need no fresh interpreter (spawn re-imports torch, ~15 s each on a loaded CPU)
     mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="fork")
-    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
-    single = _hkmeans(_blobs(), False)
-    for level, ref in enumerate(single):
-        for r in range(2):
-            torch.testing.assert_close(ranks[r][level][0], ref.centroids, atol=1e-5, rtol=0)
-        if level == 0:  # each rank labels its own slice of the points
-            assert torch.equal(torch.cat([ranks[0][0][1], ranks[1][0][1]]), ref.labels)
-        else:
-            assert torch.equal(ranks[0][level][1], ref.labels)
+    for splits in SPLITS:  # plain, and level 1 split in two (each cluster's points travel to one rank)
+        ranks = [torch.load(f"{out}.{splits}.{r}") for r in range(2)]
+        single = _hkmeans(_blobs(), False, splits)
+        for level, ref in enumerate(single):
+            for r in range(2):
+                torch.testing.assert_close(ranks[r][level][0], ref.centroids, atol=1e-5, rtol=0)
+            if level == 0:  # each rank labels its own slice of the points
+                assert torch.equal(torch.cat([ranks[0][0][1], ranks[1][0][1]]), ref.labels)
+            else:
+                assert torch.equal(ranks[0][level][1], ref.labels)
+        assert len(single[0].centroids) == (20 if splits is None else 40)

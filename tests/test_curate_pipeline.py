@@ -149,6 +149,17 @@ def test_killed_run_resumes_at_the_unfinished_stage(scenes, tmp_path, monkeypatc
     monkeypatch.setenv("DINOKIT_IMAGE_BACKGROUND", "black")
     after = Work(half, make_config()).digests
     assert all(after[stage] != before[stage] for stage in before)
+    monkeypatch.undo()
+    # split levels: the 8 level-1 clusters split in up to 2 each; the 3 top clusters now group the sub-clusters
+    capsys.readouterr()
+    assert main([*argv, "cluster.n_splits=[2,1]"]) == 0
+    out = capsys.readouterr().out
+    assert "[retrieve] finished earlier with these settings" in out and "[cluster] done" in out
+    leaf = np.load(half / "cluster" / "leaf.rank0.npy")[0].astype(int)
+    assert 8 < len(np.load(half / "cluster" / "centroids1.npy")) <= 16 and leaf.max() < 16
+    assert len(np.load(half / "cluster" / "parents1.npy")) == len(np.load(half / "cluster" / "centroids1.npy"))
+    assert json.loads((half / "cluster" / "done.json").read_text())["counts"]["n_splits"] == [2, 1]
+    assert len((half / "manifest.txt").read_text().splitlines()) == 12
 
 
 def test_errors_are_one_line(scenes, tmp_path, capsys):

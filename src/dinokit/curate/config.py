@@ -76,6 +76,8 @@ class ClusterConfig:
     """Resampling rounds after each level's first k-means; empty = 10 per level."""
     sample_size: list[int] = field(default_factory=list)
     """Points per cluster in a resampling round; empty = half the level's average cluster size."""
+    n_splits: list[int] = field(default_factory=list)
+    """Split each cluster of a level in up to this many by a k-means of its own points; empty = 1 (none) per level."""
     sampling: str = "c"
     """Which points a resampling round takes: c (closest to the centroid) or r (random)."""
     n_iters: int = 20
@@ -148,7 +150,8 @@ def _check(c: CurateConfig) -> None:
     check_bounds({"embed.image_size": c.embed.image_size, "embed.batch_size": c.embed.batch_size,
                   "embed.shard_size": c.embed.shard_size, "dedup.k": c.dedup.k, "cluster.n_iters": c.cluster.n_iters,
                   "retrieve.per_cluster": c.retrieve.per_cluster, "retrieve.max_images": c.retrieve.max_images,
-                  "cluster.n_clusters": c.cluster.n_clusters, "cluster.sample_size": c.cluster.sample_size},
+                  "cluster.n_clusters": c.cluster.n_clusters, "cluster.sample_size": c.cluster.sample_size,
+                  "cluster.n_splits": c.cluster.n_splits},
                  what="curate key", at_least=1)  # the lists: every level's value
     check_bounds({"embed.num_workers": c.embed.num_workers, "retrieve.k": c.retrieve.k,
                   "retrieve.n_clusters": c.retrieve.n_clusters, "retrieve.min_seed_images": c.retrieve.min_seed_images,

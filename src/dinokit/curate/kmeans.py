@@ -220,12 +220,81 @@ def _resample(x: torch.Tensor, result: KMeansResult, sample_size: int, sampling:
     return rows[order[within < sample_size]].to(x.device)
 
 
+def _assign_within(x: torch.Tensor, parent: torch.Tensor, sub: torch.Tensor, starts: torch.Tensor,
+                   counts: torch.Tensor, metric: str, chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest of the sub-centroids ``sub[starts[c] : starts[c] + counts[c]]`` of each row's cluster ``c = parent``."""
+    width = max(int(counts.max()), 1)
+    slots = starts[:, None] + torch.arange(width, device=starts.device)  # (k, width) rows of sub, padded
+    valid = torch.arange(width, device=starts.device) < counts[:, None]
+    step = max(1, chunk_elements // (width * x.shape[1]))
+    labels = torch.empty(len(x), dtype=torch.long, device=x.device)
+    dists = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for start in range(0, len(x), step):
+        rows, c = x[start : start + step], parent[start : start + step]
+        cand = sub[slots[c].clamp_max(len(sub) - 1)]  # (chunk, width, D)
+        dots = torch.einsum("nd,nwd->nw", rows, cand)
+        if metric == "cos":
+            d = 1 - dots
+        else:
+            d = ((cand * cand).sum(-1) - 2 * dots + (rows * rows).sum(1, keepdim=True)).clamp_min_(0)
+        d = d.masked_fill(~valid[c], float("inf"))
+        best, which = d.min(dim=1)
+        dists[start : start + step], labels[start : start + step] = best, slots[c].gather(1, which[:, None])[:, 0]
+    return labels, dists
+
+
+def split_clusters(x: torch.Tensor, result: KMeansResult, n_splits: int, *, n_iters: int, seed: int, metric: str,
+                   chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, distributed: bool = False) -> KMeansResult:
+    """Each cluster of ``result`` split in ``min(n_splits, size)`` by a k-means of its own points (k-means++ init):
+    the paper's way to reach millions of clusters, as one k-means of that many centroids could not.
+
+    Sub-clusters are numbered cluster by cluster. Under ``torchrun`` cluster ``c`` is split by rank ``c % world``,
+    which receives its points from every rank in their global order, so the result is the one-process result; every
+    rank then labels its own points with the nearest sub-centroid of their cluster.
+    """
+    k = len(result.centroids)
+    labels = result.labels
+    counts = _sum(torch.bincount(labels, minlength=k).to(_comm_device()), distributed).cpu()
+    world, rank = (du.get_world_size(), du.get_rank()) if distributed else (1, 0)
+    if distributed:  # send the points of cluster c to rank c % world, one destination at a time
+        mine_labels, mine_rows = [], []
+        for dst in range(world):
+            going = labels % world == dst
+            parts = du.all_gather_object((labels[going].cpu(), x[going].cpu()))
+            if dst == rank:
+                mine_labels, mine_rows = [p[0] for p in parts], [p[1] for p in parts]
+        own_labels, own_rows = torch.cat(mine_labels), torch.cat(mine_rows).to(x.device)
+    else:
+        own_labels, own_rows = labels.cpu(), x
+    order = torch.argsort(own_labels, stable=True)  # by cluster, global order within each
+    bounds = torch.cumsum(torch.bincount(own_labels, minlength=k), 0).tolist()
+    subs: dict[int, torch.Tensor] = {}
+    for c in range(rank, k, world):
+        members = order[(bounds[c - 1] if c else 0) : bounds[c]]
+        if len(members):
+            points = own_rows[members.to(own_rows.device)]
+            m = min(n_splits, len(points))
+            subs[c] = kmeans(points, m, n_iters=n_iters, seed=seed * 1_000_003 + c, metric=metric,
+                             chunk_elements=chunk_elements).centroids.cpu()
+    if distributed:
+        for part in du.all_gather_object(subs):
+            subs.update(part)
+    sizes = torch.tensor([len(subs[c]) if c in subs else 0 for c in range(k)])
+    assert torch.equal(sizes, torch.minimum(counts, torch.tensor(n_splits))), "split sizes disagree"
+    centroids = torch.cat([subs[c] for c in sorted(subs)]).to(x.device, x.dtype)
+    starts = (torch.cumsum(sizes, 0) - sizes).to(x.device)
+    new_labels, dists = _assign_within(x, labels, centroids, starts, sizes.to(x.device), metric, chunk_elements)
+    inertia = _sum(dists.double().sum().reshape(1), distributed).item()
+    return KMeansResult(centroids=centroids, labels=new_labels, distances=dists, inertia=inertia)
+
+
 def hierarchical_kmeans(
     x: torch.Tensor,
     n_clusters: list[int],
     *,
     resampling_steps: list[int] | None = None,
     sample_size: list[int] | None = None,
+    n_splits: list[int] | None = None,
     sampling: str = "c",
     n_iters: int = 20,
     seed: int = 0,
@@ -236,18 +305,24 @@ def hierarchical_kmeans(
     """Levels bottom-up: level 1 clusters the rows of ``x`` (sliced over ranks when ``distributed``),
     level ``l + 1`` clusters the centroids of level ``l`` (small: replicated on every rank).
 
-    ``resampling_steps[l]`` rounds of resampling follow the first k-means of level ``l`` (0: plain k-means),
-    each with ``sample_size[l]`` points per cluster, chosen by ``sampling``: ``c`` closest, ``r`` random.
+    ``resampling_steps[l]`` rounds of resampling follow the first k-means of level ``l`` (0: plain k-means; the
+    paper's code counts the first k-means too, so its ``n_resampling_steps`` is one more),
+    each with ``sample_size[l]`` points per cluster, chosen by ``sampling``: ``c`` closest, ``r`` random. Then, where
+    ``n_splits[l] > 1``, each cluster is split in up to that many (:func:`split_clusters`), and the next level
+    clusters the sub-clusters.
     """
     depth = len(n_clusters)
     resampling_steps = list(resampling_steps or [0] * depth)
     sample_size = list(sample_size or [1] * depth)
-    if len(resampling_steps) != depth or len(sample_size) != depth:
-        raise DinokitError("cluster.resampling_steps and cluster.sample_size need one value per level of cluster.n_clusters")
+    n_splits = list(n_splits or [1] * depth)
+    if len(resampling_steps) != depth or len(sample_size) != depth or len(n_splits) != depth:
+        raise DinokitError("cluster.resampling_steps, cluster.sample_size and cluster.n_splits need one value per "
+                           "level of cluster.n_clusters")
     if sampling not in ("c", "r"):
         raise DinokitError(f"unknown cluster.sampling {sampling!r}; use c (closest to the centroid) or r (random)")
-    if any(b >= a for a, b in zip(n_clusters, n_clusters[1:])):
-        raise DinokitError(f"cluster.n_clusters {n_clusters} must decrease level after level")
+    if any(b >= a * split for a, split, b in zip(n_clusters, n_splits, n_clusters[1:])):
+        raise DinokitError(f"cluster.n_clusters {n_clusters} must decrease level after level (a level split by "
+                           "cluster.n_splits counts its clusters times its splits)")
     levels: list[Level] = []
     points, dist = x, distributed
     for level, k in enumerate(n_clusters):
@@ -264,6 +339,9 @@ def hierarchical_kmeans(
             labels, dists = assign(points, sub.centroids, metric=metric, chunk_elements=chunk_elements)
             inertia = _sum(dists.double().sum().reshape(1), dist).item()
             result = KMeansResult(centroids=sub.centroids, labels=labels, distances=dists, inertia=inertia)
+        if n_splits[level] > 1:
+            result = split_clusters(points, result, n_splits[level], n_iters=n_iters, seed=level_seed + 99,
+                                    metric=metric, chunk_elements=chunk_elements, distributed=dist)
         levels.append(Level(centroids=result.centroids, labels=result.labels, distances=result.distances))
         points, dist = result.centroids, False
     return levels

@@ -274,11 +274,13 @@ def auto_levels(n: int) -> list[int]:
 def cluster_settings(config: CurateConfig, n: int) -> dict:
     c = config.cluster
     levels = list(c.n_clusters) or auto_levels(n)
-    sizes = [n] + levels[:-1]
+    splits = list(c.n_splits) or [1] * len(levels)
+    sizes = [n] + [k * split for k, split in zip(levels, splits)][:-1]  # each level's input (at most)
     return {
         "n_clusters": levels,
         "resampling_steps": list(c.resampling_steps) or [10] * len(levels),
         "sample_size": list(c.sample_size) or [max(1, s // (2 * k)) for s, k in zip(sizes, levels)],
+        "n_splits": splits,
     }
 
 
@@ -291,8 +293,8 @@ def stage_cluster(work: Work, *, device: torch.device, progress: bool = True) ->
     if c.float64:
         x = x.double()
     levels = hierarchical_kmeans(x, settings["n_clusters"], resampling_steps=settings["resampling_steps"],
-                                 sample_size=settings["sample_size"], sampling=c.sampling, n_iters=c.n_iters,
-                                 seed=c.seed, metric=c.metric, distributed=du.get_world_size() > 1)
+                                 sample_size=settings["sample_size"], n_splits=settings["n_splits"],
+                                 sampling=c.sampling, n_iters=c.n_iters, seed=c.seed, metric=c.metric, distributed=du.get_world_size() > 1)
     folder = work.folder("cluster")
     rank = du.get_rank()
     _save_npy(folder / f"leaf.rank{rank}.npy",
