@@ -226,7 +226,35 @@ def test_hierarchical_sampler_gives_exact_quotas_on_a_planted_hierarchy():
     members = np.nonzero(leaf == 0)[0]
     np.testing.assert_array_equal(np.intersect1d(closest, members), np.sort(members[np.argsort(distances[members])[:3]]))
     assert len(hierarchical_sample(leaf, parents, 28)) == 28  # everything
-    with pytest.raises(DinokitError, match="--target-size 29 is larger than the 28 images left to sample from"):
+    with pytest.raises(DinokitError, match="--target-size 29 is larger than the 28 images left to sample from; lower"):
+        hierarchical_sample(leaf, parents, 29)
+
+
+def test_multiplier_repeats_the_images_of_clusters_below_their_share():
+    """sample.multiplier m: each cluster may give m times its size. The same planted hierarchy, m = 2, 40 images:
+    top 20 + 20; first: cut 9 -> 9, 2, 9; second: cut 12 -> 2, 12, 6. A leaf gives each image quota // size
+    times and quota % size of them (closest first with 'c') once more."""
+    sizes = [10, 1, 5, 1, 8, 3]
+    leaf = np.repeat(np.arange(6), sizes)
+    leaf = leaf[np.random.default_rng(0).permutation(len(leaf))]
+    parents = [np.array([0, 0, 0, 1, 1, 1])]
+    distances = np.random.default_rng(1).random(len(leaf))
+    chosen = hierarchical_sample(leaf, parents, 40, distances=distances, strategy="c", multiplier=2)
+    assert len(chosen) == 40 and np.all(np.diff(chosen) >= 0)
+    np.testing.assert_array_equal(leaf_quotas(leaf, chosen, 6), [9, 2, 9, 2, 12, 6])
+    times = np.bincount(chosen, minlength=len(leaf))
+    assert times.max() == 2 and (times[leaf == 0] <= 1).all() and (times[leaf == 5] == 2).all()
+    members = np.nonzero(leaf == 2)[0]  # 9 from 5 images: all once, the 4 closest twice
+    twice = members[np.argsort(distances[members])[:4]]
+    assert (times[twice] == 2).all() and times[members].sum() == 9
+    # m = 1 is the plain sampler; the bound names the multiplier
+    np.testing.assert_array_equal(hierarchical_sample(leaf, parents, 14, seed=3, multiplier=1),
+                                  hierarchical_sample(leaf, parents, 14, seed=3))
+    assert len(hierarchical_sample(leaf, parents, 56, multiplier=2)) == 56
+    with pytest.raises(DinokitError, match=r"--target-size 57 is larger than the 28 images left to sample from x "
+                                           r"sample.multiplier 2; lower it$"):
+        hierarchical_sample(leaf, parents, 57, multiplier=2)
+    with pytest.raises(DinokitError, match="or repeat images with sample.multiplier=2$"):
         hierarchical_sample(leaf, parents, 29)
 
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,17 @@ def test_killed_run_resumes_at_the_unfinished_stage(scenes, tmp_path, monkeypatc
     assert len(np.load(half / "cluster" / "parents1.npy")) == len(np.load(half / "cluster" / "centroids1.npy"))
     assert json.loads((half / "cluster" / "done.json").read_text())["counts"]["n_splits"] == [2, 1]
     assert len((half / "manifest.txt").read_text().splitlines()) == 12
+    # sample.multiplier: twice the images that are left, each image twice; the manifest trains as a FileList
+    retrieved = len(np.load(half / "retrieve" / "selected.npy"))
+    twice = [a if a != "12" else str(2 * retrieved) for a in argv]
+    assert main([*twice, "cluster.n_splits=[2,1]", "sample.multiplier=2"]) == 0
+    lines = (half / "manifest.txt").read_text().splitlines()
+    assert len(lines) == 2 * retrieved and set(Counter(lines).values()) == {2}
+    assert len(make_dataset(f"FileList:path={half / 'manifest.txt'}")) == 2 * retrieved
+    report = json.loads((half / "report.json").read_text())["counts"]
+    assert (report["sampled"], report["sampled_distinct"]) == (2 * retrieved, retrieved)
+    assert main([*twice, "sample.multiplier=1"]) == 2  # without the multiplier: one line (settings are kept)
+    assert "or repeat images with sample.multiplier=2" in capsys.readouterr().err
 
 
 def test_errors_are_one_line(scenes, tmp_path, capsys):
@@ -336,7 +348,8 @@ def test_a_target_above_what_dedup_left_keeps_the_stages_and_a_mostly_copied_poo
     assert main(run) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --target-size 100 is larger than the {retrieved} images left after dedup and retrieve; "
-                   "lower it (the finished stages are kept: the same command with a lower --target-size goes on)"]
+                   "lower it, or repeat images with sample.multiplier=2 (the finished stages are kept: the command "
+                   "goes on from there)"]
     run[at + 1] = "5"
     assert main(run) == 0
     out = capsys.readouterr().out

@@ -39,7 +39,7 @@ KNOBS = (
     "retrieve.mode=sample|cluster retrieve.k=0(auto) retrieve.n_clusters=0(auto) retrieve.min_seed_images=3 "
     "retrieve.per_cluster=10000 retrieve.max_images=1000000; cluster.n_clusters=[k1,k2,...] "
     "cluster.resampling_steps=[...] cluster.sample_size=[...] cluster.n_splits=[...] cluster.sampling=c|r cluster.n_iters=20 "
-    "cluster.metric=l2|cos cluster.float64=false cluster.seed=0; sample.strategy=r|c sample.seed=0"
+    "cluster.metric=l2|cos cluster.float64=false cluster.seed=0; sample.strategy=r|c sample.seed=0 sample.multiplier=1"
 )
 
 

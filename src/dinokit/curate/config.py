@@ -94,6 +94,8 @@ class SampleConfig:
     strategy: str = "r"
     """Within a leaf cluster: r (random) or c (closest to the centroid first)."""
     seed: int = 0
+    multiplier: int = 1
+    """Each cluster may give up to this many times its images (repeated), so --target-size may exceed them."""
 
 
 @dataclass
@@ -151,7 +153,7 @@ def _check(c: CurateConfig) -> None:
                   "embed.shard_size": c.embed.shard_size, "dedup.k": c.dedup.k, "cluster.n_iters": c.cluster.n_iters,
                   "retrieve.per_cluster": c.retrieve.per_cluster, "retrieve.max_images": c.retrieve.max_images,
                   "cluster.n_clusters": c.cluster.n_clusters, "cluster.sample_size": c.cluster.sample_size,
-                  "cluster.n_splits": c.cluster.n_splits},
+                  "cluster.n_splits": c.cluster.n_splits, "sample.multiplier": c.sample.multiplier},
                  what="curate key", at_least=1)  # the lists: every level's value
     check_bounds({"embed.num_workers": c.embed.num_workers, "retrieve.k": c.retrieve.k,
                   "retrieve.n_clusters": c.retrieve.n_clusters, "retrieve.min_seed_images": c.retrieve.min_seed_images,

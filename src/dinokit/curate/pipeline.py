@@ -323,18 +323,21 @@ def stage_sample(work: Work, *, device: torch.device, progress: bool = True) -> 
         selected = np.load(work.folder("retrieve") / "selected.npy")
         leaf, distances, parents = load_leaves(work)
         target = config.target_size or len(selected)
-        if target > len(selected):
+        room = len(selected) * config.sample.multiplier
+        if target > room:
+            times = f" x sample.multiplier {config.sample.multiplier}" if config.sample.multiplier > 1 else ""
             raise DinokitError(
-                f"--target-size {target} is larger than the {len(selected)} images left after dedup and retrieve; "
-                "lower it (the finished stages are kept: the same command with a lower --target-size goes on)")
+                f"--target-size {target} is larger than the {len(selected)} images left after dedup and retrieve{times}; "
+                f"lower it{'' if times else ', or repeat images with sample.multiplier=2'} (the finished stages "
+                "are kept: the command goes on from there)")
         chosen = hierarchical_sample(leaf, parents, target, distances=distances, strategy=config.sample.strategy,
-                                     seed=config.sample.seed)
+                                     seed=config.sample.seed, multiplier=config.sample.multiplier)
         _save_npy(work.folder("sample") / "chosen.npy", chosen)
         pool = EmbeddingStore(work.folder("embed") / "pool")
         paths = [str(Path(p).resolve()) for p in pool.row_paths(selected[chosen])]
         with atomic_write(work.root / MANIFEST) as tmp:
             tmp.write_text("".join(f"{p}\n" for p in paths))
-        counts = {"sampled": len(chosen)}
+        counts = {"sampled": len(chosen), "sampled_distinct": len(np.unique(chosen))}
     return du.broadcast_object(counts)
 
 

@@ -19,7 +19,7 @@ from ..data.images import load_image
 from .embed import EmbeddingStore
 
 THUMB = 72
-COUNT_KEYS = ("pool", "unreadable", "after_dedup", "after_eval_dedup", "retrieved", "sampled")
+COUNT_KEYS = ("pool", "unreadable", "after_dedup", "after_eval_dedup", "retrieved", "sampled", "sampled_distinct")
 
 
 def _thumb(path: str) -> str:
@@ -122,6 +122,8 @@ def _html(work, report: dict) -> str:
             members = np.nonzero(leaf == c)[0]
             members = np.sort(rng.permutation(members)[:12])
             parts.append(f"<p>cluster {c} ({int((leaf == c).sum())} images)</p>" + _row(pool.row_paths(selected[members])))
-        parts.append(f"<h2>Random images of the sample ({len(chosen)})</h2>")
-        parts.append(_row(pool.row_paths(selected[np.sort(rng.permutation(chosen)[:32])])))
+        distinct = np.unique(chosen)  # sample.multiplier repeats images
+        repeats = f", {len(distinct)} distinct" if len(distinct) < len(chosen) else ""
+        parts.append(f"<h2>Random images of the sample ({len(chosen)}{repeats})</h2>")
+        parts.append(_row(pool.row_paths(selected[np.sort(rng.permutation(distinct)[:32])])))
     return "".join(parts) + "</body></html>"

@@ -5,6 +5,10 @@ The budget is split top-down. At every level the clusters' shares are "water-fil
 original points), and what is left of the budget goes one image each to randomly chosen clusters still
 larger than ``x``. A small cluster is taken whole; big ones are capped at the same level. Within a leaf
 cluster the images are drawn at random, or the closest to the centroid first.
+
+With a ``multiplier`` m > 1 every cluster may give up to m times its size: a leaf whose quota exceeds its size
+gives every image ``quota // size`` times and ``quota % size`` of them once more, so small clusters are repeated
+rather than left behind, and the sample may be up to m times the images.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ def hierarchical_sample(
     distances: np.ndarray | None = None,
     strategy: str = "r",
     seed: int = 0,
+    multiplier: int = 1,
 ) -> np.ndarray:
-    """Sorted indices of ``target_size`` points drawn top-down through the cluster hierarchy.
+    """Sorted indices of ``target_size`` points drawn top-down through the cluster hierarchy (an index repeats when
+    ``multiplier`` > 1 lets a cluster give more than its size).
 
     ``leaf_labels`` (N,) is each point's level-1 cluster; ``parents[l]`` maps each level-(l+1) cluster
     to its level-(l+2) cluster (empty list: one level). ``distances`` (N,) to the leaf centroid are
@@ -63,8 +69,12 @@ def hierarchical_sample(
         raise DinokitError(f"unknown sample.strategy {strategy!r}; use r (random) or c (closest to the centroid)")
     leaf_labels = np.asarray(leaf_labels, dtype=np.int64)
     n = len(leaf_labels)
-    if target_size > n:
-        raise DinokitError(f"--target-size {target_size} is larger than the {n} images left to sample from; lower it")
+    if multiplier < 1:
+        raise DinokitError(f"sample.multiplier must be at least 1, not {multiplier}")
+    if target_size > n * multiplier:
+        times = f" x sample.multiplier {multiplier}" if multiplier > 1 else ""
+        raise DinokitError(f"--target-size {target_size} is larger than the {n} images left to sample from{times}; "
+                           "lower it" + ("" if multiplier > 1 else " or repeat images with sample.multiplier=2"))
     if strategy == "c" and distances is None:
         raise ValueError("strategy 'c' needs the distances to the centroids")
     rng = np.random.default_rng(seed)
@@ -75,6 +85,7 @@ def hierarchical_sample(
         parent = np.asarray(parent, dtype=np.int64)
         sizes.append(np.bincount(parent, weights=sizes[-1], minlength=int(parent.max()) + 1).astype(np.int64))
     # top-down: the top level's clusters share the whole budget, then each cluster its own quota
+    sizes = [level_sizes * multiplier for level_sizes in sizes]  # what each cluster may give
     quotas = split_budget(sizes[-1], target_size, rng)
     for level in range(len(parents) - 1, -1, -1):
         parent = np.asarray(parents[level], dtype=np.int64)
@@ -85,13 +96,16 @@ def hierarchical_sample(
             children = by_parent[(ends[cluster - 1] if cluster else 0) : ends[cluster]]
             child_quotas[children] = split_budget(sizes[level][children], int(quotas[cluster]), rng)
         quotas = child_quotas
-    # within each leaf: random, or closest to the centroid first
+    # within each leaf: every image quota // size times, then the rest at random or closest to the centroid first
     keys = rng.random(n) if strategy == "r" else np.asarray(distances, dtype=np.float64)
     order = np.lexsort((np.arange(n), keys, leaf_labels))  # by leaf, then key, then index
-    starts = np.cumsum(sizes[0]) - sizes[0]
+    leaf_sizes = sizes[0] // multiplier
+    starts = np.cumsum(leaf_sizes) - leaf_sizes
     rank_in_leaf = np.empty(n, dtype=np.int64)
     rank_in_leaf[order] = np.arange(n) - starts[leaf_labels[order]]
-    return np.nonzero(rank_in_leaf < quotas[leaf_labels])[0]
+    full, rest = np.divmod(quotas, np.maximum(leaf_sizes, 1))
+    times = full[leaf_labels] + (rank_in_leaf < rest[leaf_labels])
+    return np.repeat(np.arange(n), times)
 
 
 def leaf_quotas(leaf_labels: np.ndarray, chosen: np.ndarray, n_leaves: int) -> np.ndarray:
