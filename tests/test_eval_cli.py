@@ -42,7 +42,17 @@ def read_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_knn_then_logreg_extract_once(sample, tmp_path, capsys, monkeypatch):
+def test_knn_and_logreg_extract_once_each_with_their_official_transforms(sample, tmp_path, capsys, monkeypatch):
+    """k-NN reads Resize(256/224 x crop) + CenterCrop, logistic regression Resize(crop) + CenterCrop as the official
+    code does, so each caches its own features; a second run of either reads its cache."""
+    seen = []
+    extract = feature_cache.extract_features
+
+    def recorded(model, dataset, *a, **k):
+        seen.append(next(t for t in dataset.transform.transforms if hasattr(t, "resize_size")).resize_size)
+        return extract(model, dataset, *a, **k)
+
+    monkeypatch.setattr(feature_cache, "extract_features", recorded)
     assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "1", "5", "--n-per-class-list", "-1", "2")]) == 0
     out = capsys.readouterr().out
     assert "random" in out and "48 train / 24 val images, 8 classes" in out and "top-1" in out
@@ -50,15 +60,19 @@ def test_knn_then_logreg_extract_once(sample, tmp_path, capsys, monkeypatch):
     assert [(r["n_per_class"], r["k"]) for r in lines] == [(-1, 1), (-1, 5), (2, 1), (2, 5)]
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in lines)
     assert len(list((tmp_path / "features").glob("*/*-cls-*.pt"))) == 2
+    assert main(["eval", "logreg", *args(sample, tmp_path, "--c-grid-size", "3", "--max-iter", "50")]) == 0
+    assert seen == [37, 37, 32, 32]  # --image-size 32: 32 x 256/224 for k-NN, 32 for logistic regression
+    assert len(list((tmp_path / "features").glob("*/*-cls-*.pt"))) == 4
+    (result,) = read_lines(tmp_path / "results_eval_logreg.json")
+    assert result["backend"] == "sklearn" and len(result["holdout_top1"]) == 3 and 0 <= result["top1"] <= 100
+    assert "best C" in capsys.readouterr().out
 
     def no_extraction(*a, **k):
         raise AssertionError("features should come from the cache")
 
     monkeypatch.setattr(feature_cache, "extract_features", no_extraction)
     assert main(["eval", "logreg", *args(sample, tmp_path, "--c-grid-size", "3", "--max-iter", "50")]) == 0
-    (result,) = read_lines(tmp_path / "results_eval_logreg.json")
-    assert result["backend"] == "sklearn" and len(result["holdout_top1"]) == 3 and 0 <= result["top1"] <= 100
-    assert "best C" in capsys.readouterr().out
+    assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "1")]) == 0
     # other decoding settings decode other pixels: not the cached features (they were reused)
     monkeypatch.setenv("DINOKIT_IMAGE_BACKGROUND", "black")
     with pytest.raises(AssertionError, match="should come from the cache"):

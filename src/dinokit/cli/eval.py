@@ -138,7 +138,7 @@ def _logreg_options(args: argparse.Namespace) -> dict:
                 holdout_fraction=args.holdout_fraction, max_iter=args.max_iter, tol=args.tol)
 
 
-def _context(args: argparse.Namespace, check_model=None):
+def _context(args: argparse.Namespace, check_model=None, resize_size: int | None = None):
     from .. import distributed
     from ..eval import prepare_eval
 
@@ -153,7 +153,8 @@ def _context(args: argparse.Namespace, check_model=None):
     return prepare_eval(
         output_dir=args.output_dir, train_dataset=args.train_dataset, val_dataset=args.val_dataset,
         config_file=args.config_file, pretrained_weights=args.pretrained_weights, model=args.model,
-        random_init=args.random_init, opts=args.opts, image_size=args.image_size, batch_size=args.batch_size,
+        random_init=args.random_init, opts=args.opts, image_size=args.image_size, resize_size=resize_size,
+        batch_size=args.batch_size,
         num_workers=usable_workers(args.num_workers, key="--num-workers"), device=args.device, dtype=args.dtype,
         progress=not args.no_progress, cache=not args.no_cache, check_model=check_model,
         raw_pixels=getattr(args, "raw_pixels", False),
@@ -203,7 +204,7 @@ def run_linear(args: argparse.Namespace) -> int:
 def run_logreg(args: argparse.Namespace) -> int:
     from ..eval.logreg import RESULTS_FILE, logreg_protocol
 
-    ctx = _context(args)
+    ctx = _context(args, resize_size=args.image_size)  # the official Resize(224) + CenterCrop(224)
     if ctx is None:
         return 0
     result = logreg_protocol(ctx, **_logreg_options(args))

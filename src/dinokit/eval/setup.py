@@ -239,6 +239,7 @@ def prepare_eval(
     random_init: bool = False,
     opts: Sequence[str] = (),
     image_size: int = 224,
+    resize_size: int | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     device: str = "auto",
@@ -249,6 +250,10 @@ def prepare_eval(
     raw_pixels: bool = False,
 ) -> EvalContext:
     """Everything an evaluation command needs; the datasets are checked before the model is loaded.
+
+    The images are resized to ``resize_size`` (short side) and centre-cropped to ``image_size``; None resizes to
+    ``image_size * 256 / 224`` (k-NN and linear: Resize(256) + CenterCrop(224)); logistic regression resizes to
+    the crop size, as the official code does.
 
     With ``raw_pixels`` the features are the flattened eval-transformed images (:class:`RawPixels`; no backbone
     option may be given, and nothing is cached: they cost less to recompute than to store).
@@ -266,7 +271,8 @@ def prepare_eval(
         check_writable(output_dir)  # one line before any work
     device_ = resolve_device(device)
     dtype_ = inference_dtype(device_, resolve_dtype(dtype, device_), say=du.is_main_process())  # fp16 on CPU: fp32
-    train, val, num_classes = load_eval_datasets(train_dataset, val_dataset, image_size=image_size)
+    transform = make_classification_eval_transform(resize_size=resize_size, crop_size=image_size)
+    train, val, num_classes = load_eval_datasets(train_dataset, val_dataset, image_size=image_size, transform=transform)
     data_warnings = [line for line in [shared_images_warning(train, val)] if line]
     for line in data_warnings if du.is_main_process() else []:
         print(line)
@@ -283,6 +289,8 @@ def prepare_eval(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     key = {**description, "image_size": image_size, "dtype": str(dtype_)}
+    if resize_size is not None:  # features of another resize are other features (the default keeps older caches)
+        key["resize_size"] = resize_size
     return EvalContext(
         model=backbone, train=train, val=val, num_classes=num_classes,
         cache=FeatureCache(output_dir / "features" if cache and not raw_pixels else None, key), output_dir=output_dir,
