@@ -119,6 +119,10 @@ def test_grid_mismatch_is_an_error():
 def test_ssl_collate_is_picklable_and_deterministic_by_position():
     collate = SSLCollate(seed=3, global_crops_size=32, patch_size=4)
     assert collate.n_tokens == 64 and collate.mask_generator.max_num_patches == 32
+    # the official cap, 0.5 * size // patch * size // patch, floors and all: 666 at 518 px (half the grid: 684.5)
+    caps = {(size, patch): SSLCollate(seed=0, global_crops_size=size, patch_size=patch).mask_generator.max_num_patches
+            for size, patch in ((518, 14), (224, 14), (224, 16), (98, 14))}
+    assert caps == {(518, 14): 666, (224, 14): 128, (224, 16): 98, (98, 14): 21}
     batch = [(pos, _sample(i)) for i, pos in enumerate(range(40, 44))]
     a = collate(batch)
     b = pickle.loads(pickle.dumps(collate))(list(reversed(batch[:1])) + batch[1:])

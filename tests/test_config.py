@@ -269,6 +269,9 @@ def test_overrides_with_lists_and_dataset_strings() -> None:
         ("optim.weight_decay_end=-0.1", "config key 'optim.weight_decay_end' is -0.1; it must be at least 0"),
         ("optim.clip_grad=-1", "config key 'optim.clip_grad' is -1.0; it must be at least 0"),
         ("optim.layerwise_decay=1.5", "config key 'optim.layerwise_decay' is 1.5; it must be in (0, 1]"),
+        # iBOT on, but no patch ever masked: its loss was 0 every step (the official code asserts both)
+        ("ibot.mask_sample_probability=0", "ibot.loss_weight is 1.0 but no patch would ever be masked"),
+        ("ibot.mask_ratio_min_max=[0,0]", "ibot.mask_ratio_min_max [0.0, 0.0]); raise them (official 0.5 and"),
         # scaling overwrote it silently, as the official code does
         ("optim.lr=5", "override 'optim.lr=5': optim.lr is computed from optim.base_lr for the total batch"),
     ],

@@ -95,6 +95,11 @@ def validate(cfg: DictConfig) -> None:
                 "teacher.final_momentum_teacher"):
         if not 0 <= OmegaConf.select(cfg, key) <= 1:
             raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be in [0, 1]")
+    if cfg.ibot.loss_weight > 0 and (cfg.ibot.mask_sample_probability <= 0 or max(cfg.ibot.mask_ratio_min_max) <= 0):
+        raise DinokitError(  # the official code asserts both: no masked patch, an iBOT loss of 0 every step
+            f"ibot.loss_weight is {cfg.ibot.loss_weight} but no patch would ever be masked (ibot.mask_sample_probability"
+            f" {cfg.ibot.mask_sample_probability}, ibot.mask_ratio_min_max {list(cfg.ibot.mask_ratio_min_max)}); raise "
+            "them (official 0.5 and [0.1, 0.5]) or set ibot.loss_weight=0")
     for key in ("optim.adamw_beta1", "optim.adamw_beta2"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise DinokitError(f"config key '{key}' is {OmegaConf.select(cfg, key)}; it must be in [0, 1)")

@@ -144,8 +144,9 @@ class SSLCollate:
 
     The mask randomness comes from ``random.Random(derive_seed(seed, first position, "masks"))``, so
     it depends only on which stream positions form the batch, never on workers or on history.
-    The mask grid is ``global_crops_size // patch_size`` square; a single rectangle covers at most half
-    of it, as in the official training setup.
+    The mask grid is ``global_crops_size // patch_size`` square; a single rectangle covers at most about half of
+    it, by the official expression, whose floors differ from half the grid where the crop size is not an even
+    multiple of the patch (518 px, patch 14: 666 patches, not 684.5).
     """
 
     def __init__(
@@ -161,7 +162,9 @@ class SSLCollate:
         grid = global_crops_size // patch_size
         self.seed = seed
         self.n_tokens = grid * grid
-        self.mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
+        size = global_crops_size  # the official ((0.5 * size) // patch * size) // patch, floors included
+        cap = 0.5 * size // patch_size * size // patch_size
+        self.mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=cap)
         self.mask_ratio_tuple = tuple(mask_ratio_tuple)
         self.mask_probability = mask_probability
         self.dtype = dtype
