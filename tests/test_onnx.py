@@ -69,9 +69,11 @@ def test_static_export_is_exact(tmp_path: Path, registers: int) -> None:
 def test_dynamic_export_within_tolerance_at_other_sizes(tmp_path: Path, registers: int) -> None:
     model = pico(registers)
     report = export_onnx(model, tmp_path / "d.onnx", image_size=(64, 64), dynamic=True)
-    assert set(report.errors) >= {"cls_token@64x64", "cls_token@80x56"} and report.max_error <= DEFAULT_TOLERANCE
-    # the native square grid (no interpolation in PyTorch), shrinking and stretching
-    for shape in [(1, 3, 64, 64), (2, 3, 32, 96), (1, 3, 120, 40)]:
+    assert set(report.errors) >= {"cls_token@64x64", "cls_token@80x56", "patch_tokens@69x71"}
+    assert report.max_error <= DEFAULT_TOLERANCE
+    # the native square grid (no interpolation in PyTorch), shrinking and stretching; sizes that are not whole
+    # patches are centre-cropped as the model does (the graph kept the top-left corner: relative error 1.4)
+    for shape in [(1, 3, 64, 64), (2, 3, 32, 96), (1, 3, 120, 40), (1, 3, 37, 45), (2, 3, 70, 66)]:
         image = torch.randn(*shape)
         for got, expected in zip(run_onnx(tmp_path / "d.onnx", image), reference(model, image)):
             assert got.shape == expected.shape

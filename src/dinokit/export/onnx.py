@@ -79,14 +79,16 @@ class ExportableBackbone(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b = self.backbone
+        if not self.static:  # the model's centre crop to whole patches, with the sizes as graph values
+            p = b.patch_size
+            height, width = torch.as_tensor(image.shape[-2]), torch.as_tensor(image.shape[-1])
+            h0, w0 = height // p, width // p
+            rows = torch.arange(h0 * p) + (height - h0 * p) // 2
+            cols = torch.arange(w0 * p) + (width - w0 * p) // 2
+            image = image.index_select(2, rows).index_select(3, cols)
         x = b.patch_embed(image)  # (B, N, D)
         x = torch.cat((b.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        if self.static:
-            pos = self.pos_embed
-        else:
-            h0 = torch.as_tensor(image.shape[-2]) // b.patch_size
-            w0 = torch.as_tensor(image.shape[-1]) // b.patch_size
-            pos = self._position_embedding(h0, w0)
+        pos = self.pos_embed if self.static else self._position_embedding(h0, w0)
         x = x + pos.to(x.dtype)
         if b.register_tokens is not None:
             x = torch.cat((x[:, :1], b.register_tokens.expand(x.shape[0], -1, -1).to(x.dtype), x[:, 1:]), dim=1)
@@ -117,11 +119,12 @@ def output_names(backbone: DinoVisionTransformer) -> list[str]:
 
 
 def _check_sizes(image_size: tuple[int, int], patch: int, dynamic: bool) -> list[tuple[int, int, int]]:
-    """(batch, H, W) inputs to check: the export size, plus a second batch and non-square size when dynamic."""
+    """(batch, H, W) inputs to check: the export size, plus, when dynamic, a second batch and non-square size and
+    one that is not a multiple of the patch (centre-cropped to whole patches, as the model does)."""
     h, w = image_size
     sizes = [(2, h, w)]
     if dynamic:
-        sizes.append((1, h + 2 * patch, max(patch, w - patch)))
+        sizes += [(1, h + 2 * patch, max(patch, w - patch)), (1, h + patch // 2 + 1, w + patch - 1)]
     return sizes
 
 
