@@ -65,6 +65,9 @@ def test_parse_dataset_str(text, expected):
         ("FileList:root=/x", "does not take root"),
         ("ImageFolder", "needs root"),
         ("FileList", "needs path"),
+        # the official vitl14/vitg14 presets name it: one line that says what to give instead
+        ("ImageNet22k", r"dataset 'ImageNet22k' \('ImageNet22k'\) is the official ImageNet-22k reader .* which "
+                        r"dinokit does not read; give the images as a folder \(ImageFolder:root=DIR\)"),
     ],
 )
 def test_bad_dataset_strings(text, match):

@@ -40,6 +40,10 @@ class ImageDataset(ImageFiles):
         return f"{type(self).__name__}({self.name!r}, {len(self)} images, {len(self.classes)} classes)"
 
 
+# dataset names of the official code that dinokit does not read, and what they are
+UNSUPPORTED_OFFICIAL = {"ImageNet22k": "the official ImageNet-22k reader (class tarballs indexed by its own scripts)"}
+
+
 def parse_dataset_str(dataset_str: str, names: Sequence[str] = DATASET_NAMES) -> tuple[str, dict[str, str]]:
     """``"Name:k=v:..."`` -> (Name, {k: v}); a bare path -> ("ImageFolder", {"root": path}).
 
@@ -49,6 +53,11 @@ def parse_dataset_str(dataset_str: str, names: Sequence[str] = DATASET_NAMES) ->
     if not text:
         raise DinokitError("empty dataset string; use e.g. 'ImageFolder:root=/path/to/images'")
     head, sep, rest = text.partition(":")
+    if head in UNSUPPORTED_OFFICIAL and not Path(text).exists():  # the official presets name it
+        raise DinokitError(f"dataset {head!r} ({dataset_str!r}) is {UNSUPPORTED_OFFICIAL[head]}, which dinokit does not "
+                           "read; give the images as a folder (ImageFolder:root=DIR), a list (FileList:path=LIST.txt) "
+                           "or shards (WebDataset:urls=...; dinokit data shard makes them), e.g. "
+                           "train.dataset_path=ImageFolder:root=/data/in22k")
     if head not in names:
         if re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", head) and sep and "=" in rest.split(":")[0] and not Path(text).exists():
             raise DinokitError(
