@@ -57,7 +57,8 @@ def test_knn_and_logreg_extract_once_each_with_their_official_transforms(sample,
     out = capsys.readouterr().out
     assert "random" in out and "48 train / 24 val images, 8 classes" in out and "top-1" in out
     lines = read_lines(tmp_path / "results_eval_knn.json")
-    assert [(r["n_per_class"], r["k"]) for r in lines] == [(-1, 1), (-1, 5), (2, 1), (2, 5)]
+    # few-shot rows, as the official code: the listed k up to n_per_class, and n_per_class itself
+    assert [(r["n_per_class"], r["k"]) for r in lines] == [(-1, 1), (-1, 5), (2, 1), (2, 2)]
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in lines)
     assert len(list((tmp_path / "features").glob("*/*-cls-*.pt"))) == 2
     assert main(["eval", "logreg", *args(sample, tmp_path, "--c-grid-size", "3", "--max-iter", "50")]) == 0

@@ -111,7 +111,10 @@ def test_few_shot_sampling_counts_and_seeds():
 def test_few_shot_results_average_the_tries():
     train, train_y, test, test_y = random_problem(n_train=140)
     results = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(1, 3), n_per_class_list=[-1, 2], n_tries=3)
-    assert [(r.n_per_class, r.k, r.n_tries) for r in results] == [(-1, 1, 1), (-1, 3, 1), (2, 1, 3), (2, 3, 3)]
+    # few-shot rows as in the official code: the listed k up to n_per_class, plus n_per_class (1-shot: k=1 alone)
+    assert [(r.n_per_class, r.k, r.n_tries) for r in results] == [(-1, 1, 1), (-1, 3, 1), (2, 1, 3), (2, 2, 3)]
+    one_shot = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(10, 20), n_per_class_list=[1, 5])
+    assert [(r.n_per_class, r.k) for r in one_shot] == [(1, 1), (5, 5)]
     by_hand = []
     for seed in range(3):
         idx = sample_per_class(train_y, 2, seed=seed)

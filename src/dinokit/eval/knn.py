@@ -190,12 +190,14 @@ def evaluate_knn(
     results = []
     for n_per_class in n_per_class_list:
         tries = [None] if n_per_class < 0 else list(range(n_tries))
+        # few-shot, as the official code: the k of the list up to n_per_class, and n_per_class itself
+        row_ks = list(ks) if n_per_class < 0 else sorted({k for k in [*ks, n_per_class] if k <= n_per_class})
         runs = []
         for seed in tries:
             subset = slice(None) if seed is None else sample_per_class(train_labels, n_per_class, seed=seed)
             feats, labels = train_features[subset], train_labels[subset]
             n_train = len(labels)
-            above = sorted(k for k in set(ks) if k > n_train)
+            above = sorted(k for k in set(row_ks) if k > n_train)
             if above and seed in (None, 0) and du.is_main_process():
                 named = ", ".join(f"k={k}" for k in above)
                 print(f"note: {named} {'exceeds' if len(above) == 1 else 'exceed'} the {n_train} training samples: "
@@ -203,11 +205,11 @@ def evaluate_knn(
             shard = slice(rank, None, world)  # rank r holds rows r, r + world, ...
             accuracy = knn_classify(
                 feats[shard].to(device), labels[shard].to(device), test_features, test_labels,
-                num_classes=num_classes, ks=sorted({min(k, n_train) for k in ks}), temperature=temperature,
+                num_classes=num_classes, ks=sorted({min(k, n_train) for k in row_ks}), temperature=temperature,
                 chunk_size=chunk_size, batch_size=batch_size,
             )
-            runs.append({k: accuracy[min(k, n_train)] for k in ks})
-        for k in ks:
+            runs.append({k: accuracy[min(k, n_train)] for k in row_ks})
+        for k in row_ks:
             top1 = sum(r[k][0] for r in runs) / len(runs)
             top5 = sum(r[k][1] for r in runs) / len(runs)
             results.append(KnnResult(n_per_class=n_per_class, k=k, top1=top1, top5=top5, n_tries=len(runs)))
