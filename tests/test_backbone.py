@@ -235,3 +235,25 @@ def test_batch_subset_drop_path_adds_the_rescaled_branch_to_the_drawn_samples_on
     want[drawn] += 2.0 * (x[drawn] @ w)
     torch.testing.assert_close(out, want)
     assert not out._is_view()
+
+
+def test_crop_lists_take_the_batch_subset_drop_path_at_any_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official nested (crop list) forward uses the batch-subset form whenever the rate is above 0; a lone
+    tensor only above 0.1 (classic per-sample drop path below)."""
+    from dinokit.layers import block as block_module
+
+    sizes = []
+    real = block_module.subset_residual
+
+    def counted(x, branch, rate):
+        sizes.append(x.shape[0])
+        return real(x, branch, rate)
+
+    monkeypatch.setattr(block_module, "subset_residual", counted)
+    model = tiny_vit(drop_path_rate=0.05, drop_path_uniform=True).train()
+    crops = [torch.randn(10, 3, 28, 28), torch.randn(4, 3, 14, 14)]
+    model.forward_features(crops)
+    assert sizes == [10, 10, 4, 4] * len(model.blocks)  # two residuals per block, per crop set
+    sizes.clear()
+    model.forward_features(crops[0])  # a lone tensor at 0.05: the per-sample Bernoulli form
+    assert sizes == []

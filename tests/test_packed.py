@@ -91,7 +91,7 @@ def test_packed_training_with_stochastic_depth():
     for a, b in zip(expected, forward_features_packed(model, x_list, masks_list)):
         torch.testing.assert_close(b["x_prenorm"], a["x_prenorm"], rtol=0, atol=1e-5)
 
-    for rate in (0.05, 0.5):  # classic per-sample drop path, then the batch-subset form
+    for rate in (0.05, 0.5):  # crop sets take the batch-subset form at any rate, as forward_features_list
         model = _model(drop_path_rate=rate, drop_path_uniform=True).train()
         with torch.no_grad():
             for block in model.blocks:

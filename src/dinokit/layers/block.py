@@ -13,7 +13,8 @@ from .layer_scale import LayerScale
 from .mlp import Mlp
 from .swiglu_ffn import SwiGLUFFN
 
-# Above this rate, training uses DINOv2's batch-subset stochastic depth (see drop_path.py).
+# Above this rate, training uses DINOv2's batch-subset stochastic depth (see drop_path.py); crop lists (the
+# official nested forward) use it at any rate.
 SUBSET_DROP_PATH_THRESHOLD = 0.1
 
 
@@ -61,8 +62,9 @@ class Block(nn.Module):
     def _ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def _residual(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], drop: nn.Module) -> torch.Tensor:
-        if self.training and self.drop_path_rate > SUBSET_DROP_PATH_THRESHOLD:
+    def _residual(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], drop: nn.Module,
+                  nested: bool) -> torch.Tensor:
+        if nested or self.drop_path_rate > SUBSET_DROP_PATH_THRESHOLD:
             return subset_residual(x, branch, self.drop_path_rate)
         return x + drop(branch(x))
 
@@ -71,9 +73,11 @@ class Block(nn.Module):
         # x + gamma * y in one fused kernel (one pass over the activations instead of two)
         return torch.addcmul(x, y, ls.gamma) if isinstance(ls, LayerScale) else x + y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, nested: bool = False) -> torch.Tensor:
+        """``nested``: ``x`` is one crop set of a list (the official nested forward), whose stochastic depth is the
+        batch-subset form at any rate; a lone tensor takes it above 0.1 only, as in the official block."""
         if self.training and self.drop_path_rate > 0:
-            x = self._residual(x, self._attn_branch, self.drop_path1)
-            return self._residual(x, self._ffn_branch, self.drop_path2)
+            x = self._residual(x, self._attn_branch, self.drop_path1, nested)
+            return self._residual(x, self._ffn_branch, self.drop_path2, nested)
         x = self._add_scaled(x, self.attn(self.norm1(x)), self.ls1)
         return self._add_scaled(x, self.mlp(self.norm2(x)), self.ls2)

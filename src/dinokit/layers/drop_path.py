@@ -3,7 +3,8 @@
 Two forms, both with the same expected residual:
 
 * :class:`DropPath`: the classic per-sample Bernoulli(1 - p) mask, rescaled by 1/(1 - p).
-* :func:`subset_residual`: DINOv2's "batch-subset" form used for rates above 0.1. A random subset of
+* :func:`subset_residual`: DINOv2's "batch-subset" form, used for rates above 0.1, and at any rate for the crop
+  sets of a multi-crop forward (the official nested forward). A random subset of
   exactly ``max(int(B * (1 - p)), 1)`` samples goes through the branch, and the result is added
   back scaled by ``B / subset``. It skips the branch's compute for the dropped samples, which makes
   heavily regularised training (p = 0.3-0.4) markedly cheaper. Shapes stay static (the subset size

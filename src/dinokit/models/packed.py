@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.block import SUBSET_DROP_PATH_THRESHOLD, Block
+from ..layers.block import Block
 from ..layers.layer_scale import LayerScale
 from .vision_transformer import DinoVisionTransformer, FeatureDict
 
@@ -84,11 +84,10 @@ def _packed_residual(
     shapes: Shapes,
     branch: Callable[[torch.Tensor, Shapes], torch.Tensor],
     layer_scale: nn.Module,
-    drop: nn.Module,
 ) -> torch.Tensor:
     """``flat + drop_path(layer_scale(branch(flat)))`` with the block's stochastic depth applied per crop set."""
     rate = block.drop_path_rate if block.training else 0.0
-    if rate > SUBSET_DROP_PATH_THRESHOLD:
+    if rate > 0:  # crop sets: the batch-subset form at any rate, as forward_features_list
         # Batch-subset stochastic depth (layers/drop_path.py), per set; the kept samples of all sets run together.
         groups = _split(flat, shapes)
         picks = []
@@ -103,9 +102,6 @@ def _packed_residual(
             for x, idx, r in zip(groups, picks, residuals)
         ]
         return torch.cat([x.flatten(0, 1) for x in out])
-    if rate > 0:
-        residuals = _split(layer_scale(branch(flat, shapes)), shapes)
-        return flat + torch.cat([drop(r).flatten(0, 1) for r in residuals])
     y = branch(flat, shapes)
     # x + gamma * y in one kernel, as Block.forward does in evaluation
     return torch.addcmul(flat, y, layer_scale.gamma) if isinstance(layer_scale, LayerScale) else flat + layer_scale(y)
@@ -119,8 +115,8 @@ def packed_block(block: Block, flat: torch.Tensor, shapes: Shapes, block_mask=No
         mask = block_mask if s == shapes or block_mask is None else crop_block_mask(s, x.device)
         return packed_attention(block.attn, block.norm1(x), s, mask)
 
-    flat = _packed_residual(block, flat, shapes, attention, block.ls1, block.drop_path1)
-    return _packed_residual(block, flat, shapes, lambda x, s: block.mlp(block.norm2(x)), block.ls2, block.drop_path2)
+    flat = _packed_residual(block, flat, shapes, attention, block.ls1)
+    return _packed_residual(block, flat, shapes, lambda x, s: block.mlp(block.norm2(x)), block.ls2)
 
 
 def forward_features_packed(

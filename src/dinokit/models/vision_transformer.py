@@ -184,10 +184,11 @@ class DinoVisionTransformer(nn.Module):
     def forward_features_list(
         self, x_list: Sequence[torch.Tensor], masks_list: Sequence[torch.Tensor | None]
     ) -> list[FeatureDict]:
-        """Several crop sets through the same blocks, block by block (each set independent)."""
+        """Several crop sets through the same blocks, block by block (each set independent; in training, each
+        set's stochastic depth is the batch-subset form at any rate, as in the official nested forward)."""
         xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
         for blk in self.blocks:
-            xs = [blk(x) for x in xs]
+            xs = [blk(x, nested=True) for x in xs]
         return [self._output_dict(x, m) for x, m in zip(xs, masks_list)]
 
     def forward_features(
