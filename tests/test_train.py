@@ -50,6 +50,12 @@ def test_few_steps_write_metrics_snapshots_and_checkpoints(images, tmp_path):
                 "dino_global_crops_loss", "koleo_loss", "ibot_loss"):
         assert key in lines[-1]
     assert all(torch.isfinite(torch.tensor(l["total_loss"])) for l in lines)
+    # total_loss as the official log: the sum of the logged terms (KoLeo and iBOT logged halved); objective_loss is
+    # the minimised loss (loss weights 1 here, KoLeo and iBOT whole)
+    terms = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+    for l in lines:
+        assert l["total_loss"] == pytest.approx(sum(l[k] for k in terms), rel=1e-5)
+        assert l["objective_loss"] == pytest.approx(l["total_loss"] + l["koleo_loss"] + l["ibot_loss"], rel=1e-5)
     # the last layer is frozen (lr 0) for the first epoch, and the lr warms up from 0
     assert lines[0]["last_layer_lr"] == 0 and lines[0]["lr"] == 0 and lines[3]["last_layer_lr"] > 0
     # teacher snapshots every 3 iterations, in the official layout, loadable as a backbone

@@ -140,7 +140,8 @@ class DistillationTask(SSLObjective, Task):
             return next(iter(outs.values()))
         total = sum(out.total for out in outs.values())  # independent students: each gets its own gradient
         terms = {f"{self.subdirs[key]}/{name}": value for key, out in outs.items() for name, value in out.terms.items()}
-        return LossOutput(total=total, terms=terms)
+        logged = None if all(out.logged_total is None for out in outs.values()) else sum(o.logged for o in outs.values())
+        return LossOutput(total=total, terms=terms, logged_total=logged)
 
     def _ssl_losses(self, batch, teacher_temp: float) -> dict[str, LossOutput]:
         global_crops = batch.global_crops

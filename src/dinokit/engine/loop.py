@@ -249,7 +249,7 @@ class Engine:
             bar=cfg.progress,
         )
         log_freq, ckpt_period = max(1, cfg.log_freq), max(1, cfg.checkpoint_period)
-        pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        pending: list[tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]] = []
         last_record: dict[str, Any] = {}
         snapshots: list[str] = []
         exports: dict[str, str] = {}  # the newest snapshot's file of each export (several students: one each)
@@ -278,7 +278,8 @@ class Engine:
                 sched = {name: float(values[iteration]) for name, values in self.schedules.items()}
                 out = self.step(batch, iteration, sched)
                 completed = iteration + 1
-                pending.append((out.total.detach(), {k: v.detach() for k, v in out.terms.items()}))
+                logged = None if out.logged_total is None else out.logged_total.detach()
+                pending.append((out.total.detach(), logged, {k: v.detach() for k, v in out.terms.items()}))
                 logger.update(**_schedule_fields(sched), current_batch_size=self.task.batch_size(batch),
                               data_time=data_time, iter_time=time.perf_counter() - t_data)
                 logger.step()
@@ -338,10 +339,14 @@ class Engine:
     def _flush_losses(self, pending, logger: MetricsLogger, iteration: int) -> None:
         if not pending:
             return
-        totals = torch.stack([t for t, _ in pending]).float()
-        names = sorted(pending[-1][1])
-        terms = torch.stack([torch.stack([d[n].float() for n in names]) for _, d in pending]) if names else None
+        totals = torch.stack([t for t, _, _ in pending]).float()
+        official = pending[-1][1] is not None  # a task whose log has the official total_loss (see LossOutput)
+        logged = torch.stack([t for _, t, _ in pending]).float() if official else totals
+        names = sorted(pending[-1][2])
+        terms = torch.stack([torch.stack([d[n].float() for n in names]) for _, _, d in pending]) if names else None
         dist_utils.all_reduce_mean(totals)
+        if official:
+            dist_utils.all_reduce_mean(logged)
         if terms is not None:
             dist_utils.all_reduce_mean(terms)
         if not torch.isfinite(totals).all():
@@ -353,7 +358,7 @@ class Engine:
             raise DinokitError(f"loss became {value} at iteration {bad}; {kept}; lower optim.base_lr or raise "
                                "train.batch_size_per_gpu")
         for i in range(totals.shape[0]):
-            logger.update(total_loss=totals[i].item())
+            logger.update(total_loss=logged[i].item(), **({"objective_loss": totals[i].item()} if official else {}))
             if terms is not None:
                 logger.update(**{n: terms[i, j].item() for j, n in enumerate(names)})
 

@@ -12,10 +12,20 @@ from torch import nn
 
 @dataclass
 class LossOutput:
-    """The loss to minimise and the terms to log (official names where there are official ones)."""
+    """The loss to minimise and the terms to log (official names where there are official ones).
+
+    ``logged_total``, when given, is logged as ``total_loss`` and ``total`` as ``objective_loss``: the official
+    pretraining log sums its logged terms (KoLeo and iBOT halved, loss weights left out), not the minimised loss.
+    """
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
+    logged_total: torch.Tensor | None = None
+
+    @property
+    def logged(self) -> torch.Tensor:
+        """What the log calls ``total_loss``."""
+        return self.total if self.logged_total is None else self.logged_total
 
 
 @dataclass

@@ -218,7 +218,8 @@ class SSLObjective:
                 gram = self.gram_loss(*self._gram_tokens(student_patches, gram_targets, ibot_masks_flat, patch_index))
                 total = total + (self.gram_weight if gram_weight is None else gram_weight) * gram
             terms["gram_loss"] = gram
-        return LossOutput(total=total, terms=terms)
+        # the official log's total_loss: the sum of the logged terms (not the minimised loss)
+        return LossOutput(total=total, terms=terms, logged_total=sum(terms.values(), total.new_zeros(())))
 
     def _chunked_dino(self, student: nn.ModuleDict, tokens: list[torch.Tensor], probs: list[torch.Tensor]) -> torch.Tensor:
         """``self.dino_loss`` of ``dino_head(tokens)``, ``head_chunk_rows`` rows of logits at a time."""
