@@ -50,3 +50,6 @@ dinov2_vits14_dd = hub_entry_point("dinov2_vits14_dd")
 dinov2_vitb14_dd = hub_entry_point("dinov2_vitb14_dd")
 dinov2_vitl14_dd = hub_entry_point("dinov2_vitl14_dd")
 dinov2_vitg14_dd = hub_entry_point("dinov2_vitg14_dd")
+
+# the official image-text model: not provided (one line says why)
+dinov2_vitl14_reg4_dinotxt_tet1280d20h24l = hub_entry_point("dinov2_vitl14_reg4_dinotxt_tet1280d20h24l")

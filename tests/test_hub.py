@@ -118,6 +118,13 @@ def test_hubconf_exposes_every_model() -> None:
     assert hubconf.dependencies == ["torch"]
     for name in list_models():
         assert getattr(hubconf, name).__name__ == name
+    # the official image-text entry point exists by name and says in one line that dinokit does not provide it
+    dinotxt = "dinov2_vitl14_reg4_dinotxt_tet1280d20h24l"
+    with pytest.raises(DinokitError, match=rf"^'{dinotxt}' is dino.txt, the official image-text model: .* use the "
+                                           "official repository for it$"):
+        getattr(hubconf, dinotxt)()
+    with pytest.raises(DinokitError, match="is dino.txt"):
+        create_model(dinotxt)
 
 
 def test_hub_weights_argument_loads_a_file(tmp_path: Path) -> None:

@@ -106,9 +106,18 @@ def list_models(*, include_aliases: bool = False) -> list[str]:
     return list(MODELS) + (list(ALIASES) if include_aliases else [])
 
 
+# official hub names that dinokit does not provide, and why (their entry points raise one line)
+NOT_PROVIDED = {
+    "dinov2_vitl14_reg4_dinotxt_tet1280d20h24l": "dino.txt, the official image-text model: its text encoder and "
+    "vision head are not part of dinokit (its ViT-L/14 backbone is dinov2_vitl14_reg)",
+}
+
+
 def model_info(name: str) -> ModelInfo:
     """The :class:`ModelInfo` of a hub name or alias; unknown names raise a :class:`DinokitError` with suggestions."""
     canonical = ALIASES.get(name, name)
+    if canonical in NOT_PROVIDED:
+        raise DinokitError(f"{name!r} is {NOT_PROVIDED[canonical]}; use the official repository for it")
     if canonical not in MODELS:
         close = difflib.get_close_matches(name, list_models(include_aliases=True), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "run 'dinokit models' for the list"
@@ -211,8 +220,16 @@ def _create_classifier(
 def hub_entry_point(name: str) -> Callable[..., nn.Module]:
     """The torch.hub function for ``name``: ``fn(*, pretrained=True, weights=None, **kwargs)``.
 
-    Unlike :func:`create_model`, hub entry points default to the official weights, as the official ones do.
+    Unlike :func:`create_model`, hub entry points default to the official weights, as the official ones do. A name
+    of :data:`NOT_PROVIDED` gives an entry point that raises one line saying why.
     """
+    if name in NOT_PROVIDED:
+        def not_provided(*args: Any, **kwargs: Any) -> nn.Module:
+            return model_info(name)  # raises: what the model is and where to find it
+
+        not_provided.__name__ = not_provided.__qualname__ = name
+        not_provided.__doc__ = f"Not provided by dinokit: {NOT_PROVIDED[name]}."
+        return not_provided
     info = model_info(name)
 
     def entry_point(*, pretrained: bool = True, weights: Any = None, **kwargs: Any) -> nn.Module:
