@@ -84,6 +84,30 @@ def test_c_grid_and_holdout_split():
     fit, held = holdout_split(50, 0.1, seed=0)
     assert len(held) == 5 and len(fit) == 45 and not set(fit.tolist()) & set(held.tolist())
     assert torch.equal(held, holdout_split(50, 0.1, seed=0)[1])
+    # the official split: torch.manual_seed(0); randperm(n)[: n // 10] (ImageNet: 128,116 held out, not 128,117)
+    for n in (59, 1_281_167):
+        torch.manual_seed(0)
+        official = torch.randperm(n)[: n // 10]
+        assert torch.equal(holdout_split(n, 0.1, seed=0)[1], official.sort().values)
+
+
+def test_top5_and_choosing_C_on_val():
+    """Top-5 as the official result; --finetune-on-val chooses C on val and fits on all of train."""
+    x, y = blobs(200, 6)
+    xv, yv = blobs(100, 6, seed=2)
+    model = fit_logreg(x, y, C=1e-6, backend="sklearn", max_iter=300, tol=1e-10)
+    proba = model.predict_proba(xv)
+    top5 = (model.classes[proba.topk(5, dim=1).indices] == yv[:, None]).any(1).double().mean() * 100
+    assert model.accuracy(xv, yv, k=5) == pytest.approx(float(top5)) and model.accuracy(xv, yv, k=6) == 100.0
+    grid = c_grid(5)
+    held = evaluate_logreg(x, y, xv, yv, c_values=grid, backend="sklearn", max_iter=300, tol=1e-10)
+    on_val = evaluate_logreg(x, y, xv, yv, c_values=grid, backend="sklearn", max_iter=300, tol=1e-10,
+                             finetune_on_val=True)
+    assert held.chosen_on == "holdout" and on_val.chosen_on == "val"
+    assert held.top1 <= held.top5 <= 100 and on_val.top1 <= on_val.top5
+    # on val, the chosen C's score is the final val top-1 (the same fit on all of train)
+    assert on_val.holdout_top1[f"{on_val.best_C:.3g}"] == pytest.approx(on_val.top1)
+    assert on_val.top1 == max(on_val.holdout_top1.values())
 
 
 def test_errors():

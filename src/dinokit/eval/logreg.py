@@ -55,9 +55,11 @@ class LogregModel:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.classes.to(self.coef.device)[self.predict_proba(x).argmax(dim=1)]
 
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Top-1 accuracy in percent."""
-        return 100.0 * float((self.predict(x) == y.to(self.coef.device)).double().mean())
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
+        """Top-``k`` accuracy in percent (every image right when the model knows at most ``k`` classes)."""
+        top = self.predict_proba(x).topk(min(k, len(self.classes)), dim=1).indices
+        hits = (self.classes.to(self.coef.device)[top] == y.to(self.coef.device)[:, None]).any(dim=1)
+        return 100.0 * float(hits.double().mean())
 
 
 # ---------------------------------------------------------------------------------------------- solvers
@@ -199,13 +201,16 @@ class LogregResult:
     top1: float  # percent, on the validation set, after the refit with best_C
     best_C: float
     backend: str
-    holdout_top1: dict[str, float] = field(default_factory=dict)  # C (as text) -> held-out top-1
+    holdout_top1: dict[str, float] = field(default_factory=dict)  # C (as text) -> top-1 where C was chosen
+    top5: float = 0.0  # percent, as top1
+    chosen_on: str = "holdout"  # where C was chosen: "holdout" (part of train) or "val" (--finetune-on-val)
 
 
 def holdout_split(n: int, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit indices, held-out indices): a random ``fraction`` of ``range(n)`` held out (at least one)."""
+    """(fit indices, held-out indices): the first ``floor(n * fraction)`` of a permutation seeded with ``seed`` held
+    out (the official ``randperm(n)[: n // 10]``), at least one."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_held = min(max(1, int(round(n * fraction))), n - 1)
+    n_held = min(max(1, int(n * fraction + 1e-9)), n - 1)
     return order[n_held:].sort().values, order[:n_held].sort().values
 
 
@@ -213,9 +218,11 @@ def evaluate_logreg(
     train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
     c_values: Sequence[float] | None = None, backend: str = "auto", holdout_fraction: float = 0.1, seed: int = 0,
     max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, device: torch.device | str = "cpu",
+    finetune_on_val: bool = False,
 ) -> LogregResult:
-    """Choose C on a held-out part of train, refit on all of train, report val top-1.
+    """Choose C on a held-out part of train, refit on all of train, report val top-1 and top-5.
 
+    ``finetune_on_val`` (official ``--finetune-on-val``): choose C on val itself, fitting on all of train (no refit).
     Under ``torchrun`` the C values are spread over the ranks and the held-out scores gathered.
     """
     check_logreg_options(c_values=c_values, backend=backend, holdout_fraction=holdout_fraction, max_iter=max_iter,
@@ -227,7 +234,11 @@ def evaluate_logreg(
     # float64 as officially; the torch solver gets the data on its device once, not once per C.
     data_device = device if backend == "torch" else "cpu"
     train_x, val_x = train_x.to(data_device, torch.float64), val_x.to(data_device, torch.float64)
-    fit_idx, held_idx = holdout_split(len(train_y), holdout_fraction, seed)
+    if finetune_on_val:
+        fit_idx, held_idx = torch.arange(len(train_y)), None
+    else:
+        fit_idx, held_idx = holdout_split(len(train_y), holdout_fraction, seed)
+    held_x, held_y = (val_x, val_y) if held_idx is None else (train_x[held_idx], train_y[held_idx])
     n_fit_classes = int(torch.unique(train_y[fit_idx]).numel())
     if n_fit_classes < 2:  # the solvers need two classes (sklearn raised a ValueError traceback)
         raise DinokitError(f"logistic regression needs at least 2 classes among the images it fits on; the "
@@ -240,14 +251,14 @@ def evaluate_logreg(
             train_x[fit_idx], train_y[fit_idx], C=C, backend=backend, max_iter=max_iter, tol=tol, device=device,
             init=previous,
         )
-        scores[C] = previous.accuracy(train_x[held_idx], train_y[held_idx])
+        scores[C] = previous.accuracy(held_x, held_y)
     for part in du.all_gather_object(scores):
         scores.update(part)
     best_C = max(c_values, key=lambda c: scores[c])  # the smallest C among equals: the strongest regularisation
     final = fit_logreg(train_x, train_y, C=best_C, backend=backend, max_iter=max_iter, tol=tol, device=device)
     return LogregResult(
-        top1=final.accuracy(val_x, val_y), best_C=best_C, backend=backend,
-        holdout_top1={f"{c:.3g}": scores[c] for c in c_values},
+        top1=final.accuracy(val_x, val_y), top5=final.accuracy(val_x, val_y, k=5), best_C=best_C, backend=backend,
+        holdout_top1={f"{c:.3g}": scores[c] for c in c_values}, chosen_on="val" if finetune_on_val else "holdout",
     )
 
 
@@ -264,14 +275,19 @@ def logreg_protocol(
     holdout_fraction: float = 0.1,
     max_iter: int = DEFAULT_MAX_ITER,
     tol: float = DEFAULT_TOL,
+    finetune_on_val: bool = False,
 ) -> LogregResult:
-    """``dinokit eval logreg``: cached class tokens, C selection and refit, ``results_eval_logreg.json``."""
+    """``dinokit eval logreg``: cached class tokens, C selection and refit, ``results_eval_logreg.json``.
+
+    The official protocol reads Resize(crop) + CenterCrop images: make ``ctx`` with ``prepare_eval(...,
+    resize_size=image_size)``, as the command does."""
     train = ctx.features("train", "cls")
     val = ctx.features("val", "cls")
-    trust = report_label_warnings(train.targets, val.targets, ctx.num_classes, top5=False)  # top-1 only
+    trust = report_label_warnings(train.targets, val.targets, ctx.num_classes)
     result = evaluate_logreg(
         train.features["cls"], train.targets, val.features["cls"], val.targets, c_values=c_values,
         backend=backend, holdout_fraction=holdout_fraction, max_iter=max_iter, tol=tol, device=ctx.device,
+        finetune_on_val=finetune_on_val,
     )
     if du.is_main_process():
         write_logreg_result(result, ctx.output_dir, ctx.result_provenance(trust))
