@@ -94,6 +94,32 @@ def test_hf_folder_loads_strictly_and_matches(tmp_path: Path, variant: str) -> N
     assert_bitwise_equal(hf_to_official(official_to_hf(sd)), sd)
 
 
+def test_hf_image_classifier_keeps_its_head_as_an_official_linear_head(tmp_path: Path, capsys) -> None:
+    """A Dinov2ForImageClassification converted to official also writes its classifier as a one-block linear head
+    file (it was dropped without a word); dinokit's linear classifier with it gives the HF logits."""
+    from dinokit.models.linear_classifier import LinearClassifier, load_linear_head
+
+    spec = tiny_spec("plain")
+    model = random_backbone(spec)
+    folder = save_hf_folder(model.state_dict(), tmp_path / "hf", spec=spec)
+    config = transformers.AutoConfig.from_pretrained(folder, num_labels=5)
+    hf = transformers.Dinov2ForImageClassification.from_pretrained(folder, config=config).eval()
+    with torch.no_grad():
+        hf.classifier.weight.normal_(generator=torch.Generator().manual_seed(2))
+    hf.save_pretrained(tmp_path / "clf")
+    out = tmp_path / "backbone.pth"
+    assert main(["convert", str(tmp_path / "clf"), str(out), "--to", "official"]) == 0
+    assert "backbone_linear_head.pth: the classifier, as an official linear head (layers=1" in capsys.readouterr().out
+    clf = LinearClassifier(spec.build(), layers=1, num_classes=5).eval()
+    clf.backbone.load_state_dict(torch.load(out, weights_only=True))
+    load_linear_head(clf, tmp_path / "backbone_linear_head.pth")
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), hf(pixel_values=x).logits, atol=1e-5, rtol=0)
+    assert main(["convert", str(tmp_path / "clf"), str(tmp_path / "again"), "--to", "hf"]) == 0
+    assert "note: the classifier (5, 128) is not part of a Dinov2Model folder" in capsys.readouterr().out
+
+
 def test_hf_interpolation_differs_only_by_the_official_offset(tmp_path: Path) -> None:
     """At a non-native size HF's plain model resizes with size= (no +0.1 offset): the official model differs,
     and the same weights with offset 0 agree with HF. Register models use size= with antialias in both."""

@@ -45,6 +45,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {out}; load with {how}")
     else:
         print(f"wrote {done['out']} (official layout)")
+    if "linear_head" in done:
+        print(f"wrote {done['linear_head']}: the classifier, as an official linear head (layers=1: class token and "
+              "patch mean); load with dinokit.create_model(NAME_lc, layers=1, weights=HEAD, backbone_weights=BACKBONE)")
+    if "dropped_classifier" in done:
+        print(f"note: the classifier {done['dropped_classifier']} is not part of a Dinov2Model folder and was left out; "
+              "convert --to official to keep it as a linear head file")
     return 0
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from ..engine.run_dir import check_not_replacing
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
-from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_state_dict_file, save_backbone
-from .hf import is_hf_state_dict, hf_to_official, read_hf_folder, save_hf_folder
+from ..models.checkpoint import atomic_write, backbone_state_dict_from_checkpoint, load_state_dict_file, save_backbone
+from .hf import is_hf_state_dict, hf_to_official, read_hf_classifier, read_hf_folder, save_hf_folder
 from .mmpretrain import is_mmpretrain_state_dict, mmpretrain_to_official
 from .spec import BackboneSpec, StateDict, spec_from_model_name, spec_from_state_dict
 from .timm import is_timm_state_dict, official_to_timm_checked, timm_model_name, timm_to_official
@@ -92,6 +94,10 @@ def convert_checkpoint(
     sd, source, config = read_backbone(src, layout=layout)
     spec = resolve_spec(sd, model=model, config=config)
     dst = Path(dst).expanduser()
+    head = read_hf_classifier(src) if source == "hf" else None
+    head_path = dst.with_name(f"{dst.stem}_linear_head.pth") if head is not None and to != "hf" else None
+    if head_path is not None:
+        check_not_replacing(head_path, "the linear head", overwrite=overwrite)
     report: dict[str, Any] = {"source": source, "target": to, "spec": spec, "out": dst}
     if to == "hf":
         save_hf_folder(sd, dst, spec=spec)
@@ -104,5 +110,12 @@ def convert_checkpoint(
         if to == "safetensors" and dst.suffix != ".safetensors":
             raise DinokitError(f"--to safetensors writes a .safetensors file, not {dst.name!r}")
         save_backbone(sd, dst)
+    if head is not None:  # Dinov2ForImageClassification: its classifier is the official one-block linear head
+        if head_path is None:
+            report["dropped_classifier"] = tuple(head["weight"].shape)
+        else:
+            with atomic_write(head_path) as tmp:
+                torch.save({k: v.contiguous() for k, v in head.items()}, tmp)
+            report["linear_head"] = head_path
     return report
 

@@ -191,6 +191,18 @@ def hf_to_official(sd: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
+def read_hf_classifier(path: str | Path) -> StateDict | None:
+    """The ``classifier`` of a ``Dinov2ForImageClassification`` file or folder as an official linear head
+    (``{"weight": (C, 2D), "bias": (C,)}``: the class token and patch mean of the last block, the official
+    one-block head), or None when there is none."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), path)
+    sd = load_state_dict_file(path)
+    head = {name: sd[f"classifier.{name}"] for name in ("weight", "bias") if f"classifier.{name}" in sd}
+    return head if len(head) == 2 else None
+
+
 def read_hf_folder(path: str | Path) -> tuple[StateDict, dict[str, Any] | None]:
     """An official state dict and the ``config.json`` (if any) from a Hugging Face folder or weights file."""
     path = Path(path).expanduser()
