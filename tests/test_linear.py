@@ -11,7 +11,6 @@ from dinokit.eval.linear import (
     LinearProbes,
     ProbeSetting,
     best_classifier,
-    cached_batches,
     check_linear_options,
     evaluate_probes,
     probe_input,
@@ -20,6 +19,7 @@ from dinokit.eval.linear import (
     train_probes,
 )
 from dinokit.errors import DinokitError
+from dinokit.eval.linear_data import cached_batches
 from dinokit.eval.feature_cache import linear_feature_parts
 from dinokit.models import DinoVisionTransformer
 from dinokit.models.linear_classifier import linear_features

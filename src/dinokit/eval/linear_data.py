@@ -1,0 +1,63 @@
+"""The endless training streams of the linear probes: cached features or augmented images through the frozen
+backbone, each rank its share of a fresh permutation per pass."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from .. import distributed as du
+from ..data import ImageDataset, collate_skip_bad
+from ..features import autocast_context
+from .feature_cache import linear_feature_parts
+
+# One training batch of frozen features: class tokens (B, n, D), patch-token mean (B, D), labels (B,).
+FeatureBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class InfiniteShuffle(Sampler[int]):
+    """Endless passes over ``n`` indices, a fresh permutation per pass; rank r takes every world-th."""
+
+    def __init__(self, n: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield from torch.randperm(self.n, generator=generator)[self.rank :: self.world_size].tolist()
+
+
+def cached_batches(
+    cls_tokens: torch.Tensor, patch_mean: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Iterator[FeatureBatch]:
+    """Endless shuffled batches of precomputed features (this rank's share)."""
+    order = iter(InfiniteShuffle(len(labels), seed=seed, rank=du.get_rank(), world_size=du.get_world_size()))
+    while True:
+        idx = torch.tensor([next(order) for _ in range(batch_size)])
+        yield cls_tokens[idx].to(device), patch_mean[idx].to(device), labels[idx].to(device)
+
+
+def augmented_batches(
+    backbone: nn.Module, dataset: ImageDataset, *, batch_size: int, num_workers: int = 0, seed: int = 0,
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = None, unreadable: set[int] | None = None,
+) -> Iterator[FeatureBatch]:
+    """Endless batches of frozen features of augmented images (``dataset`` carries the train transform); the
+    indices of the images found unreadable are added to ``unreadable``."""
+    device = torch.device(device)
+    sampler = InfiniteShuffle(len(dataset), seed=seed, rank=du.get_rank(), world_size=du.get_world_size())
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_skip_bad,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+    )
+    for batch in loader:
+        if unreadable is not None:
+            unreadable.update(batch["bad"])
+        if batch["image"] is None:
+            continue  # every image of the batch was unreadable
+        with torch.no_grad(), autocast_context(device, dtype):
+            parts = linear_feature_parts(backbone, batch["image"].to(device, non_blocking=True))
+        yield parts["cls_tokens"], parts["patch_mean"], batch["target"].to(device)
