@@ -103,6 +103,48 @@ def test_linear_saves_hub_heads_and_feeds_knn_cache(sample, tmp_path, capsys, mo
     assert cached == fresh
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_killed_linear_evaluation_resumes_from_its_running_checkpoint(sample, tmp_path, capsys, monkeypatch, augment):
+    """The official running checkpoint, each epoch: a run killed in its second epoch resumes at the end of the first.
+    On cached features it ends with the uninterrupted run's heads, bit for bit; on augmented images with the same
+    images in the same order (other random crops). Another evaluation in the folder is one line."""
+    from dinokit.eval import linear, linear_data
+
+    extra = ["--epochs", "2", "--epoch-length", "4", "--batch-size", "8", "--learning-rates", "0.05", "0.1",
+             *([] if augment else ["--no-augment"])]
+    assert main(["eval", "linear", *args(sample, tmp_path / "whole", *extra)]) == 0
+    stream = linear_data.cached_batches if not augment else linear_data.augmented_batches
+
+    def killed(*a, **k):
+        for i, batch in enumerate(stream(*a, **k)):
+            if i == 6:  # two batches into the second epoch
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(linear, "cached_batches" if not augment else "augmented_batches", killed)
+    assert main(["eval", "linear", *args(sample, tmp_path / "cut", *extra)]) == 130
+    monkeypatch.undo()
+    running = tmp_path / "cut" / "running_checkpoint_linear_eval.pth"
+    assert running.is_file() and not (tmp_path / "cut" / "results_eval_linear.json").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / running.name).write_bytes(running.read_bytes())
+    capsys.readouterr()
+    assert main(["eval", "linear", *args(sample, tmp_path / "cut", *extra)]) == 0
+    assert "resuming at iteration 4 of 8 from" in capsys.readouterr().out
+    assert not running.exists()  # the results are the finished record: a rerun starts afresh
+    whole, cut = read_lines(tmp_path / "whole/results_eval_linear.json"), read_lines(tmp_path / "cut/results_eval_linear.json")
+    assert whole[0]["iterations"] == cut[0]["iterations"] == 8
+    if not augment:
+        assert whole[0]["classifiers"] == cut[0]["classifiers"]
+        for name in ("linear_head_1.pth", "linear_head_4.pth"):
+            a, b = (torch.load(tmp_path / run / name, weights_only=True) for run in ("whole", "cut"))
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    # another evaluation where one is unfinished: one line, nothing overwritten
+    assert main(["eval", "linear", *args(sample, tmp_path / "other", *extra, "--seed", "3")]) == 2
+    assert "holds an unfinished linear evaluation with other settings (seed differ" in capsys.readouterr().err
+    assert (tmp_path / "other" / running.name).is_file() and not (tmp_path / "other" / "linear_head_1.pth").exists()
+
+
 def test_linear_with_augmentation(sample, tmp_path, capsys):
     extra = ("--epochs", "1", "--epoch-length", "3", "--batch-size", "8", "--learning-rates", "0.1",
              "--n-last-blocks", "1", "50")

@@ -133,3 +133,15 @@ def test_option_checks_name_the_wrong_option():
         with pytest.raises(DinokitError) as err:
             check_linear_options(**bad)
         assert str(err.value) == message
+
+
+def test_the_training_stream_continues_where_it_stopped():
+    """InfiniteShuffle(start=k) gives the stream from its k-th index on, across passes and for each rank."""
+    from dinokit.eval.linear_data import InfiniteShuffle
+
+    for rank, world in ((0, 1), (1, 3)):
+        stream = iter(InfiniteShuffle(10, seed=4, rank=rank, world_size=world))
+        whole = [next(stream) for _ in range(25)]
+        for start in (0, 3, 4, 11, 20):
+            later = iter(InfiniteShuffle(10, seed=4, rank=rank, world_size=world, start=start))
+            assert [next(later) for _ in range(25 - start)] == whole[start:]

@@ -19,7 +19,7 @@ import copy
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +29,10 @@ from tqdm import tqdm
 from .. import distributed as du
 from ..data import make_classification_train_transform
 from ..errors import DinokitError
-from ..models.checkpoint import atomic_write
+from ..models.checkpoint import atomic_write, load_state_dict_file
 from ..models.linear_classifier import probe_input
 from .results import append_results, report_label_warnings
-from .linear_data import FeatureBatch, augmented_batches, cached_batches
+from .linear_data import FeatureBatch, StreamPosition, augmented_batches, cached_batches
 from .setup import EvalContext
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -92,19 +92,59 @@ class LinearProbes(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- batches
 # ---------------------------------------------------------------------------------------------- training
+RUNNING_CHECKPOINT = "running_checkpoint_linear_eval.pth"  # the official name
+
+
+class RunningCheckpoint:
+    """``OUTPUT_DIR/running_checkpoint_linear_eval.pth``: the probes, SGD and schedule states, the iteration and each
+    rank's stream position, written atomically each epoch. A rerun of the same evaluation (same weights, datasets
+    and options, recorded as ``identity``) resumes from it; another evaluation in the same folder is one line."""
+
+    def __init__(self, path: Path, identity: dict) -> None:
+        self.path, self.identity = path, identity
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        state = load_state_dict_file(self.path)
+        saved = state.get("identity", {})
+        differ = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
+        if differ:
+            raise DinokitError(
+                f"{self.path} holds an unfinished linear evaluation with other settings ({', '.join(differ)} differ); "
+                "use another --output-dir, or delete that file to start this one there")
+        return state
+
+    def save(self, state: dict, position: StreamPosition) -> None:
+        streams = du.all_gather_object((position.batches, sorted(position.unreadable)))
+        if du.is_main_process():
+            with atomic_write(self.path) as tmp:
+                torch.save({**state, "streams": streams, "identity": self.identity}, tmp)
+
+
 def train_probes(
-    probes: LinearProbes, batches: Iterator[FeatureBatch], *, iterations: int, progress: bool = False
+    probes: LinearProbes, batches: Iterator[FeatureBatch], *, iterations: int, progress: bool = False,
+    state: dict | None = None, save: Callable[[int, dict], None] | None = None, save_every: int = 0,
 ) -> float:
     """SGD (momentum 0.9, no weight decay), cosine lr to 0 over ``iterations``; returns the last loss.
 
-    Gradients are averaged over ranks (the official code wraps the classifiers in DDP).
+    Gradients are averaged over ranks (the official code wraps the classifiers in DDP). ``state`` (``iteration``,
+    ``probes``, ``optimizer``, ``scheduler``, as given to ``save``) resumes a run; ``save(done, state)`` is called
+    every ``save_every`` iterations before the last.
     """
     groups = [{"params": probes.classifiers_dict[name].parameters(), "lr": s.lr} for name, s in probes.settings.items()]
     optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0)
-    bar = tqdm(total=iterations, desc="linear probes", unit="it", disable=not (progress and du.is_main_process()))
+    start = 0
+    if state is not None:
+        probes.load_state_dict(state["probes"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["iteration"])
+    bar = tqdm(total=iterations, initial=start, desc="linear probes", unit="it",
+               disable=not (progress and du.is_main_process()))
     loss = torch.zeros(())
-    for _ in range(iterations):
+    for done in range(start + 1, iterations + 1):
         cls_tokens, patch_mean, labels = next(batches)
         logits = probes(cls_tokens, patch_mean)
         loss = sum(F.cross_entropy(out, labels) for out in logits.values())
@@ -116,6 +156,9 @@ def train_probes(
         scheduler.step()
         bar.update()
         bar.set_postfix(loss=f"{loss.item() / len(logits):.3f}", refresh=False)
+        if save is not None and save_every and done % save_every == 0 and done < iterations:
+            save(done, {"iteration": done, "probes": probes.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict()})
     bar.close()
     return float(loss.item())
 
@@ -273,27 +316,35 @@ def linear_protocol(
         torch.manual_seed(seed)  # identical initial classifiers on every rank
         probes = LinearProbes(settings, embed_dim=val.features["patch_mean"].shape[1], num_classes=ctx.num_classes)
     probes.to(ctx.device)
-    unreadable: set[int] = set()
+    iterations = epochs * epoch_length
+    running = RunningCheckpoint(ctx.output_dir / RUNNING_CHECKPOINT, {
+        **ctx.provenance, "iterations": iterations, "epoch_length": epoch_length, "batch_size": batch_size,
+        "world_size": du.get_world_size(), "classifiers": sorted(probes.settings), "augment": augment, "seed": seed})
+    state = running.load()
+    position = StreamPosition(*(state["streams"][du.get_rank()] if state else (0, ())))
     if augment:
         train_set = copy.copy(ctx.train)  # same files, training transform
         train_set.transform = make_classification_train_transform(crop_size=ctx.image_size)
         batches = augmented_batches(ctx.model, train_set, batch_size=batch_size, num_workers=ctx.num_workers,
-                                    seed=seed, device=ctx.device, dtype=ctx.dtype, unreadable=unreadable)
+                                    seed=seed, device=ctx.device, dtype=ctx.dtype, position=position)
         train_targets = ctx.train.targets
     else:
         train = ctx.features("train", "linear")
         batches = cached_batches(train.features["cls_tokens"], train.features["patch_mean"], train.targets,
-                                 batch_size=batch_size, seed=seed, device=ctx.device)
+                                 batch_size=batch_size, seed=seed, device=ctx.device, position=position)
         train_targets = train.targets.tolist()
-    iterations = epochs * epoch_length
     if du.is_main_process():
         print(plan_line(settings, epochs=epochs, epoch_length=epoch_length, batch_size=batch_size, augment=augment),
               flush=True)
+        if state:
+            print(f"resuming at iteration {state['iteration']} of {iterations} from {running.path}", flush=True)
     try:
-        train_probes(probes, batches, iterations=iterations, progress=ctx.progress)
+        train_probes(probes, batches, iterations=iterations, progress=ctx.progress, state=state,
+                     save=lambda done, st: running.save(st, position), save_every=epoch_length)
     finally:
         batches.close()  # stops the data-loader workers
     # the classes the probes could learn: those with a training image read (the augmented stream met the others)
+    unreadable = set().union(*du.all_gather_object(position.unreadable))
     readable = torch.as_tensor([t for i, t in enumerate(train_targets) if i not in unreadable], dtype=torch.long)
     trust = report_label_warnings(readable, val.targets, ctx.num_classes, top5=False)  # the probes report top-1
     accuracies = evaluate_probes(probes, val.features["cls_tokens"], val.features["patch_mean"], val.targets)
@@ -301,4 +352,5 @@ def linear_protocol(
     if du.is_main_process():
         result = save_results(probes, accuracies, ctx.output_dir, iterations=iterations, augment=augment,
                               provenance=ctx.result_provenance(trust))
+        running.path.unlink(missing_ok=True)  # the results are the finished record
     return result, probes, accuracies

@@ -19,43 +19,66 @@ FeatureBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class InfiniteShuffle(Sampler[int]):
-    """Endless passes over ``n`` indices, a fresh permutation per pass; rank r takes every world-th."""
+    """Endless passes over ``n`` indices, a fresh permutation per pass; rank r takes every world-th. ``start``
+    skips that many of this rank's indices (a resumed run continues the stream where it stopped)."""
 
-    def __init__(self, n: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+    def __init__(self, n: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        self.n, self.seed, self.rank, self.world_size, self.start = n, seed, rank, world_size, start
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed)
+        skip = self.start
         while True:
-            yield from torch.randperm(self.n, generator=generator)[self.rank :: self.world_size].tolist()
+            share = torch.randperm(self.n, generator=generator)[self.rank :: self.world_size]
+            if skip >= len(share):  # a whole pass consumed before: its permutation only advances the generator
+                skip -= len(share)
+                continue
+            yield from share[skip:].tolist()
+            skip = 0
+
+
+class StreamPosition:
+    """How many batches a stream has handed out (counted from a resumed run's start) and the images it found
+    unreadable: what a running checkpoint records to continue the stream."""
+
+    def __init__(self, batches: int = 0, unreadable: set[int] | None = None) -> None:
+        self.batches, self.unreadable = batches, set(unreadable or ())
 
 
 def cached_batches(
     cls_tokens: torch.Tensor, patch_mean: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", position: StreamPosition | None = None,
 ) -> Iterator[FeatureBatch]:
-    """Endless shuffled batches of precomputed features (this rank's share)."""
-    order = iter(InfiniteShuffle(len(labels), seed=seed, rank=du.get_rank(), world_size=du.get_world_size()))
+    """Endless shuffled batches of precomputed features (this rank's share), from ``position`` on (counted)."""
+    position = position if position is not None else StreamPosition()
+    order = iter(InfiniteShuffle(len(labels), seed=seed, rank=du.get_rank(), world_size=du.get_world_size(),
+                                 start=position.batches * batch_size))
     while True:
         idx = torch.tensor([next(order) for _ in range(batch_size)])
+        position.batches += 1
         yield cls_tokens[idx].to(device), patch_mean[idx].to(device), labels[idx].to(device)
 
 
 def augmented_batches(
     backbone: nn.Module, dataset: ImageDataset, *, batch_size: int, num_workers: int = 0, seed: int = 0,
-    device: torch.device | str = "cpu", dtype: torch.dtype | None = None, unreadable: set[int] | None = None,
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = None, position: StreamPosition | None = None,
 ) -> Iterator[FeatureBatch]:
-    """Endless batches of frozen features of augmented images (``dataset`` carries the train transform); the
-    indices of the images found unreadable are added to ``unreadable``."""
+    """Endless batches of frozen features of augmented images (``dataset`` carries the train transform), from
+    ``position`` on; the batches are counted and the indices of unreadable images recorded in ``position``.
+
+    A resumed stream gives the same images in the same order; their random crops are other draws (the workers'
+    augmentation generators start afresh)."""
     device = torch.device(device)
-    sampler = InfiniteShuffle(len(dataset), seed=seed, rank=du.get_rank(), world_size=du.get_world_size())
+    position = position if position is not None else StreamPosition()
+    sampler = InfiniteShuffle(len(dataset), seed=seed, rank=du.get_rank(), world_size=du.get_world_size(),
+                              start=position.batches * batch_size)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_skip_bad,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
     )
     for batch in loader:
-        if unreadable is not None:
-            unreadable.update(batch["bad"])
+        position.batches += 1
+        position.unreadable.update(batch["bad"])
         if batch["image"] is None:
             continue  # every image of the batch was unreadable
         with torch.no_grad(), autocast_context(device, dtype):
