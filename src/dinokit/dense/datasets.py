@@ -9,7 +9,8 @@ Strings, in dinokit's ``Name:key=value`` syntax:
   255 = border) and ``DIR/ImageSets/Segmentation/<split>.txt``; 21 classes.
 * ``NYU:root=DIR:split=train|test``: either the list files of the common depth toolboxes
   (``DIR/nyu_<split>.txt``, lines ``rgb_path depth_path [focal]`` relative to DIR, depth PNGs in mm), or
-  ``DIR/<split>/images`` + ``DIR/<split>/depth`` as for DepthFolder. Range 0.001-10 m, Eigen crop at evaluation.
+  ``DIR/<split>/images`` + ``DIR/<split>/depth`` as for DepthFolder. Eigen crop at evaluation; training images
+  are first cut to the fixed NYU box (x1, y1, x2, y2) = (43, 45, 608, 472) of 640x480, scaled to the image size.
 * ``SegFolder:root=DIR``: ``DIR/images/<name>.<ext>`` with ``DIR/masks/<name>.png`` (one class index per
   pixel, 255 = ignore); the classes are ``DIR/classes.txt`` (one name per line; else ``DIR/../classes.txt``,
   shared by split folders) if present, else 0..max label.
@@ -43,19 +44,20 @@ from .transforms import image_to_tensor
 DENSE_DATASET_NAMES = ("ADE20K", "VOC2012", "NYU", "SegFolder", "DepthFolder", "SegSample", "DepthSample")
 ADE20K_CLASSES = 150
 VOC_CLASSES = 21
+NYU_TRAIN_CROP = (43, 45, 608, 472)  # (x1, y1, x2, y2) of 640x480: NYU's border without depth, cut before training
 
 
 @dataclass
 class DenseInfo:
-    """What a dense dataset is: its task, classes (segmentation) or depth range and scale (depth)."""
+    """What a dense dataset is: its task, classes (segmentation) or depth scale and crops (depth). The depth range
+    of training and evaluation is the head's (the recipe's ``min_depth``/``max_depth``), not the dataset's."""
 
     task: str  # "seg" or "depth"
     num_classes: int = 0
     reduce_zero_label: bool = False
-    min_depth: float = 1e-3
-    max_depth: float = 10.0
     depth_scale: float = 1000.0  # PNG value per metre
     eigen_crop: bool = False
+    train_crop: tuple[int, int, int, int] | None = None  # (x1, y1, x2, y2) of a 640x480 frame, cut before training crops
     palette: str = ""  # "ade20k", "voc" or "" (generated)
 
 
@@ -286,7 +288,7 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
         pairs = _paired_folder(root / split, "depth", (".png", ".npy"), dataset_str)
     else:
         raise DinokitError(f"NYU needs ROOT/nyu_{split}.txt or ROOT/{split}/images + ROOT/{split}/depth (in {dataset_str!r})")
-    info = DenseInfo("depth", min_depth=1e-3, max_depth=10.0, eigen_crop=True)
+    info = DenseInfo("depth", eigen_crop=True, train_crop=NYU_TRAIN_CROP)
     return DenseDataset(pairs, info, name=dataset_str, transform=transform)
 
 

@@ -1,7 +1,7 @@
 """Dense heads on frozen ViT features, with the parameter names of the released DINOv2 head files.
 
 * :class:`LinearSegHead`: the mmseg ``BNHead`` of the linear / "ms" segmentation heads:
-  levels resized to the first one, concatenated, BatchNorm, (dropout), 1x1 conv to the classes
+  levels resized to the first one, concatenated, (dropout), BatchNorm, 1x1 conv to the classes
   (``bn.*``, ``conv_seg.*``).
 * :class:`LinearDepthHead`: the depth ``BNHead`` of the ``_ld`` hub models: each level's patch map
   concatenated with its CLS token broadcast over the grid (2·D channels), levels resized to 4x the
@@ -64,11 +64,14 @@ def _resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -
 
 # ---------------------------------------------------------------------------------------------- segmentation
 class LinearSegHead(nn.Module):
-    """mmseg ``BNHead``: resize-concat of the levels, BatchNorm, dropout, 1x1 conv (``bn``, ``conv_seg``).
+    """mmseg ``BNHead``: resize-concat of the levels, dropout, BatchNorm, 1x1 conv (``bn``, ``conv_seg``).
 
     ``levels=1`` is the "linear" head (last block), ``levels=4`` the "ms" head (last 4 blocks).
     With ``class_token`` each level is [patch map, CLS broadcast] (2·D channels; DINOv3's ``use_cls_token``
     option; the released heads do not use it). Logits are at the first level's grid: (B, num_classes, h, w).
+    Dropout comes before the BatchNorm, as in DINOv3's ``LinearHead`` (Dropout2d -> BN -> conv; mmseg drops out
+    after the BN, but the released DINOv2 heads use no dropout): in training the BN statistics are those of the
+    dropped-out features; in eval mode dropout is the identity, so the order does not change a head's predictions.
     """
 
     def __init__(
@@ -77,8 +80,8 @@ class LinearSegHead(nn.Module):
         super().__init__()
         self.embed_dim, self.levels, self.num_classes, self.class_token = embed_dim, levels, num_classes, class_token
         channels = embed_dim * levels * (2 if class_token else 1)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()  # no parameters: keys unchanged
         self.bn = nn.BatchNorm2d(channels)  # SyncBatchNorm in the official runs: the same state-dict keys
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         nn.init.normal_(self.conv_seg.weight, std=0.01)  # mmseg's cls_seg init
         nn.init.zeros_(self.conv_seg.bias)
@@ -88,7 +91,7 @@ class LinearSegHead(nn.Module):
             features = [torch.cat((p, c[:, :, None, None].expand_as(p)), dim=1) for p, c in features]
         size = features[0].shape[-2:]
         x = torch.cat([_resize(f, size) for f in features], dim=1)  # L x (B, D, h, w) -> (B, L·D, h, w)
-        return self.conv_seg(self.dropout(self.bn(x)))
+        return self.conv_seg(self.bn(self.dropout(x)))
 
 
 # ---------------------------------------------------------------------------------------------- linear depth

@@ -63,15 +63,17 @@ def evaluate(
 ) -> dict:
     """Metrics of ``model`` on ``dataset``: mIoU/aAcc/IoU (segmentation) or rmse/abs_rel/delta1/... (depth).
 
+    Depth is scored on the ground truth inside the head's (min_depth, max_depth), with predictions clamped to it.
+
     ``shard``: under ``torchrun`` rank r predicts images r, r + world, ... and the ranks' counts are pooled, giving
     the single-process numbers (depth rows are averaged in dataset order). Not for a backbone sharded with FSDP2,
     whose ranks must run the same forwards: training evaluates every image on every rank.
     """
-    info = dataset.info
     if model.task == "seg":
         meter = SegMetrics(model.decode_head.num_classes)
-    else:
-        meter = DepthMetrics(min_depth=info.min_depth, max_depth=info.max_depth, eigen_crop=info.eigen_crop)
+    else:  # the range the head was trained for (a recipe's min/max_depth), not a dataset default
+        head = model.decode_head
+        meter = DepthMetrics(min_depth=head.min_depth, max_depth=head.max_depth, eigen_crop=dataset.info.eigen_crop)
     rank, world = (du.get_rank(), du.get_world_size()) if shard else (0, 1)
     was_training = model.training
     model.eval()

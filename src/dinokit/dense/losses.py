@@ -5,7 +5,8 @@
 * :class:`SigLoss`: scale-invariant log loss, g = log(pred + 1e-3) - log(gt + 1e-3) on valid pixels,
   loss = sqrt(var(g) + 0.15 · mean(g)²) (``torch.var``, unbiased); during the first ``warm_up_iters``
   calls only sqrt(0.15 · mean(g)²).
-* :func:`gradient_loss`: MegaDepth's multi-scale gradient matching on (pred - gt), 4 scales.
+* :func:`gradient_loss`: MegaDepth's multi-scale gradient matching on log(pred + 1e-3) - log(gt + 1e-3), 4 scales
+  (DINOv2's ``GradientLoss``, the one its DPT and linear depth configs weight by 0.5).
 """
 
 from __future__ import annotations
@@ -43,13 +44,17 @@ class SigLoss:
         return torch.sqrt(radicand.abs() + 1e-12)
 
 
-def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, *, scales: int = 4) -> torch.Tensor:
-    """Σ over scales (stride 1, 2, 4, 6) of |Δ(pred-gt)| across 2-pixel steps where both ends are valid, per valid pixel."""
+def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, *, scales: int = 4,
+                  eps: float = 1e-3) -> torch.Tensor:
+    """Σ over scales (stride 1, 2, 4, 6) of |Δd| across 2-pixel steps where both ends are valid, per valid pixel, with
+    d = log(pred + eps) - log(gt + eps) on valid pixels (0 elsewhere): it matches relative depth changes, so a
+    constant factor between prediction and ground truth costs (nearly) nothing."""
     total = pred.new_zeros(())
     for s in range(scales):
         step = 1 if s == 0 else 2 * s
         p, g, m = pred[..., ::step, ::step], gt[..., ::step, ::step], valid[..., ::step, ::step].to(pred.dtype)
-        d = (p - g) * m
+        # invalid pixels are zeroed by the mask, which cannot undo a NaN: clamp keeps every log finite
+        d = (torch.log(p.clamp_min(0) + eps) - torch.log(g.clamp_min(0) + eps)) * m
         n = m.sum().clamp_min(1.0)
         dy = (d[..., 2:, :] - d[..., :-2, :]).abs() * m[..., 2:, :] * m[..., :-2, :]
         dx = (d[..., :, 2:] - d[..., :, :-2]).abs() * m[..., :, 2:] * m[..., :, :-2]

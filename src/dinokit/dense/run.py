@@ -99,7 +99,8 @@ def train_head(
         {"task": task, "head": head, "backbone": {k: v for k, v in backbone_source.items() if v},
          "train_dataset": train_dataset, "val_dataset": val_dataset, "recipe": dataclasses_asdict(recipe)}, default=str))
     # the datasets (a missing folder, a depth set for a seg head) are checked before anything is written too
-    train_set = make_dense_dataset(train_dataset, transform=train_transform(recipe, task))
+    train_set = make_dense_dataset(train_dataset)
+    train_set.transform = train_transform(recipe, task, fixed_crop=train_set.info.train_crop)  # NYU's box first
     val_set = make_dense_dataset(val_dataset, transform=DenseEvalTransform(recipe.eval_size or None))
     for ds in (train_set, val_set):
         if ds.info.task != task:
@@ -124,15 +125,15 @@ def train_head(
         if not recipe.augment and recipe.cache_features:
             dense_task.to(device_)
             cached = cache_training_features(dense_task, train_set, device_, batch_size=recipe.batch_size, progress=progress)
-        inference = _inference_config(recipe, head)
+        inference, final_inference = _inference_config(recipe, head, task)
         meta = {
             "task": task, "head": head, "kind": kind, "spec": {"indices": list(spec.indices), "norm": spec.norm,
                                                                 "class_token": spec.class_token},
             "num_classes": num_classes, "classes": list(train_set.classes) if task == "seg" else [],
             "palette": train_set.info.palette, "min_depth": recipe.min_depth, "max_depth": recipe.max_depth,
             "backbone": {k: v for k, v in backbone_source.items() if v}, "backbone_description": description,
-            "inference": {"mode": inference.mode, "crop": inference.crop, "stride": inference.stride, "flip": inference.flip,
-                          "scales": list(inference.scales), "eval_size": recipe.eval_size},
+            "inference": {"mode": final_inference.mode, "crop": final_inference.crop, "stride": final_inference.stride,
+                          "flip": final_inference.flip, "scales": list(final_inference.scales), "eval_size": recipe.eval_size},
             "train_dataset": train_dataset, "recipe": dataclasses_asdict(recipe),
         }
         dense_model = DenseModel(backbone, head_module, spec)  # the same modules, for evaluation
@@ -155,7 +156,7 @@ def train_head(
         start = engine.restore(resume=resume)
         rank = du.get_rank()  # each rank draws its own batches (seeded by rank), as a sharded sampler would
         engine.run(lambda start_iter: make_batches(cached, train_set, recipe, start_iter, rank=rank), start_iter=start)
-        result = evaluate(dense_model, val_set, inference, progress=progress)
+        result = evaluate(dense_model, val_set, final_inference, progress=progress)
         result.update(dataset=val_dataset, train_dataset=train_dataset, weights=_weights(backbone_source))
         head_state = full_state_dict(head_module)  # whole tensors where FSDP2 shards the head (every rank)
         if du.is_main_process():
@@ -184,11 +185,18 @@ def recipe_line(recipe: DenseRecipe, head: str, task: str, n_images: int) -> str
             f"{recipe.batch_size}, {crops}, lr {recipe.lr:g} after {recipe.warmup_iters} warm-up, {evals}")
 
 
-def _inference_config(recipe: DenseRecipe, head: str) -> InferenceConfig:
-    return InferenceConfig(
+def _inference_config(recipe: DenseRecipe, head: str, task: str) -> tuple[InferenceConfig, InferenceConfig]:
+    """The inference of the validations during training and of the final evaluation (recorded in head.pth).
+
+    Segmentation's "ms" head uses flip and multi-scale TTA in both. Depth validates without TTA and tests with the
+    horizontal flip (the mean of the prediction and the mirrored-back prediction of the mirrored image), as the
+    official NYU protocols do.
+    """
+    during = InferenceConfig(
         mode=recipe.eval_mode, crop=recipe.eval_crop, stride=recipe.eval_stride,
         flip=head == "ms", scales=MS_SCALES if head == "ms" else (1.0,),
     )
+    return during, dataclasses.replace(during, flip=during.flip or task == "depth")
 
 
 # ---------------------------------------------------------------------------------------------- loading a trained head

@@ -3,11 +3,14 @@
 Recipes (:data:`RECIPES`, every field overridable as ``key=value``):
 
 * segmentation (DINOv3's linear ADE20K recipe): AdamW lr 1e-3, wd 1e-3, 40,000 iterations, batch 16,
-  linear warm-up over 1,500 iterations from 1e-6·lr then cosine to 0; random scale (short side 512 x
-  0.5-2), 512 crops (no class over 75%), flip, photometric jitter; cross-entropy (ignore 255, mean over
-  all pixels); dropout 0.1; evaluation by sliding windows of 512, stride 341;
-* depth (NYU): AdamW lr 3e-4, wd 1e-4, 38,400 iterations, batch 16, warm-up 12,800, crops 416x544,
-  flip; SigLoss (warm-up 100 calls), + 0.5 x gradient loss for DPT; range 0.001-10 m; whole-image evaluation.
+  warm-up over 1,500 iterations from 1e-6·lr, cosine to 0 over all the iterations (:func:`lr_schedule`);
+  random scale (short side 512 x 0.5-2), 512 crops (no class over 75%), flip, photometric distortion;
+  cross-entropy (ignore 255, mean over all pixels); dropout 0.1; evaluation by sliding windows of 512, stride 341;
+* depth (DINOv3's linear NYU recipe): AdamW lr 3e-4, wd 1e-4, betas (0.9, 0.99), 38,400 iterations, batch 16,
+  warm-up 12,800 from lr/1000, cosine to lr/25,000; crops 416x544 (after NYU's fixed crop), rotation, flip,
+  colour jitter; SigLoss (warm-up 100 calls); range 0.001-10 m; whole-image evaluation, the final one with flip;
+* depth with the DPT head (DINOv2's DPT config): as depth, with lr 1e-4, wd 0.01, betas (0.9, 0.999), cosine
+  to 1e-8·lr, + 0.5 x gradient loss (on log depth).
 
 The backbone runs without gradients in eval mode (bf16 autocast on CUDA). With ``augment=False``
 images are only resized to ``crop_size``, so the backbone features of the training set are computed
@@ -48,6 +51,7 @@ class DenseRecipe:
     weight_decay: float = 1e-3
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6  # the warm-up starts at lr * warmup_ratio
+    warmup_mode: str = "linear"  # what the warm-up ramp multiplies: "linear" (1 - s/T) or the "cosine" (lr_schedule)
     final_lr_ratio: float = 0.0  # the cosine ends at lr * final_lr_ratio
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 0.0
@@ -77,10 +81,10 @@ class DenseRecipe:
 
 RECIPES: dict[str, DenseRecipe] = {
     "seg": DenseRecipe(),
-    "depth": DenseRecipe(
-        iterations=38400, lr=3e-4, weight_decay=1e-4, warmup_iters=12800, warmup_ratio=1e-3, final_lr_ratio=4e-5,
-        betas=(0.9, 0.99), clip_grad=35.0, crop_size=(416, 544), base_size=0, scale_min=1.0, scale_max=1.0,
-        dropout=0.0, norm=False, eval_mode="whole", eval_size=0, eval_period=1600,
+    "depth": DenseRecipe(  # lr/1000 at the start (final_div_factor 1000), lr/25/1000 at the end (div_factor 25)
+        iterations=38400, lr=3e-4, weight_decay=1e-4, warmup_iters=12800, warmup_ratio=1e-3, warmup_mode="cosine",
+        final_lr_ratio=4e-5, betas=(0.9, 0.99), clip_grad=35.0, crop_size=(416, 544), base_size=0, scale_min=1.0,
+        scale_max=1.0, dropout=0.0, norm=False, eval_mode="whole", eval_size=0, eval_period=1600,
     ),
 }
 
@@ -88,8 +92,9 @@ RECIPES: dict[str, DenseRecipe] = {
 def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRecipe:
     """The recipe of ``task`` (+ the DPT gradient loss) with ``key=value`` overrides, type-checked."""
     recipe = dataclasses.replace(RECIPES[task])
-    if task == "depth" and head == "dpt":
+    if task == "depth" and head == "dpt":  # DINOv2's DPT config (DINOv3 released no DPT training recipe)
         recipe.grad_loss_weight, recipe.lr, recipe.weight_decay = 0.5, 1e-4, 0.01
+        recipe.betas, recipe.final_lr_ratio = (0.9, 0.999), 1e-8
     fields = {f.name: f for f in dataclasses.fields(DenseRecipe)}
     given = set()
     for item in overrides:
@@ -134,6 +139,8 @@ def check_recipe(recipe: DenseRecipe) -> None:
     if not 0 <= recipe.min_depth < recipe.max_depth:
         raise DinokitError(f"min_depth={recipe.min_depth} and max_depth={recipe.max_depth} are out of range; give "
                            "0 <= min_depth < max_depth")
+    if recipe.warmup_mode not in ("linear", "cosine"):
+        raise DinokitError(f"warmup_mode={recipe.warmup_mode!r} is not a mode; use linear or cosine")
     if recipe.eval_mode not in ("whole", "slide"):
         raise DinokitError(f"eval_mode={recipe.eval_mode!r} is not a mode; use whole or slide")
     if recipe.eval_mode == "slide" and recipe.eval_stride > recipe.eval_crop:  # windows would leave gaps
@@ -156,13 +163,27 @@ def _parse(key: str, value: str, current: Any) -> Any:
 
 
 def lr_schedule(recipe: DenseRecipe) -> torch.Tensor:
-    """Per-iteration lr: linear warm-up from lr·warmup_ratio, then cosine to lr·final_lr_ratio."""
+    """Per-iteration lr of DINOv3's ``WarmupOneCycleLR``: a cosine over *all* T iterations, scaled by the warm-up.
+
+    With peak ``lr``, r = ``warmup_ratio``, W = ``warmup_iters``, T = ``iterations`` and the floor
+    ``lr_min = lr · final_lr_ratio``, the lr of iteration s is
+
+    * s < W, ``warmup_mode="linear"`` (segmentation): ``lr · (1 - (1 - s/W)(1 - r)) · (1 - s/T)``;
+    * s < W, ``warmup_mode="cosine"`` (depth): ``lr · r + lr · (1 + cos(π s/T))/2 · s/W``;
+    * s >= W: ``lr_min + (lr - lr_min) · (1 + cos(π (s + 1)/T))/2``, so the last iteration runs at ``lr_min``.
+
+    The cosine is not restarted after the warm-up: at s = W it is already (1 + cos(π W/T))/2 of the way
+    (0.75 for the depth recipe's W = T/3).
+    """
     n, warm = recipe.iterations, min(recipe.warmup_iters, recipe.iterations)
-    lr, low, final = recipe.lr, recipe.lr * recipe.warmup_ratio, recipe.lr * recipe.final_lr_ratio
-    values = [low + (lr - low) * i / max(warm, 1) for i in range(warm)]
-    rest = n - warm
-    values += [final + 0.5 * (lr - final) * (1 + math.cos(math.pi * i / max(rest, 1))) for i in range(rest)]
-    return torch.tensor(values, dtype=torch.float64)
+    lr, r, low = recipe.lr, recipe.warmup_ratio, recipe.lr * recipe.final_lr_ratio
+    s = torch.arange(n, dtype=torch.float64)
+    after = low + (lr - low) * (1 + torch.cos(math.pi * (s + 1) / n)) / 2
+    if recipe.warmup_mode == "linear":
+        during = lr * (1 - (1 - s / max(warm, 1)) * (1 - r)) * (1 - s / n)
+    else:
+        during = lr * r + lr * (1 + torch.cos(math.pi * s / n)) / 2 * s / max(warm, 1)
+    return torch.where(s < warm, during, after)
 
 
 # ---------------------------------------------------------------------------------------------- the task
@@ -226,13 +247,14 @@ def _map_tensors(feats: list, fn) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def train_transform(recipe: DenseRecipe, task: str):
-    """The joint training transform; with ``augment=False`` a plain resize to ``crop_size``."""
+def train_transform(recipe: DenseRecipe, task: str, fixed_crop: tuple[int, int, int, int] | None = None):
+    """The joint training transform; with ``augment=False`` a plain resize to ``crop_size``. ``fixed_crop``: the
+    dataset's box cut first (``DenseInfo.train_crop``: NYU's)."""
     if not recipe.augment:
-        return DenseResizeTransform(recipe.crop_size)
+        return DenseResizeTransform(recipe.crop_size, fixed_crop=fixed_crop)
     return DenseTrainTransform(
         task=task, crop_size=recipe.crop_size, base_size=recipe.base_size or None,
-        scale_range=(recipe.scale_min, recipe.scale_max),
+        scale_range=(recipe.scale_min, recipe.scale_max), fixed_crop=fixed_crop,
     )
 
 
