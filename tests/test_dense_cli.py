@@ -167,13 +167,32 @@ def _official_seg_head(path, num_classes=3):
     return path
 
 
-def test_eval_of_an_official_segmentation_head_file(dense_root, tmp_path):
-    """An mmseg-layout file (no dinokit description) + a hub backbone: the head kind and levels come from the shapes."""
+def test_eval_of_an_official_segmentation_head_file(dense_root, tmp_path, monkeypatch):
+    """An mmseg-layout file (no dinokit description) + a hub backbone: the head kind and levels come from the shapes;
+    by default it is evaluated as the official protocol does (512 px short side, sliding 512 windows, stride 341)."""
+    from dinokit.dense import run
+
     _official_seg_head(tmp_path / "dinov2_vits14_ade20k_linear_head.pth", num_classes=150)
     val = f"SegSample:split=val:root={dense_root / 'seg'}"
-    assert main(["dense", "eval", "--head-weights", str(tmp_path / "dinov2_vits14_ade20k_linear_head.pth"),
-                 "--model", "dinov2_vits14", "--random-init", "--val-dataset", val, "--output-dir", str(tmp_path),
-                 "--no-progress"]) == 0
+    argv = ["dense", "eval", "--head-weights", str(tmp_path / "dinov2_vits14_ade20k_linear_head.pth"),
+            "--model", "dinov2_vits14", "--random-init", "--val-dataset", val, "--output-dir", str(tmp_path),
+            "--no-progress"]
+
+    class Seen(Exception):
+        pass
+
+    def seen(model, dataset, inference, **kwargs):
+        raise Seen(inference, dataset.transform.size)
+
+    monkeypatch.setattr(run, "evaluate", seen)
+    with pytest.raises(Seen) as official:
+        main(argv)
+    inference, size = official.value.args
+    assert (inference.mode, inference.crop, inference.stride, inference.flip, size) == ("slide", 512, 341, False, 512)
+    assert run.official_inference("seg-ms")["flip"] and run.official_inference("seg-ms")["scales"] == [1.0, 1.32, 1.73]
+    assert run.official_inference("depth-linear") == {"mode": "whole", "flip": True, "scales": [1.0], "eval_size": 0}
+    monkeypatch.undo()
+    assert main([*argv, "--mode", "whole", "--eval-size", "0"]) == 0  # whole 64 px images: quick on a CPU
     result = json.loads((tmp_path / "results_eval_segmentation.json").read_text())
     assert len(result["IoU"]) == 150 and 0 <= result["aAcc"] <= 100
     # where the numbers came from

@@ -243,6 +243,17 @@ def load_dense_model(
     return model, meta
 
 
+def official_inference(kind: str) -> dict:
+    """How the official protocols evaluate a released head (a file without dinokit's record of its training):
+    segmentation by sliding 512 px windows (stride 341) over images resized to a 512 px short side, the "ms" head
+    with flip and the multi-scale ratios; depth on the whole image with flip."""
+    if kind.startswith("seg"):
+        ms = kind == "seg-ms"
+        return {"mode": "slide", "crop": 512, "stride": 341, "flip": ms, "scales": list(MS_SCALES if ms else (1.0,)),
+                "eval_size": 512}
+    return {"mode": "whole", "flip": True, "scales": [1.0], "eval_size": 0}
+
+
 def eval_head(
     *, head_file: str | Path, val_dataset: str, output_dir: str | Path, backbone_source: dict[str, Any] | None = None,
     device: str = "auto", inference: InferenceConfig | None = None, eval_size: int | None = None, progress: bool = True,
@@ -251,7 +262,7 @@ def eval_head(
     check_writable(output_dir)  # one line before any work
     du.init_from_environment()  # under torchrun the ranks share the images (device: this rank's GPU)
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
-    saved = meta.get("inference", {})
+    saved = meta.get("inference") or official_inference(meta["kind"])
     if inference is None:
         inference = InferenceConfig(mode=saved.get("mode", "whole"), crop=saved.get("crop", 512),
                                     stride=saved.get("stride", 341), flip=saved.get("flip", False),
