@@ -19,6 +19,7 @@ from dinokit.viz import (
 )
 from dinokit.viz.attention import cls_attention_and_norms
 from dinokit.viz.pca import median_filter3
+from dinokit.errors import DinokitError
 
 
 # ------------------------------------------------------------------------------------------- synthetic features
@@ -170,3 +171,24 @@ def test_mutual_nearest_neighbours_find_a_shift_in_features():
     spaced = match_features(a, b, max_matches=5, min_spacing=3)
     assert len(spaced.distance) == 5
     assert all(np.abs(p - q).max() >= 3 for i, p in enumerate(spaced.points_a) for q in spaced.points_a[:i])
+
+
+def test_assignment_matching_pairs_one_to_one_at_least_total_distance():
+    """The paper's assignment problem: min(Na, Nb) one-to-one pairs whose total distance is the least of all
+    pairings (checked by brute force on 5 x 5), and the shifted grid found as by mutual nearest neighbours."""
+    import itertools
+
+    pytest.importorskip("scipy")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 5, 4, generator=g), torch.randn(1, 5, 4, generator=g)
+    matches = match_features(a, b, method="assignment")
+    assert sorted(matches.points_a[:, 1].tolist()) == sorted(matches.points_b[:, 1].tolist()) == list(range(5))
+    dist = torch.cdist(a[0].double(), b[0].double())
+    best = min(sum(float(dist[i, j]) for i, j in enumerate(perm)) for perm in itertools.permutations(range(5)))
+    assert float(matches.distance.sum()) == pytest.approx(best, rel=1e-6)
+    big = torch.randn(14, 17, 32, generator=g)
+    shifted = match_features(big[:12, :14], big[2:14, 3:17] + 0.05 * torch.randn(12, 14, 32, generator=g),
+                             method="assignment")
+    assert np.all(shifted.points_a[:110] - shifted.points_b[:110] == [2, 3])
+    with pytest.raises(DinokitError, match="unknown matching method 'hungarian'; use mutual or assignment"):
+        match_features(a, b, method="hungarian")

@@ -160,6 +160,9 @@ def test_viz_match_command(demo_teacher, sample_images, tmp_path, capsys):
     args = ["viz", "match", str(sample_images[0]), str(sample_images[0]), "--out", str(out), "--image-size", "64"]
     assert main(args + _backbone_args(demo_teacher) + ["--max-matches", "10"]) == 0
     assert "10 mutual-nearest-neighbour matches" in capsys.readouterr().out  # an image against itself
+    pytest.importorskip("scipy")
+    assert main(args + _backbone_args(demo_teacher) + ["--max-matches", "10", "--method", "assignment"]) == 0
+    assert "10 assignment matches (median feature distance 0.000)" in capsys.readouterr().out
     assert _size(out) == (64 + 8 + 64, 64)
 
 

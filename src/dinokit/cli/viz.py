@@ -5,7 +5,7 @@
   dinokit viz attention INPUT... --out DIR   class-token attention per head, their mean, patch norms
   (with one image, --out FILE.png writes that one picture instead of a folder)
   dinokit viz match IMAGE_A IMAGE_B --out FILE.png
-                                             mutual-nearest-neighbour patch matches, drawn as lines
+                                             patch matches (mutual nearest neighbours or assignment), as lines
 
 INPUT is an image, a folder (searched recursively) or a .txt list of image paths. Images are resized
 so that their short side is --image-size pixels and centre-cropped to a multiple of the patch size.
@@ -111,6 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="kept matches start at least this many patches apart in image A (default: %(default)s)")
     match.add_argument("--all-patches", action="store_true", help="match all patches, not only the foreground")
     match.add_argument("--threshold", type=float, default=0.0, help="foreground threshold, as for pca")
+    match.add_argument("--method", choices=("mutual", "assignment"), default="mutual",
+                       help="mutual nearest neighbours, or the paper's assignment problem (needs SciPy) [mutual]")
     _add_model_options(match)
     match.set_defaults(func=run_match)
 
@@ -238,9 +240,10 @@ def run_match(args: argparse.Namespace) -> int:
     options.pop("batch_size")
     matches = match_patches(model, images[0], images[1], foreground=not args.all_patches,
                             threshold=args.threshold, max_matches=args.max_matches,
-                            min_spacing=args.min_spacing, **options)
+                            min_spacing=args.min_spacing, method=args.method, **options)
     save_png(matches_figure(matches, model.patch_size), out)
     median = float(np.median(matches.distance)) if len(matches.distance) else float("nan")
-    print(f"{len(matches.distance)} mutual-nearest-neighbour matches (median feature distance {median:.3f})")
+    kind = "mutual-nearest-neighbour" if args.method == "mutual" else "assignment"
+    print(f"{len(matches.distance)} {kind} matches (median feature distance {median:.3f})")
     print(f"wrote {out}")
     return 0

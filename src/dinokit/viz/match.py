@@ -1,10 +1,11 @@
-"""Patch correspondences between two images: mutual nearest neighbours in feature space.
+"""Patch correspondences between two images in feature space.
 
-Following the DINOv2 paper's matching figure: the foreground patches of each image (first principal
-component of the two images' patches, as in :mod:`dinokit.viz.pca`), Euclidean distances between
-their features, and the pairs that are each other's nearest neighbour. The pairs are ranked by
-distance and thinned by a greedy non-maximum suppression on image A's grid (a kept pair removes the
-weaker pairs that start within ``min_spacing`` patches of it), and the strongest are kept.
+The DINOv2 paper's matching figure: the foreground patches of each image (first principal component of the
+two images' patches, as in :mod:`dinokit.viz.pca`), Euclidean distances between their features, and pairs
+from an assignment problem (``method="assignment"``: the one-to-one pairing of least total distance, through
+SciPy) or, by default and without SciPy, the pairs that are each other's nearest neighbour (``"mutual"``). The
+pairs are ranked by distance and thinned by a greedy non-maximum suppression on image A's grid (a kept pair
+removes the weaker pairs that start within ``min_spacing`` patches of it), and the strongest are kept.
 """
 
 from __future__ import annotations
@@ -53,6 +54,25 @@ def mutual_nearest_neighbours(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.T
     return ia[order], ib[order], d[order]
 
 
+def optimal_assignment(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one-to-one pairing of rows of ``a`` (Na, D) and ``b`` (Nb, D) of least total Euclidean distance
+    (min(Na, Nb) pairs; SciPy's ``linear_sum_assignment``). Returns (ia, ib, distance), sorted by distance."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        raise DinokitError("matching by assignment needs SciPy: pip install scipy (or use the default mutual "
+                           "nearest neighbours)") from None
+    dist = torch.cdist(a.double(), b.double())
+    rows, cols = linear_sum_assignment(dist.numpy())
+    ia, ib = torch.from_numpy(rows).long(), torch.from_numpy(cols).long()
+    d = dist[ia, ib]
+    order = torch.argsort(d, stable=True)
+    return ia[order], ib[order], d[order]
+
+
+MATCH_METHODS = {"mutual": mutual_nearest_neighbours, "assignment": optimal_assignment}
+
+
 def _suppress(points: torch.Tensor, min_spacing: int) -> torch.Tensor:
     """Indices of ``points`` (M, 2), in order, that lie at least ``min_spacing`` (Chebyshev) from every
     earlier kept point."""
@@ -71,8 +91,12 @@ def match_features(
     foreground_b: torch.Tensor | np.ndarray | None = None,
     max_matches: int | None = None,
     min_spacing: int = 0,
+    method: str = "mutual",
 ) -> PatchMatches:
-    """Mutual nearest neighbours between two (h, w, D) feature grids, optionally within foreground masks."""
+    """Matches between two (h, w, D) feature grids (``method``: ``mutual`` nearest neighbours or ``assignment``),
+    optionally within foreground masks."""
+    if method not in MATCH_METHODS:
+        raise DinokitError(f"unknown matching method {method!r}; use {' or '.join(MATCH_METHODS)}")
     grids = []
     for features, mask in ((features_a, foreground_a), (features_b, foreground_b)):
         h, w, _ = features.shape
@@ -82,7 +106,7 @@ def match_features(
         index = torch.nonzero(keep).flatten()
         grids.append((features.reshape(h * w, -1)[index], index, w))
     (fa, index_a, wa), (fb, index_b, wb) = grids
-    ia, ib, dist = mutual_nearest_neighbours(fa, fb)
+    ia, ib, dist = MATCH_METHODS[method](fa, fb)
     flat_a, flat_b = index_a[ia], index_b[ib]
     points_a = torch.stack((flat_a // wa, flat_a % wa), dim=1)  # (M, 2) rows, cols
     points_b = torch.stack((flat_b // wb, flat_b % wb), dim=1)
@@ -106,12 +130,14 @@ def match_patches(
     image_size: int | None = DEFAULT_IMAGE_SIZE,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    method: str = "mutual",
 ) -> PatchMatches:
-    """Patch correspondences between two images (foreground patches only unless ``foreground=False``)."""
+    """Patch correspondences between two images (foreground patches only unless ``foreground=False``; ``method``
+    as :func:`match_features`)."""
     images = prepare_images(model, [image_a, image_b], image_size=image_size, skip_unreadable=False)
     features: Sequence[torch.Tensor] = patch_features(model, images, device=device, dtype=dtype)
     masks = foreground_masks(features, threshold=threshold)[0] if foreground else [None, None]
     matches = match_features(features[0], features[1], foreground_a=masks[0], foreground_b=masks[1],
-                             max_matches=max_matches, min_spacing=min_spacing)
+                             max_matches=max_matches, min_spacing=min_spacing, method=method)
     matches.images = images
     return matches
