@@ -192,3 +192,13 @@ def test_assignment_matching_pairs_one_to_one_at_least_total_distance():
     assert np.all(shifted.points_a[:110] - shifted.points_b[:110] == [2, 3])
     with pytest.raises(DinokitError, match="unknown matching method 'hungarian'; use mutual or assignment"):
         match_features(a, b, method="hungarian")
+
+
+def test_median_filter_pads_with_zeros_as_scipy_medfilt2d():
+    ones = torch.ones(4, 5)
+    filtered = median_filter3(ones)
+    corners = [(0, 0), (0, 4), (3, 0), (3, 4)]
+    assert all(filtered[c] == 0 for c in corners) and int((filtered == 1).sum()) == 20 - 4  # edges: 6 ones of 9
+    x = torch.rand(6, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scipy_signal = pytest.importorskip("scipy.signal")
+    np.testing.assert_array_equal(median_filter3(x).numpy(), scipy_signal.medfilt2d(x.numpy(), 3))

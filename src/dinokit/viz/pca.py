@@ -275,8 +275,9 @@ def fit_foreground_classifier(features: Sequence[torch.Tensor], fractions: Seque
 
 
 def median_filter3(x: torch.Tensor) -> torch.Tensor:
-    """3x3 median of an (h, w) map, edges replicated."""
-    padded = F.pad(x[None, None].double(), (1, 1, 1, 1), mode="replicate")
+    """3x3 median of an (h, w) map, zero-padded as SciPy's ``medfilt2d`` (DINOv3's notebook): a corner's window
+    holds five zeros, so a probability map's corners always come out as background."""
+    padded = F.pad(x[None, None].double(), (1, 1, 1, 1), mode="constant", value=0.0)
     windows = F.unfold(padded, kernel_size=3)  # (1, 9, h*w)
     return windows.median(dim=1).values.reshape(x.shape).to(x.dtype)
 
