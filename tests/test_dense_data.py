@@ -28,10 +28,13 @@ def test_miou_is_pooled_over_the_dataset_and_ignores_255():
     assert r["IoU"] == [50.0, 50.0, 66.67]
     assert r["mIoU"] == round(100 * (0.5 + 0.5 + 2 / 3) / 3, 2)
     assert r["aAcc"] == round(100 * 5 / 7, 2)
+    # per-class accuracy (mmseg's Acc): class 0: 2 of its 3 pixels right, class 1: 1 of 2, class 2: 2 of 2
+    assert r["Acc"] == [66.67, 50.0, 100.0] and r["mAcc"] == round(100 * (2 / 3 + 1 / 2 + 1) / 3, 2)
     # per-image averaging would give another number: pooling is what the protocol asks
     absent = SegMetrics(4)
     absent.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
     assert math.isnan(absent.compute()["IoU"][3]) and absent.compute()["mIoU"] == 100.0
+    assert math.isnan(absent.compute()["Acc"][3]) and absent.compute()["mAcc"] == 100.0  # absent: left out
 
 
 def test_reduce_zero_label():

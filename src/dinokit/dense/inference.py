@@ -119,7 +119,7 @@ def _pool_ranks(meter, skipped: int, row_index: list[int]):
 def format_results(result: dict, task: str) -> str:
     """A short console table of the main numbers."""
     if task == "seg":
-        rows = [("mIoU", result["mIoU"]), ("aAcc", result["aAcc"])]
+        rows = [("mIoU", result["mIoU"]), ("mAcc", result["mAcc"]), ("aAcc", result["aAcc"])]
         names = result.get("classes") or [str(i) for i in range(len(result["IoU"]))]
         rows += [(f"IoU {n}", v) for n, v in zip(names, result["IoU"])][:12]
         return "\n".join(f"  {k:<20} {v:8.2f}" for k, v in rows)

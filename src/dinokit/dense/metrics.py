@@ -47,17 +47,29 @@ class SegMetrics:
         self.label_area += area_label
 
     def compute(self) -> dict[str, float | list[float]]:
-        """``mIoU`` and ``aAcc`` in percent (2 decimals), ``IoU`` per class (NaN when absent everywhere)."""
+        """``mIoU``, ``mAcc`` and ``aAcc`` in percent (2 decimals), ``IoU`` and ``Acc`` per class, as mmseg: a class
+        absent everywhere is NaN in its IoU and left out of mIoU; one absent from the labels is NaN in its Acc and
+        left out of mAcc (per-class accuracy: the share of its pixels predicted as it)."""
         iou = self.intersection / self.union  # 0/0 -> NaN for classes seen nowhere
-        seen = ~torch.isnan(iou)
-        miou = float(iou[seen].mean()) if seen.any() else float("nan")
+        class_acc = self.intersection / self.label_area  # 0/0 -> NaN for classes absent from the labels
         total = float(self.label_area.sum())
         acc = float(self.intersection.sum()) / total if total else float("nan")
         return {
-            "mIoU": round(100 * miou, 2),
-            "aAcc": round(100 * acc, 2),
-            "IoU": [round(100 * float(v), 2) if not math.isnan(float(v)) else float("nan") for v in iou],
+            "mIoU": _percent(_nanmean(iou)),
+            "mAcc": _percent(_nanmean(class_acc)),
+            "aAcc": _percent(acc),
+            "IoU": [_percent(float(v)) for v in iou],
+            "Acc": [_percent(float(v)) for v in class_acc],
         }
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    seen = ~torch.isnan(values)
+    return float(values[seen].mean()) if seen.any() else float("nan")
+
+
+def _percent(value: float) -> float:
+    return float("nan") if math.isnan(value) else round(100 * value, 2)
 
 
 def reduce_zero_label(label: torch.Tensor) -> torch.Tensor:
