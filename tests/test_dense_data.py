@@ -218,6 +218,46 @@ def test_ade20k_voc_and_nyu_layouts(tmp_path):
     assert n.info.eigen_crop and n[0]["label"].max().item() == 2.0
 
 
+def test_kitti_layout_scale_crops_and_range_note(tmp_path, capsys):
+    """KITTI (the depth toolboxes' Eigen lists): 1/256 m PNGs, lines without ground truth skipped, every image and
+    label cut to the KB crop (bottom 352 rows, middle 1216 columns), the Garg crop at evaluation, and a note when
+    a head's max_depth is below the 80 m the data reaches."""
+    from dinokit.cli import main
+    from dinokit.dense.metrics import garg_crop_mask
+
+    kitti = tmp_path / "kitti"
+    (kitti / "drive").mkdir(parents=True)
+    rows = np.arange(375, dtype=np.float32)[:, None].repeat(1242, 1)  # depth = row index / 10 m
+    Image.fromarray(np.zeros((375, 1242, 3), np.uint8)).save(kitti / "drive" / "0001.png")
+    Image.fromarray((rows / 10 * 256).astype(np.uint16)).save(kitti / "drive" / "0001_depth.png")
+    (kitti / "kitti_eigen_test.txt").write_text("drive/0001.png drive/0001_depth.png 721.5377\n"
+                                                "drive/0002.png None 721.5377\n")
+    ds = make_dense_dataset(f"KITTI:root={kitti}:split=test")
+    assert len(ds) == 1 and ds.info.garg_crop and ds.info.depth_range == 80
+    item = ds[0]
+    assert item["image"].shape == (3, 352, 1216) and item["label"].shape == (352, 1216)
+    # the bottom rows: the first kept row is 375 - 352 = 23, i.e. 2.3 m
+    assert item["label"][0, 0].item() == pytest.approx(2.3, abs=1 / 256)
+    assert item["label"][-1, 0].item() == pytest.approx(37.4, abs=1 / 256)
+    mask = garg_crop_mask(352, 1216)
+    assert mask[int(0.41 * 352), int(0.5 * 1216)] and not mask[0, 600] and not mask[200, 10]
+    meter = DepthMetrics(max_depth=80, garg_crop=True)
+    meter.update(item["label"] + 1, item["label"])
+    assert meter.compute()["rmse"] == pytest.approx(1.0)
+    # training on it with the default max_depth of 10 m: said before anything runs
+    (kitti / "train" / "images").mkdir(parents=True)
+    (kitti / "train" / "depth").mkdir(parents=True)
+    Image.fromarray(np.zeros((375, 1242, 3), np.uint8)).save(kitti / "train" / "images" / "a.png")
+    Image.fromarray((rows / 10 * 256).astype(np.uint16)).save(kitti / "train" / "depth" / "a.png")
+    argv = ["dense", "train", "--task", "depth", "--head", "linear", "--model", "dinov2_vits14", "--random-init",
+            "--train-dataset", f"KITTI:root={kitti}:split=train", "--val-dataset", f"KITTI:root={kitti}:split=test",
+            "--output-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu", "iterations=1", "batch_size=1",
+            "augment=false", "crop_size=28,56", "eval_size=28", "eval_period=0", "num_workers=0"]
+    assert main(argv) == 0
+    assert ("holds depths up to 80 m but the head's max_depth is 10; set max_depth=80 (KITTI's own settings: "
+            "max_depth=80 crop_size=352,704)") in capsys.readouterr().out
+
+
 def test_generated_sets(tmp_path):
     from dinokit.dense.generated import write_dense_sample
 

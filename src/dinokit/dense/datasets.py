@@ -11,6 +11,10 @@ Strings, in dinokit's ``Name:key=value`` syntax:
   (``DIR/nyu_<split>.txt``, lines ``rgb_path depth_path [focal]`` relative to DIR, depth PNGs in mm), or
   ``DIR/<split>/images`` + ``DIR/<split>/depth`` as for DepthFolder. Eigen crop at evaluation; training images
   are first cut to the fixed NYU box (x1, y1, x2, y2) = (43, 45, 608, 472) of 640x480, scaled to the image size.
+* ``KITTI:root=DIR:split=train|test``: the Eigen split as the depth toolboxes list it (``DIR/kitti_eigen_<split>.txt``,
+  lines ``rgb_path depth_path [focal]`` relative to DIR, ``None`` where an image has no ground truth; depth PNGs in
+  1/256 m), or ``DIR/<split>/images`` + ``DIR/<split>/depth`` (the same 1/256 m PNGs). Every image and label is cut to
+  the KB crop (bottom 352 rows, middle 1216 columns); evaluation keeps the Garg crop; depths reach 80 m.
 * ``SegFolder:root=DIR``: ``DIR/images/<name>.<ext>`` with ``DIR/masks/<name>.png`` (one class index per
   pixel, 255 = ignore); the classes are ``DIR/classes.txt`` (one name per line; else ``DIR/../classes.txt``,
   shared by split folders) if present, else 0..max label.
@@ -41,10 +45,11 @@ from ..errors import DinokitError
 from .metrics import IGNORE_INDEX, reduce_zero_label
 from .transforms import image_to_tensor
 
-DENSE_DATASET_NAMES = ("ADE20K", "VOC2012", "NYU", "SegFolder", "DepthFolder", "SegSample", "DepthSample")
+DENSE_DATASET_NAMES = ("ADE20K", "VOC2012", "NYU", "KITTI", "SegFolder", "DepthFolder", "SegSample", "DepthSample")
 ADE20K_CLASSES = 150
 VOC_CLASSES = 21
 NYU_TRAIN_CROP = (43, 45, 608, 472)  # (x1, y1, x2, y2) of 640x480: NYU's border without depth, cut before training
+KB_CROP = (352, 1216)  # KITTI's benchmark crop: the bottom 352 rows and the middle 1216 columns, train and test
 
 
 @dataclass
@@ -57,6 +62,9 @@ class DenseInfo:
     reduce_zero_label: bool = False
     depth_scale: float = 1000.0  # PNG value per metre
     eigen_crop: bool = False
+    garg_crop: bool = False  # KITTI's evaluation crop (Garg et al.)
+    kb_crop: bool = False  # KITTI: every image and label cut to KB_CROP when it reads them
+    depth_range: float = 0.0  # the depth the data reaches (m; 0: unknown): a head's max_depth below it is said
     train_crop: tuple[int, int, int, int] | None = None  # (x1, y1, x2, y2) of a 640x480 frame, cut before training crops
     palette: str = ""  # "ade20k", "voc" or "" (generated)
 
@@ -139,9 +147,21 @@ class DenseDataset(Dataset):
         label = self.read_label(index)
         if tuple(label.shape) != tuple(image.shape[-2:]):
             raise _size_mismatch(self.pairs[index][1], image_path, label.shape[::-1], image.shape[:0:-1])
+        if self.info.kb_crop:
+            image, label = kb_crop(image, label)
         if self.transform is not None:
             image, label = self.transform(image, label)
         return {"image": image, "label": label, "index": index}
+
+
+def kb_crop(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KITTI's benchmark crop of an image (C, H, W) and its label (H, W): the bottom 352 rows and the middle 1216
+    columns (where the LiDAR depth lies); a smaller image is kept whole."""
+    (ch, cw), (h, w) = KB_CROP, image.shape[-2:]
+    if h < ch or w < cw:
+        return image, label
+    top, left = h - ch, (w - cw) // 2
+    return image[:, top:, left : left + cw], label[top:, left : left + cw]
 
 
 def check_label_mode(path: Path, mode: str, task: str) -> None:
@@ -275,20 +295,24 @@ def make_dense_dataset(dataset_str: str, *, transform: Callable | None = None) -
         ids = [l.strip() for l in read_user_text(list_file).splitlines() if l.strip()]
         pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
         return DenseDataset(pairs, DenseInfo("seg", num_classes=VOC_CLASSES, palette="voc"), name=dataset_str, transform=transform)
-    # NYU
+    # NYU and KITTI: the list files of the common depth toolboxes, or paired folders
     split = _split(kwargs, ("train", "test"), "train", name, dataset_str)
-    list_file = root / f"nyu_{split}.txt"
+    list_file = root / (f"nyu_{split}.txt" if name == "NYU" else f"kitti_eigen_{split}.txt")
     if list_file.is_file():
         pairs = []
         for line in read_user_text(list_file).splitlines():
             parts = line.split()
-            if len(parts) >= 2:
+            if len(parts) >= 2 and parts[1] != "None":  # KITTI's lists name images without ground truth "None"
                 pairs.append((root / parts[0].lstrip("/"), root / parts[1].lstrip("/")))
     elif (root / split / "images").is_dir():
         pairs = _paired_folder(root / split, "depth", (".png", ".npy"), dataset_str)
     else:
-        raise DinokitError(f"NYU needs ROOT/nyu_{split}.txt or ROOT/{split}/images + ROOT/{split}/depth (in {dataset_str!r})")
-    info = DenseInfo("depth", eigen_crop=True, train_crop=NYU_TRAIN_CROP)
+        raise DinokitError(f"{name} needs ROOT/{list_file.name} or ROOT/{split}/images + ROOT/{split}/depth (in "
+                           f"{dataset_str!r})")
+    if name == "KITTI":  # depth PNGs in 1/256 m, up to 80 m; the KB crop everywhere, the Garg crop at evaluation
+        info = DenseInfo("depth", depth_scale=256.0, garg_crop=True, kb_crop=True, depth_range=80.0)
+    else:
+        info = DenseInfo("depth", eigen_crop=True, train_crop=NYU_TRAIN_CROP, depth_range=10.0)
     return DenseDataset(pairs, info, name=dataset_str, transform=transform)
 
 

@@ -73,7 +73,8 @@ def evaluate(
         meter = SegMetrics(model.decode_head.num_classes)
     else:  # the range the head was trained for (a recipe's min/max_depth), not a dataset default
         head = model.decode_head
-        meter = DepthMetrics(min_depth=head.min_depth, max_depth=head.max_depth, eigen_crop=dataset.info.eigen_crop)
+        meter = DepthMetrics(min_depth=head.min_depth, max_depth=head.max_depth, eigen_crop=dataset.info.eigen_crop,
+                             garg_crop=dataset.info.garg_crop)
     rank, world = (du.get_rank(), du.get_world_size()) if shard else (0, 1)
     was_training = model.training
     model.eval()

@@ -87,6 +87,15 @@ def eigen_crop_mask(height: int, width: int) -> torch.Tensor:
     return mask
 
 
+def garg_crop_mask(height: int, width: int) -> torch.Tensor:
+    """KITTI's Garg crop (rows 40.8%-99.2%, columns 3.6%-96.4% of the image), the depth toolboxes' fractions."""
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    y1, y2 = int(0.40810811 * height), int(0.99189189 * height)
+    x1, x2 = int(0.03594771 * width), int(0.96405229 * width)
+    mask[y1:y2, x1:x2] = True
+    return mask
+
+
 def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, float]:
     """The metrics of one image over its valid pixels (``valid`` default: gt > 0); NaN when none is valid."""
     pred, gt = pred.double().flatten(), gt.double().flatten()
@@ -113,15 +122,19 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | No
 class DepthMetrics:
     """Per-image depth metrics averaged over the images (images without valid pixels are skipped)."""
 
-    def __init__(self, *, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = False) -> None:
-        self.min_depth, self.max_depth, self.eigen_crop = min_depth, max_depth, eigen_crop
+    def __init__(self, *, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = False,
+                 garg_crop: bool = False) -> None:
+        self.min_depth, self.max_depth, self.eigen_crop, self.garg_crop = min_depth, max_depth, eigen_crop, garg_crop
         self.rows: list[dict[str, float]] = []
 
     def valid_mask(self, gt: torch.Tensor) -> torch.Tensor:
-        """Pixels whose ground truth lies strictly inside (min, max), within the Eigen crop if asked."""
+        """Pixels whose ground truth lies strictly inside (min, max), within the Eigen (NYU) or Garg (KITTI) crop
+        if asked."""
         mask = (gt > self.min_depth) & (gt < self.max_depth)
         if self.eigen_crop:
             mask &= eigen_crop_mask(*gt.shape[-2:]).to(gt.device)
+        if self.garg_crop:
+            mask &= garg_crop_mask(*gt.shape[-2:]).to(gt.device)
         return mask
 
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:

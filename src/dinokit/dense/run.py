@@ -106,6 +106,11 @@ def train_head(
         if ds.info.task != task:
             raise DinokitError(f"{ds.name!r} is a {ds.info.task} dataset but --task is {task}")
     du.init_from_environment()  # under torchrun, before the run folder: only rank 0 takes its lock
+    reach = train_set.info.depth_range if task == "depth" else 0.0
+    if reach > recipe.max_depth and du.is_main_process():  # the head's bins stop there: every farther pixel clamped
+        print(f"note: {train_dataset!r} holds depths up to {reach:g} m but the head's max_depth is "
+              f"{recipe.max_depth:g}; set max_depth={reach:g}" + (" (KITTI's own settings: max_depth=80 "
+              "crop_size=352,704)" if train_set.info.kb_crop else ""))
     # checked before anything is written: a folder of its own, no other run in it, the same settings
     with open_run_dir(out, resume=resume, config=settings, config_file="dense_config.json",
                       allowed_changes=DENSE_RESUMABLE_CHANGES):
