@@ -145,6 +145,35 @@ def test_a_killed_linear_evaluation_resumes_from_its_running_checkpoint(sample, 
     assert (tmp_path / "other" / running.name).is_file() and not (tmp_path / "other" / "linear_head_1.pth").exists()
 
 
+def test_linear_scores_the_best_classifier_on_test_datasets(sample, tmp_path, capsys):
+    """--test-datasets (official option): the best classifier on each, by its metric. The val set itself gives the
+    val top-1 (its classes are balanced, so per-class mean too); a set of two classes is matched to train's by
+    name. A wrong path or metric is one line before any training."""
+    import shutil
+
+    root, _ = sample
+    two = tmp_path / "two"
+    for name in sorted(p.name for p in (root / "val").iterdir())[-2:]:  # not a prefix: relabelled by name
+        shutil.copytree(root / "val" / name, two / name)
+    extra = ["--epochs", "1", "--epoch-length", "5", "--batch-size", "16", "--learning-rates", "0.1", "--no-augment",
+             "--test-datasets", str(root / "val"), str(root / "val"), str(two),
+             "--test-metric-types", "mean_accuracy", "mean_per_class_accuracy", "mean_accuracy"]
+    assert main(["eval", "linear", *args(sample, tmp_path / "out", *extra)]) == 0
+    (result,) = read_lines(tmp_path / "out" / "results_eval_linear.json")
+    tests = result["tests"]  # keyed by dataset: the val set named twice is one entry, the last metric
+    assert tests[str(root / "val")] == {"metric": "mean_per_class_accuracy", "value": pytest.approx(result["top1"]),
+                                        "images": 24}
+    assert tests[str(two)]["images"] == 6 and 0 <= tests[str(two)]["value"] <= 100
+    out = capsys.readouterr().out
+    assert f"test {two}: mean_accuracy" in out and "note: the test dataset has 2 of the train dataset's 8 classes" in out
+    for bad, message in ((["--test-datasets", str(tmp_path / "none")], "does not exist"),
+                         (["--test-datasets", str(two), "--test-metric-types", "top5"],
+                          "--test-metric-types 'top5' is not one of mean_accuracy, mean_per_class_accuracy")):
+        assert main(["eval", "linear", *args(sample, tmp_path / "bad", *extra[:9], *bad)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad" / "linear_head_best.pth").exists()
+
+
 def test_linear_with_augmentation(sample, tmp_path, capsys):
     extra = ("--epochs", "1", "--epoch-length", "3", "--batch-size", "8", "--learning-rates", "0.1",
              "--n-last-blocks", "1", "50")

@@ -82,6 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="train on cached eval-transform features instead of running the backbone on "
                              "RandomResizedCrop+flip images each step: much faster, slightly less accurate")
     linear.add_argument("--seed", type=int, default=0)
+    linear.add_argument("--test-datasets", nargs="+", default=[], metavar="DATASET",
+                        help="also score the best classifier on these labelled datasets (official option)")
+    linear.add_argument("--test-metric-types", nargs="+", default=[], metavar="TYPE",
+                        help="mean_accuracy or mean_per_class_accuracy: one for all test datasets or one each "
+                             "[mean_accuracy]")
     linear.set_defaults(func=run_linear)
 
     logreg = protocols.add_parser("logreg", help="logistic regression on class tokens, C chosen on held-out data",
@@ -118,8 +123,10 @@ def check_options(args: argparse.Namespace) -> None:
                           n_tries=args.n_tries, chunk_size=args.chunk_size)
     elif args.protocol == "linear":
         from ..eval.linear import check_linear_options
+        from ..eval.scoring import metrics_of_test_sets
 
         check_linear_options(**_linear_options(args))
+        metrics_of_test_sets(args.test_datasets, args.test_metric_types)
     elif args.protocol == "logreg":
         from ..eval.logreg import check_logreg_options
 
@@ -193,13 +200,17 @@ def run_linear(args: argparse.Namespace) -> int:
     ctx = _context(args, check_model=lambda model: check_linear_options(**options, depth=len(model.blocks)))
     if ctx is None:
         return 0
-    result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment, seed=args.seed)
+    result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment, seed=args.seed,
+                                                 test_datasets=args.test_datasets,
+                                                 test_metric_types=args.test_metric_types)
     mode = "cached features" if args.no_augment else "augmented images"
     _report(ctx, f"linear probes ({result.iterations if result else 0} iterations, {mode})",
             format_linear_table(probes, accuracies), RESULTS_FILE)
     if result is not None:
         print(f"best: {result.best_classifier} top-1 {result.top1:.2f}; heads: "
               + ", ".join(str(ctx.output_dir / f) for f in result.head_files.values()))
+        for name, test in result.tests.items():
+            print(f"test {name}: {test['metric']} {test['value']:.2f} ({test['images']} images)")
     return 0
 
 

@@ -33,6 +33,7 @@ from ..models.checkpoint import atomic_write, load_state_dict_file
 from ..models.linear_classifier import probe_input
 from .results import append_results, report_label_warnings
 from .linear_data import FeatureBatch, StreamPosition, augmented_batches, cached_batches
+from .scoring import open_test_sets, score_test_sets
 from .setup import EvalContext
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -90,7 +91,6 @@ class LinearProbes(nn.Module):
         return logits
 
 
-# ---------------------------------------------------------------------------------------------- batches
 # ---------------------------------------------------------------------------------------------- training
 RUNNING_CHECKPOINT = "running_checkpoint_linear_eval.pth"  # the official name
 
@@ -194,6 +194,8 @@ class LinearResult:
     augment: bool
     head_files: dict[str, str] = field(default_factory=dict)  # "best", "layers_1", "layers_4" -> file name
     classifiers: dict[str, float] = field(default_factory=dict)  # every classifier's top-1
+    # the best classifier on each --test-datasets set: {dataset: {"metric": type, "value": percent, "images": n}}
+    tests: dict[str, dict] = field(default_factory=dict)
 
 
 def best_classifier(accuracies: dict[str, float], settings: dict[str, ProbeSetting], **require: object) -> str | None:
@@ -212,7 +214,7 @@ def save_linear_head(linear: nn.Linear, path: str | Path) -> Path:
 
 def save_results(
     probes: LinearProbes, accuracies: dict[str, float], output_dir: str | Path, *, iterations: int, augment: bool,
-    provenance: dict | None = None,
+    provenance: dict | None = None, tests: dict[str, dict] | None = None,
 ) -> LinearResult:
     """Save the best head (``linear_head_best.pth``), the best ``_lc``-compatible heads
     (avgpool, ``linear_head_1.pth`` / ``linear_head_4.pth``) and append the result line (with ``provenance``)."""
@@ -228,7 +230,7 @@ def save_results(
     save_linear_head(probes.classifiers_dict[best], output_dir / files["best"])
     result = LinearResult(
         best_classifier=best, top1=accuracies[best], n_last_blocks=s.n_last_blocks, avgpool=s.avgpool, lr=s.lr,
-        iterations=iterations, augment=augment, head_files=files, classifiers=accuracies,
+        iterations=iterations, augment=augment, head_files=files, classifiers=accuracies, tests=tests or {},
     )
     append_results(output_dir / RESULTS_FILE, [{**asdict(result), **(provenance or {})}])
     return result
@@ -297,8 +299,13 @@ def linear_protocol(
     n_last_blocks: Sequence[int] = N_LAST_BLOCKS,
     augment: bool = True,
     seed: int = 0,
+    test_datasets: Sequence[str] = (),
+    test_metric_types: Sequence[str] = (),
 ) -> tuple[LinearResult | None, LinearProbes, dict[str, float]]:
     """``dinokit eval linear``: train the probe grid, pick the best on val, save heads and results.
+
+    ``test_datasets`` (official ``--test-datasets``): each scored with the best classifier, by its metric of
+    ``test_metric_types`` (one for all, or one per dataset; default ``mean_accuracy``).
 
     Returns (the result written, None on ranks other than 0; the probes; every probe's val top-1).
     """
@@ -309,6 +316,7 @@ def linear_protocol(
     if len(usable) < len(n_last_blocks):
         left_out = " ".join(str(n) for n in n_last_blocks if n > depth)
         warnings.warn(f"--n-last-blocks {left_out} left out: the backbone has {depth} blocks", stacklevel=2)
+    test_sets = open_test_sets(ctx, test_datasets, test_metric_types)  # a wrong path: one line before training
     val = ctx.features("val", "linear")
     settings = probe_settings(learning_rates=learning_rates, n_last_blocks=usable,
                               total_batch=batch_size * du.get_world_size())
@@ -348,9 +356,10 @@ def linear_protocol(
     readable = torch.as_tensor([t for i, t in enumerate(train_targets) if i not in unreadable], dtype=torch.long)
     trust = report_label_warnings(readable, val.targets, ctx.num_classes, top5=False)  # the probes report top-1
     accuracies = evaluate_probes(probes, val.features["cls_tokens"], val.features["patch_mean"], val.targets)
+    tests = score_test_sets(ctx, probes, best_classifier(accuracies, probes.settings), test_sets)
     result = None
     if du.is_main_process():
         result = save_results(probes, accuracies, ctx.output_dir, iterations=iterations, augment=augment,
-                              provenance=ctx.result_provenance(trust))
+                              provenance=ctx.result_provenance(trust), tests=tests)
         running.path.unlink(missing_ok=True)  # the results are the finished record
     return result, probes, accuracies

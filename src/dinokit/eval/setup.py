@@ -163,24 +163,32 @@ def load_eval_datasets(
     transform = transform or make_classification_eval_transform(crop_size=image_size)
     train = make_dataset(train_dataset_str, transform=transform, labelled=True)
     val = make_dataset(val_dataset_str, transform=transform, labelled=True)
-    short, long = sorted((list(train.classes), list(val.classes)), key=len)
-    if long[: len(short)] != short:
-        unknown = [c for c in val.classes if c not in set(train.classes)]
-        if unknown or not isinstance(getattr(val, "targets", None), list):
-            raise DinokitError(
-                f"the val dataset has classes the train dataset lacks ({len(unknown)} of {len(val.classes)}, e.g. "
-                f"{unknown[0]!r}): no neighbour or probe can predict them; use the same class folders in both"
-                if unknown else
-                f"the train and val datasets have different classes ({len(train.classes)} vs {len(val.classes)}, "
-                f"e.g. {_first_difference(train.classes, val.classes)}); use the same class folders in both")
-        if du.is_main_process():
-            print(f"note: the val dataset has {len(val.classes)} of the train dataset's {len(train.classes)} "
-                  "classes; its labels follow the train classes' names")
-        index = {name: i for i, name in enumerate(train.classes)}
-        val.targets = [index[val.classes[t]] if t >= 0 else t for t in val.targets]
-        val.classes = list(train.classes)
+    long = align_classes(train, val)
     num_classes = max(len(long), int(max(train.targets, default=-1)) + 1, int(max(val.targets, default=-1)) + 1)
     return train, val, num_classes
+
+
+def align_classes(train: ImageDataset, other: ImageDataset, role: str = "val") -> list[str]:
+    """Check that ``other`` (the ``role`` dataset) has train's classes (one list may be a prefix of the other), or
+    some of them, whose labels are then renumbered by class name in place; returns the longer class list."""
+    short, long = sorted((list(train.classes), list(other.classes)), key=len)
+    if long[: len(short)] != short:
+        unknown = [c for c in other.classes if c not in set(train.classes)]
+        if unknown or not isinstance(getattr(other, "targets", None), list):
+            raise DinokitError(
+                f"the {role} dataset has classes the train dataset lacks ({len(unknown)} of {len(other.classes)}, "
+                f"e.g. {unknown[0]!r}): no neighbour or probe can predict them; use the same class folders in both"
+                if unknown else
+                f"the train and {role} datasets have different classes ({len(train.classes)} vs "
+                f"{len(other.classes)}, e.g. {_first_difference(train.classes, other.classes)}); use the same class "
+                "folders in both")
+        if du.is_main_process():
+            print(f"note: the {role} dataset has {len(other.classes)} of the train dataset's {len(train.classes)} "
+                  "classes; its labels follow the train classes' names")
+        index = {name: i for i, name in enumerate(train.classes)}
+        other.targets = [index[other.classes[t]] if t >= 0 else t for t in other.targets]
+        other.classes = list(train.classes)
+    return long
 
 
 def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
@@ -216,9 +224,10 @@ class EvalContext:
         """What a result line records besides its numbers: the provenance and every warning about its trust."""
         return {**self.provenance, "warnings": [*self.data_warnings, *trust]}
 
-    def features(self, split: str, kind: str) -> ExtractedFeatures:
-        """``kind`` features of the ``train`` or ``val`` split, from the cache or extracted (and cached)."""
-        dataset = self.train if split == "train" else self.val
+    def features(self, split: str, kind: str, dataset: ImageDataset | None = None) -> ExtractedFeatures:
+        """``kind`` features of the ``train`` or ``val`` split (or of ``dataset``, named ``split``), from the cache
+        or extracted (and cached)."""
+        dataset = dataset if dataset is not None else self.train if split == "train" else self.val
         return self.cache.get(
             split, kind, dataset,
             lambda: extract_eval_features(
