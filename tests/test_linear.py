@@ -145,3 +145,29 @@ def test_the_training_stream_continues_where_it_stopped():
         for start in (0, 3, 4, 11, 20):
             later = iter(InfiniteShuffle(10, seed=4, rank=rank, world_size=world, start=start))
             assert [next(later) for _ in range(25 - start)] == whole[start:]
+
+
+def test_a_classifier_of_an_official_linear_evaluation_checkpoint_loads_as_a_head(tmp_path):
+    """``model_final.pth`` of the official linear evaluation holds the whole grid (``classifiers_dict.<name>.linear``,
+    DDP's ``module.`` prefix included): ``file#name`` reads one as a hub head; without a name, one line lists how."""
+    from dinokit.models.linear_classifier import LinearClassifier, load_linear_head, read_linear_head
+
+    backbone = tiny_backbone()
+    g = torch.Generator().manual_seed(0)
+    names = {"classifier_4_blocks_avgpool_True_lr_0_00100": 5 * 32, "classifier_1_blocks_avgpool_False_lr_0_00100": 32}
+    sd = {}
+    for name, width in names.items():
+        sd[f"module.classifiers_dict.{name}.linear.weight"] = torch.randn(7, width, generator=g)
+        sd[f"module.classifiers_dict.{name}.linear.bias"] = torch.randn(7, generator=g)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": sd, "iteration": 12499}, path)
+    head = read_linear_head(f"{path}#classifier_4_blocks_avgpool_True_lr_0_00100")
+    assert torch.equal(head["weight"], sd["module.classifiers_dict.classifier_4_blocks_avgpool_True_lr_0_00100.linear.weight"])
+    model = load_linear_head(LinearClassifier(backbone, layers=4, num_classes=7),
+                             f"{path}#classifier_4_blocks_avgpool_True_lr_0_00100")
+    assert torch.equal(model.linear_head.bias, head["bias"])
+    with pytest.raises(DinokitError, match=r"holds the 2 classifiers of an official linear evaluation; name one after "
+                                           r"a '#', e.g. .*model_final.pth#classifier_4_blocks_avgpool_True_lr_0_00100"):
+        read_linear_head(path)
+    with pytest.raises(DinokitError, match="it has no 'classifier_x'"):
+        read_linear_head(f"{path}#classifier_x")

@@ -9,6 +9,7 @@ released ``*_linear_head.pth`` / ``*_linear4_head.pth`` file (``{"weight", "bias
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -89,12 +90,45 @@ def linear_head_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Ten
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+_EVAL_CLASSIFIER = re.compile(r"^(?:module\.)?classifiers_dict\.(classifier_\w+)\.linear\.(weight|bias)$")
+
+
+def _linear_eval_classifier(sd: Mapping[str, Any], name: str | None, path: str | None) -> dict[str, torch.Tensor] | None:
+    """One classifier of an official linear-evaluation checkpoint (``classifiers_dict.<name>.linear.*``, the grid of
+    52), as a head: the one named, or the only one; None when ``sd`` is no such checkpoint."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        match = _EVAL_CLASSIFIER.match(key)
+        if match and isinstance(value, torch.Tensor):
+            found.setdefault(match.group(1), {})[match.group(2)] = value
+    if not found:
+        return None
+    if name is None and len(found) == 1:
+        name = next(iter(found))
+    if name not in found:
+        example = sorted(n for n in found if "_avgpool_True_" in n) or sorted(found)
+        where = f"{path!r}" if path else "the state dict"
+        how = f"name one after a '#', e.g. {path}#{example[0]}" if path else "pass one classifier's weight and bias"
+        missing = f" (it has no {name!r})" if name else ""
+        raise DinokitError(f"{where} holds the {len(found)} classifiers of an official linear evaluation{missing}; "
+                           f"{how} (the _lc models take the avgpool_True ones)")
+    return found[name]
+
+
 def read_linear_head(weights: str | Path | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Read a head file or URL (or take a state dict); check it is ``{"weight": (C, F), "bias": (C,)}``."""
+    """Read a head file or URL (or take a state dict); check it is ``{"weight": (C, F), "bias": (C,)}``.
+
+    An official linear-evaluation checkpoint (its ``classifiers_dict``) gives the classifier named after a ``#``
+    (``model_final.pth#classifier_4_blocks_avgpool_True_lr_0_00100``), or its only one."""
+    name = None
+    if not isinstance(weights, Mapping) and "#" in str(weights) and not Path(weights).exists():
+        weights, name = str(weights).rsplit("#", 1)
     raw = weights if isinstance(weights, Mapping) else load_state_dict_file(weights)
-    sd = linear_head_state_dict(raw)
+    source = "the state dict" if isinstance(weights, Mapping) else repr(str(weights))
+    flat = raw["model"] if isinstance(raw.get("model"), Mapping) else raw
+    path = None if isinstance(weights, Mapping) else str(weights)
+    sd = _linear_eval_classifier(flat, name, path) or linear_head_state_dict(raw)
     if set(sd) != {"weight", "bias"} or sd["weight"].ndim != 2:
-        source = "the state dict" if isinstance(weights, Mapping) else repr(str(weights))
         found = ", ".join(list(sd)[:4]) or "nothing"
         raise DinokitError(f"{source} is not a linear head (expected the keys weight and bias, found {found})")
     return sd
