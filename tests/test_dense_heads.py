@@ -10,7 +10,6 @@ norm=False)``, the head, clamping to the head's range and a bilinear resize to t
 from __future__ import annotations
 
 import json
-
 import math
 
 import pytest
