@@ -262,6 +262,13 @@ def test_settings_and_inputs_are_refused_in_one_line_before_the_work_folder_is_w
         ([*run, "--pool", str(pool), *MODEL, "retrieve.k=-1"], "curate key 'retrieve.k' is -1; it must be at least 0"),
         ([*run, "--pool", str(pool), *MODEL, "cluster.resampling_steps=[2,-1]"],
          "curate key 'cluster.resampling_steps' is [2, -1]; every value must be at least 0"),
+        # the per-level lists against the levels: before the embed stage, not when clustering starts
+        ([*run, "--pool", str(pool), *MODEL, "cluster.n_splits=[2,1]"],
+         "cluster.n_splits is given per level, but cluster.n_clusters is not"),
+        ([*run, "--pool", str(pool), *MODEL, "cluster.n_clusters=[8,3]", "cluster.sample_size=[4]"],
+         "cluster.sample_size has 1 value(s) but cluster.n_clusters has 2 level(s); give one per level"),
+        ([*run, "--pool", str(pool), *MODEL, "cluster.n_clusters=[3,8]"],
+         "cluster.n_clusters [3, 8] must decrease level after level"),
         ([*run, "--pool", str(pool), *MODEL, "dedup.treshold=0.9"],
          "unknown curate key 'dedup.treshold' (did you mean 'dedup.threshold'?), in override 'dedup.treshold=0.9'"),
         ([*run, "--pool", str(pool), *MODEL, "threshold=0.9"],

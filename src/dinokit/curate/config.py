@@ -176,6 +176,27 @@ def _check(c: CurateConfig) -> None:
                                "dedup.knn=exact)")
     if c.embed.copy == "model" and not (c.copy_model or c.copy_config_file):
         raise DinokitError("embed.copy=model needs --copy-model NAME or --copy-config-file CFG --copy-weights PATH")
+    _check_levels(c.cluster)
+
+
+def _check_levels(c: ClusterConfig) -> None:
+    """The per-level lists against ``cluster.n_clusters``, told before the embed stage runs (they were found only
+    when clustering began, hours later on a large pool)."""
+    per_level = {"cluster.resampling_steps": c.resampling_steps, "cluster.sample_size": c.sample_size,
+                 "cluster.n_splits": c.n_splits}
+    given = {key: list(value) for key, value in per_level.items() if value}
+    if given and not c.n_clusters:
+        key = next(iter(given))
+        raise DinokitError(f"{key} is given per level, but cluster.n_clusters is not (the levels are then sized from "
+                           f"the pool); give cluster.n_clusters too, e.g. cluster.n_clusters=[1000,100]")
+    for key, value in given.items():
+        if len(value) != len(c.n_clusters):
+            raise DinokitError(f"{key} has {len(value)} value(s) but cluster.n_clusters has {len(c.n_clusters)} "
+                               "level(s); give one per level")
+    splits = list(c.n_splits) or [1] * len(c.n_clusters)
+    if any(b >= a * split for a, split, b in zip(c.n_clusters, splits, list(c.n_clusters)[1:])):
+        raise DinokitError(f"cluster.n_clusters {list(c.n_clusters)} must decrease level after level (a level split "
+                           "by cluster.n_splits counts its clusters times its splits)")
 
 
 def to_dict(config: CurateConfig) -> dict:
