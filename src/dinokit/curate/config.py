@@ -193,10 +193,9 @@ def _check_levels(c: ClusterConfig) -> None:
         if len(value) != len(c.n_clusters):
             raise DinokitError(f"{key} has {len(value)} value(s) but cluster.n_clusters has {len(c.n_clusters)} "
                                "level(s); give one per level")
-    splits = list(c.n_splits) or [1] * len(c.n_clusters)
-    if any(b >= a * split for a, split, b in zip(c.n_clusters, splits, list(c.n_clusters)[1:])):
-        raise DinokitError(f"cluster.n_clusters {list(c.n_clusters)} must decrease level after level (a level split "
-                           "by cluster.n_splits counts its clusters times its splits)")
+    from .kmeans import check_level_sizes
+
+    check_level_sizes(c.n_clusters, list(c.n_splits) or [1] * len(c.n_clusters))
 
 
 def to_dict(config: CurateConfig) -> dict:

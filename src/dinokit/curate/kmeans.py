@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -288,6 +289,13 @@ def split_clusters(x: torch.Tensor, result: KMeansResult, n_splits: int, *, n_it
     return KMeansResult(centroids=centroids, labels=new_labels, distances=dists, inertia=inertia)
 
 
+def check_level_sizes(n_clusters: Sequence[int], n_splits: Sequence[int]) -> None:
+    """Each level must hold fewer clusters than the one below it gives (its clusters times its splits)."""
+    if any(b >= a * split for a, split, b in zip(n_clusters, n_splits, list(n_clusters)[1:])):
+        raise DinokitError(f"cluster.n_clusters {list(n_clusters)} must decrease level after level (a level split "
+                           "by cluster.n_splits counts its clusters times its splits)")
+
+
 def hierarchical_kmeans(
     x: torch.Tensor,
     n_clusters: list[int],
@@ -320,9 +328,7 @@ def hierarchical_kmeans(
                            "level of cluster.n_clusters")
     if sampling not in ("c", "r"):
         raise DinokitError(f"unknown cluster.sampling {sampling!r}; use c (closest to the centroid) or r (random)")
-    if any(b >= a * split for a, split, b in zip(n_clusters, n_splits, n_clusters[1:])):
-        raise DinokitError(f"cluster.n_clusters {n_clusters} must decrease level after level (a level split by "
-                           "cluster.n_splits counts its clusters times its splits)")
+    check_level_sizes(n_clusters, n_splits)
     levels: list[Level] = []
     points, dist = x, distributed
     for level, k in enumerate(n_clusters):
