@@ -378,3 +378,27 @@ def test_gram_crops_are_the_global_regions_at_their_own_size_in_both_paths():
     global_crops, _, gram_crops = ta.TensorMultiCrop(**kwargs, gram_crops_size=32, gram_no_distortions=True)(
         pixels, [params])
     torch.testing.assert_close(resize_crop(gram_crops, 16), global_crops, rtol=0, atol=1e-5)
+
+
+def test_horizontal_flips_off_in_both_paths():
+    """crops.horizontal_flips=false (DINOv3's high-resolution stage): no crop is ever flipped, in the PIL and the
+    tensor paths, and every other random draw stays the same."""
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[:, :16] = 120  # left half grey (below the solarize threshold): a flipped crop has it on the right
+    image = Image.fromarray(pixels)
+    for flips in (True, False):
+        transform = DataAugmentationDINO((1.0, 1.0), (1.0, 1.0), 2, global_crops_size=16, local_crops_size=8,
+                                         color_jitter_strength=0.0, grayscale_probability=0.0,
+                                         blur_probabilities="none", horizontal_flips=flips)
+        torch.manual_seed(0)
+        sides = [crop[0, :, :4].mean() > crop[0, :, -4:].mean()
+                 for _ in range(20) for out in [transform(image)]
+                 for crop in (*out["global_crops"], *out["local_crops"])]
+        assert all(sides) != flips  # flips on: some crops have the grey half on the right; off: none
+    on = ta.draw_crop_params(40, 50, global_crops_scale=(0.3, 1), local_crops_scale=(0.05, 0.3), local_crops_number=8,
+                             generator=torch.Generator().manual_seed(1))
+    off = ta.draw_crop_params(40, 50, global_crops_scale=(0.3, 1), local_crops_scale=(0.05, 0.3), local_crops_number=8,
+                              generator=torch.Generator().manual_seed(1), horizontal_flips=False)
+    assert on.flip.any() and not off.flip.any()
+    assert torch.equal(on.boxes, off.boxes) and torch.equal(on.jitter_factors, off.jitter_factors)
+    assert ta.MultiCropSource((0.3, 1), (0.05, 0.3), 2, horizontal_flips=False)(image)["params"].flip.sum() == 0

@@ -215,6 +215,7 @@ class CropsConfig:
     # grid (gram.global_teacher_resize_method). null: the Gram teacher sees the global crops.
     gram_teacher_crops_size: Any = None  # (a list under mixed resolutions: one per global_crops_size entry)
     gram_teacher_no_distortions: bool = False  # DINOv3: the Gram crops without colour, blur and solarize
+    horizontal_flips: bool = True  # DINOv3: false turns the crops' random horizontal flips off (its high-res stage)
 
 
 @dataclass

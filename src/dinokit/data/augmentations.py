@@ -36,6 +36,7 @@ BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {
     "none": (0.0, 0.0, 0.0),  # dinokit: no blur (the official sigmas of 0.1-2 px are meant for 224 / 96 px crops)
 }
 SOLARIZE_PROBABILITY = 0.2  # global crop 2 only
+FLIP_PROBABILITY = 0.5  # every crop; crops.horizontal_flips=false (DINOv3): 0
 GRAYSCALE_PROBABILITY = 0.2  # official; crops.grayscale_probability changes it
 # Official colour-jitter strengths (brightness, contrast, saturation, hue), scaled by crops.color_jitter_strength.
 COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)
@@ -79,11 +80,11 @@ def resize_crop(crop: torch.Tensor, size: int) -> torch.Tensor:
     return v2.functional.resize(crop, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
 
 
-def _geometric(size: int, scale: tuple[float, float]) -> v2.Compose:
+def _geometric(size: int, scale: tuple[float, float], flip: float = 0.5) -> v2.Compose:
     return v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomHorizontalFlip(p=flip),  # p = 0 still draws its number: the other draws do not move
         ]
     )
 
@@ -114,8 +115,10 @@ class DataAugmentationDINO:
         color_jitter_strength: float = 1.0,
         gram_crops_size: int | None = None,
         gram_no_distortions: bool = False,
+        horizontal_flips: bool = True,
     ) -> None:
         check_crop_options(local_crops_number, blur_probabilities, grayscale_probability, color_jitter_strength)
+        self.horizontal_flips = horizontal_flips
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number
@@ -128,9 +131,10 @@ class DataAugmentationDINO:
 
         self.gram_crops_size, self.gram_no_distortions = gram_crops_size, gram_no_distortions
         # With Gram crops, the global regions are cut at the larger side and resized after the distortions.
+        flip = FLIP_PROBABILITY if horizontal_flips else 0.0  # DINOv3's crops.horizontal_flips=false: none
         self.geometric_augmentation_global = _geometric(max(global_crops_size, gram_crops_size or 0),
-                                                        self.global_crops_scale)
-        self.geometric_augmentation_local = _geometric(local_crops_size, self.local_crops_scale)
+                                                        self.global_crops_scale, flip)
+        self.geometric_augmentation_local = _geometric(local_crops_size, self.local_crops_scale, flip)
         # One definition, drawn independently for every crop.
         color_jittering = v2.Compose(
             [

@@ -33,6 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .augmentations import (
     BLUR_PROBABILITIES,
+    FLIP_PROBABILITY,
     GRAYSCALE_PROBABILITY,
     SOLARIZE_PROBABILITY,
     check_crop_options,
@@ -44,7 +45,6 @@ from .photometric import JITTER_OPS, gaussian_blur, grayscale, normalize, solari
 
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's default aspect-ratio range
 CROP_ATTEMPTS = 10  # torchvision draws up to ten boxes before falling back to a centre crop
-FLIP_PROBABILITY = 0.5
 JITTER_PROBABILITY = 0.8
 BLUR_SIGMA = (0.1, 2.0)
 
@@ -134,8 +134,10 @@ def draw_crop_params(
     grayscale_probability: float = GRAYSCALE_PROBABILITY,
     color_jitter_strength: float = 1.0,
     generator: torch.Generator | None = None,
+    horizontal_flips: bool = True,
 ) -> CropParams:
-    """Draw all random parameters of one image's crops (default: the global torch generator)."""
+    """Draw all random parameters of one image's crops (default: the global torch generator). Without
+    ``horizontal_flips`` no crop is flipped; every other draw is the same."""
     n_crops = 2 + local_crops_number
     blur_global1, blur_global2, blur_local = BLUR_PROBABILITIES[blur_probabilities]
     boxes = torch.cat(
@@ -155,7 +157,7 @@ def draw_crop_params(
     solarize_p = torch.tensor([0.0, SOLARIZE_PROBABILITY] + [0.0] * local_crops_number)
     return CropParams(
         boxes=boxes,
-        flip=u[:, 0] < FLIP_PROBABILITY,
+        flip=u[:, 0] < (FLIP_PROBABILITY if horizontal_flips else 0.0),
         jitter=u[:, 1] < JITTER_PROBABILITY,
         jitter_order=jitter_order,
         jitter_factors=factors,
@@ -189,8 +191,10 @@ class MultiCropSource:
         grayscale_probability: float = GRAYSCALE_PROBABILITY,
         color_jitter_strength: float = 1.0,
         max_size: int | None = None,
+        horizontal_flips: bool = True,
     ) -> None:
         check_crop_options(local_crops_number, blur_probabilities, grayscale_probability, color_jitter_strength)
+        self.horizontal_flips = horizontal_flips
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number
@@ -212,6 +216,7 @@ class MultiCropSource:
             blur_probabilities=self.blur_probabilities,
             grayscale_probability=self.grayscale_probability,
             color_jitter_strength=self.color_jitter_strength,
+            horizontal_flips=self.horizontal_flips,
         )
         return {"image": pixels, "params": params}
 

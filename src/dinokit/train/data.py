@@ -94,7 +94,7 @@ def _pipeline(cfg: DictConfig, sizes: CropSizes) -> tuple[Any, Any]:
     # the crop areas and photometric distributions: the same in every path
     areas = (tuple(crops.global_crops_scale), tuple(crops.local_crops_scale), crops.local_crops_number)
     colours = dict(blur_probabilities=crops.blur_probabilities, grayscale_probability=crops.grayscale_probability,
-                   color_jitter_strength=crops.color_jitter_strength)
+                   color_jitter_strength=crops.color_jitter_strength, horizontal_flips=crops.horizontal_flips)
     if crops.augmentation in ("tensor", "device"):
         # Workers decode and draw the crop parameters per image; the collate crops and colours the whole batch
         # ("tensor"), or ships the images and parameters as a PendingSSLBatch whose move to the training device
