@@ -44,6 +44,7 @@ def test_defaults_are_the_official_ones() -> None:
     assert dict(cfg.dino) == {
         "loss_weight": 1.0, "head_n_prototypes": 65536, "head_bottleneck_dim": 256, "head_nlayers": 3,
         "head_hidden_dim": 2048, "koleo_loss_weight": 0.1,
+        "reweight_dino_local_loss": False, "local_loss_weight_schedule": None,  # DINOv3's keys, off
     }  # fmt: skip
     assert cfg.ibot.mask_ratio_min_max == [0.1, 0.5] and cfg.ibot.mask_sample_probability == 0.5
     assert cfg.ibot.separate_head is False and cfg.ibot.head_n_prototypes == 65536
@@ -269,6 +270,10 @@ def test_overrides_with_lists_and_dataset_strings() -> None:
         ("optim.weight_decay_end=-0.1", "config key 'optim.weight_decay_end' is -0.1; it must be at least 0"),
         ("optim.clip_grad=-1", "config key 'optim.clip_grad' is -1.0; it must be at least 0"),
         ("optim.layerwise_decay=1.5", "config key 'optim.layerwise_decay' is 1.5; it must be in (0, 1]"),
+        # DINOv3's local-crop reweighting: the switch and its schedule go together (neither silently does nothing)
+        ("dino.reweight_dino_local_loss=true", "dino.reweight_dino_local_loss needs dino.local_loss_weight_schedule"),
+        ("dino.local_loss_weight_schedule={start: 1, peak: 1, end: 0.5, warmup_epochs: 0}",
+         "dino.local_loss_weight_schedule is set but dino.reweight_dino_local_loss is false"),
         # iBOT on, but no patch ever masked: its loss was 0 every step (the official code asserts both)
         ("ibot.mask_sample_probability=0", "ibot.loss_weight is 1.0 but no patch would ever be masked"),
         ("ibot.mask_ratio_min_max=[0,0]", "ibot.mask_ratio_min_max [0.0, 0.0]); raise them (official 0.5 and"),

@@ -35,6 +35,24 @@ def tiny_cfg(images: Path, *extra: str):
     return load_config("demo", [*TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}", *extra])
 
 
+def test_dinov3_local_loss_reweighting_scales_the_local_term_of_the_minimised_loss(images, tmp_path):
+    """dino.reweight_dino_local_loss with its v2 schedule (here 1 -> 0.5 by a half-cosine over iterations 2-4): the
+    minimised loss takes w(i) x the local DINO term; the logged term and total_loss stay unweighted, as DINOv3 logs
+    them, and w(i) is logged as dino_local_loss_weight."""
+    cfg = tiny_cfg(images, "dino.reweight_dino_local_loss=true", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=3",
+                   "dino.local_loss_weight_schedule={start: 1, peak: 1, end: 0.5, warmup_epochs: 1, cosine_epochs: 1}")
+    out = tmp_path / "run"
+    train(cfg, output_dir=out)
+    lines = [json.loads(l) for l in (out / "training_metrics.json").read_text().splitlines()]
+    weights = [l["dino_local_loss_weight"] for l in lines]
+    assert weights == pytest.approx([1.0, 1.0, 1.0, 0.75, 0.5, 0.5])
+    for l, w in zip(lines, weights):
+        rest = l["dino_global_crops_loss"] + 2 * l["koleo_loss"] + 2 * l["ibot_loss"]
+        assert l["objective_loss"] == pytest.approx(w * l["dino_local_crops_loss"] + rest, rel=1e-5)
+        assert l["total_loss"] == pytest.approx(l["dino_local_crops_loss"] + l["dino_global_crops_loss"]
+                                                + l["koleo_loss"] + l["ibot_loss"], rel=1e-5)
+
+
 def full_state(out: Path) -> dict:
     ckpts = sorted((out / "checkpoints").glob("checkpoint_*.pth"))
     return torch.load(ckpts[-1], map_location="cpu", weights_only=True)

@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..devices import DTYPES, resolve_dtype
+from ..devices import DTYPES, resolve_dtype  # noqa: F401  (re-exported by dinokit.config)
 from ..errors import DinokitError
 from ..models.checkpoint import atomic_write
 from .schema import SSLConfig

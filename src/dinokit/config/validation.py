@@ -124,8 +124,30 @@ def validate(cfg: DictConfig) -> None:
     if knn is not None and (knn.train is None) != (knn.val is None):
         raise DinokitError("set both evaluation.knn_dataset.train and evaluation.knn_dataset.val, or neither")
     _validate_step_levers(cfg)
+    _validate_dino_reweighting(cfg)
     _validate_stages(cfg)
     check_inert_keys(cfg)
+
+
+def check_weight_schedule(weight, key: str) -> None:
+    """A v2 weight schedule (``start``, ``peak``, ``end``, ``warmup_epochs``, ``cosine_epochs``) with durations of 0
+    or more; None passes."""
+    if weight is not None and (weight.warmup_epochs < 0 or (weight.cosine_epochs is not None and weight.cosine_epochs < 0)):
+        raise DinokitError(f"{key} has warmup_epochs {weight.warmup_epochs} and cosine_epochs {weight.cosine_epochs}; "
+                           "set them to 0 or more (cosine_epochs null: the rest of the run)")
+
+
+def _validate_dino_reweighting(cfg: DictConfig) -> None:
+    """DINOv3's local-crop DINO weight: the switch needs its schedule, and the schedule the switch (else it would
+    silently do nothing)."""
+    dino = cfg.dino
+    if dino.reweight_dino_local_loss and dino.local_loss_weight_schedule is None:
+        raise DinokitError("dino.reweight_dino_local_loss needs dino.local_loss_weight_schedule ({start, peak, end, "
+                           "warmup_epochs, cosine_epochs}), e.g. a constant 0.5: start 0.5, peak 0.5, end 0.5")
+    if dino.local_loss_weight_schedule is not None and not dino.reweight_dino_local_loss:
+        raise DinokitError("dino.local_loss_weight_schedule is set but dino.reweight_dino_local_loss is false: it "
+                           "would do nothing; set dino.reweight_dino_local_loss=true or remove the schedule")
+    check_weight_schedule(dino.local_loss_weight_schedule, "dino.local_loss_weight_schedule")
 
 
 def _validate_step_levers(cfg: DictConfig) -> None:
@@ -180,10 +202,7 @@ def _validate_stages(cfg: DictConfig) -> None:
     if not gram.ema_teacher and not gram.ckpt and gram.it_load_ema_teacher < 0:
         raise DinokitError("gram.use_loss needs a Gram teacher: set gram.ckpt, gram.it_load_ema_teacher >= 0 or "
                            "gram.ema_teacher=true")
-    weight = gram.loss_weight_schedule
-    if weight is not None and (weight.warmup_epochs < 0 or (weight.cosine_epochs is not None and weight.cosine_epochs < 0)):
-        raise DinokitError(f"gram.loss_weight_schedule has warmup_epochs {weight.warmup_epochs} and cosine_epochs "
-                           f"{weight.cosine_epochs}; set them to 0 or more (cosine_epochs null: the rest of the run)")
+    check_weight_schedule(gram.loss_weight_schedule, "gram.loss_weight_schedule")
     if gram.remove_neg and gram.remove_only_teacher_neg:
         raise DinokitError("gram.remove_neg and gram.remove_only_teacher_neg exclude each other; keep one")
     if gram.tokens_used != "all" and gram.img_level:

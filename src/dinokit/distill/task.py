@@ -135,7 +135,7 @@ class DistillationTask(SSLObjective, Task):
             targets = (out["x_norm_clstoken"], out["x_norm_patchtokens"])
             outs = {key: self._feature_losses(student, batch, targets) for key, student in self.students.items()}
         else:
-            outs = self._ssl_losses(batch, sched["teacher_temp"])
+            outs = self._ssl_losses(batch, sched["teacher_temp"], sched.get("dino_local_loss_weight"))
         if len(outs) == 1:
             return next(iter(outs.values()))
         total = sum(out.total for out in outs.values())  # independent students: each gets its own gradient
@@ -143,7 +143,7 @@ class DistillationTask(SSLObjective, Task):
         logged = None if all(out.logged_total is None for out in outs.values()) else sum(o.logged for o in outs.values())
         return LossOutput(total=total, terms=terms, logged_total=logged)
 
-    def _ssl_losses(self, batch, teacher_temp: float) -> dict[str, LossOutput]:
+    def _ssl_losses(self, batch, teacher_temp: float, local_weight: float | None = None) -> dict[str, LossOutput]:
         global_crops = batch.global_crops
         if self.ibot_positions == "all":  # every patch token of both global crops
             masks_flat = torch.ones_like(batch.masks)
@@ -159,7 +159,7 @@ class DistillationTask(SSLObjective, Task):
             key: self.student_losses(
                 student, global_crops=global_crops, local_crops=batch.local_crops, student_masks=None,
                 patch_index=patch_index, ibot_masks_flat=masks_flat, masks_weight=masks_weight,
-                dino_probs=dino_probs, ibot_probs=ibot_probs,
+                dino_probs=dino_probs, ibot_probs=ibot_probs, dino_local_weight=local_weight,
             )
             for key, student in self.students.items()
         }

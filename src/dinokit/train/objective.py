@@ -127,6 +127,7 @@ class SSLObjective:
         freeze_backbone: bool = False,
         gram_targets: torch.Tensor | None = None,
         gram_weight: float | None = None,
+        dino_local_weight: float | None = None,
     ) -> LossOutput:
         """All loss terms of one student against the teacher's probabilities; no backward.
 
@@ -136,6 +137,8 @@ class SSLObjective:
         ``freeze_backbone`` runs the backbone without gradients (head warm-up). ``gram_targets``: the Gram
         teacher's (2B, N, D) patch features of the global crops (Gram anchoring; logged as 0 when None), weighted
         by ``gram_weight`` (this iteration's value of ``gram.loss_weight_schedule``; None: ``gram.loss_weight``).
+        ``dino_local_weight`` (DINOv3's ``dino.local_loss_weight_schedule`` value; None: 1) scales the local-crop
+        DINO term in the minimised loss; its logged term stays unweighted, as DINOv3 logs it.
         """
         n_images = global_crops.shape[0] // 2
         n_local = local_crops.shape[0] // n_images if local_crops is not None else 0
@@ -183,7 +186,8 @@ class SSLObjective:
                     local_loss = self.dino_loss(list(local_logits.chunk(n_local)), list(dino_probs.unbind(0)))
                 local_loss = local_loss / denom
                 terms["dino_local_crops_loss"] = local_loss
-                total = total + self.dino_weight * local_loss
+                local_weight = 1.0 if dino_local_weight is None else dino_local_weight  # DINOv3's reweighting
+                total = total + self.dino_weight * local_weight * local_loss
             if chunked:
                 global_loss = self._chunked_dino(student, [global_cls], [dino_probs.flatten(0, 1)])
             else:

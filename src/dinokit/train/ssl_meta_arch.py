@@ -154,7 +154,7 @@ class SSLMetaArch(SSLObjective, Task):
             ibot_masks_flat=batch.masks, masks_weight=batch.masks_weight,
             dino_probs=dino_probs, ibot_probs=ibot_probs,
             freeze_backbone=iteration < self.freeze_backbone_iters, gram_targets=gram_targets,
-            gram_weight=sched.get("gram_weight"),
+            gram_weight=sched.get("gram_weight"), dino_local_weight=sched.get("dino_local_loss_weight"),
         )
         if dino_probs is not None:
             out.terms.update(teacher_health(dino_probs))

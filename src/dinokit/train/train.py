@@ -132,15 +132,20 @@ def check_stage_weights(cfg: DictConfig) -> None:
 
 def training_schedules(cfg: DictConfig) -> dict[str, CosineScheduler]:
     """The engine's schedules (:func:`dinokit.engine.build_schedulers`), plus ``gram_weight`` (the Gram loss's
-    weight per iteration) when ``gram.loss_weight_schedule`` is set."""
+    weight per iteration) when ``gram.loss_weight_schedule`` is set and ``dino_local_loss_weight`` (the local-crop
+    DINO loss's) when ``dino.reweight_dino_local_loss`` is on: DINOv3's v2 schedules, in epochs."""
     schedules = build_schedulers(cfg)
-    weight = cfg.gram.loss_weight_schedule
-    if cfg.gram.use_loss and weight is not None:
-        epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+    epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+
+    def v2(weight) -> CosineScheduler:
         cosine = None if weight.cosine_epochs is None else round(weight.cosine_epochs * epoch)
-        schedules["gram_weight"] = warmup_cosine_schedule(
-            weight.start, weight.peak, weight.end, warmup_iters=round(weight.warmup_epochs * epoch),
-            total_iters=cfg.optim.epochs * epoch, cosine_iters=cosine)
+        return warmup_cosine_schedule(weight.start, weight.peak, weight.end, warmup_iters=round(weight.warmup_epochs * epoch),
+                                      total_iters=cfg.optim.epochs * epoch, cosine_iters=cosine)
+
+    if cfg.gram.use_loss and cfg.gram.loss_weight_schedule is not None:
+        schedules["gram_weight"] = v2(cfg.gram.loss_weight_schedule)
+    if cfg.dino.reweight_dino_local_loss:
+        schedules["dino_local_loss_weight"] = v2(cfg.dino.local_loss_weight_schedule)
     return schedules
 
 
