@@ -153,14 +153,15 @@ def weights_label(pretrained_weights: str | None, model: str | None, random_init
 
 # ---------------------------------------------------------------------------------------------- data
 def load_eval_datasets(
-    train_dataset_str: str, val_dataset_str: str, *, image_size: int = 224, transform: Callable | None = None
+    train_dataset_str: str, val_dataset_str: str, *, image_size: int = 224, resize_size: int | None = None
 ) -> tuple[ImageDataset, ImageDataset, int]:
-    """Labelled train and val datasets with the eval transform, and the number of classes.
+    """Labelled train and val datasets with the eval transform (short side ``resize_size``, default ``image_size``
+    x 256/224, then a centre crop of ``image_size``), and the number of classes.
 
     The class lists must agree (one may be a prefix of the other, e.g. numeric FileList labels), or val may hold
     some of train's classes (its labels are then renumbered by class name, as train numbers them).
     """
-    transform = transform or make_classification_eval_transform(crop_size=image_size)
+    transform = make_classification_eval_transform(resize_size=resize_size, crop_size=image_size)
     train = make_dataset(train_dataset_str, transform=transform, labelled=True)
     val = make_dataset(val_dataset_str, transform=transform, labelled=True)
     long = align_classes(train, val)
@@ -280,8 +281,8 @@ def prepare_eval(
         check_writable(output_dir)  # one line before any work
     device_ = resolve_device(device)
     dtype_ = inference_dtype(device_, resolve_dtype(dtype, device_), say=du.is_main_process())  # fp16 on CPU: fp32
-    transform = make_classification_eval_transform(resize_size=resize_size, crop_size=image_size)
-    train, val, num_classes = load_eval_datasets(train_dataset, val_dataset, image_size=image_size, transform=transform)
+    train, val, num_classes = load_eval_datasets(train_dataset, val_dataset, image_size=image_size,
+                                                 resize_size=resize_size)
     data_warnings = [line for line in [shared_images_warning(train, val)] if line]
     for line in data_warnings if du.is_main_process() else []:
         print(line)
