@@ -174,6 +174,55 @@ def test_linear_scores_the_best_classifier_on_test_datasets(sample, tmp_path, ca
         assert not (tmp_path / "bad" / "linear_head_best.pth").exists()
 
 
+def test_linear_test_sets_with_class_mappings_and_imagenet_real_labels(sample, tmp_path, capsys):
+    """--test-class-mapping-fpaths (official): the test set keeps its own labels and the best classifier's outputs
+    are those its mapping names. On two classes, the right mapping can only gain on name matching, and the swapped
+    one turns every right answer wrong: their accuracies sum to 100. ImageNet-ReaL: each image's own label as its
+    real labels gives the plain accuracy; every class as real labels gives 100, the image without any left out."""
+    import numpy as np
+
+    root, _ = sample
+    classes = sorted(p.name for p in (root / "val").iterdir())
+    two = tmp_path / "two"
+    for name in classes[-2:]:
+        shutil.copytree(root / "val" / name, two / name)
+    np.save(tmp_path / "right.npy", np.array([len(classes) - 2, len(classes) - 1]))
+    np.save(tmp_path / "swapped.npy", np.array([len(classes) - 1, len(classes) - 2]))
+    imagenet = tmp_path / "imagenet"  # the sample val set in ImageNet's layout, numbered in class order
+    n = 0
+    for name in classes:
+        for image in sorted((root / "val" / name).iterdir()):
+            n += 1
+            (imagenet / "val" / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, imagenet / "val" / name / f"ILSVRC2012_val_{n:08d}.JPEG")
+    (imagenet / "labels.txt").write_text("".join(f"{c},{c}\n" for c in classes))
+    own = [[c] for c in range(len(classes)) for _ in range(n // len(classes))]
+    (tmp_path / "own.json").write_text(json.dumps(own))
+    (tmp_path / "all.json").write_text(json.dumps([[]] + [list(range(len(classes)))] * (n - 1)))
+    val = f"ImageNet:split=VAL:root={imagenet}"
+    sets = [str(two), f"ImageFolder:root={two}", f"{two}/", val, f"{val}:real_labels={tmp_path / 'own.json'}",
+            f"{val}:real_labels={tmp_path / 'all.json'}"]
+    extra = ["--epochs", "1", "--epoch-length", "5", "--batch-size", "16", "--learning-rates", "0.1", "--no-augment",
+             "--test-datasets", *sets,
+             "--test-metric-types", *["mean_accuracy"] * 4, "imagenet_real_accuracy", "imagenet_real_accuracy",
+             "--test-class-mapping-fpaths", "None", str(tmp_path / "right.npy"), str(tmp_path / "swapped.npy"),
+             *["None"] * 3]
+    assert main(["eval", "linear", *args(sample, tmp_path / "out", *extra)]) == 0
+    (result,) = read_lines(tmp_path / "out" / "results_eval_linear.json")
+    by_name, right, swapped, plain, own_real, all_real = (result["tests"][s]["value"] for s in sets)
+    assert right >= by_name and right + swapped == pytest.approx(100.0)
+    assert own_real == pytest.approx(plain) and all_real == 100.0 and n == 24
+    assert "imagenet_real_accuracy 100.00 (24 images)" in capsys.readouterr().out
+    for bad, message in ((["--test-metric-types", "imagenet_real_accuracy"], "imagenet_real_accuracy needs the ReaL "
+                           "labels; give the ImageNet validation set with them"),
+                         (["--test-class-mapping-fpaths", str(tmp_path / "none.npy")], "cannot be read as a NumPy"),
+                         (["--test-class-mapping-fpaths", str(tmp_path / "right.npy"), "None"],
+                          "--test-class-mapping-fpaths gives 2 values for 1 --test-datasets")):
+        assert main(["eval", "linear", *args(sample, tmp_path / "bad", *extra[:9], "--test-datasets", val, *bad)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad" / "linear_head_best.pth").exists()
+
+
 def test_linear_with_augmentation(sample, tmp_path, capsys):
     extra = ("--epochs", "1", "--epoch-length", "3", "--batch-size", "8", "--learning-rates", "0.1",
              "--n-last-blocks", "1", "50")

@@ -85,8 +85,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     linear.add_argument("--test-datasets", nargs="+", default=[], metavar="DATASET",
                         help="also score the best classifier on these labelled datasets (official option)")
     linear.add_argument("--test-metric-types", nargs="+", default=[], metavar="TYPE",
-                        help="mean_accuracy or mean_per_class_accuracy: one for all test datasets or one each "
-                             "[mean_accuracy]")
+                        help="mean_accuracy, mean_per_class_accuracy, per_class_accuracy or imagenet_real_accuracy: "
+                             "one for all test datasets or one each [mean_accuracy]")
+    linear.add_argument("--test-class-mapping-fpaths", nargs="+", default=[], metavar="NPY",
+                        help="the classifier's class of each test class (numpy.save of integers), or None: one for "
+                             "all test datasets or one each [None: classes matched by name] (official option)")
     linear.set_defaults(func=run_linear)
 
     logreg = protocols.add_parser("logreg", help="logistic regression on class tokens, C chosen on held-out data",
@@ -126,7 +129,7 @@ def check_options(args: argparse.Namespace) -> None:
         from ..eval.scoring import metrics_of_test_sets
 
         check_linear_options(**_linear_options(args))
-        metrics_of_test_sets(args.test_datasets, args.test_metric_types)
+        metrics_of_test_sets(args.test_datasets, args.test_metric_types, args.test_class_mapping_fpaths)
     elif args.protocol == "logreg":
         from ..eval.logreg import check_logreg_options
 
@@ -194,6 +197,7 @@ def run_knn(args: argparse.Namespace) -> int:
 
 def run_linear(args: argparse.Namespace) -> int:
     from ..eval.linear import RESULTS_FILE, check_linear_options, format_linear_table, linear_protocol
+    from ..eval.scoring import format_test_line
 
     options = _linear_options(args)
     # --n-last-blocks against the backbone's depth: right after it is built, before the output folder
@@ -202,7 +206,8 @@ def run_linear(args: argparse.Namespace) -> int:
         return 0
     result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment, seed=args.seed,
                                                  test_datasets=args.test_datasets,
-                                                 test_metric_types=args.test_metric_types)
+                                                 test_metric_types=args.test_metric_types,
+                                                 test_class_mappings=args.test_class_mapping_fpaths)
     mode = "cached features" if args.no_augment else "augmented images"
     _report(ctx, f"linear probes ({result.iterations if result else 0} iterations, {mode})",
             format_linear_table(probes, accuracies), RESULTS_FILE)
@@ -210,7 +215,7 @@ def run_linear(args: argparse.Namespace) -> int:
         print(f"best: {result.best_classifier} top-1 {result.top1:.2f}; heads: "
               + ", ".join(str(ctx.output_dir / f) for f in result.head_files.values()))
         for name, test in result.tests.items():
-            print(f"test {name}: {test['metric']} {test['value']:.2f} ({test['images']} images)")
+            print(format_test_line(name, test))
     return 0
 
 

@@ -23,7 +23,7 @@ from ..errors import DinokitError
 from .images import ImageFiles, find_images, keep_existing, read_path_list, read_user_text
 from .sample import SAMPLE_CLASSES, check_sample_root, default_sample_root, write_sample_dataset
 
-KNOWN_KEYS = ("root", "split", "extra", "path", "urls")
+KNOWN_KEYS = ("root", "split", "extra", "path", "urls", "real_labels")
 DATASET_NAMES = ("ImageFolder", "FileList", "ImageNet", "Sample", "WebDataset")
 _SPLIT_RE = re.compile(r":(?=(?:%s)=)" % "|".join(KNOWN_KEYS))
 
@@ -196,6 +196,6 @@ def make_dataset(
     if name == "ImageNet":
         from .imagenet import make_imagenet_dataset
 
-        _check_keys(name, kwargs, ("split", "root", "extra"), dataset_str)
+        _check_keys(name, kwargs, ("split", "root", "extra", "real_labels"), dataset_str)
         return make_imagenet_dataset(transform=transform, dataset_str=dataset_str, **kwargs)
     raise DinokitError(f"unknown dataset {name!r}")  # pragma: no cover

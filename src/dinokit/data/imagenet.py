@@ -13,12 +13,15 @@ metadata files under ``extra``: ``entries-{SPLIT}.npy`` (structured: actual_inde
 written by the official ``dump_extra()`` load too. Without ``extra`` the split folder is scanned
 instead (slower to start on the full set, no preparation step). Subsets of ImageNet work: sizes are
 not checked, and class indices come from ``labels.txt`` so they match the full 1000-class set.
-Without ``labels.txt`` the classes are the sorted ``train/`` folders, named by their wnid.
+Without ``labels.txt`` the classes are the sorted ``train/`` folders, named by their wnid. ``real_labels=PATH``
+(VAL) reads ImageNet-ReaL's ``real.json`` (the reassessed labels of each validation image) for the
+``imagenet_real_accuracy`` test metric of ``dinokit eval linear``.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -84,6 +87,7 @@ class ImageNetDataset(ImageDataset):
         self.split = split
         self.entries = entries
         self.class_names = class_names
+        self.real_labels: list[list[int]] | None = None  # VAL with real_labels=: each image's ImageNet-ReaL classes
 
 
 def _relative_path(split: str, index: int, wnid: str) -> str:
@@ -226,11 +230,16 @@ def make_imagenet_dataset(
     split: str | None = None,
     root: str | None = None,
     extra: str | None = None,
+    real_labels: str | None = None,
     transform: Callable | None = None,
     dataset_str: str = "",
 ) -> ImageNetDataset:
-    """The ImageNet ``split`` under ``root``; metadata from ``extra`` when given, else from scanning the folders."""
+    """The ImageNet ``split`` under ``root``; metadata from ``extra`` when given, else from scanning the folders;
+    ``real_labels`` (VAL only): the ImageNet-ReaL ``real.json`` of the images' reassessed labels."""
     split = _check_split(split)
+    if real_labels and split != "VAL":
+        raise DinokitError(f"real_labels= is ImageNet-ReaL's relabelling of the VAL split, not {split} "
+                           f"(in {dataset_str!r})")
     if not root:
         raise DinokitError(f"ImageNet needs root=PATH (in {dataset_str!r})")
     root_path = Path(root).expanduser()
@@ -241,7 +250,7 @@ def make_imagenet_dataset(
     else:
         entries = scan_entries(root_path, split)
         class_ids, class_names = read_labels(root_path) if split != "TEST" else ([], [])
-    return ImageNetDataset(
+    dataset = ImageNetDataset(
         split=split,
         root=root_path,
         entries=entries,
@@ -250,3 +259,27 @@ def make_imagenet_dataset(
         transform=transform,
         name=dataset_str or f"ImageNet:split={split}:root={root}",
     )
+    if real_labels:
+        dataset.real_labels = read_real_labels(real_labels, entries["actual_index"], len(class_ids))
+    return dataset
+
+
+def read_real_labels(path: str | Path, val_indices: Sequence[int], n_classes: int) -> list[list[int]]:
+    """The ImageNet-ReaL labels of the validation images numbered ``val_indices`` (``ILSVRC2012_val_<n>``, from 1),
+    from its ``real.json``: one list of class indices per validation image, in file-number order (JSON only: no
+    code runs)."""
+    path = Path(path).expanduser()
+    try:
+        real = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DinokitError(f"ImageNet-ReaL labels {str(path)!r} cannot be read ({type(e).__name__}: {e}); give the "
+                           "real.json of the ReaL release (a JSON list of label lists)") from None
+    if not isinstance(real, list) or not all(
+            isinstance(r, list) and all(isinstance(c, int) and 0 <= c < n_classes for c in r) for r in real):
+        raise DinokitError(f"ImageNet-ReaL labels {str(path)!r} are not a JSON list of lists of class indices "
+                           f"0..{n_classes - 1}")
+    beyond = [int(i) for i in val_indices if not 1 <= int(i) <= len(real)]
+    if beyond:
+        raise DinokitError(f"ImageNet-ReaL labels {str(path)!r} have {len(real)} images; the validation set holds "
+                           f"ILSVRC2012_val_{beyond[0]:08d}")
+    return [real[int(i) - 1] for i in val_indices]

@@ -301,11 +301,13 @@ def linear_protocol(
     seed: int = 0,
     test_datasets: Sequence[str] = (),
     test_metric_types: Sequence[str] = (),
+    test_class_mappings: Sequence[str] = (),
 ) -> tuple[LinearResult | None, LinearProbes, dict[str, float]]:
     """``dinokit eval linear``: train the probe grid, pick the best on val, save heads and results.
 
     ``test_datasets`` (official ``--test-datasets``): each scored with the best classifier, by its metric of
-    ``test_metric_types`` (one for all, or one per dataset; default ``mean_accuracy``).
+    ``test_metric_types`` (one for all, or one per dataset; default ``mean_accuracy``), through its class mapping of
+    ``test_class_mappings`` (official ``--test-class-mapping-fpaths``: .npy files, or None, likewise).
 
     Returns (the result written, None on ranks other than 0; the probes; every probe's val top-1).
     """
@@ -316,7 +318,8 @@ def linear_protocol(
     if len(usable) < len(n_last_blocks):
         left_out = " ".join(str(n) for n in n_last_blocks if n > depth)
         warnings.warn(f"--n-last-blocks {left_out} left out: the backbone has {depth} blocks", stacklevel=2)
-    test_sets = open_test_sets(ctx, test_datasets, test_metric_types)  # a wrong path: one line before training
+    # a wrong path, metric or mapping: one line before training
+    test_sets = open_test_sets(ctx, test_datasets, test_metric_types, test_class_mappings)
     val = ctx.features("val", "linear")
     settings = probe_settings(learning_rates=learning_rates, n_last_blocks=usable,
                               total_batch=batch_size * du.get_world_size())
