@@ -73,7 +73,8 @@ def test_knn_and_logreg_extract_once_each_with_their_official_transforms(sample,
 
     monkeypatch.setattr(feature_cache, "extract_features", no_extraction)
     assert main(["eval", "logreg", *args(sample, tmp_path, "--c-grid-size", "3", "--max-iter", "50")]) == 0
-    assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "1")]) == 0
+    assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "1", "5", "--gather-on-cpu")]) == 0
+    assert read_lines(tmp_path / "results_eval_knn.json")[-2:] == lines[:2]  # the same, the train features in CPU memory
     # other decoding settings decode other pixels: not the cached features (they were reused)
     monkeypatch.setenv("DINOKIT_IMAGE_BACKGROUND", "black")
     with pytest.raises(AssertionError, match="should come from the cache"):

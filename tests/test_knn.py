@@ -92,6 +92,19 @@ def test_well_separated_clusters_are_perfectly_classified():
     assert [(r.k, r.top1, r.top5) for r in results] == [(10, 100.0, 100.0), (20, 100.0, 100.0), (100, 100.0, 100.0)]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_training_features_kept_on_the_cpu_give_the_same_results(device):
+    """--gather-on-cpu (official option): the training shard stays in CPU memory and meets the queries on the device
+    a chunk at a time; the same results as with the shard on the device."""
+    train, train_y, test, test_y = random_problem(n_train=150)
+    options = dict(num_classes=7, ks=(1, 5, 20), chunk_size=16, device=device)
+    on_device = evaluate_knn(train, train_y, test, test_y, **options)
+    assert evaluate_knn(train, train_y, test, test_y, gather_on_cpu=True, **options) == on_device
+    cpu = knn_classify(train, train_y, test, test_y, num_classes=7, ks=(1, 5, 20), chunk_size=16, device=device)
+    assert cpu == brute_force_knn(train, train_y, test, test_y, ks=(1, 5, 20), temperature=0.07, num_classes=7)
+
+
 def test_top5_with_fewer_than_five_classes_is_total():
     train, train_y, test, test_y = random_problem(num_classes=3)
     got = knn_classify(train, train_y % 3, test, test_y % 3, num_classes=3, ks=(5,))

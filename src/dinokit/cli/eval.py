@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     protocols.required = True
 
     knn = protocols.add_parser("knn", help="weighted k-NN on L2-normalised class tokens", description=DESCRIPTION)
-    _add_common(knn, batch_size=64)
+    _add_common(knn, batch_size=256)
     knn.add_argument("--nb-knn", "--nb_knn", dest="nb_knn", type=int, nargs="+", metavar="K",
                      default=[10, 20, 100, 200],
                      help="numbers of neighbours [10 20 100 200]")
@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "baseline a network must beat (no backbone option; try --image-size 64 on large sets)")
     knn.add_argument("--chunk-size", type=int, default=65536,
                      help="training features compared per block; bounds memory (0 = all at once) [65536]")
+    knn.add_argument("--gather-on-cpu", action="store_true",
+                     help="keep the training features in CPU memory, copied to the device a --chunk-size block at "
+                          "a time: for training sets larger than GPU memory (official option)")
     knn.set_defaults(func=run_knn)
 
     linear = protocols.add_parser("linear", help="linear probes on the last blocks' class tokens",
@@ -94,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     logreg = protocols.add_parser("logreg", help="logistic regression on class tokens, C chosen on held-out data",
                                   description=DESCRIPTION)
-    _add_common(logreg, batch_size=64)
+    _add_common(logreg, batch_size=256)
     logreg.add_argument("--c-grid-size", type=int, default=45, help="values of C in 1e-6 .. 1e5 [45, official]")
     logreg.add_argument("--backend", default="auto", choices=("auto", "sklearn", "torch"),
                         help="auto = torch (L-BFGS) on CUDA, scikit-learn on CPU [auto]")
@@ -190,7 +193,7 @@ def run_knn(args: argparse.Namespace) -> int:
         return 0
     results = knn_protocol(ctx, ks=args.nb_knn, temperature=args.temperature,
                            n_per_class_list=args.n_per_class_list, n_tries=args.n_tries,
-                           chunk_size=args.chunk_size or None)
+                           chunk_size=args.chunk_size or None, gather_on_cpu=args.gather_on_cpu)
     _report(ctx, f"k-NN (T={args.temperature})", format_knn_table(results), RESULTS_FILE)
     return 0
 

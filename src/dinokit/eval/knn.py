@@ -93,18 +93,19 @@ def knn_classify(
     temperature: float = DEFAULT_TEMPERATURE,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     batch_size: int = 256,
+    device: torch.device | str | None = None,
 ) -> dict[int, tuple[float, float]]:
     """Weighted k-NN top-1 / top-5 accuracy (percent) for each k in ``ks``.
 
     ``train_features`` (N, D) and ``test_features`` (M, D) must already be L2-normalised; queries
-    run on ``train_features``' device. Under ``torchrun``, pass this rank's shard of the training
+    run on ``device`` (None: ``train_features``' device), to which the training features are copied
+    ``chunk_size`` rows at a time. Under ``torchrun``, pass this rank's shard of the training
     set and the full test set (the same on every rank). Top-5 becomes top-``num_classes`` when there
     are fewer than five classes (always 100%).
     """
-    device = train_features.device
+    device = torch.device(device) if device is not None else train_features.device
     max_k = max(ks)
     n_top = min(5, num_classes)
-    train_labels = train_labels.to(device)
     correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
     for start in range(0, test_features.shape[0], batch_size):
         queries = test_features[start : start + batch_size].to(device, train_features.dtype)
@@ -175,10 +176,13 @@ def evaluate_knn(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    gather_on_cpu: bool = False,
 ) -> list[KnnResult]:
     """The full protocol on raw class tokens: normalise, subsample, shard over ranks, classify.
 
-    Every rank passes the full feature sets; each keeps its shard of the training set on ``device``.
+    Every rank passes the full feature sets; each keeps its shard of the training set on ``device``, or in CPU
+    memory with ``gather_on_cpu`` (official option: for training sets larger than the accelerator's memory; each
+    batch of queries then meets the shard ``chunk_size`` rows at a time on ``device``).
     Few-shot subsets (``n_per_class > 0``) use seeds 0 .. ``n_tries - 1``; accuracies are averaged.
     """
     check_knn_options(ks=ks, temperature=temperature, n_per_class_list=n_per_class_list, n_tries=n_tries,
@@ -203,10 +207,11 @@ def evaluate_knn(
                 print(f"note: {named} {'exceeds' if len(above) == 1 else 'exceed'} the {n_train} training samples: "
                       f"all {n_train} vote in {'that row' if len(above) == 1 else 'those rows'}")
             shard = slice(rank, None, world)  # rank r holds rows r, r + world, ...
+            kept = _kept_on_cpu(feats[shard], device) if gather_on_cpu else feats[shard].to(device)
             accuracy = knn_classify(
-                feats[shard].to(device), labels[shard].to(device), test_features, test_labels,
+                kept, labels[shard].to(device), test_features, test_labels,
                 num_classes=num_classes, ks=sorted({min(k, n_train) for k in row_ks}), temperature=temperature,
-                chunk_size=chunk_size, batch_size=batch_size,
+                chunk_size=chunk_size, batch_size=batch_size, device=device,
             )
             runs.append({k: accuracy[min(k, n_train)] for k in row_ks})
         for k in row_ks:
@@ -214,6 +219,12 @@ def evaluate_knn(
             top5 = sum(r[k][1] for r in runs) / len(runs)
             results.append(KnnResult(n_per_class=n_per_class, k=k, top1=top1, top5=top5, n_tries=len(runs)))
     return results
+
+
+def _kept_on_cpu(features: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``features`` in CPU memory, page-locked when they go to a CUDA device chunk by chunk (asynchronous copies)."""
+    features = features.cpu()
+    return features.pin_memory() if torch.device(device).type == "cuda" else features
 
 
 def write_knn_results(results: Sequence[KnnResult], output_dir: str | Path, provenance: dict | None = None) -> Path:
@@ -279,6 +290,7 @@ def knn_protocol(
     n_per_class_list: Sequence[int] = (-1,),
     n_tries: int = 1,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    gather_on_cpu: bool = False,
 ) -> list[KnnResult]:
     """``dinokit eval knn``: cached class tokens, the k-NN protocol, ``results_eval_knn.json``."""
     train = ctx.features("train", "cls")
@@ -286,7 +298,7 @@ def knn_protocol(
     results = evaluate_knn(
         train.features["cls"], train.targets, val.features["cls"], val.targets,
         num_classes=ctx.num_classes, ks=ks, temperature=temperature, n_per_class_list=n_per_class_list,
-        n_tries=n_tries, chunk_size=chunk_size, device=ctx.device,
+        n_tries=n_tries, chunk_size=chunk_size, device=ctx.device, gather_on_cpu=gather_on_cpu,
     )
     if du.is_main_process():
         trust = label_warnings(train.targets, val.targets, ctx.num_classes)
