@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from dinokit.dense.heads import DPTHead, FeatureSpec, LinearSegHead
 from dinokit.dense.loading import load_head, save_head
-from dinokit.dense.model import DenseModel, build_dense_model, centre_pad, sliding_windows
+from dinokit.dense.model import CenterPadding, DenseModel, build_dense_model, centre_pad, sliding_windows
 from dinokit.errors import DinokitError
 from dinokit.models.registry import create_model
 
@@ -268,6 +268,7 @@ def test_centre_padding_and_windows():
     padded = centre_pad(x, 14)
     assert padded.shape == (1, 1, 28, 28)
     assert padded[0, 0, 6:21, 4:24].sum() == 300 and padded.sum() == 300  # 13 rows: 6 before, 7 after; 8 cols: 4 + 4
+    assert torch.equal(CenterPadding(14)(x), padded)  # the official name, as a module (a pre-hook)
     assert sliding_windows(10, 7, (4, 4), (3, 3)) == [
         (0, 4, 0, 4), (0, 4, 3, 7), (3, 7, 0, 4), (3, 7, 3, 7), (6, 10, 0, 4), (6, 10, 3, 7)
     ]

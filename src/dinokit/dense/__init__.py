@@ -10,7 +10,7 @@ training (a task of the shared engine), metrics, datasets and the depth hub mode
 
 from .heads import DPTHead, FeatureSpec, LinearDepthHead, LinearSegHead
 from .loading import load_head, save_head
-from .model import DenseModel, build_dense_model
+from .model import CenterPadding, DenseModel, build_dense_model
 
-__all__ = ["DPTHead", "DenseModel", "FeatureSpec", "LinearDepthHead", "LinearSegHead", "build_dense_model", "load_head",
+__all__ = ["CenterPadding", "DPTHead", "DenseModel", "FeatureSpec", "LinearDepthHead", "LinearSegHead", "build_dense_model", "load_head",
            "save_head"]

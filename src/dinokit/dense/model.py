@@ -34,6 +34,18 @@ def centre_pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
+class CenterPadding(nn.Module):
+    """The official name of :func:`centre_pad` as a module (hub utils; a pre-hook of the segmentation backbones):
+    zero-pads H and W up to multiples of ``multiple``, half on each side."""
+
+    def __init__(self, multiple: int) -> None:
+        super().__init__()
+        self.multiple = multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return centre_pad(x, self.multiple)
+
+
 def sliding_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     """(y1, y2, x1, x2) windows of mmseg's slide inference: a stride grid, the last window flush with the border."""
     (ch, cw), (sh, sw) = crop, stride
