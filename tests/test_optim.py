@@ -221,3 +221,26 @@ def test_scale_lr_examples():
     assert scale_lr(0.004, 512, rule="none") == 0.004
     with pytest.raises(DinokitError, match="optim.scaling_rule"):
         scale_lr(0.004, 1024, rule="cubic")
+
+
+def test_dinov3_lr_schedule_replaces_the_warmup_and_cosine():
+    """optim.lr_schedule (DINOv3's schedules.lr, v2 form): its values scaled for the total batch by
+    optim.scaling_rule; the last layer's (frozen for its first epoch) and the backbone's lr follow it. DINOv3's
+    high-resolution stage: a half-cosine up from 0 over some epochs, then constant."""
+    from dinokit.config import apply_scaling_rules, load_config
+    from dinokit.train.train import training_schedules
+
+    ramp = "optim.lr_schedule={start: 0, peak: 0, end: 4.0e-3, warmup_epochs: 0, cosine_epochs: 2}"
+    cfg = load_config("demo", ["train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=4", "train.batch_size_per_gpu=256",
+                               "optim.freeze_last_layer_epochs=1", "optim.backbone_lr_mult=0.5", ramp])
+    schedules = training_schedules(apply_scaling_rules(cfg, world_size=1))
+    # sqrt(256 / 1024) = 0.5: 0 -> 2e-3 along a half-cosine over 4 iterations, then 2e-3
+    expected = [1e-3 * (1 - math.cos(math.pi * i / 4)) for i in range(4)] + [2e-3] * 5
+    np.testing.assert_allclose([schedules["lr"][i] for i in range(9)], expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose([schedules["last_layer_lr"][i] for i in range(9)], [0, 0, *expected[2:]], atol=1e-15)
+    np.testing.assert_allclose([schedules["backbone_lr"][i] for i in range(9)], np.array(expected) / 2, atol=1e-15)
+    plain = training_schedules(apply_scaling_rules(load_config("demo", ["train.OFFICIAL_EPOCH_LENGTH=2",
+                                                                         "optim.epochs=4"]), world_size=1))
+    assert plain["lr"][0] == 0 and plain["lr"].final_value == cfg.optim.min_lr  # without it: warm-up and cosine
+    with pytest.raises(DinokitError, match="optim.lr_schedule has warmup_epochs -1"):
+        load_config("demo", [ramp.replace("warmup_epochs: 0", "warmup_epochs: -1")])

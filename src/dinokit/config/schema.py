@@ -183,6 +183,9 @@ class OptimConfig:
     backbone_lr_mult: float = 1.0  # dinokit: lr multiplier of the student backbone (on top of layer-wise decay)
     adamw_beta1: float = 0.9  # AdamW beta1
     adamw_beta2: float = 0.999  # AdamW beta2
+    # DINOv3's schedules.lr (v2 form; start, peak and end scaled by scaling_rule as base_lr), in place of the
+    # warm-up from 0 to lr and the cosine to min_lr (warmup_epochs and min_lr then unused); null: those
+    lr_schedule: WeightScheduleConfig | None = None
 
 
 @dataclass

@@ -125,6 +125,7 @@ def validate(cfg: DictConfig) -> None:
         raise DinokitError("set both evaluation.knn_dataset.train and evaluation.knn_dataset.val, or neither")
     _validate_step_levers(cfg)
     _validate_dino_reweighting(cfg)
+    check_weight_schedule(cfg.optim.lr_schedule, "optim.lr_schedule")
     _validate_stages(cfg)
     check_inert_keys(cfg)
 

@@ -172,9 +172,12 @@ def _official_key(field_name: str) -> str:
     return f"{'teacher' if field_name in _TEACHER_FIELDS else 'optim'}.{field_name}"
 
 
-def build_schedulers(cfg: ScheduleConfig | Any) -> dict[str, CosineScheduler]:
+def build_schedulers(cfg: ScheduleConfig | Any, lr: CosineScheduler | None = None) -> dict[str, CosineScheduler]:
     """The training schedules, keyed ``lr``, ``wd``, ``momentum``, ``teacher_temp``, ``last_layer_lr``, and
     ``backbone_lr`` when the backbone has its own (a head warm-up or ``backbone_lr_mult`` != 1).
+
+    ``lr``: the lr per iteration instead of the warm-up and cosine of ``optim.lr`` (e.g. DINOv3's v2 form,
+    :func:`warmup_cosine_schedule`); the last layer's and the backbone's follow it.
 
     ``cfg`` is a :class:`ScheduleConfig` or a config tree with the official keys. Each value is
     indexed by iteration (``schedules["lr"][it]``) and holds its last value past the end.
@@ -183,7 +186,8 @@ def build_schedulers(cfg: ScheduleConfig | Any) -> dict[str, CosineScheduler]:
     """
     c = cfg if isinstance(cfg, ScheduleConfig) else ScheduleConfig.from_config(cfg)
     total = c.epochs * c.epoch_length
-    lr = CosineScheduler(c.lr, c.min_lr, total, warmup_iters=c.warmup_epochs * c.epoch_length)
+    if lr is None:
+        lr = CosineScheduler(c.lr, c.min_lr, total, warmup_iters=c.warmup_epochs * c.epoch_length)
     last_layer_lr = copy.deepcopy(lr)
     # The last layer is "frozen" by lr 0 only; AdamW moments still accumulate, as in the official code.
     last_layer_lr.schedule[: c.freeze_last_layer_epochs * c.epoch_length] = 0.0

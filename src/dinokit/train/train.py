@@ -20,7 +20,7 @@ from ..config import apply_scaling_rules, check_step_levers, compute_dtype, writ
 from ..config.schema import DistillationConfig
 from ..devices import resolve_device
 from ..engine import Engine, EngineConfig, Hook, build_schedulers, init_run
-from ..engine.optim import CosineScheduler, warmup_cosine_schedule
+from ..engine.optim import CosineScheduler, scale_lr, warmup_cosine_schedule
 from ..engine.run_dir import data_change_note, open_run_dir
 from ..errors import DinokitError
 from ..tracking import check_tracker
@@ -133,15 +133,21 @@ def check_stage_weights(cfg: DictConfig) -> None:
 def training_schedules(cfg: DictConfig) -> dict[str, CosineScheduler]:
     """The engine's schedules (:func:`dinokit.engine.build_schedulers`), plus ``gram_weight`` (the Gram loss's
     weight per iteration) when ``gram.loss_weight_schedule`` is set and ``dino_local_loss_weight`` (the local-crop
-    DINO loss's) when ``dino.reweight_dino_local_loss`` is on: DINOv3's v2 schedules, in epochs."""
-    schedules = build_schedulers(cfg)
+    DINO loss's) when ``dino.reweight_dino_local_loss`` is on: DINOv3's v2 schedules, in epochs. With
+    ``optim.lr_schedule`` the lr is one too, its values scaled for the total batch by ``optim.scaling_rule``."""
     epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
 
-    def v2(weight) -> CosineScheduler:
+    def v2(weight, scale: float = 1.0) -> CosineScheduler:
         cosine = None if weight.cosine_epochs is None else round(weight.cosine_epochs * epoch)
-        return warmup_cosine_schedule(weight.start, weight.peak, weight.end, warmup_iters=round(weight.warmup_epochs * epoch),
+        return warmup_cosine_schedule(scale * weight.start, scale * weight.peak, scale * weight.end,
+                                      warmup_iters=round(weight.warmup_epochs * epoch),
                                       total_iters=cfg.optim.epochs * epoch, cosine_iters=cosine)
 
+    lr = None
+    if cfg.optim.lr_schedule is not None:
+        total_batch = cfg.train.batch_size_per_gpu * du.get_world_size()
+        lr = v2(cfg.optim.lr_schedule, scale_lr(1.0, total_batch, cfg.optim.scaling_rule))
+    schedules = build_schedulers(cfg, lr=lr)
     if cfg.gram.use_loss and cfg.gram.loss_weight_schedule is not None:
         schedules["gram_weight"] = v2(cfg.gram.loss_weight_schedule)
     if cfg.dino.reweight_dino_local_loss:
