@@ -349,3 +349,30 @@ def test_teacher_snapshot_loads_through_the_hub_entry_point(tmp_path):
         torch.testing.assert_close(hub(x), model.teacher.backbone(x), rtol=0, atol=0)
 
 
+
+
+def test_eval_only_writes_the_restored_teacher_and_runs_the_monitor(images, tmp_path, capsys):
+    """The official --eval-only: no step; the teacher of the newest checkpoint goes to eval/manual_<iteration>/ (the
+    same tensors as the last training snapshot) and the k-NN monitor runs on it; nothing else in the run changes.
+    With nothing trained it is one line and no folder is left."""
+    from dinokit.cli import main as cli_main
+
+    out = tmp_path / "run"
+    base = ["train", "--output-dir", str(out), "--device", "cpu", *TINY,
+            f"train.dataset_path=ImageFolder:root={images / 'train'}"]
+    assert cli_main([*base, "--eval-only"]) == 2
+    assert "--eval-only found nothing trained to evaluate" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli_main(base) == 0
+    metrics, checkpoints = (out / "training_metrics.json").read_text(), sorted((out / "checkpoints").iterdir())
+    capsys.readouterr()
+    knn = [f"evaluation.knn_dataset.train=ImageFolder:root={images / 'train'}",
+           f"evaluation.knn_dataset.val=ImageFolder:root={images / 'val'}"]
+    assert cli_main([*base, *knn, "--eval-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "evaluated iteration 6: knn_top1_k" in printed and f"teacher snapshot: {out / 'eval/manual_6'}" in printed
+    manual = torch.load(out / "eval/manual_6/teacher_checkpoint.pth", weights_only=True)["teacher"]
+    last = torch.load(out / "eval/training_5/teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert manual.keys() == last.keys() and all(torch.equal(manual[k], last[k]) for k in last)
+    assert (out / "training_metrics.json").read_text() == metrics
+    assert sorted((out / "checkpoints").iterdir()) == checkpoints

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "repeat it to merge several in turn, e.g. --config-file small --config-file mine.yaml [demo]")
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and snapshots go")
     p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="train nothing: write the teacher of OUTPUT_DIR's newest checkpoint (or MODEL.WEIGHTS) to "
+                        "OUTPUT_DIR/eval/manual_<iteration>/ and run the configured k-NN on it (official option)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
     p.add_argument("--list-presets", action="store_true", help="print the shipped presets and exit")
     add_slurm_options(p)
@@ -55,11 +58,24 @@ def run(args: argparse.Namespace) -> int:
 
     check_stage_weights(cfg)  # before the banner, which announces the run
     summary = pretrain(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device,
-                       banner=lambda: start_banner(cfg, args.output_dir, args.device))
+                       banner=None if args.eval_only else lambda: start_banner(cfg, args.output_dir, args.device),
+                       eval_only=args.eval_only)
     if distributed.is_main_process():
+        if args.eval_only:
+            print(eval_only_summary(summary))
+            return 0
         print(end_summary(summary, time.perf_counter() - started))
         write_plot(args.output_dir)
     return 0
+
+
+def eval_only_summary(summary: dict) -> str:
+    """The lines after ``--eval-only``: the teacher written, and the k-NN figures of the monitor."""
+    knn = ", ".join(f"{k} {v:.1f}%" for k, v in summary["metrics"].items() if k != "iteration")
+    lines = [f"evaluated iteration {summary['iteration']}: "
+             + (knn or "no k-NN monitor (evaluation.knn_dataset is unset)")]
+    lines += [f"teacher snapshot: {path}" for path in summary["last_exports"].values()]
+    return "\n".join(lines)
 
 
 def start_banner(cfg, output_dir, device: str) -> str:
@@ -108,7 +124,7 @@ def end_summary(summary: dict, seconds: float, *, snapshot_label: str = "teacher
 
 
 def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop_after: int | None = None,
-             banner=None) -> dict:
+             banner=None, eval_only: bool = False) -> dict:
     """``dinokit train`` as a function: pretraining with the monitors the config asks for (k-NN on each snapshot)."""
     from ..devices import resolve_device
     from ..eval import knn_monitor
@@ -116,7 +132,7 @@ def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop
 
     monitor = knn_monitor(cfg, resolve_device(device))
     return train(cfg, output_dir=output_dir, resume=resume, device=device, stop_after=stop_after,
-                 hooks=[monitor] if monitor else [], banner=banner)
+                 hooks=[monitor] if monitor else [], banner=banner, eval_only=eval_only)
 
 
 def write_plot(run_dir) -> None:

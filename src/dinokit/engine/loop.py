@@ -296,7 +296,7 @@ class Engine:
                         diagnosed.add(problem)
                         warnings.warn_explicit(problem, TrainingHealthWarning, "dinokit", 0)  # one line, no source
                 if (cfg.snapshot_period > 0 and done % cfg.snapshot_period == 0) or is_last:
-                    exports = {subdir: str(path) for subdir, path in self._snapshot(iteration, logger).items()}
+                    exports = {subdir: str(path) for subdir, path in self._snapshot(iteration, logger.write).items()}
                     snapshots.append(next(iter(exports.values()), str(self.output_dir)))
                 if done % ckpt_period == 0 or is_last or done == end_iter:
                     self.checkpointer.save(done)
@@ -362,16 +362,25 @@ class Engine:
             if terms is not None:
                 logger.update(**{n: terms[i, j].item() for j, n in enumerate(names)})
 
-    def _snapshot(self, iteration: int, logger: MetricsLogger) -> dict[str, Path]:
-        """Write every export of the task, then run the hooks on them; {subdir: file}."""
+    def _snapshot(self, iteration: int, log: Callable[[dict], None], name: str | None = None) -> dict[str, Path]:
+        """Write every export of the task into ``eval/<name>/`` (default ``training_<iteration>``), then run the
+        hooks on them; {subdir: file}."""
         paths: dict[str, Path] = {}
         for export in self.task.exports():
-            path = self.output_dir / export.subdir / "eval" / f"training_{iteration}" / export.filename
+            path = self.output_dir / export.subdir / "eval" / (name or f"training_{iteration}") / export.filename
             save_export(export, path)
             paths[export.subdir] = path
         for hook in self.hooks:
-            hook(iteration, paths, logger.write)
+            hook(iteration, paths, log)
         return paths
+
+    def evaluate_only(self, iteration: int) -> dict[str, Any]:
+        """The official ``--eval-only``: the exports of the restored state as ``eval/manual_<iteration>/``, and the
+        hooks (the k-NN monitor) on them, their figures printed; no step, no checkpoint, no metrics line."""
+        records: dict[str, Any] = {}
+        exports = self._snapshot(iteration, records.update, name=f"manual_{iteration}")
+        return {"iteration": iteration, "output_dir": str(self.output_dir), "metrics": records,
+                "last_exports": {k: str(v) for k, v in exports.items()}, "evaluated": True}
 
 
 def _schedule_fields(sched: Mapping[str, float]) -> dict[str, float]:

@@ -65,12 +65,15 @@ def train(
     stop_after: int | None = None,
     hooks: Iterable[Hook] = (),
     banner: Callable[[], str] | None = None,
+    eval_only: bool = False,
 ) -> dict[str, Any]:
     """Pretrain with ``cfg`` into ``output_dir``; returns a summary (last metrics, snapshot paths).
 
     ``stop_after`` ends the run after that many iterations as if it had been killed there (used by
     the resume tests); a normal run goes to ``optim.epochs * train.OFFICIAL_EPOCH_LENGTH``. ``banner``
     (main process) makes the line printed once the run folder is accepted, before anything is written in it.
+    ``eval_only`` (official ``--eval-only``): the run's newest checkpoint (or ``MODEL.WEIGHTS``) is loaded, its
+    teacher written to ``eval/manual_<iteration>/teacher_checkpoint.pth`` and the hooks run on it; no training.
     """
     if OmegaConf.to_container(cfg.distillation) != OmegaConf.to_container(OmegaConf.structured(DistillationConfig)):
         raise DinokitError("the distillation.* keys are read by dinokit distill, not dinokit train; remove them or "
@@ -92,7 +95,7 @@ def train(
         model = SSLMetaArch(cfg)  # loads the starting weights: a file that does not fit is one line, nothing written
         model.teacher.load_state_dict(model.student.state_dict())
         return run_on_ssl_data(model, engine_config(cfg, dev), cfg, output_dir=output_dir, device=dev, hooks=hooks,
-                               resume=resume, weights=weights, stop_after=stop_after,
+                               resume=resume, weights=weights, stop_after=stop_after, eval_only=eval_only,
                                on_restored=lambda: write_config(cfg, output_dir) if rank == 0 else None)
 
 
@@ -157,16 +160,24 @@ def training_schedules(cfg: DictConfig) -> dict[str, CosineScheduler]:
 
 def run_on_ssl_data(task, settings: EngineConfig, cfg: DictConfig, *, output_dir: Path, device: torch.device,
                     hooks: Iterable[Hook], resume: bool, weights, stop_after: int | None,
-                    on_restored: Callable[[], None] | None = None) -> dict[str, Any]:
+                    on_restored: Callable[[], None] | None = None, eval_only: bool = False) -> dict[str, Any]:
     """Run ``task`` on the engine, fed by the multi-crop stream of ``cfg`` (pretraining and distillation alike).
 
     ``on_restored`` runs once the run's or ``weights``' checkpoint is loaded, before the first step: the caller
-    writes its config.yaml there, so that a checkpoint that fails to load leaves the folder as it was."""
+    writes its config.yaml there, so that a checkpoint that fails to load leaves the folder as it was.
+    ``eval_only`` (official ``--eval-only``): no step; the restored teacher is written to ``eval/manual_<it>/``
+    and the hooks run on it."""
     compile_objective(task, cfg.train)
     engine = Engine(task, settings, output_dir=output_dir, device=device, schedules=training_schedules(cfg), hooks=hooks)
     start = engine.restore(resume=resume, weights=weights)
+    if eval_only and start == 0 and not task.initial_weights:
+        raise DinokitError(f"--eval-only found nothing trained to evaluate: {output_dir}/checkpoints holds no "
+                           "checkpoint and MODEL.WEIGHTS is empty; give the --output-dir of a run (or MODEL.WEIGHTS=a "
+                           "training checkpoint)")
     if on_restored is not None:
         on_restored()
+    if eval_only:
+        return engine.evaluate_only(start)
 
     def make_loader(start_iter: int):
         loader = build_train_loader(cfg, start_iteration=start_iter, pin_memory=device.type == "cuda")
