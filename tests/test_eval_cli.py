@@ -224,6 +224,33 @@ def test_linear_test_sets_with_class_mappings_and_imagenet_real_labels(sample, t
         assert not (tmp_path / "bad" / "linear_head_best.pth").exists()
 
 
+def test_linear_ranks_by_the_val_metric_type_and_starts_afresh_with_no_resume(sample, tmp_path, capsys):
+    """--val-metric-type mean_per_class_accuracy (official) chooses the classifiers by it: the result records it, and
+    the val set scored as a test set by that metric gives the same value. --no-resume starts over an unfinished
+    evaluation with other settings (which would otherwise be one line)."""
+    root, _ = sample
+    lopsided = tmp_path / "lopsided"  # 3 images of the first class, 1 of each other
+    for i, folder in enumerate(sorted((root / "val").iterdir())):
+        for image in sorted(folder.iterdir())[: 3 if i == 0 else 1]:
+            (lopsided / folder.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, lopsided / folder.name / image.name)
+    extra = ["--epochs", "1", "--epoch-length", "5", "--batch-size", "16", "--learning-rates", "0.01", "0.1",
+             "--no-augment", "--val-metric-type", "mean_per_class_accuracy",
+             "--test-datasets", str(lopsided), "--test-metric-types", "mean_per_class_accuracy"]
+    run = args(sample, tmp_path / "out", *extra)
+    run[run.index("--val-dataset") + 1] = str(lopsided)
+    (tmp_path / "out").mkdir()
+    torch.save({"identity": {"seed": 99}}, tmp_path / "out" / "running_checkpoint_linear_eval.pth")
+    assert main(["eval", "linear", *run]) == 2
+    assert "holds an unfinished linear evaluation with other settings" in capsys.readouterr().err
+    assert main(["eval", "linear", *run, "--no-resume"]) == 0
+    (result,) = read_lines(tmp_path / "out" / "results_eval_linear.json")
+    assert result["val_metric_type"] == "mean_per_class_accuracy"
+    assert result["val_value"] == pytest.approx(result["tests"][str(lopsided)]["value"])
+    assert "mAcc" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "running_checkpoint_linear_eval.pth").exists()
+
+
 def test_linear_with_augmentation(sample, tmp_path, capsys):
     extra = ("--epochs", "1", "--epoch-length", "3", "--batch-size", "8", "--learning-rates", "0.1",
              "--n-last-blocks", "1", "50")

@@ -99,6 +99,25 @@ def test_probes_reach_full_accuracy_on_separable_features():
     assert best_4.startswith("classifier_4_blocks_avgpool_True")
 
 
+def test_probes_ranked_by_the_mean_per_class_accuracy():
+    """--val-metric-type mean_per_class_accuracy (official): each classifier's value is the mean over the classes of
+    its per-class top-1, by hand from its logits; on an unbalanced set it differs from the top-1."""
+    val_tokens, val_mean, val_labels = separable_features(10, 5, seed=1)
+    keep = torch.cat([torch.arange(10), torch.arange(10, 50, 4)])  # class 0: 10 images, the others 2-3 each
+    val = (val_tokens[keep], val_mean[keep], val_labels[keep])
+    torch.manual_seed(0)
+    probes = LinearProbes(probe_settings(learning_rates=(1e-4, 1e-2), total_batch=32), embed_dim=16, num_classes=5)
+    per_class = evaluate_probes(probes, *val, metric="mean_per_class_accuracy")
+    top1 = evaluate_probes(probes, *val)
+    with torch.no_grad():
+        logits = probes(val[0], val[1])
+    for name, out in logits.items():
+        right = (out.argmax(dim=1) == val[2]).double()
+        by_hand = 100 * torch.stack([right[val[2] == c].mean() for c in range(5)]).mean()
+        assert per_class[name] == pytest.approx(float(by_hand)) and top1[name] == pytest.approx(100 * float(right.mean()))
+    assert per_class != top1
+
+
 def test_saved_head_loads_through_the_lc_hub_entry_point(tmp_path):
     backbone = tiny_backbone(seed=3)
     linear = nn.Linear(5 * 32, 8)

@@ -85,6 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="train on cached eval-transform features instead of running the backbone on "
                              "RandomResizedCrop+flip images each step: much faster, slightly less accurate")
     linear.add_argument("--seed", type=int, default=0)
+    linear.add_argument("--val-metric-type", default="mean_accuracy",
+                        choices=("mean_accuracy", "mean_per_class_accuracy"),
+                        help="what ranks the classifiers on the val set: top-1, or the mean of the per-class top-1 "
+                             "for unbalanced sets [mean_accuracy] (official option)")
+    linear.add_argument("--no-resume", action="store_true",
+                        help="start afresh over an unfinished evaluation in --output-dir instead of resuming it")
     linear.add_argument("--test-datasets", nargs="+", default=[], metavar="DATASET",
                         help="also score the best classifier on these labelled datasets (official option)")
     linear.add_argument("--test-metric-types", nargs="+", default=[], metavar="TYPE",
@@ -210,12 +216,15 @@ def run_linear(args: argparse.Namespace) -> int:
     result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment, seed=args.seed,
                                                  test_datasets=args.test_datasets,
                                                  test_metric_types=args.test_metric_types,
-                                                 test_class_mappings=args.test_class_mapping_fpaths)
+                                                 test_class_mappings=args.test_class_mapping_fpaths,
+                                                 val_metric_type=args.val_metric_type, resume=not args.no_resume)
     mode = "cached features" if args.no_augment else "augmented images"
+    label = "top-1" if args.val_metric_type == "mean_accuracy" else "mAcc"
     _report(ctx, f"linear probes ({result.iterations if result else 0} iterations, {mode})",
-            format_linear_table(probes, accuracies), RESULTS_FILE)
+            format_linear_table(probes, accuracies, label), RESULTS_FILE)
     if result is not None:
-        print(f"best: {result.best_classifier} top-1 {result.top1:.2f}; heads: "
+        chosen = "" if args.val_metric_type == "mean_accuracy" else f", {label} {result.val_value:.2f}"
+        print(f"best: {result.best_classifier} top-1 {result.top1:.2f}{chosen}; heads: "
               + ", ".join(str(ctx.output_dir / f) for f in result.head_files.values()))
         for name, test in result.tests.items():
             print(format_test_line(name, test))

@@ -33,7 +33,7 @@ from ..models.checkpoint import atomic_write, load_state_dict_file
 from ..models.linear_classifier import probe_input
 from .results import append_results, report_label_warnings
 from .linear_data import FeatureBatch, StreamPosition, augmented_batches, cached_batches
-from .scoring import open_test_sets, score_test_sets
+from .scoring import VAL_METRICS, open_test_sets, score_predictions, score_test_sets
 from .setup import EvalContext
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -166,18 +166,19 @@ def train_probes(
 @torch.no_grad()
 def evaluate_probes(
     probes: LinearProbes, cls_tokens: torch.Tensor, patch_mean: torch.Tensor, labels: torch.Tensor, *,
-    batch_size: int = 1024,
+    metric: str = "mean_accuracy", batch_size: int = 1024,
 ) -> dict[str, float]:
-    """Top-1 accuracy (percent) of every classifier on the given features."""
+    """Every classifier's ``metric`` (percent) on the given features: top-1 (``mean_accuracy``), or the official
+    ``mean_per_class_accuracy`` (``--val-metric-type``, for unbalanced sets)."""
     device = next(probes.parameters()).device
-    correct = dict.fromkeys(probes.settings, 0)
+    predicted: dict[str, list[torch.Tensor]] = {name: [] for name in probes.settings}
     for start in range(0, len(labels), batch_size):
         rows = slice(start, start + batch_size)
-        logits = probes(cls_tokens[rows].to(device), patch_mean[rows].to(device))
-        target = labels[rows].to(device)
-        for name, out in logits.items():
-            correct[name] += int((out.argmax(dim=1) == target).sum())
-    return {name: 100.0 * c / max(len(labels), 1) for name, c in correct.items()}
+        for name, out in probes(cls_tokens[rows].to(device), patch_mean[rows].to(device)).items():
+            predicted[name].append(out.argmax(dim=1).cpu())
+    if not len(labels):
+        return dict.fromkeys(probes.settings, 0.0)
+    return {name: float(score_predictions(torch.cat(p), labels, metric)) for name, p in predicted.items()}
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -196,6 +197,8 @@ class LinearResult:
     classifiers: dict[str, float] = field(default_factory=dict)  # every classifier's top-1
     # the best classifier on each --test-datasets set: {dataset: {"metric": type, "value": percent, "images": n}}
     tests: dict[str, dict] = field(default_factory=dict)
+    val_metric_type: str = "mean_accuracy"  # what chose the best classifiers (official --val-metric-type)
+    val_value: float | None = None  # the best classifier's val_metric_type on the val set, percent
 
 
 def best_classifier(accuracies: dict[str, float], settings: dict[str, ProbeSetting], **require: object) -> str | None:
@@ -214,16 +217,19 @@ def save_linear_head(linear: nn.Linear, path: str | Path) -> Path:
 
 def save_results(
     probes: LinearProbes, accuracies: dict[str, float], output_dir: str | Path, *, iterations: int, augment: bool,
-    provenance: dict | None = None, tests: dict[str, dict] | None = None,
+    provenance: dict | None = None, tests: dict[str, dict] | None = None, scores: dict[str, float] | None = None,
+    val_metric_type: str = "mean_accuracy",
 ) -> LinearResult:
     """Save the best head (``linear_head_best.pth``), the best ``_lc``-compatible heads
-    (avgpool, ``linear_head_1.pth`` / ``linear_head_4.pth``) and append the result line (with ``provenance``)."""
+    (avgpool, ``linear_head_1.pth`` / ``linear_head_4.pth``) and append the result line (with ``provenance``).
+    The best are those of the highest ``scores`` (the ``val_metric_type`` of each classifier; default: top-1)."""
     output_dir = Path(output_dir)
-    best = best_classifier(accuracies, probes.settings)
+    scores = accuracies if scores is None else scores
+    best = best_classifier(scores, probes.settings)
     s = probes.settings[best]
     files = {"best": "linear_head_best.pth"}
     for n in (1, 4):
-        name = best_classifier(accuracies, probes.settings, n_last_blocks=n, avgpool=True)
+        name = best_classifier(scores, probes.settings, n_last_blocks=n, avgpool=True)
         if name is not None:
             files[f"layers_{n}"] = f"linear_head_{n}.pth"
             save_linear_head(probes.classifiers_dict[name], output_dir / files[f"layers_{n}"])
@@ -231,14 +237,15 @@ def save_results(
     result = LinearResult(
         best_classifier=best, top1=accuracies[best], n_last_blocks=s.n_last_blocks, avgpool=s.avgpool, lr=s.lr,
         iterations=iterations, augment=augment, head_files=files, classifiers=accuracies, tests=tests or {},
+        val_metric_type=val_metric_type, val_value=scores[best],
     )
     append_results(output_dir / RESULTS_FILE, [{**asdict(result), **(provenance or {})}])
     return result
 
 
-def format_linear_table(probes: LinearProbes, accuracies: dict[str, float]) -> str:
-    """The best learning rate and its top-1 for each feature layout."""
-    lines = [f"{'blocks':>6}  {'avgpool':>7}  {'best lr':>8}  {'top-1':>6}"]
+def format_linear_table(probes: LinearProbes, accuracies: dict[str, float], label: str = "top-1") -> str:
+    """The best learning rate and its value (``label``: top-1, or the val metric) for each feature layout."""
+    lines = [f"{'blocks':>6}  {'avgpool':>7}  {'best lr':>8}  {label:>6}"]
     layouts = sorted({(s.n_last_blocks, s.avgpool) for s in probes.settings.values()})
     for n, avgpool in layouts:
         name = best_classifier(accuracies, probes.settings, n_last_blocks=n, avgpool=avgpool)
@@ -302,6 +309,8 @@ def linear_protocol(
     test_datasets: Sequence[str] = (),
     test_metric_types: Sequence[str] = (),
     test_class_mappings: Sequence[str] = (),
+    val_metric_type: str = "mean_accuracy",
+    resume: bool = True,
 ) -> tuple[LinearResult | None, LinearProbes, dict[str, float]]:
     """``dinokit eval linear``: train the probe grid, pick the best on val, save heads and results.
 
@@ -309,8 +318,13 @@ def linear_protocol(
     ``test_metric_types`` (one for all, or one per dataset; default ``mean_accuracy``), through its class mapping of
     ``test_class_mappings`` (official ``--test-class-mapping-fpaths``: .npy files, or None, likewise).
 
-    Returns (the result written, None on ranks other than 0; the probes; every probe's val top-1).
+    ``val_metric_type`` (official ``--val-metric-type``) ranks the classifiers on val: ``mean_accuracy`` (top-1) or
+    ``mean_per_class_accuracy``. ``resume=False`` (``--no-resume``) starts afresh over an unfinished evaluation.
+
+    Returns (the result written, None on ranks other than 0; the probes; every probe's val metric).
     """
+    if val_metric_type not in VAL_METRICS:
+        raise DinokitError(f"--val-metric-type {val_metric_type!r} is not one of {', '.join(VAL_METRICS)}")
     depth = len(ctx.model.blocks)
     check_linear_options(epochs=epochs, epoch_length=epoch_length, batch_size=batch_size,
                          learning_rates=learning_rates, n_last_blocks=n_last_blocks, depth=depth)
@@ -331,7 +345,7 @@ def linear_protocol(
     running = RunningCheckpoint(ctx.output_dir / RUNNING_CHECKPOINT, {
         **ctx.provenance, "iterations": iterations, "epoch_length": epoch_length, "batch_size": batch_size,
         "world_size": du.get_world_size(), "classifiers": sorted(probes.settings), "augment": augment, "seed": seed})
-    state = running.load()
+    state = running.load() if resume else None
     position = StreamPosition(*(state["streams"][du.get_rank()] if state else (0, ())))
     if augment:
         train_set = copy.copy(ctx.train)  # same files, training transform
@@ -358,11 +372,15 @@ def linear_protocol(
     unreadable = set().union(*du.all_gather_object(position.unreadable))
     readable = torch.as_tensor([t for i, t in enumerate(train_targets) if i not in unreadable], dtype=torch.long)
     trust = report_label_warnings(readable, val.targets, ctx.num_classes, top5=False)  # the probes report top-1
-    accuracies = evaluate_probes(probes, val.features["cls_tokens"], val.features["patch_mean"], val.targets)
-    tests = score_test_sets(ctx, probes, best_classifier(accuracies, probes.settings), test_sets)
+    val_features = (val.features["cls_tokens"], val.features["patch_mean"], val.targets)
+    accuracies = evaluate_probes(probes, *val_features)
+    scores = accuracies if val_metric_type == "mean_accuracy" else evaluate_probes(probes, *val_features,
+                                                                                    metric=val_metric_type)
+    tests = score_test_sets(ctx, probes, best_classifier(scores, probes.settings), test_sets)
     result = None
     if du.is_main_process():
         result = save_results(probes, accuracies, ctx.output_dir, iterations=iterations, augment=augment,
-                              provenance=ctx.result_provenance(trust), tests=tests)
+                              provenance=ctx.result_provenance(trust), tests=tests, scores=scores,
+                              val_metric_type=val_metric_type)
         running.path.unlink(missing_ok=True)  # the results are the finished record
-    return result, probes, accuracies
+    return result, probes, scores

@@ -18,6 +18,7 @@ from .setup import EvalContext, align_classes
 
 # the official metric types
 TEST_METRICS = ("mean_accuracy", "mean_per_class_accuracy", "per_class_accuracy", "imagenet_real_accuracy")
+VAL_METRICS = ("mean_accuracy", "mean_per_class_accuracy")  # those that rank the classifiers on the val set
 NO_MAPPING = ("", "none", "None")  # the official placeholder of a test set without a class mapping
 
 
@@ -38,19 +39,25 @@ def score_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str,
     (the mean over the classes present in ``labels`` of their top-1), ``per_class_accuracy`` (each class's top-1,
     None for a class without images), ``imagenet_real_accuracy`` (ImageNet-ReaL: a prediction is right when it is
     one of the image's ``real_labels``; images without any are left out)."""
-    predicted = logits.argmax(dim=1)
+    return score_predictions(logits.argmax(dim=1), labels, metric, num_classes=logits.shape[1], real_labels=real_labels)
+
+
+def score_predictions(predicted: torch.Tensor, labels: torch.Tensor, metric: str, *, num_classes: int = 0,
+                      real_labels: Sequence[Sequence[int]] | None = None) -> float | list[float | None]:
+    """:func:`score_metric` of predicted classes (``num_classes``: the length of ``per_class_accuracy``'s list)."""
     if metric == "imagenet_real_accuracy":
         if real_labels is None or len(real_labels) != len(predicted):
             raise ValueError("imagenet_real_accuracy needs the real labels of every image")
         right = [int(p) in set(real) for p, real in zip(predicted.tolist(), real_labels) if len(real)]
         return 100.0 * sum(right) / len(right) if right else math.nan
-    right = (predicted == labels).double()
+    labels = labels.cpu()
+    right = (predicted.cpu() == labels).double()
     if metric == "mean_accuracy":
         return 100.0 * float(right.mean())
     per_class = {int(c): 100.0 * float(right[labels == c].mean()) for c in labels.unique()}
     if metric == "mean_per_class_accuracy":
         return sum(per_class.values()) / len(per_class)
-    return [per_class.get(c) for c in range(logits.shape[1])]
+    return [per_class.get(c) for c in range(num_classes)]
 
 
 def metrics_of_test_sets(test_datasets: Sequence[str], test_metric_types: Sequence[str],
