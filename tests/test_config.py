@@ -45,6 +45,7 @@ def test_defaults_are_the_official_ones() -> None:
         "loss_weight": 1.0, "head_n_prototypes": 65536, "head_bottleneck_dim": 256, "head_nlayers": 3,
         "head_hidden_dim": 2048, "koleo_loss_weight": 0.1,
         "reweight_dino_local_loss": False, "local_loss_weight_schedule": None,  # DINOv3's keys, off
+        "koleo_loss_distributed": False, "koleo_loss_group_size": None,
     }  # fmt: skip
     assert cfg.ibot.mask_ratio_min_max == [0.1, 0.5] and cfg.ibot.mask_sample_probability == 0.5
     assert cfg.ibot.separate_head is False and cfg.ibot.head_n_prototypes == 65536
@@ -367,3 +368,20 @@ def test_compute_dtype() -> None:
     assert compute_dtype("bf16", "cpu") is torch.bfloat16 and compute_dtype("fp16", "cuda") is torch.float16
     with pytest.raises(DinokitError, match="compute_precision.dtype"):
         compute_dtype("int8", "cpu")
+
+
+def test_distributed_koleo_group_size_is_checked():
+    """DINOv3's distributed KoLeo: a group size of 1 or more, only with the distributed loss, dividing the world."""
+    from dinokit.config import check_koleo_group
+
+    for overrides, message in ((["dino.koleo_loss_distributed=true", "dino.koleo_loss_group_size=0"],
+                                "dino.koleo_loss_group_size is 0; set it to 1 or more"),
+                               (["dino.koleo_loss_group_size=16"],
+                                "dino.koleo_loss_group_size=16 does nothing without dino.koleo_loss_distributed=true")):
+        with pytest.raises(DinokitError, match=message):
+            load_config("demo", overrides)
+    cfg = load_config("demo", ["dino.koleo_loss_distributed=true", "dino.koleo_loss_group_size=16"])
+    check_koleo_group(cfg.dino, 8)  # more than the world: one group of all
+    check_koleo_group(cfg.dino, 32)
+    with pytest.raises(DinokitError, match="dino.koleo_loss_group_size=16 does not divide the 24 processes"):
+        check_koleo_group(cfg.dino, 24)

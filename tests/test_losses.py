@@ -287,8 +287,49 @@ def _two_rank_worker(rank: int, tmp_dir: str) -> None:
         dino.update_center(cls_logits[rows])
         dino.apply_center_update()
         torch.save((cls_probs, patch_probs, dino.center), f"{tmp_dir}/rank{rank}.pt")
+        torch.save(_koleo_values(KOLEO_FEATURES[rows], (None, 2, 1)), f"{tmp_dir}/koleo{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
+
+
+KOLEO_FEATURES = torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
+
+
+def _koleo_values(rows: torch.Tensor, group_sizes) -> list:
+    """Distributed KoLeo of this rank's ``rows`` for each group size, with the gradient of its own rows."""
+    out = []
+    for size in group_sizes:
+        x = rows.clone().requires_grad_()
+        loss = KoLeoLoss(distributed=True, group_size=size)(x)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    return out
+
+
+def _koleo_by_hand(rows: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Mean over ``rows`` of -log(distance to the nearest other row of ``group``), on unit vectors."""
+    x, g = torch.nn.functional.normalize(rows, dim=1), torch.nn.functional.normalize(group, dim=1)
+    d = torch.cdist(x, g)
+    d[d < 1e-6] = float("inf")  # the row itself
+    return -torch.log(d.min(dim=1).values + 1e-8).mean()
+
+
+def _four_rank_koleo_worker(rank: int, tmp_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_dir}/pg4", rank=rank, world_size=4)
+    try:
+        torch.save(_koleo_values(KOLEO_FEATURES[2 * rank : 2 * rank + 2], (2,)), f"{tmp_dir}/koleo4_{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # four gloo processes (the two-rank test covers the gather over all ranks)
+def test_distributed_koleo_over_groups_of_two_of_four_ranks(tmp_path):
+    """Group size 2 of 4 ranks: ranks 0-1 search the rows of both, as do ranks 2-3, never the other pair's."""
+    mp.spawn(_four_rank_koleo_worker, args=(str(tmp_path),), nprocs=4)
+    for rank in range(4):
+        ((loss, _),) = torch.load(tmp_path / f"koleo4_{rank}.pt", weights_only=True)
+        pair = KOLEO_FEATURES[4 * (rank // 2) : 4 * (rank // 2) + 4]
+        assert loss.item() == pytest.approx(_koleo_by_hand(KOLEO_FEATURES[2 * rank : 2 * rank + 2], pair).item(), rel=1e-5)
 
 
 def test_two_ranks_match_one_process(tmp_path):
@@ -303,3 +344,22 @@ def test_two_ranks_match_one_process(tmp_path):
     assert results[1][1].shape == (0, 6)
     for rank in range(2):
         torch.testing.assert_close(results[rank][2], 0.1 * cls_logits.mean(dim=0, keepdim=True))
+    # DINOv3's distributed KoLeo: neighbours among both ranks' rows (one group: null or 2), or the rank's own (1)
+    for rank in range(2):
+        own = KOLEO_FEATURES[4 * rank : 4 * rank + 4]
+        (whole, whole_grad), (two, _), (alone, alone_grad) = torch.load(tmp_path / f"koleo{rank}.pt", weights_only=True)
+        assert whole.item() == pytest.approx(_koleo_by_hand(own, KOLEO_FEATURES).item(), rel=1e-5)
+        assert two.item() == whole.item() and whole_grad.abs().sum() > 0
+        x = own.clone().requires_grad_()
+        KoLeoLoss()(x).backward()
+        assert alone.item() == pytest.approx(_koleo_by_hand(own, own).item(), rel=1e-5)
+        torch.testing.assert_close(alone_grad, x.grad)  # a group of one rank: the per-GPU loss
+
+
+def test_distributed_koleo_in_one_process_is_the_per_gpu_loss():
+    x = KOLEO_FEATURES.clone().requires_grad_()
+    y = KOLEO_FEATURES.clone().requires_grad_()
+    a, b = KoLeoLoss(distributed=True, group_size=16)(x), KoLeoLoss()(y)
+    a.backward(), b.backward()
+    assert a.item() == b.item() and torch.equal(x.grad, y.grad)
+    assert b.item() == pytest.approx(_koleo_by_hand(KOLEO_FEATURES, KOLEO_FEATURES).item(), rel=1e-5)

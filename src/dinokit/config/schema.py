@@ -74,6 +74,8 @@ class DinoConfig:
     head_nlayers: int = 3  # linear layers of the MLP, the last one giving the bottleneck
     head_hidden_dim: int = 2048  # hidden width of the MLP
     koleo_loss_weight: float = 0.1  # weight of the KoLeo loss on the student's global CLS tokens (0 disables it)
+    koleo_loss_distributed: bool = False  # DINOv3: nearest neighbours searched over a group of ranks' samples
+    koleo_loss_group_size: int | None = None  # dinokit: ranks per such group (DINOv3's stage: 16); null: all ranks
     reweight_dino_local_loss: bool = False  # DINOv3: weight the local-crop DINO loss by local_loss_weight_schedule
     local_loss_weight_schedule: WeightScheduleConfig | None = None  # DINOv3 (its v2 form); used when reweighting
 

@@ -125,6 +125,7 @@ def validate(cfg: DictConfig) -> None:
         raise DinokitError("set both evaluation.knn_dataset.train and evaluation.knn_dataset.val, or neither")
     _validate_step_levers(cfg)
     _validate_dino_reweighting(cfg)
+    _validate_koleo_group(cfg.dino)
     check_weight_schedule(cfg.optim.lr_schedule, "optim.lr_schedule")
     _validate_stages(cfg)
     check_inert_keys(cfg)
@@ -175,6 +176,25 @@ def check_step_levers(train_cfg, world_size: int) -> None:
             if value:
                 raise DinokitError(f"train.{key} works in one process only (FSDP2 shards the modules it calls "
                                    f"piecewise) and this run has {world_size}; remove it")
+
+
+def _validate_koleo_group(dino_cfg) -> None:
+    """The group size of DINOv3's distributed KoLeo: 1 or more, and only with the distributed loss (else inert)."""
+    size = dino_cfg.koleo_loss_group_size
+    if size is not None and size < 1:
+        raise DinokitError(f"dino.koleo_loss_group_size is {size}; set it to 1 or more (null: all ranks)")
+    if size is not None and not dino_cfg.koleo_loss_distributed:
+        raise DinokitError(f"dino.koleo_loss_group_size={size} does nothing without dino.koleo_loss_distributed=true; "
+                           "set that too, or remove the group size")
+
+
+def check_koleo_group(dino_cfg, world_size: int) -> None:
+    """DINOv3's distributed KoLeo splits the ranks into groups of ``dino.koleo_loss_group_size``: the world must be
+    a multiple of it (a size of the world or more is one group of all ranks)."""
+    size = dino_cfg.koleo_loss_group_size
+    if dino_cfg.koleo_loss_distributed and size is not None and size < world_size and world_size % size:
+        raise DinokitError(f"dino.koleo_loss_group_size={size} does not divide the {world_size} processes into groups; "
+                           f"give a divisor of {world_size}, or null for one group of all")
 
 
 def _validate_stages(cfg: DictConfig) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import apply_scaling_rules, check_step_levers, write_config
+from ..config import apply_scaling_rules, check_koleo_group, check_step_levers, write_config
 from ..config.schema import StudentConfig
 from ..data import make_dataset
 from ..devices import resolve_device
@@ -95,6 +95,7 @@ def distill(
                                "(distillation starts students from student.pretrained_weights)")
     rank, world = init_run(cfg.train.seed)
     check_step_levers(cfg.train, world)
+    check_koleo_group(cfg.dino, world)
     output_dir = Path(output_dir)
     students = student_sections(cfg)
     check_weight_sources({f"distillation.students[{i}].pretrained_weights" if name else "student.pretrained_weights":

@@ -101,6 +101,28 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+_SUBGROUPS: dict[int, object] = {}  # size -> this rank's group of that many consecutive ranks
+
+
+def group_gather_cat(tensor: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, int]:
+    """``tensor`` (same shape on every rank) concatenated along dim 0 over this rank's group of ``group_size``
+    consecutive ranks (None, or at least the world: all ranks), without gradient, and this rank's place in the
+    group; ``(tensor, 0)`` in one process. The world must be a multiple of ``group_size`` (checked by the
+    caller's configuration). Every rank must call it (the first call for a size creates the groups)."""
+    world = get_world_size()
+    size = world if group_size is None else min(group_size, world)
+    if size == 1:
+        return tensor, 0
+    if size == world:
+        return all_gather_cat(tensor.detach()), get_rank()
+    if size not in _SUBGROUPS:
+        _SUBGROUPS[size], _ = dist.new_subgroups(group_size=size)
+    group = _SUBGROUPS[size]
+    out = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(out, tensor.detach().contiguous(), group=group)
+    return torch.cat(out, dim=0), get_rank() % size
+
+
 def all_gather_object(obj: object) -> list:
     """Gather a picklable object from every rank (a one-element list in one process)."""
     world = get_world_size()

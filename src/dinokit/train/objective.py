@@ -64,7 +64,7 @@ class SSLObjective:
         self.ibot_separate_head = ibot.separate_head
         self.centering = centering
         self.dino_loss = DINOLoss(dino.head_n_prototypes)
-        self.koleo_loss = KoLeoLoss()
+        self.koleo_loss = KoLeoLoss(distributed=dino.koleo_loss_distributed, group_size=dino.koleo_loss_group_size)
         self.ibot_patch_loss = iBOTPatchLoss(ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes)
         self.ibot_masked_loss = self.ibot_patch_loss.forward_masked  # the trainer may swap in a compiled one
         self.do_gram = bool(gram is not None and gram.use_loss)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import distributed as du
-from ..config import apply_scaling_rules, check_step_levers, compute_dtype, write_config
+from ..config import apply_scaling_rules, check_koleo_group, check_step_levers, compute_dtype, write_config
 from ..config.schema import DistillationConfig
 from ..devices import resolve_device
 from ..engine import Engine, EngineConfig, Hook, build_schedulers, init_run
@@ -83,6 +83,7 @@ def train(
     check_output_outside_data(output_dir, cfg.train.dataset_path)
     rank, world = init_run(cfg.train.seed)
     check_step_levers(cfg.train, world)
+    check_koleo_group(cfg.dino, world)
     output_dir = Path(output_dir)
     cfg.train.output_dir = str(output_dir)
     apply_scaling_rules(cfg, world)
