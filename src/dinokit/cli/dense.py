@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--task", choices=("seg", "depth"), required=True)
     train.add_argument("--head", required=True,
                        help="seg: linear (last block), ms (last 4 blocks + multi-scale flip TTA), linear4; "
-                            "depth: linear (last block), linear4 (4 blocks), dpt")
+                            "depth: linear (last block), linear4 (4 blocks), linear-bn (DINOv3's linear head: "
+                            "BatchNorm, last block after the final norm), dpt")
     _add_backbone(train, required=True)
     train.add_argument("--train-dataset", required=True, metavar="STR", help=DATASETS_HELP)
     train.add_argument("--val-dataset", required=True, metavar="STR", help="validation set (same syntax)")
@@ -61,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_slurm_options(train, timeout_min=720)
     add_overrides(train, "opts",
                   help="recipe overrides: iterations, batch_size, lr, weight_decay, warmup_iters, crop_size, "
-                       "base_size, augment, eval_mode, eval_size, eval_crop, eval_stride, num_workers, ...")
+                       "base_size, augment, eval_mode, eval_size, eval_crop, eval_stride, num_workers, n_bins, "
+                       "bins_strategy, norm_strategy, cycle_beta1, schedule_lag, ...")
     train.set_defaults(func=run_train)
 
     ev = commands.add_parser("eval", help="evaluate a saved (or official) head")

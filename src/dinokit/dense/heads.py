@@ -6,17 +6,21 @@
 * :class:`LinearDepthHead`: the depth ``BNHead`` of the ``_ld`` hub models: each level's patch map
   concatenated with its CLS token broadcast over the grid (2·D channels), levels resized to 4x the
   first level's grid and concatenated, a 1x1 conv to 256 bins (``conv_depth.*``), AdaBins' linear
-  normalisation ``relu + 0.1``, depth = Σ p · bin centre.
+  normalisation ``relu + 0.1``, depth = Σ p · bin centre. With ``batch_norm=True, upsample=1,
+  class_token=False`` it is DINOv3's linear depth head (``bn.*`` + ``conv_depth.*``: BatchNorm, 1x1 conv,
+  depth at token resolution); :func:`bins_to_depth` holds DINOv3's bin options (log bins, softmax and
+  sigmoid normalisations, 1-channel regression).
 * :class:`DPTHead`: the DPT decoder of the ``_dd`` hub models (``reassemble_blocks``, ``convs``,
   ``fusion_blocks``, ``project``, ``conv_depth.head``).
 
-Inputs are what :class:`FeatureSpec` asks the backbone for: a list of (B, D, h, w) maps (segmentation)
-or of ((B, D, h, w), (B, D)) (patch map, CLS) pairs (depth), oldest block first. The official files
+Inputs are what :class:`FeatureSpec` asks the backbone for: a list of (B, D, h, w) maps (segmentation,
+DINOv3's depth head) or of ((B, D, h, w), (B, D)) (patch map, CLS) pairs (DINOv2's depth heads), oldest block first. The official files
 wrap these names in an mmcv ``{"state_dict": {"decode_head.<name>": ...}}``; :mod:`.loading` unwraps them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -51,9 +55,9 @@ class FeatureSpec:
     indices: tuple[int, ...]
     """0-based block indices, oldest first."""
     norm: bool
-    """Apply the backbone's final LayerNorm (segmentation heads: yes; DINOv2 depth heads: no)."""
+    """Apply the backbone's final LayerNorm (segmentation and DINOv3's depth heads: yes; DINOv2's depth heads: no)."""
     class_token: bool
-    """Pass (patch map, CLS) pairs instead of patch maps (the depth heads)."""
+    """Pass (patch map, CLS) pairs instead of patch maps (DINOv2's depth heads, segmentation with ``class_token``)."""
 
 
 def _resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
@@ -95,27 +99,62 @@ class LinearSegHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- linear depth
-def bins_to_depth(logits: torch.Tensor, min_depth: float, max_depth: float, *, norm: str = "linear") -> torch.Tensor:
-    """(B, K, h, w) bin logits -> (B, 1, h, w) depth: Σ p_k · c_k with K uniform bin centres over [min, max].
+BIN_SPACINGS = ("linear", "log")
+BIN_NORMS = ("linear", "softmax", "sigmoid")
 
-    ``norm="linear"`` is AdaBins' p = (relu(x) + 0.1) / Σ(relu(x) + 0.1); ``"softmax"`` is also accepted.
+
+def check_bin_options(bins: str, norm: str, min_depth: float) -> None:
+    """ValueError naming the first unknown bin option (log bins need ``min_depth > 0``)."""
+    if bins not in BIN_SPACINGS:
+        raise ValueError(f"unknown bin spacing {bins!r}; use linear or log")
+    if norm not in BIN_NORMS:
+        raise ValueError(f"unknown bin normalisation {norm!r}; use linear, softmax or sigmoid")
+    if bins == "log" and not min_depth > 0:
+        raise ValueError(f"log bins need min_depth > 0, got {min_depth}")
+
+
+def bin_centres(min_depth: float, max_depth: float, n_bins: int, *, bins: str = "linear",
+                dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+    """K depth bin centres over [min, max]: ``linear`` = linspace(min, max, K), ``log`` = exp(linspace(log min, log max, K))."""
+    if bins == "log":
+        return torch.linspace(math.log(min_depth), math.log(max_depth), n_bins, dtype=dtype, device=device).exp()
+    return torch.linspace(min_depth, max_depth, n_bins, dtype=dtype, device=device)
+
+
+def bins_to_depth(logits: torch.Tensor, min_depth: float, max_depth: float, *, norm: str = "linear",
+                  bins: str = "linear") -> torch.Tensor:
+    """(B, K, h, w) bin logits -> (B, 1, h, w) depth: Σ p_k · c_k over the K :func:`bin_centres` (DINOv3's
+    ``FeaturesToDepth``); one channel (K = 1) is a regression, depth = relu(x) + min_depth.
+
+    ``norm``: ``"linear"`` is AdaBins' p = (relu(x) + 0.1) / Σ(relu(x) + 0.1), ``"softmax"`` p = softmax(x),
+    ``"sigmoid"`` p = sigmoid(x) / Σ sigmoid(x).
     """
-    centres = torch.linspace(min_depth, max_depth, logits.shape[1], device=logits.device, dtype=logits.dtype)
+    if logits.shape[1] == 1:
+        return torch.relu(logits) + min_depth
+    check_bin_options(bins, norm, min_depth)
+    centres = bin_centres(min_depth, max_depth, logits.shape[1], bins=bins, dtype=logits.dtype, device=logits.device)
     if norm == "linear":
         weights = torch.relu(logits) + 0.1
     elif norm == "softmax":
         weights = torch.exp(logits - logits.amax(dim=1, keepdim=True))
     else:
-        raise ValueError(f"unknown bin normalisation {norm!r}; use linear or softmax")
+        weights = torch.sigmoid(logits)
     # Σ_k (w_k / Σ w) c_k as one 1x1 convolution over the bins divided by Σ w: no (B, K, H, W) probability copy
     return F.conv2d(weights, centres.view(1, -1, 1, 1)) / weights.sum(dim=1, keepdim=True)
 
 
 class LinearDepthHead(nn.Module):
-    """Depth ``BNHead`` of the ``_ld`` models: [patch, CLS] per level, x4 bilinear, concat, 1x1 conv to bins.
+    """Linear depth head: the depth ``BNHead`` of the ``_ld`` models by default, DINOv3's ``LinearHead`` as an option.
 
-    Output (B, 1, 4h, 4w) in metres. The official hub builds it with ``min_depth=0.001, max_depth=80``
-    whatever the weights; the head itself takes any range.
+    * default (DINOv2): [patch, CLS] per level, x4 bilinear, concat, 1x1 conv to bins (``conv_depth.*``); output
+      (B, 1, 4h, 4w) in metres. The official hub builds it with ``min_depth=0.001, max_depth=80`` whatever the
+      weights; the head itself takes any range.
+    * ``batch_norm=True, upsample=1, class_token=False`` (DINOv3): patch maps only (the backbone's final norm
+      applied, see :class:`FeatureSpec`), levels resized to the first one's grid and concatenated, BatchNorm
+      (``bn.*``), 1x1 conv (weight N(0, 0.01), bias 0); depth is formed at token resolution, (B, 1, h, w), and
+      resized bilinearly to the target by the caller.
+
+    ``n_bins``, ``bins`` and ``norm`` are :func:`bins_to_depth`'s options (``n_bins=1``: regression).
     """
 
     def __init__(
@@ -128,23 +167,37 @@ class LinearDepthHead(nn.Module):
         max_depth: float = 10.0,
         upsample: int = 4,
         norm: str = "linear",
+        bins: str = "linear",
+        batch_norm: bool = False,
+        class_token: bool = True,
     ) -> None:
         super().__init__()
+        check_bin_options(bins, norm, min_depth)
         self.embed_dim, self.levels, self.n_bins = embed_dim, levels, n_bins
         self.min_depth, self.max_depth, self.upsample, self.norm = float(min_depth), float(max_depth), upsample, norm
-        self.conv_depth = nn.Conv2d(2 * embed_dim * levels, n_bins, kernel_size=1)
+        self.bins, self.batch_norm, self.class_token = bins, batch_norm, class_token
+        channels = embed_dim * levels * (2 if class_token else 1)
+        self.bn = nn.BatchNorm2d(channels) if batch_norm else nn.Identity()  # Identity: no keys (DINOv2's layout)
+        self.conv_depth = nn.Conv2d(channels, n_bins, kernel_size=1)
+        if batch_norm:  # DINOv3's LinearHead init
+            nn.init.normal_(self.conv_depth.weight, std=0.01)
+            nn.init.zeros_(self.conv_depth.bias)
 
-    def forward(self, features: Sequence[Level]) -> torch.Tensor:
-        maps = [torch.cat((p, c[:, :, None, None].expand_as(p)), dim=1) for p, c in features]  # (B, 2D, h, w)
+    def forward(self, features: Sequence[Level] | Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.class_token:
+            maps = [torch.cat((p, c[:, :, None, None].expand_as(p)), dim=1) for p, c in features]  # (B, 2D, h, w)
+        else:
+            maps = list(features)
         h, w = maps[0].shape[-2:]
         size = (h * self.upsample, w * self.upsample)
-        if all(m.shape[-2:] == (h, w) for m in maps):
+        if self.batch_norm or all(m.shape[-2:] == (h, w) for m in maps):
             # Bilinear resizing mixes neighbours with weights summing to 1, so it commutes with the 1x1 conv
             # (bias included): convolve at token resolution, then resize the K bin maps (upsample² x fewer MACs).
-            logits = _resize(self.conv_depth(torch.cat(maps, dim=1)), size)  # (B, 2DL, h, w) -> (B, K, 4h, 4w)
+            x = torch.cat([_resize(m, (h, w)) for m in maps], dim=1)
+            logits = _resize(self.conv_depth(self.bn(x)), size)  # (B, C, h, w) -> (B, K, 4h, 4w)
         else:
             logits = self.conv_depth(torch.cat([_resize(m, size) for m in maps], dim=1))  # (B, 2DL, 4h, 4w) -> (B, K, ..)
-        return bins_to_depth(logits, self.min_depth, self.max_depth, norm=self.norm)
+        return bins_to_depth(logits, self.min_depth, self.max_depth, norm=self.norm, bins=self.bins)
 
 
 # ---------------------------------------------------------------------------------------------- DPT

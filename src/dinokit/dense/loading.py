@@ -79,11 +79,24 @@ def _levels_hint(head: nn.Module, key: str, have: tuple[int, ...]) -> str:
             return f": the file has {have[0]} classes, build the head with num_classes={have[0]}"
         if have[1] % dim == 0:
             return f": the file reads {have[1] // dim} level(s) of {dim} channels (use the 'ms' head for 4, 'linear' for 1)"
-    if isinstance(head, LinearDepthHead) and key == "conv_depth.weight" and have[1] % (2 * dim) == 0:
-        return f": the file is for layers={have[1] // (2 * dim)}"
+    if isinstance(head, LinearDepthHead) and key == "conv_depth.weight":
+        per_level = dim * (2 if head.class_token else 1)  # [patch, CLS] or the patch map only
+        if have[0] != want[0] and have[1:] == want[1:]:
+            return f": the file has {have[0]} bins, build the head with n_bins={have[0]}"
+        if have[1] % per_level == 0:
+            return f": the file is for layers={have[1] // per_level}"
     if len(have) >= 2 and have[1] != want[1] and key.endswith("weight"):
         return f": the file was trained on a backbone of another width (this one has embed_dim {dim})"
     return ""
+
+
+def _batch_norm_hint(head: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
+    """Which linear depth head a file with (or without) ``bn.*`` keys is for."""
+    if not isinstance(head, LinearDepthHead) or ("bn.weight" in sd) == head.batch_norm:
+        return ""
+    if head.batch_norm:
+        return ": the file is a DINOv2 linear depth head (no BatchNorm), --head linear or linear4"
+    return ": the file is DINOv3's linear depth head (with BatchNorm), --head linear-bn"
 
 
 def load_head(head: nn.Module, weights: str | Path | Mapping[str, Any]) -> nn.Module:
@@ -104,7 +117,8 @@ def load_head(head: nn.Module, weights: str | Path | Mapping[str, Any]) -> nn.Mo
             parts.append(f"missing {', '.join(PREFIX + k for k in missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if unexpected:
             parts.append(f"unexpected {', '.join(PREFIX + k for k in unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise DinokitError(f"{source} does not match the {type(head).__name__} layout ({'; '.join(parts)})")
+        raise DinokitError(f"{source} does not match the {type(head).__name__} layout ({'; '.join(parts)})"
+                           f"{_batch_norm_hint(head, sd)}")
     main_first = sorted(sd.items(), key=lambda kv: kv[0] not in ("conv_seg.weight", "conv_depth.weight"))  # best hints
     for key, value in main_first:
         have, want = tuple(value.shape), tuple(own[key].shape)

@@ -171,19 +171,24 @@ def build_head(
     dropout: float = 0.0,
     class_token: bool = False,
     norm: bool | None = None,
+    n_bins: int = 256,
+    bins: str = "linear",
+    bin_norm: str = "linear",
 ) -> tuple[nn.Module, FeatureSpec]:
     """A head and the features it reads, for ``kind`` in ``seg-linear``, ``seg-ms``, ``depth-linear``,
-    ``depth-linear4``, ``depth-dpt`` (``depth`` = the backbone's number of blocks; ``class_token``:
-    segmentation heads also read the CLS token; ``norm`` overrides the head's usual final-LayerNorm choice)."""
+    ``depth-linear4``, ``depth-linear-bn`` (DINOv3's linear depth head), ``depth-dpt`` (``depth`` = the backbone's
+    number of blocks; ``class_token``: segmentation heads also read the CLS token; ``norm`` overrides the head's
+    usual final-LayerNorm choice; ``n_bins``, ``bins``, ``bin_norm``: the linear depth heads' bin options)."""
     head, spec = _build_head(kind, embed_dim=embed_dim, depth=depth, num_classes=num_classes, min_depth=min_depth,
-                             max_depth=max_depth, dropout=dropout, class_token=class_token)
+                             max_depth=max_depth, dropout=dropout, class_token=class_token,
+                             bin_options={"n_bins": n_bins, "bins": bins, "norm": bin_norm})
     if norm is not None:
         spec = FeatureSpec(spec.indices, norm, spec.class_token)
     return head, spec
 
 
 def _build_head(kind: str, *, embed_dim: int, depth: int, num_classes: int, min_depth: float, max_depth: float,
-                dropout: float, class_token: bool) -> tuple[nn.Module, FeatureSpec]:
+                dropout: float, class_token: bool, bin_options: dict) -> tuple[nn.Module, FeatureSpec]:
     last = (depth - 1,)
     last4 = tuple(range(max(depth - 4, 0), depth))
     if kind in ("seg-linear", "seg-ms"):
@@ -194,8 +199,13 @@ def _build_head(kind: str, *, embed_dim: int, depth: int, num_classes: int, min_
         return head, FeatureSpec(indices, True, class_token)
     if kind in ("depth-linear", "depth-linear4"):
         indices = last if kind == "depth-linear" else four_level_indices(depth)
-        head = LinearDepthHead(embed_dim=embed_dim, levels=len(indices), min_depth=min_depth, max_depth=max_depth)
+        head = LinearDepthHead(embed_dim=embed_dim, levels=len(indices), min_depth=min_depth, max_depth=max_depth,
+                               **bin_options)
         return head, FeatureSpec(indices, False, True)
+    if kind == "depth-linear-bn":  # DINOv3: last block after the final norm, no CLS, BatchNorm, no x4
+        head = LinearDepthHead(embed_dim=embed_dim, levels=1, min_depth=min_depth, max_depth=max_depth,
+                               batch_norm=True, upsample=1, class_token=False, **bin_options)
+        return head, FeatureSpec(last, True, False)
     if kind == "depth-dpt":
         indices = four_level_indices(depth)
         if len(indices) != 4:

@@ -26,9 +26,10 @@ from .heads import FeatureSpec
 from .inference import InferenceConfig, evaluate, format_results
 from .loading import head_kind_of, load_head, read_head_file, save_head
 from .model import DenseModel, build_head
-from .train import DenseHeadTask, DenseRecipe, cache_training_features, lr_schedule, make_batches, recipe_with_overrides, train_transform
+from .train import (DenseHeadTask, DenseRecipe, beta1_schedule, cache_training_features, lr_schedule, make_batches,
+                    recipe_with_overrides, train_transform)
 
-HEAD_CHOICES = {"seg": ("linear", "ms", "linear4"), "depth": ("linear", "linear4", "dpt")}
+HEAD_CHOICES = {"seg": ("linear", "ms", "linear4"), "depth": ("linear", "linear4", "linear-bn", "dpt")}
 MS_SCALES = (1.0, 1.32, 1.73)  # the "ms" heads' test-time ratios (the first three of the config, as the notebook)
 
 
@@ -122,7 +123,7 @@ def train_head(
         head_module, spec = build_head(
             kind, embed_dim=backbone.embed_dim, depth=len(backbone.blocks), num_classes=num_classes,
             min_depth=recipe.min_depth, max_depth=recipe.max_depth, dropout=recipe.dropout,
-            class_token=recipe.class_token and task == "seg", norm=recipe.norm,
+            class_token=recipe.class_token and task == "seg", norm=recipe.norm, **bin_options(recipe),
         )
         backbone_dtype = torch.bfloat16 if device_.type == "cuda" else None
         dense_task = DenseHeadTask(backbone, head_module, spec, recipe, task=task, backbone_dtype=backbone_dtype)
@@ -136,6 +137,8 @@ def train_head(
                                                                 "class_token": spec.class_token},
             "num_classes": num_classes, "classes": list(train_set.classes) if task == "seg" else [],
             "palette": train_set.info.palette, "min_depth": recipe.min_depth, "max_depth": recipe.max_depth,
+            **({"bins": {"bins": recipe.bins_strategy, "bin_norm": recipe.norm_strategy}} if kind.startswith("depth-linear")
+               else {}),
             "backbone": {k: v for k, v in backbone_source.items() if v}, "backbone_description": description,
             "inference": {"mode": final_inference.mode, "crop": final_inference.crop, "stride": final_inference.stride,
                           "flip": final_inference.flip, "scales": list(final_inference.scales), "eval_size": recipe.eval_size},
@@ -153,8 +156,7 @@ def train_head(
             EngineConfig(max_iter=recipe.iterations, checkpoint_period=recipe.checkpoint_period,
                          snapshot_period=recipe.eval_period, log_freq=recipe.log_freq, clip_grad=recipe.clip_grad,
                          betas=tuple(recipe.betas), progress=progress),
-            output_dir=out, device=device_, schedules={"lr": lr_schedule(recipe), "wd": [recipe.weight_decay] * recipe.iterations},
-            hooks=[eval_hook],
+            output_dir=out, device=device_, schedules=schedules(recipe), hooks=[eval_hook],
         )
         if du.is_main_process():
             print(recipe_line(recipe, head, task, len(train_set)))
@@ -170,6 +172,19 @@ def train_head(
             print(f"{task} head '{head}' on {val_dataset}:\n{format_results(result, task)}")
             print(f"head saved to {out / 'head.pth'}; results in {out / results_name(task)}")
         return result
+
+
+def schedules(recipe: DenseRecipe) -> dict[str, Any]:
+    """The engine's per-iteration schedules: lr, wd, and Adam's beta1 with ``cycle_beta1``."""
+    out: dict[str, Any] = {"lr": lr_schedule(recipe), "wd": [recipe.weight_decay] * recipe.iterations}
+    if recipe.cycle_beta1:
+        out["beta1"] = beta1_schedule(recipe)
+    return out
+
+
+def bin_options(recipe: DenseRecipe) -> dict[str, Any]:
+    """:func:`build_head`'s bin arguments from the recipe (used by the linear depth heads only)."""
+    return {"n_bins": recipe.n_bins, "bins": recipe.bins_strategy, "bin_norm": recipe.norm_strategy}
 
 
 def dataclasses_asdict(recipe: DenseRecipe) -> dict:
@@ -229,18 +244,22 @@ def load_dense_model(
         found = head_kind_of(sd)
         if found == "seg":
             kind = "seg-ms" if sd["conv_seg.weight"].shape[1] == 4 * dim else "seg-linear"
+        elif found == "linear-depth" and "bn.weight" in sd:
+            kind = "depth-linear-bn"
         elif found == "linear-depth":
             kind = "depth-linear4" if sd["conv_depth.weight"].shape[1] == 8 * dim else "depth-linear"
         elif found == "dpt":
             kind = "depth-dpt"
         else:
             raise DinokitError(f"{str(head_file)!r} is not a dense-head file (keys {', '.join(list(sd)[:3])})")
-        meta = {**meta, "kind": kind, "task": kind.split("-")[0], "head": kind.split("-")[1]}
+        meta = {**meta, "kind": kind, "task": kind.split("-")[0], "head": kind.split("-", 1)[1]}
     low, high = depth_range or (meta.get("min_depth", 0.001), meta.get("max_depth", 80.0 if kind != "depth-dpt" else 10.0))
     num_classes = int(sd["conv_seg.weight"].shape[0]) if "conv_seg.weight" in sd else 0
     class_token = bool(meta.get("spec", {}).get("class_token")) and kind.startswith("seg")
+    bins = {"n_bins": int(sd["conv_depth.weight"].shape[0])} if "conv_depth.weight" in sd else {}
+    bins.update(meta.get("bins") or {})  # bins, bin_norm: as trained (an official file: linear, linear)
     head, spec = build_head(kind, embed_dim=dim, depth=depth, num_classes=num_classes or 1, min_depth=low, max_depth=high,
-                            class_token=class_token)
+                            class_token=class_token, **bins)
     if "spec" in meta:
         spec = FeatureSpec(tuple(meta["spec"]["indices"]), bool(meta["spec"]["norm"]), bool(meta["spec"]["class_token"]))
     load_head(head, {"state_dict": {f"decode_head.{k}": v for k, v in sd.items()}})

@@ -10,7 +10,12 @@ Recipes (:data:`RECIPES`, every field overridable as ``key=value``):
   warm-up 12,800 from lr/1000, cosine to lr/25,000; crops 416x544 (after NYU's fixed crop), rotation, flip,
   colour jitter; SigLoss (warm-up 100 calls); range 0.001-10 m; whole-image evaluation, the final one with flip;
 * depth with the DPT head (DINOv2's DPT config): as depth, with lr 1e-4, wd 0.01, betas (0.9, 0.999), cosine
-  to 1e-8·lr, + 0.5 x gradient loss (on log depth).
+  to 1e-8·lr, + 0.5 x gradient loss (on log depth);
+* depth with the ``linear-bn`` head (DINOv3's linear depth head): as depth, with the features after the final norm.
+
+Opt-in, as DINOv3's code runs them: ``cycle_beta1`` (Adam beta1 0 during the warm-up, then 0.85 -> 0.95:
+:func:`beta1_schedule`) and ``schedule_lag`` (the schedules one iteration late: :func:`lagged`). The linear depth
+heads take ``n_bins``, ``bins_strategy`` and ``norm_strategy`` (:func:`dinokit.dense.heads.bins_to_depth`).
 
 The backbone runs without gradients in eval mode (bf16 autocast on CUDA). With ``augment=False``
 images are only resized to ``crop_size``, so the backbone features of the training set are computed
@@ -35,7 +40,7 @@ from ..engine import Export, LossOutput, Task
 from ..errors import DinokitError
 from .datasets import DenseDataset, collate_dense
 from .transforms import DenseResizeTransform, DenseTrainTransform
-from .heads import FeatureSpec
+from .heads import BIN_NORMS, BIN_SPACINGS, FeatureSpec
 from .inference import autocast
 from .losses import SigLoss, gradient_loss, seg_cross_entropy
 from .model import backbone_features
@@ -68,6 +73,11 @@ class DenseRecipe:
     sig_warm_up: int = 100  # SigLoss warm-up calls
     min_depth: float = 0.001
     max_depth: float = 10.0
+    n_bins: int = 256  # linear depth heads: bins (1: regression, relu(x) + min_depth)
+    bins_strategy: str = "linear"  # bin centres: "linear" or "log" spaced over [min_depth, max_depth]
+    norm_strategy: str = "linear"  # bin probabilities: "linear" (relu + 0.1), "softmax" or "sigmoid"
+    cycle_beta1: bool = False  # DINOv3's use_beta1: Adam beta1 0 during the warm-up, then 0.85 -> 0.95 (beta1_schedule)
+    schedule_lag: bool = False  # DINOv3's trainer: the schedules advance only after iteration 0 (one-step lag)
     eval_mode: str = "slide"
     eval_crop: int = 512
     eval_stride: int = 341
@@ -95,6 +105,8 @@ def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRe
     if task == "depth" and head == "dpt":  # DINOv2's DPT config (DINOv3 released no DPT training recipe)
         recipe.grad_loss_weight, recipe.lr, recipe.weight_decay = 0.5, 1e-4, 0.01
         recipe.betas, recipe.final_lr_ratio = (0.9, 0.999), 1e-8
+    if task == "depth" and head == "linear-bn":  # DINOv3's linear head reads the features after the final norm
+        recipe.norm = True
     fields = {f.name: f for f in dataclasses.fields(DenseRecipe)}
     given = set()
     for item in overrides:
@@ -103,6 +115,10 @@ def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRe
             raise DinokitError(f"unknown setting {item!r}; known: {', '.join(fields)} (as key=value)")
         setattr(recipe, key, _parse(key, value, getattr(recipe, key)))
         given.add(key)
+    unused = sorted(given & set(_BIN_SETTINGS)) if task == "seg" or head == "dpt" else []
+    if unused:
+        raise DinokitError(f"setting {unused[0]!r} is for the linear depth heads; --task {task} --head {head} "
+                           "does not use bins")
     if "iterations" in given and "warmup_iters" not in given:  # a shorter run keeps the recipe's warm-up fraction
         published = RECIPES[task]
         recipe.warmup_iters = round(published.warmup_iters * recipe.iterations / published.iterations)
@@ -111,7 +127,8 @@ def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRe
 
 
 # the settings' ranges, checked before any image is read (iterations 0 would save the random head as trained)
-_AT_LEAST_1 = ("iterations", "batch_size", "eval_crop", "eval_stride", "checkpoint_period", "log_freq")
+_AT_LEAST_1 = ("iterations", "batch_size", "eval_crop", "eval_stride", "checkpoint_period", "log_freq", "n_bins")
+_BIN_SETTINGS = ("n_bins", "bins_strategy", "norm_strategy")
 _AT_LEAST_0 = ("weight_decay", "warmup_iters", "clip_grad", "base_size", "grad_loss_weight", "sig_warm_up",
                "eval_size", "eval_period", "num_workers", "seed")
 
@@ -139,6 +156,13 @@ def check_recipe(recipe: DenseRecipe) -> None:
     if not 0 <= recipe.min_depth < recipe.max_depth:
         raise DinokitError(f"min_depth={recipe.min_depth} and max_depth={recipe.max_depth} are out of range; give "
                            "0 <= min_depth < max_depth")
+    if recipe.bins_strategy not in BIN_SPACINGS:
+        raise DinokitError(f"bins_strategy={recipe.bins_strategy!r} is not a bin spacing; use linear or log")
+    if recipe.norm_strategy not in BIN_NORMS:
+        raise DinokitError(f"norm_strategy={recipe.norm_strategy!r} is not a bin normalisation; use linear, softmax "
+                           "or sigmoid")
+    if recipe.bins_strategy == "log" and not recipe.min_depth > 0:
+        raise DinokitError(f"bins_strategy=log needs min_depth above 0 (log of the first bin), got {recipe.min_depth}")
     if recipe.warmup_mode not in ("linear", "cosine"):
         raise DinokitError(f"warmup_mode={recipe.warmup_mode!r} is not a mode; use linear or cosine")
     if recipe.eval_mode not in ("whole", "slide"):
@@ -173,7 +197,8 @@ def lr_schedule(recipe: DenseRecipe) -> torch.Tensor:
     * s >= W: ``lr_min + (lr - lr_min) · (1 + cos(π (s + 1)/T))/2``, so the last iteration runs at ``lr_min``.
 
     The cosine is not restarted after the warm-up: at s = W it is already (1 + cos(π W/T))/2 of the way
-    (0.75 for the depth recipe's W = T/3).
+    (0.75 for the depth recipe's W = T/3). With ``schedule_lag`` iteration s >= 1 runs at the value of s - 1
+    (:func:`lagged`).
     """
     n, warm = recipe.iterations, min(recipe.warmup_iters, recipe.iterations)
     lr, r, low = recipe.lr, recipe.warmup_ratio, recipe.lr * recipe.final_lr_ratio
@@ -183,7 +208,29 @@ def lr_schedule(recipe: DenseRecipe) -> torch.Tensor:
         during = lr * (1 - (1 - s / max(warm, 1)) * (1 - r)) * (1 - s / n)
     else:
         during = lr * r + lr * (1 + torch.cos(math.pi * s / n)) / 2 * s / max(warm, 1)
-    return torch.where(s < warm, during, after)
+    return lagged(torch.where(s < warm, during, after), recipe)
+
+
+def beta1_schedule(recipe: DenseRecipe, *, low: float = 0.85, high: float = 0.95) -> torch.Tensor:
+    """Per-iteration Adam beta1 of DINOv3's ``WarmupOneCycleLR`` with ``use_beta1`` (the ``cycle_beta1`` setting).
+
+    As written there, the scheduler sets beta1 to ``high`` when it is built, and its first step (at construction)
+    already overwrites it: s < W gives 0 (the momentum variable is never set during the warm-up), then
+    ``high + (low - high) · (1 + cos(π (s - W)/(T - W)))/2``, from ``low`` at s = W towards ``high`` at s = T.
+    So ``high`` "at init" reaches no optimiser step. ``schedule_lag`` delays it as the lr.
+    """
+    n, warm = recipe.iterations, min(recipe.warmup_iters, recipe.iterations)
+    s = torch.arange(n, dtype=torch.float64)
+    after = high + (low - high) * (1 + torch.cos(math.pi * (s - warm) / max(n - warm, 1))) / 2
+    return lagged(torch.where(s < warm, torch.zeros_like(s), after), recipe)
+
+
+def lagged(values: torch.Tensor, recipe: DenseRecipe) -> torch.Tensor:
+    """``values`` as DINOv3's dense trainers apply them with ``schedule_lag``: their scheduler steps after every
+    iteration but the first (``if global_step > 0``), so iterations 0 and 1 both run at value 0, and s at s - 1."""
+    if not recipe.schedule_lag or len(values) < 2:
+        return values
+    return torch.cat((values[:1], values[:-1]))
 
 
 # ---------------------------------------------------------------------------------------------- the task

@@ -174,7 +174,7 @@ class Engine:
     def step(self, batch: Any, iteration: int, sched: Mapping[str, float]):
         """losses -> backward -> clip per trainable module -> optimiser step -> ``task.after_step``."""
         apply_optim_schedule(self.optimizer, lr=sched["lr"], wd=sched["wd"], last_layer_lr=sched.get("last_layer_lr", sched["lr"]),
-                             backbone_lr=sched.get("backbone_lr"))
+                             backbone_lr=sched.get("backbone_lr"), beta1=sched.get("beta1"))
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
             out = self.task.compute_losses(batch, iteration, sched)

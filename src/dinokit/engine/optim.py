@@ -330,9 +330,10 @@ def get_param_groups(
 
 
 def apply_optim_schedule(optimizer: torch.optim.Optimizer, *, lr: float, wd: float, last_layer_lr: float,
-                         backbone_lr: float | None = None) -> None:
+                         backbone_lr: float | None = None, beta1: float | None = None) -> None:
     """Set each group's lr and weight decay for this iteration from the schedules and its multipliers
-    (``backbone_lr``, when given, replaces ``lr`` for the backbone groups)."""
+    (``backbone_lr``, when given, replaces ``lr`` for the backbone groups); ``beta1``, when given, is every
+    group's Adam beta1 (a scheduled momentum, as the dense depth recipe's ``cycle_beta1``)."""
     for group in optimizer.param_groups:
         if group.get("is_last_layer", False):
             base = last_layer_lr
@@ -342,6 +343,8 @@ def apply_optim_schedule(optimizer: torch.optim.Optimizer, *, lr: float, wd: flo
             base = lr
         group["lr"] = base * group.get("lr_multiplier", 1.0)
         group["weight_decay"] = wd * group.get("wd_multiplier", 1.0)
+        if beta1 is not None:
+            group["betas"] = (beta1, group["betas"][1])
 
 
 def build_optimizer(
