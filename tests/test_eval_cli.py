@@ -251,6 +251,17 @@ def test_linear_ranks_by_the_val_metric_type_and_starts_afresh_with_no_resume(sa
     assert not (tmp_path / "out" / "running_checkpoint_linear_eval.pth").exists()
 
 
+def test_the_image_counts_leave_out_unreadable_images(sample, tmp_path, capsys):
+    """The counts printed are the images read: an unreadable training file is named as skipped, not counted."""
+    root, _ = sample
+    shutil.copytree(root / "train", tmp_path / "train")
+    (tmp_path / "train" / "dots" / "broken.png").write_bytes(b"not an image")
+    run = args(sample, tmp_path / "out", "--nb-knn", "1")
+    run[run.index("--train-dataset") + 1] = str(tmp_path / "train")
+    assert main(["eval", "knn", *run]) == 0
+    assert "k-NN (T=0.07): 48 train (1 unreadable skipped) / 24 val images, 8 classes" in capsys.readouterr().out
+
+
 def test_linear_with_augmentation(sample, tmp_path, capsys):
     extra = ("--epochs", "1", "--epoch-length", "3", "--batch-size", "8", "--learning-rates", "0.1",
              "--n-last-blocks", "1", "50")

@@ -111,6 +111,14 @@ def test_weights_files_that_are_not_state_dicts_are_one_line(tmp_path, capsys):
 def test_unknown_device_is_one_line(images, tmp_path, capsys):
     assert cli_main(_train(tmp_path / "run", images, device="gpu")) == 2
     assert error_line(capsys) == "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"
+    # embed and viz too (they listed argparse choices, which refused cuda:N), before anything is written
+    image = next((images / "train").rglob("*.png"))
+    for command in (["embed", str(image), "--out", str(tmp_path / "e.npz")],
+                    ["viz", "pca", str(image), "--out", str(tmp_path / "viz")]):
+        for device in ("gpu", "meta"):
+            assert cli_main([*command, "--model", "dinov2_vits14", "--random-init", "--device", device]) == 2
+            assert error_line(capsys) == f"error: unknown device '{device}'; use auto, cpu, cuda or cuda:N"
+    assert not (tmp_path / "e.npz").exists() and not (tmp_path / "viz").exists()
 
 
 # ---------------------------------------------------------------------------------------------- sample set

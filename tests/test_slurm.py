@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dinokit.cli import main
-from dinokit.distributed.slurm import IN_JOB_ENV, CommandJob
+from dinokit.distributed.slurm import IN_JOB_ENV, LOCAL_EXECUTOR_ENV, CommandJob
 from tiny import PICO_CONFIG, write_images
 
 SLURM = ["--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu"]
@@ -133,7 +133,7 @@ def test_slurm_without_submitit_is_a_clear_error(monkeypatch, tmp_path, capsys) 
     assert "pip install 'dinokit[slurm]'" in capsys.readouterr().err
 
 
-def test_a_real_submitit_job_runs_the_command(tmp_path, monkeypatch) -> None:
+def test_a_real_submitit_job_runs_the_command(tmp_path, monkeypatch, capsys) -> None:
     """submitit itself (its local executor where there is no SLURM, as here): the job is pickled, started in
     another process with submitit's job environment, and that process runs the command and writes its output."""
     import time
@@ -146,9 +146,15 @@ def test_a_real_submitit_job_runs_the_command(tmp_path, monkeypatch) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(PICO_CONFIG)
     out = tmp_path / "e.npz"
-    assert main(["embed", str(images), "--config-file", str(config), "--random-init", "--image-size", "28",
-                 "--num-workers", "0", "--device", "cpu", "--no-progress", "--out", str(out),
-                 "--nodes", "1", "--gpus-per-node", "1", "--timeout", "5"]) == 0
+    command = ["embed", str(images), "--config-file", str(config), "--random-init", "--image-size", "28",
+               "--num-workers", "0", "--device", "cpu", "--no-progress", "--out", str(out),
+               "--nodes", "1", "--gpus-per-node", "1", "--timeout", "5"]
+    # no SLURM here: one line, rather than submitit's local executor running the tasks while "submitted"
+    monkeypatch.delenv(LOCAL_EXECUTOR_ENV, raising=False)
+    assert main(command) == 2 and not (tmp_path / "e.slurm").exists()
+    assert "--nodes submits the command to SLURM, and no SLURM cluster is reachable from here" in capsys.readouterr().err
+    monkeypatch.setenv(LOCAL_EXECUTOR_ENV, "1")
+    assert main(command) == 0
     deadline = time.monotonic() + 300
     while not out.exists() and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -11,21 +11,30 @@ from . import distributed as du
 from .errors import DinokitError
 
 
+def check_device_name(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, else one line (whether the GPU exists is not checked: a command
+    submitted to SLURM checks the name on a host that may have none)."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DinokitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> a device; a bare ``cuda`` is this rank's local GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DinokitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    check_device_name(name)
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DinokitError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", du.get_local_rank())
-    elif device.type != "cpu":
-        raise DinokitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
 
 

@@ -28,7 +28,7 @@ from ..data.datasets import make_dataset
 from ..data.images import ImageFiles, resolve_image_inputs
 from ..data.transforms import make_classification_eval_transform
 from ..errors import DinokitError
-from ..devices import default_workers, resolve_device, resolve_dtype, usable_workers
+from ..devices import check_device_name, default_workers, resolve_device, resolve_dtype, usable_workers
 from ..eval.setup import DEFAULT_MODEL, setup_eval_model
 from ..features import ExtractedFeatures, check_image_size, embedding_feature_fn, extract_features, inference_dtype
 from ..distributed.slurm import add_slurm_options, submit_if_asked
@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=default_workers(),
                    help="image decoding processes, at most the usable CPU cores (default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto: cuda if available]")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="compute precision (default: bf16 autocast on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true",
@@ -188,6 +188,7 @@ def _summary(result: ExtractedFeatures, *, model: str, device: torch.device, dty
 
 # ------------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
+    check_device_name(args.device)
     out = _check_output(args)
     transform = make_classification_eval_transform(crop_size=args.image_size)
     if args.input.startswith("WebDataset:"):  # tar shards (dinokit.data.shards)

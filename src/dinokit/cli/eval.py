@@ -186,7 +186,7 @@ def _report(ctx, title: str, table: str, results_file: str) -> None:
     from .. import distributed
 
     if distributed.is_main_process():
-        print(f"{title}: {len(ctx.train)} train / {len(ctx.val)} val images, {ctx.num_classes} classes")
+        print(f"{title}: {ctx.images_line()}, {ctx.num_classes} classes")
         print(table)
         print(f"results appended to {ctx.output_dir / results_file}")
 

@@ -49,7 +49,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
                        help="short side in pixels before the crop to a patch multiple (default: %(default)s)")
     model.add_argument("--batch-size", type=int, default=8, help="images per forward (default: %(default)s)")
-    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto: cuda if available]")
     model.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                        help="compute precision (default: bf16 autocast on CUDA, fp32 on CPU)")
 

@@ -14,7 +14,7 @@ from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import DinokitError
@@ -212,7 +212,7 @@ def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, b
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            with Image.open(path) as img:
+            with _open(path) as img:
                 pixels = img.width * img.height
                 if limit is not None and pixels > limit:
                     raise ImageTooLargeError(
@@ -229,6 +229,17 @@ def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, b
                 return _to_rgb(img, colour)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open(source: str | Path | IO[bytes]) -> Image.Image:
+    """``Image.open``; an unidentifiable stream of bytes says so without the stream object's repr (a memory address
+    where the caller names the file)."""
+    if isinstance(source, (str, Path)):
+        return Image.open(source)
+    try:
+        return Image.open(source)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError("cannot identify image file (not an image, or an unknown format)") from None
 
 
 def crop_draft_size(size: int | Sequence[int], min_scale: float = 1.0) -> int:

@@ -17,6 +17,7 @@ from ..errors import DinokitError
 
 # Set in a job's tasks: the command they run is the submitted one, and submits nothing itself.
 IN_JOB_ENV = "DINOKIT_SLURM_JOB"
+LOCAL_EXECUTOR_ENV = "DINOKIT_SLURM_LOCAL"  # 1: where no SLURM is reachable, run a job with submitit's local executor
 
 
 def add_slurm_options(parser: argparse.ArgumentParser, *, timeout_min: int = 2800) -> None:
@@ -72,6 +73,12 @@ def submit_if_asked(args: argparse.Namespace, log_dir: str | Path) -> bool:
         import submitit
     except ImportError:
         raise DinokitError("SLURM launch needs submitit: pip install 'dinokit[slurm]' (or use torchrun)") from None
+    where = submitit.AutoExecutor.which() if hasattr(submitit.AutoExecutor, "which") else "slurm"
+    if where != "slurm" and not os.environ.get(LOCAL_EXECUTOR_ENV):
+        # submitit would run the job's tasks here, one process per "GPU", while saying it was submitted
+        raise DinokitError(f"--nodes submits the command to SLURM, and no SLURM cluster is reachable from here (no "
+                           f"sbatch); run it without --nodes (torchrun for several processes), or set "
+                           f"{LOCAL_EXECUTOR_ENV}=1 to run the job's tasks on this machine with submitit's local executor")
     folder = Path(log_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.AutoExecutor(folder=str(folder), slurm_max_num_timeout=30)

@@ -220,6 +220,17 @@ class EvalContext:
     provenance: dict[str, str] = field(default_factory=dict)
     # lines about the datasets that every result line records (e.g. val images that are also training images)
     data_warnings: list[str] = field(default_factory=list)
+    # images whose features were read, per split ("train", "val"), once extracted (unreadable ones are skipped)
+    images_read: dict[str, int] = field(default_factory=dict)
+
+    def images_line(self) -> str:
+        """``N train / M val images``: those read where features were extracted (with the unreadable ones named)."""
+        parts = []
+        for split, dataset in (("train", self.train), ("val", self.val)):
+            read = self.images_read.get(split, len(dataset))
+            skipped = f" ({len(dataset) - read} unreadable skipped)" if read < len(dataset) else ""
+            parts.append(f"{read} {split}{skipped}")
+        return " / ".join(parts) + " images"
 
     def result_provenance(self, trust: Sequence[str]) -> dict[str, Any]:
         """What a result line records besides its numbers: the provenance and every warning about its trust."""
@@ -229,13 +240,15 @@ class EvalContext:
         """``kind`` features of the ``train`` or ``val`` split (or of ``dataset``, named ``split``), from the cache
         or extracted (and cached)."""
         dataset = dataset if dataset is not None else self.train if split == "train" else self.val
-        return self.cache.get(
+        features = self.cache.get(
             split, kind, dataset,
             lambda: extract_eval_features(
                 self.model, dataset, kind=kind, batch_size=self.batch_size, num_workers=self.num_workers,
                 device=self.device, dtype=self.dtype, progress=self.progress, desc=f"{split} features",
             ),
         )
+        self.images_read[split] = len(features.indices)
+        return features
 
 
 def prepare_eval(
