@@ -213,6 +213,7 @@ def test_linear_test_sets_with_class_mappings_and_imagenet_real_labels(sample, t
     by_name, right, swapped, plain, own_real, all_real = (result["tests"][s]["value"] for s in sets)
     assert right >= by_name and right + swapped == pytest.approx(100.0)
     assert own_real == pytest.approx(plain) and all_real == 100.0 and n == 24
+    assert result["tests"][sets[-1]]["images_with_real_labels"] == 23  # the first image has none: left out
     assert "imagenet_real_accuracy 100.00 (24 images)" in capsys.readouterr().out
     for bad, message in ((["--test-metric-types", "imagenet_real_accuracy"], "imagenet_real_accuracy needs the ReaL "
                            "labels; give the ImageNet validation set with them"),

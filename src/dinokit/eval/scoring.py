@@ -160,6 +160,8 @@ def score_test_sets(ctx: EvalContext, probes, best: str, test_sets: Sequence[Tes
         labels = torch.as_tensor(feats.targets)
         tests[test.name] = {"metric": test.metric, "value": score_metric(logits, labels, test.metric, real),
                             "images": len(labels)}
+        if real is not None:  # ReaL leaves out the images without a reassessed label
+            tests[test.name]["images_with_real_labels"] = sum(1 for r in real if len(r))
     return tests
 
 
