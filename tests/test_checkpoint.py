@@ -273,3 +273,23 @@ def test_build_backbone_on_meta_device_is_cheap() -> None:
     with torch.device("meta"):
         model = build_backbone("vit_giant2", patch_size=14, img_size=518, ffn_layer="swiglufused", init_values=1.0)
     assert model.blocks[0].mlp.w12.weight.shape == (8192, 1536)
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """A denied write (convert into a read-only place) ended in torch's RuntimeError; the temporary file is opened
+    first, so the OSError says why, and the advice fits the cause."""
+    import errno
+    from pathlib import Path
+
+    from dinokit.errors import DinokitError
+    from dinokit.models.checkpoint import atomic_write
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "touch", denied)
+    with pytest.raises(DinokitError, match=r"permission denied while writing .*x\.pth; the partial file was removed "
+                                           r"and nothing else was changed: write to a folder you may write to"):
+        with atomic_write(tmp_path / "x.pth") as tmp:
+            torch.save({}, tmp)
+    assert not (tmp_path / "x.pth").exists()

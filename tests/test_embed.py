@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,10 @@ def test_npy_and_parquet_outputs_agree(images, weights, tmp_path, capsys) -> Non
     assert embed(str(images), *common, "--out", str(tmp_path / "e.npz"), "--patch-mean") == 0
     assert embed(str(images), *common, "--out", str(tmp_path / "e.npy")) == 0
     assert f"skipped 2 unreadable image(s), all listed in {tmp_path / 'e.bad.txt'}" in capsys.readouterr().out
-    assert embed(str(images), *common, "--out", str(tmp_path / "e.parquet"), "--patch-mean") == 0
+    # the .npy run's e.bad.txt is the parquet's too: replaced only when asked
+    assert embed(str(images), *common, "--out", str(tmp_path / "e.parquet"), "--patch-mean") == 2
+    assert f"--out '{tmp_path / 'e.bad.txt'}' already exists; pass --overwrite" in capsys.readouterr().err
+    assert embed(str(images), *common, "--out", str(tmp_path / "e.parquet"), "--patch-mean", "--overwrite") == 0
     ref = np.load(tmp_path / "e.npz")
     np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), ref["cls"])
     assert (tmp_path / "e.paths.txt").read_text().splitlines() == list(ref["paths"])
@@ -106,6 +110,23 @@ def test_npy_and_parquet_outputs_agree(images, weights, tmp_path, capsys) -> Non
     assert table.column("path").to_pylist() == list(ref["paths"])
     np.testing.assert_array_equal(np.array(table.column("cls").to_pylist(), dtype=np.float32), ref["cls"])
     np.testing.assert_array_equal(np.array(table.column("patch_mean").to_pylist(), dtype=np.float32), ref["patch_mean"])
+
+
+def test_the_lists_beside_a_npy_are_replaced_only_when_asked(images, weights, tmp_path, capsys) -> None:
+    """A .npy's <stem>.paths.txt and <stem>.bad.txt were written (or the .bad.txt deleted) over a user's files of
+    those names without --overwrite, e.g. the input list itself."""
+    _, weights_file = weights
+    listing = tmp_path / "l.paths.txt"
+    listing.write_text("# my list\n" + "".join(f"{images / name}\n" for name in GOOD))
+    notes = tmp_path / "q.bad.txt"
+    notes.write_text("my notes")
+    for source, out in ((str(listing), "l.npy"), (str(images / GOOD[0]), "q.npy")):
+        assert embed(source, "--weights", str(weights_file), "--out", str(tmp_path / out)) == 2
+        assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert listing.read_text().startswith("# my list") and notes.read_text() == "my notes"
+    assert not (tmp_path / "l.npy").exists() and not (tmp_path / "q.npy").exists()
+    assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(tmp_path / "q.npy"), "--overwrite") == 0
+    assert not notes.exists()  # asked: no bad image, so the stale list goes
 
 
 def test_more_workers_than_cores_are_lowered_with_one_line(images, weights, tmp_path, monkeypatch, capsys) -> None:
@@ -380,3 +401,22 @@ def test_torchrun_ranks_embed_shards_and_one_writes(images, tmp_path) -> None:
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert two["paths"].tolist() == one["paths"].tolist() and sorted(two["bad_paths"]) == sorted(one["bad_paths"])
     np.testing.assert_allclose(two["cls"], one["cls"], atol=1e-5)
+
+
+def test_file_names_that_are_not_utf8(images, weights, tmp_path) -> None:
+    """A file name that is not UTF-8 (Linux keeps its bytes) broke the .npy's paths list, the feature cache's key
+    and the run's data record with UnicodeEncodeError; its bytes are written back as they are."""
+    from dinokit.data import ImageDataset
+    from dinokit.engine.run_dir import data_change_note
+    from dinokit.eval.feature_cache import FeatureCache
+
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / name).write_bytes((images / GOOD[0]).read_bytes())
+    _, weights_file = weights
+    assert embed(str(folder), "--weights", str(weights_file), "--out", str(tmp_path / "o.npy")) == 0
+    assert (tmp_path / "o.paths.txt").read_bytes() == os.fsencode(str(folder / name)) + b"\n"
+    dataset = ImageDataset([folder / name], [0], ["a"], name="odd")
+    assert FeatureCache(tmp_path / "cache", {"m": 1})._path("train", "cls", dataset).suffix == ".pt"
+    assert data_change_note(tmp_path, "odd", [folder / name], resumed=False) is None

@@ -143,6 +143,9 @@ def test_a_killed_linear_evaluation_resumes_from_its_running_checkpoint(sample, 
     # another evaluation where one is unfinished: one line, nothing overwritten
     assert main(["eval", "linear", *args(sample, tmp_path / "other", *extra, "--seed", "3")]) == 2
     assert "holds an unfinished linear evaluation with other settings (seed differ" in capsys.readouterr().err
+    # another image size (or backbone, or dtype) is another evaluation too: it resumed and mixed the probes
+    assert main(["eval", "linear", *args(sample, tmp_path / "other", *extra, "--image-size", "40")]) == 2
+    assert "with other settings (backbone differ" in capsys.readouterr().err
     assert (tmp_path / "other" / running.name).is_file() and not (tmp_path / "other" / "linear_head_1.pth").exists()
 
 

@@ -87,8 +87,10 @@ def test_export_refuses_a_broken_model(tmp_path: Path) -> None:
     with pytest.raises(DinokitError, match=r"the exported graph differs from PyTorch .*m\.onnx was not written"):
         export_onnx(model, tmp_path / "m.onnx", image_size=(64, 64))
     assert not (tmp_path / "m.onnx").exists()
-    with pytest.raises(DinokitError, match="not a multiple of the patch size 8; use e.g. 64x64"):
+    with pytest.raises(DinokitError, match="not a multiple of the patch size 8; use e.g. 72x64"):  # the nearest
         ExportableBackbone(pico(), (70, 64))
+    with pytest.raises(DinokitError, match="not a multiple of the patch size 8; use e.g. 8x8"):  # it said 0x0
+        ExportableBackbone(pico(), (5, 5))
 
 
 def test_cli_exports_a_training_run(tmp_path: Path, demo_teacher, capsys: pytest.CaptureFixture) -> None:

@@ -98,3 +98,8 @@ def test_plot_tells_a_corrupt_metrics_file_from_an_empty_one(tmp_path: Path, cap
     metrics.write_text('{"iteration": 0, "total_loss": 1.0}\ngarbage\n{"iteration": 1, "total_loss": 0.9}\n')
     assert main(["plot", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: line 2 of '{metrics}' is not JSON; the metrics file is damaged\n"
+    for written, shown in (('"x"', "'x'"), ("null", "None")):  # a traceback before
+        metrics.write_text('{"iteration": 0, "total_loss": 1.0}\n{"iteration": ' + written + '}\n')
+        assert main(["plot", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == (f"error: line 2 of '{metrics}' has iteration {shown}, not a number; the "
+                                           "metrics file is damaged\n")

@@ -166,6 +166,17 @@ def test_viz_match_command(demo_teacher, sample_images, tmp_path, capsys):
     assert _size(out) == (64 + 8 + 64, 64)
 
 
+@pytest.mark.parametrize("command", ["pca", "attention"])
+def test_viz_one_picture_never_replaces_its_input_image(command, demo_teacher, sample_images, tmp_path, capsys):
+    """--out naming the input image itself was overwritten by the picture (rc 0): refused in one line."""
+    image = tmp_path / "photo.png"
+    image.write_bytes(sample_images[1].read_bytes())
+    before = image.read_bytes()
+    assert main(["viz", command, str(image), "--out", str(image), "--image-size", "64"] + _backbone_args(demo_teacher)) == 2
+    assert capsys.readouterr().err == f"error: --out '{image}' is one of the input images; give another file name\n"
+    assert image.read_bytes() == before
+
+
 def test_viz_match_refuses_to_overwrite_an_input(demo_teacher, sample_images, tmp_path, capsys):
     image = tmp_path / "photo.png"
     image.write_bytes(sample_images[1].read_bytes())

@@ -66,6 +66,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
                 raise DinokitError(not_metrics) from None
             raise DinokitError(f"line {number} of {str(path)!r} is not JSON; the metrics file is damaged") from None
         if isinstance(record, dict) and "iteration" in record:
+            step = record["iteration"]
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+                raise DinokitError(f"line {number} of {str(path)!r} has iteration {step!r}, not a number; the metrics "
+                                   "file is damaged")
             records.append(record)
     if not records:
         content = [line for line in lines if line.strip()]

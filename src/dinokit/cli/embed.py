@@ -105,6 +105,10 @@ def _check_output(args: argparse.Namespace) -> Path:
         raise DinokitError(f"--out {args.out!r} is a folder; give a file name such as {out / 'embeddings.npz'}")
     check_writable(args.out, "--out", is_file=True)
     check_not_replacing(args.out, overwrite=args.overwrite)
+    # the lists beside a .npy / .parquet (written, or deleted when no image is bad) are replaced only when asked too
+    sides = [".paths.txt", ".bad.txt"] if out.suffix == ".npy" else [".bad.txt"] if out.suffix == ".parquet" else []
+    for side in sides:
+        check_not_replacing(out.with_name(out.stem + side), overwrite=args.overwrite)
     return out
 
 
@@ -138,7 +142,7 @@ def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Mod
 # ------------------------------------------------------------------------------------------- writing
 def _write_lines(path: Path, lines: list[str]) -> None:
     with atomic_write(path) as tmp:
-        tmp.write_text("".join(f"{line}\n" for line in lines))
+        tmp.write_text("".join(f"{line}\n" for line in lines), errors="surrogateescape")  # names as their bytes
 
 
 def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str], bad_paths: list[str]) -> list[Path]:

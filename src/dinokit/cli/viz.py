@@ -27,7 +27,8 @@ from ..engine.run_dir import check_writable
 from ..errors import DinokitError
 from ..features import check_image_size, inference_dtype
 from ..viz.attention import DEFAULT_KEEP_MASS, attention_maps, resolve_block
-from ..viz.drawing import UPSAMPLE_MODES, check_one_picture, grid, picture_out, save_png, unique_stems
+from ..viz.drawing import (UPSAMPLE_MODES, check_not_an_input, check_one_picture, grid, picture_out, save_png,
+                           unique_stems)
 from ..viz.figures import attention_figure, matches_figure, pca_figures
 from ..viz.match import DEFAULT_MAX_MATCHES, DEFAULT_MIN_SPACING, match_patches
 from ..viz.pca import PCA_MODES, pca_rgb, read_foreground_example
@@ -168,6 +169,8 @@ def run_pca(args: argparse.Namespace) -> int:
               if video_file or args.video else _image_paths(args.inputs))
     if len(inputs) != 1:
         check_one_picture(one_picture, args.out, f"{len(inputs)} images")
+    if not (video_file or args.video):
+        check_not_an_input(one_picture, inputs, args.out)
     model, options = _setup(args)
     picture = pca_rgb(model, inputs, mode=args.mode, threshold=args.threshold,
                       foreground_examples=args.fg_examples, **options)
@@ -203,6 +206,7 @@ def run_attention(args: argparse.Namespace) -> int:
     paths = _image_paths(args.inputs)
     if len(paths) != 1:
         check_one_picture(one_picture, args.out, f"{len(paths)} images")
+    check_not_an_input(one_picture, paths, args.out)
     model, options = _setup(args)
     resolve_block(model, args.block)  # out of range: one line before any image is read
     maps = attention_maps(model, paths, block=args.block, **options)

@@ -89,12 +89,12 @@ def embed_set(
     rank, world = du.get_rank(), du.get_world_size()
     text = "".join(f"{p}\n" for p in paths)
     listing = folder / PATHS_FILE
-    if listing.is_file() and listing.read_text() != text:
+    if listing.is_file() and listing.read_text(errors="surrogateescape") != text:
         raise DinokitError(f"{folder} holds embeddings of other images; use a new --output-dir or delete {folder}")
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(listing) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, errors="surrogateescape")  # file names that are not UTF-8 kept as their bytes
     du.barrier()
     n_shards = -(-len(paths) // config.shard_size)
     storage = np.float16 if config.storage == "float16" else np.float32
@@ -139,7 +139,7 @@ class EmbeddingStore:
         listing = self.folder / PATHS_FILE
         if not listing.is_file():
             raise DinokitError(f"no embeddings in {self.folder}; run 'dinokit curate embed' first")
-        self.paths = listing.read_text().splitlines()
+        self.paths = listing.read_text(errors="surrogateescape").splitlines()
         self.shards: list[dict] = []
         for s in range(-(-len(self.paths) // max(1, self._shard_size()))):
             meta_file = self.folder / f"{_shard_name(s)}.json"

@@ -336,7 +336,7 @@ def stage_sample(work: Work, *, device: torch.device, progress: bool = True) -> 
         pool = EmbeddingStore(work.folder("embed") / "pool")
         paths = [str(Path(p).resolve()) for p in pool.row_paths(selected[chosen])]
         with atomic_write(work.root / MANIFEST) as tmp:
-            tmp.write_text("".join(f"{p}\n" for p in paths))
+            tmp.write_text("".join(f"{p}\n" for p in paths), errors="surrogateescape")  # names as their bytes
         counts = {"sampled": len(chosen), "sampled_distinct": len(np.unique(chosen))}
     return du.broadcast_object(counts)
 

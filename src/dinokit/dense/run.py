@@ -315,7 +315,7 @@ def predict_files(
     ``torchrun`` each rank draws a share)."""
     from ..data.images import load_image, resolve_image_inputs, warn_skipped
     from ..data.transforms import MAX_ASPECT, short_side_size
-    from ..viz.drawing import check_one_picture, picture_out, save_png, unique_stems
+    from ..viz.drawing import check_not_an_input, check_one_picture, picture_out, save_png, unique_stems
     from .transforms import image_to_tensor, normalise, resize_pair
     from .inference import colourise_depth, colourise_seg, predict_image, side_by_side
 
@@ -323,6 +323,7 @@ def predict_files(
     files = [f for item in images for f in resolve_image_inputs(item)]
     if len(files) != 1:
         check_one_picture(one_picture, out_dir, f"{len(files)} images")
+    check_not_an_input(one_picture, files, out_dir)
     du.init_from_environment()  # under torchrun rank r draws pictures r, r + world, ...
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
     inference = inference or InferenceConfig()

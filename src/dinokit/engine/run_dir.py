@@ -274,7 +274,7 @@ def data_change_note(out: Path, dataset_name: str, paths: Sequence, *, resumed: 
     run no longer continues exactly."""
     n = len(paths)
     picks = sorted({*range(0, n, max(1, n // 1000)), n - 1}) if n else []
-    digest = hashlib.sha1("\n".join(str(paths[i]) for i in picks).encode()).hexdigest()
+    digest = hashlib.sha1("\n".join(str(paths[i]) for i in picks).encode(errors="surrogateescape")).hexdigest()
     record = {"dataset": dataset_name, "images": n, "sampled_paths_sha1": digest,
               "decoding": json.loads(json.dumps(dict(decoding or {})))}  # as read back: tuples become lists
     path = out / DATA_RECORD

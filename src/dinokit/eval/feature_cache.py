@@ -79,7 +79,8 @@ class FeatureCache:
             self.folder = Path(root) / _digest(model_description)
 
     def _path(self, split: str, kind: str, dataset: ImageDataset) -> Path:
-        files = hashlib.sha1("\n".join(map(str, dataset.paths)).encode() + repr(dataset.targets).encode())
+        names = "\n".join(map(str, dataset.paths)).encode(errors="surrogateescape")  # names that are not UTF-8 too
+        files = hashlib.sha1(names + repr(dataset.targets).encode())
         key = _digest({"dataset": dataset.name, "files": files.hexdigest(), "decoding": decoding_settings()})
         return self.folder / f"{split}-{kind}-{key[:12]}.pt"
 

@@ -19,7 +19,7 @@ measured; above ``tolerance`` (or on a non-finite output) nothing is written.
 from __future__ import annotations
 
 import math
-import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -59,7 +59,8 @@ class ExportableBackbone(nn.Module):
             h, w = image_size
             p = backbone.patch_size
             if h % p or w % p:
-                raise DinokitError(f"image size {h}x{w} is not a multiple of the patch size {p}; use e.g. {h - h % p}x{w - w % p}")
+                near = "x".join(str(max(p, round(s / p) * p)) for s in (h, w))  # the nearest multiples, at least one patch
+                raise DinokitError(f"image size {h}x{w} is not a multiple of the patch size {p}; use e.g. {near}")
             tokens = torch.zeros(1, 1 + (h // p) * (w // p), backbone.embed_dim)
             with torch.no_grad():
                 pos = backbone.interpolate_pos_encoding(tokens, h, w).detach().clone()
@@ -198,5 +199,5 @@ def export_onnx(
                 f"{tolerance:g}); {out} was not written"
             )
         with atomic_write(out) as final:
-            os.replace(candidate, final)
+            shutil.move(candidate, final)  # a copy where the temporary folder is on another disk than --out
     return report

@@ -12,6 +12,7 @@ Pickles are read with ``weights_only=True`` only: a file that needs arbitrary Py
 
 from __future__ import annotations
 
+import errno as errno_codes
 import math
 import os
 import pickle
@@ -345,6 +346,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        tmp.touch()  # a folder that cannot be written fails here, as an OSError that says why (torch's would not)
         yield tmp
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
@@ -352,8 +354,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             raise
         kept = "the previous file is intact" if path.exists() else "nothing else was changed"
         reason = f"no space left on {_mount_point(path)}" if errno == 28 else os.strerror(errno).lower()
-        raise DinokitError(f"{reason} while writing {path}; the partial file was removed and {kept}: free some "
-                           "space (or use another disk) and rerun") from None
+        fix = ("write to a folder you may write to" if errno in _NOT_ALLOWED else
+               "free some space (or use another disk) and rerun")
+        raise DinokitError(f"{reason} while writing {path}; the partial file was removed and {kept}: {fix}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -367,13 +370,16 @@ def _mount_point(path: Path) -> str:
     return str(folder)
 
 
-def _write_errno(err: BaseException) -> int | None:
-    """ENOSPC, EDQUOT, EIO or EROFS behind a failed write (torch wraps them in a RuntimeError), else None."""
-    import errno as codes
+_NOT_ALLOWED = (errno_codes.EACCES, errno_codes.EPERM, errno_codes.EROFS)
 
+
+def _write_errno(err: BaseException) -> int | None:
+    """ENOSPC, EDQUOT, EIO, EROFS, EACCES or EPERM behind a failed write (torch wraps them in a RuntimeError), else
+    None."""
     seen = 0
     while err is not None and seen < 8:
-        if isinstance(err, OSError) and err.errno in (codes.ENOSPC, codes.EDQUOT, codes.EIO, codes.EROFS):
+        if isinstance(err, OSError) and err.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT, errno_codes.EIO,
+                                                      *_NOT_ALLOWED):
             return err.errno
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None

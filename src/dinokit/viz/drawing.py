@@ -162,6 +162,12 @@ def picture_out(out: str | Path) -> Path | None:
     return None
 
 
+def check_not_an_input(picture: Path | None, inputs, out: str | Path) -> None:
+    """The one picture ``--out`` names is not one of the ``inputs`` (it would replace the image): one line."""
+    if picture is not None and picture.resolve() in {Path(str(p)).expanduser().resolve() for p in inputs}:
+        raise DinokitError(f"--out {str(out)!r} is one of the input images; give another file name")
+
+
 def check_one_picture(picture: Path | None, out: str | Path, what: str) -> None:
     """``what`` (e.g. "3 images") does not fit in the one picture that ``--out`` names: one line."""
     if picture is not None:
