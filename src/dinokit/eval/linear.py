@@ -344,7 +344,8 @@ def linear_protocol(
     iterations = epochs * epoch_length
     running = RunningCheckpoint(ctx.output_dir / RUNNING_CHECKPOINT, {
         # the backbone as the feature cache keys it (weights, architecture, image size, dtype), not only its label
-        **ctx.provenance, "backbone": ctx.cache.model_description, "iterations": iterations, "epoch_length": epoch_length, "batch_size": batch_size,
+        **ctx.provenance, "backbone": ctx.cache.model_description, "iterations": iterations,
+        "epoch_length": epoch_length, "batch_size": batch_size,
         "world_size": du.get_world_size(), "classifiers": sorted(probes.settings), "augment": augment, "seed": seed})
     state = running.load() if resume else None
     position = StreamPosition(*(state["streams"][du.get_rank()] if state else (0, ())))
