@@ -282,7 +282,7 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     from pathlib import Path
 
     from dinokit.errors import DinokitError
-    from dinokit.models.checkpoint import atomic_write
+    from dinokit.files import atomic_write
 
     def denied(self, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))

@@ -278,7 +278,7 @@ def test_disk_space_is_checked_before_the_first_step(tmp_path, monkeypatch, caps
 def test_disk_full_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(images, straight, tmp_path, capsys,
                                                                                 monkeypatch, code):
     import dinokit.engine.checkpoint as ckpt_module
-    from dinokit.models.checkpoint import _mount_point
+    from dinokit.files import _mount_point
 
     out = tmp_path / "run"
     pretrain(_cfg(images), output_dir=out, device="cpu", stop_after=3)

@@ -286,7 +286,7 @@ def test_eval_says_when_its_numbers_cannot_be_trusted_and_where_they_came_from(u
 
 def test_results_are_appended_atomically(tmp_path, monkeypatch):
     from dinokit.eval.results import append_results
-    from dinokit.models.checkpoint import _mount_point
+    from dinokit.files import _mount_point
 
     path = tmp_path / "results_eval_knn.json"
     append_results(path, [{"top1": 1.0}])
@@ -358,7 +358,7 @@ def test_a_user_error_raised_in_a_loader_worker_keeps_its_one_line():
 
 def test_disk_full_while_writing_embeddings_is_one_line(tmp_path, capsys, monkeypatch):
     import dinokit.cli.embed as embed_module
-    from dinokit.models.checkpoint import _mount_point
+    from dinokit.files import _mount_point
 
     for i in range(3):
         Image.new("RGB", (16, 16), (i * 80, 0, 0)).save(tmp_path / f"{i}.png")

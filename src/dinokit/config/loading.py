@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..devices import DTYPES, resolve_dtype  # noqa: F401  (re-exported by dinokit.config)
 from ..errors import DinokitError
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 from .schema import SSLConfig
 from ..engine.optim import scale_lr
 from .validation import validate

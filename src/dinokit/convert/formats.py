@@ -15,7 +15,8 @@ import torch
 from ..engine.run_dir import check_not_replacing
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
-from ..models.checkpoint import atomic_write, backbone_state_dict_from_checkpoint, load_state_dict_file, save_backbone
+from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_state_dict_file, save_backbone
+from ..files import atomic_write
 from .hf import is_hf_state_dict, hf_to_official, read_hf_classifier, read_hf_folder, save_hf_folder
 from .mmpretrain import is_mmpretrain_state_dict, mmpretrain_to_official
 from .spec import BackboneSpec, StateDict, spec_from_model_name, spec_from_state_dict

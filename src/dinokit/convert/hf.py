@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import DinokitError
-from ..models.checkpoint import atomic_write, load_state_dict_file
+from ..models.checkpoint import load_state_dict_file
+from ..files import atomic_write
 from .spec import BackboneSpec, StateDict, spec_from_state_dict, with_layerscale
 
 # official suffix inside a block -> Hugging Face suffix inside encoder.layer.i

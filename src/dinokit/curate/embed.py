@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Subset
 from .. import distributed as du
 from ..errors import DinokitError
 from ..features import extract_features
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 from .config import EmbedConfig
 
 PATHS_FILE = "paths.txt"

@@ -32,7 +32,7 @@ from ..data.images import decoding_settings
 from ..devices import usable_workers
 from ..errors import DinokitError
 from ..features import check_image_size
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 from .config import CurateConfig
 from .dedup import choose_representatives, connected_components, edges_above, relative_dedup
 from .embed import EmbeddingStore, curation_feature_fn, embed_set

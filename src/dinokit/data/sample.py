@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ..errors import DinokitError
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 
 SAMPLE_CLASSES = ("blobs", "checker", "diagonal", "dots", "grid", "hstripes", "rings", "vstripes")
 SAMPLE_VERSION = 4

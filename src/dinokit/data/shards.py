@@ -86,7 +86,7 @@ def local_shard(url: str) -> Path:
             import webdataset
         except ImportError:
             raise DinokitError(f"reading {url!r} needs webdataset: pip install 'dinokit[webdataset]'") from None
-        from ..models.checkpoint import atomic_write
+        from ..files import atomic_write
 
         with webdataset.gopen(url, "rb") as src, atomic_write(cached) as tmp, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -256,7 +256,7 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
     count = resized = 0
 
     def flush() -> None:
-        from ..models.checkpoint import atomic_write
+        from ..files import atomic_write
 
         path = out_dir / f"{len(written):06d}.tar"
         with atomic_write(path) as tmp, tarfile.open(tmp, "w") as tar:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.sample import SAMPLE_CLASSES, default_sample_root, render_sample
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 
 GENERATED_VERSION = 3
 DEFAULT_SIZE = 64

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import DinokitError
-from ..models.checkpoint import atomic_write, load_state_dict_file
+from ..models.checkpoint import load_state_dict_file
+from ..files import atomic_write
 from .heads import DPTHead, LinearDepthHead, LinearSegHead
 
 PREFIX = "decode_head."

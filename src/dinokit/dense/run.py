@@ -19,7 +19,7 @@ import torch
 from .. import distributed as du
 from ..errors import DinokitError
 from ..engine.run_dir import check_writable
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 from .datasets import make_dense_dataset
 from .transforms import DenseEvalTransform
 from .heads import FeatureSpec

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .. import distributed as dist_utils
 from ..errors import DinokitError
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 
 _NAME = re.compile(r"checkpoint_(\d{7,})(\.pth)?$")
 _META = "meta.pt"  # in a sharded folder: iteration, world size and every rank's RNG state

@@ -257,7 +257,7 @@ def truncate_metrics(path: Path, start_iter: int) -> None:
                 kept.append(line)
         except (ValueError, AttributeError):
             continue  # a line torn by a kill
-    from ..models.checkpoint import atomic_write
+    from ..files import atomic_write
 
     with atomic_write(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))

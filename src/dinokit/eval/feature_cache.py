@@ -22,7 +22,7 @@ from ..data import ImageDataset
 from ..data.images import decoding_settings
 from ..errors import DinokitError
 from ..features import ExtractedFeatures, cls_feature_fn, extract_features
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 from ..models.linear_classifier import feature_parts
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .. import distributed as du
 from ..data import ImageDataset
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 
 
 def label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *,

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import DinokitError
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 from ..models.vision_transformer import DinoVisionTransformer
 from .resample import resample_grid
 

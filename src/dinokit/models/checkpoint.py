@@ -12,7 +12,6 @@ Pickles are read with ``weights_only=True`` only: a file that needs arbitrary Py
 
 from __future__ import annotations
 
-import errno as errno_codes
 import math
 import os
 import pickle
@@ -20,14 +19,14 @@ import re
 import urllib.error
 import urllib.parse
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import DinokitError
+from ..files import atomic_write
 from .architectures import ARCHITECTURES
 
 StateDict = dict[str, torch.Tensor]
@@ -336,55 +335,6 @@ def load_backbone_weights(model: nn.Module, weights: str | Path | Mapping[str, A
 
 
 # ---------------------------------------------------------------------------------------------- writing
-@contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
-
-    A crash or an exception leaves no half-written file behind (and any old file untouched).
-    """
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.touch()  # a folder that cannot be written fails here, as an OSError that says why (torch's would not)
-        yield tmp
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        if (errno := _write_errno(err)) is None:
-            raise
-        kept = "the previous file is intact" if path.exists() else "nothing else was changed"
-        reason = f"no space left on {_mount_point(path)}" if errno == 28 else os.strerror(errno).lower()
-        fix = ("write to a folder you may write to" if errno in _NOT_ALLOWED else
-               "free some space (or use another disk) and rerun")
-        raise DinokitError(f"{reason} while writing {path}; the partial file was removed and {kept}: {fix}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _mount_point(path: Path) -> str:
-    """The mount point (the disk) that holds ``path``."""
-    folder = path.resolve().parent
-    while not os.path.ismount(folder) and folder != folder.parent:
-        folder = folder.parent
-    return str(folder)
-
-
-_NOT_ALLOWED = (errno_codes.EACCES, errno_codes.EPERM, errno_codes.EROFS)
-
-
-def _write_errno(err: BaseException) -> int | None:
-    """ENOSPC, EDQUOT, EIO, EROFS, EACCES or EPERM behind a failed write (torch wraps them in a RuntimeError), else
-    None."""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, OSError) and err.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT, errno_codes.EIO,
-                                                      *_NOT_ALLOWED):
-            return err.errno
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return None
-
-
 def save_backbone(model_or_state_dict: nn.Module | Mapping[str, Any], path: str | Path) -> Path:
     """Write a backbone in the official flat layout: ``.safetensors`` or ``.pth`` (atomically).
 

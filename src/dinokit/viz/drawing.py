@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 GAP = 4  # pixels between panels

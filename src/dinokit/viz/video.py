@@ -14,7 +14,7 @@ from PIL import Image, ImageSequence
 
 from ..data.images import find_images, load_image
 from ..errors import DinokitError
-from ..models.checkpoint import atomic_write
+from ..files import atomic_write
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".gif")
 ANIMATION_FORMATS = ("gif", "mp4")
