@@ -108,7 +108,7 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed(tmp_path):
 
 @pytest.mark.parametrize("content, reason", [
     (b"torn", "is corrupt or truncated"),  # not even an archive: torch.load fails
-    (None, "is not readable as a checkpoint of this model"),  # a whole torch.save file of something else
+    (None, "is not a training checkpoint"),  # a whole torch.save file of something else
 ])
 def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path, content, reason):
     out = tmp_path / "run"
@@ -123,6 +123,24 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path, content
         run_toy(out)
     assert str(err.value) == (f"no readable checkpoint in {out / 'checkpoints'} (checkpoint_0000010.pth {reason}); "
                               "delete it to restart this run from scratch, or give a new --output-dir")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_checkpoint_of_another_model_is_not_called_damaged(tmp_path):
+    # Seen: a run resumed with another architecture was told its checkpoints were unreadable and to delete them.
+    out = tmp_path / "run"
+    run_toy(out, stop_after=10)
+    ckpt = out / "checkpoints" / "checkpoint_0000010.pth"
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {k: torch.zeros(3, 8) for k in state["model"]}  # the same keys, another shape
+    torch.save(state, ckpt)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(DinokitError) as err:
+        run_toy(out)
+    assert str(err.value) == (
+        f"no checkpoint in {out / 'checkpoints'} fits the model these settings build (checkpoint_0000010.pth is not "
+        "readable as a checkpoint of this model); rerun with the settings the run was started with, or give a new "
+        "--output-dir to start a new run")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 

@@ -134,6 +134,43 @@ def test_changed_configuration_is_refused_before_anything_is_written(images, str
     assert "training already complete (6 iterations)" in out
 
 
+@pytest.mark.parametrize("damage", ["missing", "a list", "not YAML"])
+def test_a_run_without_its_saved_settings_is_not_resumed_unchecked(images, straight, tmp_path, capsys, damage):
+    # Seen: with config.yaml gone, any changed setting resumed the run (a mixed run), and a changed architecture
+    # was told to delete its good checkpoints.
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    saved = out / "config.yaml"
+    if damage == "missing":
+        saved.unlink()
+    else:
+        saved.write_text("- 1\n- 2\n" if damage == "a list" else "student: [unclosed\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    why = {"missing": "is missing", "a list": "does not hold settings", "not YAML": "is not readable"}[damage]
+    for extra in ((), ("student.arch=vit_femto",)):
+        assert cli_main(_cli(out, images, *extra)) == 2
+        assert error_line(capsys) == (
+            f"error: {out} holds checkpoints but its config.yaml {why}, so this run's settings cannot be checked "
+            "against them; put back config.yaml (the settings the run started with) to resume it, or give a new "
+            "--output-dir")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    shutil.copy(straight / "config.yaml", saved)  # put back: the run resumes (finished, here)
+    assert cli_main(_cli(out, images)) == 0
+    assert "training already complete (6 iterations)" in capsys.readouterr().out
+
+
+def test_a_data_record_that_is_not_an_object_is_replaced(tmp_path):
+    from dinokit.engine.run_dir import data_change_note
+
+    for text in ("[1, 2]", '{"images": 3, "sampled_paths_sha1": "x", "decoding": [1]}'):
+        (tmp_path / "data.json").write_text(text)
+        note = data_change_note(tmp_path, "set", ["a.png", "b.png"], resumed=True)
+        assert note is None if text.startswith("[") else note.startswith("note: set now holds 2 images (3 when")
+        assert json.loads((tmp_path / "data.json").read_text())["images"] == 2
+
+
 def test_a_second_run_in_the_same_folder_is_refused(images, tmp_path, capsys):
     out = tmp_path / "run"
     with open_run_dir(out, resume=True):

@@ -94,10 +94,17 @@ def checkpoint_damage(path: Path) -> str | None:
     return _file_damage(path)
 
 
+OTHER_MODEL = "not readable as a checkpoint of this model"  # a training checkpoint of another model (or a torn folder)
+
+
 def no_readable_checkpoint(directory: Path, damaged: list[tuple[Path, str]]) -> DinokitError:
     """The refusal to start over in a run folder whose checkpoints (``(path, reason)``, newest first) all fail."""
     what = "; ".join(f"{p.name} is {reason}" for p, reason in damaged)
     them = "it" if len(damaged) == 1 else "them"
+    if all(reason == OTHER_MODEL for _, reason in damaged):  # whole files of another model: nothing to delete
+        return DinokitError(
+            f"no checkpoint in {directory} fits the model these settings build ({what}); rerun with the settings the "
+            "run was started with, or give a new --output-dir to start a new run")
     return DinokitError(
         f"no readable checkpoint in {directory} ({what}); delete {them} to restart this run from scratch, or give "
         "a new --output-dir"
@@ -185,13 +192,15 @@ class Checkpointer:
                     raise
                 except Exception:  # a torn or foreign file
                     raise UnreadableCheckpoint(path, "corrupt or truncated") from None
+                if not isinstance(state, dict) or not {"model", "optimizer"} <= state.keys():
+                    raise UnreadableCheckpoint(path, "not a training checkpoint")
                 set_state_dict(self.model, self.optimizer, model_state_dict=state.pop("model"),
                                optim_state_dict=state.pop("optimizer"), options=StateDictOptions(full_state_dict=True))
                 meta = state
         except DinokitError:
             raise
         except Exception:  # readable, but not a checkpoint of this model (or a torn sharded folder)
-            raise UnreadableCheckpoint(path, "not readable as a checkpoint of this model") from None
+            raise UnreadableCheckpoint(path, OTHER_MODEL) from None
         rngs = meta.get("rng") or []
         rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
         saved_world = meta.get("world_size")

@@ -181,15 +181,23 @@ def _take_lock(out: Path) -> Path:
     raise DinokitError(f"cannot take the lock {lock}; delete it if no run is writing to {out}")
 
 
-def _load_saved(path: Path) -> Mapping | None:
-    if not path.is_file():
-        return None
+def _load_saved(path: Path) -> Mapping:
+    """The settings a run saved in ``path``; one line when they are missing or unreadable: without them a changed
+    setting would resume the run unnoticed and mix two runs (the checkpoints alone cannot tell)."""
     from omegaconf import OmegaConf
 
-    try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore[return-value]
-    except Exception:  # an unreadable saved config is replaced by the current one
-        return None
+    why = "is missing"
+    if path.is_file():
+        try:
+            saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            if isinstance(saved, dict):
+                return saved
+            why = "does not hold settings"
+        except Exception:
+            why = "is not readable"
+    raise DinokitError(
+        f"{path.parent} holds checkpoints but its {path.name} {why}, so this run's settings cannot be checked against "
+        f"them; put back {path.name} (the settings the run started with) to resume it, or give a new --output-dir")
 
 
 @contextmanager
@@ -217,8 +225,8 @@ def open_run_dir(
         damaged = [(path, reason) for _, path in reversed(found) if (reason := checkpoint_damage(path)) is not None]
         if found and resume and len(damaged) == len(found):  # starting over would overwrite the run they hold
             raise no_readable_checkpoint(out / "checkpoints", damaged)
-        if found and config is not None and (saved := _load_saved(out / config_file)) is not None:
-            refused, accepted = config_changes(saved, config, allowed_changes)
+        if found and config is not None:
+            refused, accepted = config_changes(_load_saved(out / config_file), config, allowed_changes)
             if refused:
                 raise DinokitError(
                     f"{out} holds a run with another configuration: {_listing(refused)}; rerun with the saved "
@@ -282,6 +290,7 @@ def data_change_note(out: Path, dataset_name: str, paths: Sequence, *, resumed: 
         saved = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         saved = None  # unreadable: replaced by the current record
+    saved = saved if isinstance(saved, dict) else None  # so is a record that is not an object
     path.write_text(json.dumps(record, indent=1) + "\n")
     if not resumed or saved is None:
         return None
@@ -290,7 +299,7 @@ def data_change_note(out: Path, dataset_name: str, paths: Sequence, *, resumed: 
                 else "holds other files than when this run last started")
         return (f"note: {dataset_name} {what}: the run goes on, but its data order differs from here on from a run "
                 "that was never stopped")
-    before = saved.get("decoding")
+    before = saved.get("decoding") if isinstance(saved.get("decoding"), dict) else None
     changed = [f"{k} {before.get(k)} -> {v}" for k, v in record["decoding"].items()
                if before is not None and before.get(k) != v]
     if changed:
