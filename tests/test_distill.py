@@ -239,6 +239,21 @@ def error_of(capsys, argv) -> str:
     return err
 
 
+def test_a_training_checkpoint_is_a_teacher_with_its_heads(tmp_path):
+    # Seen: --teacher RUN/checkpoints/checkpoint_N.pth said "has no dino_head"; the file holds the EMA teacher's.
+    teacher_dir = make_teacher_run(tmp_path / "teacher")
+    torch.manual_seed(2)
+    model = SSLMetaArch(load_config(str(teacher_dir / "config.yaml")))
+    ckpt = teacher_dir / "checkpoints" / "checkpoint_0000009.pth"
+    ckpt.parent.mkdir()
+    torch.save({"model": model.state_dict(), "optimizer": {}, "iteration": 9}, ckpt)
+    teacher, _ = build_teacher(resolve_teacher(str(ckpt)), with_heads=True)
+    assert set(teacher) == {"backbone", "dino_head"}  # iBOT shares the DINO head (ibot.separate_head false)
+    for name, module in teacher.items():
+        expected = getattr(model.teacher, name).state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in module.state_dict().items()), name
+
+
 def test_one_line_errors(images, tmp_path, capsys):
     teacher_dir = make_teacher_run(tmp_path / "teacher")
     def base(teacher) -> list[str]:

@@ -109,6 +109,7 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed(tmp_path):
 @pytest.mark.parametrize("content, reason", [
     (b"torn", "is corrupt or truncated"),  # not even an archive: torch.load fails
     (None, "is not a training checkpoint"),  # a whole torch.save file of something else
+    ("object", "is a file of arbitrary Python objects (argparse.Namespace), not unpickled"),  # refused, not damaged
 ])
 def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path, content, reason):
     out = tmp_path / "run"
@@ -116,6 +117,8 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path, content
     ckpt = out / "checkpoints" / "checkpoint_0000010.pth"
     if content is None:
         torch.save({"something": torch.zeros(2)}, ckpt)
+    elif content == "object":
+        torch.save({"model": __import__("argparse").Namespace(a=1), "optimizer": {}}, ckpt)
     else:
         ckpt.write_bytes(content)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

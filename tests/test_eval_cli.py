@@ -220,7 +220,8 @@ def test_linear_test_sets_with_class_mappings_and_imagenet_real_labels(sample, t
     assert "imagenet_real_accuracy 100.00 (24 images)" in capsys.readouterr().out
     for bad, message in ((["--test-metric-types", "imagenet_real_accuracy"], "imagenet_real_accuracy needs the ReaL "
                            "labels; give the ImageNet validation set with them"),
-                         (["--test-class-mapping-fpaths", str(tmp_path / "none.npy")], "cannot be read as a NumPy"),
+                         (["--test-class-mapping-fpaths", str(tmp_path / "none.npy")],
+                          "none.npy' cannot be read (No such file"),
                          (["--test-class-mapping-fpaths", str(tmp_path / "right.npy"), "None"],
                           "--test-class-mapping-fpaths gives 2 values for 1 --test-datasets")):
         assert main(["eval", "linear", *args(sample, tmp_path / "bad", *extra[:9], "--test-datasets", val, *bad)]) == 2

@@ -53,12 +53,24 @@ def test_class_mapping_files(tmp_path):
         np.save(path, array)
         with pytest.raises(DinokitError, match=message.replace("(", r"\(").replace(")", r"\)")):
             read_class_mapping(str(path), 2, 5)
-    path.write_bytes(b"not numpy")
-    with pytest.raises(DinokitError, match="cannot be read as a NumPy .npy file"):
-        read_class_mapping(str(path), 2, 5)
-    np.save(path, np.array([{"code": 1}], dtype=object))  # a pickle inside is refused, never run
-    with pytest.raises(DinokitError, match="cannot be read as a NumPy .npy file"):
-        read_class_mapping(str(path), 2, 5)
+    what = f"--test-class-mapping-fpaths {str(path)!r}"
+    for content, why in ((b"0: 1\n1: 0\n", "is not a NumPy .npy file; save one with numpy.save"),  # a YAML mapping
+                         (None, "holds Python objects, which are not unpickled; save a numeric array with numpy.save"),
+                         ("cut", "is cut short or damaged; save a numeric array with numpy.save")):
+        if content is None:
+            np.save(path, np.array([{"code": 1}], dtype=object))  # a pickle inside is refused, never run
+        elif content == "cut":
+            np.save(path, np.arange(100))
+            path.write_bytes(path.read_bytes()[:150])
+        else:
+            path.write_bytes(content)
+        with pytest.raises(DinokitError) as err:
+            read_class_mapping(str(path), 2, 5)
+        assert str(err.value) == f"{what} {why}"
+    with pytest.raises(DinokitError) as err:
+        read_class_mapping(str(tmp_path / "none.npy"), 2, 5)
+    assert str(err.value) == (f"--test-class-mapping-fpaths {str(tmp_path / 'none.npy')!r} cannot be read (No such "
+                              "file or directory); check the path")
 
 
 def _imagenet_val(root, classes, per_class):

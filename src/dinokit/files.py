@@ -11,7 +11,7 @@ import errno as errno_codes
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import DinokitError
 
@@ -63,3 +63,23 @@ def _write_errno(err: BaseException) -> int | None:
             return err.errno
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None
+
+
+def read_npy(path: str | Path, what: str) -> Any:
+    """Read the NumPy ``.npy`` file ``path`` (never unpickling); one line naming ``what`` (e.g. "class mapping
+    'm.npy'") when it is missing, not a ``.npy`` file, cut short, or an array of Python objects."""
+    import numpy as np
+
+    path = Path(path).expanduser()
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise DinokitError(f"{what} is not a NumPy .npy file; save one with numpy.save")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except OSError as err:
+        raise DinokitError(f"{what} cannot be read ({err.strerror or type(err).__name__}); check the path") from None
+    except ValueError as err:
+        why = ("holds Python objects, which are not unpickled" if "allow_pickle" in str(err) else
+               "is cut short or damaged")
+        raise DinokitError(f"{what} {why}; save a numeric array with numpy.save") from None

@@ -100,6 +100,8 @@ def build_teacher(source: TeacherSource, *, with_heads: bool) -> tuple[nn.Module
     modules: dict[str, nn.Module] = {"backbone": backbone}
     if with_heads:
         inner = state.get("teacher", state)
+        if "model" in state and "optimizer" in state:  # a training checkpoint: the EMA teacher's modules
+            inner = {k[len("teacher."):]: v for k, v in state["model"].items() if k.startswith("teacher.")}
         for name, head in ssl_heads(tcfg.dino, tcfg.ibot, backbone.embed_dim).items():
             head_sd = {k[len(name) + 1 :]: v for k, v in inner.items() if k.startswith(name + ".")}
             if not head_sd:

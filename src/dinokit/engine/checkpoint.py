@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .. import distributed as dist_utils
 from ..errors import DinokitError
 from ..files import atomic_write
+from ..models.checkpoint import refused_object
 
 _NAME = re.compile(r"checkpoint_(\d{7,})(\.pth)?$")
 _META = "meta.pt"  # in a sharded folder: iteration, world size and every rank's RNG state
@@ -190,8 +191,10 @@ class Checkpointer:
                     state = torch.load(path, map_location="cpu", weights_only=True)
                 except DinokitError:
                     raise
-                except Exception:  # a torn or foreign file
-                    raise UnreadableCheckpoint(path, "corrupt or truncated") from None
+                except Exception as err:  # a torn or foreign file
+                    name = refused_object(err)
+                    raise UnreadableCheckpoint(path, "corrupt or truncated" if name is None else
+                                               f"a file of arbitrary Python objects ({name}), not unpickled") from None
                 if not isinstance(state, dict) or not {"model", "optimizer"} <= state.keys():
                     raise UnreadableCheckpoint(path, "not a training checkpoint")
                 set_state_dict(self.model, self.optimizer, model_state_dict=state.pop("model"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 
 from ..data import ImageDataset, make_dataset
 from ..errors import DinokitError
+from ..files import read_npy
 from ..models.linear_classifier import probe_input
 from .setup import EvalContext, align_classes
 
@@ -86,11 +86,7 @@ def _per_dataset(values: Sequence[str], n: int, default: str) -> list[str]:
 def read_class_mapping(path: str, n_test_classes: int, n_classes: int) -> torch.Tensor:
     """An official class-mapping file (``np.save`` of the classifier's class index of each test class, in the test
     set's class order), checked against both class counts."""
-    try:
-        mapping = np.load(Path(path).expanduser(), allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DinokitError(f"--test-class-mapping-fpaths {path!r} cannot be read as a NumPy .npy file "
-                           f"({type(e).__name__}: {e}); save one with numpy.save") from None
+    mapping = read_npy(path, f"--test-class-mapping-fpaths {path!r}")
     if mapping.ndim != 1 or not np.issubdtype(mapping.dtype, np.integer) or len(mapping) != n_test_classes:
         raise DinokitError(f"class mapping {path!r} holds {mapping.dtype} values of shape {tuple(mapping.shape)}; it "
                            f"needs {n_test_classes} integers, one per class of its test dataset")

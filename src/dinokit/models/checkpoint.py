@@ -61,13 +61,20 @@ def _download_error(url: str, err: Exception) -> DinokitError:
         "with --weights FILE (or use --random-init)")
 
 
-def _unreadable_error(source: str, err: Exception) -> DinokitError:
-    """One line for a pickle that ``torch.load(weights_only=True)`` refused: unsafe objects, or damage."""
+def refused_object(err: BaseException) -> str | None:
+    """The name of the Python object that ``torch.load(weights_only=True)`` refused to rebuild, else None (damage)."""
     # torch names objects it will not rebuild "GLOBAL module.name"; a cut-off tensor-rebuild name means damage.
     found = re.search(r"GLOBAL ([\w.]+)", str(err))
     if isinstance(err, pickle.UnpicklingError) and found and "_rebuild_tens" not in found.group(1):
+        return found.group(1)
+    return None
+
+
+def _unreadable_error(source: str, err: Exception) -> DinokitError:
+    """One line for a pickle that ``torch.load(weights_only=True)`` refused: unsafe objects, or damage."""
+    if (name := refused_object(err)) is not None:
         return DinokitError(
-            f"checkpoint {source} contains arbitrary Python objects ({found.group(1)}) and will not be unpickled; "
+            f"checkpoint {source} contains arbitrary Python objects ({name}) and will not be unpickled; "
             "save a plain state dict of tensors (or .safetensors) instead"
         )
     text = str(err).split("WeightsUnpickler error:")[-1]  # torch's own advice before it is never the fix here
