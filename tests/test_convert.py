@@ -344,3 +344,26 @@ def test_cli_takes_the_output_as_out_too(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["convert", str(src), "--to", "official"]) == 2
     assert capsys.readouterr().err == "error: no output given: dinokit convert SRC DST --to ... (or --out DST)\n"
     assert not (tmp_path / "b.pth").exists() and not (tmp_path / "c.pth").exists()
+
+
+def test_cli_refuses_a_file_at_odds_with_itself_and_a_file_in_the_output_path(tmp_path: Path, capsys) -> None:
+    # Seen: a file missing one block's MLP converted with exit 0 into an HF folder transformers could not load; an
+    # output under a file ('e1.npz/c.pth') said "File exists".
+    sd = random_backbone(PICO).state_dict()
+    torch.save({k: v for k, v in sd.items() if not k.startswith("blocks.2.mlp.")}, tmp_path / "holed.pth")
+    torch.save({**sd, "blocks.1.attn.qkv.weight": torch.zeros(192, 10)}, tmp_path / "odd.pth")
+    for name, what in (("holed.pth", "4 missing key(s): blocks.2.mlp.fc1.weight, blocks.2.mlp.fc1.bias, "
+                                     "blocks.2.mlp.fc2.weight, blocks.2.mlp.fc2.bias"),
+                       ("odd.pth", "1 shape mismatch(es): blocks.1.attn.qkv.weight (192, 10) in file vs (192, 64) in "
+                                   "model")):
+        for to in ("hf", "official"):
+            out = tmp_path / f"out_{to}"
+            assert main(["convert", str(tmp_path / name), str(out), "--to", to, "--model", "vit_pico"]) == 2
+            assert capsys.readouterr().err == (f"error: '{tmp_path / name}', read as embed_dim 64 with 4 blocks, does "
+                                               f"not fit the model ({what})\n")
+            assert not out.exists()
+    (tmp_path / "e1.npz").write_text("mine")
+    assert main(["convert", str(tmp_path / "odd.pth"), str(tmp_path / "e1.npz" / "c.pth"), "--to", "official"]) == 2
+    assert capsys.readouterr().err == (f"error: the output '{tmp_path / 'e1.npz' / 'c.pth'}' cannot be created: "
+                                       f"'{tmp_path / 'e1.npz'}' is a file; give a path you can write to\n")
+    assert (tmp_path / "e1.npz").read_text() == "mine"

@@ -12,11 +12,16 @@ from typing import Any, Mapping
 
 import torch
 
-from ..engine.run_dir import check_not_replacing
+from ..engine.run_dir import check_not_replacing, check_writable
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
-from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_state_dict_file, save_backbone
 from ..files import atomic_write
+from ..models.checkpoint import (
+    backbone_state_dict_from_checkpoint,
+    check_backbone_state_dict,
+    load_state_dict_file,
+    save_backbone,
+)
 from .hf import is_hf_state_dict, hf_to_official, read_hf_classifier, read_hf_folder, save_hf_folder
 from .mmpretrain import is_mmpretrain_state_dict, mmpretrain_to_official
 from .spec import BackboneSpec, StateDict, spec_from_model_name, spec_from_state_dict
@@ -91,9 +96,13 @@ def convert_checkpoint(
         raise DinokitError(f"the output {str(dst)!r} is the input {'folder' if source_path.is_dir() else 'file'}; "
                            "give another output path")
     hf_files = ("config.json", "model.safetensors") if to == "hf" else ()
+    check_writable(dst, "the output", is_file=to != "hf")  # e.g. a file on the way: one line, not "File exists"
     check_not_replacing(dst, "the output", overwrite=overwrite, inside=hf_files)
     sd, source, config = read_backbone(src, layout=layout)
     spec = resolve_spec(sd, model=model, config=config)
+    with torch.device("meta"):  # the keys and shapes the spec's network has, without its memory
+        check_backbone_state_dict(spec.build(), sd, source=f"{str(src)!r}, read as embed_dim {spec.embed_dim} "
+                                  f"with {spec.depth} blocks,")  # a file at odds with itself: no output
     dst = Path(dst).expanduser()
     head = read_hf_classifier(src) if source == "hf" else None
     head_path = dst.with_name(f"{dst.stem}_linear_head.pth") if head is not None and to != "hf" else None
