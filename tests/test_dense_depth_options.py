@@ -250,3 +250,4 @@ def test_linear_bn_training_with_dinov3s_schedule_and_reload(tmp_path):
                                   device="cpu")
     assert (meta["kind"], meta["head"], bare.decode_head.batch_norm, bare.decode_head.upsample) == (
         "depth-linear-bn", "linear-bn", True, 1)
+    assert (bare.decode_head.min_depth, bare.decode_head.max_depth) == (0.001, 10.0)  # DINOv3's range (not 80 m)

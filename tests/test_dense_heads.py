@@ -205,6 +205,13 @@ def test_strict_loading_errors_are_one_line(tmp_path):
         f"decode_head.conv_depth.weight is (256, 64, 1, 1) in {str(tmp_path / 'l1.pth')!r} but the head expects "
         "(256, 256, 1, 1): the file is for layers=1"
     )
+    # a file that records its head (dinokit's): the levels are known, so the width is what differs
+    with pytest.raises(DinokitError) as err:
+        load_head(head, tmp_path / "l1.pth", source="'head.pth'", levels_known=True)
+    assert str(err.value) == (
+        "decode_head.conv_depth.weight is (256, 64, 1, 1) in 'head.pth' but the head expects (256, 256, 1, 1): the "
+        "file was trained on a backbone of another width (8); this one has embed_dim 32; give the backbone it was "
+        "trained with")
     random_head_file(tmp_path / "partial.pth", {"conv_depth.weight": (256, 256, 1, 1)})
     with pytest.raises(DinokitError, match=r"does not match the LinearDepthHead layout \(missing decode_head.conv_depth.bias\)"):
         load_head(head, tmp_path / "partial.pth")

@@ -38,7 +38,7 @@ def _add_inference(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=341, help="slide stride [341]")
     p.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
     p.add_argument("--scales", type=float, nargs="+", default=None, metavar="R",
-                   help="multi-scale test-time ratios, e.g. 1.0 1.32 1.73")
+                   help="multi-scale test-time ratios from 0.1 to 4, e.g. 1.0 1.32 1.73")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,9 +100,9 @@ def _inference(args: argparse.Namespace, *, keep_saved: bool):
     # checked before any work: a zero or negative value would fail deep inside torch
     if args.crop < 1 or args.stride < 1:
         raise DinokitError(f"--crop and --stride must be at least 1 pixel, got {args.crop} and {args.stride}")
-    bad = [r for r in args.scales or () if not r > 0]
+    bad = [r for r in args.scales or () if not 0.1 <= r <= 4]  # 1e9 overflowed the image size; 1e-9 made it empty
     if bad:
-        raise DinokitError(f"--scales must be positive ratios (e.g. 1.0 1.32 1.73), got {bad[0]:g}")
+        raise DinokitError(f"--scales must be ratios from 0.1 to 4 (e.g. 1.0 1.32 1.73), got {bad[0]:g}")
     if keep_saved and args.mode is None and not args.flip and args.scales is None:
         return None
     return InferenceConfig(mode=args.mode or "whole", crop=args.crop, stride=args.stride, flip=args.flip,

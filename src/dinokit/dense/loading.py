@@ -71,10 +71,15 @@ _KIND_OF_HEAD = {LinearSegHead: "seg", LinearDepthHead: "linear-depth", DPTHead:
 _KIND_NAMES = {"seg": "a linear segmentation head", "linear-depth": "a linear depth head", "dpt": "a DPT depth head"}
 
 
-def _levels_hint(head: nn.Module, key: str, have: tuple[int, ...]) -> str:
-    """Why a shape differs, in terms of the arguments to change (levels/layers, classes, embed_dim)."""
+def _levels_hint(head: nn.Module, key: str, have: tuple[int, ...], levels_known: bool) -> str:
+    """Why a shape differs, in terms of the arguments to change (levels/layers, classes, embed_dim); with
+    ``levels_known`` (a file that records its head) a differing input width can only be the backbone's."""
     want = tuple(head.state_dict()[key].shape)
     dim = head.embed_dim
+    if levels_known and len(have) >= 2 and have[1] != want[1] and key.endswith("weight"):
+        width = f" ({have[1] * dim // want[1]})" if have[1] * dim % want[1] == 0 else ""
+        return (f": the file was trained on a backbone of another width{width}; this one has embed_dim {dim}; give "
+                "the backbone it was trained with")
     if isinstance(head, LinearSegHead) and key == "conv_seg.weight":
         if have[0] != want[0] and have[1:] == want[1:]:
             return f": the file has {have[0]} classes, build the head with num_classes={have[0]}"
@@ -100,10 +105,13 @@ def _batch_norm_hint(head: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
     return ": the file is DINOv3's linear depth head (with BatchNorm), --head linear-bn"
 
 
-def load_head(head: nn.Module, weights: str | Path | Mapping[str, Any]) -> nn.Module:
-    """Strictly load a head file (official or dinokit) into ``head``; every mismatch is a one-line error."""
+def load_head(head: nn.Module, weights: str | Path | Mapping[str, Any], *, source: str | None = None,
+              levels_known: bool = False) -> nn.Module:
+    """Strictly load a head file (official or dinokit) into ``head``; every mismatch is a one-line error that names
+    ``source`` (default: the file). ``levels_known``: the file records its head (dinokit's), so only the backbone's
+    width can differ."""
     sd, _ = read_head_file(weights)
-    source = _source(weights)
+    source = source or _source(weights)
     expected_kind = _KIND_OF_HEAD[type(head)]
     kind = head_kind_of(sd)
     if kind != expected_kind:
@@ -125,7 +133,7 @@ def load_head(head: nn.Module, weights: str | Path | Mapping[str, Any]) -> nn.Mo
         have, want = tuple(value.shape), tuple(own[key].shape)
         if have != want:
             raise DinokitError(
-                f"{PREFIX}{key} is {have} in {source} but the head expects {want}{_levels_hint(head, key, have)}"
+                f"{PREFIX}{key} is {have} in {source} but the head expects {want}{_levels_hint(head, key, have, levels_known)}"
             )
     head.load_state_dict(sd, strict=True)
     return head

@@ -231,6 +231,7 @@ def load_dense_model(
     from ..eval.setup import resolve_device
 
     sd, meta = read_head_file(head_file)
+    recorded = bool(meta.get("kind"))  # dinokit's file records its head: only the backbone's width can differ
     source = {k: v for k, v in (backbone_source or {}).items() if v} or meta.get("backbone")
     if not source:
         raise DinokitError(f"{str(head_file)!r} does not record its backbone; give --model or --config-file/--pretrained-weights")
@@ -253,7 +254,9 @@ def load_dense_model(
         else:
             raise DinokitError(f"{str(head_file)!r} is not a dense-head file (keys {', '.join(list(sd)[:3])})")
         meta = {**meta, "kind": kind, "task": kind.split("-")[0], "head": kind.split("-", 1)[1]}
-    low, high = depth_range or (meta.get("min_depth", 0.001), meta.get("max_depth", 80.0 if kind != "depth-dpt" else 10.0))
+    # without dinokit's record: the releases' ranges (DINOv2's linear heads 80 m, its DPT and DINOv3's linear head 10 m)
+    official_max = 10.0 if kind in ("depth-dpt", "depth-linear-bn") else 80.0
+    low, high = depth_range or (meta.get("min_depth", 0.001), meta.get("max_depth", official_max))
     num_classes = int(sd["conv_seg.weight"].shape[0]) if "conv_seg.weight" in sd else 0
     class_token = bool(meta.get("spec", {}).get("class_token")) and kind.startswith("seg")
     bins = {"n_bins": int(sd["conv_depth.weight"].shape[0])} if "conv_depth.weight" in sd else {}
@@ -262,7 +265,8 @@ def load_dense_model(
                             class_token=class_token, **bins)
     if "spec" in meta:
         spec = FeatureSpec(tuple(meta["spec"]["indices"]), bool(meta["spec"]["norm"]), bool(meta["spec"]["class_token"]))
-    load_head(head, {"state_dict": {f"decode_head.{k}": v for k, v in sd.items()}})
+    load_head(head, {"state_dict": {f"decode_head.{k}": v for k, v in sd.items()}}, source=repr(str(head_file)),
+              levels_known=recorded)
     model = DenseModel(backbone, head.to(device_), spec).eval()
     return model, meta
 
