@@ -12,7 +12,8 @@ from dinokit.eval.linear import (
     ProbeSetting,
     best_classifier,
     check_linear_options,
-    evaluate_probes,
+    probe_predictions,
+    score_probes,
     probe_input,
     probe_settings,
     save_linear_head,
@@ -87,10 +88,10 @@ def test_probes_reach_full_accuracy_on_separable_features():
     settings = probe_settings(learning_rates=(1e-4, 1e-2, 1.0), total_batch=32)
     torch.manual_seed(0)
     probes = LinearProbes(settings, embed_dim=16, num_classes=5)
-    before = evaluate_probes(probes, *val)
+    before = score_probes(probe_predictions(probes, *val[:2]), val[2])
     batches = cached_batches(cls_tokens, patch_mean, labels, batch_size=32, seed=0)
     train_probes(probes, batches, iterations=150)
-    acc = evaluate_probes(probes, *val)
+    acc = score_probes(probe_predictions(probes, *val[:2]), val[2])
     best = best_classifier(acc, probes.settings)
     assert acc[best] == 100.0 and max(before.values()) < 100.0
     tiny_lr = [n for n, s in probes.settings.items() if s.lr < 1e-4]
@@ -107,8 +108,8 @@ def test_probes_ranked_by_the_mean_per_class_accuracy():
     val = (val_tokens[keep], val_mean[keep], val_labels[keep])
     torch.manual_seed(0)
     probes = LinearProbes(probe_settings(learning_rates=(1e-4, 1e-2), total_batch=32), embed_dim=16, num_classes=5)
-    per_class = evaluate_probes(probes, *val, metric="mean_per_class_accuracy")
-    top1 = evaluate_probes(probes, *val)
+    per_class = score_probes(probe_predictions(probes, *val[:2]), val[2], "mean_per_class_accuracy")
+    top1 = score_probes(probe_predictions(probes, *val[:2]), val[2])
     with torch.no_grad():
         logits = probes(val[0], val[1])
     for name, out in logits.items():

@@ -165,21 +165,26 @@ def train_probes(
 
 
 @torch.no_grad()
-def evaluate_probes(
-    probes: LinearProbes, cls_tokens: torch.Tensor, patch_mean: torch.Tensor, labels: torch.Tensor, *,
-    metric: str = "mean_accuracy", batch_size: int = 1024,
-) -> dict[str, float]:
-    """Every classifier's ``metric`` (percent) on the given features: top-1 (``mean_accuracy``), or the official
-    ``mean_per_class_accuracy`` (``--val-metric-type``, for unbalanced sets)."""
+@torch.no_grad()
+def probe_predictions(probes: LinearProbes, cls_tokens: torch.Tensor, patch_mean: torch.Tensor, *,
+                      batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    """Every classifier's predicted class of each row of the given features (on the CPU)."""
     device = next(probes.parameters()).device
     predicted: dict[str, list[torch.Tensor]] = {name: [] for name in probes.settings}
-    for start in range(0, len(labels), batch_size):
+    for start in range(0, len(cls_tokens), batch_size):
         rows = slice(start, start + batch_size)
         for name, out in probes(cls_tokens[rows].to(device), patch_mean[rows].to(device)).items():
             predicted[name].append(out.argmax(dim=1).cpu())
+    return {name: torch.cat(p) if p else torch.zeros(0, dtype=torch.long) for name, p in predicted.items()}
+
+
+def score_probes(predicted: dict[str, torch.Tensor], labels: torch.Tensor, metric: str = "mean_accuracy"
+                 ) -> dict[str, float]:
+    """Every classifier's ``metric`` (percent): top-1 (``mean_accuracy``), or the official ``mean_per_class_accuracy``
+    (``--val-metric-type``, for unbalanced sets)."""
     if not len(labels):
-        return dict.fromkeys(probes.settings, 0.0)
-    return {name: float(score_predictions(torch.cat(p), labels, metric)) for name, p in predicted.items()}
+        return dict.fromkeys(predicted, 0.0)
+    return {name: float(score_predictions(p, labels, metric)) for name, p in predicted.items()}
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -375,10 +380,9 @@ def linear_protocol(
     unreadable = set().union(*du.all_gather_object(position.unreadable))
     readable = torch.as_tensor([t for i, t in enumerate(train_targets) if i not in unreadable], dtype=torch.long)
     trust = report_label_warnings(readable, val.targets, ctx.num_classes, top5=False)  # the probes report top-1
-    val_features = (val.features["cls_tokens"], val.features["patch_mean"], val.targets)
-    accuracies = evaluate_probes(probes, *val_features)
-    scores = accuracies if val_metric_type == "mean_accuracy" else evaluate_probes(probes, *val_features,
-                                                                                    metric=val_metric_type)
+    predicted = probe_predictions(probes, val.features["cls_tokens"], val.features["patch_mean"])  # one pass for both
+    accuracies = score_probes(predicted, val.targets)
+    scores = accuracies if val_metric_type == "mean_accuracy" else score_probes(predicted, val.targets, val_metric_type)
     tests = score_test_sets(ctx, probes, best_classifier(scores, probes.settings), test_sets)
     result = None
     if du.is_main_process():
