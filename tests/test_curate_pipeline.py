@@ -196,7 +196,7 @@ def test_errors_are_one_line(scenes, tmp_path, capsys):
     assert main(["curate", "dedup", "--output-dir", str(broken), "--force"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: embeddings file {broken / 'embed' / 'pool' / 'shard-00001.copy.npy'} is unreadable")
-    assert err[0].endswith("and rerun 'dinokit curate embed' to recompute that shard")
+    assert err[0].endswith("and rerun 'dinokit curate embed --force' to recompute that shard")
 
     assert main(["curate", "run", "--output-dir", str(tmp_path / "w3"), "dedup.keep=best"]) == 2
     assert capsys.readouterr().err.strip() == "error: dedup.keep='best' is not one of largest, first, central"

@@ -81,7 +81,13 @@ def _config(args: argparse.Namespace):
 
     work = Path(args.output_dir)
     saved = work / CONFIG_FILE
-    base = json.loads(saved.read_text()) if saved.is_file() else {}
+    fix = "delete it and give the work folder's settings again: the stages that finished with them are kept"
+    try:
+        base = json.loads(saved.read_text()) if saved.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise DinokitError(f"{saved} is not readable JSON ({type(err).__name__}); {fix}") from None
+    if not isinstance(base, dict):
+        raise DinokitError(f"{saved} is not a JSON object of settings (it holds a {type(base).__name__}); {fix}")
     given = {"pool": args.pool, "seed_set": args.seed_set, "eval_sets": args.eval_set, "target_size": args.target_size,
              "model": args.model, "config_file": args.config_file, "weights": args.weights,
              "copy_model": args.copy_model, "copy_config_file": args.copy_config_file, "copy_weights": args.copy_weights}
@@ -96,7 +102,7 @@ def _config(args: argparse.Namespace):
     if args.overrides and any("=" not in o for o in args.overrides):
         bad = next(o for o in args.overrides if "=" not in o)
         raise DinokitError(f"unexpected argument {bad!r}; settings are key=value (e.g. dedup.threshold=0.9)")
-    config = make_config(base, args.overrides)
+    config = make_config(base, args.overrides, source=f"{saved}; edit it, or {fix}")
     if not config.pool:
         raise DinokitError("--pool is required (a folder of images or a dataset string) the first time in a work folder")
     if config.config_file and not config.weights:
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from ..curate.pipeline import STAGES, Work, build_models, check_ready, open_sets, run_pipeline, run_stage
     from ..engine.run_dir import check_writable
     from ..eval.setup import resolve_device
+    from ..files import atomic_write
 
     du.init_from_environment()
     if du.is_main_process():
@@ -126,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     models = build_models(config, device) if embeds else None
     if du.is_main_process():
         work.mkdir(parents=True, exist_ok=True)
-        (work / CONFIG_FILE).write_text(json.dumps(as_dict, indent=1))
+        with atomic_write(work / CONFIG_FILE) as tmp:  # a killed command leaves the old settings, not half of them
+            tmp.write_text(json.dumps(as_dict, indent=1))
     if args.stage == "run":
         report = run_pipeline(config, work, device=device, progress=not args.no_progress, datasets=datasets,
                               models=models)

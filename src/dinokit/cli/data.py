@@ -42,7 +42,7 @@ def _shard(args: argparse.Namespace) -> int:
     from ..data.datasets import make_dataset
     from ..data.shards import check_shard_out, shard_pattern, write_shards
 
-    check_shard_out(args.out)  # before the source is listed: a wrong --out is told at once
+    check_shard_out(args.out, args.src)  # before the source is listed: a wrong --out is told at once
     src = f"FileList:path={args.src}" if args.src.lower().endswith((".txt", ".lst", ".csv")) else args.src
     try:  # keep the labels of a class-per-folder layout or a labelled list, when there are any
         dataset = make_dataset(src, labelled=True)

@@ -10,12 +10,14 @@ Examples::
 The model is a hub name (see ``dinokit models``) or, with ``--config-file``, the backbone of a
 training config (``student.*`` keys, as the evaluations build it). Images get the official
 evaluation transform: resize to ``image_size·256/224`` (bicubic), centre crop, ImageNet
-normalisation. Unreadable images are skipped and listed in the output.
+normalisation. Unreadable images are skipped and listed in the output. A .parquet's ``path`` column holds
+strings, or, when a file name is not UTF-8, every name's bytes (a binary column; ``os.fsdecode`` gives the name).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "patch token or all patch tokens. Images get the official evaluation transform (resize to "
         "image_size*256/224, centre crop, ImageNet normalisation); unreadable images are skipped and listed.",
         epilog="Output by extension: .npz (cls, patch_mean, patch_tokens, paths, bad_paths), "
-        ".npy (cls only; paths in <stem>.paths.txt), .parquet (path, cls, patch_mean; needs pyarrow). "
+        ".npy (cls only; paths in <stem>.paths.txt), .parquet (path, cls, patch_mean; needs pyarrow; path is a "
+        "string column, or a binary one of the names' bytes when a file name is not UTF-8). "
         "Bad images are listed in the .npz or in <stem>.bad.txt.",
     )
     p.add_argument("input", help="a folder (searched recursively), one image, a .txt file listing image paths, "
@@ -162,7 +165,10 @@ def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str],
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns = {"path": pa.array(paths, type=pa.string())}
+        try:  # a name that is not UTF-8: the whole column holds the names' bytes (as <stem>.paths.txt does)
+            columns = {"path": pa.array(paths, type=pa.string())}
+        except UnicodeEncodeError:
+            columns = {"path": pa.array([os.fsencode(p) for p in paths], type=pa.binary())}
         for name, array in arrays.items():  # (N, D) -> list<float32> column
             n, d = array.shape
             offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))

@@ -126,12 +126,14 @@ class CurateConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-def make_config(base: dict | None = None, overrides: Sequence[str] = ()) -> CurateConfig:
-    """A checked :class:`CurateConfig` from ``base`` (e.g. the saved one) and ``key=value`` overrides.
+def make_config(base: dict | None = None, overrides: Sequence[str] = (),
+                source: str = "the curation settings") -> CurateConfig:
+    """A checked :class:`CurateConfig` from ``base`` (e.g. the saved one; ``source`` names it) and ``key=value``
+    overrides.
 
     Keys and types are checked as the training config's are (one line naming the key and the closest known one).
     """
-    cfg = merge_checked(OmegaConf.structured(CurateConfig), base or {}, "the curation settings", CurateConfig, NOUN)
+    cfg = merge_checked(OmegaConf.structured(CurateConfig), base or {}, source, CurateConfig, NOUN)
     for text in overrides:
         cfg = merge_checked(cfg, override_to_dict(text, CurateConfig, "dedup.threshold=0.9"), f"override '{text}'",
                             CurateConfig, NOUN)

@@ -138,28 +138,41 @@ class EmbeddingStore:
         self.folder = Path(folder)
         listing = self.folder / PATHS_FILE
         if not listing.is_file():
-            raise DinokitError(f"no embeddings in {self.folder}; run 'dinokit curate embed' first")
+            raise DinokitError(f"no embeddings in {self.folder}; run 'dinokit curate embed --force' to compute them")
         self.paths = listing.read_text(errors="surrogateescape").splitlines()
         self.shards: list[dict] = []
-        for s in range(-(-len(self.paths) // max(1, self._shard_size()))):
-            meta_file = self.folder / f"{_shard_name(s)}.json"
-            try:
-                self.shards.append(json.loads(meta_file.read_text()))
-            except (OSError, ValueError) as err:
-                raise DinokitError(f"embeddings file {meta_file} is missing or unreadable ({type(err).__name__}); "
-                                   "rerun 'dinokit curate embed' to finish the embedding") from None
+        while (stop := self.shards[-1]["stop"] if self.shards else 0) < len(self.paths):
+            self.shards.append(self._meta(len(self.shards), stop))
+        beyond = self.folder / f"{_shard_name(len(self.shards))}.json"
+        if stop != len(self.paths) or beyond.exists():  # an edited paths.txt: its rows would name other images
+            more = " and more" if beyond.exists() else ""
+            raise DinokitError(f"{listing} lists {len(self.paths)} images, but the shard records beside it cover {stop}"
+                               f"{more}: it was edited or damaged; restore it, or delete {self.folder} and rerun "
+                               "'dinokit curate embed --force'")
         self.rows = np.array([r for m in self.shards for r in m["rows"]], dtype=np.int64)
         self.bad = [b for m in self.shards for b in m["bad"]]
         self.sizes = np.array([b for m in self.shards for b in m["bytes"]], dtype=np.int64)
         self._ends = np.cumsum([len(m["rows"]) for m in self.shards])
 
-    def _shard_size(self) -> int:
-        first = self.folder / f"{_shard_name(0)}.json"
+    def _meta(self, s: int, start: int) -> dict:
+        """The record of shard ``s``, checked: it starts at image ``start`` and its rows are its images."""
+        meta_file = self.folder / f"{_shard_name(s)}.json"
         try:
-            meta = json.loads(first.read_text())
-        except (OSError, ValueError):
-            return len(self.paths)  # reported as missing by the caller's loop
-        return meta["stop"] - meta["start"]
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as err:
+            raise DinokitError(f"embeddings file {meta_file} is missing or unreadable ({type(err).__name__}); "
+                               "rerun 'dinokit curate embed --force' to finish the embedding (finished shards are "
+                               "kept)") from None
+        try:
+            ok = (meta["start"] == start < meta["stop"] and len(meta["bytes"]) == len(meta["rows"])
+                  and all(start <= i < meta["stop"] for i in [*meta["rows"], *meta["bad"]])
+                  and isinstance(meta["keys"], list))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise DinokitError(f"embeddings file {meta_file} is damaged (not the record of a shard from image "
+                               f"{start}); delete it and rerun 'dinokit curate embed --force' to recompute that shard")
+        return meta
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -172,10 +185,10 @@ class EmbeddingStore:
             array = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as err:
             raise DinokitError(f"embeddings file {path} is unreadable ({type(err).__name__}: {err}); delete it and "
-                               f"{_shard_name(s)}.json and rerun 'dinokit curate embed' to recompute that shard") from None
+                               f"{_shard_name(s)}.json and rerun 'dinokit curate embed --force' to recompute that shard") from None
         if array.ndim != 2 or len(array) != len(self.shards[s]["rows"]):
             raise DinokitError(f"embeddings file {path} has shape {array.shape}, not ({len(self.shards[s]['rows'])}, D); "
-                               f"delete it and {_shard_name(s)}.json and rerun 'dinokit curate embed'")
+                               f"delete it and {_shard_name(s)}.json and rerun 'dinokit curate embed --force'")
         return array
 
     def load(self, key: str, rows: np.ndarray | slice | None = None) -> torch.Tensor:

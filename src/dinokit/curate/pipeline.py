@@ -87,11 +87,29 @@ class Work:
     def done(self, stage: str) -> dict | None:
         """The stage's record when it finished with the current settings, else None."""
         marker = self.folder(stage) / "done.json"
+        if not marker.is_file():
+            return None
         try:
             record = json.loads(marker.read_text())
         except (OSError, ValueError):
-            return None
-        return record if record.get("digest") == self.digests.get(stage) else None
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("seconds"), (int, float))
+                and isinstance(record.get("counts"), dict) and "digest" in record):
+            raise DinokitError(f"{marker} is damaged (not a stage record); delete it and rerun 'dinokit curate "
+                               f"{stage}' (or 'dinokit curate run') to redo that stage")
+        return record if record["digest"] == self.digests.get(stage) else None
+
+    def load(self, stage: str, name: str, ndim: int = 1) -> np.ndarray:
+        """The array ``name`` of a finished stage; a damaged file (truncated, a pickle: never run) is one line."""
+        path = self.folder(stage) / name
+        try:
+            array = np.load(path, allow_pickle=False)
+            if array.ndim != ndim or array.dtype.kind not in "iuf":
+                raise ValueError(f"a {array.dtype} array of shape {array.shape}, not {ndim}-D numbers")
+        except (OSError, ValueError, EOFError) as err:
+            raise DinokitError(f"curate file {path} is damaged ({err}); rerun 'dinokit curate {stage} --force' to "
+                               "recompute it") from None
+        return array
 
     def finish(self, stage: str, seconds: float, counts: dict) -> dict:
         record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts}
@@ -244,7 +262,7 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
 # ---------------------------------------------------------------------------------------------- retrieve
 def stage_retrieve(work: Work, *, device: torch.device, progress: bool = True) -> dict:
     config, c = work.config, work.config.retrieve
-    candidates = np.load(work.folder("dedup") / "after_eval.npy")
+    candidates = work.load("dedup", "after_eval.npy")
     counts: dict = {"retrieved": None}
     if du.is_main_process():
         selected = candidates
@@ -286,7 +304,7 @@ def cluster_settings(config: CurateConfig, n: int) -> dict:
 
 def stage_cluster(work: Work, *, device: torch.device, progress: bool = True) -> dict:
     c = work.config.cluster
-    selected = np.load(work.folder("retrieve") / "selected.npy")
+    selected = work.load("retrieve", "selected.npy")
     settings = cluster_settings(work.config, len(selected))
     mine = _rank_slice(len(selected))
     x = EmbeddingStore(work.folder("embed") / "pool").load("cls", selected[mine]).to(device)
@@ -310,8 +328,8 @@ def stage_cluster(work: Work, *, device: torch.device, progress: bool = True) ->
 def load_leaves(work: Work) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Leaf cluster and distance of every selected image, and each level's parent array."""
     record = work.need("cluster")["counts"]
-    leaves = np.concatenate([np.load(work.folder("cluster") / f"leaf.rank{r}.npy") for r in range(record["ranks"])], axis=1)
-    parents = [np.load(work.folder("cluster") / f"parents{i}.npy") for i in range(1, len(record["n_clusters"]))]
+    leaves = np.concatenate([work.load("cluster", f"leaf.rank{r}.npy", ndim=2) for r in range(record["ranks"])], axis=1)
+    parents = [work.load("cluster", f"parents{i}.npy") for i in range(1, len(record["n_clusters"]))]
     return leaves[0].astype(np.int64), leaves[1], parents
 
 
@@ -320,7 +338,7 @@ def stage_sample(work: Work, *, device: torch.device, progress: bool = True) -> 
     config = work.config
     counts: dict = {}
     if du.is_main_process():
-        selected = np.load(work.folder("retrieve") / "selected.npy")
+        selected = work.load("retrieve", "selected.npy")
         leaf, distances, parents = load_leaves(work)
         target = config.target_size or len(selected)
         room = len(selected) * config.sample.multiplier
@@ -332,8 +350,8 @@ def stage_sample(work: Work, *, device: torch.device, progress: bool = True) -> 
                 "are kept: the command goes on from there)")
         chosen = hierarchical_sample(leaf, parents, target, distances=distances, strategy=config.sample.strategy,
                                      seed=config.sample.seed, multiplier=config.sample.multiplier)
+        pool = EmbeddingStore(work.folder("embed") / "pool")  # checked before anything is written
         _save_npy(work.folder("sample") / "chosen.npy", chosen)
-        pool = EmbeddingStore(work.folder("embed") / "pool")
         paths = [str(Path(p).resolve()) for p in pool.row_paths(selected[chosen])]
         with atomic_write(work.root / MANIFEST) as tmp:
             tmp.write_text("".join(f"{p}\n" for p in paths), errors="surrogateescape")  # names as their bytes

@@ -73,8 +73,9 @@ def write_report(work) -> dict:
         "manifest": str((work.root / "manifest.txt").resolve()) if records["sample"] else None,
     }
     if du.is_main_process():
+        page = _html(work, report)  # reads the stages' files: a damaged one is told before anything is written
         (work.root / "report.json").write_text(json.dumps(report, indent=1))
-        (work.root / "report.html").write_text(_html(work, report))
+        (work.root / "report.html").write_text(page)
     du.barrier()
     return report
 
@@ -94,8 +95,8 @@ def _html(work, report: dict) -> str:
     pool = EmbeddingStore(embed_dir)
     dedup = work.folder("dedup")
     if (dedup / "components.npy").is_file():
-        labels = np.load(dedup / "components.npy")
-        kept = set(np.load(dedup / "kept.npy").tolist())
+        labels = work.load("dedup", "components.npy")
+        kept = set(work.load("dedup", "kept.npy").tolist())
         sizes = np.bincount(labels)
         parts.append("<h2>Largest groups of copies (kept image outlined)</h2>")
         for root in np.argsort(-sizes, kind="stable")[:6]:
@@ -103,16 +104,16 @@ def _html(work, report: dict) -> str:
                 break
             members = sorted(np.nonzero(labels == root)[0].tolist(), key=lambda m: m not in kept)[:12]
             parts.append(_row(pool.row_paths(np.array(members)), first_kept=True))
-        removed = np.load(dedup / "eval_removed.npy")
+        removed = work.load("dedup", "eval_removed.npy")
         if len(removed):
             parts.append(f"<h2>Dropped as copies of evaluation images ({len(removed)})</h2>")
             parts.append(_row(pool.row_paths(np.sort(rng.permutation(removed)[:16]))))
     if report["clusters"] and (work.folder("sample") / "chosen.npy").is_file():
         from .pipeline import load_leaves
 
-        selected = np.load(work.folder("retrieve") / "selected.npy")
+        selected = work.load("retrieve", "selected.npy")
         leaf, _, _ = load_leaves(work)
-        chosen = np.load(work.folder("sample") / "chosen.npy")
+        chosen = work.load("sample", "chosen.npy")
         n_leaves = int(leaf.max()) + 1
         parts.append("<h2>Cluster sizes (level 1)</h2>")
         parts.append(_bars(np.bincount(leaf, minlength=n_leaves), "before sampling"))

@@ -41,6 +41,8 @@ _FILE_PATTERNS = {
     "VAL": re.compile(r"ILSVRC2012_val_(?P<index>\d{8})\.JPEG"),
     "TEST": re.compile(r"ILSVRC2012_test_(?P<index>\d{8})\.JPEG"),
 }
+_FILE_EXAMPLES = {"TRAIN": "{wnid}_10026.JPEG", "VAL": "ILSVRC2012_val_00000001.JPEG",
+                  "TEST": "ILSVRC2012_test_00000001.JPEG"}
 
 
 class EntryPaths(Sequence[Path]):
@@ -115,8 +117,8 @@ def read_labels(root: Path) -> tuple[list[str], list[str]]:
     """
     labels = root / "labels.txt"
     if labels.is_file():
-        wnids, names = [], []
-        for line in read_user_text(labels).splitlines():
+        wnids, names, lines = [], [], {}
+        for number, line in enumerate(read_user_text(labels).splitlines(), start=1):
             line = line.strip()
             if not line:
                 continue
@@ -124,7 +126,12 @@ def read_labels(root: Path) -> tuple[list[str], list[str]]:
                 row = line.split(maxsplit=1)
             else:  # CSV: "wnid,class name" or 'wnid,"name, with commas"'
                 row = next(csv.reader([line]))
-            wnids.append(row[0].strip())
+            wnid = row[0].strip()
+            if wnid in lines:  # it would shift the class index of every class after it
+                raise DinokitError(f"{str(labels)!r} lists {wnid} twice (lines {lines[wnid]} and {number}); keep one "
+                                   "line per class")
+            lines[wnid] = number
+            wnids.append(wnid)
             names.append(",".join(row[1:]).strip())
         return wnids, names
     for folder in ("train", "val"):
@@ -143,7 +150,8 @@ def _parse_index(split: str, folder: Path, name: str) -> int:
     if match is None:
         raise DinokitError(
             f"unexpected file {str(folder / name)!r} in the ImageNet {split} split (expected names like "
-            f"{_FILE_PATTERNS[split].pattern!r}); remove it, or use 'ImageFolder:root=...' for other layouts"
+            f"{_FILE_EXAMPLES[split].format(wnid=folder.name)!r}); remove it, or use 'ImageFolder:root=...' for other "
+            "layouts"
         )
     if split == "TRAIN" and match.group("wnid") != folder.name:
         raise DinokitError(

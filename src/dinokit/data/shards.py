@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 from PIL import Image
 
 from ..errors import DinokitError
-from .datasets import ImageDataset
+from .datasets import ImageDataset, parse_dataset_str
 from .images import IMAGE_EXTENSIONS, load_image
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -206,14 +206,30 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def check_shard_out(out_dir: str | Path) -> Path:
-    """``out_dir`` as a Path, refusing a file and a folder that already holds shards (new shards beside stale
-    ones would be read together by ``DIR/*.tar`` or an old brace range)."""
+def _source_folder(source: str | None) -> Path | None:
+    """The folder that ``data shard`` reads: ``source`` itself, or a dataset string's ``root=`` (a list has none)."""
+    if source is None:
+        return None
+    root = source if Path(source).expanduser().is_dir() else parse_dataset_str(source)[1].get("root")
+    return Path(root).expanduser().resolve() if root and Path(root).expanduser().is_dir() else None
+
+
+def check_shard_out(out_dir: str | Path, source: str | None = None) -> Path:
+    """``out_dir`` as a Path, refusing a file, the ``source`` folder (a folder or a dataset string's ``root=``) or a
+    folder inside it, and a folder that is not empty: new shards beside stale ones would be read together by
+    ``DIR/*.tar`` or an old brace range, and ``classes.txt`` would replace a file of that name."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise DinokitError(f"--out {str(out_dir)!r} is a file, not a folder; give a new or empty folder")
+    root, out = _source_folder(source), out_dir.resolve()
+    if root is not None and root in (out, *out.parents):
+        where = "the" if root == out else "inside the"
+        raise DinokitError(f"--out {str(out_dir)!r} is {where} source folder {str(root)!r}; give a folder outside it "
+                           "for the shards")
     if out_dir.is_dir() and any(p.suffix == ".tar" for p in out_dir.iterdir()):
         raise DinokitError(f"--out {str(out_dir)!r} already holds shards; give an empty folder")
+    if out_dir.is_dir() and (found := min(out_dir.iterdir(), default=None)) is not None:
+        raise DinokitError(f"--out {str(out_dir)!r} is not empty (it holds {found.name!r}); give a new or empty folder")
     from ..engine.run_dir import check_writable
 
     return check_writable(out_dir, "--out")  # under a file, or read-only: one line too
