@@ -103,21 +103,23 @@ def _truncate(path: Path) -> None:
          "{w}/dedup/done.json is damaged (not a stage record); delete it and rerun 'dinokit curate dedup' (or "
          "'dinokit curate run') to redo that stage"),
         (lambda w: _object_array(w / "dedup" / "kept.npy"), "report",
-         "curate file {w}/dedup/kept.npy is damaged (Object arrays cannot be loaded when "
-         "allow_pickle=False); rerun 'dinokit curate dedup --force' to recompute it"),
+         "curate file {w}/dedup/kept.npy holds Python objects, which are not unpickled; rerun 'dinokit curate "
+         "dedup --force' to recompute it"),
         (lambda w: _object_array(w / "sample" / "chosen.npy"), "report",
-         "curate file {w}/sample/chosen.npy is damaged (Object arrays cannot be loaded when "
-         "allow_pickle=False); rerun 'dinokit curate sample --force' to recompute it"),
+         "curate file {w}/sample/chosen.npy holds Python objects, which are not unpickled; rerun 'dinokit curate "
+         "sample --force' to recompute it"),
         (lambda w: _object_array(w / "retrieve" / "selected.npy"), "cluster",
-         "curate file {w}/retrieve/selected.npy is damaged (Object arrays cannot be loaded when "
-         "allow_pickle=False); rerun 'dinokit curate retrieve --force' to recompute it"),
+         "curate file {w}/retrieve/selected.npy holds Python objects, which are not unpickled; rerun 'dinokit curate "
+         "retrieve --force' to recompute it"),
         (lambda w: np.save(w / "dedup" / "after_eval.npy", np.array(["a", "b"])), "retrieve",
-         "curate file {w}/dedup/after_eval.npy is damaged (a <U1 array of shape (2,), not 1-D numbers); rerun "
+         "curate file {w}/dedup/after_eval.npy holds a <U1 array of shape (2,), not 1-D numbers; rerun "
          "'dinokit curate dedup --force' to recompute it"),
         (lambda w: _truncate(w / "dedup" / "after_eval.npy"), "retrieve",
-         "curate file {w}/dedup/after_eval.npy is damaged (Failed to read all data for array."),
+         "curate file {w}/dedup/after_eval.npy is cut short or damaged; rerun 'dinokit curate dedup --force' to "
+         "recompute it"),
         (lambda w: _truncate(w / "cluster" / "leaf.rank0.npy"), "sample",
-         "curate file {w}/cluster/leaf.rank0.npy is damaged (Failed to read all data for array."),
+         "curate file {w}/cluster/leaf.rank0.npy is cut short or damaged; rerun 'dinokit curate cluster --force' "
+         "to recompute it"),
         (lambda w: (w / "embed" / "pool" / "shard-00001.json").write_text("[]"), "dedup",
          "embeddings file {w}/embed/pool/shard-00001.json is damaged (not the record of a shard from image 4); "
          "delete it and rerun 'dinokit curate embed --force' to recompute that shard"),
@@ -234,3 +236,21 @@ def test_imagenet_extra_refuses_a_class_listed_twice_and_shows_a_real_file_name(
     assert _one_line(capsys) == (f"unexpected file {str(photo)!r} in the ImageNet TRAIN split (expected names like "
                                  "'n01440764_10026.JPEG'); remove it, or use 'ImageFolder:root=...' for other layouts")
     assert not extra.exists()
+
+
+def test_a_work_folder_started_with_relative_paths_resumes_from_another_folder(tmp_path, monkeypatch, capsys):
+    """Seen: `--pool real` in /a, then a rerun from /b wrote a manifest of /b/real/... (files that do not exist),
+    and `--pool /a/real` was told the work folder held 'other images'."""
+    _images(tmp_path / "a" / "real", [f"p{i}.png" for i in range(6)])
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["curate", "run", "--pool", "real", "--output-dir", "cur", "--target-size", "4", *MODEL]) == 0
+    saved = json.loads((tmp_path / "a" / "cur" / "config.json").read_text())
+    assert saved["pool"] == str(tmp_path / "a" / "real")  # saved absolute
+    monkeypatch.chdir(tmp_path)
+    work = str(tmp_path / "a" / "cur")
+    assert main(["curate", "run", "--output-dir", work, "--target-size", "3", *MODEL]) == 0
+    listed = (tmp_path / "a" / "cur" / "manifest.txt").read_text().splitlines()
+    assert len(listed) == 3 and all(Path(p).is_file() and Path(p).parent == tmp_path / "a" / "real" for p in listed)
+    capsys.readouterr()
+    assert main(["curate", "embed", "--pool", str(tmp_path / "a" / "real"), "--output-dir", work, *MODEL]) == 0
+    assert "holds embeddings of other images" not in capsys.readouterr().err

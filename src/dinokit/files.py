@@ -65,21 +65,22 @@ def _write_errno(err: BaseException) -> int | None:
     return None
 
 
-def read_npy(path: str | Path, what: str) -> Any:
+def read_npy(path: str | Path, what: str, fix: str | None = None) -> Any:
     """Read the NumPy ``.npy`` file ``path`` (never unpickling); one line naming ``what`` (e.g. "class mapping
-    'm.npy'") when it is missing, not a ``.npy`` file, cut short, or an array of Python objects."""
+    'm.npy'") and ``fix`` when it is missing, not a ``.npy`` file, cut short, or an array of Python objects."""
     import numpy as np
 
     path = Path(path).expanduser()
     try:
         with open(path, "rb") as f:
             if f.read(6) != b"\x93NUMPY":
-                raise DinokitError(f"{what} is not a NumPy .npy file; save one with numpy.save")
+                raise DinokitError(f"{what} is not a NumPy .npy file; {fix or 'save one with numpy.save'}")
             f.seek(0)
             return np.load(f, allow_pickle=False)
     except OSError as err:
-        raise DinokitError(f"{what} cannot be read ({err.strerror or type(err).__name__}); check the path") from None
-    except ValueError as err:
+        raise DinokitError(f"{what} cannot be read ({err.strerror or type(err).__name__}); "
+                           f"{fix or 'check the path'}") from None
+    except (ValueError, EOFError) as err:
         why = ("holds Python objects, which are not unpickled" if "allow_pickle" in str(err) else
                "is cut short or damaged")
-        raise DinokitError(f"{what} {why}; save a numeric array with numpy.save") from None
+        raise DinokitError(f"{what} {why}; {fix or 'save a numeric array with numpy.save'}") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..distributed.slurm import add_slurm_options, submit_if_asked
@@ -76,8 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from ..errors import DinokitError
     from ..curate.config import make_config, to_dict
+    from ..data.datasets import absolute_dataset_str
+    from ..errors import DinokitError
 
     work = Path(args.output_dir)
     saved = work / CONFIG_FILE
@@ -94,6 +96,13 @@ def _config(args: argparse.Namespace):
     if args.target_size is not None and args.target_size < 1:  # 0 in the settings means "all": not given here
         raise DinokitError(f"--target-size must be at least 1, not {args.target_size}; leave it out to keep every "
                            "image that dedup leaves")
+    # saved as absolute paths: a later command from another folder must read (and list) the same images and files
+    for key in ("pool", "seed_set"):
+        given[key] = given[key] and absolute_dataset_str(given[key])
+    given["eval_sets"] = given["eval_sets"] and [absolute_dataset_str(s) for s in given["eval_sets"]]
+    for key in ("config_file", "weights", "copy_config_file", "copy_weights"):
+        if given[key] and Path(given[key]).expanduser().exists():
+            given[key] = os.path.abspath(Path(given[key]).expanduser())
     if args.random_init:
         if args.weights not in (None, "random"):
             raise DinokitError(f"--random-init and --weights {args.weights!r} contradict each other; give one")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..data.images import decoding_settings
 from ..devices import usable_workers
 from ..errors import DinokitError
 from ..features import check_image_size
-from ..files import atomic_write
+from ..files import atomic_write, read_npy
 from .config import CurateConfig
 from .dedup import choose_representatives, connected_components, edges_above, relative_dedup
 from .embed import EmbeddingStore, curation_feature_fn, embed_set
@@ -101,14 +102,11 @@ class Work:
 
     def load(self, stage: str, name: str, ndim: int = 1) -> np.ndarray:
         """The array ``name`` of a finished stage; a damaged file (truncated, a pickle: never run) is one line."""
-        path = self.folder(stage) / name
-        try:
-            array = np.load(path, allow_pickle=False)
-            if array.ndim != ndim or array.dtype.kind not in "iuf":
-                raise ValueError(f"a {array.dtype} array of shape {array.shape}, not {ndim}-D numbers")
-        except (OSError, ValueError, EOFError) as err:
-            raise DinokitError(f"curate file {path} is damaged ({err}); rerun 'dinokit curate {stage} --force' to "
-                               "recompute it") from None
+        path, fix = self.folder(stage) / name, f"rerun 'dinokit curate {stage} --force' to recompute it"
+        array = read_npy(path, f"curate file {path}", fix)
+        if array.ndim != ndim or array.dtype.kind not in "iuf":
+            raise DinokitError(f"curate file {path} holds a {array.dtype} array of shape {array.shape}, not {ndim}-D "
+                               f"numbers; {fix}")
         return array
 
     def finish(self, stage: str, seconds: float, counts: dict) -> dict:
@@ -198,7 +196,7 @@ def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
     # at most one worker per usable core (said once); the stage's digest keeps the value asked for
     embedding = replace(config.embed, num_workers=usable_workers(config.embed.num_workers, key="embed.num_workers"))
     for name, dataset in datasets.items():
-        embed_set(dataset, [str(p) for p in dataset.paths], work.folder("embed") / name, model=model,
+        embed_set(dataset, [os.path.abspath(p) for p in dataset.paths], work.folder("embed") / name, model=model,
                   feature_fn=feature_fn, config=embedding, device=device, progress=progress)
     pool = EmbeddingStore(work.folder("embed") / "pool")
     if len(pool) == 0:

@@ -15,6 +15,7 @@ only before the known keys.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -78,6 +79,22 @@ def parse_dataset_str(dataset_str: str, names: Sequence[str] = DATASET_NAMES) ->
                                    f"options: {', '.join(KNOWN_KEYS)}")
             kwargs[key] = value
     return head, kwargs
+
+
+def absolute_dataset_str(dataset_str: str) -> str:
+    """``dataset_str`` with its relative paths (a bare folder, ``root=``, ``path=``, ``extra=``, ``real_labels=``) made
+    absolute where they exist, so that it names the same images from any working directory (a saved setting)."""
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return os.path.abspath(path) if path.exists() else value
+
+    if Path(dataset_str).expanduser().exists():
+        return absolute(dataset_str)
+    name, kwargs = parse_dataset_str(dataset_str)
+    if ":" not in dataset_str.strip():  # a bare path that does not exist: reported when the set is opened
+        return dataset_str
+    paths = ("root", "path", "extra", "real_labels")
+    return name + "".join(f":{k}={absolute(v) if k in paths else v}" for k, v in kwargs.items())
 
 
 def _check_keys(name: str, kwargs: dict[str, str], allowed: tuple[str, ...], dataset_str: str) -> None:
