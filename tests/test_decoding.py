@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dinokit.cli import main as cli_main
@@ -258,3 +259,43 @@ def test_a_sideways_photo_embeds_as_its_upright_copy(tmp_path):
                      "--device", "cpu", "--no-progress"]) == 0
     cls = np.load(out)["cls"]
     np.testing.assert_allclose(cls[0], cls[1], atol=2e-5)  # the same pixels (fp32 rounding of two batch rows)
+
+
+def test_pil_images_gif_frames_and_foreground_examples_decode_as_files_do(tmp_path, monkeypatch):
+    """Seen: the viz API's PIL inputs, a GIF's frames and --fg-examples used PIL's plain convert('RGB'): transparency
+    came out black, 16-bit white, a sideways photo sideways, unlike the same file read by every command."""
+    from dinokit.viz.pca import read_foreground_example
+    from dinokit.viz.prepare import prepare_image
+    from dinokit.viz.video import read_frames
+
+    model = __import__("dinokit.models", fromlist=["build_backbone"]).build_backbone("vit_pico", patch_size=8,
+                                                                                     img_size=32)
+    _line_art("RGBA").save(tmp_path / "art.png")
+    Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)).save(tmp_path / "deep.png")
+    photo = (np.random.default_rng(0).random((16, 24, 3)) * 255).astype(np.uint8)
+    _oriented(tmp_path / "side.png", photo, 6)
+    for name in ("art.png", "deep.png", "side.png"):
+        from_path = prepare_image(model, tmp_path / name, image_size=16)
+        with Image.open(tmp_path / name) as opened:
+            from_pil = prepare_image(model, opened, image_size=16)
+        assert torch.equal(from_pil.tensor, from_path.tensor), name
+    # an animated GIF with a transparent colour: its frames as the same picture read as a still
+    frames = []
+    for shift in range(3):  # a moving black bar on a transparent (palette index 0) background
+        pixels = np.zeros((16, 16), dtype=np.uint8)
+        pixels[4:12, 4 + 2 * shift : 6 + 2 * shift] = 1
+        frame = Image.fromarray(pixels, "P")
+        frame.putpalette([255, 0, 0, 0, 0, 0] + [0] * 762)
+        frames.append(frame)
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], transparency=0, disposal=2)
+    monkeypatch.setenv("DINOKIT_IMAGE_BACKGROUND", "grey")
+    still, video = np.asarray(load_image(tmp_path / "anim.gif")), read_frames(tmp_path / "anim.gif")
+    assert len(video) == 3 and (still[0, 0] == 128).all() and np.array_equal(still, np.asarray(video[0]))
+    assert all((np.asarray(f)[0, 0] == 128).all() for f in video)  # was black (the transparent colour dropped)
+    # a foreground example: its mask is drawn on the photo as shown (upright), and it is seen as the commands see it
+    Image.new("L", (16, 24), 255).save(tmp_path / "mask.png")  # the upright photo is 16 wide, 24 high
+    rgb, mask = read_foreground_example(f"{tmp_path / 'side.png'}={tmp_path / 'mask.png'}")
+    assert rgb.size == mask.size == (16, 24)
+    assert np.array_equal(np.asarray(rgb), np.asarray(load_image(tmp_path / "side.png")))
+    rgb, mask = read_foreground_example(tmp_path / "art.png")
+    assert np.array_equal(np.asarray(rgb), np.asarray(load_image(tmp_path / "art.png"))) and mask.getpixel((0, 0)) == 0

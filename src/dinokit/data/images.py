@@ -194,6 +194,21 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img.convert("RGB")
 
 
+def upright(img: Image.Image, exif: bool | None = None) -> Image.Image:
+    """``img`` turned as its camera's EXIF orientation says (as viewers show it), unless ``exif`` is False (None:
+    ``$DINOKIT_EXIF_ORIENTATION``, apply by default)."""
+    exif = apply_exif_orientation() if exif is None else exif
+    if exif and img.getexif().get(_ORIENTATION, 1) in range(2, 9):
+        return ImageOps.exif_transpose(img)
+    return img
+
+
+def as_seen(img: Image.Image, *, background: str | None = None, exif: bool | None = None) -> Image.Image:
+    """An opened image as :func:`load_image` decodes it (upright, RGB, transparency over the background, 16 bits
+    scaled): for PIL images a caller passes in instead of a path."""
+    return _to_rgb(upright(img, exif), image_background(background))
+
+
 def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, background: str | None = None,
                exif: bool | None = None) -> Image.Image:
     """Decode an image fully as RGB, as a person sees it; raises ``OSError``/``ValueError`` for unreadable,
@@ -206,7 +221,7 @@ def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, b
     the stored pixels) unless ``exif`` is False (None: ``$DINOKIT_EXIF_ORIENTATION``, apply by default).
     """
     limit = max_image_pixels()
-    colour = image_background(background)
+    image_background(background)  # a wrong $DINOKIT_IMAGE_BACKGROUND (or EXIF setting) is one line before decoding
     exif = apply_exif_orientation() if exif is None else exif
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
@@ -224,9 +239,7 @@ def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, b
                     if scale > 1:
                         img.draft("RGB", (img.width // scale, img.height // scale))
                 img.load()  # force full decode so that truncation is detected here, not later
-                if exif and img.getexif().get(_ORIENTATION, 1) in range(2, 9):
-                    return _to_rgb(ImageOps.exif_transpose(img), colour)
-                return _to_rgb(img, colour)
+                return as_seen(img, background=background, exif=exif)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 

@@ -34,6 +34,7 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ..data.images import as_seen, upright
 from ..errors import DinokitError
 from .prepare import (
     DEFAULT_IMAGE_SIZE,
@@ -202,8 +203,9 @@ def read_foreground_example(spec: str | Path) -> tuple[Image.Image, Image.Image]
         if path and Path(path).is_dir():
             raise DinokitError(f"foreground example {path!r} is a folder; give an image file (or IMAGE=MASK)")
     try:
-        with Image.open(image_path) as img:
-            img.load()
+        with Image.open(image_path) as opened:
+            opened.load()
+            img = upright(opened)  # as every command shows the photo; a mask is drawn on that view
             if mask_path:
                 with Image.open(mask_path) as m:
                     mask = m.convert("L")
@@ -214,7 +216,7 @@ def read_foreground_example(spec: str | Path) -> tuple[Image.Image, Image.Image]
                 mask = img.convert("RGBA").getchannel("A")
             else:
                 raise DinokitError(f"foreground example {image_path!r} has no alpha channel; give IMAGE=MASK instead")
-            rgb = img.convert("RGB")
+            rgb = as_seen(img)  # transparent pixels over the background, as the commands decode images
     except FileNotFoundError as err:
         raise DinokitError(f"foreground example {err.filename!r} does not exist; check the path") from None
     except OSError as err:

@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.images import load_image, warn_skipped
+from ..data.images import as_seen, load_image, warn_skipped
 from ..data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -85,7 +85,7 @@ def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None 
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DinokitError(f"cannot read image {str(image)!r} ({err}); check the file") from err
     if isinstance(image, Image.Image):
-        image = TF.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+        image = TF.pil_to_tensor(as_seen(image))  # (3, H, W) uint8, decoded as the commands decode files
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise DinokitError(f"expected an image path, a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
     if image.dtype == torch.uint8:

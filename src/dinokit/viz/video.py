@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageSequence
 
-from ..data.images import find_images, load_image
+from ..data.images import as_seen, find_images, load_image
 from ..errors import DinokitError
 from ..files import atomic_write
 
@@ -70,9 +70,9 @@ def read_frames(path: str | Path, *, step: int = 1, max_frames: int | None = Non
     try:
         if path.suffix.lower() == ".gif":
             with Image.open(path) as gif:
-                frames = [f.convert("RGB") for f in ImageSequence.Iterator(gif)]
+                frames = [as_seen(f) for f in ImageSequence.Iterator(gif)]  # transparency as still images get it
         else:
-            frames = [f.convert("RGB") for f in _decode_with_pyav(path)]
+            frames = [as_seen(f) for f in _decode_with_pyav(path)]
     except DinokitError:
         raise
     except Exception as err:  # decoders raise many types (OSError, av.error.InvalidDataError, ...)
