@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -97,15 +98,20 @@ def test_npy_and_parquet_outputs_agree(images, weights, tmp_path, capsys) -> Non
     assert embed(str(images), *common, "--out", str(tmp_path / "e.npz"), "--patch-mean") == 0
     assert embed(str(images), *common, "--out", str(tmp_path / "e.npy")) == 0
     assert f"skipped 2 unreadable image(s), all listed in {tmp_path / 'e.bad.txt'}" in capsys.readouterr().out
-    # the .npy run's e.bad.txt is the parquet's too: replaced only when asked
-    assert embed(str(images), *common, "--out", str(tmp_path / "e.parquet"), "--patch-mean") == 2
-    assert f"--out '{tmp_path / 'e.bad.txt'}' already exists; pass --overwrite" in capsys.readouterr().err
+    # the .parquet keeps its bad images in its metadata: the .npy's e.bad.txt is neither refused nor touched
+    # (it was shared, and an --overwrite parquet run with no bad image deleted it)
+    before = (tmp_path / "e.bad.txt").read_bytes()
+    assert embed(str(images), *common, "--out", str(tmp_path / "e.parquet"), "--patch-mean") == 0
+    assert f"all listed in {tmp_path / 'e.parquet'} (metadata 'bad_paths', JSON)" in capsys.readouterr().out
+    assert embed(str(images / "a.png"), *common, "--out", str(tmp_path / "e.parquet"), "--overwrite") == 0
+    assert (tmp_path / "e.bad.txt").read_bytes() == before
     assert embed(str(images), *common, "--out", str(tmp_path / "e.parquet"), "--patch-mean", "--overwrite") == 0
     ref = np.load(tmp_path / "e.npz")
     np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), ref["cls"])
     assert (tmp_path / "e.paths.txt").read_text().splitlines() == list(ref["paths"])
     assert sorted((tmp_path / "e.bad.txt").read_text().splitlines()) == sorted(ref["bad_paths"])
     table = pq.read_table(tmp_path / "e.parquet")
+    assert sorted(json.loads(table.schema.metadata[b"bad_paths"])) == sorted(ref["bad_paths"])
     assert table.column_names == ["path", "cls", "patch_mean"]
     assert table.column("path").to_pylist() == list(ref["paths"])
     np.testing.assert_array_equal(np.array(table.column("cls").to_pylist(), dtype=np.float32), ref["cls"])

@@ -17,6 +17,7 @@ strings, or, when a file name is not UTF-8, every name's bytes (a binary column;
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="Output by extension: .npz (cls, patch_mean, patch_tokens, paths, bad_paths), "
         ".npy (cls only; paths in <stem>.paths.txt), .parquet (path, cls, patch_mean; needs pyarrow; path is a "
         "string column, or a binary one of the names' bytes when a file name is not UTF-8). "
-        "Bad images are listed in the .npz or in <stem>.bad.txt.",
+        "Bad images are listed in the .npz, in the .parquet's metadata (bad_paths, JSON) or in <stem>.bad.txt.",
     )
     p.add_argument("input", help="a folder (searched recursively), one image, a .txt file listing image paths, "
                    "or WebDataset:urls=SHARDS/{000000..000009}.tar")
@@ -110,8 +111,7 @@ def _check_output(args: argparse.Namespace) -> Path:
     check_writable(args.out, "--out", is_file=True)
     check_not_replacing(args.out, overwrite=args.overwrite)
     # the lists beside a .npy / .parquet (written, or deleted when no image is bad) are replaced only when asked too
-    sides = [".paths.txt", ".bad.txt"] if out.suffix == ".npy" else [".bad.txt"] if out.suffix == ".parquet" else []
-    for side in sides:
+    for side in [".paths.txt", ".bad.txt"] if out.suffix == ".npy" else []:
         check_not_replacing(out.with_name(out.stem + side), overwrite=args.overwrite)
     return out
 
@@ -173,8 +173,10 @@ def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str],
             n, d = array.shape
             offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
             columns[name] = pa.ListArray.from_arrays(offsets, pa.array(array.reshape(-1)))
+        table = pa.table(columns).replace_schema_metadata({"bad_paths": json.dumps(bad_paths)})  # names kept exact
         with atomic_write(out) as tmp:
-            pq.write_table(pa.table(columns), tmp)
+            pq.write_table(table, tmp)
+        return written  # its bad images in its metadata: a .npy of the same stem keeps its own <stem>.bad.txt
     bad_file = out.with_name(f"{out.stem}.bad.txt")
     if bad_paths:
         written.append(bad_file)
@@ -191,7 +193,8 @@ def _summary(result: ExtractedFeatures, *, model: str, device: torch.device, dty
     lines = [f"embedded {n} images in {result.seconds:.1f} s ({rate:.1f} images/s) with {model} on {device} ({dtype})"]
     lines.append("  " + "  ".join(f"{k}: {tuple(v.shape)}" for k, v in result.features.items()))
     if bad_paths:  # the warnings above name the files with their reasons: here, where the whole list is
-        where = f"{written[0]} ('bad_paths')" if written[0].suffix == ".npz" else str(written[-1])
+        where = {".npz": f"{written[0]} ('bad_paths')", ".parquet": f"{written[0]} (metadata 'bad_paths', JSON)"}.get(
+            written[0].suffix, str(written[-1]))
         lines.append(f"skipped {len(bad_paths)} unreadable image(s), all listed in {where}")
     lines.append("wrote " + ", ".join(str(p) for p in written))
     return "\n".join(lines)
