@@ -100,6 +100,11 @@ def test_cli_exports_a_training_run(tmp_path: Path, demo_teacher, capsys: pytest
     assert code == 0 and out.is_file()
     printed = capsys.readouterr().out
     assert "onnxruntime vs PyTorch, cls_token@64x64: max relative error" in printed
+    assert f"exported vit_pico/8 (static 64x64) to {out}" in printed  # the run's architecture (it said None)
+    out.unlink()  # the config found beside the weights: the same line
+    assert main(["export", "onnx", "--weights", str(demo_teacher.snapshot), "--image-size", "64", "64", "--out",
+                 str(out)]) == 0
+    assert f"exported vit_pico/8 (static 64x64) to {out}" in capsys.readouterr().out
     assert main(["export", "onnx", "--model", "dinov2_vits14", "--random-init", "--image-size", "64", "64",
                  "--out", str(tmp_path / "x.txt")]) == 2
     assert "error: the output must be a .onnx file, not 'x.txt'" in capsys.readouterr().err

@@ -36,7 +36,9 @@ def _onnx(args: argparse.Namespace) -> int:
     )
     report = export_onnx(model, args.out, image_size=tuple(args.image_size), dynamic=args.dynamic, tolerance=args.tolerance)
     kind = "dynamic batch, height and width" if args.dynamic else f"static {args.image_size[0]}x{args.image_size[1]}"
-    print(f"exported {description.get('model', args.config_file)} ({kind}) to {report.path}")
+    student = description.get("config", {}).get("student", {})  # a run's config (given, or found by its weights)
+    name = description.get("model") or f"{student.get('arch')}/{student.get('patch_size')}"
+    print(f"exported {name} ({kind}) to {report.path}")
     for name, error in report.errors.items():
         print(f"  onnxruntime vs PyTorch, {name}: max relative error {error:.2e}")
     return 0
