@@ -299,3 +299,20 @@ def test_pil_images_gif_frames_and_foreground_examples_decode_as_files_do(tmp_pa
     assert np.array_equal(np.asarray(rgb), np.asarray(load_image(tmp_path / "side.png")))
     rgb, mask = read_foreground_example(tmp_path / "art.png")
     assert np.array_equal(np.asarray(rgb), np.asarray(load_image(tmp_path / "art.png"))) and mask.getpixel((0, 0)) == 0
+
+
+def test_browser_and_phone_extensions_are_images(tmp_path):
+    """Seen: .jfif (a browser's JPEG download), .jpe, .apng and .avif files in a folder were left out without a word."""
+    from PIL import features
+
+    from dinokit.data.images import find_images
+
+    picture = Image.fromarray((np.random.default_rng(0).random((20, 20, 3)) * 255).astype(np.uint8))
+    formats = {"a.jpg": "JPEG", "b.JFIF": "JPEG", "c.jpe": "JPEG", "d.apng": "PNG"}
+    if features.check("avif"):
+        formats["e.avif"] = "AVIF"
+    for name, fmt in formats.items():
+        picture.save(tmp_path / name, format=fmt)
+    found = find_images(tmp_path)
+    assert sorted(p.name for p in found) == sorted(formats)
+    assert all(load_image(p).size == (20, 20) for p in found)

@@ -19,7 +19,10 @@ from torch.utils.data import Dataset, default_collate
 
 from ..errors import DinokitError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# torchvision's list, GIF, and what browsers and phones also save (.jfif/.jpe are JPEG, .apng PNG; .avif needs a
+# Pillow built with it, else each is skipped as unreadable, with its reason, rather than ignored without a word)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif", ".jfif", ".jpe",
+                    ".apng", ".avif")
 
 
 def is_image_file(path: str | Path) -> bool:
