@@ -316,3 +316,21 @@ def test_browser_and_phone_extensions_are_images(tmp_path):
     found = find_images(tmp_path)
     assert sorted(p.name for p in found) == sorted(formats)
     assert all(load_image(p).size == (20, 20) for p in found)
+
+
+def test_pillows_warnings_about_a_file_are_one_line_naming_it(tmp_path, capsys, real_warnings):
+    """Seen: a photo with damaged EXIF printed Pillow's two-line warning (its own source line), without the file."""
+    import struct
+
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x010F, 2, 12, 200) + struct.pack("<I", 0)  # data past the end
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "cam.jpg",
+                                                        exif=b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_image(tmp_path / "cam.jpg").size == (8, 8)  # the picture itself is fine
+    line = f"{tmp_path / 'cam.jpg'}: Truncated File Read"
+    assert [(w.filename, str(w.message)) for w in caught] == [("dinokit", line)]
+    assert cli_main(["embed", str(tmp_path / "cam.jpg"), "--model", "dinov2_vits14", "--random-init", "--image-size",
+                     "28", "--device", "cpu", "--no-progress", "--num-workers", "0", "--out",
+                     str(tmp_path / "e.npz")]) == 0
+    assert capsys.readouterr().err == f"warning: {line}\n"

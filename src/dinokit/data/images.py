@@ -226,7 +226,8 @@ def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, b
     limit = max_image_pixels()
     image_background(background)  # a wrong $DINOKIT_IMAGE_BACKGROUND (or EXIF setting) is one line before decoding
     exif = apply_exif_orientation() if exif is None else exif
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:  # Pillow's about this file (e.g. "Corrupt EXIF data")
+        warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
@@ -242,9 +243,13 @@ def load_image(path: str | Path | IO[bytes], *, draft_size: int | None = None, b
                     if scale > 1:
                         img.draft("RGB", (img.width // scale, img.height // scale))
                 img.load()  # force full decode so that truncation is detected here, not later
-                return as_seen(img, background=background, exif=exif)
+                seen = as_seen(img, background=background, exif=exif)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+    for w in caught:  # one line naming the file (Pillow's names its own source line, not the image)
+        where = path if isinstance(path, (str, Path)) else "an image"
+        warnings.warn_explicit(f"{where}: {' '.join(str(w.message).split())}", w.category, "dinokit", 0)
+    return seen
 
 
 def _open(source: str | Path | IO[bytes]) -> Image.Image:
