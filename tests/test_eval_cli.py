@@ -265,6 +265,11 @@ def test_the_image_counts_leave_out_unreadable_images(sample, tmp_path, capsys):
     run[run.index("--train-dataset") + 1] = str(tmp_path / "train")
     assert main(["eval", "knn", *run]) == 0
     assert "k-NN (T=0.07): 48 train (1 unreadable skipped) / 24 val images, 8 classes" in capsys.readouterr().out
+    # the augmented linear probes read the training images as they train: an epoch of 7 batches of 8 meets all 49
+    linear = [*run[:run.index("--nb-knn")], "--epochs", "1", "--epoch-length", "7", "--batch-size", "8",
+              "--learning-rates", "0.1", "--n-last-blocks", "1"]
+    assert main(["eval", "linear", *linear]) == 0
+    assert "48 train (1 unreadable skipped) / 24 val images" in capsys.readouterr().out  # it said 49 train
 
 
 def test_linear_with_augmentation(sample, tmp_path, capsys):

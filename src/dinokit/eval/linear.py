@@ -378,6 +378,8 @@ def linear_protocol(
         batches.close()  # stops the data-loader workers
     # the classes the probes could learn: those with a training image read (the augmented stream met the others)
     unreadable = set().union(*du.all_gather_object(position.unreadable))
+    if augment:  # the stream read the training images: those it met unreadable are out of the count
+        ctx.images_read["train"] = len(train_targets) - len(unreadable)
     readable = torch.as_tensor([t for i, t in enumerate(train_targets) if i not in unreadable], dtype=torch.long)
     trust = report_label_warnings(readable, val.targets, ctx.num_classes, top5=False)  # the probes report top-1
     predicted = probe_predictions(probes, val.features["cls_tokens"], val.features["patch_mean"])  # one pass for both
