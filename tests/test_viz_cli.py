@@ -94,6 +94,10 @@ def test_viz_pca_video_from_frames_and_gif(demo_teacher, tmp_path, capsys):
     with Image.open(out2 / "pca.gif") as gif:
         assert gif.n_frames == 3
     assert _size(out2 / "pca_grid.png") == (3 * 164 + 2 * 4, 64)  # the 3 frames in one row
+    # attention maps take the GIF as one image (its first frame), as they do inside a folder; it was refused
+    args = ["viz", "attention", str(clip), "--out", str(tmp_path / "att"), "--image-size", "64"]
+    assert main(args + _backbone_args(demo_teacher)) == 0
+    assert (tmp_path / "att" / "clip_attention.png").is_file()
 
 
 def test_foreground_examples_from_alpha_or_mask_file(demo_teacher, demo_model, tmp_path, capsys):

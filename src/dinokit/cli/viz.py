@@ -136,7 +136,7 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, dict]:
 def _image_paths(inputs: list[str]) -> list[Path]:
     paths: list[Path] = []
     for item in inputs:
-        if is_video_file(item):
+        if is_video_file(item) and not item.lower().endswith(".gif"):  # an animated GIF: its first frame, as in folders
             raise DinokitError(f"{item!r} is a video; give it alone to 'dinokit viz pca' (one video at a time)")
         paths.extend(resolve_image_inputs(item))
     return paths
