@@ -79,8 +79,11 @@ def test_bad_dataset_strings(text, match):
 
 
 def test_image_folder_labelled_and_unlabelled(folder):
-    labelled = make_dataset(f"ImageFolder:root={folder}", labelled=True)
-    assert labelled.classes == ["cat", "dog"] and labelled.targets == [0, 0, 1]  # the loose file has no class
+    with pytest.warns(UserWarning) as said:  # the loose file has no class: left out, and said so (it was silent)
+        labelled = make_dataset(f"ImageFolder:root={folder}", labelled=True)
+    assert labelled.classes == ["cat", "dog"] and labelled.targets == [0, 0, 1]
+    assert [str(w.message) for w in said] == [f"1 image(s) directly in {str(folder)!r} have no class folder and are "
+                                              "left out (first: extra.png); move them into ROOT/<class>/"]
     index, image, target = labelled[2]
     assert (index, target) == (2, 1) and image.getpixel((0, 0)) == (20, 20, 20)
     unlabelled = make_dataset(str(folder))  # bare path

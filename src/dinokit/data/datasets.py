@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -121,14 +122,18 @@ def _image_folder(root: str, labelled: bool, transform, dataset_str: str) -> Ima
         raise DinokitError(f"{root!r} has no class subfolders; labelled evaluation needs ROOT/<class>/<image> files")
     index = {c: i for i, c in enumerate(classes)}
     by_class: dict[str, int] = {c: 0 for c in classes}
-    paths, targets = [], []
+    paths, targets, loose = [], [], []
     for f in files:
         rel = f.relative_to(path).parts
         if len(rel) < 2:
-            continue  # loose files at the root have no class
+            loose.append(f)  # a file at the root has no class
+            continue
         by_class[rel[0]] += 1
         paths.append(f)
         targets.append(index[rel[0]])
+    if loose:
+        warnings.warn_explicit(f"{len(loose)} image(s) directly in {str(path)!r} have no class folder and are left "
+                               f"out (first: {loose[0].name}); move them into ROOT/<class>/", UserWarning, "dinokit", 0)
     empty = [c for c, n in by_class.items() if n == 0]
     if empty:
         raise DinokitError(
