@@ -519,10 +519,18 @@ def test_settings_may_sit_between_the_options_of_every_command_that_takes_them(c
             assert getattr(parse_command_line(parser, argv), dest) == ["a.b=1", "c=2", "a.b=3"], head
     with pytest.raises(SystemExit) as exit_:
         parse_command_line(parser, ["train", "--config-file", "small", "a=1", "--output-dir", "o", "--bogus", "b=2"])
-    assert exit_.value.code == 2 and "unrecognized arguments: --bogus b=2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.endswith("dinokit train: error: unrecognized arguments: --bogus b=2\n")
+    assert err.startswith("usage: dinokit train ")  # the command's usage (it showed 'dinokit [-h] COMMAND ...')
     with pytest.raises(SystemExit):  # a command without settings takes no stray KEY=VALUE either
         parse_command_line(parser, ["embed", "in", "--out", "o.npz", "a=1"])
     assert "unrecognized arguments: a=1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a sub-command's sub-command
+        parse_command_line(parser, ["eval", "knn", "--output-dir", "o", "--train-dataset", "a", "--val-dataset", "b",
+                                    "--bogus"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: dinokit eval knn ") and err.endswith("dinokit eval knn: error: unrecognized "
+                                                                         "arguments: --bogus\n")
 
 
 @pytest.mark.parametrize("launcher", [{"WORLD_SIZE": "2", "RANK": "{rank}"}, {"SLURM_NTASKS": "2", "SLURM_PROCID": "{rank}"}])

@@ -64,9 +64,19 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     dest = getattr(args, "_overrides", None)
     if extra and dest and all("=" in a and not a.startswith("-") for a in extra):
         setattr(args, dest, [*(getattr(args, dest) or []), *extra])  # in the order given: a later value wins
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # said with the usage of the command given (e.g. 'dinokit eval knn'), not the top-level one
+        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost sub-command's parser that ``args`` went through."""
+    while True:
+        found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, found[0].dest, None) if found else None
+        if name not in (found[0].choices if found else {}):
+            return parser
+        parser = found[0].choices[name]
 
 
 # Commands that work in one process: launched as several (torchrun, srun), the first does the job and the others end
