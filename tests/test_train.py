@@ -376,3 +376,15 @@ def test_eval_only_writes_the_restored_teacher_and_runs_the_monitor(images, tmp_
     assert manual.keys() == last.keys() and all(torch.equal(manual[k], last[k]) for k in last)
     assert (out / "training_metrics.json").read_text() == metrics
     assert sorted((out / "checkpoints").iterdir()) == checkpoints
+
+
+def test_no_progress_leaves_out_the_bar_only(images, tmp_path, capfd):
+    """`train --no-progress` (as embed, eval, dense train and curate have it): no bar, the metrics lines as usual."""
+    from dinokit.cli import main
+
+    args = ["--output-dir", str(tmp_path / "run"), "--device", "cpu", *TINY,
+            f"train.dataset_path=ImageFolder:root={images / 'train'}", "optim.epochs=1"]
+    assert main(["train", "--no-progress", *args]) == 0
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "s/it" not in err
+    assert (tmp_path / "run" / "training_metrics.json").read_text().count("\n") >= 1

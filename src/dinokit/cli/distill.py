@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", required=False, help="the teacher: run folder, teacher_checkpoint.pth or backbone file")
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and the students' snapshots go")
     p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the metrics lines are written as usual)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
     add_slurm_options(p)
     add_overrides(p, "opts", "config overrides, e.g. student.arch=vit_small")
@@ -54,14 +55,16 @@ def run(args: argparse.Namespace) -> int:
         check_new_run(args.output_dir, resume=not args.no_resume)
     if submit_if_asked(args, f"{args.output_dir}/slurm"):
         return 0
-    summary = run_distillation(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device)
+    summary = run_distillation(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device,
+                               progress=not args.no_progress)
     if distributed.is_main_process():
         print(end_summary(summary, time.perf_counter() - started, snapshot_label="student snapshot (EMA)"))
         write_plot(args.output_dir)
     return 0
 
 
-def run_distillation(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop_after: int | None = None) -> dict:
+def run_distillation(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop_after: int | None = None,
+                     progress: bool = True) -> dict:
     """``dinokit distill`` as a function: distillation with a k-NN monitor of every student's EMA snapshots."""
     from ..devices import resolve_device
     from ..distill import distill, student_sections
@@ -69,4 +72,4 @@ def run_distillation(cfg, *, output_dir, resume: bool = True, device: str = "aut
 
     monitor = knn_monitor(cfg, resolve_device(device), students=student_sections(cfg))
     return distill(cfg, output_dir=output_dir, resume=resume, device=device, stop_after=stop_after,
-                   hooks=[monitor] if monitor else [])
+                   hooks=[monitor] if monitor else [], progress=progress)

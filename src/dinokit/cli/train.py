@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "repeat it to merge several in turn, e.g. --config-file small --config-file mine.yaml [demo]")
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and snapshots go")
     p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the metrics lines are written as usual)")
     p.add_argument("--eval-only", action="store_true",
                    help="train nothing: write the teacher of OUTPUT_DIR's newest checkpoint (or MODEL.WEIGHTS) to "
                         "OUTPUT_DIR/eval/manual_<iteration>/ and run the configured k-NN on it (official option)")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     check_stage_weights(cfg)  # before the banner, which announces the run
     summary = pretrain(cfg, output_dir=args.output_dir, resume=not args.no_resume, device=args.device,
                        banner=None if args.eval_only else lambda: start_banner(cfg, args.output_dir, args.device),
-                       eval_only=args.eval_only)
+                       eval_only=args.eval_only, progress=not args.no_progress)
     if distributed.is_main_process():
         if args.eval_only:
             print(eval_only_summary(summary))
@@ -124,7 +125,7 @@ def end_summary(summary: dict, seconds: float, *, snapshot_label: str = "teacher
 
 
 def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop_after: int | None = None,
-             banner=None, eval_only: bool = False) -> dict:
+             banner=None, eval_only: bool = False, progress: bool = True) -> dict:
     """``dinokit train`` as a function: pretraining with the monitors the config asks for (k-NN on each snapshot)."""
     from ..devices import resolve_device
     from ..eval import knn_monitor
@@ -132,7 +133,7 @@ def pretrain(cfg, *, output_dir, resume: bool = True, device: str = "auto", stop
 
     monitor = knn_monitor(cfg, resolve_device(device))
     return train(cfg, output_dir=output_dir, resume=resume, device=device, stop_after=stop_after,
-                 hooks=[monitor] if monitor else [], banner=banner, eval_only=eval_only)
+                 hooks=[monitor] if monitor else [], banner=banner, eval_only=eval_only, progress=progress)
 
 
 def write_plot(run_dir) -> None:

@@ -86,6 +86,7 @@ def distill(
     device: str = "auto",
     stop_after: int | None = None,
     hooks: Iterable[Hook] = (),
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Distil ``cfg.distillation.teacher`` into the configured students in ``output_dir``; returns the summary."""
     for key, unused in (("gram.use_loss", cfg.gram.use_loss), ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs),
@@ -130,7 +131,7 @@ def distill(
                 for name, section in students.items():
                     if name:
                         write_config(student_config(cfg, section), output_dir / name)
-        settings = engine_config(cfg, dev)
+        settings = engine_config(cfg, dev, progress=progress)
         precision = cfg.compute_precision.student
         settings.reshard_after_forward = {f"{key}.{part}": precision[part].sharding_strategy == "FULL_SHARD"
                                           for key, student in task.students.items() for part in student

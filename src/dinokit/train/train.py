@@ -30,8 +30,9 @@ from .ssl_meta_arch import SSLMetaArch
 from .weights import check_weight_sources
 
 
-def engine_config(cfg: DictConfig, device: torch.device) -> EngineConfig:
-    """The engine's settings from the official keys (``train``, ``optim``, ``compute_precision``, ``evaluation``)."""
+def engine_config(cfg: DictConfig, device: torch.device, *, progress: bool = True) -> EngineConfig:
+    """The engine's settings from the official keys (``train``, ``optim``, ``compute_precision``, ``evaluation``);
+    ``progress``: the console progress bar."""
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
     precision = cfg.compute_precision
     reshard = {f"{role}.{name}": precision[role][name].sharding_strategy == "FULL_SHARD"
@@ -53,6 +54,7 @@ def engine_config(cfg: DictConfig, device: torch.device) -> EngineConfig:
         betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
         tracker=cfg.train.tracker,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        progress=progress,
     )
 
 
@@ -66,6 +68,7 @@ def train(
     hooks: Iterable[Hook] = (),
     banner: Callable[[], str] | None = None,
     eval_only: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Pretrain with ``cfg`` into ``output_dir``; returns a summary (last metrics, snapshot paths).
 
@@ -95,7 +98,7 @@ def train(
             print(banner())
         model = SSLMetaArch(cfg)  # loads the starting weights: a file that does not fit is one line, nothing written
         model.teacher.load_state_dict(model.student.state_dict())
-        return run_on_ssl_data(model, engine_config(cfg, dev), cfg, output_dir=output_dir, device=dev, hooks=hooks,
+        return run_on_ssl_data(model, engine_config(cfg, dev, progress=progress), cfg, output_dir=output_dir, device=dev, hooks=hooks,
                                resume=resume, weights=weights, stop_after=stop_after, eval_only=eval_only,
                                on_restored=lambda: write_config(cfg, output_dir) if rank == 0 else None)
 
