@@ -41,6 +41,7 @@ _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _LABEL_EXTS = ("cls", "label")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 CLASSES_FILE = "classes.txt"
+SOURCES_FILE = "sources.txt"
 
 
 # ---------------------------------------------------------------------------------------------- URLs
@@ -258,8 +259,9 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
     Sample ``i`` is ``%09d`` of its position among the written samples: ``.<ext>`` holds the original bytes, or,
     with ``max_size``, an image whose short side is above it resized to it (:func:`shrink`; stored as the readers
     see it: RGB, transparency composited), so that training decodes small files; ``.cls`` holds the label when
-    there is one; ``classes.txt`` the class names. Shards are written atomically; nothing is written when no
-    image is readable (a :class:`DinokitError` then names the first file).
+    there is one; ``classes.txt`` the class names, ``sources.txt`` each sample's file (line i, absolute). Shards
+    are written atomically; nothing is written when no image is readable (a :class:`DinokitError` then names the
+    first file).
     """
     if shard_size < 1:
         raise DinokitError(f"--shard-size must be >= 1, got {shard_size}")
@@ -269,6 +271,7 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
     written: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
     pending: list[tuple[str, bytes, int]] = []  # (extension, bytes, label) of the next shard's samples
+    sources: list[str] = []  # the file of each sample, in key order
     count = resized = 0
 
     def flush() -> None:
@@ -296,6 +299,7 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
             ext, data = shrink(image, max_size, jpeg=Image.open(io.BytesIO(data)).format == "JPEG")
             resized += 1
         pending.append((ext, data, target))
+        sources.append(os.path.abspath(source))
         count += 1
         if len(pending) == shard_size:
             flush()
@@ -306,6 +310,8 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
         raise DinokitError(f"none of the {len(dataset)} images could be read{first}; nothing was written")
     if dataset.classes:
         (out_dir / CLASSES_FILE).write_text("\n".join(dataset.classes) + "\n")
+    # line i: the file sample i (key %09d) came from, so that an embedding of the shards leads back to the images
+    (out_dir / SOURCES_FILE).write_text("".join(f"{p}\n" for p in sources), errors="surrogateescape")
     return written, unreadable, resized
 
 
