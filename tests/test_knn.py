@@ -121,9 +121,15 @@ def test_few_shot_sampling_counts_and_seeds():
     assert torch.bincount(labels[sample_per_class(labels, 1, seed=3)]).tolist() == [1, 1, 1]
 
 
-def test_few_shot_results_average_the_tries():
+def test_few_shot_results_average_the_tries(capsys):
     train, train_y, test, test_y = random_problem(n_train=140)
     results = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(1, 3), n_per_class_list=[-1, 2], n_tries=3)
+    assert "note:" not in capsys.readouterr().out
+    smallest = int(torch.bincount(train_y).min())
+    evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(1,), n_per_class_list=[smallest + 1])
+    smaller = int((torch.bincount(train_y) < smallest + 1).sum())
+    assert (f"note: {smaller} class(es) have fewer than {smallest + 1} training images: the {smallest + 1}-shot row "
+            "uses all of theirs") in capsys.readouterr().out  # it was silent
     # few-shot rows as in the official code: the listed k up to n_per_class, plus n_per_class (1-shot: k=1 alone)
     assert [(r.n_per_class, r.k, r.n_tries) for r in results] == [(-1, 1, 1), (-1, 3, 1), (2, 1, 3), (2, 2, 3)]
     one_shot = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(10, 20), n_per_class_list=[1, 5])

@@ -194,6 +194,10 @@ def evaluate_knn(
     results = []
     for n_per_class in n_per_class_list:
         tries = [None] if n_per_class < 0 else list(range(n_tries))
+        smaller = int((torch.bincount(train_labels.cpu())[torch.unique(train_labels.cpu())] < n_per_class).sum())
+        if smaller and du.is_main_process():  # the row is not the few-shot figure its name says for those classes
+            print(f"note: {smaller} class(es) have fewer than {n_per_class} training images: the {n_per_class}-shot "
+                  "row uses all of theirs")
         # few-shot, as the official code: the k of the list up to n_per_class, and n_per_class itself
         row_ks = list(ks) if n_per_class < 0 else sorted({k for k in [*ks, n_per_class] if k <= n_per_class})
         runs = []
