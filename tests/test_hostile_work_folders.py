@@ -208,7 +208,7 @@ def test_shard_refuses_a_folder_with_files_and_the_source_folder(tmp_path, capsy
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["data", "shard", str(src), "--out", str(empty)]) == 0  # an empty folder is a fine --out
-    assert sorted(p.name for p in empty.iterdir()) == ["000000.tar", "classes.txt"]
+    assert sorted(p.name for p in empty.iterdir()) == ["000000.tar", "classes.txt", "sources.txt"]
 
 
 # ---------------------------------------------------------------------------------------------- imagenet-extra
