@@ -236,3 +236,44 @@ def test_batches_that_move_themselves_are_asked_to():
 def test_unknown_augmentation_is_refused_at_load():
     with pytest.raises(DinokitError, match="config key 'crops.augmentation' is 'gpu'; use one of: pil, tensor"):
         load_config("demo", ["crops.augmentation=gpu"])
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_checkpoint_never_unpickles_foreign_objects_and_a_torn_one_falls_back(tmp_path):
+    """Seen: torch.distributed.checkpoint reads .metadata with plain pickle, so resuming a crafted run folder ran
+    code; a torn sharded checkpoint gave tracebacks instead of the fallback to the older one."""
+    import pickle
+
+    from dinokit.engine.checkpoint import Checkpointer
+
+    task = Regression()
+    optimizer = torch.optim.AdamW(task.model.parameters())
+    checkpoints = Checkpointer(tmp_path / "checkpoints", model=task, optimizer=optimizer)
+    for iteration in (3, 6):
+        checkpoints._save_sharded(iteration, {"iteration": iteration, "world_size": 1, "rng": []})
+    assert checkpoints.resume()["iteration"] == 6  # whole: the newest
+    newest = tmp_path / "checkpoints" / "checkpoint_0000006"
+    whole = (newest / ".metadata").read_bytes()
+    marker = tmp_path / "ran"
+    (newest / ".metadata").write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.warns(UserWarning, match=r"checkpoint_0000006: it is a sharded checkpoint whose \.metadata names other "
+                                         r"Python objects \(io\.open\), not unpickled; resuming from the older "
+                                         r"checkpoint_0000003"):
+        assert checkpoints.resume()["iteration"] == 3
+    assert not marker.exists()  # nothing ran
+    (newest / ".metadata").write_bytes(whole)
+    for shard in newest.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:40])  # torn
+    with pytest.warns(UserWarning, match=r"it is corrupt or truncated \(a shard file\); resuming from the older "
+                                         "checkpoint_0000003"):
+        assert checkpoints.resume()["iteration"] == 3

@@ -13,6 +13,7 @@ checkpoints are kept.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -127,6 +128,42 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _checkpoint_exception() -> type[BaseException]:
+    """torch.distributed.checkpoint's own error (a BaseException: ``except Exception`` misses it)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+# what a sharded checkpoint's .metadata may name: torch.distributed.checkpoint's records, dtypes, sizes and paths
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+                   ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                   ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = module in _METADATA_MODULES or (module, name) in _METADATA_NAMES or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_sharded_metadata(path: Path) -> None:
+    """Refuse a sharded checkpoint folder whose ``.metadata`` (which torch.distributed.checkpoint unpickles without
+    restriction) names anything but its own records: a crafted file would run code when the run resumes."""
+    try:
+        with open(path / ".metadata", "rb") as f:
+            _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        raise UnreadableCheckpoint(path, f"a sharded checkpoint whose .metadata names other Python objects ({err}), "
+                                         "not unpickled") from None
+    except Exception:
+        raise UnreadableCheckpoint(path, "corrupt or truncated (its .metadata)") from None
+
+
 class Checkpointer:
     """Saves and restores (model, optimizer, iteration, RNG) under ``directory``."""
 
@@ -202,7 +239,7 @@ class Checkpointer:
                 meta = state
         except DinokitError:
             raise
-        except Exception:  # readable, but not a checkpoint of this model (or a torn sharded folder)
+        except (Exception, _checkpoint_exception()):  # readable, but not of this model (or a torn sharded folder)
             raise UnreadableCheckpoint(path, OTHER_MODEL) from None
         rngs = meta.get("rng") or []
         rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
@@ -221,11 +258,18 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         meta = torch.load(path / _META, map_location="cpu", weights_only=True)
+        check_sharded_metadata(path)  # torch reads .metadata with plain pickle: nothing else may be in it
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # the layout of this run: its shards only
         state = {"model": model_sd, "optimizer": optim_sd}
         with warnings.catch_warnings():  # one process reading a sharded checkpoint: torch says it assumes that
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))  # each rank reads the pieces of its own shards
+            try:
+                dcp.load(state, checkpoint_id=str(path))  # each rank reads the pieces of its own shards
+            except (OSError, EOFError, _checkpoint_exception()) as err:  # a shard missing or cut short
+                failures = [err, *(f[0] if isinstance(f, tuple) else f for f in getattr(err, "failures", {}).values())]
+                if any(isinstance(f, (OSError, EOFError)) or "truncat" in str(f).lower() for f in failures):
+                    raise UnreadableCheckpoint(path, "corrupt or truncated (a shard file)") from None
+                raise
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return meta
 
