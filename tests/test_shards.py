@@ -125,10 +125,19 @@ def test_other_urls_are_fetched_once_through_webdataset(shards, tmp_path: Path, 
     dataset_str, _ = shards
     monkeypatch.setenv("DINOKIT_SHARD_CACHE", str(tmp_path / "cache"))
     local = make_dataset(dataset_str, labelled=True)
+    # a pipe: URL runs a shell command: refused unless asked for (a config file could otherwise run one)
+    with pytest.raises(DinokitError, match="runs a shell command; set DINOKIT_ALLOW_PIPE=1 if you trust the "):
+        make_dataset(dataset_str.replace("urls=", "urls=pipe:cat "), labelled=True)
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setenv("DINOKIT_ALLOW_PIPE", "1")
     piped = make_dataset(dataset_str.replace("urls=", "urls=pipe:cat "), labelled=True)  # a URL webdataset opens
     assert len(list((tmp_path / "cache").iterdir())) == 5  # one cached copy per shard
     assert piped.targets == local.targets and piped.classes == [str(i) for i in range(3)]  # names live beside local shards
     assert np.array_equal(np.asarray(piped.read_image(3)), np.asarray(local.read_image(3)))
+    monkeypatch.setenv("DINOKIT_SHARD_CACHE", "")  # set but empty: the default folder, not the working directory
+    from dinokit.data.shards import _cache_dir
+
+    assert _cache_dir() == Path.home() / ".cache" / "dinokit" / "shards"
 
 
 def test_errors(tmp_path: Path) -> None:

@@ -70,8 +70,13 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+PIPE_ENV = "DINOKIT_ALLOW_PIPE"
+
+
 def _cache_dir() -> Path:
-    return Path(os.environ.get("DINOKIT_SHARD_CACHE", Path.home() / ".cache" / "dinokit" / "shards")).expanduser()
+    """``$DINOKIT_SHARD_CACHE`` (empty or unset: ``~/.cache/dinokit/shards``)."""
+    return Path(os.environ.get("DINOKIT_SHARD_CACHE", "").strip() or Path.home() / ".cache" / "dinokit" / "shards"
+                ).expanduser()
 
 
 def local_shard(url: str) -> Path:
@@ -81,7 +86,14 @@ def local_shard(url: str) -> Path:
         if not path.is_file():
             raise DinokitError(f"shard {url!r} does not exist; check the WebDataset urls pattern")
         return path
+    if url.startswith("pipe:") and os.environ.get(PIPE_ENV, "").strip().lower() not in ("1", "true", "yes"):
+        # a shell command: a dataset string in a config file must not run one unasked
+        raise DinokitError(f"shard URL {url[:60]!r} runs a shell command; set {PIPE_ENV}=1 if you trust the "
+                           "configuration it comes from")
     cached = _cache_dir() / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{Path(url.split('?')[0]).name or 'shard.tar'}"
+    if cached.parent.exists() and not cached.parent.is_dir():
+        raise DinokitError(f"DINOKIT_SHARD_CACHE {str(cached.parent)!r} is not a folder; give a folder for the copies "
+                           "of remote shards")
     if not cached.is_file():
         try:
             import webdataset
