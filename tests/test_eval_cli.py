@@ -577,3 +577,21 @@ def test_raw_pixels_baseline_is_a_one_nearest_neighbour_on_the_images(sample, tm
     argv[argv.index("--output-dir") + 1] = str(tmp_path / "new")
     error_of(capsys, ["eval", "knn", *argv, "--raw-pixels", "--model", "dinov2_vits14"])
     assert not (tmp_path / "new").exists()
+
+
+def test_an_image_replaced_under_its_name_is_extracted_again(tmp_path):
+    """Seen: the feature cache keyed the files by name only, so images replaced by others kept their old features
+    (a stale accuracy)."""
+    from PIL import Image
+
+    from dinokit.data import make_dataset
+    from dinokit.eval.feature_cache import FeatureCache
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, colour in (("a.png", (0, 0, 0)), ("b.png", (255, 0, 0))):
+        Image.new("RGB", (8, 8), colour).save(folder / name)
+    cache = FeatureCache(tmp_path / "cache", {"model": "m"})
+    before = cache._path("val", "cls", make_dataset(str(folder)))
+    Image.new("RGB", (9, 9), (0, 255, 0)).save(folder / "a.png")  # other pixels, the same name
+    assert cache._path("val", "cls", make_dataset(str(folder))) != before

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -68,7 +69,8 @@ class FeatureCache:
     """Features on disk: ``root/<model key>/<split>-<kind>-<dataset key>.pt``, plain tensors only.
 
     ``root=None`` disables caching. The model key hashes ``model_description`` (weights identity,
-    architecture), the image size and the dtype; the dataset key hashes its string, file list and labels, and the
+    architecture), the image size and the dtype; the dataset key hashes its string, file list (names, sizes and
+    modification times) and labels, and the
     decoding settings of ``$DINOKIT_IMAGE_BACKGROUND``, ``$DINOKIT_EXIF_ORIENTATION`` and ``$DINOKIT_MAX_IMAGE_PIXELS``.
     """
 
@@ -81,6 +83,12 @@ class FeatureCache:
     def _path(self, split: str, kind: str, dataset: ImageDataset) -> Path:
         names = "\n".join(map(str, dataset.paths)).encode(errors="surrogateescape")  # names that are not UTF-8 too
         files = hashlib.sha1(names + repr(dataset.targets).encode())
+        for path in dataset.paths:  # a file replaced by other pixels under its name gets new features
+            try:
+                stat = os.stat(path)
+                files.update(f"{stat.st_size} {stat.st_mtime_ns}\n".encode())
+            except (OSError, TypeError, ValueError):  # a shard member's "shard/key" name: no file of its own
+                files.update(b"-\n")
         key = _digest({"dataset": dataset.name, "files": files.hexdigest(), "decoding": decoding_settings()})
         return self.folder / f"{split}-{kind}-{key[:12]}.pt"
 
