@@ -252,6 +252,8 @@ def test_overrides_with_lists_and_dataset_strings() -> None:
         ("crops.blur_probabilities=fixed", "config key 'crops.blur_probabilities' is 'fixed'; use one of: official"),
         ("crops.global_crops_size=60", "key 'crops.global_crops_size' is 60, not a multiple of student.patch_size"),
         ("crops.local_crops_scale=[0.5,0.1]", "config key 'crops.local_crops_scale' is [0.5, 0.1]; give [low, high]"),
+        ("crops.global_crops_scale=[0,1]",  # a ZeroDivisionError after config.yaml was written
+         "config key 'crops.global_crops_scale' is [0.0, 1.0]; give [low, high] with 0 < low <= high <= 1"),
         ("train.batch_size_per_gpu=0", "config key 'train.batch_size_per_gpu' is 0; it must be above 0"),
         ("optim.warmup_epochs=30", "config key 'optim.warmup_epochs' (30) exceeds optim.epochs (16)"),
         ("evaluation.knn_k=[10,0]", "config key 'evaluation.knn_k' is [10, 0]; give positive neighbour counts"),

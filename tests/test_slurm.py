@@ -150,9 +150,14 @@ def test_a_real_submitit_job_runs_the_command(tmp_path, monkeypatch, capsys) -> 
                "--num-workers", "0", "--device", "cpu", "--no-progress", "--out", str(out),
                "--nodes", "1", "--gpus-per-node", "1", "--timeout", "5"]
     # no SLURM here: one line, rather than submitit's local executor running the tasks while "submitted"
-    monkeypatch.delenv(LOCAL_EXECUTOR_ENV, raising=False)
-    assert main(command) == 2 and not (tmp_path / "e.slurm").exists()
-    assert "--nodes submits the command to SLURM, and no SLURM cluster is reachable from here" in capsys.readouterr().err
+    for value in (None, "0", "false"):  # 0 and false said "on" too
+        if value is None:
+            monkeypatch.delenv(LOCAL_EXECUTOR_ENV, raising=False)
+        else:
+            monkeypatch.setenv(LOCAL_EXECUTOR_ENV, value)
+        assert main(command) == 2 and not (tmp_path / "e.slurm").exists()
+        err = capsys.readouterr().err
+        assert "--nodes submits the command to SLURM, and no SLURM cluster is reachable from here" in err
     monkeypatch.setenv(LOCAL_EXECUTOR_ENV, "1")
     assert main(command) == 0
     deadline = time.monotonic() + 300

@@ -89,8 +89,10 @@ def validate(cfg: DictConfig) -> None:
     check_bounds({key: OmegaConf.select(cfg, key) for key in _NON_NEGATIVE}, what="config key", at_least=0)
     for key in _FRACTION_PAIRS:
         pair = list(OmegaConf.select(cfg, key))
-        if len(pair) != 2 or not 0 <= pair[0] <= pair[1] <= 1:
-            raise DinokitError(f"config key '{key}' is {pair}; give [low, high] with 0 <= low <= high <= 1")
+        crop = key.startswith("crops.")  # a crop of no area has no pixels (and no decoding size)
+        if len(pair) != 2 or not (0 < pair[0] if crop else 0 <= pair[0]) or not pair[0] <= pair[1] <= 1:
+            raise DinokitError(f"config key '{key}' is {pair}; give [low, high] with {'0 <' if crop else '0 <='} low "
+                               "<= high <= 1")
     for key in ("ibot.mask_sample_probability", "crops.grayscale_probability", "teacher.momentum_teacher",
                 "teacher.final_momentum_teacher"):
         if not 0 <= OmegaConf.select(cfg, key) <= 1:

@@ -168,7 +168,7 @@ def max_image_pixels() -> int | None:
         return DEFAULT_MAX_PIXELS
     try:
         value = int(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):  # also inf, 1e400
         raise DinokitError(f"{MAX_PIXELS_ENV}={text!r} is not a number of pixels; e.g. 500000000, or 0 for no limit") from None
     return value if value > 0 else None
 

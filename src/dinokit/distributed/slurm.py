@@ -74,7 +74,7 @@ def submit_if_asked(args: argparse.Namespace, log_dir: str | Path) -> bool:
     except ImportError:
         raise DinokitError("SLURM launch needs submitit: pip install 'dinokit[slurm]' (or use torchrun)") from None
     where = submitit.AutoExecutor.which() if hasattr(submitit.AutoExecutor, "which") else "slurm"
-    if where != "slurm" and not os.environ.get(LOCAL_EXECUTOR_ENV):
+    if where != "slurm" and os.environ.get(LOCAL_EXECUTOR_ENV, "").strip().lower() not in ("1", "true", "yes"):
         # submitit would run the job's tasks here, one process per "GPU", while saying it was submitted
         raise DinokitError(f"--nodes submits the command to SLURM, and no SLURM cluster is reachable from here (no "
                            f"sbatch); run it without --nodes (torchrun for several processes), or set "
