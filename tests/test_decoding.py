@@ -104,6 +104,13 @@ def test_huge_image_is_skipped_with_its_size_and_the_setting(tmp_path, monkeypat
         assert ds[1][1] is None
     monkeypatch.setenv("DINOKIT_MAX_IMAGE_PIXELS", "0")
     assert ds[1][1].size == (4, 4)
+    from dinokit.data.images import max_image_pixels
+    from dinokit.errors import DinokitError
+
+    for text in ("inf", "1e400"):  # an OverflowError traceback before
+        monkeypatch.setenv("DINOKIT_MAX_IMAGE_PIXELS", text)
+        with pytest.raises(DinokitError, match=f"DINOKIT_MAX_IMAGE_PIXELS='{text}' is not a number of pixels"):
+            max_image_pixels()
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale_when_the_target_is_small(tmp_path):
