@@ -220,3 +220,17 @@ def test_models_command_lists_names_sizes_and_urls(capsys: pytest.CaptureFixture
     assert rows["dinov2_vitg14_reg"][1:4] == ["vit_giant2", "1,136,486,912", "4"]
     assert rows["dinov2_vits14"][4].endswith("/dinov2_vits14/dinov2_vits14_pretrain.pth")
     assert "vit-small-p14_dinov2-pre_3rdparty = dinov2_vits14" in out
+
+
+def test_the_official_weights_tag_means_the_official_file(tmp_path, monkeypatch) -> None:
+    """Seen: create_model(name, weights="LVD142M") gave random weights without a word (pretrained defaulted False)."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *a, **k: pytest.fail(f"download of {url}"))
+    torch.manual_seed(3)
+    official = create_model("dinov2_vits14", **TINY)
+    save_backbone(official, tmp_path / "checkpoints" / "dinov2_vits14_pretrain.pth")
+    for tag in ("LVD142M", "lvd142m"):
+        loaded = create_model("dinov2_vits14", weights=tag, **TINY)
+        assert torch.equal(loaded.cls_token, official.cls_token)
+    random_init = create_model("dinov2_vits14", weights="LVD142M", pretrained=False, **TINY)  # as officially
+    assert not torch.equal(random_init.cls_token, official.cls_token)

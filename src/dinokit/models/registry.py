@@ -154,14 +154,15 @@ def _is_official_tag(weights: Any) -> bool:
 def create_model(
     name: str,
     *,
-    pretrained: bool = False,
+    pretrained: bool | None = None,
     weights: str | Path | Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a named model; ``weights`` (path, URL or state dict) or ``pretrained`` loads weights strictly.
 
     Backbones: ``weights`` is a backbone file in any supported layout; else ``pretrained=True``
-    fetches the official file through torch.hub's cache; else random init. ``overrides`` replace
+    fetches the official file through torch.hub's cache (as does ``weights="LVD142M"``, the official tag, unless
+    ``pretrained=False``); else random init. ``overrides`` replace
     constructor settings (e.g. ``img_size=224``, ``drop_path_rate=0.1``).
 
     ``_lc`` classifiers take ``layers`` (4 or 1), ``num_classes`` (default: from the head file, else
@@ -169,8 +170,9 @@ def create_model(
     ``pretrained=True`` any file not given is the official one.
     """
     info = model_info(name)
-    if _is_official_tag(weights):
-        weights = None  # official semantics: the tag names the official file, ``pretrained`` decides
+    if _is_official_tag(weights):  # official semantics: the tag names the official file; asking for it without
+        weights, pretrained = None, pretrained is not False  # pretrained= means it (it gave random weights)
+    pretrained = bool(pretrained)
     if info.is_classifier:
         return _create_classifier(info, pretrained=pretrained, head_weights=weights, **overrides)
     if info.depth_head:
