@@ -525,6 +525,11 @@ def test_settings_may_sit_between_the_options_of_every_command_that_takes_them(c
     with pytest.raises(SystemExit):  # a command without settings takes no stray KEY=VALUE either
         parse_command_line(parser, ["embed", "in", "--out", "o.npz", "a=1"])
     assert "unrecognized arguments: a=1" in capsys.readouterr().err
+    for argv in (["train", "--config-file", "", "--output-dir", "o"], ["embed", "in", "--out", "o.npz", "--config-file",
+                                                                       " "]):
+        with pytest.raises(SystemExit):  # a quoted empty variable: it silently meant the defaults (ViT-L for train)
+            parse_command_line(parser, argv)
+        assert "argument --config-file: is empty; give a preset name or a file" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a sub-command's sub-command
         parse_command_line(parser, ["eval", "knn", "--output-dir", "o", "--train-dataset", "a", "--val-dataset", "b",
                                     "--bogus"])

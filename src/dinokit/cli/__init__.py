@@ -58,6 +58,14 @@ def add_overrides(parser: argparse.ArgumentParser, dest: str, help: str) -> None
     parser.set_defaults(_overrides=dest)
 
 
+def named(text: str) -> str:
+    """An argparse ``type`` for a name or path that must not be empty (a quoted empty shell variable): an empty
+    ``--config-file`` silently meant another model."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a preset name or a file, or leave the option out")
+    return text
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``parser.parse_args``, except that KEY=VALUE words after the command's options join its settings."""
     args, extra = parser.parse_known_args(argv)

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from ..distributed.slurm import add_slurm_options, submit_if_asked
-from . import add_overrides
+from . import add_overrides, named
 
 CONFIG_FILE = "config.json"
 STAGE_HELP = {
@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="evaluation images no pretraining image may copy (repeatable)")
         p.add_argument("--target-size", type=int, help="images in the curated set (default: all that dedup leaves)")
         p.add_argument("--model", help="hub name of the embedding backbone (default dinov2_vits14, official weights)")
-        p.add_argument("--config-file", help="embed with the backbone of a training config.yaml instead")
+        p.add_argument("--config-file", type=named, help="embed with the backbone of a training config.yaml instead")
         p.add_argument("--weights", "--pretrained-weights", help="backbone weights (teacher_checkpoint.pth, ...)")
         p.add_argument("--random-init", action="store_true", help="random weights (a baseline; = --weights random)")
         p.add_argument("--copy-model", help="a hub backbone for the copy-detection descriptor (embed.copy=model)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..distributed.slurm import add_slurm_options, submit_if_asked
 from ..errors import DinokitError
-from . import add_overrides
+from . import add_overrides, named
 
 DATASETS_HELP = (
     "SegFolder:root=DIR (DIR/images + DIR/masks), DepthFolder:root=DIR (DIR/images + DIR/depth), "
@@ -24,7 +24,7 @@ DATASETS_HELP = (
 
 def _add_backbone(p: argparse.ArgumentParser, *, required: bool) -> None:
     note = "" if required else " (default: the backbone recorded in the head file)"
-    p.add_argument("--config-file", default=None, help="eval preset or training run config.yaml defining the backbone" + note)
+    p.add_argument("--config-file", type=named, default=None, help="eval preset or training run config.yaml defining the backbone" + note)
     p.add_argument("--pretrained-weights", "--weights", default=None, metavar="PATH",
                    help="backbone weights; a teacher_checkpoint.pth finds its run's config.yaml by itself")
     p.add_argument("--model", default=None, metavar="NAME", help="hub backbone name, e.g. dinov2_vits14")

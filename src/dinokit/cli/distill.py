@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..distributed.slurm import add_slurm_options, submit_if_asked
-from . import add_overrides
+from . import add_overrides, named
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Resumes automatically from OUTPUT_DIR/checkpoints. Multi-GPU: torchrun --nproc_per_node=8 -m dinokit "
         "distill ...",
     )
-    p.add_argument("--config-file", action="append",
+    p.add_argument("--config-file", type=named, action="append",
                    help="preset name (see dinokit train --list-presets) or a YAML file; repeat it to merge several "
                    "in turn [distill_demo]")
     p.add_argument("--teacher", required=False, help="the teacher: run folder, teacher_checkpoint.pth or backbone file")

@@ -39,6 +39,7 @@ from ..engine.run_dir import check_not_replacing, check_writable
 from ..models.checkpoint import check_weights_path
 from ..files import atomic_write
 from ..models.registry import model_info
+from . import named
 
 
 OUTPUT_FORMATS = (".npz", ".npy", ".parquet")
@@ -65,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--random-init", action="store_true",
                    help="random weights; without it and without --weights, the official weights are downloaded "
                    "once into the torch.hub cache")
-    p.add_argument("--config-file", help="use the backbone of a training config.yaml (or eval preset), not --model")
+    p.add_argument("--config-file", type=named, help="use the backbone of a training config.yaml (or eval preset), not --model")
     p.add_argument("--patch-mean", action="store_true", help="also save the mean of the normalised patch tokens (N, D)")
     p.add_argument("--patch-tokens", action="store_true", help="also save the patch tokens (N, h*w, D); .npz only")
     p.add_argument("--image-size", type=int, default=224, help="centre-crop size in pixels (default: %(default)s)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..devices import default_workers, usable_workers
 from ..distributed.slurm import add_slurm_options, submit_if_asked
+from . import named
 
 DESCRIPTION = (
     "Evaluate a frozen backbone. Architecture: --config-file (an eval preset such as eval/vits14_pretrain, or "
@@ -27,7 +28,7 @@ def _add_common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
                    help="labelled training set: ImageFolder:root=DIR (DIR/<class>/<image>), ImageNet:split=TRAIN:"
                         "root=...:extra=..., FileList:path=LIST, Sample:split=TRAIN, or a folder path")
     p.add_argument("--val-dataset", required=True, metavar="STR", help="labelled validation set (same syntax)")
-    p.add_argument("--config-file", default=None, help="eval preset or training config.yaml defining the backbone")
+    p.add_argument("--config-file", type=named, default=None, help="eval preset or training config.yaml defining the backbone")
     p.add_argument("--pretrained-weights", "--weights", default=None, metavar="PATH",
                    help="backbone weights (any dinokit/official layout); a teacher_checkpoint.pth finds its run's "
                         "config.yaml by itself")

@@ -19,6 +19,7 @@ from ..errors import DinokitError
 from ..eval.setup import DEFAULT_MODEL, setup_eval_model
 from ..engine.run_dir import check_not_replacing
 from ..export.onnx import DEFAULT_TOLERANCE, check_output, export_onnx
+from . import named
 
 
 def _onnx(args: argparse.Namespace) -> int:
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = formats.add_parser("onnx", help="ONNX graph checked with onnxruntime (pip install 'dinokit[onnx]')")
     p.add_argument("--model", default=None, help="hub name (default: dinov2_vits14, or the run's config.yaml found "
                    "beside a --weights teacher_checkpoint.pth)")
-    p.add_argument("--config-file", help="use the backbone of a training config.yaml instead of --model")
+    p.add_argument("--config-file", type=named, help="use the backbone of a training config.yaml instead of --model")
     p.add_argument("--weights", "--pretrained-weights", help="backbone file (any layout dinokit loads); default: the official weights of --model")
     p.add_argument("--random-init", action="store_true", help="random weights (no download)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), required=True, help="input size in pixels")

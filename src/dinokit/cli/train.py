@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..distributed.slurm import add_slurm_options, submit_if_asked
-from . import add_overrides
+from . import add_overrides, named
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pretrain with the DINOv2 recipe. Resumes automatically from OUTPUT_DIR/checkpoints. "
         "Multi-GPU: torchrun --nproc_per_node=8 -m dinokit train ...; SLURM: add --nodes/--gpus-per-node.",
     )
-    p.add_argument("--config-file", action="append", help="preset name (see --list-presets) or a YAML file; "
+    p.add_argument("--config-file", type=named, action="append", help="preset name (see --list-presets) or a YAML file; "
                    "repeat it to merge several in turn, e.g. --config-file small --config-file mine.yaml [demo]")
     p.add_argument("--output-dir", required=False, help="where checkpoints, logs and snapshots go")
     p.add_argument("--no-resume", action="store_true", help="start a new run (refused where OUTPUT_DIR already holds checkpoints: they would mix)")

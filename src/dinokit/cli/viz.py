@@ -34,6 +34,7 @@ from ..viz.match import DEFAULT_MAX_MATCHES, DEFAULT_MIN_SPACING, match_patches
 from ..viz.pca import PCA_MODES, pca_rgb, read_foreground_example
 from ..viz.prepare import DEFAULT_IMAGE_SIZE
 from ..viz.video import ANIMATION_FORMATS, is_video_file, read_frames, require_pyav, write_animation
+from . import named
 from .embed import _build_model
 
 GRID_FRAMES = 8  # frames of a video shown in pca_grid.png
@@ -45,7 +46,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--model", default=None, help="hub name (default: dinov2_vits14, or the run's config.yaml found "
                        "beside a --weights teacher_checkpoint.pth; see 'dinokit models')")
     model.add_argument("--weights", "--pretrained-weights", help="backbone file or URL (hub layout, teacher_checkpoint.pth, .safetensors, ...)")
-    model.add_argument("--config-file", help="use the backbone of a training config.yaml (or eval preset), not --model")
+    model.add_argument("--config-file", type=named, help="use the backbone of a training config.yaml (or eval preset), not --model")
     model.add_argument("--random-init", action="store_true", help="random weights (a baseline picture)")
     model.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
                        help="short side in pixels before the crop to a patch multiple (default: %(default)s)")
