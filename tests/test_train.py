@@ -388,3 +388,38 @@ def test_no_progress_leaves_out_the_bar_only(images, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "it/s" not in err and "s/it" not in err
     assert (tmp_path / "run" / "training_metrics.json").read_text().count("\n") >= 1
+
+
+def test_stray_launcher_variables_are_one_line_or_say_what_the_process_waits_for(tmp_path, monkeypatch, capsys):
+    """Seen: WORLD_SIZE=abc, WORLD_SIZE without RANK or MASTER_ADDR gave tracebacks; WORLD_SIZE=2 RANK=0 with no
+    other process waited 30 minutes without a word."""
+    import dinokit.distributed as du
+    from dinokit.cli import main
+
+    images = tmp_path / "img"
+    images.mkdir()
+    __import__("PIL.Image", fromlist=["Image"]).new("RGB", (32, 32)).save(images / "a.png")
+    command = ["embed", str(images), "--out", str(tmp_path / "e.npz"), "--random-init", "--image-size", "28",
+               "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    launch = "launch with torchrun (or srun), or unset WORLD_SIZE"
+    for env, line in (({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a number; " + launch),
+                      ({"WORLD_SIZE": "2"}, f"WORLD_SIZE=2 is set but RANK is not set; {launch} to run one process"),
+                      ({"WORLD_SIZE": "2", "RANK": "5"}, f"WORLD_SIZE=2 is set but RANK is 5; {launch} to run one "
+                                                         "process"),
+                      ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT not; "
+                                                         f"{launch} to run one process")):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert main(command) == 2
+        assert capsys.readouterr().err == f"error: {line}\n"
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29741")
+    monkeypatch.setattr(du, "WAIT_NOTE_SECONDS", 0.3)
+    with pytest.raises(Exception):  # the rendezvous times out: nobody else joins
+        du.init_from_environment(timeout_minutes=0.05)
+    assert not du.is_enabled()
+    assert ("still waiting for the 2 processes of WORLD_SIZE=2 to join at 127.0.0.1:29741 (process 0); if this "
+            "command was not started by torchrun or srun, stop it and unset WORLD_SIZE and RANK"
+            ) in capsys.readouterr().err

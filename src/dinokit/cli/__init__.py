@@ -98,13 +98,13 @@ def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parse_command_line(parser, argv)
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # what a SLURM job reruns (distributed.slurm)
-    launched = distributed.launched_processes()
-    if args.command in ONE_PROCESS_COMMANDS and launched > 1:
-        if not distributed.is_first_process():
-            return 0
-        print(f"note: '{args.command}' works in one process; the other {launched - 1} launched process(es) did "
-              "nothing", flush=True)
     try:
+        launched = distributed.launched_processes()  # a launcher variable that is not a number: one line
+        if args.command in ONE_PROCESS_COMMANDS and launched > 1:
+            if not distributed.is_first_process():
+                return 0
+            print(f"note: '{args.command}' works in one process; the other {launched - 1} launched process(es) did "
+                  "nothing", flush=True)
         with summarised_warnings():  # a repeated warning is shown once, and counted at the end
             return int(args.func(args) or 0)
     except DinokitError as err:

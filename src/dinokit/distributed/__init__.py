@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 from datetime import timedelta
 from typing import NoReturn
 
@@ -45,7 +46,8 @@ def is_first_process() -> bool:
 
 def _launcher_value(torchrun_name: str, slurm_name: str, default: int) -> int:
     """A process number the launcher set before the group starts: torchrun's variable, else SLURM's."""
-    return int(os.environ.get(torchrun_name, os.environ.get(slurm_name, default)))
+    value = _launcher_number(torchrun_name, None)
+    return value if value is not None else _launcher_number(slurm_name, default)  # type: ignore[return-value]
 
 
 def launched_processes() -> int:
@@ -166,8 +168,16 @@ def init_from_environment(timeout_minutes: int = 30) -> bool:
         if "MASTER_ADDR" not in env:
             nodes = env.get("SLURM_JOB_NODELIST", "127.0.0.1")
             env["MASTER_ADDR"] = _first_slurm_host(nodes)
-    if int(env.get("WORLD_SIZE", "1")) <= 1:
+    world = _launcher_number("WORLD_SIZE", 1)
+    if world <= 1:
         return False
+    launch = "launch with torchrun (or srun), or unset WORLD_SIZE to run one process"
+    rank = _launcher_number("RANK", None)
+    if rank is None or not 0 <= rank < world:
+        raise ProcessSpecificError(f"WORLD_SIZE={world} is set but RANK is {env.get('RANK', 'not set')}; {launch}")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise ProcessSpecificError(f"WORLD_SIZE={world} is set but {' and '.join(missing)} not; {launch}")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         local_rank, n_gpus = get_local_rank(), torch.cuda.device_count()
@@ -177,13 +187,35 @@ def init_from_environment(timeout_minutes: int = 30) -> bool:
                 f"{n_gpus} GPU{'s' if n_gpus != 1 else ''}; start one process per GPU "
                 f"(torchrun --nproc_per_node {n_gpus}, or SLURM --ntasks-per-node {n_gpus})")
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    waiting = threading.Timer(WAIT_NOTE_SECONDS, lambda: print(  # a stray WORLD_SIZE would wait without a word
+        f"still waiting for the {world} processes of WORLD_SIZE={world} to join at {env['MASTER_ADDR']}:"
+        f"{env['MASTER_PORT']} (process {rank}); if this command was not started by torchrun or srun, stop it and "
+        "unset WORLD_SIZE and RANK", file=sys.stderr, flush=True))
+    waiting.daemon = True
+    waiting.start()
+    try:
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    finally:
+        waiting.cancel()
     global _joined_group
     _joined_group = True
     return True
 
 
 _joined_group = False  # init_from_environment started a process group in this process
+WAIT_NOTE_SECONDS = 30.0  # when the group has not formed by then, say what it waits for
+
+
+def _launcher_number(name: str, default: int | None) -> int | None:
+    """The integer a launcher put in ``$name`` (``default`` when unset); one line when it is not a number."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ProcessSpecificError(f"{name}={text!r} is not a number; launch with torchrun (or srun), or unset "
+                                   f"{name}") from None
 
 
 def joined_group() -> bool:
