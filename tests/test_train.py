@@ -199,6 +199,11 @@ def test_two_process_gloo_run_and_resume_on_one_process(images, tmp_path, capsys
     assert len(list(folder.glob("*.distcp"))) == 2
     lines = [json.loads(l) for l in (out / "training_metrics.json").read_text().splitlines()]
     assert len(lines) == 3 and all(l["current_batch_size"] == 2 for l in lines)
+    # a refusal found by rank 0 stops rank 1 too, printed once (rank 1 went on into training and died in a collective
+    # with a traceback); torchrun's own failure report follows, as for any command that exits non-zero
+    refused = subprocess.run([*cmd, "--no-resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0 and "[rank1]" not in refused.stderr and "RuntimeError" not in refused.stderr
+    assert refused.stderr.count(f"error: {out} already holds a run (checkpoint of iteration 3)") == 1, refused.stderr
     # the sharded run's checkpoint resumes in a single process (world-size independent), saying that it is then not
     # the run it would have been, and without torch's warning that it assumes one process
     capsys.readouterr()

@@ -35,5 +35,10 @@ class ProcessSpecificError(DinokitError):
     printed once per node, since every process reads the same arguments)."""
 
 
+class RelayedError(DinokitError):
+    """A user error that the main process found and sent to the others so that every process stops at once: printed
+    by the main process only."""
+
+
 class TrainingHealthWarning(UserWarning):
     """A training run that goes on but shows a sign of failure (e.g. collapsed heads); the text says what to try."""

@@ -15,7 +15,7 @@ import pkgutil
 import sys
 import time
 
-from ..errors import DinokitError, ProcessSpecificError
+from ..errors import DinokitError, ProcessSpecificError, RelayedError
 from ..warning_summary import summarised_warnings
 
 # Listed first in ``dinokit --help``, in this order; any other module of this package that defines
@@ -107,6 +107,9 @@ def _run(argv: list[str] | None) -> int:
                   "nothing", flush=True)
         with summarised_warnings():  # a repeated warning is shown once, and counted at the end
             return int(args.func(args) or 0)
+    except RelayedError:  # the main process prints it
+        _report("", own=False, silent=True)
+        return 2
     except DinokitError as err:
         _report(f"error: {err}", own=isinstance(err, ProcessSpecificError))
         return 2
@@ -125,12 +128,12 @@ def _run(argv: list[str] | None) -> int:
 SILENT_RANK_EXIT_DELAY_S = 5.0
 
 
-def _report(line: str, *, own: bool = False) -> None:
+def _report(line: str, *, own: bool = False, silent: bool = False) -> None:
     """Print a user error, once per node under a launcher (:func:`dinokit.distributed.reports_user_errors`), or by
     this process whatever its rank when the error is its ``own`` (:class:`dinokit.errors.ProcessSpecificError`)."""
     from ..distributed import reports_user_errors
 
-    if own or reports_user_errors():
+    if not silent and (own or reports_user_errors()):
         print(line, file=sys.stderr)
     else:
         time.sleep(SILENT_RANK_EXIT_DELAY_S)

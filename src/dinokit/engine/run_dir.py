@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist_utils
-from ..errors import DinokitError
+from ..errors import DinokitError, RelayedError
 from .checkpoint import checkpoint_damage, list_checkpoints, no_readable_checkpoint
 
 LOCK_NAME = ".dinokit.lock"
@@ -217,25 +217,17 @@ def open_run_dir(
     """
     out = Path(output_dir)
     main = dist_utils.is_main_process()
-    lock = None
+    lock, created, refusal = None, False, None
     if main:
-        created = not out.exists()
-        _check_folder(out)
-        found = check_new_run(out, resume=resume)
-        damaged = [(path, reason) for _, path in reversed(found) if (reason := checkpoint_damage(path)) is not None]
-        if found and resume and len(damaged) == len(found):  # starting over would overwrite the run they hold
-            raise no_readable_checkpoint(out / "checkpoints", damaged)
-        if found and config is not None:
-            refused, accepted = config_changes(_load_saved(out / config_file), config, allowed_changes)
-            if refused:
-                raise DinokitError(
-                    f"{out} holds a run with another configuration: {_listing(refused)}; rerun with the saved "
-                    f"settings to resume it, or give a new --output-dir to start a new run"
-                )
-            if accepted:
-                print(f"resuming with changed settings: {_listing(accepted, 5)}")
-        lock = _take_lock(out)
-        _remove_partial_files(out)
+        try:
+            created = not out.exists()
+            lock = _check_and_lock(out, resume, config, config_file, allowed_changes)
+        except DinokitError as err:
+            refusal = str(err)
+    # every process stops on the main one's refusal (the others went on into training, then died in a collective)
+    refusal = dist_utils.broadcast_object(refusal)
+    if refusal is not None:
+        raise DinokitError(refusal) if main else RelayedError(refusal)
     failed = True
     try:
         yield out
@@ -245,6 +237,28 @@ def open_run_dir(
             lock.unlink(missing_ok=True)
             if failed and created and not any(out.iterdir()):  # stopped before writing anything: no folder left
                 out.rmdir()
+
+
+def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file: str,
+                    allowed_changes: Sequence[str]) -> Path:
+    """The main process's checks of :func:`open_run_dir`, then its lock (returned)."""
+    _check_folder(out)
+    found = check_new_run(out, resume=resume)
+    damaged = [(path, reason) for _, path in reversed(found) if (reason := checkpoint_damage(path)) is not None]
+    if found and resume and len(damaged) == len(found):  # starting over would overwrite the run they hold
+        raise no_readable_checkpoint(out / "checkpoints", damaged)
+    if found and config is not None:
+        refused, accepted = config_changes(_load_saved(out / config_file), config, allowed_changes)
+        if refused:
+            raise DinokitError(
+                f"{out} holds a run with another configuration: {_listing(refused)}; rerun with the saved "
+                f"settings to resume it, or give a new --output-dir to start a new run"
+            )
+        if accepted:
+            print(f"resuming with changed settings: {_listing(accepted, 5)}")
+    lock = _take_lock(out)
+    _remove_partial_files(out)
+    return lock
 
 
 def _remove_partial_files(out: Path) -> None:
