@@ -265,7 +265,8 @@ def test_a_process_without_its_gpu_says_so_whatever_its_rank(monkeypatch, images
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device called"))
-    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29743"}.items():  # as torchrun sets them
         monkeypatch.setenv(key, value)
     with pytest.raises(DinokitError, match=r"process 1 \(local rank 1\) needs GPU 1 but this node has 1 GPU; start one "
                                            r"process per GPU \(torchrun --nproc_per_node 1"):
