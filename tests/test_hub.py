@@ -187,9 +187,14 @@ def test_classifier_loads_head_and_backbone_files(tmp_path: Path) -> None:
         torch.testing.assert_close(model.eval()(x), want)
 
 
-def test_classifier_pretrained_uses_the_official_files_from_the_hub_cache(tmp_path, monkeypatch) -> None:
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> None:
+    """torch.hub's folder is ``tmp_path`` (official files go in its checkpoints/), and nothing is downloaded."""
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *a, **k: pytest.fail(f"download of {url}"))
+
+
+def test_classifier_pretrained_uses_the_official_files_from_the_hub_cache(tmp_path, offline_hub) -> None:
     torch.manual_seed(2)
     backbone = create_model("dinov2_vits14_reg", **TINY)
     save_backbone(backbone, tmp_path / "checkpoints" / "dinov2_vits14_reg4_pretrain.pth")
@@ -222,10 +227,8 @@ def test_models_command_lists_names_sizes_and_urls(capsys: pytest.CaptureFixture
     assert "vit-small-p14_dinov2-pre_3rdparty = dinov2_vits14" in out
 
 
-def test_the_official_weights_tag_means_the_official_file(tmp_path, monkeypatch) -> None:
+def test_the_official_weights_tag_means_the_official_file(tmp_path, offline_hub) -> None:
     """Seen: create_model(name, weights="LVD142M") gave random weights without a word (pretrained defaulted False)."""
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *a, **k: pytest.fail(f"download of {url}"))
     torch.manual_seed(3)
     official = create_model("dinov2_vits14", **TINY)
     save_backbone(official, tmp_path / "checkpoints" / "dinov2_vits14_pretrain.pth")

@@ -1,4 +1,5 @@
-"""Writing files so that a crash, a full disk or a denied folder never leaves a half-written file behind.
+"""Writing files so that a crash, a full disk or a denied folder never leaves a half-written file behind, and
+reading the NumPy files a user may hand in without ever unpickling them.
 
 Every file dinokit writes (checkpoints, weights, embeddings, results, figures) goes through :func:`atomic_write`:
 the data lands in a hidden temporary file beside the target, which then replaces the target in one step. A failed

@@ -107,11 +107,8 @@ def _run(argv: list[str] | None) -> int:
                   "nothing", flush=True)
         with summarised_warnings():  # a repeated warning is shown once, and counted at the end
             return int(args.func(args) or 0)
-    except RelayedError:  # the main process prints it
-        _report("", own=False, silent=True)
-        return 2
-    except DinokitError as err:
-        _report(f"error: {err}", own=isinstance(err, ProcessSpecificError))
+    except DinokitError as err:  # a RelayedError is the main process's, which prints it
+        _report(f"error: {err}", own=isinstance(err, ProcessSpecificError), silent=isinstance(err, RelayedError))
         return 2
     except OSError as err:
         if err.filename is None:  # not about a path the user gave: a real failure, keep the traceback

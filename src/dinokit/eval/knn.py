@@ -192,9 +192,10 @@ def evaluate_knn(
     test_features = F.normalize(test_features.float(), dim=1)
     rank, world = du.get_rank(), du.get_world_size()
     results = []
+    class_sizes = torch.bincount(train_labels.cpu())[torch.unique(train_labels.cpu())]  # of the classes present
     for n_per_class in n_per_class_list:
         tries = [None] if n_per_class < 0 else list(range(n_tries))
-        smaller = int((torch.bincount(train_labels.cpu())[torch.unique(train_labels.cpu())] < n_per_class).sum())
+        smaller = int((class_sizes < n_per_class).sum())
         if smaller and du.is_main_process():  # the row is not the few-shot figure its name says for those classes
             print(f"note: {smaller} class(es) have fewer than {n_per_class} training images: the {n_per_class}-shot "
                   "row uses all of theirs")
