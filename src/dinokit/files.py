@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno as errno_codes
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -85,3 +86,54 @@ def read_npy(path: str | Path, what: str, fix: str | None = None) -> Any:
         why = ("holds Python objects, which are not unpickled" if "allow_pickle" in str(err) else
                "is cut short or damaged")
         raise DinokitError(f"{what} {why}; {fix or 'save a numeric array with numpy.save'}") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def take_lock(lock: Path, target: str | Path, option: str = "--output-dir") -> Path:
+    """Create the lock file ``lock`` (host and process id) for writing ``target`` (given by ``option``), or stop
+    with one line when a live process holds it; a lock left by a killed process is taken over. The caller
+    deletes the returned lock when done (see :func:`holding_lock`)."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+                owner_alive = host != socket.gethostname() or _alive(int(pid))
+            except (OSError, ValueError):
+                host, pid, owner_alive = "?", "?", False  # torn or vanished lock: a killed run's
+            if owner_alive:
+                raise DinokitError(
+                    f"another run (process {pid} on {host}) is writing to {target}; wait for it to end or give "
+                    f"another {option} (if that process is gone, delete {lock})"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a killed run
+            continue
+        except PermissionError:
+            raise DinokitError(f"{option} {str(target)!r} is not writable; give a folder you can write to") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+    raise DinokitError(f"cannot take the lock {lock}; delete it if no run is writing to {target}")
+
+
+@contextmanager
+def holding_lock(lock: str | Path, target: str | Path, option: str = "--out") -> Iterator[Path]:
+    """Hold :func:`take_lock`'s lock for the ``with`` block; two commands writing the same output would otherwise
+    both report success with one's work lost."""
+    lock = Path(lock)
+    held = take_lock(lock, target, option)
+    try:
+        yield held
+    finally:
+        held.unlink(missing_ok=True)

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from typing import Any
 
 from .. import distributed as dist_utils
 from ..errors import DinokitError, RelayedError
+from ..files import take_lock
 from .checkpoint import checkpoint_damage, list_checkpoints, no_readable_checkpoint
 
 LOCK_NAME = ".dinokit.lock"
@@ -144,43 +144,6 @@ def _check_folder(out: Path) -> None:
         raise DinokitError(f"cannot create --output-dir {str(out)!r} ({err.strerror}); give a writable folder") from None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _take_lock(out: Path) -> Path:
-    lock = out / LOCK_NAME
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                host, pid = lock.read_text().split()
-                owner_alive = host != socket.gethostname() or _alive(int(pid))
-            except (OSError, ValueError):
-                host, pid, owner_alive = "?", "?", False  # torn or vanished lock: a killed run's
-            if owner_alive:
-                raise DinokitError(
-                    f"another run (process {pid} on {host}) is writing to {out}; wait for it to end or give another "
-                    f"--output-dir (if that process is gone, delete {lock})"
-                ) from None
-            lock.unlink(missing_ok=True)  # left by a killed run
-            continue
-        except PermissionError:
-            raise DinokitError(f"--output-dir {str(out)!r} is not writable; give a folder you can write to") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return lock
-    raise DinokitError(f"cannot take the lock {lock}; delete it if no run is writing to {out}")
-
-
 def _load_saved(path: Path) -> Mapping:
     """The settings a run saved in ``path``; one line when they are missing or unreadable: without them a changed
     setting would resume the run unnoticed and mix two runs (the checkpoints alone cannot tell)."""
@@ -256,7 +219,7 @@ def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file
             )
         if accepted:
             print(f"resuming with changed settings: {_listing(accepted, 5)}")
-    lock = _take_lock(out)
+    lock = take_lock(out / LOCK_NAME, out)
     _remove_partial_files(out)
     return lock
 
