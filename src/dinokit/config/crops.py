@@ -30,6 +30,9 @@ def _as_list(value: Any, key: str, n: int | None, *, optional: bool = False, kin
     values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
     if n is not None and len(values) == 1 and not isinstance(value, (list, tuple, ListConfig)):
         values = values * n  # a single value applies to every triple
+    if not values and n is None:
+        what = "positive integers" if kind is int else "positive numbers"
+        raise DinokitError(f"config key 'crops.{key}' is []; give {what} (one, or a list)")
     if not values or (n is not None and len(values) != n):
         raise DinokitError(f"config key 'crops.{key}' has {len(values)} values but crops.global_crops_size has {n}; "
                            f"give one value per global crop size (or a single value for all)")

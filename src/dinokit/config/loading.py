@@ -17,7 +17,6 @@ import functools
 import re
 import types
 import typing
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +30,11 @@ from ..errors import DinokitError
 from ..files import atomic_write
 from .schema import SSLConfig
 from ..engine.optim import scale_lr
+from . import sources as _sources
+from .sources import no_settings, parse_yaml, read_config_text
 from .validation import validate
+
+list_presets = _sources.list_presets  # re-exported by dinokit.config (presets live in sources.py)
 
 # ---------------------------------------------------------------------------------------------------
 # Schema introspection (for error messages and for parsing overrides by field type)
@@ -55,12 +58,12 @@ def _field_type(path: str, root: type | None = None) -> Any:
     like ``[1]`` gives the item type), or None."""
     tp: Any = root or SSLConfig
     for part in path.split("."):
-        name, index = re.fullmatch(r"([^\[]*)(\[\d+\])?", part).groups()
+        match = re.fullmatch(r"([^\[]*)(\[\d+\])?", part)
         section = _section(tp)
-        if section is None or name not in _hints(section):
+        if match is None or section is None or match[1] not in _hints(section):
             return None
-        tp = _hints(section)[name]
-        if index:
+        tp = _hints(section)[match[1]]
+        if match[2]:
             tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
     return tp
 
@@ -68,8 +71,12 @@ def _field_type(path: str, root: type | None = None) -> Any:
 def _describe(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
+    if typing.get_origin(tp) is list and typing.get_origin(typing.get_args(tp)[0]) is dict:
+        return "a list of mappings ([{name: value, ...}, ...])"
     if typing.get_origin(tp) is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        return "a mapping of names to values ({name: value, ...})"
     if dataclasses.is_dataclass(tp):
         return "a section of keys (" + ", ".join(_hints(tp)) + ")"
     return getattr(tp, "__name__", str(tp))
@@ -123,10 +130,13 @@ def _format_value(value: Any) -> str:
     return repr(value)
 
 
-def _check_keys(data: dict, cls: type, prefix: str, source: str, root: type, noun: str) -> dict:
-    """``data`` checked for unknown keys and scalars given to sections, with full dotted keys in the errors.
+def _check_keys(data: dict, cls: type, prefix: str, source: str, root: type, noun: str,
+                blanks: frozenset[str] = frozenset()) -> dict:
+    """``data`` checked for unknown keys, null or scalars given to sections, list items of the wrong kind and
+    interpolations, with full dotted keys in the errors.
 
-    A null section (``evaluation:`` with its keys commented out) is dropped: YAML's way to say "empty".
+    A section ``| None`` may be null (e.g. no k-NN); any other must not, except when left blank in a YAML file
+    (``evaluation:`` with its keys commented out, in ``blanks``): it is then dropped, YAML's way to say "empty".
     """
     checked = {}
     for key, value in data.items():
@@ -138,24 +148,56 @@ def _check_keys(data: dict, cls: type, prefix: str, source: str, root: type, nou
         if isinstance(value, dict) and value and not section:
             raise _unknown_key(f"{path}.{next(iter(value))}", source, root, noun)
         if section and isinstance(value, dict):
-            value = _check_keys(value, section, path + ".", source, root, noun)
-        elif section and value is None and section is tp:
+            value = _check_keys(value, section, path + ".", source, root, noun, blanks)
+        elif section and value is None and section is tp and path in blanks:
             continue
+        elif section and value is None and section is tp:  # optim=null: a section cannot be "nothing"
+            keys = ", ".join(list(_hints(section))[:3])
+            raise DinokitError(f"{noun} '{path}' is null, in {source}; it is a section of keys ({keys}, ...): give "
+                               "some of them or leave it out")
         elif section and value is not None:
             raise DinokitError(f"{noun} '{path}' expects {_describe(tp)}, got {_format_value(value)}, in {source}")
+        else:
+            _check_value(value, tp, path, source, noun)
         checked[key] = value
     return checked
 
 
-def merge_checked(cfg: DictConfig, data: Any, source: str, root: type = SSLConfig, noun: str = "config key") -> DictConfig:
+def _check_value(value: Any, tp: Any, path: str, source: str, noun: str) -> None:
+    """The items of a list field that OmegaConf lets through (a list or mapping in a list of numbers, anything but
+    a mapping where mappings are due, a null item) and interpolations anywhere in ``value``: one line each."""
+    if isinstance(value, str) and "${" in value:  # OmegaConf would resolve it on access: a traceback, or a surprise
+        raise DinokitError(f"{noun} '{path}' is {value!r}, in {source}: interpolations (${{...}}) are not supported; "
+                           "write the value itself (on the command line the shell expands \"$VAR\")")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_value(item, Any, f"{path}.{key}", source, noun)
+    if not isinstance(value, list):
+        return
+    item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else Any
+    optional = item_tp is Any or type(None) in typing.get_args(item_tp)
+    for i, item in enumerate(value):
+        wrong = item is None and not optional
+        wrong |= item_tp in (int, float, str, bool) and isinstance(item, (list, dict))
+        wrong |= typing.get_origin(item_tp) is dict and item is not None and not (
+            isinstance(item, dict) and all(isinstance(k, str) for k in item))
+        if wrong:
+            raise DinokitError(f"{noun} '{path}[{i}]' expects {_describe(item_tp)}, got {_format_value(item)}, in "
+                               f"{source}")
+        _check_value(item, item_tp, f"{path}[{i}]", source, noun)
+
+
+def merge_checked(cfg: DictConfig, data: Any, source: str, root: type = SSLConfig, noun: str = "config key",
+                  blanks: frozenset[str] = frozenset()) -> DictConfig:
     """``cfg`` (a structured config of the dataclass ``root``) with ``data`` merged in; an unknown key (with the
     closest known one), a value given to a section or of the wrong type is one line naming the ``noun`` and
-    ``source``. The training config and the curation settings load through this."""
+    ``source``. ``blanks``: the keys a YAML file left blank. The training config and the curation settings load
+    through this."""
     if data is None:
         return cfg
     if not isinstance(data, dict):
         raise DinokitError(f"{source} must hold a mapping of config sections, got {_format_value(data)}")
-    data = _check_keys(data, root, "", source, root, noun)
+    data = _check_keys(data, root, "", source, root, noun, frozenset(blanks))
     try:
         return typing.cast(DictConfig, OmegaConf.merge(cfg, data))
     except OmegaConfBaseException as err:
@@ -171,63 +213,22 @@ def merge_checked(cfg: DictConfig, data: Any, source: str, root: type = SSLConfi
 # Presets, files and overrides
 # ---------------------------------------------------------------------------------------------------
 
-_PRESET_DIRS = ("train", "eval")
-_DEFAULT_NAME = "ssl_default_config"
-
-
-def _configs_root() -> Any:
-    return resources.files("dinokit") / "configs"
-
-
-def list_presets() -> list[str]:
-    """Names accepted by :func:`load_config`, e.g. ``train/demo`` (``demo`` works too)."""
-    names = []
-    for folder in _PRESET_DIRS:  # training presets first
-        stems = (e.name.removesuffix(".yaml") for e in (_configs_root() / folder).iterdir() if e.name.endswith(".yaml"))
-        names += [f"{folder}/{stem}" for stem in sorted(stems)]
-    return names
-
-
-def _read_config_text(config_file: str | Path) -> tuple[str, str]:
-    """(YAML text, description for messages) of a file path or preset name."""
-    config_file = str(config_file)
-    path = Path(config_file).expanduser()
-    if path.is_file():
-        with open(path, "rb") as f:
-            head = f.read(65536)
-        try:
-            text, why = (None, "") if b"\0" in head else (path.read_text(encoding="utf-8"), "")
-        except UnicodeDecodeError as err:
-            text, why = None, f" (not UTF-8: byte 0x{err.object[err.start]:02x} at position {err.start})"
-        if text is None:  # a checkpoint, an image, an archive, a file in another encoding
-            if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save archive, pickle
-                fix = ("it looks like a checkpoint: weights go to --weights, --pretrained-weights or "
-                       "student.pretrained_weights, not --config-file")
-            else:
-                fix = "give a YAML file saved as UTF-8"
-            raise DinokitError(f"config file '{config_file}' is not a text YAML file{why}; {fix}")
-        return text, f"config file '{config_file}'"
-    name = config_file.removesuffix(".yaml")
-    presets = list_presets()
-    candidates = [name] + [f"{folder}/{name}" for folder in _PRESET_DIRS]
-    for candidate in candidates:
-        if candidate in presets or candidate in (_DEFAULT_NAME, "default"):
-            stem = _DEFAULT_NAME if candidate == "default" else candidate
-            return (_configs_root() / f"{stem}.yaml").read_text(encoding="utf-8"), f"preset '{candidate}'"
-    short = ", ".join(p.split("/", 1)[1] for p in presets)
-    raise DinokitError(f"config '{config_file}' is neither a YAML file nor a preset; presets: {short}")
-
-
-def _parse_value(raw: str, tp: Any) -> Any:
+def _parse_value(raw: str, tp: Any, key: str, source: str) -> Any:
     """Parse an override value: YAML scalars/lists, except that string fields take the text as is."""
     quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
     if tp in (str, str | None) and not quoted:
         return None if raw in ("null", "~") else raw
     try:
-        value = yaml.load(raw, Loader=_yaml_loader()) if raw else ""
+        value = parse_yaml(raw, source, key) if raw else ""
     except yaml.YAMLError:
         return raw
     return value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else raw
+
+
+def _holds_missing_mark(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_missing_mark(v) for v in value.values())
+    return any(_holds_missing_mark(v) for v in value) if isinstance(value, list) else value == MISSING_VALUE
 
 
 def override_to_dict(text: str, root: type = SSLConfig, example: str = "optim.epochs=2") -> dict:
@@ -236,7 +237,10 @@ def override_to_dict(text: str, root: type = SSLConfig, example: str = "optim.ep
     key = key.strip()
     if not sep or not key:
         raise DinokitError(f"override '{text}' is not key=value; write e.g. {example}")
-    nested: Any = _parse_value(raw.strip(), _field_type(key, root))
+    nested: Any = _parse_value(raw.strip(), _field_type(key, root), key, f"override '{text}'")
+    if _holds_missing_mark(nested):  # a merge never writes "???": the override would silently do nothing
+        raise DinokitError(f"override '{text}' gives {MISSING_VALUE}, the mark of a value a config file leaves to the "
+                           f"command line; give {key} a value")
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
@@ -257,15 +261,18 @@ def load_config(config_file: str | Path | Sequence[str | Path] | None, overrides
     files = [file for file in files if file]  # "" or None: the defaults
     sources = []
     for file in files:
-        text, source = _read_config_text(file)
+        text, source = read_config_text(file)
+        blanks: set[str] = set()
         try:
-            data = yaml.load(text, Loader=_yaml_loader())
+            data = parse_yaml(text, source, blanks=blanks)
         except yaml.YAMLError as err:
             first = str(err).replace("\n", " ")
             raise DinokitError(f"{source} is not valid YAML ({first}); fix the file") from err
-        cfg = merge_checked(cfg, data, source)
+        if error := no_settings(data, source, blanks):
+            raise error
+        cfg = merge_checked(cfg, data, source, blanks=frozenset(blanks))
         # a merge never replaces a value by "???": mark the file's "???" keys missing explicitly
-        for key in OmegaConf.missing_keys(OmegaConf.create(data or {})) if to_train else ():
+        for key in OmegaConf.missing_keys(OmegaConf.create(data)) if to_train else ():
             OmegaConf.update(cfg, key, MISSING_VALUE, merge=False)
         sources.append(source)
     source = " + ".join(sources) or "the defaults"
@@ -284,18 +291,6 @@ def load_config(config_file: str | Path | Sequence[str | Path] | None, overrides
 
 
 MISSING_VALUE = "???"  # OmegaConf's mark of a mandatory value: a preset's way to say "the user must give this"
-
-
-@functools.cache
-def _yaml_loader() -> type:
-    """A safe loader that also reads ``1e-5`` as a float, as OmegaConf does (YAML 1.1 needs ``1.0e-5``)."""
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    float_re = re.compile(r"^[-+]?(?:(?:\d[\d_]*\.\d*|\.\d+)(?:[eE][-+]?\d+)?|\d[\d_]*[eE][-+]?\d+)$")
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_re, list("-+0123456789."))
-    return Loader
 
 
 def find_run_config(weights: str | Path) -> Path | None:

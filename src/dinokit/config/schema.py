@@ -299,7 +299,7 @@ class DistillationConfig:
     ibot_positions: str = "all"  # all patch tokens of both global crops (DINOv2 paper) or masked (DINOv3 subset)
     feature_loss: str = "cosine"  # loss=features: cosine or smooth_l1 between projected student and teacher tokens
     feature_patch_weight: float = 1.0  # loss=features: weight of the patch-token term (the class-token term has 1)
-    students: list[Any] = field(default_factory=list)  # more students: [{name: s, arch: vit_small, ...}, ...]
+    students: list[dict[str, Any]] = field(default_factory=list)  # more: [{name: s, arch: vit_small, ...}, ...]
 
 
 @dataclass
