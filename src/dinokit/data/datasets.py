@@ -89,13 +89,24 @@ def absolute_dataset_str(dataset_str: str) -> str:
         path = Path(value).expanduser()
         return os.path.abspath(path) if path.exists() else value
 
+    def absolute_urls(value: str) -> str:  # a local shard pattern (shards/train-{000..009}.tar): its folder
+        path = Path(value).expanduser()
+        if "://" in value or value.startswith("pipe:") or "::" in value or not path.parent.is_dir():
+            return value
+        return os.path.join(os.path.abspath(path.parent), path.name)
+
     if Path(dataset_str).expanduser().exists():
         return absolute(dataset_str)
-    name, kwargs = parse_dataset_str(dataset_str)
     if ":" not in dataset_str.strip():  # a bare path that does not exist: reported when the set is opened
         return dataset_str
+    head = dataset_str.strip().partition(":")[0]
+    try:  # any family's name (the dense sets too); a malformed string is reported when the set is opened
+        name, kwargs = parse_dataset_str(dataset_str, names=(head,))
+    except DinokitError:
+        return dataset_str
     paths = ("root", "path", "extra", "real_labels")
-    return name + "".join(f":{k}={absolute(v) if k in paths else v}" for k, v in kwargs.items())
+    return name + "".join(f":{k}={absolute(v) if k in paths else absolute_urls(v) if k == 'urls' else v}"
+                          for k, v in kwargs.items())
 
 
 def _check_keys(name: str, kwargs: dict[str, str], allowed: tuple[str, ...], dataset_str: str) -> None:

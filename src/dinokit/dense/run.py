@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import distributed as du
+from ..config.paths import absolute_dataset, absolute_file
 from ..errors import DinokitError
 from ..engine.run_dir import check_writable
 from ..files import atomic_write
@@ -96,6 +97,10 @@ def train_head(
     recipe = recipe_with_overrides(task, head, list(overrides))
     out = check_writable(output_dir)  # one line before any work (the datasets are listed next)
     device_ = resolve_device(device)
+    # saved in dense_config.json and head.pth: the same files from any working directory (dense eval --head)
+    backbone_source = {k: absolute_file(v) if k in ("config_file", "pretrained_weights") else v
+                       for k, v in backbone_source.items()}
+    train_dataset, val_dataset = absolute_dataset(train_dataset), absolute_dataset(val_dataset)
     settings = json.loads(json.dumps(  # plain values, as they read back from dense_config.json
         {"task": task, "head": head, "backbone": {k: v for k, v in backbone_source.items() if v},
          "train_dataset": train_dataset, "val_dataset": val_dataset, "recipe": dataclasses_asdict(recipe)}, default=str))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import apply_scaling_rules, check_koleo_group, check_step_levers, write_config
+from ..config.paths import make_paths_absolute
 from ..config.schema import StudentConfig
 from ..data import make_dataset
 from ..devices import resolve_device
@@ -94,6 +96,7 @@ def distill(
         if unused:
             raise DinokitError(f"{key} is a pretraining-stage key that dinokit distill does not use; remove it "
                                "(distillation starts students from student.pretrained_weights)")
+    make_paths_absolute(cfg)  # saved in config.yaml: the same teacher and files from any working directory
     rank, world = init_run(cfg.train.seed)
     check_step_levers(cfg.train, world)
     check_koleo_group(cfg.dino, world)
@@ -110,7 +113,7 @@ def distill(
         raise DinokitError(f"--output-dir {output_dir} holds the teacher ({source.weights}); give a new --output-dir "
                            "for the students")
     cfg.train.output_dir = str(output_dir)
-    cfg.distillation.teacher = str(source.weights)
+    cfg.distillation.teacher = os.path.abspath(source.weights)
     apply_scaling_rules(cfg, world)
     dev = resolve_device(device)
     weights = cfg.MODEL.WEIGHTS or None

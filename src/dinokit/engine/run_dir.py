@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist_utils
+from ..config.paths import absolute_settings
 from ..errors import DinokitError, RelayedError
 from ..files import take_lock
 from .checkpoint import checkpoint_damage, list_checkpoints, no_readable_checkpoint
@@ -211,7 +212,9 @@ def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file
     if found and resume and len(damaged) == len(found):  # starting over would overwrite the run they hold
         raise no_readable_checkpoint(out / "checkpoints", damaged)
     if found and config is not None:
-        refused, accepted = config_changes(_load_saved(out / config_file), config, allowed_changes)
+        # both through absolute_settings: a run saved with relative paths still matches from the folder it began in
+        refused, accepted = config_changes(absolute_settings(_load_saved(out / config_file)),
+                                           absolute_settings(config), allowed_changes)
         if refused:
             raise DinokitError(
                 f"{out} holds a run with another configuration: {_listing(refused)}; rerun with the saved "

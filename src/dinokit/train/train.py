@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import distributed as du
 from ..config import apply_scaling_rules, check_koleo_group, check_step_levers, compute_dtype, write_config
+from ..config.paths import make_paths_absolute
 from ..config.schema import DistillationConfig
 from ..devices import resolve_device
 from ..engine import Engine, EngineConfig, Hook, build_schedulers, init_run
@@ -81,6 +82,7 @@ def train(
     if OmegaConf.to_container(cfg.distillation) != OmegaConf.to_container(OmegaConf.structured(DistillationConfig)):
         raise DinokitError("the distillation.* keys are read by dinokit distill, not dinokit train; remove them or "
                            "run dinokit distill")
+    make_paths_absolute(cfg)  # saved in config.yaml: the same files from any working directory
     check_stage_weights(cfg)
     check_tracker(cfg.train.tracker)
     check_output_outside_data(output_dir, cfg.train.dataset_path)
