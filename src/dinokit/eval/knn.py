@@ -42,6 +42,7 @@ class KnnResult:
     top1: float
     top5: float
     n_tries: int = 1
+    notes: tuple[str, ...] = ()  # what makes the line other than its name says; recorded in its "warnings"
 
 
 # ---------------------------------------------------------------------------------------------- core
@@ -196,9 +197,11 @@ def evaluate_knn(
     for n_per_class in n_per_class_list:
         tries = [None] if n_per_class < 0 else list(range(n_tries))
         smaller = int((class_sizes < n_per_class).sum())
-        if smaller and du.is_main_process():  # the row is not the few-shot figure its name says for those classes
-            print(f"note: {smaller} class(es) have fewer than {n_per_class} training images: the {n_per_class}-shot "
-                  "row uses all of theirs")
+        row_notes = [f"{smaller} class(es) have fewer than {n_per_class} training images: the {n_per_class}-shot row "
+                     "uses all of theirs"] if smaller else []  # not the few-shot figure its name says for those
+        k_notes: dict[int, str] = {}
+        if smaller and du.is_main_process():
+            print(f"note: {row_notes[0]}")
         # few-shot, as the official code: the k of the list up to n_per_class, and n_per_class itself
         row_ks = list(ks) if n_per_class < 0 else sorted({k for k in [*ks, n_per_class] if k <= n_per_class})
         runs = []
@@ -207,10 +210,12 @@ def evaluate_knn(
             feats, labels = train_features[subset], train_labels[subset]
             n_train = len(labels)
             above = sorted(k for k in set(row_ks) if k > n_train)
-            if above and seed in (None, 0) and du.is_main_process():
-                named = ", ".join(f"k={k}" for k in above)
-                print(f"note: {named} {'exceeds' if len(above) == 1 else 'exceed'} the {n_train} training samples: "
-                      f"all {n_train} vote in {'that row' if len(above) == 1 else 'those rows'}")
+            if above and seed in (None, 0):
+                k_notes = {k: f"k={k} exceeds the {n_train} training samples: all {n_train} vote" for k in above}
+                if du.is_main_process():
+                    named = ", ".join(f"k={k}" for k in above)
+                    print(f"note: {named} {'exceeds' if len(above) == 1 else 'exceed'} the {n_train} training "
+                          f"samples: all {n_train} vote in {'that row' if len(above) == 1 else 'those rows'}")
             shard = slice(rank, None, world)  # rank r holds rows r, r + world, ...
             kept = _kept_on_cpu(feats[shard], device) if gather_on_cpu else feats[shard].to(device)
             accuracy = knn_classify(
@@ -222,7 +227,9 @@ def evaluate_knn(
         for k in row_ks:
             top1 = sum(r[k][0] for r in runs) / len(runs)
             top5 = sum(r[k][1] for r in runs) / len(runs)
-            results.append(KnnResult(n_per_class=n_per_class, k=k, top1=top1, top5=top5, n_tries=len(runs)))
+            notes = tuple(row_notes + ([k_notes[k]] if k in k_notes else []))
+            results.append(KnnResult(n_per_class=n_per_class, k=k, top1=top1, top5=top5, n_tries=len(runs),
+                                     notes=notes))
     return results
 
 
@@ -234,8 +241,14 @@ def _kept_on_cpu(features: torch.Tensor, device: torch.device | str) -> torch.Te
 
 def write_knn_results(results: Sequence[KnnResult], output_dir: str | Path, provenance: dict | None = None) -> Path:
     """Append one JSON line per (n_per_class, k) to ``output_dir/results_eval_knn.json`` (atomically), each with
-    ``provenance`` (weights, datasets, warnings)."""
-    return append_results(Path(output_dir) / RESULTS_FILE, [{**asdict(r), **(provenance or {})} for r in results])
+    ``provenance`` (weights, datasets, warnings); a line's own notes join its warnings."""
+    lines = []
+    for r in results:
+        line = {**asdict(r), **(provenance or {})}
+        if notes := line.pop("notes"):
+            line["warnings"] = [*line.get("warnings", []), *notes]
+        lines.append(line)
+    return append_results(Path(output_dir) / RESULTS_FILE, lines)
 
 
 def format_knn_table(results: Sequence[KnnResult]) -> str:
