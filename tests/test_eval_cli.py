@@ -600,3 +600,22 @@ def test_an_image_replaced_under_its_name_is_extracted_again(tmp_path):
     before = cache._path("val", "cls", make_dataset(str(folder)))
     Image.new("RGB", (9, 9), (0, 255, 0)).save(folder / "a.png")  # other pixels, the same name
     assert cache._path("val", "cls", make_dataset(str(folder))) != before
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(capsys, monkeypatch):
+    """A Ctrl-C in the first seconds (torch and the commands loading) printed a traceback: `import dinokit` loaded
+    torch before main() could catch it. The package and the CLI module now load torch only when a command needs it."""
+    import subprocess
+    import sys
+
+    import dinokit.cli
+
+    code = "import sys, dinokit, dinokit.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dinokit.cli, "build_parser", interrupted)
+    assert dinokit.cli.main(["models"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

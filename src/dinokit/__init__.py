@@ -2,9 +2,18 @@
 
 __version__ = "0.1.0"
 
-from .models import create_model, list_models, load_backbone_weights  # noqa: E402
-
 __all__ = ["__version__", "create_model", "get_model", "list_models", "load_backbone_weights"]
+
+
+def __getattr__(name: str):
+    """``create_model``, ``list_models`` and ``load_backbone_weights``, imported on first use: ``import dinokit`` (and
+    the ``dinokit`` command before it parses its line) does not load torch, so a Ctrl-C in those seconds is no
+    traceback."""
+    if name in ("create_model", "list_models", "load_backbone_weights"):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'dinokit' has no attribute {name!r}")
 
 
 def get_model(name: str, **kwargs):

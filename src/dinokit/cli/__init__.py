@@ -43,9 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status. A process that joined a ``torchrun``/SLURM group ends here instead of
     returning (:func:`dinokit.distributed.end_process`)."""
-    from .. import distributed
+    try:
+        from .. import distributed
 
-    code = _run(argv)
+        code = _run(argv)
+    except KeyboardInterrupt:  # while torch and the commands load, before a command runs (it says what it kept)
+        print("interrupted", file=sys.stderr)
+        return 130
     if distributed.joined_group():
         distributed.end_process(code)
     return code
