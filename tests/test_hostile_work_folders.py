@@ -86,6 +86,19 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-5])
 
 
+def _edit(path: Path, index: int, value: float) -> None:
+    """An edited index file: entry ``index`` (of the first row of a 2-D array) set to ``value``."""
+    array = np.load(path)
+    (array if array.ndim == 1 else array[0])[index] = value
+    np.save(path, array)
+
+
+def _drop_count(path: Path, key: str) -> None:
+    record = json.loads(path.read_text())
+    del record["counts"][key]
+    path.write_text(json.dumps(record))
+
+
 @pytest.mark.parametrize(
     "damage, stage, message",
     [
@@ -131,10 +144,32 @@ def _truncate(path: Path) -> None:
             "".join((w / "embed" / "pool" / "paths.txt").read_text().splitlines(True)[:3])), "report",
          "{w}/embed/pool/paths.txt lists 3 images, but the shard records beside it cover 4 and more: it was edited "
          "or damaged; restore it, or delete {w}/embed/pool and rerun 'dinokit curate embed --force'"),
+        (lambda w: _edit(w / "dedup" / "after_eval.npy", 0, 99), "retrieve",
+         "curate file {w}/dedup/after_eval.npy holds 1 index(es) outside 0..5 (first: 99): it was edited or damaged; "
+         "rerun 'dinokit curate dedup --force' to recompute it"),
+        (lambda w: _edit(w / "retrieve" / "selected.npy", 1, -1), "cluster",
+         "curate file {w}/retrieve/selected.npy holds 1 index(es) outside 0..5 (first: -1): it was edited or "
+         "damaged; rerun 'dinokit curate retrieve --force' to recompute it"),
+        (lambda w: _edit(w / "cluster" / "leaf.rank0.npy", 0, 1000), "sample",
+         "curate file {w}/cluster/leaf.rank0.npy holds 1 index(es) outside 0..4 (first: 1000): it was edited or "
+         "damaged; rerun 'dinokit curate cluster --force' to recompute it"),
+        (lambda w: _edit(w / "sample" / "chosen.npy", 0, 6), "report",
+         "curate file {w}/sample/chosen.npy holds 1 index(es) outside 0..5 (first: 6): it was edited or damaged; "
+         "rerun 'dinokit curate sample --force' to recompute it"),
+        (lambda w: _edit(w / "dedup" / "kept.npy", 0, 7), "report",
+         "curate file {w}/dedup/kept.npy holds 1 index(es) outside 0..5 (first: 7): it was edited or damaged; "
+         "rerun 'dinokit curate dedup --force' to recompute it"),
+        (lambda w: _drop_count(w / "cluster" / "done.json", "ranks"), "sample",
+         "{w}/cluster/done.json is damaged (its counts lack 'ranks'); delete it and rerun 'dinokit curate cluster' "
+         "(or 'dinokit curate run') to redo that stage"),
+        (lambda w: _drop_count(w / "cluster" / "done.json", "n_clusters"), "report",
+         "{w}/cluster/done.json is damaged (its counts lack 'n_clusters'); delete it and rerun 'dinokit curate "
+         "cluster' (or 'dinokit curate run') to redo that stage"),
     ],
     ids=["config-not-json", "config-a-list", "config-bad-key", "done-a-list", "kept-pickle", "chosen-pickle",
          "selected-pickle", "after-eval-strings", "after-eval-truncated", "leaf-truncated", "shard-record-a-list",
-         "paths-shorter", "paths-much-shorter"],
+         "paths-shorter", "paths-much-shorter", "after-eval-index", "selected-index", "leaf-index", "chosen-index",
+         "kept-index", "cluster-done-no-ranks", "cluster-done-no-levels"],
 )
 def test_a_damaged_work_folder_is_one_line_naming_the_file_and_nothing_is_lost(work, tmp_path, capsys, damage, stage,
                                                                              message):
@@ -147,6 +182,32 @@ def test_a_damaged_work_folder_is_one_line_naming_the_file_and_nothing_is_lost(w
     assert main(["curate", stage, "--output-dir", str(w), "--device", "cpu", "--no-progress", *force]) == 2
     assert _one_line(capsys).startswith(message.format(w=w))
     assert _snapshot(w) == before  # nothing written, nothing deleted
+
+
+def test_a_work_folder_another_command_is_writing_is_refused(work, tmp_path, capsys):
+    """Two commands on one work folder both reported success, one's stages lost or mixed; a killed command's lock
+    is taken over, and the lock goes when the command ends."""
+    import socket
+    import subprocess
+    import sys
+
+    w, argv = _copy(work, tmp_path)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (w / ".dinokit.lock").write_text(f"{socket.gethostname()} {sleeper.pid}")
+        before = _snapshot(w)
+        capsys.readouterr()
+        for command in (argv, ["curate", "report", "--output-dir", str(w)]):
+            assert main(command) == 2
+            assert _one_line(capsys) == (
+                f"another run (process {sleeper.pid} on {socket.gethostname()}) is writing to {w}; wait for it to "
+                f"end or give another --output-dir (if that process is gone, delete {w / '.dinokit.lock'})")
+        assert _snapshot(w) == before
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert main(["curate", "report", "--output-dir", str(w)]) == 0  # a killed command's lock: taken over
+    assert not (w / ".dinokit.lock").exists()
 
 
 def test_the_told_recoveries_work(work, tmp_path, capsys):
@@ -208,7 +269,7 @@ def test_shard_refuses_a_folder_with_files_and_the_source_folder(tmp_path, capsy
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["data", "shard", str(src), "--out", str(empty)]) == 0  # an empty folder is a fine --out
-    assert sorted(p.name for p in empty.iterdir()) == ["000000.tar", "classes.txt", "sources.txt"]
+    assert sorted(p.name for p in empty.iterdir()) == ["000000.tar", "classes.txt", "shards.json", "sources.txt"]
 
 
 # ---------------------------------------------------------------------------------------------- imagenet-extra

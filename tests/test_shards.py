@@ -64,7 +64,8 @@ def test_expand_urls() -> None:
 def test_written_and_read_back(shards, capsys: pytest.CaptureFixture) -> None:
     dataset_str, root = shards
     assert sorted(p.name for p in Path(dataset_str.split("=")[1]).parent.iterdir()) == \
-        ["000000.tar", "000001.tar", "000002.tar", "000003.tar", "000004.tar", "classes.txt", "sources.txt"]
+        ["000000.tar", "000001.tar", "000002.tar", "000003.tar", "000004.tar", "classes.txt", "shards.json",
+         "sources.txt"]
     folder = make_dataset(f"ImageFolder:root={root}", labelled=True)
     sources = (Path(dataset_str.split("=")[1]).parent / "sources.txt").read_text().splitlines()
     assert sources == [str(p.resolve()) for p in folder.paths]  # sample i came from line i (keys lead back to files)

@@ -88,6 +88,9 @@ def read_npy(path: str | Path, what: str, fix: str | None = None) -> Any:
         raise DinokitError(f"{what} {why}; {fix or 'save a numeric array with numpy.save'}") from None
 
 
+LOCK_NAME = ".dinokit.lock"  # the lock file inside an output folder (run folder, shard folder, curate work folder)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -121,10 +121,9 @@ def _config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed as du
-    from ..curate.pipeline import STAGES, Work, build_models, check_ready, open_sets, run_pipeline, run_stage
-    from ..engine.run_dir import check_writable
-    from ..eval.setup import resolve_device
-    from ..files import atomic_write
+    from ..curate.pipeline import Work, check_ready
+    from ..engine.run_dir import check_writable, main_process_lock
+    from ..files import LOCK_NAME
 
     du.init_from_environment()
     if du.is_main_process():
@@ -134,6 +133,17 @@ def run(args: argparse.Namespace) -> int:
     check_ready(Work(work, config), args.stage)  # e.g. dedup before embed: one line, nothing written
     if submit_if_asked(args, work / "slurm"):
         return 0
+    # two commands on one work folder would both report success with one's stages lost or mixed
+    with main_process_lock(work / LOCK_NAME, work, "--output-dir"):
+        return _run(args, work, config, as_dict)
+
+
+def _run(args: argparse.Namespace, work: Path, config, as_dict: dict) -> int:
+    from .. import distributed as du
+    from ..curate.pipeline import STAGES, Work, build_models, open_sets, run_pipeline, run_stage
+    from ..eval.setup import resolve_device
+    from ..files import atomic_write
+
     device = resolve_device(args.device)
     embeds = args.stage in ("run", "embed") and (getattr(args, "force", False) or Work(work, config).done("embed") is None)
     # a missing set, a pool of which no image reads, a too large target, weights that do not load: one line before
@@ -141,7 +151,6 @@ def run(args: argparse.Namespace) -> int:
     datasets = open_sets(config) if du.is_main_process() and embeds else None
     models = build_models(config, device) if embeds else None
     if du.is_main_process():
-        work.mkdir(parents=True, exist_ok=True)
         with atomic_write(work / CONFIG_FILE) as tmp:  # a killed command leaves the old settings, not half of them
             tmp.write_text(json.dumps(as_dict, indent=1))
     if args.stage == "run":

@@ -17,6 +17,7 @@ import argparse
 from ..data.imagenet import dump_imagenet_extra
 from ..data.images import find_images
 from ..data.sample import check_sample_root, default_sample_root, write_sample_dataset
+from ..data.shard_writer import check_shard_out, shard_pattern, write_shards
 from ..errors import DinokitError
 
 
@@ -40,7 +41,6 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _shard(args: argparse.Namespace) -> int:
     from ..data.datasets import make_dataset
-    from ..data.shards import check_shard_out, shard_pattern, write_shards
 
     check_shard_out(args.out, args.src)  # before the source is listed: a wrong --out is told at once
     src = f"FileList:path={args.src}" if args.src.lower().endswith((".txt", ".lst", ".csv")) else args.src

@@ -35,7 +35,7 @@ from ..devices import check_device_name, default_workers, resolve_device, resolv
 from ..eval.setup import DEFAULT_MODEL, setup_eval_model
 from ..features import ExtractedFeatures, check_image_size, embedding_feature_fn, extract_features, inference_dtype
 from ..distributed.slurm import add_slurm_options, submit_if_asked
-from ..engine.run_dir import check_not_replacing, check_writable
+from ..engine.run_dir import check_not_replacing, check_writable, main_process_lock, output_lock_file
 from ..models.checkpoint import check_weights_path
 from ..files import atomic_write
 from ..models.registry import model_info
@@ -110,11 +110,15 @@ def _check_output(args: argparse.Namespace) -> Path:
     if out.is_dir():
         raise DinokitError(f"--out {args.out!r} is a folder; give a file name such as {out / 'embeddings.npz'}")
     check_writable(args.out, "--out", is_file=True)
+    _check_not_replacing(args, out)
+    return out
+
+
+def _check_not_replacing(args: argparse.Namespace, out: Path) -> None:
     check_not_replacing(args.out, overwrite=args.overwrite)
     # the lists beside a .npy / .parquet (written, or deleted when no image is bad) are replaced only when asked too
     for side in [".paths.txt", ".bad.txt"] if out.suffix == ".npy" else []:
         check_not_replacing(out.with_name(out.stem + side), overwrite=args.overwrite)
-    return out
 
 
 def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, str]:
@@ -215,6 +219,12 @@ def run(args: argparse.Namespace) -> int:
     if submit_if_asked(args, out.with_name(f"{out.stem}.slurm")):
         return 0
     du.init_from_environment()  # under torchrun each rank embeds a shard (extract_features gathers them)
+    # held until the output is written; checked again under it: another run may have written --out meanwhile
+    with main_process_lock(output_lock_file(out), out, check=lambda: _check_not_replacing(args, out)):
+        return _embed(args, out, dataset, paths)
+
+
+def _embed(args: argparse.Namespace, out: Path, dataset, paths: list) -> int:
     device = resolve_device(args.device)
     dtype = inference_dtype(device, resolve_dtype(args.dtype, device))  # float32: no autocast; fp16 on CPU: a warning
     model, description = _build_model(args, device)

@@ -13,12 +13,11 @@ its slice of the pool, and holds a slice of the points in the first k-means leve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,11 +28,10 @@ from PIL import Image
 
 from .. import distributed as du
 from ..data import make_classification_eval_transform, make_dataset
-from ..data.images import decoding_settings
 from ..devices import usable_workers
 from ..errors import DinokitError
 from ..features import check_image_size
-from ..files import atomic_write, read_npy
+from ..files import atomic_write
 from .config import CurateConfig
 from .dedup import choose_representatives, connected_components, edges_above, relative_dedup
 from .embed import EmbeddingStore, curation_feature_fn, embed_set
@@ -41,6 +39,7 @@ from .kmeans import hierarchical_kmeans
 from .knn import knn_search
 from .retrieve import retrieve_by_clusters, retrieve_by_samples
 from .sampling import hierarchical_sample
+from .work import Work, save_npy
 
 STAGES = ("embed", "dedup", "retrieve", "cluster", "sample", "report")
 MANIFEST = "manifest.txt"
@@ -49,79 +48,6 @@ MANIFEST = "manifest.txt"
 def _log(message: str) -> None:
     if du.is_main_process():
         print(message, flush=True)
-
-
-def _digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _save_json(path: Path, obj: object) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1))
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
-class Work:
-    """The work folder: stage folders, their ``done.json`` markers and the saved settings."""
-
-    def __init__(self, root: str | Path, config: CurateConfig) -> None:
-        self.root = Path(root)
-        self.config = config
-        c = asdict(config)
-        embed_keys = ("pool", "seed_set", "eval_sets", "model", "config_file", "weights", "copy_model",
-                      "copy_config_file", "copy_weights", "embed")
-        # the decoding settings of the environment (image background...) change the embedded pixels too
-        self.digests: dict[str, str] = {"embed": _digest({**{k: c[k] for k in embed_keys},
-                                                          "decoding": decoding_settings()})}
-        self.digests["dedup"] = _digest([self.digests["embed"], c["dedup"]])
-        self.digests["retrieve"] = _digest([self.digests["dedup"], c["retrieve"]])
-        self.digests["cluster"] = _digest([self.digests["retrieve"], c["cluster"]])
-        self.digests["sample"] = _digest([self.digests["cluster"], c["sample"], c["target_size"]])
-
-    def folder(self, stage: str) -> Path:
-        return self.root / stage
-
-    def done(self, stage: str) -> dict | None:
-        """The stage's record when it finished with the current settings, else None."""
-        marker = self.folder(stage) / "done.json"
-        if not marker.is_file():
-            return None
-        try:
-            record = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            record = None
-        if not (isinstance(record, dict) and isinstance(record.get("seconds"), (int, float))
-                and isinstance(record.get("counts"), dict) and "digest" in record):
-            raise DinokitError(f"{marker} is damaged (not a stage record); delete it and rerun 'dinokit curate "
-                               f"{stage}' (or 'dinokit curate run') to redo that stage")
-        return record if record["digest"] == self.digests.get(stage) else None
-
-    def load(self, stage: str, name: str, ndim: int = 1) -> np.ndarray:
-        """The array ``name`` of a finished stage; a damaged file (truncated, a pickle: never run) is one line."""
-        path, fix = self.folder(stage) / name, f"rerun 'dinokit curate {stage} --force' to recompute it"
-        array = read_npy(path, f"curate file {path}", fix)
-        if array.ndim != ndim or array.dtype.kind not in "iuf":
-            raise DinokitError(f"curate file {path} holds a {array.dtype} array of shape {array.shape}, not {ndim}-D "
-                               f"numbers; {fix}")
-        return array
-
-    def finish(self, stage: str, seconds: float, counts: dict) -> dict:
-        record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts}
-        if du.is_main_process():
-            _save_json(self.folder(stage) / "done.json", record)
-        du.barrier()
-        return record
-
-    def need(self, stage: str) -> dict:
-        record = self.done(stage)
-        if record is None:
-            raise DinokitError(f"stage {stage} has not finished in {self.root} with these settings; "
-                               f"run 'dinokit curate {stage}' (or 'dinokit curate run') first")
-        return record
 
 
 # ---------------------------------------------------------------------------------------------- embed
@@ -236,10 +162,10 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
             removed |= relative_dedup(n, edges[edge_sims > c.eval_threshold], e_sims, e_idx, c.eval_threshold)
         final = kept[~removed[kept]]
         folder = work.folder("dedup")
-        _save_npy(folder / "components.npy", labels)
-        _save_npy(folder / "kept.npy", kept)
-        _save_npy(folder / "eval_removed.npy", np.nonzero(removed)[0])
-        _save_npy(folder / "after_eval.npy", final)
+        save_npy(folder / "components.npy", labels)
+        save_npy(folder / "kept.npy", kept)
+        save_npy(folder / "eval_removed.npy", np.nonzero(removed)[0])
+        save_npy(folder / "after_eval.npy", final)
         copies = int((np.bincount(labels) > 1).sum())
         counts = {"after_dedup": len(kept), "after_eval_dedup": len(final), "groups_with_copies": copies,
                   "eval_removed": int(removed.sum())}
@@ -260,12 +186,13 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
 # ---------------------------------------------------------------------------------------------- retrieve
 def stage_retrieve(work: Work, *, device: torch.device, progress: bool = True) -> dict:
     config, c = work.config, work.config.retrieve
-    candidates = work.load("dedup", "after_eval.npy")
+    store = EmbeddingStore(work.folder("embed") / "pool")
+    candidates = work.load("dedup", "after_eval.npy", rows_of=len(store))
     counts: dict = {"retrieved": None}
     if du.is_main_process():
         selected = candidates
         if config.seed_set:
-            pool = EmbeddingStore(work.folder("embed") / "pool").load("cls", candidates).to(device)
+            pool = store.load("cls", candidates).to(device)
             seed = EmbeddingStore(work.folder("embed") / "seed").load("cls").to(device)
             if c.mode == "sample":
                 chosen = retrieve_by_samples(seed, pool, k=c.k, max_images=c.max_images, method=work.config.dedup.knn)
@@ -274,7 +201,7 @@ def stage_retrieve(work: Work, *, device: torch.device, progress: bool = True) -
                                               per_cluster=c.per_cluster, max_images=c.max_images)
             selected = candidates[chosen]
             counts["retrieved"] = len(selected)
-        _save_npy(work.folder("retrieve") / "selected.npy", selected)
+        save_npy(work.folder("retrieve") / "selected.npy", selected)
     return du.broadcast_object(counts)
 
 
@@ -302,10 +229,11 @@ def cluster_settings(config: CurateConfig, n: int) -> dict:
 
 def stage_cluster(work: Work, *, device: torch.device, progress: bool = True) -> dict:
     c = work.config.cluster
-    selected = work.load("retrieve", "selected.npy")
+    pool = EmbeddingStore(work.folder("embed") / "pool")
+    selected = work.load("retrieve", "selected.npy", rows_of=len(pool))
     settings = cluster_settings(work.config, len(selected))
     mine = _rank_slice(len(selected))
-    x = EmbeddingStore(work.folder("embed") / "pool").load("cls", selected[mine]).to(device)
+    x = pool.load("cls", selected[mine]).to(device)
     if c.float64:
         x = x.double()
     levels = hierarchical_kmeans(x, settings["n_clusters"], resampling_steps=settings["resampling_steps"],
@@ -313,21 +241,28 @@ def stage_cluster(work: Work, *, device: torch.device, progress: bool = True) ->
                                  sampling=c.sampling, n_iters=c.n_iters, seed=c.seed, metric=c.metric, distributed=du.get_world_size() > 1)
     folder = work.folder("cluster")
     rank = du.get_rank()
-    _save_npy(folder / f"leaf.rank{rank}.npy",
+    save_npy(folder / f"leaf.rank{rank}.npy",
               np.stack([levels[0].labels.cpu().double().numpy(), levels[0].distances.cpu().double().numpy()]))
     if du.is_main_process():
         for i, level in enumerate(levels, start=1):
-            _save_npy(folder / f"centroids{i}.npy", level.centroids.cpu().float().numpy())
+            save_npy(folder / f"centroids{i}.npy", level.centroids.cpu().float().numpy())
             if i > 1:
-                _save_npy(folder / f"parents{i - 1}.npy", level.labels.cpu().numpy())
+                save_npy(folder / f"parents{i - 1}.npy", level.labels.cpu().numpy())
     return {**settings, "ranks": du.get_world_size()}
 
 
-def load_leaves(work: Work) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Leaf cluster and distance of every selected image, and each level's parent array."""
+def load_leaves(work: Work, n_selected: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Leaf cluster and distance of each of the ``n_selected`` selected images, and each level's parent array
+    (checked: an edited file is one line, not an IndexError in the sampling)."""
     record = work.need("cluster")["counts"]
-    leaves = np.concatenate([work.load("cluster", f"leaf.rank{r}.npy", ndim=2) for r in range(record["ranks"])], axis=1)
-    parents = [work.load("cluster", f"parents{i}.npy") for i in range(1, len(record["n_clusters"]))]
+    ranks = record["ranks"]
+    # each level's clusters (cluster.n_splits may split them): its centroids
+    sizes = [len(work.load("cluster", f"centroids{i}.npy", ndim=2)) for i in range(1, len(record["n_clusters"]) + 1)]
+    leaves = np.concatenate([work.load("cluster", f"leaf.rank{r}.npy", ndim=2, rows_of=sizes[0],
+                                       length=n_selected * (r + 1) // ranks - n_selected * r // ranks)
+                             for r in range(ranks)], axis=1)
+    parents = [work.load("cluster", f"parents{i}.npy", rows_of=sizes[i], length=sizes[i - 1])
+               for i in range(1, len(sizes))]
     return leaves[0].astype(np.int64), leaves[1], parents
 
 
@@ -336,8 +271,9 @@ def stage_sample(work: Work, *, device: torch.device, progress: bool = True) -> 
     config = work.config
     counts: dict = {}
     if du.is_main_process():
-        selected = work.load("retrieve", "selected.npy")
-        leaf, distances, parents = load_leaves(work)
+        pool = EmbeddingStore(work.folder("embed") / "pool")  # checked before anything is written
+        selected = work.load("retrieve", "selected.npy", rows_of=len(pool))
+        leaf, distances, parents = load_leaves(work, len(selected))
         target = config.target_size or len(selected)
         room = len(selected) * config.sample.multiplier
         if target > room:
@@ -348,8 +284,7 @@ def stage_sample(work: Work, *, device: torch.device, progress: bool = True) -> 
                 "are kept: the command goes on from there)")
         chosen = hierarchical_sample(leaf, parents, target, distances=distances, strategy=config.sample.strategy,
                                      seed=config.sample.seed, multiplier=config.sample.multiplier)
-        pool = EmbeddingStore(work.folder("embed") / "pool")  # checked before anything is written
-        _save_npy(work.folder("sample") / "chosen.npy", chosen)
+        save_npy(work.folder("sample") / "chosen.npy", chosen)
         paths = [str(Path(p).resolve()) for p in pool.row_paths(selected[chosen])]
         with atomic_write(work.root / MANIFEST) as tmp:
             tmp.write_text("".join(f"{p}\n" for p in paths), errors="surrogateescape")  # names as their bytes

@@ -16,6 +16,7 @@ import json
 import numpy as np
 
 from ..data.images import load_image
+from ..files import atomic_write
 from .embed import EmbeddingStore
 
 THUMB = 72
@@ -74,8 +75,9 @@ def write_report(work) -> dict:
     }
     if du.is_main_process():
         page = _html(work, report)  # reads the stages' files: a damaged one is told before anything is written
-        (work.root / "report.json").write_text(json.dumps(report, indent=1))
-        (work.root / "report.html").write_text(page)
+        for name, text in (("report.json", json.dumps(report, indent=1)), ("report.html", page)):
+            with atomic_write(work.root / name) as tmp:  # a killed run leaves the old report, not half of one
+                tmp.write_text(text)
     du.barrier()
     return report
 
@@ -95,8 +97,8 @@ def _html(work, report: dict) -> str:
     pool = EmbeddingStore(embed_dir)
     dedup = work.folder("dedup")
     if (dedup / "components.npy").is_file():
-        labels = work.load("dedup", "components.npy")
-        kept = set(work.load("dedup", "kept.npy").tolist())
+        labels = work.load("dedup", "components.npy", rows_of=len(pool), length=len(pool))
+        kept = set(work.load("dedup", "kept.npy", rows_of=len(pool)).tolist())
         sizes = np.bincount(labels)
         parts.append("<h2>Largest groups of copies (kept image outlined)</h2>")
         for root in np.argsort(-sizes, kind="stable")[:6]:
@@ -104,16 +106,16 @@ def _html(work, report: dict) -> str:
                 break
             members = sorted(np.nonzero(labels == root)[0].tolist(), key=lambda m: m not in kept)[:12]
             parts.append(_row(pool.row_paths(np.array(members)), first_kept=True))
-        removed = work.load("dedup", "eval_removed.npy")
+        removed = work.load("dedup", "eval_removed.npy", rows_of=len(pool))
         if len(removed):
             parts.append(f"<h2>Dropped as copies of evaluation images ({len(removed)})</h2>")
             parts.append(_row(pool.row_paths(np.sort(rng.permutation(removed)[:16]))))
     if report["clusters"] and (work.folder("sample") / "chosen.npy").is_file():
         from .pipeline import load_leaves
 
-        selected = work.load("retrieve", "selected.npy")
-        leaf, _, _ = load_leaves(work)
-        chosen = work.load("sample", "chosen.npy")
+        selected = work.load("retrieve", "selected.npy", rows_of=len(pool))
+        leaf, _, _ = load_leaves(work, len(selected))
+        chosen = work.load("sample", "chosen.npy", rows_of=len(selected))
         n_leaves = int(leaf.max()) + 1
         parts.append("<h2>Cluster sizes (level 1)</h2>")
         parts.append(_bars(np.bincount(leaf, minlength=n_leaves), "before sampling"))

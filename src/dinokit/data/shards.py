@@ -15,26 +15,30 @@ is copied once into a local cache (``DINOKIT_SHARD_CACHE``, default ``~/.cache/d
 then read like a local shard; that needs ``pip install 'dinokit[webdataset]'``.
 
 Labels come from a ``cls`` (or ``label``) member; class names from ``classes.txt`` beside the shards
-(written by :func:`write_shards`). A sample without an image, or whose image does not decode, yields
-``None`` and is skipped and counted by the collate functions, as a bad file is elsewhere.
+(written by ``dinokit data shard``, :mod:`dinokit.data.shard_writer`). A sample without an image, or whose
+image does not decode, yields ``None`` and is skipped and counted by the collate functions, as a bad file is elsewhere.
+
+``data shard`` writes ``shards.json`` beside the shards, last, with ``"complete": true``; a folder whose record
+says otherwise (or that holds ``NNNNNN.tar.partial`` files) is an interrupted run's, refused in one line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from PIL import Image
 
 from ..errors import DinokitError
-from .datasets import ImageDataset, parse_dataset_str
+from .datasets import ImageDataset
 from .images import IMAGE_EXTENSIONS, load_image
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -42,6 +46,8 @@ _LABEL_EXTS = ("cls", "label")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 CLASSES_FILE = "classes.txt"
 SOURCES_FILE = "sources.txt"
+RECORD_FILE = "shards.json"  # written first as {"complete": false}, rewritten last as the completion record
+PARTIAL = ".partial"  # a shard is NNNNNN.tar.partial until every shard of the run is written
 
 
 # ---------------------------------------------------------------------------------------------- URLs
@@ -195,7 +201,10 @@ class ShardDataset(ImageDataset):
 def make_shard_dataset(urls: str, *, transform: Callable | None = None, labelled: bool = False,
                        dataset_str: str = "") -> ShardDataset:
     """The dataset of ``WebDataset:urls=PATTERN`` (see the module notes)."""
-    shards = [local_shard(u) for u in expand_urls(urls)]
+    expanded = expand_urls(urls)
+    for folder in dict.fromkeys(Path(u.removeprefix("file:")).expanduser().parent for u in expanded if _is_local(u)):
+        check_complete(folder)
+    shards = [local_shard(u) for u in expanded]
     if not shards:
         raise DinokitError(f"WebDataset urls {urls!r} name no shard")
     samples = [s for i, path in enumerate(shards) for s in index_shard(path, i)]
@@ -212,124 +221,30 @@ def make_shard_dataset(urls: str, *, transform: Callable | None = None, labelled
     return ShardDataset(shards, samples, classes, transform, dataset_str or f"WebDataset:urls={urls}")
 
 
-# ---------------------------------------------------------------------------------------------- writing
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed metadata: identical inputs give identical shards
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _source_folder(source: str | None) -> Path | None:
-    """The folder that ``data shard`` reads: ``source`` itself, or a dataset string's ``root=`` (a list has none)."""
-    if source is None:
+def _record(folder: Path) -> dict | None:
+    """The record ``data shard`` left in ``folder`` (None: none, or not one of its records)."""
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):
         return None
-    root = source if Path(source).expanduser().is_dir() else parse_dataset_str(source)[1].get("root")
-    return Path(root).expanduser().resolve() if root and Path(root).expanduser().is_dir() else None
+    return record if isinstance(record, dict) and isinstance(record.get("complete"), bool) else None
 
 
-def check_shard_out(out_dir: str | Path, source: str | None = None) -> Path:
-    """``out_dir`` as a Path, refusing a file, the ``source`` folder (a folder or a dataset string's ``root=``) or a
-    folder inside it, and a folder that is not empty: new shards beside stale ones would be read together by
-    ``DIR/*.tar`` or an old brace range, and ``classes.txt`` would replace a file of that name."""
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DinokitError(f"--out {str(out_dir)!r} is a file, not a folder; give a new or empty folder")
-    root, out = _source_folder(source), out_dir.resolve()
-    if root is not None and root in (out, *out.parents):
-        where = "the" if root == out else "inside the"
-        raise DinokitError(f"--out {str(out_dir)!r} is {where} source folder {str(root)!r}; give a folder outside it "
-                           "for the shards")
-    if out_dir.is_dir() and any(p.suffix == ".tar" for p in out_dir.iterdir()):
-        raise DinokitError(f"--out {str(out_dir)!r} already holds shards; give an empty folder")
-    if out_dir.is_dir() and (found := min(out_dir.iterdir(), default=None)) is not None:
-        raise DinokitError(f"--out {str(out_dir)!r} is not empty (it holds {found.name!r}); give a new or empty folder")
-    from ..engine.run_dir import check_writable
-
-    return check_writable(out_dir, "--out")  # under a file, or read-only: one line too
+def interrupted_shards(folder: Path) -> int | None:
+    """How many shards an interrupted ``data shard`` run left in ``folder`` (None: no such run's leftovers)."""
+    if not folder.is_dir():
+        return None
+    record = _record(folder)
+    partial = [p for p in folder.iterdir() if p.name.endswith(".tar" + PARTIAL)]
+    if not partial and (record is None or record["complete"]):  # finished, or not written by data shard
+        return None
+    return len(partial) + sum(1 for p in folder.iterdir() if p.suffix == ".tar")
 
 
-def shrink(image: Image.Image, max_size: int, jpeg: bool) -> tuple[str, bytes]:
-    """``image`` (RGB, as :func:`load_image` returns it) resized so that its short side is ``max_size`` (antialiased
-    bicubic), encoded as JPEG at quality 95 when the source was a JPEG, else as PNG: ``(extension, bytes)``."""
-    scale = max_size / min(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    small = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    buffer = io.BytesIO()
-    if jpeg:
-        small.save(buffer, format="JPEG", quality=95)
-    else:
-        small.save(buffer, format="PNG")
-    return ("jpg" if jpeg else "png"), buffer.getvalue()
-
-
-def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
-                 max_size: int | None = None) -> tuple[list[Path], list[tuple[Path, str]], int]:
-    """Write ``dataset``'s readable image files into ``out_dir/000000.tar``, ... (``shard_size`` samples each);
-    return the shards, the ``(path, reason)`` of each file left out because it does not decode as an image (a text
-    file named .jpg, a truncated or empty file) and how many images were resized.
-
-    Sample ``i`` is ``%09d`` of its position among the written samples: ``.<ext>`` holds the original bytes, or,
-    with ``max_size``, an image whose short side is above it resized to it (:func:`shrink`; stored as the readers
-    see it: RGB, transparency composited), so that training decodes small files; ``.cls`` holds the label when
-    there is one; ``classes.txt`` the class names, ``sources.txt`` each sample's file (line i, absolute). Shards
-    are written atomically; nothing is written when no image is readable (a :class:`DinokitError` then names the
-    first file).
-    """
-    if shard_size < 1:
-        raise DinokitError(f"--shard-size must be >= 1, got {shard_size}")
-    if max_size is not None and max_size < 1:
-        raise DinokitError(f"--max-size must be at least 1 pixel, got {max_size}")
-    out_dir = check_shard_out(out_dir)
-    written: list[Path] = []
-    unreadable: list[tuple[Path, str]] = []
-    pending: list[tuple[str, bytes, int]] = []  # (extension, bytes, label) of the next shard's samples
-    sources: list[str] = []  # the file of each sample, in key order
-    count = resized = 0
-
-    def flush() -> None:
-        from ..files import atomic_write
-
-        path = out_dir / f"{len(written):06d}.tar"
-        with atomic_write(path) as tmp, tarfile.open(tmp, "w") as tar:
-            for position, (ext, data, target) in enumerate(pending, start=count - len(pending)):
-                key = f"{position:09d}"
-                _add(tar, f"{key}.{ext}", data)
-                if target >= 0:
-                    _add(tar, f"{key}.cls", str(target).encode())
-        written.append(path)
-        pending.clear()
-
-    for source, target in zip(dataset.paths, dataset.targets):
-        ext = source.suffix.lstrip(".").lower() or "jpg"
-        try:
-            data = source.read_bytes()
-            image = load_image(io.BytesIO(data), draft_size=max_size)  # a bad file is found now, not in training
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some malformed headers
-            unreadable.append((source, " ".join(str(err).split()) or type(err).__name__))
-            continue
-        if max_size is not None and min(image.size) > max_size:
-            ext, data = shrink(image, max_size, jpeg=Image.open(io.BytesIO(data)).format == "JPEG")
-            resized += 1
-        pending.append((ext, data, target))
-        sources.append(os.path.abspath(source))
-        count += 1
-        if len(pending) == shard_size:
-            flush()
-    if pending:
-        flush()
-    if not written:
-        first = f" (first: {unreadable[0][0]})" if unreadable else ""
-        raise DinokitError(f"none of the {len(dataset)} images could be read{first}; nothing was written")
-    if dataset.classes:
-        (out_dir / CLASSES_FILE).write_text("\n".join(dataset.classes) + "\n")
-    # line i: the file sample i (key %09d) came from, so that an embedding of the shards leads back to the images
-    (out_dir / SOURCES_FILE).write_text("".join(f"{p}\n" for p in sources), errors="surrogateescape")
-    return written, unreadable, resized
-
-
-def shard_pattern(paths: Iterable[Path]) -> str:
-    """The brace pattern naming ``paths`` written by :func:`write_shards` (``DIR/{000000..000012}.tar``)."""
-    paths = list(paths)
-    if len(paths) == 1:
-        return str(paths[0])
-    return f"{paths[0].parent}/{{{paths[0].stem}..{paths[-1].stem}}}.tar"
+def check_complete(folder: Path) -> None:
+    """One line when ``folder`` holds the shards of a ``data shard`` run that was interrupted: some of them are
+    missing, though those there look whole."""
+    if (n := interrupted_shards(folder)) is not None:
+        raise DinokitError(f"the shards in {str(folder)!r} are those of an interrupted 'dinokit data shard' run "
+                           f"({n} shard(s) written, {RECORD_FILE} does not say complete); delete the folder and run "
+                           "'dinokit data shard' again")

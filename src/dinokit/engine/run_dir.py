@@ -31,15 +31,14 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import distributed as dist_utils
 from ..config.paths import absolute_settings
 from ..errors import DinokitError, RelayedError
-from ..files import take_lock
+from ..files import LOCK_NAME, take_lock
 from .checkpoint import checkpoint_damage, list_checkpoints, no_readable_checkpoint
 
-LOCK_NAME = ".dinokit.lock"
 
 # Keys of the training configuration that may change between two starts of one run: derived values
 # (the lr follows the number of processes), the per-process batch (with the number of processes), the
@@ -201,6 +200,56 @@ def open_run_dir(
             lock.unlink(missing_ok=True)
             if failed and created and not any(out.iterdir()):  # stopped before writing anything: no folder left
                 out.rmdir()
+
+
+def output_lock_file(out: Path) -> Path:
+    """The lock of the output file ``out``: ``.NAME.lock`` beside it."""
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextmanager
+def main_process_lock(lock: Path, target: Path, option: str = "--out",
+                      check: Callable[[], None] | None = None) -> Iterator[None]:
+    """The main process holds ``lock`` (:func:`dinokit.files.take_lock`) for the ``with`` block, and runs ``check``
+    once it holds it (e.g. "the output does not exist yet": a run that ended meanwhile). Two commands writing one
+    output would otherwise both report success with one's work lost. A refusal stops every process at once (under
+    torchrun the others would wait in a collective). The lock goes on success, on an error and on Ctrl-C; so do the
+    folders made for it when nothing else was written into them."""
+    held, refusal, made = None, None, []
+    if dist_utils.is_main_process():
+        folder = lock.parent
+        while not folder.exists() and folder != folder.parent:
+            made.append(folder)
+            folder = folder.parent
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            held = take_lock(lock, target, option)
+            if check is not None:
+                check()
+        except DinokitError as err:
+            refusal = str(err)
+        except BaseException:
+            _release(held, made)
+            raise
+        if refusal is not None:
+            _release(held, made)
+    refusal = dist_utils.broadcast_object(refusal)
+    if refusal is not None:
+        raise DinokitError(refusal) if dist_utils.is_main_process() else RelayedError(refusal)
+    try:
+        yield
+    finally:
+        _release(held, made)
+
+
+def _release(lock: Path | None, made: list[Path]) -> None:
+    if lock is not None:
+        lock.unlink(missing_ok=True)
+    for folder in made:  # deepest first; one that holds an output stays
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file: str,

@@ -1,0 +1,125 @@
+"""The curation work folder: each stage's folder, its ``done.json`` record (the digest of the settings it ran
+with, its counts, its time) and the checked reading of the arrays a finished stage left there. A damaged or edited
+file (a record without its counts, a truncated array, indices outside the rows they index) is one line naming the
+file and how to recompute it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .. import distributed as du
+from ..data.images import decoding_settings
+from ..errors import DinokitError
+from ..files import atomic_write, read_npy
+from .config import CurateConfig
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_json(path: Path, obj: object) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+# the counts of a stage record that later stages read: a record without them is damaged
+NEEDED_COUNTS: dict[str, dict] = {
+    "cluster": {"ranks": lambda v: type(v) is int and v >= 1,
+                "n_clusters": lambda v: isinstance(v, list) and len(v) > 0 and all(type(k) is int and k >= 1
+                                                                                   for k in v)},
+}
+
+
+class Work:
+    """The work folder: stage folders, their ``done.json`` markers and the saved settings."""
+
+    def __init__(self, root: str | Path, config: CurateConfig) -> None:
+        self.root = Path(root)
+        self.config = config
+        c = asdict(config)
+        embed_keys = ("pool", "seed_set", "eval_sets", "model", "config_file", "weights", "copy_model",
+                      "copy_config_file", "copy_weights", "embed")
+        # the decoding settings of the environment (image background...) change the embedded pixels too
+        self.digests: dict[str, str] = {"embed": _digest({**{k: c[k] for k in embed_keys},
+                                                          "decoding": decoding_settings()})}
+        self.digests["dedup"] = _digest([self.digests["embed"], c["dedup"]])
+        self.digests["retrieve"] = _digest([self.digests["dedup"], c["retrieve"]])
+        self.digests["cluster"] = _digest([self.digests["retrieve"], c["cluster"]])
+        self.digests["sample"] = _digest([self.digests["cluster"], c["sample"], c["target_size"]])
+
+    def folder(self, stage: str) -> Path:
+        return self.root / stage
+
+    def done(self, stage: str) -> dict | None:
+        """The stage's record when it finished with the current settings, else None."""
+        marker = self.folder(stage) / "done.json"
+        if not marker.is_file():
+            return None
+        try:
+            record = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            record = None
+        fix = f"delete it and rerun 'dinokit curate {stage}' (or 'dinokit curate run') to redo that stage"
+        if not (isinstance(record, dict) and isinstance(record.get("seconds"), (int, float))
+                and isinstance(record.get("counts"), dict) and "digest" in record):
+            raise DinokitError(f"{marker} is damaged (not a stage record); {fix}")
+        for key, valid in NEEDED_COUNTS.get(stage, {}).items():  # what the later stages read from the record
+            if key not in record["counts"]:
+                raise DinokitError(f"{marker} is damaged (its counts lack {key!r}); {fix}")
+            if not valid(record["counts"][key]):
+                raise DinokitError(f"{marker} is damaged (its {key!r} is {record['counts'][key]!r}); {fix}")
+        return record if record["digest"] == self.digests.get(stage) else None
+
+    def load(self, stage: str, name: str, ndim: int = 1, *, rows_of: int | None = None,
+             length: int | None = None) -> np.ndarray:
+        """The array ``name`` of a finished stage; a damaged file (truncated, a pickle: never run) is one line. With
+        ``rows_of``, the array holds row indices of a table of that many rows: integers in ``0..rows_of-1`` (an
+        edited index file would read other images, or stop in an IndexError); with ``length``, it has that many
+        entries (along its last axis)."""
+        path, fix = self.folder(stage) / name, f"rerun 'dinokit curate {stage} --force' to recompute it"
+        array = read_npy(path, f"curate file {path}", fix)
+        if array.ndim != ndim or array.dtype.kind not in "iuf":
+            raise DinokitError(f"curate file {path} holds a {array.dtype} array of shape {array.shape}, not {ndim}-D "
+                               f"numbers; {fix}")
+        if length is not None and array.shape[-1] != length:
+            raise DinokitError(f"curate file {path} holds {array.shape[-1]} entries where {length} are expected; {fix}")
+        if rows_of is not None:
+            check_indices(array if ndim == 1 else array[0], rows_of, f"curate file {path}", fix)
+            if ndim == 1:
+                array = array.astype(np.int64, copy=False)  # whole numbers saved as floats: usable as indices
+        return array
+
+    def finish(self, stage: str, seconds: float, counts: dict) -> dict:
+        record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts}
+        if du.is_main_process():
+            _save_json(self.folder(stage) / "done.json", record)
+        du.barrier()
+        return record
+
+    def need(self, stage: str) -> dict:
+        record = self.done(stage)
+        if record is None:
+            raise DinokitError(f"stage {stage} has not finished in {self.root} with these settings; "
+                               f"run 'dinokit curate {stage}' (or 'dinokit curate run') first")
+        return record
+
+
+def check_indices(values: np.ndarray, rows: int, what: str, fix: str) -> None:
+    """One line naming ``what`` when ``values`` are not whole numbers in ``0..rows-1``."""
+    bad = (values < 0) | (values >= rows) | (values != np.floor(values))
+    if bad.any():
+        first = values[bad][0]
+        shown = int(first) if float(first).is_integer() else float(first)
+        raise DinokitError(f"{what} holds {int(bad.sum())} index(es) outside 0..{rows - 1} (first: {shown}): it "
+                           f"was edited or damaged; {fix}")

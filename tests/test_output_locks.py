@@ -1,0 +1,225 @@
+"""Outputs that never mix or look whole when they are not: two commands writing one ``embed --out`` file or one
+``data shard --out`` folder (one refused in one line, the first one's output intact, the lock gone afterwards on
+success, on an error and on Ctrl-C), an interrupted ``data shard`` (told as such by a rerun and by the readers),
+and a ``data shard --out`` path that a urls pattern cannot name. The ``curate`` work folder's lock is tested in
+test_hostile_work_folders.py, on its finished curation."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinokit.cli import main
+from dinokit.data.datasets import make_dataset
+from dinokit.errors import DinokitError
+
+EMBED = ["--config-file", "demo", "--random-init", "--image-size", "28", "--num-workers", "0", "--device", "cpu",
+         "--no-progress"]
+
+
+def _images(folder: Path, n: int, size: int = 16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png", format="PNG")
+    return folder
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err[len("error: "):-1]
+
+
+@pytest.fixture
+def live_pid():
+    """The id of a live process of this host (a sleeping one), as a run holding a lock would be."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield sleeper.pid
+    sleeper.kill()
+    sleeper.wait()
+
+
+def _dead_pid() -> int:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
+
+
+def _lock(path: Path, pid: int) -> Path:
+    path.write_text(f"{socket.gethostname()} {pid}")
+    return path
+
+
+def _refusal(pid: int, target: Path, option: str, lock: Path) -> str:
+    return (f"another run (process {pid} on {socket.gethostname()}) is writing to {target}; wait for it to end or "
+            f"give another {option} (if that process is gone, delete {lock})")
+
+
+# ---------------------------------------------------------------------------------------------- embed --out
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_embed_refuses_an_output_another_run_is_writing_and_takes_over_a_killed_runs_lock(
+        tmp_path, capsys, live_pid, suffix):
+    """Two `embed --out X` at once both reported success, one's embeddings lost."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    src = _images(tmp_path / "src", 3)
+    out = tmp_path / f"e{suffix}"
+    assert main(["embed", str(src), "--out", str(out), *EMBED]) == 0
+    first = out.read_bytes()
+    lock = _lock(tmp_path / f".e{suffix}.lock", live_pid)
+    capsys.readouterr()
+    assert main(["embed", str(src), "--out", str(out), "--overwrite", *EMBED]) == 2
+    assert _one_line(capsys) == _refusal(live_pid, out, "--out", lock)
+    assert out.read_bytes() == first and lock.is_file()  # the writer's output and lock untouched
+    _lock(lock, _dead_pid())  # a killed run's lock: taken over
+    assert main(["embed", str(src), "--out", str(out), "--overwrite", *EMBED]) == 0
+    assert not lock.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_embed_removes_its_lock_on_an_error_and_on_ctrl_c(tmp_path, capsys, monkeypatch):
+    src = _images(tmp_path / "src", 2)
+    out = tmp_path / "new" / "deeper" / "e.npz"
+    assert main(["embed", str(src), "--out", str(out), *EMBED[:2], "--weights", str(tmp_path / "no.pth"),
+                 *EMBED[3:]]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "new").exists()  # neither a lock nor the folders made for it are left
+
+    import dinokit.cli.embed as embed_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_cli, "extract_features", interrupted)
+    (tmp_path / "kept").mkdir()
+    assert main(["embed", str(src), "--out", str(tmp_path / "kept" / "e.npz"), *EMBED]) == 130  # Ctrl-C
+    assert capsys.readouterr().err == "interrupted\n"
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_embed_rechecks_the_output_once_it_holds_the_lock(tmp_path, capsys, monkeypatch):
+    """A run that finished while this one waited would otherwise be replaced without --overwrite."""
+    src = _images(tmp_path / "src", 2)
+    out = tmp_path / "e.npz"
+    import dinokit.engine.run_dir as run_dir
+
+    taken = run_dir.take_lock
+
+    def take_after_another_run(lock, target, option):
+        out.write_bytes(b"another run's embeddings")
+        return taken(lock, target, option)
+
+    monkeypatch.setattr(run_dir, "take_lock", take_after_another_run)
+    assert main(["embed", str(src), "--out", str(out), *EMBED]) == 2
+    assert _one_line(capsys) == (f"--out {str(out)!r} already exists; pass --overwrite to replace it, or give "
+                                 "another name")
+    assert out.read_bytes() == b"another run's embeddings" and not (tmp_path / ".e.npz.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- data shard --out
+def test_shard_refuses_a_folder_another_run_is_writing(tmp_path, capsys, live_pid):
+    src = _images(tmp_path / "src" / "a", 3).parent
+    out = tmp_path / "shards"
+    out.mkdir()
+    lock = _lock(out / ".dinokit.lock", live_pid)
+    assert main(["data", "shard", str(src), "--out", str(out)]) == 2
+    assert _one_line(capsys) == _refusal(live_pid, out, "--out", lock)
+    assert [p.name for p in out.iterdir()] == [".dinokit.lock"]
+    _lock(lock, _dead_pid())
+    assert main(["data", "shard", str(src), "--out", str(out), "--shard-size", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000001.tar", "classes.txt", "shards.json",
+                                                      "sources.txt"]
+    record = json.loads((out / "shards.json").read_text())
+    assert record == {"complete": True, "images": 3, "shards": 2, "shard_size": 2, "max_size": None, "classes": 1,
+                      "urls": f"{out}/{{000000..000001}}.tar"}
+
+
+def test_an_interrupted_shard_run_is_told_by_the_rerun_and_by_the_readers(tmp_path, capsys, monkeypatch):
+    """A killed `data shard` left whole-looking shards that a rerun called 'already holds shards' and training
+    read as the whole data set."""
+    import dinokit.data.shard_writer as data_cli
+
+    src = _images(tmp_path / "src" / "a", 5).parent
+    out = tmp_path / "shards"
+    load, calls = data_cli.load_image, []
+
+    def killed_at_the_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(data_cli, "load_image", killed_at_the_fourth)
+    assert main(["data", "shard", str(src), "--out", str(out), "--shard-size", "2"]) == 130  # Ctrl-C
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["000000.tar.partial", "shards.json"]  # no .tar, no lock
+    assert json.loads((out / "shards.json").read_text())["complete"] is False
+    message = f"an interrupted run left 1 shard(s) in {str(out)!r}: delete the folder (or give another --out) and rerun"
+    assert main(["data", "shard", str(src), "--out", str(out)]) == 2
+    assert _one_line(capsys) == message
+    # killed while renaming: a shard looks whole, the record still says incomplete
+    (out / "000000.tar.partial").rename(out / "000000.tar")
+    assert main(["data", "shard", str(src), "--out", str(out)]) == 2
+    assert _one_line(capsys) == message
+    with pytest.raises(DinokitError, match=r"^the shards in .* are those of an interrupted 'dinokit data shard' run "
+                       r"\(1 shard\(s\) written, shards.json does not say complete\); delete the folder and run "
+                       r"'dinokit data shard' again$"):
+        make_dataset(f"WebDataset:urls={out}/000000.tar")
+    # following the advice
+    for p in out.iterdir():
+        p.unlink()
+    out.rmdir()
+    assert main(["data", "shard", str(src), "--out", str(out), "--shard-size", "2"]) == 0
+    assert len(make_dataset(f"WebDataset:urls={out}/{{000000..000002}}.tar")) == 5
+
+
+def test_shard_removes_its_lock_and_empty_folder_when_nothing_is_readable(tmp_path, capsys):
+    bad = tmp_path / "bad" / "a"
+    bad.mkdir(parents=True)
+    (bad / "x.png").write_bytes(b"not an image")
+    assert main(["data", "shard", str(bad.parent), "--out", str(tmp_path / "new")]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert main(["data", "shard", str(bad.parent), "--out", str(tmp_path / "mine")]) == 2
+    assert list((tmp_path / "mine").iterdir()) == []  # a folder given empty stays, empty
+
+
+@pytest.mark.parametrize("name, signs", [("a{b", "'{'"), ("a}b", "'}'"), ("x,y", "','"), ("x::y", "'::'"),
+                                         ("o{x,y}", "'{' and '}' and ','")])
+def test_shard_refuses_an_out_that_a_urls_pattern_cannot_name(tmp_path, capsys, name, signs):
+    """Such a folder was written and printed as an unusable urls pattern (o{x,y}/000000.tar)."""
+    src = _images(tmp_path / "src" / "a", 2).parent
+    out = tmp_path / name
+    assert main(["data", "shard", str(src), "--out", str(out)]) == 2
+    assert _one_line(capsys) == (f"--out {str(out)!r} holds {signs}, which a WebDataset urls pattern reads as a brace "
+                                 "list or a separator, so the shards could not be named; give a folder path without "
+                                 "{ } , or ::")
+    assert not out.exists()
+
+
+def test_shard_lists_are_written_atomically(tmp_path, monkeypatch):
+    """sources.txt and classes.txt went through a plain write_text: a kill could leave half of one."""
+    import dinokit.data.shard_writer as data_cli
+
+    seen = []
+    real = data_cli.atomic_write
+
+    def spy(path):
+        seen.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(data_cli, "atomic_write", spy)
+    src = _images(tmp_path / "src" / "a", 2).parent
+    assert main(["data", "shard", str(src), "--out", str(tmp_path / "s")]) == 0
+    assert {"classes.txt", "sources.txt", "shards.json", "000000.tar.partial"} <= set(seen)
+    assert os.listdir(tmp_path / "s") and not any(p.name.startswith(".") for p in (tmp_path / "s").iterdir())
