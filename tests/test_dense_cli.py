@@ -326,7 +326,8 @@ def test_every_recipe_setting_out_of_range_is_one_line(task):
 
 
 def test_predict_keeps_images_of_the_same_name_from_different_folders(tmp_path, capsys):
-    """a/x0.png and b/x0.png (and an input really named x0-2.png) give three pictures, none overwritten."""
+    """a/x0.png and b/x0.png (and an input really named x0-2.png) give three pictures, none overwritten, each named
+    after its folder where the file names clash (they were x0 and x0-3: which was which could not be told)."""
     rng = np.random.default_rng(0)
     for rel in ("a/x0.png", "b/x0.png", "b/x0-2.png"):
         (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +338,7 @@ def test_predict_keeps_images_of_the_same_name_from_different_folders(tmp_path, 
     assert main(["dense", "predict", str(tmp_path / "in"), "--head", str(head), "--out", str(out), "--size", "28",
                  "--model", "dinov2_vits14", "--random-init", "--device", "cpu"]) == 0
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["x0-2_seg.png", "x0-3_seg.png", "x0_seg.png"]
+    assert written == ["a_x0_seg.png", "b_x0_seg.png", "x0-2_seg.png"]
     assert f"wrote 3 picture(s) to {out}; skipped 1 unreadable image(s)" in capsys.readouterr().out
     # each picture holds its own input (left half), so none was overwritten by another
     lefts = {name: np.asarray(Image.open(out / name))[:, :28] for name in written}
@@ -353,7 +354,7 @@ def test_predict_keeps_images_of_the_same_name_from_different_folders(tmp_path, 
     assert main(["dense", "predict", str(tmp_path / "in" / "b" / "x0.png"), "--out", str(tmp_path / "one.png"),
                  *common]) == 0
     assert capsys.readouterr().out.strip().endswith(f"wrote {tmp_path / 'one.png'}")
-    assert (tmp_path / "one.png").read_bytes() == (out / "x0-3_seg.png").read_bytes()  # b/x0.png
+    assert (tmp_path / "one.png").read_bytes() == (out / "b_x0_seg.png").read_bytes()
     assert main(["dense", "predict", str(tmp_path / "in"), "--out", str(tmp_path / "all.png"), *common]) == 2
     assert "names one picture, but there are 4 images; give a folder instead" in capsys.readouterr().err
     assert not (tmp_path / "all.png").exists()

@@ -231,6 +231,10 @@ def test_unique_stems_suffix_clashing_names():
     assert unique_stems(["x0", "x0", "x0"]) == ["x0", "x0-2", "x0-3"]
     assert unique_stems(["x0", "x0", "x0-2"]) == ["x0", "x0-3", "x0-2"]  # x0-2 belongs to the third input
     assert unique_stems(["x0-2", "x0", "x0"]) == ["x0-2", "x0", "x0-3"]
+    # inputs sharing a stem are told apart by what differs (both wrote a_pca.png and a-2_pca.png, untraceable)
+    assert unique_stems(["d/a.png", "d/a.JPG", "d/b.png"]) == ["a_png", "a_jpg", "b"]
+    assert unique_stems(["x/a.png", "y/a.png"]) == ["x_a", "y_a"]
+    assert unique_stems(["x/a.png", "x/a.jpg", "y/a.png"]) == ["x_a_png", "x_a_jpg", "y_a_png"]
 
 
 def test_image_size_below_one_patch_is_one_line_before_the_out_folder(demo_teacher, sample_images, tmp_path, capsys):

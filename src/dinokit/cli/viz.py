@@ -188,7 +188,7 @@ def run_pca(args: argparse.Namespace) -> int:
         written.append(write_animation(panels, out / f"pca.{args.format}", fps=args.fps))
         shown = [panels[i] for i in np.linspace(0, len(panels) - 1, min(GRID_FRAMES, len(panels))).round().astype(int)]
     else:
-        for name, panel in zip(unique_stems([image.name for image in picture.images]), panels):
+        for name, panel in zip(unique_stems([image.source or image.name for image in picture.images]), panels):
             written.append(save_png(panel, out / f"{name}_pca.png"))
         shown = panels
     written.append(save_png(grid(shown, args.columns), out / "pca_grid.png"))
@@ -212,7 +212,7 @@ def run_attention(args: argparse.Namespace) -> int:
     resolve_block(model, args.block)  # out of range: one line before any image is read
     maps = attention_maps(model, paths, block=args.block, **options)
     out = one_picture or _out_dir(args.out)  # only now: all-unreadable inputs leave no empty folder
-    names = unique_stems([image.name for image in maps.images])
+    names = unique_stems([image.source or image.name for image in maps.images])
     for name, image, attention, norms in zip(names, maps.images, maps.attention, maps.patch_norms):
         figure = attention_figure(image.pixels, attention, norms, keep_mass=args.keep_mass, upsample_mode=args.upsample)
         save_png(figure, one_picture or out / f"{name}_attention.png")

@@ -338,8 +338,8 @@ def predict_files(
     inference = inference or InferenceConfig()
     out = Path(out_dir)
     written, skipped = [], 0
-    # inputs of different folders may share a file name: suffixed, so that no output overwrites another
-    jobs = list(zip(files, unique_stems([Path(f).stem for f in files])))
+    # inputs may share a file stem (a.png, a.jpg; x/a.png, y/a.png): told apart, so that no output overwrites another
+    jobs = list(zip(files, unique_stems(files)))
     for path, name in jobs[du.get_rank()::du.get_world_size()]:
         try:
             pil = load_image(path, draft_size=size)

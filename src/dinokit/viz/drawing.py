@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -121,23 +122,38 @@ def draw_matches(pixels_a: np.ndarray, pixels_b: np.ndarray, points_a: np.ndarra
     return np.asarray(image)
 
 
-def unique_stems(stems: Sequence[str]) -> list[str]:
-    """Output-file stems, one per input: a name that is already taken gets ``-2``, ``-3``, ... (the first keeps it).
-
-    Inputs from different folders may share a file name (``a/x0.png``, ``b/x0.png``); without this their
-    outputs would overwrite each other. A suffixed name never collides with another input's own stem.
-    """
-    taken = set(stems)
+def unique_stems(inputs: Sequence[str | Path]) -> list[str]:
+    """Output-file stems, one per input file (or name): its stem, or where inputs share one, a stem that says which
+    input it was: the extension added (``a.png``, ``a.jpg`` -> ``a_png``, ``a_jpg``), else the folder's name
+    (``x/a.png``, ``y/a.png`` -> ``x_a``, ``y_a``); a name still taken gets ``-2``, ``-3``, ... Without this the
+    outputs of such inputs would overwrite each other, or be told apart only by their order."""
+    paths = [Path(str(p)) for p in inputs]
+    folder = [Path(os.path.abspath(p)).parent.name for p in paths]  # 'x' of x/a.png, also given as a.png in x
+    stems = [p.stem for p in paths]
+    ext = [p.suffix.lstrip('.').lower() for p in paths]
+    wanted = list(stems)
+    for stem in set(stems):
+        group = [i for i, s in enumerate(stems) if s == stem]
+        if len(group) < 2:
+            continue
+        for tell in (lambda i: f"{stems[i]}_{ext[i]}", lambda i: f"{folder[i]}_{stems[i]}",
+                     lambda i: f"{folder[i]}_{stems[i]}_{ext[i]}"):
+            names = [tell(i) for i in group]
+            if len(set(names)) == len(names):
+                for i, name in zip(group, names):
+                    wanted[i] = name
+                break
+    taken = set(wanted)
     used: set[str] = set()
-    names = []
-    for stem in stems:
+    out = []
+    for stem in wanted:
         name, n = stem, 1
         while name in used or (name != stem and name in taken):
             n += 1
             name = f"{stem}-{n}"
         used.add(name)
-        names.append(name)
-    return names
+        out.append(name)
+    return out
 
 
 def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:

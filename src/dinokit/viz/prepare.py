@@ -51,6 +51,8 @@ class PreparedImage:
     """(H, W, 3) uint8: the same crop, for drawing."""
     name: str
     """A short name for output files (the file stem, or ``image<i>``)."""
+    source: str = ""
+    """The file it was read from ("" for a PIL image or a tensor): output names tell same-stem inputs apart by it."""
 
 
 def _denormalise(x: torch.Tensor) -> np.ndarray:
@@ -76,8 +78,9 @@ def resize_short_side(image: torch.Tensor, image_size: int | None, *, interpolat
 def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None = DEFAULT_IMAGE_SIZE,
                   name: str = "image") -> PreparedImage:
     """A path, PIL image or (3, H, W) tensor (uint8 pixels, or floats already ImageNet-normalised)."""
+    source = ""
     if isinstance(image, (str, Path)):
-        name = Path(image).stem
+        name, source = Path(image).stem, str(image)
         try:
             image = load_image(image, draft_size=image_size)  # large JPEGs decoded nearer the size used
         except FileNotFoundError:
@@ -99,7 +102,7 @@ def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None 
         why = (f"{tensor.shape[-1]}x{tensor.shape[-2]} px after resizing (long side at most {MAX_ASPECT}x the short), "
                f"under one {model.patch_size}-px patch on its short side; crop it or pass a larger --image-size")
         raise DinokitError(f"image {name!r} is {why}") from TooElongatedError(why)
-    return PreparedImage(tensor=tensor, pixels=_denormalise(tensor), name=name)
+    return PreparedImage(tensor=tensor, pixels=_denormalise(tensor), name=name, source=source)
 
 
 def prepare_images(model: nn.Module, images: ImageLike | Sequence[ImageLike], *,
