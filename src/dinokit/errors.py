@@ -40,5 +40,10 @@ class RelayedError(DinokitError):
     by the main process only."""
 
 
+class ModelInputError(DinokitError, ValueError):
+    """A setting or an input a backbone cannot use: one line naming it and the fix (a ``ValueError`` too, as the
+    model's errors were before)."""
+
+
 class TrainingHealthWarning(UserWarning):
     """A training run that goes on but shows a sign of failure (e.g. collapsed heads); the text says what to try."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import DinokitError
 from ..models.checkpoint import load_backbone_weights, load_state_dict_file
-from ..models.registry import ALIASES, create_model, model_info
+from ..models.registry import ALIASES, api_download_advice, create_model, model_info
 from ..models.vision_transformer import DinoVisionTransformer
 from .spec import StateDict
 
@@ -139,5 +139,6 @@ def get_model(
             checkpoint = mmpretrain_to_official(checkpoint)
         load_backbone_weights(backbone, checkpoint)
     elif pretrained:
-        load_backbone_weights(backbone, info.backbone_url)
+        with api_download_advice("weights"):  # offline: the Python argument, not the commands' --weights
+            load_backbone_weights(backbone, info.backbone_url)
     return HeadlessClassifier(backbone.eval(), out_type=out_type)

@@ -16,11 +16,14 @@ Giving ``depth_range=(min, max)`` sets both heads' range (the official linear de
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import DinokitError
-from ..models.registry import BASE_URL, create_model
+from ..models.registry import BASE_URL, api_download_advice, create_model
 from .heads import DPTHead, FeatureSpec, LinearDepthHead, four_level_indices
 from .loading import load_head
 from .model import DenseModel
@@ -32,6 +35,16 @@ OFFICIAL_LINEAR_RANGE = (0.001, 80.0)  # what the official _ld entry points buil
 def depth_range_of(pretrained: bool, dataset: str | None) -> tuple[float, float]:
     """The official ``_get_depth_range``: (0.001, 80) for KITTI weights, else (0.001, 10)."""
     return (0.001, 80.0) if pretrained and dataset == "KITTI" else (0.001, 10.0)
+
+
+def check_depth_range(depth_range: Any) -> tuple[float, float]:
+    """``depth_range`` as (min, max) floats, or one line unless it is two finite numbers with 0 <= min < max."""
+    pair = tuple(depth_range) if isinstance(depth_range, (tuple, list)) else ()
+    numbers_ok = len(pair) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
+    if not numbers_ok or not all(math.isfinite(v) for v in pair) or not 0 <= pair[0] < pair[1]:
+        raise DinokitError(f"depth_range={depth_range!r} is not usable: give (min, max) in metres with "
+                           "0 <= min < max, e.g. (0.001, 10.0) for NYU or (0.001, 80.0) for KITTI")
+    return float(pair[0]), float(pair[1])
 
 
 def head_url(backbone_name: str, dataset: str, head: str) -> str:
@@ -61,12 +74,17 @@ def create_depther(
         dataset = weights.upper()
     elif isinstance(weights, str) and weights.isalpha() and not Path(weights).exists():
         raise DinokitError(f"weights={weights!r}: use 'NYU', 'KITTI' or a head file path")
-    else:
+    elif isinstance(weights, (str, os.PathLike, Mapping)):
         head_file = weights
-    if kind == "ld" and layers not in (1, 4):
+    else:
+        raise DinokitError(f"weights={weights!r}: use 'NYU', 'KITTI', a head file path or a head state dict")
+    if kind == "ld" and (isinstance(layers, bool) or layers not in (1, 4)):
         raise DinokitError(f"{name} takes layers=1 or layers=4, not {layers!r}")
+    if depth_range is not None:
+        depth_range = check_depth_range(depth_range)
 
-    backbone = create_model(backbone_name, pretrained=pretrained, weights=backbone_weights, **overrides)
+    with api_download_advice("backbone_weights"):
+        backbone = create_model(backbone_name, pretrained=pretrained, weights=backbone_weights, **overrides)
     depth = len(backbone.blocks)
     if kind == "ld":
         low, high = depth_range if depth_range is not None else OFFICIAL_LINEAR_RANGE
@@ -74,7 +92,8 @@ def create_depther(
         head = LinearDepthHead(embed_dim=backbone.embed_dim, levels=len(indices), min_depth=low, max_depth=high)
         file_tag = "linear4" if layers == 4 else "linear"
     else:
-        low, high = depth_range if depth_range is not None else depth_range_of(pretrained or head_file is not None, dataset)
+        official = depth_range_of(pretrained or head_file is not None, dataset)
+        low, high = depth_range if depth_range is not None else official
         indices = four_level_indices(depth)
         head = DPTHead(embed_dim=backbone.embed_dim, min_depth=low, max_depth=high)
         file_tag = "dpt"
@@ -82,7 +101,8 @@ def create_depther(
     if head_file is not None:
         load_head(head, head_file)
     elif pretrained:
-        load_head(head, head_url(backbone_name, dataset, file_tag))
+        with api_download_advice("weights"):
+            load_head(head, head_url(backbone_name, dataset, file_tag))
     return model
 
 

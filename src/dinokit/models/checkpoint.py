@@ -53,12 +53,20 @@ def _hub_cache_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
-def _download_error(url: str, err: Exception) -> DinokitError:
-    """Offline: where a file fetched by other means is found by every command and by ``torch.hub.load`` alike."""
-    return DinokitError(
-        f"could not download {url} ({' '.join(str(err).split())[:100]}); check the network connection, or fetch the "
-        f"file another way and put it at {_hub_cache_path(url)} (found there from then on), or pass its local path "
-        "with --weights FILE (or use --random-init)")
+class DownloadError(DinokitError):
+    """An official file that could not be fetched (offline): where a file fetched by other means is found by every
+    command and by ``torch.hub.load`` alike. The message advises the commands' options; ``advice`` words the end
+    for another caller (:func:`dinokit.models.registry.api_download_advice`)."""
+
+    def __init__(self, url: str, reason: str, advice: str = "pass its local path with --weights FILE (or use "
+                 "--random-init)") -> None:
+        self.url, self.reason, self.cached = url, reason, _hub_cache_path(url)
+        super().__init__(f"could not download {url} ({reason}); check the network connection, or fetch the file "
+                         f"another way and put it at {self.cached} (found there from then on), or {advice}")
+
+
+def _download_error(url: str, err: Exception) -> DownloadError:
+    return DownloadError(url, " ".join(str(err).split())[:100])
 
 
 def refused_object(err: BaseException) -> str | None:
@@ -333,12 +341,39 @@ def load_backbone_weights(model: nn.Module, weights: str | Path | Mapping[str, A
 
     Any layout accepted by :func:`backbone_state_dict_from_checkpoint` works. Returns ``model``.
     """
+    if not isinstance(weights, (str, os.PathLike, Mapping)):
+        raise DinokitError(f"weights must be a file path, a URL or a state dict of tensors, got "
+                           f"{type(weights).__name__}")
     source = "the state dict" if isinstance(weights, Mapping) else repr(str(weights))
     checkpoint = weights if isinstance(weights, Mapping) else load_state_dict_file(weights)
+    _refuse_non_tensors(checkpoint, source)
     sd = backbone_state_dict_from_checkpoint(checkpoint, source=source)
     check_backbone_state_dict(model, sd, source=source)
     model.load_state_dict(sd, strict=True)
     return model
+
+
+_BACKBONE_KEY = re.compile(r"(^|\.)(cls_token|pos_embed|mask_token|register_tokens|patch_embed\.|blocks\.|norm\.)")
+
+
+def _refuse_non_tensors(checkpoint: Mapping[str, Any], source: str) -> None:
+    """One line for a state dict whose backbone values are numpy arrays (or hold no tensors at all), which the
+    key-based normalisation would otherwise report as 'no ViT backbone tensors'."""
+    sd = checkpoint
+    for _ in range(len(_WRAPPER_KEYS)):  # the level that backbone_state_dict_from_checkpoint reads
+        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        sd = sd[wrapper]
+    has_tensors = any(isinstance(v, torch.Tensor) for v in sd.values())
+    arrays = [str(k) for k, v in sd.items() if type(v).__module__ == "numpy"]
+    if arrays and (not has_tensors or any(_BACKBONE_KEY.search(k) for k in arrays)):
+        raise DinokitError(f"{source} holds numpy arrays, not torch tensors ({_listing(arrays)}); convert them "
+                           "first: {k: torch.from_numpy(v) for k, v in state_dict.items()}")
+    if sd and not has_tensors and not any(isinstance(v, Mapping) for v in sd.values()):
+        kinds = ", ".join(sorted({type(v).__name__ for v in sd.values()}))
+        raise DinokitError(f"{source} holds no tensors (its values are {kinds}); give a state dict of torch tensors, "
+                           "e.g. model.state_dict(), or a backbone file")
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..layers.block import Block
 from ..layers.layer_scale import LayerScale
+from .inputs import check_crop_sets
 from .vision_transformer import DinoVisionTransformer, FeatureDict
 
 Shapes = list[tuple[int, int]]  # (B_i, N_i) of each crop set, in packing order
@@ -136,6 +137,7 @@ def forward_features_packed(
     """
     if attention not in ("sdpa", "flex"):
         raise ValueError(f"unknown attention {attention!r}; use 'sdpa' or 'flex'")
+    check_crop_sets(x_list, masks_list)
     masks_list = list(masks_list) if masks_list is not None else [None] * len(x_list)
     tokens = [model.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]  # [(B_i, N_i, D)]
     shapes = [(t.shape[0], t.shape[1]) for t in tokens]

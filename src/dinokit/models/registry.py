@@ -13,20 +13,23 @@ LayerScale), so the official weights load with ``strict=True``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import DinokitError
 from .architectures import build_backbone
-from .checkpoint import load_backbone_weights
+from .checkpoint import DownloadError, load_backbone_weights
 from .linear_classifier import LinearClassifier, load_linear_head, read_linear_head
+from .vision_transformer import DinoVisionTransformer
 
 BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 # The official entry points also take ``weights="LVD142M"`` / ``"IMAGENET1K"`` (an enum); both mean "official".
@@ -170,6 +173,7 @@ def create_model(
     ``pretrained=True`` any file not given is the official one.
     """
     info = model_info(name)
+    _check_overrides(info, overrides)
     if _is_official_tag(weights):  # official semantics: the tag names the official file; asking for it without
         weights, pretrained = None, pretrained is not False  # pretrained= means it (it gave random weights)
     pretrained = bool(pretrained)
@@ -183,8 +187,42 @@ def create_model(
     if weights is not None:
         load_backbone_weights(backbone, weights)
     elif pretrained:
-        load_backbone_weights(backbone, info.backbone_url)
+        with api_download_advice("weights"):
+            load_backbone_weights(backbone, info.backbone_url)
     return backbone
+
+
+# keyword arguments of the classifiers and depthers besides the backbone settings
+_HEAD_ARGUMENTS = {"classifier": ("layers", "num_classes", "backbone_weights"),
+                   "depther": ("layers", "depth_range", "backbone_weights")}
+
+
+def _check_overrides(info: ModelInfo, overrides: Mapping[str, Any]) -> None:
+    """One line for a keyword argument that neither the model nor the backbone constructor takes."""
+    kind = "classifier" if info.is_classifier else "depther" if info.depth_head else ""
+    own = ["pretrained", "weights", *_HEAD_ARGUMENTS.get(kind, ())]
+    settings = [k for k in inspect.signature(DinoVisionTransformer.__init__).parameters if k != "self"]
+    unknown = [k for k in overrides if k not in own + settings]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], own + settings, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise DinokitError(f"{info.name} takes no argument {unknown[0]!r}; {hint}it takes {', '.join(own)} and the "
+                           f"backbone settings ({', '.join(settings)})")
+
+
+@contextlib.contextmanager
+def api_download_advice(argument: str = "weights") -> Iterator[None]:
+    """Reword a failed download of an official file for Python callers: the file goes to ``argument=FILE``.
+
+    :func:`dinokit.models.checkpoint.load_state_dict_file` advises the commands' ``--weights``; its first part
+    ("could not download URL (reason)") is kept. The outermost use wins (a classifier's backbone is
+    ``backbone_weights``, not the ``weights`` of the inner :func:`create_model` call).
+    """
+    try:
+        yield
+    except DownloadError as err:  # an outer use rewords an inner one's again: the outermost names the argument
+        raise DownloadError(err.url, err.reason, f"pass its local path with {argument}=FILE (command line: "
+                            "--weights FILE), or build random weights with pretrained=False (--random-init)") from None
 
 
 def _create_classifier(
@@ -208,11 +246,13 @@ def _create_classifier(
                 f"the official {info.name} head has {IMAGENET_CLASSES} classes, not {num_classes}; "
                 "pass weights=HEAD_FILE or pretrained=False"
             )
-        head_sd = read_linear_head(info.head_urls[layers])
+        with api_download_advice("weights"):
+            head_sd = read_linear_head(info.head_urls[layers])
     if num_classes is None:
         num_classes = int(head_sd["weight"].shape[0]) if head_sd is not None else IMAGENET_CLASSES
     backbone_name = info.name.removesuffix("_lc")
-    backbone = create_model(backbone_name, pretrained=pretrained, weights=backbone_weights, **overrides)
+    with api_download_advice("backbone_weights"):
+        backbone = create_model(backbone_name, pretrained=pretrained, weights=backbone_weights, **overrides)
     model = LinearClassifier(backbone, layers=layers, num_classes=num_classes)
     if head_sd is not None:
         load_linear_head(model, head_sd)

@@ -9,17 +9,17 @@ activation checkpointing, compilation and sharding are applied from outside (``d
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelInputError
 from ..layers import Block, PatchEmbed
+from .inputs import block_indices, check_crop_sets, check_images, check_masks, check_settings
 
 FeatureDict = dict[str, torch.Tensor | None]
-
-
 class DinoVisionTransformer(nn.Module):
     """Vision transformer with class token, optional register tokens and a learned position embedding.
 
@@ -49,6 +49,9 @@ class DinoVisionTransformer(nn.Module):
         interpolate_offset: float = 0.1,
     ) -> None:
         super().__init__()
+        check_settings(dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                             depth=depth, num_heads=num_heads, num_register_tokens=num_register_tokens,
+                             drop_path_rate=drop_path_rate, mlp_ratio=mlp_ratio))
         self.embed_dim = self.num_features = embed_dim
         self.n_blocks = depth
         self.num_heads = num_heads
@@ -111,7 +114,8 @@ class DinoVisionTransformer(nn.Module):
         h, w = x.shape[-2:]
         h2, w2 = h - h % p, w - w % p
         if h2 == 0 or w2 == 0:
-            raise ValueError(f"input of size {h}x{w} is smaller than one {p}x{p} patch")
+            raise ModelInputError(f"input of size {h}x{w} is smaller than one {p}x{p} patch; give images of at least "
+                                  f"{p} px per side")
         if (h2, w2) == (h, w):
             return x
         top, left = (h - h2) // 2, (w - w2) // 2
@@ -169,6 +173,11 @@ class DinoVisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], regs, x[:, 1:]), dim=1)  # registers get no position embedding
         return x
 
+    # ------------------------------------------------------------------ input checks (shapes and dtypes only)
+    def check_images(self, x: Any) -> None:
+        """One line unless ``x`` is a (B, C, H, W) tensor of the model's dtype (or one autocast takes) and device."""
+        check_images(x, self.patch_embed.proj.weight, self.patch_embed.in_chans)
+
     # ------------------------------------------------------------------ forward
     def _output_dict(self, x: torch.Tensor, masks: torch.Tensor | None) -> FeatureDict:
         x_norm = self.norm(x)
@@ -195,30 +204,32 @@ class DinoVisionTransformer(nn.Module):
         self, x: torch.Tensor | Sequence[torch.Tensor], masks: torch.Tensor | Sequence | None = None
     ) -> FeatureDict | list[FeatureDict]:
         if isinstance(x, (list, tuple)):
+            check_crop_sets(x, masks)
             masks_list = list(masks) if masks is not None else [None] * len(x)
+            for crops, crop_masks in zip(x, masks_list):
+                self.check_images(crops)
+                check_masks(crops, crop_masks, self.patch_size)
             return self.forward_features_list(x, masks_list)
+        self.check_images(x)
+        check_masks(x, masks, self.patch_size)
         x = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
             x = blk(x)
         return self._output_dict(x, masks)
 
     def forward(self, *args, is_training: bool = False, **kwargs):
+        if not is_training and isinstance(args[0] if args else kwargs.get("x"), (list, tuple)):
+            raise ModelInputError("a list of crop sets needs is_training=True (it returns their feature dicts); "
+                                  "pass one (B, C, H, W) tensor for the class-token output")
         out = self.forward_features(*args, **kwargs)
         if is_training:
             return out
         return self.head(out["x_norm_clstoken"])
 
     # ------------------------------------------------------------------ intermediate layers
-    def _block_indices(self, n: int | Sequence[int]) -> list[int]:
-        depth = len(self.blocks)
-        if isinstance(n, int):
-            if not 1 <= n <= depth:
-                raise ValueError(f"n={n} must be between 1 and the depth {depth}")
-            return list(range(depth - n, depth))
-        indices = sorted(int(i) for i in n)
-        if any(not 0 <= i < depth for i in indices):
-            raise ValueError(f"block indices {list(n)} must lie in [0, {depth - 1}]")
-        return indices
+    def _block_indices(self, n: Any) -> list[int]:
+        """The block indices ``n`` names (an int: the last ``n`` blocks; a sequence: those indices), sorted."""
+        return block_indices(n, len(self.blocks))
 
     def get_intermediate_layers(
         self,
@@ -233,10 +244,11 @@ class DinoVisionTransformer(nn.Module):
         Patch tokens drop the class and register tokens; ``norm`` applies the final LayerNorm;
         ``reshape`` gives (B, D, H/p, W/p) maps; ``return_class_token`` pairs each with its (B, D) CLS.
         """
+        self.check_images(x)
+        wanted = set(self._block_indices(n))
         h, w = self.crop_to_patch_multiple(x).shape[-2:]
         grid_h, grid_w = h // self.patch_size, w // self.patch_size
         x = self.prepare_tokens_with_masks(x)
-        wanted = set(self._block_indices(n))
         last = max(wanted)
         outputs = []
         for i, blk in enumerate(self.blocks[: last + 1]):

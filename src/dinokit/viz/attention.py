@@ -14,6 +14,7 @@ high-norm "artefact" tokens in uninformative background, the tokens that registe
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from ..errors import DinokitError
 from .prepare import DEFAULT_IMAGE_SIZE, ImageLike, PreparedImage, prepare_images, run_batched
 
 DEFAULT_KEEP_MASS = 0.6  # DINO v1's choice
+_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 def block_forward_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,20 +48,53 @@ def block_forward_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[tor
     return x, weights
 
 
-def resolve_block(model: nn.Module, block: int) -> int:
-    """The index in ``model.blocks`` of ``block`` (negative: from the end), or a one-line error naming the range."""
+def resolve_block(model: nn.Module, block: int, option: str = "--block") -> int:
+    """The index in ``model.blocks`` of ``block`` (negative: from the end), or a one-line error naming the range.
+
+    ``option`` names the setting in the message: ``--block`` (a command's option) or ``block`` (an argument)."""
     depth = len(model.blocks)
-    index = block + depth if block < 0 else block
+    given = f"{option} {block!r}" if option.startswith("-") else f"{option}={block!r}"
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral):
+        raise DinokitError(f"{given} is not a block index: give a whole number in -{depth}..{depth - 1} "
+                           "(negative counts from the end)")
+    index = int(block) + depth if block < 0 else int(block)
     if not 0 <= index < depth:
-        raise DinokitError(f"--block {block} is out of range: the model has {depth} blocks; give -{depth}..{depth - 1} "
+        raise DinokitError(f"{given} is out of range: the model has {depth} blocks; give -{depth}..{depth - 1} "
                            "(negative counts from the end)")
     return index
+
+
+def _check_options(model: nn.Module, *, image_size: int | None, batch_size: int, device: object,
+                   dtype: object) -> None:
+    """One line for an argument of :func:`attention_maps` it cannot use (before any image is read)."""
+    if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or not hasattr(model, "prepare_tokens_with_masks"):
+        raise DinokitError(f"attention_maps needs a dinokit ViT backbone, got a {type(model).__name__}; pass the "
+                           "backbone itself (e.g. model.backbone of a classifier or dense model)")
+    if image_size is not None and (not _whole(image_size) or image_size < model.patch_size):
+        raise DinokitError(f"image_size={image_size!r} is not usable: give the short side in pixels, a whole number "
+                           f">= the patch size {model.patch_size} (e.g. {DEFAULT_IMAGE_SIZE}), or None to keep it")
+    if not _whole(batch_size) or batch_size < 1:
+        raise DinokitError(f"batch_size={batch_size!r} is not usable: give a whole number >= 1")
+    if dtype not in _DTYPES:
+        raise DinokitError(f"dtype={dtype!r} is not usable: give torch.bfloat16, torch.float16, torch.float32 "
+                           "or None (the model's precision)")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise DinokitError(f"device={device!r} is not a device: give e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def cls_attention_and_norms(model: nn.Module, batch: torch.Tensor, *, block: int = -1) -> dict[str, torch.Tensor]:
     """For a (B, 3, H, W) batch: ``attention`` (B, heads, h, w), the class token's attention to the
     patches in ``block``; ``patch_norms`` (B, h, w), the output patch tokens' norms before the final norm."""
-    index = resolve_block(model, block)
+    index = resolve_block(model, block, "block")
+    if hasattr(model, "check_images"):
+        model.check_images(batch)  # one line for a wrong shape, dtype or device
     x = model.crop_to_patch_multiple(batch)
     h, w = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
     first_patch = 1 + model.num_register_tokens  # tokens are [cls, registers, patches]
@@ -97,8 +132,9 @@ def attention_maps(
     dtype: torch.dtype | None = None,
 ) -> AttentionMaps:
     """The class token's attention per head in ``block`` (default: the last) and the patch-norm map."""
+    _check_options(model, image_size=image_size, batch_size=batch_size, device=device, dtype=dtype)
+    resolve_block(model, block, "block")  # a one-line error before any work
     prepared = prepare_images(model, images, image_size=image_size)
-    resolve_block(model, block)  # a one-line error before any work
 
     def fn(m: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return cls_attention_and_norms(m, batch, block=block)
