@@ -321,3 +321,22 @@ def test_distillation_beats_training_from_scratch(demo_teacher, tmp_path):
     distilled, scratch = knn(tmp_path / "distilled"), knn(tmp_path / "scratch")
     # batch 16 halves the time of the README comparison (batch 32): 52.5% vs 25.0% measured (56.3 vs 25.0 at 32)
     assert distilled >= scratch + 10, (distilled, scratch)
+
+
+@pytest.mark.skipif(not (Path(__import__("sys").executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_two_process_torchrun_distillation(images, tmp_path):
+    """Under torchrun distill stopped at once: each student's EMA went to FSDP2 as one ModuleDict, which has no
+    forward ("fully_shard does not support containers"); the EMAs are now sharded by their parts, as the teacher."""
+    import os
+    import subprocess
+    import sys
+
+    teacher = make_teacher_run(tmp_path / "teacher")
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_port=29547", "-m", "dinokit",
+           "distill", "--config-file", "distill_demo", "--output-dir", str(tmp_path / "out"), "--device", "cpu",
+           "--no-progress", *TINY, f"train.dataset_path=ImageFolder:root={images / 'train'}",
+           f"distillation.teacher={teacher}", "train.batch_size_per_gpu=2", "optim.epochs=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    snapshots = list((tmp_path / "out").rglob("teacher_checkpoint.pth"))
+    assert snapshots and all(type(v) is torch.Tensor for v in torch.load(snapshots[0], weights_only=True)["teacher"].values())

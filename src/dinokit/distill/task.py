@@ -111,7 +111,9 @@ class DistillationTask(SSLObjective, Task):
 
     def inference_modules(self) -> dict[str, nn.Module]:
         teacher = {f"teacher.{part}": m for part, m in self.teacher.items()}
-        return {**teacher, **{f"{key}.ema": ema for key, ema in self.student_emas.items()}}
+        # each EMA student by its parts, as the teacher: FSDP2 shards modules that have a forward, not a ModuleDict
+        emas = {f"{key}.ema.{part}": m for key, ema in self.student_emas.items() for part, m in ema.items()}
+        return {**teacher, **emas}
 
     def frozen_modules(self) -> tuple[str, ...]:
         return ("teacher",)  # reloaded from its file at every start: not in checkpoints
