@@ -254,6 +254,22 @@ def offline_advice(cache: Path, file: str, argument: str) -> str:
             "line: --weights FILE), or build random weights with pretrained=False (--random-init)")
 
 
+def test_offline_commands_keep_their_own_advice(offline: Path, tmp_path: Path, capsys) -> None:
+    """A command builds its official model through create_model too: its line names --weights, not weights=FILE."""
+    from PIL import Image
+
+    from dinokit.cli import main
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    assert main(["embed", str(tmp_path / "a.png"), "--out", str(tmp_path / "e.npz"), "--device", "cpu"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: could not download ") and line.endswith(
+        "or pass its local path with --weights FILE (or use --random-init)")
+    with torch.device("meta"):  # and Python callers after a command still get theirs
+        assert refused(hub_entry_point("dinov2_vits14")).endswith(
+            offline_advice(offline, "dinov2_vits14_pretrain.pth", "weights"))
+
+
 def test_offline_pretrained_names_the_python_arguments(offline: Path) -> None:
     base = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14"
     with torch.device("meta"):

@@ -273,8 +273,8 @@ def test_eval_says_when_its_numbers_cannot_be_trusted_and_where_they_came_from(u
         warnings.simplefilter("ignore")  # the skipped images' own lines
         assert cli_main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
-    unusable = ("warning: 2 val class(es) have no readable training image (class 2, 3): their 50.0% of the val "
-                "images can never be classified right")
+    unusable = ("warning: 2 val class(es) have no readable training image (class 2 ('c'), 3 ('d')): their 50.0% of "
+                "the val images can never be classified right")  # named by folder too (the numbers alone were opaque)
     assert unusable in printed
     top5 = "note: with 4 classes top-5 is 100% by construction; read top-1 only"
     assert (top5 in printed) == (protocol != "linear")  # the linear probes report top-1 only

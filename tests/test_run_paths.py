@@ -54,7 +54,9 @@ def test_a_run_records_absolute_paths_and_old_relative_records_still_resume(tmp_
     monkeypatch.chdir(other)
     capsys.readouterr()
     assert main(argv) == 2
-    assert "holds a run with another configuration: train.dataset_path" in error_line(capsys)
+    # the saved path in full (it was cut to 37 characters), so that it can be given back
+    assert (f"holds a run with another configuration: train.dataset_path (saved ImageFolder:root={first / 'data'}, "
+            f"now ImageFolder:root={other / 'data'})") in error_line(capsys)
     # the absolute path of the run's own images resumes it from anywhere
     assert main([*argv[:-1], f"train.dataset_path=ImageFolder:root={first / 'data'}"]) == 0
     assert "training already complete" in capsys.readouterr().out

@@ -109,8 +109,14 @@ def _run(argv: list[str] | None) -> int:
                 return 0
             print(f"note: '{args.command}' works in one process; the other {launched - 1} launched process(es) did "
                   "nothing", flush=True)
-        with summarised_warnings():  # a repeated warning is shown once, and counted at the end
-            return int(args.func(args) or 0)
+        from ..models.registry import COMMAND_LINE
+
+        command_line = COMMAND_LINE.set(True)  # a failed download advises the command's options, not Python's
+        try:
+            with summarised_warnings():  # a repeated warning is shown once, and counted at the end
+                return int(args.func(args) or 0)
+        finally:
+            COMMAND_LINE.reset(command_line)
     except DinokitError as err:  # a RelayedError is the main process's, which prints it
         _report(f"error: {err}", own=isinstance(err, ProcessSpecificError), silent=isinstance(err, RelayedError))
         return 2

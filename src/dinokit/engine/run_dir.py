@@ -70,8 +70,11 @@ def _may_change(key: str, allowed: Sequence[str]) -> bool:
 
 
 def _short(value: Any) -> str:
+    """A saved or given value as the refusal shows it: text (paths, dataset strings: the fix may be to give the saved
+    one back) in full up to 300 characters, lists and mappings up to 40."""
     text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 40 else text[:37] + "..."
+    limit = 300 if isinstance(value, str) else 40
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def config_changes(saved: Mapping, current: Mapping, allowed: Sequence[str] = ()) -> tuple[list[str], list[str]]:

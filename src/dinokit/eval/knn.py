@@ -178,6 +178,7 @@ def evaluate_knn(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     gather_on_cpu: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> list[KnnResult]:
     """The full protocol on raw class tokens: normalise, subsample, shard over ranks, classify.
 
@@ -185,10 +186,11 @@ def evaluate_knn(
     memory with ``gather_on_cpu`` (official option: for training sets larger than the accelerator's memory; each
     batch of queries then meets the shard ``chunk_size`` rows at a time on ``device``).
     Few-shot subsets (``n_per_class > 0``) use seeds 0 .. ``n_tries - 1``; accuracies are averaged.
+    ``classes``: the class names, shown in the warnings.
     """
     check_knn_options(ks=ks, temperature=temperature, n_per_class_list=n_per_class_list, n_tries=n_tries,
                       chunk_size=chunk_size)
-    report_label_warnings(train_labels, test_labels, num_classes)
+    report_label_warnings(train_labels, test_labels, num_classes, classes=classes)
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)
     rank, world = du.get_rank(), du.get_world_size()
@@ -317,8 +319,9 @@ def knn_protocol(
         train.features["cls"], train.targets, val.features["cls"], val.targets,
         num_classes=ctx.num_classes, ks=ks, temperature=temperature, n_per_class_list=n_per_class_list,
         n_tries=n_tries, chunk_size=chunk_size, device=ctx.device, gather_on_cpu=gather_on_cpu,
+        classes=ctx.class_names,
     )
     if du.is_main_process():
-        trust = label_warnings(train.targets, val.targets, ctx.num_classes)
+        trust = label_warnings(train.targets, val.targets, ctx.num_classes, classes=ctx.class_names)
         write_knn_results(results, ctx.output_dir, ctx.result_provenance(trust))
     return results

@@ -381,7 +381,8 @@ def linear_protocol(
     if augment:  # the stream read the training images: those it met unreadable are out of the count
         ctx.images_read["train"] = len(train_targets) - len(unreadable)
     readable = torch.as_tensor([t for i, t in enumerate(train_targets) if i not in unreadable], dtype=torch.long)
-    trust = report_label_warnings(readable, val.targets, ctx.num_classes, top5=False)  # the probes report top-1
+    trust = report_label_warnings(readable, val.targets, ctx.num_classes, top5=False,  # the probes report top-1
+                                  classes=ctx.class_names)
     predicted = probe_predictions(probes, val.features["cls_tokens"], val.features["patch_mean"])  # one pass for both
     accuracies = score_probes(predicted, val.targets)
     scores = accuracies if val_metric_type == "mean_accuracy" else score_probes(predicted, val.targets, val_metric_type)

@@ -283,7 +283,7 @@ def logreg_protocol(
     resize_size=image_size)``, as the command does."""
     train = ctx.features("train", "cls")
     val = ctx.features("val", "cls")
-    trust = report_label_warnings(train.targets, val.targets, ctx.num_classes)
+    trust = report_label_warnings(train.targets, val.targets, ctx.num_classes, classes=ctx.class_names)
     result = evaluate_logreg(
         train.features["cls"], train.targets, val.features["cls"], val.targets, c_values=c_values,
         backend=backend, holdout_fraction=holdout_fraction, max_iter=max_iter, tol=tol, device=ctx.device,

@@ -20,14 +20,16 @@ from ..files import atomic_write
 
 
 def label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *,
-                   top5: bool = True) -> list[str]:
+                   top5: bool = True, classes: Sequence[str] | None = None) -> list[str]:
     """Lines that say when accuracies cannot be trusted: val classes without a readable training image (present
-    only in val, or whose training images are all unreadable), or a top-5 that is 100% by construction."""
+    only in val, or whose training images are all unreadable), or a top-5 that is 100% by construction.
+    ``classes``: the class names (folder names), shown beside the numbers."""
     lines = []
     in_train = set(train_labels.unique().tolist())
     only_val = sorted(set(test_labels.unique().tolist()) - in_train)
     if only_val:
-        shown = ", ".join(str(c) for c in only_val[:5]) + (", ..." if len(only_val) > 5 else "")
+        named = [f"{c} ({classes[c]!r})" if classes is not None and c < len(classes) else str(c) for c in only_val]
+        shown = ", ".join(named[:5]) + (", ..." if len(only_val) > 5 else "")
         share = 100.0 * float(torch.isin(test_labels, torch.tensor(only_val)).float().mean())
         lines.append(f"warning: {len(only_val)} val class(es) have no readable training image (class {shown}): "
                      f"their {share:.1f}% of the val images can never be classified right")
@@ -37,9 +39,9 @@ def label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_cl
 
 
 def report_label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *,
-                          top5: bool = True) -> list[str]:
+                          top5: bool = True, classes: Sequence[str] | None = None) -> list[str]:
     """:func:`label_warnings`, printed once (main process); returned for the results file."""
-    lines = label_warnings(train_labels, test_labels, num_classes, top5=top5)
+    lines = label_warnings(train_labels, test_labels, num_classes, top5=top5, classes=classes)
     if du.is_main_process():
         for line in lines:
             print(line)

@@ -223,6 +223,11 @@ class EvalContext:
     # images whose features were read, per split ("train", "val"), once extracted (unreadable ones are skipped)
     images_read: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each class index (train's, or val's when train's are a prefix of them)."""
+        return max(list(self.train.classes), list(self.val.classes), key=len)
+
     def images_line(self) -> str:
         """``N train / M val images``: those read where features were extracted (with the unreadable ones named)."""
         parts = []

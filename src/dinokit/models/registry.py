@@ -14,6 +14,7 @@ LayerScale), so the official weights load with ``strict=True``:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import difflib
 import functools
@@ -210,6 +211,10 @@ def _check_overrides(info: ModelInfo, overrides: Mapping[str, Any]) -> None:
                            f"backbone settings ({', '.join(settings)})")
 
 
+# set while a `dinokit` command runs (dinokit.cli): a failed download then keeps the commands' advice (--weights)
+COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("dinokit_command_line", default=False)
+
+
 @contextlib.contextmanager
 def api_download_advice(argument: str = "weights") -> Iterator[None]:
     """Reword a failed download of an official file for Python callers: the file goes to ``argument=FILE``.
@@ -221,6 +226,8 @@ def api_download_advice(argument: str = "weights") -> Iterator[None]:
     try:
         yield
     except DownloadError as err:  # an outer use rewords an inner one's again: the outermost names the argument
+        if COMMAND_LINE.get():  # a command's model: its options are the advice (the message as it was raised)
+            raise
         raise DownloadError(err.url, err.reason, f"pass its local path with {argument}=FILE (command line: "
                             "--weights FILE), or build random weights with pretrained=False (--random-init)") from None
 
