@@ -277,3 +277,43 @@ def test_a_sharded_checkpoint_never_unpickles_foreign_objects_and_a_torn_one_fal
     with pytest.warns(UserWarning, match=r"it is corrupt or truncated \(a shard file\); resuming from the older "
                                          "checkpoint_0000003"):
         assert checkpoints.resume()["iteration"] == 3
+
+
+def _buffers_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from dinokit.engine.parallel import average_buffers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    bn = nn.BatchNorm2d(3)
+    bn.train()
+    bn(torch.full((2, 3, 4, 4), float(rank * 4)) + torch.arange(32.0).view(2, 1, 4, 4))  # each rank its own batch
+    torch.save({k: v.clone() for k, v in bn.state_dict().items()}, f"{out}.before.{rank}")
+    average_buffers([nn.Linear(2, 2), bn])  # a module without buffers is fine
+    torch.save(bn.state_dict(), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_batchnorm_statistics_are_averaged_over_processes(tmp_path):
+    """Each process's BatchNorm statistics followed its own batches, and a sharded checkpoint kept one copy: a
+    two-process dense run resumed with rank 0's statistics on both ranks (mIoU 11.44 -> 11.65 against the unbroken
+    run). After each step they are now the mean over the processes, equal everywhere."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "bn")
+    mp.start_processes(_buffers_worker, args=(port, out), nprocs=2, join=True, start_method="fork")
+    before = [torch.load(f"{out}.before.{r}") for r in range(2)]
+    after = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert not torch.equal(before[0]["running_mean"], before[1]["running_mean"])
+    for key in ("running_mean", "running_var"):
+        expected = (before[0][key] + before[1][key]) / 2
+        assert torch.allclose(after[0][key], expected) and torch.equal(after[0][key], after[1][key])
+    assert after[0]["num_batches_tracked"] == after[1]["num_batches_tracked"] == 1

@@ -28,7 +28,7 @@ from .checkpoint import Checkpointer, UnreadableCheckpoint, atomic_torch_save
 from .metrics import MetricsLogger
 from .run_dir import InterruptGuard, RunInterrupted, check_disk_space, truncate_metrics
 from .optim import apply_optim_schedule, build_optimizer, get_param_groups
-from .parallel import parallelize, reshard
+from .parallel import average_buffers, parallelize, reshard
 from .task import Export, Task
 
 
@@ -194,6 +194,8 @@ class Engine:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.sharded:  # BatchNorm statistics equal on every process (checkpoints hold one copy)
+            average_buffers(self.task.trainable_modules().values())
         self.task.after_step(iteration, sched)
         return out
 

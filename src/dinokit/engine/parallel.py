@@ -124,6 +124,25 @@ def parallelize(
             apply_fsdp(module, mesh=mesh, param_dtype=param_dtype, reshard_after_forward=True)
 
 
+def average_buffers(modules) -> None:
+    """The floating-point buffers of ``modules`` (BatchNorm's running statistics) averaged over the processes, in
+    place; nothing in one process or without such buffers (the ViT has none).
+
+    Each process updates them from its own batches: unsynchronised, every process evaluated with its own statistics,
+    and a sharded checkpoint holds one copy of what it takes for replicated, so a resumed run went on from one
+    process's statistics where the unbroken run had kept each its own. Averaged after every step, they stay equal
+    (and follow all the processes' batches, not one's).
+    """
+    from .. import distributed as dist_utils
+
+    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    if not buffers or dist_utils.get_world_size() == 1:
+        return
+    flat = dist_utils.all_reduce_mean(torch.cat([b.detach().reshape(-1).float() for b in buffers]))
+    for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+        buffer.copy_(value.view_as(buffer))
+
+
 def reshard(module: nn.Module) -> None:
     """Free the gathered parameters of every FSDP2 unit in ``module`` (nothing when it is not sharded).
 
