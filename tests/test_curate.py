@@ -230,6 +230,19 @@ def test_hierarchical_sampler_gives_exact_quotas_on_a_planted_hierarchy():
         hierarchical_sample(leaf, parents, 29)
 
 
+def test_empty_clusters_at_the_end_of_a_level_are_sampled_around():
+    """k-means may leave the last clusters of a level empty (43 images in 13 leaves): the leaf labels then stop
+    before the parent array does, and the sampler raised "weights and list don't have the same length"."""
+    sizes = [10, 1, 5, 1, 8, 3]
+    leaf = np.repeat(np.arange(6), sizes)
+    parents = [np.array([0, 0, 0, 1, 1, 1, 1, 2]), np.array([0, 0, 1, 1])]  # leaves 6, 7 and level-2 cluster 2, 3
+    chosen = hierarchical_sample(leaf, parents, 14, seed=3)  # empty: no point in them
+    assert len(np.unique(chosen)) == 14
+    # the same quotas as without the empty clusters (the top level's 2 clusters share as before)
+    np.testing.assert_array_equal(leaf_quotas(leaf, chosen, 6), leaf_quotas(
+        leaf, hierarchical_sample(leaf, [np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0])], 14, seed=3), 6))
+
+
 def test_multiplier_repeats_the_images_of_clusters_below_their_share():
     """sample.multiplier m: each cluster may give m times its size. The same planted hierarchy, m = 2, 40 images:
     top 20 + 20; first: cut 9 -> 9, 2, 9; second: cut 12 -> 2, 12, 6. A leaf gives each image quota // size

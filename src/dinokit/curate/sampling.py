@@ -78,12 +78,15 @@ def hierarchical_sample(
     if strategy == "c" and distances is None:
         raise ValueError("strategy 'c' needs the distances to the centroids")
     rng = np.random.default_rng(seed)
-    n_leaves = int(leaf_labels.max()) + 1 if n else 0
+    # a level's clusters are those of its parent array (the last ones may hold no point: not in the labels)
+    counts = [len(parent) for parent in parents]
+    n_leaves = max(int(leaf_labels.max()) + 1 if n else 0, counts[0] if counts else 0)
     # flat sizes (original points under each cluster) at every level, bottom-up
     sizes = [np.bincount(leaf_labels, minlength=n_leaves)]
-    for parent in parents:
+    for level, parent in enumerate(parents):
         parent = np.asarray(parent, dtype=np.int64)
-        sizes.append(np.bincount(parent, weights=sizes[-1], minlength=int(parent.max()) + 1).astype(np.int64))
+        above = max(int(parent.max()) + 1, counts[level + 1] if level + 1 < len(counts) else 0)
+        sizes.append(np.bincount(parent, weights=sizes[-1], minlength=above).astype(np.int64))
     # top-down: the top level's clusters share the whole budget, then each cluster its own quota
     sizes = [level_sizes * multiplier for level_sizes in sizes]  # what each cluster may give
     quotas = split_budget(sizes[-1], target_size, rng)
