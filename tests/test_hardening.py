@@ -427,3 +427,29 @@ def test_other_commands_find_the_runs_config_beside_a_teacher_snapshot(straight,
         pytest.importorskip("onnxruntime")
     assert cli_main([*args, "--weights", str(snap)]) == 0
     assert f"using the training config {straight / 'config.yaml'}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_an_error_under_torchrun_is_one_line_once(tmp_path):
+    """train on a missing folder: rank 0 found it while listing the images, rank 1 went on and died in a collective
+    (39 lines of gloo traceback) and left an empty run folder; eval on a missing folder printed the line once per
+    rank. Now each stops at once, said once (the other ranks wait before saying an error: the launcher stops them
+    first when the main process failed too)."""
+    import subprocess
+
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_port=29549", "-m",
+                "dinokit"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    for argv in (["train", "--output-dir", str(out), "--device", "cpu", *TINY,
+                  f"train.dataset_path=ImageFolder:root={tmp_path / 'nosuch'}"],
+                 ["eval", "knn", "--output-dir", str(tmp_path / "ev"), "--model", "dinov2_vits14", "--random-init",
+                  "--device", "cpu", "--train-dataset", str(tmp_path / "nosuch"), "--val-dataset", str(tmp_path)]):
+        proc = subprocess.run([*torchrun, *argv], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode != 0
+        lines = [line for line in proc.stderr.splitlines() if "error: " in line and "nosuch" in line]
+        assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr[-3000:]
+        # no traceback from a dinokit process (torchrun's own report of the failed child follows any failure)
+        frames = [line for line in proc.stderr.splitlines() if line.strip().startswith("File ") and "dinokit" in line]
+        assert "[rank1]" not in proc.stderr and not frames, proc.stderr[-3000:]
+    assert not out.exists()

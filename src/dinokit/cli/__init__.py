@@ -125,8 +125,9 @@ def _run(argv: list[str] | None) -> int:
             raise
         _report(f"error: {err.strerror}: '{err.filename}' (check the path and its permissions)")
         return 2
-    except KeyboardInterrupt as err:  # a training run says what it kept and how to resume
-        print(str(err) or "interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a training run says what it kept and how to resume (the first process)
+        if not distributed.joined_group() or distributed.is_main_process():
+            print(str(err) or "interrupted", file=sys.stderr)
         return 130
 
 
@@ -137,13 +138,19 @@ SILENT_RANK_EXIT_DELAY_S = 5.0
 
 def _report(line: str, *, own: bool = False, silent: bool = False) -> None:
     """Print a user error, once per node under a launcher (:func:`dinokit.distributed.reports_user_errors`), or by
-    this process whatever its rank when the error is its ``own`` (:class:`dinokit.errors.ProcessSpecificError`)."""
-    from ..distributed import reports_user_errors
+    this process whatever its rank when the error is its ``own`` (:class:`dinokit.errors.ProcessSpecificError`).
 
-    if not silent and (own or reports_user_errors()):
-        print(line, file=sys.stderr)
-    else:
+    After joining the group an error may be one process's alone (a file it could not read), or every process's (a
+    missing dataset all read alike): a process other than the first says it after the delay, by which time the
+    launcher has stopped it if the first process failed too (then the first one's line is the only one)."""
+    from ..distributed import get_rank, joined_group, reports_user_errors
+
+    if silent or not (own or reports_user_errors()):
         time.sleep(SILENT_RANK_EXIT_DELAY_S)
+        return
+    if not own and joined_group() and get_rank() > 0:
+        time.sleep(SILENT_RANK_EXIT_DELAY_S)
+    print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

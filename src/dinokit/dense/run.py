@@ -206,8 +206,10 @@ def recipe_line(recipe: DenseRecipe, head: str, task: str, n_images: int) -> str
     """One line saying what will be trained (a short ``iterations=`` keeps the recipe's warm-up fraction)."""
     crops = "x".join(map(str, recipe.crop_size)) + (" crops" if recipe.augment else " resized images, features cached")
     evals = f"validation every {recipe.eval_period}" if 0 < recipe.eval_period < recipe.iterations else "validation at the end"
+    world = du.get_world_size()
+    batch = f"{recipe.batch_size}" + (f" per process ({recipe.batch_size * world} in all)" if world > 1 else "")
     return (f"training a {task} head '{head}' on {n_images} images: {recipe.iterations} iterations of batch "
-            f"{recipe.batch_size}, {crops}, lr {recipe.lr:g} after {recipe.warmup_iters} warm-up, {evals}")
+            f"{batch}, {crops}, lr {recipe.lr:g} after {recipe.warmup_iters} warm-up, {evals}")
 
 
 def _inference_config(recipe: DenseRecipe, head: str, task: str) -> tuple[InferenceConfig, InferenceConfig]:

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .. import distributed as du
 from ..config import apply_scaling_rules, check_koleo_group, check_step_levers, write_config
 from ..config.paths import make_paths_absolute
 from ..config.schema import StudentConfig
@@ -119,13 +120,15 @@ def distill(
     weights = cfg.MODEL.WEIGHTS or None
     # checked before anything is written: a folder of its own, no other run in it, the same configuration
     with open_run_dir(output_dir, resume=resume, config=OmegaConf.to_container(cfg, resolve=True)):
-        if rank == 0:  # the banner lists the images first: a missing or empty folder is one line, nothing written
+        def banner() -> None:  # the images are listed first: a missing or empty folder is one line, nothing written
             dataset = make_dataset(cfg.train.dataset_path)
             note = small_images_note(cfg.crops, dataset, cfg.student.patch_size)
             print(f"distilling {source.weights} ({type(teacher.backbone).__name__} {teacher.backbone.embed_dim}-d, "
                   f"{teacher.backbone.n_blocks} blocks) into " + ", ".join(
                       f"{name or 'the student'} ({s.arch})" for name, s in students.items())
                   + f", {len(dataset)} images found in {cfg.train.dataset_path}" + (f"\n{note}" if note else ""))
+
+        du.on_main_process(banner)  # every process stops on its error (rank 1 went on and died in a collective)
         task = DistillationTask(cfg, teacher=teacher, students=students)  # starting weights that do not fit: one line
 
         def write_configs() -> None:  # once the checkpoint to resume from (if any) has loaded

@@ -11,12 +11,14 @@ import re
 import sys
 import threading
 from datetime import timedelta
-from typing import NoReturn
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from ..errors import ProcessSpecificError
+from ..errors import DinokitError, ProcessSpecificError, RelayedError
+
+T = TypeVar("T")
 
 
 def is_enabled() -> bool:
@@ -142,6 +144,22 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main_process(fn: Callable[[], T]) -> T | None:
+    """``fn()`` in the main process (None elsewhere); a :class:`DinokitError` it raises stops every process at once,
+    printed by the main one (the others raise :class:`RelayedError`): they went on alone and died in a collective
+    with a traceback. One process: ``fn()``."""
+    result, refusal = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except DinokitError as err:
+            refusal = str(err)
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        raise DinokitError(refusal) if is_main_process() else RelayedError(refusal)
+    return result
 
 
 def barrier() -> None:

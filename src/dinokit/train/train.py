@@ -96,8 +96,8 @@ def train(
     weights = cfg.MODEL.WEIGHTS or None
     # checked before anything is written: a folder of its own, no other run in it, the same configuration
     with open_run_dir(output_dir, resume=resume, config=OmegaConf.to_container(cfg, resolve=True)):
-        if rank == 0 and banner is not None:
-            print(banner())
+        if banner is not None:  # the images are listed there: a missing folder stops every process, said once
+            du.on_main_process(lambda: print(banner()))
         model = SSLMetaArch(cfg)  # loads the starting weights: a file that does not fit is one line, nothing written
         model.teacher.load_state_dict(model.student.state_dict())
         return run_on_ssl_data(model, engine_config(cfg, dev, progress=progress), cfg, output_dir=output_dir, device=dev, hooks=hooks,
