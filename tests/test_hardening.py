@@ -86,6 +86,13 @@ def test_output_dir_inside_the_training_images_is_refused_before_anything_is_wri
             f"error: --output-dir {data / 'run'} lies inside the training images' folder {data}: the run's own "
             "files (plots, snapshots) would become training images when it resumes; give an output folder outside it")
         assert sorted(data.rglob("*")) == before
+    # the built-in sample set too (the run folder became an empty "class folder" there, after being made)
+    sample = write_sample_dataset(tmp_path / "sample", counts={"train": 1, "val": 0}, image_size=32)
+    before = sorted(sample.rglob("*"))
+    out = sample / "train" / "run"
+    assert cli_main(["train", *TINY, "--output-dir", str(out), f"train.dataset_path=Sample:split=TRAIN:root={sample}"]) == 2
+    assert error_line(capsys).startswith(f"error: --output-dir {out} lies inside the training images' folder {sample}:")
+    assert sorted(sample.rglob("*")) == before
 
 
 def test_no_resume_in_an_existing_run_is_refused_and_changes_nothing(images, straight, capsys, tmp_path):

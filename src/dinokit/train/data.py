@@ -16,6 +16,7 @@ from ..data.datasets import parse_dataset_str
 from ..data.images import typical_short_side
 from ..data.loaders import make_ssl_data_loader
 from ..data.resolutions import MixedCollate, MixedTransform, ResolutionMix
+from ..data.sample import default_sample_root
 from ..data.tensor_augment import MultiCropSource, TensorAugmentCollate, TensorMultiCrop
 from ..devices import usable_workers
 from ..errors import DinokitError
@@ -55,11 +56,12 @@ def check_output_outside_data(output_dir: str | Path, dataset_path: str) -> None
     """One line when the run folder lies inside the image folder it trains on: its own plots and snapshots would join
     the training images when the folder is listed again (on resume), changing the data under the run."""
     name, kwargs = parse_dataset_str(dataset_path)
-    if name != "ImageFolder":
+    given = kwargs.get("root") or (str(default_sample_root()) if name == "Sample" else None)  # folder sets only
+    if not given:
         return
-    root, out = Path(kwargs["root"]).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+    root, out = Path(given).expanduser().resolve(), Path(output_dir).expanduser().resolve()
     if out == root or root in out.parents:
-        raise DinokitError(f"--output-dir {output_dir} lies inside the training images' folder {kwargs['root']}: the "
+        raise DinokitError(f"--output-dir {output_dir} lies inside the training images' folder {given}: the "
                            "run's own files (plots, snapshots) would become training images when it resumes; give "
                            "an output folder outside it")
 
