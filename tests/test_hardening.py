@@ -383,6 +383,28 @@ def test_random_kill_9_loop_then_resume_is_bit_exact(images, tmp_path):
     assert not list(out.rglob(".*tmp*")) and not (out / ".dinokit.lock").exists()
 
 
+def test_sigterm_to_the_whole_process_group_with_workers_is_one_line(images, tmp_path):
+    """`timeout -s TERM` (and SLURM) signal the whole group: a data-loading worker killed by it first made the
+    loader's teardown print a "DataLoader worker ... is killed by signal" traceback after the stop line. Workers
+    now ignore SIGTERM; the main process checkpoints and stops them."""
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dinokit", *_cli(out, images, "optim.epochs=200", "train.num_workers=1",
+                                                  flags=["--no-progress"])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("checkpoint_*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process and its worker alike
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM after iteration") and "Traceback" not in err, err
+
+
 def test_train_says_what_it_will_do_and_what_it_did(images, tmp_path, capsys):
     import re
 

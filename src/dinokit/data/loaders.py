@@ -9,6 +9,8 @@ workers, and restored exactly when a run resumes at ``start_iteration``.
 
 from __future__ import annotations
 
+import signal
+
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -68,9 +70,16 @@ class SSLDataset(Dataset):
             return position, transform(image)
 
 
-def _limit_worker_threads(worker_id: int) -> None:
-    # Each worker decodes and augments one sample at a time; intra-op threads would only oversubscribe the CPUs.
+def init_worker(worker_id: int) -> None:
+    """A training loader's worker: one intra-op thread (it decodes and augments one sample at a time; more would only
+    oversubscribe the CPUs), and deaf to SIGTERM and SIGUSR1. Those reach the whole process group (``timeout``,
+    SLURM); the main process then saves a checkpoint and stops its workers, but a worker killed by the signal first
+    made the loader's teardown print a "DataLoader worker ... is killed by signal" traceback after the stop line.
+    Workers still end with the main process (they watch it)."""
     torch.set_num_threads(1)
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _draft_size(transform: Any, collate: Any) -> int | None:
@@ -128,7 +137,7 @@ def make_ssl_data_loader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=False,  # the stream is infinite: every batch is full
         persistent_workers=num_workers > 0,
-        worker_init_fn=_limit_worker_threads if num_workers > 0 else None,
+        worker_init_fn=init_worker if num_workers > 0 else None,
         # Its own generator: creating the iterator must not draw from the global RNG, or a resumed run's
         # model randomness (drop path) would be shifted by one draw relative to an uninterrupted run.
         generator=torch.Generator().manual_seed(seed),

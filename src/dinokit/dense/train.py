@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config.validation import check_bounds
+from ..data.loaders import init_worker
 from ..data.samplers import derive_seed, seeded_rngs
 from ..devices import default_workers, usable_workers
 from ..engine import Export, LossOutput, Task
@@ -356,7 +357,8 @@ def make_batches(cached: dict[str, Any] | None, dataset: DenseDataset, recipe: D
     # its own generator: the loader's worker seed drawn from the global one would shift the head's dropout masks
     # after a resume (the loader starts at iteration k there, at 0 in an unbroken run)
     return iter(DataLoader(SeededDraws(dataset), batch_sampler=keyed, num_workers=workers, collate_fn=collate_dense,
-                           persistent_workers=workers > 0, generator=torch.Generator().manual_seed(recipe.seed)))
+                           persistent_workers=workers > 0, generator=torch.Generator().manual_seed(recipe.seed),
+                           worker_init_fn=init_worker if workers > 0 else None))
 
 
 def seeded_batches(batches: Iterator[list[int]], seed: int, start_batch: int) -> Iterator[list[tuple[int, int]]]:
