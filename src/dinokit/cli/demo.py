@@ -10,14 +10,17 @@ from . import add_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    what = "pretrain a tiny ViT on the built-in sample images and show the k-NN gain over random init"
     p = sub.add_parser(
-        "demo",
-        help="pretrain a tiny ViT on the built-in sample images and show the k-NN gain over random init",
+        "demo", help=what,
+        description=f"{what[0].upper()}{what[1:]} and raw pixels: the demo preset (800 iterations, a few minutes on 2 CPU "
+                    "cores), then k-NN top-1 at k=10 and 20 on the sample set's val split. A rerun resumes the run.",
     )
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--device", default="auto")
-    add_overrides(p, "opts", "overrides of the demo preset")
+    p.add_argument("--output-dir", default="runs/demo", help="folder of the sample images, the run and the k-NN "
+                   "results [runs/demo]")
+    p.add_argument("--no-resume", action="store_true", help="start the run again instead of resuming it")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
+    add_overrides(p, "opts", "overrides of the demo preset, e.g. optim.epochs=2")
     p.set_defaults(func=run)
 
 
@@ -48,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
     check_sample_root(root, option="the sample folder of --output-dir")
     root = write_sample_dataset(root)
     n_iter = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    # measured: about 0.3 s per iteration of the preset on 2 CPU cores (800 iterations in 4 minutes)
+    minutes = "" if device.type != "cpu" else f"; about {max(1, round(n_iter * 0.3 / 60))} minute(s) on 2 CPU cores"
     print(f"dinokit demo: pretraining {cfg.student.arch} (patch {cfg.student.patch_size}) for {n_iter} iterations "
-          f"on the built-in sample set ({root}); about 7 minutes on 2 CPU cores")
+          f"on the built-in sample set ({root}){minutes}")
     # One training folder per sample-set version: a finished run on an older set is never resumed as if
     # it had seen this one (and is kept, not overwritten).
     train_dir = out / f"train-v{SAMPLE_VERSION}"
