@@ -415,7 +415,8 @@ def test_augmented_training_resumes_exactly_with_any_number_of_workers(demo_teac
     data = f"SegSample:split=%s:root={tmp_path / 'seg'}"
 
     def run(out, workers):
-        assert main(["dense", "train", "--task", "seg", "--head", "linear", "--config-file", str(demo_teacher.config_file),
+        assert main(["dense", "train", "--task", "seg", "--head", "linear",
+                     "--config-file", str(demo_teacher.config_file),
                      "--train-dataset", data % "train", "--val-dataset", data % "val", "--output-dir", str(out),
                      "--no-progress", "iterations=6", "batch_size=2", "crop_size=28", "base_size=40", "eval_period=0",
                      "checkpoint_period=3", "eval_size=0", "eval_mode=whole", "warmup_iters=2", "dropout=0.5",

@@ -90,7 +90,8 @@ def test_output_dir_inside_the_training_images_is_refused_before_anything_is_wri
     sample = write_sample_dataset(tmp_path / "sample", counts={"train": 1, "val": 0}, image_size=32)
     before = sorted(sample.rglob("*"))
     out = sample / "train" / "run"
-    assert cli_main(["train", *TINY, "--output-dir", str(out), f"train.dataset_path=Sample:split=TRAIN:root={sample}"]) == 2
+    dataset = f"train.dataset_path=Sample:split=TRAIN:root={sample}"
+    assert cli_main(["train", *TINY, "--output-dir", str(out), dataset]) == 2
     assert error_line(capsys).startswith(f"error: --output-dir {out} lies inside the training images' folder {sample}:")
     assert sorted(sample.rglob("*")) == before
 

@@ -130,8 +130,8 @@ def test_few_shot_results_average_the_tries(capsys):
     smaller = int((torch.bincount(train_y) < smallest + 1).sum())
     assert (f"note: {smaller} class(es) have fewer than {smallest + 1} training images: the {smallest + 1}-shot row "
             "uses all of theirs") in capsys.readouterr().out  # it was silent
-    assert few[0].notes == (f"{smaller} class(es) have fewer than {smallest + 1} training images: the {smallest + 1}-shot "
-                            "row uses all of theirs",)
+    assert few[0].notes == (f"{smaller} class(es) have fewer than {smallest + 1} training images: the "
+                            f"{smallest + 1}-shot row uses all of theirs",)
     # few-shot rows as in the official code: the listed k up to n_per_class, plus n_per_class (1-shot: k=1 alone)
     assert [(r.n_per_class, r.k, r.n_tries) for r in results] == [(-1, 1, 1), (-1, 3, 1), (2, 1, 3), (2, 2, 3)]
     one_shot = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(10, 20), n_per_class_list=[1, 5])
@@ -152,7 +152,8 @@ def test_k_larger_than_the_training_set_uses_every_sample(capsys, tmp_path):
     assert (results[0].top1, results[0].top5) == (results[1].top1, results[1].top5)
     # the note is recorded with the line it concerns (it was only printed)
     assert results[0].notes == () and results[1].notes == ("k=200 exceeds the 12 training samples: all 12 vote",)
-    lines = [json.loads(line) for line in write_knn_results(results, tmp_path, {"warnings": ["w"]}).read_text().splitlines()]
+    written = write_knn_results(results, tmp_path, {"warnings": ["w"]})
+    lines = [json.loads(line) for line in written.read_text().splitlines()]
     assert [line["warnings"] for line in lines] == [["w"], ["w", "k=200 exceeds the 12 training samples: all 12 vote"]]
     assert "notes" not in lines[0]
     # every k above the training set is named (only the largest was: the rows of k=20 and 100 looked measured)

@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what = "pretrain a tiny ViT on the built-in sample images and show the k-NN gain over random init"
     p = sub.add_parser(
         "demo", help=what,
-        description=f"{what[0].upper()}{what[1:]} and raw pixels: the demo preset (800 iterations, a few minutes on 2 CPU "
-                    "cores), then k-NN top-1 at k=10 and 20 on the sample set's val split. A rerun resumes the run.",
+        description=f"{what[0].upper()}{what[1:]} and raw pixels: the demo preset (800 iterations, a few minutes "
+                    "on 2 CPU cores), then k-NN top-1 at k=10 and 20 on the sample set's val split. A rerun resumes "
+                    "the run.",
     )
     p.add_argument("--output-dir", default="runs/demo", help="folder of the sample images, the run and the k-NN "
                    "results [runs/demo]")
