@@ -223,3 +223,57 @@ def test_shard_lists_are_written_atomically(tmp_path, monkeypatch):
     assert main(["data", "shard", str(src), "--out", str(tmp_path / "s")]) == 0
     assert {"classes.txt", "sources.txt", "shards.json", "000000.tar.partial"} <= set(seen)
     assert os.listdir(tmp_path / "s") and not any(p.name.startswith(".") for p in (tmp_path / "s").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- the lock itself
+def _racer(lock: str, stale: str, barrier, held) -> None:
+    from dinokit.files import take_lock
+
+    barrier.wait()
+    try:
+        take_lock(Path(lock), "out")
+        held.put(os.getpid())
+    except DinokitError:
+        pass
+
+
+@pytest.mark.parametrize("stale", ["", "dead", "garbage"])
+def test_one_process_holds_a_lock_whatever_the_race(tmp_path, stale):
+    """The lock was created empty, then written: a process reading it in between took it for a killed run's,
+    deleted it and made its own; two taking over one stale lock both held the new one (26 and 21 trials of 30
+    with four processes). Now it appears whole at once, and a stale one is renamed aside before it goes."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    dead = _dead_pid()
+    for trial in range(12):
+        lock = tmp_path / f"{trial}.lock"
+        if stale == "dead":
+            _lock(lock, dead)
+        elif stale == "garbage":
+            lock.write_bytes(b"\x00 not a lock")
+        barrier, held = ctx.Barrier(4), ctx.Queue()
+        racers = [ctx.Process(target=_racer, args=(str(lock), stale, barrier, held)) for _ in range(4)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(30)
+        holders = []
+        while not held.empty():
+            holders.append(held.get())
+        assert len(holders) == 1, (trial, holders)
+        assert lock.read_text() == f"{socket.gethostname()} {holders[0]}"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f"{trial}.")) == [f"{trial}.lock"]
+
+
+def test_odd_locks_are_one_line(tmp_path):
+    from dinokit.files import take_lock
+
+    huge = tmp_path / "huge.lock"
+    huge.write_text(f"{socket.gethostname()} 99999999999999999999")  # no process has that number: a killed run's
+    assert take_lock(huge, "out") == huge and huge.read_text().split()[1] == str(os.getpid())
+    folder = tmp_path / "folder.lock"
+    folder.mkdir()
+    with pytest.raises(DinokitError, match=f"^the lock {folder} is a folder, not a dinokit lock file; remove it if no "
+                                           "run is writing there$"):
+        take_lock(folder, "out")

@@ -94,40 +94,101 @@ LOCK_NAME = ".dinokit.lock"  # the lock file inside an output folder (run folder
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # gone, or no process could have that number
         return False
     except PermissionError:
         return True
     return True
 
 
+def _holder(lock: Path) -> tuple[str, str, bool, bytes] | None:
+    """(host, pid, alive, the file's bytes) of the process named in ``lock``; None when the lock is gone. A lock that
+    names no process (empty, garbage: dinokit writes it whole) counts as a killed run's."""
+    try:
+        raw = lock.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise DinokitError(f"the lock {lock} is a folder, not a dinokit lock file; remove it if no run is writing "
+                           "there") from None
+    except OSError:
+        return "?", "?", False, b""
+    try:
+        host, pid = raw.decode().split()
+        return host, pid, host != socket.gethostname() or _alive(int(pid)), raw
+    except (ValueError, UnicodeDecodeError):
+        return "?", "?", False, raw
+
+
 def take_lock(lock: Path, target: str | Path, option: str = "--output-dir") -> Path:
     """Create the lock file ``lock`` (host and process id) for writing ``target`` (given by ``option``), or stop
     with one line when a live process holds it; a lock left by a killed process is taken over. The caller
-    deletes the returned lock when done (see :func:`holding_lock`)."""
+    deletes the returned lock when done (see :func:`holding_lock`).
+
+    The lock appears whole in one step (written aside, then hard-linked into place: a link never replaces a file),
+    so no process reads a live lock half-written; a killed run's lock is first renamed aside, and only the process
+    whose rename took that very lock (same content) deletes it: two processes taking over one stale lock cannot
+    both end up holding the new one."""
     me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    mine = lock.with_name(f"{lock.name}.{os.getpid()}.new")
+    try:
+        mine.write_text(me)
+    except IsADirectoryError:
+        raise DinokitError(f"{option} {str(target)!r} is not writable; give a folder you can write to") from None
+    except PermissionError:
+        raise DinokitError(f"{option} {str(target)!r} is not writable; give a folder you can write to") from None
+    try:
+        for _ in range(5):
             try:
-                host, pid = lock.read_text().split()
-                owner_alive = host != socket.gethostname() or _alive(int(pid))
-            except (OSError, ValueError):
-                host, pid, owner_alive = "?", "?", False  # torn or vanished lock: a killed run's
-            if owner_alive:
+                _place(mine, lock, me)
+                return lock
+            except FileExistsError:
+                pass
+            holder = _holder(lock)
+            if holder is None:
+                continue  # released meanwhile
+            host, pid, alive, raw = holder
+            if alive:
                 raise DinokitError(
                     f"another run (process {pid} on {host}) is writing to {target}; wait for it to end or give "
                     f"another {option} (if that process is gone, delete {lock})"
                 ) from None
-            lock.unlink(missing_ok=True)  # left by a killed run
-            continue
-        except PermissionError:
-            raise DinokitError(f"{option} {str(target)!r} is not writable; give a folder you can write to") from None
+            _remove_stale(lock, raw)
+        raise DinokitError(f"cannot take the lock {lock}; delete it if no run is writing to {target}")
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _place(mine: Path, lock: Path, me: str) -> None:
+    """``lock`` made from the written ``mine`` in one step (FileExistsError when there is one); where the file system
+    has no hard links, created exclusively and written at once."""
+    try:
+        os.link(mine, lock)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network or FUSE file systems)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(me)
-        return lock
-    raise DinokitError(f"cannot take the lock {lock}; delete it if no run is writing to {target}")
+
+
+def _remove_stale(lock: Path, seen: bytes) -> None:
+    """Delete the killed run's ``lock`` (whose bytes were ``seen``), unless another process replaced it meanwhile."""
+    aside = lock.with_name(f"{lock.name}.{os.getpid()}.stale")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # another process took it over first
+    try:
+        taken = aside.read_bytes()
+    except OSError:
+        taken = None
+    if taken != seen:  # a live lock made in between: put it back (a link: never over a newer one)
+        try:
+            os.link(aside, lock)
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -62,7 +62,7 @@ def check_shard_out(out_dir: str | Path, source: str | None = None, *, locked: b
                            "another --out) and rerun")
     if out_dir.is_dir() and any(p.suffix == ".tar" for p in out_dir.iterdir()):
         raise DinokitError(f"--out {str(out_dir)!r} already holds shards; give an empty folder")
-    held = [p for p in out_dir.iterdir() if p.name != LOCK_NAME] if out_dir.is_dir() else []
+    held = [p for p in out_dir.iterdir() if not p.name.startswith(LOCK_NAME)] if out_dir.is_dir() else []
     if (found := min(held, default=None)) is not None:
         raise DinokitError(f"--out {str(out_dir)!r} is not empty (it holds {found.name!r}); give a new or empty folder")
     return check_writable(out_dir, "--out")  # under a file, or read-only: one line too
