@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import urllib.error
 from pathlib import Path
 
@@ -51,6 +52,14 @@ def test_bad_images_are_one_line_naming_shape_dtype_and_fix(model: DinoVisionTra
     assert refused(model, x.permute(0, 2, 3, 1)).endswith(": channels come second, use x.permute(0, 3, 1, 2)")
     assert refused(model, x.numpy()) == f"{want}, got ndarray; convert it with torch.from_numpy(array)"
     assert refused(model, x.to("meta")) == "the input is on meta and the model on cpu: move the input with x.to('cpu')"
+    # a float64 model: autocast would not help it (the advice led to a torch error), so it is not offered
+    assert refused(model.double(), x) == (f"{want.replace('float32', 'float64')} (the model's dtype), got float32: "
+                                          "convert it with x.to(torch.float64)")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "got float32" in refused(model, x)
+    model.float()
+    on_meta = copy.deepcopy(model).to("meta")
+    assert refused(on_meta, x) == "the input is on cpu and the model on meta: move the input with x.to('meta')"
     assert refused(model, x[..., :10]) == "input of size 56x10 is smaller than one 14x14 patch; give images of at " \
                                           "least 14 px per side"
     assert refused(model.get_intermediate_layers, x[0]).startswith(f"{want}, got shape (3, 56, 42)")

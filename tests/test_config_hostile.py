@@ -226,3 +226,12 @@ def test_command_line_refuses_in_one_line_before_writing(tmp_path, capsys, comma
     assert main([*args, *overrides]) == 2
     assert capsys.readouterr().err == f"error: {message.replace('{path}', str(path))}\n"
     assert list(out.iterdir()) == []
+
+
+def test_a_deeply_nested_file_is_one_line(tmp_path):
+    from dinokit.config import load_config
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("optim:\n  epochs: 2\nx: " + "[" * 3000 + "]" * 3000 + "\n")  # RecursionError traceback before
+    with pytest.raises(DinokitError, match=f"^config file '{deep}' is nested too deeply to read"):
+        load_config(str(deep))

@@ -619,3 +619,15 @@ def test_ctrl_c_while_the_command_loads_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(dinokit.cli, "build_parser", interrupted)
     assert dinokit.cli.main(["models"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(monkeypatch, tmp_path):
+    """`--output-dir=~/run`: the shell leaves that '~' to the command; train wrote half its files under ~/run and
+    half under a literal ./~/run folder, and could not resume."""
+    from dinokit.cli import build_parser, parse_command_line
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = parse_command_line(build_parser(), ["train", "--config-file", "demo", "--output-dir=~/run", "a.b=~/c"])
+    assert args.output_dir == str(tmp_path / "run") and args.opts == ["a.b=~/c"]
+    args = parse_command_line(build_parser(), ["viz", "pca", "~/a.png", "~/b.png", "--out=~/o"])
+    assert args.inputs == [str(tmp_path / "a.png"), str(tmp_path / "b.png")] and args.out == str(tmp_path / "o")

@@ -277,3 +277,20 @@ def test_odd_locks_are_one_line(tmp_path):
     with pytest.raises(DinokitError, match=f"^the lock {folder} is a folder, not a dinokit lock file; remove it if no "
                                            "run is writing there$"):
         take_lock(folder, "out")
+
+
+def test_a_symlinked_output_writes_the_file_it_names(tmp_path):
+    """`--out link.npz --overwrite` replaced the link by a new file and left the file it named as it was."""
+    from dinokit.files import atomic_write
+
+    real, link = tmp_path / "real.npz", tmp_path / "link.npz"
+    real.write_text("old")
+    link.symlink_to(real)
+    with atomic_write(link) as tmp:
+        tmp.write_text("new")
+    assert link.is_symlink() and real.read_text() == "new"
+    dangling = tmp_path / "dangling.npz"
+    dangling.symlink_to(tmp_path / "target.npz")
+    with atomic_write(dangling) as tmp:
+        tmp.write_text("made")
+    assert dangling.is_symlink() and (tmp_path / "target.npz").read_text() == "made"

@@ -37,6 +37,9 @@ def test_absolute_settings_rewrites_existing_paths_only(tmp_path, monkeypatch):
     assert fixed["backbone"]["model"] == "dinov2_vits14" and tree["MODEL"]["WEIGHTS"] == "w.pth"
     assert absolute_settings({"train": {"dataset_path": "WebDataset:urls=data/s-{0..3}.tar"}})["train"] == {
         "dataset_path": f"WebDataset:urls={tmp_path / 'data'}/s-{{0..3}}.tar"}
+    # each part of a '::' list too (the list was kept relative: another folder's shards resumed the run silently)
+    assert absolute_settings({"train": {"dataset_path": "WebDataset:urls=data/a.tar::https://h/b.tar::data/c.tar"}})[
+        "train"]["dataset_path"] == f"WebDataset:urls={tmp_path / 'data'}/a.tar::https://h/b.tar::{tmp_path / 'data'}/c.tar"
 
 
 def test_a_run_records_absolute_paths_and_old_relative_records_still_resume(tmp_path, monkeypatch, capsys):

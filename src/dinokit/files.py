@@ -25,6 +25,8 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     A crash or an exception leaves no half-written file behind (and any old file untouched).
     """
     path = Path(path).expanduser()
+    if path.is_symlink():  # the link names the file to write: that file is replaced, the link kept
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

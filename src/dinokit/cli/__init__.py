@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -78,6 +79,12 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
         setattr(args, dest, [*(getattr(args, dest) or []), *extra])  # in the order given: a later value wins
     elif extra:  # said with the usage of the command given (e.g. 'dinokit eval knn'), not the top-level one
         _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    for name, value in vars(args).items():  # '--output-dir=~/run': the shell leaves '~' after '=' to the command
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list) and any(isinstance(v, str) and v.startswith("~") for v in value):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+                                 for v in value])
     return args
 
 

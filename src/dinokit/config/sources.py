@@ -86,6 +86,9 @@ def parse_yaml(text: str, source: str, prefix: str = "", blanks: set[str] | None
             return None
         _walk(node, prefix, source, set(), set() if blanks is None else blanks)
         return loader.construct_document(node)
+    except RecursionError:  # thousands of nested brackets: PyYAML recurses once per level
+        raise DinokitError(f"{source} is nested too deeply to read (thousands of levels); a config needs a few, "
+                           "fix the file") from None
     finally:
         loader.dispose()
 

@@ -89,11 +89,13 @@ def absolute_dataset_str(dataset_str: str) -> str:
         path = Path(value).expanduser()
         return os.path.abspath(path) if path.exists() else value
 
-    def absolute_urls(value: str) -> str:  # a local shard pattern (shards/train-{000..009}.tar): its folder
-        path = Path(value).expanduser()
-        if "://" in value or value.startswith("pipe:") or "::" in value or not path.parent.is_dir():
-            return value
-        return os.path.join(os.path.abspath(path.parent), path.name)
+    def absolute_urls(value: str) -> str:  # local shard patterns (shards/train-{000..009}.tar, a::b): their folders
+        parts = []
+        for part in value.split("::"):
+            path = Path(part).expanduser()
+            local = "://" not in part and not part.startswith("pipe:") and path.parent.is_dir()
+            parts.append(os.path.join(os.path.abspath(path.parent), path.name) if local else part)
+        return "::".join(parts)
 
     if Path(dataset_str).expanduser().exists():
         return absolute(dataset_str)

@@ -101,7 +101,7 @@ def distill(
     rank, world = init_run(cfg.train.seed)
     check_step_levers(cfg.train, world)
     check_koleo_group(cfg.dino, world)
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).expanduser()
     students = student_sections(cfg)
     check_weight_sources({f"distillation.students[{i}].pretrained_weights" if name else "student.pretrained_weights":
                           section.pretrained_weights for i, (name, section) in enumerate(students.items())})

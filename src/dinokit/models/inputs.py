@@ -72,7 +72,7 @@ def check_images(x: Any, weight: torch.Tensor, c: int) -> None:
         elif shape[1] == 1 and c == 3:
             hint = ": repeat a grey channel with x.expand(-1, 3, -1, -1)"
         raise ModelInputError(f"expected {want}, got {shape[1]} channel(s) (shape {shape}){hint}")
-    if x.device != weight.device and weight.device.type != "meta":
+    if x.device != weight.device:
         raise ModelInputError(f"the input is on {x.device} and the model on {weight.device}: move the input "
                               f"with x.to({str(weight.device)!r})")
     if not x.is_floating_point():
@@ -81,9 +81,12 @@ def check_images(x: Any, weight: torch.Tensor, c: int) -> None:
             hint = ("convert the pixels with x.float() / 255, then normalise them with the ImageNet mean and std "
                     "(dinokit.data.transforms.make_normalize_transform)")
         raise ModelInputError(f"expected {want}, got {_dtype_name(x.dtype)}: {hint}")
-    if x.dtype != weight.dtype and not (x.dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled(x.device.type)):
+    autocast = weight.dtype in _AUTOCAST_DTYPES  # autocast casts these weights, not float64 ones
+    if x.dtype != weight.dtype and not (autocast and x.dtype in _AUTOCAST_DTYPES
+                                        and torch.is_autocast_enabled(x.device.type)):
+        also = ", or run under torch.autocast" if autocast else ""
         raise ModelInputError(f"expected {want} (the model's dtype), got {_dtype_name(x.dtype)}: convert it with "
-                              f"x.to({_dtype_name(weight.dtype, 'torch.')}), or run under torch.autocast")
+                              f"x.to({_dtype_name(weight.dtype, 'torch.')}){also}")
 
 
 def check_masks(x: torch.Tensor, masks: Any, p: int) -> None:

@@ -89,7 +89,7 @@ def train(
     rank, world = init_run(cfg.train.seed)
     check_step_levers(cfg.train, world)
     check_koleo_group(cfg.dino, world)
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).expanduser()
     cfg.train.output_dir = str(output_dir)
     apply_scaling_rules(cfg, world)
     dev = resolve_device(device)
