@@ -183,7 +183,7 @@ def _write_shards(dataset: ImageDataset, out_dir: Path, *, shard_size: int,
     for partial, shard in zip(written, shards):
         os.replace(partial, shard)
     record = {"complete": True, "images": count, "shards": len(shards), **settings,
-              "classes": len(dataset.classes), "urls": shard_pattern(shards)}
+              "classes": len(dataset.classes), "urls": shard_pattern([Path(os.path.abspath(p)) for p in shards])}
     _save_text(out_dir / RECORD_FILE, json.dumps(record, indent=1) + "\n")  # last: the run is complete
     return shards, unreadable, resized
 

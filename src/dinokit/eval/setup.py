@@ -23,6 +23,7 @@ from torch import nn
 from .. import distributed as du
 from ..devices import resolve_device, resolve_dtype
 from ..data import ImageDataset, make_classification_eval_transform, make_dataset
+from ..data.datasets import absolute_dataset_str
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError
 from ..features import ExtractedFeatures, check_image_size, inference_dtype
@@ -325,7 +326,7 @@ def prepare_eval(
         image_size=image_size, device=device_, dtype=dtype_, batch_size=batch_size, num_workers=num_workers,
         progress=progress,
         provenance={"weights": RAW_PIXELS if raw_pixels else weights_label(pretrained_weights, model, random_init),
-                    "train_dataset": train_dataset,
-                    "val_dataset": val_dataset},
+                    "train_dataset": absolute_dataset_str(train_dataset),  # the same images from any folder
+                    "val_dataset": absolute_dataset_str(val_dataset)},
         data_warnings=data_warnings,
     )
