@@ -125,7 +125,7 @@ def _holder(lock: Path) -> tuple[str, str, bool, bytes] | None:
 def take_lock(lock: Path, target: str | Path, option: str = "--output-dir") -> Path:
     """Create the lock file ``lock`` (host and process id) for writing ``target`` (given by ``option``), or stop
     with one line when a live process holds it; a lock left by a killed process is taken over. The caller
-    deletes the returned lock when done (see :func:`holding_lock`).
+    deletes the returned lock when done (see :func:`dinokit.engine.run_dir.main_process_lock`).
 
     The lock appears whole in one step (written aside, then hard-linked into place: a link never replaces a file),
     so no process reads a live lock half-written; a killed run's lock is first renamed aside, and only the process
@@ -191,15 +191,3 @@ def _remove_stale(lock: Path, seen: bytes) -> None:
         except FileExistsError:
             pass
     aside.unlink(missing_ok=True)
-
-
-@contextmanager
-def holding_lock(lock: str | Path, target: str | Path, option: str = "--out") -> Iterator[Path]:
-    """Hold :func:`take_lock`'s lock for the ``with`` block; two commands writing the same output would otherwise
-    both report success with one's work lost."""
-    lock = Path(lock)
-    held = take_lock(lock, target, option)
-    try:
-        yield held
-    finally:
-        held.unlink(missing_ok=True)

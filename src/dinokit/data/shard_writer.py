@@ -6,15 +6,14 @@ import io
 import json
 import os
 import tarfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from PIL import Image
 
-from ..engine.run_dir import check_writable
+from ..engine.run_dir import check_writable, main_process_lock
 from ..errors import DinokitError
-from ..files import LOCK_NAME, atomic_write, holding_lock, take_lock
+from ..files import LOCK_NAME, atomic_write, take_lock
 from .datasets import ImageDataset, parse_dataset_str
 from .images import load_image
 from .shards import CLASSES_FILE, PARTIAL, RECORD_FILE, SOURCES_FILE, interrupted_shards
@@ -82,23 +81,6 @@ def shrink(image: Image.Image, max_size: int, jpeg: bool) -> tuple[str, bytes]:
     return ("jpg" if jpeg else "png"), buffer.getvalue()
 
 
-@contextmanager
-def _writing(out_dir: Path) -> Iterator[None]:
-    """Hold ``out_dir``'s lock while the shards are written; a folder made here and left empty (nothing readable,
-    an error before the first shard) is removed again."""
-    made = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DinokitError(f"cannot create --out {str(out_dir)!r} ({err.strerror}); give a writable folder") from None
-    try:
-        with holding_lock(out_dir / LOCK_NAME, out_dir, "--out"):
-            yield
-    finally:
-        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-
-
 def _save_text(path: Path, text: str) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(text, errors="surrogateescape")  # file names as their bytes
@@ -127,7 +109,7 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
     if max_size is not None and max_size < 1:
         raise DinokitError(f"--max-size must be at least 1 pixel, got {max_size}")
     out_dir = check_shard_out(out_dir)
-    with _writing(out_dir):
+    with main_process_lock(out_dir / LOCK_NAME, out_dir, "--out"):  # a folder made here and left empty goes again
         check_shard_out(out_dir, locked=True)  # again under the lock: another run may have written it meanwhile
         return _write_shards(dataset, out_dir, shard_size=shard_size, max_size=max_size)
 

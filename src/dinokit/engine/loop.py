@@ -156,6 +156,8 @@ class Engine:
             reshard_after_forward=dict(cfg.reshard_after_forward or {}),
         )
         task.train()
+        self.averaged = [m for m in task.trainable_modules().values() if self.sharded and any(  # found once: their
+            b.is_floating_point() for b in m.buffers())]  # BatchNorm statistics are averaged after each step
 
         groups = []
         for module in task.trainable_modules().values():
@@ -194,8 +196,8 @@ class Engine:
             self.scaler.update()
         else:
             self.optimizer.step()
-        if self.sharded:  # BatchNorm statistics equal on every process (checkpoints hold one copy)
-            average_buffers(self.task.trainable_modules().values())
+        if self.averaged:  # BatchNorm statistics equal on every process (checkpoints hold one copy)
+            average_buffers(self.averaged)
         self.task.after_step(iteration, sched)
         return out
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from .. import distributed as dist_utils
 from ..config.paths import absolute_settings
-from ..errors import DinokitError, RelayedError
+from ..errors import DinokitError
 from ..files import LOCK_NAME, take_lock
 from .checkpoint import checkpoint_damage, list_checkpoints, no_readable_checkpoint
 
@@ -141,10 +141,15 @@ def check_new_run(output_dir: str | Path, *, resume: bool) -> list[tuple[int, Pa
 
 def _check_folder(out: Path) -> None:
     check_writable(out)
+    _make_folder(out, out, "--output-dir")
+
+
+def _make_folder(folder: Path, target: Path, option: str) -> None:
+    """Make ``folder`` (and its parents) for the output ``target`` that ``option`` gave; one line when it cannot be."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DinokitError(f"cannot create --output-dir {str(out)!r} ({err.strerror}); give a writable folder") from None
+        raise DinokitError(f"cannot create {option} {str(target)!r} ({err.strerror}); give a writable folder") from None
 
 
 def _load_saved(path: Path) -> Mapping:
@@ -182,18 +187,13 @@ def open_run_dir(
     its configuration afterwards.
     """
     out = Path(output_dir)
-    main = dist_utils.is_main_process()
-    lock, created, refusal = None, False, None
-    if main:
-        try:
-            created = not out.exists()
-            lock = _check_and_lock(out, resume, config, config_file, allowed_changes)
-        except DinokitError as err:
-            refusal = str(err)
+
+    def check() -> tuple[Path, bool]:
+        created = not out.exists()
+        return _check_and_lock(out, resume, config, config_file, allowed_changes), created
+
     # every process stops on the main one's refusal (the others went on into training, then died in a collective)
-    refusal = dist_utils.broadcast_object(refusal)
-    if refusal is not None:
-        raise DinokitError(refusal) if main else RelayedError(refusal)
+    lock, created = dist_utils.on_main_process(check) or (None, False)
     failed = True
     try:
         yield out
@@ -218,27 +218,24 @@ def main_process_lock(lock: Path, target: Path, option: str = "--out",
     output would otherwise both report success with one's work lost. A refusal stops every process at once (under
     torchrun the others would wait in a collective). The lock goes on success, on an error and on Ctrl-C; so do the
     folders made for it when nothing else was written into them."""
-    held, refusal, made = None, None, []
-    if dist_utils.is_main_process():
-        folder = lock.parent
+    made: list[Path] = []  # the folders made for the lock, deepest first
+
+    def take() -> Path:
+        folder, held = lock.parent, None
         while not folder.exists() and folder != folder.parent:
             made.append(folder)
             folder = folder.parent
         try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
+            _make_folder(lock.parent, target, option)
             held = take_lock(lock, target, option)
             if check is not None:
                 check()
-        except DinokitError as err:
-            refusal = str(err)
+            return held
         except BaseException:
             _release(held, made)
             raise
-        if refusal is not None:
-            _release(held, made)
-    refusal = dist_utils.broadcast_object(refusal)
-    if refusal is not None:
-        raise DinokitError(refusal) if dist_utils.is_main_process() else RelayedError(refusal)
+
+    held = dist_utils.on_main_process(take)
     try:
         yield
     finally:
