@@ -191,7 +191,7 @@ def test_files_without_vit_tensors_and_folders_are_named(tmp_path: Path) -> None
     """F11: no 'embed_dim None and None blocks', no 'does not exist' for a folder that exists."""
     from safetensors.torch import save_file
 
-    from dinokit.models.checkpoint import check_weights_path
+    from dinokit.models.weight_files import check_weights_path
 
     wrong = tmp_path / "wrong.safetensors"
     save_file({f"wrong.key{i}": torch.randn(2, 2) for i in range(6)}, str(wrong))

@@ -474,7 +474,7 @@ def test_the_random_init_baseline_says_why(sample, capsys):
 def test_weights_named_random_point_to_the_random_init_flag(tmp_path, monkeypatch):
     """`curate` took --weights random; the other commands take --random-init and said only 'check the path'."""
     from dinokit.errors import DinokitError
-    from dinokit.models.checkpoint import check_weights_path
+    from dinokit.models.weight_files import check_weights_path
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DinokitError) as err:

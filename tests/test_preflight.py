@@ -307,7 +307,7 @@ def test_results_are_appended_atomically(tmp_path, monkeypatch):
 
 
 def test_download_failure_names_weights_and_random_init():
-    from dinokit.models.checkpoint import load_state_dict_file
+    from dinokit.models.weight_files import load_state_dict_file
 
     with pytest.raises(DinokitError) as err:
         load_state_dict_file("http://127.0.0.1:9/w.pth")  # nothing listens on port 9: refused at once

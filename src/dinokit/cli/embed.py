@@ -36,7 +36,7 @@ from ..eval.setup import DEFAULT_MODEL, setup_eval_model
 from ..features import ExtractedFeatures, check_image_size, embedding_feature_fn, extract_features, inference_dtype
 from ..distributed.slurm import add_slurm_options, submit_if_asked
 from ..engine.run_dir import check_not_replacing, check_writable, main_process_lock, output_lock_file
-from ..models.checkpoint import check_weights_path
+from ..models.weight_files import check_weights_path
 from ..files import atomic_write
 from ..models.registry import model_info
 from . import named

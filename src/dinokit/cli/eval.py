@@ -126,7 +126,7 @@ def check_options(args: argparse.Namespace) -> None:
     if args.random_init and args.pretrained_weights:
         raise DinokitError("--random-init and --pretrained-weights contradict each other; give one")
     if args.pretrained_weights:
-        from ..models.checkpoint import check_weights_path
+        from ..models.weight_files import check_weights_path
 
         check_weights_path(args.pretrained_weights, "--pretrained-weights")
     if args.protocol == "knn":

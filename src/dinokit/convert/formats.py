@@ -16,12 +16,8 @@ from ..engine.run_dir import check_not_replacing, check_writable
 from ..errors import DinokitError
 from ..models.architectures import arch_dims
 from ..files import atomic_write
-from ..models.checkpoint import (
-    backbone_state_dict_from_checkpoint,
-    check_backbone_state_dict,
-    load_state_dict_file,
-    save_backbone,
-)
+from ..models.checkpoint import backbone_state_dict_from_checkpoint, check_backbone_state_dict, save_backbone
+from ..models.weight_files import load_state_dict_file
 from .hf import is_hf_state_dict, hf_to_official, read_hf_classifier, read_hf_folder, save_hf_folder
 from .mmpretrain import is_mmpretrain_state_dict, mmpretrain_to_official
 from .spec import BackboneSpec, StateDict, spec_from_model_name, spec_from_state_dict

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import DinokitError
-from ..models.checkpoint import load_state_dict_file
+from ..models.weight_files import load_state_dict_file
 from ..files import atomic_write
 from .spec import BackboneSpec, StateDict, spec_from_state_dict, with_layerscale
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import DinokitError
-from ..models.checkpoint import load_backbone_weights, load_state_dict_file
+from ..models.checkpoint import load_backbone_weights
+from ..models.weight_files import load_state_dict_file
 from ..models.registry import ALIASES, api_download_advice, create_model, model_info
 from ..models.vision_transformer import DinoVisionTransformer
 from .spec import StateDict

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import DinokitError
-from ..models.checkpoint import load_state_dict_file
+from ..models.weight_files import load_state_dict_file
 from ..files import atomic_write
 from .heads import DPTHead, LinearDepthHead, LinearSegHead
 

@@ -17,15 +17,11 @@ from torch import nn
 
 from ..config import backbone_from_config, backbone_img_size, find_run_config, load_config
 from ..config.schema import StudentConfig
-from ..engine.loop import newest_snapshot
+from ..engine.snapshots import newest_snapshot
 from ..errors import DinokitError
 from ..models.architectures import ARCHITECTURES
-from ..models.checkpoint import (
-    backbone_state_dict_from_checkpoint,
-    describe_backbone_state_dict,
-    load_backbone_weights,
-    load_state_dict_file,
-)
+from ..models.checkpoint import backbone_state_dict_from_checkpoint, describe_backbone_state_dict, load_backbone_weights
+from ..models.weight_files import load_state_dict_file
 from ..train.objective import ssl_heads
 
 

@@ -4,7 +4,7 @@ A trainer is a :class:`Task` (``task.py``): its trainable and inference modules,
 ``after_step`` and what snapshots export. The :class:`Engine` (``loop.py``) runs it: schedules applied to
 parameter groups (``optim.py``), clipping, mixed precision, FSDP2/compile/activation checkpointing
 (``parallel.py``), checkpoints and resume (``checkpoint.py``), metrics and trackers (``metrics.py``),
-the NaN stop, snapshots and hooks. A command builds the task, the schedules and the data loader::
+the NaN stop, snapshots (``snapshots.py``) and hooks. A command builds the task, the schedules and the data loader::
 
     rank, world = init_run(seed)                      # process group + seed, before building the task
     task = MyTask(...)                                # a Task subclass
@@ -18,7 +18,8 @@ Schedules are indexable per iteration (``CosineScheduler`` or anything with ``__
 """
 
 from .checkpoint import Checkpointer, atomic_torch_save, list_checkpoints
-from .loop import Engine, EngineConfig, Hook, batch_to, full_state_dict, init_run, newest_snapshot, save_export
+from .loop import Engine, EngineConfig, Hook, batch_to, init_run
+from .snapshots import full_state_dict, newest_snapshot, save_export
 from .metrics import MetricsLogger
 from .optim import CosineScheduler, ScheduleConfig, build_schedulers, get_param_groups
 from .task import Export, LossOutput, Task, ema_update

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .. import distributed as dist_utils
 from ..errors import DinokitError
 from ..files import atomic_write
-from ..models.checkpoint import refused_object
+from ..models.weight_files import refused_object
 
 _NAME = re.compile(r"checkpoint_(\d{7,})(\.pth)?$")
 _META = "meta.pt"  # in a sharded folder: iteration, world size and every rank's RNG state

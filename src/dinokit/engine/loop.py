@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -24,12 +23,13 @@ import torch
 
 from .. import distributed as dist_utils
 from ..errors import DinokitError, TrainingHealthWarning
-from .checkpoint import Checkpointer, UnreadableCheckpoint, atomic_torch_save
+from .checkpoint import Checkpointer, UnreadableCheckpoint
 from .metrics import MetricsLogger
+from .snapshots import save_export
 from .run_dir import InterruptGuard, RunInterrupted, check_disk_space, truncate_metrics
 from .optim import apply_optim_schedule, build_optimizer, get_param_groups
 from .parallel import average_buffers, parallelize, reshard
-from .task import Export, Task
+from .task import Task
 
 
 @dataclass
@@ -88,32 +88,6 @@ def batch_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(move(v) for v in batch)
     return move(batch)
-
-
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``module``'s state dict with whole tensors on the CPU, also where FSDP2 shards it (collective: every rank
-    calls it; plain tensors in one process)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_export(export: Export, path: Path) -> None:
-    """Write ``{"teacher": full state dict}`` of ``export.module`` (collective: every rank calls it)."""
-    sd = full_state_dict(export.module)
-    if dist_utils.is_main_process():
-        atomic_torch_save({"teacher": export.layout(sd) if export.layout else sd}, path)
-    dist_utils.barrier()
-
-
-def newest_snapshot(run_dir: str | Path, filename: str = "teacher_checkpoint.pth") -> Path | None:
-    """The snapshot of the highest iteration in ``run_dir/eval/training_<it>/`` (None if there is none)."""
-    def iteration(path: Path) -> int:
-        match = re.fullmatch(r"training_(\d+)", path.parent.name)
-        return int(match.group(1)) if match else -1
-
-    snapshots = sorted(Path(run_dir).glob(f"eval/training_*/{filename}"), key=iteration)
-    return snapshots[-1] if snapshots else None
 
 
 class Engine:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .. import distributed as du
 from ..data import make_classification_train_transform
 from ..errors import DinokitError
-from ..models.checkpoint import load_state_dict_file
+from ..models.weight_files import load_state_dict_file
 from ..files import atomic_write
 from ..models.linear_classifier import probe_input
 from .results import append_results, report_label_warnings

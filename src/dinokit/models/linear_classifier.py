@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import DinokitError
-from .checkpoint import load_state_dict_file
+from .weight_files import load_state_dict_file
 
 # (patch tokens (B, N, D), class token (B, D)) per block, as returned by
 # ``get_intermediate_layers(x, n, return_class_token=True)``.

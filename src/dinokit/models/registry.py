@@ -28,7 +28,8 @@ from torch import nn
 
 from ..errors import DinokitError
 from .architectures import build_backbone
-from .checkpoint import DownloadError, load_backbone_weights
+from .checkpoint import load_backbone_weights
+from .weight_files import DownloadError
 from .linear_classifier import LinearClassifier, load_linear_head, read_linear_head
 from .vision_transformer import DinoVisionTransformer
 
@@ -219,7 +220,7 @@ COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("dinokit_com
 def api_download_advice(argument: str = "weights") -> Iterator[None]:
     """Reword a failed download of an official file for Python callers: the file goes to ``argument=FILE``.
 
-    :func:`dinokit.models.checkpoint.load_state_dict_file` advises the commands' ``--weights``; its first part
+    :func:`dinokit.models.weight_files.load_state_dict_file` advises the commands' ``--weights``; its first part
     ("could not download URL (reason)") is kept. The outermost use wins (a classifier's backbone is
     ``backbone_weights``, not the ``weights`` of the inner :func:`create_model` call).
     """

@@ -17,7 +17,7 @@ from torch import nn
 from ..config import backbone_from_config, backbone_img_size
 from ..engine.task import Export, LossOutput, Task, ema_update
 from ..losses.gram_loss import resize_patch_features
-from ..models.checkpoint import load_state_dict_file
+from ..models.weight_files import load_state_dict_file
 from .health import CollapseCheck, teacher_health
 from .objective import SSLObjective, build_head, ssl_heads
 from .weights import (

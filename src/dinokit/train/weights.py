@@ -13,15 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.loop import newest_snapshot
+from ..engine.snapshots import newest_snapshot
 from ..errors import DinokitError
-from ..models.checkpoint import (
-    backbone_state_dict_from_checkpoint,
-    is_url,
-    load_backbone_weights,
-    load_state_dict_file,
-    resize_pos_embed,
-)
+from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_backbone_weights, resize_pos_embed
+from ..models.weight_files import is_url, load_state_dict_file
 
 
 def chunked_backbone_keys(state_dict: dict[str, torch.Tensor], depth: int, block_chunks: int) -> dict[str, torch.Tensor]:

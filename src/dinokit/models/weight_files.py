@@ -1,0 +1,149 @@
+"""Reading weight files: local ``.pth``/``.pt``/``.safetensors`` files and http(s)/file URLs (cached by torch.hub).
+
+Pickles are read with ``weights_only=True`` only: a file that needs arbitrary Python objects is refused, and a
+damaged, plain-pickle or non-dict file is one line naming it. A download that fails (offline) is a
+:class:`DownloadError` saying where a file fetched by other means is found.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import urllib.error
+import urllib.parse
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import DinokitError
+
+
+def is_url(path_or_url: str | Path) -> bool:
+    return isinstance(path_or_url, str) and path_or_url.startswith(("http://", "https://", "file://"))
+
+
+def _hub_cache_path(url: str) -> Path:
+    """Where torch.hub keeps a downloaded checkpoint: ``<torch.hub.get_dir()>/checkpoints/<basename>``."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+class DownloadError(DinokitError):
+    """An official file that could not be fetched (offline): where a file fetched by other means is found by every
+    command and by ``torch.hub.load`` alike. The message advises the commands' options; ``advice`` words the end
+    for another caller (:func:`dinokit.models.registry.api_download_advice`)."""
+
+    def __init__(self, url: str, reason: str, advice: str = "pass its local path with --weights FILE (or use "
+                 "--random-init)") -> None:
+        self.url, self.reason, self.cached = url, reason, _hub_cache_path(url)
+        super().__init__(f"could not download {url} ({reason}); check the network connection, or fetch the file "
+                         f"another way and put it at {self.cached} (found there from then on), or {advice}")
+
+
+def _download_error(url: str, err: Exception) -> DownloadError:
+    return DownloadError(url, " ".join(str(err).split())[:100])
+
+
+def refused_object(err: BaseException) -> str | None:
+    """The name of the Python object that ``torch.load(weights_only=True)`` refused to rebuild, else None (damage)."""
+    # torch names objects it will not rebuild "GLOBAL module.name"; a cut-off tensor-rebuild name means damage.
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if isinstance(err, pickle.UnpicklingError) and found and "_rebuild_tens" not in found.group(1):
+        return found.group(1)
+    return None
+
+
+def _unreadable_error(source: str, err: Exception) -> DinokitError:
+    """One line for a pickle that ``torch.load(weights_only=True)`` refused: unsafe objects, or damage."""
+    if (name := refused_object(err)) is not None:
+        return DinokitError(
+            f"checkpoint {source} contains arbitrary Python objects ({name}) and will not be unpickled; "
+            "save a plain state dict of tensors (or .safetensors) instead"
+        )
+    text = str(err).split("WeightsUnpickler error:")[-1]  # torch's own advice before it is never the fix here
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    reason = lines[0].split(". ")[0][:120] if lines else type(err).__name__
+    return DinokitError(f"cannot read checkpoint {source}: the file is corrupt or truncated ({reason})")
+
+
+_UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
+
+
+def _weights_in_folder(folder: Path) -> str:
+    """The fix for a folder given as weights: its newest teacher snapshot (a training run), else a weights file in it."""
+    def iteration(path: Path) -> int:
+        return int(path.parent.name.rpartition("_")[2]) if path.parent.name.rpartition("_")[2].isdigit() else -1
+
+    snapshots = sorted(folder.glob("eval/training_*/teacher_checkpoint.pth"), key=iteration)
+    students = sorted(folder.glob("*/eval/training_*/teacher_checkpoint.pth"), key=iteration)  # several students
+    if not snapshots and len(names := sorted({p.parents[2].name for p in students})) > 1:
+        return f"it holds the students {', '.join(names)}: give one's snapshot, e.g. {str(students[-1])!r}"
+    snapshots = snapshots or students
+    files = snapshots[-1:] or sorted(p for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".safetensors"))
+    if files:
+        return f"give the file, e.g. {str(files[-1] if snapshots else files[0])!r}"
+    return "give the weights file (.pth, .pt or .safetensors)"
+
+
+def check_weights_path(path_or_url: str | Path, option: str = "checkpoint") -> Path:
+    """The weights file's path; a folder or a missing file is a one-line error naming ``option`` (e.g. ``--weights``),
+    which a command calls before any work. URLs are not checked here."""
+    path = Path(path_or_url).expanduser()
+    if is_url(path_or_url):
+        return path
+    if path.is_dir():
+        raise DinokitError(f"{option} {str(path_or_url)!r} is a folder, not a weights file; {_weights_in_folder(path)}")
+    if not path.is_file():
+        hint = "; for random weights give --random-init instead" if str(path_or_url) == "random" else ""
+        raise DinokitError(f"{option} {str(path)!r} does not exist; check the path{hint}")
+    return path
+
+
+def load_state_dict_file(path_or_url: str | Path) -> dict[str, Any]:
+    """Read a ``.safetensors`` or ``.pth``/``.pt`` file (or an http(s)/file URL) onto the CPU.
+
+    URLs are cached in torch.hub's folder (``torch.hub.get_dir()/checkpoints``) and never downloaded
+    twice. The result may be nested (``{"teacher": {...}}``); pass it through
+    :func:`backbone_state_dict_from_checkpoint` to get a flat backbone state dict.
+    """
+    if is_url(path_or_url):
+        url = str(path_or_url)
+        cached = _hub_cache_path(url)
+        try:
+            if url.endswith(".safetensors"):
+                if not cached.exists():
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.hub.download_url_to_file(url, str(cached), progress=True)
+                return load_state_dict_file(cached)
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, file_name=cached.name)
+        except (urllib.error.URLError, OSError) as err:
+            raise _download_error(url, err) from None
+        except _UNREADABLE as err:
+            raise _unreadable_error(f"{url} (cached as {str(cached)!r}; delete it to download again)", err) from None
+    path = check_weights_path(path_or_url)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise DinokitError(f"cannot read {str(path)!r}: not a valid .safetensors file ({err})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the file is refused below anyway
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as err:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80" and isinstance(err, pickle.UnpicklingError) and "GLOBAL" not in str(err):
+            raise DinokitError(f"checkpoint {str(path)!r} is a plain Python pickle, not a torch.save file, and will not "
+                               "be unpickled; save its tensors with torch.save(state_dict, path) or as .safetensors") from None
+        raise _unreadable_error(repr(str(path)), err) from None
+    if not isinstance(loaded, Mapping):
+        raise DinokitError(f"checkpoint {str(path)!r} holds a {type(loaded).__name__}, not a dict of named tensors; "
+                           "save model.state_dict() (or a .safetensors file) instead")
+    return loaded
