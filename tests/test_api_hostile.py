@@ -131,7 +131,7 @@ def test_bad_block_counts(model: DinoVisionTransformer, n: int) -> None:
         f"n={n} must be between 1 and the depth 4 (the number of last blocks), or give a list of block indices (0..3)")
 
 
-@pytest.mark.parametrize("n", [True, 1.5, "2", None])
+@pytest.mark.parametrize("n", [True, 1.5, "2", None, {0: 1}])
 def test_block_arguments_of_the_wrong_type(model: DinoVisionTransformer, n) -> None:
     assert refused(model.get_intermediate_layers, torch.randn(1, 3, 28, 28), n=n) == (
         f"n={n!r} is not usable: give the number of last blocks (1..4) or a list of block indices (0..3)")

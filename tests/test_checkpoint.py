@@ -293,3 +293,24 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
         with atomic_write(tmp_path / "x.pth") as tmp:
             torch.save({}, tmp)
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_a_failed_download_prints_nothing_but_the_error(hub_dir: Path, tmp_path: Path,
+                                                        capfd: pytest.CaptureFixture) -> None:
+    """torch.hub's loader printed 'Downloading: ...' before the one-line error; a damaged download names the cache."""
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as m:
+        m.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("off")))
+        with pytest.raises(DinokitError, match="could not download"):
+            load_state_dict_file("https://example.invalid/dinov2/w.pth")
+    assert capfd.readouterr() == ("", "")
+    damaged = tmp_path / "remote" / "damaged.pth"
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with monkeypatch.context() as m:
+        m.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: Path(dst).write_bytes(damaged.read_bytes()))
+        with pytest.raises(DinokitError) as info:
+            load_state_dict_file(damaged.as_uri())
+    cached = hub_dir / "checkpoints" / "damaged.pth"
+    assert str(info.value).startswith(f"cannot read checkpoint {str(cached)!r}: the file is corrupt or truncated")
+    assert str(info.value).endswith(f"it was downloaded from {damaged.as_uri()}: delete {str(cached)!r} to download it again")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numbers
 import operator
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -112,7 +112,7 @@ def check_crop_sets(x: Sequence[torch.Tensor], masks: Any) -> None:
 def block_indices(n: Any, depth: int) -> list[int]:
     """The block indices ``n`` names (an int: the last ``n`` blocks; a sequence: those indices), sorted."""
     items = None
-    if not isinstance(n, (bool, str, bytes, numbers.Integral)) and hasattr(n, "__iter__"):
+    if not isinstance(n, (bool, str, bytes, numbers.Integral, Mapping)) and hasattr(n, "__iter__"):
         try:
             items = list(n)
         except TypeError:  # a 0-d tensor or array

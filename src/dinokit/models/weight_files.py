@@ -112,17 +112,16 @@ def load_state_dict_file(path_or_url: str | Path) -> dict[str, Any]:
     if is_url(path_or_url):
         url = str(path_or_url)
         cached = _hub_cache_path(url)
+        if not cached.exists():  # torch.hub's own loader would print a "Downloading:" line even when it then fails
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(cached), progress=True)  # atomic: a temporary file, then moved
+            except (urllib.error.URLError, OSError) as err:
+                raise _download_error(url, err) from None
         try:
-            if url.endswith(".safetensors"):
-                if not cached.exists():
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    torch.hub.download_url_to_file(url, str(cached), progress=True)
-                return load_state_dict_file(cached)
-            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, file_name=cached.name)
-        except (urllib.error.URLError, OSError) as err:
-            raise _download_error(url, err) from None
-        except _UNREADABLE as err:
-            raise _unreadable_error(f"{url} (cached as {str(cached)!r}; delete it to download again)", err) from None
+            return load_state_dict_file(cached)
+        except DinokitError as err:
+            raise DinokitError(f"{err}; it was downloaded from {url}: delete {str(cached)!r} to download it again") from None
     path = check_weights_path(path_or_url)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
