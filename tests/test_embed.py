@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -394,9 +395,9 @@ def test_torchrun_ranks_embed_shards_and_one_writes(images, tmp_path) -> None:
     import sys
 
     args = ["embed", str(images), "--model", "dinov2_vits14", "--random-init", "--image-size", "28",
-            "--num-workers", "0", "--device", "cpu", "--no-progress"]
+            "--num-workers", "0", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "dinokit", *args, "--out", str(tmp_path / "one.npz")],
+    single = subprocess.run([sys.executable, "-m", "dinokit", *args, "--out", str(tmp_path / "one.npz"), "--no-progress"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr[-2000:]
     torchrun = Path(sys.executable).parent / "torchrun"
@@ -404,6 +405,8 @@ def test_torchrun_ranks_embed_shards_and_one_writes(images, tmp_path) -> None:
                             str(tmp_path / "two.npz")], capture_output=True, text=True, timeout=300, env=env)
     assert ranks.returncode == 0, ranks.stderr[-2000:]
     assert ranks.stdout.count("embedded 5 images") == 1 and ranks.stdout.count("wrote ") == 1
+    bar = ranks.stderr.replace("\r", "\n")  # rank 0's bar counts the job's 7 files, not its own share (4)
+    assert re.search(r"\b7/7 \[", bar) and not re.search(r"\b\d+/4 \[", bar), bar[-2000:]
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert two["paths"].tolist() == one["paths"].tolist() and sorted(two["bad_paths"]) == sorted(one["bad_paths"])
     np.testing.assert_allclose(two["cls"], one["cls"], atol=1e-5)

@@ -234,11 +234,13 @@ def extract_features(
     model.to(device).eval()
     run = feature_runner(feature_fn, model, batch_size, compile_backend)
     start = time.perf_counter()
-    bar = tqdm(total=len(shard), desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
+    # Shown by rank 0 for the whole dataset: its own share's progress times the number of processes (shares
+    # differ by one image at most), so that the count and the rate are the job's.
+    bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     try:
         with torch.inference_mode():
             for batch in loader:
-                bar.update(len(batch["index"]) + len(batch["bad"]))
+                bar.update(min(world * (len(batch["index"]) + len(batch["bad"])), bar.total - bar.n))
                 bad.extend(batch["bad"])
                 if batch["image"] is None:
                     continue
@@ -248,6 +250,7 @@ def extract_features(
                 indices.append(batch["index"])
                 targets.append(batch["target"])
             outputs.flush()
+        bar.update(bar.total - bar.n)
     finally:
         bar.close()
         model.train(was_training)
