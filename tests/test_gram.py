@@ -57,7 +57,7 @@ def test_gram_tokens_pick_the_masked_or_unmasked_rows_by_index():
     masks = torch.tensor([[True, False, True, False, False], [False, False, False, True, False]])
     masked_index = masks.flatten().nonzero().flatten()  # as the collate gives it
     for mode, keep in (("masked", masks.flatten()), ("unmasked", ~masks.flatten()), ("all", None)):
-        s, t = SSLObjective._gram_tokens(SimpleNamespace(gram_tokens=mode), student, teacher, masks, masked_index)
+        s, t = SSLObjective._gram_tokens(SimpleNamespace(), student, teacher, masks, masked_index, mode)
         if keep is None:
             assert s is student and t is teacher
         else:
@@ -140,6 +140,31 @@ def test_gram_loss_weight_schedule_sets_the_weight_of_each_iteration(images):
     assert totals[None] - totals[0.0] == pytest.approx(5 * gram, rel=1e-4)  # without the schedule: gram.loss_weight
     with pytest.raises(DinokitError, match="warmup_epochs -1.0"):
         gram_cfg(images, "gram.ema_teacher=true", "gram.loss_weight_schedule.warmup_epochs=-1")
+
+
+def test_gram_compute_stats_logs_masked_and_unmasked_gram_losses_outside_the_loss(images):
+    """gram.compute_stats (DINOv3): gram_loss_masked/_unmasked are logged, never added to the loss or to the logged
+    total_loss; without gram.use_loss the Gram loss itself is only logged."""
+    from dinokit.train.data import build_train_loader
+
+    stats = ("gram.compute_stats=true", "gram.img_level=true", "gram.ema_teacher=true")
+    batch = next(iter(build_train_loader(tiny_cfg(images), start_iteration=0, pin_memory=False)))
+    outs = {}
+    for name, cfg in (("plain", tiny_cfg(images)), ("logged", tiny_cfg(images, *stats)),
+                      ("used", gram_cfg(images, *stats))):
+        torch.manual_seed(0)
+        outs[name] = SSLMetaArch(cfg).compute_losses(batch, 0, {"teacher_temp": 0.06})
+    plain, logged, used = outs["plain"], outs["logged"], outs["used"]
+    assert logged.total.item() == plain.total.item() and logged.logged_total.item() == plain.logged_total.item()
+    gram = logged.terms["gram_loss"].item()
+    assert gram > 0 and used.terms["gram_loss"].item() == pytest.approx(gram, rel=1e-6)
+    assert used.total.item() - plain.total.item() == pytest.approx(gram, rel=1e-4)  # gram.loss_weight 1
+    assert used.logged_total.item() - plain.logged_total.item() == pytest.approx(gram, rel=1e-4)
+    for out in (logged, used):
+        masked, unmasked = out.terms["gram_loss_masked"].item(), out.terms["gram_loss_unmasked"].item()
+        assert masked > 0 and unmasked > 0 and masked != unmasked
+    with pytest.raises(DinokitError, match="gram.compute_stats needs a Gram teacher"):
+        tiny_cfg(images, "gram.compute_stats=true")
 
 
 def test_resize_patch_features_by_hand():

@@ -267,6 +267,7 @@ class GramConfig:
     """
 
     use_loss: bool = False  # add w * L_gram to the loss
+    compute_stats: bool = False  # also log it over the masked and unmasked patches (without use_loss: only logged)
     loss_weight: float = 1.0  # w
     loss_weight_schedule: WeightScheduleConfig | None = None  # w per iteration instead (DINOv3); null: loss_weight
     ema_teacher: bool = False  # the EMA teacher is the Gram teacher (no copy; ckpt/rep_update unused)

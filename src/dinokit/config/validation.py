@@ -209,10 +209,10 @@ def _validate_stages(cfg: DictConfig) -> None:
                            "(a teacher with its heads), not both")
     gram = cfg.gram
     gram_size = crop_resolutions(cfg.crops)[0][0].gram_size  # all set or all null (crop_resolutions checks)
-    if gram_size is not None and not gram.use_loss:
+    if gram_size is not None and not (gram.use_loss or gram.compute_stats):
         raise DinokitError("crops.gram_teacher_crops_size makes crops for the Gram teacher; set gram.use_loss=true "
                            "or remove the key")
-    if not gram.use_loss:
+    if not (gram.use_loss or gram.compute_stats):  # either builds a Gram teacher
         return
     if gram_size is not None and gram.ema_teacher:
         raise DinokitError("crops.gram_teacher_crops_size needs a separate Gram teacher (the EMA teacher sees the "
@@ -223,7 +223,8 @@ def _validate_stages(cfg: DictConfig) -> None:
     if gram.ema_teacher and (gram.ckpt or gram.it_load_ema_teacher >= 0):
         raise DinokitError("gram.ema_teacher uses the EMA teacher itself; remove gram.ckpt and gram.it_load_ema_teacher")
     if not gram.ema_teacher and not gram.ckpt and gram.it_load_ema_teacher < 0:
-        raise DinokitError("gram.use_loss needs a Gram teacher: set gram.ckpt, gram.it_load_ema_teacher >= 0 or "
+        key = "gram.use_loss" if gram.use_loss else "gram.compute_stats"
+        raise DinokitError(f"{key} needs a Gram teacher: set gram.ckpt, gram.it_load_ema_teacher >= 0 or "
                            "gram.ema_teacher=true")
     check_weight_schedule(gram.loss_weight_schedule, "gram.loss_weight_schedule")
     if gram.remove_neg and gram.remove_only_teacher_neg:

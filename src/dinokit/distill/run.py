@@ -92,7 +92,8 @@ def distill(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Distil ``cfg.distillation.teacher`` into the configured students in ``output_dir``; returns the summary."""
-    for key, unused in (("gram.use_loss", cfg.gram.use_loss), ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs),
+    for key, unused in (("gram.use_loss", cfg.gram.use_loss), ("gram.compute_stats", cfg.gram.compute_stats),
+                        ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs),
                         ("student.resume_from_teacher_chkpt", cfg.student.resume_from_teacher_chkpt)):
         if unused:
             raise DinokitError(f"{key} is a pretraining-stage key that dinokit distill does not use; remove it "

@@ -67,8 +67,10 @@ class SSLObjective:
         self.koleo_loss = KoLeoLoss(distributed=dino.koleo_loss_distributed, group_size=dino.koleo_loss_group_size)
         self.ibot_patch_loss = iBOTPatchLoss(ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes)
         self.ibot_masked_loss = self.ibot_patch_loss.forward_masked  # the trainer may swap in a compiled one
-        self.do_gram = bool(gram is not None and gram.use_loss)
+        # a Gram teacher runs when the loss is used or only logged (gram.compute_stats)
+        self.do_gram = bool(gram is not None and (gram.use_loss or gram.compute_stats))
         if self.do_gram:
+            self.gram_in_loss, self.gram_stats = gram.use_loss, gram.compute_stats
             self.gram_weight, self.gram_tokens = gram.loss_weight, gram.tokens_used
             self.gram_loss = GramLoss(normalized=gram.normalized, img_level=gram.img_level, remove_neg=gram.remove_neg,
                                       remove_only_teacher_neg=gram.remove_only_teacher_neg)
@@ -215,15 +217,27 @@ class SSLObjective:
             ibot = ibot * loss_scales * 0.5  # x loss_scales x 1/n_global_crops, as the official code
             terms["ibot_loss"] = ibot / loss_scales
             total = total + self.ibot_weight * ibot
+        logged_only: dict[str, torch.Tensor] = {}  # gram.compute_stats: terms outside the loss and its logged total
         if self.do_gram:
             gram = total.new_zeros(())
+            if self.gram_stats:
+                logged_only = {"gram_loss_masked": total.new_zeros(()), "gram_loss_unmasked": total.new_zeros(())}
             if gram_targets is not None:
                 student_patches = global_out["x_norm_patchtokens"]
-                gram = self.gram_loss(*self._gram_tokens(student_patches, gram_targets, ibot_masks_flat, patch_index))
-                total = total + (self.gram_weight if gram_weight is None else gram_weight) * gram
-            terms["gram_loss"] = gram
+                with torch.enable_grad() if self.gram_in_loss else torch.no_grad():
+                    gram = self.gram_loss(*self._gram_tokens(student_patches, gram_targets, ibot_masks_flat, patch_index,
+                                                             self.gram_tokens))
+                if self.gram_in_loss:
+                    total = total + (self.gram_weight if gram_weight is None else gram_weight) * gram
+                if self.gram_stats:
+                    with torch.no_grad():
+                        for which in ("masked", "unmasked"):
+                            logged_only[f"gram_loss_{which}"] = self.gram_loss(*self._gram_tokens(
+                                student_patches, gram_targets, ibot_masks_flat, patch_index, which))
+            (terms if self.gram_in_loss else logged_only)["gram_loss"] = gram
         # the official log's total_loss: the sum of the logged terms (not the minimised loss)
-        return LossOutput(total=total, terms=terms, logged_total=sum(terms.values(), total.new_zeros(())))
+        logged_total = sum(terms.values(), total.new_zeros(()))
+        return LossOutput(total=total, terms={**terms, **logged_only}, logged_total=logged_total)
 
     def _chunked_dino(self, student: nn.ModuleDict, tokens: list[torch.Tensor], probs: list[torch.Tensor]) -> torch.Tensor:
         """``self.dino_loss`` of ``dino_head(tokens)``, ``head_chunk_rows`` rows of logits at a time."""
@@ -240,16 +254,16 @@ class SSLObjective:
                                  student_temp=self.ibot_patch_loss.student_temp, chunk_rows=self.head_chunk_rows)
 
     def _gram_tokens(self, student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
-                     masked_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The student and teacher patch features the Gram loss compares (``gram.tokens_used``).
+                     masked_index: torch.Tensor, tokens: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student and teacher patch features the Gram loss compares: ``tokens`` all, masked or unmasked.
 
         Rows are picked by index, never by a boolean mask: ``masked_index`` (the collate's flat indices of the
         masked patches) has a size the host knows, and the unmasked rows are the first ``numel - len(masked_index)``
         of a stable sort of the mask, so the host never waits for the device to learn how many rows there are.
         """
-        if self.gram_tokens == "all":
+        if tokens == "all":
             return student, teacher
-        if self.gram_tokens == "masked":
+        if tokens == "masked":
             rows = masked_index
         else:
             flat = masks.flatten()

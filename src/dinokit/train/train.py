@@ -136,7 +136,7 @@ def check_stage_weights(cfg: DictConfig) -> None:
                            "train from scratch")
     check_weight_sources({"student.pretrained_weights": cfg.student.pretrained_weights,
                           "student.resume_from_teacher_chkpt": cfg.student.resume_from_teacher_chkpt,
-                          "gram.ckpt": cfg.gram.ckpt if cfg.gram.use_loss else ""})
+                          "gram.ckpt": cfg.gram.ckpt if cfg.gram.use_loss or cfg.gram.compute_stats else ""})
 
 
 def training_schedules(cfg: DictConfig) -> dict[str, CosineScheduler]:
