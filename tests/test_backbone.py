@@ -257,3 +257,16 @@ def test_crop_lists_take_the_batch_subset_drop_path_at_any_rate(monkeypatch: pyt
     sizes.clear()
     model.forward_features(crops[0])  # a lone tensor at 0.05: the per-sample Bernoulli form
     assert sizes == []
+
+
+def test_patch_embed_keeps_the_grid_without_flattening() -> None:
+    """The official flatten_embedding=False: (B, H/p, W/p, D), the same numbers as the flat (B, N, D) tokens."""
+    from dinokit.layers.patch_embed import PatchEmbed
+
+    flat = PatchEmbed(img_size=28, patch_size=14, embed_dim=8)
+    grid = PatchEmbed(img_size=28, patch_size=14, embed_dim=8, flatten_embedding=False)
+    grid.load_state_dict(flat.state_dict())
+    x = torch.randn(2, 3, 28, 42)
+    tokens, maps = flat(x), grid(x)
+    assert tokens.shape == (2, 6, 8) and maps.shape == (2, 2, 3, 8)
+    torch.testing.assert_close(maps.flatten(1, 2), tokens, rtol=0, atol=0)
