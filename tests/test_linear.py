@@ -10,15 +10,12 @@ from dinokit.eval.linear import (
     LEARNING_RATES,
     LinearProbes,
     ProbeSetting,
-    best_classifier,
     check_linear_options,
-    probe_predictions,
-    score_probes,
     probe_input,
     probe_settings,
-    save_linear_head,
     train_probes,
 )
+from dinokit.eval.linear_results import best_classifier, probe_predictions, save_linear_head, score_probes
 from dinokit.errors import DinokitError
 from dinokit.eval.linear_data import cached_batches
 from dinokit.eval.feature_cache import linear_feature_parts

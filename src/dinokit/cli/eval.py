@@ -206,7 +206,8 @@ def run_knn(args: argparse.Namespace) -> int:
 
 
 def run_linear(args: argparse.Namespace) -> int:
-    from ..eval.linear import RESULTS_FILE, check_linear_options, format_linear_table, linear_protocol
+    from ..eval.linear import check_linear_options, linear_protocol
+    from ..eval.linear_results import RESULTS_FILE, format_linear_table
     from ..eval.scoring import format_test_line
 
     options = _linear_options(args)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -32,14 +32,14 @@ from ..errors import DinokitError
 from ..models.weight_files import load_state_dict_file
 from ..files import atomic_write
 from ..models.linear_classifier import probe_input
-from .results import append_results, report_label_warnings
+from .results import report_label_warnings
 from .linear_data import FeatureBatch, StreamPosition, augmented_batches, cached_batches
-from .scoring import VAL_METRICS, open_test_sets, score_predictions, score_test_sets
+from .linear_results import LinearResult, best_classifier, probe_predictions, save_results, score_probes
+from .scoring import VAL_METRICS, open_test_sets, score_test_sets
 from .setup import EvalContext
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 N_LAST_BLOCKS = (1, 4)
-RESULTS_FILE = "results_eval_linear.json"
 
 @dataclass(frozen=True)
 class ProbeSetting:
@@ -165,100 +165,6 @@ def train_probes(
 
 
 @torch.no_grad()
-@torch.no_grad()
-def probe_predictions(probes: LinearProbes, cls_tokens: torch.Tensor, patch_mean: torch.Tensor, *,
-                      batch_size: int = 1024) -> dict[str, torch.Tensor]:
-    """Every classifier's predicted class of each row of the given features (on the CPU)."""
-    device = next(probes.parameters()).device
-    predicted: dict[str, list[torch.Tensor]] = {name: [] for name in probes.settings}
-    for start in range(0, len(cls_tokens), batch_size):
-        rows = slice(start, start + batch_size)
-        for name, out in probes(cls_tokens[rows].to(device), patch_mean[rows].to(device)).items():
-            predicted[name].append(out.argmax(dim=1).cpu())
-    return {name: torch.cat(p) if p else torch.zeros(0, dtype=torch.long) for name, p in predicted.items()}
-
-
-def score_probes(predicted: dict[str, torch.Tensor], labels: torch.Tensor, metric: str = "mean_accuracy"
-                 ) -> dict[str, float]:
-    """Every classifier's ``metric`` (percent): top-1 (``mean_accuracy``), or the official ``mean_per_class_accuracy``
-    (``--val-metric-type``, for unbalanced sets)."""
-    if not len(labels):
-        return dict.fromkeys(predicted, 0.0)
-    return {name: float(score_predictions(p, labels, metric)) for name, p in predicted.items()}
-
-
-# ---------------------------------------------------------------------------------------------- results
-@dataclass
-class LinearResult:
-    """The line written to ``results_eval_linear.json``."""
-
-    best_classifier: str
-    top1: float  # percent, on the validation set
-    n_last_blocks: int
-    avgpool: bool
-    lr: float
-    iterations: int
-    augment: bool
-    head_files: dict[str, str] = field(default_factory=dict)  # "best", "layers_1", "layers_4" -> file name
-    classifiers: dict[str, float] = field(default_factory=dict)  # every classifier's top-1
-    # the best classifier on each --test-datasets set: {dataset: {"metric": type, "value": percent, "images": n}}
-    tests: dict[str, dict] = field(default_factory=dict)
-    val_metric_type: str = "mean_accuracy"  # what chose the best classifiers (official --val-metric-type)
-    val_value: float | None = None  # the best classifier's val_metric_type on the val set, percent
-
-
-def best_classifier(accuracies: dict[str, float], settings: dict[str, ProbeSetting], **require: object) -> str | None:
-    """Name of the most accurate classifier whose setting matches ``require`` (first one on ties)."""
-    names = [n for n, s in settings.items() if all(getattr(s, k) == v for k, v in require.items())]
-    return max(names, key=lambda n: accuracies[n]) if names else None
-
-
-def save_linear_head(linear: nn.Linear, path: str | Path) -> Path:
-    """Write ``linear`` as a hub head file: a flat ``{"weight": (C, F), "bias": (C,)}``."""
-    state = {"weight": linear.weight.detach().cpu().contiguous(), "bias": linear.bias.detach().cpu().contiguous()}
-    with atomic_write(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
-
-
-def save_results(
-    probes: LinearProbes, accuracies: dict[str, float], output_dir: str | Path, *, iterations: int, augment: bool,
-    provenance: dict | None = None, tests: dict[str, dict] | None = None, scores: dict[str, float] | None = None,
-    val_metric_type: str = "mean_accuracy",
-) -> LinearResult:
-    """Save the best head (``linear_head_best.pth``), the best ``_lc``-compatible heads
-    (avgpool, ``linear_head_1.pth`` / ``linear_head_4.pth``) and append the result line (with ``provenance``).
-    The best are those of the highest ``scores`` (the ``val_metric_type`` of each classifier; default: top-1)."""
-    output_dir = Path(output_dir)
-    scores = accuracies if scores is None else scores
-    best = best_classifier(scores, probes.settings)
-    s = probes.settings[best]
-    files = {"best": "linear_head_best.pth"}
-    for n in (1, 4):
-        name = best_classifier(scores, probes.settings, n_last_blocks=n, avgpool=True)
-        if name is not None:
-            files[f"layers_{n}"] = f"linear_head_{n}.pth"
-            save_linear_head(probes.classifiers_dict[name], output_dir / files[f"layers_{n}"])
-    save_linear_head(probes.classifiers_dict[best], output_dir / files["best"])
-    result = LinearResult(
-        best_classifier=best, top1=accuracies[best], n_last_blocks=s.n_last_blocks, avgpool=s.avgpool, lr=s.lr,
-        iterations=iterations, augment=augment, head_files=files, classifiers=accuracies, tests=tests or {},
-        val_metric_type=val_metric_type, val_value=scores[best],
-    )
-    append_results(output_dir / RESULTS_FILE, [{**asdict(result), **(provenance or {})}])
-    return result
-
-
-def format_linear_table(probes: LinearProbes, accuracies: dict[str, float], label: str = "top-1") -> str:
-    """The best learning rate and its value (``label``: top-1, or the val metric) for each feature layout."""
-    lines = [f"{'blocks':>6}  {'avgpool':>7}  {'best lr':>8}  {label:>6}"]
-    layouts = sorted({(s.n_last_blocks, s.avgpool) for s in probes.settings.values()})
-    for n, avgpool in layouts:
-        name = best_classifier(accuracies, probes.settings, n_last_blocks=n, avgpool=avgpool)
-        lines.append(f"{n:>6}  {str(avgpool):>7}  {probes.settings[name].lr:8.2e}  {accuracies[name]:6.2f}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------- protocol
 def check_linear_options(
     *,
