@@ -87,11 +87,15 @@ def test_linear_saves_hub_heads_and_feeds_knn_cache(sample, tmp_path, capsys, mo
     (result,) = read_lines(tmp_path / "results_eval_linear.json")
     assert result["iterations"] == 10 and result["augment"] is False and len(result["classifiers"]) == 8
     assert result["top1"] == max(result["classifiers"].values())
+    # the official periodic evaluation, every --epoch-length iterations before the end: printed and recorded
+    (periodic,) = result["periodic"]
+    assert periodic["iteration"] == 5 and periodic["best_classifier"] in result["classifiers"]
     for name, layers in (("linear_head_1.pth", 1), ("linear_head_4.pth", 4)):
         head = torch.load(tmp_path / name, weights_only=True)
         assert head["weight"].shape == (8, (1 + layers) * 64) and head["bias"].shape == (8,)
     out = capsys.readouterr().out
     assert "best:" in out
+    assert f"iteration 5 of 10: val top-1 {periodic['top1']:.2f} (best probe: {periodic['best_classifier']})\n" in out
     # what is trained is said first (the official 12,500 iterations run long on a CPU, silently with --no-progress)
     assert out.index("training 8 linear probes (2 learning rates x 4 feature layouts) for 10 iterations (2 epochs "
                      "of 5), batch 16 per process, on cached features\n") < out.index("best:")
@@ -135,8 +139,9 @@ def test_a_killed_linear_evaluation_resumes_from_its_running_checkpoint(sample, 
     assert not running.exists()  # the results are the finished record: a rerun starts afresh
     whole, cut = read_lines(tmp_path / "whole/results_eval_linear.json"), read_lines(tmp_path / "cut/results_eval_linear.json")
     assert whole[0]["iterations"] == cut[0]["iterations"] == 8
+    assert [p["iteration"] for p in cut[0]["periodic"]] == [4]  # kept by the running checkpoint, not done again
     if not augment:
-        assert whole[0]["classifiers"] == cut[0]["classifiers"]
+        assert whole[0]["classifiers"] == cut[0]["classifiers"] and whole[0]["periodic"] == cut[0]["periodic"]
         for name in ("linear_head_1.pth", "linear_head_4.pth"):
             a, b = (torch.load(tmp_path / run / name, weights_only=True) for run in ("whole", "cut"))
             assert all(torch.equal(a[k], b[k]) for k in a)
@@ -240,7 +245,7 @@ def test_linear_ranks_by_the_val_metric_type_and_starts_afresh_with_no_resume(sa
             (lopsided / folder.name).mkdir(parents=True, exist_ok=True)
             shutil.copy(image, lopsided / folder.name / image.name)
     extra = ["--epochs", "1", "--epoch-length", "5", "--batch-size", "16", "--learning-rates", "0.01", "0.1",
-             "--no-augment", "--val-metric-type", "mean_per_class_accuracy",
+             "--no-augment", "--val-metric-type", "mean_per_class_accuracy", "--eval-period-iterations", "2",
              "--test-datasets", str(lopsided), "--test-metric-types", "mean_per_class_accuracy"]
     run = args(sample, tmp_path / "out", *extra)
     run[run.index("--val-dataset") + 1] = str(lopsided)
@@ -252,6 +257,8 @@ def test_linear_ranks_by_the_val_metric_type_and_starts_afresh_with_no_resume(sa
     (result,) = read_lines(tmp_path / "out" / "results_eval_linear.json")
     assert result["val_metric_type"] == "mean_per_class_accuracy"
     assert result["val_value"] == pytest.approx(result["tests"][str(lopsided)]["value"])
+    assert [p["iteration"] for p in result["periodic"]] == [2, 4]  # chosen by the val metric type, which they record
+    assert all(set(p) == {"iteration", "best_classifier", "top1", "mean_per_class_accuracy"} for p in result["periodic"])
     assert "mAcc" in capsys.readouterr().out
     assert not (tmp_path / "out" / "running_checkpoint_linear_eval.pth").exists()
 
@@ -274,12 +281,12 @@ def test_the_image_counts_leave_out_unreadable_images(sample, tmp_path, capsys):
 
 def test_linear_with_augmentation(sample, tmp_path, capsys):
     extra = ("--epochs", "1", "--epoch-length", "3", "--batch-size", "8", "--learning-rates", "0.1",
-             "--n-last-blocks", "1", "50")
+             "--n-last-blocks", "1", "50", "--eval-period-iterations", "0")
     # a value beyond the depth is left out, and said so (not silently)
     with pytest.warns(UserWarning, match="--n-last-blocks 50 left out: the backbone has 4 blocks"):
         assert main(["eval", "linear", *args(sample, tmp_path, *extra)]) == 0
     (result,) = read_lines(tmp_path / "results_eval_linear.json")
-    assert result["augment"] is True and result["n_last_blocks"] == 1
+    assert result["augment"] is True and result["n_last_blocks"] == 1 and result["periodic"] == []  # only the end
     assert set(result["head_files"]) == {"best", "layers_1"}
     assert not list((tmp_path / "features").glob("*/train-*"))  # training images go through the backbone
     assert ("training 2 linear probes (1 learning rate x 2 feature layouts) for 3 iterations (1 epoch of 3), batch 8 "

@@ -143,6 +143,7 @@ def test_option_checks_name_the_wrong_option():
         (dict(epochs=0), "--epochs must be at least 1, got 0"),
         (dict(epoch_length=-3), "--epoch-length must be at least 1, got -3"),
         (dict(batch_size=0), "--batch-size must be at least 1, got 0"),
+        (dict(eval_period=-1), "--eval-period-iterations must be 0 (only at the end) or more, got -1"),
         (dict(learning_rates=[0.1, 0.0]), "--learning-rates must be positive, got 0"),
         (dict(n_last_blocks=[0]), "--n-last-blocks must be at least 1, got 0"),
         (dict(n_last_blocks=[50], depth=12), "--n-last-blocks 50 exceeds the backbone's 12 blocks; give at most 12"),

@@ -78,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(linear, batch_size=128)
     linear.add_argument("--epochs", type=int, default=10, help="'epochs' of --epoch-length iterations [10]")
     linear.add_argument("--epoch-length", type=int, default=1250, help="iterations per epoch [1250]")
+    linear.add_argument("--eval-period-iterations", type=int, default=None, metavar="N",
+                        help="score the probes on val every N iterations (printed, kept in the result's 'periodic') "
+                             "[--epoch-length; 0: only at the end]")
     linear.add_argument("--learning-rates", type=float, nargs="+", default=None, metavar="LR",
                         help="base lrs, scaled by batch*world/256 [the official 13, 1e-5 .. 0.1]")
     linear.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4], metavar="N",
@@ -150,7 +153,8 @@ def _linear_options(args: argparse.Namespace) -> dict:
     from ..eval.linear import LEARNING_RATES
 
     return dict(epochs=args.epochs, epoch_length=args.epoch_length, batch_size=args.batch_size,
-                learning_rates=args.learning_rates or LEARNING_RATES, n_last_blocks=args.n_last_blocks)
+                learning_rates=args.learning_rates or LEARNING_RATES, n_last_blocks=args.n_last_blocks,
+                eval_period=args.eval_period_iterations)
 
 
 def _logreg_options(args: argparse.Namespace) -> dict:

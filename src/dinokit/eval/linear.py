@@ -34,7 +34,7 @@ from ..files import atomic_write
 from ..models.linear_classifier import probe_input
 from .results import report_label_warnings
 from .linear_data import FeatureBatch, StreamPosition, augmented_batches, cached_batches
-from .linear_results import LinearResult, best_classifier, probe_predictions, save_results, score_probes
+from .linear_results import LinearResult, best_classifier, periodic_line, periodic_record, save_results, val_scores
 from .scoring import VAL_METRICS, open_test_sets, score_test_sets
 from .setup import EvalContext
 
@@ -126,12 +126,14 @@ class RunningCheckpoint:
 def train_probes(
     probes: LinearProbes, batches: Iterator[FeatureBatch], *, iterations: int, progress: bool = False,
     state: dict | None = None, save: Callable[[int, dict], None] | None = None, save_every: int = 0,
+    evaluate: Callable[[int], None] | None = None, eval_every: int = 0,
 ) -> float:
     """SGD (momentum 0.9, no weight decay), cosine lr to 0 over ``iterations``; returns the last loss.
 
     Gradients are averaged over ranks (the official code wraps the classifiers in DDP). ``state`` (``iteration``,
     ``probes``, ``optimizer``, ``scheduler``, as given to ``save``) resumes a run; ``save(done, state)`` is called
-    every ``save_every`` iterations before the last.
+    every ``save_every`` iterations before the last, after ``evaluate(done)`` when both fall on one iteration
+    (``evaluate`` every ``eval_every`` iterations before the last: the official periodic evaluation).
     """
     groups = [{"params": probes.classifiers_dict[name].parameters(), "lr": s.lr} for name, s in probes.settings.items()]
     optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=0.0)
@@ -157,6 +159,8 @@ def train_probes(
         scheduler.step()
         bar.update()
         bar.set_postfix(loss=f"{loss.item() / len(logits):.3f}", refresh=False)
+        if evaluate is not None and eval_every and done % eval_every == 0 and done < iterations:
+            evaluate(done)
         if save is not None and save_every and done % save_every == 0 and done < iterations:
             save(done, {"iteration": done, "probes": probes.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict()})
@@ -174,6 +178,7 @@ def check_linear_options(
     learning_rates: Sequence[float] = LEARNING_RATES,
     n_last_blocks: Sequence[int] = N_LAST_BLOCKS,
     depth: int | None = None,
+    eval_period: int | None = None,
 ) -> None:
     """The linear-probe settings, the first wrong one named in one line (by its ``dinokit eval linear`` option).
 
@@ -185,6 +190,8 @@ def check_linear_options(
     for name, value in (("--epochs", epochs), ("--epoch-length", epoch_length), ("--batch-size", batch_size)):
         if value < 1:
             raise DinokitError(f"{name} must be at least 1, got {value}")
+    if eval_period is not None and eval_period < 0:
+        raise DinokitError(f"--eval-period-iterations must be 0 (only at the end) or more, got {eval_period}")
     bad = [lr for lr in learning_rates if not lr > 0]  # NaN too
     if bad or not learning_rates:
         raise DinokitError(f"--learning-rates must be positive, got {format(bad[0], 'g') if bad else 'nothing'}")
@@ -223,6 +230,7 @@ def linear_protocol(
     test_class_mappings: Sequence[str] = (),
     val_metric_type: str = "mean_accuracy",
     resume: bool = True,
+    eval_period: int | None = None,
 ) -> tuple[LinearResult | None, LinearProbes, dict[str, float]]:
     """``dinokit eval linear``: train the probe grid, pick the best on val, save heads and results.
 
@@ -233,13 +241,16 @@ def linear_protocol(
     ``val_metric_type`` (official ``--val-metric-type``) ranks the classifiers on val: ``mean_accuracy`` (top-1) or
     ``mean_per_class_accuracy``. ``resume=False`` (``--no-resume``) starts afresh over an unfinished evaluation.
 
+    ``eval_period`` (official ``--eval-period-iterations``; default ``epoch_length``, 0: only at the end): every so
+    many iterations the probes are scored on val, a line printed, and the record kept in the result's ``periodic``.
+
     Returns (the result written, None on ranks other than 0; the probes; every probe's val metric).
     """
     if val_metric_type not in VAL_METRICS:
         raise DinokitError(f"--val-metric-type {val_metric_type!r} is not one of {', '.join(VAL_METRICS)}")
     depth = len(ctx.model.blocks)
     check_linear_options(epochs=epochs, epoch_length=epoch_length, batch_size=batch_size,
-                         learning_rates=learning_rates, n_last_blocks=n_last_blocks, depth=depth)
+                         learning_rates=learning_rates, n_last_blocks=n_last_blocks, depth=depth, eval_period=eval_period)
     usable = [n for n in n_last_blocks if n <= depth]
     if len(usable) < len(n_last_blocks):
         left_out = " ".join(str(n) for n in n_last_blocks if n > depth)
@@ -277,9 +288,18 @@ def linear_protocol(
               flush=True)
         if state:
             print(f"resuming at iteration {state['iteration']} of {iterations} from {running.path}", flush=True)
+    periodic = list(state.get("periodic", [])) if state else []  # the evaluations before the resumed iteration
+
+    def evaluate(done: int) -> None:
+        record = periodic_record(probes, val.features, val.targets, done, val_metric_type)
+        periodic.append(record)
+        if du.is_main_process():
+            tqdm.write(f"iteration {done} of {iterations}: {periodic_line(record)}")
+
     try:
         train_probes(probes, batches, iterations=iterations, progress=ctx.progress, state=state,
-                     save=lambda done, st: running.save(st, position), save_every=epoch_length)
+                     save=lambda done, st: running.save({**st, "periodic": periodic}, position), save_every=epoch_length,
+                     evaluate=evaluate, eval_every=epoch_length if eval_period is None else eval_period)
     finally:
         batches.close()  # stops the data-loader workers
     # the classes the probes could learn: those with a training image read (the augmented stream met the others)
@@ -289,14 +309,12 @@ def linear_protocol(
     readable = torch.as_tensor([t for i, t in enumerate(train_targets) if i not in unreadable], dtype=torch.long)
     trust = report_label_warnings(readable, val.targets, ctx.num_classes, top5=False,  # the probes report top-1
                                   classes=ctx.class_names)
-    predicted = probe_predictions(probes, val.features["cls_tokens"], val.features["patch_mean"])  # one pass for both
-    accuracies = score_probes(predicted, val.targets)
-    scores = accuracies if val_metric_type == "mean_accuracy" else score_probes(predicted, val.targets, val_metric_type)
+    accuracies, scores = val_scores(probes, val.features, val.targets, val_metric_type)
     tests = score_test_sets(ctx, probes, best_classifier(scores, probes.settings), test_sets)
     result = None
     if du.is_main_process():
         result = save_results(probes, accuracies, ctx.output_dir, iterations=iterations, augment=augment,
                               provenance=ctx.result_provenance(trust), tests=tests, scores=scores,
-                              val_metric_type=val_metric_type)
+                              val_metric_type=val_metric_type, periodic=periodic)
         running.path.unlink(missing_ok=True)  # the results are the finished record
     return result, probes, scores

@@ -60,6 +60,8 @@ class LinearResult:
     tests: dict[str, dict] = field(default_factory=dict)
     val_metric_type: str = "mean_accuracy"  # what chose the best classifiers (official --val-metric-type)
     val_value: float | None = None  # the best classifier's val_metric_type on the val set, percent
+    # the periodic evaluations during training (--eval-period-iterations): {"iteration", "best_classifier", "top1", ...}
+    periodic: list[dict] = field(default_factory=list)
 
 
 def best_classifier(accuracies: dict[str, float], settings: dict[str, ProbeSetting], **require: object) -> str | None:
@@ -79,7 +81,7 @@ def save_linear_head(linear: nn.Linear, path: str | Path) -> Path:
 def save_results(
     probes: LinearProbes, accuracies: dict[str, float], output_dir: str | Path, *, iterations: int, augment: bool,
     provenance: dict | None = None, tests: dict[str, dict] | None = None, scores: dict[str, float] | None = None,
-    val_metric_type: str = "mean_accuracy",
+    val_metric_type: str = "mean_accuracy", periodic: list[dict] | None = None,
 ) -> LinearResult:
     """Save the best head (``linear_head_best.pth``), the best ``_lc``-compatible heads
     (avgpool, ``linear_head_1.pth`` / ``linear_head_4.pth``) and append the result line (with ``provenance``).
@@ -98,10 +100,34 @@ def save_results(
     result = LinearResult(
         best_classifier=best, top1=accuracies[best], n_last_blocks=s.n_last_blocks, avgpool=s.avgpool, lr=s.lr,
         iterations=iterations, augment=augment, head_files=files, classifiers=accuracies, tests=tests or {},
-        val_metric_type=val_metric_type, val_value=scores[best],
+        val_metric_type=val_metric_type, val_value=scores[best], periodic=list(periodic or []),
     )
     append_results(output_dir / RESULTS_FILE, [{**asdict(result), **(provenance or {})}])
     return result
+
+
+def val_scores(probes: LinearProbes, features: dict[str, torch.Tensor], labels: torch.Tensor,
+               val_metric_type: str = "mean_accuracy") -> tuple[dict[str, float], dict[str, float]]:
+    """Every classifier's top-1 and its ``val_metric_type`` (the same dict for top-1), from one prediction pass."""
+    predicted = probe_predictions(probes, features["cls_tokens"], features["patch_mean"])
+    top1 = score_probes(predicted, labels)
+    return top1, (top1 if val_metric_type == "mean_accuracy" else score_probes(predicted, labels, val_metric_type))
+
+
+def periodic_record(probes: LinearProbes, features: dict[str, torch.Tensor], labels: torch.Tensor, iteration: int,
+                    val_metric_type: str = "mean_accuracy") -> dict:
+    """One periodic evaluation: the best classifier on val at ``iteration`` by ``val_metric_type``, its top-1 and
+    (another metric) that metric's value."""
+    top1, scores = val_scores(probes, features, labels, val_metric_type)
+    best = best_classifier(scores, probes.settings)
+    record = {"iteration": iteration, "best_classifier": best, "top1": top1[best]}
+    return record if scores is top1 else {**record, val_metric_type: scores[best]}
+
+
+def periodic_line(record: dict) -> str:
+    """The printed line of a periodic evaluation."""
+    other = [f"{k} {v:.2f}" for k, v in record.items() if k not in ("iteration", "best_classifier", "top1")]
+    return f"val top-1 {record['top1']:.2f}{''.join(', ' + o for o in other)} (best probe: {record['best_classifier']})"
 
 
 def format_linear_table(probes: LinearProbes, accuracies: dict[str, float], label: str = "top-1") -> str:
