@@ -317,3 +317,45 @@ def test_batchnorm_statistics_are_averaged_over_processes(tmp_path):
         expected = (before[0][key] + before[1][key]) / 2
         assert torch.allclose(after[0][key], expected) and torch.equal(after[0][key], after[1][key])
     assert after[0]["num_batches_tracked"] == after[1]["num_batches_tracked"] == 1
+
+
+class _CountedBatch(tuple):
+    n_bad = 0  # unreadable images the collate left out of this batch
+
+
+def _bad_images_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def counted(start: int):
+        for batch in batches(start):
+            batch = _CountedBatch(batch)
+            batch.n_bad = rank + 1  # rank 0 skips 1 image per batch, rank 1 skips 2
+            yield batch
+
+    cfg = EngineConfig(max_iter=6, checkpoint_period=6, log_freq=3, progress=False)
+    schedules = {name: CosineScheduler(v, v, 6) for name, v in (("lr", 0.1), ("wd", 0.0), ("momentum", 0.9))}
+    engine = Engine(Regression(), cfg, output_dir=out, device=torch.device("cpu"), schedules=schedules)
+    summary = engine.run(counted)
+    torch.save(summary["bad_images"], f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_skipped_images_are_counted_over_every_process(tmp_path):
+    """Under torchrun the closing summary ('unreadable images skipped in trained batches') counted the images of the
+    printing process's batches only."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "run")
+    mp.start_processes(_bad_images_worker, args=(port, out), nprocs=2, join=True, start_method="fork")
+    assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == 18  # (1 + 2) per iteration, 6 iterations

@@ -268,7 +268,7 @@ class Engine:
                     self._flush_losses(pending, logger, iteration)
                     pending.clear()
                     last_record = logger.log(iteration)
-                    last_record["bad_images"] = n_bad_total
+                    last_record["bad_images"] = self._sum_over_processes(n_bad_total)  # every process's batches
                     problem = self.task.diagnose(last_record, iteration) if self.is_main else None
                     if problem and problem not in diagnosed:
                         diagnosed.add(problem)
@@ -292,7 +292,13 @@ class Engine:
             guard.__exit__()
             logger.close()
         return {"iteration": iteration + 1, "output_dir": str(output_dir), "metrics": last_record,
-                "snapshots": snapshots, "last_exports": exports, "bad_images": n_bad_total}
+                "snapshots": snapshots, "last_exports": exports, "bad_images": last_record.get("bad_images", n_bad_total)}
+
+    def _sum_over_processes(self, count: int) -> int:
+        """``count`` summed over the processes (at a logging window, where every process already waits)."""
+        if dist_utils.get_world_size() == 1:
+            return count
+        return int(dist_utils.all_reduce_sum(torch.tensor([count], dtype=torch.int64, device=self.device)).item())
 
     def _stop_requested(self, guard: InterruptGuard, window_end: bool) -> bool:
         """Whether a signal asked to stop (every rank agrees, at logging windows, under torchrun)."""
