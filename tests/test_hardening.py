@@ -406,6 +406,34 @@ def test_sigterm_to_the_whole_process_group_with_workers_is_one_line(images, tmp
     assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM after iteration") and "Traceback" not in err, err
 
 
+def test_sigterm_stops_a_command_as_ctrl_c_does(images, tmp_path):
+    """SIGTERM (`timeout`, `kill`) killed a non-training command at once: its output lock and half-written temporary
+    files stayed behind. It now ends as a Ctrl-C does: one line, exit status 143, lock and temporary files gone."""
+    import shutil
+    import subprocess
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(64):
+        shutil.copy(next((images / "train").rglob("*.png")), folder / f"{i:02d}.png")
+    out = tmp_path / "emb.npz"
+    cmd = [sys.executable, "-m", "dinokit", "embed", str(folder), "--model", "dinov2_vits14", "--random-init",
+           "--image-size", "224", "--batch-size", "4", "--num-workers", "1", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    lock = tmp_path / ".emb.npz.lock"
+    while not lock.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(3.0)  # embedding, with its data-loading worker
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process and its worker alike
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many"]  # no lock, no temporary file, no output
+
+
 def test_train_says_what_it_will_do_and_what_it_did(images, tmp_path, capsys):
     import re
 

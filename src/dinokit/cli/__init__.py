@@ -10,11 +10,15 @@ without a traceback. Each kind of warning is shown once per command and counted 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 from ..errors import DinokitError, ProcessSpecificError, RelayedError
 from ..warning_summary import summarised_warnings
@@ -120,7 +124,7 @@ def _run(argv: list[str] | None) -> int:
 
         command_line = COMMAND_LINE.set(True)  # a failed download advises the command's options, not Python's
         try:
-            with summarised_warnings():  # a repeated warning is shown once, and counted at the end
+            with summarised_warnings(), _sigterm_as_interrupt(launched):  # a repeated warning: once, counted at the end
                 return int(args.func(args) or 0)
         finally:
             COMMAND_LINE.reset(command_line)
@@ -135,7 +139,33 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt as err:  # a training run says what it kept and how to resume (the first process)
         if not distributed.joined_group() or distributed.is_main_process():
             print(str(err) or "interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is: it ends as a Ctrl-C does (a KeyboardInterrupt, which data-loader workers
+    also take as the sign to end quietly)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(launched: int) -> Iterator[None]:
+    """While a command runs, SIGTERM (``timeout``, ``kill``, a scheduler's time limit) stops it as Ctrl-C does: its
+    locks released, its temporary files removed, one line, exit status 143. Python's default died at once and left
+    them (a stale lock is taken over, but temporary files stayed). Training runs catch it themselves to save a
+    checkpoint first. Not under a launcher, which sends SIGTERM to the other processes when one failed (they end
+    silently, as before)."""
+    if launched > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        raise Terminated("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # A rank that stays silent about an error waits this long before it exits: the launcher stops every rank when the
