@@ -314,3 +314,23 @@ def test_a_failed_download_prints_nothing_but_the_error(hub_dir: Path, tmp_path:
     cached = hub_dir / "checkpoints" / "damaged.pth"
     assert str(info.value).startswith(f"cannot read checkpoint {str(cached)!r}: the file is corrupt or truncated")
     assert str(info.value).endswith(f"it was downloaded from {damaged.as_uri()}: delete {str(cached)!r} to download it again")
+
+
+def test_a_url_given_from_python_is_advised_in_python_terms(hub_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL the caller gave (not an official file) was advised '--weights FILE (or use --random-init)' in Python."""
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(
+        urllib.error.URLError("offline")))
+    url = "https://example.invalid/mine.pth"
+    advice = "give the local file's path instead of the URL (or build random weights with pretrained=False)"
+    for load in (lambda: create_model("dinov2_vits14", weights=url), lambda: load_backbone_weights(tiny_vit(), url)):
+        with pytest.raises(DinokitError) as info:
+            load()
+        assert str(info.value).startswith(f"could not download {url} (") and str(info.value).endswith(advice)
+    from dinokit.models.weight_files import COMMAND_LINE
+
+    command = COMMAND_LINE.set(True)  # as the commands run: their options
+    try:
+        with pytest.raises(DinokitError, match=r"or pass its local path with --weights FILE \(or use --random-init\)$"):
+            load_backbone_weights(tiny_vit(), url)
+    finally:
+        COMMAND_LINE.reset(command)

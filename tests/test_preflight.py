@@ -307,10 +307,14 @@ def test_results_are_appended_atomically(tmp_path, monkeypatch):
 
 
 def test_download_failure_names_weights_and_random_init():
-    from dinokit.models.weight_files import load_state_dict_file
+    from dinokit.models.weight_files import COMMAND_LINE, load_state_dict_file
 
-    with pytest.raises(DinokitError) as err:
-        load_state_dict_file("http://127.0.0.1:9/w.pth")  # nothing listens on port 9: refused at once
+    command = COMMAND_LINE.set(True)  # as under a command (Python callers: test_checkpoint)
+    try:
+        with pytest.raises(DinokitError) as err:
+            load_state_dict_file("http://127.0.0.1:9/w.pth")  # nothing listens on port 9: refused at once
+    finally:
+        COMMAND_LINE.reset(command)
     assert str(err.value).startswith("could not download http://127.0.0.1:9/w.pth (")
     cached = Path(torch.hub.get_dir()) / "checkpoints" / "w.pth"
     assert str(err.value).endswith(f"); check the network connection, or fetch the file another way and put it at "

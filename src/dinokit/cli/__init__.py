@@ -120,7 +120,7 @@ def _run(argv: list[str] | None) -> int:
                 return 0
             print(f"note: '{args.command}' works in one process; the other {launched - 1} launched process(es) did "
                   "nothing", flush=True)
-        from ..models.registry import COMMAND_LINE
+        from ..models.weight_files import COMMAND_LINE
 
         command_line = COMMAND_LINE.set(True)  # a failed download advises the command's options, not Python's
         try:

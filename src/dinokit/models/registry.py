@@ -14,7 +14,6 @@ LayerScale), so the official weights load with ``strict=True``:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import difflib
 import functools
@@ -29,7 +28,7 @@ from torch import nn
 from ..errors import DinokitError
 from .architectures import build_backbone
 from .checkpoint import load_backbone_weights
-from .weight_files import DownloadError
+from .weight_files import COMMAND_LINE, DownloadError
 from .linear_classifier import LinearClassifier, load_linear_head, read_linear_head
 from .vision_transformer import DinoVisionTransformer
 
@@ -213,7 +212,6 @@ def _check_overrides(info: ModelInfo, overrides: Mapping[str, Any]) -> None:
 
 
 # set while a `dinokit` command runs (dinokit.cli): a failed download then keeps the commands' advice (--weights)
-COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("dinokit_command_line", default=False)
 
 
 @contextlib.contextmanager

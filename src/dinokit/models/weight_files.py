@@ -7,6 +7,7 @@ damaged, plain-pickle or non-dict file is one line naming it. A download that fa
 
 from __future__ import annotations
 
+import contextvars
 import os
 import pickle
 import re
@@ -31,13 +32,20 @@ def _hub_cache_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
-class DownloadError(DinokitError):
-    """An official file that could not be fetched (offline): where a file fetched by other means is found by every
-    command and by ``torch.hub.load`` alike. The message advises the commands' options; ``advice`` words the end
-    for another caller (:func:`dinokit.models.registry.api_download_advice`)."""
+# Set while a command runs (the CLI): a failed download then advises the commands' options, else Python's arguments.
+COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("dinokit_command_line", default=False)
 
-    def __init__(self, url: str, reason: str, advice: str = "pass its local path with --weights FILE (or use "
-                 "--random-init)") -> None:
+
+class DownloadError(DinokitError):
+    """A file that could not be fetched (offline): where a file fetched by other means is found by every command and
+    by ``torch.hub.load`` alike. The message advises the commands' options under a command, else to give a local
+    file; ``advice`` words the end for a caller that knows its argument
+    (:func:`dinokit.models.registry.api_download_advice`)."""
+
+    def __init__(self, url: str, reason: str, advice: str | None = None) -> None:
+        if advice is None:
+            advice = ("pass its local path with --weights FILE (or use --random-init)" if COMMAND_LINE.get() else
+                      "give the local file's path instead of the URL (or build random weights with pretrained=False)")
         self.url, self.reason, self.cached = url, reason, _hub_cache_path(url)
         super().__init__(f"could not download {url} ({reason}); check the network connection, or fetch the file "
                          f"another way and put it at {self.cached} (found there from then on), or {advice}")
