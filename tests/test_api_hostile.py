@@ -26,13 +26,19 @@ def model() -> DinoVisionTransformer:
     return hub_entry_point("dinov2_vits14")(pretrained=False, **TINY).eval()
 
 
-def refused(fn, *args, **kwargs) -> str:
-    """The one-line message of the DinokitError that ``fn`` raises."""
-    with pytest.raises(DinokitError) as info:
+def refused(fn, *args, _kind: type[Exception] = ModelInputError, **kwargs) -> str:
+    """The one-line message of the ModelInputError (a DinokitError and a ValueError, as Python callers expect of a
+    wrong argument) that ``fn`` raises; ``_kind=DinokitError`` for a file or download that cannot be used."""
+    with pytest.raises(_kind) as info:
         fn(*args, **kwargs)
     message = str(info.value)
     assert "\n" not in message
     return message
+
+
+def refused_load(fn, *args, **kwargs) -> str:
+    """:func:`refused` for a weights file, state dict or download that cannot be used (a DinokitError)."""
+    return refused(fn, *args, _kind=DinokitError, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -230,16 +236,16 @@ def test_attention_map_arguments(model: DinoVisionTransformer) -> None:
 def test_numpy_state_dicts_name_torch_from_numpy(model: DinoVisionTransformer) -> None:
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     fix = "convert them first: {k: torch.from_numpy(v) for k, v in state_dict.items()}"
-    assert refused(load_backbone_weights, model, sd) == (
+    assert refused_load(load_backbone_weights, model, sd) == (
         "the state dict holds numpy arrays, not torch tensors (cls_token, pos_embed, mask_token, "
         f"patch_embed.proj.weight (+{len(sd) - 4} more)); {fix}")
     mixed = {**model.state_dict(), "cls_token": sd["cls_token"]}  # one array among tensors: it is not dropped
-    assert refused(load_backbone_weights, model, {"teacher": mixed}) == (
+    assert refused_load(load_backbone_weights, model, {"teacher": mixed}) == (
         f"the state dict holds numpy arrays, not torch tensors (cls_token); {fix}")
-    assert refused(load_backbone_weights, model, {k: v.tolist() for k, v in model.state_dict().items()}) == (
+    assert refused_load(load_backbone_weights, model, {k: v.tolist() for k, v in model.state_dict().items()}) == (
         "the state dict holds no tensors (its values are list); give a state dict of torch tensors, e.g. "
         "model.state_dict(), or a backbone file")
-    assert refused(load_backbone_weights, model, 5) == (
+    assert refused_load(load_backbone_weights, model, 5) == (
         "weights must be a file path, a URL or a state dict of tensors, got int")
     converted = {k: torch.from_numpy(v) for k, v in sd.items()}
     assert load_backbone_weights(hub_entry_point("dinov2_vits14")(pretrained=False, **TINY), converted) is not None
@@ -275,26 +281,26 @@ def test_offline_commands_keep_their_own_advice(offline: Path, tmp_path: Path, c
     assert line.startswith("error: could not download ") and line.endswith(
         "or pass its local path with --weights FILE (or use --random-init)")
     with torch.device("meta"):  # and Python callers after a command still get theirs
-        assert refused(hub_entry_point("dinov2_vits14")).endswith(
+        assert refused_load(hub_entry_point("dinov2_vits14")).endswith(
             offline_advice(offline, "dinov2_vits14_pretrain.pth", "weights"))
 
 
 def test_offline_pretrained_names_the_python_arguments(offline: Path) -> None:
     base = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14"
     with torch.device("meta"):
-        assert refused(hub_entry_point("dinov2_vits14")) == (
+        assert refused_load(hub_entry_point("dinov2_vits14")) == (
             f"could not download {base}/dinov2_vits14_pretrain.pth "
             + offline_advice(offline, "dinov2_vits14_pretrain.pth", "weights"))
-        assert refused(hub_entry_point("dinov2_vits14_lc")) == (
+        assert refused_load(hub_entry_point("dinov2_vits14_lc")) == (
             f"could not download {base}/dinov2_vits14_linear4_head.pth "
             + offline_advice(offline, "dinov2_vits14_linear4_head.pth", "weights"))
         head = {"weight": torch.zeros(1000, 5 * 384), "bias": torch.zeros(1000)}
-        assert refused(hub_entry_point("dinov2_vits14_lc"), weights=head).endswith(
+        assert refused_load(hub_entry_point("dinov2_vits14_lc"), weights=head).endswith(
             offline_advice(offline, "dinov2_vits14_pretrain.pth", "backbone_weights"))
-        assert refused(hub_entry_point("dinov2_vits14_ld")).endswith(
+        assert refused_load(hub_entry_point("dinov2_vits14_ld")).endswith(
             offline_advice(offline, "dinov2_vits14_pretrain.pth", "backbone_weights"))
         backbone = create_model("dinov2_vits14", pretrained=False).state_dict()
-        assert refused(hub_entry_point("dinov2_vits14_dd"), backbone_weights=backbone).endswith(
+        assert refused_load(hub_entry_point("dinov2_vits14_dd"), backbone_weights=backbone).endswith(
             offline_advice(offline, "dinov2_vits14_nyu_dpt_head.pth", "weights"))
 
 

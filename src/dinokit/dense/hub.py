@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import DinokitError
+from ..errors import ModelInputError
 from ..models.registry import BASE_URL, api_download_advice, create_model
 from .heads import DPTHead, FeatureSpec, LinearDepthHead, four_level_indices
 from .loading import load_head
@@ -42,7 +42,7 @@ def check_depth_range(depth_range: Any) -> tuple[float, float]:
     pair = tuple(depth_range) if isinstance(depth_range, (tuple, list)) else ()
     numbers_ok = len(pair) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
     if not numbers_ok or not all(math.isfinite(v) for v in pair) or not 0 <= pair[0] < pair[1]:
-        raise DinokitError(f"depth_range={depth_range!r} is not usable: give (min, max) in metres with "
+        raise ModelInputError(f"depth_range={depth_range!r} is not usable: give (min, max) in metres with "
                            "0 <= min < max, e.g. (0.001, 10.0) for NYU or (0.001, 80.0) for KITTI")
     return float(pair[0]), float(pair[1])
 
@@ -65,7 +65,7 @@ def create_depther(
     """Build ``dinov2_vit?14_ld`` or ``_dd``: a backbone plus its depth head, as the official hub does."""
     backbone_name, kind = name.rsplit("_", 1)
     if kind not in ("ld", "dd"):
-        raise DinokitError(f"{name} is not a depth model (names end in _ld or _dd)")
+        raise ModelInputError(f"{name} is not a depth model (names end in _ld or _dd)")
     dataset = None
     head_file = None
     if weights is None:
@@ -73,13 +73,13 @@ def create_depther(
     elif isinstance(weights, str) and weights.upper() in DATASETS:
         dataset = weights.upper()
     elif isinstance(weights, str) and weights.isalpha() and not Path(weights).exists():
-        raise DinokitError(f"weights={weights!r}: use 'NYU', 'KITTI' or a head file path")
+        raise ModelInputError(f"weights={weights!r}: use 'NYU', 'KITTI' or a head file path")
     elif isinstance(weights, (str, os.PathLike, Mapping)):
         head_file = weights
     else:
-        raise DinokitError(f"weights={weights!r}: use 'NYU', 'KITTI', a head file path or a head state dict")
+        raise ModelInputError(f"weights={weights!r}: use 'NYU', 'KITTI', a head file path or a head state dict")
     if kind == "ld" and (isinstance(layers, bool) or layers not in (1, 4)):
-        raise DinokitError(f"{name} takes layers=1 or layers=4, not {layers!r}")
+        raise ModelInputError(f"{name} takes layers=1 or layers=4, not {layers!r}")
     if depth_range is not None:
         depth_range = check_depth_range(depth_range)
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..errors import DinokitError
+from ..errors import ModelInputError
 from .architectures import build_backbone
 from .checkpoint import load_backbone_weights
 from .weight_files import COMMAND_LINE, DownloadError
@@ -118,14 +118,14 @@ NOT_PROVIDED = {
 
 
 def model_info(name: str) -> ModelInfo:
-    """The :class:`ModelInfo` of a hub name or alias; unknown names raise a :class:`DinokitError` with suggestions."""
+    """The :class:`ModelInfo` of a hub name or alias; unknown names raise a :class:`~dinokit.errors.ModelInputError` with suggestions."""
     canonical = ALIASES.get(name, name)
     if canonical in NOT_PROVIDED:
-        raise DinokitError(f"{name!r} is {NOT_PROVIDED[canonical]}; use the official repository for it")
+        raise ModelInputError(f"{name!r} is {NOT_PROVIDED[canonical]}; use the official repository for it")
     if canonical not in MODELS:
         close = difflib.get_close_matches(name, list_models(include_aliases=True), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "run 'dinokit models' for the list"
-        raise DinokitError(f"unknown model {name!r}; {hint}")
+        raise ModelInputError(f"unknown model {name!r}; {hint}")
     return MODELS[canonical]
 
 
@@ -207,7 +207,7 @@ def _check_overrides(info: ModelInfo, overrides: Mapping[str, Any]) -> None:
     if unknown:
         close = difflib.get_close_matches(unknown[0], own + settings, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise DinokitError(f"{info.name} takes no argument {unknown[0]!r}; {hint}it takes {', '.join(own)} and the "
+        raise ModelInputError(f"{info.name} takes no argument {unknown[0]!r}; {hint}it takes {', '.join(own)} and the "
                            f"backbone settings ({', '.join(settings)})")
 
 
@@ -242,13 +242,13 @@ def _create_classifier(
     **overrides: Any,
 ) -> LinearClassifier:
     if layers not in info.head_urls:
-        raise DinokitError(f"{info.name} takes layers=1 or layers=4, not {layers!r}")
+        raise ModelInputError(f"{info.name} takes layers=1 or layers=4, not {layers!r}")
     head_sd = None
     if head_weights is not None:
         head_sd = read_linear_head(head_weights)
     elif pretrained:
         if num_classes not in (None, IMAGENET_CLASSES):
-            raise DinokitError(
+            raise ModelInputError(
                 f"the official {info.name} head has {IMAGENET_CLASSES} classes, not {num_classes}; "
                 "pass weights=HEAD_FILE or pretrained=False"
             )

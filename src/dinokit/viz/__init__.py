@@ -6,7 +6,7 @@ that draws them::
     from dinokit import create_model
     from dinokit.viz import attention_maps, match_patches, pca_rgb
 
-    model = create_model("dinov2_vits14_reg")
+    model = create_model("dinov2_vits14_reg", pretrained=True)  # the official weights (create_model's default: random)
     picture = pca_rgb(model, ["a.jpg", "b.jpg"])          # .rgb, .foreground: per image (h, w, 3), (h, w)
     maps = attention_maps(model, "a.jpg")                 # .attention (heads, h, w), .patch_norms (h, w)
     matches = match_patches(model, "a.jpg", "b.jpg")     # .points_a, .points_b (M, 2) patch rows/cols

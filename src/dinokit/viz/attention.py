@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DinokitError
+from ..errors import ModelInputError
 from .prepare import DEFAULT_IMAGE_SIZE, ImageLike, PreparedImage, prepare_images, run_batched
 
 DEFAULT_KEEP_MASS = 0.6  # DINO v1's choice
@@ -55,11 +55,11 @@ def resolve_block(model: nn.Module, block: int, option: str = "--block") -> int:
     depth = len(model.blocks)
     given = f"{option} {block!r}" if option.startswith("-") else f"{option}={block!r}"
     if isinstance(block, bool) or not isinstance(block, numbers.Integral):
-        raise DinokitError(f"{given} is not a block index: give a whole number in -{depth}..{depth - 1} "
+        raise ModelInputError(f"{given} is not a block index: give a whole number in -{depth}..{depth - 1} "
                            "(negative counts from the end)")
     index = int(block) + depth if block < 0 else int(block)
     if not 0 <= index < depth:
-        raise DinokitError(f"{given} is out of range: the model has {depth} blocks; give -{depth}..{depth - 1} "
+        raise ModelInputError(f"{given} is out of range: the model has {depth} blocks; give -{depth}..{depth - 1} "
                            "(negative counts from the end)")
     return index
 
@@ -68,21 +68,21 @@ def _check_options(model: nn.Module, *, image_size: int | None, batch_size: int,
                    dtype: object) -> None:
     """One line for an argument of :func:`attention_maps` it cannot use (before any image is read)."""
     if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or not hasattr(model, "prepare_tokens_with_masks"):
-        raise DinokitError(f"attention_maps needs a dinokit ViT backbone, got a {type(model).__name__}; pass the "
+        raise ModelInputError(f"attention_maps needs a dinokit ViT backbone, got a {type(model).__name__}; pass the "
                            "backbone itself (e.g. model.backbone of a classifier or dense model)")
     if image_size is not None and (not _whole(image_size) or image_size < model.patch_size):
-        raise DinokitError(f"image_size={image_size!r} is not usable: give the short side in pixels, a whole number "
+        raise ModelInputError(f"image_size={image_size!r} is not usable: give the short side in pixels, a whole number "
                            f">= the patch size {model.patch_size} (e.g. {DEFAULT_IMAGE_SIZE}), or None to keep it")
     if not _whole(batch_size) or batch_size < 1:
-        raise DinokitError(f"batch_size={batch_size!r} is not usable: give a whole number >= 1")
+        raise ModelInputError(f"batch_size={batch_size!r} is not usable: give a whole number >= 1")
     if dtype not in _DTYPES:
-        raise DinokitError(f"dtype={dtype!r} is not usable: give torch.bfloat16, torch.float16, torch.float32 "
+        raise ModelInputError(f"dtype={dtype!r} is not usable: give torch.bfloat16, torch.float16, torch.float32 "
                            "or None (the model's precision)")
     if device is not None:
         try:
             torch.device(device)
         except (RuntimeError, TypeError):
-            raise DinokitError(f"device={device!r} is not a device: give e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+            raise ModelInputError(f"device={device!r} is not a device: give e.g. 'cpu', 'cuda' or 'cuda:1'") from None
 
 
 def _whole(value: object) -> bool:
