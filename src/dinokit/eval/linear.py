@@ -168,7 +168,6 @@ def train_probes(
     return float(loss.item())
 
 
-@torch.no_grad()
 # ---------------------------------------------------------------------------------------------- protocol
 def check_linear_options(
     *,
