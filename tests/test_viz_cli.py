@@ -327,3 +327,44 @@ def test_mp4_without_pyav_is_refused_before_any_work(demo_teacher, tmp_path, cap
     assert capsys.readouterr().err == ("error: writing MP4 needs PyAV: pip install 'dinokit[video]' (or use a folder "
                                        "of frames / a .gif)\n")
     assert not out.exists()
+
+
+def test_attention_of_a_folder_is_drawn_a_chunk_at_a_time(demo_teacher, demo_model, sample_images, tmp_path, capsys,
+                                                          monkeypatch):
+    """viz attention on a folder held every image's map, each a view keeping its batch's whole (B, heads, T, T)
+    attention matrix alive (about 190 MB per image at 448 px: 160 small images ran out of 24 GB), and wrote nothing
+    before the last image. The maps are copies now, and each chunk of images is drawn before the next is read:
+    a chunk of unreadable files only is skipped (each named), and a stop keeps the pictures done."""
+    from dinokit.cli import viz as viz_cli
+    from dinokit.viz.attention import cls_attention_and_norms
+
+    maps = cls_attention_and_norms(demo_model, torch.zeros(2, 3, 32, 32))["attention"]
+    assert maps.untyped_storage().nbytes() == maps.numel() * maps.element_size()  # not a view of the whole matrix
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate(["a.png", "b.png", "c.png", "d.png", "e.png"]):
+        if name in ("c.png", "d.png"):  # the second chunk of two: unreadable only
+            (folder / name).write_bytes(b"not an image")
+        else:
+            Image.open(sample_images[i % 3]).save(folder / name)
+    monkeypatch.setattr(viz_cli, "ATTENTION_CHUNK", 2)
+    out = tmp_path / "out"
+    assert main(["viz", "attention", str(folder), "--out", str(out), "--image-size", "32"]
+                + _backbone_args(demo_teacher)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_attention.png", "b_attention.png", "e_attention.png"]
+    assert "for 3 image(s)" in capsys.readouterr().out
+
+    drawn = []
+    real_save = viz_cli.save_png
+
+    def save_then_stop(figure, path):
+        if len(drawn) == 2:  # stopped while drawing the third picture
+            raise KeyboardInterrupt
+        drawn.append(path)
+        real_save(figure, path)
+
+    monkeypatch.setattr(viz_cli, "save_png", save_then_stop)
+    assert main(["viz", "attention", str(folder), "--out", str(tmp_path / "cut"), "--image-size", "32"]
+                + _backbone_args(demo_teacher)) == 130
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["a_attention.png", "b_attention.png"]

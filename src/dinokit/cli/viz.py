@@ -38,6 +38,7 @@ from . import named
 from .embed import _build_model
 
 GRID_FRAMES = 8  # frames of a video shown in pca_grid.png
+ATTENTION_CHUNK = 64  # images read, mapped and drawn at a time by 'viz attention'
 
 
 # ------------------------------------------------------------------------------------------- parsers
@@ -210,14 +211,28 @@ def run_attention(args: argparse.Namespace) -> int:
     check_not_an_input(one_picture, paths, args.out)
     model, options = _setup(args)
     resolve_block(model, args.block)  # out of range: one line before any image is read
-    maps = attention_maps(model, paths, block=args.block, **options)
-    out = one_picture or _out_dir(args.out)  # only now: all-unreadable inputs leave no empty folder
-    names = unique_stems([image.source or image.name for image in maps.images])
-    for name, image, attention, norms in zip(names, maps.images, maps.attention, maps.patch_norms):
-        figure = attention_figure(image.pixels, attention, norms, keep_mass=args.keep_mass, upsample_mode=args.upsample)
-        save_png(figure, one_picture or out / f"{name}_attention.png")
+    stems = {str(path): stem for path, stem in zip(paths, unique_stems(paths))}
+    names, out, heads, unreadable = [], None, 0, None
+    # A chunk of images at a time, its pictures written before the next is read: memory stays bounded, and a stop
+    # keeps the pictures done (every map is its image's own, unlike PCA's, which is fitted on all images at once).
+    for start in range(0, len(paths), ATTENTION_CHUNK):
+        try:
+            maps = attention_maps(model, paths[start:start + ATTENTION_CHUNK], block=args.block, **options)
+        except DinokitError as err:
+            if not isinstance(err.__cause__, (OSError, ValueError)):
+                raise
+            unreadable = unreadable or err  # a chunk of unreadable images only (each named): the others go on
+            continue
+        out = out or one_picture or _out_dir(args.out)  # only now: all-unreadable inputs leave no empty folder
+        for image, attention, norms in zip(maps.images, maps.attention, maps.patch_norms):
+            names.append(stems[image.source])
+            figure = attention_figure(image.pixels, attention, norms, keep_mass=args.keep_mass,
+                                      upsample_mode=args.upsample)
+            save_png(figure, one_picture or out / f"{names[-1]}_attention.png")
+            heads = attention.shape[0]
+    if not names:
+        raise unreadable
     block = args.block if args.block >= 0 else len(model.blocks) + args.block
-    heads = maps.attention[0].shape[0]
     print(f"attention of block {block} ({heads} heads, {model.num_register_tokens} registers excluded) "
           f"for {len(names)} image(s)")
     if one_picture is not None:

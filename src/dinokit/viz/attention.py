@@ -104,7 +104,8 @@ def cls_attention_and_norms(model: nn.Module, batch: torch.Tensor, *, block: int
             x, weights = block_forward_with_attention(blk, x)
         else:
             x = blk(x)
-    attention = weights[:, :, 0, first_patch:]  # (B, heads, h*w): CLS query, patch keys
+    # (B, heads, h*w): CLS query, patch keys; a copy, not a view keeping the whole (B, heads, T, T) matrix alive
+    attention = weights[:, :, 0, first_patch:].clone()
     norms = x[:, first_patch:].float().norm(dim=-1)  # (B, h*w)
     return {"attention": attention.reshape(len(x), -1, h, w), "patch_norms": norms.reshape(len(x), h, w)}
 
