@@ -294,3 +294,47 @@ def test_a_symlinked_output_writes_the_file_it_names(tmp_path):
     with atomic_write(dangling) as tmp:
         tmp.write_text("made")
     assert dangling.is_symlink() and (tmp_path / "target.npz").read_text() == "made"
+
+
+def test_eval_refuses_a_folder_another_evaluation_is_writing_and_clears_killed_ones_temporaries(tmp_path, capsys,
+                                                                                                live_pid):
+    """Two evaluations into one folder both reported success: the second resumed the first's running checkpoint, or
+    one's result lines were lost. And a killed evaluation's half-written files (a feature cache's, as large as the
+    features) stayed forever. The folder's lock refuses the second; once held, killed processes' temporaries go."""
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            _images(tmp_path / split / label, 2)
+    out = tmp_path / "ev"
+    out.mkdir()
+    lock = _lock(out / ".dinokit.lock", live_pid)
+    knn = ["eval", "knn", "--output-dir", str(out), "--train-dataset", str(tmp_path / "train"), "--val-dataset",
+           str(tmp_path / "val"), "--nb-knn", "1", *EMBED]
+    assert main(knn) == 2
+    assert _one_line(capsys) == _refusal(live_pid, out, "--output-dir", lock)
+    dead = _dead_pid()
+    _lock(lock, dead)
+    (out / "features").mkdir()
+    stale = [out / f".results_eval_knn.json.tmp-{dead}", out / "features" / f".train-cls.pt.tmp-{dead}"]
+    writing = out / f".results_eval_linear.json.tmp-{live_pid}"  # a live process's: it is still writing it
+    for path in [*stale, writing]:
+        path.write_bytes(b"half")
+    assert main(knn) == 0
+    assert not any(p.exists() for p in [*stale, lock]) and writing.exists()
+
+
+def test_killed_runs_temporaries_do_not_make_a_shard_folder_non_empty_nor_stay_beside_an_embedding(tmp_path, capsys):
+    """A data shard killed at its first write left '.shards.json.tmp-PID', and the rerun said the folder is not
+    empty; an embed killed while writing left its hidden temporaries beside --out for good."""
+    src = _images(tmp_path / "src" / "a", 2).parent
+    out = tmp_path / "shards"
+    out.mkdir()
+    dead = _dead_pid()
+    (out / f".shards.json.tmp-{dead}").write_text("{")
+    assert main(["data", "shard", str(src), "--out", str(out)]) == 0
+    assert not (out / f".shards.json.tmp-{dead}").exists()
+    beside = [tmp_path / f".emb.npy.tmp-{dead}", tmp_path / f".emb.paths.txt.tmp-{dead}"]
+    other = tmp_path / f".other.npy.tmp-{dead}"  # another output's: not this command's to judge
+    for path in [*beside, other]:
+        path.write_bytes(b"half")
+    assert main(["embed", str(src), "--out", str(tmp_path / "emb.npy"), *EMBED]) == 0
+    assert not any(p.exists() for p in beside) and other.exists()

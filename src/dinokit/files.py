@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno as errno_codes
 import os
+import re
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +102,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")  # atomic_write's .NAME.tmp-PID
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file of :func:`atomic_write` (``.NAME.tmp-PID``)."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def remove_stale_temporaries(folder: Path, pattern: str = "**/.*.tmp-*") -> None:
+    """Delete the temporary files of :func:`atomic_write` that a killed process left in ``folder`` (matching the glob
+    ``pattern``); those of a live process of this host are kept (it is still writing them). Half-written files of
+    killed runs otherwise stayed forever, hidden, some as large as a feature cache."""
+    for path in folder.glob(pattern):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
 
 
 def _holder(lock: Path) -> tuple[str, str, bool, bytes] | None:

@@ -17,6 +17,7 @@ strings, or, when a file name is not UTF-8, every name's bytes (a binary column;
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 from pathlib import Path
@@ -220,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     du.init_from_environment()  # under torchrun each rank embeds a shard (extract_features gathers them)
     # held until the output is written; checked again under it: another run may have written --out meanwhile
-    with main_process_lock(output_lock_file(out), out, check=lambda: _check_not_replacing(args, out)):
+    with main_process_lock(output_lock_file(out), out, check=lambda: _check_not_replacing(args, out),
+                           temporaries=f".{glob.escape(out.stem)}.*.tmp-*"):  # a killed embed's, beside --out
         return _embed(args, out, dataset, paths)
 
 

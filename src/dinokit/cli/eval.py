@@ -8,11 +8,17 @@ Multi-GPU: ``torchrun --nproc_per_node=N -m dinokit eval knn ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..devices import default_workers, usable_workers
 from ..distributed.slurm import add_slurm_options, submit_if_asked
 from . import named
+
+if TYPE_CHECKING:
+    from ..eval.setup import EvalContext
 
 DESCRIPTION = (
     "Evaluate a frozen backbone. Architecture: --config-file (an eval preset such as eval/vits14_pretrain, or "
@@ -164,9 +170,16 @@ def _logreg_options(args: argparse.Namespace) -> dict:
                 holdout_fraction=args.holdout_fraction, max_iter=args.max_iter, tol=args.tol)
 
 
-def _context(args: argparse.Namespace, check_model=None, resize_size: int | None = None):
+@contextlib.contextmanager
+def _evaluation(args: argparse.Namespace, check_model=None, resize_size: int | None = None
+                ) -> Iterator[EvalContext | None]:
+    """The evaluation's context (None: submitted to SLURM), with the output folder's lock held for the ``with``
+    block: two evaluations writing one folder both reported success, one resuming the other's running checkpoint
+    or losing its result lines. Half-written files of killed evaluations there are deleted once it is held."""
     from .. import distributed
+    from ..engine.run_dir import main_process_lock
     from ..eval import prepare_eval
+    from ..files import LOCK_NAME
 
     check_options(args)
     if args.nodes > 0:
@@ -174,17 +187,20 @@ def _context(args: argparse.Namespace, check_model=None, resize_size: int | None
 
         check_writable(args.output_dir)  # one line here, not in the job's log
     if submit_if_asked(args, Path(args.output_dir) / "slurm"):
-        return None  # the job evaluates
+        yield None  # the job evaluates
+        return
     distributed.init_from_environment()
-    return prepare_eval(
-        output_dir=args.output_dir, train_dataset=args.train_dataset, val_dataset=args.val_dataset,
-        config_file=args.config_file, pretrained_weights=args.pretrained_weights, model=args.model,
-        random_init=args.random_init, opts=args.opts, image_size=args.image_size, resize_size=resize_size,
-        batch_size=args.batch_size,
-        num_workers=usable_workers(args.num_workers, key="--num-workers"), device=args.device, dtype=args.dtype,
-        progress=not args.no_progress, cache=not args.no_cache, check_model=check_model,
-        raw_pixels=getattr(args, "raw_pixels", False),
-    )
+    out = Path(args.output_dir).expanduser()
+    with main_process_lock(out / LOCK_NAME, out, "--output-dir"):  # a folder made for it and left empty goes again
+        yield prepare_eval(
+            output_dir=args.output_dir, train_dataset=args.train_dataset, val_dataset=args.val_dataset,
+            config_file=args.config_file, pretrained_weights=args.pretrained_weights, model=args.model,
+            random_init=args.random_init, opts=args.opts, image_size=args.image_size, resize_size=resize_size,
+            batch_size=args.batch_size,
+            num_workers=usable_workers(args.num_workers, key="--num-workers"), device=args.device, dtype=args.dtype,
+            progress=not args.no_progress, cache=not args.no_cache, check_model=check_model,
+            raw_pixels=getattr(args, "raw_pixels", False),
+        )
 
 
 def _report(ctx, title: str, table: str, results_file: str) -> None:
@@ -199,14 +215,14 @@ def _report(ctx, title: str, table: str, results_file: str) -> None:
 def run_knn(args: argparse.Namespace) -> int:
     from ..eval.knn import RESULTS_FILE, format_knn_table, knn_protocol
 
-    ctx = _context(args)
-    if ctx is None:
+    with _evaluation(args) as ctx:
+        if ctx is None:
+            return 0
+        results = knn_protocol(ctx, ks=args.nb_knn, temperature=args.temperature,
+                               n_per_class_list=args.n_per_class_list, n_tries=args.n_tries,
+                               chunk_size=args.chunk_size or None, gather_on_cpu=args.gather_on_cpu)
+        _report(ctx, f"k-NN (T={args.temperature})", format_knn_table(results), RESULTS_FILE)
         return 0
-    results = knn_protocol(ctx, ks=args.nb_knn, temperature=args.temperature,
-                           n_per_class_list=args.n_per_class_list, n_tries=args.n_tries,
-                           chunk_size=args.chunk_size or None, gather_on_cpu=args.gather_on_cpu)
-    _report(ctx, f"k-NN (T={args.temperature})", format_knn_table(results), RESULTS_FILE)
-    return 0
 
 
 def run_linear(args: argparse.Namespace) -> int:
@@ -216,36 +232,36 @@ def run_linear(args: argparse.Namespace) -> int:
 
     options = _linear_options(args)
     # --n-last-blocks against the backbone's depth: right after it is built, before the output folder
-    ctx = _context(args, check_model=lambda model: check_linear_options(**options, depth=len(model.blocks)))
-    if ctx is None:
+    with _evaluation(args, check_model=lambda model: check_linear_options(**options, depth=len(model.blocks))) as ctx:
+        if ctx is None:
+            return 0
+        result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment, seed=args.seed,
+                                                     test_datasets=args.test_datasets,
+                                                     test_metric_types=args.test_metric_types,
+                                                     test_class_mappings=args.test_class_mapping_fpaths,
+                                                     val_metric_type=args.val_metric_type, resume=not args.no_resume)
+        mode = "cached features" if args.no_augment else "augmented images"
+        label = "top-1" if args.val_metric_type == "mean_accuracy" else "mAcc"
+        _report(ctx, f"linear probes ({result.iterations if result else 0} iterations, {mode})",
+                format_linear_table(probes, accuracies, label), RESULTS_FILE)
+        if result is not None:
+            chosen = "" if args.val_metric_type == "mean_accuracy" else f", {label} {result.val_value:.2f}"
+            print(f"best: {result.best_classifier} top-1 {result.top1:.2f}{chosen}; heads: "
+                  + ", ".join(str(ctx.output_dir / f) for f in result.head_files.values()))
+            for name, test in result.tests.items():
+                print(format_test_line(name, test))
         return 0
-    result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment, seed=args.seed,
-                                                 test_datasets=args.test_datasets,
-                                                 test_metric_types=args.test_metric_types,
-                                                 test_class_mappings=args.test_class_mapping_fpaths,
-                                                 val_metric_type=args.val_metric_type, resume=not args.no_resume)
-    mode = "cached features" if args.no_augment else "augmented images"
-    label = "top-1" if args.val_metric_type == "mean_accuracy" else "mAcc"
-    _report(ctx, f"linear probes ({result.iterations if result else 0} iterations, {mode})",
-            format_linear_table(probes, accuracies, label), RESULTS_FILE)
-    if result is not None:
-        chosen = "" if args.val_metric_type == "mean_accuracy" else f", {label} {result.val_value:.2f}"
-        print(f"best: {result.best_classifier} top-1 {result.top1:.2f}{chosen}; heads: "
-              + ", ".join(str(ctx.output_dir / f) for f in result.head_files.values()))
-        for name, test in result.tests.items():
-            print(format_test_line(name, test))
-    return 0
 
 
 def run_logreg(args: argparse.Namespace) -> int:
     from ..eval.logreg import RESULTS_FILE, logreg_protocol
 
-    ctx = _context(args, resize_size=args.image_size)  # the official Resize(224) + CenterCrop(224)
-    if ctx is None:
+    with _evaluation(args, resize_size=args.image_size) as ctx:  # the official Resize(224) + CenterCrop(224)
+        if ctx is None:
+            return 0
+        result = logreg_protocol(ctx, **_logreg_options(args), finetune_on_val=args.finetune_on_val)
+        where = "the val set" if result.chosen_on == "val" else "held-out train images"
+        table = (f"best C {result.best_C:.3g} (chosen on {where}; {result.backend}): top-1 {result.top1:.2f}, "
+                 f"top-5 {result.top5:.2f}")
+        _report(ctx, "logistic regression", table, RESULTS_FILE)
         return 0
-    result = logreg_protocol(ctx, **_logreg_options(args), finetune_on_val=args.finetune_on_val)
-    where = "the val set" if result.chosen_on == "val" else "held-out train images"
-    table = (f"best C {result.best_C:.3g} (chosen on {where}; {result.backend}): top-1 {result.top1:.2f}, "
-             f"top-5 {result.top5:.2f}")
-    _report(ctx, "logistic regression", table, RESULTS_FILE)
-    return 0

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..engine.run_dir import check_writable, main_process_lock
 from ..errors import DinokitError
-from ..files import LOCK_NAME, atomic_write, take_lock
+from ..files import LOCK_NAME, atomic_write, is_temporary, take_lock
 from .datasets import ImageDataset, parse_dataset_str
 from .images import load_image
 from .shards import CLASSES_FILE, PARTIAL, RECORD_FILE, SOURCES_FILE, interrupted_shards
@@ -61,7 +61,9 @@ def check_shard_out(out_dir: str | Path, source: str | None = None, *, locked: b
                            "another --out) and rerun")
     if out_dir.is_dir() and any(p.suffix == ".tar" for p in out_dir.iterdir()):
         raise DinokitError(f"--out {str(out_dir)!r} already holds shards; give an empty folder")
-    held = [p for p in out_dir.iterdir() if not p.name.startswith(LOCK_NAME)] if out_dir.is_dir() else []
+    # a killed run's temporary files are removed under the lock (main_process_lock)
+    held = [p for p in out_dir.iterdir() if not (p.name.startswith(LOCK_NAME) or is_temporary(p.name))
+            ] if out_dir.is_dir() else []
     if (found := min(held, default=None)) is not None:
         raise DinokitError(f"--out {str(out_dir)!r} is not empty (it holds {found.name!r}); give a new or empty folder")
     return check_writable(out_dir, "--out")  # under a file, or read-only: one line too

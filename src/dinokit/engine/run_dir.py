@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import threading
@@ -36,7 +35,7 @@ from typing import Any, Callable
 from .. import distributed as dist_utils
 from ..config.paths import absolute_settings
 from ..errors import DinokitError
-from ..files import LOCK_NAME, take_lock
+from ..files import LOCK_NAME, remove_stale_temporaries, take_lock
 from .checkpoint import checkpoint_damage, list_checkpoints, no_readable_checkpoint
 
 
@@ -211,13 +210,14 @@ def output_lock_file(out: Path) -> Path:
 
 
 @contextmanager
-def main_process_lock(lock: Path, target: Path, option: str = "--out",
-                      check: Callable[[], None] | None = None) -> Iterator[None]:
+def main_process_lock(lock: Path, target: Path, option: str = "--out", check: Callable[[], None] | None = None,
+                      temporaries: str | None = "**/.*.tmp-*") -> Iterator[None]:
     """The main process holds ``lock`` (:func:`dinokit.files.take_lock`) for the ``with`` block, and runs ``check``
     once it holds it (e.g. "the output does not exist yet": a run that ended meanwhile). Two commands writing one
     output would otherwise both report success with one's work lost. A refusal stops every process at once (under
     torchrun the others would wait in a collective). The lock goes on success, on an error and on Ctrl-C; so do the
-    folders made for it when nothing else was written into them."""
+    folders made for it when nothing else was written into them. Once it holds the lock, the main process deletes
+    the temporary files killed processes left in the lock's folder (``temporaries``, a glob there; None: none)."""
     made: list[Path] = []  # the folders made for the lock, deepest first
 
     def take() -> Path:
@@ -228,6 +228,8 @@ def main_process_lock(lock: Path, target: Path, option: str = "--out",
         try:
             _make_folder(lock.parent, target, option)
             held = take_lock(lock, target, option)
+            if temporaries:
+                remove_stale_temporaries(lock.parent, temporaries)
             if check is not None:
                 check()
             return held
@@ -272,15 +274,8 @@ def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file
         if accepted:
             print(f"resuming with changed settings: {_listing(accepted, 5)}")
     lock = take_lock(out / LOCK_NAME, out)
-    _remove_partial_files(out)
+    remove_stale_temporaries(out)  # a killed run's half-written snapshots, logs and configs
     return lock
-
-
-def _remove_partial_files(out: Path) -> None:
-    """Delete the hidden ``.NAME.tmp-PID`` files that a killed run's atomic writes left (snapshots, logs, configs)."""
-    for path in out.rglob(".*.tmp-*"):
-        if path.is_file() and re.fullmatch(r"\..+\.tmp-\d+", path.name):
-            path.unlink(missing_ok=True)
 
 
 def truncate_metrics(path: Path, start_iter: int) -> None:
