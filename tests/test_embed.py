@@ -129,11 +129,30 @@ def test_the_lists_beside_a_npy_are_replaced_only_when_asked(images, weights, tm
     notes.write_text("my notes")
     for source, out in ((str(listing), "l.npy"), (str(images / GOOD[0]), "q.npy")):
         assert embed(source, "--weights", str(weights_file), "--out", str(tmp_path / out)) == 2
-        assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "already exists" in err and "; pass --overwrite to replace it, or give another name" in err
     assert listing.read_text().startswith("# my list") and notes.read_text() == "my notes"
     assert not (tmp_path / "l.npy").exists() and not (tmp_path / "q.npy").exists()
     assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(tmp_path / "q.npy"), "--overwrite") == 0
     assert not notes.exists()  # asked: no bad image, so the stale list goes
+
+
+def test_a_npy_is_written_after_its_lists(images, weights, tmp_path, capsys, monkeypatch) -> None:
+    """Killed between its two files, an embed left a complete .npy without its paths (rows nobody could map back to
+    images), refused by the rerun as "already exists". The array now comes last: a .npy present has its paths."""
+    _, weights_file = weights
+    out = tmp_path / "k.npy"
+    with monkeypatch.context() as stopped:
+        stopped.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert embed(str(images), "--weights", str(weights_file), "--out", str(out)) == 130
+    assert (tmp_path / "k.paths.txt").is_file() and not out.exists()
+    capsys.readouterr()
+    assert embed(str(images), "--weights", str(weights_file), "--out", str(out)) == 2
+    assert capsys.readouterr().err == (f"error: {str(tmp_path / 'k.paths.txt')!r} already exists, without 'k.npy' (an "
+                                       "embed stopped before writing it, which comes last, leaves that); pass "
+                                       "--overwrite to replace it, or give another name\n")
+    assert embed(str(images), "--weights", str(weights_file), "--out", str(out), "--overwrite") == 0
+    assert len(np.load(out)) == len((tmp_path / "k.paths.txt").read_text().splitlines())
 
 
 def test_more_workers_than_cores_are_lowered_with_one_line(images, weights, tmp_path, monkeypatch, capsys) -> None:

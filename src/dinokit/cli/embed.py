@@ -117,9 +117,12 @@ def _check_output(args: argparse.Namespace) -> Path:
 
 def _check_not_replacing(args: argparse.Namespace, out: Path) -> None:
     check_not_replacing(args.out, overwrite=args.overwrite)
-    # the lists beside a .npy / .parquet (written, or deleted when no image is bad) are replaced only when asked too
+    # the lists beside a .npy (written, or deleted when no image is bad) are replaced only when asked too
     for side in [".paths.txt", ".bad.txt"] if out.suffix == ".npy" else []:
-        check_not_replacing(out.with_name(out.stem + side), overwrite=args.overwrite)
+        if (listed := out.with_name(out.stem + side)).is_file() and not out.exists() and not args.overwrite:
+            raise DinokitError(f"{str(listed)!r} already exists, without {out.name!r} (an embed stopped before writing "
+                               "it, which comes last, leaves that); pass --overwrite to replace it, or give another name")
+        check_not_replacing(listed, overwrite=args.overwrite)
 
 
 def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, str]:
@@ -162,11 +165,17 @@ def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str],
         with atomic_write(out) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **arrays, paths=np.array(paths, dtype=str), bad_paths=np.array(bad_paths, dtype=str))
         return written
-    if out.suffix == ".npy":
-        with atomic_write(out) as tmp, open(tmp, "wb") as f:
-            np.save(f, arrays["cls"])
+    if out.suffix == ".npy":  # its lists first, the array last: a .npy present has its paths beside it
         written.append(out.with_name(f"{out.stem}.paths.txt"))
         _write_lines(written[-1], paths)
+        bad_file = out.with_name(f"{out.stem}.bad.txt")
+        if bad_paths:
+            written.append(bad_file)
+            _write_lines(bad_file, bad_paths)
+        elif bad_file.exists():
+            bad_file.unlink()  # left by an earlier run into the same file name
+        with atomic_write(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, arrays["cls"])
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -182,13 +191,7 @@ def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str],
         table = pa.table(columns).replace_schema_metadata({"bad_paths": json.dumps(bad_paths)})  # names kept exact
         with atomic_write(out) as tmp:
             pq.write_table(table, tmp)
-        return written  # its bad images in its metadata: a .npy of the same stem keeps its own <stem>.bad.txt
-    bad_file = out.with_name(f"{out.stem}.bad.txt")
-    if bad_paths:
-        written.append(bad_file)
-        _write_lines(bad_file, bad_paths)
-    elif bad_file.exists():
-        bad_file.unlink()  # left by an earlier run into the same file name
+        # its bad images in its metadata: a .npy of the same stem keeps its own <stem>.bad.txt
     return written
 
 
