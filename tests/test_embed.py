@@ -153,6 +153,11 @@ def test_a_npy_is_written_after_its_lists(images, weights, tmp_path, capsys, mon
                                        "--overwrite to replace it, or give another name\n")
     assert embed(str(images), "--weights", str(weights_file), "--out", str(out), "--overwrite") == 0
     assert len(np.load(out)) == len((tmp_path / "k.paths.txt").read_text().splitlines())
+    # replaced (--overwrite) by one image's and stopped in the array: the old array is not left beside the new list
+    with monkeypatch.context() as stopped:
+        stopped.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(out), "--overwrite") == 130
+    assert not out.exists() and len((tmp_path / "k.paths.txt").read_text().splitlines()) == 1
 
 
 def test_more_workers_than_cores_are_lowered_with_one_line(images, weights, tmp_path, monkeypatch, capsys) -> None:

@@ -354,6 +354,10 @@ def test_attention_of_a_folder_is_drawn_a_chunk_at_a_time(demo_teacher, demo_mod
                 + _backbone_args(demo_teacher)) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_attention.png", "b_attention.png", "e_attention.png"]
     assert "for 3 image(s)" in capsys.readouterr().out
+    twice = tmp_path / "twice"  # one file given twice: two pictures, as before the chunks
+    assert main(["viz", "attention", str(folder / "a.png"), str(folder / "a.png"), "--out", str(twice),
+                 "--image-size", "32"] + _backbone_args(demo_teacher)) == 0
+    assert sorted(p.name for p in twice.iterdir()) == ["a-2_attention.png", "a_attention.png"]
 
     drawn = []
     real_save = viz_cli.save_png

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .data.images import collate_skip_bad
+from .data.loaders import init_worker
 from .devices import resolve_dtype
 from .distributed import all_gather_object, get_rank, get_world_size
 from .errors import DinokitError
@@ -225,6 +226,7 @@ def extract_features(
         shuffle=False,
         collate_fn=collate_skip_bad,
         pin_memory=device.type == "cuda",
+        worker_init_fn=init_worker if num_workers > 0 else None,  # a SIGTERM to the group: the main process stops
     )
     outputs = HostCopies(device)
     indices: list[torch.Tensor] = []

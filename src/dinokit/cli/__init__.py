@@ -137,9 +137,13 @@ def _run(argv: list[str] | None) -> int:
         _report(f"error: {err.strerror}: '{err.filename}' (check the path and its permissions)")
         return 2
     except KeyboardInterrupt as err:  # a training run says what it kept and how to resume (the first process)
+        if isinstance(err, Terminated):
+            if err.args[0]:  # not a launcher's (silent)
+                print(err.args[0], file=sys.stderr)
+            return 143
         if not distributed.joined_group() or distributed.is_main_process():
             print(str(err) or "interrupted", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return 130
 
 
 class Terminated(KeyboardInterrupt):
@@ -152,14 +156,15 @@ def _sigterm_as_interrupt(launched: int) -> Iterator[None]:
     """While a command runs, SIGTERM (``timeout``, ``kill``, a scheduler's time limit) stops it as Ctrl-C does: its
     locks released, its temporary files removed, one line, exit status 143. Python's default died at once and left
     them (a stale lock is taken over, but temporary files stayed). Training runs catch it themselves to save a
-    checkpoint first. Not under a launcher, which sends SIGTERM to the other processes when one failed (they end
-    silently, as before)."""
-    if launched > 1 or threading.current_thread() is not threading.main_thread():
+    checkpoint first. Under a launcher, which sends SIGTERM to the other processes when one failed, they stop
+    silently. A second SIGTERM is ignored: the first one's clean-up goes on (a traceback in it said nothing)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame) -> None:
-        raise Terminated("stopped by SIGTERM")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated("" if launched > 1 else "stopped by SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:

@@ -166,6 +166,7 @@ def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str],
             np.savez(f, **arrays, paths=np.array(paths, dtype=str), bad_paths=np.array(bad_paths, dtype=str))
         return written
     if out.suffix == ".npy":  # its lists first, the array last: a .npy present has its paths beside it
+        out.unlink(missing_ok=True)  # an array replaced (--overwrite) goes first: never beside another run's lists
         written.append(out.with_name(f"{out.stem}.paths.txt"))
         _write_lines(written[-1], paths)
         bad_file = out.with_name(f"{out.stem}.bad.txt")

@@ -211,7 +211,9 @@ def run_attention(args: argparse.Namespace) -> int:
     check_not_an_input(one_picture, paths, args.out)
     model, options = _setup(args)
     resolve_block(model, args.block)  # out of range: one line before any image is read
-    stems = {str(path): stem for path, stem in zip(paths, unique_stems(paths))}
+    stems: dict[str, list[str]] = {}  # a path given twice has two stems, taken in order
+    for path, stem in zip(paths, unique_stems(paths)):
+        stems.setdefault(str(path), []).append(stem)
     names, out, heads, unreadable = [], None, 0, None
     # A chunk of images at a time, its pictures written before the next is read: memory stays bounded, and a stop
     # keeps the pictures done (every map is its image's own, unlike PCA's, which is fitted on all images at once).
@@ -225,7 +227,7 @@ def run_attention(args: argparse.Namespace) -> int:
             continue
         out = out or one_picture or _out_dir(args.out)  # only now: all-unreadable inputs leave no empty folder
         for image, attention, norms in zip(maps.images, maps.attention, maps.patch_norms):
-            names.append(stems[image.source])
+            names.append(stems[image.source].pop(0))
             figure = attention_figure(image.pixels, attention, norms, keep_mass=args.keep_mass,
                                       upsample_mode=args.upsample)
             save_png(figure, one_picture or out / f"{names[-1]}_attention.png")

@@ -9,6 +9,9 @@ workers, and restored exactly when a run resumes at ``start_iteration``.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # its exit handler is registered first, so that ours runs before it
 import signal
 
 from collections import OrderedDict
@@ -71,15 +74,28 @@ class SSLDataset(Dataset):
 
 
 def init_worker(worker_id: int) -> None:
-    """A training loader's worker: one intra-op thread (it decodes and augments one sample at a time; more would only
-    oversubscribe the CPUs), and deaf to SIGTERM and SIGUSR1. Those reach the whole process group (``timeout``,
-    SLURM); the main process then saves a checkpoint and stops its workers, but a worker killed by the signal first
-    made the loader's teardown print a "DataLoader worker ... is killed by signal" traceback after the stop line.
-    Workers still end with the main process (they watch it)."""
+    """A data-loading worker (training, feature extraction, probes): one intra-op thread (it decodes and augments
+    one sample at a time; more would only oversubscribe the CPUs), and deaf to SIGTERM and SIGUSR1. Those reach the
+    whole process group (``timeout``, SLURM); the main process then stops (a training run saves a checkpoint
+    first) and stops its workers, but a worker killed by the signal first made the loader's teardown print a
+    "DataLoader worker ... is killed by signal" traceback after the stop line. Workers still end with the main
+    process (they watch it)."""
     torch.set_num_threads(1)
     for name in ("SIGTERM", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _stop_leftover_workers() -> None:
+    """At exit, kill the data-loading workers still alive (a loader kept alive by a traceback, e.g. of a stopped
+    run): they ignore SIGTERM (:func:`init_worker`), and multiprocessing's own exit handler terminates daemonic
+    children with SIGTERM and then waits for them, forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_stop_leftover_workers)
 
 
 def _draft_size(transform: Any, collate: Any) -> int | None:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import distributed as du
 from ..data import ImageDataset, collate_skip_bad
+from ..data.loaders import init_worker
 from ..features import autocast_context
 from .feature_cache import linear_feature_parts
 
@@ -75,6 +76,7 @@ def augmented_batches(
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_skip_bad,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=init_worker if num_workers > 0 else None,  # a SIGTERM to the group: the main process stops
     )
     for batch in loader:
         position.batches += 1
