@@ -134,6 +134,9 @@ def test_a_killed_linear_evaluation_resumes_from_its_running_checkpoint(sample, 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / running.name).write_bytes(running.read_bytes())
     capsys.readouterr()
+    # the periodic records so far were made every 4 iterations: another period would mix them
+    assert main(["eval", "linear", *args(sample, tmp_path / "cut", *extra, "--eval-period-iterations", "1")]) == 2
+    assert "with other settings (eval_period differ)" in capsys.readouterr().err
     assert main(["eval", "linear", *args(sample, tmp_path / "cut", *extra)]) == 0
     assert "resuming at iteration 4 of 8 from" in capsys.readouterr().out
     assert not running.exists()  # the results are the finished record: a rerun starts afresh

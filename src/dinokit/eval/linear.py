@@ -268,7 +268,9 @@ def linear_protocol(
         # the backbone as the feature cache keys it (weights, architecture, image size, dtype), not only its label
         **ctx.provenance, "backbone": ctx.cache.model_description, "iterations": iterations,
         "epoch_length": epoch_length, "batch_size": batch_size,
-        "world_size": du.get_world_size(), "classifiers": sorted(probes.settings), "augment": augment, "seed": seed})
+        "world_size": du.get_world_size(), "classifiers": sorted(probes.settings), "augment": augment, "seed": seed,
+        # the periodic records kept so far were made with these (a resume with others would mix them)
+        "eval_period": epoch_length if eval_period is None else eval_period, "val_metric_type": val_metric_type})
     state = running.load() if resume else None
     position = StreamPosition(*(state["streams"][du.get_rank()] if state else (0, ())))
     if augment:
