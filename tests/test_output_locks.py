@@ -338,3 +338,18 @@ def test_killed_runs_temporaries_do_not_make_a_shard_folder_non_empty_nor_stay_b
         path.write_bytes(b"half")
     assert main(["embed", str(src), "--out", str(tmp_path / "emb.npy"), *EMBED]) == 0
     assert not any(p.exists() for p in beside) and other.exists()
+
+
+def test_a_stop_while_a_run_folder_is_cleaned_leaves_no_lock(tmp_path, monkeypatch):
+    """A SIGTERM (or Ctrl-C) after train took its run folder's lock, while it deleted a killed run's temporaries,
+    left the lock behind (the caller did not hold it yet)."""
+    from dinokit.engine import run_dir
+
+    def stopped(folder, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_dir, "remove_stale_temporaries", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        with run_dir.open_run_dir(tmp_path / "run", resume=True):
+            pass
+    assert not (tmp_path / "run" / ".dinokit.lock").exists()

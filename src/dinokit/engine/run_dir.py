@@ -274,7 +274,11 @@ def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file
         if accepted:
             print(f"resuming with changed settings: {_listing(accepted, 5)}")
     lock = take_lock(out / LOCK_NAME, out)
-    remove_stale_temporaries(out)  # a killed run's half-written snapshots, logs and configs
+    try:
+        remove_stale_temporaries(out)  # a killed run's half-written snapshots, logs and configs
+    except BaseException:  # e.g. a SIGTERM meanwhile: the lock is not the caller's yet
+        lock.unlink(missing_ok=True)
+        raise
     return lock
 
 
