@@ -306,3 +306,20 @@ def test_offline_pretrained_names_the_python_arguments(offline: Path) -> None:
 
 def test_model_errors_stay_value_errors() -> None:
     assert issubclass(ModelInputError, DinokitError) and issubclass(ModelInputError, ValueError)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: create_model(5), "the model name must be a string such as 'dinov2_vits14', got 5"),
+    (lambda: create_model("dinov2_vits14_lc", pretrained=False, num_classes=1.5, **TINY),
+     "num_classes=1.5 is not usable: give a whole number >= 1"),
+    (lambda: create_model("dinov2_vits14_lc", pretrained=False, num_classes=0, **TINY),
+     "num_classes=0 is not usable: give a whole number >= 1"),
+    (lambda: create_model("dinov2_vits14_lc", pretrained=False, weights=123, **TINY),
+     "weights=123: give a head file path, URL or state dict (or leave it out for the official head)"),
+    (lambda: create_model("dinov2_vits14_dd", pretrained=False, layers=3, **TINY),
+     "dinov2_vits14_dd reads 4 blocks (its DPT head has no layers option); leave layers out"),
+])
+def test_more_wrong_model_arguments(call, message) -> None:
+    """A raw TypeError (name 5, num_classes 1.5), silently accepted (num_classes 0, a DPT depther's layers=3), or a
+    plain DinokitError (weights=123): each is now one ModelInputError line."""
+    assert refused(call) == message

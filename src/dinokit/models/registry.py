@@ -18,6 +18,8 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -119,6 +121,8 @@ NOT_PROVIDED = {
 
 def model_info(name: str) -> ModelInfo:
     """The :class:`ModelInfo` of a hub name or alias; unknown names raise a :class:`~dinokit.errors.ModelInputError` with suggestions."""
+    if not isinstance(name, str):
+        raise ModelInputError(f"the model name must be a string such as 'dinov2_vits14', got {name!r}")
     canonical = ALIASES.get(name, name)
     if canonical in NOT_PROVIDED:
         raise ModelInputError(f"{name!r} is {NOT_PROVIDED[canonical]}; use the official repository for it")
@@ -241,8 +245,14 @@ def _create_classifier(
     backbone_weights: str | Path | Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> LinearClassifier:
-    if layers not in info.head_urls:
+    if isinstance(layers, bool) or layers not in info.head_urls:
         raise ModelInputError(f"{info.name} takes layers=1 or layers=4, not {layers!r}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+                                    or num_classes < 1):
+        raise ModelInputError(f"num_classes={num_classes!r} is not usable: give a whole number >= 1")
+    if head_weights is not None and not isinstance(head_weights, (str, os.PathLike, Mapping)):
+        raise ModelInputError(f"weights={head_weights!r}: give a head file path, URL or state dict (or leave it out "
+                              "for the official head)")
     head_sd = None
     if head_weights is not None:
         head_sd = read_linear_head(head_weights)
