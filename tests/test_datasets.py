@@ -384,3 +384,27 @@ def test_a_val_folder_with_some_of_the_classes_is_labelled_by_class_name(sample_
     assert [t for path, t in zip(val.paths, val.targets)] == [by_name[p.relative_to(tmp_path / "some")]
                                                               for p in val.paths]
     assert sorted(set(val.targets)) == sorted(full_val.classes.index(c) for c in ("dots", "rings"))
+
+
+def test_folders_are_listed_in_path_order(tmp_path):
+    """The listing was rewritten without a path object per file (a 1.28M-image folder took about 40 s to list and
+    label): the order is still that of the paths (component by component, not as plain strings, where 'a-b/x'
+    would come before 'a/x'), hence the same data order, classes and targets as before."""
+    from pathlib import Path
+
+    from dinokit.data.datasets import make_dataset
+    from dinokit.data.images import find_images
+
+    names = ["a/x.png", "a-b/y.png", "a.b/z.png", "A/w.png", "a/b/c.png", "a/b-c.png", "b/é.png", "b/e.png",
+             "b/.hidden.png", "b/notes.txt", ".cache/q.png", "a0/0.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    expected = sorted(tmp_path / n for n in names if ".hidden" not in n and ".cache" not in n and n.endswith(".png"))
+    assert find_images(tmp_path) == expected
+    assert [str(p) for p in find_images(tmp_path)] != sorted(str(p) for p in expected)  # not string order
+    assert [Path(p) for p in make_dataset(f"ImageFolder:root={tmp_path}").paths] == expected  # unlabelled
+    data = make_dataset(f"ImageFolder:root={tmp_path}", labelled=True)
+    assert data.classes == ["A", "a", "a-b", "a.b", "a0", "b"]
+    assert [Path(p) for p in data.paths] == expected
+    assert data.targets == [data.classes.index(p.relative_to(tmp_path).parts[0]) for p in expected]

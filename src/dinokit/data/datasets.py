@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import DinokitError
-from .images import ImageFiles, find_images, keep_existing, read_path_list, read_user_text
+from .images import ImageFiles, find_image_names, keep_existing, read_path_list, read_user_text
 from .sample import SAMPLE_CLASSES, check_sample_root, default_sample_root, write_sample_dataset
 
 KNOWN_KEYS = ("root", "split", "extra", "path", "urls", "real_labels")
@@ -125,7 +125,7 @@ def _image_folder(root: str, labelled: bool, transform, dataset_str: str) -> Ima
         raise DinokitError(f"dataset folder {root!r} is a file, not a folder (in {dataset_str!r}); {hint}")
     if not path.is_dir():
         raise DinokitError(f"dataset folder {root!r} does not exist or is not a folder (in {dataset_str!r})")
-    files = find_images(path)
+    files = find_image_names(path)  # strings: a path object per file is built once, by the dataset
     if not files:
         raise DinokitError(f"no images found under {root!r} (in {dataset_str!r})")
     if not labelled:
@@ -136,17 +136,19 @@ def _image_folder(root: str, labelled: bool, transform, dataset_str: str) -> Ima
     index = {c: i for i, c in enumerate(classes)}
     by_class: dict[str, int] = {c: 0 for c in classes}
     paths, targets, loose = [], [], []
+    start = len(os.path.join(os.fspath(path), ""))  # each file is the folder's path, a separator, then its own part
     for f in files:
-        rel = f.relative_to(path).parts
-        if len(rel) < 2:
+        folder, sep, _ = f[start:].partition(os.sep)
+        if not sep:
             loose.append(f)  # a file at the root has no class
             continue
-        by_class[rel[0]] += 1
+        by_class[folder] += 1
         paths.append(f)
-        targets.append(index[rel[0]])
+        targets.append(index[folder])
     if loose:
         warnings.warn_explicit(f"{len(loose)} image(s) directly in {str(path)!r} have no class folder and are left "
-                               f"out (first: {loose[0].name}); move them into ROOT/<class>/", UserWarning, "dinokit", 0)
+                               f"out (first: {os.path.basename(loose[0])}); move them into ROOT/<class>/", UserWarning,
+                               "dinokit", 0)
     empty = [c for c, n in by_class.items() if n == 0]
     if empty:
         raise DinokitError(
