@@ -189,3 +189,47 @@ def test_a_classifier_of_an_official_linear_evaluation_checkpoint_loads_as_a_hea
         read_linear_head(path)
     with pytest.raises(DinokitError, match="it has no 'classifier_x'"):
         read_linear_head(f"{path}#classifier_x")
+
+
+_MIXED = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:32]  # 32 rows of the 5 classes
+
+
+def _two_rank_probes(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cls_tokens, patch_mean, labels = (t[_MIXED] for t in separable_features(8, 5))
+    rows = slice(rank * 16, rank * 16 + 16)  # each rank its own half of every batch
+    torch.manual_seed(0)
+    probes = LinearProbes(probe_settings(learning_rates=(1e-2, 1.0), total_batch=32), embed_dim=16, num_classes=5)
+    batches = iter([(cls_tokens[rows], patch_mean[rows], labels[rows])] * 5)
+    train_probes(probes, batches, iterations=5)
+    torch.save(probes.state_dict(), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_average_their_gradients_in_one_collective():
+    """The probes' 104 gradients went to 104 collectives per step; they go in one now, with the same mean: two ranks
+    with half a batch each train exactly as one process with the whole batch."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        out = f"{folder}/probes"
+        mp.start_processes(_two_rank_probes, args=(port, out), nprocs=2, join=True, start_method="fork")
+        ranks = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    cls_tokens, patch_mean, labels = (t[_MIXED] for t in separable_features(8, 5))
+    torch.manual_seed(0)
+    whole = LinearProbes(probe_settings(learning_rates=(1e-2, 1.0), total_batch=32), embed_dim=16, num_classes=5)
+    train_probes(whole, iter([(cls_tokens, patch_mean, labels)] * 5), iterations=5)
+    for key, value in whole.state_dict().items():
+        assert torch.equal(ranks[0][key], ranks[1][key])
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6)
