@@ -206,6 +206,21 @@ def test_warning_kinds_mask_paths_and_numbers(capsys):
                                        "image in the batch; repeating the previous batch\n")
 
 
+def test_each_launched_process_says_its_count_is_its_own(capsys, monkeypatch):
+    """Under torchrun each process counts its own warnings (and its workers'); both said "in all", read as totals."""
+    from dinokit.data.images import SkippedImageWarning
+    from dinokit.warning_summary import summarised_warnings
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings(record=True):
+        with summarised_warnings():
+            for name in ("a", "b", "c"):
+                warnings.warn_explicit(f"skipping unreadable image /d/{name}.png: truncated", SkippedImageWarning,
+                                       "dinokit", 0)
+    assert capsys.readouterr().err.startswith("warning: 3 image reads skipped in process 1 (unreadable, ")
+
+
 def test_warning_during_a_progress_bar_gets_its_own_line(capsys):
     """A warning raised while a tqdm bar is drawn (a skipped image during training) is written on its own line,
     not glued to the end of the bar's line."""

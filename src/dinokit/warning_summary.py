@@ -99,15 +99,23 @@ def is_dinokit_warning(filename: str) -> bool:
     return filename == "dinokit" or "/dinokit/" in filename.replace("\\", "/")
 
 
-def summary_line(count: int, first: str, files_named: int = 1) -> str:
+def summary_line(count: int, first: str, files_named: int = 1, where: str = "in all") -> str:
     """The end-of-command line of a kind of warning that came ``count`` times (``first``: its first text;
-    ``files_named``: for skipped images, how many different files were named)."""
+    ``files_named``: for skipped images, how many different files were named; ``where``: whose count it is)."""
     if first.startswith("skipping "):
         named = (f"the first {files_named} files are named above" if files_named >= SHOWN_FILES
                  else "each file is named above" if files_named > 1 else "the file is named above")
-        return f"warning: {count} image reads skipped in all (unreadable, not an image or too large); {named}"
+        return f"warning: {count} image reads skipped {where} (unreadable, not an image or too large); {named}"
     short = first if len(first) <= 120 else first[:117] + "..."
-    return f"warning: {count} warnings of this kind in all, shown once: {short}"
+    return f"warning: {count} warnings of this kind {where}, shown once: {short}"
+
+
+def _whose_counts() -> str:
+    """"in all", or under a launcher of several processes "in process R": each process counts its own (and its
+    data workers'), so that the lines of two processes are not read as two totals."""
+    from .distributed import launched_processes, launched_rank
+
+    return "in all" if launched_processes() <= 1 else f"in process {launched_rank()}"
 
 
 @contextmanager
@@ -150,5 +158,7 @@ def summarised_warnings() -> Iterator[None]:
         yield
     finally:
         warnings.showwarning, warnings.formatwarning = previous, previous_format
-        for count, first in counts.repeated():
-            print(summary_line(count, first, sum(1 for h in named_files if h)), file=sys.stderr)
+        repeated = counts.repeated()
+        where = _whose_counts() if repeated else "in all"
+        for count, first in repeated:
+            print(summary_line(count, first, sum(1 for h in named_files if h), where), file=sys.stderr)

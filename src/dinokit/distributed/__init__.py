@@ -41,9 +41,12 @@ def is_main_process() -> bool:
 def is_first_process() -> bool:
     """Rank 0; before the process group starts, the process that the launcher numbers 0 (torchrun's ``RANK``,
     SLURM's ``SLURM_PROCID``): for messages printed once per run."""
-    if is_enabled():
-        return get_rank() == 0
-    return _launcher_value("RANK", "SLURM_PROCID", 0) == 0
+    return launched_rank() == 0
+
+
+def launched_rank() -> int:
+    """This process's rank: the group's, or before it starts the launcher's number (0 for a plain process)."""
+    return get_rank() if is_enabled() else _launcher_value("RANK", "SLURM_PROCID", 0)
 
 
 def _launcher_value(torchrun_name: str, slurm_name: str, default: int) -> int:
