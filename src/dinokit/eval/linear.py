@@ -96,6 +96,10 @@ class LinearProbes(nn.Module):
 RUNNING_CHECKPOINT = "running_checkpoint_linear_eval.pth"  # the official name
 
 
+# Settings an older running checkpoint does not record: it resumes all the same (it holds no periodic records to mix).
+LATER_IDENTITY_KEYS = ("eval_period", "val_metric_type")
+
+
 class RunningCheckpoint:
     """``OUTPUT_DIR/running_checkpoint_linear_eval.pth``: the probes, SGD and schedule states, the iteration and each
     rank's stream position, written atomically each epoch. A rerun of the same evaluation (same weights, datasets
@@ -109,7 +113,8 @@ class RunningCheckpoint:
             return None
         state = load_state_dict_file(self.path)
         saved = state.get("identity", {})
-        differ = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
+        keys = (set(saved) | set(self.identity)) - {k for k in LATER_IDENTITY_KEYS if k not in saved}
+        differ = sorted(k for k in keys if saved.get(k) != self.identity.get(k))
         if differ:
             raise DinokitError(
                 f"{self.path} holds an unfinished linear evaluation with other settings ({', '.join(differ)} differ); "
