@@ -318,6 +318,12 @@ def test_model_errors_stay_value_errors() -> None:
      "weights=123: give a head file path, URL or state dict (or leave it out for the official head)"),
     (lambda: create_model("dinov2_vits14_dd", pretrained=False, layers=3, **TINY),
      "dinov2_vits14_dd reads 4 blocks (its DPT head has no layers option); leave layers out"),
+    (lambda: create_model("dinov2_vits14_dd", pretrained=False, layers=4.0, **TINY),
+     "dinov2_vits14_dd reads 4 blocks (its DPT head has no layers option); leave layers out"),
+    (lambda: create_model("dinov2_vits14_lc", pretrained=False, layers=4.0, **TINY),
+     "dinov2_vits14_lc takes layers=1 or layers=4, not 4.0"),
+    (lambda: create_model("dinov2_vits14_ld", pretrained=False, layers=1.0, **TINY),
+     "dinov2_vits14_ld takes layers=1 or layers=4, not 1.0"),
 ])
 def test_more_wrong_model_arguments(call, message) -> None:
     """A raw TypeError (name 5, num_classes 1.5), silently accepted (num_classes 0, a DPT depther's layers=3), or a

@@ -408,3 +408,17 @@ def test_folders_are_listed_in_path_order(tmp_path):
     assert data.classes == ["A", "a", "a-b", "a.b", "a0", "b"]
     assert [Path(p) for p in data.paths] == expected
     assert data.targets == [data.classes.index(p.relative_to(tmp_path).parts[0]) for p in expected]
+
+
+def test_a_link_to_itself_is_passed_over_not_the_rest_of_its_folder(tmp_path):
+    """The faster listing asked each entry its kind inside one try for the whole folder: a link to itself (ELOOP)
+    ended its folder's listing, and the images after it were lost without a word (640 -> 80 on the sample set)."""
+    from dinokit.data.images import find_images
+
+    for name in ("a/1.png", "a/2.png", "a/3.png", "b/4.png", "5.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "loopy").symlink_to(tmp_path / "loopy")  # a folder-level link to itself
+    (tmp_path / "a" / "0.png").symlink_to(tmp_path / "a" / "0.png")  # an image-named one
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == [
+        "5.png", "a/1.png", "a/2.png", "a/3.png", "b/4.png"]

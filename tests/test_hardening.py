@@ -532,11 +532,42 @@ def test_a_process_exits_while_a_loader_keeps_its_workers(tmp_path):
         "import torch\n"
         "from torch.utils.data import DataLoader\n"
         "from dinokit.data.loaders import init_worker\n"
-        "kept = iter(DataLoader(list(range(100)), batch_size=2, num_workers=1, worker_init_fn=init_worker))\n"
+        "kept = iter(DataLoader(list(range(100)), batch_size=2, num_workers=2, worker_init_fn=init_worker))\n"
         "next(kept)\n"
+        "import multiprocessing, signal, sys\n"
+        "def mine():\n"  # a daemonic child of the user's keeps its SIGTERM (and its clean-up)
+        "    signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], 'w').write('clean'), sys.exit(0)))\n"
+        "    signal.pause()\n"
+        "child = multiprocessing.Process(target=mine, daemon=True)\n"
+        "child.start()\n"
         "print('exiting', flush=True)\n")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0 and proc.stdout == "exiting\n", proc.stderr
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "mine")], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout == "exiting\n" and proc.stderr == "", proc.stderr  # no traceback
+    assert (tmp_path / "mine").read_text() == "clean"
     assert time.monotonic() - start < 50
+
+
+def test_a_sigterm_lost_in_a_finaliser_does_not_leave_a_command_unstoppable(monkeypatch):
+    """A SIGTERM raised where Python discards the exception (a finaliser, e.g. a data loader's) was followed by
+    ignoring SIGTERM for good: the command ran on and could not be stopped. A repeat within a moment is still
+    taken as the same stop (ignored); a later one stops the command."""
+    import time
+
+    from dinokit import cli
+
+    monkeypatch.setattr(cli, "SIGTERM_REPEAT_S", 0.2)
+    with pytest.raises(cli.Terminated, match="stopped by SIGTERM"):
+        with cli._sigterm_as_interrupt(launched=1):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            except cli.Terminated:
+                pass  # lost, as in a finaliser
+            os.kill(os.getpid(), signal.SIGTERM)  # the same stop signalled again at once: ignored
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGTERM)  # later: stops
+            time.sleep(5)
+            pytest.fail("not stopped")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored on the way out

@@ -157,13 +157,18 @@ def _sigterm_as_interrupt(launched: int) -> Iterator[None]:
     locks released, its temporary files removed, one line, exit status 143. Python's default died at once and left
     them (a stale lock is taken over, but temporary files stayed). Training runs catch it themselves to save a
     checkpoint first. Under a launcher, which sends SIGTERM to the other processes when one failed, they stop
-    silently. A second SIGTERM is ignored: the first one's clean-up goes on (a traceback in it said nothing)."""
+    silently. The same stop signalled again within a moment (to the process and to its group) is ignored: the
+    first one's clean-up goes on (a traceback in it said nothing); a later one stops again (a stop raised where
+    Python discards it, in a finaliser, left the command running)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stopped_at: list[float] = []
 
     def stop(signum, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if stopped_at and time.monotonic() - stopped_at[0] < SIGTERM_REPEAT_S:
+            return
+        stopped_at[:] = [time.monotonic()]
         raise Terminated("" if launched > 1 else "stopped by SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -172,6 +177,9 @@ def _sigterm_as_interrupt(launched: int) -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+
+# A SIGTERM this soon after the one that stops a command is the same stop, signalled twice.
+SIGTERM_REPEAT_S = 2.0
 
 # A rank that stays silent about an error waits this long before it exits: the launcher stops every rank when the
 # first one fails, and the rank that prints the line must not be stopped before it has.

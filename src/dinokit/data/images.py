@@ -44,24 +44,27 @@ def find_images(root: str | Path) -> list[Path]:
 def find_image_names(root: Path) -> list[str]:
     """:func:`find_images` of the folder ``root`` as strings, in the same order (a path's components compared in
     turn, as paths sort), listed with one directory read per folder and no path object or extra file status per
-    image: a 1.28M-image folder took about 40 s to list and label. A folder that cannot be read is passed over."""
+    image: a 1.28M-image folder took about 40 s to list and label. A folder that cannot be read is passed over, and
+    so is an entry whose kind cannot be told (a link to itself, or into a folder that cannot be read)."""
     files: list[str] = []
     top = os.fspath(root)
     folders = [(top, frozenset({os.path.realpath(top)}))]  # a folder and the real folders it lies in (itself too)
     while folders:
         folder, inside = folders.pop()
         try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if entry.name.startswith("."):
-                        continue
-                    if entry.is_dir():  # a linked folder too, unless it leads back to one it lies in (a loop)
-                        if (real := os.path.realpath(entry.path)) not in inside:
-                            folders.append((entry.path, inside | {real}))
-                    elif is_image_file(entry.name) and entry.is_file():
-                        files.append(entry.path)
+            with os.scandir(folder) as listing:
+                entries = [entry for entry in listing if not entry.name.startswith(".")]
         except OSError:
             continue
+        for entry in entries:
+            try:
+                if entry.is_dir():  # a linked folder too, unless it leads back to one it lies in (a loop)
+                    if (real := os.path.realpath(entry.path)) not in inside:
+                        folders.append((entry.path, inside | {real}))
+                elif is_image_file(entry.name) and entry.is_file():
+                    files.append(entry.path)
+            except OSError:
+                continue
     return sorted(files, key=lambda path: path.split(os.sep))
 
 

@@ -10,8 +10,7 @@ workers, and restored exactly when a run resumes at ``start_iteration``.
 from __future__ import annotations
 
 import atexit
-import multiprocessing
-import multiprocessing.util  # its exit handler is registered first, so that ours runs before it
+import multiprocessing.util
 import signal
 
 from collections import OrderedDict
@@ -87,14 +86,24 @@ def init_worker(worker_id: int) -> None:
 
 
 def _stop_leftover_workers() -> None:
-    """At exit, kill the data-loading workers still alive (a loader kept alive by a traceback, e.g. of a stopped
-    run): they ignore SIGTERM (:func:`init_worker`), and multiprocessing's own exit handler terminates daemonic
-    children with SIGTERM and then waits for them, forever."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    """At exit, stop the workers of data loaders still alive (kept by a traceback, e.g. of a stopped run) as an
+    ended loader does. They ignore SIGTERM (:func:`init_worker`), and multiprocessing's own exit handler would
+    terminate them with SIGTERM and then wait for them, forever. Other children are left alone."""
+    import gc
+
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    for loader in [o for o in gc.get_objects() if issubclass(type(o), _MultiProcessingDataLoaderIter)]:
+        try:
+            loader._shutdown_workers()  # each worker told to stop and waited for a moment; no longer watched
+            for worker in getattr(loader, "_workers", ()):
+                if worker.is_alive():
+                    worker.kill()
+        except Exception:  # noqa: BLE001 - at exit, a loader that cannot be stopped is left to the system
+            pass
 
 
+assert multiprocessing.util._exit_function  # registered at its import, before ours: ours runs first
 atexit.register(_stop_leftover_workers)
 
 

@@ -78,9 +78,10 @@ def create_depther(
         head_file = weights
     else:
         raise ModelInputError(f"weights={weights!r}: use 'NYU', 'KITTI', a head file path or a head state dict")
-    if kind == "ld" and (isinstance(layers, bool) or layers not in (1, 4)):
+    whole = isinstance(layers, numbers.Integral) and not isinstance(layers, bool)
+    if kind == "ld" and not (whole and layers in (1, 4)):
         raise ModelInputError(f"{name} takes layers=1 or layers=4, not {layers!r}")
-    if kind == "dd" and (isinstance(layers, bool) or layers != 4):
+    if kind == "dd" and not (whole and layers == 4):
         raise ModelInputError(f"{name} reads 4 blocks (its DPT head has no layers option); leave layers out")
     if depth_range is not None:
         depth_range = check_depth_range(depth_range)

@@ -58,7 +58,7 @@ def extract_eval_features(
         model, dataset, feature_fn=FEATURE_KINDS[kind], batch_size=batch_size, num_workers=num_workers,
         device=device, dtype=dtype, progress=progress and du.is_main_process(), desc=desc,
     )
-    if result.bad:
+    if result.bad and du.is_main_process():  # the gathered list: the same on every process
         print(f"{desc}: skipped {len(result.bad)} unreadable image(s), e.g. {dataset.paths[result.bad[0]]}")
     if len(result.targets) == 0:
         raise DinokitError(f"no image of {dataset.name!r} could be read; check the files")

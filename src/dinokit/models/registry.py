@@ -245,7 +245,7 @@ def _create_classifier(
     backbone_weights: str | Path | Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> LinearClassifier:
-    if isinstance(layers, bool) or layers not in info.head_urls:
+    if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers not in info.head_urls:
         raise ModelInputError(f"{info.name} takes layers=1 or layers=4, not {layers!r}")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
                                     or num_classes < 1):
