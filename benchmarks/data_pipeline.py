@@ -34,7 +34,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from dinokit.data.augmentations import DataAugmentationDINO
-from dinokit.data.images import find_images, load_image
+from dinokit.data.images import load_image
+from dinokit.data.listing import find_images
 from dinokit.data.tensor_augment import MultiCropSource, TensorMultiCrop
 
 

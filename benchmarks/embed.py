@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from dinokit.data import ImageFiles, make_classification_eval_transform
-from dinokit.data.images import resolve_image_inputs
+from dinokit.data.listing import resolve_image_inputs
 from dinokit.devices import resolve_device, resolve_dtype
 from dinokit.features import autocast_context, embedding_feature_fn, extract_features, feature_runner, inference_dtype
 from dinokit.models import create_model

@@ -393,7 +393,7 @@ def test_folders_are_listed_in_path_order(tmp_path):
     from pathlib import Path
 
     from dinokit.data.datasets import make_dataset
-    from dinokit.data.images import find_images
+    from dinokit.data.listing import find_images
 
     names = ["a/x.png", "a-b/y.png", "a.b/z.png", "A/w.png", "a/b/c.png", "a/b-c.png", "b/é.png", "b/e.png",
              "b/.hidden.png", "b/notes.txt", ".cache/q.png", "a0/0.png"]
@@ -413,7 +413,7 @@ def test_folders_are_listed_in_path_order(tmp_path):
 def test_a_link_to_itself_is_passed_over_not_the_rest_of_its_folder(tmp_path):
     """The faster listing asked each entry its kind inside one try for the whole folder: a link to itself (ELOOP)
     ended its folder's listing, and the images after it were lost without a word (640 -> 80 on the sample set)."""
-    from dinokit.data.images import find_images
+    from dinokit.data.listing import find_images
 
     for name in ("a/1.png", "a/2.png", "a/3.png", "b/4.png", "5.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

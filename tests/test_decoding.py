@@ -327,7 +327,7 @@ def test_browser_and_phone_extensions_are_images(tmp_path):
     """Seen: .jfif (a browser's JPEG download), .jpe, .apng and .avif files in a folder were left out without a word."""
     from PIL import features
 
-    from dinokit.data.images import find_images
+    from dinokit.data.listing import find_images
 
     picture = Image.fromarray((np.random.default_rng(0).random((20, 20, 3)) * 255).astype(np.uint8))
     formats = {"a.jpg": "JPEG", "b.JFIF": "JPEG", "c.jpe": "JPEG", "d.apng": "PNG"}

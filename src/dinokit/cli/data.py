@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from ..data.imagenet import dump_imagenet_extra
-from ..data.images import find_images
+from ..data.listing import find_images
 from ..data.sample import check_sample_root, default_sample_root, write_sample_dataset
 from ..data.shard_writer import check_shard_out, shard_pattern, write_shards
 from ..errors import DinokitError

@@ -29,7 +29,8 @@ from torch import nn
 from .. import distributed as du
 from ..config import find_run_config
 from ..data.datasets import make_dataset
-from ..data.images import ImageFiles, resolve_image_inputs
+from ..data.images import ImageFiles
+from ..data.listing import resolve_image_inputs
 from ..data.transforms import make_classification_eval_transform
 from ..errors import DinokitError
 from ..devices import check_device_name, default_workers, resolve_device, resolve_dtype, usable_workers
@@ -120,8 +121,9 @@ def _check_not_replacing(args: argparse.Namespace, out: Path) -> None:
     # the lists beside a .npy (written, or deleted when no image is bad) are replaced only when asked too
     for side in [".paths.txt", ".bad.txt"] if out.suffix == ".npy" else []:
         if (listed := out.with_name(out.stem + side)).is_file() and not out.exists() and not args.overwrite:
-            raise DinokitError(f"{str(listed)!r} already exists, without {out.name!r} (an embed stopped before writing "
-                               "it, which comes last, leaves that); pass --overwrite to replace it, or give another name")
+            raise DinokitError(f"{str(listed)!r} already exists, without {out.name!r} (an embed stopped before "
+                               "writing it, which comes last, leaves that); pass --overwrite to replace it, or give "
+                               "another name")
         check_not_replacing(listed, overwrite=args.overwrite)
 
 

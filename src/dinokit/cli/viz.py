@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from ..data.images import resolve_image_inputs
+from ..data.listing import resolve_image_inputs
 from ..devices import resolve_device, resolve_dtype
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError

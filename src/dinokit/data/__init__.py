@@ -4,7 +4,8 @@ from .augmentations import DataAugmentationDINO
 from .collate import SSLBatch, SSLCollate, collate_data_and_cast
 from .datasets import ImageDataset, make_dataset, parse_dataset_str
 from .imagenet import ImageNetDataset, dump_imagenet_extra, make_imagenet_dataset
-from .images import ImageFiles, collate_skip_bad, find_images, load_image, resolve_image_inputs
+from .images import ImageFiles, collate_skip_bad, load_image
+from .listing import find_images, resolve_image_inputs
 from .loaders import SSLDataset, make_ssl_data_loader
 from .masking import MaskingGenerator
 from .sample import SAMPLE_CLASSES, write_sample_dataset

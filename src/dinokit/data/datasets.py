@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import DinokitError
-from .images import ImageFiles, find_image_names, keep_existing, read_path_list, read_user_text
+from .images import ImageFiles
+from .listing import find_image_names, keep_existing, read_path_list, read_user_text
 from .sample import SAMPLE_CLASSES, check_sample_root, default_sample_root, write_sample_dataset
 
 KNOWN_KEYS = ("root", "split", "extra", "path", "urls", "real_labels")

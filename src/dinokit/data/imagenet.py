@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import DinokitError
 from .datasets import ImageDataset
-from .images import read_user_text
+from .listing import read_user_text
 
 SPLITS = ("TRAIN", "VAL", "TEST")
 NO_CLASS = 2**32 - 1  # class_index of TEST entries: uint32(-1), as in the official files

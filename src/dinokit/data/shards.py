@@ -39,7 +39,8 @@ from PIL import Image
 
 from ..errors import DinokitError
 from .datasets import ImageDataset
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import load_image
+from .listing import IMAGE_EXTENSIONS
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _LABEL_EXTS = ("cls", "label")

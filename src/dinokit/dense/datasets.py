@@ -40,7 +40,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.datasets import parse_dataset_str
-from ..data.images import IMAGE_EXTENSIONS, load_image, read_user_text, warn_skipped
+from ..data.images import load_image, warn_skipped
+from ..data.listing import IMAGE_EXTENSIONS, read_user_text
 from ..errors import DinokitError
 from .metrics import IGNORE_INDEX, reduce_zero_label
 from .transforms import image_to_tensor

@@ -324,7 +324,8 @@ def predict_files(
     """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image (or, for one
     image, to ``out_dir`` itself when it names a .png file); returns the pictures this process wrote (under
     ``torchrun`` each rank draws a share)."""
-    from ..data.images import load_image, resolve_image_inputs, warn_skipped
+    from ..data.images import load_image, warn_skipped
+    from ..data.listing import resolve_image_inputs
     from ..data.transforms import MAX_ASPECT, short_side_size
     from ..viz.drawing import check_not_an_input, check_one_picture, picture_out, save_png, unique_stems
     from .transforms import image_to_tensor, normalise, resize_pair

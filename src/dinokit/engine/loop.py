@@ -292,7 +292,8 @@ class Engine:
             guard.__exit__()
             logger.close()
         return {"iteration": iteration + 1, "output_dir": str(output_dir), "metrics": last_record,
-                "snapshots": snapshots, "last_exports": exports, "bad_images": last_record.get("bad_images", n_bad_total)}
+                "snapshots": snapshots, "last_exports": exports,
+                "bad_images": last_record.get("bad_images", n_bad_total)}
 
     def _sum_over_processes(self, count: int) -> int:
         """``count`` summed over the processes (at a logging window, where every process already waits)."""

@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageSequence
 
-from ..data.images import as_seen, find_images, load_image
+from ..data.images import as_seen, load_image
+from ..data.listing import find_images
 from ..errors import DinokitError
 from ..files import atomic_write
 
