@@ -154,9 +154,7 @@ def take_lock(lock: Path, target: str | Path, option: str = "--output-dir") -> P
     mine = lock.with_name(f"{lock.name}.{os.getpid()}.new")
     try:
         mine.write_text(me)
-    except IsADirectoryError:
-        raise DinokitError(f"{option} {str(target)!r} is not writable; give a folder you can write to") from None
-    except PermissionError:
+    except (IsADirectoryError, PermissionError):
         raise DinokitError(f"{option} {str(target)!r} is not writable; give a folder you can write to") from None
     try:
         for _ in range(5):

@@ -89,6 +89,8 @@ def _stop_leftover_workers() -> None:
     """At exit, stop the workers of data loaders still alive (kept by a traceback, e.g. of a stopped run) as an
     ended loader does. They ignore SIGTERM (:func:`init_worker`), and multiprocessing's own exit handler would
     terminate them with SIGTERM and then wait for them, forever. Other children are left alone."""
+    if not multiprocessing.active_children():
+        return  # the usual exit: every loader ended with its workers
     import gc
 
     from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
@@ -103,8 +105,7 @@ def _stop_leftover_workers() -> None:
             pass
 
 
-assert multiprocessing.util._exit_function  # registered at its import, before ours: ours runs first
-atexit.register(_stop_leftover_workers)
+atexit.register(_stop_leftover_workers)  # after multiprocessing.util's exit handler (imported above): runs before it
 
 
 def _draft_size(transform: Any, collate: Any) -> int | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ModelInputError
+from ..models.inputs import is_whole_number
 from ..models.registry import BASE_URL, api_download_advice, create_model
 from .heads import DPTHead, FeatureSpec, LinearDepthHead, four_level_indices
 from .loading import load_head
@@ -78,7 +79,7 @@ def create_depther(
         head_file = weights
     else:
         raise ModelInputError(f"weights={weights!r}: use 'NYU', 'KITTI', a head file path or a head state dict")
-    whole = isinstance(layers, numbers.Integral) and not isinstance(layers, bool)
+    whole = is_whole_number(layers)
     if kind == "ld" and not (whole and layers in (1, 4)):
         raise ModelInputError(f"{name} takes layers=1 or layers=4, not {layers!r}")
     if kind == "dd" and not (whole and layers == 4):

@@ -98,6 +98,16 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean_each(tensors: list[torch.Tensor]) -> None:
+    """Every tensor of ``tensors`` averaged over ranks, in place, in one collective (flattened together, in float32);
+    nothing in one process."""
+    if not tensors or get_world_size() == 1:
+        return
+    flat = all_reduce_mean(torch.cat([t.detach().reshape(-1).float() for t in tensors]))
+    for tensor, value in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(value.view_as(tensor))
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (same shape on every rank) along dim 0 over ranks."""
     world = get_world_size()

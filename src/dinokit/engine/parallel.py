@@ -135,12 +135,7 @@ def average_buffers(modules) -> None:
     """
     from .. import distributed as dist_utils
 
-    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
-    if not buffers or dist_utils.get_world_size() == 1:
-        return
-    flat = dist_utils.all_reduce_mean(torch.cat([b.detach().reshape(-1).float() for b in buffers]))
-    for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
-        buffer.copy_(value.view_as(buffer))
+    dist_utils.all_reduce_mean_each([b for m in modules for b in m.buffers() if b.is_floating_point()])
 
 
 def reshard(module: nn.Module) -> None:

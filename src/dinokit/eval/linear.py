@@ -159,10 +159,7 @@ def train_probes(
         loss = sum(F.cross_entropy(out, labels) for out in logits.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if du.get_world_size() > 1:  # one collective for all 104 weights and biases, not one each
-            flat = du.all_reduce_mean(torch.cat([p.grad.reshape(-1) for p in params]))
-            for p, part in zip(params, flat.split([p.numel() for p in params])):
-                p.grad.copy_(part.view_as(p.grad))
+        du.all_reduce_mean_each([p.grad for p in params])  # one collective for all 104 weights and biases
         optimizer.step()
         scheduler.step()
         bar.update()
@@ -273,13 +270,14 @@ def linear_protocol(
         probes = LinearProbes(settings, embed_dim=val.features["patch_mean"].shape[1], num_classes=ctx.num_classes)
     probes.to(ctx.device)
     iterations = epochs * epoch_length
+    eval_every = epoch_length if eval_period is None else eval_period
     running = RunningCheckpoint(ctx.output_dir / RUNNING_CHECKPOINT, {
         # the backbone as the feature cache keys it (weights, architecture, image size, dtype), not only its label
         **ctx.provenance, "backbone": ctx.cache.model_description, "iterations": iterations,
         "epoch_length": epoch_length, "batch_size": batch_size,
         "world_size": du.get_world_size(), "classifiers": sorted(probes.settings), "augment": augment, "seed": seed,
         # the periodic records kept so far were made with these (a resume with others would mix them)
-        "eval_period": epoch_length if eval_period is None else eval_period, "val_metric_type": val_metric_type})
+        "eval_period": eval_every, "val_metric_type": val_metric_type})
     state = running.load() if resume else None
     position = StreamPosition(*(state["streams"][du.get_rank()] if state else (0, ())))
     if augment:
@@ -309,7 +307,7 @@ def linear_protocol(
     try:
         train_probes(probes, batches, iterations=iterations, progress=ctx.progress, state=state,
                      save=lambda done, st: running.save({**st, "periodic": periodic}, position), save_every=epoch_length,
-                     evaluate=evaluate, eval_every=epoch_length if eval_period is None else eval_period)
+                     evaluate=evaluate, eval_every=eval_every)
     finally:
         batches.close()  # stops the data-loader workers
     # the classes the probes could learn: those with a training image read (the augmented stream met the others)

@@ -21,7 +21,7 @@ def check_settings(settings: dict[str, Any]) -> None:
              "num_register_tokens": 0}
     for name, low in whole.items():
         value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        if not is_whole_number(value) or value < low:
             raise ModelInputError(f"{name}={value!r} is not usable: give a whole number >= {low}")
     img, patch = settings["img_size"], settings["patch_size"]
     if img < patch:
@@ -32,6 +32,11 @@ def check_settings(settings: dict[str, Any]) -> None:
         raise ModelInputError(f"drop_path_rate={rate!r} is not usable: give a number >= 0 and < 1")
     if not _is_real(ratio) or not ratio > 0:
         raise ModelInputError(f"mlp_ratio={ratio!r} is not usable: give a number > 0 (e.g. 4.0)")
+
+
+def is_whole_number(value: Any) -> bool:
+    """An int (or numpy integer), not a bool: what a count, a size or an index must be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _as_index(value: Any) -> int | None:
@@ -117,7 +122,7 @@ def block_indices(n: Any, depth: int) -> list[int]:
             items = list(n)
         except TypeError:  # a 0-d tensor or array
             pass
-    if items is None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)):
+    if items is None and not is_whole_number(n):
         raise ModelInputError(f"n={n!r} is not usable: give the number of last blocks (1..{depth}) "
                               f"or a list of block indices (0..{depth - 1})")
     if items is None:

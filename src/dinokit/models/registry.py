@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from ..errors import ModelInputError
 from .architectures import build_backbone
 from .checkpoint import load_backbone_weights
+from .inputs import is_whole_number
 from .weight_files import COMMAND_LINE, DownloadError
 from .linear_classifier import LinearClassifier, load_linear_head, read_linear_head
 from .vision_transformer import DinoVisionTransformer
@@ -245,10 +245,9 @@ def _create_classifier(
     backbone_weights: str | Path | Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> LinearClassifier:
-    if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers not in info.head_urls:
+    if not is_whole_number(layers) or layers not in info.head_urls:
         raise ModelInputError(f"{info.name} takes layers=1 or layers=4, not {layers!r}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
-                                    or num_classes < 1):
+    if num_classes is not None and not (is_whole_number(num_classes) and num_classes >= 1):
         raise ModelInputError(f"num_classes={num_classes!r} is not usable: give a whole number >= 1")
     if head_weights is not None and not isinstance(head_weights, (str, os.PathLike, Mapping)):
         raise ModelInputError(f"weights={head_weights!r}: give a head file path, URL or state dict (or leave it out "

@@ -219,22 +219,14 @@ class SSLObjective:
             total = total + self.ibot_weight * ibot
         logged_only: dict[str, torch.Tensor] = {}  # gram.compute_stats: terms outside the loss and its logged total
         if self.do_gram:
-            gram = total.new_zeros(())
-            if self.gram_stats:
-                logged_only = {"gram_loss_masked": total.new_zeros(()), "gram_loss_unmasked": total.new_zeros(())}
-            if gram_targets is not None:
-                student_patches = global_out["x_norm_patchtokens"]
-                with torch.enable_grad() if self.gram_in_loss else torch.no_grad():
-                    gram = self.gram_loss(*self._gram_tokens(student_patches, gram_targets, ibot_masks_flat, patch_index,
-                                                             self.gram_tokens))
-                if self.gram_in_loss:
-                    total = total + (self.gram_weight if gram_weight is None else gram_weight) * gram
-                if self.gram_stats:
-                    with torch.no_grad():
-                        for which in ("masked", "unmasked"):
-                            logged_only[f"gram_loss_{which}"] = self.gram_loss(*self._gram_tokens(
-                                student_patches, gram_targets, ibot_masks_flat, patch_index, which))
-            (terms if self.gram_in_loss else logged_only)["gram_loss"] = gram
+            gram, stats = self._gram_terms(global_out["x_norm_patchtokens"], gram_targets, ibot_masks_flat,
+                                           patch_index, total.new_zeros(()))
+            if self.gram_in_loss:
+                total = total + (self.gram_weight if gram_weight is None else gram_weight) * gram
+                terms["gram_loss"] = gram
+            else:
+                stats["gram_loss"] = gram
+            logged_only = stats
         # the official log's total_loss: the sum of the logged terms (not the minimised loss)
         logged_total = sum(terms.values(), total.new_zeros(()))
         return LossOutput(total=total, terms={**terms, **logged_only}, logged_total=logged_total)
@@ -252,6 +244,22 @@ class SSLObjective:
         head = student.ibot_head if self.ibot_separate_head else student.dino_head
         return chunked_ibot_loss(head, patches, probs, masks_weight, masks.shape[0],
                                  student_temp=self.ibot_patch_loss.student_temp, chunk_rows=self.head_chunk_rows)
+
+    def _gram_terms(self, student: torch.Tensor, teacher: torch.Tensor | None, masks: torch.Tensor,
+                    masked_index: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The Gram loss over ``gram.tokens_used`` (with gradients when it is part of the loss) and, with
+        ``gram.compute_stats``, its values over the masked and the unmasked patches (no gradients); zeros before the
+        Gram teacher is loaded (``teacher`` None), so that every iteration logs the same terms."""
+        stats = {"gram_loss_masked": zero, "gram_loss_unmasked": zero} if self.gram_stats else {}
+        if teacher is None:
+            return zero, stats
+        with torch.enable_grad() if self.gram_in_loss else torch.no_grad():
+            gram = self.gram_loss(*self._gram_tokens(student, teacher, masks, masked_index, self.gram_tokens))
+        with torch.no_grad():
+            for which in stats:
+                stats[which] = self.gram_loss(*self._gram_tokens(student, teacher, masks, masked_index,
+                                                                 which.removeprefix("gram_loss_")))
+        return gram, stats
 
     def _gram_tokens(self, student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
                      masked_index: torch.Tensor, tokens: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,6 @@ high-norm "artefact" tokens in uninformative background, the tokens that registe
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelInputError
+from ..models.inputs import is_whole_number
 from .prepare import DEFAULT_IMAGE_SIZE, ImageLike, PreparedImage, prepare_images, run_batched
 
 DEFAULT_KEEP_MASS = 0.6  # DINO v1's choice
@@ -54,7 +54,7 @@ def resolve_block(model: nn.Module, block: int, option: str = "--block") -> int:
     ``option`` names the setting in the message: ``--block`` (a command's option) or ``block`` (an argument)."""
     depth = len(model.blocks)
     given = f"{option} {block!r}" if option.startswith("-") else f"{option}={block!r}"
-    if isinstance(block, bool) or not isinstance(block, numbers.Integral):
+    if not is_whole_number(block):
         raise ModelInputError(f"{given} is not a block index: give a whole number in -{depth}..{depth - 1} "
                            "(negative counts from the end)")
     index = int(block) + depth if block < 0 else int(block)
@@ -70,10 +70,10 @@ def _check_options(model: nn.Module, *, image_size: int | None, batch_size: int,
     if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or not hasattr(model, "prepare_tokens_with_masks"):
         raise ModelInputError(f"attention_maps needs a dinokit ViT backbone, got a {type(model).__name__}; pass the "
                            "backbone itself (e.g. model.backbone of a classifier or dense model)")
-    if image_size is not None and (not _whole(image_size) or image_size < model.patch_size):
+    if image_size is not None and (not is_whole_number(image_size) or image_size < model.patch_size):
         raise ModelInputError(f"image_size={image_size!r} is not usable: give the short side in pixels, a whole number "
                            f">= the patch size {model.patch_size} (e.g. {DEFAULT_IMAGE_SIZE}), or None to keep it")
-    if not _whole(batch_size) or batch_size < 1:
+    if not is_whole_number(batch_size) or batch_size < 1:
         raise ModelInputError(f"batch_size={batch_size!r} is not usable: give a whole number >= 1")
     if dtype not in _DTYPES:
         raise ModelInputError(f"dtype={dtype!r} is not usable: give torch.bfloat16, torch.float16, torch.float32 "
@@ -83,10 +83,6 @@ def _check_options(model: nn.Module, *, image_size: int | None, batch_size: int,
             torch.device(device)
         except (RuntimeError, TypeError):
             raise ModelInputError(f"device={device!r} is not a device: give e.g. 'cpu', 'cuda' or 'cuda:1'") from None
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def cls_attention_and_norms(model: nn.Module, batch: torch.Tensor, *, block: int = -1) -> dict[str, torch.Tensor]:
