@@ -422,3 +422,41 @@ def test_a_link_to_itself_is_passed_over_not_the_rest_of_its_folder(tmp_path):
     (tmp_path / "a" / "0.png").symlink_to(tmp_path / "a" / "0.png")  # an image-named one
     assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == [
         "5.png", "a/1.png", "a/2.png", "a/3.png", "b/4.png"]
+
+
+def test_path_column_holds_paths_as_two_objects_and_gives_them_back(tmp_path):
+    """Datasets keep their paths in a PathColumn (one bytes object and an array of ends, shared by DataLoader
+    workers instead of copied page by page); every path comes back as it went in, names that are not UTF-8 too."""
+    import os
+    import pickle
+    from pathlib import Path
+
+    from dinokit.data import ImageFiles
+    from dinokit.data.listing import PathColumn
+
+    odd = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name on a UTF-8 file system: a surrogate escape
+    names = [tmp_path / "a.png", str(tmp_path / "sub" / "b.jpg"), tmp_path / odd, Path("rel/c.png"), "/x/\u00e9t\u00e9.png"]
+    column = PathColumn(names)
+    expected = [Path(n) for n in names]
+    assert len(column) == 5 and list(column) == expected and [column[i] for i in range(5)] == expected
+    assert column[-1] == expected[-1] and column[1:4] == expected[1:4] and column[::-2] == expected[::-2]
+    assert column == expected and column == [str(p) for p in expected] and column != expected[:4]
+    assert column != "a.png" and column != expected[::-1]
+    assert os.fsencode(column[2]) == os.fsencode(tmp_path) + b"/caf\xe9.png"
+    with pytest.raises(IndexError, match="out of range for 5 paths"):
+        column[5]
+    with pytest.raises(IndexError):
+        column[-6]
+    assert pickle.loads(pickle.dumps(column)) == expected  # as spawned DataLoader workers receive it
+    assert len(PathColumn([])) == 0 and list(PathColumn([])) == []
+    dataset = ImageFiles(names)
+    assert isinstance(dataset.paths, PathColumn) and dataset.paths == expected and len(dataset) == 5
+    assert ImageFiles(column).paths is column  # not copied again
+    assert vars(column).keys() == {"_names", "_ends"}  # two objects, whatever the number of paths
+
+
+def test_folder_datasets_keep_a_path_column(folder):
+    from dinokit.data.listing import PathColumn
+
+    for ds in (make_dataset(str(folder), labelled=True), make_dataset(str(folder))):
+        assert isinstance(ds.paths, PathColumn)

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import DinokitError
+from .listing import PathColumn
 
 # Decoding settings, read from the environment so that every command and every data-loader worker
 # (forked or spawned) decodes the same way.
@@ -239,7 +240,7 @@ class ImageFiles(Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
         draft_size: int | None = None,
     ) -> None:
-        self.paths = [Path(p) for p in paths]
+        self.paths: Sequence[Path] = paths if isinstance(paths, PathColumn) else PathColumn(paths)
         self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
         self.transform = transform
         self._draft_size = draft_size

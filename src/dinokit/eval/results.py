@@ -16,6 +16,7 @@ import torch
 
 from .. import distributed as du
 from ..data import ImageDataset
+from ..data.listing import PathColumn
 from ..files import atomic_write
 
 
@@ -64,7 +65,7 @@ def shared_images_warning(train: ImageDataset, val: ImageDataset, *, train_name:
     """A warning when some val images are also training images (the same files): each finds itself at distance 0,
     so the accuracies measure memory, not features. Lazy path sequences (ImageNet's splits, separate folders by
     construction) are compared only by their dataset strings."""
-    if isinstance(train.paths, list) and isinstance(val.paths, list):
+    if isinstance(train.paths, (list, PathColumn)) and isinstance(val.paths, (list, PathColumn)):
         train_files = {os.path.abspath(path) for path in train.paths}
         shared = [path for path in val.paths if os.path.abspath(path) in train_files]
         count, first = len(shared), (shared[0] if shared else None)
