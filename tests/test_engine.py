@@ -359,3 +359,14 @@ def test_skipped_images_are_counted_over_every_process(tmp_path):
     out = str(tmp_path / "run")
     mp.start_processes(_bad_images_worker, args=(port, out), nprocs=2, join=True, start_method="fork")
     assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == 18  # (1 + 2) per iteration, 6 iterations
+
+
+def test_the_command_line_starts_without_the_distributed_checkpoint_modules():
+    """torch.distributed.checkpoint takes about 0.5 s to import; it is loaded when a checkpoint is saved or loaded,
+    not by every command (``dinokit --help``, a one-line error)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from dinokit.cli import build_parser; build_parser(); print('torch.distributed.checkpoint' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -21,7 +21,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .. import distributed as dist_utils
 from ..errors import DinokitError
@@ -176,6 +175,8 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
     def save(self, iteration: int, **extra) -> Path:
         """Save the state *after* ``iteration`` steps (collective: every rank must call it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # 0.5 s: when used
+
         rngs = dist_utils.all_gather_object(_rng_state())
         meta = {"iteration": iteration, "world_size": dist_utils.get_world_size(), "rng": rngs, **extra}
         fill_missing_optimizer_state(self.optimizer)
@@ -193,6 +194,8 @@ class Checkpointer:
         return path
 
     def _save_sharded(self, iteration: int, meta: dict) -> Path:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         import torch.distributed.checkpoint as dcp
 
         final = self.directory / f"checkpoint_{iteration:07d}"
@@ -217,6 +220,8 @@ class Checkpointer:
     # ------------------------------------------------------------------ load
     def load(self, path: Path) -> dict:
         """Restore from a checkpoint file or sharded folder; returns its metadata (``iteration``...)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
         path = Path(path)
         if (damage := checkpoint_damage(path)) is not None:
             raise UnreadableCheckpoint(path, damage)
@@ -255,6 +260,8 @@ class Checkpointer:
         return meta
 
     def _load_sharded(self, path: Path) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
         import torch.distributed.checkpoint as dcp
 
         meta = torch.load(path / _META, map_location="cpu", weights_only=True)
