@@ -144,6 +144,46 @@ def test_kmeans_matches_a_brute_force_lloyd_reference():
     assert result.inertia == pytest.approx(((x - ref_centroids[ref_labels]) ** 2).sum())
 
 
+def test_kmeans_chunking_and_cached_norms_change_no_bit():
+    """The rows' squared norms are computed once per k-means (k-means++ recomputed them for every centre: most of
+    its time, and a copy of the points each time), and the high-precision sums are made a chunk of rows at a time:
+    any chunk size gives the same centroids and labels, for both metrics, k-means++ included."""
+    from dinokit.curate.kmeans import assign, squared_norms
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 16, generator=gen)
+    x[:1000] += 4
+    np.testing.assert_array_equal(squared_norms(x, chunk_elements=50), (x * x).sum(1, keepdim=True))
+    for metric, points in (("l2", x), ("cos", torch.nn.functional.normalize(x, dim=1))):
+        whole = kmeans(points, 12, n_iters=6, seed=5, metric=metric)
+        chunked = kmeans(points, 12, n_iters=6, seed=5, metric=metric, chunk_elements=16 * 7)  # 7 rows at a time
+        assert torch.equal(whole.centroids, chunked.centroids) and torch.equal(whole.labels, chunked.labels)
+        # the distances are BLAS products of other shapes: equal to rounding
+        torch.testing.assert_close(whole.distances, chunked.distances, rtol=1e-5, atol=1e-5)
+        assert whole.inertia == pytest.approx(chunked.inertia, rel=1e-9)
+    labels, dists = assign(x, whole.centroids[:5] * 0 + x[:5], chunk_elements=64, x_sq=squared_norms(x))
+    d = ((x[:, None] - x[None, :5]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    np.testing.assert_allclose(dists, d.min(1).values, atol=1e-4)
+
+
+def test_cluster_retrieval_samples_each_chosen_cluster_among_its_own_rows():
+    """Each cluster's rows are found by one sort of the labels (a scan per cluster was N^1.5): with per_cluster
+    at least a cluster's size the whole cluster is taken, else a sample of exactly per_cluster of its rows."""
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.eye(6) * 10
+    sizes = [30, 8, 40, 5, 25, 12]
+    pool = torch.cat([centres[i] + torch.randn(n, 6, generator=gen) * 0.1 for i, n in enumerate(sizes)])
+    blob = np.repeat(np.arange(6), sizes)
+    perm = torch.randperm(len(pool), generator=gen)  # blobs interleaved in the pool
+    pool, blob = pool[perm], blob[perm.numpy()]
+    seed = torch.cat([centres[i] + torch.randn(4, 6, generator=gen) * 0.1 for i in (0, 1, 2, 5)])
+    chosen = retrieve_by_clusters(seed, pool, n_clusters=6, min_seed_images=3, per_cluster=10)
+    assert len(set(chosen.tolist())) == len(chosen) and (np.diff(chosen) > 0).all()
+    taken = np.bincount(blob[chosen], minlength=6)
+    assert taken.tolist() == [10, 8, 10, 0, 0, 10]
+
+
 def test_kmeans_finds_separable_blobs_like_scikit_learn():
     sklearn_cluster = pytest.importorskip("sklearn.cluster")
     from sklearn.metrics import adjusted_rand_score

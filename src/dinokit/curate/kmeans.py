@@ -46,23 +46,38 @@ class KMeansResult:
 
 
 # ---------------------------------------------------------------------------------------------- distances
-def _distances(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
-    """(n, k) squared L2 distances (||x||^2 - 2 x.c + ||c||^2), or 1 - cosine for normalised rows."""
+def squared_norms(x: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """(n, 1) ``||x||^2`` of each row, computed a chunk of rows at a time (``x * x`` whole is another copy of
+    the points). Computed once per set of points and passed to :func:`_distances`: k-means++ spent three quarters
+    of its time, and its memory growth, recomputing it for each new centre."""
+    out = torch.empty(len(x), 1, dtype=x.dtype, device=x.device)
+    step = max(1, chunk_elements // max(x.shape[1], 1))
+    for start in range(0, len(x), step):
+        rows = x[start : start + step]
+        out[start : start + step] = (rows * rows).sum(1, keepdim=True)
+    return out
+
+
+def _distances(x: torch.Tensor, centroids: torch.Tensor, metric: str, x_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, k) squared L2 distances (||x||^2 - 2 x.c + ||c||^2), or 1 - cosine for normalised rows. ``x_sq``: the
+    rows' :func:`squared_norms`, when known."""
     if metric == "cos":
         return torch.addmm(torch.ones(1, dtype=x.dtype, device=x.device), x, centroids.T, alpha=-1)
     # one BLAS call: ||c||^2 - 2 x.c, then + ||x||^2 (clamped: rounding can dip below 0)
     partial = torch.addmm((centroids * centroids).sum(1)[None], x, centroids.T, alpha=-2)
-    return partial.add_((x * x).sum(1, keepdim=True)).clamp_min_(0)
+    return partial.add_(squared_norms(x) if x_sq is None else x_sq).clamp_min_(0)
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2",
-           chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of each row of ``x`` and the distance to it, ``chunk_elements`` distances at a time."""
+def assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+           x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of each row of ``x`` and the distance to it, ``chunk_elements`` distances at a time.
+    ``x_sq``: the rows' :func:`squared_norms`, when known (L2)."""
     step = max(1, chunk_elements // max(len(centroids), 1))
     labels = torch.empty(len(x), dtype=torch.long, device=x.device)
     dists = torch.empty(len(x), dtype=x.dtype, device=x.device)
     for start in range(0, len(x), step):
-        d = _distances(x[start : start + step], centroids, metric)  # (chunk, k)
+        rows_sq = None if x_sq is None else x_sq[start : start + step]
+        d = _distances(x[start : start + step], centroids, metric, rows_sq)  # (chunk, k)
         dists[start : start + step], labels[start : start + step] = d.min(dim=1)
     return labels, dists
 
@@ -125,11 +140,12 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, *, rng: np.random.Generator, metri
     n_trials = 2 + int(math.log(k))
     first = int(rng.integers(sum(sizes)))
     centroids = [_rows(x, [first], offset, distributed)]
-    closest = _distances(x, centroids[0], metric)[:, 0].double()  # (n,) to the nearest chosen centre
+    x_sq = squared_norms(x) if metric == "l2" else None
+    closest = _distances(x, centroids[0], metric, x_sq)[:, 0].double()  # (n,) to the nearest chosen centre
     for _ in range(1, k):
         positions = _sample_positions(closest, n_trials, rng, offset, distributed)
         candidates = _rows(x, positions, offset, distributed)  # (trials, D)
-        d = torch.minimum(closest[:, None], _distances(x, candidates, metric).double())  # (n, trials)
+        d = torch.minimum(closest[:, None], _distances(x, candidates, metric, x_sq).double())  # (n, trials)
         potentials = _sum(d.sum(0), distributed)
         best = int(torch.argmin(potentials))
         centroids.append(candidates[best : best + 1])
@@ -161,9 +177,13 @@ def kmeans(
         raise DinokitError(f"cannot make {k} clusters of {n_total} points; lower the number of clusters")
     rng = np.random.default_rng(seed)
     centroids = init.to(x) if init is not None else kmeans_plus_plus(x, k, rng=rng, metric=metric, distributed=distributed)
-    labels, dists = assign(x, centroids, metric=metric, chunk_elements=chunk_elements)
+    x_sq = squared_norms(x, chunk_elements) if metric == "l2" else None
+    labels, dists = assign(x, centroids, metric=metric, chunk_elements=chunk_elements, x_sq=x_sq)
+    step = max(1, chunk_elements // max(x.shape[1], 1))  # rows converted to high precision at once
     for _ in range(n_iters):
-        sums = torch.zeros(k, x.shape[1], dtype=high_precision, device=x.device).index_add_(0, labels, x.to(high_precision))
+        sums = torch.zeros(k, x.shape[1], dtype=high_precision, device=x.device)
+        for start in range(0, len(x), step):  # a chunk at a time: a high-precision copy of every point was 2x them
+            sums.index_add_(0, labels[start : start + step], x[start : start + step].to(high_precision))
         counts = torch.bincount(labels, minlength=k).to(high_precision)
         _sum(sums, distributed)
         _sum(counts, distributed)
@@ -173,7 +193,7 @@ def kmeans(
         if metric == "cos":
             new[filled] = torch.nn.functional.normalize(new[filled], dim=1)
         centroids = new.to(x.dtype)
-        new_labels, dists = assign(x, centroids, metric=metric, chunk_elements=chunk_elements)
+        new_labels, dists = assign(x, centroids, metric=metric, chunk_elements=chunk_elements, x_sq=x_sq)
         changed = _sum(torch.tensor([(new_labels != labels).sum().item()], device=x.device), distributed)
         labels = new_labels
         if changed.item() == 0:
