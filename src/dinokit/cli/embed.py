@@ -187,10 +187,9 @@ def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str],
             columns = {"path": pa.array(paths, type=pa.string())}
         except UnicodeEncodeError:
             columns = {"path": pa.array([os.fsencode(p) for p in paths], type=pa.binary())}
-        for name, array in arrays.items():  # (N, D) -> list<float32> column
-            n, d = array.shape
-            offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
-            columns[name] = pa.ListArray.from_arrays(offsets, pa.array(array.reshape(-1)))
+        for name, array in arrays.items():  # (N, D) -> a fixed_size_list<float32>[D] column: it has no offsets,
+            # whose 32 bits a list column's N x D values overflowed past 2^31 (e.g. 1.4M x 1536), after the extraction
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
         table = pa.table(columns).replace_schema_metadata({"bad_paths": json.dumps(bad_paths)})  # names kept exact
         with atomic_write(out) as tmp:
             pq.write_table(table, tmp)
