@@ -219,8 +219,17 @@ def test_file_list_missing_files_are_named_once_when_read(folder, tmp_path):
 
 
 def test_resolve_image_inputs(folder, tmp_path):
-    assert len(resolve_image_inputs(folder)) == 4
+    from dinokit.data import find_images
+    from dinokit.data.listing import PathColumn
+
+    found = resolve_image_inputs(folder)  # a PathColumn, as the datasets hold (no path object per image)
+    assert isinstance(found, PathColumn) and found == find_images(folder) and len(found) == 4
     assert resolve_image_inputs(folder / "extra.png") == [folder / "extra.png"]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'cat' / '1.png'}\ndog/0.png\n")
+    (tmp_path / "dog").mkdir()
+    _png(tmp_path / "dog" / "0.png")
+    assert resolve_image_inputs(listing) == [folder / "cat" / "1.png", tmp_path / "dog" / "0.png"]
     with pytest.raises(DinokitError, match="does not exist"):
         resolve_image_inputs(tmp_path / "nope")
 

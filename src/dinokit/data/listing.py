@@ -153,21 +153,21 @@ def keep_existing(paths: list[Path], list_file: str | Path) -> list[int]:
     return keep
 
 
-def resolve_image_inputs(input_path: str | Path) -> list[Path]:
+def resolve_image_inputs(input_path: str | Path) -> PathColumn:
     """A folder (recursive), a single image, or a ``.txt``/``.lst`` file listing image paths."""
     path = Path(input_path)
     if not path.exists():
         raise DinokitError(f"input path {str(path)!r} does not exist; give a folder, an image or a text file of paths")
     if path.is_dir():
-        files = find_images(path)
-        if not files:
+        names = find_image_names(path)  # no path object per image (a million images: seconds and memory)
+        if not names:
             raise DinokitError(f"no images found under {str(path)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        return files
+        return PathColumn(names)
     if is_image_file(path):
-        return [path]
+        return PathColumn([path])
     if path.suffix.lower() in (".txt", ".lst", ".csv"):
         files = read_path_list(path)
         if not files:
             raise DinokitError(f"list file {str(path)!r} names no images")
-        return [files[i] for i in keep_existing(files, path)]
+        return PathColumn(files[i] for i in keep_existing(files, path))
     raise DinokitError(f"{str(path)!r} is neither a folder, an image, nor a .txt list of image paths")
