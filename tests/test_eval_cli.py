@@ -615,6 +615,31 @@ def test_an_image_replaced_under_its_name_is_extracted_again(tmp_path):
     assert cache._path("val", "cls", make_dataset(str(folder))) != before
 
 
+def test_the_feature_cache_reads_each_files_status_once_per_dataset(tmp_path, monkeypatch):
+    """The cache key reads the status of every file (about 10 s at 1.28M images); it was read again for each lookup,
+    and a split whose class tokens are missing is looked up twice. Relabelling the dataset still gives a new key."""
+    import os
+
+    from PIL import Image
+
+    from dinokit.data import make_dataset
+    from dinokit.eval import feature_cache
+    from dinokit.eval.feature_cache import FeatureCache
+
+    folder = tmp_path / "images"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / name / "0.png")
+    dataset = make_dataset(str(folder), labelled=True)
+    stats = []
+    monkeypatch.setattr(feature_cache.os, "stat", lambda path: stats.append(path) or os.lstat(path))
+    cache = FeatureCache(tmp_path / "cache", {"model": "m"})
+    cls, linear = cache._path("val", "cls", dataset), cache._path("val", "linear", dataset)
+    assert len(stats) == 2 and cls != linear and cache._path("val", "cls", dataset) == cls and len(stats) == 2
+    dataset.targets = [1, 0]  # a class mapping applied: other labels, another key
+    assert cache._path("val", "cls", dataset) != cls and len(stats) == 4
+
+
 def test_ctrl_c_while_the_command_loads_is_one_line(capsys, monkeypatch):
     """A Ctrl-C in the first seconds (torch and the commands loading) printed a traceback: `import dinokit` loaded
     torch before main() could catch it. The package and the CLI module now load torch only when a command needs it."""
