@@ -357,7 +357,9 @@ def test_skipped_images_are_counted_over_every_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "run")
-    mp.start_processes(_bad_images_worker, args=(port, out), nprocs=2, join=True, start_method="fork")
+    # spawn: the workers train, and autograd refuses to run in a child forked after the parent used it (as another
+    # test of this pytest worker may have)
+    mp.start_processes(_bad_images_worker, args=(port, out), nprocs=2, join=True, start_method="spawn")
     assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == 18  # (1 + 2) per iteration, 6 iterations
 
 

@@ -224,7 +224,9 @@ def test_two_ranks_average_their_gradients_in_one_collective():
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as folder:
         out = f"{folder}/probes"
-        mp.start_processes(_two_rank_probes, args=(port, out), nprocs=2, join=True, start_method="fork")
+        # spawn: autograd refuses to run in a child forked after the parent used it (as another test of this worker
+        # may have: the test failed or passed by the order of the tests)
+        mp.start_processes(_two_rank_probes, args=(port, out), nprocs=2, join=True, start_method="spawn")
         ranks = [torch.load(f"{out}.{rank}") for rank in range(2)]
     cls_tokens, patch_mean, labels = (t[_MIXED] for t in separable_features(8, 5))
     torch.manual_seed(0)
