@@ -350,6 +350,8 @@ def test_config_file_builds_the_backbone_of_a_training_run(images, tmp_path, cap
 
 @pytest.mark.filterwarnings("ignore:skipping unreadable image")
 def test_ranks_embed_strided_shards_and_gather_in_dataset_order(images, weights, monkeypatch) -> None:
+    import copy
+
     import dinokit.features as features
 
     model, _ = weights
@@ -364,7 +366,8 @@ def test_ranks_embed_strided_shards_and_gather_in_dataset_order(images, weights,
         monkeypatch.setattr(features, "all_gather_object", gather)
         return extract_features(model, dataset, batch_size=2, progress=False)
 
-    only_odd = run_as_rank(1, lambda shard: rank1_shard.append(shard) or [shard])  # rank 1 runs first, keeps its shard
+    # rank 1 runs first and keeps a copy of its shard (what all_gather_object hands the other ranks)
+    only_odd = run_as_rank(1, lambda shard: rank1_shard.append(copy.deepcopy(shard)) or [copy.deepcopy(shard)])
     assert only_odd.indices.tolist() == [1, 3] and only_odd.bad == [5]
     merged = run_as_rank(0, lambda shard: [shard, rank1_shard[0]])  # rank 0 gathers both
     assert merged.indices.tolist() == single.indices.tolist() == [0, 1, 2, 3, 4]

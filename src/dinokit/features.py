@@ -106,21 +106,40 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], targets: list[torch.Tensor],
             bad: list[int], distributed: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
-    """Concatenate this rank's batches, gather every rank's (if ``distributed``), sort the rows by dataset index."""
-    local = (
-        {k: torch.cat(v) for k, v in parts.items()},
-        torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
-        torch.cat(targets) if targets else torch.empty(0, dtype=torch.long),
-        bad,
-    )
+    """Every rank's batches (if ``distributed``; else this process's), as tensors of rows in dataset-index order.
+
+    Each batch is copied into its rows of the result and let go at once: the batches, their concatenation and its
+    reordered copy were alive together (3.6x the features in one process: about 35 GB for ViT-S's linear-probe
+    features of ImageNet). ``parts`` (one list of per-batch tensors per output) and ``indices`` are emptied.
+    """
+    local = (parts, indices, targets, bad)
     shards = all_gather_object(local) if distributed else [local]
+    if all(s is not local for s in shards):  # copies were received (one process gets its own object back): the
+        # batches of this process go now
+        for batches in (*parts.values(), indices, targets):
+            batches.clear()
+    every_index = [i for s in shards for i in s[1]]
+    index = torch.sort(torch.cat(every_index)).values if every_index else torch.empty(0, dtype=torch.long)
+    rows = [[torch.searchsorted(index, i) for i in s[1]] for s in shards]  # where each batch's rows go
+
+    def assemble(batch_lists: list[list[torch.Tensor]]) -> torch.Tensor | None:
+        first = next((b[0] for b in batch_lists if b), None)
+        if first is None:
+            return None
+        out = first.new_empty((len(index), *first.shape[1:]))
+        for where, batches in zip(rows, batch_lists):
+            for j, at in enumerate(where):
+                out[at] = batches[j]
+                batches[j] = None  # let go of the batch
+        return out
+
     keys = next((list(s[0]) for s in shards if s[0]), [])
-    index = torch.cat([s[1] for s in shards])
-    order = torch.argsort(index)
-    features = {k: torch.cat([s[0][k] for s in shards if k in s[0]])[order] for k in keys}
-    targets_all = torch.cat([s[2] for s in shards])[order]
+    features = {k: assemble([s[0].get(k, []) for s in shards]) for k in keys}
+    targets_all = assemble([s[2] for s in shards])
+    if targets_all is None:
+        targets_all = torch.empty(0, dtype=torch.long)
     bad_all = sorted(i for s in shards for i in s[3])
-    return features, index[order], targets_all, bad_all
+    return features, index, targets_all, bad_all
 
 
 class _CompletedEvent:
