@@ -162,3 +162,22 @@ def test_small_sklearn_fits_run_on_one_blas_thread(monkeypatch):
         monkeypatch.setattr(logreg, "SINGLE_THREAD_BLAS_BELOW", 100)  # this fit counts as large
         fit_logreg(x, y, C=1.0, backend="sklearn", max_iter=50)
     assert seen[0] == {1} and 1 not in seen[1], seen
+
+
+def test_the_fitting_set_is_taken_once_and_kept_in_its_own_dtype(monkeypatch):
+    """The features were made float64 up front (a copy twice their size) and the fitting set indexed again for each
+    C (45 copies made in turn): now one fitting set, in the features' dtype, which each solver converts as it reads."""
+    import dinokit.eval.logreg as logreg
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 4, generator=gen), torch.arange(60) % 3
+    x[torch.arange(60), y] += 3
+    seen = []
+    fit = logreg.fit_logreg
+    monkeypatch.setattr(logreg, "fit_logreg", lambda fx, fy, **kw: seen.append(fx) or fit(fx, fy, **kw))
+    result = logreg.evaluate_logreg(x, y, x[:30], y[:30], c_values=[0.1, 1.0, 10.0], backend="torch", max_iter=20)
+    assert len(seen) == 4 and seen[0] is seen[1] is seen[2] and len(seen[0]) == 54 and len(seen[3]) == 60
+    assert all(f.dtype == torch.float32 for f in seen) and result.top1 > 90
+    reference = logreg._fit_torch(x.double(), y, C=1.0, max_iter=20, tol=1e-4, device="cpu", chunk_size=7)
+    model = logreg._fit_torch(x, y, C=1.0, max_iter=20, tol=1e-4, device="cpu")  # float32 in, float64 inside
+    torch.testing.assert_close(model.coef, reference.coef, rtol=1e-6, atol=1e-8)

@@ -138,14 +138,17 @@ def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, *, C: float, max_iter: int, t
 
 def _fit_torch(
     x: torch.Tensor, y: torch.Tensor, *, C: float, max_iter: int, tol: float, device: torch.device | str,
-    init: LogregModel | None = None, chunk_size: int = 1 << 16,
+    init: LogregModel | None = None, chunk_size: int | None = None,
 ) -> LogregModel:
-    """L-BFGS (strong Wolfe line search) on ``mean CE + ||W||^2 / (2 C n)``, sklearn's scaled objective."""
+    """L-BFGS (strong Wolfe line search) on ``mean CE + ||W||^2 / (2 C n)``, sklearn's scaled objective. The rows
+    go through in chunks of ``chunk_size`` (default: 65536, fewer with more than 256 classes, so that each
+    (rows x classes) float64 array of a chunk stays within 128 MB)."""
     classes, targets = torch.unique(y.cpu(), return_inverse=True)
     n, d = x.shape
     binary = len(classes) == 2
     rows = 1 if binary else len(classes)
-    x = x.to(device, torch.float64)
+    chunk_size = chunk_size or max(1024, min(1 << 16, (1 << 24) // rows))
+    x = x.to(device)  # in its own dtype: each chunk is made float64 when used (a float64 copy is twice float32)
     targets = targets.to(device)
     weight = torch.zeros(rows, d, dtype=torch.float64, device=device)
     bias = torch.zeros(rows, dtype=torch.float64, device=device)
@@ -165,7 +168,7 @@ def _fit_torch(
         total.backward()
         total = total.detach()
         for start in range(0, n, chunk_size):  # chunks bound the (rows x classes) logits in memory
-            logits = x[start : start + chunk_size] @ weight.T + bias
+            logits = x[start : start + chunk_size].double() @ weight.T + bias
             t = targets[start : start + chunk_size]
             if binary:
                 loss = F.binary_cross_entropy_with_logits(logits[:, 0], t.double(), reduction="sum") / n
@@ -231,15 +234,19 @@ def evaluate_logreg(
     c_values = sorted(c_values if c_values is not None else c_grid())
     if len(train_y) < 2:
         raise DinokitError("logistic regression needs at least 2 training images")
-    # float64 as officially; the torch solver gets the data on its device once, not once per C.
+    # Computed in float64 as officially, each solver converting what it uses when it uses it: the features stay in
+    # their own dtype (a float64 copy of ImageNet's is 4 GB at D=384). The torch solver gets them on its device once,
+    # not once per C; the fitting set is taken once, not once per C.
     data_device = device if backend == "torch" else "cpu"
-    train_x, val_x = train_x.to(data_device, torch.float64), val_x.to(data_device, torch.float64)
+    train_x, val_x = train_x.to(data_device), val_x.to(data_device)
     if finetune_on_val:
         fit_idx, held_idx = torch.arange(len(train_y)), None
+        fit_x, fit_y = train_x, train_y
     else:
         fit_idx, held_idx = holdout_split(len(train_y), holdout_fraction, seed)
-    held_x, held_y = (val_x, val_y) if held_idx is None else (train_x[held_idx], train_y[held_idx])
-    n_fit_classes = int(torch.unique(train_y[fit_idx]).numel())
+        fit_x, fit_y = train_x[fit_idx.to(train_x.device)], train_y[fit_idx]
+    held_x, held_y = (val_x, val_y) if held_idx is None else (train_x[held_idx.to(train_x.device)], train_y[held_idx])
+    n_fit_classes = int(torch.unique(fit_y).numel())
     if n_fit_classes < 2:  # the solvers need two classes (sklearn raised a ValueError traceback)
         raise DinokitError(f"logistic regression needs at least 2 classes among the images it fits on; the "
                            f"{len(fit_idx)} training image(s) left after holding out {len(held_idx)} to choose C "
@@ -247,11 +254,10 @@ def evaluate_logreg(
     scores: dict[float, float] = {}
     previous = None
     for C in c_values[du.get_rank() :: du.get_world_size()]:  # increasing C: warm starts follow the path
-        previous = fit_logreg(
-            train_x[fit_idx], train_y[fit_idx], C=C, backend=backend, max_iter=max_iter, tol=tol, device=device,
-            init=previous,
-        )
+        previous = fit_logreg(fit_x, fit_y, C=C, backend=backend, max_iter=max_iter, tol=tol, device=device,
+                              init=previous)
         scores[C] = previous.accuracy(held_x, held_y)
+    del fit_x, held_x  # before the refit on all of train
     for part in du.all_gather_object(scores):
         scores.update(part)
     best_C = max(c_values, key=lambda c: scores[c])  # the smallest C among equals: the strongest regularisation
