@@ -469,3 +469,29 @@ def test_folder_datasets_keep_a_path_column(folder):
 
     for ds in (make_dataset(str(folder), labelled=True), make_dataset(str(folder))):
         assert isinstance(ds.paths, PathColumn)
+
+
+def test_real_paths_resolve_as_path_resolve_does(tmp_path, monkeypatch):
+    """curate's manifest resolved every path whole (a status read per component of each: minutes for millions of
+    paths on a network file system); folders are now resolved once, a linked file still to its target."""
+    import os
+    from pathlib import Path
+
+    from dinokit.data.listing import real_paths
+
+    real = tmp_path / "real"
+    _png(real / "a.png")
+    _png(real / "sub" / "b.png")
+    (tmp_path / "linked").symlink_to(real)  # a linked folder
+    (real / "c.png").symlink_to(real / "sub" / "b.png")  # a linked file
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")  # a link to itself
+    monkeypatch.chdir(real)
+    inputs = [tmp_path / "linked" / "a.png", str(tmp_path / "linked" / "sub" / ".." / "a.png"), real / "c.png",
+              tmp_path / "linked" / "c.png", "sub/b.png", tmp_path / "missing" / "x.png", os.fsdecode(b"caf\xe9.png"),
+              tmp_path / "linked" / "sub" / "."]
+    (tmp_path / "deep").symlink_to(real / "sub")  # '..' after a linked folder is its target's parent (real), not
+    inputs.append(tmp_path / "deep" / ".." / "a.png")  # the link's (tmp_path)
+    assert real_paths(inputs) == [str(Path(p).resolve()) for p in inputs]
+    assert real_paths([tmp_path / "loop.png"]) == [str(tmp_path / "loop.png")]  # (Path.resolve raised)
+    assert real_paths(inputs)[:5] == [str(real / "a.png"), str(real / "a.png"), str(real / "sub" / "b.png"),
+                                      str(real / "sub" / "b.png"), str(real / "sub" / "b.png")]

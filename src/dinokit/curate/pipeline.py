@@ -28,6 +28,7 @@ from PIL import Image
 
 from .. import distributed as du
 from ..data import make_classification_eval_transform, make_dataset
+from ..data.listing import real_paths
 from ..devices import usable_workers
 from ..errors import DinokitError
 from ..features import check_image_size
@@ -285,7 +286,7 @@ def stage_sample(work: Work, *, device: torch.device, progress: bool = True) -> 
         chosen = hierarchical_sample(leaf, parents, target, distances=distances, strategy=config.sample.strategy,
                                      seed=config.sample.seed, multiplier=config.sample.multiplier)
         save_npy(work.folder("sample") / "chosen.npy", chosen)
-        paths = [str(Path(p).resolve()) for p in pool.row_paths(selected[chosen])]
+        paths = real_paths(pool.row_paths(selected[chosen]))
         with atomic_write(work.root / MANIFEST) as tmp:
             tmp.write_text("".join(f"{p}\n" for p in paths), errors="surrogateescape")  # names as their bytes
         counts = {"sampled": len(chosen), "sampled_distinct": len(np.unique(chosen))}

@@ -106,6 +106,25 @@ class PathColumn(Sequence[Path]):
         return f"PathColumn({len(self)} paths)"
 
 
+def real_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """``str(Path(p).resolve())`` of each path (absolute, every link followed), each folder resolved once: resolving
+    every path whole reads the status of each of its components (minutes for millions of paths on a network file
+    system); here a file costs one status read, and a second resolution when it is itself a link."""
+    folders: dict[str, str] = {}
+    out = []
+    here = os.getcwd()
+    for path in map(os.fspath, paths):
+        folder, name = os.path.split(os.path.join(here, path))  # '..' left to realpath: across links it is physical
+        if name in ("", ".", ".."):
+            out.append(os.path.realpath(path))
+            continue
+        if (real := folders.get(folder)) is None:
+            real = folders[folder] = os.path.realpath(folder)
+        joined = os.path.join(real, name)
+        out.append(os.path.realpath(joined) if os.path.islink(joined) else joined)
+    return out
+
+
 def read_user_text(path: str | Path) -> str:
     """A text file a user wrote (a path list, labels, class names): UTF-8, a byte-order mark (Windows editors)
     dropped; anything else is one line naming the file."""
