@@ -80,6 +80,12 @@ def test_written_and_read_back(shards, capsys: pytest.CaptureFixture) -> None:
             assert image is None  # skipped like a bad file, counted by the collate
         else:
             assert np.array_equal(np.asarray(image), np.asarray(Image.open(path).convert("RGB")))
+    # the samples are held as numpy columns and a path column, not an object per sample (which every data-loading
+    # worker came to copy as it read them)
+    from dinokit.data.listing import PathColumn
+
+    assert isinstance(ds.paths, PathColumn) and str(ds.paths[0]).endswith("000000.tar/000000000")
+    assert not any(isinstance(v, list) and len(v) == len(ds) for k, v in vars(ds).items() if k != "targets")
 
 
 @pytest.mark.filterwarnings("ignore:skipping unreadable image")

@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 from PIL import Image
 
 from ..errors import DinokitError
 from .datasets import ImageDataset
 from .images import load_image
-from .listing import IMAGE_EXTENSIONS
+from .listing import IMAGE_EXTENSIONS, PathColumn
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _LABEL_EXTS = ("cls", "label")
@@ -172,10 +173,14 @@ class ShardDataset(ImageDataset):
 
     def __init__(self, shards: Sequence[Path], samples: list[ShardSample], classes: list[str], transform=None,
                  name: str = "") -> None:
-        paths = [Path(f"{shards[s.shard]}/{s.key}") for s in samples]  # display names: shard/key
-        super().__init__(paths, [s.target for s in samples], classes, transform, name)
+        names = (f"{shards[s.shard]}/{s.key}" for s in samples)  # display names: shard/key
+        super().__init__(PathColumn(names), [s.target for s in samples], classes, transform, name)
         self.shards = list(shards)
-        self.samples = samples
+        # each sample's shard and image byte range as numpy columns (size -1: no image), not an object per sample,
+        # which every DataLoader worker came to copy as it read them (about 250 bytes per sample)
+        self._shard = np.fromiter((s.shard for s in samples), dtype=np.int64, count=len(samples))
+        self._offset = np.fromiter((s.image[0] if s.image else 0 for s in samples), dtype=np.int64, count=len(samples))
+        self._size = np.fromiter((s.image[1] if s.image else -1 for s in samples), dtype=np.int64, count=len(samples))
         self._files: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -190,11 +195,10 @@ class ShardDataset(ImageDataset):
         return self._files[shard]
 
     def read_image(self, index: int) -> Image.Image:
-        sample = self.samples[index]
-        if sample.image is None:
+        offset, size = int(self._offset[index]), int(self._size[index])
+        if size < 0:
             raise ValueError("the sample has no image member")
-        offset, size = sample.image
-        f = self._file(sample.shard)
+        f = self._file(int(self._shard[index]))
         f.seek(offset)
         return load_image(io.BytesIO(f.read(size)), draft_size=self.draft_size)  # decoded like any image file
 
