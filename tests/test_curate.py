@@ -363,3 +363,18 @@ def test_two_process_gloo_clustering_equals_one_process(tmp_path):
             else:
                 assert torch.equal(ranks[0][level][1], ref.labels)
         assert len(single[0].centroids) == (20 if splits is None else 40)
+
+
+def test_dedup_normalises_the_descriptors_in_place_with_the_same_bits():
+    """The pool, its centred copy and its normalised copy were three (n, D) arrays at once; the descriptors are now
+    centred and normalised in their own array, bit for bit as F.normalize(x - center)."""
+    from dinokit.curate.pipeline import _centred_unit_rows
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 32, generator=gen) * 3 + 1
+    x[7] = x.mean(0)  # a row at the centre: zero after centring, left zero
+    center = x.mean(0)
+    expected = torch.nn.functional.normalize(x - center, dim=1)
+    data = x.data_ptr()
+    out = _centred_unit_rows(x, center)
+    assert out.data_ptr() == data and torch.equal(out, expected)

@@ -23,7 +23,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .. import distributed as du
@@ -138,12 +137,19 @@ def _rank_slice(n: int) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
+def _centred_unit_rows(x: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x - center, dim=1)`` computed in ``x`` itself (a fresh array): the pool, its centred copy and
+    its normalised copy were three (n, D) arrays at once (30 GB for 10M images of 256-wide descriptors)."""
+    x.sub_(center)
+    return x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12))
+
+
 def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> dict:
     c = work.config.dedup
     pool = EmbeddingStore(work.folder("embed") / "pool")
     x = pool.load("copy").to(device)
     center = x.mean(0) if c.center else torch.zeros_like(x[0])
-    x = F.normalize(x - center, dim=1)
+    x = _centred_unit_rows(x, center)
     n = len(x)
     # Links above the looser of the two thresholds, kept once: self-dedup cuts them again at its own.
     low = min(c.threshold, c.eval_threshold)
@@ -158,7 +164,7 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
         kept = choose_representatives(labels, keep=c.keep, sizes=pool.sizes, features=x.cpu())
         removed = np.zeros(n, dtype=bool)
         for name in sorted(p.name for p in work.folder("embed").glob("eval-*")):
-            evals = F.normalize(EmbeddingStore(work.folder("embed") / name).load("copy").to(device) - center, dim=1)
+            evals = _centred_unit_rows(EmbeddingStore(work.folder("embed") / name).load("copy").to(device), center)
             e_sims, e_idx = knn_search(evals, x, min(c.k, n), method=c.knn)
             removed |= relative_dedup(n, edges[edge_sims > c.eval_threshold], e_sims, e_idx, c.eval_threshold)
         final = kept[~removed[kept]]
