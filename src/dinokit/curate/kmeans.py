@@ -68,7 +68,8 @@ def _distances(x: torch.Tensor, centroids: torch.Tensor, metric: str, x_sq: torc
     return partial.add_(squared_norms(x) if x_sq is None else x_sq).clamp_min_(0)
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+def assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2",
+           chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
            x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each row of ``x`` and the distance to it, ``chunk_elements`` distances at a time.
     ``x_sq``: the rows' :func:`squared_norms`, when known (L2)."""
