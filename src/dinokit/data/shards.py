@@ -4,10 +4,10 @@ A shard is a tar file whose members are grouped into samples by key (the member 
 dot of its file name): ``000042.jpg`` and ``000042.cls`` form sample ``000042`` with an image and an
 integer label. This module indexes every member's byte range once (and caches the index, see
 :func:`cached_index`), so that sample ``i`` of the concatenated shards is one ``seek`` + ``read``. That
-keeps the design of the rest of the data pipeline: pretraining draws stream position ``p`` from ``(seed, p)`` (see :mod:`dinokit.data.samplers`),
-positions are split between ranks and DataLoader workers by the sampler (each sample once per pass,
-on exactly one rank and worker), and a resumed run continues at its exact data position with no
-extra state. Reading a sample costs what reading one file of an ``ImageFolder`` costs.
+keeps the design of the rest of the data pipeline: pretraining draws stream position ``p`` from
+``(seed, p)`` (see :mod:`dinokit.data.samplers`), positions are split between ranks and DataLoader
+workers by the sampler (each sample once per pass, on exactly one rank and worker), and a resumed run
+continues at its exact data position with no extra state. Reading a sample costs what reading one file of an ``ImageFolder`` costs.
 
 URLs: local paths, brace ranges (``{000..099}``, zero-padded) and lists (``{a,b}``), several patterns
 joined by ``::``. Anything else the ``webdataset`` library opens (``http://``, ``s3://`` via ``pipe:``...)
