@@ -179,18 +179,37 @@ def test_shard_indices_are_cached_and_renewed_when_a_shard_changes(shards, tmp_p
     # shard 1 written again with its samples in reverse order: indexed again, its images found at their new places
     import tarfile
 
+    import os
+
     with tarfile.open(folder / "000001.tar") as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    times = os.stat(folder / "000001.tar")
     with tarfile.open(folder / "000001.tar", "w") as tar:
         for member, data in reversed(members):
             tar.addfile(member, io.BytesIO(data))
+    os.utime(folder / "000001.tar", ns=(times.st_atime_ns, times.st_mtime_ns))  # as cp -p or rsync -t leave it
+    assert os.stat(folder / "000001.tar").st_size == times.st_size  # the same size and time: only ctime tells
     renewed = make_dataset(urls, labelled=True)
     assert scans == ["000001.tar"] and renewed.targets[5:10] == first.targets[5:10][::-1]
     assert [pixels(renewed, i) for i in range(5, 10)] == before[5:10][::-1]
+    damaged = ['[["000000000", "x"', '[["k", 0, Infinity, 0]]', '[["k", 1e300, 5, 0]]', "[" * 100000, '{"a": 1}',
+               f'[["k", {2**64}, 5, 0]]', '[["k", -3, 5, 0]]', '[["k", 0, 5, true]]', '[["k", 0, 5, 1.5]]',
+               '[["\\ud800", 0, 5, 0]]', '[["k", 0, 5]]']
+    for text in damaged:  # damaged or edited: scanned again, never a traceback or a wrong sample
+        for cached in (tmp_path / "cache" / "index").iterdir():
+            cached.write_text(text)
+        scans.clear()
+        assert make_dataset(urls, labelled=True).targets == renewed.targets and len(scans) == 5, text
     for cached in (tmp_path / "cache" / "index").iterdir():
-        cached.write_text('[["000000000", "x"')  # damaged
-    scans.clear()
-    assert make_dataset(urls, labelled=True).targets == renewed.targets and len(scans) == 5
+        cached.unlink()
+
+    def refused(path):  # atomic_write's one-line error: no permission, a full disk
+        raise DinokitError(f"permission denied while writing {path}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shard_module, "atomic_write", refused)
+        scans.clear()
+        assert make_dataset(urls, labelled=True).targets == renewed.targets and len(scans) == 5
     monkeypatch.setenv("DINOKIT_SHARD_CACHE", str(folder / "000000.tar"))  # a file: no cache can be made there
     scans.clear()
     assert make_dataset(urls, labelled=True).targets == renewed.targets and len(scans) == 5

@@ -159,25 +159,51 @@ INDEX_VERSION = 1  # of the cached indices' layout
 
 
 def _index_file(path: Path) -> Path:
-    """Where the index of the shard ``path`` is cached: named by its real path, size and modification time, so that
-    a shard rewritten since (another size or time) is indexed again."""
-    stat = path.stat()
-    key = f"{INDEX_VERSION}\n{os.path.realpath(path)}\n{stat.st_size}\n{stat.st_mtime_ns}"
+    """Where the index of the shard ``path`` is cached: named by its real path and its file's identity, size,
+    modification and change times, so that a shard written again is indexed again (also one copied over with
+    ``cp -p`` or ``rsync -t``, which keep the modification time but make a new change time, or a new file)."""
+    st = path.stat()
+    key = (f"{INDEX_VERSION}\n{os.path.realpath(path)}\n{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} "
+           f"{st.st_ctime_ns}")
     return _cache_dir() / "index" / f"{hashlib.sha1(key.encode(errors='surrogateescape')).hexdigest()[:20]}.json"
+
+
+_INT64 = 2**63
+
+
+def _read_index(cache: Path, shard: int) -> list[ShardSample]:
+    """The samples of a cached index; ValueError when it is not one that :func:`cached_index` writes (a damaged
+    or edited file: the shard is scanned instead)."""
+    try:
+        rows = json.loads(cache.read_text())
+    except RecursionError:
+        raise ValueError("too deeply nested") from None
+    if not isinstance(rows, list):
+        raise ValueError("not a list")
+    samples = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
+                and all(type(v) is int for v in row[1:])):
+            raise ValueError("not a [key, offset, size, target] row")
+        key, offset, size, target = row
+        if not (0 <= offset < _INT64 and -1 <= size < _INT64 and -1 <= target < _INT64):
+            raise ValueError("a number out of range")
+        os.fsencode(key)  # a name a file system can hold (UnicodeEncodeError, a ValueError, otherwise)
+        samples.append(ShardSample(shard, key, (offset, size) if size >= 0 else None, target))
+    return samples
 
 
 def cached_index(path: Path, shard: int) -> list[ShardSample]:
     """:func:`index_shard`, read from the index cache (``$DINOKIT_SHARD_CACHE/index``) once the shard has been
     indexed: scanning a tar's headers and reading its labels took about 40 ms per 1000 samples (a minute for
     ImageNet's 1.28M, at every command), its cached index well under a millisecond. The cache holds numbers and
-    names only (JSON); one that cannot be read or written is passed over, and the shard scanned."""
+    names only (JSON); one that cannot be read, or is not what this function writes, is passed over and the shard
+    scanned; one that cannot be written (no permission, a full disk) is left unwritten."""
     cache: Path | None = None
     try:
         cache = _index_file(path)
-        rows = json.loads(cache.read_text())
-        return [ShardSample(shard, str(key), (int(offset), int(size)) if size >= 0 else None, int(target))
-                for key, offset, size, target in rows]
-    except (OSError, ValueError, TypeError):  # not indexed yet, or a damaged index
+        return _read_index(cache, shard)
+    except (OSError, ValueError):  # not indexed yet, or a damaged index
         pass
     samples = index_shard(path, shard)
     if cache is not None:
@@ -185,7 +211,7 @@ def cached_index(path: Path, shard: int) -> list[ShardSample]:
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(cache) as tmp:
                 tmp.write_text(json.dumps([[s.key, *(s.image or (0, -1)), s.target] for s in samples]))
-        except OSError:  # a cache folder that cannot be written: the shard is scanned again next time
+        except (OSError, DinokitError):  # atomic_write says why in a DinokitError: the shard is scanned next time
             pass
     return samples
 
