@@ -479,3 +479,22 @@ def test_gather_puts_rows_in_dataset_order_and_lets_each_batch_go() -> None:
     torch.testing.assert_close(features["cls"], values, rtol=0, atol=0)
     torch.testing.assert_close(features["pair"], values[:, :2], rtol=0, atol=0)
     assert all(b is None for batches in parts.values() for b in batches)  # no batch kept beside the result
+
+
+def test_extract_features_keeps_every_row_of_a_dataset_that_repeats_an_index(images, weights) -> None:
+    """A ConcatDataset of two image sets (both count from 0) gave uninitialised memory for the repeated indices: each
+    row of a repeated index now keeps its own features, in the order the rows were read."""
+    from torch.utils.data import ConcatDataset, Subset
+
+    model, _ = weights
+    transform = make_classification_eval_transform(crop_size=56)
+    one = ImageFiles([images / n for n in GOOD[:3]], transform=transform)
+    other = ImageFiles([images / n for n in GOOD[3:5]], transform=transform)
+    single = extract_features(model, ImageFiles([images / n for n in GOOD[:5]], transform=transform), batch_size=2,
+                              progress=False)
+    both = extract_features(model, ConcatDataset([one, other]), batch_size=2, progress=False)
+    assert both.indices.tolist() == [0, 0, 1, 1, 2]
+    torch.testing.assert_close(both.features["cls"], single.features["cls"][[0, 3, 1, 4, 2]])
+    twice = extract_features(model, Subset(one, [2, 0, 2]), batch_size=2, progress=False)
+    assert twice.indices.tolist() == [0, 2, 2]  # Subset items carry the wrapped dataset's index
+    torch.testing.assert_close(twice.features["cls"], single.features["cls"][[0, 2, 2]])

@@ -119,8 +119,13 @@ def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], t
         for batches in (*parts.values(), indices, targets):
             batches.clear()
     every_index = [i for s in shards for i in s[1]]
-    index = torch.sort(torch.cat(every_index)).values if every_index else torch.empty(0, dtype=torch.long)
-    rows = [[torch.searchsorted(index, i) for i in s[1]] for s in shards]  # where each batch's rows go
+    gathered = torch.cat(every_index) if every_index else torch.empty(0, dtype=torch.long)
+    order = torch.argsort(gathered, stable=True)  # a repeated index (a ConcatDataset, a Subset) keeps every row
+    index, place = gathered[order], torch.empty_like(order)
+    place[order] = torch.arange(len(order))  # where each gathered row goes
+    sizes = [len(i) for s in shards for i in s[1]]
+    batch_places = iter(torch.split(place, sizes))
+    rows = [[next(batch_places) for _ in s[1]] for s in shards]  # where each batch's rows go
 
     def assemble(batch_lists: list[list[torch.Tensor]]) -> torch.Tensor | None:
         first = next((b[0] for b in batch_lists if b), None)
