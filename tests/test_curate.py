@@ -335,6 +335,9 @@ SPLITS = (None, [2, 1])
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
+    # a forked child: its OpenMP team would wait for ever on the parent's threads, which the fork did not copy
+    # (pytest -n0 after a test that computed on several threads)
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)

@@ -284,6 +284,9 @@ def _buffers_worker(rank: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
+    # a forked child: its OpenMP team would wait for ever on the parent's threads, which the fork did not copy
+    # (pytest -n0 after a test that computed on several threads)
+    torch.set_num_threads(1)
     from dinokit.engine.parallel import average_buffers
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
