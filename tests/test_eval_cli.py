@@ -637,7 +637,10 @@ def test_the_feature_cache_reads_each_files_status_once_per_dataset(tmp_path, mo
     cls, linear = cache._path("val", "cls", dataset), cache._path("val", "linear", dataset)
     assert len(stats) == 2 and cls != linear and cache._path("val", "cls", dataset) == cls and len(stats) == 2
     dataset.targets = [1, 0]  # a class mapping applied: other labels, another key
-    assert cache._path("val", "cls", dataset) != cls and len(stats) == 4
+    relabelled = cache._path("val", "cls", dataset)
+    assert relabelled != cls and len(stats) == 4
+    dataset.targets[0] = 0  # changed in place (from Python): another key too
+    assert cache._path("val", "cls", dataset) not in (cls, relabelled)
 
 
 def test_ctrl_c_while_the_command_loads_is_one_line(capsys, monkeypatch):

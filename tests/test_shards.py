@@ -215,6 +215,26 @@ def test_shard_indices_are_cached_and_renewed_when_a_shard_changes(shards, tmp_p
     assert make_dataset(urls, labelled=True).targets == renewed.targets and len(scans) == 5
 
 
+def test_cached_features_of_shards_follow_the_shard_files(shards, tmp_path) -> None:
+    """The feature cache keyed each file by its size and time, but a shard member has no file of its own: shards
+    written again with other pixels under the same keys kept their old features. Members now count as their shard."""
+    import os
+    import shutil
+
+    from dinokit.eval.feature_cache import FeatureCache
+
+    dataset_str, _ = shards
+    folder = tmp_path / "shards"
+    shutil.copytree(Path(dataset_str.split("=")[1]).parent, folder)
+    urls = f"WebDataset:urls={folder}/{{000000..000004}}.tar"
+    cache = FeatureCache(tmp_path / "cache", {"model": "m"})
+    before = cache._path("val", "cls", make_dataset(urls, labelled=True))
+    assert cache._path("val", "cls", make_dataset(urls, labelled=True)) == before
+    stat = os.stat(folder / "000002.tar")
+    os.utime(folder / "000002.tar", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # written again
+    assert cache._path("val", "cls", make_dataset(urls, labelled=True)) != before
+
+
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(DinokitError, match=r"shard '.*missing/000\.tar' does not exist; check the WebDataset urls"):
         make_dataset(f"WebDataset:urls={tmp_path}/missing/{{000..001}}.tar")

@@ -21,6 +21,8 @@ from torch import nn
 from .. import distributed as du
 from ..data import ImageDataset
 from ..data.images import decoding_settings
+from ..data.imagenet import EntryPaths
+from ..data.listing import PathColumn
 from ..errors import DinokitError
 from ..features import ExtractedFeatures, cls_feature_fn, extract_features
 from ..files import atomic_write
@@ -79,26 +81,31 @@ class FeatureCache:
         self.folder = None
         if root is not None:
             self.folder = Path(root) / _digest(model_description)
-        # each dataset's file digest, made once: it reads the status of every file (about 10 s for 1.28M images on
-        # a local disk, minutes on a network one), and a split is looked up twice when its class tokens are missing
-        self._file_digests: dict[int, tuple[tuple, str]] = {}
+        # each path sequence's file digest, made once: it reads the status of every file (about 10 s for 1.28M
+        # images on a local disk, minutes on a network one), and a split is looked up twice when its class tokens
+        # are missing
+        self._file_digests: dict[tuple[int, bytes], tuple[Any, str]] = {}
 
     def _files_digest(self, dataset: ImageDataset) -> str:
-        """The digest of ``dataset``'s file names, labels, sizes and modification times (kept for the dataset object
-        with the same path and label sequences)."""
-        held = (dataset, dataset.paths, dataset.targets)  # held, so that their ids stay theirs
-        known = self._file_digests.get(id(dataset))
-        if known is not None and all(a is b for a, b in zip(known[0], held)):
+        """The digest of ``dataset``'s file names, labels, sizes and modification times. Kept for a path sequence
+        that cannot change (a :class:`PathColumn`, ImageNet's entries) with the same labels; a shard member's
+        sizes and times are its shard file's."""
+        paths, labels = dataset.paths, repr(dataset.targets).encode()
+        memo = (id(paths), hashlib.sha1(labels).digest())
+        known = self._file_digests.get(memo)
+        if known is not None and known[0] is paths:
             return known[1]
-        names = "\n".join(map(str, dataset.paths)).encode(errors="surrogateescape")  # names that are not UTF-8 too
-        files = hashlib.sha1(names + repr(dataset.targets).encode())
-        for path in dataset.paths:  # a file replaced by other pixels under its name gets new features
+        names = "\n".join(map(str, paths)).encode(errors="surrogateescape")  # names that are not UTF-8 too
+        files = hashlib.sha1(names + labels)
+        containers: dict[str, bytes] = {}
+        for path in paths:  # a file replaced by other pixels under its name gets new features
             try:
                 stat = os.stat(path)
                 files.update(f"{stat.st_size} {stat.st_mtime_ns}\n".encode())
-            except (OSError, TypeError, ValueError):  # a shard member's "shard/key" name: no file of its own
-                files.update(b"-\n")
-        self._file_digests[id(dataset)] = (held, files.hexdigest())
+            except (OSError, TypeError, ValueError):  # a shard member's "shard/key" name: its shard's status
+                files.update(_container_status(os.path.dirname(path), containers))
+        if isinstance(paths, (PathColumn, EntryPaths)):  # sequences that cannot change
+            self._file_digests[memo] = (paths, files.hexdigest())
         return files.hexdigest()
 
     def _path(self, split: str, kind: str, dataset: ImageDataset) -> Path:
@@ -122,6 +129,17 @@ class FeatureCache:
             _save(result, path, self.model_description)
         du.barrier()
         return result
+
+
+def _container_status(folder: str, known: dict[str, bytes]) -> bytes:
+    """``size mtime`` of the file that holds a member (a tar shard), ``-`` when there is none (known: per file)."""
+    if folder not in known:
+        try:
+            stat = os.stat(folder)
+            known[folder] = f"in {stat.st_size} {stat.st_mtime_ns}\n".encode() if os.path.isfile(folder) else b"-\n"
+        except (OSError, ValueError):
+            known[folder] = b"-\n"
+    return known[folder]
 
 
 def _digest(obj: Any) -> str:
