@@ -493,5 +493,10 @@ def test_real_paths_resolve_as_path_resolve_does(tmp_path, monkeypatch):
     inputs.append(tmp_path / "deep" / ".." / "a.png")  # the link's (tmp_path)
     assert real_paths(inputs) == [str(Path(p).resolve()) for p in inputs]
     assert real_paths([tmp_path / "loop.png"]) == [str(tmp_path / "loop.png")]  # (Path.resolve raised)
+    from dinokit.data.listing import PathColumn, absolute_paths
+
+    for given in (inputs, PathColumn(inputs)):  # each folder made absolute once, as os.path.abspath does it
+        assert absolute_paths(given) == [os.path.abspath(p) for p in given]
+    assert list(PathColumn(inputs).strings()) == [str(Path(p)) for p in inputs]
     assert real_paths(inputs)[:5] == [str(real / "a.png"), str(real / "a.png"), str(real / "sub" / "b.png"),
                                       str(real / "sub" / "b.png"), str(real / "sub" / "b.png")]

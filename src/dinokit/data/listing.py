@@ -90,9 +90,13 @@ class PathColumn(Sequence[Path]):
         return Path(os.fsdecode(self._names[start:int(self._ends[i])]))
 
     def __iter__(self) -> Iterator[Path]:
+        return map(Path, self.strings())
+
+    def strings(self) -> Iterator[str]:
+        """The paths as strings, without building a ``Path`` for each (which takes most of the time of a pass)."""
         start = 0
         for end in self._ends.tolist():
-            yield Path(os.fsdecode(self._names[start:end]))
+            yield os.fsdecode(self._names[start:end])
             start = end
 
     def __eq__(self, other: object) -> bool:
@@ -104,6 +108,21 @@ class PathColumn(Sequence[Path]):
 
     def __repr__(self) -> str:
         return f"PathColumn({len(self)} paths)"
+
+
+def absolute_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """``os.path.abspath`` of each path, each folder made absolute once (a folder of a million images: seconds)."""
+    folders: dict[str, str] = {}
+    out = []
+    for path in paths.strings() if isinstance(paths, PathColumn) else map(os.fspath, paths):
+        folder, name = os.path.split(path)
+        if name in ("", ".", ".."):
+            out.append(os.path.abspath(path))
+            continue
+        if (absolute := folders.get(folder)) is None:
+            absolute = folders[folder] = os.path.abspath(folder or os.curdir)
+        out.append(os.path.join(absolute, name))
+    return out
 
 
 def real_paths(paths: Iterable[str | os.PathLike]) -> list[str]:

@@ -8,7 +8,6 @@ atomically, so a crash or a full disk leaves the earlier ones intact.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +15,7 @@ import torch
 
 from .. import distributed as du
 from ..data import ImageDataset
-from ..data.listing import PathColumn
+from ..data.listing import PathColumn, absolute_paths
 from ..files import atomic_write
 
 
@@ -66,8 +65,8 @@ def shared_images_warning(train: ImageDataset, val: ImageDataset, *, train_name:
     so the accuracies measure memory, not features. Lazy path sequences (ImageNet's splits, separate folders by
     construction) are compared only by their dataset strings."""
     if isinstance(train.paths, (list, PathColumn)) and isinstance(val.paths, (list, PathColumn)):
-        train_files = {os.path.abspath(path) for path in train.paths}
-        shared = [path for path in val.paths if os.path.abspath(path) in train_files]
+        train_files = set(absolute_paths(train.paths))
+        shared = [path for path, name in zip(val.paths, absolute_paths(val.paths)) if name in train_files]
         count, first = len(shared), (shared[0] if shared else None)
     else:
         same = bool(train.name) and train.name == val.name
