@@ -32,7 +32,8 @@ def pytest_configure(config):
 @pytest.fixture(scope="session", autouse=True)
 def subprocess_temp_dir(tmp_path_factory) -> None:
     """Command-line subprocesses make their temporary files under the session's pytest folder (which pytest
-    prunes), not in /tmp: torchrun leaves a ``torchelastic_*`` folder behind at every launch. So does the shard cache."""
+    prunes), not in /tmp: torchrun leaves a ``torchelastic_*`` folder behind at every launch. So does the shard
+    cache."""
     os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
     # copies of remote shards and shard indices go there too, not under the home folder
     os.environ["DINOKIT_SHARD_CACHE"] = str(tmp_path_factory.mktemp("shard-cache"))

@@ -444,7 +444,8 @@ def test_path_column_holds_paths_as_two_objects_and_gives_them_back(tmp_path):
     from dinokit.data.listing import PathColumn
 
     odd = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name on a UTF-8 file system: a surrogate escape
-    names = [tmp_path / "a.png", str(tmp_path / "sub" / "b.jpg"), tmp_path / odd, Path("rel/c.png"), "/x/\u00e9t\u00e9.png"]
+    names = [tmp_path / "a.png", str(tmp_path / "sub" / "b.jpg"), tmp_path / odd, Path("rel/c.png"),
+             "/x/\u00e9t\u00e9.png"]
     column = PathColumn(names)
     expected = [Path(n) for n in names]
     assert len(column) == 5 and list(column) == expected and [column[i] for i in range(5)] == expected

@@ -372,6 +372,7 @@ def test_the_command_line_starts_without_the_distributed_checkpoint_modules():
     import subprocess
     import sys
 
-    code = "import sys; from dinokit.cli import build_parser; build_parser(); print('torch.distributed.checkpoint' in sys.modules)"
+    code = ("import sys; from dinokit.cli import build_parser; build_parser(); "
+            "print('torch.distributed.checkpoint' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -7,7 +7,8 @@ integer label. This module indexes every member's byte range once (and caches th
 keeps the design of the rest of the data pipeline: pretraining draws stream position ``p`` from
 ``(seed, p)`` (see :mod:`dinokit.data.samplers`), positions are split between ranks and DataLoader
 workers by the sampler (each sample once per pass, on exactly one rank and worker), and a resumed run
-continues at its exact data position with no extra state. Reading a sample costs what reading one file of an ``ImageFolder`` costs.
+continues at its exact data position with no extra state. Reading a sample costs what reading one file of an
+``ImageFolder`` costs.
 
 URLs: local paths, brace ranges (``{000..099}``, zero-padded) and lists (``{a,b}``), several patterns
 joined by ``::``. Anything else the ``webdataset`` library opens (``http://``, ``s3://`` via ``pipe:``...)
