@@ -84,17 +84,10 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2",
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _comm_device() -> torch.device:
-    """Where small collective tensors live: NCCL moves CUDA tensors only, gloo CPU ones."""
-    if du.is_enabled() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _gather_scalars(value: float, distributed: bool, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(world,) one value per rank (a tensor collective: far cheaper than pickled objects over gloo)."""
     local = torch.tensor([value], dtype=dtype)
-    return du.all_gather_cat(local.to(_comm_device())).cpu() if distributed else local
+    return du.all_gather_cat(local.to(du.comm_device())).cpu() if distributed else local
 
 
 def _global_sizes(n_local: int, distributed: bool) -> list[int]:
@@ -129,7 +122,7 @@ def _sample_positions(weights: torch.Tensor, n: int, rng: np.random.Generator, o
         within = draws[mine] - (ends[rank] - totals[rank])
         hits = np.minimum(np.searchsorted(cumsum, within, side="right"), len(cumsum) - 1)
         local[torch.from_numpy(mine)] = torch.from_numpy(hits + offset).long()
-    return _sum(local.to(_comm_device()) if distributed else local, distributed).tolist()
+    return _sum(local.to(du.comm_device()) if distributed else local, distributed).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- k-means
@@ -276,7 +269,7 @@ def split_clusters(x: torch.Tensor, result: KMeansResult, n_splits: int, *, n_it
     """
     k = len(result.centroids)
     labels = result.labels
-    counts = _sum(torch.bincount(labels, minlength=k).to(_comm_device()), distributed).cpu()
+    counts = _sum(torch.bincount(labels, minlength=k).to(du.comm_device()), distributed).cpu()
     world, rank = (du.get_world_size(), du.get_rank()) if distributed else (1, 0)
     if distributed:  # send the points of cluster c to rank c % world, one destination at a time
         mine_labels, mine_rows = [], []

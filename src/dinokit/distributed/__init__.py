@@ -108,6 +108,13 @@ def all_reduce_mean_each(tensors: list[torch.Tensor]) -> None:
         tensor.copy_(value.view_as(tensor))
 
 
+def comm_device() -> torch.device:
+    """Where tensors to send through a collective live: NCCL moves CUDA tensors only, gloo CPU ones."""
+    if is_enabled() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (same shape on every rank) along dim 0 over ranks."""
     world = get_world_size()
