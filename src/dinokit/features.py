@@ -7,6 +7,7 @@ results are gathered on every rank, back in dataset order.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from .data.images import collate_skip_bad
 from .data.loaders import init_worker
 from .devices import resolve_dtype
-from .distributed import all_gather_object, get_rank, get_world_size
+from .distributed import all_gather_cat, all_gather_object, comm_device, get_rank, get_world_size
 from .errors import DinokitError
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
@@ -104,48 +105,82 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+GATHER_CHUNK_BYTES = 64 << 20  # sent per rank and collective by the feature gather
+
+
 def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], targets: list[torch.Tensor],
             bad: list[int], distributed: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
-    """Every rank's batches (if ``distributed``; else this process's), as tensors of rows in dataset-index order.
+    """Every rank's rows (if ``distributed`` under torchrun; else this process's) as tensors in dataset-index order;
+    a repeated index (a ConcatDataset, a Subset) keeps each of its rows, in the order they were read.
 
-    Each batch is copied into its rows of the result and let go at once: the batches, their concatenation and its
-    reordered copy were alive together (3.6x the features in one process: about 35 GB for ViT-S's linear-probe
-    features of ImageNet). The batches of ``parts`` (one list of per-batch tensors per output) and ``targets`` are
-    released as they are copied (their list entries set to None).
+    Each output is allocated once and filled: in one process batch by batch, each batch released once copied (the
+    batches, their concatenation and its reordered copy were alive together: 3.5x the features); across ranks by
+    tensor collectives of at most :data:`GATHER_CHUNK_BYTES` per rank, not pickled objects (which NCCL stages whole
+    on every GPU: the 26 GB of ViT-L's linear-probe features of ImageNet, on each).
     """
-    local = (parts, indices, targets, bad)
-    shards = all_gather_object(local) if distributed else [local]
-    if all(s is not local for s in shards):  # copies were received (one process gets its own object back): the
-        # batches of this process go now
-        for batches in (*parts.values(), indices, targets):
-            batches.clear()
-    every_index = [i for s in shards for i in s[1]]
-    gathered = torch.cat(every_index) if every_index else torch.empty(0, dtype=torch.long)
-    order = torch.argsort(gathered, stable=True)  # a repeated index (a ConcatDataset, a Subset) keeps every row
-    index, place = gathered[order], torch.empty_like(order)
-    place[order] = torch.arange(len(order))  # where each gathered row goes
-    sizes = [len(i) for s in shards for i in s[1]]
-    batch_places = iter(torch.split(place, sizes))
-    rows = [[next(batch_places) for _ in s[1]] for s in shards]  # where each batch's rows go
+    local_index = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long)
+    if not (distributed and get_world_size() > 1):
+        index, place = _order(local_index)
+        rows = list(torch.split(place, [len(i) for i in indices]))
+        features = {k: _fill(batches, rows) for k, batches in parts.items() if batches}
+        target = _fill(targets, rows) if targets else torch.empty(0, dtype=torch.long)
+        return features, index, target, sorted(bad)
+    shapes = {k: (tuple(v[0].shape[1:]), v[0].dtype) for k, v in parts.items() if v}
+    meta = all_gather_object((len(local_index), shapes, bad))
+    sizes = [m[0] for m in meta]
+    shapes = {k: v for m in meta for k, v in m[1].items()}
+    gathered = _gather_rows(local_index, sizes, (), torch.long)
+    index, place = _order(gathered)
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    places = [place[a : a + n] for a, n in zip(starts, sizes)]  # where each rank's rows go
+    features = {}
+    for key, (shape, dtype) in shapes.items():
+        local = torch.cat(parts.pop(key)) if parts.get(key) else torch.empty((0, *shape), dtype=dtype)
+        features[key] = _gather_rows(local, sizes, shape, dtype, places)
+        del local
+    local_targets = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
+    target = _gather_rows(local_targets, sizes, (), torch.long, places)
+    return features, index, target, sorted(i for m in meta for i in m[2])
 
-    def assemble(batch_lists: list[list[torch.Tensor]]) -> torch.Tensor | None:
-        first = next((b[0] for b in batch_lists if b), None)
-        if first is None:
-            return None
-        out = first.new_empty((len(index), *first.shape[1:]))
-        for where, batches in zip(rows, batch_lists):
-            for j, at in enumerate(where):
-                out[at] = batches[j]
-                batches[j] = None  # let go of the batch
-        return out
 
-    keys = next((list(s[0]) for s in shards if s[0]), [])
-    features = {k: assemble([s[0].get(k, []) for s in shards]) for k in keys}
-    targets_all = assemble([s[2] for s in shards])
-    if targets_all is None:
-        targets_all = torch.empty(0, dtype=torch.long)
-    bad_all = sorted(i for s in shards for i in s[3])
-    return features, index, targets_all, bad_all
+def _order(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the indices sorted, stably; where each gathered row goes in that order)."""
+    order = torch.argsort(gathered, stable=True)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(len(order))
+    return gathered[order], place
+
+
+def _fill(batches: list[torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor whose rows ``rows[j]`` are batch ``j``; each batch released (set to None) once copied."""
+    out = batches[0].new_empty((sum(len(r) for r in rows), *batches[0].shape[1:]))
+    for j, at in enumerate(rows):
+        out[at] = batches[j]
+        batches[j] = None
+    return out
+
+
+def _gather_rows(local: torch.Tensor, sizes: list[int], shape: tuple, dtype: torch.dtype,
+                 places: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Rank r's ``sizes[r]`` rows of ``shape`` gathered on every rank, in chunks, into rows ``places[r]`` of one
+    tensor (default: in rank order)."""
+    device = comm_device()
+    row_bytes = max(1, math.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    step = max(1, min(GATHER_CHUNK_BYTES // row_bytes, max(sizes)))  # the same on every rank
+    out = torch.empty((sum(sizes), *shape), dtype=dtype)
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    for begin in range(0, max(sizes), step):
+        piece = torch.zeros((step, *shape), dtype=dtype, device=device)
+        mine = local[begin : begin + step]
+        piece[: len(mine)] = mine.to(device)
+        received = all_gather_cat(piece).cpu().view(len(sizes), step, *shape)
+        for r, (start, n) in enumerate(zip(starts, sizes)):
+            count = max(0, min(step, n - begin))
+            if count:
+                at = places[r][begin : begin + count] if places is not None else slice(start + begin,
+                                                                                          start + begin + count)
+                out[at] = received[r, :count]
+    return out
 
 
 class _CompletedEvent:
