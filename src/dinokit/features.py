@@ -109,7 +109,8 @@ GATHER_CHUNK_BYTES = 64 << 20  # sent per rank and collective by the feature gat
 
 
 def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], targets: list[torch.Tensor],
-            bad: list[int], distributed: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
+            bad: list[int], distributed: bool = True
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
     """Every rank's rows (if ``distributed`` under torchrun; else this process's) as tensors in dataset-index order;
     a repeated index (a ConcatDataset, a Subset) keeps each of its rows, in the order they were read.
 
@@ -129,9 +130,9 @@ def _gather(parts: dict[str, list[torch.Tensor]], indices: list[torch.Tensor], t
     meta = all_gather_object((len(local_index), shapes, bad))
     sizes = [m[0] for m in meta]
     shapes = {k: v for m in meta for k, v in m[1].items()}
-    gathered = _gather_rows(local_index, sizes, (), torch.long)
-    index, place = _order(gathered)
     starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    gathered = _gather_rows(local_index, sizes, (), torch.long, [torch.arange(a, a + n) for a, n in zip(starts, sizes)])
+    index, place = _order(gathered)
     places = [place[a : a + n] for a, n in zip(starts, sizes)]  # where each rank's rows go
     features = {}
     for key, (shape, dtype) in shapes.items():
@@ -161,25 +162,22 @@ def _fill(batches: list[torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor
 
 
 def _gather_rows(local: torch.Tensor, sizes: list[int], shape: tuple, dtype: torch.dtype,
-                 places: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 places: list[torch.Tensor]) -> torch.Tensor:
     """Rank r's ``sizes[r]`` rows of ``shape`` gathered on every rank, in chunks, into rows ``places[r]`` of one
-    tensor (default: in rank order)."""
+    tensor."""
     device = comm_device()
     row_bytes = max(1, math.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
     step = max(1, min(GATHER_CHUNK_BYTES // row_bytes, max(sizes)))  # the same on every rank
     out = torch.empty((sum(sizes), *shape), dtype=dtype)
-    starts = [sum(sizes[:r]) for r in range(len(sizes))]
     for begin in range(0, max(sizes), step):
         piece = torch.zeros((step, *shape), dtype=dtype, device=device)
         mine = local[begin : begin + step]
         piece[: len(mine)] = mine.to(device)
         received = all_gather_cat(piece).cpu().view(len(sizes), step, *shape)
-        for r, (start, n) in enumerate(zip(starts, sizes)):
+        for r, n in enumerate(sizes):
             count = max(0, min(step, n - begin))
             if count:
-                at = places[r][begin : begin + count] if places is not None else slice(start + begin,
-                                                                                          start + begin + count)
-                out[at] = received[r, :count]
+                out[places[r][begin : begin + count]] = received[r, :count]
     return out
 
 

@@ -46,12 +46,17 @@ class KMeansResult:
 
 
 # ---------------------------------------------------------------------------------------------- distances
+def _rows_per_chunk(chunk_elements: int, row_elements: int) -> int:
+    """How many rows of ``row_elements`` values fit in ``chunk_elements`` (at least one)."""
+    return max(1, chunk_elements // max(row_elements, 1))
+
+
 def squared_norms(x: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """(n, 1) ``||x||^2`` of each row, computed a chunk of rows at a time (``x * x`` whole is another copy of
     the points). Computed once per set of points and passed to :func:`_distances`: k-means++ spent three quarters
     of its time, and its memory growth, recomputing it for each new centre."""
     out = torch.empty(len(x), 1, dtype=x.dtype, device=x.device)
-    step = max(1, chunk_elements // max(x.shape[1], 1))
+    step = _rows_per_chunk(chunk_elements, x.shape[1])
     for start in range(0, len(x), step):
         rows = x[start : start + step]
         out[start : start + step] = (rows * rows).sum(1, keepdim=True)
@@ -73,7 +78,7 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2",
            x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each row of ``x`` and the distance to it, ``chunk_elements`` distances at a time.
     ``x_sq``: the rows' :func:`squared_norms`, when known (L2)."""
-    step = max(1, chunk_elements // max(len(centroids), 1))
+    step = _rows_per_chunk(chunk_elements, len(centroids))
     labels = torch.empty(len(x), dtype=torch.long, device=x.device)
     dists = torch.empty(len(x), dtype=x.dtype, device=x.device)
     for start in range(0, len(x), step):
@@ -173,7 +178,7 @@ def kmeans(
     centroids = init.to(x) if init is not None else kmeans_plus_plus(x, k, rng=rng, metric=metric, distributed=distributed)
     x_sq = squared_norms(x, chunk_elements) if metric == "l2" else None
     labels, dists = assign(x, centroids, metric=metric, chunk_elements=chunk_elements, x_sq=x_sq)
-    step = max(1, chunk_elements // max(x.shape[1], 1))  # rows converted to high precision at once
+    step = _rows_per_chunk(chunk_elements, x.shape[1])  # rows converted to high precision at once
     for _ in range(n_iters):
         sums = torch.zeros(k, x.shape[1], dtype=high_precision, device=x.device)
         for start in range(0, len(x), step):  # a chunk at a time: a high-precision copy of every point was 2x them
@@ -241,7 +246,7 @@ def _assign_within(x: torch.Tensor, parent: torch.Tensor, sub: torch.Tensor, sta
     width = max(int(counts.max()), 1)
     slots = starts[:, None] + torch.arange(width, device=starts.device)  # (k, width) rows of sub, padded
     valid = torch.arange(width, device=starts.device) < counts[:, None]
-    step = max(1, chunk_elements // (width * x.shape[1]))
+    step = _rows_per_chunk(chunk_elements, width * x.shape[1])
     labels = torch.empty(len(x), dtype=torch.long, device=x.device)
     dists = torch.empty(len(x), dtype=x.dtype, device=x.device)
     for start in range(0, len(x), step):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import operator
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,35 +112,31 @@ class PathColumn(Sequence[Path]):
 
 def absolute_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     """``os.path.abspath`` of each path, each folder made absolute once (a folder of a million images: seconds)."""
-    folders: dict[str, str] = {}
-    out = []
-    for path in paths.strings() if isinstance(paths, PathColumn) else map(os.fspath, paths):
-        folder, name = os.path.split(path)
-        if name in ("", ".", ".."):
-            out.append(os.path.abspath(path))
-            continue
-        if (absolute := folders.get(folder)) is None:
-            absolute = folders[folder] = os.path.abspath(folder or os.curdir)
-        out.append(os.path.join(absolute, name))
-    return out
+    return _by_folder(paths, os.path.abspath, follow_file_links=False)
 
 
 def real_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     """``str(Path(p).resolve())`` of each path (absolute, every link followed), each folder resolved once: resolving
     every path whole reads the status of each of its components (minutes for millions of paths on a network file
     system); here a file costs one status read, and a second resolution when it is itself a link."""
+    return _by_folder(paths, os.path.realpath, follow_file_links=True)
+
+
+def _by_folder(paths: Iterable[str | os.PathLike], resolve: Callable[[str], str], follow_file_links: bool) -> list[str]:
+    """``resolve(path)`` of each path, computed as ``resolve(folder)`` once per folder joined with the file's name
+    (and, with ``follow_file_links``, resolved whole when the file is itself a link)."""
     folders: dict[str, str] = {}
     out = []
     here = os.getcwd()
-    for path in map(os.fspath, paths):
-        folder, name = os.path.split(os.path.join(here, path))  # '..' left to realpath: across links it is physical
+    for path in paths.strings() if isinstance(paths, PathColumn) else map(os.fspath, paths):
+        folder, name = os.path.split(os.path.join(here, path))  # '..' left to resolve: across links it is physical
         if name in ("", ".", ".."):
-            out.append(os.path.realpath(path))
+            out.append(resolve(path))
             continue
-        if (real := folders.get(folder)) is None:
-            real = folders[folder] = os.path.realpath(folder)
-        joined = os.path.join(real, name)
-        out.append(os.path.realpath(joined) if os.path.islink(joined) else joined)
+        if (done := folders.get(folder)) is None:
+            done = folders[folder] = resolve(folder)
+        joined = os.path.join(done, name)
+        out.append(resolve(joined) if follow_file_links and os.path.islink(joined) else joined)
     return out
 
 
