@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dinokit.cli import main
 from dinokit.curate import pipeline
@@ -84,6 +85,19 @@ def test_more_workers_than_cores_are_lowered_once_and_embed_the_same(scenes, tmp
     for name in ("pool", "seed", "eval-0"):
         np.testing.assert_array_equal(EmbeddingStore(tmp_path / "w" / "embed" / name).load("cls"),
                                       EmbeddingStore(work / "embed" / name).load("cls"))
+
+
+def test_embedding_store_reads_rows_across_shards_in_the_order_given(scenes):
+    """``load`` fills one float32 array shard by shard: any row order (not only sorted), an empty selection."""
+    _, work, _, _ = scenes
+    store = EmbeddingStore(work / "embed" / "pool")
+    assert len(store.shards) == 3  # 120 images in shards of 50
+    whole = store.load("cls")
+    assert whole.dtype == torch.float32 and whole.shape[0] == len(store)
+    rows = np.array([119, 3, 60, 3, 50, 0, 99])  # across all three shards, a repeat, unsorted
+    torch.testing.assert_close(store.load("cls", rows), whole[rows], rtol=0, atol=0)
+    assert store.load("cls", np.array([], dtype=np.int64)).shape == (0, whole.shape[1])
+    torch.testing.assert_close(store.load("copy", slice(40, 70)), store.load("copy")[40:70], rtol=0, atol=0)
 
 
 def test_copy_detection_threshold_on_planted_near_duplicates(scenes):

@@ -192,21 +192,20 @@ class EmbeddingStore:
         return array
 
     def load(self, key: str, rows: np.ndarray | slice | None = None) -> torch.Tensor:
-        """float32 (n, D) features ``key`` (``cls`` or ``copy``) of ``rows`` (sorted row indices; default all)."""
+        """float32 (n, D) features ``key`` (``cls`` or ``copy``) of ``rows`` (row indices, in the order given; default
+        all), read shard by shard straight into the output (no second copy of the rows while they are gathered)."""
         if rows is None:
             rows = slice(0, len(self))
         if isinstance(rows, slice):
             rows = np.arange(len(self))[rows]
         rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim(key)), dtype=np.float32)
         starts = np.concatenate([[0], self._ends[:-1]])
-        parts = []
         shard_of = np.searchsorted(self._ends, rows, side="right")
         for s in np.unique(shard_of):
-            local = rows[shard_of == s] - starts[s]
-            parts.append(np.asarray(self._array(int(s), key)[local], dtype=np.float32))
-        if not parts:
-            return torch.empty(0, self.dim(key))
-        return torch.from_numpy(np.concatenate(parts))
+            chosen = shard_of == s
+            out[chosen] = self._array(int(s), key)[rows[chosen] - starts[s]]
+        return torch.from_numpy(out)
 
     def dim(self, key: str) -> int:
         filled = [s for s, m in enumerate(self.shards) if m["rows"]]
