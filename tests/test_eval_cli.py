@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import dinokit.eval.feature_cache as feature_cache
-import dinokit.eval.setup as eval_setup
 from dinokit.cli import main
 from dinokit.data import make_classification_eval_transform, write_sample_dataset
 from dinokit.data.images import load_image
@@ -18,7 +17,6 @@ from dinokit.config import load_config, write_config
 from test_knn import one_thread  # noqa: F401  (autouse fixture)
 
 TINY_CONFIG = "student:\n  arch: vit_pico\n  patch_size: 8\ncrops:\n  global_crops_size: 32\n"
-
 
 
 @pytest.fixture(scope="module")
@@ -323,17 +321,6 @@ def test_teacher_checkpoint_finds_its_run_config(sample, tmp_path, capsys):
         torch.testing.assert_close(cached["features"]["cls"][0], backbone(image[None])[0], rtol=1e-5, atol=1e-5)
 
 
-def test_corrupt_cache_is_recomputed(sample, tmp_path):
-    assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "2")]) == 0
-    for path in (tmp_path / "features").glob("*/*.pt"):
-        path.write_bytes(b"not a torch file")
-    with pytest.warns(UserWarning, match="recomputing") as caught:
-        assert main(["eval", "knn", *args(sample, tmp_path, "--nb-knn", "2")]) == 0
-    assert all("\n" not in str(w.message) for w in caught)  # torch's many-line load error cut to its first line
-    first, second = read_lines(tmp_path / "results_eval_knn.json")
-    assert first == second
-
-
 def test_run_knn_eval_for_the_training_loop(sample, tmp_path):
     root, config_file = sample
     backbone = build_eval_backbone(load_config(str(config_file))).train()
@@ -383,193 +370,6 @@ def error_of(capsys, argv):
     return err
 
 
-def test_missing_dataset_path(sample, tmp_path, capsys):
-    argv = args(sample, tmp_path)
-    argv[argv.index("--val-dataset") + 1] = str(tmp_path / "nowhere")
-    err = error_of(capsys, ["eval", "knn", *argv])
-    assert "nowhere" in err and "does not exist" in err
-
-
-def args_with_train_copy(sample, tmp_path, change):
-    """CLI arguments whose training set is a copy of the sample's, modified by ``change(folder)``."""
-    root, _ = sample
-    train = tmp_path / "train"
-    shutil.copytree(root / "train", train)
-    change(train)
-    argv = args(sample, tmp_path / "out")
-    argv[argv.index("--train-dataset") + 1] = str(train)
-    return argv
-
-
-def test_empty_class_folder(sample, tmp_path, capsys):
-    argv = args_with_train_copy(sample, tmp_path, lambda train: (train / "zebra").mkdir())
-    err = error_of(capsys, ["eval", "logreg", *argv])
-    assert "zebra" in err and "no images" in err
-
-
-def test_other_user_errors(sample, tmp_path, capsys):
-    argv = args_with_train_copy(sample, tmp_path, lambda train: shutil.rmtree(train / "rings"))
-    assert error_of(capsys, ["eval", "knn", *argv]) == (
-        "error: the val dataset has classes the train dataset lacks (1 of 8, e.g. 'rings'): no neighbour or probe can "
-        "predict them; use the same class folders in both")
-    config = str(sample[1])
-    no_model = [a for a in args(sample, tmp_path / "out") if a not in ("--config-file", config)]
-    assert "--model NAME" in error_of(capsys, ["eval", "knn", *no_model])
-    too_deep = args(sample, tmp_path / "out", "--n-last-blocks", "8", "--epochs", "1", "--epoch-length", "1")
-    assert "exceeds the backbone's 4 blocks" in error_of(capsys, ["eval", "linear", *too_deep])
-
-
-@pytest.mark.parametrize(
-    "protocol, extra, message",
-    [
-        ("knn", ["--pretrained-weights", "w.pth", "--random-init"],
-         "--random-init and --pretrained-weights contradict each other; give one"),
-        ("linear", ["--n-last-blocks", "0"], "--n-last-blocks must be at least 1, got 0"),
-        ("knn", ["--nb-knn", "5", "0"], "--nb-knn must be at least 1, got 0"),
-        ("knn", ["--temperature", "0"], "--temperature must be positive, got 0"),
-        ("knn", ["--n-per-class-list", "0"], "--n-per-class-list must hold positive numbers (or -1 = all), got 0"),
-        ("logreg", ["--holdout-fraction", "1.5"], "--holdout-fraction is 1.5; it must be between 0 and 1 (exclusive)"),
-        ("logreg", ["--c-grid-size", "0"], "--c-grid-size must be at least 1: there is no value of C to try"),
-        ("linear", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
-        ("knn", ["--chunk-size", "-1"], "--chunk-size must be >= 0 (0 = all at once), got -1"),
-        ("logreg", ["--max-iter", "0"], "--max-iter must be at least 1, got 0"),
-        ("logreg", ["--backend", "torch", "--tol", "-1"],
-         "--tol must be positive (the solver's gradient tolerance), got -1"),
-        ("linear", ["--learning-rates", "0.1", "-1"], "--learning-rates must be positive, got -1"),
-        # needs the model's depth (the tiny backbone has 4 blocks): checked once it is built, before the folder
-        ("linear", ["--n-last-blocks", "50"], "--n-last-blocks 50 exceeds the backbone's 4 blocks; give at most 4"),
-        ("knn", ["--image-size", "4"], "--image-size 4 is smaller than the model's 8-pixel patch; use at least 8"),
-    ],
-)
-def test_option_errors_name_the_option_before_any_work(sample, tmp_path, capsys, protocol, extra, message):
-    """F7, F8, F9: each wrong option is named in one line before the output folder or any feature is written."""
-    argv = args(sample, tmp_path / "out", *extra)
-    if "--pretrained-weights" in extra:  # with weights and no --config-file/--model; the check comes first anyway
-        (tmp_path / "w.pth").write_bytes(b"")
-        argv[argv.index("--pretrained-weights") + 1] = str(tmp_path / "w.pth")
-    assert error_of(capsys, ["eval", protocol, *argv]) == f"error: {message}"
-    assert not (tmp_path / "out").exists()
-
-
-def test_missing_scikit_learn_is_refused_before_any_work(sample, tmp_path, capsys, monkeypatch):
-    """F23: --backend sklearn without scikit-learn is one line before the model, the features or the folder."""
-    import sys
-
-    from dinokit.errors import DinokitError
-    from dinokit.eval import evaluate_logreg
-
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError
-
-    def no_model(**kwargs):
-        raise AssertionError("the backbone should not be built")
-
-    monkeypatch.setattr(eval_setup, "setup_eval_model", no_model)
-    message = "the sklearn backend needs scikit-learn: pip install 'dinokit[eval]', or use --backend torch"
-    assert error_of(capsys, ["eval", "logreg", *args(sample, tmp_path / "out", "--backend", "sklearn")]) == \
-        f"error: {message}"
-    assert not (tmp_path / "out").exists()
-    x, y = torch.randn(8, 3), torch.arange(8) % 2
-    with pytest.raises(DinokitError) as err:  # the Python function: the same check and line
-        evaluate_logreg(x, y, x, y, c_values=[1.0], backend="sklearn")
-    assert str(err.value) == message
-
-
-def test_the_random_init_baseline_says_why(sample, capsys):
-    """The line said "no weights given: evaluating ..." also when --weights random was given, and in embed/curate."""
-    _, config = sample
-    eval_setup.setup_eval_model(config_file=str(config))
-    assert capsys.readouterr().out == "no weights given: the randomly initialised backbone (seed 0), a baseline\n"
-    _, description = eval_setup.setup_eval_model(config_file=str(config), random_init=True)
-    assert capsys.readouterr().out == "random init asked for: the randomly initialised backbone (seed 0), a baseline\n"
-    assert description["weights"] == "random-init (seed 0)"
-
-
-def test_weights_named_random_point_to_the_random_init_flag(tmp_path, monkeypatch):
-    """`curate` took --weights random; the other commands take --random-init and said only 'check the path'."""
-    from dinokit.errors import DinokitError
-    from dinokit.models.weight_files import check_weights_path
-
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(DinokitError) as err:
-        check_weights_path("random", "--weights")
-    assert str(err.value) == "--weights 'random' does not exist; check the path; for random weights give --random-init instead"
-
-
-def test_the_weights_option_has_both_spellings_in_every_command():
-    """embed/viz/curate/export say --weights, eval/dense (the official evaluation scripts) --pretrained-weights:
-    each command accepts both, so a user switching commands is not refused."""
-    from dinokit.cli import build_parser
-
-    parser = build_parser()
-    commands = {
-        "weights": [["embed", "in", "--out", "o.npz"], ["viz", "pca", "in", "--out", "o"], ["curate", "run", "--pool", "p",
-                    "--output-dir", "w"], ["export", "onnx", "--image-size", "224", "224", "--out", "o.onnx"]],
-        "pretrained_weights": [["eval", "knn", "--train-dataset", "a", "--val-dataset", "b", "--output-dir", "o"],
-                               ["dense", "train", "--task", "seg", "--head", "linear", "--train-dataset", "a",
-                                "--val-dataset", "b", "--output-dir", "o"]],
-    }
-    for dest, argvs in commands.items():
-        for argv in argvs:
-            for option in ("--weights", "--pretrained-weights"):
-                assert getattr(parser.parse_args([*argv, option, "w.pth"]), dest) == "w.pth", (argv, option)
-
-
-def test_settings_may_sit_between_the_options_of_every_command_that_takes_them(capsys):
-    """`dinokit train --config-file small optim.epochs=1 --output-dir x train.seed=3` was refused ("unrecognized
-    arguments: train.seed=3"): argparse takes only the first run of KEY=VALUE words."""
-    from dinokit.cli import build_parser, parse_command_line
-
-    parser = build_parser()
-    lines = {
-        "opts": [["train", "--config-file", "small"], ["distill", "--config-file", "d.yaml"], ["demo"],
-                 ["dense", "train", "--task", "seg", "--head", "linear", "--train-dataset", "a", "--val-dataset", "b"]],
-        "overrides": [["curate", "run", "--pool", "p"]],
-    }
-    for dest, heads in lines.items():
-        for head in heads:
-            argv = [*head, "a.b=1", "--output-dir", "o", "c=2", "--no-resume" if head[0] != "curate" else "--no-progress",
-                    "a.b=3"]
-            assert getattr(parse_command_line(parser, argv), dest) == ["a.b=1", "c=2", "a.b=3"], head
-    with pytest.raises(SystemExit) as exit_:
-        parse_command_line(parser, ["train", "--config-file", "small", "a=1", "--output-dir", "o", "--bogus", "b=2"])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.endswith("dinokit train: error: unrecognized arguments: --bogus b=2\n")
-    assert err.startswith("usage: dinokit train ")  # the command's usage (it showed 'dinokit [-h] COMMAND ...')
-    with pytest.raises(SystemExit):  # a command without settings takes no stray KEY=VALUE either
-        parse_command_line(parser, ["embed", "in", "--out", "o.npz", "a=1"])
-    assert "unrecognized arguments: a=1" in capsys.readouterr().err
-    for argv in (["train", "--config-file", "", "--output-dir", "o"], ["embed", "in", "--out", "o.npz", "--config-file",
-                                                                       " "]):
-        with pytest.raises(SystemExit):  # a quoted empty variable: it silently meant the defaults (ViT-L for train)
-            parse_command_line(parser, argv)
-        assert "argument --config-file: is empty; give a preset name or a file" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # a sub-command's sub-command
-        parse_command_line(parser, ["eval", "knn", "--output-dir", "o", "--train-dataset", "a", "--val-dataset", "b",
-                                    "--bogus"])
-    err = capsys.readouterr().err
-    assert err.startswith("usage: dinokit eval knn ") and err.endswith("dinokit eval knn: error: unrecognized "
-                                                                         "arguments: --bogus\n")
-
-
-@pytest.mark.parametrize("launcher", [{"WORLD_SIZE": "2", "RANK": "{rank}"}, {"SLURM_NTASKS": "2", "SLURM_PROCID": "{rank}"}])
-def test_one_process_commands_launched_as_several_work_once(launcher, tmp_path, monkeypatch, capsys):
-    """`torchrun --nproc_per_node 2 -m dinokit convert|export|viz|data|plot|models ...` did the whole job in every
-    process (the same files written twice): the first process works, the others end at once."""
-    for name in ("WORLD_SIZE", "RANK", "SLURM_NTASKS", "SLURM_PROCID"):
-        monkeypatch.delenv(name, raising=False)
-    for rank in (1, 0):
-        for name, value in launcher.items():
-            monkeypatch.setenv(name, value.format(rank=rank))
-        out = tmp_path / f"sample-{rank}"
-        assert main(["data", "sample", "--out", str(out)]) == 0
-        printed = capsys.readouterr().out
-        if rank:
-            assert printed == "" and not out.exists()
-        else:
-            assert printed.startswith("note: 'data' works in one process; the other 1 launched process(es) did nothing\n")
-            assert any((out / "train").iterdir())
-
-
 def test_raw_pixels_baseline_is_a_one_nearest_neighbour_on_the_images(sample, tmp_path, capsys):
     root, _ = sample
     argv = [a for a in args(sample, tmp_path) if a not in ("--config-file", str(sample[1]))]
@@ -595,80 +395,3 @@ def test_raw_pixels_baseline_is_a_one_nearest_neighbour_on_the_images(sample, tm
     argv[argv.index("--output-dir") + 1] = str(tmp_path / "new")
     error_of(capsys, ["eval", "knn", *argv, "--raw-pixels", "--model", "dinov2_vits14"])
     assert not (tmp_path / "new").exists()
-
-
-def test_an_image_replaced_under_its_name_is_extracted_again(tmp_path):
-    """Seen: the feature cache keyed the files by name only, so images replaced by others kept their old features
-    (a stale accuracy)."""
-    from PIL import Image
-
-    from dinokit.data import make_dataset
-    from dinokit.eval.feature_cache import FeatureCache
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for name, colour in (("a.png", (0, 0, 0)), ("b.png", (255, 0, 0))):
-        Image.new("RGB", (8, 8), colour).save(folder / name)
-    cache = FeatureCache(tmp_path / "cache", {"model": "m"})
-    before = cache._path("val", "cls", make_dataset(str(folder)))
-    Image.new("RGB", (9, 9), (0, 255, 0)).save(folder / "a.png")  # other pixels, the same name
-    assert cache._path("val", "cls", make_dataset(str(folder))) != before
-
-
-def test_the_feature_cache_reads_each_files_status_once_per_dataset(tmp_path, monkeypatch):
-    """The cache key reads the status of every file (about 10 s at 1.28M images); it was read again for each lookup,
-    and a split whose class tokens are missing is looked up twice. Relabelling the dataset still gives a new key."""
-    import os
-
-    from PIL import Image
-
-    from dinokit.data import make_dataset
-    from dinokit.eval import feature_cache
-    from dinokit.eval.feature_cache import FeatureCache
-
-    folder = tmp_path / "images"
-    for name in ("a", "b"):
-        (folder / name).mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(folder / name / "0.png")
-    dataset = make_dataset(str(folder), labelled=True)
-    stats = []
-    monkeypatch.setattr(feature_cache.os, "stat", lambda path: stats.append(path) or os.lstat(path))
-    cache = FeatureCache(tmp_path / "cache", {"model": "m"})
-    cls, linear = cache._path("val", "cls", dataset), cache._path("val", "linear", dataset)
-    assert len(stats) == 2 and cls != linear and cache._path("val", "cls", dataset) == cls and len(stats) == 2
-    dataset.targets = [1, 0]  # a class mapping applied: other labels, another key
-    relabelled = cache._path("val", "cls", dataset)
-    assert relabelled != cls and len(stats) == 4
-    dataset.targets[0] = 0  # changed in place (from Python): another key too
-    assert cache._path("val", "cls", dataset) not in (cls, relabelled)
-
-
-def test_ctrl_c_while_the_command_loads_is_one_line(capsys, monkeypatch):
-    """A Ctrl-C in the first seconds (torch and the commands loading) printed a traceback: `import dinokit` loaded
-    torch before main() could catch it. The package and the CLI module now load torch only when a command needs it."""
-    import subprocess
-    import sys
-
-    import dinokit.cli
-
-    code = "import sys, dinokit, dinokit.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
-
-    def interrupted(*_):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(dinokit.cli, "build_parser", interrupted)
-    assert dinokit.cli.main(["models"]) == 130
-    assert capsys.readouterr().err == "interrupted\n"
-
-
-def test_a_tilde_after_an_equals_sign_is_the_home_folder(monkeypatch, tmp_path):
-    """`--output-dir=~/run`: the shell leaves that '~' to the command; train wrote half its files under ~/run and
-    half under a literal ./~/run folder, and could not resume."""
-    from dinokit.cli import build_parser, parse_command_line
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    args = parse_command_line(build_parser(), ["train", "--config-file", "demo", "--output-dir=~/run", "a.b=~/c"])
-    assert args.output_dir == str(tmp_path / "run") and args.opts == ["a.b=~/c"]
-    args = parse_command_line(build_parser(), ["viz", "pca", "~/a.png", "~/b.png", "--out=~/o"])
-    assert args.inputs == [str(tmp_path / "a.png"), str(tmp_path / "b.png")] and args.out == str(tmp_path / "o")

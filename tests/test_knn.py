@@ -20,7 +20,7 @@ from dinokit.eval.knn import evaluate_knn, knn_classify, local_topk, sample_per_
 def one_thread():
     """Small matrices: a second OpenMP thread only contends (10x slower on a busy 2-core machine).
 
-    Also used by test_linear, test_logreg and test_eval_cli (imported there).
+    Also used by test_linear, test_logreg and the test_eval_* files (imported there).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

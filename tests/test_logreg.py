@@ -114,7 +114,7 @@ def test_errors():
     x, y = blobs(20, 2)
     with pytest.raises(DinokitError, match="holdout"):
         evaluate_logreg(x, y, x, y, c_values=[1.0], holdout_fraction=1.5, backend="torch")
-    # the same checker and wording as ``dinokit eval logreg`` (tests/test_eval_cli.py)
+    # the same checker and wording as ``dinokit eval logreg`` (tests/test_eval_cli_options.py)
     for bad, message in [
         (dict(c_values=[]), "--c-grid-size must be at least 1: there is no value of C to try"),
         (dict(c_values=[1.0, -2.0]), "the values of C must be positive, got -2"),
