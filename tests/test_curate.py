@@ -368,6 +368,38 @@ def test_two_process_gloo_clustering_equals_one_process(tmp_path):
         assert len(single[0].centroids) == (20 if splits is None else 40)
 
 
+def _exchange_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from dinokit import distributed as du
+
+    torch.set_num_threads(1)  # a forked child (see _worker)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    n = 4 + rank  # uneven row counts; rank 2 sends nothing to rank 0
+    rows = torch.stack([torch.arange(n) + 100 * rank, torch.arange(n) * 0 + rank], 1)  # (n, 2) int64
+    dest = torch.tensor([(i + rank) % world if rank < 2 else 1 + i % 2 for i in range(n)])
+    torch.save(du.exchange_rows(rows, dest), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_exchange_rows_sends_each_row_to_its_rank_in_sender_order(tmp_path):
+    """``distributed.exchange_rows`` (one all-to-all, uneven counts, a sender with nothing for a rank): each rank gets
+    its rows by sending rank, each sender's in its own order; one process gets its tensor back."""
+    import torch.multiprocessing as mp
+
+    from dinokit import distributed as du
+
+    out = str(tmp_path / "got")
+    mp.start_processes(_exchange_worker, args=(3, _free_port(), out), nprocs=3, join=True, start_method="fork")
+    sent = {r: [(100 * r + i, (i + r) % 3 if r < 2 else 1 + i % 2) for i in range(4 + r)] for r in range(3)}
+    for rank in range(3):
+        want = [[value, r] for r in range(3) for value, d in sent[r] if d == rank]
+        assert torch.load(f"{out}.{rank}").tolist() == want
+    x = torch.randn(5, 3)
+    assert du.exchange_rows(x, torch.zeros(5, dtype=torch.long)) is x
+
+
 def test_dedup_normalises_the_descriptors_in_place_with_the_same_bits():
     """The pool, its centred copy and its normalised copy were three (n, D) arrays at once; the descriptors are now
     centred and normalised in their own array, bit for bit as F.normalize(x - center)."""

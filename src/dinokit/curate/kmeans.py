@@ -276,14 +276,9 @@ def split_clusters(x: torch.Tensor, result: KMeansResult, n_splits: int, *, n_it
     labels = result.labels
     counts = _sum(torch.bincount(labels, minlength=k).to(du.comm_device()), distributed).cpu()
     world, rank = (du.get_world_size(), du.get_rank()) if distributed else (1, 0)
-    if distributed:  # send the points of cluster c to rank c % world, one destination at a time
-        mine_labels, mine_rows = [], []
-        for dst in range(world):
-            going = labels % world == dst
-            parts = du.all_gather_object((labels[going].cpu(), x[going].cpu()))
-            if dst == rank:
-                mine_labels, mine_rows = [p[0] for p in parts], [p[1] for p in parts]
-        own_labels, own_rows = torch.cat(mine_labels), torch.cat(mine_rows).to(x.device)
+    if distributed:  # the points of cluster c go to rank c % world, in their global order (ranks in order)
+        own_labels = du.exchange_rows(labels, labels % world).cpu()
+        own_rows = du.exchange_rows(x, labels % world).to(x.device)
     else:
         own_labels, own_rows = labels.cpu(), x
     order = torch.argsort(own_labels, stable=True)  # by cluster, global order within each

@@ -125,6 +125,26 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def exchange_rows(tensor: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """Row ``i`` of ``tensor`` sent to rank ``dest[i]``, in one all-to-all: the rows this rank receives, by sending rank
+    and, within one sender, in that sender's order (``tensor`` itself in one process). Each rank holds only what it
+    sends and receives, where a gather of pickled objects put every rank's rows for every destination on every rank.
+    The rows travel on :func:`comm_device` and come back there."""
+    world = get_world_size()
+    if world == 1:
+        return tensor
+    device = comm_device()
+    dest = dest.to(device="cpu", dtype=torch.long)
+    order = torch.argsort(dest, stable=True)  # by destination, the sender's order within each
+    send = tensor[order.to(tensor.device)].to(device).contiguous()
+    sends = torch.bincount(dest, minlength=world)
+    counts = all_gather_cat(sends[None].to(device)).cpu()  # (sender, receiver) row counts
+    receives = counts[:, get_rank()]
+    out = torch.empty((int(receives.sum()), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    dist.all_to_all_single(out, send, output_split_sizes=receives.tolist(), input_split_sizes=sends.tolist())
+    return out
+
+
 _SUBGROUPS: dict[int, object] = {}  # size -> this rank's group of that many consecutive ranks
 
 
