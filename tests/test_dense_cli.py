@@ -317,3 +317,30 @@ def test_augmented_training_resumes_exactly_with_any_number_of_workers(demo_teac
     resumed = run(tmp_path / "b", 0)
     assert "resumed from iteration 3" in capsys.readouterr().out
     assert all(torch.equal(straight[k], v) for k, v in resumed.items())
+
+
+def test_a_resumed_depth_run_does_not_warm_its_loss_up_again(demo_teacher, tmp_path, capsys):
+    """SigLoss counted its calls in memory: a depth run resumed after its warm-up went through the warm-up again
+    (another head, RMSE 1.86 against 1.85). The warm-up now follows the iteration: a resume agrees to the bit."""
+    from dinokit.dense.generated import write_dense_sample
+
+    write_dense_sample("depth", tmp_path / "depth", counts={"train": 4, "val": 2})
+    data = f"DepthSample:split=%s:root={tmp_path / 'depth'}"
+
+    def run(out):
+        assert main(["dense", "train", "--task", "depth", "--head", "linear",
+                     "--config-file", str(demo_teacher.config_file),
+                     "--train-dataset", data % "train", "--val-dataset", data % "val", "--output-dir", str(out),
+                     "--no-progress", "iterations=6", "batch_size=2", "crop_size=28", "eval_period=0",
+                     "checkpoint_period=3", "sig_warm_up=2", "num_workers=0"]) == 0
+        return torch.load(next(out.glob("eval/*/head.pth")), weights_only=True)["teacher"]
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b")
+    (tmp_path / "b" / "checkpoints" / "checkpoint_0000006.pth").unlink()  # stopped after iteration 3's checkpoint
+    for stale in [*(tmp_path / "b").glob("results_*"), *(tmp_path / "b" / "eval").rglob("head.pth")]:
+        stale.unlink()
+    capsys.readouterr()
+    resumed = run(tmp_path / "b")
+    assert "resumed from iteration 3" in capsys.readouterr().out
+    assert all(torch.equal(straight[k], v) for k, v in resumed.items())

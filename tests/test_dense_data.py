@@ -75,8 +75,11 @@ def test_losses_by_hand():
     sig = SigLoss(warm_up_iters=1)
     pred, gt, valid = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 1.0]), torch.tensor([True, True])
     g = torch.log(pred + 1e-3) - torch.log(gt + 1e-3)
-    assert sig(pred, gt, valid).item() == pytest.approx(math.sqrt(0.15) * g.mean().item(), rel=1e-5)  # warm-up
-    assert sig(pred, gt, valid).item() == pytest.approx(math.sqrt(g.var().item() + 0.15 * g.mean().item() ** 2), rel=1e-5)
+    warm, full = math.sqrt(0.15) * g.mean().item(), math.sqrt(g.var().item() + 0.15 * g.mean().item() ** 2)
+    assert sig(pred, gt, valid, iteration=0).item() == pytest.approx(warm, rel=1e-5)  # warm-up
+    assert sig(pred, gt, valid, iteration=1).item() == pytest.approx(full, rel=1e-5)
+    # the warm-up follows the iteration, not a count of calls: a resumed run (a new loss) does not warm up again
+    assert SigLoss(warm_up_iters=1)(pred, gt, valid, iteration=5).item() == pytest.approx(full, rel=1e-5)
     flat = gradient_loss(torch.full((1, 8, 8), 3.0), torch.full((1, 8, 8), 1.0), torch.ones(1, 8, 8, dtype=torch.bool))
     assert flat.item() == 0.0  # a constant offset has no gradient
     ramp = torch.arange(8.0).repeat(8, 1)[None]

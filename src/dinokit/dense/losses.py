@@ -4,7 +4,7 @@
   (ignored ones count in the denominator: mmseg's default ``avg_non_ignore=False``).
 * :class:`SigLoss`: scale-invariant log loss, g = log(pred + 1e-3) - log(gt + 1e-3) on valid pixels,
   loss = sqrt(var(g) + 0.15 · mean(g)²) (``torch.var``, unbiased); during the first ``warm_up_iters``
-  calls only sqrt(0.15 · mean(g)²).
+  iterations only sqrt(0.15 · mean(g)²).
 * :func:`gradient_loss`: MegaDepth's multi-scale gradient matching on log(pred + 1e-3) - log(gt + 1e-3), 4 scales
   (DINOv2's ``GradientLoss``, the one its DPT and linear depth configs weight by 0.5).
 """
@@ -26,18 +26,19 @@ def seg_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor
 
 
 class SigLoss:
-    """Scale-invariant log loss with the official warm-up (stateful: it counts its calls)."""
+    """Scale-invariant log loss with the official warm-up: its first ``warm_up_iters`` training iterations (the
+    official loss counts its calls, one per iteration) use only sqrt(lam · mean(g)²). The warm-up follows the
+    iteration given, not a count of calls, so a resumed run does not warm up again."""
 
     def __init__(self, *, warm_up_iters: int = 100, eps: float = 1e-3, lam: float = 0.15) -> None:
         self.warm_up_iters, self.eps, self.lam = warm_up_iters, eps, lam
-        self.calls = 0
 
-    def __call__(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, *, iteration: int) -> torch.Tensor:
+        """The loss at training iteration ``iteration`` (0 = the first)."""
         g = torch.log(pred[valid] + self.eps) - torch.log(gt[valid] + self.eps)
-        self.calls += 1
         if g.numel() < 2:
             return pred.sum() * 0.0  # nothing to compare: no gradient, no NaN
-        if self.calls <= self.warm_up_iters:
+        if iteration < self.warm_up_iters:
             radicand = self.lam * g.mean() ** 2
         else:
             radicand = torch.var(g) + self.lam * g.mean() ** 2

@@ -8,7 +8,7 @@ Recipes (:data:`RECIPES`, every field overridable as ``key=value``):
   cross-entropy (ignore 255, mean over all pixels); dropout 0.1; evaluation by sliding windows of 512, stride 341;
 * depth (DINOv3's linear NYU recipe): AdamW lr 3e-4, wd 1e-4, betas (0.9, 0.99), 38,400 iterations, batch 16,
   warm-up 12,800 from lr/1000, cosine to lr/25,000; crops 416x544 (after NYU's fixed crop), rotation, flip,
-  colour jitter; SigLoss (warm-up 100 calls); range 0.001-10 m; whole-image evaluation, the final one with flip;
+  colour jitter; SigLoss (warm-up 100 iterations); range 0.001-10 m; whole-image evaluation, the final one with flip;
 * depth with the DPT head (DINOv2's DPT config): as depth, with lr 1e-4, wd 0.01, betas (0.9, 0.999), cosine
   to 1e-8·lr, + 0.5 x gradient loss (on log depth);
 * depth with the ``linear-bn`` head (DINOv3's linear depth head): as depth, with the features after the final norm.
@@ -72,7 +72,7 @@ class DenseRecipe:
     class_token: bool = False  # segmentation: concatenate the CLS token to each patch (DINOv3 use_cls_token)
     norm: bool = True  # features after the backbone's final LayerNorm (DINOv2's depth heads: False)
     grad_loss_weight: float = 0.0  # gradient loss weight (depth)
-    sig_warm_up: int = 100  # SigLoss warm-up calls
+    sig_warm_up: int = 100  # SigLoss warm-up iterations
     min_depth: float = 0.001
     max_depth: float = 10.0
     n_bins: int = 256  # linear depth heads: bins (1: regression, relu(x) + min_depth)
@@ -280,7 +280,7 @@ class DenseHeadTask(Task):
             loss = seg_cross_entropy(out, label)
             return LossOutput(total=loss, terms={"ce_loss": loss.detach()})
         pred, valid = out[:, 0], (label > self.recipe.min_depth) & (label < self.recipe.max_depth)
-        sig = self.sig_loss(pred, label, valid)
+        sig = self.sig_loss(pred, label, valid, iteration=iteration)
         terms = {"sig_loss": sig.detach()}
         total = sig
         if self.recipe.grad_loss_weight:
