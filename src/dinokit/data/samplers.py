@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..errors import DinokitError
 
@@ -116,3 +116,28 @@ class InfiniteStreamSampler(Sampler[int]):
             f"{type(self).__name__}(start={self.start}, rank={self.rank}, world_size={self.world_size}, "
             f"batch_size_per_rank={self.batch_size_per_rank})"
         )
+
+
+def seeded_batches(batches: Iterator[list[int]], seed: int, start_batch: int,
+                   tag: str) -> Iterator[list[tuple[int, int]]]:
+    """Each item of each batch (numbered from ``start_batch``) with the seed of its random draws: a function of
+    (seed, batch, position, ``tag``) only; for :class:`SeededDraws`."""
+    for b, batch in enumerate(batches, start_batch):
+        yield [(index, derive_seed(seed, b, j, tag)) for j, index in enumerate(batch)]
+
+
+class SeededDraws(Dataset):
+    """Items ``(index, seed)`` of ``dataset``: the augmentation of each draws from its own seed, not from a worker's
+    running random state, so a run resumed at iteration k sees the crops, flips and colours an unbroken run saw (and
+    the draws do not depend on the number of workers). The caller's random states are left as they were."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with seeded_rngs(seed):
+            return self.dataset[index]

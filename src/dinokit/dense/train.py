@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from ..config.validation import check_bounds
 from ..data.loaders import init_worker
-from ..data.samplers import derive_seed, seeded_rngs
+from ..data.samplers import SeededDraws, seeded_batches
 from ..devices import default_workers, usable_workers
 from ..engine import Export, LossOutput, Task
 from ..errors import DinokitError
@@ -353,32 +353,9 @@ def make_batches(cached: dict[str, Any] | None, dataset: DenseDataset, recipe: D
                 yield {"features": _map_tensors(cached["features"], lambda t: t[index]), "label": cached["label"][index]}
         return from_cache()
     workers = usable_workers(recipe.num_workers, key="num_workers")
-    keyed = seeded_batches(indices, recipe.seed + 7919 * rank, start_iter)
+    keyed = seeded_batches(indices, recipe.seed + 7919 * rank, start_iter, "dense")
     # its own generator: the loader's worker seed drawn from the global one would shift the head's dropout masks
     # after a resume (the loader starts at iteration k there, at 0 in an unbroken run)
     return iter(DataLoader(SeededDraws(dataset), batch_sampler=keyed, num_workers=workers, collate_fn=collate_dense,
                            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(recipe.seed),
                            worker_init_fn=init_worker if workers > 0 else None))
-
-
-def seeded_batches(batches: Iterator[list[int]], seed: int, start_batch: int) -> Iterator[list[tuple[int, int]]]:
-    """Each item of each batch with the seed of its random draws: a function of (seed, batch, position) only."""
-    for b, batch in enumerate(batches, start_batch):
-        yield [(index, derive_seed(seed, b, j, "dense")) for j, index in enumerate(batch)]
-
-
-class SeededDraws(torch.utils.data.Dataset):
-    """Items ``(index, seed)``: the augmentation of each draws from its own seed, not from a worker's running
-    random state, so a run resumed at iteration k sees the crops, flips and colours an unbroken run saw (and the
-    draws do not depend on the number of workers). The caller's random states are left as they were."""
-
-    def __init__(self, dataset: DenseDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        with seeded_rngs(seed):
-            return self.dataset[index]
