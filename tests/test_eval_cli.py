@@ -109,8 +109,9 @@ def test_linear_saves_hub_heads_and_feeds_knn_cache(sample, tmp_path, capsys, mo
 @pytest.mark.parametrize("augment", [False, True])
 def test_a_killed_linear_evaluation_resumes_from_its_running_checkpoint(sample, tmp_path, capsys, monkeypatch, augment):
     """The official running checkpoint, each epoch: a run killed in its second epoch resumes at the end of the first.
-    On cached features it ends with the uninterrupted run's heads, bit for bit; on augmented images with the same
-    images in the same order (other random crops). Another evaluation in the folder is one line."""
+    It ends with the uninterrupted run's heads, bit for bit, on cached features and on augmented images (each crop
+    drawn from its own seed; the workers' running random states once gave a resumed run other crops). Another
+    evaluation in the folder is one line."""
     from dinokit.eval import linear, linear_data
 
     extra = ["--epochs", "2", "--epoch-length", "4", "--batch-size", "8", "--learning-rates", "0.05", "0.1",
@@ -144,11 +145,10 @@ def test_a_killed_linear_evaluation_resumes_from_its_running_checkpoint(sample, 
     whole, cut = read_lines(tmp_path / "whole/results_eval_linear.json"), read_lines(tmp_path / "cut/results_eval_linear.json")
     assert whole[0]["iterations"] == cut[0]["iterations"] == 8
     assert [p["iteration"] for p in cut[0]["periodic"]] == [4]  # kept by the running checkpoint, not done again
-    if not augment:
-        assert whole[0]["classifiers"] == cut[0]["classifiers"] and whole[0]["periodic"] == cut[0]["periodic"]
-        for name in ("linear_head_1.pth", "linear_head_4.pth"):
-            a, b = (torch.load(tmp_path / run / name, weights_only=True) for run in ("whole", "cut"))
-            assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole[0]["classifiers"] == cut[0]["classifiers"] and whole[0]["periodic"] == cut[0]["periodic"]
+    for name in ("linear_head_1.pth", "linear_head_4.pth"):
+        a, b = (torch.load(tmp_path / run / name, weights_only=True) for run in ("whole", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
     # another evaluation where one is unfinished: one line, nothing overwritten
     assert main(["eval", "linear", *args(sample, tmp_path / "other", *extra, "--seed", "3")]) == 2
     assert "holds an unfinished linear evaluation with other settings (seed differ" in capsys.readouterr().err

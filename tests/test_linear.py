@@ -165,6 +165,41 @@ def test_the_training_stream_continues_where_it_stopped():
             assert [next(later) for _ in range(25 - start)] == whole[start:]
 
 
+def test_the_augmented_stream_is_the_same_with_any_workers_and_leaves_the_callers_random_state(tmp_path):
+    """Each image's crop and flip draw from a seed of (seed, rank, batch, place): 0 and 2 workers, two runs and a
+    stream resumed at batch 2 give the same features; the global random states are untouched. (The workers'
+    running states, or the unseeded global one with 0 workers, gave other crops per machine and per run.)"""
+    import random
+
+    import numpy as np
+
+    from dinokit.data import ImageFiles, make_classification_train_transform, write_sample_dataset
+    from dinokit.eval.linear_data import StreamPosition, augmented_batches
+
+    root = write_sample_dataset(tmp_path, counts={"train": 2, "val": 0}, image_size=48)
+    paths = sorted((root / "train").rglob("*.png"))
+    dataset = ImageFiles(paths, targets=list(range(len(paths))), transform=make_classification_train_transform(crop_size=32))
+    model = tiny_backbone()
+
+    def stream(workers, batches=4, position=None):
+        out = augmented_batches(model, dataset, batch_size=3, num_workers=workers, seed=5, position=position)
+        try:
+            return [next(out)[0] for _ in range(batches)]
+        finally:
+            out.close()
+
+    torch.manual_seed(11), random.seed(11), np.random.seed(11)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    first = stream(0)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()
+    for other in (stream(0), stream(2)):
+        assert all(torch.equal(a, b) for a, b in zip(first, other))
+    resumed = stream(0, batches=2, position=StreamPosition(batches=2))
+    assert all(torch.equal(a, b) for a, b in zip(first[2:], resumed))
+    assert not torch.equal(first[0], first[1])  # the batches differ (not one repeated draw)
+
+
 def test_a_classifier_of_an_official_linear_evaluation_checkpoint_loads_as_a_head(tmp_path):
     """``model_final.pth`` of the official linear evaluation holds the whole grid (``classifiers_dict.<name>.linear``,
     DDP's ``module.`` prefix included): ``file#name`` reads one as a hub head; without a name, one line lists how."""

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Sampler
 from .. import distributed as du
 from ..data import ImageDataset, collate_skip_bad
 from ..data.loaders import init_worker
+from ..data.samplers import SeededDraws, seeded_batches
 from ..features import autocast_context
 from .feature_cache import linear_feature_parts
 
@@ -67,14 +68,18 @@ def augmented_batches(
     """Endless batches of frozen features of augmented images (``dataset`` carries the train transform), from
     ``position`` on; the batches are counted and the indices of unreadable images recorded in ``position``.
 
-    A resumed stream gives the same images in the same order; their random crops are other draws (the workers'
-    augmentation generators start afresh)."""
+    Each image's random crop and flip draw from a seed of (``seed``, rank, batch, place in the batch), so the stream
+    is the same with any number of workers, a resumed stream continues with the draws of an unbroken one, and the
+    caller's random states are left as they were."""
     device = torch.device(device)
     position = position if position is not None else StreamPosition()
-    sampler = InfiniteShuffle(len(dataset), seed=seed, rank=du.get_rank(), world_size=du.get_world_size(),
-                              start=position.batches * batch_size)
+    rank = du.get_rank()
+    order = iter(InfiniteShuffle(len(dataset), seed=seed, rank=rank, world_size=du.get_world_size(),
+                                 start=position.batches * batch_size))
+    batches = iter(lambda: [next(order) for _ in range(batch_size)], None)  # endless
+    keyed = seeded_batches(batches, seed + 7919 * rank, position.batches, "linear")
     loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_skip_bad,
+        SeededDraws(dataset), batch_sampler=keyed, num_workers=num_workers, collate_fn=collate_skip_bad,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
         worker_init_fn=init_worker if num_workers > 0 else None,  # a SIGTERM to the group: the main process stops
     )
