@@ -173,3 +173,15 @@ def test_extract_features_keeps_every_row_of_a_dataset_that_repeats_an_index(ima
     twice = extract_features(model, Subset(one, [2, 0, 2]), batch_size=2, progress=False)
     assert twice.indices.tolist() == [0, 2, 2]  # Subset items carry the wrapped dataset's index
     torch.testing.assert_close(twice.features["cls"], single.features["cls"][[0, 2, 2]])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_extract_features_leaves_the_callers_random_state(images, weights, workers) -> None:
+    """The loader drew its workers' seed from the global generator: every extraction (the training loop's k-NN
+    monitor too) shifted the caller's random stream by one draw."""
+    model, _ = weights
+    dataset = ImageFiles([images / n for n in GOOD], transform=make_classification_eval_transform(crop_size=56))
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    extract_features(model, dataset, batch_size=2, num_workers=workers, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -285,6 +285,7 @@ def extract_features(
         collate_fn=collate_skip_bad,
         pin_memory=device.type == "cuda",
         worker_init_fn=init_worker if num_workers > 0 else None,  # a SIGTERM to the group: the main process stops
+        generator=torch.Generator().manual_seed(0),  # the loader's seed draw leaves the caller's generator alone
     )
     outputs = HostCopies(device)
     indices: list[torch.Tensor] = []
