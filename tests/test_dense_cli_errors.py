@@ -126,3 +126,28 @@ def test_bad_inference_numbers_are_one_line_errors_before_any_work(tmp_path, cap
     assert main(["dense", "predict", str(tmp_path), "--head", missing_head, "--out", str(tmp_path / "p"), "--size", "-1"]) == 2
     assert capsys.readouterr().err == "error: --size must be >= 0 (0 = keep the images' size), got -1\n"
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
+def test_a_run_started_before_the_recipe_changed_is_not_resumed_on_the_new_one(demo_teacher, dense_root, tmp_path,
+                                                                                capsys):
+    """A head-training run begun before the one-cycle lr schedule (its saved settings lack recipe.warmup_mode) was
+    refused for another warm-up length (derived from iterations since), or, given that, resumed on the new schedule
+    without a word. It is one line that says so."""
+    import json
+
+    data = f"SegSample:split=%s:root={dense_root / 'seg'}"
+    argv = ["dense", "train", "--task", "seg", "--head", "linear", "--config-file", str(demo_teacher.config_file),
+            "--train-dataset", data % "train", "--val-dataset", data % "val", "--output-dir", str(tmp_path / "run"),
+            "--no-progress", "iterations=2", "batch_size=2", "crop_size=28", "eval_period=0", "checkpoint_period=1"]
+    assert main(argv) == 0
+    saved = tmp_path / "run" / "dense_config.json"
+    settings = json.loads(saved.read_text())
+    del settings["recipe"]["warmup_mode"]  # as an older dinokit saved it
+    saved.write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert error_line(capsys) == (
+        f"error: {tmp_path / 'run'} holds a run started by an older dinokit, before the learning-rate schedule of "
+        "2026-12-06 (DINOv3's warm-up one-cycle); resumed by this one it would go on with another recipe: finish it "
+        "with the dinokit version that started it, or give a new --output-dir to start again")
+    assert json.loads(saved.read_text()) == settings  # nothing rewritten

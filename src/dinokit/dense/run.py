@@ -70,6 +70,8 @@ def results_name(task: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- train
+# settings that came with a change of the training recipe: a saved run without one was started before it
+DENSE_RECIPE_CHANGES = {"recipe.warmup_mode": "the learning-rate schedule of 2026-12-06 (DINOv3's warm-up one-cycle)"}
 # settings that may change between two starts of one head-training run (the rest must match)
 DENSE_RESUMABLE_CHANGES = ("val_dataset", "recipe.iterations", "recipe.num_workers", "recipe.eval_period",
                            "recipe.checkpoint_period", "recipe.log_freq")
@@ -119,7 +121,7 @@ def train_head(
               "crop_size=352,704)" if train_set.info.kb_crop else ""))
     # checked before anything is written: a folder of its own, no other run in it, the same settings
     with open_run_dir(out, resume=resume, config=settings, config_file="dense_config.json",
-                      allowed_changes=DENSE_RESUMABLE_CHANGES):
+                      allowed_changes=DENSE_RESUMABLE_CHANGES, introduced=DENSE_RECIPE_CHANGES):
         if du.is_main_process():
             _write_json(out / "dense_config.json", settings)
         num_classes = max(train_set.info.num_classes, val_set.info.num_classes)

@@ -10,6 +10,8 @@ Every trainer (``dinokit train``, ``distill``, ``dense train``) opens its output
   since the two runs' checkpoints would interleave and a later start would "resume" the wrong one;
 - resuming in a folder whose checkpoints are all unreadable (empty, cut short) is refused, since starting over
   would overwrite the run they hold;
+- resuming a run started by an older dinokit whose recipe has changed since (a setting that came with the change
+  is missing from the saved configuration) is refused;
 - resuming with a configuration that differs from the saved one is refused, naming the differing keys
   (keys that may change between resumes, such as ``optim.epochs``, are only reported).
 
@@ -178,18 +180,20 @@ def open_run_dir(
     config: Mapping | None = None,
     config_file: str = "config.yaml",
     allowed_changes: Sequence[str] = RESUMABLE_CHANGES,
+    introduced: Mapping[str, str] | None = None,
 ) -> Iterator[Path]:
     """Check ``output_dir`` and hold its lock for the ``with`` block (main process); yields the folder.
 
     ``resume=False`` means "start a new run" (``--no-resume``). ``config``
     (a plain nested dict) is compared with ``output_dir/config_file`` when resuming; the caller writes
-    its configuration afterwards.
+    its configuration afterwards. ``introduced``: setting (dotted key) -> the change of recipe that came with it; a
+    saved run without that setting was started before the change, and resuming it would mix two recipes: refused.
     """
     out = Path(output_dir)
 
     def check() -> tuple[Path, bool]:
         created = not out.exists()
-        return _check_and_lock(out, resume, config, config_file, allowed_changes), created
+        return _check_and_lock(out, resume, config, config_file, allowed_changes, introduced or {}), created
 
     # every process stops on the main one's refusal (the others went on into training, then died in a collective)
     lock, created = dist_utils.on_main_process(check) or (None, False)
@@ -255,7 +259,7 @@ def _release(lock: Path | None, made: list[Path]) -> None:
 
 
 def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file: str,
-                    allowed_changes: Sequence[str]) -> Path:
+                    allowed_changes: Sequence[str], introduced: Mapping[str, str]) -> Path:
     """The main process's checks of :func:`open_run_dir`, then its lock (returned)."""
     _check_folder(out)
     found = check_new_run(out, resume=resume)
@@ -263,9 +267,15 @@ def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file
     if found and resume and len(damaged) == len(found):  # starting over would overwrite the run they hold
         raise no_readable_checkpoint(out / "checkpoints", damaged)
     if found and config is not None:
+        saved = _load_saved(out / config_file)
+        older = [change for key, change in introduced.items() if key not in _flatten(saved)]
+        if older:
+            raise DinokitError(
+                f"{out} holds a run started by an older dinokit, before {older[0]}; resumed by this one it would go on "
+                "with another recipe: finish it with the dinokit version that started it, or give a new --output-dir "
+                "to start again")
         # both through absolute_settings: a run saved with relative paths still matches from the folder it began in
-        refused, accepted = config_changes(absolute_settings(_load_saved(out / config_file)),
-                                           absolute_settings(config), allowed_changes)
+        refused, accepted = config_changes(absolute_settings(saved), absolute_settings(config), allowed_changes)
         if refused:
             raise DinokitError(
                 f"{out} holds a run with another configuration: {_listing(refused)}; rerun with the saved "
