@@ -114,6 +114,27 @@ def test_kill_and_resume_is_bit_exact(images, tmp_path):
     assert [l["total_loss"] for l in la][4:] == [l["total_loss"] for l in lb][4:]
 
 
+def test_resuming_a_log_of_an_older_dinokit_says_what_total_loss_means_from_then_on(images, tmp_path, capsys):
+    """Before 2026-12-06 total_loss was the minimised loss; it is now the official log's sum of terms, the minimised
+    one objective_loss. A resumed older run's log changed meaning halfway without a word: one note now says so."""
+    out = tmp_path / "run"
+    train(tiny_cfg(images), output_dir=out, stop_after=4)
+    capsys.readouterr()
+    log = out / "training_metrics.json"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines and all("objective_loss" in line for line in lines)
+    train(tiny_cfg(images), output_dir=out, stop_after=5)  # this version's log: nothing to say
+    assert "older dinokit" not in capsys.readouterr().out
+    older = [{**{k: v for k, v in line.items() if k != "objective_loss"}, "total_loss": line["objective_loss"]}
+             for line in lines]  # as an older dinokit logged them
+    log.write_text("".join(json.dumps(line) + "\n" for line in older))
+    train(tiny_cfg(images), output_dir=out)
+    printed = capsys.readouterr().out
+    assert printed.count(f"note: the earlier lines of {log} come from an older dinokit, whose total_loss is the "
+                         "minimised loss: from here on that is objective_loss, and total_loss the sum of the logged "
+                         "terms, as in the official log") == 1
+
+
 def test_resuming_on_a_folder_that_changed_says_the_run_is_no_longer_exact(images, tmp_path, capsys):
     # images added to the folder between two starts changed the data order without a word
     folder = tmp_path / "images"

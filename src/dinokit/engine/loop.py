@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from tqdm import tqdm
 
 from .. import distributed as dist_utils
 from ..errors import DinokitError, TrainingHealthWarning
@@ -108,6 +109,7 @@ class Engine:
         self.schedules = dict(schedules)
         self.hooks = list(hooks)
         self.is_main = dist_utils.is_main_process()
+        self._older_log = False  # the resumed metrics file holds lines of a dinokit with another total_loss
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
         task.to(device)
@@ -219,7 +221,9 @@ class Engine:
             return {"iteration": start_iter, "output_dir": str(output_dir), "resumed": True}
         if self.is_main:
             check_disk_space(self.checkpointer.directory.parent, self.checkpoint_bytes(), cfg.keep_checkpoints)
-            truncate_metrics(output_dir / "training_metrics.json", start_iter)  # a resumed run logs these again
+            earlier = truncate_metrics(output_dir / "training_metrics.json", start_iter)  # a resumed run logs them again
+            # lines of a dinokit before 2026-12-06: their total_loss is the minimised loss (now objective_loss)
+            self._older_log = any("total_loss" in r and "objective_loss" not in r for r in earlier)
         loader = make_loader(start_iter)
         tracker = _make_tracker(cfg, output_dir) if self.is_main else None
         logger = MetricsLogger(
@@ -326,6 +330,11 @@ class Engine:
             return
         totals = torch.stack([t for t, _, _ in pending]).float()
         official = pending[-1][1] is not None  # a task whose log has the official total_loss (see LossOutput)
+        if official and self._older_log:
+            self._older_log = False
+            tqdm.write(f"note: the earlier lines of {self.output_dir / 'training_metrics.json'} come from an older dinokit, "
+                  "whose total_loss is the minimised loss: from here on that is objective_loss, and total_loss the sum "
+                  "of the logged terms, as in the official log")
         logged = torch.stack([t for _, t, _ in pending]).float() if official else totals
         names = sorted(pending[-1][2])
         terms = torch.stack([torch.stack([d[n].float() for n in names]) for _, _, d in pending]) if names else None

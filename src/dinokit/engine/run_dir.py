@@ -292,21 +292,25 @@ def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file
     return lock
 
 
-def truncate_metrics(path: Path, start_iter: int) -> None:
-    """Drop the lines of ``training_metrics.json`` at or after ``start_iter`` (a resumed run logs them again)."""
+def truncate_metrics(path: Path, start_iter: int) -> list[dict]:
+    """Drop the lines of ``training_metrics.json`` at or after ``start_iter`` (a resumed run logs them again); returns
+    the records kept."""
     if not path.is_file():
-        return
-    kept = []
+        return []
+    kept, records = [], []
     for line in path.read_text().splitlines():
         try:
-            if int(json.loads(line).get("iteration", -1)) < start_iter:
+            record = json.loads(line)
+            if int(record.get("iteration", -1)) < start_iter:
                 kept.append(line)
+                records.append(record)
         except (ValueError, AttributeError):
             continue  # a line torn by a kill
     from ..files import atomic_write
 
     with atomic_write(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
+    return records
 
 
 DATA_RECORD = "data.json"
