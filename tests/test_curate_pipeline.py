@@ -156,6 +156,7 @@ def test_killed_run_resumes_at_the_unfinished_stage(scenes, tmp_path, monkeypatc
     assert main(["curate", "sample", "--output-dir", str(half), "sample.strategy=c"]) == 0
     out = capsys.readouterr().out
     assert "[sample] done" in out and "[cluster]" not in out
+    assert re.search(r"\[sample\] running again: its settings changed \(sample\.strategy \w+ -> c\)\n", out), out
     # another image background decodes other pixels: the embeddings are not reused (they were)
     from dinokit.curate.config import make_config
     from dinokit.curate.pipeline import Work
@@ -170,6 +171,8 @@ def test_killed_run_resumes_at_the_unfinished_stage(scenes, tmp_path, monkeypatc
     assert main([*argv, "cluster.n_splits=[2,1]"]) == 0
     out = capsys.readouterr().out
     assert "[retrieve] finished earlier with these settings" in out and "[cluster] done" in out
+    assert "[cluster] running again: its settings changed (cluster.n_splits [] -> [2, 1])" in out
+    assert "[sample] running again: a stage before it changed" in out
     leaf = np.load(half / "cluster" / "leaf.rank0.npy")[0].astype(int)
     assert 8 < len(np.load(half / "cluster" / "centroids1.npy")) <= 16 and leaf.max() < 16
     assert len(np.load(half / "cluster" / "parents1.npy")) == len(np.load(half / "cluster" / "centroids1.npy"))
@@ -186,6 +189,12 @@ def test_killed_run_resumes_at_the_unfinished_stage(scenes, tmp_path, monkeypatc
     assert (report["sampled"], report["sampled_distinct"]) == (2 * retrieved, retrieved)
     assert main([*twice, "sample.multiplier=1"]) == 2  # without the multiplier: one line (settings are kept)
     assert "or repeat images with sample.multiplier=2" in capsys.readouterr().err
+    # a record of a dinokit that did not keep the settings (before 2026-12-07): a rerun says why it redoes the stage
+    marker = half / "cluster" / "done.json"
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({k: v for k, v in record.items() if k != "settings"}))
+    assert Work(half, make_config()).changed("cluster") == "its record comes from an older dinokit (or other settings)"
+    assert Work(half, make_config()).changed("report") is None  # never finished: nothing to say
 
 
 def test_errors_are_one_line(scenes, tmp_path, capsys):

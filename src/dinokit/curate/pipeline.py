@@ -318,7 +318,8 @@ def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = 
     if record is not None and not force:
         _log(f"[{stage}] finished earlier with these settings ({record['seconds']:.1f} s): skipped")
         return record
-    _log(f"[{stage}] running")
+    again = None if force else work.changed(stage)
+    _log(f"[{stage}] running" + (f" again: {again}" if again else ""))
     start = time.perf_counter()
     counts = STAGE_FUNCTIONS[stage](work, device=device, progress=progress, **kwargs)
     record = work.finish(stage, time.perf_counter() - start, counts)

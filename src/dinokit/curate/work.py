@@ -25,7 +25,14 @@ def _digest(obj: object) -> str:
 
 def _save_json(path: Path, obj: object) -> None:
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """Nested settings as ``{"dedup.threshold": 0.85, ...}`` (lists kept whole)."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -50,9 +57,14 @@ class Work:
         c = asdict(config)
         embed_keys = ("pool", "seed_set", "eval_sets", "model", "config_file", "weights", "copy_model",
                       "copy_config_file", "copy_weights", "embed")
-        # the decoding settings of the environment (image background...) change the embedded pixels too
-        self.digests: dict[str, str] = {"embed": _digest({**{k: c[k] for k in embed_keys},
-                                                          "decoding": decoding_settings()})}
+        # each stage's own settings (recorded in done.json, to say what changed); the decoding settings of the
+        # environment (image background...) change the embedded pixels too
+        self.settings: dict[str, dict] = {
+            "embed": {**{k: c[k] for k in embed_keys}, "decoding": decoding_settings()},
+            "dedup": {"dedup": c["dedup"]}, "retrieve": {"retrieve": c["retrieve"]},
+            "cluster": {"cluster": c["cluster"]}, "sample": {"sample": c["sample"], "target_size": c["target_size"]}}
+        # a stage's digest holds the one of the stage before it: a change anywhere upstream redoes it
+        self.digests: dict[str, str] = {"embed": _digest(self.settings["embed"])}
         self.digests["dedup"] = _digest([self.digests["embed"], c["dedup"]])
         self.digests["retrieve"] = _digest([self.digests["dedup"], c["retrieve"]])
         self.digests["cluster"] = _digest([self.digests["retrieve"], c["cluster"]])
@@ -100,8 +112,24 @@ class Work:
                 array = array.astype(np.int64, copy=False)  # whole numbers saved as floats: usable as indices
         return array
 
+    def changed(self, stage: str) -> str | None:
+        """Why a stage that finished earlier (its ``done.json`` is there) runs again; None when it never finished."""
+        marker = self.folder(stage) / "done.json"
+        if not marker.is_file():
+            return None
+        earlier = json.loads(marker.read_text()).get("settings")  # checked by done() before
+        if not isinstance(earlier, dict):
+            return "its record comes from an older dinokit (or other settings)"
+        before, now = _flat(earlier), _flat(json.loads(json.dumps(self.settings[stage], default=str)))
+        diffs = [f"{k} {before.get(k, '-')} -> {now.get(k, '-')}" for k in sorted(set(before) | set(now))
+                 if before.get(k) != now.get(k)]
+        if not diffs:
+            return "a stage before it changed"
+        return "its settings changed (" + ", ".join(diffs[:3]) + (", ..." if len(diffs) > 3 else "") + ")"
+
     def finish(self, stage: str, seconds: float, counts: dict) -> dict:
-        record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts}
+        record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts,
+                  "settings": self.settings[stage]}
         if du.is_main_process():
             _save_json(self.folder(stage) / "done.json", record)
         du.barrier()
