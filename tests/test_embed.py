@@ -121,6 +121,10 @@ def test_npy_and_parquet_outputs_agree(images, weights, tmp_path, capsys) -> Non
     for name in ("cls", "patch_mean"):
         kind = table.schema.field(name).type
         assert str(kind.value_type) == "float" and kind.list_size == ref[name].shape[1], kind
+    # a <stem>.bad.txt with no .npy beside it is an older dinokit's parquet list: replacing the parquet removes it
+    (tmp_path / "old.bad.txt").write_text(f"{images / 'broken.png'}\n")
+    assert embed(str(images / "a.png"), *common, "--out", str(tmp_path / "old.parquet")) == 0
+    assert not (tmp_path / "old.bad.txt").exists()
 
 
 def test_the_lists_beside_a_npy_are_replaced_only_when_asked(images, weights, tmp_path, capsys) -> None:

@@ -193,7 +193,11 @@ def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str],
         table = pa.table(columns).replace_schema_metadata({"bad_paths": json.dumps(bad_paths)})  # names kept exact
         with atomic_write(out) as tmp:
             pq.write_table(table, tmp)
-        # its bad images in its metadata: a .npy of the same stem keeps its own <stem>.bad.txt
+        # its bad images in its metadata: a .npy of the same stem keeps its own <stem>.bad.txt; without one, that
+        # file is a parquet's of a dinokit before 2026-12-06, and would list another run's bad images beside this one
+        orphan = out.with_name(f"{out.stem}.bad.txt")
+        if orphan.exists() and not out.with_suffix(".npy").exists():
+            orphan.unlink()
     return written
 
 
