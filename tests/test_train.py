@@ -246,6 +246,12 @@ def test_knn_is_logged_for_each_snapshot(images, tmp_path):
     knn_lines = [l for l in lines if "knn_top1_k3" in l]
     assert [l["iteration"] for l in knn_lines] == [2, 5]
     assert all(0 <= l["knn_top1_k3"] <= 100 and 0 <= l["knn_top5_k3"] <= 100 for l in knn_lines)
+    # the monitor leaves the run alone: the same weights without it (its loader drew from the global generator,
+    # which shifted the drop-path masks of every later iteration)
+    train(tiny_cfg(images, "student.drop_path_rate=0.5"), output_dir=tmp_path / "plain")
+    train(tiny_cfg(images, "student.drop_path_rate=0.5", *knn), output_dir=tmp_path / "monitored")
+    a, b = full_state(tmp_path / "plain")["model"], full_state(tmp_path / "monitored")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_model_weights_starts_from_an_explicit_checkpoint(images, tmp_path):

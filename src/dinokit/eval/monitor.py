@@ -35,7 +35,10 @@ class KnnMonitor:
 
     def __call__(self, iteration: int, snapshots: dict[str, Path], log: Callable[[dict], None]) -> None:
         for subdir, path in snapshots.items():
-            backbone = backbone_from_config(self.students[subdir], img_size=self.backbone_size)
+            # the backbone's initialisation (overwritten by the snapshot) draws from the CPU generator: on a fork of
+            # it, so a run trains the same weights with or without its monitor (the drop-path masks drew after it)
+            with torch.random.fork_rng(devices=[]):
+                backbone = backbone_from_config(self.students[subdir], img_size=self.backbone_size)
             load_backbone_weights(backbone, path)
             metrics = run_knn_eval(
                 backbone.to(self.device).eval(), train_dataset_str=self.train, val_dataset_str=self.val,
