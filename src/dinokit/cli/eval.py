@@ -160,7 +160,7 @@ def _linear_options(args: argparse.Namespace) -> dict:
 
     return dict(epochs=args.epochs, epoch_length=args.epoch_length, batch_size=args.batch_size,
                 learning_rates=args.learning_rates or LEARNING_RATES, n_last_blocks=args.n_last_blocks,
-                eval_period=args.eval_period_iterations)
+                eval_period=args.eval_period_iterations, seed=args.seed)
 
 
 def _logreg_options(args: argparse.Namespace) -> dict:
@@ -235,7 +235,7 @@ def run_linear(args: argparse.Namespace) -> int:
     with _evaluation(args, check_model=lambda model: check_linear_options(**options, depth=len(model.blocks))) as ctx:
         if ctx is None:
             return 0
-        result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment, seed=args.seed,
+        result, probes, accuracies = linear_protocol(ctx, **options, augment=not args.no_augment,
                                                      test_datasets=args.test_datasets,
                                                      test_metric_types=args.test_metric_types,
                                                      test_class_mappings=args.test_class_mapping_fpaths,

@@ -184,6 +184,7 @@ def check_linear_options(
     n_last_blocks: Sequence[int] = N_LAST_BLOCKS,
     depth: int | None = None,
     eval_period: int | None = None,
+    seed: int = 0,
 ) -> None:
     """The linear-probe settings, the first wrong one named in one line (by its ``dinokit eval linear`` option).
 
@@ -195,6 +196,8 @@ def check_linear_options(
     for name, value in (("--epochs", epochs), ("--epoch-length", epoch_length), ("--batch-size", batch_size)):
         if value < 1:
             raise DinokitError(f"{name} must be at least 1, got {value}")
+    if seed < 0:  # the per-image crop seeds are derived from it
+        raise DinokitError(f"--seed must be 0 or more, got {seed}")
     if eval_period is not None and eval_period < 0:
         raise DinokitError(f"--eval-period-iterations must be 0 (only at the end) or more, got {eval_period}")
     bad = [lr for lr in learning_rates if not lr > 0]  # NaN too
@@ -254,8 +257,8 @@ def linear_protocol(
     if val_metric_type not in VAL_METRICS:
         raise DinokitError(f"--val-metric-type {val_metric_type!r} is not one of {', '.join(VAL_METRICS)}")
     depth = len(ctx.model.blocks)
-    check_linear_options(epochs=epochs, epoch_length=epoch_length, batch_size=batch_size,
-                         learning_rates=learning_rates, n_last_blocks=n_last_blocks, depth=depth, eval_period=eval_period)
+    check_linear_options(epochs=epochs, epoch_length=epoch_length, batch_size=batch_size, learning_rates=learning_rates,
+                         n_last_blocks=n_last_blocks, depth=depth, eval_period=eval_period, seed=seed)
     usable = [n for n in n_last_blocks if n <= depth]
     if len(usable) < len(n_last_blocks):
         left_out = " ".join(str(n) for n in n_last_blocks if n > depth)
