@@ -137,10 +137,15 @@ def test_a_killed_linear_evaluation_resumes_from_its_running_checkpoint(sample, 
     assert main(["eval", "linear", *args(sample, tmp_path / "cut", *extra, "--eval-period-iterations", "1")]) == 2
     assert "with other settings (eval_period differ)" in capsys.readouterr().err
     older = torch.load(running, weights_only=True)  # a running checkpoint of a version that did not record them
-    older["identity"] = {k: v for k, v in older["identity"].items() if k not in ("eval_period", "val_metric_type")}
+    older["identity"] = {k: v for k, v in older["identity"].items()
+                         if k not in ("eval_period", "val_metric_type", "crop_draws")}
     torch.save(older, running)
     assert main(["eval", "linear", *args(sample, tmp_path / "cut", *extra)]) == 0
-    assert "resuming at iteration 4 of 8 from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming at iteration 4 of 8 from" in out
+    # one without crop_draws drew its augmented crops otherwise (the workers' running states): said once
+    assert out.count(f"note: {running} comes from an older dinokit, which drew the crops otherwise: the probes go on, "
+                     "but they will not be those of an unbroken run") == int(augment)
     assert not running.exists()  # the results are the finished record: a rerun starts afresh
     whole, cut = read_lines(tmp_path / "whole/results_eval_linear.json"), read_lines(tmp_path / "cut/results_eval_linear.json")
     assert whole[0]["iterations"] == cut[0]["iterations"] == 8

@@ -97,7 +97,7 @@ RUNNING_CHECKPOINT = "running_checkpoint_linear_eval.pth"  # the official name
 
 
 # Settings an older running checkpoint does not record: it resumes all the same (it holds no periodic records to mix).
-LATER_IDENTITY_KEYS = ("eval_period", "val_metric_type")
+LATER_IDENTITY_KEYS = ("eval_period", "val_metric_type", "crop_draws")
 
 
 class RunningCheckpoint:
@@ -280,7 +280,8 @@ def linear_protocol(
         "epoch_length": epoch_length, "batch_size": batch_size,
         "world_size": du.get_world_size(), "classifiers": sorted(probes.settings), "augment": augment, "seed": seed,
         # the periodic records kept so far were made with these (a resume with others would mix them)
-        "eval_period": eval_every, "val_metric_type": val_metric_type})
+        "eval_period": eval_every, "val_metric_type": val_metric_type,
+        "crop_draws": "per-image seeds"})  # since 2026-12-07 (before: the workers' running random states)
     state = running.load() if resume else None
     position = StreamPosition(*(state["streams"][du.get_rank()] if state else (0, ())))
     if augment:
@@ -299,6 +300,9 @@ def linear_protocol(
               flush=True)
         if state:
             print(f"resuming at iteration {state['iteration']} of {iterations} from {running.path}", flush=True)
+        if state and augment and "crop_draws" not in state["identity"]:
+            print(f"note: {running.path} comes from an older dinokit, which drew the crops otherwise: the probes go "
+                  "on, but they will not be those of an unbroken run", flush=True)
     periodic = list(state.get("periodic", [])) if state else []  # the evaluations before the resumed iteration
 
     def evaluate(done: int) -> None:
