@@ -221,7 +221,8 @@ class Engine:
             return {"iteration": start_iter, "output_dir": str(output_dir), "resumed": True}
         if self.is_main:
             check_disk_space(self.checkpointer.directory.parent, self.checkpoint_bytes(), cfg.keep_checkpoints)
-            earlier = truncate_metrics(output_dir / "training_metrics.json", start_iter)  # a resumed run logs them again
+            # a resumed run logs the later lines again
+            earlier = truncate_metrics(output_dir / "training_metrics.json", start_iter)
             # lines of a dinokit before 2026-12-06: their total_loss is the minimised loss (now objective_loss)
             self._older_log = any("total_loss" in r and "objective_loss" not in r for r in earlier)
         loader = make_loader(start_iter)
@@ -332,9 +333,10 @@ class Engine:
         official = pending[-1][1] is not None  # a task whose log has the official total_loss (see LossOutput)
         if official and self._older_log:
             self._older_log = False
-            tqdm.write(f"note: the earlier lines of {self.output_dir / 'training_metrics.json'} come from an older dinokit, "
-                  "whose total_loss is the minimised loss: from here on that is objective_loss, and total_loss the sum "
-                  "of the logged terms, as in the official log")
+            log = self.output_dir / "training_metrics.json"
+            tqdm.write(f"note: the earlier lines of {log} come from an older dinokit, whose total_loss is the "
+                       "minimised loss: from here on that is objective_loss, and total_loss the sum of the logged "
+                       "terms, as in the official log")
         logged = torch.stack([t for _, t, _ in pending]).float() if official else totals
         names = sorted(pending[-1][2])
         terms = torch.stack([torch.stack([d[n].float() for n in names]) for _, _, d in pending]) if names else None
