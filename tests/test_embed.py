@@ -121,10 +121,14 @@ def test_npy_and_parquet_outputs_agree(images, weights, tmp_path, capsys) -> Non
     for name in ("cls", "patch_mean"):
         kind = table.schema.field(name).type
         assert str(kind.value_type) == "float" and kind.list_size == ref[name].shape[1], kind
-    # a <stem>.bad.txt with no .npy beside it is an older dinokit's parquet list: replacing the parquet removes it
-    (tmp_path / "old.bad.txt").write_text(f"{images / 'broken.png'}\n")
+    # a <stem>.bad.txt beside a .parquet (a .npy's, moved away, an older dinokit's parquet list, a user's file) is
+    # never deleted (it was, from 2f0dd84 to 5c4c19b); one note says it is not this run's list
+    (tmp_path / "old.bad.txt").write_text("mine\n")
+    capsys.readouterr()
     assert embed(str(images / "a.png"), *common, "--out", str(tmp_path / "old.parquet")) == 0
-    assert not (tmp_path / "old.bad.txt").exists()
+    assert (tmp_path / "old.bad.txt").read_text() == "mine\n"
+    assert (f"note: {tmp_path / 'old.bad.txt'} is not this run's list of unreadable images (those are in the "
+            ".parquet's metadata 'bad_paths'); it was left as it was") in capsys.readouterr().out
 
 
 def test_the_lists_beside_a_npy_are_replaced_only_when_asked(images, weights, tmp_path, capsys) -> None:

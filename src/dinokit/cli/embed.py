@@ -193,11 +193,7 @@ def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str],
         table = pa.table(columns).replace_schema_metadata({"bad_paths": json.dumps(bad_paths)})  # names kept exact
         with atomic_write(out) as tmp:
             pq.write_table(table, tmp)
-        # its bad images in its metadata: a .npy of the same stem keeps its own <stem>.bad.txt; without one, that
-        # file is a parquet's of a dinokit before 2026-12-06, and would list another run's bad images beside this one
-        orphan = out.with_name(f"{out.stem}.bad.txt")
-        if orphan.exists() and not out.with_suffix(".npy").exists():
-            orphan.unlink()
+        # its bad images in its metadata: a .npy of the same stem keeps its own <stem>.bad.txt (never touched)
     return written
 
 
@@ -266,4 +262,8 @@ def _embed(args: argparse.Namespace, out: Path, dataset, paths: list) -> int:
     written = write_embeddings(out, arrays, ok_paths, bad_paths)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     print(_summary(result, model=description, device=device, dtype=precision, bad_paths=bad_paths, written=written))
+    beside = out.with_name(f"{out.stem}.bad.txt")
+    if out.suffix == ".parquet" and beside.exists():  # a .npy's list, or an older dinokit's of its parquet output
+        print(f"note: {beside} is not this run's list of unreadable images (those are in the .parquet's metadata "
+              "'bad_paths'); it was left as it was")
     return 0
