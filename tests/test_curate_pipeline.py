@@ -156,7 +156,7 @@ def test_killed_run_resumes_at_the_unfinished_stage(scenes, tmp_path, monkeypatc
     assert main(["curate", "sample", "--output-dir", str(half), "sample.strategy=c"]) == 0
     out = capsys.readouterr().out
     assert "[sample] done" in out and "[cluster]" not in out
-    assert re.search(r"\[sample\] running again: its settings changed \(sample\.strategy \w+ -> c\)\n", out), out
+    assert re.search(r'\[sample\] running again: its settings changed \(sample\.strategy "\w+" -> "c"\)\n', out), out
     # another image background decodes other pixels: the embeddings are not reused (they were)
     from dinokit.curate.config import make_config
     from dinokit.curate.pipeline import Work
@@ -193,7 +193,14 @@ def test_killed_run_resumes_at_the_unfinished_stage(scenes, tmp_path, monkeypatc
     marker = half / "cluster" / "done.json"
     record = json.loads(marker.read_text())
     marker.write_text(json.dumps({k: v for k, v in record.items() if k != "settings"}))
-    assert Work(half, make_config()).changed("cluster") == "its record comes from an older dinokit (or other settings)"
+    assert Work(half, make_config()).changed("cluster") == (
+        "its settings or those of a stage before it changed (its record, from a dinokit before 2026-12-07, does not "
+        "say which)")
+    # settings as JSON text: None, NaN, an empty section and a key of one side only are told apart
+    now = Work(half, make_config())
+    marker.write_text(json.dumps({**record, "settings": {"cluster": {**now.settings["cluster"]["cluster"],
+                                                                     "seed": None, "extra": {}}}}))
+    assert now.changed("cluster") == "its settings changed (cluster.extra {} -> (none), cluster.seed null -> 0)"
     assert Work(half, make_config()).changed("report") is None  # never finished: nothing to say
 
 

@@ -28,11 +28,12 @@ def _save_json(path: Path, obj: object) -> None:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
 
 
-def _flat(tree: object, prefix: str = "") -> dict[str, object]:
-    """Nested settings as ``{"dedup.threshold": 0.85, ...}`` (lists kept whole)."""
-    if isinstance(tree, dict) and tree:
+def _flat(tree: object, prefix: str = "") -> dict[str, str]:
+    """Nested settings as ``{"dedup.threshold": "0.85", ...}``, each value as JSON text (so None, NaN and lists
+    compare as they read); an empty section is one entry of its own (none at the top)."""
+    if isinstance(tree, dict) and (tree or not prefix):
         return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
+    return {prefix[:-1]: json.dumps(tree, sort_keys=True, default=str)}
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -118,10 +119,11 @@ class Work:
         if not marker.is_file():
             return None
         earlier = json.loads(marker.read_text()).get("settings")  # checked by done() before
-        if not isinstance(earlier, dict):
-            return "its record comes from an older dinokit (or other settings)"
-        before, now = _flat(earlier), _flat(json.loads(json.dumps(self.settings[stage], default=str)))
-        diffs = [f"{k} {before.get(k, '-')} -> {now.get(k, '-')}" for k in sorted(set(before) | set(now))
+        if not isinstance(earlier, dict):  # digests are the same as then: a setting changed, here or before
+            return ("its settings or those of a stage before it changed (its record, from a dinokit before "
+                    "2026-12-07, does not say which)")
+        before, now = _flat(earlier), _flat(self.settings[stage])
+        diffs = [f"{k} {before.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in sorted(set(before) | set(now))
                  if before.get(k) != now.get(k)]
         if not diffs:
             return "a stage before it changed"
