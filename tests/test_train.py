@@ -114,6 +114,23 @@ def test_kill_and_resume_is_bit_exact(images, tmp_path):
     assert [l["total_loss"] for l in la][4:] == [l["total_loss"] for l in lb][4:]
 
 
+def test_resuming_on_another_number_of_cpu_threads_says_the_run_is_no_longer_exact(images, tmp_path, capsys):
+    """CPU sums take another order on another number of threads: a resumed run was silently not bit-exact."""
+    out, threads = tmp_path / "run", torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(tiny_cfg(images), output_dir=out, stop_after=2)
+        train(tiny_cfg(images), output_dir=out, stop_after=4)  # the same threads: nothing to say
+        assert "CPU thread" not in capsys.readouterr().out
+        torch.set_num_threads(2)
+        train(tiny_cfg(images), output_dir=out)
+    finally:
+        torch.set_num_threads(threads)
+    assert ("note: checkpoint_0000004.pth was saved computing on 1 CPU thread(s) and resumes on 2: sums take another "
+            "order, so the run no longer continues bit for bit; set OMP_NUM_THREADS=1 to continue it exactly"
+            ) in capsys.readouterr().out
+
+
 def test_resuming_a_log_of_an_older_dinokit_says_what_total_loss_means_from_then_on(images, tmp_path, capsys):
     """Before 2026-12-06 total_loss was the minimised loss; it is now the official log's sum of terms, the minimised
     one objective_loss. A resumed older run's log changed meaning halfway without a word: one note now says so."""

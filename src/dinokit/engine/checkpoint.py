@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import distributed as dist_utils
 from ..errors import DinokitError
@@ -37,6 +38,13 @@ def atomic_torch_save(obj, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _cpu_threads(model: nn.Module) -> int | None:
+    """The intra-op threads of a model that computes on the CPU (their number sets the order of its sums); None on
+    an accelerator."""
+    param = next(model.parameters(), None)
+    return torch.get_num_threads() if param is not None and param.device.type == "cpu" else None
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -178,7 +186,8 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # 0.5 s: when used
 
         rngs = dist_utils.all_gather_object(_rng_state())
-        meta = {"iteration": iteration, "world_size": dist_utils.get_world_size(), "rng": rngs, **extra}
+        meta = {"iteration": iteration, "world_size": dist_utils.get_world_size(), "rng": rngs,
+                "cpu_threads": _cpu_threads(self.model), **extra}
         fill_missing_optimizer_state(self.optimizer)
         if dist_utils.get_world_size() > 1:
             path = self._save_sharded(iteration, meta)
@@ -253,6 +262,11 @@ class Checkpointer:
             print(f"note: {path.name} was saved by {saved_world} process(es) and resumes in {world}: the total batch "
                   "(and the lr that follows it), the data order and the random streams differ from a run that was "
                   f"never stopped; resume in {saved_world} to continue it exactly")
+        saved_threads, threads = meta.get("cpu_threads"), _cpu_threads(self.model)
+        if saved_threads and threads and saved_threads != threads and rank == 0:
+            print(f"note: {path.name} was saved computing on {saved_threads} CPU thread(s) and resumes on {threads}: "
+                  "sums take another order, so the run no longer continues bit for bit; set "
+                  f"OMP_NUM_THREADS={saved_threads} to continue it exactly")
         if saved_world == world and rank < len(rngs):
             torch.set_rng_state(rngs[rank]["cpu"])
             if "cuda" in rngs[rank] and torch.cuda.is_available():
