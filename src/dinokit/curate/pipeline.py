@@ -155,7 +155,7 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
     low = min(c.threshold, c.eval_threshold)
     mine = _rank_slice(n)
     sims, idx = knn_search(x[mine], x, min(c.k + 1, n), method=c.knn)  # + 1: an image finds itself
-    parts = du.all_gather_object(edges_above(sims, idx, low, row_offset=mine.start))
+    parts = du.gather_object(edges_above(sims, idx, low, row_offset=mine.start))  # rank 0 joins the copies
     counts: dict = {}
     if du.is_main_process():
         edges = np.concatenate([p[0] for p in parts])

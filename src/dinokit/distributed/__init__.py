@@ -177,6 +177,17 @@ def all_gather_object(obj: object) -> list:
     return out
 
 
+def gather_object(obj: object) -> list | None:
+    """A picklable object from every rank, on the main process only (None on the others; a one-element list in one
+    process): for results that only the main process writes, which every rank then need not receive."""
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    out: list | None = [None] * world if get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Broadcast a picklable object from ``src``; identity in one process."""
     if get_world_size() == 1:
