@@ -411,5 +411,10 @@ def test_dedup_normalises_the_descriptors_in_place_with_the_same_bits():
     center = x.mean(0)
     expected = torch.nn.functional.normalize(x - center, dim=1)
     data = x.data_ptr()
-    out = _centred_unit_rows(x, center)
-    assert out.data_ptr() == data and torch.equal(out, expected)
+    out, at_centre = _centred_unit_rows(x, center)
+    assert out.data_ptr() == data and torch.equal(out, expected) and not at_centre.any()
+    # copies of one image are the pool's mean: zero after centring (every cosine 0), so they are told apart
+    same = torch.randn(1, 32, generator=gen).repeat(6, 1)
+    same[5] += 1.0
+    _, at_centre = _centred_unit_rows(same.clone(), same[:5].mean(0))
+    assert at_centre.tolist() == [True] * 5 + [False]

@@ -137,11 +137,23 @@ def _rank_slice(n: int) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
-def _centred_unit_rows(x: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+def _centred_unit_rows(x: torch.Tensor, center: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """``F.normalize(x - center, dim=1)`` computed in ``x`` itself (a fresh array): the pool, its centred copy and
-    its normalised copy were three (n, D) arrays at once (30 GB for 10M images of 256-wide descriptors)."""
+    its normalised copy were three (n, D) arrays at once (30 GB for 10M images of 256-wide descriptors). Also the
+    rows that sat on the centre (centred norm below 1e-3 of their own): a pool of one image, or of copies of one
+    image, whose cosines after centring say nothing (they are 0)."""
+    before = torch.linalg.vector_norm(x, dim=1)
     x.sub_(center)
-    return x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12))
+    after = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    at_centre = (after[:, 0] <= 1e-3 * before).cpu().numpy()
+    return x.div_(after.clamp_min_(1e-12)), at_centre
+
+
+def _centre_links(at_centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (similarity 1) joining the pool images that sat on the centre: the same descriptor, so copies."""
+    nodes = np.nonzero(at_centre)[0]
+    edges = np.stack([np.full(max(len(nodes) - 1, 0), nodes[0] if len(nodes) else 0), nodes[1:]], axis=1)
+    return edges.astype(np.int64), np.ones(len(edges), dtype=np.float32)
 
 
 def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> dict:
@@ -149,7 +161,7 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
     pool = EmbeddingStore(work.folder("embed") / "pool")
     x = pool.load("copy").to(device)
     center = x.mean(0) if c.center else torch.zeros_like(x[0])
-    x = _centred_unit_rows(x, center)
+    x, at_centre = _centred_unit_rows(x, center)
     n = len(x)
     # Links above the looser of the two thresholds, kept once: self-dedup cuts them again at its own.
     low = min(c.threshold, c.eval_threshold)
@@ -158,14 +170,19 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
     parts = du.gather_object(edges_above(sims, idx, low, row_offset=mine.start))  # rank 0 joins the copies
     counts: dict = {}
     if du.is_main_process():
-        edges = np.concatenate([p[0] for p in parts])
-        edge_sims = np.concatenate([p[1] for p in parts])
+        centre_edges, centre_sims = _centre_links(at_centre)
+        edges = np.concatenate([p[0] for p in parts] + [centre_edges])
+        edge_sims = np.concatenate([p[1] for p in parts] + [centre_sims.astype(parts[0][1].dtype)])
         labels = connected_components(n, edges[edge_sims > c.threshold])
         kept = choose_representatives(labels, keep=c.keep, sizes=pool.sizes, features=x.cpu())
         removed = np.zeros(n, dtype=bool)
         for name in sorted(p.name for p in work.folder("embed").glob("eval-*")):
-            evals = _centred_unit_rows(EmbeddingStore(work.folder("embed") / name).load("copy").to(device), center)
+            evals, eval_at_centre = _centred_unit_rows(EmbeddingStore(work.folder("embed") / name).load("copy")
+                                                       .to(device), center)
             e_sims, e_idx = knn_search(evals, x, min(c.k, n), method=c.knn)
+            if at_centre.any():  # an evaluation image with the descriptor of the pool images on the centre: a copy
+                e_sims, e_idx = (torch.as_tensor(a).cpu().numpy().copy() for a in (e_sims, e_idx))
+                e_sims[eval_at_centre, 0], e_idx[eval_at_centre, 0] = 1.0, np.nonzero(at_centre)[0][0]
             removed |= relative_dedup(n, edges[edge_sims > c.eval_threshold], e_sims, e_idx, c.eval_threshold)
         final = kept[~removed[kept]]
         folder = work.folder("dedup")
