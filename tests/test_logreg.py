@@ -135,6 +135,11 @@ def test_errors():
                                   "of more classes")
     with pytest.raises(DinokitError, match="have 1; add"):  # one class in all
         evaluate_logreg(x, torch.zeros(20, dtype=torch.long), x, y, c_values=[1.0], backend="torch")
+    with pytest.raises(DinokitError) as err:  # --finetune-on-val holds nothing out (it was a TypeError traceback)
+        evaluate_logreg(x, torch.zeros(20, dtype=torch.long), x, y, c_values=[1.0], backend="torch",
+                        finetune_on_val=True)
+    assert str(err.value) == ("logistic regression needs at least 2 classes among the images it fits on; the 20 "
+                              "training image(s) have 1; add training images of more classes")
     with pytest.raises(DinokitError, match="backend"):
         resolve_backend("cuml", "cpu")
     assert resolve_backend("auto", "cpu") == "sklearn"

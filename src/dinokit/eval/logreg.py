@@ -248,8 +248,9 @@ def evaluate_logreg(
     held_x, held_y = (val_x, val_y) if held_idx is None else (train_x[held_idx.to(train_x.device)], train_y[held_idx])
     n_fit_classes = int(torch.unique(fit_y).numel())
     if n_fit_classes < 2:  # the solvers need two classes (sklearn raised a ValueError traceback)
-        raise DinokitError(f"logistic regression needs at least 2 classes among the images it fits on; the "
-                           f"{len(fit_idx)} training image(s) left after holding out {len(held_idx)} to choose C "
+        which = (f"{len(fit_idx)} training image(s)" if held_idx is None else  # --finetune-on-val: all of them
+                 f"{len(fit_idx)} training image(s) left after holding out {len(held_idx)} to choose C")
+        raise DinokitError(f"logistic regression needs at least 2 classes among the images it fits on; the {which} "
                            f"have {n_fit_classes}; add training images of more classes")
     scores: dict[float, float] = {}
     previous = None
