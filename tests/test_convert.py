@@ -367,3 +367,23 @@ def test_cli_refuses_a_file_at_odds_with_itself_and_a_file_in_the_output_path(tm
     assert capsys.readouterr().err == (f"error: the output '{tmp_path / 'e1.npz' / 'c.pth'}' cannot be created: "
                                        f"'{tmp_path / 'e1.npz'}' is a file; give a path you can write to\n")
     assert (tmp_path / "e1.npz").read_text() == "mine"
+
+
+@pytest.mark.parametrize("to", ["safetensors", "hf"])
+def test_a_conversion_into_an_output_another_one_is_writing_is_one_line(tmp_path: Path, capsys, to) -> None:
+    """Two conversions into one output both said they wrote it, one's weights lost: the second is now refused while
+    the first holds the output's lock (here: this live process), and the output is left as it was."""
+    import os
+    import socket
+
+    src = save_backbone(create_model("dinov2_vits14", embed_dim=32, depth=1, num_heads=2), tmp_path / "s.pth")
+    out = tmp_path / ("o.safetensors" if to == "safetensors" else "hf")
+    lock = out / ".dinokit.lock" if to == "hf" else tmp_path / ".o.safetensors.lock"
+    lock.parent.mkdir(exist_ok=True)
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+    assert main(["convert", str(src), str(out), "--to", to]) == 2
+    assert capsys.readouterr().err == (f"error: another run (process {os.getpid()} on {socket.gethostname()}) is "
+                                       f"writing to {out}; wait for it to end or give another output (if that "
+                                       f"process is gone, delete {lock})\n")
+    assert lock.is_file() and sorted(p.name for p in lock.parent.iterdir() if p.name.startswith(("o.", "model",
+                                                                                                  "config"))) == []

@@ -108,6 +108,20 @@ def test_cli_exports_a_training_run(tmp_path: Path, demo_teacher, capsys: pytest
     assert main(["export", "onnx", "--model", "dinov2_vits14", "--random-init", "--image-size", "64", "64",
                  "--out", str(tmp_path / "x.txt")]) == 2
     assert "error: the output must be a .onnx file, not 'x.txt'" in capsys.readouterr().err
+    # another export writing --out (its lock names a live process: this one) is one line, the file left alone; two
+    # exports at once both said they wrote it, one graph lost
+    import os
+    import socket
+
+    lock = tmp_path / ".demo.onnx.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+    before = out.read_bytes()
+    assert main(["export", "onnx", "--weights", str(demo_teacher.snapshot), "--image-size", "32", "32", "--out",
+                 str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"error: another run (process {os.getpid()} on {socket.gethostname()}) is "
+                                       f"writing to {out}; wait for it to end or give another --out (if that process "
+                                       f"is gone, delete {lock})\n")
+    assert out.read_bytes() == before and lock.is_file()
 
 
 def test_cli_refuses_bad_sizes_and_tolerance_up_front(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

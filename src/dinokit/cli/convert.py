@@ -11,9 +11,12 @@ Examples::
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..convert.formats import SOURCE_LAYOUTS, TARGETS, convert_checkpoint
+from ..engine.run_dir import check_writable, main_process_lock, output_lock_file
 from ..errors import DinokitError
+from ..files import LOCK_NAME
 
 
 def _destination(args: argparse.Namespace) -> str:
@@ -27,8 +30,13 @@ def _destination(args: argparse.Namespace) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     args.dst = _destination(args)
-    done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model, layout=args.source_layout,
-                              overwrite=args.overwrite)
+    dst = Path(args.dst).expanduser()
+    # held while the output is checked and written: two conversions into one output both said they wrote it
+    check_writable(dst, "the output", is_file=args.to != "hf")  # a file on the way: one line before the lock
+    lock = dst / LOCK_NAME if args.to == "hf" else output_lock_file(dst)
+    with main_process_lock(lock, dst, option="output", temporaries=None):
+        done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model, layout=args.source_layout,
+                                  overwrite=args.overwrite)
     spec = done["spec"]
     kind = f"embed_dim {spec.embed_dim}, {spec.depth} blocks, {spec.num_heads} heads"
     kind += f", {spec.num_register_tokens} registers" if spec.num_register_tokens else ""

@@ -14,10 +14,12 @@ all after the final LayerNorm; the input "image" is a normalised (B, 3, H, W) fl
 from __future__ import annotations
 
 import argparse
+import glob
+from pathlib import Path
 
 from ..errors import DinokitError
 from ..eval.setup import DEFAULT_MODEL, setup_eval_model
-from ..engine.run_dir import check_not_replacing
+from ..engine.run_dir import check_not_replacing, main_process_lock, output_lock_file
 from ..export.onnx import DEFAULT_TOLERANCE, check_output, export_onnx
 from . import named
 
@@ -35,7 +37,12 @@ def _onnx(args: argparse.Namespace) -> int:
         config_file=args.config_file, pretrained_weights=args.weights, model=None if args.config_file else args.model,
         random_init=args.random_init, default_model=None if args.config_file else DEFAULT_MODEL,
     )
-    report = export_onnx(model, args.out, image_size=tuple(args.image_size), dynamic=args.dynamic, tolerance=args.tolerance)
+    out = Path(args.out).expanduser()
+    # held until the graph is written; checked again under it: another export may have written --out meanwhile
+    with main_process_lock(output_lock_file(out), out, check=lambda: check_not_replacing(out, overwrite=args.overwrite),
+                           temporaries=f".{glob.escape(out.name)}.tmp-*"):
+        report = export_onnx(model, out, image_size=tuple(args.image_size), dynamic=args.dynamic,
+                             tolerance=args.tolerance)
     kind = "dynamic batch, height and width" if args.dynamic else f"static {args.image_size[0]}x{args.image_size[1]}"
     student = description.get("config", {}).get("student", {})  # a run's config (given, or found by its weights)
     name = description.get("model") or f"{student.get('arch')}/{student.get('patch_size')}"

@@ -136,7 +136,8 @@ def save_hf_folder(sd: Mapping[str, torch.Tensor], folder: str | Path, *, spec: 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in hf.items()}
     with atomic_write(folder / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_config(spec), indent=2) + "\n")
+    with atomic_write(folder / "config.json") as tmp:  # a whole file or the previous one, as every output
+        tmp.write_text(json.dumps(hf_config(spec), indent=2) + "\n")
     return folder
 
 
