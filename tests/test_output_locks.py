@@ -174,6 +174,14 @@ def test_an_interrupted_shard_run_is_told_by_the_rerun_and_by_the_readers(tmp_pa
                        r"\(1 shard\(s\) written, shards.json does not say complete\); delete the folder and run "
                        r"'dinokit data shard' again$"):
         make_dataset(f"WebDataset:urls={out}/000000.tar")
+    # the same files while a live `data shard` holds the folder's lock: still being written, not to be deleted (the
+    # message said to delete the folder a live run was writing into)
+    lock = _lock(out / ".dinokit.lock", os.getpid())
+    with pytest.raises(DinokitError) as err:
+        make_dataset(f"WebDataset:urls={out}/000000.tar")
+    assert str(err.value) == (f"'dinokit data shard' (process {os.getpid()} on {socket.gethostname()}) is still "
+                              f"writing the shards in {str(out)!r} (1 so far); wait for it to end")
+    lock.unlink()
     # following the advice
     for p in out.iterdir():
         p.unlink()

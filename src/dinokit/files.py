@@ -122,6 +122,13 @@ def remove_stale_temporaries(folder: Path, pattern: str = "**/.*.tmp-*") -> None
             path.unlink(missing_ok=True)
 
 
+def lock_holder(lock: Path) -> tuple[str, str, bool] | None:
+    """(host, process id, alive) of the process holding ``lock``, None when there is no lock; a process of another
+    host counts as alive (it cannot be checked from here)."""
+    held = _holder(lock)
+    return None if held is None else held[:3]
+
+
 def _holder(lock: Path) -> tuple[str, str, bool, bytes] | None:
     """(host, pid, alive, the file's bytes) of the process named in ``lock``; None when the lock is gone. A lock that
     names no process (empty, garbage: dinokit writes it whole) counts as a killed run's."""

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DinokitError
-from ..files import atomic_write
+from ..files import LOCK_NAME, atomic_write, lock_holder
 from .datasets import ImageDataset
 from .images import load_image
 from .listing import IMAGE_EXTENSIONS, PathColumn
@@ -311,6 +311,10 @@ def check_complete(folder: Path) -> None:
     """One line when ``folder`` holds the shards of a ``data shard`` run that was interrupted: some of them are
     missing, though those there look whole."""
     if (n := interrupted_shards(folder)) is not None:
+        holder = lock_holder(folder / LOCK_NAME)
+        if holder is not None and holder[2]:  # its writer is alive: it is not interrupted, and must not be deleted
+            raise DinokitError(f"'dinokit data shard' (process {holder[1]} on {holder[0]}) is still writing the shards "
+                               f"in {str(folder)!r} ({n} so far); wait for it to end")
         raise DinokitError(f"the shards in {str(folder)!r} are those of an interrupted 'dinokit data shard' run "
                            f"({n} shard(s) written, {RECORD_FILE} does not say complete); delete the folder and run "
                            "'dinokit data shard' again")
