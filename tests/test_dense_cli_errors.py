@@ -151,3 +151,15 @@ def test_a_run_started_before_the_recipe_changed_is_not_resumed_on_the_new_one(d
         "2026-12-06 (DINOv3's warm-up one-cycle); resumed by this one it would go on with another recipe: finish it "
         "with the dinokit version that started it, or give a new --output-dir to start again")
     assert json.loads(saved.read_text()) == settings  # nothing rewritten
+
+
+def test_a_batch_norm_head_on_a_single_patch_is_one_line(demo_teacher, dense_root, tmp_path, capsys):
+    """A batch of one crop of one patch gave the BatchNorm head one value per channel: a traceback at the first
+    step (torch's 'Expected more than 1 value per channel when training')."""
+    data = f"SegSample:split=%s:root={dense_root / 'seg'}"
+    assert main(["dense", "train", "--task", "seg", "--head", "linear", "--config-file", str(demo_teacher.config_file),
+                 "--train-dataset", data % "train", "--val-dataset", data % "val", "--output-dir", str(tmp_path / "r"),
+                 "--no-progress", "iterations=2", "batch_size=1", "crop_size=8", "base_size=8", "eval_size=8",
+                 "eval_crop=8", "eval_stride=8"]) == 2
+    assert error_line(capsys) == ("error: batch_size=1 crops of 8x8 px are 1 patch(es) of 8 px: the head's BatchNorm "
+                                  "needs at least 2; raise batch_size or crop_size")

@@ -132,6 +132,7 @@ def train_head(
             min_depth=recipe.min_depth, max_depth=recipe.max_depth, dropout=recipe.dropout,
             class_token=recipe.class_token and task == "seg", norm=recipe.norm, **bin_options(recipe),
         )
+        _check_batch_norm(head_module, recipe, backbone.patch_size)
         backbone_dtype = torch.bfloat16 if device_.type == "cuda" else None
         dense_task = DenseHeadTask(backbone, head_module, spec, recipe, task=task, backbone_dtype=backbone_dtype)
         cached = None
@@ -179,6 +180,17 @@ def train_head(
             print(f"{task} head '{head}' on {val_dataset}:\n{format_results(result, task)}")
             print(f"head saved to {out / 'head.pth'}; results in {out / results_name(task)}")
         return result
+
+
+def _check_batch_norm(head: torch.nn.Module, recipe: DenseRecipe, patch_size: int) -> None:
+    """One line when a head's BatchNorm would see one value per channel (a batch of 1 crop of 1 patch): torch's
+    training-mode BatchNorm stops there with a traceback at the first step."""
+    patches = (recipe.crop_size[0] // patch_size) * (recipe.crop_size[1] // patch_size)
+    if recipe.batch_size * patches < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                               for m in head.modules()):
+        raise DinokitError(f"batch_size={recipe.batch_size} crops of {recipe.crop_size[0]}x{recipe.crop_size[1]} px "
+                           f"are {recipe.batch_size * patches} patch(es) of {patch_size} px: the head's BatchNorm needs "
+                           "at least 2; raise batch_size or crop_size")
 
 
 def schedules(recipe: DenseRecipe) -> dict[str, Any]:
