@@ -148,6 +148,18 @@ def test_unreadable_knn_dataset_stops_before_the_first_step(images, tmp_path, ca
     assert line.startswith("error: evaluation.knn_dataset.val: ") and str(missing) in line
     assert line.endswith("(or evaluation.knn_dataset=null to skip the k-NN monitor)")
     assert not out.exists()  # nothing was written
+    # a val class that train lacks: said at start too (it stopped the run at its first evaluation, hours in)
+    import shutil
+
+    shutil.copytree(images / "val", tmp_path / "val")
+    first = sorted(p for p in (tmp_path / "val").iterdir())[0]
+    first.rename(first.with_name("zz_unknown"))
+    code = cli_main(_train(out, images, f"evaluation.knn_dataset.train=ImageFolder:root={images / 'train'}",
+                          f"evaluation.knn_dataset.val=ImageFolder:root={tmp_path / 'val'}"))
+    assert code == 2
+    line = error_line(capsys)
+    assert line.startswith("error: evaluation.knn_dataset: the val dataset has classes the train dataset lacks (1 of ")
+    assert line.endswith("(or evaluation.knn_dataset=null to skip the k-NN monitor)") and not out.exists()
 
 
 def test_texture_knn_with_the_users_images_is_said_at_start(images, tmp_path, capsys):

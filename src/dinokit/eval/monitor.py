@@ -17,6 +17,7 @@ from ..config import backbone_from_config, backbone_img_size
 from ..models import load_backbone_weights
 from .knn import run_knn_eval
 from .results import shared_images_warning
+from .setup import align_classes
 
 
 class KnnMonitor:
@@ -80,6 +81,11 @@ def check_knn_datasets(train: str, val: str, pretraining: str) -> None:
         except DinokitError as err:
             raise DinokitError(f"evaluation.knn_dataset.{key}: {err} (or evaluation.knn_dataset=null to skip the "
                                "k-NN monitor)") from None
+    try:  # val classes that train lacks: one line now, not at the first evaluation, hours into the run
+        align_classes(datasets["train"], datasets["val"])
+    except DinokitError as err:
+        raise DinokitError(f"evaluation.knn_dataset: {err} (or evaluation.knn_dataset=null to skip the k-NN "
+                           "monitor)") from None
     shared = shared_images_warning(datasets["train"], datasets["val"], train_name="evaluation.knn_dataset.train",
                                    val_name="evaluation.knn_dataset.val")
     if shared and is_first_process():
