@@ -163,3 +163,19 @@ def test_a_batch_norm_head_on_a_single_patch_is_one_line(demo_teacher, dense_roo
                  "eval_crop=8", "eval_stride=8"]) == 2
     assert error_line(capsys) == ("error: batch_size=1 crops of 8x8 px are 1 patch(es) of 8 px: the head's BatchNorm "
                                   "needs at least 2; raise batch_size or crop_size")
+
+
+def test_a_val_set_with_nothing_to_score_is_one_line_not_nan_results(demo_teacher, tmp_path, capsys):
+    """Masks that are all 255 (ignored) gave mIoU NaN, written as bare NaN (not JSON) in the results, no word."""
+    (tmp_path / "images").mkdir(), (tmp_path / "masks").mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (90, 20 * i, 20)).save(tmp_path / "images" / f"im{i}.jpg")
+        Image.new("L", (32, 32), 255).save(tmp_path / "masks" / f"im{i}.png")
+    data = f"SegFolder:root={tmp_path}"
+    assert main(["dense", "train", "--task", "seg", "--head", "linear", "--config-file", str(demo_teacher.config_file),
+                 "--train-dataset", data, "--val-dataset", data, "--output-dir", str(tmp_path / "out"), "--no-progress",
+                 "iterations=1", "batch_size=2", "crop_size=32", "base_size=32", "eval_size=32", "eval_crop=32",
+                 "eval_stride=16", "eval_period=0"]) == 2
+    assert error_line(capsys) == (f"error: no pixel of the 2 readable image(s) of {data!r} has a label (every mask "
+                                  "pixel is 255, ignored): nothing to score; check the labels")
+    assert not list((tmp_path / "out").glob("results_*"))

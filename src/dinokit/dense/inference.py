@@ -7,6 +7,7 @@ their own size), at the label's resolution, and accumulates the protocol's metri
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -95,6 +96,11 @@ def evaluate(
     if skipped == len(dataset):
         raise DinokitError(f"no image of {dataset.name!r} could be read; check the files")
     result = meter.compute()
+    if math.isnan(result["mIoU"] if model.task == "seg" else result["rmse"]):  # NaN in every metric, as results
+        what = ("has a label (every mask pixel is 255, ignored)" if model.task == "seg" else
+                f"has a depth within the head's range ({meter.min_depth:g}-{meter.max_depth:g} m)")
+        raise DinokitError(f"no pixel of the {len(dataset) - skipped} readable image(s) of {dataset.name!r} {what}: "
+                           "nothing to score; check the labels")
     if model.task == "seg" and dataset.classes:
         result["classes"] = list(dataset.classes)[: model.decode_head.num_classes]
     result["images"] = len(dataset) - skipped
