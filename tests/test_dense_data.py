@@ -256,9 +256,12 @@ def test_kitti_layout_scale_crops_and_range_note(tmp_path, capsys):
             "--train-dataset", f"KITTI:root={kitti}:split=train", "--val-dataset", f"KITTI:root={kitti}:split=test",
             "--output-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu", "iterations=1", "batch_size=1",
             "augment=false", "crop_size=28,56", "eval_size=28", "eval_period=0", "num_workers=0"]
-    assert main(argv) == 0
+    assert main(argv) == 2  # within the Garg crop every val depth is beyond 10 m: nothing to score (it was NaN)
+    captured = capsys.readouterr()
     assert ("holds depths up to 80 m but the head's max_depth is 10; set max_depth=80 (KITTI's own settings: "
-            "max_depth=80 crop_size=352,704)") in capsys.readouterr().out
+            "max_depth=80 crop_size=352,704)") in captured.out
+    assert captured.err.strip().endswith("has a depth within the head's range (0.001-10 m): nothing to score; check "
+                                         "the labels, or min_depth/max_depth")
 
 
 def test_generated_sets(tmp_path):

@@ -99,8 +99,9 @@ def evaluate(
     if math.isnan(result["mIoU"] if model.task == "seg" else result["rmse"]):  # NaN in every metric, as results
         what = ("has a label (every mask pixel is 255, ignored)" if model.task == "seg" else
                 f"has a depth within the head's range ({meter.min_depth:g}-{meter.max_depth:g} m)")
+        fix = "check the labels" if model.task == "seg" else "check the labels, or min_depth/max_depth"
         raise DinokitError(f"no pixel of the {len(dataset) - skipped} readable image(s) of {dataset.name!r} {what}: "
-                           "nothing to score; check the labels")
+                           f"nothing to score; {fix}")
     if model.task == "seg" and dataset.classes:
         result["classes"] = list(dataset.classes)[: model.decode_head.num_classes]
     result["images"] = len(dataset) - skipped
