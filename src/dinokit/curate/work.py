@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import distributed as du
 from ..data.images import decoding_settings
+from ..engine.run_dir import flatten_settings
 from ..errors import DinokitError
 from ..files import atomic_write, read_npy
 from .config import CurateConfig
@@ -26,14 +27,6 @@ def _digest(obj: object) -> str:
 def _save_json(path: Path, obj: object) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
-
-
-def _flat(tree: object, prefix: str = "") -> dict[str, str]:
-    """Nested settings as ``{"dedup.threshold": "0.85", ...}``, each value as JSON text (so None, NaN and lists
-    compare as they read); an empty section is one entry of its own (none at the top)."""
-    if isinstance(tree, dict) and (tree or not prefix):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: json.dumps(tree, sort_keys=True, default=str)}
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -122,7 +115,8 @@ class Work:
         if not isinstance(earlier, dict):  # digests are the same as then: a setting changed, here or before
             return ("its settings or those of a stage before it changed (its record, from a dinokit before "
                     "2026-12-07, does not say which)")
-        before, now = _flat(earlier), _flat(self.settings[stage])
+        before, now = ({k: json.dumps(v, sort_keys=True, default=str)  # as JSON text: None, NaN, lists as they read
+                        for k, v in flatten_settings(t).items() if k} for t in (earlier, self.settings[stage]))
         diffs = [f"{k} {before.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in sorted(set(before) | set(now))
                  if before.get(k) != now.get(k)]
         if not diffs:

@@ -57,11 +57,12 @@ class RunInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM/SIGUSR1 stopped a run after it saved a checkpoint; the message says what was kept and how to resume."""
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"a.b": value}`` (an empty section is one entry of its own)."""
     if isinstance(tree, Mapping):
         out: dict[str, Any] = {}
         for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_settings(value, f"{prefix}{key}."))
         return out or {prefix[:-1]: {}}
     return {prefix[:-1]: tree}
 
@@ -80,7 +81,7 @@ def _short(value: Any) -> str:
 
 def config_changes(saved: Mapping, current: Mapping, allowed: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """(refused, allowed) differences between two configurations, as ``key (saved X, now Y)`` strings."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_settings(saved), flatten_settings(current)
     refused, accepted = [], []
     for key in sorted(set(a) & set(b)):  # a key on one side only comes from another dinokit version: its default
         if a[key] != b[key]:
@@ -268,7 +269,7 @@ def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file
         raise no_readable_checkpoint(out / "checkpoints", damaged)
     if found and config is not None:
         saved = _load_saved(out / config_file)
-        older = [change for key, change in introduced.items() if key not in _flatten(saved)]
+        older = [change for key, change in introduced.items() if key not in flatten_settings(saved)]
         if older:
             raise DinokitError(
                 f"{out} holds a run started by an older dinokit, before {older[0]}; resumed by this one it would go on "
