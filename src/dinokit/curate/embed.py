@@ -80,10 +80,12 @@ def embed_set(
     device: torch.device,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    settings: str | None = None,
 ) -> None:
     """Embed every image of ``dataset`` (whose items are ``paths``) into shards under ``folder``.
 
-    Finished shards are kept; a different path list in an existing folder is an error.
+    Finished shards are kept; a different path list in an existing folder is an error. ``settings`` (a digest of
+    what changes the features) is recorded in each shard's JSON, for :func:`outdated` to compare.
     """
     folder = Path(folder)
     rank, world = du.get_rank(), du.get_world_size()
@@ -114,10 +116,43 @@ def embed_set(
             with atomic_write(folder / f"{_shard_name(s)}.{key}.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, value.numpy().astype(storage))
         meta = {"start": start, "stop": stop, "rows": rows, "keys": sorted(result.features),
-                "bad": list(result.bad), "bytes": [_file_size(paths[i]) for i in rows]}
+                "bad": list(result.bad), "bytes": [_file_size(paths[i]) for i in rows], "settings": settings}
         with atomic_write(meta_file) as tmp:
             tmp.write_text(json.dumps(meta))
     du.barrier()
+
+
+def outdated(folder: str | Path, paths: list[str], settings: str | None = None) -> str | None:
+    """Why the embeddings in ``folder`` are not those of ``paths`` (images added, removed or reordered since) with
+    ``settings`` (shards of other settings; not checked when None); None when they are, or when there are none.
+    Unreadable shard records are left to :class:`EmbeddingStore` to name."""
+    folder = Path(folder)
+    listing = folder / PATHS_FILE
+    if not listing.is_file():
+        return None
+    before = listing.read_text(errors="surrogateescape").splitlines()
+    if before != paths:
+        old, new = set(before), set(paths)
+        if old == new:
+            return "its images are listed in another order than when they were embedded"
+        return (f"its images changed since they were embedded ({len(new - old)} added, {len(old - new)} removed, "
+                f"{len(new)} now)")
+    for meta_file in sorted(folder.glob("shard-*.json")) if settings is not None else ():
+        try:
+            earlier = json.loads(meta_file.read_text()).get("settings", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if earlier != settings:
+            return ("its shards were embedded with other settings" if earlier else
+                    "its shards were embedded by a dinokit before 2026-12-07, which did not record their settings")
+    return None
+
+
+def clear_set(folder: str | Path) -> None:
+    """Delete the embeddings in ``folder`` (the files :func:`embed_set` writes), to embed the set again."""
+    for path in Path(folder).glob("shard-*"):
+        path.unlink(missing_ok=True)
+    (Path(folder) / PATHS_FILE).unlink(missing_ok=True)
 
 
 def _file_size(path: str) -> int:

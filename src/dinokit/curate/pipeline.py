@@ -34,7 +34,7 @@ from ..features import check_image_size
 from ..files import atomic_write
 from .config import CurateConfig
 from .dedup import choose_representatives, connected_components, edges_above, relative_dedup
-from .embed import EmbeddingStore, curation_feature_fn, embed_set
+from .embed import PATHS_FILE, EmbeddingStore, clear_set, curation_feature_fn, embed_set, outdated
 from .kmeans import hierarchical_kmeans
 from .knn import knn_search
 from .retrieve import retrieve_by_clusters, retrieve_by_samples
@@ -99,6 +99,25 @@ def open_sets(config: CurateConfig, transform=None) -> dict:
     return datasets
 
 
+def _set_name(name: str) -> str:
+    return {"pool": "the pool", "seed": "the seed set"}.get(name, f"evaluation set {name[5:]}")
+
+
+def images_changed(work: Work, datasets: dict | None = None) -> str | None:
+    """Why a finished embed stage is out of date with the same settings: the images of a set changed since (added,
+    removed, renamed); None when none did. The main process lists the sets (``datasets``: those it opened) and says
+    the same to every rank."""
+    why = None
+    if du.is_main_process():
+        for name, dataset in (datasets or open_sets(work.config)).items():
+            folder = work.folder("embed") / name
+            paths = [os.path.abspath(p) for p in dataset.paths]
+            if not (folder / PATHS_FILE).is_file() or outdated(folder, paths):  # settings: in the digest
+                why = f"the images of {_set_name(name)} changed since (the details follow)"
+                break
+    return du.broadcast_object(why)
+
+
 def check_ready(work: Work, stage: str) -> None:
     """One line when a stage before ``stage`` has not finished with these settings (``run`` and ``report``
     need none): the command line calls it before writing anything into the work folder."""
@@ -122,8 +141,14 @@ def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
     # at most one worker per usable core (said once); the stage's digest keeps the value asked for
     embedding = replace(config.embed, num_workers=usable_workers(config.embed.num_workers, key="embed.num_workers"))
     for name, dataset in datasets.items():
-        embed_set(dataset, [os.path.abspath(p) for p in dataset.paths], work.folder("embed") / name, model=model,
-                  feature_fn=feature_fn, config=embedding, device=device, progress=progress)
+        folder, paths = work.folder("embed") / name, [os.path.abspath(p) for p in dataset.paths]
+        # embeddings of other images or other settings (a killed run's, a changed pool's) are not kept
+        if du.is_main_process() and (why := outdated(folder, paths, work.digests["embed"])):
+            _log(f"[embed] {_set_name(name)}: {why}: embedding it again")
+            clear_set(folder)
+        du.barrier()
+        embed_set(dataset, paths, folder, model=model, feature_fn=feature_fn, config=embedding, device=device,
+                  progress=progress, settings=work.digests["embed"])
     pool = EmbeddingStore(work.folder("embed") / "pool")
     if len(pool) == 0:
         raise DinokitError(f"none of the {n_pool} pool images could be read (first: {pool.paths[pool.bad[0]]}); check the files")
@@ -332,10 +357,11 @@ def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = 
         return write_report(work)
     check_ready(work, stage)
     record = work.done(stage)
-    if record is not None and not force:
+    again = images_changed(work, kwargs.get("datasets")) if stage == "embed" and record and not force else None
+    if record is not None and not force and not again:
         _log(f"[{stage}] finished earlier with these settings ({record['seconds']:.1f} s): skipped")
         return record
-    again = None if force else work.changed(stage)
+    again = again or (None if force else work.changed(stage))
     _log(f"[{stage}] running" + (f" again: {again}" if again else ""))
     start = time.perf_counter()
     counts = STAGE_FUNCTIONS[stage](work, device=device, progress=progress, **kwargs)

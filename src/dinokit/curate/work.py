@@ -18,10 +18,17 @@ from ..engine.run_dir import flatten_settings
 from ..errors import DinokitError
 from ..files import atomic_write, read_npy
 from .config import CurateConfig
+from .embed import PATHS_FILE
 
 
 def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _identity(record: dict | None) -> str | None:
+    """What a finished stage made, as its record says: the digest of its settings, counts, inputs and the stage
+    before it (not its time: a stage redone on the same inputs, e.g. with --force, keeps the ones after it)."""
+    return None if record is None else _digest([record.get(k) for k in ("digest", "counts", "inputs", "after")])
 
 
 def _save_json(path: Path, obj: object) -> None:
@@ -33,6 +40,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
 
+
+# the stages in order: each reads the files of the one before it
+ORDER = ("embed", "dedup", "retrieve", "cluster", "sample")
 
 # the counts of a stage record that later stages read: a record without them is damaged
 NEEDED_COUNTS: dict[str, dict] = {
@@ -85,7 +95,24 @@ class Work:
                 raise DinokitError(f"{marker} is damaged (its counts lack {key!r}); {fix}")
             if not valid(record["counts"][key]):
                 raise DinokitError(f"{marker} is damaged (its {key!r} is {record['counts'][key]!r}); {fix}")
-        return record if record["digest"] == self.digests.get(stage) else None
+        if record["digest"] != self.digests.get(stage):
+            return None
+        # what the stage before it made (a redone stage with the same settings, on a changed pool, made other files)
+        upstream = self._upstream(stage)
+        if "after" not in record:  # a record of a dinokit before 2026-12-07: kept unless the one before it is newer
+            return record if upstream is None or "after" not in upstream else None
+        return record if record["after"] == _identity(upstream) else None
+
+    def _upstream(self, stage: str) -> dict | None:
+        """The record of the stage before ``stage`` as it is now; None for the first stage or one not finished."""
+        if stage not in ORDER or stage == ORDER[0]:
+            return None
+        marker = self.folder(ORDER[ORDER.index(stage) - 1]) / "done.json"
+        try:
+            record = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
 
     def load(self, stage: str, name: str, ndim: int = 1, *, rows_of: int | None = None,
              length: int | None = None) -> np.ndarray:
@@ -120,12 +147,17 @@ class Work:
         diffs = [f"{k} {before.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in sorted(set(before) | set(now))
                  if before.get(k) != now.get(k)]
         if not diffs:
+            if self.digests[stage] == json.loads(marker.read_text())["digest"]:
+                return "the stage before it ran again"
             return "a stage before it changed"
         return "its settings changed (" + ", ".join(diffs[:3]) + (", ..." if len(diffs) > 3 else "") + ")"
 
     def finish(self, stage: str, seconds: float, counts: dict) -> dict:
         record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts,
-                  "settings": self.settings[stage]}
+                  "settings": self.settings[stage], "after": _identity(self._upstream(stage))}
+        if stage == "embed":  # the images embedded: a changed listing (same settings) redoes the stages after it
+            record["inputs"] = {p.parent.name: _digest(p.read_bytes().decode("utf-8", "surrogateescape"))
+                                for p in sorted(self.folder(stage).glob(f"*/{PATHS_FILE}"))}
         if du.is_main_process():
             _save_json(self.folder(stage) / "done.json", record)
         du.barrier()

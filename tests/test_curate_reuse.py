@@ -1,0 +1,86 @@
+"""What a rerun of `dinokit curate` keeps and what it redoes: embeddings of changed settings or of a changed pool are
+never reused, and the stages after a redone one follow it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from dinokit.cli import main
+from dinokit.curate.embed import EmbeddingStore
+from dinokit.curate.synthetic import write_copy_pairs
+
+MODEL = ["--config-file", "demo", "--weights", "random", "--device", "cpu", "--no-progress", "embed.num_workers=0",
+         "embed.shard_size=8", "cluster.n_clusters=[4,2]"]
+STAGES = ("embed", "dedup", "retrieve", "cluster", "sample")
+
+
+def _run(pool, work, capsys, *extra) -> str:
+    capsys.readouterr()
+    assert main(["curate", "run", "--pool", str(pool), "--output-dir", str(work), "--target-size", "4", *MODEL,
+                 *extra]) == 0
+    return capsys.readouterr().out
+
+
+def _features(work) -> np.ndarray:
+    return EmbeddingStore(work / "embed" / "pool").load("cls").numpy()
+
+
+def test_changed_settings_or_images_are_embedded_again_and_the_later_stages_follow(tmp_path, capsys):
+    pool, work = tmp_path / "pool", tmp_path / "work"
+    write_copy_pairs(pool, n_images=6, copies=1)
+    _run(pool, work, capsys, "embed.image_size=56")
+    first = _features(work)
+    # another image size: other features (the finished shards of the first size were kept: the same features)
+    out = _run(pool, work, capsys, "embed.image_size=70")
+    assert "[embed] the pool: its shards were embedded with other settings: embedding it again" in out
+    resized = _features(work)
+    assert not np.allclose(resized, first)
+    _run(pool, tmp_path / "fresh", capsys, "embed.image_size=70")
+    np.testing.assert_array_equal(resized, _features(tmp_path / "fresh"))
+    # the same settings, one image more: the embed stage was skipped and the manifest never held the new image
+    Image.new("RGB", (64, 64), (250, 20, 20)).save(pool / "zz_new.png")
+    out = _run(pool, work, capsys, "embed.image_size=70")
+    assert "[embed] running again: the images of the pool changed since (the details follow)" in out
+    assert "[embed] the pool: its images changed since they were embedded (1 added, 0 removed, 13 now)" in out
+    for stage in STAGES[1:]:
+        assert f"[{stage}] running again: the stage before it ran again" in out
+    assert json.loads((work / "report.json").read_text())["counts"]["pool"] == 13
+    assert str(pool / "zz_new.png") in EmbeddingStore(work / "embed" / "pool").paths
+    # nothing changed: every stage kept; a stage redone on the same inputs (--force) keeps the ones after it
+    out = _run(pool, work, capsys, "embed.image_size=70")
+    assert all(f"[{stage}] finished earlier with these settings" in out for stage in STAGES)
+    manifest = (work / "manifest.txt").read_text()
+    assert main(["curate", "dedup", "--output-dir", str(work), "--force", "--device", "cpu", "--no-progress"]) == 0
+    out = _run(pool, work, capsys, "embed.image_size=70")
+    assert all(f"[{stage}] finished earlier with these settings" in out for stage in STAGES)
+    assert (work / "manifest.txt").read_text() == manifest
+
+
+def test_a_killed_embedding_of_a_pool_changed_since_is_redone_and_old_records_are_kept(tmp_path, capsys):
+    pool, work = tmp_path / "pool", tmp_path / "work"
+    write_copy_pairs(pool, n_images=6, copies=1)
+    _run(pool, work, capsys)
+    manifest = (work / "manifest.txt").read_text()
+    # records of a dinokit before 2026-12-07 (no inputs, no upstream) and shards without settings: all kept
+    for stage in STAGES:
+        marker = work / stage / "done.json"
+        record = json.loads(marker.read_text())
+        marker.write_text(json.dumps({k: v for k, v in record.items() if k not in ("inputs", "after", "settings")}))
+    for meta in (work / "embed" / "pool").glob("shard-*.json"):
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "settings"}))
+    out = _run(pool, work, capsys)
+    assert all(f"[{stage}] finished earlier with these settings" in out for stage in STAGES)
+    assert (work / "manifest.txt").read_text() == manifest
+    # an embedding killed before its record, then one image removed: embedded again (it was refused in one line,
+    # 'holds embeddings of other images', for the user to delete the folder)
+    (work / "embed" / "done.json").unlink()
+    (pool / "scene_0000.png").unlink()
+    shutil.rmtree(work / "embed" / "seed", ignore_errors=True)
+    out = _run(pool, work, capsys)
+    assert "[embed] the pool: its images changed since they were embedded (0 added, 1 removed, 11 now)" in out
+    assert len(EmbeddingStore(work / "embed" / "pool")) == 11
+    assert json.loads((work / "report.json").read_text())["counts"]["pool"] == 11
