@@ -25,11 +25,11 @@ from tqdm import tqdm
 from .. import distributed as dist_utils
 from ..errors import DinokitError, TrainingHealthWarning
 from .checkpoint import Checkpointer, UnreadableCheckpoint
-from .metrics import MetricsLogger
-from .snapshots import save_export
-from .run_dir import InterruptGuard, RunInterrupted, check_disk_space, truncate_metrics
+from .metrics import MetricsLogger, truncate_metrics
+from .run_dir import InterruptGuard, RunInterrupted, check_disk_space
 from .optim import apply_optim_schedule, build_optimizer, get_param_groups
 from .parallel import average_buffers, parallelize, reshard
+from .snapshots import save_export
 from .task import Task
 
 

@@ -1,5 +1,6 @@
 """Training metrics: smoothed values, one JSON line per logged iteration, a console progress bar, and an
-optional tracker (TensorBoard, Weights & Biases) that receives every line too."""
+optional tracker (TensorBoard, Weights & Biases) that receives every line too; a resumed run's log goes back to
+its iteration (:func:`truncate_metrics`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ..files import atomic_write
 
 
 class MetricsLogger:
@@ -56,3 +59,22 @@ class MetricsLogger:
         self.bar.close()
         if self.tracker is not None:
             self.tracker.close()
+
+
+def truncate_metrics(path: Path, start_iter: int) -> list[dict]:
+    """Drop the lines of ``training_metrics.json`` at or after ``start_iter`` (a resumed run logs them again); returns
+    the records kept."""
+    if not path.is_file():
+        return []
+    kept, records = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            if int(record.get("iteration", -1)) < start_iter:
+                kept.append(line)
+                records.append(record)
+        except (ValueError, AttributeError):
+            continue  # a line torn by a kill
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+    return records

@@ -16,9 +16,8 @@ Every trainer (``dinokit train``, ``distill``, ``dense train``) opens its output
   (keys that may change between resumes, such as ``optim.epochs``, are only reported).
 
 At each start, :func:`data_change_note` records what the run trains on (``data.json``) and says when a resumed
-run's images or their decoding changed. The engine then uses :func:`truncate_metrics` (the log goes back to the
-resumed iteration), :func:`check_disk_space` and :class:`InterruptGuard` (SIGINT/SIGTERM/SIGUSR1: checkpoint,
-then say how to resume).
+run's images or their decoding changed. The engine then uses :func:`check_disk_space` and
+:class:`InterruptGuard` (SIGINT/SIGTERM/SIGUSR1: checkpoint, then say how to resume).
 """
 
 from __future__ import annotations
@@ -291,27 +290,6 @@ def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file
         lock.unlink(missing_ok=True)
         raise
     return lock
-
-
-def truncate_metrics(path: Path, start_iter: int) -> list[dict]:
-    """Drop the lines of ``training_metrics.json`` at or after ``start_iter`` (a resumed run logs them again); returns
-    the records kept."""
-    if not path.is_file():
-        return []
-    kept, records = [], []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            if int(record.get("iteration", -1)) < start_iter:
-                kept.append(line)
-                records.append(record)
-        except (ValueError, AttributeError):
-            continue  # a line torn by a kill
-    from ..files import atomic_write
-
-    with atomic_write(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
-    return records
 
 
 DATA_RECORD = "data.json"
