@@ -49,6 +49,14 @@ def test_collapse_check_waits_for_the_warm_up_and_three_lines():
     assert [one(stuck, it) for it in (0, 10)] == [None, None]
     assert one(stuck, 20).startswith("every image has had the same DINO prototype since iteration 0")
     assert CollapseCheck(8, 0)({"total_loss": 1.0}, 100) is None  # a line without the statistics
+    # the other teacher normalisation is advised: Sinkhorn-Knopp was advised to runs that used it
+    assert "train.centering=sinkhorn_knopp" in message
+    sinkhorn = CollapseCheck(256, 0, centering="sinkhorn_knopp")
+    said = [sinkhorn(flat, it) for it in (0, 10, 20)][-1]
+    assert "train.centering=centering" in said and "sinkhorn_knopp" not in said
+    sinkhorn = CollapseCheck(256, 0, centering="sinkhorn_knopp")
+    said = [sinkhorn(stuck, it) for it in (0, 10, 20)][-1]
+    assert "train.centering=centering" in said and "sinkhorn_knopp" not in said and "hardly differ" in said
 
 
 def test_engine_shows_a_task_diagnosis_once(tmp_path, monkeypatch):

@@ -37,9 +37,11 @@ class CollapseCheck:
     """Reads logged lines (from iteration ``start`` on) and says, once the failure has lasted ``WINDOWS`` lines,
     that the DINO targets are uniform or all on one prototype (once per kind and run)."""
 
-    def __init__(self, n_prototypes: int, start: int) -> None:
+    def __init__(self, n_prototypes: int, start: int, centering: str = "centering") -> None:
         self.log_k = math.log(n_prototypes)
         self.start = start
+        # the other teacher normalisation is worth a try (it was advised when the run already used it)
+        self.other = "train.centering=" + ("centering" if centering == "sinkhorn_knopp" else "sinkhorn_knopp")
         self.streak: dict[str, int] = {"uniform": 0, "one": 0}
         self.since: dict[str, int] = {}
         self.warned: set[str] = set()
@@ -62,9 +64,9 @@ class CollapseCheck:
             return (f"the DINO targets have been uniform since iteration {self.since['uniform']} (teacher entropy "
                     f"{entropy:.3f}, log K = {self.log_k:.3f}): the heads collapsed and the backbone stops learning; "
                     "try weaker colour augmentation (crops.color_jitter_strength, crops.grayscale_probability), "
-                    "a lower optim.base_lr or train.centering=sinkhorn_knopp")
+                    f"a lower optim.base_lr or {self.other}")
         if kind == "one":
             return (f"every image has had the same DINO prototype since iteration {self.since['one']}: the "
-                    "teacher collapsed; try a higher teacher.teacher_temp, train.centering=sinkhorn_knopp or a "
-                    "lower optim.base_lr")
+                    f"teacher collapsed, or the training images hardly differ (copies of a few images); try a higher "
+                    f"teacher.teacher_temp, {self.other} or a lower optim.base_lr")
         return None

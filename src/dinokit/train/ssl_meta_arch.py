@@ -72,7 +72,8 @@ class SSLMetaArch(SSLObjective, Task):
         self._configure_gram_teacher(gram)
         # collapse is looked for after the lr warm-up (the targets may be near-uniform in the first steps)
         self.collapse_check = CollapseCheck(dino.head_n_prototypes,
-                                            start=cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH)
+                                            start=cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH,
+                                            centering=cfg.train.centering)
 
     def _configure_gram_teacher(self, gram) -> None:
         """A separate Gram teacher (a copy of the teacher backbone) unless the EMA teacher plays the part."""
