@@ -232,3 +232,12 @@ def test_a_tilde_after_an_equals_sign_is_the_home_folder(monkeypatch, tmp_path):
     assert args.output_dir == str(tmp_path / "run") and args.opts == ["a.b=~/c"]
     args = parse_command_line(build_parser(), ["viz", "pca", "~/a.png", "~/b.png", "--out=~/o"])
     assert args.inputs == [str(tmp_path / "a.png"), str(tmp_path / "b.png")] and args.out == str(tmp_path / "o")
+
+
+def test_logreg_says_when_every_value_of_c_ties(sample, tmp_path, capsys):
+    """One held-out image scores every C alike (0 or 100%): the smallest C was taken without a word."""
+    extra = ("--c-grid-size", "3", "--max-iter", "30")
+    assert main(["eval", "logreg", *args(sample, tmp_path, *extra, "--holdout-fraction", "0.01")]) == 0
+    out = capsys.readouterr().out
+    assert "note: all 3 values of C scored " in out and "% top-1 on held-out train images, so the smallest (1e-06, the " \
+        "strongest regularisation) was taken; give --holdout-fraction or more training images for a choice" in out

@@ -263,5 +263,11 @@ def run_logreg(args: argparse.Namespace) -> int:
         where = "the val set" if result.chosen_on == "val" else "held-out train images"
         table = (f"best C {result.best_C:.3g} (chosen on {where}; {result.backend}): top-1 {result.top1:.2f}, "
                  f"top-5 {result.top5:.2f}")
+        scores = set(result.holdout_top1.values())
+        if len(result.holdout_top1) > 1 and len(scores) == 1:  # e.g. one held-out image: C was not chosen
+            more = "--holdout-fraction or more training images" if result.chosen_on == "holdout" else "more val images"
+            table += (f"\nnote: all {len(result.holdout_top1)} values of C scored {scores.pop():.2f}% top-1 on {where}, "
+                      f"so the smallest ({result.best_C:.3g}, the strongest regularisation) was taken; give {more} for "
+                      "a choice")
         _report(ctx, "logistic regression", table, RESULTS_FILE)
         return 0
