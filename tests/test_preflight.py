@@ -243,6 +243,12 @@ def test_knn_says_when_its_numbers_cannot_be_trusted(capsys):
     ]
     evaluate_knn(train_x, train_y, test_x[test_y < 3], test_y[test_y < 3], num_classes=10, ks=(3,))
     assert capsys.readouterr().out == ""
+    # one class: top-1 is 100% too (the note said "1 classes" and "read top-1 only")
+    evaluate_knn(train_x, torch.zeros(12, dtype=torch.long), test_x, torch.zeros(8, dtype=torch.long), num_classes=1,
+                 ks=(3,))
+    assert capsys.readouterr().out.splitlines() == [
+        "note: with 1 class top-1 and top-5 are 100% by construction and say nothing of the features; give images of "
+        "at least 2 classes"]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,10 @@ def label_warnings(train_labels: torch.Tensor, test_labels: torch.Tensor, num_cl
         share = 100.0 * float(torch.isin(test_labels, torch.tensor(only_val)).float().mean())
         lines.append(f"warning: {len(only_val)} val class(es) have no readable training image (class {shown}): "
                      f"their {share:.1f}% of the val images can never be classified right")
-    if top5 and num_classes <= 5:
+    if num_classes == 1:  # every prediction is the one class
+        lines.append("note: with 1 class top-1 and top-5 are 100% by construction and say nothing of the features; "
+                     "give images of at least 2 classes")
+    elif top5 and num_classes <= 5:
         lines.append(f"note: with {num_classes} classes top-5 is 100% by construction; read top-1 only")
     return lines
 
