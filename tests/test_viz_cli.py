@@ -3,6 +3,8 @@ their one-line errors; and patch matching with a trained backbone."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -268,10 +270,20 @@ def test_panoramas_are_capped_and_slivers_skipped(demo_teacher, sample_images, t
                      "--image-size", "32"] + _backbone_args(demo_teacher)) == 0
     assert _size(out / "pano_pca.png") == (2 * MAX_ASPECT * 32 + 4, 16)  # image | colours, each 400x50 -> 128x16
     assert not (out / "sliver_pca.png").exists()
-    assert main(["viz", "attention", str(sliver), "--out", str(tmp_path / "alone"), "--image-size", "32"]
-                + _backbone_args(demo_teacher)) == 2
+    with warnings.catch_warnings(record=True) as caught:  # alone: the error only (a warning said it first)
+        warnings.simplefilter("always")
+        assert main(["viz", "attention", str(sliver), "--out", str(tmp_path / "alone"), "--image-size", "32"]
+                    + _backbone_args(demo_teacher)) == 2
+    assert not [w for w in caught if issubclass(w.category, SkippedImageWarning)]
     err = capsys.readouterr().err
-    assert err.startswith("error: image 'sliver' is ") and "larger --image-size" in err and err.count("\n") == 1
+    assert err.startswith("error: image 'sliver' is 128x1 px after resizing (the long side capped at 4x the size)")
+    assert "larger --image-size" in err and err.count("\n") == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["viz", "pca", str(sliver), "--out", str(tmp_path / "alone"), "--image-size", "32"]
+                    + _backbone_args(demo_teacher)) == 2
+    assert not [w for w in caught if issubclass(w.category, SkippedImageWarning)]
+    assert capsys.readouterr().err.startswith("error: image 'sliver' is 128x1 px after resizing")
 
 
 def test_failing_viz_leaves_no_out_folder(demo_teacher, sample_images, tmp_path, capsys):

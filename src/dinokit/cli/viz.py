@@ -174,8 +174,9 @@ def run_pca(args: argparse.Namespace) -> int:
     if not (video_file or args.video):
         check_not_an_input(one_picture, inputs, args.out)
     model, options = _setup(args)
+    # one image alone: its error line only (a warning that it is skipped said the same first)
     picture = pca_rgb(model, inputs, mode=args.mode, threshold=args.threshold,
-                      foreground_examples=args.fg_examples, **options)
+                      foreground_examples=args.fg_examples, skip_unreadable=len(inputs) > 1, **options)
     panels = pca_figures(picture, upsample_mode=args.upsample)
     fg = float(np.mean(np.concatenate([f.reshape(-1) for f in picture.foreground])))
     if one_picture is not None:
@@ -219,7 +220,8 @@ def run_attention(args: argparse.Namespace) -> int:
     # keeps the pictures done (every map is its image's own, unlike PCA's, which is fitted on all images at once).
     for start in range(0, len(paths), ATTENTION_CHUNK):
         try:
-            maps = attention_maps(model, paths[start:start + ATTENTION_CHUNK], block=args.block, **options)
+            maps = attention_maps(model, paths[start:start + ATTENTION_CHUNK], block=args.block,
+                                  skip_unreadable=len(paths) > 1, **options)
         except DinokitError as err:
             if not isinstance(err.__cause__, (OSError, ValueError)):
                 raise

@@ -127,11 +127,13 @@ def attention_maps(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    skip_unreadable: bool = True,
 ) -> AttentionMaps:
-    """The class token's attention per head in ``block`` (default: the last) and the patch-norm map."""
+    """The class token's attention per head in ``block`` (default: the last) and the patch-norm map. An unreadable
+    or too elongated image is skipped with a warning (``skip_unreadable=False``: its one error line)."""
     _check_options(model, image_size=image_size, batch_size=batch_size, device=device, dtype=dtype)
     resolve_block(model, block, "block")  # a one-line error before any work
-    prepared = prepare_images(model, images, image_size=image_size)
+    prepared = prepare_images(model, images, image_size=image_size, skip_unreadable=skip_unreadable)
 
     def fn(m: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return cls_attention_and_norms(m, batch, block=block)

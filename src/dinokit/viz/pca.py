@@ -296,15 +296,17 @@ def pca_rgb(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    skip_unreadable: bool = True,
 ) -> PcaPicture:
-    """One PCA picture over all ``images`` (paths, PIL images, tensors) from ``model``'s last-block patches.
+    """One PCA picture over all ``images`` (paths, PIL images, tensors) from ``model``'s last-block patches. An
+    unreadable or too elongated image is skipped with a warning (``skip_unreadable=False``: its one error line).
 
     ``foreground_examples`` (images with an alpha channel, or ``IMAGE=MASK``) train the foreground
     classifier, which then replaces the first-component split (``paper`` and ``dinov3`` modes).
     """
     if mode not in PCA_MODES:
         raise DinokitError(f"unknown PCA mode {mode!r}; use one of {', '.join(PCA_MODES)}")
-    prepared = prepare_images(model, images, image_size=image_size)
+    prepared = prepare_images(model, images, image_size=image_size, skip_unreadable=skip_unreadable)
     kwargs = {"batch_size": batch_size, "device": device, "dtype": dtype}
     features = patch_features(model, prepared, **kwargs)
     foreground = None

@@ -99,8 +99,8 @@ def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None 
     try:
         tensor = model.crop_to_patch_multiple(tensor)
     except ValueError:  # too elongated for one patch on its short side (skipped like an unreadable file)
-        why = (f"{tensor.shape[-1]}x{tensor.shape[-2]} px after resizing (long side at most {MAX_ASPECT}x the short), "
-               f"under one {model.patch_size}-px patch on its short side; crop it or pass a larger --image-size")
+        why = (f"{tensor.shape[-1]}x{tensor.shape[-2]} px after resizing (the long side capped at {MAX_ASPECT}x the "
+               f"size), under one {model.patch_size}-px patch on its short side; crop it or pass a larger --image-size")
         raise DinokitError(f"image {name!r} is {why}") from TooElongatedError(why)
     return PreparedImage(tensor=tensor, pixels=_denormalise(tensor), name=name, source=source)
 
