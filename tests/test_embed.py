@@ -149,27 +149,36 @@ def test_the_lists_beside_a_npy_are_replaced_only_when_asked(images, weights, tm
     assert not notes.exists()  # asked: no bad image, so the stale list goes
 
 
-def test_a_npy_is_written_after_its_lists(images, weights, tmp_path, capsys, monkeypatch) -> None:
+def test_a_npy_replaces_the_earlier_one_only_once_it_and_its_lists_are_written(images, weights, tmp_path, capsys,
+                                                                              monkeypatch) -> None:
     """Killed between its two files, an embed left a complete .npy without its paths (rows nobody could map back to
-    images), refused by the rerun as "already exists". The array now comes last: a .npy present has its paths."""
+    images); later --overwrite deleted the earlier array first, so a full disk in the new one lost both. The array is
+    now written aside first, then its lists, then it replaces the earlier one."""
     _, weights_file = weights
     out = tmp_path / "k.npy"
     with monkeypatch.context() as stopped:
         stopped.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         assert embed(str(images), "--weights", str(weights_file), "--out", str(out)) == 130
-    assert (tmp_path / "k.paths.txt").is_file() and not out.exists()
+    assert not list(tmp_path.glob("*k.*"))  # nothing half-done
+    assert embed(str(images), "--weights", str(weights_file), "--out", str(out)) == 0
+    earlier = np.load(out)
+    assert len(earlier) == len((tmp_path / "k.paths.txt").read_text().splitlines())
+    # replaced (--overwrite) by one image's and stopped in the array: the earlier array and its list are kept
+    with monkeypatch.context() as stopped:
+        stopped.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(out), "--overwrite") == 2
+    assert "no space left on" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(out), earlier)
+    assert len((tmp_path / "k.paths.txt").read_text().splitlines()) == len(earlier)
+    # a list without its array (left by an older dinokit killed between them) is not replaced without --overwrite
+    out.unlink()
     capsys.readouterr()
     assert embed(str(images), "--weights", str(weights_file), "--out", str(out)) == 2
     assert capsys.readouterr().err == (f"error: {str(tmp_path / 'k.paths.txt')!r} already exists, without 'k.npy' (an "
                                        "embed stopped before writing it, which comes last, leaves that); pass "
                                        "--overwrite to replace it, or give another name\n")
-    assert embed(str(images), "--weights", str(weights_file), "--out", str(out), "--overwrite") == 0
-    assert len(np.load(out)) == len((tmp_path / "k.paths.txt").read_text().splitlines())
-    # replaced (--overwrite) by one image's and stopped in the array: the old array is not left beside the new list
-    with monkeypatch.context() as stopped:
-        stopped.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(out), "--overwrite") == 130
-    assert not out.exists() and len((tmp_path / "k.paths.txt").read_text().splitlines()) == 1
+    assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(out), "--overwrite") == 0
+    assert len(np.load(out)) == len((tmp_path / "k.paths.txt").read_text().splitlines()) == 1
 
 
 def test_more_workers_than_cores_are_lowered_with_one_line(images, weights, tmp_path, monkeypatch, capsys) -> None:

@@ -9,8 +9,10 @@ write is one line that says why (no space on which disk, permission denied) and 
 from __future__ import annotations
 
 import errno as errno_codes
+import hashlib
 import os
 import re
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,16 +29,22 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path).expanduser()
     if path.is_symlink():  # the link names the file to write: that file is replaced, the link kept
-        path = path.resolve()
+        path = resolve_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         tmp.touch()  # a folder that cannot be written fails here, as an OSError that says why (torch's would not)
+        # the mode an output gets: the one of the file it replaces, else the folder's default (umask); some writers
+        # (safetensors) make their file 0600, which other users of a shared machine could not read
+        mode = (path.stat() if path.exists() else tmp.stat()).st_mode & 0o777
         yield tmp
+        if tmp.stat().st_mode & 0o777 != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        if (errno := _write_errno(err)) is None:
+    except Exception as err:  # noqa: BLE001 (re-raised unless a full disk or a denied write is behind it)
+        if (errno := _write_errno(err)) is None and not _disk_full(path.parent):
             raise
+        errno = errno or errno_codes.ENOSPC  # torch, NumPy and safetensors may fail with no errno to tell
         kept = "the previous file is intact" if path.exists() else "nothing else was changed"
         reason = f"no space left on {_mount_point(path)}" if errno == 28 else os.strerror(errno).lower()
         fix = ("write to a folder you may write to" if errno in _NOT_ALLOWED else
@@ -45,6 +53,38 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def resolve_link(path: Path) -> Path:
+    """The file the symbolic link ``path`` names; one line when the link loops."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # Python 3.11: RuntimeError("Symlink loop ...")
+        raise DinokitError(f"{str(path)!r} is a symbolic link that loops (it leads back to itself); remove it or "
+                           "give another path") from None
+
+
+def temporary_name(name: str) -> str:
+    """The hidden name ``.NAME.tmp-PID`` of the temporary file of ``name`` (see :func:`hidden_name`)."""
+    return hidden_name(name, f".tmp-{os.getpid()}")
+
+
+def hidden_name(name: str, suffix: str, prefix: str = ".") -> str:
+    """``prefix + name + suffix`` (a temporary file, a lock beside ``name``); a long name is shortened, keeping a
+    digest of it, so that the result fits the 255 bytes a file name may have (a legal long name failed)."""
+    whole = f"{prefix}{name}{suffix}"
+    if len(whole.encode(errors="surrogateescape")) <= 255:
+        return whole
+    digest = hashlib.sha1(name.encode(errors="surrogateescape")).hexdigest()[:12]
+    return f"{prefix}{name.encode(errors='surrogateescape')[:200].decode(errors='ignore')}~{digest}{suffix}"
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the disk of ``folder`` has (almost) no space left: a failed write there was most likely for that."""
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
 
 
 def _mount_point(path: Path) -> str:
@@ -158,12 +198,17 @@ def take_lock(lock: Path, target: str | Path, option: str = "--output-dir") -> P
     whose rename took that very lock (same content) deletes it: two processes taking over one stale lock cannot
     both end up holding the new one."""
     me = f"{socket.gethostname()} {os.getpid()}"
-    mine = lock.with_name(f"{lock.name}.{os.getpid()}.new")
+    mine = lock.with_name(hidden_name(lock.name, f".{os.getpid()}.new", prefix=""))
     try:
-        mine.write_text(me)
-    except (IsADirectoryError, PermissionError):
-        raise DinokitError(f"{option} {str(target)!r} is not writable; give a folder you can write to") from None
-    try:
+        try:
+            mine.write_text(me)
+        except (IsADirectoryError, PermissionError):
+            raise DinokitError(f"{option} {str(target)!r} is not writable; give a folder you can write to") from None
+        except OSError as err:  # a full disk, a read-only file system: one line, and no half-made lock left
+            reason = (f"no space left on {_mount_point(lock)}" if err.errno == errno_codes.ENOSPC else
+                      (err.strerror or type(err).__name__).lower())
+            raise DinokitError(f"{reason} while taking the lock {lock} for {option} {str(target)!r}; nothing was "
+                               "written: free some space or give another path") from None
         for _ in range(5):
             try:
                 _place(mine, lock, me)
@@ -200,7 +245,7 @@ def _place(mine: Path, lock: Path, me: str) -> None:
 
 def _remove_stale(lock: Path, seen: bytes) -> None:
     """Delete the killed run's ``lock`` (whose bytes were ``seen``), unless another process replaced it meanwhile."""
-    aside = lock.with_name(f"{lock.name}.{os.getpid()}.stale")
+    aside = lock.with_name(hidden_name(lock.name, f".{os.getpid()}.stale", prefix=""))
     try:
         os.rename(lock, aside)
     except FileNotFoundError:

@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import glob
 from pathlib import Path
 
 from ..convert.formats import SOURCE_LAYOUTS, TARGETS, convert_checkpoint
@@ -34,7 +35,9 @@ def _run(args: argparse.Namespace) -> int:
     # held while the output is checked and written: two conversions into one output both said they wrote it
     check_writable(dst, "the output", is_file=args.to != "hf")  # a file on the way: one line before the lock
     lock = dst / LOCK_NAME if args.to == "hf" else output_lock_file(dst)
-    with main_process_lock(lock, dst, option="output", temporaries=None):
+    # once held, a killed conversion's temporary files of this output are deleted (they stayed forever)
+    temporaries = ".*.tmp-*" if args.to == "hf" else f".{glob.escape(dst.name)}.tmp-*"
+    with main_process_lock(lock, dst, option="output", temporaries=temporaries):
         done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model, layout=args.source_layout,
                                   overwrite=args.overwrite)
     spec = done["spec"]

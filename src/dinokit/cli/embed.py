@@ -167,18 +167,28 @@ def write_embeddings(out: Path, arrays: dict[str, np.ndarray], paths: list[str],
         with atomic_write(out) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **arrays, paths=np.array(paths, dtype=str), bad_paths=np.array(bad_paths, dtype=str))
         return written
-    if out.suffix == ".npy":  # its lists first, the array last: a .npy present has its paths beside it
-        out.unlink(missing_ok=True)  # an array replaced (--overwrite) goes first: never beside another run's lists
-        written.append(out.with_name(f"{out.stem}.paths.txt"))
-        _write_lines(written[-1], paths)
-        bad_file = out.with_name(f"{out.stem}.bad.txt")
-        if bad_paths:
-            written.append(bad_file)
-            _write_lines(bad_file, bad_paths)
-        elif bad_file.exists():
-            bad_file.unlink()  # left by an earlier run into the same file name
-        with atomic_write(out) as tmp, open(tmp, "wb") as f:
-            np.save(f, arrays["cls"])
+    if out.suffix == ".npy":
+        # the array is written aside first (the large file: a full disk stops here and keeps an earlier array and its
+        # lists, which --overwrite deleted first), then its lists, then it replaces the earlier array: a .npy present
+        # has its own paths beside it
+        with atomic_write(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arrays["cls"])
+            listed = False
+            try:
+                written.append(out.with_name(f"{out.stem}.paths.txt"))
+                _write_lines(written[-1], paths)
+                listed = True
+                bad_file = out.with_name(f"{out.stem}.bad.txt")
+                if bad_paths:
+                    written.append(bad_file)
+                    _write_lines(bad_file, bad_paths)
+                elif bad_file.exists():
+                    bad_file.unlink()  # left by an earlier run into the same file name
+            except BaseException:
+                if listed:  # the earlier array no longer matches the lists beside it
+                    out.unlink(missing_ok=True)
+                raise
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq

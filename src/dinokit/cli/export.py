@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import DinokitError
 from ..eval.setup import DEFAULT_MODEL, setup_eval_model
-from ..engine.run_dir import check_not_replacing, main_process_lock, output_lock_file
+from ..engine.run_dir import check_not_replacing, check_writable, main_process_lock, output_lock_file
 from ..export.onnx import DEFAULT_TOLERANCE, check_output, export_onnx
 from . import named
 
@@ -32,6 +32,7 @@ def _onnx(args: argparse.Namespace) -> int:
         raise DinokitError(f"--tolerance is a relative error: it must be >= 0 (default {DEFAULT_TOLERANCE:g}), "
                            f"got {args.tolerance:g}")
     check_output(args.out)  # before building the model
+    check_writable(args.out, "--out", is_file=True)  # a folder of that name, a link that loops: before the work
     check_not_replacing(args.out, overwrite=args.overwrite)
     model, description = setup_eval_model(
         config_file=args.config_file, pretrained_weights=args.weights, model=None if args.config_file else args.model,

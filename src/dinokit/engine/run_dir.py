@@ -36,7 +36,7 @@ from typing import Any, Callable
 from .. import distributed as dist_utils
 from ..config.paths import absolute_settings
 from ..errors import DinokitError
-from ..files import LOCK_NAME, remove_stale_temporaries, take_lock
+from ..files import LOCK_NAME, hidden_name, remove_stale_temporaries, resolve_link, take_lock
 from .checkpoint import checkpoint_damage, list_checkpoints, no_readable_checkpoint
 
 
@@ -98,8 +98,12 @@ def check_writable(path: str | Path, option: str = "--output-dir", *, is_file: b
     with ``is_file`` a file) cannot be written: a file where a folder is wanted, or a read-only folder (``path``'s
     own, or the nearest existing folder above it, where it would be created)."""
     target = Path(path).expanduser()
+    if target.is_symlink():
+        resolve_link(target)  # a loop: one line before any work (it came after the work, as a traceback)
     if not is_file and target.exists() and not target.is_dir():
         raise DinokitError(f"{option} {str(path)!r} is a file, not a folder; give a folder path")
+    if is_file and target.is_dir():
+        raise DinokitError(f"{option} {str(path)!r} is a folder, not a file; give a file path")
     existing = target.parent if is_file else target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -210,7 +214,7 @@ def open_run_dir(
 
 def output_lock_file(out: Path) -> Path:
     """The lock of the output file ``out``: ``.NAME.lock`` beside it."""
-    return out.with_name(f".{out.name}.lock")
+    return out.with_name(hidden_name(out.name, ".lock"))
 
 
 @contextmanager

@@ -1,0 +1,152 @@
+"""File-system faults at the writing helpers: a full disk behind a library's own error, long legal names, links that
+loop, the mode of an output, a lock taken on a full disk (found by a file-system audit)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinokit.cli import main
+from dinokit.engine.run_dir import check_writable, main_process_lock, output_lock_file
+from dinokit.errors import DinokitError
+from dinokit.files import atomic_write, take_lock
+
+
+def _full(monkeypatch) -> None:
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024"),
+                                     OSError("3072 requested and 992 written"),  # numpy's tofile: no errno
+                                     ValueError("I/O error: No space left on device (os error 28)")])
+def test_a_full_disk_behind_a_writers_own_error_is_one_line_and_keeps_the_earlier_file(tmp_path, monkeypatch,
+                                                                                    failure):
+    target = tmp_path / "out.pth"
+    target.write_text("earlier")
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"partial")
+        raise failure
+
+    with pytest.raises(type(failure)):  # room on the disk: the writer's own error, as it was
+        with atomic_write(target) as tmp:
+            write(tmp)
+    _full(monkeypatch)
+    with pytest.raises(DinokitError) as caught:
+        with atomic_write(target) as tmp:
+            write(tmp)
+    assert str(caught.value).startswith("no space left on ") and str(caught.value).endswith(
+        f"while writing {target}; the partial file was removed and the previous file is intact: free some space (or "
+        "use another disk) and rerun")
+    assert target.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["out.pth"]
+
+
+def test_a_full_disk_in_torch_save_is_one_line(tmp_path, monkeypatch):
+    _full(monkeypatch)
+
+    def no_room(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 918")
+
+    monkeypatch.setattr(torch, "save", no_room)
+    with pytest.raises(DinokitError, match="^no space left on .* while writing .*w.pth; the partial file was removed"):
+        with atomic_write(tmp_path / "w.pth") as tmp:
+            torch.save({}, tmp)
+
+
+def test_an_output_gets_the_mode_of_the_file_it_replaces_or_the_folders_default(tmp_path):
+    """safetensors writes its files 0600: weights that other users of a shared machine could not read."""
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "new.bin") as tmp:
+            tmp.write_bytes(b"x")
+            os.chmod(tmp, 0o600)
+        assert stat.S_IMODE((tmp_path / "new.bin").stat().st_mode) == 0o644
+        (tmp_path / "shared.bin").write_bytes(b"old")
+        os.chmod(tmp_path / "shared.bin", 0o664)
+        with atomic_write(tmp_path / "shared.bin") as tmp:
+            tmp.write_bytes(b"new")
+            os.chmod(tmp, 0o600)
+        assert stat.S_IMODE((tmp_path / "shared.bin").stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+
+
+def test_long_legal_names_are_written_and_locked(tmp_path):
+    """A 250-byte name is legal; its hidden temporary (.NAME.tmp-PID) and lock (.NAME.lock.PID.new) were not."""
+    target = tmp_path / ("n" * 246 + ".npz")
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"data")
+    assert target.read_bytes() == b"data"
+    lock = output_lock_file(target)
+    assert len(lock.name) <= 255 and lock.name.startswith(".nnn") and lock.name.endswith(".lock")
+    with main_process_lock(lock, target):
+        assert lock.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_a_link_that_loops_is_one_line_before_any_work(tmp_path):
+    loop = tmp_path / "loop.npz"
+    loop.symlink_to(loop.name)
+    expected = f"{str(loop)!r} is a symbolic link that loops (it leads back to itself); remove it or give another path"
+    with pytest.raises(DinokitError) as caught:
+        check_writable(loop, "--out", is_file=True)
+    assert str(caught.value) == expected
+    with pytest.raises(DinokitError) as caught:
+        with atomic_write(loop):
+            pass
+    assert str(caught.value) == expected
+    folder = tmp_path / "folder.onnx"
+    folder.mkdir()
+    with pytest.raises(DinokitError, match=r"^--out '.*folder.onnx' is a folder, not a file; give a file path$"):
+        check_writable(folder, "--out", is_file=True)
+
+
+def test_a_lock_taken_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    real = Path.write_text
+
+    def no_room(self, *args, **kwargs):
+        if self.name.endswith(".new"):
+            self.touch()  # the file is made, its bytes are not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", no_room)
+    with pytest.raises(DinokitError) as caught:
+        take_lock(tmp_path / ".dinokit.lock", tmp_path, "--output-dir")
+    assert str(caught.value).startswith("no space left on ") and str(caught.value).endswith(
+        f"while taking the lock {tmp_path / '.dinokit.lock'} for --output-dir {str(tmp_path)!r}; nothing was written: "
+        "free some space or give another path")
+    assert list(tmp_path.iterdir()) == []  # no .dinokit.lock.PID.new left for ever
+
+
+def test_convert_removes_a_killed_conversions_temporaries(tmp_path, capsys):
+    from dinokit import create_model
+    from dinokit.models.checkpoint import save_backbone
+
+    src = tmp_path / "s.pth"
+    save_backbone(create_model("dinov2_vits14", embed_dim=32, depth=1, num_heads=2), str(src))
+    dead = 2**22 + 12345  # above the pid range
+    (tmp_path / f".o.safetensors.tmp-{dead}").write_text("junk")
+    (tmp_path / ".o.safetensors.lock").write_text(f"{socket.gethostname()} {dead}")
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), "--to", "safetensors"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors", "s.pth"]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / f".model.safetensors.tmp-{dead}").write_text("junk")
+    assert main(["convert", str(src), str(hf), "--to", "hf"]) == 0
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+    assert stat.S_IMODE((hf / "model.safetensors").stat().st_mode) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
