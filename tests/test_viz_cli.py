@@ -237,6 +237,10 @@ def test_unique_stems_suffix_clashing_names():
     assert unique_stems(["d/a.png", "d/a.JPG", "d/b.png"]) == ["a_png", "a_jpg", "b"]
     assert unique_stems(["x/a.png", "y/a.png"]) == ["x_a", "y_a"]
     assert unique_stems(["x/a.png", "x/a.jpg", "y/a.png"]) == ["x_a_png", "x_a_jpg", "y_a_png"]
+    # a legal 251-byte name: its stem shortened, so that NAME_attention.png fits 255 bytes (it failed the command)
+    long = unique_stems(["n" * 247 + "a.png", "n" * 247 + "b.png", "é" * 150 + ".png"])
+    assert all(len(f"{s}_attention.png".encode()) <= 255 for s in long) and len(set(long)) == 3
+    assert long[0].startswith("n" * 150) and long[2].startswith("é" * 90)
 
 
 def test_image_size_below_one_patch_is_one_line_before_the_out_folder(demo_teacher, sample_images, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -126,7 +127,8 @@ def unique_stems(inputs: Sequence[str | Path]) -> list[str]:
     """Output-file stems, one per input file (or name): its stem, or where inputs share one, a stem that says which
     input it was: the extension added (``a.png``, ``a.jpg`` -> ``a_png``, ``a_jpg``), else the folder's name
     (``x/a.png``, ``y/a.png`` -> ``x_a``, ``y_a``); a name still taken gets ``-2``, ``-3``, ... Without this the
-    outputs of such inputs would overwrite each other, or be told apart only by their order."""
+    outputs of such inputs would overwrite each other, or be told apart only by their order. A stem over 200 bytes
+    is shortened (its first bytes and a digest of it): with ``_attention.png`` added it must fit a 255-byte name."""
     paths = [Path(str(p)) for p in inputs]
     folder = [Path(os.path.abspath(p)).parent.name for p in paths]  # 'x' of x/a.png, also given as a.png in x
     stems = [p.stem for p in paths]
@@ -143,6 +145,7 @@ def unique_stems(inputs: Sequence[str | Path]) -> list[str]:
                 for i, name in zip(group, names):
                     wanted[i] = name
                 break
+    wanted = [_fitting(stem) for stem in wanted]
     taken = set(wanted)
     used: set[str] = set()
     out = []
@@ -154,6 +157,14 @@ def unique_stems(inputs: Sequence[str | Path]) -> list[str]:
         used.add(name)
         out.append(name)
     return out
+
+
+def _fitting(stem: str, limit: int = 200) -> str:
+    raw = stem.encode(errors="surrogateescape")
+    if len(raw) <= limit:
+        return stem
+    digest = hashlib.sha1(raw).hexdigest()[:10]
+    return f"{raw[:limit - 11].decode(errors='ignore')}~{digest}"
 
 
 def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:
