@@ -150,3 +150,39 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_pipe_named_like_an_image_is_one_line_not_a_wait_for_ever(tmp_path):
+    from dinokit.data.listing import resolve_image_inputs
+
+    fifo = tmp_path / "ff.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DinokitError, match=r"^'.*ff.png' is not a regular file \(a pipe, socket or device\); give an "
+                                           r"image file$"):
+        resolve_image_inputs(fifo)
+
+
+def test_a_folder_that_cannot_be_read_is_named_not_passed_over_in_silence(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dinokit.data.listing import find_image_names
+
+    for folder in ("a", "a/secret", "b"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "x.png")
+    real = os.scandir
+
+    def denied(path):
+        if os.path.basename(os.fspath(path)) in ("secret", "locked"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.warns(UserWarning, match=r"^skipping the folder .*secret \(it cannot be read: Permission denied\): its "
+                                         r"images are left out; check its permissions$"):
+        names = find_image_names(tmp_path)
+    assert [os.path.relpath(n, tmp_path) for n in names] == ["a/x.png", "b/x.png"]
+    (tmp_path / "locked").mkdir()
+    with pytest.raises(DinokitError, match=r"^cannot read the folder '.*locked' \(permission denied\); check its "
+                                           r"permissions$"):
+        find_image_names(tmp_path / "locked")

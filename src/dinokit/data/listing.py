@@ -38,8 +38,9 @@ def find_images(root: str | Path) -> list[Path]:
 def find_image_names(root: Path) -> list[str]:
     """:func:`find_images` of the folder ``root`` as strings, in the same order (a path's components compared in
     turn, as paths sort), listed with one directory read per folder and no path object or extra file status per
-    image: a 1.28M-image folder took about 40 s to list and label. A folder that cannot be read is passed over, and
-    so is an entry whose kind cannot be told (a link to itself, or into a folder that cannot be read)."""
+    image: a 1.28M-image folder took about 40 s to list and label. A folder that cannot be read is passed over with a
+    warning naming it (its images were missing without a word), and so is an entry whose kind cannot be told (a
+    link to itself, or into a folder that cannot be read)."""
     files: list[str] = []
     top = os.fspath(root)
     folders = [(top, frozenset({os.path.realpath(top)}))]  # a folder and the real folders it lies in (itself too)
@@ -48,7 +49,11 @@ def find_image_names(root: Path) -> list[str]:
         try:
             with os.scandir(folder) as listing:
                 entries = [entry for entry in listing if not entry.name.startswith(".")]
-        except OSError:
+        except OSError as err:
+            if folder == top and isinstance(err, PermissionError):  # the folder given: nothing to list
+                raise DinokitError(f"cannot read the folder {top!r} (permission denied); check its permissions")
+            warnings.warn(f"skipping the folder {folder} (it cannot be read: {err.strerror or type(err).__name__}): "
+                          "its images are left out; check its permissions", UserWarning, stacklevel=2)
             continue
         for entry in entries:
             try:
@@ -198,6 +203,8 @@ def resolve_image_inputs(input_path: str | Path) -> PathColumn:
             raise DinokitError(f"no images found under {str(path)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
         return PathColumn(names)
     if is_image_file(path):
+        if not path.is_file():  # a pipe or a device named like an image: reading it waited for ever
+            raise DinokitError(f"{str(path)!r} is not a regular file (a pipe, socket or device); give an image file")
         return PathColumn([path])
     if path.suffix.lower() in (".txt", ".lst", ".csv"):
         files = read_path_list(path)
