@@ -186,3 +186,39 @@ def test_a_folder_that_cannot_be_read_is_named_not_passed_over_in_silence(tmp_pa
     with pytest.raises(DinokitError, match=r"^cannot read the folder '.*locked' \(permission denied\); check its "
                                            r"permissions$"):
         find_image_names(tmp_path / "locked")
+
+
+def test_a_plot_on_a_full_disk_keeps_the_earlier_picture_and_a_finished_run_still_succeeds(tmp_path, monkeypatch,
+                                                                                         capsys):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from matplotlib.figure import Figure
+
+    from dinokit.cli.train import write_plot
+    from dinokit.plot import plot_run
+
+    (tmp_path / "training_metrics.json").write_text(json.dumps({"iteration": 9, "total_loss": 5.0}) + "\n")
+    earlier = tmp_path / "training_metrics.png"
+    earlier.write_bytes(b"an earlier picture")
+
+    def no_room(fig, f, *args, **kwargs):
+        f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", no_room)
+    with pytest.raises(DinokitError, match="^no space left on .* while writing .*training_metrics.png; the partial"):
+        plot_run(tmp_path)
+    assert earlier.read_bytes() == b"an earlier picture"  # it was cut short, in place
+    write_plot(tmp_path)  # after a finished training: a warning, not a failed command
+    assert capsys.readouterr().out.startswith("warning: the plot of the run was not written: no space left on ")
+
+
+def test_a_metrics_line_that_cannot_be_appended_is_one_line(tmp_path):
+    from dinokit.engine.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path / "gone" / "training_metrics.json", bar=False)
+    with pytest.raises(DinokitError, match=r"^no such file or directory while appending to .*training_metrics.json: "
+                                           r"free some space \(or use another disk\) and rerun the same command"):
+        logger.write({"iteration": 0, "total_loss": 1.0})
+    logger.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DinokitError
+from .files import atomic_write
 
 METRICS_FILE = "training_metrics.json"
 Series = dict[str, tuple[list[int], list[float]]]
@@ -157,5 +158,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.legend(fontsize="small")
     fig.suptitle(str(run_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    with atomic_write(out) as tmp, open(tmp, "wb") as f:  # a full disk keeps an earlier picture (it was cut short)
+        fig.savefig(f, dpi=100, format=out.suffix.lstrip(".").lower() or "png")
     return out

@@ -142,6 +142,10 @@ def write_plot(run_dir) -> None:
 
     if importlib.util.find_spec("matplotlib") is None:
         return
+    from ..errors import DinokitError
     from ..plot import plot_run
 
-    print(f"plot: {plot_run(run_dir)}")
+    try:
+        print(f"plot: {plot_run(run_dir)}")
+    except DinokitError as err:  # e.g. a full disk: the run itself finished, and says so with its exit status
+        print(f"warning: the plot of the run was not written: {err}")

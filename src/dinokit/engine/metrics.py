@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..errors import DinokitError
 from ..files import atomic_write
 
 
@@ -47,8 +48,13 @@ class MetricsLogger:
 
     def write(self, record: dict) -> None:
         if self.enabled and self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:  # a full disk mid-run: one line (a resume drops a torn last line)
+                raise DinokitError(f"{(err.strerror or type(err).__name__).lower()} while appending to {self.path}: "
+                                   "free some space (or use another disk) and rerun the same command to resume from "
+                                   "the newest checkpoint") from None
         if self.enabled and self.tracker is not None:
             self.tracker.log({k: v for k, v in record.items() if k != "iteration"}, step=int(record.get("iteration", 0)))
 
