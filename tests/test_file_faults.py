@@ -222,3 +222,29 @@ def test_a_metrics_line_that_cannot_be_appended_is_one_line(tmp_path):
                                            r"free some space \(or use another disk\) and rerun the same command"):
         logger.write({"iteration": 0, "total_loss": 1.0})
     logger.close()
+
+
+def test_curate_keeps_names_with_line_separators_and_refuses_a_line_feed_in_one_line(tmp_path, capsys):
+    """A name holding U+2028 or a carriage return (legal on Linux) was split in two by str.splitlines: the work
+    folder then failed for ever with lines that did not name the cause."""
+    from dinokit.curate.embed import EmbeddingStore
+    from dinokit.curate.synthetic import write_copy_pairs
+
+    pool = tmp_path / "pool"
+    write_copy_pairs(pool, n_images=4, copies=1)
+    odd = [pool / "x\u2028y.png", pool / "c\rr.png", pool / "f\x0cf.png"]
+    for path in odd:
+        shutil.copy(pool / "scene_0000.png", path)
+    argv = ["curate", "run", "--pool", str(pool), "--output-dir", str(tmp_path / "work"), "--target-size", "4",
+            "--config-file", "demo", "--weights", "random", "--device", "cpu", "--no-progress", "embed.num_workers=0",
+            "embed.image_size=28", "cluster.n_clusters=[3,2]"]
+    assert main(argv) == 0
+    assert set(map(str, odd)) <= set(EmbeddingStore(tmp_path / "work" / "embed" / "pool").paths)
+    capsys.readouterr()
+    assert main(argv) == 0  # reused as it is
+    assert "[embed] finished earlier with these settings" in capsys.readouterr().out
+    shutil.copy(pool / "scene_0000.png", pool / "line\nfeed.png")
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"error: the image name {str(pool / ('line' + chr(10) + 'feed.png'))!r} (the "
+                                       "pool) holds a line break, which curate's lists of one name per line cannot "
+                                       "hold; rename the file\n")

@@ -91,12 +91,12 @@ def embed_set(
     rank, world = du.get_rank(), du.get_world_size()
     text = "".join(f"{p}\n" for p in paths)
     listing = folder / PATHS_FILE
-    if listing.is_file() and listing.read_text(errors="surrogateescape") != text:
+    if listing.is_file() and _read_listing(listing) != text:
         raise DinokitError(f"{folder} holds embeddings of other images; use a new --output-dir or delete {folder}")
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(listing) as tmp:
-            tmp.write_text(text, errors="surrogateescape")  # file names that are not UTF-8 kept as their bytes
+            tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # names not UTF-8 kept as their bytes
     du.barrier()
     n_shards = -(-len(paths) // config.shard_size)
     storage = np.float16 if config.storage == "float16" else np.float32
@@ -122,6 +122,17 @@ def embed_set(
     du.barrier()
 
 
+def read_paths(listing: Path) -> list[str]:
+    """The paths of a ``paths.txt``, one per line: split at line feeds only (a name may hold a carriage return, a
+    form feed or a Unicode line separator, where ``str.splitlines`` split it in two)."""
+    return _read_listing(listing).split("\n")[:-1]
+
+
+def _read_listing(listing: Path) -> str:
+    with open(listing, encoding="utf-8", errors="surrogateescape", newline="") as f:  # "\r" kept as it is
+        return f.read()
+
+
 def outdated(folder: str | Path, paths: list[str], settings: str | None = None) -> str | None:
     """Why the embeddings in ``folder`` are not those of ``paths`` (images added, removed or reordered since) with
     ``settings`` (shards of other settings; not checked when None); None when they are, or when there are none.
@@ -130,7 +141,7 @@ def outdated(folder: str | Path, paths: list[str], settings: str | None = None) 
     listing = folder / PATHS_FILE
     if not listing.is_file():
         return None
-    before = listing.read_text(errors="surrogateescape").splitlines()
+    before = read_paths(listing)
     if before != paths:
         old, new = set(before), set(paths)
         if old == new:
@@ -174,7 +185,7 @@ class EmbeddingStore:
         listing = self.folder / PATHS_FILE
         if not listing.is_file():
             raise DinokitError(f"no embeddings in {self.folder}; run 'dinokit curate embed --force' to compute them")
-        self.paths = listing.read_text(errors="surrogateescape").splitlines()
+        self.paths = read_paths(listing)
         self.shards: list[dict] = []
         while (stop := self.shards[-1]["stop"] if self.shards else 0) < len(self.paths):
             self.shards.append(self._meta(len(self.shards), stop))

@@ -84,6 +84,11 @@ def open_sets(config: CurateConfig, transform=None) -> dict:
     """Every image set of the run, opened (listed); one line when a set is missing or the target too large. The
     command line calls it before writing anything into the work folder."""
     datasets = {name: make_dataset(s, transform=transform) for name, s in _sets(config).items()}
+    for name, dataset in datasets.items():  # the work folder's lists hold one name per line
+        broken = next((p for p in dataset.paths if "\n" in str(p)), None)
+        if broken is not None:
+            raise DinokitError(f"the image name {str(broken)!r} ({_set_name(name)}) holds a line break, which curate's "
+                               "lists of one name per line cannot hold; rename the file")
     pool = datasets["pool"]
     n_pool = len(pool)
     if config.target_size > n_pool:
