@@ -180,7 +180,14 @@ def test_an_interrupted_shard_run_is_told_by_the_rerun_and_by_the_readers(tmp_pa
     with pytest.raises(DinokitError) as err:
         make_dataset(f"WebDataset:urls={out}/000000.tar")
     assert str(err.value) == (f"'dinokit data shard' (process {os.getpid()} on {socket.gethostname()}) is still "
-                              f"writing the shards in {str(out)!r} (1 so far); wait for it to end")
+                              f"writing the shards in {str(out)!r} (1 so far); wait for it to end (if that process "
+                              f"is gone, delete {lock})")
+    # before its first shard the folder holds only the lock: also being written (it said the urls named no shard)
+    early = tmp_path / "early"
+    early.mkdir()
+    _lock(early / ".dinokit.lock", os.getpid())
+    with pytest.raises(DinokitError, match=r"is still writing the shards in .*early' \(0 so far\); wait for it"):
+        make_dataset(f"WebDataset:urls={early}/000000.tar")
     lock.unlink()
     # following the advice
     for p in out.iterdir():

@@ -309,12 +309,15 @@ def interrupted_shards(folder: Path) -> int | None:
 
 def check_complete(folder: Path) -> None:
     """One line when ``folder`` holds the shards of a ``data shard`` run that was interrupted: some of them are
-    missing, though those there look whole."""
+    missing, though those there look whole; or when a live ``data shard`` still writes there (also before its
+    first shard, when the folder holds only its lock)."""
+    holder = lock_holder(folder / LOCK_NAME) if folder.is_dir() else None
+    if holder is not None and holder[2]:  # its writer is alive: it is not interrupted, and must not be deleted
+        n = interrupted_shards(folder) or 0
+        raise DinokitError(f"'dinokit data shard' (process {holder[1]} on {holder[0]}) is still writing the shards "
+                           f"in {str(folder)!r} ({n} so far); wait for it to end (if that process is gone, delete "
+                           f"{folder / LOCK_NAME})")
     if (n := interrupted_shards(folder)) is not None:
-        holder = lock_holder(folder / LOCK_NAME)
-        if holder is not None and holder[2]:  # its writer is alive: it is not interrupted, and must not be deleted
-            raise DinokitError(f"'dinokit data shard' (process {holder[1]} on {holder[0]}) is still writing the shards "
-                               f"in {str(folder)!r} ({n} so far); wait for it to end")
         raise DinokitError(f"the shards in {str(folder)!r} are those of an interrupted 'dinokit data shard' run "
                            f"({n} shard(s) written, {RECORD_FILE} does not say complete); delete the folder and run "
                            "'dinokit data shard' again")
