@@ -261,6 +261,8 @@ def test_overrides_with_lists_and_dataset_strings() -> None:
         ("evaluation.knn_dataset.val=null", "set both evaluation.knn_dataset.train and evaluation.knn_dataset.val"),
         # used to end in a traceback from torch (seed, betas) or to train silently on nonsense (temperatures...)
         ("train.seed=-1", "config key 'train.seed' is -1; it must be at least 0"),
+        # 2^64 was a traceback from torch.manual_seed, once every process had started
+        (f"train.seed={2**64}", f"config key 'train.seed' is {2**64}; a seed must be from 0 to 2^32 - 1"),
         ("student.layerscale=-1", "config key 'student.layerscale' is -1.0; it must be at least 0"),
         ("optim.adamw_beta1=1.5", "config key 'optim.adamw_beta1' is 1.5; it must be in [0, 1)"),
         ("optim.adamw_beta2=-1", "config key 'optim.adamw_beta2' is -1.0; it must be in [0, 1)"),

@@ -290,6 +290,8 @@ def test_settings_and_inputs_are_refused_in_one_line_before_the_work_folder_is_w
         ([*run, "--pool", str(pool), *MODEL, "cluster.n_clusters=[4,0]"], "curate key 'cluster.n_clusters' is [4, 0]; every value must be at least 1"),
         ([*run, "--pool", str(pool), *MODEL, "cluster.n_iters=0"], "curate key 'cluster.n_iters' is 0; it must be at least 1"),
         ([*run, "--pool", str(pool), *MODEL, "retrieve.k=-1"], "curate key 'retrieve.k' is -1; it must be at least 0"),
+        ([*run, "--pool", str(pool), *MODEL, f"sample.seed={2**64}"],
+         f"curate key 'sample.seed' is {2**64}; a seed must be from 0 to 2^32 - 1"),
         ([*run, "--pool", str(pool), *MODEL, "cluster.resampling_steps=[2,-1]"],
          "curate key 'cluster.resampling_steps' is [2, -1]; every value must be at least 0"),
         # the per-level lists against the levels: before the embed stage, not when clustering starts

@@ -87,6 +87,7 @@ def test_every_recipe_setting_out_of_range_is_one_line(task):
         "weight_decay=-1": "dense setting 'weight_decay' is -1.0; it must be at least 0",
         "warmup_iters=-5": "dense setting 'warmup_iters' is -5; it must be at least 0",
         "num_workers=-2": "dense setting 'num_workers' is -2; it must be at least 0",
+        f"seed={2**64}": f"dense setting 'seed' is {2**64}; a seed must be from 0 to 2^32 - 1",
         "eval_stride=0": "dense setting 'eval_stride' is 0; it must be at least 1",
         "crop_size=0": "dense setting 'crop_size' is (0, 0); it must be one or two positive sizes, e.g. 512 or 416x544",
         "betas=0.9,1.5": "dense setting 'betas' is (0.9, 1.5); it must be two values in [0, 1), e.g. 0.9,0.999",

@@ -68,7 +68,8 @@ def test_other_user_errors(sample, tmp_path, capsys):
          "--tol must be positive (the solver's gradient tolerance), got -1"),
         ("linear", ["--learning-rates", "0.1", "-1"], "--learning-rates must be positive, got -1"),
         # the per-image crop seeds derive from it (a negative one was a traceback)
-        ("linear", ["--seed", "-1"], "--seed must be 0 or more, got -1"),
+        ("linear", ["--seed", "-1"], "--seed must be from 0 to 2^32 - 1, got -1"),
+        ("linear", ["--seed", str(2**64)], f"--seed must be from 0 to 2^32 - 1, got {2**64}"),  # a traceback, late
         # needs the model's depth (the tiny backbone has 4 blocks): checked once it is built, before the folder
         ("linear", ["--n-last-blocks", "50"], "--n-last-blocks 50 exceeds the backbone's 4 blocks; give at most 4"),
         ("knn", ["--image-size", "4"], "--image-size 4 is smaller than the model's 8-pixel patch; use at least 8"),

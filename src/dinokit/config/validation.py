@@ -75,6 +75,17 @@ def check_bounds(values: dict[str, Any], *, what: str, above: float | None = Non
                                f"{'every value' if is_list else 'it'} must be {wanted}")
 
 
+SEED_LIMIT = 2**32  # seeds are 0 .. 2^32 - 1: every seed derived from one (x 100003, + rank...) fits torch's 64 bits
+
+
+def check_seeds(values: dict[str, Any], *, what: str) -> None:
+    """One line naming the first of ``values`` (key -> seed) outside ``0 .. 2^32 - 1`` (a seed of 2^64 was a
+    traceback from ``torch.manual_seed``, after the work)."""
+    for key, value in values.items():
+        if not 0 <= value < SEED_LIMIT:
+            raise DinokitError(f"{what} '{key}' is {value}; a seed must be from 0 to 2^32 - 1")
+
+
 _FRACTION_PAIRS = ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max")
 
 
@@ -87,6 +98,7 @@ def validate(cfg: DictConfig) -> None:
             raise DinokitError(f"config key '{key}' is {value!r}; use one of: {', '.join(allowed)}")
     check_bounds({key: OmegaConf.select(cfg, key) for key in _POSITIVE}, what="config key", above=0)
     check_bounds({key: OmegaConf.select(cfg, key) for key in _NON_NEGATIVE}, what="config key", at_least=0)
+    check_seeds({"train.seed": cfg.train.seed}, what="config key")
     for key in _FRACTION_PAIRS:
         pair = list(OmegaConf.select(cfg, key))
         crop = key.startswith("crops.")  # a crop of no area has no pixels (and no decoding size)

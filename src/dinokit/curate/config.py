@@ -12,7 +12,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from ..config.loading import merge_checked, override_to_dict
-from ..config.validation import check_bounds
+from ..config.validation import check_bounds, check_seeds
 from ..errors import DinokitError
 
 NOUN = "curate key"  # how messages name a setting
@@ -161,6 +161,7 @@ def _check(c: CurateConfig) -> None:
                   "retrieve.n_clusters": c.retrieve.n_clusters, "retrieve.min_seed_images": c.retrieve.min_seed_images,
                   "cluster.seed": c.cluster.seed, "sample.seed": c.sample.seed,
                   "cluster.resampling_steps": c.cluster.resampling_steps}, what="curate key", at_least=0)
+    check_seeds({"cluster.seed": c.cluster.seed, "sample.seed": c.sample.seed}, what="curate key")
     if c.embed.gem_p <= 0:  # GeM's 1/p power
         raise DinokitError(f"embed.gem_p must be above 0, not {c.embed.gem_p}; e.g. embed.gem_p=3")
     if c.target_size < 0:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config.validation import check_bounds
+from ..config.validation import check_bounds, check_seeds
 from ..data.loaders import init_worker
 from ..data.samplers import SeededDraws, seeded_batches
 from ..devices import default_workers, usable_workers
@@ -142,6 +142,7 @@ def check_recipe(recipe: DenseRecipe) -> None:
 
     check_bounds({key: getattr(recipe, key) for key in _AT_LEAST_1}, what="dense setting", at_least=1)
     check_bounds({key: getattr(recipe, key) for key in _AT_LEAST_0}, what="dense setting", at_least=0)
+    check_seeds({"seed": recipe.seed}, what="dense setting")
     for key in ("warmup_ratio", "final_lr_ratio"):
         if not 0 <= getattr(recipe, key) <= 1:
             raise bad(key, "in [0, 1]")

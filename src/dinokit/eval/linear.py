@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import distributed as du
+from ..config.validation import SEED_LIMIT
 from ..data import make_classification_train_transform
 from ..errors import DinokitError
 from ..models.weight_files import load_state_dict_file
@@ -196,8 +197,8 @@ def check_linear_options(
     for name, value in (("--epochs", epochs), ("--epoch-length", epoch_length), ("--batch-size", batch_size)):
         if value < 1:
             raise DinokitError(f"{name} must be at least 1, got {value}")
-    if seed < 0:  # the per-image crop seeds are derived from it
-        raise DinokitError(f"--seed must be 0 or more, got {seed}")
+    if not 0 <= seed < SEED_LIMIT:  # the per-image crop seeds are derived from it
+        raise DinokitError(f"--seed must be from 0 to 2^32 - 1, got {seed}")
     if eval_period is not None and eval_period < 0:
         raise DinokitError(f"--eval-period-iterations must be 0 (only at the end) or more, got {eval_period}")
     bad = [lr for lr in learning_rates if not lr > 0]  # NaN too
