@@ -179,4 +179,27 @@ def test_a_val_set_with_nothing_to_score_is_one_line_not_nan_results(demo_teache
                  "eval_stride=16", "eval_period=0"]) == 2
     assert error_line(capsys) == (f"error: no pixel of the 2 readable image(s) of {data!r} has a label (every mask "
                                   "pixel is 255, ignored): nothing to score; check the labels")
-    assert not list((tmp_path / "out").glob("results_*"))
+    # before the first step (it came at the first evaluation, eval_period steps in, with nothing to resume from)
+    assert not (tmp_path / "out").exists() or not any(p.name in ("eval", "checkpoints", "training_metrics.json")
+                                                      for p in (tmp_path / "out").iterdir())
+
+
+def test_a_head_of_nan_weights_is_told_apart_from_a_set_with_nothing_to_score(demo_teacher, dense_root, tmp_path,
+                                                                                capsys):
+    """NaN predictions on valid labels were reported as 'no pixel ... has a depth within the head's range'."""
+    import torch
+
+    data = f"DepthSample:split=%s:root={dense_root / 'depth'}"
+    recipe = ["iterations=1", "batch_size=2", "crop_size=16", "eval_size=16", "eval_period=0"]
+    assert main(["dense", "train", "--task", "depth", "--head", "linear", "--config-file",
+                 str(demo_teacher.config_file), "--train-dataset", data % "train", "--val-dataset", data % "val",
+                 "--output-dir", str(tmp_path / "out"), "--no-progress", *recipe]) == 0
+    saved = torch.load(tmp_path / "out" / "head.pth", weights_only=True)
+    saved["state_dict"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                           for k, v in saved["state_dict"].items()}
+    torch.save(saved, tmp_path / "nan_head.pth")
+    capsys.readouterr()
+    assert main(["dense", "eval", "--head-weights", str(tmp_path / "nan_head.pth"), "--val-dataset", data % "val",
+                 "--output-dir", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert error_line(capsys) == (f"error: the predictions on {data % 'val'!r} are not numbers (NaN): the head or the "
+                                  "backbone holds NaN or infinite weights; check the weights, or train the head again")

@@ -150,8 +150,16 @@ def test_a_checkpoint_of_another_model_is_not_called_damaged(tmp_path):
 def test_nan_before_any_checkpoint_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(Regression, "compute_losses",
                         lambda self, b, i, s: LossOutput(total=self.model(b[0]).sum() * float("nan"), terms={}))
-    with pytest.raises(DinokitError, match="loss became nan at iteration 0; no checkpoint had been written yet"):
+    with pytest.raises(DinokitError, match="loss became nan at iteration 0; no checkpoint had been written yet; lower "
+                                           "optim.base_lr or raise train.batch_size_per_gpu$"):
         run_toy(tmp_path / "run")
+    # a task names its own settings (a dense head was told of pretraining's optim.base_lr)
+    monkeypatch.setattr(Regression, "divergence_fix", "lower lr", raising=False)
+    with pytest.raises(DinokitError, match="; no checkpoint had been written yet; lower lr$"):
+        run_toy(tmp_path / "run2")
+    from dinokit.dense.train import DenseHeadTask
+
+    assert DenseHeadTask.divergence_fix == "lower lr or raise batch_size"
 
 
 from tiny import tiny_run  # noqa: E402

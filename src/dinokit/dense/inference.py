@@ -70,12 +70,9 @@ def evaluate(
     the single-process numbers (depth rows are averaged in dataset order). Not for a backbone sharded with FSDP2,
     whose ranks must run the same forwards: training evaluates every image on every rank.
     """
-    if model.task == "seg":
-        meter = SegMetrics(model.decode_head.num_classes)
-    else:  # the range the head was trained for (a recipe's min/max_depth), not a dataset default
-        head = model.decode_head
-        meter = DepthMetrics(min_depth=head.min_depth, max_depth=head.max_depth, eigen_crop=dataset.info.eigen_crop,
-                             garg_crop=dataset.info.garg_crop)
+    head = model.decode_head  # depth: the range the head was trained for (a recipe's min/max_depth)
+    meter = make_meter(model.task, dataset, num_classes=getattr(head, "num_classes", 0),
+                       depth_range=(getattr(head, "min_depth", 0.0), getattr(head, "max_depth", 0.0)))
     rank, world = (du.get_rank(), du.get_world_size()) if shard else (0, 1)
     was_training = model.training
     model.eval()
@@ -96,17 +93,51 @@ def evaluate(
     if skipped == len(dataset):
         raise DinokitError(f"no image of {dataset.name!r} could be read; check the files")
     result = meter.compute()
-    if math.isnan(result["mIoU"] if model.task == "seg" else result["rmse"]):  # NaN in every metric, as results
-        what = ("has a label (every mask pixel is 255, ignored)" if model.task == "seg" else
-                f"has a depth within the head's range ({meter.min_depth:g}-{meter.max_depth:g} m)")
-        fix = "check the labels" if model.task == "seg" else "check the labels, or min_depth/max_depth"
-        raise DinokitError(f"no pixel of the {len(dataset) - skipped} readable image(s) of {dataset.name!r} {what}: "
-                           f"nothing to score; {fix}")
+    if not (meter.label_area.sum() > 0 if model.task == "seg" else meter.rows):  # NaN in every metric, as results
+        raise _nothing_to_score(meter, model.task, len(dataset) - skipped, dataset.name)
+    if math.isnan(result["mIoU"] if model.task == "seg" else result["rmse"]):  # pixels scored, predictions not numbers
+        raise DinokitError(f"the predictions on {dataset.name!r} are not numbers (NaN): the head or the backbone holds "
+                           "NaN or infinite weights; check the weights, or train the head again")
+    if model.task == "depth" and meter.empty:  # left out of the mean (they were not counted anywhere)
+        result["images_without_valid_depth"] = meter.empty
     if model.task == "seg" and dataset.classes:
         result["classes"] = list(dataset.classes)[: model.decode_head.num_classes]
     result["images"] = len(dataset) - skipped
     result["skipped_images"] = skipped
     return result
+
+
+def make_meter(task: str, dataset: DenseDataset, *, num_classes: int, depth_range: tuple[float, float]):
+    """The metrics of ``task`` on ``dataset``: segmentation counts, or depth rows inside ``depth_range`` (and the
+    dataset's evaluation crop)."""
+    if task == "seg":
+        return SegMetrics(num_classes)
+    return DepthMetrics(min_depth=depth_range[0], max_depth=depth_range[1], eigen_crop=dataset.info.eigen_crop,
+                        garg_crop=dataset.info.garg_crop)
+
+
+def _nothing_to_score(meter, task: str, n_readable: int, name: str) -> DinokitError:
+    what = ("has a label (every mask pixel is 255, ignored)" if task == "seg" else
+            f"has a depth within the head's range ({meter.min_depth:g}-{meter.max_depth:g} m)")
+    fix = "check the labels" if task == "seg" else "check the labels, or min_depth/max_depth"
+    return DinokitError(f"no pixel of the {n_readable} readable image(s) of {name!r} {what}: nothing to score; {fix}")
+
+
+def check_scorable(dataset: DenseDataset, meter) -> None:
+    """One line when no pixel of ``dataset`` can be scored by ``meter`` (every mask pixel ignored, no depth in the
+    range): a training run said so only at its first evaluation, thousands of steps in, with nothing to resume from.
+    Reads labels until one pixel counts (the first image, for a usable set)."""
+    readable = 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item is None:
+            continue
+        readable += 1
+        label = item["label"]
+        if (label != meter.ignore_index).any() if isinstance(meter, SegMetrics) else meter.valid_mask(label).any():
+            return
+    if readable:  # none readable: the evaluation says so, as before
+        raise _nothing_to_score(meter, "seg" if isinstance(meter, SegMetrics) else "depth", readable, dataset.name)
 
 
 def _pool_ranks(meter, skipped: int, row_index: list[int]):
@@ -121,6 +152,7 @@ def _pool_ranks(meter, skipped: int, row_index: list[int]):
     else:
         indexed = [(i, row) for rank_meter, _, index in parts for i, row in zip(index, rank_meter.rows)]
         merged.rows = [row for _, row in sorted(indexed, key=lambda pair: pair[0])]
+        merged.empty = sum(rank_meter.empty for rank_meter, _, _ in parts)
     return merged, sum(part[1] for part in parts)
 
 

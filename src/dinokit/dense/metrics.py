@@ -126,6 +126,7 @@ class DepthMetrics:
                  garg_crop: bool = False) -> None:
         self.min_depth, self.max_depth, self.eigen_crop, self.garg_crop = min_depth, max_depth, eigen_crop, garg_crop
         self.rows: list[dict[str, float]] = []
+        self.empty = 0  # images without a valid pixel (left out of the mean)
 
     def valid_mask(self, gt: torch.Tensor) -> torch.Tensor:
         """Pixels whose ground truth lies strictly inside (min, max), within the Eigen (NYU) or Garg (KITTI) crop
@@ -141,9 +142,12 @@ class DepthMetrics:
         """Add a batch of (B, [1,] H, W) predictions and ground truths."""
         pred, gt = pred.reshape(-1, *gt.shape[-2:]), gt.reshape(-1, *gt.shape[-2:])
         for p, g in zip(pred, gt):
-            row = depth_metrics(p.clamp(self.min_depth, self.max_depth), g, self.valid_mask(g))
-            if not math.isnan(row["rmse"]):
-                self.rows.append(row)
+            mask = self.valid_mask(g)
+            if not mask.any():  # nothing to score in this image
+                self.empty += 1
+                continue
+            # a row of NaN predictions is kept: its NaN tells a broken head from a set with nothing to score
+            self.rows.append(depth_metrics(p.clamp(self.min_depth, self.max_depth), g, mask))
 
     def compute(self) -> dict[str, float]:
         if not self.rows:

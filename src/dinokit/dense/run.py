@@ -24,7 +24,7 @@ from ..files import atomic_write
 from .datasets import make_dense_dataset
 from .transforms import DenseEvalTransform
 from .heads import FeatureSpec
-from .inference import InferenceConfig, evaluate, format_results
+from .inference import InferenceConfig, check_scorable, evaluate, format_results, make_meter
 from .loading import head_kind_of, load_head, read_head_file, save_head
 from .model import DenseModel, build_head
 from .train import (DenseHeadTask, DenseRecipe, beta1_schedule, cache_training_features, lr_schedule, make_batches,
@@ -133,6 +133,9 @@ def train_head(
             class_token=recipe.class_token and task == "seg", norm=recipe.norm, **bin_options(recipe),
         )
         _check_batch_norm(head_module, recipe, backbone.patch_size)
+        # an evaluation set with nothing to score: one line before the first step (it came at the first evaluation)
+        check_scorable(val_set, make_meter(task, val_set, num_classes=num_classes,
+                                           depth_range=(recipe.min_depth, recipe.max_depth)))
         backbone_dtype = torch.bfloat16 if device_.type == "cuda" else None
         dense_task = DenseHeadTask(backbone, head_module, spec, recipe, task=task, backbone_dtype=backbone_dtype)
         cached = None

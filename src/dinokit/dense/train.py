@@ -240,6 +240,8 @@ def lagged(values: torch.Tensor, recipe: DenseRecipe) -> torch.Tensor:
 class DenseHeadTask(Task):
     """A trainable dense head on a frozen backbone; batches hold images or cached backbone features."""
 
+    divergence_fix = "lower lr or raise batch_size"  # the dense recipe's settings
+
     def __init__(self, backbone: nn.Module, head: nn.Module, spec: FeatureSpec, recipe: DenseRecipe, *, task: str,
                  backbone_dtype: torch.dtype | None = None) -> None:
         super().__init__()

@@ -351,8 +351,7 @@ class Engine:
             kept = (f"the last good checkpoint (iteration {latest[0]}) is kept in {self.checkpointer.directory}"
                     if latest else "no checkpoint had been written yet")
             value = totals[~torch.isfinite(totals)][0].item()
-            raise DinokitError(f"loss became {value} at iteration {bad}; {kept}; lower optim.base_lr or raise "
-                               "train.batch_size_per_gpu")
+            raise DinokitError(f"loss became {value} at iteration {bad}; {kept}; {self.task.divergence_fix}")
         for i in range(totals.shape[0]):
             logger.update(total_loss=logged[i].item(), **({"objective_loss": totals[i].item()} if official else {}))
             if terms is not None:

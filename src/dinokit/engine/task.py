@@ -68,6 +68,8 @@ class Task(nn.Module):
     """
 
     initial_weights: str = ""
+    # what the engine advises when the loss stops being a number (the task's own setting names)
+    divergence_fix: str = "lower optim.base_lr or raise train.batch_size_per_gpu"
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
