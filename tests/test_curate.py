@@ -407,12 +407,12 @@ def test_dedup_normalises_the_descriptors_in_place_with_the_same_bits():
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(500, 32, generator=gen) * 3 + 1
-    x[7] = x.mean(0)  # a row at the centre: zero after centring, left zero
+    x[7] = x.mean(0)  # a row (almost) at the centre: near zero after centring, and said to sit on it
     center = x.mean(0)
     expected = torch.nn.functional.normalize(x - center, dim=1)
     data = x.data_ptr()
     out, at_centre = _centred_unit_rows(x, center)
-    assert out.data_ptr() == data and torch.equal(out, expected) and not at_centre.any()
+    assert out.data_ptr() == data and torch.equal(out, expected) and np.nonzero(at_centre)[0].tolist() == [7]
     # copies of one image are the pool's mean: zero after centring (every cosine 0), so they are told apart
     same = torch.randn(1, 32, generator=gen).repeat(6, 1)
     same[5] += 1.0

@@ -84,3 +84,30 @@ def test_a_killed_embedding_of_a_pool_changed_since_is_redone_and_old_records_ar
     assert "[embed] the pool: its images changed since they were embedded (0 added, 1 removed, 11 now)" in out
     assert len(EmbeddingStore(work / "embed" / "pool")) == 11
     assert json.loads((work / "report.json").read_text())["counts"]["pool"] == 11
+
+
+def test_re_saved_copies_of_one_image_are_copies_and_an_evaluation_re_save_of_it_is_removed(tmp_path, capsys):
+    """A pool of one image saved five ways (PNG, JPEG 95 and 90, resized, a shade brighter) lies within a few
+    hundredths of its mean: centring made noise of it (kept 5 of 5); and a JPEG of it as the evaluation image was
+    kept. Rows within 0.05 of the mean (pairwise cosine >= 0.995) are copies."""
+    from PIL import ImageDraw
+
+    pool, evals = tmp_path / "pool", tmp_path / "eval"
+    pool.mkdir(), evals.mkdir()
+    rng = np.random.default_rng(0)
+    image = Image.new("RGB", (96, 96), tuple(int(v) for v in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):  # a few shapes: a picture JPEG keeps close (a busy one lies further from its re-saves)
+        (x, y), (w, h) = rng.integers(0, 76, 2), rng.integers(10, 40, 2)
+        draw.ellipse([int(x), int(y), int(x + w), int(y + h)], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    image.save(pool / "a.png"), image.save(pool / "b.jpg", quality=95), image.save(pool / "c.jpg", quality=90)
+    image.resize((94, 94)).save(pool / "d.png")
+    Image.fromarray(np.clip(np.asarray(image).astype(int) + 2, 0, 255).astype(np.uint8)).save(pool / "e.png")
+    image.save(evals / "e0.jpg", quality=95)
+    out = _run(pool, tmp_path / "w", capsys, "--target-size", "1", "embed.image_size=64", "cluster.n_clusters=[1]")
+    counts = json.loads((tmp_path / "w" / "report.json").read_text())["counts"]
+    assert (counts["pool"], counts["after_dedup"]) == (5, 1), out
+    capsys.readouterr()
+    assert main(["curate", "run", "--pool", str(pool), "--output-dir", str(tmp_path / "w2"), "--eval-set", str(evals),
+                 "--target-size", "1", *MODEL, "embed.image_size=64"]) == 2
+    assert "no pool image is left: all 1 left by dedup copy an image of the evaluation sets" in capsys.readouterr().err

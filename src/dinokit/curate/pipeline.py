@@ -167,15 +167,21 @@ def _rank_slice(n: int) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
+CENTRE_TOLERANCE = 0.05  # a row this near the pool's mean (relative to its norm) sits on the centre
+
+
 def _centred_unit_rows(x: torch.Tensor, center: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """``F.normalize(x - center, dim=1)`` computed in ``x`` itself (a fresh array): the pool, its centred copy and
     its normalised copy were three (n, D) arrays at once (30 GB for 10M images of 256-wide descriptors). Also the
-    rows that sat on the centre (centred norm below 1e-3 of their own): a pool of one image, or of copies of one
-    image, whose cosines after centring say nothing (they are 0)."""
+    rows that sat on the centre (within ``CENTRE_TOLERANCE`` of their own norm): a pool of one image, or of copies
+    of one image (re-saved, resized), whose cosines after centring say nothing (0, or noise). Unit rows within
+    ``t`` of one point are pairwise at most ``2t`` apart, a cosine of at least ``1 - 2t^2`` (0.995): copies under
+    any threshold; and a unit row can only be that near the mean of a pool whose mean has a norm above ``1 - t``
+    (a varied pool's is about 0.6), so varied pools are never touched."""
     before = torch.linalg.vector_norm(x, dim=1)
     x.sub_(center)
     after = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    at_centre = (after[:, 0] <= 1e-3 * before).cpu().numpy()
+    at_centre = (after[:, 0] <= CENTRE_TOLERANCE * before).cpu().numpy()
     return x.div_(after.clamp_min_(1e-12)), at_centre
 
 
