@@ -248,3 +248,33 @@ def test_curate_keeps_names_with_line_separators_and_refuses_a_line_feed_in_one_
     assert capsys.readouterr().err == (f"error: the image name {str(pool / ('line' + chr(10) + 'feed.png'))!r} (the "
                                        "pool) holds a line break, which curate's lists of one name per line cannot "
                                        "hold; rename the file\n")
+
+
+def test_data_shard_on_a_full_disk_says_to_delete_the_unfinished_folder(tmp_path, monkeypatch, capsys):
+    """It said 'free some space and rerun', and the rerun refused the unfinished folder."""
+    import tarfile
+
+    from PIL import Image
+
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / "src" / f"{i}.png")
+    out = tmp_path / "shards"
+    real = tarfile.TarFile.addfile
+    calls = []
+
+    def no_room(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # the second shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", no_room)
+    assert main(["data", "shard", str(tmp_path / "src"), "--out", str(out), "--shard-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on ") and err.endswith(
+        f"free some space (or use another disk) and rerun, after deleting {out} (its shards so far are those of an "
+        "unfinished run, which the rerun refuses)\n")
+    monkeypatch.undo()
+    shutil.rmtree(out)
+    assert main(["data", "shard", str(tmp_path / "src"), "--out", str(out), "--shard-size", "2"]) == 0

@@ -266,6 +266,10 @@ def test_disk_space_is_checked_before_the_first_step(tmp_path, monkeypatch, caps
     assert capsys.readouterr().out.strip() == (
         f"warning: only 50 MB free on the disk of {tmp_path}; keeping 3 checkpoints needs 4 x 20 MB at peak: the run "
         "may stop at a checkpoint")
+    # below a megabyte: kilobytes (a small head on a full disk read "only 0 MB free ..., needs about 0 MB")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=12 * 2**10))
+    with pytest.raises(DinokitError, match="^only 12 KB free on the disk of .*, and one checkpoint needs about 600 KB;"):
+        check_disk_space(tmp_path, 600 * 2**10, keep=3)
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])

@@ -113,7 +113,13 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
     out_dir = check_shard_out(out_dir)
     with main_process_lock(out_dir / LOCK_NAME, out_dir, "--out"):  # a folder made here and left empty goes again
         check_shard_out(out_dir, locked=True)  # again under the lock: another run may have written it meanwhile
-        return _write_shards(dataset, out_dir, shard_size=shard_size, max_size=max_size)
+        try:
+            return _write_shards(dataset, out_dir, shard_size=shard_size, max_size=max_size)
+        except DinokitError as err:  # a write failed (a full disk): the rerun would refuse an unfinished folder
+            if interrupted_shards(out_dir) is None:
+                raise
+            raise DinokitError(f"{err}, after deleting {out_dir} (its shards so far are those of an unfinished run, "
+                               "which the rerun refuses)") from None
 
 
 def _write_shards(dataset: ImageDataset, out_dir: Path, *, shard_size: int,

@@ -334,6 +334,8 @@ def data_change_note(out: Path, dataset_name: str, paths: Sequence, *, resumed: 
 
 
 def _megabytes(n: float) -> str:
+    if n < 2**20:  # a small head's checkpoint on a nearly full disk read "only 0 MB free ..., needs about 0 MB"
+        return f"{n / 2**10:,.0f} KB"
     return f"{n / 2**20:,.0f} MB" if n < 2**30 else f"{n / 2**30:,.1f} GB"
 
 
