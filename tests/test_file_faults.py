@@ -278,3 +278,16 @@ def test_data_shard_on_a_full_disk_says_to_delete_the_unfinished_folder(tmp_path
     monkeypatch.undo()
     shutil.rmtree(out)
     assert main(["data", "shard", str(tmp_path / "src"), "--out", str(out), "--shard-size", "2"]) == 0
+
+
+def test_the_next_command_after_a_run_is_quoted_for_a_shell(tmp_path):
+    """A run folder with a space gave a 'next:' command that did not work when pasted."""
+    import shlex
+
+    from dinokit.cli.train import end_summary
+
+    out = tmp_path / "my runs" / "-r"
+    snap = out / "eval" / "training_2" / "teacher_checkpoint.pth"
+    lines = end_summary({"output_dir": str(out), "iteration": 3, "last_exports": {"": str(snap)}}, 1.0).splitlines()
+    assert shlex.split(lines[-1]) == ["next:", "dinokit", "embed", "IMAGES", "--config-file", str(out / "config.yaml"),
+                                      "--weights", str(snap), "--out", "emb.npz"]

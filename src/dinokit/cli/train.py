@@ -102,6 +102,7 @@ def end_summary(summary: dict, seconds: float, *, snapshot_label: str = "teacher
     """The lines after a run: iterations and time, loss, the last k-NN figure (of each student, when several),
     skipped images, and per snapshot of the last iteration where it is and how to use it."""
     import json
+    import shlex
     from pathlib import Path
 
     out = Path(summary["output_dir"])
@@ -120,7 +121,9 @@ def end_summary(summary: dict, seconds: float, *, snapshot_label: str = "teacher
     for snap in summary.get("last_exports", {}).values():
         config = Path(snap).parents[2] / "config.yaml"  # RUN[/student]/eval/training_N/teacher_checkpoint.pth
         lines.append(f"{snapshot_label}: {snap}")
-        lines.append(f"next: dinokit embed IMAGES --config-file {config} --weights {snap} --out emb.npz")
+        # quoted for a shell: a folder with spaces or a leading dash gave a command that did not work when pasted
+        lines.append(f"next: dinokit embed IMAGES --config-file {shlex.quote(str(config))} --weights "
+                     f"{shlex.quote(str(snap))} --out emb.npz")
     return "\n".join(lines)
 
 

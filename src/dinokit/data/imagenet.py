@@ -24,6 +24,7 @@ import csv
 import json
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
@@ -223,7 +224,7 @@ def _load_extra(extra: Path, split: str, root: Path) -> tuple[np.ndarray, list[s
         if not path.is_file():
             raise DinokitError(
                 f"ImageNet metadata {str(path)!r} is missing; "
-                f"run 'dinokit data imagenet-extra --root {root} --extra {extra}'"
+                f"run 'dinokit data imagenet-extra --root {shlex.quote(str(root))} --extra {shlex.quote(str(extra))}'"
             )
         return np.load(path, mmap_mode="r")
 

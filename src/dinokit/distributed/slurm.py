@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from pathlib import Path
 
 from ..errors import DinokitError
@@ -93,5 +94,5 @@ def submit_if_asked(args: argparse.Namespace, log_dir: str | Path) -> bool:
     executor.update_parameters(**params)
     job = executor.submit(CommandJob(args.command_line))
     print(f"submitted SLURM job {job.job_id} ({args.nodes} node(s) x {args.gpus_per_node} task(s)): "
-          f"dinokit {' '.join(args.command_line)}; logs in {folder}")
+          f"dinokit {shlex.join(args.command_line)}; logs in {folder}")
     return True
