@@ -242,3 +242,16 @@ def test_logreg_says_when_every_value_of_c_ties(sample, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "note: all 3 values of C scored " in out and "% top-1 on held-out train images, so the smallest (1e-06, the " \
         "strongest regularisation) was taken; give --holdout-fraction or more training images for a choice" in out
+
+
+def test_logreg_refuses_one_training_class_before_extracting(sample, tmp_path, capsys):
+    """The one-class line came after every feature was extracted (and after a 'with 1 class' note)."""
+    def one_class(train):
+        for folder in sorted(train.iterdir())[1:]:
+            shutil.rmtree(folder)
+
+    argv = args_with_train_copy(sample, tmp_path, one_class)
+    err = error_of(capsys, ["eval", "logreg", *argv])
+    assert err.startswith("error: logistic regression needs at least 2 classes among the images it fits on; the ") and \
+        err.endswith(" training image(s) have 1; add training images of more classes")
+    assert not list((tmp_path / "out").glob("features/*/*.pt"))

@@ -288,6 +288,9 @@ def logreg_protocol(
 
     The official protocol reads Resize(crop) + CenterCrop images: make ``ctx`` with ``prepare_eval(...,
     resize_size=image_size)``, as the command does."""
+    if len(set(ctx.train.targets)) < 2:  # told before the extraction (it came after it)
+        raise DinokitError(f"logistic regression needs at least 2 classes among the images it fits on; the "
+                           f"{len(ctx.train)} training image(s) have 1; add training images of more classes")
     train = ctx.features("train", "cls")
     val = ctx.features("val", "cls")
     trust = report_label_warnings(train.targets, val.targets, ctx.num_classes, classes=ctx.class_names)
