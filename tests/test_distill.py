@@ -223,13 +223,36 @@ def test_kill_and_resume_is_bit_exact(images, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     distill(cfg(), output_dir=straight, device="cpu")
     distill(cfg(), output_dir=resumed, device="cpu", stop_after=4)
-    assert distill(cfg(), output_dir=resumed, device="cpu")["iteration"] == 6
+    # the teacher run went on meanwhile: its newest snapshot is another one (the resume was refused, the teacher
+    # path differing from the saved one); the students keep the teacher they started with
+    started = sorted(teacher_dir.glob("eval/training_*/teacher_checkpoint.pth"))[-1]
+    (teacher_dir / "eval" / "training_999").mkdir()
+    later = teacher_dir / "eval" / "training_999" / "teacher_checkpoint.pth"
+    later.write_bytes(started.read_bytes())
+    with pytest.MonkeyPatch.context() as patch:
+        printed = []
+        patch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+        assert distill(cfg(), output_dir=resumed, device="cpu")["iteration"] == 6
+    assert (f"note: resuming with the teacher snapshot this distillation started from, {started} (the newest in "
+            f"{teacher_dir} is now {later})") in printed
     a, b = (torch.load(sorted((d / "checkpoints").glob("*.pth"))[-1], weights_only=True) for d in (straight, resumed))
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     la, lb = ([json.loads(l)["total_loss"] for l in (d / "training_metrics.json").read_text().splitlines()]
               for d in (straight, resumed))
     assert la[4:] == lb[4:]
+
+
+def test_a_teacher_still_training_is_said(tmp_path, capsys):
+    import os
+    import socket
+
+    teacher_dir = make_teacher_run(tmp_path / "teacher")
+    (teacher_dir / ".dinokit.lock").write_text(f"{socket.gethostname()} {os.getpid()}")  # a live process's lock
+    source = resolve_teacher(str(teacher_dir))
+    assert capsys.readouterr().out == (f"note: the teacher run {teacher_dir} is still training (process {os.getpid()} "
+                                       f"on {socket.gethostname()}): its newest snapshot so far, {source.weights}, is "
+                                       "the teacher\n")
 
 
 def error_of(capsys, argv) -> str:

@@ -46,6 +46,15 @@ from .teacher import build_teacher, resolve_teacher
 _STUDENT_KEYS = tuple(StudentConfig.__dataclass_fields__)
 
 
+def _saved_teacher(output_dir: Path) -> str | None:
+    """The teacher snapshot a distillation in ``output_dir`` started from (its saved ``distillation.teacher``)."""
+    try:
+        saved = OmegaConf.load(output_dir / "config.yaml")
+        return str(OmegaConf.select(saved, "distillation.teacher") or "") or None
+    except (OSError, ValueError, OmegaConfBaseException):  # none, or damaged: the run folder's checks tell
+        return None
+
+
 def student_sections(cfg: DictConfig) -> dict[str, DictConfig]:
     """name -> ``student`` section of every student: ``{"": cfg.student}`` for one, else each entry of
     ``distillation.students`` merged over ``student.*`` (entries may set ``name``, default ``student<i>_<arch>``)."""
@@ -106,7 +115,8 @@ def distill(
     students = student_sections(cfg)
     check_weight_sources({f"distillation.students[{i}].pretrained_weights" if name else "student.pretrained_weights":
                           section.pretrained_weights for i, (name, section) in enumerate(students.items())})
-    source = resolve_teacher(cfg.distillation.teacher, cfg.distillation.teacher_config)
+    source = resolve_teacher(cfg.distillation.teacher, cfg.distillation.teacher_config,
+                             started_with=_saved_teacher(Path(output_dir).expanduser()) if resume else None)
     teacher, teacher_cfg = build_teacher(source, with_heads=cfg.distillation.loss == "dino_ibot")
     check_compatible(cfg, teacher_cfg, students, teacher.backbone.patch_size)
     check_tracker(cfg.train.tracker)

@@ -15,10 +15,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .. import distributed as du
 from ..config import backbone_from_config, backbone_img_size, find_run_config, load_config
 from ..config.schema import StudentConfig
 from ..engine.snapshots import newest_snapshot
 from ..errors import DinokitError
+from ..files import LOCK_NAME, lock_holder
 from ..models.architectures import ARCHITECTURES
 from ..models.checkpoint import backbone_state_dict_from_checkpoint, describe_backbone_state_dict, load_backbone_weights
 from ..models.weight_files import load_state_dict_file
@@ -31,8 +33,10 @@ class TeacherSource:
     config: DictConfig | None  # its run's configuration (architecture and heads); None for a bare backbone file
 
 
-def resolve_teacher(spec: str, teacher_config: str = "") -> TeacherSource:
-    """Find the teacher's weights and configuration from ``distillation.teacher`` (and ``teacher_config``)."""
+def resolve_teacher(spec: str, teacher_config: str = "", *, started_with: str | None = None) -> TeacherSource:
+    """Find the teacher's weights and configuration from ``distillation.teacher`` (and ``teacher_config``). For a
+    run folder, its newest snapshot; ``started_with``: the snapshot a resumed distillation started from, kept when
+    it lies in that folder (the folder's newest may be a later one: the students would change teacher halfway)."""
     if not spec:
         raise DinokitError("no teacher given: pass --teacher RUN_DIR|teacher_checkpoint.pth|backbone file")
     path = Path(spec).expanduser()
@@ -44,6 +48,18 @@ def resolve_teacher(spec: str, teacher_config: str = "") -> TeacherSource:
         if snapshot is None:
             raise DinokitError(f"teacher folder {spec!r} has no eval/training_*/teacher_checkpoint.pth; pass a run "
                                "folder of dinokit train with at least one snapshot, or a checkpoint file")
+        kept = Path(started_with) if started_with else None
+        if kept is not None and kept.is_file() and path.resolve() in kept.resolve().parents:
+            if kept.resolve() != snapshot.resolve() and du.is_main_process():
+                print(f"note: resuming with the teacher snapshot this distillation started from, {kept} (the newest "
+                      f"in {spec} is now {snapshot})")
+            snapshot = kept
+        else:
+            holder = lock_holder(path / LOCK_NAME)
+            # the teacher still trains: a later start of this command would take a newer snapshot
+            if holder is not None and holder[2] and du.is_main_process():
+                print(f"note: the teacher run {spec} is still training (process {holder[1]} on {holder[0]}): its "
+                      f"newest snapshot so far, {snapshot}, is the teacher")
         path = snapshot
     if teacher_config:
         config_path = Path(teacher_config).expanduser()
