@@ -329,3 +329,20 @@ def test_max_size_shrinks_large_images_only_as_the_readers_see_them(tmp_path: Pa
                      "--max-size", value]) == 2
         assert capsys.readouterr().err == f"error: --max-size must be at least 1 pixel, got {value}\n"
         assert not any((tmp_path / f"bad{value}").glob("*.tar"))
+
+
+def test_a_shard_replaced_under_a_reader_is_one_line_not_other_images(shards, tmp_path) -> None:
+    """The index is read at the start and the tars opened as their samples come: a shard replaced meanwhile (a rerun
+    of 'data shard' into the folder) gave other images under the indexed keys, without a word."""
+    import shutil
+
+    dataset_str, _ = shards
+    folder = tmp_path / "shards"
+    shutil.copytree(Path(dataset_str.split("=")[1]).parent, folder)
+    dataset = make_dataset(f"WebDataset:urls={folder}/{{000000..000004}}.tar", labelled=True)
+    assert dataset[0][1] is not None  # shard 0 opened: kept open, its bytes the indexed ones
+    replaced = folder / "000002.tar"
+    replaced.write_bytes((folder / "000003.tar").read_bytes())
+    with pytest.raises(DinokitError, match=r"^shard '.*000002.tar' changed since it was indexed \(it was replaced or "
+                                           r"rewritten while this command ran\)"):
+        dataset[10]

@@ -217,6 +217,10 @@ def cached_index(path: Path, shard: int) -> list[ShardSample]:
     return samples
 
 
+def _stamp(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def _label(text: str | None, key: str, path: Path) -> int:
     if text is None:
         return -1
@@ -244,6 +248,9 @@ class ShardDataset(ImageDataset):
         self._size = np.fromiter((s.image[1] if s.image else -1 for s in samples), dtype=np.int64, count=len(samples))
         self._files: dict[int, Any] = {}
         self._pid = os.getpid()
+        # each shard as it was indexed: a shard replaced or rewritten since (a rerun of 'data shard' into the folder)
+        # would give other images under the indexed keys and byte ranges
+        self._stamps = [_stamp(os.stat(path)) for path in self.shards]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": {}}
@@ -252,7 +259,13 @@ class ShardDataset(ImageDataset):
         if self._pid != os.getpid():  # a forked worker must not share the parent's file offsets
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
-            self._files[shard] = open(self.shards[shard], "rb")
+            f = open(self.shards[shard], "rb")
+            if _stamp(os.fstat(f.fileno())) != self._stamps[shard]:
+                f.close()
+                raise DinokitError(f"shard {str(self.shards[shard])!r} changed since it was indexed (it was replaced "
+                                   "or rewritten while this command ran): its samples are no longer those read at "
+                                   "the start; rerun the command once the shards stay as they are")
+            self._files[shard] = f
         return self._files[shard]
 
     def read_image(self, index: int) -> Image.Image:
