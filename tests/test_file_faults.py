@@ -49,6 +49,30 @@ def test_a_full_disk_behind_a_writers_own_error_is_one_line_and_keeps_the_earlie
     assert target.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["out.pth"]
 
 
+def test_a_nearly_full_disk_does_not_turn_other_errors_into_no_space(tmp_path, monkeypatch):
+    """Any error inside the write (a KeyError, a ValueError of its own, an inner write's one line) came out as 'no
+    space left' on a disk with under a megabyte free; an inner line raised 'from None' was named after the outer
+    file by the errno of what it had handled."""
+    _full(monkeypatch)
+    for failure in (KeyError("x"), ValueError("bad value"), DinokitError("permission denied while writing inner")):
+        with pytest.raises(type(failure)) as caught:
+            with atomic_write(tmp_path / "out.bin") as tmp:
+                tmp.write_bytes(b"x")
+                raise failure
+        assert str(caught.value) == str(failure)
+    monkeypatch.undo()
+
+    def inner_line():
+        try:
+            raise OSError(errno.EROFS, "Read-only file system")
+        except OSError:
+            raise RuntimeError("the inner file's own failure") from None
+
+    with pytest.raises(RuntimeError, match="the inner file's own failure"):
+        with atomic_write(tmp_path / "outer.bin"):
+            inner_line()
+
+
 def test_a_full_disk_in_torch_save_is_one_line(tmp_path, monkeypatch):
     _full(monkeypatch)
 

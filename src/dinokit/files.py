@@ -41,8 +41,10 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         if tmp.stat().st_mode & 0o777 != mode:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except DinokitError:  # a line of its own (an inner write's, naming its file): as it is
+        raise
     except Exception as err:  # noqa: BLE001 (re-raised unless a full disk or a denied write is behind it)
-        if (errno := _write_errno(err)) is None and not _disk_full(path.parent):
+        if (errno := _write_errno(err)) is None and not (_says_write_failed(err) and _disk_full(path.parent)):
             raise
         errno = errno or errno_codes.ENOSPC  # torch, NumPy and safetensors may fail with no errno to tell
         kept = "the previous file is intact" if path.exists() else "nothing else was changed"
@@ -79,6 +81,19 @@ def hidden_name(name: str, suffix: str, prefix: str = ".") -> str:
     return f"{prefix}{name.encode(errors='surrogateescape')[:200].decode(errors='ignore')}~{digest}{suffix}"
 
 
+# what the writers that give no errno say of a write cut short (torch: "unexpected pos", "iostream error"; NumPy's
+# tofile: "N requested and M written"; safetensors: "I/O error: No space left on device (os error 28)")
+_WRITE_FAILED = re.compile(r"unexpected pos|iostream|requested and \d+ written|i/o error|no space|os error 28|"
+                           r"write", re.IGNORECASE)
+
+
+def _says_write_failed(err: BaseException) -> bool:
+    """Whether ``err`` reads as a write cut short (a KeyError or an unrelated ValueError never does)."""
+    if not _WRITE_FAILED.search(str(err)):
+        return False
+    return isinstance(err, (OSError, RuntimeError, ValueError)) or type(err).__name__ == "SafetensorError"
+
+
 def _disk_full(folder: Path) -> bool:
     """Whether the disk of ``folder`` has (almost) no space left: a failed write there was most likely for that."""
     try:
@@ -106,7 +121,8 @@ def _write_errno(err: BaseException) -> int | None:
         if isinstance(err, OSError) and err.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT, errno_codes.EIO,
                                                       *_NOT_ALLOWED):
             return err.errno
-        err, seen = err.__cause__ or err.__context__, seen + 1
+        # the exception it was raised from; the one it was raised while handling only unless that was suppressed
+        err, seen = err.__cause__ or (None if err.__suppress_context__ else err.__context__), seen + 1
     return None
 
 
