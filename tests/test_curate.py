@@ -403,18 +403,28 @@ def test_exchange_rows_sends_each_row_to_its_rank_in_sender_order(tmp_path):
 def test_dedup_normalises_the_descriptors_in_place_with_the_same_bits():
     """The pool, its centred copy and its normalised copy were three (n, D) arrays at once; the descriptors are now
     centred and normalised in their own array, bit for bit as F.normalize(x - center)."""
-    from dinokit.curate.pipeline import _centred_unit_rows
+    from dinokit.curate.pipeline import EXACT_TOLERANCE, _centred_unit_rows, centre_tolerance
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(500, 32, generator=gen) * 3 + 1
-    x[7] = x.mean(0)  # a row (almost) at the centre: near zero after centring, and said to sit on it
+    x[7] = x.mean(0)  # a row at the centre: zero after centring, left zero
     center = x.mean(0)
     expected = torch.nn.functional.normalize(x - center, dim=1)
     data = x.data_ptr()
-    out, at_centre = _centred_unit_rows(x, center)
-    assert out.data_ptr() == data and torch.equal(out, expected) and np.nonzero(at_centre)[0].tolist() == [7]
+    out, relative = _centred_unit_rows(x, center)
+    assert out.data_ptr() == data and torch.equal(out, expected)
+    assert centre_tolerance(relative) == EXACT_TOLERANCE and np.nonzero(relative <= EXACT_TOLERANCE)[0].tolist() == []
     # copies of one image are the pool's mean: zero after centring (every cosine 0), so they are told apart
     same = torch.randn(1, 32, generator=gen).repeat(6, 1)
     same[5] += 1.0
-    _, at_centre = _centred_unit_rows(same.clone(), same[:5].mean(0))
-    assert at_centre.tolist() == [True] * 5 + [False]
+    _, relative = _centred_unit_rows(same.clone(), same[:5].mean(0))
+    assert (relative <= centre_tolerance(relative)).tolist() == [True] * 5 + [False]
+    # re-saves of one image: every row a few hundredths from the mean, all on the centre; one far row among
+    # near-identical ones (frames of a still scene): only the exact mean counts, their centred cosines decide
+    unit = torch.nn.functional.normalize(torch.randn(1, 32, generator=gen), dim=1)
+    resaved = torch.nn.functional.normalize(unit + 0.005 * torch.randn(5, 32, generator=gen), dim=1)
+    _, relative = _centred_unit_rows(resaved.clone(), resaved.mean(0))
+    assert relative.max() < 0.05 and (relative <= centre_tolerance(relative)).all()
+    frames = torch.cat([resaved, torch.nn.functional.normalize(unit + 0.2 * torch.randn(1, 32, generator=gen), dim=1)])
+    _, relative = _centred_unit_rows(frames.clone(), frames.mean(0))
+    assert centre_tolerance(relative) == EXACT_TOLERANCE and not (relative <= EXACT_TOLERANCE).any()

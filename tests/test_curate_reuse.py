@@ -4,6 +4,7 @@ never reused, and the stages after a redone one follow it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -111,3 +112,37 @@ def test_re_saved_copies_of_one_image_are_copies_and_an_evaluation_re_save_of_it
     assert main(["curate", "run", "--pool", str(pool), "--output-dir", str(tmp_path / "w2"), "--eval-set", str(evals),
                  "--target-size", "1", *MODEL, "embed.image_size=64"]) == 2
     assert "no pool image is left: all 1 left by dedup copy an image of the evaluation sets" in capsys.readouterr().err
+
+
+def test_a_killed_re_embedding_is_redone_and_new_sets_keep_the_pools_embeddings(tmp_path, capsys, monkeypatch):
+    from dinokit.curate import pipeline
+
+    pool, work = tmp_path / "pool", tmp_path / "work"
+    write_copy_pairs(pool, n_images=6, copies=1)
+    _run(pool, work, capsys)
+    # another evaluation set (or seed set, workers, batch size): the pool's shards are kept (they were re-embedded)
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    shutil.copy(pool / "scene_0000.png", evals / "e.png")
+    out = _run(pool, work, capsys, "--eval-set", str(evals), "embed.batch_size=7")
+    assert "[embed] running again" in out and "the pool:" not in out
+    # the pool changed, and the re-embedding killed after its listing was written: the rerun redoes it (it found
+    # the listing current and the earlier record, and skipped every stage on the earlier embeddings)
+    (pool / "scene_0001.png").rename(pool / "zz.png")
+    real = pipeline.embed_set
+
+    def killed(dataset, paths, folder, **kwargs):
+        real(dataset, paths, folder, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "embed_set", killed)
+    assert main(["curate", "run", "--pool", str(pool), "--output-dir", str(work), "--eval-set", str(evals),
+                 "--target-size", "4", *MODEL]) == 130
+    monkeypatch.undo()
+    out = _run(pool, work, capsys, "--eval-set", str(evals))
+    assert "[embed] finished earlier" not in out and "[dedup] finished earlier" not in out
+    listed = (work / "manifest.txt").read_text().splitlines()
+    assert str(pool / "scene_0001.png") not in listed and all(os.path.isfile(p) for p in listed)
+    store = EmbeddingStore(work / "embed" / "pool")
+    assert str(pool / "zz.png") in store.paths and store.paths == sorted(store.paths)
+    assert json.loads((work / "dedup" / "done.json").read_text())["after"] is not None

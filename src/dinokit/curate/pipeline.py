@@ -148,12 +148,12 @@ def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
     for name, dataset in datasets.items():
         folder, paths = work.folder("embed") / name, [os.path.abspath(p) for p in dataset.paths]
         # embeddings of other images or other settings (a killed run's, a changed pool's) are not kept
-        if du.is_main_process() and (why := outdated(folder, paths, work.digests["embed"])):
+        if du.is_main_process() and (why := outdated(folder, paths, work.feature_digest)):
             _log(f"[embed] {_set_name(name)}: {why}: embedding it again")
             clear_set(folder)
         du.barrier()
         embed_set(dataset, paths, folder, model=model, feature_fn=feature_fn, config=embedding, device=device,
-                  progress=progress, settings=work.digests["embed"])
+                  progress=progress, settings=work.feature_digest)
     pool = EmbeddingStore(work.folder("embed") / "pool")
     if len(pool) == 0:
         raise DinokitError(f"none of the {n_pool} pool images could be read (first: {pool.paths[pool.bad[0]]}); check the files")
@@ -167,22 +167,29 @@ def _rank_slice(n: int) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
-CENTRE_TOLERANCE = 0.05  # a row this near the pool's mean (relative to its norm) sits on the centre
+# a pool image within this of the mean (relative to its norm) sits on the centre; within the looser one, when every
+# image of the pool does (a pool of one image, also re-saved or resized)
+EXACT_TOLERANCE, CENTRE_TOLERANCE = 1e-3, 0.05
 
 
 def _centred_unit_rows(x: torch.Tensor, center: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """``F.normalize(x - center, dim=1)`` computed in ``x`` itself (a fresh array): the pool, its centred copy and
-    its normalised copy were three (n, D) arrays at once (30 GB for 10M images of 256-wide descriptors). Also the
-    rows that sat on the centre (within ``CENTRE_TOLERANCE`` of their own norm): a pool of one image, or of copies
-    of one image (re-saved, resized), whose cosines after centring say nothing (0, or noise). Unit rows within
-    ``t`` of one point are pairwise at most ``2t`` apart, a cosine of at least ``1 - 2t^2`` (0.995): copies under
-    any threshold; and a unit row can only be that near the mean of a pool whose mean has a norm above ``1 - t``
-    (a varied pool's is about 0.6), so varied pools are never touched."""
+    its normalised copy were three (n, D) arrays at once (30 GB for 10M images of 256-wide descriptors). Also each
+    row's distance to the centre relative to its norm, to find the rows whose cosines after centring say nothing."""
     before = torch.linalg.vector_norm(x, dim=1)
     x.sub_(center)
     after = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    at_centre = (after[:, 0] <= CENTRE_TOLERANCE * before).cpu().numpy()
-    return x.div_(after.clamp_min_(1e-12)), at_centre
+    relative = (after[:, 0] / before.clamp_min(1e-12)).cpu().numpy()
+    return x.div_(after.clamp_min_(1e-12)), relative
+
+
+def centre_tolerance(relative: np.ndarray) -> float:
+    """How near the pool's mean a row sits on the centre, given every pool row's ``relative`` distance to it. A row
+    on the mean itself (a pool of copies of one image) is 0 after centring, every cosine 0. When every row lies
+    within ``CENTRE_TOLERANCE`` (unit rows then pairwise at a cosine of at least 0.995: re-saved or resized copies of
+    one image, which centring turns into noise), all sit on it; otherwise only the exact mean does: in a pool of
+    near-identical but distinct images (frames of a still scene) the centred cosines are what tell them apart."""
+    return CENTRE_TOLERANCE if len(relative) and (relative <= CENTRE_TOLERANCE).all() else EXACT_TOLERANCE
 
 
 def _centre_links(at_centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +204,9 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
     pool = EmbeddingStore(work.folder("embed") / "pool")
     x = pool.load("copy").to(device)
     center = x.mean(0) if c.center else torch.zeros_like(x[0])
-    x, at_centre = _centred_unit_rows(x, center)
+    x, relative = _centred_unit_rows(x, center)
+    tolerance = centre_tolerance(relative) if c.center else 0.0
+    at_centre = relative <= tolerance
     n = len(x)
     # Links above the looser of the two thresholds, kept once: self-dedup cuts them again at its own.
     low = min(c.threshold, c.eval_threshold)
@@ -213,8 +222,9 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
         kept = choose_representatives(labels, keep=c.keep, sizes=pool.sizes, features=x.cpu())
         removed = np.zeros(n, dtype=bool)
         for name in sorted(p.name for p in work.folder("embed").glob("eval-*")):
-            evals, eval_at_centre = _centred_unit_rows(EmbeddingStore(work.folder("embed") / name).load("copy")
-                                                       .to(device), center)
+            evals, eval_relative = _centred_unit_rows(EmbeddingStore(work.folder("embed") / name).load("copy")
+                                                      .to(device), center)
+            eval_at_centre = eval_relative <= tolerance
             e_sims, e_idx = knn_search(evals, x, min(c.k, n), method=c.knn)
             if at_centre.any():  # an evaluation image with the descriptor of the pool images on the centre: a copy
                 e_sims, e_idx = (torch.as_tensor(a).cpu().numpy().copy() for a in (e_sims, e_idx))
@@ -374,6 +384,8 @@ def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = 
         return record
     again = again or (None if force else work.changed(stage))
     _log(f"[{stage}] running" + (f" again: {again}" if again else ""))
+    if stage == "embed":  # it rewrites the listings its record is checked against: a kill in it must redo it
+        work.start(stage)
     start = time.perf_counter()
     counts = STAGE_FUNCTIONS[stage](work, device=device, progress=progress, **kwargs)
     record = work.finish(stage, time.perf_counter() - start, counts)

@@ -67,6 +67,13 @@ class Work:
             "embed": {**{k: c[k] for k in embed_keys}, "decoding": decoding_settings()},
             "dedup": {"dedup": c["dedup"]}, "retrieve": {"retrieve": c["retrieve"]},
             "cluster": {"cluster": c["cluster"]}, "sample": {"sample": c["sample"], "target_size": c["target_size"]}}
+        # what the features of an embedded set depend on (not which sets, workers or batch size): shards embedded
+        # with the same are kept when the stage runs again (adding an evaluation set re-embedded the whole pool)
+        features = {k: c[k] for k in ("model", "config_file", "weights", "copy_model", "copy_config_file",
+                                      "copy_weights")}
+        self.feature_digest = _digest({**features, "decoding": decoding_settings(),
+                                       **{k: c["embed"][k] for k in ("image_size", "shard_size", "copy", "gem_p",
+                                                                     "storage")}})
         # a stage's digest holds the one of the stage before it: a change anywhere upstream redoes it
         self.digests: dict[str, str] = {"embed": _digest(self.settings["embed"])}
         self.digests["dedup"] = _digest([self.digests["embed"], c["dedup"]])
@@ -151,6 +158,16 @@ class Work:
                 return "the stage before it ran again"
             return "a stage before it changed"
         return "its settings changed (" + ", ".join(diffs[:3]) + (", ..." if len(diffs) > 3 else "") + ")"
+
+    def start(self, stage: str) -> None:
+        """Before a stage that rewrites what its record is checked against (the embed stage's listings) runs: its
+        earlier record goes, so that a run killed in it never finds the stage (and the ones after it) done on the
+        earlier files (a killed re-embedding of a changed pool was skipped with every later stage, its manifest made
+        of the earlier embeddings). Other stages run again only on other settings or inputs (their record then no
+        longer matches) or with --force on the same inputs (the same files), and keep it."""
+        if du.is_main_process():
+            (self.folder(stage) / "done.json").unlink(missing_ok=True)
+        du.barrier()
 
     def finish(self, stage: str, seconds: float, counts: dict) -> dict:
         record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts,
