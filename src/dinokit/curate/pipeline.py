@@ -33,7 +33,8 @@ from ..errors import DinokitError
 from ..features import check_image_size
 from ..files import atomic_write
 from .config import CurateConfig
-from .dedup import choose_representatives, connected_components, edges_above, relative_dedup
+from .dedup import (centre_links, centre_tolerance, centred_unit_rows, choose_representatives,
+                    connected_components, edges_above, relative_dedup)
 from .embed import PATHS_FILE, EmbeddingStore, clear_set, curation_feature_fn, embed_set, outdated
 from .kmeans import hierarchical_kmeans
 from .knn import knn_search
@@ -167,44 +168,12 @@ def _rank_slice(n: int) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
-# a pool image within this of the mean (relative to its norm) sits on the centre; within the looser one, when every
-# image of the pool does (a pool of one image, also re-saved or resized)
-EXACT_TOLERANCE, CENTRE_TOLERANCE = 1e-3, 0.05
-
-
-def _centred_unit_rows(x: torch.Tensor, center: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """``F.normalize(x - center, dim=1)`` computed in ``x`` itself (a fresh array): the pool, its centred copy and
-    its normalised copy were three (n, D) arrays at once (30 GB for 10M images of 256-wide descriptors). Also each
-    row's distance to the centre relative to its norm, to find the rows whose cosines after centring say nothing."""
-    before = torch.linalg.vector_norm(x, dim=1)
-    x.sub_(center)
-    after = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    relative = (after[:, 0] / before.clamp_min(1e-12)).cpu().numpy()
-    return x.div_(after.clamp_min_(1e-12)), relative
-
-
-def centre_tolerance(relative: np.ndarray) -> float:
-    """How near the pool's mean a row sits on the centre, given every pool row's ``relative`` distance to it. A row
-    on the mean itself (a pool of copies of one image) is 0 after centring, every cosine 0. When every row lies
-    within ``CENTRE_TOLERANCE`` (unit rows then pairwise at a cosine of at least 0.995: re-saved or resized copies of
-    one image, which centring turns into noise), all sit on it; otherwise only the exact mean does: in a pool of
-    near-identical but distinct images (frames of a still scene) the centred cosines are what tell them apart."""
-    return CENTRE_TOLERANCE if len(relative) and (relative <= CENTRE_TOLERANCE).all() else EXACT_TOLERANCE
-
-
-def _centre_links(at_centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Edges (similarity 1) joining the pool images that sat on the centre: the same descriptor, so copies."""
-    nodes = np.nonzero(at_centre)[0]
-    edges = np.stack([np.full(max(len(nodes) - 1, 0), nodes[0] if len(nodes) else 0), nodes[1:]], axis=1)
-    return edges.astype(np.int64), np.ones(len(edges), dtype=np.float32)
-
-
 def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> dict:
     c = work.config.dedup
     pool = EmbeddingStore(work.folder("embed") / "pool")
     x = pool.load("copy").to(device)
     center = x.mean(0) if c.center else torch.zeros_like(x[0])
-    x, relative = _centred_unit_rows(x, center)
+    x, relative = centred_unit_rows(x, center)
     tolerance = centre_tolerance(relative) if c.center else 0.0
     at_centre = relative <= tolerance
     n = len(x)
@@ -215,14 +184,14 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
     parts = du.gather_object(edges_above(sims, idx, low, row_offset=mine.start))  # rank 0 joins the copies
     counts: dict = {}
     if du.is_main_process():
-        centre_edges, centre_sims = _centre_links(at_centre)
+        centre_edges, centre_sims = centre_links(at_centre)
         edges = np.concatenate([p[0] for p in parts] + [centre_edges])
         edge_sims = np.concatenate([p[1] for p in parts] + [centre_sims.astype(parts[0][1].dtype)])
         labels = connected_components(n, edges[edge_sims > c.threshold])
         kept = choose_representatives(labels, keep=c.keep, sizes=pool.sizes, features=x.cpu())
         removed = np.zeros(n, dtype=bool)
         for name in sorted(p.name for p in work.folder("embed").glob("eval-*")):
-            evals, eval_relative = _centred_unit_rows(EmbeddingStore(work.folder("embed") / name).load("copy")
+            evals, eval_relative = centred_unit_rows(EmbeddingStore(work.folder("embed") / name).load("copy")
                                                       .to(device), center)
             eval_at_centre = eval_relative <= tolerance
             e_sims, e_idx = knn_search(evals, x, min(c.k, n), method=c.knn)
