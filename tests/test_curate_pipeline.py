@@ -364,22 +364,6 @@ def test_a_missing_faiss_is_told_before_the_embed_stage(tmp_path, capsys, monkey
                  "dedup.knn=auto"]) == 0  # auto falls back to the exact search without FAISS
 
 
-def test_a_pool_of_copies_of_one_image_is_deduplicated_and_an_evaluation_copy_of_it_removed(tmp_path, capsys):
-    """Copies of one image are the pool's mean: zero after centring, every cosine 0, so dedup kept all of them, and
-    a pool image that is the evaluation image itself was kept too. Images on the centre are now copies."""
-    pool = _tiny_pool(tmp_path / "pool", n=1)
-    for i in range(1, 5):
-        shutil.copy(pool / "p0.png", pool / f"p{i}.png")
-    run = ["curate", "run", "--pool", str(pool), "--output-dir", str(tmp_path / "w"), "--target-size", "1", *MODEL]
-    assert main(run) == 0
-    counts = json.loads((tmp_path / "w" / "report.json").read_text())["counts"]
-    assert (counts["pool"], counts["after_dedup"]) == (5, 1)
-    capsys.readouterr()
-    assert main(["curate", "run", "--pool", str(pool), "--output-dir", str(tmp_path / "w2"), "--eval-set", str(pool),
-                 "--target-size", "1", *MODEL]) == 2
-    assert "no pool image is left: all 1 left by dedup copy an image of the evaluation sets" in capsys.readouterr().err
-
-
 def test_a_target_above_what_dedup_left_keeps_the_stages_and_a_mostly_copied_pool_is_noted(scenes, tmp_path, capsys):
     """Seen on 8,121 clip-art files with a random-init descriptor: dedup kept a fifth of the pool without a word,
     and --target-size above what it left failed with no hint that the stages are kept."""
@@ -410,15 +394,3 @@ def test_a_target_above_what_dedup_left_keeps_the_stages_and_a_mostly_copied_poo
     out = capsys.readouterr().out
     assert "[cluster] finished earlier with these settings" in out and "sampled 5" in out
     assert len((copy / "manifest.txt").read_text().splitlines()) == 5
-
-
-def test_retrieve_without_a_seed_set_says_it_had_nothing_to_do(scenes, tmp_path, capsys):
-    """The stage's line read 'retrieved None' when no --seed-set was given."""
-    root, _, _, _ = scenes
-    capsys.readouterr()
-    assert main(["curate", "run", "--pool", str(root / "pool"), "--output-dir", str(tmp_path / "w"),
-                 "--target-size", "5", *MODEL]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"^\[retrieve\] done in \d+\.\d s: nothing to do$", out, re.MULTILINE), out
-    assert "None" not in out
-    assert json.loads((tmp_path / "w" / "report.json").read_text())["counts"]["retrieved"] is None

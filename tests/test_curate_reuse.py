@@ -1,10 +1,11 @@
-"""What a rerun of `dinokit curate` keeps and what it redoes: embeddings of changed settings or of a changed pool are
-never reused, and the stages after a redone one follow it."""
+"""What a rerun of `dinokit curate` keeps and what it redoes (embeddings of changed settings or of a changed pool are
+never reused, and the stages after a redone one follow it), and small pools: copies of one image, no seed set."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -146,3 +147,30 @@ def test_a_killed_re_embedding_is_redone_and_new_sets_keep_the_pools_embeddings(
     store = EmbeddingStore(work / "embed" / "pool")
     assert str(pool / "zz.png") in store.paths and store.paths == sorted(store.paths)
     assert json.loads((work / "dedup" / "done.json").read_text())["after"] is not None
+
+
+def test_a_pool_of_copies_of_one_image_is_deduplicated_and_an_evaluation_copy_of_it_removed(tmp_path, capsys):
+    """Copies of one image are the pool's mean: zero after centring, every cosine 0, so dedup kept all of them, and
+    a pool image that is the evaluation image itself was kept too. Images on the centre are now copies."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(pool / "p0.png")
+    for i in range(1, 5):
+        shutil.copy(pool / "p0.png", pool / f"p{i}.png")
+    one = ("--target-size", "1", "embed.image_size=64", "cluster.n_clusters=[1]")
+    _run(pool, tmp_path / "w", capsys, *one)
+    counts = json.loads((tmp_path / "w" / "report.json").read_text())["counts"]
+    assert (counts["pool"], counts["after_dedup"]) == (5, 1)
+    assert main(["curate", "run", "--pool", str(pool), "--output-dir", str(tmp_path / "w2"), "--eval-set", str(pool),
+                 *MODEL, *one]) == 2
+    assert "no pool image is left: all 1 left by dedup copy an image of the evaluation sets" in capsys.readouterr().err
+
+
+def test_retrieve_without_a_seed_set_says_it_had_nothing_to_do(tmp_path, capsys):
+    """The stage's line read 'retrieved None' when no --seed-set was given."""
+    pool = tmp_path / "pool"
+    write_copy_pairs(pool, n_images=6, copies=1)
+    out = _run(pool, tmp_path / "w", capsys)
+    assert re.search(r"^\[retrieve\] done in \d+\.\d s: nothing to do$", out, re.MULTILINE), out
+    assert "None" not in out
+    assert json.loads((tmp_path / "w" / "report.json").read_text())["counts"]["retrieved"] is None
