@@ -315,3 +315,55 @@ def test_the_next_command_after_a_run_is_quoted_for_a_shell(tmp_path):
     lines = end_summary({"output_dir": str(out), "iteration": 3, "last_exports": {"": str(snap)}}, 1.0).splitlines()
     assert shlex.split(lines[-1]) == ["next:", "dinokit", "embed", "IMAGES", "--config-file", str(out / "config.yaml"),
                                       "--weights", str(snap), "--out", "emb.npz"]
+
+
+def test_a_lock_another_user_cannot_read_is_not_taken_over(tmp_path, monkeypatch):
+    """A live run's lock made under umask 077 was read as a killed run's by another user: renamed aside (and not put
+    back: another user's file), and the second run wrote into the same folder."""
+    lock = tmp_path / ".dinokit.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+    real = Path.read_bytes
+
+    def denied(self):
+        if self == lock:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DinokitError, match=r"^the lock .*\.dinokit\.lock cannot be read \(permission denied\): "
+                                           r"another user's run may be writing there; wait for it to end"):
+        take_lock(lock, tmp_path, "--output-dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dinokit.lock"]
+
+
+def test_names_that_are_not_utf8_survive_shards_and_the_curate_report(tmp_path, capsys):
+    """A class folder named in Latin-1 bytes: data shard wrote classes.txt in the locale's encoding, the reader read
+    it strictly (a traceback); curate's report.html was a traceback after the sample stage."""
+    from PIL import Image
+
+    from dinokit.data import make_dataset
+
+    latin = tmp_path / os.fsdecode(b"src_\xe9")
+    for name in (os.fsdecode(b"cls_\xe9"), "cls_b"):
+        (latin / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (i * 90, 40, 0)).save(latin / name / f"{i}.png")
+    assert main(["data", "shard", str(latin), "--out", str(tmp_path / "sh")]) == 0
+    shards = make_dataset(f"WebDataset:urls={tmp_path / 'sh'}/000000.tar", labelled=True)
+    assert sorted(shards.classes) == sorted([os.fsdecode(b"cls_\xe9"), "cls_b"])
+    assert main(["curate", "run", "--pool", str(latin), "--output-dir", str(tmp_path / "w"), "--target-size", "2",
+                 "--config-file", "demo", "--weights", "random", "--device", "cpu", "--no-progress",
+                 "embed.num_workers=0", "embed.image_size=28", "cluster.n_clusters=[2]"]) == 0
+    assert (tmp_path / "w" / "report.html").read_bytes().startswith(b"<html>")
+
+
+def test_plot_reads_a_config_whatever_its_bytes(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from dinokit.plot import plot_run
+
+    (tmp_path / "training_metrics.json").write_text(json.dumps({"iteration": 9, "total_loss": 5.0}) + "\n")
+    (tmp_path / "config.yaml").write_bytes(b"train:\n  dataset_path: ImageFolder:root=/data_\xe9\ndino:\n"
+                                           b"  head_n_prototypes: 256\n")
+    assert plot_run(tmp_path).is_file()

@@ -195,6 +195,9 @@ def _holder(lock: Path) -> tuple[str, str, bool, bytes] | None:
     except IsADirectoryError:
         raise DinokitError(f"the lock {lock} is a folder, not a dinokit lock file; remove it if no run is writing "
                            "there") from None
+    except PermissionError:  # another user's (umask 077): its process cannot be told dead, so it is not taken over
+        raise DinokitError(f"the lock {lock} cannot be read (permission denied): another user's run may be writing "
+                           "there; wait for it to end, or ask its owner (or delete the lock if no run is)") from None
     except OSError:
         return "?", "?", False, b""
     try:

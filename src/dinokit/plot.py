@@ -106,7 +106,8 @@ def _prototypes(run_dir: Path) -> int | None:
     config = run_dir / "config.yaml"
     if not config.is_file():
         return None
-    match = re.search(r"^dino:\s*\n(?:[ \t]+.*\n)*?[ \t]+head_n_prototypes:\s*(\d+)", config.read_text(), re.MULTILINE)
+    text = config.read_text(encoding="utf-8", errors="replace")  # written as UTF-8 (a strict locale read failed)
+    match = re.search(r"^dino:\s*\n(?:[ \t]+.*\n)*?[ \t]+head_n_prototypes:\s*(\d+)", text, re.MULTILINE)
     return int(match.group(1)) if match else None
 
 

@@ -77,7 +77,9 @@ def write_report(work) -> dict:
         page = _html(work, report)  # reads the stages' files: a damaged one is told before anything is written
         for name, text in (("report.json", json.dumps(report, indent=1)), ("report.html", page)):
             with atomic_write(work.root / name) as tmp:  # a killed run leaves the old report, not half of one
-                tmp.write_text(text)
+                # UTF-8 whatever the locale; a file name that is not UTF-8 shows a replacement character (it was a
+                # traceback after the sample stage)
+                tmp.write_text(text, encoding="utf-8", errors="replace")
     du.barrier()
     return report
 

@@ -85,7 +85,8 @@ def shrink(image: Image.Image, max_size: int, jpeg: bool) -> tuple[str, bytes]:
 
 def _save_text(path: Path, text: str) -> None:
     with atomic_write(path) as tmp:
-        tmp.write_text(text, errors="surrogateescape")  # file names as their bytes
+        # UTF-8 whatever the locale (the readers read UTF-8); names that are not UTF-8 as their bytes
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,

@@ -294,7 +294,9 @@ def make_shard_dataset(urls: str, *, transform: Callable | None = None, labelled
         raise DinokitError(f"{dataset_str or urls!r} has samples without a label; labelled use needs a .cls member per sample")
     names_file = shards[0].parent / CLASSES_FILE
     if names_file.is_file():
-        classes = names_file.read_text().splitlines()
+        # as data shard wrote it: UTF-8, names that are not as their bytes (a strict read in the locale's
+        # encoding was a traceback)
+        classes = names_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     else:
         classes = [str(i) for i in range(max(targets) + 1)]
     return ShardDataset(shards, samples, classes, transform, dataset_str or f"WebDataset:urls={urls}")

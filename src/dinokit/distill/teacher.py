@@ -55,7 +55,10 @@ def resolve_teacher(spec: str, teacher_config: str = "", *, started_with: str | 
                       f"in {spec} is now {snapshot})")
             snapshot = kept
         else:
-            holder = lock_holder(path / LOCK_NAME)
+            try:
+                holder = lock_holder(path / LOCK_NAME)
+            except DinokitError:  # a lock that cannot be read: nothing to say (the note is only information)
+                holder = None
             # the teacher still trains: a later start of this command would take a newer snapshot
             if holder is not None and holder[2] and du.is_main_process():
                 print(f"note: the teacher run {spec} is still training (process {holder[1]} on {holder[0]}): its "
