@@ -127,3 +127,30 @@ def test_stray_launcher_variables_are_one_line_or_say_what_the_process_waits_for
     assert ("still waiting for the 2 processes of WORLD_SIZE=2 to join at 127.0.0.1:29741 (process 0); if this "
             "command was not started by torchrun or srun, stop it and unset WORLD_SIZE and RANK"
             ) in capsys.readouterr().err
+
+
+def test_a_process_waiting_for_a_group_that_never_forms_stops_on_sigterm(tmp_path):
+    """Stray RANK/WORLD_SIZE (a leftover salloc shell): the process waits for the others, and its Python signal
+    handlers ran only when the C++ wait returned, 30 minutes on: Ctrl-C and SIGTERM did nothing."""
+    import os
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import signal, dinokit.distributed as du\n"
+            "signal.signal(signal.SIGTERM, lambda *a: print('handled'))\n"  # dinokit's CLI handlers stand in here
+            "print('waiting', flush=True)\n"
+            "du.init_from_environment()\n")
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout.readline() == b"waiting\n"
+        time.sleep(2)  # inside the wait
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()

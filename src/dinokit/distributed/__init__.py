@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import threading
 from datetime import timedelta
@@ -262,10 +263,16 @@ def init_from_environment(timeout_minutes: int = 30) -> bool:
         "unset WORLD_SIZE and RANK", file=sys.stderr, flush=True))
     waiting.daemon = True
     waiting.start()
+    # Python's signal handlers run only once the C++ wait returns (up to the 30-minute timeout): Ctrl-C and SIGTERM
+    # did nothing. Nothing is written yet, so during the wait they end the process at once, as signals do by default.
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     finally:
         waiting.cancel()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     global _joined_group
     _joined_group = True
     return True
