@@ -89,14 +89,14 @@ def embed_set(
     """
     folder = Path(folder)
     rank, world = du.get_rank(), du.get_world_size()
-    text = "".join(f"{p}\n" for p in paths)
+    data = b"".join(os.fsencode(p) + b"\n" for p in paths)  # the names' bytes, whatever the locale
     listing = folder / PATHS_FILE
-    if listing.is_file() and _read_listing(listing) != text:
+    if listing.is_file() and listing.read_bytes() != data:
         raise DinokitError(f"{folder} holds embeddings of other images; use a new --output-dir or delete {folder}")
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(listing) as tmp:
-            tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # names not UTF-8 kept as their bytes
+            tmp.write_bytes(data)
     du.barrier()
     n_shards = -(-len(paths) // config.shard_size)
     storage = np.float16 if config.storage == "float16" else np.float32
@@ -123,14 +123,10 @@ def embed_set(
 
 
 def read_paths(listing: Path) -> list[str]:
-    """The paths of a ``paths.txt``, one per line: split at line feeds only (a name may hold a carriage return, a
-    form feed or a Unicode line separator, where ``str.splitlines`` split it in two)."""
-    return _read_listing(listing).split("\n")[:-1]
-
-
-def _read_listing(listing: Path) -> str:
-    with open(listing, encoding="utf-8", errors="surrogateescape", newline="") as f:  # "\r" kept as it is
-        return f.read()
+    """The paths of a ``paths.txt``: one name's bytes per line, decoded as the file system does (under an ASCII
+    locale a fixed UTF-8 gave names the file system could not encode); split at line feeds only (a name may hold a
+    carriage return, a form feed or a Unicode line separator, where ``str.splitlines`` split it in two)."""
+    return [os.fsdecode(name) for name in listing.read_bytes().split(b"\n")[:-1]]
 
 
 def outdated(folder: str | Path, paths: list[str], settings: str | None = None) -> str | None:
