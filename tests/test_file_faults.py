@@ -367,3 +367,18 @@ def test_plot_reads_a_config_whatever_its_bytes(tmp_path):
     (tmp_path / "config.yaml").write_bytes(b"train:\n  dataset_path: ImageFolder:root=/data_\xe9\ndino:\n"
                                            b"  head_n_prototypes: 256\n")
     assert plot_run(tmp_path).is_file()
+
+
+def test_curate_names_read_back_under_an_ascii_locale_are_names_the_file_system_opens(tmp_path):
+    """paths.txt was read as UTF-8 whatever the locale: under LC_ALL=C (no UTF-8 mode) the names came back as
+    'é', which an ASCII file system encoding cannot encode (a traceback at the sample stage)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "café.png").write_bytes(b"x")
+    (tmp_path / "paths.txt").write_bytes(os.fsencode(str(tmp_path / "café.png")) + b"\n")
+    code = ("import os, sys; from pathlib import Path; from dinokit.curate.embed import read_paths\n"
+            "(name,) = read_paths(Path(sys.argv[1]) / 'paths.txt'); print(os.path.isfile(name))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", code, os.fsencode(str(tmp_path))], env=env, capture_output=True)
+    assert done.stdout == b"True\n", done.stderr.decode(errors="replace")
