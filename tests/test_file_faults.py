@@ -382,3 +382,17 @@ def test_curate_names_read_back_under_an_ascii_locale_are_names_the_file_system_
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
     done = subprocess.run([sys.executable, "-c", code, os.fsencode(str(tmp_path))], env=env, capture_output=True)
     assert done.stdout == b"True\n", done.stderr.decode(errors="replace")
+
+
+def test_a_setting_with_a_name_that_is_not_utf8_is_one_line_not_a_traceback(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dinokit.config import write_config
+
+    cfg = OmegaConf.create({"train": {"dataset_path": "ImageFolder:root=/data/" + os.fsdecode(b"lat_\xe9")}})
+    with pytest.raises(DinokitError) as caught:
+        write_config(cfg, tmp_path)
+    assert str(caught.value) == ("train.dataset_path holds a file name that is not UTF-8 (ImageFolder:root=/data/"
+                                 "lat_\\udce9), which config.yaml cannot hold; rename it to UTF-8 (e.g. with convmv) "
+                                 "or give a path without it")
+    assert list(tmp_path.iterdir()) == []

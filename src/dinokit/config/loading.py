@@ -305,8 +305,18 @@ def find_run_config(weights: str | Path) -> Path | None:
 def write_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     """Write the resolved ``cfg`` to ``output_dir/config.yaml`` (loadable by :func:`load_config`)."""
     path = Path(output_dir) / "config.yaml"
+    try:
+        data = OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8")
+    except UnicodeEncodeError:  # a path with a name that is not UTF-8 (its bytes as surrogates): YAML holds Unicode
+        from ..engine.run_dir import flatten_settings
+
+        key, value = next(((k, v) for k, v in flatten_settings(OmegaConf.to_container(cfg, resolve=True)).items()
+                           if isinstance(v, str) and any("\ud800" <= c <= "\udfff" for c in v)), ("?", "?"))
+        shown = value.encode(errors="backslashreplace").decode()
+        raise DinokitError(f"{key} holds a file name that is not UTF-8 ({shown}), which config.yaml cannot hold; "
+                           "rename it to UTF-8 (e.g. with convmv) or give a path without it") from None
     with atomic_write(path) as tmp:  # a crash never leaves a half-written config next to a run
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        tmp.write_bytes(data)
     return path
 
 
