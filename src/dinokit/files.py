@@ -83,8 +83,8 @@ def hidden_name(name: str, suffix: str, prefix: str = ".") -> str:
 
 # what the writers that give no errno say of a write cut short (torch: "unexpected pos", "iostream error"; NumPy's
 # tofile: "N requested and M written"; safetensors: "I/O error: No space left on device (os error 28)")
-_WRITE_FAILED = re.compile(r"unexpected pos|iostream|requested and \d+ written|i/o error|no space|os error 28|"
-                           r"write", re.IGNORECASE)
+_WRITE_FAILED = re.compile(r"unexpected pos|iostream|requested and \d+ written|i/o error|no space|os error 28",
+                           re.IGNORECASE)
 
 
 def _says_write_failed(err: BaseException) -> bool:
