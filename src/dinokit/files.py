@@ -72,13 +72,20 @@ def temporary_name(name: str) -> str:
 
 
 def hidden_name(name: str, suffix: str, prefix: str = ".") -> str:
-    """``prefix + name + suffix`` (a temporary file, a lock beside ``name``); a long name is shortened, keeping a
-    digest of it, so that the result fits the 255 bytes a file name may have (a legal long name failed)."""
-    whole = f"{prefix}{name}{suffix}"
-    if len(whole.encode(errors="surrogateescape")) <= 255:
-        return whole
-    digest = hashlib.sha1(name.encode(errors="surrogateescape")).hexdigest()[:12]
-    return f"{prefix}{name.encode(errors='surrogateescape')[:200].decode(errors='ignore')}~{digest}{suffix}"
+    """``prefix + name + suffix`` (a temporary file, a lock beside ``name``), ``name`` shortened by
+    :func:`fitting_name` so that the result fits the 255 bytes a file name may have (a legal long name failed)."""
+    room = 255 - len(f"{prefix}{suffix}".encode(errors="surrogateescape"))
+    return f"{prefix}{fitting_name(name, room)}{suffix}"
+
+
+def fitting_name(name: str, limit: int) -> str:
+    """``name`` when it is at most ``limit`` bytes, else its first bytes, ``~`` and a digest of it in ``limit``
+    bytes: names derived from a long one stay within the file system's limit and apart from one another."""
+    raw = name.encode(errors="surrogateescape")
+    if len(raw) <= limit:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    return f"{raw[:limit - len(digest) - 1].decode(errors='ignore')}~{digest}"
 
 
 # what the writers that give no errno say of a write cut short (torch: "unexpected pos", "iostream error"; NumPy's

@@ -140,18 +140,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, work: Path, config, as_dict: dict) -> int:
     from .. import distributed as du
-    from ..curate.pipeline import STAGES, Work, build_models, images_changed, open_sets, run_pipeline, run_stage
+    from ..curate.pipeline import STAGES, Work, build_models, open_sets, run_pipeline, run_stage
     from ..eval.setup import resolve_device
     from ..files import atomic_write
 
     device = resolve_device(args.device)
     # a missing set, a pool of which no image reads, a too large target, weights that do not load: one line before
-    # the work folder is written (the sets, once listed, and the models go on to the embed stage); a finished embed
-    # stage is redone when the images of a set changed since
+    # the work folder is written (the sets, once listed, and the models go on to the embed stage, which compares the
+    # listings with the embedded ones: a set whose images changed since is embedded again, its models built there)
     lists = args.stage in ("run", "embed")
     datasets = open_sets(config) if du.is_main_process() and lists else None
-    embeds = lists and (getattr(args, "force", False) or Work(work, config).done("embed") is None
-                        or images_changed(Work(work, config), datasets) is not None)
+    embeds = lists and (getattr(args, "force", False) or Work(work, config).done("embed") is None)
     models = build_models(config, device) if embeds else None
     if du.is_main_process():
         with atomic_write(work / CONFIG_FILE) as tmp:  # a killed command leaves the old settings, not half of them

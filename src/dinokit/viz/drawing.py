@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError
-from ..files import atomic_write
+from ..files import atomic_write, fitting_name
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 GAP = 4  # pixels between panels
@@ -145,7 +144,7 @@ def unique_stems(inputs: Sequence[str | Path]) -> list[str]:
                 for i, name in zip(group, names):
                     wanted[i] = name
                 break
-    wanted = [_fitting(stem) for stem in wanted]
+    wanted = [fitting_name(stem, 200) for stem in wanted]
     taken = set(wanted)
     used: set[str] = set()
     out = []
@@ -157,14 +156,6 @@ def unique_stems(inputs: Sequence[str | Path]) -> list[str]:
         used.add(name)
         out.append(name)
     return out
-
-
-def _fitting(stem: str, limit: int = 200) -> str:
-    raw = stem.encode(errors="surrogateescape")
-    if len(raw) <= limit:
-        return stem
-    digest = hashlib.sha1(raw).hexdigest()[:10]
-    return f"{raw[:limit - 11].decode(errors='ignore')}~{digest}"
 
 
 def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:
