@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if not args.budget_s > 0:  # every step would be skipped
         p.error(f"--budget-s must be above 0, got {args.budget_s:g}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):  # every step failed on it, one after the other
+        p.error(f"--device {args.device!r} is not cpu, cuda or cuda:N")
     if args.device.startswith("cuda") and not torch.cuda.is_available():  # every step would fail the same way
         p.error("no CUDA GPU here: pass --device cpu (with --smoke for toy sizes)")
     photos = args.out / "data"

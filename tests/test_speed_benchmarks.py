@@ -110,12 +110,13 @@ def test_gpu_suite_steps_name_existing_scripts_and_their_options(load_benchmark,
 
 
 def test_gpu_suite_refuses_a_run_that_could_only_skip_or_fail(load_benchmark, tmp_path, capsys, monkeypatch):
-    """A budget of 0 skipped every step, and the default --device cuda on a machine without a GPU failed every step
-    with a traceback in its log; each is one line before anything runs."""
+    """A budget of 0 skipped every step, and the default --device cuda on a machine without a GPU (or a device that
+    does not exist) failed every step with a traceback in its log; each is one line before anything runs."""
     suite = load_benchmark("gpu_suite")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for argv, message in ((["--budget-s", "0", "--device", "cpu"], "--budget-s must be above 0, got 0"),
-                          ([], "no CUDA GPU here: pass --device cpu (with --smoke for toy sizes)")):
+                          ([], "no CUDA GPU here: pass --device cpu (with --smoke for toy sizes)"),
+                          (["--device", "tpu"], "--device 'tpu' is not cpu, cuda or cuda:N")):
         with pytest.raises(SystemExit):
             suite.main(["--out", str(tmp_path / "out"), *argv])
         assert capsys.readouterr().err.strip().endswith(message)
