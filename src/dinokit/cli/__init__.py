@@ -51,13 +51,75 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .. import distributed
 
-        code = _run(argv)
+        with _guarded_stdout():
+            code = _run(argv)
     except KeyboardInterrupt:  # while torch and the commands load, before a command runs (it says what it kept)
         print("interrupted", file=sys.stderr)
         return 130
+    except StdoutFailed as err:
+        code = err.code
     if distributed.joined_group():
         distributed.end_process(code)
     return code
+
+
+class StdoutFailed(Exception):
+    """Standard output could not be written: the reader went away (``| head``: exit status 141, as a shell reports
+    SIGPIPE, silently) or the file it goes to failed (``> /dev/full``: one line on standard error, exit status 2)."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(err.strerror or str(err))
+        self.code = 141 if isinstance(err, BrokenPipeError) else 2
+
+
+class _Stdout:
+    """``sys.stdout`` whose write errors raise :class:`StdoutFailed`, so that they are told apart from the errors of
+    the files a command writes (an OSError without a file name is otherwise a real failure with its traceback)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            raise StdoutFailed(err) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            raise StdoutFailed(err) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _guarded_stdout() -> Iterator[None]:
+    """Run a command with :class:`_Stdout` in place, its output flushed before the command ends. A failed output is
+    one line (a traceback, or Python's exit status 120 at its last flush, before); what is still buffered is dropped,
+    so that the interpreter's own last flush does not fail again."""
+    stream = sys.stdout
+    if stream is None:  # pythonw, or a closed descriptor 1
+        yield
+        return
+    sys.stdout = _Stdout(stream)
+    try:
+        try:
+            yield
+        finally:
+            if sys.stdout.__class__ is _Stdout:
+                sys.stdout.flush()
+    except StdoutFailed as err:
+        if err.code != 141:
+            print(f"error: standard output could not be written: {err} (free space where it goes, or send it "
+                  "elsewhere)", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        raise
+    finally:
+        sys.stdout = stream
 
 
 def add_overrides(parser: argparse.ArgumentParser, dest: str, help: str) -> None:
