@@ -9,6 +9,7 @@ import re
 import shutil
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dinokit.cli import main
@@ -174,3 +175,61 @@ def test_retrieve_without_a_seed_set_says_it_had_nothing_to_do(tmp_path, capsys)
     assert re.search(r"^\[retrieve\] done in \d+\.\d s: nothing to do$", out, re.MULTILINE), out
     assert "None" not in out
     assert json.loads((tmp_path / "w" / "report.json").read_text())["counts"]["retrieved"] is None
+
+
+def test_weights_retrained_at_the_same_path_are_embedded_again_and_the_later_stages_follow(tmp_path, capsys):
+    from dinokit.eval.setup import setup_eval_model
+
+    pool, work, weights = tmp_path / "pool", tmp_path / "work", tmp_path / "backbone.pth"
+    write_copy_pairs(pool, n_images=4, copies=1)
+    backbone, _ = setup_eval_model(config_file="demo", random_init=True)
+    torch.save(backbone.state_dict(), weights)
+    model = ["--weights", str(weights)]
+    _run(pool, work, capsys, *model)
+    first = _features(work)
+    with torch.no_grad():  # retrained: other weights at the same path (they were kept, "finished earlier")
+        for p in backbone.parameters():
+            p.mul_(0.5)
+    torch.save(backbone.state_dict(), weights)
+    out = _run(pool, work, capsys, *model)
+    assert "[embed] running again: its model files changed since (weights)" in out
+    assert ("[embed] the pool: its shards were embedded with model files that changed since (same path, other "
+            "contents): embedding it again") in out
+    for stage in STAGES[1:]:
+        assert f"[{stage}] running again: the stage before it ran again" in out
+    retrained = _features(work)
+    assert not np.allclose(retrained, first)
+    _run(pool, tmp_path / "fresh", capsys, *model)
+    np.testing.assert_array_equal(retrained, _features(tmp_path / "fresh"))
+    out = _run(pool, work, capsys, *model)  # nothing changed since
+    assert all(f"[{stage}] finished earlier with these settings" in out for stage in STAGES)
+
+
+def test_model_files_stamp_weights_by_size_and_time_and_config_files_by_content(tmp_path):
+    from dinokit.curate.config import CurateConfig
+    from dinokit.curate.work import files_changed, model_files
+
+    run = tmp_path / "run"
+    (run / "eval" / "training_9").mkdir(parents=True)
+    (run / "config.yaml").write_text("student: {arch: vit_pico}\n")
+    weights = run / "eval" / "training_9" / "teacher_checkpoint.pth"
+    weights.write_bytes(b"1234")
+    config = CurateConfig(pool="p", weights=str(weights), copy_weights="random")
+    first = model_files(config)
+    assert set(first) == {"config_file", "weights"}  # the run's config.yaml, found beside the weights as the model is
+    assert first["weights"]["size"] == 4
+    os.utime(run / "config.yaml", ns=(0, 0))  # rewritten as a run resumes: the same contents
+    assert files_changed(first, model_files(config)) is None
+    (run / "config.yaml").write_text("student: {arch: vit_small}\n")
+    assert files_changed(first, model_files(config)) == "config file"
+    assert files_changed(None, model_files(config)) is None  # a record of an older dinokit does not say
+    hub = model_files(CurateConfig(pool="p", model="dinov2_vits14"))
+    assert hub == {}
+
+
+def test_a_record_without_model_files_keeps_the_identity_an_older_dinokit_gave_it():
+    from dinokit.curate.work import _digest, _identity
+
+    old = {"digest": "d", "counts": {"pool": 3}, "inputs": {"pool": "i"}, "after": None, "seconds": 1.0}
+    assert _identity(old) == _digest(["d", {"pool": 3}, {"pool": "i"}, None])  # the stages after it are kept
+    assert _identity({**old, "files": {}}) != _identity(old)

@@ -81,11 +81,13 @@ def embed_set(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     settings: str | None = None,
+    files: dict | None = None,
 ) -> None:
     """Embed every image of ``dataset`` (whose items are ``paths``) into shards under ``folder``.
 
     Finished shards are kept; a different path list in an existing folder is an error. ``settings`` (a digest of
-    what changes the features) is recorded in each shard's JSON, for :func:`outdated` to compare.
+    what changes the features) and ``files`` (the model files' stamps) are recorded in each shard's JSON, for
+    :func:`outdated` to compare.
     """
     folder = Path(folder)
     rank, world = du.get_rank(), du.get_world_size()
@@ -116,7 +118,8 @@ def embed_set(
             with atomic_write(folder / f"{_shard_name(s)}.{key}.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, value.numpy().astype(storage))
         meta = {"start": start, "stop": stop, "rows": rows, "keys": sorted(result.features),
-                "bad": list(result.bad), "bytes": [_file_size(paths[i]) for i in rows], "settings": settings}
+                "bad": list(result.bad), "bytes": [_file_size(paths[i]) for i in rows], "settings": settings,
+                "files": files}
         with atomic_write(meta_file) as tmp:
             tmp.write_text(json.dumps(meta))
     du.barrier()
@@ -129,10 +132,12 @@ def read_paths(listing: Path) -> list[str]:
     return [os.fsdecode(name) for name in listing.read_bytes().split(b"\n")[:-1]]
 
 
-def outdated(folder: str | Path, paths: list[str], settings: str | None = None) -> str | None:
+def outdated(folder: str | Path, paths: list[str], settings: str | None = None,
+             files: dict | None = None) -> str | None:
     """Why the embeddings in ``folder`` are not those of ``paths`` (images added, removed or reordered since) with
-    ``settings`` (shards of other settings; not checked when None); None when they are, or when there are none.
-    Unreadable shard records are left to :class:`EmbeddingStore` to name."""
+    ``settings`` (shards of other settings; not checked when None) and the model ``files`` (shards of other
+    weights at the same path; not checked when None, nor for shards that did not record them); None when they
+    are, or when there are none. Unreadable shard records are left to :class:`EmbeddingStore` to name."""
     folder = Path(folder)
     listing = folder / PATHS_FILE
     if not listing.is_file():
@@ -146,12 +151,15 @@ def outdated(folder: str | Path, paths: list[str], settings: str | None = None) 
                 f"{len(new)} now)")
     for meta_file in sorted(folder.glob("shard-*.json")) if settings is not None else ():
         try:
-            earlier = json.loads(meta_file.read_text()).get("settings", "")
+            meta = json.loads(meta_file.read_text())
+            earlier, earlier_files = meta.get("settings", ""), meta.get("files")
         except (OSError, ValueError, AttributeError):
             continue
         if earlier != settings:
             return ("its shards were embedded with other settings" if earlier else
                     "its shards were embedded by a dinokit before 2026-12-07, which did not record their settings")
+        if files is not None and isinstance(earlier_files, dict) and earlier_files != files:
+            return "its shards were embedded with model files that changed since (same path, other contents)"
     return None
 
 

@@ -149,12 +149,12 @@ def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
     for name, dataset in datasets.items():
         folder, paths = work.folder("embed") / name, [os.path.abspath(p) for p in dataset.paths]
         # embeddings of other images or other settings (a killed run's, a changed pool's) are not kept
-        if du.is_main_process() and (why := outdated(folder, paths, work.feature_digest)):
+        if du.is_main_process() and (why := outdated(folder, paths, work.feature_digest, work.model_files)):
             _log(f"[embed] {_set_name(name)}: {why}: embedding it again")
             clear_set(folder)
         du.barrier()
         embed_set(dataset, paths, folder, model=model, feature_fn=feature_fn, config=embedding, device=device,
-                  progress=progress, settings=work.feature_digest)
+                  progress=progress, settings=work.feature_digest, files=work.model_files)
     pool = EmbeddingStore(work.folder("embed") / "pool")
     if len(pool) == 0:
         raise DinokitError(f"none of the {n_pool} pool images could be read (first: {pool.paths[pool.bad[0]]}); check the files")
@@ -347,7 +347,9 @@ def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = 
         return write_report(work)
     check_ready(work, stage)
     record = work.done(stage)
-    again = images_changed(work, kwargs.get("datasets")) if stage == "embed" and record and not force else None
+    again = None
+    if stage == "embed" and record and not force:  # the same settings, but other files behind them
+        again = work.files_changed() or images_changed(work, kwargs.get("datasets"))
     if record is not None and not force and not again:
         _log(f"[{stage}] finished earlier with these settings ({record['seconds']:.1f} s): skipped")
         return record

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import distributed as du
+from ..config.loading import find_run_config
 from ..data.images import decoding_settings
 from ..engine.run_dir import flatten_settings
 from ..errors import DinokitError
@@ -26,14 +27,46 @@ def _digest(obj: object) -> str:
 
 
 def _identity(record: dict | None) -> str | None:
-    """What a finished stage made, as its record says: the digest of its settings, counts, inputs and the stage
-    before it (not its time: a stage redone on the same inputs, e.g. with --force, keeps the ones after it)."""
-    return None if record is None else _digest([record.get(k) for k in ("digest", "counts", "inputs", "after")])
+    """What a finished stage made, as its record says: the digest of its settings, counts, inputs, model files and
+    the stage before it (not its time: a stage redone on the same inputs, e.g. with --force, keeps the ones after
+    it). A record without model files (of a dinokit before 2026-12-08) keeps the identity it had."""
+    if record is None:
+        return None
+    return _digest([record.get(k) for k in ("digest", "counts", "inputs", "after", "files") if k != "files"
+                    or "files" in record])
 
 
 def _save_json(path: Path, obj: object) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
+
+
+def model_files(config: CurateConfig) -> dict[str, dict]:
+    """What the embedding models read besides their names: each local weights file's size and modification time,
+    each config file's content (a training run's ``config.yaml`` is rewritten as it resumes). The settings hold the
+    paths only: weights retrained at the same path, or an edited config file, were embedded with the old ones."""
+    files: dict[str, dict] = {}
+    for prefix in ("", "copy_"):
+        model, config_file, weights = (getattr(config, prefix + k) for k in ("model", "config_file", "weights"))
+        if not (config_file or model) and weights and weights != "random":  # the run's config.yaml, found as the
+            config_file = str(find_run_config(weights) or "")  # model is built (eval.setup.setup_eval_model)
+        for key, value in ((prefix + "config_file", config_file), (prefix + "weights", weights)):
+            path = Path(value).expanduser() if value else None
+            if path is None or not path.is_file():
+                continue  # a hub name, a URL, random init; a missing file is named when the model is built
+            if key.endswith("config_file"):
+                files[key] = {"path": str(path), "digest": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+            else:
+                stat = path.stat()
+                files[key] = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return files
+
+
+def files_changed(earlier: dict | None, now: dict[str, dict]) -> str | None:
+    """Which model files changed between two :func:`model_files` (None when ``earlier`` was not recorded)."""
+    if not isinstance(earlier, dict) or earlier == now:
+        return None
+    return ", ".join(k.replace("_", " ") for k in sorted(set(earlier) | set(now)) if earlier.get(k) != now.get(k))
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -74,6 +107,7 @@ class Work:
         self.feature_digest = _digest({**features, "decoding": decoding_settings(),
                                        **{k: c["embed"][k] for k in ("image_size", "shard_size", "copy", "gem_p",
                                                                      "storage")}})
+        self.model_files = model_files(config)  # recorded beside the digest: older records, without it, stay valid
         # a stage's digest holds the one of the stage before it: a change anywhere upstream redoes it
         self.digests: dict[str, str] = {"embed": _digest(self.settings["embed"])}
         self.digests["dedup"] = _digest([self.digests["embed"], c["dedup"]])
@@ -173,12 +207,20 @@ class Work:
         record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts,
                   "settings": self.settings[stage], "after": _identity(self._upstream(stage))}
         if stage == "embed":  # the images embedded: a changed listing (same settings) redoes the stages after it
+            record["files"] = self.model_files
             record["inputs"] = {p.parent.name: _digest(p.read_bytes().decode("utf-8", "surrogateescape"))
                                 for p in sorted(self.folder(stage).glob(f"*/{PATHS_FILE}"))}
         if du.is_main_process():
             _save_json(self.folder(stage) / "done.json", record)
         du.barrier()
         return record
+
+    def files_changed(self) -> str | None:
+        """Why a finished embed stage is out of date with the same settings: the model files it read changed since
+        (see :func:`model_files`); None when they did not, or when its record does not say."""
+        record = self.done("embed")
+        which = files_changed(record.get("files"), self.model_files) if record else None
+        return f"its model files changed since ({which})" if which else None
 
     def need(self, stage: str) -> dict:
         record = self.done(stage)
