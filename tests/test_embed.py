@@ -147,6 +147,13 @@ def test_the_lists_beside_a_npy_are_replaced_only_when_asked(images, weights, tm
     assert not (tmp_path / "l.npy").exists() and not (tmp_path / "q.npy").exists()
     assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(tmp_path / "q.npy"), "--overwrite") == 0
     assert not notes.exists()  # asked: no bad image, so the stale list goes
+    (tmp_path / "f.paths.txt").mkdir()  # failed after the work, naming a hidden temporary
+    for extra in ((), ("--overwrite",)):
+        assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(tmp_path / "f.npy"),
+                     *extra) == 2
+        assert capsys.readouterr().err == (f"error: {str(tmp_path / 'f.paths.txt')!r} is a folder, where the list "
+                                           "beside --out 'f.npy' goes; move it, or give another --out\n")
+    assert not (tmp_path / "f.npy").exists()
 
 
 def test_a_npy_replaces_the_earlier_one_only_once_it_and_its_lists_are_written(images, weights, tmp_path, capsys,

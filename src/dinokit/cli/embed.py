@@ -120,7 +120,10 @@ def _check_not_replacing(args: argparse.Namespace, out: Path) -> None:
     check_not_replacing(args.out, overwrite=args.overwrite)
     # the lists beside a .npy (written, or deleted when no image is bad) are replaced only when asked too
     for side in [".paths.txt", ".bad.txt"] if out.suffix == ".npy" else []:
-        if (listed := out.with_name(out.stem + side)).is_file() and not out.exists() and not args.overwrite:
+        if (listed := out.with_name(out.stem + side)).is_dir():  # it failed after the work, naming a temporary
+            raise DinokitError(f"{str(listed)!r} is a folder, where the list beside --out {out.name!r} goes; move "
+                               "it, or give another --out")
+        if listed.is_file() and not out.exists() and not args.overwrite:
             raise DinokitError(f"{str(listed)!r} already exists, without {out.name!r} (an embed stopped before "
                                "writing it, which comes last, leaves that); pass --overwrite to replace it, or give "
                                "another name")
