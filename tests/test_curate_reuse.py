@@ -233,3 +233,55 @@ def test_a_record_without_model_files_keeps_the_identity_an_older_dinokit_gave_i
     old = {"digest": "d", "counts": {"pool": 3}, "inputs": {"pool": "i"}, "after": None, "seconds": 1.0}
     assert _identity(old) == _digest(["d", {"pool": 3}, {"pool": "i"}, None])  # the stages after it are kept
     assert _identity({**old, "files": {}}) != _identity(old)
+
+
+def test_an_evaluation_set_left_out_no_longer_removes_pool_images(tmp_path, capsys):
+    """dedup read every WORK/embed/eval-* folder on disk: the pool images copying a set given earlier, then left
+    out, were still dropped."""
+    pool, work = tmp_path / "pool", tmp_path / "work"
+    write_copy_pairs(pool, n_images=6, copies=1)
+    sets = {}
+    for name, scenes in (("ev1", (0,)), ("ev2", (3,))):
+        sets[name] = tmp_path / name
+        sets[name].mkdir()
+        for i in scenes:
+            shutil.copy(pool / f"scene_{i:04d}.png", sets[name] / f"e{i}.png")
+
+    def removed(folder):
+        return json.loads((folder / "dedup" / "done.json").read_text())["counts"]["eval_removed"]
+
+    _run(pool, work, capsys, "--eval-set", str(sets["ev1"]), "--eval-set", str(sets["ev2"]))
+    both = removed(work)
+    _run(pool, work, capsys, "--eval-set", str(sets["ev1"]))
+    _run(pool, tmp_path / "fresh", capsys, "--eval-set", str(sets["ev1"]))
+    assert removed(work) == removed(tmp_path / "fresh") < both
+    assert (work / "manifest.txt").read_text() == (tmp_path / "fresh" / "manifest.txt").read_text()
+    assert "scene_0000" not in (work / "manifest.txt").read_text()
+
+
+def test_a_stage_killed_while_rewriting_its_files_is_redone_when_its_earlier_settings_come_back(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """Only the embed stage deleted its record as it began: a cluster stage killed while writing the labels of
+    other settings was skipped when the earlier settings came back, its files half of each."""
+    from dinokit.curate import pipeline
+
+    pool, work = tmp_path / "pool", tmp_path / "work"
+    write_copy_pairs(pool, n_images=6, copies=1)
+    _run(pool, work, capsys)
+    manifest = (work / "manifest.txt").read_text()
+    leaf = (work / "cluster" / "leaf.rank0.npy").read_bytes()
+    real = pipeline.save_npy
+
+    def killed(path, array):
+        real(path, array)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "save_npy", killed)
+    assert main(["curate", "run", "--pool", str(pool), "--output-dir", str(work), "--target-size", "4", *MODEL,
+                 "cluster.n_clusters=[2]"]) == 130
+    monkeypatch.undo()
+    assert (work / "cluster" / "leaf.rank0.npy").read_bytes() != leaf  # the other settings' labels
+    out = _run(pool, work, capsys)
+    assert "[cluster] running" in out and "[cluster] finished earlier" not in out
+    assert (work / "cluster" / "leaf.rank0.npy").read_bytes() == leaf
+    assert (work / "manifest.txt").read_text() == manifest

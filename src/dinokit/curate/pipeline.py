@@ -40,7 +40,7 @@ from .kmeans import hierarchical_kmeans
 from .knn import knn_search
 from .retrieve import retrieve_by_clusters, retrieve_by_samples
 from .sampling import hierarchical_sample
-from .work import Work, save_npy
+from .work import Work, image_sets, save_npy
 
 STAGES = ("embed", "dedup", "retrieve", "cluster", "sample", "report")
 MANIFEST = "manifest.txt"
@@ -72,19 +72,10 @@ def build_models(config: CurateConfig, device: torch.device) -> tuple[torch.nn.M
     return main, copy
 
 
-def _sets(config: CurateConfig) -> dict[str, str]:
-    """Folder name -> dataset string of every image set to embed."""
-    sets = {"pool": config.pool}
-    if config.seed_set:
-        sets["seed"] = config.seed_set
-    sets.update({f"eval-{i}": s for i, s in enumerate(config.eval_sets)})
-    return sets
-
-
 def open_sets(config: CurateConfig, transform=None) -> dict:
     """Every image set of the run, opened (listed); one line when a set is missing or the target too large. The
     command line calls it before writing anything into the work folder."""
-    datasets = {name: make_dataset(s, transform=transform) for name, s in _sets(config).items()}
+    datasets = {name: make_dataset(s, transform=transform) for name, s in image_sets(config).items()}
     for name, dataset in datasets.items():  # the work folder's lists hold one name per line
         broken = next((p for p in dataset.paths if "\n" in str(p)), None)
         if broken is not None:
@@ -190,7 +181,8 @@ def stage_dedup(work: Work, *, device: torch.device, progress: bool = True) -> d
         labels = connected_components(n, edges[edge_sims > c.threshold])
         kept = choose_representatives(labels, keep=c.keep, sizes=pool.sizes, features=x.cpu())
         removed = np.zeros(n, dtype=bool)
-        for name in sorted(p.name for p in work.folder("embed").glob("eval-*")):
+        # the evaluation sets of these settings (the folders of sets given earlier, then left out, stay on disk)
+        for name in (name for name in image_sets(work.config) if name.startswith("eval-")):
             evals, eval_relative = centred_unit_rows(EmbeddingStore(work.folder("embed") / name).load("copy")
                                                       .to(device), center)
             eval_at_centre = eval_relative <= tolerance
@@ -355,10 +347,9 @@ def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = 
         return record
     again = again or (None if force else work.changed(stage))
     _log(f"[{stage}] running" + (f" again: {again}" if again else ""))
-    if stage == "embed":  # it rewrites the listings its record is checked against: a kill in it must redo it
-        work.start(stage)
     start = time.perf_counter()
-    counts = STAGE_FUNCTIONS[stage](work, device=device, progress=progress, **kwargs)
+    with work.running(stage):  # it rewrites the files its record vouches for: a kill in it must redo it
+        counts = STAGE_FUNCTIONS[stage](work, device=device, progress=progress, **kwargs)
     record = work.finish(stage, time.perf_counter() - start, counts)
     said = ", ".join(f"{k} {v}" for k, v in counts.items() if v is not None)  # None: not run (retrieve, no seed set)
     _log(f"[{stage}] done in {record['seconds']:.1f} s: " + (said or "nothing to do"))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +41,15 @@ def _identity(record: dict | None) -> str | None:
 def _save_json(path: Path, obj: object) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
+
+
+def image_sets(config: CurateConfig) -> dict[str, str]:
+    """Folder name (in ``WORK/embed``) -> dataset string of every image set to embed."""
+    sets = {"pool": config.pool}
+    if config.seed_set:
+        sets["seed"] = config.seed_set
+    sets.update({f"eval-{i}": s for i, s in enumerate(config.eval_sets)})
+    return sets
 
 
 def model_files(config: CurateConfig) -> dict[str, dict]:
@@ -193,23 +204,41 @@ class Work:
             return "a stage before it changed"
         return "its settings changed (" + ", ".join(diffs[:3]) + (", ..." if len(diffs) > 3 else "") + ")"
 
-    def start(self, stage: str) -> None:
-        """Before a stage that rewrites what its record is checked against (the embed stage's listings) runs: its
-        earlier record goes, so that a run killed in it never finds the stage (and the ones after it) done on the
-        earlier files (a killed re-embedding of a changed pool was skipped with every later stage, its manifest made
-        of the earlier embeddings). Other stages run again only on other settings or inputs (their record then no
-        longer matches) or with --force on the same inputs (the same files), and keep it."""
+    @contextmanager
+    def running(self, stage: str) -> Iterator[None]:
+        """While a stage runs: its earlier record is gone, so that a run killed in it never finds the stage (and the
+        ones after it) done on files it had begun to rewrite. A killed re-embedding of a changed pool was skipped
+        with every later stage, its manifest made of the earlier embeddings; a cluster stage killed while writing
+        other settings' labels was skipped when the earlier settings came back. A stage that stops before writing
+        anything (a damaged input: one line) gets its record back; one that finishes on the same inputs
+        (``--force``) writes a record of the same identity, and the stages after it are kept."""
+        marker = self.folder(stage) / "done.json"
+        earlier = marker.read_bytes() if du.is_main_process() and marker.is_file() else None
+        files = self._files(stage) if earlier is not None else None
         if du.is_main_process():
-            (self.folder(stage) / "done.json").unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
         du.barrier()
+        try:
+            yield
+        except BaseException:
+            if earlier is not None and self._files(stage) == files:
+                with atomic_write(marker) as tmp:
+                    tmp.write_bytes(earlier)
+            raise
+
+    def _files(self, stage: str) -> dict[str, tuple[int, int]]:
+        """Size and modification time of each file of a stage's folder but its record."""
+        return {str(p): (st.st_size, st.st_mtime_ns) for p in sorted(self.folder(stage).rglob("*"))
+                if p.name != "done.json" and p.is_file() and (st := p.stat())}
 
     def finish(self, stage: str, seconds: float, counts: dict) -> dict:
         record = {"digest": self.digests[stage], "seconds": round(seconds, 3), "counts": counts,
                   "settings": self.settings[stage], "after": _identity(self._upstream(stage))}
         if stage == "embed":  # the images embedded: a changed listing (same settings) redoes the stages after it
             record["files"] = self.model_files
-            record["inputs"] = {p.parent.name: _digest(p.read_bytes().decode("utf-8", "surrogateescape"))
-                                for p in sorted(self.folder(stage).glob(f"*/{PATHS_FILE}"))}
+            listings = {name: self.folder(stage) / name / PATHS_FILE for name in image_sets(self.config)}
+            record["inputs"] = {name: _digest(path.read_bytes().decode("utf-8", "surrogateescape"))
+                                for name, path in sorted(listings.items())}
         if du.is_main_process():
             _save_json(self.folder(stage) / "done.json", record)
         du.barrier()
