@@ -1,5 +1,6 @@
 """Dataset strings and image files: ImageFolder, FileList, Sample, bad items, user errors, ``dinokit data sample``."""
 
+import os
 import warnings
 
 import numpy as np
@@ -377,3 +378,25 @@ def test_a_val_folder_with_some_of_the_classes_is_labelled_by_class_name(sample_
     assert [t for path, t in zip(val.paths, val.targets)] == [by_name[p.relative_to(tmp_path / "some")]
                                                               for p in val.paths]
     assert sorted(set(val.targets)) == sorted(full_val.classes.index(c) for c in ("dots", "rings"))
+
+
+def test_a_list_of_the_names_curate_writes_reads_back_every_file(tmp_path):
+    """curate's manifest.txt lists each name's bytes on a line: a Latin-1 name refused the whole list ("not UTF-8
+    text"), and a name with a carriage return was split in two and left out as missing."""
+    from PIL import Image
+
+    names = [os.fsdecode(b"caf\xe9.png"), "a\rb.png", "\u00e9t\u00e9 \u00fc.png", "x\u2028y.png"]
+    for name in names:
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG")
+    listing = tmp_path / "manifest.txt"
+    listing.write_bytes(b"".join(os.fsencode(tmp_path / name) + b"\n" for name in names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no file may look missing
+        assert make_dataset(f"FileList:path={listing}").paths == [tmp_path / name for name in names]
+        assert list(resolve_image_inputs(listing)) == [tmp_path / name for name in names]
+    # a label after a Latin-1 name; a Latin-1 name of no file is the editor's encoding: one line asking for UTF-8
+    listing.write_bytes(b"caf\xe9.png,1\n")
+    assert make_dataset(f"FileList:path={listing}").targets == [1]
+    listing.write_bytes(b"a.png\nn\xe9e.png\n")
+    with pytest.raises(DinokitError, match=rf"^'{listing}' is not UTF-8 text \(byte 7: invalid continuation byte\)"):
+        make_dataset(f"FileList:path={listing}")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import DinokitError
 from .images import ImageFiles
-from .listing import find_image_names, keep_existing, read_path_list, read_user_text
+from .listing import find_image_names, keep_existing, read_list_lines, read_path_list
 from .sample import SAMPLE_CLASSES, check_sample_root, default_sample_root, write_sample_dataset
 
 KNOWN_KEYS = ("root", "split", "extra", "path", "urls", "real_labels")
@@ -160,7 +160,7 @@ def _image_folder(root: str, labelled: bool, transform, dataset_str: str) -> Ima
 
 
 def _file_list(list_path: str, transform, dataset_str: str) -> ImageDataset:
-    lines = read_user_text(list_path).splitlines() if Path(list_path).is_file() else None
+    lines = read_list_lines(list_path) if Path(list_path).is_file() else None
     if lines is None:
         raise DinokitError(f"list file {list_path!r} does not exist (in {dataset_str!r})")
     has_labels = any(re.search(r"[\t,]\s*-?\d+\s*$", l) for l in lines if l.strip() and not l.startswith("#"))

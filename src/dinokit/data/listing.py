@@ -3,8 +3,10 @@ text file listing paths; and reading the text files users write."""
 
 from __future__ import annotations
 
+import codecs
 import operator
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -155,8 +157,33 @@ def read_user_text(path: str | Path) -> str:
                            "save it as UTF-8 (or check that it is the text file meant)") from None
 
 
+def read_list_lines(list_file: str | Path) -> list[str]:
+    """The lines of a list of file names (a ``FileList``, curate's ``manifest.txt``): split at line feeds only (a
+    name may hold a carriage return or a Unicode line separator, which ``str.splitlines`` split it at), a CRLF line
+    end and a byte-order mark dropped. A line that is not UTF-8 is decoded as the file system decodes names when it
+    names a file that exists (curate lists a Latin-1 name as its bytes: the whole list was refused), else the list
+    is one line asking for UTF-8 (an editor's Latin-1 or UTF-16)."""
+    raw = Path(list_file).read_bytes()
+    skipped = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    lines, offset = [], skipped
+    for whole in raw[skipped:].split(b"\n"):
+        line = whole.removesuffix(b"\r")
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            name = os.fsdecode(line).strip()
+            unlabelled = re.sub(r"[\t,]\s*-?\d+$", "", name).rstrip()  # 'path,3' of a labelled list
+            if b"\0" in line or not any(os.path.lexists(Path(list_file).parent / n) for n in (name, unlabelled)):
+                raise DinokitError(f"{str(list_file)!r} is not UTF-8 text (byte {offset + err.start}: {err.reason}); "
+                                   "save it as UTF-8 (or check that it is the text file meant)") from None
+            lines.append(name)
+        offset += len(whole) + 1
+    return lines
+
+
 def read_path_list(list_file: str | Path) -> list[Path]:
-    """Image paths from a text file, one per line; blank lines and ``#`` comments are ignored.
+    """Image paths from a text file, one per line (:func:`read_list_lines`); blank lines and ``#`` comments are
+    ignored.
 
     Relative paths are taken relative to the list file's folder.
     """
@@ -165,7 +192,7 @@ def read_path_list(list_file: str | Path) -> list[Path]:
         raise DinokitError(f"list file {str(list_file)!r} does not exist; check the path")
     base = list_file.parent
     paths = []
-    for line in read_user_text(list_file).splitlines():
+    for line in read_list_lines(list_file):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
