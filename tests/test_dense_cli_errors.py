@@ -184,14 +184,16 @@ def test_a_val_set_with_nothing_to_score_is_one_line_not_nan_results(demo_teache
                                                       for p in (tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("task", ["depth", "seg"])
 def test_a_head_of_nan_weights_is_told_apart_from_a_set_with_nothing_to_score(demo_teacher, dense_root, tmp_path,
-                                                                                capsys):
-    """NaN predictions on valid labels were reported as 'no pixel ... has a depth within the head's range'."""
+                                                                                capsys, task):
+    """NaN predictions on valid labels were reported as 'no pixel ... has a depth within the head's range'; a
+    segmentation head of NaN weights scored a plausible mIoU (the class map of NaN scores is a class map)."""
     import torch
 
-    data = f"DepthSample:split=%s:root={dense_root / 'depth'}"
+    data = f"{task.capitalize()}Sample:split=%s:root={dense_root / task}"
     recipe = ["iterations=1", "batch_size=2", "crop_size=16", "eval_size=16", "eval_period=0"]
-    assert main(["dense", "train", "--task", "depth", "--head", "linear", "--config-file",
+    assert main(["dense", "train", "--task", task, "--head", "linear", "--config-file",
                  str(demo_teacher.config_file), "--train-dataset", data % "train", "--val-dataset", data % "val",
                  "--output-dir", str(tmp_path / "out"), "--no-progress", *recipe]) == 0
     saved = torch.load(tmp_path / "out" / "head.pth", weights_only=True)
@@ -203,3 +205,8 @@ def test_a_head_of_nan_weights_is_told_apart_from_a_set_with_nothing_to_score(de
                  "--output-dir", str(tmp_path / "e"), "--no-progress"]) == 2
     assert error_line(capsys) == (f"error: the predictions on {data % 'val'!r} are not numbers (NaN): the head or the "
                                   "backbone holds NaN or infinite weights; check the weights, or train the head again")
+    assert main(["dense", "predict", "--head-weights", str(tmp_path / "nan_head.pth"), "--out", str(tmp_path / "p"),
+                 str(next((dense_root / task).rglob("*.jpg"), None) or next((dense_root / task).rglob("*.png")))]) == 2
+    assert error_line(capsys) == ("error: the predictions are not numbers (NaN): the head or the backbone holds NaN "
+                                  "or infinite weights; check the weights, or train the head again")
+    assert not (tmp_path / "p").exists()

@@ -50,7 +50,18 @@ def predict_image(
             image[None].to(device), size=size, mode=cfg.mode, crop=cfg.crop, stride=cfg.stride, flip=cfg.flip,
             scales=tuple(cfg.scales),
         ).float()
+    if not torch.isfinite(out).all():  # a class map of NaN scores is a class map all the same: plausible scores
+        raise PredictionsNotNumbers(not_numbers(""))
     return out[0].argmax(dim=0) if model.task == "seg" else out[0, 0]
+
+
+class PredictionsNotNumbers(DinokitError):
+    """A head's scores or depths that are NaN or infinite (its weights, or the backbone's, are)."""
+
+
+def not_numbers(where: str) -> str:
+    return (f"the predictions{where} are not numbers (NaN): the head or the backbone holds NaN or infinite weights; "
+            "check the weights, or train the head again")
 
 
 def evaluate(
@@ -83,7 +94,10 @@ def evaluate(
             skipped += 1
             continue
         label = item["label"]
-        pred = predict_image(model, item["image"], label.shape[-2:], cfg, dtype).cpu()
+        try:
+            pred = predict_image(model, item["image"], label.shape[-2:], cfg, dtype).cpu()
+        except PredictionsNotNumbers:
+            raise PredictionsNotNumbers(not_numbers(f" on {dataset.name!r}")) from None
         rows_before = len(getattr(meter, "rows", ()))
         meter.update(pred, label)
         row_index += [i] * (len(getattr(meter, "rows", ())) - rows_before)
@@ -96,8 +110,7 @@ def evaluate(
     if not (meter.label_area.sum() > 0 if model.task == "seg" else meter.rows):  # NaN in every metric, as results
         raise _nothing_to_score(meter, model.task, len(dataset) - skipped, dataset.name)
     if math.isnan(result["mIoU"] if model.task == "seg" else result["rmse"]):  # pixels scored, predictions not numbers
-        raise DinokitError(f"the predictions on {dataset.name!r} are not numbers (NaN): the head or the backbone holds "
-                           "NaN or infinite weights; check the weights, or train the head again")
+        raise PredictionsNotNumbers(not_numbers(f" on {dataset.name!r}"))
     if model.task == "depth" and meter.empty:  # left out of the mean (they were not counted anywhere)
         result["images_without_valid_depth"] = meter.empty
     if model.task == "seg" and dataset.classes:
