@@ -396,3 +396,20 @@ def test_a_setting_with_a_name_that_is_not_utf8_is_one_line_not_a_traceback(tmp_
                                  "lat_\\udce9), which config.yaml cannot hold; rename it to UTF-8 (e.g. with convmv) "
                                  "or give a path without it")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_long_names_beyond_ascii_are_shortened_to_names_the_file_system_takes_under_any_locale(tmp_path):
+    """Under LC_ALL=C (no UTF-8 mode) a shortened long name was decoded as UTF-8: 'é', which an ASCII file system
+    encoding cannot encode (a traceback writing the temporary or the lock of viz's and embed's outputs)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from pathlib import Path; from dinokit.files import atomic_write, fitting_name\n"
+            "target = Path(os.fsdecode(sys.argv[1])) / os.fsdecode('\\u00e9'.encode() * 122 + b'.npz')\n"
+            "with atomic_write(target) as tmp:\n    tmp.write_bytes(b'x')\n"
+            "short = os.fsencode(fitting_name(target.name, 100))\n"
+            "print(target.read_bytes(), len(short) <= 100, short.decode('utf-8')[:2] == '\\u00e9' * 2)")
+    for locale in ({"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}, {"LC_ALL": "C.UTF-8"}):
+        done = subprocess.run([sys.executable, "-c", code, os.fsencode(str(tmp_path))], env={**os.environ, **locale},
+                              capture_output=True)
+        assert done.stdout == b"b'x' True True\n", done.stderr.decode(errors="replace")

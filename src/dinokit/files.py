@@ -74,18 +74,23 @@ def temporary_name(name: str) -> str:
 def hidden_name(name: str, suffix: str, prefix: str = ".") -> str:
     """``prefix + name + suffix`` (a temporary file, a lock beside ``name``), ``name`` shortened by
     :func:`fitting_name` so that the result fits the 255 bytes a file name may have (a legal long name failed)."""
-    room = 255 - len(f"{prefix}{suffix}".encode(errors="surrogateescape"))
+    room = 255 - len(os.fsencode(f"{prefix}{suffix}"))
     return f"{prefix}{fitting_name(name, room)}{suffix}"
 
 
 def fitting_name(name: str, limit: int) -> str:
-    """``name`` when it is at most ``limit`` bytes, else its first bytes, ``~`` and a digest of it in ``limit``
-    bytes: names derived from a long one stay within the file system's limit and apart from one another."""
-    raw = name.encode(errors="surrogateescape")
+    """``name`` when its bytes on the file system are at most ``limit``, else its first bytes (not cutting a UTF-8
+    character), ``~`` and a digest of it in ``limit`` bytes: names derived from a long one stay within the file
+    system's limit and apart from one another. Decoded as the file system decodes names: under an ASCII locale a
+    fixed UTF-8 gave a name it could not encode (a traceback)."""
+    raw = os.fsencode(name)
     if len(raw) <= limit:
         return name
     digest = hashlib.sha1(raw).hexdigest()[:12]
-    return f"{raw[:limit - len(digest) - 1].decode(errors='ignore')}~{digest}"
+    cut = limit - len(digest) - 1
+    while cut > 0 and raw[cut] & 0xC0 == 0x80:  # a continuation byte: the cut would split a character
+        cut -= 1
+    return f"{os.fsdecode(raw[:cut])}~{digest}"
 
 
 # what the writers that give no errno say of a write cut short (torch: "unexpected pos", "iostream error"; NumPy's
