@@ -133,6 +133,19 @@ def test_a_link_that_loops_is_one_line_before_any_work(tmp_path):
         check_writable(folder, "--out", is_file=True)
 
 
+def test_a_picture_out_through_a_link_that_loops_is_one_line(tmp_path, capsys):
+    """viz's --out LOOP/x.png was a traceback (RuntimeError: Symlink loop) in the check that it is not an input."""
+    from PIL import Image
+
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "img.png")
+    assert main(["viz", "pca", str(tmp_path / "img.png"), "--out", str(tmp_path / "loopA" / "x.png"), "--config-file",
+                 "demo", "--random-init"]) == 2
+    assert capsys.readouterr().err == (f"error: {str(tmp_path / 'loopA' / 'x.png')!r} goes through a symbolic link "
+                                       "that loops (it leads back to itself); remove it or give another path\n")
+
+
 def test_a_lock_taken_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     real = Path.write_text
 

@@ -346,3 +346,36 @@ def test_a_shard_replaced_under_a_reader_is_one_line_not_other_images(shards, tm
     with pytest.raises(DinokitError, match=r"^shard '.*000002.tar' changed since it was indexed \(it was replaced or "
                                            r"rewritten while this command ran\)"):
         dataset[10]
+
+
+def test_class_names_read_back_as_the_folder_gives_them_and_odd_outs_are_one_line(tmp_path: Path, capsys) -> None:
+    """classes.txt was split by str.splitlines (a class 'a\\rb' came back as 'a' and 'b') and read as UTF-8 whatever
+    the locale (under LC_ALL=C a UTF-8 class 'café' differed from the folder's, and every evaluation refused the
+    pair); a name with a line feed misaligned the lists; an --out link that loops was a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    for name in ("a\rb", "caf\u00e9", "c"):
+        (src / name).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (len(name) * 40, 0, 0)).save(src / name / "0.png")
+    assert main(["data", "shard", str(src), "--out", str(tmp_path / "sh")]) == 0
+    urls = f"WebDataset:urls={tmp_path / 'sh'}/000000.tar"
+    assert make_dataset(urls, labelled=True).classes == make_dataset(str(src), labelled=True).classes
+    code = ("import sys; from dinokit.data import make_dataset\n"
+            "a, b = (make_dataset(s, labelled=True).classes for s in sys.argv[1:])\nprint(a == b, len(a))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code, urls, str(src)], env=env, capture_output=True, text=True)
+    assert done.stdout == "True 3\n", done.stderr
+    (src / "n\nl").mkdir()
+    Image.new("RGB", (16, 16)).save(src / "n\nl" / "0.png")
+    capsys.readouterr()
+    assert main(["data", "shard", str(src), "--out", str(tmp_path / "nl")]) == 2
+    assert capsys.readouterr().err == ("error: the class folder name 'n\\nl' holds a line feed, which classes.txt and "
+                                       "sources.txt cannot list one per line; rename it\n")
+    assert not (tmp_path / "nl").exists()
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    assert main(["data", "shard", str(src / "c"), "--out", str(tmp_path / "loopA")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {str(tmp_path / 'loopA')!r} is a symbolic link that loops")

@@ -62,8 +62,9 @@ def resolve_link(path: Path) -> Path:
     try:
         return path.resolve()
     except (RuntimeError, OSError):  # Python 3.11: RuntimeError("Symlink loop ...")
-        raise DinokitError(f"{str(path)!r} is a symbolic link that loops (it leads back to itself); remove it or "
-                           "give another path") from None
+        what = "is a symbolic link" if path.is_symlink() else "goes through a symbolic link"
+        raise DinokitError(f"{str(path)!r} {what} that loops (it leads back to itself); remove it or give another "
+                           "path") from None
 
 
 def temporary_name(name: str) -> str:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..engine.run_dir import check_writable, main_process_lock
 from ..errors import DinokitError
-from ..files import LOCK_NAME, atomic_write, is_temporary, take_lock
+from ..files import LOCK_NAME, atomic_write, is_temporary, resolve_link, take_lock
 from .datasets import ImageDataset, parse_dataset_str
 from .images import load_image
 from .shards import CLASSES_FILE, PARTIAL, RECORD_FILE, SOURCES_FILE, interrupted_shards
@@ -49,7 +49,7 @@ def check_shard_out(out_dir: str | Path, source: str | None = None, *, locked: b
                            "folder path without { } , or ::")
     if out_dir.exists() and not out_dir.is_dir():
         raise DinokitError(f"--out {str(out_dir)!r} is a file, not a folder; give a new or empty folder")
-    root, out = _source_folder(source), out_dir.resolve()
+    root, out = _source_folder(source), resolve_link(out_dir)  # a link that loops: one line
     if root is not None and root in (out, *out.parents):
         where = "the" if root == out else "inside the"
         raise DinokitError(f"--out {str(out_dir)!r} is {where} source folder {str(root)!r}; give a folder outside it "
@@ -85,8 +85,9 @@ def shrink(image: Image.Image, max_size: int, jpeg: bool) -> tuple[str, bytes]:
 
 def _save_text(path: Path, text: str) -> None:
     with atomic_write(path) as tmp:
-        # UTF-8 whatever the locale (the readers read UTF-8); names that are not UTF-8 as their bytes
-        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+        # names as the file system holds their bytes (UTF-8 under a UTF-8 locale), read back by os.fsdecode: the
+        # class names then equal an ImageFolder's of the same folders under any locale
+        tmp.write_bytes(os.fsencode(text))
 
 
 def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
@@ -111,6 +112,10 @@ def write_shards(dataset: ImageDataset, out_dir: str | Path, *, shard_size: int,
         raise DinokitError(f"--shard-size must be >= 1, got {shard_size}")
     if max_size is not None and max_size < 1:
         raise DinokitError(f"--max-size must be at least 1 pixel, got {max_size}")
+    for what, names in (("class folder", dataset.classes), ("image", map(str, dataset.paths))):
+        if (odd := next((name for name in names if "\n" in name), None)) is not None:
+            raise DinokitError(f"the {what} name {odd!r} holds a line feed, which {CLASSES_FILE} and {SOURCES_FILE} "
+                               "cannot list one per line; rename it")
     out_dir = check_shard_out(out_dir)
     with main_process_lock(out_dir / LOCK_NAME, out_dir, "--out"):  # a folder made here and left empty goes again
         check_shard_out(out_dir, locked=True)  # again under the lock: another run may have written it meanwhile

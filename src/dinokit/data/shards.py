@@ -294,9 +294,13 @@ def make_shard_dataset(urls: str, *, transform: Callable | None = None, labelled
         raise DinokitError(f"{dataset_str or urls!r} has samples without a label; labelled use needs a .cls member per sample")
     names_file = shards[0].parent / CLASSES_FILE
     if names_file.is_file():
-        # as data shard wrote it: UTF-8, names that are not as their bytes (a strict read in the locale's
-        # encoding was a traceback)
-        classes = names_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        # as data shard wrote it: the names' bytes, one per line (split at line feeds only: a name may hold a
+        # carriage return), decoded as the file system decodes names, as an ImageFolder's classes are; a file
+        # written by hand may end without a line feed, or in CRLF
+        lines = names_file.read_bytes().split(b"\n")
+        if lines[-1] == b"":  # after the last line's end
+            lines.pop()
+        classes = [os.fsdecode(line.removesuffix(b"\r")) for line in lines]
     else:
         classes = [str(i) for i in range(max(targets) + 1)]
     return ShardDataset(shards, samples, classes, transform, dataset_str or f"WebDataset:urls={urls}")

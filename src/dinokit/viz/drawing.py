@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..engine.run_dir import check_writable
 from ..errors import DinokitError
-from ..files import atomic_write, fitting_name
+from ..files import atomic_write, fitting_name, resolve_link
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 GAP = 4  # pixels between panels
@@ -182,7 +182,7 @@ def picture_out(out: str | Path) -> Path | None:
 
 def check_not_an_input(picture: Path | None, inputs, out: str | Path) -> None:
     """The one picture ``--out`` names is not one of the ``inputs`` (it would replace the image): one line."""
-    if picture is not None and picture.resolve() in {Path(str(p)).expanduser().resolve() for p in inputs}:
+    if picture is not None and resolve_link(picture) in {Path(str(p)).expanduser().resolve() for p in inputs}:
         raise DinokitError(f"--out {str(out)!r} is one of the input images; give another file name")
 
 
