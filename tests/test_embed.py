@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,14 @@ def test_the_lists_beside_a_npy_are_replaced_only_when_asked(images, weights, tm
     assert not (tmp_path / "l.npy").exists() and not (tmp_path / "q.npy").exists()
     assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(tmp_path / "q.npy"), "--overwrite") == 0
     assert not notes.exists()  # asked: no bad image, so the stale list goes
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(images / GOOD[0], odd / "a\nb.png")  # its name was two lines of paths.txt: rows no longer matched
+    assert embed(str(odd), "--weights", str(weights_file), "--out", str(tmp_path / "o.npy")) == 2
+    assert capsys.readouterr().err == (f"error: the image name {str(odd) + '/a' + chr(10) + 'b.png'!r} holds a line "
+                                       "feed, which o.paths.txt cannot list one per line (row i of the array is line "
+                                       "i); rename it, or write .npz or .parquet\n")
+    assert not (tmp_path / "o.npy").exists()
     (tmp_path / "f.paths.txt").mkdir()  # failed after the work, naming a hidden temporary
     for extra in ((), ("--overwrite",)):
         assert embed(str(images / GOOD[0]), "--weights", str(weights_file), "--out", str(tmp_path / "f.npy"),

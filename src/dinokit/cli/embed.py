@@ -235,6 +235,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         paths = resolve_image_inputs(args.input)
         dataset = ImageFiles(paths, transform=transform)
+    if out.suffix == ".npy" and (odd := next((p for p in map(str, paths) if "\n" in p), None)) is not None:
+        raise DinokitError(f"the image name {odd!r} holds a line feed, which {out.stem}.paths.txt cannot list one per "
+                           "line (row i of the array is line i); rename it, or write .npz or .parquet")
     if submit_if_asked(args, out.with_name(f"{out.stem}.slurm")):
         return 0
     du.init_from_environment()  # under torchrun each rank embeds a shard (extract_features gathers them)
