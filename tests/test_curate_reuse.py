@@ -277,8 +277,12 @@ def test_a_stage_killed_while_rewriting_its_files_is_redone_when_its_earlier_set
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "save_npy", killed)
+    capsys.readouterr()
     assert main(["curate", "run", "--pool", str(pool), "--output-dir", str(work), "--target-size", "4", *MODEL,
                  "cluster.n_clusters=[2]"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (f"interrupted: the finished stages and embedding shards are "
+                                                        f"kept in {work}; run the same command again to go on from "
+                                                        "there")
     monkeypatch.undo()
     assert (work / "cluster" / "leaf.rank0.npy").read_bytes() != leaf  # the other settings' labels
     out = _run(pool, work, capsys)

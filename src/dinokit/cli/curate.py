@@ -135,7 +135,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # two commands on one work folder would both report success with one's stages lost or mixed
     with main_process_lock(work / LOCK_NAME, work, "--output-dir"):
-        return _run(args, work, config, as_dict)
+        try:
+            return _run(args, work, config, as_dict)
+        except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: say what is kept (a launcher's SIGTERM stays silent)
+            from . import Terminated
+
+            if isinstance(err, Terminated) and not err.args[0]:
+                raise
+            said = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
+            raise type(err)(f"{said}: the finished stages and embedding shards are kept in {work}; run the same "
+                            "command again to go on from there") from None
 
 
 def _run(args: argparse.Namespace, work: Path, config, as_dict: dict) -> int:
