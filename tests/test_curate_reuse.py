@@ -289,3 +289,28 @@ def test_a_stage_killed_while_rewriting_its_files_is_redone_when_its_earlier_set
     assert "[cluster] running" in out and "[cluster] finished earlier" not in out
     assert (work / "cluster" / "leaf.rank0.npy").read_bytes() == leaf
     assert (work / "manifest.txt").read_text() == manifest
+
+
+def test_how_the_embedding_runs_redoes_no_stage_and_records_of_earlier_digests_are_kept(tmp_path, capsys):
+    """embed.batch_size and embed.num_workers were in the embed stage's digest: a change to them kept the shards but
+    redid every later stage (k-means over the whole pool)."""
+    from dinokit.curate.config import make_config
+    from dinokit.curate.work import Work, _identity
+
+    pool, work = tmp_path / "pool", tmp_path / "work"
+    write_copy_pairs(pool, n_images=4, copies=1)
+    _run(pool, work, capsys)
+    out = _run(pool, work, capsys, "embed.batch_size=3", "embed.num_workers=1")
+    assert all(f"[{stage}] finished earlier with these settings" in out for stage in STAGES), out
+    # records of a dinokit before 2026-12-08: digests that hold how the embedding ran, each the next one's "after"
+    legacy = Work(work, make_config(json.loads((work / "config.json").read_text()))).legacy_digests
+    upstream = None
+    for stage in STAGES:
+        marker = work / stage / "done.json"
+        record = {**json.loads(marker.read_text()), "digest": legacy[stage]}
+        if upstream is not None:
+            record["after"] = _identity(upstream)
+        marker.write_text(json.dumps(record))
+        upstream = record
+    out = _run(pool, work, capsys, "embed.batch_size=3", "embed.num_workers=1")
+    assert all(f"[{stage}] finished earlier with these settings" in out for stage in STAGES), out

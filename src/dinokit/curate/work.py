@@ -119,12 +119,22 @@ class Work:
                                        **{k: c["embed"][k] for k in ("image_size", "shard_size", "copy", "gem_p",
                                                                      "storage")}})
         self.model_files = model_files(config)  # recorded beside the digest: older records, without it, stay valid
-        # a stage's digest holds the one of the stage before it: a change anywhere upstream redoes it
-        self.digests: dict[str, str] = {"embed": _digest(self.settings["embed"])}
-        self.digests["dedup"] = _digest([self.digests["embed"], c["dedup"]])
-        self.digests["retrieve"] = _digest([self.digests["dedup"], c["retrieve"]])
-        self.digests["cluster"] = _digest([self.digests["retrieve"], c["cluster"]])
-        self.digests["sample"] = _digest([self.digests["cluster"], c["sample"], c["target_size"]])
+        # a stage's digest holds the one of the stage before it: a change anywhere upstream redoes it. The embed
+        # stage's leaves out how it runs (embed.batch_size, embed.num_workers: a change to them redid every stage);
+        # records of a dinokit before 2026-12-08, whose digests hold them, stay valid (legacy)
+        runs = ("batch_size", "num_workers")
+        embeds = {**self.settings["embed"], "embed": {k: v for k, v in c["embed"].items() if k not in runs}}
+        self.digests = self._chain(_digest(embeds), c)
+        self.legacy_digests = self._chain(_digest(self.settings["embed"]), c)
+
+    @staticmethod
+    def _chain(embed: str, c: dict) -> dict[str, str]:
+        digests = {"embed": embed}
+        digests["dedup"] = _digest([digests["embed"], c["dedup"]])
+        digests["retrieve"] = _digest([digests["dedup"], c["retrieve"]])
+        digests["cluster"] = _digest([digests["retrieve"], c["cluster"]])
+        digests["sample"] = _digest([digests["cluster"], c["sample"], c["target_size"]])
+        return digests
 
     def folder(self, stage: str) -> Path:
         return self.root / stage
@@ -147,7 +157,7 @@ class Work:
                 raise DinokitError(f"{marker} is damaged (its counts lack {key!r}); {fix}")
             if not valid(record["counts"][key]):
                 raise DinokitError(f"{marker} is damaged (its {key!r} is {record['counts'][key]!r}); {fix}")
-        if record["digest"] != self.digests.get(stage):
+        if record["digest"] not in (self.digests.get(stage), self.legacy_digests.get(stage)):
             return None
         # what the stage before it made (a redone stage with the same settings, on a changed pool, made other files)
         upstream = self._upstream(stage)
@@ -199,7 +209,7 @@ class Work:
         diffs = [f"{k} {before.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in sorted(set(before) | set(now))
                  if before.get(k) != now.get(k)]
         if not diffs:
-            if self.digests[stage] == json.loads(marker.read_text())["digest"]:
+            if json.loads(marker.read_text())["digest"] in (self.digests[stage], self.legacy_digests[stage]):
                 return "the stage before it ran again"
             return "a stage before it changed"
         return "its settings changed (" + ", ".join(diffs[:3]) + (", ..." if len(diffs) > 3 else "") + ")"
