@@ -1,9 +1,11 @@
 """Device selection shared by every command (``auto`` means this rank's CUDA device when there is one, else the
-CPU), and the CPU cores its data-loading workers may use."""
+CPU), moving a batch onto it, and the CPU cores its data-loading workers may use."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any
 
 import torch
 
@@ -85,3 +87,18 @@ def usable_workers(requested: int, *, key: str) -> int:
         print(f"note: {key}={requested} is more than the {cores} CPU core(s) this process may use: "
               f"{cores} data-loading worker(s)")
     return cores
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """A dataclass batch (or a dict/tuple of tensors) with its tensors on ``device``; any other object with a
+    ``to`` method (e.g. a batch whose crops are made on the device) moves itself."""
+    move = lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    if not dataclasses.is_dataclass(batch) and not isinstance(batch, (dict, tuple, list)) and hasattr(batch, "to"):
+        return batch.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+    if isinstance(batch, dict):
+        return {k: move(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move(v) for v in batch)
+    return move(batch)

@@ -18,7 +18,8 @@ Schedules are indexable per iteration (``CosineScheduler`` or anything with ``__
 """
 
 from .checkpoint import Checkpointer, atomic_torch_save, list_checkpoints
-from .loop import Engine, EngineConfig, Hook, batch_to, init_run
+from ..devices import batch_to
+from .loop import Engine, EngineConfig, Hook, init_run
 from .snapshots import full_state_dict, newest_snapshot, save_export
 from .metrics import MetricsLogger
 from .optim import CosineScheduler, ScheduleConfig, build_schedulers, get_param_groups

@@ -11,7 +11,6 @@ under ``torchrun``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -23,7 +22,9 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed as dist_utils
+from ..devices import batch_to
 from ..errors import DinokitError, TrainingHealthWarning
+from ..tracking import make_tracker
 from .checkpoint import Checkpointer, UnreadableCheckpoint
 from .metrics import MetricsLogger, truncate_metrics
 from .run_dir import InterruptGuard, RunInterrupted, check_disk_space
@@ -74,21 +75,6 @@ def init_run(seed: int) -> tuple[int, int]:
     rank = dist_utils.get_rank()
     torch.manual_seed(seed + rank)
     return rank, dist_utils.get_world_size()
-
-
-def batch_to(batch: Any, device: torch.device) -> Any:
-    """A dataclass batch (or a dict/tuple of tensors) with its tensors on ``device``; any other object with a
-    ``to`` method (e.g. a batch whose crops are made on the device) moves itself."""
-    move = lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    if not dataclasses.is_dataclass(batch) and not isinstance(batch, (dict, tuple, list)) and hasattr(batch, "to"):
-        return batch.to(device, non_blocking=True)
-    if dataclasses.is_dataclass(batch):
-        return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
-    if isinstance(batch, dict):
-        return {k: move(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move(v) for v in batch)
-    return move(batch)
 
 
 class Engine:
@@ -226,7 +212,7 @@ class Engine:
             # lines of a dinokit before 2026-12-06: their total_loss is the minimised loss (now objective_loss)
             self._older_log = any("total_loss" in r and "objective_loss" not in r for r in earlier)
         loader = make_loader(start_iter)
-        tracker = _make_tracker(cfg, output_dir) if self.is_main else None
+        tracker = make_tracker(cfg.tracker, output_dir, cfg.run_config) if self.is_main else None
         logger = MetricsLogger(
             output_dir / "training_metrics.json", total=max_iter, initial=start_iter, enabled=self.is_main, tracker=tracker,
             bar=cfg.progress,
@@ -382,10 +368,3 @@ def _schedule_fields(sched: Mapping[str, float]) -> dict[str, float]:
     """Schedule values under the official metric names (``momentum`` is logged as ``mom``)."""
     return {("mom" if name == "momentum" else name): value for name, value in sched.items()}
 
-
-def _make_tracker(cfg: EngineConfig, output_dir: Path):
-    if cfg.tracker in ("", "none"):
-        return None
-    from ..tracking import make_tracker
-
-    return make_tracker(cfg.tracker, output_dir, cfg.run_config)
