@@ -63,12 +63,13 @@ def batches(start: int):
         i += 1
 
 
-def run_toy(out: Path, *, stop_after=None, max_iter=40):
+def run_toy(out: Path, *, stop_after=None, max_iter=40, dtype=torch.float32, task=Regression):
     init_run(0)
-    cfg = EngineConfig(max_iter=max_iter, checkpoint_period=10, snapshot_period=20, log_freq=5, clip_grad=10.0)
+    cfg = EngineConfig(max_iter=max_iter, checkpoint_period=10, snapshot_period=20, log_freq=5, clip_grad=10.0,
+                       dtype=dtype)
     schedules = {"lr": CosineScheduler(0.5, 0.01, max_iter), "wd": CosineScheduler(0.0, 0.0, max_iter),
                  "momentum": CosineScheduler(0.9, 0.9, max_iter)}
-    engine = Engine(Regression(), cfg, output_dir=out, device=torch.device("cpu"), schedules=schedules)
+    engine = Engine(task(), cfg, output_dir=out, device=torch.device("cpu"), schedules=schedules)
     start = engine.restore(resume=True)
     return engine, engine.run(batches, start_iter=start, stop_after=stop_after)
 
@@ -89,13 +90,47 @@ def test_a_toy_task_trains_through_the_same_loop(tmp_path, monkeypatch):
     assert not torch.equal(engine.task.ema.weight, engine.task.model.weight)
 
 
-def test_toy_kill_and_resume_is_bit_exact(tmp_path):
-    straight, _ = run_toy(tmp_path / "a")
-    run_toy(tmp_path / "b", stop_after=20)
-    resumed, summary = run_toy(tmp_path / "b")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_toy_kill_and_resume_is_bit_exact(tmp_path, dtype):
+    """fp16: the loss scaler's state was not saved; a resumed run started again from a scale of 65536, skipping the
+    steps whose gradients overflowed there (here the first steps overflow, so the scale is below it at 20)."""
+    straight, _ = run_toy(tmp_path / "a", dtype=dtype)
+    run_toy(tmp_path / "b", stop_after=20, dtype=dtype)
+    resumed, summary = run_toy(tmp_path / "b", dtype=dtype)
     assert summary["iteration"] == 40
     for a, b in zip(straight.task.state_dict().values(), resumed.task.state_dict().values()):
         assert torch.equal(a, b)
+    if dtype == torch.float16:
+        assert resumed.scaler.get_scale() == straight.scaler.get_scale() < 65536
+
+
+class Loud(Regression):
+    """Gradients of about 1e6: they overflow fp16 until the loss scale is below 0.1 (about 20 halvings)."""
+
+    def compute_losses(self, batch, iteration, sched):
+        out = super().compute_losses(batch, iteration, sched)
+        return LossOutput(total=out.total * 1e5, terms=out.terms)
+
+
+def test_an_fp16_run_whose_steps_are_mostly_skipped_says_so(tmp_path):
+    """Gradients that overflow fp16 at the loss scales tried: the optimiser steps were skipped without a word (a
+    short run trained nothing), and the run reported its final loss as if it had trained."""
+    import warnings
+
+    from dinokit.engine.loop import SKIPPED_STEPS_ALLOWED
+    from dinokit.errors import TrainingHealthWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, _ = run_toy(tmp_path / "run", dtype=torch.float16, max_iter=30, task=Loud)
+    said = [str(w.message) for w in caught if issubclass(w.category, TrainingHealthWarning)]
+    assert engine.steps_taken < 30 - SKIPPED_STEPS_ALLOWED
+    assert any(m.startswith("the optimiser skipped ") and "fp16 gradients overflowed at every loss scale tried" in m
+               for m in said), said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_toy(tmp_path / "fine", dtype=torch.float16, max_iter=30)
+    assert not any("optimiser skipped" in str(w.message) for w in caught)
 
 
 def test_half_written_checkpoints_of_a_killed_run_are_removed(tmp_path):

@@ -172,13 +172,15 @@ def check_sharded_metadata(path: Path) -> None:
 
 
 class Checkpointer:
-    """Saves and restores (model, optimizer, iteration, RNG) under ``directory``."""
+    """Saves and restores (model, optimizer, iteration, RNG, the fp16 loss scaler) under ``directory``."""
 
-    def __init__(self, directory: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 3):
+    def __init__(self, directory: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 3,
+                 scaler: torch.amp.GradScaler | None = None):
         self.directory = Path(directory)
         self.model = model
         self.optimizer = optimizer
         self.keep = keep
+        self.scaler = scaler  # its scale and growth count: a resumed fp16 run started again from 65536
 
     # ------------------------------------------------------------------ save
     def save(self, iteration: int, **extra) -> Path:
@@ -188,6 +190,8 @@ class Checkpointer:
         rngs = dist_utils.all_gather_object(_rng_state())
         meta = {"iteration": iteration, "world_size": dist_utils.get_world_size(), "rng": rngs,
                 "cpu_threads": _cpu_threads(self.model), **extra}
+        if self.scaler is not None:
+            meta["scaler"] = self.scaler.state_dict()
         fill_missing_optimizer_state(self.optimizer)
         if dist_utils.get_world_size() > 1:
             path = self._save_sharded(iteration, meta)
@@ -267,6 +271,8 @@ class Checkpointer:
             print(f"note: {path.name} was saved computing on {saved_threads} CPU thread(s) and resumes on {threads}: "
                   "sums take another order, so the run no longer continues bit for bit; set "
                   f"OMP_NUM_THREADS={saved_threads} to continue it exactly")
+        if self.scaler is not None and meta.get("scaler"):  # a checkpoint of an earlier version: the scale starts over
+            self.scaler.load_state_dict(meta["scaler"])
         if saved_world == world and rank < len(rngs):
             torch.set_rng_state(rngs[rank]["cpu"])
             if "cuda" in rngs[rank] and torch.cuda.is_available():

@@ -34,6 +34,10 @@ from .snapshots import save_export
 from .task import Task
 
 
+# steps an fp16 run may skip (the loss scale halved from 65536 to 256) before most skipped is a warning
+SKIPPED_STEPS_ALLOWED = 8
+
+
 @dataclass
 class EngineConfig:
     """The engine's own settings (a command fills them from its config's ``train``/``optim``/... keys)."""
@@ -127,11 +131,14 @@ class Engine:
         self.optimizer = build_optimizer(groups, betas=cfg.betas)
         use_scaler = cfg.dtype == torch.float16 and cfg.grad_scaler
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        self.steps_taken = 0  # by the optimiser in this process: the loss scaler skips steps of overflowed gradients
+        self.optimizer.register_step_post_hook(lambda *_: setattr(self, "steps_taken", self.steps_taken + 1))
         self.autocast = (
             torch.autocast(device.type, dtype=cfg.dtype) if cfg.dtype != torch.float32 else contextlib.nullcontext()
         )
         self.checkpointer = Checkpointer(
-            self.output_dir / "checkpoints", model=task.checkpointed(), optimizer=self.optimizer, keep=cfg.keep_checkpoints
+            self.output_dir / "checkpoints", model=task.checkpointed(), optimizer=self.optimizer, keep=cfg.keep_checkpoints,
+            scaler=self.scaler,
         )
 
     # ------------------------------------------------------------------ one step
@@ -261,6 +268,7 @@ class Engine:
                     last_record = logger.log(iteration)
                     last_record["bad_images"] = self._sum_over_processes(n_bad_total)  # every process's batches
                     problem = self.task.diagnose(last_record, iteration) if self.is_main else None
+                    problem = problem or self._skipped_steps(done - start_iter)
                     if problem and problem not in diagnosed:
                         diagnosed.add(problem)
                         warnings.warn_explicit(problem, TrainingHealthWarning, "dinokit", 0)  # one line, no source
@@ -285,6 +293,16 @@ class Engine:
         return {"iteration": iteration + 1, "output_dir": str(output_dir), "metrics": last_record,
                 "snapshots": snapshots, "last_exports": exports,
                 "bad_images": last_record.get("bad_images", n_bad_total)}
+
+    def _skipped_steps(self, steps: int) -> str | None:
+        """One line when the fp16 loss scaler skipped most of the ``steps`` run in this process (beyond the first
+        few, which find the scale): their gradients overflowed at every scale, and the run was training nothing."""
+        skipped = steps - self.steps_taken
+        if self.scaler is None or not self.is_main or skipped <= SKIPPED_STEPS_ALLOWED or 2 * skipped <= steps:
+            return None
+        return (f"the optimiser skipped {skipped} of the {steps} steps so far: their fp16 gradients overflowed at "
+                f"every loss scale tried (now {self.scaler.get_scale():g}); train in bf16 (compute_precision.dtype=bf16) "
+                "or fp32, or lower the lr")
 
     def _sum_over_processes(self, count: int) -> int:
         """``count`` summed over the processes (at a logging window, where every process already waits)."""
