@@ -53,13 +53,16 @@ class GramLoss(nn.Module):
         self.remove_neg, self.remove_only_teacher_neg = remove_neg, remove_only_teacher_neg
 
     def gram(self, features: torch.Tensor) -> torch.Tensor:
-        """The Gram matrix of ``features``: (B, P, P) at image level, else (N, N) over all rows."""
-        x = features.float()
-        if self.normalized:
-            x = nn.functional.normalize(x, dim=-1)
-        if not self.img_level and x.dim() == 3:
-            x = x.flatten(0, 1)
-        return x @ x.transpose(-1, -2)
+        """The Gram matrix of ``features``: (B, P, P) at image level, else (N, N) over all rows; in float32 with
+        autocast off (under bf16 autocast the product ran in bf16: close to the anchor, where the loss matters, its
+        gradient was mostly rounding)."""
+        with torch.autocast(features.device.type, enabled=False):
+            x = features.float()
+            if self.normalized:
+                x = nn.functional.normalize(x, dim=-1)
+            if not self.img_level and x.dim() == 3:
+                x = x.flatten(0, 1)
+            return x @ x.transpose(-1, -2)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         s, t = self.gram(student), self.gram(teacher.detach())
