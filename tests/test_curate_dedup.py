@@ -108,3 +108,20 @@ def test_dedup_normalises_the_descriptors_in_place_with_the_same_bits():
     frames = torch.cat([resaved, torch.nn.functional.normalize(unit + 0.2 * torch.randn(1, 32, generator=gen), dim=1)])
     _, relative = centred_unit_rows(frames.clone(), frames.mean(0))
     assert centre_tolerance(relative) == EXACT_TOLERANCE and not (relative <= EXACT_TOLERANCE).any()
+
+
+def test_gem_is_the_signed_generalised_mean_and_stays_finite_for_a_large_p():
+    """|x|^p overflowed float32 for a large embed.gem_p: every copy descriptor was NaN and dedup found no copy."""
+    from dinokit.curate.embed import gem
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 9, 5, generator=g) * 100
+    for p in (1.0, 3.0, 20.0, 100.0):
+        x = tokens.double()
+        powered = (x.sign() * x.abs().clamp_min(1e-6) ** p).mean(1)  # the definition, in float64
+        expected = powered.sign() * powered.abs() ** (1 / p)
+        got = gem(tokens, p)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gem(tokens, 1.0), tokens.mean(1), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(gem(tokens.abs(), 1000.0), tokens.abs().amax(1), rtol=0.01)  # towards the maximum

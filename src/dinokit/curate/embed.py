@@ -42,11 +42,14 @@ def gem(tokens: torch.Tensor, p: float = 3.0) -> torch.Tensor:
     """Generalised mean over tokens (B, N, D) -> (B, D), signed so that negative activations count.
 
     ``sign(m)·|m|^(1/p)`` of ``m = mean(sign(x)·|x|^p)``: p = 1 is the mean, large p tends to the extreme
-    activation. (SSCD pools non-negative ReLU maps; a ViT's tokens are signed.)
+    activation. (SSCD pools non-negative ReLU maps; a ViT's tokens are signed.) Computed relative to each feature's
+    largest magnitude, which is factored out and back in: ``|x|^p`` itself overflowed float32 for a large ``p``
+    (every descriptor NaN, and dedup found no copy without a word).
     """
-    powered = tokens.sign() * tokens.abs().clamp_min(1e-6).pow(p)
-    mean = powered.mean(dim=1)  # (B, N, D) -> (B, D)
-    return mean.sign() * mean.abs().pow(1.0 / p)
+    magnitude = tokens.abs().clamp_min(1e-6)
+    scale = magnitude.amax(dim=1, keepdim=True)  # (B, 1, D)
+    mean = (tokens.sign() * (magnitude / scale).pow(p)).mean(dim=1)  # (B, N, D) -> (B, D)
+    return mean.sign() * mean.abs().pow(1.0 / p) * scale[:, 0]
 
 
 def curation_feature_fn(copy: str = "gem", gem_p: float = 3.0, copy_model: nn.Module | None = None) -> Callable:
