@@ -202,3 +202,17 @@ def test_median_filter_pads_with_zeros_as_scipy_medfilt2d():
     x = torch.rand(6, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     scipy_signal = pytest.importorskip("scipy.signal")
     np.testing.assert_array_equal(median_filter3(x).numpy(), scipy_signal.medfilt2d(x.numpy(), 3))
+
+
+def test_an_integer_tensor_other_than_uint8_is_one_line_not_raw_pixels_taken_as_normalised():
+    """int64, int32 or uint16 tensors went into the model as if ImageNet-normalised (values up to 65535)."""
+    from dinokit.viz.prepare import prepare_image
+
+    model = build_backbone("vit_pico", patch_size=8, img_size=32)
+    pixels = torch.randint(0, 256, (3, 16, 16), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.int64, torch.int32, torch.uint16):
+        with pytest.raises(DinokitError, match=rf"^a {dtype} image tensor is ambiguous: give uint8 pixels"):
+            prepare_image(model, pixels.to(dtype), image_size=16)
+    eight_bit = prepare_image(model, pixels.to(torch.uint8), image_size=16).tensor
+    assert -2.2 < eight_bit.min() and eight_bit.max() < 2.7  # normalised
+    assert torch.equal(prepare_image(model, eight_bit, image_size=16).tensor, eight_bit)  # floats: as they are

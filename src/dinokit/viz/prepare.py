@@ -91,6 +91,9 @@ def prepare_image(model: nn.Module, image: ImageLike, *, image_size: int | None 
         image = TF.pil_to_tensor(as_seen(image))  # (3, H, W) uint8, decoded as the commands decode files
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise DinokitError(f"expected an image path, a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
+    if not image.is_floating_point() and image.dtype != torch.uint8:  # raw pixels taken as normalised values
+        raise DinokitError(f"a {image.dtype} image tensor is ambiguous: give uint8 pixels (0..255) or float values "
+                           "already ImageNet-normalised (e.g. tensor.to(torch.uint8) for 8-bit pixels)")
     if image.dtype == torch.uint8:
         image = resize_short_side(image, image_size)
         tensor = make_normalize_transform()(TF.to_dtype(image, torch.float32, scale=True))
