@@ -149,6 +149,18 @@ def test_hf_config_of_a_released_model(tmp_path: Path) -> None:
     assert (config["image_size"], config["patch_size"], config["mlp_ratio"]) == (518, 14, 4)
     _, info = transformers.AutoModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info.values())
+    assert config["torch_dtype"] == "float32"
+
+
+def test_hf_config_says_the_dtype_the_weights_are_stored_in(tmp_path: Path) -> None:
+    """fp16 or bf16 weights were written with "torch_dtype": "float32": torch_dtype="auto" loaded them as float32."""
+    spec = tiny_spec("plain")
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+            for k, v in random_backbone(spec).state_dict().items()}
+    folder = save_hf_folder(half, tmp_path / "hf", spec=spec)
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = transformers.AutoModel.from_pretrained(folder, torch_dtype="auto")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------- timm

@@ -88,8 +88,9 @@ def official_to_hf(sd: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
-def hf_config(spec: BackboneSpec) -> dict[str, Any]:
-    """The ``config.json`` of a ``Dinov2Model`` (or ``Dinov2WithRegistersModel``) with this architecture."""
+def hf_config(spec: BackboneSpec, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The ``config.json`` of a ``Dinov2Model`` (or ``Dinov2WithRegistersModel``) with this architecture, its
+    weights stored in ``dtype`` (what ``from_pretrained(..., torch_dtype="auto")`` loads them as)."""
     registers = spec.num_register_tokens > 0
     config: dict[str, Any] = {
         "architectures": ["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
@@ -111,7 +112,7 @@ def hf_config(spec: BackboneSpec) -> dict[str, Any]:
         "layerscale_value": 1.0,
         "drop_path_rate": 0.0,
         "use_swiglu_ffn": spec.ffn_layer != "mlp",
-        "torch_dtype": "float32",
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if registers:
         config["num_register_tokens"] = spec.num_register_tokens
@@ -137,7 +138,9 @@ def save_hf_folder(sd: Mapping[str, torch.Tensor], folder: str | Path, *, spec: 
     with atomic_write(folder / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     with atomic_write(folder / "config.json") as tmp:  # a whole file or the previous one, as every output
-        tmp.write_text(json.dumps(hf_config(spec), indent=2) + "\n")
+        # the weights' own dtype: fp16 or bf16 weights said float32, and "auto" loaded them as float32
+        stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+        tmp.write_text(json.dumps(hf_config(spec, stored), indent=2) + "\n")
     return folder
 
 
