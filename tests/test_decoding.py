@@ -66,6 +66,20 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert (rgb == 255).mean() < 0.01  # was 99% white
 
 
+def test_float_images_are_scaled_by_their_range(tmp_path):
+    """A float TIFF in [0, 1.2] (a little over from resampling) was taken as 0..255: nearly black (mean 0.2)."""
+    ramp = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    for factor, mean in ((1.0, 127.5), (1.2, 148.7), (255.0, 127.5), (1000.0, 127.5), (65535.0, 127.5)):
+        Image.fromarray(ramp * factor, "F").save(tmp_path / "f.tif")
+        assert Image.open(tmp_path / "f.tif").mode == "F"
+        grey = np.asarray(load_image(tmp_path / "f.tif"))[..., 0].astype(float)
+        assert abs(grey.mean() - mean) < 1.5, (factor, grey.mean())
+    nan = ramp.copy()
+    nan[0, :3] = [np.nan, np.inf, -np.inf]
+    Image.fromarray(nan, "F").save(tmp_path / "n.tif")
+    assert np.asarray(load_image(tmp_path / "n.tif"))[0, :3, 0].tolist() == [0, 0, 0]
+
+
 def test_cmyk_grey_and_one_pixel_images_decode(tmp_path):
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
     Image.new("L", (1, 1), 77).save(tmp_path / "one.png")

@@ -84,15 +84,21 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or data.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.clip(np.round(data * (255.0 / top)), 0, 255).astype(np.uint8))
     elif img.mode == "F":
-        data = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if data.size and np.nanmax(data) <= 1.0 else 1.0  # floats in [0, 1] or already in [0, 255]
-        img = Image.fromarray(np.clip(np.nan_to_num(data * scale), 0, 255).astype(np.uint8))
+        data = np.nan_to_num(np.asarray(img, dtype=np.float64), posinf=0.0, neginf=0.0)
+        img = Image.fromarray(np.clip(np.round(data * _float_scale(data)), 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         canvas.alpha_composite(rgba)
         return canvas.convert("RGB")
     return img.convert("RGB")
+
+
+def _float_scale(data: np.ndarray) -> float:
+    """What brings a float image to 0..255: values in [0, 1] (up to 2: a little over from resampling or HDR, which a
+    scale of 1 made nearly black), in [0, 255] as they are, and larger ones (16-bit or HDR ranges) by their maximum."""
+    top = float(data.max(initial=0.0))
+    return 255.0 if top <= 2.0 else 1.0 if top <= 255.0 else 255.0 / top
 
 
 def upright(img: Image.Image, exif: bool | None = None) -> Image.Image:
