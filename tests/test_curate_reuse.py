@@ -314,3 +314,45 @@ def test_how_the_embedding_runs_redoes_no_stage_and_records_of_earlier_digests_a
         upstream = record
     out = _run(pool, work, capsys, "embed.batch_size=3", "embed.num_workers=1")
     assert all(f"[{stage}] finished earlier with these settings" in out for stage in STAGES), out
+
+
+def test_a_changed_pool_embeds_only_its_new_images_and_a_kill_meanwhile_keeps_the_earlier_embedding(
+        tmp_path, capsys, monkeypatch):
+    """Shards are cut by position: one added image re-embedded the whole pool. The images a changed set still holds
+    (same name, same size) are now copied from its earlier embedding, kept aside until the new one is whole."""
+    from dinokit.curate import embed as embed_module
+
+    pool, work = tmp_path / "pool", tmp_path / "work"
+    write_copy_pairs(pool, n_images=6, copies=1)
+    _run(pool, work, capsys)
+    embedded: list[int] = []
+    real = embed_module.extract_features
+
+    def counted(model, dataset, **kwargs):
+        embedded.append(len(dataset))
+        return real(model, dataset, **kwargs)
+
+    monkeypatch.setattr(embed_module, "extract_features", counted)
+    Image.new("RGB", (64, 64), (250, 20, 20)).save(pool / "scene_0002a.png")  # sorts in the middle: shifts shards
+    Image.new("RGB", (64, 64), (20, 20, 250)).save(pool / "scene_0004.png")  # replaced: another size
+    (pool / "scene_0005.png").unlink()
+    out = _run(pool, work, capsys)
+    assert ("[embed] the pool: its images changed since they were embedded (1 added, 1 removed, 12 now): embedding "
+            "it again, with the embeddings of the images it still holds") in out
+    assert "[embed] the pool: 10 of 12 images taken from the earlier embedding" in out
+    assert sum(embedded) == 2 and not (work / "embed" / "pool.earlier").exists()
+    monkeypatch.undo()
+    _run(pool, tmp_path / "fresh", capsys)
+    for key in ("cls", "copy"):
+        fresh = EmbeddingStore(tmp_path / "fresh" / "embed" / "pool").load(key).numpy()
+        np.testing.assert_allclose(EmbeddingStore(work / "embed" / "pool").load(key).numpy(), fresh, atol=2e-3)
+    assert (work / "manifest.txt").read_text() == (tmp_path / "fresh" / "manifest.txt").read_text()
+    # killed while embedding a changed pool again: the rerun still takes the images from the earlier embedding
+    (pool / "scene_0000.png").unlink()
+    monkeypatch.setattr(embed_module.EmbeddingStore, "load", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["curate", "run", "--pool", str(pool), "--output-dir", str(work), "--target-size", "4", *MODEL]) == 130
+    assert (work / "embed" / "pool.earlier").is_dir()
+    monkeypatch.undo()
+    out = _run(pool, work, capsys)
+    assert "[embed] the pool: 11 of 11 images taken from the earlier embedding" in out
+    assert not (work / "embed" / "pool.earlier").exists()

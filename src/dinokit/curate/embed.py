@@ -85,12 +85,16 @@ def embed_set(
     progress: bool = True,
     settings: str | None = None,
     files: dict | None = None,
-) -> None:
-    """Embed every image of ``dataset`` (whose items are ``paths``) into shards under ``folder``.
+    reuse: EmbeddingStore | None = None,
+) -> int:
+    """Embed every image of ``dataset`` (whose items are ``paths``) into shards under ``folder``; how many images
+    this process took from ``reuse`` instead.
 
     Finished shards are kept; a different path list in an existing folder is an error. ``settings`` (a digest of
     what changes the features) and ``files`` (the model files' stamps) are recorded in each shard's JSON, for
-    :func:`outdated` to compare.
+    :func:`outdated` to compare. ``reuse``: the earlier embeddings of the set (same settings, see
+    :func:`reusable_store`); an image listed there with the same file size is copied from it, not embedded again
+    (one added image re-embedded the whole pool: shards are cut by position).
     """
     folder = Path(folder)
     rank, world = du.get_rank(), du.get_world_size()
@@ -105,27 +109,44 @@ def embed_set(
     du.barrier()
     n_shards = -(-len(paths) // config.shard_size)
     storage = np.float16 if config.storage == "float16" else np.float32
+    earlier = {} if reuse is None else {reuse.paths[r]: j for j, r in enumerate(reuse.rows.tolist())}
+    reused = 0
     for s in range(rank, n_shards, world):
         meta_file = folder / f"{_shard_name(s)}.json"
         if meta_file.is_file():
             continue  # finished in an earlier run
         start, stop = s * config.shard_size, min((s + 1) * config.shard_size, len(paths))
+        sizes = {i: _file_size(paths[i]) for i in range(start, stop)}
+        kept = {i: j for i in range(start, stop) if (j := earlier.get(paths[i])) is not None
+                and sizes[i] and int(reuse.sizes[j]) == sizes[i]}  # type: ignore[union-attr]
+        todo = [i for i in range(start, stop) if i not in kept]
         # skipped images are listed in the shard's JSON; the command line names the first and counts them all
         result = extract_features(
-            model, Subset(dataset, range(start, stop)), feature_fn=feature_fn, batch_size=config.batch_size,
+            model, Subset(dataset, todo), feature_fn=feature_fn, batch_size=config.batch_size,
             num_workers=config.num_workers, device=device, dtype=dtype, progress=progress,
             desc=f"embed {folder.name} {s + 1}/{n_shards}", distributed=False,
-        )
-        rows = result.indices.tolist()  # the dataset's own indices (a Subset passes them through)
-        for key, value in result.features.items():
+        ) if todo else None
+        new = [] if result is None else result.indices.tolist()  # the dataset's own indices (a Subset passes them)
+        rows = sorted([*kept, *new])
+        keys = sorted(result.features) if result is not None else reuse.keys  # type: ignore[union-attr]
+        for key in keys:
+            value = np.empty((len(rows), result.features[key].shape[1] if result is not None else reuse.dim(key)),
+                             dtype=np.float32)
+            at = {i: n for n, i in enumerate(rows)}
+            if new:
+                value[[at[i] for i in new]] = result.features[key].numpy()  # type: ignore[union-attr]
+            if kept:
+                value[[at[i] for i in kept]] = reuse.load(key, np.array(list(kept.values()))).numpy()  # type: ignore
             with atomic_write(folder / f"{_shard_name(s)}.{key}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, value.numpy().astype(storage))
-        meta = {"start": start, "stop": stop, "rows": rows, "keys": sorted(result.features),
-                "bad": list(result.bad), "bytes": [_file_size(paths[i]) for i in rows], "settings": settings,
-                "files": files}
+                np.save(f, value.astype(storage))
+        reused += len(kept)
+        meta = {"start": start, "stop": stop, "rows": rows, "keys": keys,
+                "bad": [] if result is None else list(result.bad), "bytes": [sizes[i] for i in rows],
+                "settings": settings, "files": files}
         with atomic_write(meta_file) as tmp:
             tmp.write_text(json.dumps(meta))
     du.barrier()
+    return reused
 
 
 def read_paths(listing: Path) -> list[str]:
@@ -164,6 +185,19 @@ def outdated(folder: str | Path, paths: list[str], settings: str | None = None,
         if files is not None and isinstance(earlier_files, dict) and earlier_files != files:
             return "its shards were embedded with model files that changed since (same path, other contents)"
     return None
+
+
+def reusable_store(folder: str | Path, settings: str, files: dict) -> EmbeddingStore | None:
+    """The finished embeddings in ``folder`` when they were made with ``settings`` and ``files``, whatever images
+    they list (the earlier embedding of a set whose images changed); None otherwise."""
+    folder = Path(folder)
+    if not (folder / PATHS_FILE).is_file():
+        return None
+    try:
+        store = EmbeddingStore(folder)
+    except DinokitError:  # unfinished or damaged: nothing to take from it
+        return None
+    return None if outdated(folder, store.paths, settings, files) else store
 
 
 def clear_set(folder: str | Path) -> None:
@@ -206,6 +240,7 @@ class EmbeddingStore:
         self.bad = [b for m in self.shards for b in m["bad"]]
         self.sizes = np.array([b for m in self.shards for b in m["bytes"]], dtype=np.int64)
         self._ends = np.cumsum([len(m["rows"]) for m in self.shards])
+        self.keys = next((m["keys"] for m in self.shards if m["rows"]), ["cls"])
 
     def _meta(self, s: int, start: int) -> dict:
         """The record of shard ``s``, checked: it starts at image ``start`` and its rows are its images."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +36,8 @@ from ..files import atomic_write
 from .config import CurateConfig
 from .dedup import (centre_links, centre_tolerance, centred_unit_rows, choose_representatives,
                     connected_components, edges_above, relative_dedup)
-from .embed import PATHS_FILE, EmbeddingStore, clear_set, curation_feature_fn, embed_set, outdated
+from .embed import (PATHS_FILE, EmbeddingStore, clear_set, curation_feature_fn, embed_set, outdated,
+                    reusable_store)
 from .kmeans import hierarchical_kmeans
 from .knn import knn_search
 from .retrieve import retrieve_by_clusters, retrieve_by_samples
@@ -43,6 +45,7 @@ from .sampling import hierarchical_sample
 from .work import Work, image_sets, save_npy
 
 STAGES = ("embed", "dedup", "retrieve", "cluster", "sample", "report")
+EARLIER = ".earlier"  # WORK/embed/<set>.earlier: a set's earlier embedding while the set is embedded again
 MANIFEST = "manifest.txt"
 
 
@@ -137,15 +140,29 @@ def stage_embed(work: Work, *, device: torch.device, progress: bool = True,
     feature_fn = curation_feature_fn(config.embed.copy, config.embed.gem_p, copy_model)
     # at most one worker per usable core (said once); the stage's digest keeps the value asked for
     embedding = replace(config.embed, num_workers=usable_workers(config.embed.num_workers, key="embed.num_workers"))
+    settings, files = work.feature_digest, work.model_files
     for name, dataset in datasets.items():
         folder, paths = work.folder("embed") / name, [os.path.abspath(p) for p in dataset.paths]
-        # embeddings of other images or other settings (a killed run's, a changed pool's) are not kept
-        if du.is_main_process() and (why := outdated(folder, paths, work.feature_digest, work.model_files)):
-            _log(f"[embed] {_set_name(name)}: {why}: embedding it again")
-            clear_set(folder)
+        # the earlier embedding of a set whose images changed, kept aside while it is embedded again: the images it
+        # still holds are copied from it (one added image re-embedded the whole pool); other settings' go
+        earlier = folder.with_name(f"{name}{EARLIER}")
+        if du.is_main_process() and (why := outdated(folder, paths, settings, files)):
+            aside = not earlier.exists() and reusable_store(folder, settings, files) is not None
+            _log(f"[embed] {_set_name(name)}: {why}: embedding it again"
+                 + (", with the embeddings of the images it still holds" if aside else ""))
+            if aside:
+                folder.rename(earlier)
+            else:
+                clear_set(folder)
         du.barrier()
-        embed_set(dataset, paths, folder, model=model, feature_fn=feature_fn, config=embedding, device=device,
-                  progress=progress, settings=work.feature_digest, files=work.model_files)
+        reuse = reusable_store(earlier, settings, files) if earlier.exists() else None
+        reused = embed_set(dataset, paths, folder, model=model, feature_fn=feature_fn, config=embedding,
+                           device=device, progress=progress, settings=settings, files=files, reuse=reuse)
+        reused = sum(du.all_gather_object(reused))
+        if du.is_main_process() and earlier.exists():
+            _log(f"[embed] {_set_name(name)}: {reused} of {len(paths)} images taken from the earlier embedding")
+            shutil.rmtree(earlier, ignore_errors=True)
+        du.barrier()
     pool = EmbeddingStore(work.folder("embed") / "pool")
     if len(pool) == 0:
         raise DinokitError(f"none of the {n_pool} pool images could be read (first: {pool.paths[pool.bad[0]]}); check the files")
