@@ -205,7 +205,7 @@ def test_weights_retrained_at_the_same_path_are_embedded_again_and_the_later_sta
     assert all(f"[{stage}] finished earlier with these settings" in out for stage in STAGES)
 
 
-def test_model_files_stamp_weights_by_size_and_time_and_config_files_by_content(tmp_path):
+def test_model_files_stamp_weights_by_size_and_time_and_config_files_by_their_backbone(tmp_path):
     from dinokit.curate.config import CurateConfig
     from dinokit.curate.work import files_changed, model_files
 
@@ -219,6 +219,8 @@ def test_model_files_stamp_weights_by_size_and_time_and_config_files_by_content(
     assert set(first) == {"config_file", "weights"}  # the run's config.yaml, found beside the weights as the model is
     assert first["weights"]["size"] == 4
     os.utime(run / "config.yaml", ns=(0, 0))  # rewritten as a run resumes: the same contents
+    assert files_changed(first, model_files(config)) is None
+    (run / "config.yaml").write_text("optim: {epochs: 3}\nstudent: {arch: vit_pico}\n")  # resumed for longer
     assert files_changed(first, model_files(config)) is None
     (run / "config.yaml").write_text("student: {arch: vit_small}\n")
     assert files_changed(first, model_files(config)) == "config file"

@@ -66,11 +66,26 @@ def model_files(config: CurateConfig) -> dict[str, dict]:
             if path is None or not path.is_file():
                 continue  # a hub name, a URL, random init; a missing file is named when the model is built
             if key.endswith("config_file"):
-                files[key] = {"path": str(path), "digest": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+                files[key] = {"path": str(path), "digest": _backbone_settings_digest(path)}
             else:
                 stat = path.stat()
                 files[key] = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return files
+
+
+def _backbone_settings_digest(path: Path) -> str:
+    """A digest of what a config file says of the backbone (its ``student`` and ``crops`` sections: the
+    architecture and image size :func:`dinokit.eval.setup.setup_eval_model` builds), else of its bytes: a training
+    run's ``config.yaml`` rewritten as it resumed with more epochs re-embedded the whole pool."""
+    from omegaconf import OmegaConf
+
+    try:
+        tree = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # not YAML that OmegaConf reads: its building fails later, in one line
+        tree = None
+    if not isinstance(tree, dict) or "student" not in tree:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return _digest({k: tree.get(k) for k in ("student", "crops")})
 
 
 def files_changed(earlier: dict | None, now: dict[str, dict]) -> str | None:
