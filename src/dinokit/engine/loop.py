@@ -132,6 +132,7 @@ class Engine:
         use_scaler = cfg.dtype == torch.float16 and cfg.grad_scaler
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
         self.steps_taken = 0  # by the optimiser in this process: the loss scaler skips steps of overflowed gradients
+        self.skipped_in_a_row, self._skips_said = 0, False
         self.optimizer.register_step_post_hook(lambda *_: setattr(self, "steps_taken", self.steps_taken + 1))
         self.autocast = (
             torch.autocast(device.type, dtype=cfg.dtype) if cfg.dtype != torch.float32 else contextlib.nullcontext()
@@ -161,8 +162,10 @@ class Engine:
             for module in self.task.trainable_modules().values():
                 torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.clip_grad)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            taken = self.steps_taken
+            self.scaler.step(self.optimizer)  # it skips the step when a gradient is not finite (it knows: no sync)
             self.scaler.update()
+            self.skipped_in_a_row = 0 if self.steps_taken > taken else self.skipped_in_a_row + 1
         else:
             self.optimizer.step()
         if self.averaged:  # BatchNorm statistics equal on every process (checkpoints hold one copy)
@@ -295,14 +298,18 @@ class Engine:
                 "bad_images": last_record.get("bad_images", n_bad_total)}
 
     def _skipped_steps(self, steps: int) -> str | None:
-        """One line when the fp16 loss scaler skipped most of the ``steps`` run in this process (beyond the first
-        few, which find the scale): their gradients overflowed at every scale, and the run was training nothing."""
+        """One line (once) when the fp16 loss scaler skipped most of the ``steps`` run in this process, or more than
+        the first few that find the scale in a row (a run that stopped stepping partway): their gradients were not
+        finite at the scales tried, and the run was training nothing."""
         skipped = steps - self.steps_taken
-        if self.scaler is None or not self.is_main or skipped <= SKIPPED_STEPS_ALLOWED or 2 * skipped <= steps:
+        stalled = self.skipped_in_a_row > SKIPPED_STEPS_ALLOWED
+        if self.scaler is None or not self.is_main or self._skips_said or not (
+                stalled or (skipped > SKIPPED_STEPS_ALLOWED and 2 * skipped > steps)):
             return None
-        return (f"the optimiser skipped {skipped} of the {steps} steps so far: their fp16 gradients overflowed at "
-                f"every loss scale tried (now {self.scaler.get_scale():g}); train in bf16 (compute_precision.dtype=bf16) "
-                "or fp32, or lower the lr")
+        self._skips_said = True
+        return (f"the optimiser skipped {skipped} of the {steps} steps so far ({self.skipped_in_a_row} in a row): their "
+                f"fp16 gradients were not finite at the loss scales tried (now {self.scaler.get_scale():g}); train in "
+                "bf16 (compute_precision.dtype=bf16) or fp32, or lower the lr")
 
     def _sum_over_processes(self, count: int) -> int:
         """``count`` summed over the processes (at a logging window, where every process already waits)."""
