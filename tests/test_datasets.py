@@ -400,3 +400,20 @@ def test_a_list_of_the_names_curate_writes_reads_back_every_file(tmp_path):
     listing.write_bytes(b"a.png\nn\xe9e.png\n")
     with pytest.raises(DinokitError, match=rf"^'{listing}' is not UTF-8 text \(byte 7: invalid continuation byte\)"):
         make_dataset(f"FileList:path={listing}")
+    # one of curate's Latin-1 names deleted since: left out with the missing files' warning, not the whole list
+    listing.write_bytes(b"gone_\xe9.png\n" + os.fsencode(tmp_path / names[0]) + b"\n")
+    with pytest.warns(UserWarning, match="1 of the 2 files listed in .* do not exist and are left out"):
+        assert make_dataset(f"FileList:path={listing}").paths == [tmp_path / names[0]]
+    # under an ASCII locale a UTF-8 name is the file system's bytes too (it was decoded as UTF-8: left out)
+    import subprocess
+    import sys
+
+    listing.write_bytes(b"".join(os.fsencode(tmp_path / name) + b"\n" for name in names))
+    code = ("import sys, warnings; warnings.simplefilter('error'); from dinokit.data import make_dataset\n"
+            "print(all(p.is_file() for p in make_dataset('FileList:path=' + sys.argv[1]).paths))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code, os.fsencode(listing)], env=env, capture_output=True)
+    assert done.stdout == b"True\n", done.stderr.decode(errors="replace")
+    # old Mac line ends (carriage returns only), as Excel for Mac's CSV writes them
+    listing.write_bytes(f"{names[2]},0\r{names[3]},1\r".encode())
+    assert make_dataset(f"FileList:path={listing}", labelled=True).targets == [0, 1]

@@ -158,26 +158,32 @@ def read_user_text(path: str | Path) -> str:
 
 
 def read_list_lines(list_file: str | Path) -> list[str]:
-    """The lines of a list of file names (a ``FileList``, curate's ``manifest.txt``): split at line feeds only (a
-    name may hold a carriage return or a Unicode line separator, which ``str.splitlines`` split it at), a CRLF line
-    end and a byte-order mark dropped. A line that is not UTF-8 is decoded as the file system decodes names when it
-    names a file that exists (curate lists a Latin-1 name as its bytes: the whole list was refused), else the list
-    is one line asking for UTF-8 (an editor's Latin-1 or UTF-16)."""
+    """The lines of a list of file names (a ``FileList``, curate's ``manifest.txt``), each decoded as the file system
+    decodes names, so that every name dinokit lists reads back as the same file under any locale. Split at line
+    feeds only (a name may hold a carriage return or a Unicode line separator, which ``str.splitlines`` split it at),
+    at carriage returns in a file that has no line feed (old Mac line ends); a CRLF line end and a byte-order mark
+    dropped. Lines that are not UTF-8 are names' bytes when one of them names a file that exists (curate lists a
+    Latin-1 name as its bytes: the whole list was refused); when none does, the list is one line asking for UTF-8
+    (an editor's Latin-1 or UTF-16)."""
     raw = Path(list_file).read_bytes()
     skipped = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    lines, offset = [], skipped
-    for whole in raw[skipped:].split(b"\n"):
+    end = b"\n" if b"\n" in raw or b"\r" not in raw else b"\r"
+    lines, offset, first_foreign, names_a_file = [], skipped, None, False
+    for whole in raw[skipped:].split(end):
         line = whole.removesuffix(b"\r")
         try:
-            lines.append(line.decode("utf-8"))
+            line.decode("utf-8")
         except UnicodeDecodeError as err:
-            name = os.fsdecode(line).strip()
-            unlabelled = re.sub(r"[\t,]\s*-?\d+$", "", name).rstrip()  # 'path,3' of a labelled list
-            if b"\0" in line or not any(os.path.lexists(Path(list_file).parent / n) for n in (name, unlabelled)):
-                raise DinokitError(f"{str(list_file)!r} is not UTF-8 text (byte {offset + err.start}: {err.reason}); "
-                                   "save it as UTF-8 (or check that it is the text file meant)") from None
-            lines.append(name)
-        offset += len(whole) + 1
+            first_foreign = first_foreign or f"byte {offset + err.start}: {err.reason}"
+            if not names_a_file and b"\0" not in line:
+                name = os.fsdecode(line).strip()
+                unlabelled = re.sub(r"[\t,]\s*-?\d+$", "", name).rstrip()  # 'path,3' of a labelled list
+                names_a_file = any(os.path.lexists(Path(list_file).parent / n) for n in (name, unlabelled))
+        lines.append(os.fsdecode(line))
+        offset += len(whole) + len(end)
+    if first_foreign and not names_a_file:  # the list's own encoding is not UTF-8
+        raise DinokitError(f"{str(list_file)!r} is not UTF-8 text ({first_foreign}); save it as UTF-8 (or check "
+                           "that it is the text file meant)")
     return lines
 
 
