@@ -44,3 +44,14 @@ def test_an_output_that_works_is_unchanged(tmp_path):
         done = _dinokit("models", stdout=out)
     assert done.returncode == 0 and done.stderr == ""
     assert (tmp_path / "out.txt").read_text().startswith("name ")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir() or not Path("/dev/full").exists(), reason="Linux only")
+def test_main_used_as_a_library_leaves_the_callers_output_as_it_was(tmp_path):
+    """After a failed output, main() had pointed descriptor 1 at /dev/null for good: the caller's later prints were
+    lost."""
+    code = ("import os, sys\nfrom dinokit.cli import main\n"
+            "callers, sys.stdout = sys.stdout, open('/dev/full', 'w')\ncode = main(['models'])\n"
+            "print('after', code, os.readlink(f'/proc/self/fd/{sys.stdout.fileno()}'), file=callers)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout == "after 2 /dev/full\n", done.stderr

@@ -98,8 +98,9 @@ class _Stdout:
 @contextlib.contextmanager
 def _guarded_stdout() -> Iterator[None]:
     """Run a command with :class:`_Stdout` in place, its output flushed before the command ends. A failed output is
-    one line (a traceback, or Python's exit status 120 at its last flush, before); what is still buffered is dropped,
-    so that the interpreter's own last flush does not fail again."""
+    one line (a traceback, or Python's exit status 120 at its last flush, before); the failed write drops what was
+    buffered, so the interpreter's own last flush has nothing left to fail on. The caller's standard output is left
+    as it was (``main`` used as a library goes on printing to it)."""
     stream = sys.stdout
     if stream is None:  # pythonw, or a closed descriptor 1
         yield
@@ -115,8 +116,6 @@ def _guarded_stdout() -> Iterator[None]:
         if err.code != 141:
             print(f"error: standard output could not be written: {err} (free space where it goes, or send it "
                   "elsewhere)", file=sys.stderr)
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         raise
     finally:
         sys.stdout = stream
