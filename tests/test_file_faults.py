@@ -144,6 +144,15 @@ def test_a_picture_out_through_a_link_that_loops_is_one_line(tmp_path, capsys):
                  "demo", "--random-init"]) == 2
     assert capsys.readouterr().err == (f"error: {str(tmp_path / 'loopA' / 'x.png')!r} goes through a symbolic link "
                                        "that loops (it leads back to itself); remove it or give another path\n")
+    # the same in train's run folder and viz match's picture (tracebacks: RuntimeError: Symlink loop)
+    for argv, given in ((["train", "--output-dir", str(tmp_path / "loopA" / "run"), "--config-file", "demo",
+                          f"train.dataset_path={tmp_path}"], tmp_path / "loopA" / "run"),
+                        (["viz", "match", str(tmp_path / "img.png"), str(tmp_path / "img.png"), "--out",
+                          str(tmp_path / "loopA" / "m.png"), "--config-file", "demo", "--random-init"],
+                         tmp_path / "loopA" / "m.png")):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (f"error: {str(given)!r} goes through a symbolic link that loops (it leads "
+                                           "back to itself); remove it or give another path\n")
 
 
 def test_a_lock_taken_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):

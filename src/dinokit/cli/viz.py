@@ -258,8 +258,7 @@ def run_match(args: argparse.Namespace) -> int:
     images = _image_paths([args.image_a]) + _image_paths([args.image_b])
     if len(images) != 2:
         raise DinokitError("give two images (not folders or lists) to match")
-    if out.resolve() in {Path(image).expanduser().resolve() for image in images}:
-        raise DinokitError(f"--out {args.out!r} is one of the input images; give another file name")
+    check_not_an_input(out, images, args.out)
     model, options = _setup(args)
     options.pop("batch_size")
     matches = match_patches(model, images[0], images[1], foreground=not args.all_patches,

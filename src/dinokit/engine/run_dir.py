@@ -98,8 +98,7 @@ def check_writable(path: str | Path, option: str = "--output-dir", *, is_file: b
     with ``is_file`` a file) cannot be written: a file where a folder is wanted, or a read-only folder (``path``'s
     own, or the nearest existing folder above it, where it would be created)."""
     target = Path(path).expanduser()
-    if target.is_symlink():
-        resolve_link(target)  # a loop: one line before any work (it came after the work, as a traceback)
+    resolve_link(target)  # a link that loops, on the path or above it: one line before any work (a traceback)
     if not is_file and target.exists() and not target.is_dir():
         raise DinokitError(f"{option} {str(path)!r} is a file, not a folder; give a folder path")
     if is_file and target.is_dir():
