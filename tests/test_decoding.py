@@ -77,7 +77,7 @@ def test_float_images_are_scaled_by_their_range(tmp_path):
     nan = ramp.copy()
     nan[0, :3] = [np.nan, np.inf, -np.inf]
     Image.fromarray(nan, "F").save(tmp_path / "n.tif")
-    assert np.asarray(load_image(tmp_path / "n.tif"))[0, :3, 0].tolist() == [0, 0, 0]
+    assert np.asarray(load_image(tmp_path / "n.tif"))[0, :3, 0].tolist() == [0, 255, 0]  # +inf: the brightest
 
 
 def test_cmyk_grey_and_one_pixel_images_decode(tmp_path):

@@ -84,7 +84,10 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or data.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.clip(np.round(data * (255.0 / top)), 0, 255).astype(np.uint8))
     elif img.mode == "F":
-        data = np.nan_to_num(np.asarray(img, dtype=np.float64), posinf=0.0, neginf=0.0)
+        data = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(data)
+        top = float(data[finite].max(initial=0.0))  # +inf: the brightest value there is; NaN, -inf: black
+        data = np.where(finite, data, np.where(np.isposinf(data), top, 0.0))
         img = Image.fromarray(np.clip(np.round(data * _float_scale(data)), 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
