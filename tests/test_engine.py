@@ -446,3 +446,22 @@ def test_the_command_line_starts_without_the_distributed_checkpoint_modules():
             "print('torch.distributed.checkpoint' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_an_ema_update_renews_the_teachers_interpolated_position_embeddings():
+    """ema_update wrote through .data, which leaves the version counter as it was: a teacher run at another size
+    than its native one (mixed resolutions, the Gram teacher) kept its first interpolated embedding for the run."""
+    from dinokit.engine import ema_update
+    from dinokit.models import build_backbone
+
+    torch.manual_seed(0)
+    teacher = build_backbone("vit_pico", patch_size=8, img_size=48).eval().requires_grad_(False)
+    student = build_backbone("vit_pico", patch_size=8, img_size=48)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        teacher(x)  # interpolates 6x6 -> 4x4 and keeps it
+        ema_update(teacher, student, 0.0)  # the teacher now holds the student's weights
+        after = teacher(x)
+        teacher._pos_cache.clear()
+        assert torch.equal(after, teacher(x))
+        assert torch.equal(after, student.eval()(x))
