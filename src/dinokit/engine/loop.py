@@ -134,9 +134,11 @@ class Engine:
         self.steps_taken = 0  # by the optimiser in this process: the loss scaler skips steps of overflowed gradients
         self.skipped_in_a_row, self._skips_said = 0, False
         self.optimizer.register_step_post_hook(lambda *_: setattr(self, "steps_taken", self.steps_taken + 1))
-        self.autocast = (
-            torch.autocast(device.type, dtype=cfg.dtype) if cfg.dtype != torch.float32 else contextlib.nullcontext()
-        )
+        # selective checkpointing replays the block's operators in backward: autocast's cache of cast weights made
+        # the replay differ from the forward (a RuntimeError in every bf16/fp16 run), so it goes without the cache
+        selective = cfg.activation_checkpointing and cfg.checkpoint_policy == "selective"
+        self.autocast = (torch.autocast(device.type, dtype=cfg.dtype, cache_enabled=not selective)
+                         if cfg.dtype != torch.float32 else contextlib.nullcontext())
         self.checkpointer = Checkpointer(
             self.output_dir / "checkpoints", model=task.checkpointed(), optimizer=self.optimizer, keep=cfg.keep_checkpoints,
             scaler=self.scaler,
