@@ -67,6 +67,12 @@ def test_health_signals_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
                                 "femto/dino_local_crops_loss": 4.1}])
     assert students["knn"] == {"femto/knn_top1_k20": ([4], [25.0]), "pico/knn_top1_k20": ([4], [20.0])}
     assert students["losses"] == {"femto/dino_local_crops_loss": ([4], [4.1])}
+    # dense heads' validation lines and a stage's backbone lr (neither was drawn)
+    dense = collect_series([{"iteration": 9, "val_mIoU": 30.0, "val_aAcc": 80.0, "backbone_lr": 1e-5},
+                            {"iteration": 9, "val_rmse": 0.5, "val_abs_rel": 0.1, "val_delta1": 0.9}])
+    assert dense["knn"] == {"val_mIoU": ([9], [30.0]), "val_aAcc": ([9], [80.0])}
+    assert dense["depth"] == {"val_rmse": ([9], [0.5]), "val_abs_rel": ([9], [0.1]), "val_delta1": ([9], [0.9])}
+    assert dense["optimiser"] == {"backbone_lr": ([9], [1e-5])}
 
 
 def test_plot_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -31,10 +31,12 @@ Series = dict[str, tuple[list[int], list[float]]]
 
 _PANELS: list[tuple[str, str, re.Pattern]] = [
     ("losses", "loss", re.compile(r".*_loss$")),
-    ("optimiser", "learning rate", re.compile(r"^(lr|last_layer_lr)$")),
+    ("optimiser", "learning rate", re.compile(r"^(lr|last_layer_lr|backbone_lr)$")),
     ("teacher", "teacher momentum / temperature", re.compile(r"^(mom|teacher_temp)$")),
     # a distillation into several students logs these per student, as "<student>/knn_top1_k20"
-    ("knn", "accuracy (%)", re.compile(r"^([^/]+/)?(knn_top\d+_k\d+|.*_acc|.*_miou)$")),
+    ("knn", "accuracy (%)", re.compile(r"^([^/]+/)?(knn_top\d+_k\d+|.*_acc|.*_miou|val_aacc)$", re.IGNORECASE)),
+    # dense heads' validation lines: segmentation in %, depth errors (metres, ratios) and the delta1 ratio
+    ("depth", "depth validation", re.compile(r"^val_(rmse|abs_rel|delta1)$")),
     ("entropy", "teacher output entropy (nats)", re.compile(r"^([^/]+/)?teacher_entropy$")),
     ("collapse", "count", re.compile(r"^([^/]+/)?(prototypes_used|cls_effective_rank)$")),
 ]
