@@ -379,3 +379,15 @@ def test_class_names_read_back_as_the_folder_gives_them_and_odd_outs_are_one_lin
     (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
     assert main(["data", "shard", str(src / "c"), "--out", str(tmp_path / "loopA")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {str(tmp_path / 'loopA')!r} is a symbolic link that loops")
+
+
+def test_curate_refuses_a_pool_of_shards_in_one_line(shards, tmp_path: Path, capsys) -> None:
+    """Its manifest listed members of tar files ('.../000000.tar/000000001'), which nothing could read."""
+    pool = shards[0]
+    capsys.readouterr()
+    assert main(["curate", "run", "--pool", pool, "--output-dir", str(tmp_path / "w"), "--config-file", "demo",
+                 "--weights", "random", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --pool {pool!r} is shards, whose images are members of tar files")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "w").exists()

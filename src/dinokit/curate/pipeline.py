@@ -28,6 +28,7 @@ from PIL import Image
 
 from .. import distributed as du
 from ..data import make_classification_eval_transform, make_dataset
+from ..data.datasets import parse_dataset_str
 from ..data.listing import real_paths
 from ..devices import usable_workers
 from ..errors import DinokitError
@@ -78,6 +79,10 @@ def build_models(config: CurateConfig, device: torch.device) -> tuple[torch.nn.M
 def open_sets(config: CurateConfig, transform=None) -> dict:
     """Every image set of the run, opened (listed); one line when a set is missing or the target too large. The
     command line calls it before writing anything into the work folder."""
+    if parse_dataset_str(config.pool)[0] == "WebDataset":  # its manifest named members of tar files: unreadable
+        raise DinokitError(f"--pool {config.pool!r} is shards, whose images are members of tar files that the "
+                           "manifest cannot list; give the folder (or FileList) the shards were made from (their "
+                           "sources.txt names each file); seed and evaluation sets may be shards")
     datasets = {name: make_dataset(s, transform=transform) for name, s in image_sets(config).items()}
     for name, dataset in datasets.items():  # the work folder's lists hold one name per line
         broken = next((p for p in dataset.paths if "\n" in str(p)), None)
