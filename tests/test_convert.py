@@ -399,3 +399,16 @@ def test_a_conversion_into_an_output_another_one_is_writing_is_one_line(tmp_path
                                        f"process is gone, delete {lock})\n")
     assert lock.is_file() and sorted(p.name for p in lock.parent.iterdir() if p.name.startswith(("o.", "model",
                                                                                                   "config"))) == []
+
+
+def test_converted_files_load_back_as_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A converted model.safetensors said 'holds no ViT backbone tensors' and a timm file '1 missing key(s):
+    mask_token' when given back as weights to eval, embed or viz."""
+    from dinokit.models.checkpoint import load_backbone_weights
+
+    model = create_model("dinov2_vits14")  # random init
+    official = save_backbone(model, tmp_path / "s.pth")
+    for to, written in (("hf", tmp_path / "hf" / "model.safetensors"), ("timm", tmp_path / "timm.pth")):
+        assert main(["convert", str(official), str(written.parent if to == "hf" else written), "--to", to]) == 0
+        loaded = load_backbone_weights(create_model("dinov2_vits14", pretrained=False), written)
+        assert_bitwise_equal(loaded.state_dict(), model.state_dict())

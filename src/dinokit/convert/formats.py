@@ -47,14 +47,20 @@ def read_backbone(path: str | Path, *, layout: str | None = None) -> tuple[State
         return sd, "hf", config
     checkpoint = load_state_dict_file(path)
     layout = layout or detect_layout(checkpoint)
+    return to_official(checkpoint, layout), layout, None
+
+
+def to_official(checkpoint: Mapping[str, Any], layout: str | None = None) -> StateDict:
+    """The official backbone state dict of a loaded checkpoint in ``layout`` (default: :func:`detect_layout`)."""
+    layout = layout or detect_layout(checkpoint)
     if layout not in SOURCE_LAYOUTS:
         raise DinokitError(f"unknown source layout {layout!r}; use one of {', '.join(SOURCE_LAYOUTS)}")
     if layout == "mmpretrain":
-        return mmpretrain_to_official(checkpoint), layout, None
+        return mmpretrain_to_official(checkpoint)
     if layout == "hf":
-        return hf_to_official(checkpoint), layout, None
+        return hf_to_official(checkpoint)
     flat = backbone_state_dict_from_checkpoint(checkpoint)
-    return (timm_to_official(flat) if layout == "timm" else flat), layout, None
+    return timm_to_official(flat) if layout == "timm" else flat
 
 
 def resolve_spec(sd: StateDict, *, model: str | None = None, config: Mapping[str, Any] | None = None) -> BackboneSpec:

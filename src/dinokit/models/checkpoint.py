@@ -207,7 +207,9 @@ def resize_pos_embed(state_dict: StateDict, num_patches: int) -> StateDict:
 def load_backbone_weights(model: nn.Module, weights: str | Path | Mapping[str, Any]) -> nn.Module:
     """Load a backbone file, URL or state dict into ``model``, always with ``strict=True``.
 
-    Any layout accepted by :func:`backbone_state_dict_from_checkpoint` works. Returns ``model``.
+    Any layout accepted by :func:`backbone_state_dict_from_checkpoint` works, and a file in the layout of Hugging
+    Face, timm or mmpretrain (what ``dinokit convert`` writes: its ``model.safetensors`` said "no ViT backbone
+    tensors", a timm file "1 missing key(s): mask_token"). Returns ``model``.
     """
     if not isinstance(weights, (str, os.PathLike, Mapping)):
         raise DinokitError(f"weights must be a file path, a URL or a state dict of tensors, got "
@@ -215,6 +217,15 @@ def load_backbone_weights(model: nn.Module, weights: str | Path | Mapping[str, A
     source = "the state dict" if isinstance(weights, Mapping) else repr(str(weights))
     checkpoint = weights if isinstance(weights, Mapping) else load_state_dict_file(weights)
     _refuse_non_tensors(checkpoint, source)
+    if not isinstance(weights, Mapping):
+        from ..convert.formats import detect_layout, to_official  # convert builds on this module
+
+        try:
+            layout = detect_layout(checkpoint)
+        except DinokitError:  # no backbone in it: said below, naming the file
+            layout = "official"
+        if layout != "official":
+            checkpoint = to_official(checkpoint, layout)
     sd = backbone_state_dict_from_checkpoint(checkpoint, source=source)
     check_backbone_state_dict(model, sd, source=source)
     model.load_state_dict(sd, strict=True)
