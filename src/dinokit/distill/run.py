@@ -90,6 +90,17 @@ def student_config(cfg: DictConfig, section: DictConfig) -> DictConfig:
     return single
 
 
+def features_loss_idle(cfg) -> list[str]:
+    """The settings given that ``distillation.loss=features`` does not use (it reads the global crops' features
+    only: no heads, no local crops); they said nothing."""
+    if cfg.distillation.loss != "features":
+        return []
+    given = {"crops.local_crops_number": cfg.crops.local_crops_number > 0, "train.packed_crops": cfg.train.packed_crops,
+             "train.head_chunk_rows": cfg.train.head_chunk_rows > 0, "train.compile_loss": cfg.train.compile_loss,
+             "train.centering=sinkhorn_knopp": cfg.train.centering == "sinkhorn_knopp"}
+    return [key for key, on in given.items() if on]
+
+
 def distill(
     cfg: DictConfig,
     *,
@@ -109,6 +120,11 @@ def distill(
                                "(distillation starts students from student.pretrained_weights)")
     make_paths_absolute(cfg)  # saved in config.yaml: the same teacher and files from any working directory
     rank, world = init_run(cfg.train.seed)
+    if rank == 0 and (idle := features_loss_idle(cfg)):
+        print(f"note: distillation.loss=features matches the students' global-crop features to the teacher's, so "
+              f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect (local crops are made and not used: "
+              "crops.local_crops_number=0 "
+              "saves their cost)")
     check_step_levers(cfg.train, world)
     check_koleo_group(cfg.dino, world)
     output_dir = Path(output_dir).expanduser()
