@@ -152,17 +152,6 @@ def test_hf_config_of_a_released_model(tmp_path: Path) -> None:
     assert config["torch_dtype"] == "float32"
 
 
-def test_hf_config_says_the_dtype_the_weights_are_stored_in(tmp_path: Path) -> None:
-    """fp16 or bf16 weights were written with "torch_dtype": "float32": torch_dtype="auto" loaded them as float32."""
-    spec = tiny_spec("plain")
-    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-            for k, v in random_backbone(spec).state_dict().items()}
-    folder = save_hf_folder(half, tmp_path / "hf", spec=spec)
-    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    loaded = transformers.AutoModel.from_pretrained(folder, torch_dtype="auto")
-    assert next(loaded.parameters()).dtype == torch.bfloat16
-
-
 # ------------------------------------------------------------------------------------------- timm
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_timm_constructor_expression_builds_a_model_the_weights_fit(variant: str) -> None:
@@ -399,16 +388,3 @@ def test_a_conversion_into_an_output_another_one_is_writing_is_one_line(tmp_path
                                        f"process is gone, delete {lock})\n")
     assert lock.is_file() and sorted(p.name for p in lock.parent.iterdir() if p.name.startswith(("o.", "model",
                                                                                                   "config"))) == []
-
-
-def test_converted_files_load_back_as_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A converted model.safetensors said 'holds no ViT backbone tensors' and a timm file '1 missing key(s):
-    mask_token' when given back as weights to eval, embed or viz."""
-    from dinokit.models.checkpoint import load_backbone_weights
-
-    model = create_model("dinov2_vits14")  # random init
-    official = save_backbone(model, tmp_path / "s.pth")
-    for to, written in (("hf", tmp_path / "hf" / "model.safetensors"), ("timm", tmp_path / "timm.pth")):
-        assert main(["convert", str(official), str(written.parent if to == "hf" else written), "--to", to]) == 0
-        loaded = load_backbone_weights(create_model("dinov2_vits14", pretrained=False), written)
-        assert_bitwise_equal(loaded.state_dict(), model.state_dict())

@@ -174,8 +174,8 @@ def check_sharded_metadata(path: Path) -> None:
 class Checkpointer:
     """Saves and restores (model, optimizer, iteration, RNG, the fp16 loss scaler) under ``directory``."""
 
-    def __init__(self, directory: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 3,
-                 scaler: torch.amp.GradScaler | None = None):
+    def __init__(self, directory: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 keep: int = 3, scaler: torch.amp.GradScaler | None = None):
         self.directory = Path(directory)
         self.model = model
         self.optimizer = optimizer
