@@ -106,7 +106,7 @@ def test_toy_kill_and_resume_is_bit_exact(tmp_path, dtype):
 
 def test_half_written_checkpoints_of_a_killed_run_are_removed(tmp_path):
     run_toy(tmp_path / "run", stop_after=10)
-    leftover = tmp_path / "run" / "checkpoints" / ".checkpoint_0000020.pth.tmp-12345"
+    leftover = tmp_path / "run" / "checkpoints" / ".checkpoint_0000020.pth.tmp-99999999"
     leftover.write_bytes(b"torn")
     run_toy(tmp_path / "run")
     assert not leftover.exists()

@@ -197,10 +197,10 @@ def test_a_second_run_in_the_same_folder_is_refused(images, tmp_path, capsys):
 
 def test_fresh_run_says_starting_from_scratch(images, tmp_path, capsys):
     out = tmp_path / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / ".checkpoint_0000003.pth.tmp-999").write_bytes(b"x" * 100)  # a kill's leftovers
+    (out / "checkpoints").mkdir(parents=True)  # temporaries of process ids no process has
+    (out / "checkpoints" / ".checkpoint_0000003.pth.tmp-99999999").write_bytes(b"x" * 100)  # a kill's leftovers
     (out / "eval" / "training_2").mkdir(parents=True)
-    (out / "eval" / "training_2" / ".teacher_checkpoint.pth.tmp-998").write_bytes(b"x" * 100)
+    (out / "eval" / "training_2" / ".teacher_checkpoint.pth.tmp-99999998").write_bytes(b"x" * 100)
     (out / "notes.tmp-1").write_text("mine")  # not a hidden temporary name: kept
     (out / "training_metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\n")
     pretrain(_cfg(images, "optim.epochs=1"), output_dir=out, device="cpu", stop_after=1)
