@@ -129,10 +129,10 @@ def embed_set(
         new = [] if result is None else result.indices.tolist()  # the dataset's own indices (a Subset passes them)
         rows = sorted([*kept, *new])
         keys = sorted(result.features) if result is not None else reuse.keys  # type: ignore[union-attr]
+        at = {i: n for n, i in enumerate(rows)}
         for key in keys:
             value = np.empty((len(rows), result.features[key].shape[1] if result is not None else reuse.dim(key)),
                              dtype=np.float32)
-            at = {i: n for n, i in enumerate(rows)}
             if new:
                 value[[at[i] for i in new]] = result.features[key].numpy()  # type: ignore[union-attr]
             if kept:

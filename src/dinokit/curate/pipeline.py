@@ -43,7 +43,7 @@ from .kmeans import hierarchical_kmeans
 from .knn import knn_search
 from .retrieve import retrieve_by_clusters, retrieve_by_samples
 from .sampling import hierarchical_sample
-from .work import Work, image_sets, save_npy
+from .work import Work, files_changed, image_sets, save_npy
 
 STAGES = ("embed", "dedup", "retrieve", "cluster", "sample", "report")
 EARLIER = ".earlier"  # WORK/embed/<set>.earlier: a set's earlier embedding while the set is embedded again
@@ -363,7 +363,8 @@ def run_stage(work: Work, stage: str, *, device: torch.device, progress: bool = 
     record = work.done(stage)
     again = None
     if stage == "embed" and record and not force:  # the same settings, but other files behind them
-        again = work.files_changed() or images_changed(work, kwargs.get("datasets"))
+        which = files_changed(record.get("files"), work.model_files)  # the record in hand: not read again
+        again = f"its model files changed since ({which})" if which else images_changed(work, kwargs.get("datasets"))
     if record is not None and not force and not again:
         _log(f"[{stage}] finished earlier with these settings ({record['seconds']:.1f} s): skipped")
         return record

@@ -34,8 +34,8 @@ def _identity(record: dict | None) -> str | None:
     it). A record without model files (of a dinokit before 2026-12-08) keeps the identity it had."""
     if record is None:
         return None
-    return _digest([record.get(k) for k in ("digest", "counts", "inputs", "after", "files") if k != "files"
-                    or "files" in record])
+    keys = ("digest", "counts", "inputs", "after", *(("files",) if "files" in record else ()))
+    return _digest([record.get(k) for k in keys])
 
 
 def _save_json(path: Path, obj: object) -> None:
@@ -89,7 +89,8 @@ def _backbone_settings_digest(path: Path) -> str:
 
 
 def files_changed(earlier: dict | None, now: dict[str, dict]) -> str | None:
-    """Which model files changed between two :func:`model_files` (None when ``earlier`` was not recorded)."""
+    """Which model files changed between two :func:`model_files` (None when ``earlier`` was not recorded): why a
+    finished embed stage is out of date with the same settings."""
     if not isinstance(earlier, dict) or earlier == now:
         return None
     return ", ".join(k.replace("_", " ") for k in sorted(set(earlier) | set(now)) if earlier.get(k) != now.get(k))
@@ -268,13 +269,6 @@ class Work:
             _save_json(self.folder(stage) / "done.json", record)
         du.barrier()
         return record
-
-    def files_changed(self) -> str | None:
-        """Why a finished embed stage is out of date with the same settings: the model files it read changed since
-        (see :func:`model_files`); None when they did not, or when its record does not say."""
-        record = self.done("embed")
-        which = files_changed(record.get("files"), self.model_files) if record else None
-        return f"its model files changed since ({which})" if which else None
 
     def need(self, stage: str) -> dict:
         record = self.done(stage)
