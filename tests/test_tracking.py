@@ -103,3 +103,40 @@ def test_none_and_unknown_trackers(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(DinokitError, match="unknown tracker 'mlflow'; use train.tracker=none, tensorboard or wandb"):
         make_tracker("mlflow", tmp_path)
+
+
+def test_tensorboard_resumed_run_replaces_the_killed_runs_points(tmp_path: Path) -> None:
+    """A run killed after step 7 and resumed from its checkpoint at step 5: one point per step, the resumed ones."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    killed = make_tracker("tensorboard", tmp_path, {"optim": {"lr": 0.004}})
+    for step in range(8):
+        killed.log({"total_loss": float(step)}, step)
+    killed.close()
+    time.sleep(1.1)  # a second event file (its name holds the time in seconds)
+    resumed = make_tracker("tensorboard", tmp_path, {"optim": {"lr": 0.004}}, start_step=5)
+    for step in range(5, 10):
+        resumed.log({"total_loss": 100.0 + step}, step)
+    resumed.close()
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("total_loss")]
+    assert got == [(s, float(s)) for s in range(5)] + [(s, 100.0 + s) for s in range(5, 10)]
+
+
+def test_wandb_resumed_run_goes_on_in_the_killed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = make_tracker("wandb", tmp_path / "run")
+    first.log({"total_loss": 1.0}, 0)
+    first.close()
+    run_id = (tmp_path / "run" / "wandb" / "run-id").read_text().strip()
+    assert first.run.id == run_id
+    resumed = make_tracker("wandb", tmp_path / "run", start_step=5)
+    resumed.log({"total_loss": 0.5}, 5)
+    resumed.close()
+    assert resumed.run.id == run_id  # the same W&B run, not a second one
+    fresh = make_tracker("wandb", tmp_path / "run")  # a run started again from scratch in the folder: a new W&B run
+    fresh.close()
+    assert fresh.run.id != run_id
+    assert (tmp_path / "run" / "wandb" / "run-id").read_text().strip() == fresh.run.id

@@ -224,7 +224,7 @@ class Engine:
             # lines of a dinokit before 2026-12-06: their total_loss is the minimised loss (now objective_loss)
             self._older_log = any("total_loss" in r and "objective_loss" not in r for r in earlier)
         loader = make_loader(start_iter)
-        tracker = make_tracker(cfg.tracker, output_dir, cfg.run_config) if self.is_main else None
+        tracker = make_tracker(cfg.tracker, output_dir, cfg.run_config, start_iter) if self.is_main else None
         logger = MetricsLogger(
             output_dir / "training_metrics.json", total=max_iter, initial=start_iter, enabled=self.is_main, tracker=tracker,
             bar=cfg.progress,
