@@ -309,6 +309,13 @@ def test_one_line_errors(images, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     err = error_of(capsys, [*base(tmp_path / "empty")])  # a folder with no snapshot
     assert "has no eval/training_*/teacher_checkpoint.pth" in err
+    for name in ("vits", "vitb"):  # a distillation of several students: each student's snapshots in its folder
+        snap = tmp_path / "several" / name / "eval" / "training_9" / "teacher_checkpoint.pth"
+        snap.parent.mkdir(parents=True)
+        snap.write_bytes(lonely.read_bytes())
+    err = error_of(capsys, [*base(tmp_path / "several")])
+    assert err.endswith("it holds the students vitb, vits of a distillation: give one student's folder, e.g. "
+                        f"{str(tmp_path / 'several' / 'vitb')!r}")
     # a student's starting weights are checked before the run folder is written
     err = error_of(capsys, [*base(teacher_dir), "distillation.students=[{arch: vit_femto}, "
                             f"{{arch: vit_femto, pretrained_weights: {tmp_path / 'none.pth'}}}]"])

@@ -160,6 +160,23 @@ def test_resume_from_teacher_checks_heads_and_conflicts(images, tmp_path):
         tiny_cfg(images, f"student.resume_from_teacher_chkpt={path}", f"student.pretrained_weights={path}")
 
 
+@pytest.mark.parametrize("separate", [True, False])
+def test_resume_from_teacher_names_a_different_ibot_head_layout(images, tmp_path, separate):
+    """A stage from a run whose iBOT had (or lacked) its own head: the one key to set, not 'not a teacher'."""
+    earlier = SSLMetaArch(tiny_cfg(images, f"ibot.separate_head={separate}", "ibot.loss_weight=1.0"))
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": earlier.teacher.state_dict()}, path)
+    other = str(not separate).lower()
+    with pytest.raises(DinokitError, match=f"has{'' if separate else ' no'} a separate ibot_head \\(its run set "
+                                           f"ibot.separate_head={str(separate).lower()}\\); set "
+                                           f"ibot.separate_head={str(separate).lower()} to go on from it"):
+        SSLMetaArch(tiny_cfg(images, f"student.resume_from_teacher_chkpt={path}", f"ibot.separate_head={other}",
+                             "ibot.loss_weight=1.0"))
+    # a stage without iBOT takes the DINO head of either layout
+    stage = SSLMetaArch(tiny_cfg(images, f"student.resume_from_teacher_chkpt={path}", "ibot.loss_weight=0"))
+    assert torch.equal(stage.student.dino_head.mlp[0].weight, earlier.teacher.dino_head.mlp[0].weight)
+
+
 def test_highres_presets_load():
     for name in ("vitl14_highres", "vitg14_highres"):
         cfg = load_config(name, ["student.resume_from_teacher_chkpt=/some/run"])

@@ -18,7 +18,7 @@ from torch import nn
 from .. import distributed as du
 from ..config import backbone_from_config, backbone_img_size, find_run_config, load_config
 from ..config.schema import StudentConfig
-from ..engine.snapshots import newest_snapshot
+from ..engine.snapshots import newest_snapshot, no_snapshot_fix
 from ..errors import DinokitError
 from ..files import LOCK_NAME, lock_holder
 from ..models.architectures import ARCHITECTURES
@@ -46,8 +46,8 @@ def resolve_teacher(spec: str, teacher_config: str = "", *, started_with: str | 
     if path.is_dir():
         snapshot = newest_snapshot(path)
         if snapshot is None:
-            raise DinokitError(f"teacher folder {spec!r} has no eval/training_*/teacher_checkpoint.pth; pass a run "
-                               "folder of dinokit train with at least one snapshot, or a checkpoint file")
+            raise DinokitError(f"teacher folder {spec!r} has no eval/training_*/teacher_checkpoint.pth; "
+                               f"{no_snapshot_fix(path)}")
         kept = Path(started_with) if started_with else None
         if kept is not None and kept.is_file() and path.resolve() in kept.resolve().parents:
             if kept.resolve() != snapshot.resolve() and du.is_main_process():

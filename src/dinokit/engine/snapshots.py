@@ -37,3 +37,17 @@ def newest_snapshot(run_dir: str | Path, filename: str = "teacher_checkpoint.pth
 
     snapshots = sorted(Path(run_dir).glob(f"eval/training_*/{filename}"), key=iteration)
     return snapshots[-1] if snapshots else None
+
+
+def student_folders(run_dir: str | Path, filename: str = "teacher_checkpoint.pth") -> list[Path]:
+    """The students' subfolders of a distillation of several students (each with its own snapshots), by name."""
+    return sorted({p.parents[2] for p in Path(run_dir).glob(f"*/eval/training_*/{filename}")})
+
+
+def no_snapshot_fix(run_dir: str | Path) -> str:
+    """What to give instead of a folder without snapshots: one student's folder if it holds several students."""
+    students = student_folders(run_dir)
+    if students:
+        return (f"it holds the students {', '.join(p.name for p in students)} of a distillation: give one student's "
+                f"folder, e.g. {str(students[0])!r}")
+    return "give a dinokit train run folder with at least one snapshot, or the checkpoint file itself"

@@ -59,7 +59,7 @@ class SSLMetaArch(SSLObjective, Task):
             path = teacher_checkpoint_path(cfg.student.resume_from_teacher_chkpt)
             checkpoint = load_state_dict_file(path)
             load_pretrained_backbone(backbone, str(path), checkpoint)
-            load_teacher_heads(heads, checkpoint, str(path))
+            load_teacher_heads(heads, checkpoint, str(path), ibot=ibot.loss_weight > 0)
             self.initial_weights = f"the teacher {path} (backbone and heads)"
         if not self.do_ibot:
             backbone.mask_token.requires_grad_(False)  # no masking without iBOT: it would get no gradient

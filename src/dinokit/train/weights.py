@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.snapshots import newest_snapshot
+from ..engine.snapshots import newest_snapshot, no_snapshot_fix
 from ..errors import DinokitError
 from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_backbone_weights, resize_pos_embed
 from ..models.weight_files import is_url, load_state_dict_file
@@ -39,8 +39,7 @@ def teacher_checkpoint_path(path: str) -> Path:
     if found.is_dir():
         snapshot = newest_snapshot(found)
         if snapshot is None:
-            raise DinokitError(f"{path!r} has no eval/training_*/teacher_checkpoint.pth; give a run folder with a "
-                               "snapshot or the checkpoint file itself")
+            raise DinokitError(f"{path!r} has no eval/training_*/teacher_checkpoint.pth; {no_snapshot_fix(found)}")
         return snapshot
     return found
 
@@ -70,9 +69,16 @@ def load_pretrained_backbone(backbone: nn.Module, path: str, checkpoint: Mapping
     load_backbone_weights(backbone, resize_pos_embed(sd, backbone.patch_embed.num_patches))
 
 
-def load_teacher_heads(heads: Mapping[str, nn.Module], checkpoint: Mapping, path: str) -> None:
-    """The ``dino_head``/``ibot_head`` of a teacher checkpoint into ``heads`` (strict: same prototypes and widths)."""
+def load_teacher_heads(heads: Mapping[str, nn.Module], checkpoint: Mapping, path: str, ibot: bool = True) -> None:
+    """The ``dino_head``/``ibot_head`` of a teacher checkpoint into ``heads`` (strict: same prototypes and widths);
+    ``ibot``: this stage trains iBOT (then its head is separate in both runs or in neither)."""
     sd = checkpoint.get("teacher", checkpoint)
+    in_file = {k.split(".", 1)[0] for k in sd}
+    wanted = "ibot_head" in heads  # this stage's iBOT has its own head
+    if "dino_head" in in_file and ibot and wanted != ("ibot_head" in in_file):
+        raise DinokitError(f"{path} {'has no' if wanted else 'has'} a separate ibot_head (its run set "
+                           f"ibot.separate_head={str(not wanted).lower()}); set ibot.separate_head="
+                           f"{str(not wanted).lower()} to go on from it")
     for name, head in heads.items():
         part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(f"{name}.")}
         if not part:
