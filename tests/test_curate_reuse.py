@@ -9,12 +9,14 @@ import re
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from dinokit.cli import main
 from dinokit.curate.embed import EmbeddingStore
 from dinokit.curate.synthetic import write_copy_pairs
+from dinokit.errors import DinokitError
 
 MODEL = ["--config-file", "demo", "--weights", "random", "--device", "cpu", "--no-progress", "embed.num_workers=0",
          "embed.shard_size=8", "cluster.n_clusters=[4,2]"]
@@ -358,3 +360,26 @@ def test_a_changed_pool_embeds_only_its_new_images_and_a_kill_meanwhile_keeps_th
     out = _run(pool, work, capsys)
     assert "[embed] the pool: 11 of 11 images taken from the earlier embedding" in out
     assert not (work / "embed" / "pool.earlier").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_unreadable_image_added_to_an_embedded_pool_keeps_the_reused_features(tmp_path, capsys):
+    """A shard whose only image to embed was unreadable was written without feature keys: its reused rows had no
+    arrays, dedup failed, and every rerun found the embed stage finished (the earlier embedding already deleted)."""
+    pool, work = tmp_path / "pool", tmp_path / "work"
+    write_copy_pairs(pool, n_images=3, copies=1)
+    _run(pool, work, capsys)
+    before = EmbeddingStore(work / "embed" / "pool")
+    (pool / "zz_broken.png").write_bytes(b"not an image at all")
+    out = _run(pool, work, capsys)
+    assert "[embed] the pool: 6 of 7 images taken from the earlier embedding" in out
+    store = EmbeddingStore(work / "embed" / "pool")
+    assert [store.paths[i] for i in store.bad] == [str(pool / "zz_broken.png")]
+    for key in ("cls", "copy"):
+        np.testing.assert_array_equal(store.load(key).numpy(), before.load(key).numpy())
+    assert "[dedup]" in out and "finished earlier" in _run(pool, work, capsys)
+    # a shard record of that defect (rows without arrays) is named as damaged, with the fix
+    record = work / "embed" / "pool" / "shard-00000.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "keys": []}))
+    with pytest.raises(DinokitError, match="shard-00000.json is damaged .* rerun 'dinokit curate embed --force'"):
+        EmbeddingStore(work / "embed" / "pool")

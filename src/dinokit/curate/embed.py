@@ -128,10 +128,11 @@ def embed_set(
         ) if todo else None
         new = [] if result is None else result.indices.tolist()  # the dataset's own indices (a Subset passes them)
         rows = sorted([*kept, *new])
-        keys = sorted(result.features) if result is not None else reuse.keys  # type: ignore[union-attr]
+        # the keys and widths: of the new features, else of the earlier ones (every image to embed unreadable)
+        keys = sorted(result.features) if new else reuse.keys if kept else []  # type: ignore[union-attr]
         at = {i: n for n, i in enumerate(rows)}
         for key in keys:
-            value = np.empty((len(rows), result.features[key].shape[1] if result is not None else reuse.dim(key)),
+            value = np.empty((len(rows), result.features[key].shape[1] if new else reuse.dim(key)),  # type: ignore
                              dtype=np.float32)
             if new:
                 value[[at[i] for i in new]] = result.features[key].numpy()  # type: ignore[union-attr]
@@ -254,7 +255,7 @@ class EmbeddingStore:
         try:
             ok = (meta["start"] == start < meta["stop"] and len(meta["bytes"]) == len(meta["rows"])
                   and all(start <= i < meta["stop"] for i in [*meta["rows"], *meta["bad"]])
-                  and isinstance(meta["keys"], list))
+                  and isinstance(meta["keys"], list) and (meta["keys"] or not meta["rows"]))  # rows without arrays
         except (KeyError, TypeError):
             ok = False
         if not ok:
