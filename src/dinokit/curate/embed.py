@@ -189,8 +189,9 @@ def outdated(folder: str | Path, paths: list[str], settings: str | None = None,
 
 
 def reusable_store(folder: str | Path, settings: str, files: dict) -> EmbeddingStore | None:
-    """The finished embeddings in ``folder`` when they were made with ``settings`` and ``files``, whatever images
-    they list (the earlier embedding of a set whose images changed); None otherwise."""
+    """The finished embeddings in ``folder`` when they were made with ``settings`` and ``files`` (recorded: shards
+    that did not record their model files are never reused), whatever images they list (the earlier embedding of a
+    set whose images changed); None otherwise."""
     folder = Path(folder)
     if not (folder / PATHS_FILE).is_file():
         return None
@@ -198,6 +199,8 @@ def reusable_store(folder: str | Path, settings: str, files: dict) -> EmbeddingS
         store = EmbeddingStore(folder)
     except DinokitError:  # unfinished or damaged: nothing to take from it
         return None
+    if files and any(not isinstance(m.get("files"), dict) for m in store.shards):
+        return None  # shards of a dinokit that did not record the model files: their weights cannot be told apart
     return None if outdated(folder, store.paths, settings, files) else store
 
 
