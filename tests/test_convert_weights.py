@@ -37,3 +37,25 @@ def test_hf_config_says_the_dtype_the_weights_are_stored_in(tmp_path: Path) -> N
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
     loaded = transformers.AutoModel.from_pretrained(folder, torch_dtype="auto")
     assert next(loaded.parameters()).dtype == torch.bfloat16
+
+
+def test_converted_files_start_a_stage_and_teach_a_distillation(tmp_path: Path) -> None:
+    """student.pretrained_weights and a distillation's teacher read only the official layout: a timm file was a
+    traceback (resizing its position embedding), a Hugging Face file 'holds no ViT backbone tensors'."""
+    from dinokit.distill.teacher import TeacherSource, build_teacher
+    from dinokit.errors import DinokitError
+    from dinokit.models.checkpoint import resize_pos_embed
+    from dinokit.train.weights import load_pretrained_backbone
+
+    model = create_model("dinov2_vits14")  # random init, trained at 518 px
+    official = save_backbone(model, tmp_path / "s.pth")
+    expected = resize_pos_embed(model.state_dict(), 16 * 16)
+    for to, written in (("hf", tmp_path / "hf" / "model.safetensors"), ("timm", tmp_path / "timm.safetensors")):
+        assert main(["convert", str(official), str(written.parent if to == "hf" else written), "--to", to]) == 0
+        stage = create_model("dinov2_vits14", pretrained=False, img_size=224)
+        load_pretrained_backbone(stage, str(written))  # the position embedding resized to the stage's 16x16 grid
+        assert_bitwise_equal(stage.state_dict(), expected)
+        teacher, _ = build_teacher(TeacherSource(weights=written, config=None), with_heads=False)
+        assert_bitwise_equal(teacher.backbone.state_dict(), model.state_dict())
+    with pytest.raises(DinokitError, match=r"the position embedding has shape \(1, 30, 384\), not \(1, 1 \+ a square"):
+        resize_pos_embed({"pos_embed": torch.zeros(1, 30, 384)}, 16 * 16)

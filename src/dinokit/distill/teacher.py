@@ -22,7 +22,7 @@ from ..engine.snapshots import newest_snapshot, no_snapshot_fix
 from ..errors import DinokitError
 from ..files import LOCK_NAME, lock_holder
 from ..models.architectures import ARCHITECTURES
-from ..models.checkpoint import backbone_state_dict_from_checkpoint, describe_backbone_state_dict, load_backbone_weights
+from ..models.checkpoint import backbone_state_dict_of_any_layout, describe_backbone_state_dict, load_backbone_weights
 from ..models.weight_files import load_state_dict_file
 from ..train.objective import ssl_heads
 
@@ -103,7 +103,7 @@ def build_teacher(source: TeacherSource, *, with_heads: bool) -> tuple[nn.Module
                 f"no config.yaml found beside the teacher {where!r}, so its heads cannot be built: set "
                 "distillation.teacher_config=RUN/config.yaml, or distil its tokens with distillation.loss=features"
             )
-        sd = backbone_state_dict_from_checkpoint(state, source=repr(where))
+        sd = backbone_state_dict_of_any_layout(state, source=repr(where))
         info = describe_backbone_state_dict(sd)
         backbone = backbone_from_config(backbone_section(info), img_size=info.get("img_size", 224))
         load_backbone_weights(backbone, sd)
@@ -111,7 +111,7 @@ def build_teacher(source: TeacherSource, *, with_heads: bool) -> tuple[nn.Module
 
     tcfg = source.config
     backbone = backbone_from_config(tcfg.student, img_size=backbone_img_size(tcfg.crops))
-    load_backbone_weights(backbone, backbone_state_dict_from_checkpoint(state, source=repr(where)))
+    load_backbone_weights(backbone, backbone_state_dict_of_any_layout(state, source=repr(where)))
     modules: dict[str, nn.Module] = {"backbone": backbone}
     if with_heads:
         inner = state.get("teacher", state)

@@ -197,6 +197,9 @@ def resize_pos_embed(state_dict: StateDict, num_patches: int) -> StateDict:
     if pos is None or pos.shape[1] - 1 == num_patches:
         return state_dict
     src, dst = math.isqrt(pos.shape[1] - 1), math.isqrt(num_patches)
+    if pos.ndim != 3 or pos.shape[0] != 1 or src * src != pos.shape[1] - 1:
+        raise DinokitError(f"the position embedding has shape {tuple(pos.shape)}, not (1, 1 + a square grid, dim) "
+                           "with the class token first: not an official-layout backbone")
     grid = pos[:, 1:].float().reshape(1, src, src, -1).permute(0, 3, 1, 2)  # (1, D, src, src)
     grid = torch.nn.functional.interpolate(grid, size=(dst, dst), mode="bicubic", antialias=dst < src)
     grid = grid.permute(0, 2, 3, 1).reshape(1, dst * dst, -1)  # (1, dst*dst, D)
@@ -217,19 +220,25 @@ def load_backbone_weights(model: nn.Module, weights: str | Path | Mapping[str, A
     source = "the state dict" if isinstance(weights, Mapping) else repr(str(weights))
     checkpoint = weights if isinstance(weights, Mapping) else load_state_dict_file(weights)
     _refuse_non_tensors(checkpoint, source)
-    if not isinstance(weights, Mapping):
-        from ..convert.formats import detect_layout, to_official  # convert builds on this module
-
-        try:
-            layout = detect_layout(checkpoint)
-        except DinokitError:  # no backbone in it: said below, naming the file
-            layout = "official"
-        if layout != "official":
-            checkpoint = to_official(checkpoint, layout)
-    sd = backbone_state_dict_from_checkpoint(checkpoint, source=source)
+    sd = backbone_state_dict_from_checkpoint(checkpoint, source=source) if isinstance(weights, Mapping) else \
+        backbone_state_dict_of_any_layout(checkpoint, source=source)
     check_backbone_state_dict(model, sd, source=source)
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def backbone_state_dict_of_any_layout(checkpoint: Mapping[str, Any], source: str = "the checkpoint") -> StateDict:
+    """:func:`backbone_state_dict_from_checkpoint` of a loaded file in any layout dinokit reads: official, or that of
+    Hugging Face, timm or mmpretrain (what ``dinokit convert`` writes), converted to the official one."""
+    from ..convert.formats import detect_layout, to_official  # convert builds on this module
+
+    try:
+        layout = detect_layout(checkpoint)
+    except DinokitError:  # no backbone in it: said below, naming the file
+        layout = "official"
+    if layout != "official":
+        checkpoint = to_official(checkpoint, layout)
+    return backbone_state_dict_from_checkpoint(checkpoint, source=source)
 
 
 _BACKBONE_KEY = re.compile(r"(^|\.)(cls_token|pos_embed|mask_token|register_tokens|patch_embed\.|blocks\.|norm\.)")

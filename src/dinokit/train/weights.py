@@ -15,7 +15,7 @@ from torch import nn
 
 from ..engine.snapshots import newest_snapshot, no_snapshot_fix
 from ..errors import DinokitError
-from ..models.checkpoint import backbone_state_dict_from_checkpoint, load_backbone_weights, resize_pos_embed
+from ..models.checkpoint import backbone_state_dict_of_any_layout, load_backbone_weights, resize_pos_embed
 from ..models.weight_files import is_url, load_state_dict_file
 
 
@@ -65,7 +65,8 @@ def load_pretrained_backbone(backbone: nn.Module, path: str, checkpoint: Mapping
 
     Unlike the official ``student.pretrained_weights`` (non-strict, ``{"model": ...}`` files only).
     """
-    sd = backbone_state_dict_from_checkpoint(checkpoint or load_state_dict_file(teacher_checkpoint_path(path)))
+    sd = backbone_state_dict_of_any_layout(checkpoint or load_state_dict_file(teacher_checkpoint_path(path)),
+                                           source=repr(path))
     load_backbone_weights(backbone, resize_pos_embed(sd, backbone.patch_embed.num_patches))
 
 
