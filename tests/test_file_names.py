@@ -66,3 +66,20 @@ def test_a_link_that_loops_is_one_line_before_any_work(tmp_path):
     folder.mkdir()
     with pytest.raises(DinokitError, match=r"^--out '.*folder.onnx' is a folder, not a file; give a file path$"):
         check_writable(folder, "--out", is_file=True)
+
+
+def test_a_link_that_loops_is_found_where_path_resolve_returns_a_path(tmp_path, monkeypatch):
+    """Python 3.13's Path.resolve returns a path through a loop without an error: the check relied on the error."""
+    from pathlib import Path
+
+    from dinokit.files import resolve_link
+
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    (tmp_path / "ok").symlink_to(tmp_path / "target.npz")  # a link to a file still to be written
+    monkeypatch.setattr(Path, "resolve", lambda self, strict=False: Path(os.path.abspath(self)))  # as Python 3.13
+    with pytest.raises(DinokitError, match="goes through a symbolic link that loops"):
+        resolve_link(tmp_path / "loopA" / "x.png")
+    with pytest.raises(DinokitError, match="is a symbolic link that loops"):
+        resolve_link(tmp_path / "loopA")
+    assert resolve_link(tmp_path / "ok") == tmp_path / "ok"  # what the stand-in resolve gives: no error

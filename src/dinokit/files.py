@@ -60,11 +60,19 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 def resolve_link(path: Path) -> Path:
     """The file the symbolic link ``path`` names; one line when the link loops."""
     try:
-        return path.resolve()
-    except (RuntimeError, OSError):  # Python 3.11: RuntimeError("Symlink loop ...")
+        resolved, loops = path.resolve(), False
+    except (RuntimeError, OSError):  # Python 3.11, 3.12: RuntimeError("Symlink loop ...")
+        loops = True
+    if not loops:
+        try:
+            os.stat(path)
+        except OSError as err:  # Python 3.13 resolves a loop without a word
+            loops = err.errno == errno_codes.ELOOP
+    if loops:
         what = "is a symbolic link" if path.is_symlink() else "goes through a symbolic link"
         raise DinokitError(f"{str(path)!r} {what} that loops (it leads back to itself); remove it or give another "
                            "path") from None
+    return resolved
 
 
 def temporary_name(name: str) -> str:
