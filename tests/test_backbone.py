@@ -147,6 +147,18 @@ def test_pos_embed_cache_avoids_recomputation(monkeypatch: pytest.MonkeyPatch) -
     assert not torch.allclose(first, third)
 
 
+
+def test_a_model_built_under_inference_mode_runs_at_any_size() -> None:
+    """Its tensors have no version counter: reading it for the cache key was a RuntimeError at a non-native size."""
+    with torch.inference_mode():
+        model = tiny_vit()
+        x = torch.randn(1, 3, 56, 70)
+        out = model(x)
+    reference = tiny_vit()
+    reference.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+
 # ------------------------------------------------------------------------------------------- intermediate layers
 def test_get_intermediate_layers_contract() -> None:
     model = tiny_vit(num_register_tokens=4)

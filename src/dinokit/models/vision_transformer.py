@@ -133,8 +133,11 @@ class DinoVisionTransformer(nn.Module):
         if npatch == n and h == w:
             return self.pos_embed
         h0, w0 = h // self.patch_size, w // self.patch_size
+        # not cached: a trainable embedding (its graph), compiling, or a model built under inference_mode (its
+        # tensors have no version counter to see in-place changes by)
         cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad) and not torch.compiler.is_compiling()
-        key = (h0, w0, x.dtype, x.device, self.pos_embed._version, self.pos_embed.data_ptr())
+        cacheable = cacheable and not self.pos_embed.is_inference()
+        key = (h0, w0, x.dtype, x.device, self.pos_embed._version if cacheable else 0, self.pos_embed.data_ptr())
         if cacheable and key in self._pos_cache:
             return self._pos_cache[key]
         pos = self.pos_embed.float()
