@@ -210,3 +210,29 @@ def test_a_sigterm_lost_in_a_finaliser_does_not_leave_a_command_unstoppable(monk
             time.sleep(5)
             pytest.fail("not stopped")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored on the way out
+
+
+def test_a_stop_while_a_loader_starts_its_workers_does_not_hang_the_exit(tmp_path):
+    """A Ctrl-C (or SIGTERM) just after a loader's first worker started left a half-built iterator, which could not
+    be shut down (or was already collected): the exit clean-up stopped at it, and multiprocessing's exit handler
+    waited for ever for the worker, which ignores SIGTERM. The stop line was printed, then the process hung."""
+    import subprocess
+
+    script = tmp_path / "half_built.py"
+    script.write_text(
+        "import time, multiprocessing.process as mpp\n"
+        "from torch.utils.data import DataLoader\n"
+        "from dinokit.data.loaders import init_worker\n"
+        "start = mpp.BaseProcess.start\n"
+        "def interrupted(self):\n"
+        "    start(self)\n"
+        "    time.sleep(1)\n"  # the worker has set SIGTERM aside by now
+        "    raise KeyboardInterrupt\n"
+        "mpp.BaseProcess.start = interrupted\n"
+        "try:\n"
+        "    iter(DataLoader(list(range(8)), num_workers=2, worker_init_fn=init_worker))\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout == "interrupted\n", proc.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing.util
 import signal
+import time
 
 from collections import OrderedDict
 from typing import Any, Callable
@@ -88,7 +89,7 @@ def init_worker(worker_id: int) -> None:
 def _stop_leftover_workers() -> None:
     """At exit, stop the workers of data loaders still alive (kept by a traceback, e.g. of a stopped run) as an
     ended loader does. They ignore SIGTERM (:func:`init_worker`), and multiprocessing's own exit handler would
-    terminate them with SIGTERM and then wait for them, forever. Other children are left alone."""
+    terminate them with SIGTERM and then wait for them, forever. Non-daemonic children are left alone."""
     if not multiprocessing.active_children():
         return  # the usual exit: every loader ended with its workers
     import gc
@@ -98,11 +99,27 @@ def _stop_leftover_workers() -> None:
     for loader in [o for o in gc.get_objects() if issubclass(type(o), _MultiProcessingDataLoaderIter)]:
         try:
             loader._shutdown_workers()  # each worker told to stop and waited for a moment; no longer watched
-            for worker in getattr(loader, "_workers", ()):
-                if worker.is_alive():
-                    worker.kill()
-        except Exception:  # noqa: BLE001 - at exit, a loader that cannot be stopped is left to the system
+        except Exception:  # noqa: BLE001 - a loader stopped half-built (its workers are killed below)
             pass
+    # What is left: workers of loaders stopped half-built (a stop as they started) or already collected, whose
+    # objects no longer say what they run. multiprocessing's exit handler would send its daemonic children SIGTERM
+    # and wait for them; this does the same, then kills those still there a moment later (ours ignore SIGTERM).
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in leftover:
+        child.terminate()
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    for child in leftover:
+        try:
+            child.join(timeout=max(0.0, deadline - time.monotonic()))
+            if child.is_alive():
+                child.kill()
+                child.join(timeout=5)
+        except Exception:  # noqa: BLE001 - at exit, a child that cannot be stopped is left to the system
+            pass
+
+
+# How long the daemonic children left at exit have to end on SIGTERM before they are killed.
+LEFTOVER_GRACE_S = 1.0
 
 
 atexit.register(_stop_leftover_workers)  # after multiprocessing.util's exit handler (imported above): runs before it
