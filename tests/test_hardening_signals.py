@@ -54,16 +54,30 @@ def test_sigterm_checkpoints_says_how_to_resume_and_resumes_bit_exact(images, st
     _assert_same_weights(straight, out)
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this platform")
-def test_slurm_preemption_signal_checkpoints_like_sigterm(images, tmp_path, capsys, monkeypatch):
-    _signal_during_iteration_1(monkeypatch, signal.SIGUSR1)
-    out = tmp_path / "run"
-    assert cli_main(_cli(out, images)) == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"stopped by SIGUSR1 (SLURM pre-emption or time limit) after iteration 2 of 6: checkpoint of iteration 2 "
-        f"kept in {out / 'checkpoints'}; rerun the same command to resume")
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_0000002.pth"]
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="no SIGUSR1/SIGUSR2 on this platform")
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGUSR2"])
+def test_slurm_preemption_signal_checkpoints_like_sigterm(images, tmp_path, capsys, monkeypatch, name):
+    """SIGUSR1: sbatch --signal=USR1@120. SIGUSR2: what submitit asks for in --nodes jobs, where its own handler
+    (requeue, then exit) took it in the middle of the run: no checkpoint, the iterations since the last one lost.
+    The run now saves first, then hands the signal to that handler."""
+    from dinokit.engine.run_dir import InterruptGuard
+
+    sig = getattr(signal, name)
+    requeued = []
+    previous = signal.signal(sig, lambda signum, frame: requeued.append(signum))  # as submitit's, in a job
+    try:
+        _signal_during_iteration_1(monkeypatch, sig)
+        out = tmp_path / "run"
+        assert cli_main(_cli(out, images)) == 130
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"stopped by {name} (SLURM pre-emption or time limit) after iteration 2 of 6: checkpoint of iteration 2 "
+            f"kept in {out / 'checkpoints'}; rerun the same command to resume")
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_0000002.pth"]
+        assert requeued == []  # the guard stood in for it while the run saved
+        assert InterruptGuard.hand_over() and requeued == [sig]  # what a --nodes job does once the command ended
+        assert not InterruptGuard.hand_over()  # once
+    finally:
+        signal.signal(sig, previous)
 
 
 # ---------------------------------------------------------------------------------------------- kill -9 loop
@@ -236,3 +250,25 @@ def test_a_stop_while_a_loader_starts_its_workers_does_not_hang_the_exit(tmp_pat
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and proc.stdout == "interrupted\n", proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="no SIGUSR1/SIGUSR2 on this platform")
+def test_slurm_signals_stop_other_commands_as_sigterm_does_unless_the_program_takes_them(monkeypatch, capsys):
+    """sbatch --signal=USR1@120 killed eval, embed, curate (and train before its loop) at once: no line, status 138,
+    the lock left behind (a job requeued on another node was refused). A handler of the program's own (submitit's
+    SIGUSR2 requeue in a --nodes job) is left to it."""
+    from dinokit import cli
+    from dinokit.cli import models as models_command
+
+    monkeypatch.setattr(models_command, "run", lambda args: signal.raise_signal(signal.SIGUSR1) or 0)
+    assert cli_main(["models"]) == 128 + signal.SIGUSR1
+    assert capsys.readouterr().err == "stopped by SIGUSR1\n"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # restored
+    requeued = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))
+    try:
+        with cli._sigterm_as_interrupt(launched=1):
+            signal.raise_signal(signal.SIGUSR2)
+        assert requeued == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -201,15 +201,19 @@ def _run(argv: list[str] | None) -> int:
         if isinstance(err, Terminated):
             if err.args[0]:  # not a launcher's (silent)
                 print(err.args[0], file=sys.stderr)
-            return 143
+            return 128 + err.signum
         if not distributed.joined_group() or distributed.is_main_process():
             print(str(err) or "interrupted", file=sys.stderr)
         return 130
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the command is: it ends as a Ctrl-C does (a KeyboardInterrupt, which data-loader workers
-    also take as the sign to end quietly)."""
+    """SIGTERM (or SIGUSR1/SIGUSR2), raised where the command is: it ends as a Ctrl-C does (a KeyboardInterrupt,
+    which data-loader workers also take as the sign to end quietly), with exit status 128 + ``signum``."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @contextlib.contextmanager
@@ -230,13 +234,18 @@ def _sigterm_as_interrupt(launched: int) -> Iterator[None]:
         if stopped_at and time.monotonic() - stopped_at[0] < SIGTERM_REPEAT_S:
             return
         stopped_at[:] = [time.monotonic()]
-        raise Terminated("" if launched > 1 else "stopped by SIGTERM")
+        raise Terminated("" if launched > 1 else f"stopped by {signal.Signals(signum).name}", signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    # SLURM's --signal=USR1@SECONDS (or USR2) killed a command at once, its lock left (a requeued job on another
+    # node was refused); taken like SIGTERM unless the program handles it (submitit's requeue)
+    signals = [signal.SIGTERM, *(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+                                 and signal.getsignal(getattr(signal, name)) is signal.SIG_DFL)]
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # A SIGTERM this soon after the one that stops a command is the same stop, signalled twice.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 from pathlib import Path
 
 from ..distributed.slurm import add_slurm_options, submit_if_asked
@@ -142,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
 
             if isinstance(err, Terminated) and not err.args[0]:
                 raise
-            said = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
-            raise type(err)(f"{said}: the finished stages and embedding shards are kept in {work}; run the same "
-                            "command again to go on from there") from None
+            said = f"stopped by {signal.Signals(err.signum).name}" if isinstance(err, Terminated) else "interrupted"
+            kept = (f"{said}: the finished stages and embedding shards are kept in {work}; run the same command again "
+                    "to go on from there")
+            raise (Terminated(kept, err.signum) if isinstance(err, Terminated) else KeyboardInterrupt(kept)) from None
 
 
 def _run(args: argparse.Namespace, work: Path, config, as_dict: dict) -> int:

@@ -356,14 +356,19 @@ def check_disk_space(directory: Path, checkpoint_bytes: int, keep: int) -> None:
 
 
 class InterruptGuard:
-    """While active, SIGINT, SIGTERM and SIGUSR1 (what SLURM sends before pre-emption or the time limit with
-    ``--signal=USR1@SECONDS``) only set :attr:`requested` (a second signal acts as usual).
+    """While active, SIGINT, SIGTERM, SIGUSR1 (what SLURM sends before pre-emption or the time limit with
+    ``--signal=USR1@SECONDS``) and SIGUSR2 (the same, asked for by submitit for ``--nodes`` jobs) only set
+    :attr:`requested` (a second signal acts as usual).
 
-    The engine checks the flag after each step, saves a checkpoint and raises :class:`RunInterrupted`.
+    The engine checks the flag after each step, saves a checkpoint and raises :class:`RunInterrupted`; then
+    :meth:`hand_over` gives the signal to the handler the guard stood in for (submitit's requeue).
     """
 
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
-    _MEANING = {"SIGUSR1": "SIGUSR1 (SLURM pre-emption or time limit)"}
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+                    if hasattr(signal, name))
+    _MEANING = {"SIGUSR1": "SIGUSR1 (SLURM pre-emption or time limit)",
+                "SIGUSR2": "SIGUSR2 (SLURM pre-emption or time limit)"}
+    last_stop: int | None = None  # the signal that stopped the last run of this process (for hand_over)
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -372,7 +377,21 @@ class InterruptGuard:
     def _handler(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         self.requested = self._MEANING.get(name, name)
+        InterruptGuard.last_stop = signum
         self._restore()  # a second Ctrl-C stops at once (checkpoints are written atomically)
+
+    @staticmethod
+    def hand_over() -> bool:
+        """Signal this process again with the SIGUSR1/SIGUSR2 that stopped its last run, when a handler of the
+        program's own takes it now (submitit's, which requeues the job: it was stood in for while the run saved
+        its checkpoint, and a job stopped without it was never requeued). True when signalled."""
+        sig, InterruptGuard.last_stop = InterruptGuard.last_stop, None
+        if sig is None or signal.Signals(sig).name not in ("SIGUSR1", "SIGUSR2"):
+            return False
+        if not callable(handler := signal.getsignal(sig)) or handler is signal.default_int_handler:
+            return False
+        signal.raise_signal(sig)
+        return True
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
