@@ -36,6 +36,9 @@ from .task import Task
 
 # steps an fp16 run may skip (the loss scale halved from 65536 to 256) before most skipped is a warning
 SKIPPED_STEPS_ALLOWED = 8
+# How long a process whose collective failed waits for the launcher's SIGTERM (another process ended) before it
+# takes the failure as its own.
+PEER_LOSS_WAIT_S = 5.0
 
 
 @dataclass
@@ -288,9 +291,18 @@ class Engine:
                 t_data = time.perf_counter()
         except (RunInterrupted, DinokitError):
             raise
-        except BaseException:
-            if guard.requested and dist_utils.get_world_size() == 1:  # e.g. data workers killed by the same Ctrl-C
-                raise RunInterrupted(self._interrupted(guard.requested, completed, saved)) from None
+        except BaseException as err:
+            # Stopped meanwhile: e.g. data workers killed by the same Ctrl-C. With several processes, a collective
+            # that failed as another process ended, before or as the launcher stops this one: a traceback of the
+            # backend's, and no checkpoint can be saved (it takes every process)
+            several = dist_utils.get_world_size() > 1
+            if several and isinstance(err, RuntimeError):
+                deadline = time.monotonic() + PEER_LOSS_WAIT_S
+                while not guard.requested and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            if guard.requested:
+                raise RunInterrupted(self._interrupted(guard.requested, completed, saved, can_save=not several)) \
+                    from None
             raise
         finally:
             guard.__exit__()
@@ -330,12 +342,17 @@ class Engine:
         guard.requested = guard.requested or ("SIGTERM" if flag.item() else None)
         return bool(flag.item())
 
-    def _interrupted(self, signal_name: str | None, completed: int, saved: int) -> str:
-        """Save the state after ``completed`` iterations (unless just saved) and say what was kept."""
-        if completed > saved:
+    def _interrupted(self, signal_name: str | None, completed: int, saved: int, can_save: bool = True) -> str:
+        """Save the state after ``completed`` iterations (unless just saved, or it ``can_save`` no longer: another
+        process ended) and say what was kept."""
+        lost = ""
+        if completed > saved and can_save:
             self.checkpointer.save(completed)
-        kept = (f"checkpoint of iteration {completed} kept in {self.checkpointer.directory}" if completed > 0
-                else "no iteration was completed, nothing to keep")
+        elif completed > saved:
+            lost = f"another process of the run ended, so the iterations after {saved} could not be saved; "
+        last = completed if can_save else saved
+        kept = lost + (f"checkpoint of iteration {last} kept in {self.checkpointer.directory}" if last > 0
+                       else "no iteration was completed, nothing to keep" if completed == 0 else "nothing to keep")
         return (f"stopped by {signal_name or 'a signal'} after iteration {completed} of {self.cfg.max_iter}: {kept}; "
                 "rerun the same command to resume")
 
