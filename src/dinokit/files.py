@@ -53,8 +53,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
                "free some space (or use another disk) and rerun")
         raise DinokitError(f"{reason} while writing {path}; the partial file was removed and {kept}: {fix}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        release(tmp)
 
 
 def resolve_link(path: Path) -> Path:
@@ -73,6 +72,16 @@ def resolve_link(path: Path) -> Path:
         raise DinokitError(f"{str(path)!r} {what} that loops (it leads back to itself); remove it or give another "
                            "path") from None
     return resolved
+
+
+def release(path: Path) -> None:
+    """Delete a lock or temporary file of this process's, if it can be: in a folder made read-only meanwhile, the
+    error that stopped the work is the one to say (it was replaced by this one's), and the lock left behind is taken
+    over by the next command of this host (its process is gone)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def temporary_name(name: str) -> str:

@@ -36,7 +36,7 @@ from typing import Any, Callable
 from .. import distributed as dist_utils
 from ..config.paths import absolute_settings
 from ..errors import DinokitError
-from ..files import LOCK_NAME, hidden_name, remove_stale_temporaries, resolve_link, take_lock
+from ..files import LOCK_NAME, hidden_name, release, remove_stale_temporaries, resolve_link, take_lock
 from .checkpoint import checkpoint_damage, list_checkpoints, no_readable_checkpoint
 
 
@@ -206,7 +206,7 @@ def open_run_dir(
         failed = False
     finally:
         if lock is not None:
-            lock.unlink(missing_ok=True)
+            release(lock)
             if failed and created and not any(out.iterdir()):  # stopped before writing anything: no folder left
                 out.rmdir()
 
@@ -253,7 +253,7 @@ def main_process_lock(lock: Path, target: Path, option: str = "--out", check: Ca
 
 def _release(lock: Path | None, made: list[Path]) -> None:
     if lock is not None:
-        lock.unlink(missing_ok=True)
+        release(lock)
     for folder in made:  # deepest first; one that holds an output stays
         try:
             folder.rmdir()
@@ -290,7 +290,7 @@ def _check_and_lock(out: Path, resume: bool, config: Mapping | None, config_file
     try:
         remove_stale_temporaries(out)  # a killed run's half-written snapshots, logs and configs
     except BaseException:  # e.g. a SIGTERM meanwhile: the lock is not the caller's yet
-        lock.unlink(missing_ok=True)
+        release(lock)
         raise
     return lock
 
