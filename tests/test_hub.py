@@ -162,6 +162,19 @@ def test_linear_feature_layouts() -> None:
     assert one.shape == (2, 64) and four.shape == (2, 160) and four.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_classifier_cast_to_half_precision_runs(dtype: torch.dtype) -> None:
+    """The features reached the head as fp32 while .half()/.to(bfloat16) had cast the head: a dtype RuntimeError."""
+    torch.manual_seed(0)
+    model = create_model("dinov2_vits14_lc", pretrained=False, **TINY).eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        full = model(x)
+        half = model.to(dtype)(x.to(dtype))
+    assert half.dtype == dtype and half.shape == full.shape
+    torch.testing.assert_close(half.float(), full, rtol=0.1, atol=0.1)
+
+
 def write_head(path: Path, *, layers: int, num_classes: int, dim: int = 32) -> dict:
     torch.manual_seed(layers)
     head = {"weight": torch.randn(num_classes, (1 + layers) * dim), "bias": torch.randn(num_classes)}

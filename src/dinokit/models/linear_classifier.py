@@ -75,7 +75,8 @@ class LinearClassifier(nn.Module):
         self.linear_head = nn.Linear((1 + layers) * backbone.embed_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_head(linear_features(self.backbone, x, layers=self.layers))
+        features = linear_features(self.backbone, x, layers=self.layers)  # fp32
+        return self.linear_head(features.to(self.linear_head.weight.dtype))  # a model cast with .half(), .bfloat16()
 
 
 def linear_head_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
