@@ -186,3 +186,22 @@ def test_the_fitting_set_is_taken_once_and_kept_in_its_own_dtype(monkeypatch):
     reference = logreg._fit_torch(x.double(), y, C=1.0, max_iter=20, tol=1e-4, device="cpu", chunk_size=7)
     model = logreg._fit_torch(x, y, C=1.0, max_iter=20, tol=1e-4, device="cpu")  # float32 in, float64 inside
     torch.testing.assert_close(model.coef, reference.coef, rtol=1e-6, atol=1e-8)
+
+
+def test_features_held_under_inference_mode_or_with_grad_fit_as_plain_ones():
+    """The torch solver needs autograd: inside inference_mode (where a notebook holds its features) it failed with
+    'element 0 of tensors does not require grad', features made there failed outside, and features that require
+    grad failed in both backends."""
+    torch.manual_seed(0)
+    x = torch.randn(120, 6)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    plain = fit_logreg(x, y, C=1.0, backend="torch")
+    with torch.inference_mode():
+        inside = fit_logreg(x, y, C=1.0, backend="torch")
+        made_inside = x.clone()
+    for model in (inside, fit_logreg(made_inside, y, C=1.0, backend="torch"),
+                  fit_logreg(x.clone().requires_grad_(), y, C=1.0, backend="torch")):
+        torch.testing.assert_close(model.coef, plain.coef, rtol=0, atol=0)
+    pytest.importorskip("sklearn")
+    torch.testing.assert_close(fit_logreg(x.clone().requires_grad_(), y, C=1.0, backend="sklearn").coef,
+                               fit_logreg(x, y, C=1.0, backend="sklearn").coef, rtol=0, atol=0)

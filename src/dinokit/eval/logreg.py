@@ -127,7 +127,7 @@ def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, *, C: float, max_iter: int, t
     work = x.shape[0] * x.shape[1] * len(torch.unique(y))
     with warnings.catch_warnings(), threadpool_limits(1 if work < SINGLE_THREAD_BLAS_BELOW else None, user_api="blas"):
         warnings.simplefilter("ignore", ConvergenceWarning)  # hitting max_iter is the official stopping rule
-        estimator.fit(x.cpu().double().numpy(), y.cpu().numpy())
+        estimator.fit(x.detach().cpu().double().numpy(), y.detach().cpu().numpy())
     coef = torch.from_numpy(estimator.coef_).double()
     intercept = torch.from_numpy(estimator.intercept_).double()
     if coef.shape[0] == 1:  # binary: one vector for class 1; class 0 has logit 0
@@ -136,6 +136,8 @@ def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, *, C: float, max_iter: int, t
     return LogregModel(coef, intercept, torch.from_numpy(estimator.classes_).long())
 
 
+@torch.inference_mode(False)  # features made (and fitted) under inference_mode, as a notebook often holds them
+@torch.enable_grad()
 def _fit_torch(
     x: torch.Tensor, y: torch.Tensor, *, C: float, max_iter: int, tol: float, device: torch.device | str,
     init: LogregModel | None = None, chunk_size: int | None = None,
@@ -148,7 +150,9 @@ def _fit_torch(
     binary = len(classes) == 2
     rows = 1 if binary else len(classes)
     chunk_size = chunk_size or max(1024, min(1 << 16, (1 << 24) // rows))
-    x = x.to(device)  # in its own dtype: each chunk is made float64 when used (a float64 copy is twice float32)
+    x = x.detach().to(device)  # its own dtype: each chunk is made float64 when used (a float64 copy is twice float32)
+    if x.is_inference():  # it cannot take part in a graph outside inference_mode
+        x = x.clone()
     targets = targets.to(device)
     weight = torch.zeros(rows, d, dtype=torch.float64, device=device)
     bias = torch.zeros(rows, dtype=torch.float64, device=device)
