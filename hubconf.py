@@ -14,10 +14,17 @@ import sys
 
 dependencies = ["torch"]
 
-try:
-    import dinokit  # noqa: F401  (installed, or already on the path)
-except ImportError:  # a plain checkout, e.g. fetched by torch.hub: use its src/ folder
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+# This checkout's code (torch.hub fetched or was given this folder), not another copy installed in the environment,
+# unless dinokit is already imported in the process (then that copy it is, with a word).
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
+if os.path.isdir(os.path.join(_SRC, "dinokit")):
+    if "dinokit" not in sys.modules:
+        sys.path.insert(0, _SRC)
+    elif not os.path.abspath(sys.modules["dinokit"].__file__).startswith(os.path.join(_SRC, "dinokit") + os.sep):
+        import warnings
+
+        warnings.warn(f"torch.hub: dinokit is already imported from {os.path.dirname(sys.modules['dinokit'].__file__)}; "
+                      f"its models are used, not those of {_SRC}", stacklevel=2)
 
 from dinokit.models.registry import hub_entry_point  # noqa: E402
 

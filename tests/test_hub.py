@@ -250,3 +250,20 @@ def test_the_official_weights_tag_means_the_official_file(tmp_path, offline_hub)
         assert torch.equal(loaded.cls_token, official.cls_token)
     random_init = create_model("dinov2_vits14", weights="LVD142M", pretrained=False, **TINY)  # as officially
     assert not torch.equal(random_init.cls_token, official.cls_token)
+
+
+def test_torch_hub_load_of_a_checkout_uses_its_own_code(tmp_path: Path) -> None:
+    """hubconf imported an installed dinokit first: torch.hub ran another copy than the checkout it was given."""
+    import subprocess
+    import sys
+
+    checkout = tmp_path / "checkout"
+    (checkout / "src" / "dinokit" / "models").mkdir(parents=True)
+    (checkout / "hubconf.py").write_text((REPO / "hubconf.py").read_text())
+    (checkout / "src" / "dinokit" / "__init__.py").write_text("")
+    (checkout / "src" / "dinokit" / "models" / "__init__.py").write_text("")
+    (checkout / "src" / "dinokit" / "models" / "registry.py").write_text(
+        "def hub_entry_point(name):\n    return lambda **kwargs: 'this checkout: ' + name\n")
+    code = f"import torch; print(torch.hub.load({str(checkout)!r}, 'dinov2_vits14', source='local'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout == "this checkout: dinov2_vits14\n", done.stderr[-2000:]
