@@ -23,8 +23,9 @@ if os.path.isdir(os.path.join(_SRC, "dinokit")):
     elif not os.path.abspath(sys.modules["dinokit"].__file__).startswith(os.path.join(_SRC, "dinokit") + os.sep):
         import warnings
 
-        warnings.warn(f"torch.hub: dinokit is already imported from {os.path.dirname(sys.modules['dinokit'].__file__)}; "
-                      f"its models are used, not those of {_SRC}", stacklevel=2)
+        _IMPORTED = os.path.dirname(sys.modules["dinokit"].__file__)
+        warnings.warn(f"torch.hub: dinokit is already imported from {_IMPORTED}; its models are used, not those of "
+                      f"{_SRC}", stacklevel=2)
 
 from dinokit.models.registry import hub_entry_point  # noqa: E402
 
