@@ -185,3 +185,25 @@ def test_extract_features_leaves_the_callers_random_state(images, weights, worke
     state = torch.get_rng_state()
     extract_features(model, dataset, batch_size=2, num_workers=workers, progress=False)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_datasets_of_pairs_or_bare_images_are_numbered_and_wrong_inputs_are_one_line() -> None:
+    """torchvision's (image, target) items were 'not enough values to unpack (expected 3, got 2)'; PIL images and a
+    CUDA device on a machine without one were errors from deep in torch."""
+    from PIL import Image
+    from torch.utils.data import TensorDataset
+
+    from dinokit.errors import DinokitError
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3), torch.tensor([3, 1, 4, 1, 5])
+    pairs = extract_features(torch.nn.Identity(), TensorDataset(x, y), batch_size=2, progress=False)
+    assert torch.equal(pairs.features["cls"], x) and pairs.targets.tolist() == [3, 1, 4, 1, 5]
+    assert pairs.indices.tolist() == [0, 1, 2, 3, 4]
+    bare = extract_features(torch.nn.Identity(), list(x), batch_size=2, progress=False)
+    assert torch.equal(bare.features["cls"], x) and bare.targets.tolist() == [-1] * 5
+    with pytest.raises(DinokitError, match="the dataset's images are Image objects, not tensors: give it a transform"):
+        extract_features(torch.nn.Identity(), [(Image.new("RGB", (8, 8)), 0)], progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(DinokitError, match="device='cuda' was asked for but no CUDA GPU is available"):
+            extract_features(torch.nn.Identity(), list(x), device="cuda", progress=False)

@@ -26,6 +26,19 @@ def check_device_name(name: str) -> None:
         raise DinokitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
 
 
+def usable_device(device: torch.device | str, argument: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, checked for the Python functions that take one: a CUDA device where there is
+    no GPU is one line naming ``argument`` (torch's own said "Found no NVIDIA driver" from deep in a model move)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DinokitError(f"{argument}={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DinokitError(f"{argument}={str(device)!r} was asked for but no CUDA GPU is available; "
+                           f"use {argument}='cpu'")
+    return device
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> a device; a bare ``cuda`` is this rank's local GPU."""
     if name == "auto":

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .data.images import collate_skip_bad
 from .data.loaders import init_worker
-from .devices import resolve_dtype
+from .devices import resolve_dtype, usable_device
 from .distributed import all_gather_cat, all_gather_object, comm_device, get_rank, get_world_size
 from .errors import DinokitError
 
@@ -247,6 +247,39 @@ def feature_runner(feature_fn: FeatureFn, model: nn.Module, batch_size: int, bac
     return run
 
 
+class _Indexed(Dataset):
+    """The ``(image, target)`` (or bare image) items of another dataset (torchvision's ``ImageFolder``, a
+    ``TensorDataset``) as the ``(index, image, target)`` items :func:`extract_features` reads (target -1 if none)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple:
+        item = self.base[i]
+        if isinstance(item, (tuple, list)):
+            return i, item[0], item[1] if len(item) > 1 else -1
+        return i, item, -1
+
+
+def _indexed(dataset: Dataset) -> Dataset:
+    """``dataset`` with ``(index, image, target)`` items (its first item tells), or one line on what it gives."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return dataset
+    first = dataset[0]
+    if isinstance(first, (tuple, list)) and len(first) == 3 and isinstance(first[0], int):
+        image = first[1]
+    else:
+        dataset = _Indexed(dataset)
+        image = dataset[0][1]
+    if image is not None and not isinstance(image, torch.Tensor):
+        raise DinokitError(f"the dataset's images are {type(image).__name__} objects, not tensors: give it a transform "
+                           "that makes them, e.g. dinokit.data.make_classification_eval_transform()")
+    return dataset
+
+
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
@@ -261,7 +294,8 @@ def extract_features(
     distributed: bool = True,
     compile_backend: str | Callable | None = None,
 ) -> ExtractedFeatures:
-    """Run ``feature_fn(model, images)`` over ``dataset`` (items ``(index, image_or_None, target)``).
+    """Run ``feature_fn(model, images)`` over ``dataset`` (items ``(index, image_or_None, target)``; those of a
+    dataset of ``(image, target)`` pairs or bare images, such as torchvision's, are numbered in order).
 
     ``feature_fn`` returns a dict of (B, ...) tensors; the default gives ``{"cls": model(images)}``.
     ``distributed=False``: this process embeds all of ``dataset`` alone and keeps the result (no
@@ -272,8 +306,9 @@ def extract_features(
     batch is padded to ``batch_size`` (a short last batch, or one that lost bad images) and its outputs cut back,
     so one graph serves the whole dataset.
     """
-    device = torch.device(device)
-    amp = autocast_context(device, resolve_dtype(dtype, device))
+    device = usable_device(device)
+    amp = autocast_context(device, resolve_dtype(dtype, device, key="dtype"))
+    dataset = _indexed(dataset)
     feature_fn = feature_fn or cls_feature_fn
     rank, world = (get_rank(), get_world_size()) if distributed else (0, 1)
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset

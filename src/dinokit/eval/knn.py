@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as du
+from ..devices import usable_device
 from ..errors import DinokitError
 from .results import append_results, label_warnings, report_label_warnings
 from .feature_cache import extract_eval_features
@@ -104,7 +105,7 @@ def knn_classify(
     set and the full test set (the same on every rank). Top-5 becomes top-``num_classes`` when there
     are fewer than five classes (always 100%).
     """
-    device = torch.device(device) if device is not None else train_features.device
+    device = usable_device(device) if device is not None else train_features.device
     max_k = max(ks)
     n_top = min(5, num_classes)
     correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
@@ -190,6 +191,7 @@ def evaluate_knn(
     """
     check_knn_options(ks=ks, temperature=temperature, n_per_class_list=n_per_class_list, n_tries=n_tries,
                       chunk_size=chunk_size)
+    device = usable_device(device)
     report_label_warnings(train_labels, test_labels, num_classes, classes=classes)
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as du
+from ..devices import usable_device
 from ..errors import DinokitError
 from .results import append_results, report_label_warnings
 from .setup import EvalContext
@@ -234,6 +235,7 @@ def evaluate_logreg(
     """
     check_logreg_options(c_values=c_values, backend=backend, holdout_fraction=holdout_fraction, max_iter=max_iter,
                          tol=tol)
+    device = usable_device(device)
     backend = resolve_backend(backend, device)
     c_values = sorted(c_values if c_values is not None else c_grid())
     if len(train_y) < 2:

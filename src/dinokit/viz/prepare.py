@@ -28,6 +28,7 @@ from ..data.transforms import (
     make_normalize_transform,
     short_side_size,
 )
+from ..devices import usable_device
 from ..errors import DinokitError
 from ..features import autocast_context
 
@@ -150,7 +151,7 @@ def run_batched(
     ``device`` defaults to the model's; ``dtype`` bf16/fp16 runs under autocast. The model is put in
     eval mode for the call (its training flag is restored afterwards).
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = usable_device(device) if device is not None else next(model.parameters()).device
     by_shape: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         by_shape.setdefault(tuple(image.tensor.shape), []).append(i)
