@@ -267,3 +267,19 @@ def test_torch_hub_load_of_a_checkout_uses_its_own_code(tmp_path: Path) -> None:
     code = f"import torch; print(torch.hub.load({str(checkout)!r}, 'dinov2_vits14', source='local'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout == "this checkout: dinov2_vits14\n", done.stderr[-2000:]
+
+
+def test_the_official_constructor_arguments_build_the_backbone_and_its_chunked_weights_load() -> None:
+    """The official build_model passes block_chunks to vit_small & co.: it was a TypeError."""
+    from dinokit.models import load_backbone_weights, vit_small
+    from dinokit.train.weights import chunked_backbone_keys
+
+    torch.manual_seed(0)
+    model = vit_small(patch_size=14, img_size=56, block_chunks=4, depth=4)
+    chunked = chunked_backbone_keys({f"backbone.{k}": v for k, v in model.state_dict().items()}, depth=4,
+                                    block_chunks=4)
+    assert "backbone.blocks.1.1.attn.qkv.weight" in chunked  # the official FSDP layout
+    other = vit_small(patch_size=14, img_size=56, depth=4)
+    load_backbone_weights(other, {k.removeprefix("backbone."): v for k, v in chunked.items()})
+    for key, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value)

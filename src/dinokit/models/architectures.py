@@ -33,7 +33,11 @@ def arch_dims(arch: Any, key: str = "architecture") -> dict[str, Any]:
 
 
 def build_backbone(arch: str, **kwargs: Any) -> DinoVisionTransformer:
-    """Build ``arch`` (a key of :data:`ARCHITECTURES`; an ``_memeff`` suffix is ignored) with ``kwargs``."""
+    """Build ``arch`` (a key of :data:`ARCHITECTURES`; an ``_memeff`` suffix is ignored) with ``kwargs``.
+
+    The official ``block_chunks`` (how its FSDP wrapped the blocks; the official ``build_model`` always passes it)
+    is taken and changes nothing: the blocks are one flat list here, and chunked checkpoints load into it."""
+    kwargs.pop("block_chunks", None)
     params = {"patch_size": 16, "img_size": 224, "mlp_ratio": 4.0, **arch_dims(arch), **kwargs}
     return DinoVisionTransformer(**params)
 
