@@ -216,3 +216,22 @@ def test_an_integer_tensor_other_than_uint8_is_one_line_not_raw_pixels_taken_as_
     eight_bit = prepare_image(model, pixels.to(torch.uint8), image_size=16).tensor
     assert -2.2 < eight_bit.min() and eight_bit.max() < 2.7  # normalised
     assert torch.equal(prepare_image(model, eight_bit, image_size=16).tensor, eight_bit)  # floats: as they are
+
+
+def test_pca_and_matching_take_one_grid_a_batch_or_grids_that_require_grad():
+    """One (h, w, D) grid was 'Boolean value of Tensor ... is ambiguous', and grids that require grad (features of
+    a model being trained) failed at the first .numpy()."""
+    from dinokit.viz.match import match_features
+    from dinokit.viz.pca import pca_colours
+
+    torch.manual_seed(0)
+    grids = torch.randn(2, 4, 5, 8)
+    reference = pca_colours(list(grids), mode="plain")
+    for given in (grids, list(grids.clone().requires_grad_())):
+        picture = pca_colours(given, mode="plain")
+        assert all(np.array_equal(a, b) for a, b in zip(picture.rgb, reference.rgb))
+    assert pca_colours(grids[0], mode="plain").rgb[0].shape == (4, 5, 3)
+    with pytest.raises(DinokitError, match=r"a feature grid has shape \(20, 8\), not \(h, w, D\)"):
+        pca_colours([grids[0].reshape(20, 8)], mode="plain")
+    matches = match_features(grids[0].clone().requires_grad_(), grids[1])
+    assert np.array_equal(matches.points_a, match_features(grids[0], grids[1]).points_a)

@@ -104,7 +104,7 @@ def match_features(
         if not keep.any():
             raise DinokitError("an image has no foreground patches to match; use --all-patches")
         index = torch.nonzero(keep).flatten()
-        grids.append((features.reshape(h * w, -1)[index], index, w))
+        grids.append((features.detach().reshape(h * w, -1)[index], index, w))
     (fa, index_a, wa), (fb, index_b, wb) = grids
     ia, ib, dist = MATCH_METHODS[method](fa, fb)
     flat_a, flat_b = index_a[ia], index_b[ib]

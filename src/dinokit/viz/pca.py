@@ -102,6 +102,19 @@ def border_ring(h: int, w: int) -> torch.Tensor:
     return ring
 
 
+def _grids(features: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """The (h, w, D) grids given: a sequence of them, one grid, or a (B, h, w, D) batch; detached (features that
+    require grad failed at the first ``.numpy()``); anything else is one line."""
+    if isinstance(features, torch.Tensor):
+        features = [features] if features.ndim == 3 else list(features)
+    grids = [torch.as_tensor(f).detach() for f in features]
+    for f in grids:
+        if f.ndim != 3:
+            raise DinokitError(f"a feature grid has shape {tuple(f.shape)}, not (h, w, D): give the grids of "
+                               "patch_features (one per image)")
+    return grids
+
+
 def _flatten(features: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-image (h, w, D) grids -> (sum of h*w, D)."""
     return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
@@ -118,6 +131,7 @@ def foreground_masks(features: Sequence[torch.Tensor], *, threshold: float = 0.0
 
     Returns the masks and the one-axis PCA, its sign fixed so that the border is mostly background.
     """
+    features = _grids(features)
     x = _flatten(features)
     pca = fit_pca(x, k=1)
     score = pca.project(x)[:, 0]  # (N,)
@@ -167,6 +181,7 @@ def pca_colours(
     """
     if mode not in PCA_MODES:
         raise DinokitError(f"unknown PCA mode {mode!r}; use one of {', '.join(PCA_MODES)}")
+    features = _grids(features)
     if not features:
         raise DinokitError("no images given")
     x = _flatten(features)
