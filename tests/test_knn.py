@@ -176,6 +176,11 @@ def test_bad_settings_are_user_errors():
         with pytest.raises(DinokitError) as err:
             evaluate_knn(train, train_y, test, test_y, num_classes=7, **bad)
         assert str(err.value) == message
+    # labels outside 0..num_classes-1 were a scatter index error deep in torch; lists were "no attribute 'unique'"
+    with pytest.raises(DinokitError, match=r"^train_labels hold classes 0\.\.6, not within 0\.\.4: give num_classes"):
+        evaluate_knn(train, train_y, test, test_y, num_classes=5)
+    listed = evaluate_knn(train, train_y.tolist(), test, test_y.tolist(), num_classes=7, ks=(3,))
+    assert listed == evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(3,))
     # chunk_size 0 (the CLI's "all at once") and None agree with a small chunk
     a = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(3,), chunk_size=0)
     b = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(3,), chunk_size=5)

@@ -106,6 +106,10 @@ def knn_classify(
     are fewer than five classes (always 100%).
     """
     device = usable_device(device) if device is not None else train_features.device
+    for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:  # once per call
+            raise DinokitError(f"{name} hold classes {int(labels.min())}..{int(labels.max())}, not within "
+                               f"0..{num_classes - 1}: give num_classes, the number of classes, or labels 0..N-1")
     max_k = max(ks)
     n_top = min(5, num_classes)
     correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
@@ -192,6 +196,7 @@ def evaluate_knn(
     check_knn_options(ks=ks, temperature=temperature, n_per_class_list=n_per_class_list, n_tries=n_tries,
                       chunk_size=chunk_size)
     device = usable_device(device)
+    train_labels, test_labels = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()  # lists
     report_label_warnings(train_labels, test_labels, num_classes, classes=classes)
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)
