@@ -8,6 +8,7 @@ results are gathered on every rank, back in dataset order.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import time
 import warnings
@@ -248,8 +249,9 @@ def feature_runner(feature_fn: FeatureFn, model: nn.Module, batch_size: int, bac
 
 
 class _Indexed(Dataset):
-    """The ``(image, target)`` (or bare image) items of another dataset (torchvision's ``ImageFolder``, a
-    ``TensorDataset``) as the ``(index, image, target)`` items :func:`extract_features` reads (target -1 if none)."""
+    """The items of ``base`` as the ``(index, image_or_None, target)`` that :func:`extract_features` reads: those of
+    dinokit's datasets as they are, ``(image, target)`` pairs (torchvision's ``ImageFolder``, a ``TensorDataset``)
+    and bare images numbered in order (target -1). Item by item: looking at a first item read its image twice."""
 
     def __init__(self, base: Dataset) -> None:
         self.base = base
@@ -259,25 +261,16 @@ class _Indexed(Dataset):
 
     def __getitem__(self, i: int) -> tuple:
         item = self.base[i]
-        if isinstance(item, (tuple, list)):
-            return i, item[0], item[1] if len(item) > 1 else -1
-        return i, item, -1
-
-
-def _indexed(dataset: Dataset) -> Dataset:
-    """``dataset`` with ``(index, image, target)`` items (its first item tells), or one line on what it gives."""
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        return dataset
-    first = dataset[0]
-    if isinstance(first, (tuple, list)) and len(first) == 3 and isinstance(first[0], int):
-        image = first[1]
-    else:
-        dataset = _Indexed(dataset)
-        image = dataset[0][1]
-    if image is not None and not isinstance(image, torch.Tensor):
-        raise DinokitError(f"the dataset's images are {type(image).__name__} objects, not tensors: give it a transform "
-                           "that makes them, e.g. dinokit.data.make_classification_eval_transform()")
-    return dataset
+        if isinstance(item, (tuple, list)) and len(item) == 3 and isinstance(item[0], numbers.Integral):
+            index, image, target = item
+        elif isinstance(item, (tuple, list)):
+            index, image, target = i, item[0], item[1] if len(item) > 1 else -1
+        else:
+            index, image, target = i, item, -1
+        if image is not None and not isinstance(image, torch.Tensor):
+            raise DinokitError(f"the dataset's images are {type(image).__name__} objects, not tensors: give it a "
+                               "transform that makes them, e.g. dinokit.data.make_classification_eval_transform()")
+        return index, image, target
 
 
 def extract_features(
@@ -308,7 +301,7 @@ def extract_features(
     """
     device = usable_device(device)
     amp = autocast_context(device, resolve_dtype(dtype, device, key="dtype"))
-    dataset = _indexed(dataset)
+    dataset = _Indexed(dataset)
     feature_fn = feature_fn or cls_feature_fn
     rank, world = (get_rank(), get_world_size()) if distributed else (0, 1)
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
