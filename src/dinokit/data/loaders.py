@@ -102,9 +102,15 @@ def _stop_leftover_workers() -> None:
         except Exception:  # noqa: BLE001 - a loader stopped half-built (its workers are killed below)
             pass
     # What is left: workers of loaders stopped half-built (a stop as they started) or already collected, whose
-    # objects no longer say what they run. multiprocessing's exit handler would send its daemonic children SIGTERM
-    # and wait for them; this does the same, then kills those still there a moment later (ours ignore SIGTERM).
-    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    # objects no longer say what they run. multiprocessing's exit handler would first run the finalisers of what
+    # still owns children (a Pool left open ends its workers cleanly: killed while one held its queue's lock, the
+    # Pool's own clean-up then hung), then send the daemonic children left SIGTERM and wait for them; this does the
+    # same in that order, and kills those still there a moment later (ours ignore SIGTERM).
+    try:
+        multiprocessing.util._run_finalizers(0)  # what multiprocessing's exit handler runs first
+    except Exception:  # noqa: BLE001 - its own exit handler runs them again
+        pass
+    leftover = [child for child in multiprocessing.active_children() if child.daemon and "PoolWorker" not in child.name]
     for child in leftover:
         child.terminate()
     deadline = time.monotonic() + LEFTOVER_GRACE_S
