@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except StdoutFailed as err:
         code = err.code
+    guard = sys.modules.get("dinokit.engine.run_dir")  # loaded by the commands that train
+    if guard is not None:
+        # a run stopped by SLURM's signal, its checkpoint saved: the program's own handler of it (submitit's
+        # requeue in a --nodes job) gets it now, before a process of a group ends below without returning
+        guard.InterruptGuard.hand_over()
     if distributed.joined_group():
         distributed.end_process(code)
     return code

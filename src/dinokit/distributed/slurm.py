@@ -48,10 +48,9 @@ class CommandJob:
         os.environ.setdefault("MASTER_PORT", str(20000 + int(env.job_id.split("_")[0]) % 40000))
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
         os.environ[IN_JOB_ENV] = "1"
-        code = main(self.argv)  # a task of a process group ends in there (dinokit.distributed.end_process)
-        from ..engine.run_dir import InterruptGuard
-
-        InterruptGuard.hand_over()  # a run stopped by the time limit's signal, checkpoint saved: submitit requeues
+        # a task of a process group ends in there (dinokit.distributed.end_process); a run stopped by the time
+        # limit's signal saves its checkpoint, then main hands the signal to submitit's handler, which requeues
+        code = main(self.argv)
         if code:
             raise SystemExit(code)
 
