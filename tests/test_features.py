@@ -204,6 +204,18 @@ def test_datasets_of_pairs_or_bare_images_are_numbered_and_wrong_inputs_are_one_
     assert torch.equal(bare.features["cls"], x) and bare.targets.tolist() == [-1] * 5
     with pytest.raises(DinokitError, match="the dataset's images are Image objects, not tensors: give it a transform"):
         extract_features(torch.nn.Identity(), [(Image.new("RGB", (8, 8)), 0)], progress=False)
+    # (index, image, target) items whose index is numpy's or torch's (a Subset with such indices passes them on)
+    class Triples(torch.utils.data.Dataset):  # gives back the index it was asked for, as dinokit's datasets do
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return i, x[i], 7
+
+    triples = Triples()
+    for picked in (np.arange(0, 5, 2), torch.tensor([0, 2, 4])):
+        chosen = extract_features(torch.nn.Identity(), torch.utils.data.Subset(triples, picked), progress=False)
+        assert chosen.indices.tolist() == [0, 2, 4] and torch.equal(chosen.features["cls"], x[[0, 2, 4]])
     if not torch.cuda.is_available():
         with pytest.raises(DinokitError, match="device='cuda' was asked for but no CUDA GPU is available"):
             extract_features(torch.nn.Identity(), list(x), device="cuda", progress=False)

@@ -167,7 +167,7 @@ def test_resume_from_teacher_names_a_different_ibot_head_layout(images, tmp_path
     path = tmp_path / "teacher_checkpoint.pth"
     torch.save({"teacher": earlier.teacher.state_dict()}, path)
     other = str(not separate).lower()
-    with pytest.raises(DinokitError, match=f"has{'' if separate else ' no'} a separate ibot_head \\(its run set "
+    with pytest.raises(DinokitError, match=f"has {'a' if separate else 'no'} separate ibot_head \\(its run set "
                                            f"ibot.separate_head={str(separate).lower()}\\); set "
                                            f"ibot.separate_head={str(separate).lower()} to go on from it"):
         SSLMetaArch(tiny_cfg(images, f"student.resume_from_teacher_chkpt={path}", f"ibot.separate_head={other}",

@@ -248,6 +248,13 @@ def feature_runner(feature_fn: FeatureFn, model: nn.Module, batch_size: int, bac
     return run
 
 
+def _is_index(value: object) -> bool:
+    """An integer of Python, numpy or torch (a ``Subset`` with numpy or tensor indices passes those on)."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex()
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class _Indexed(Dataset):
     """The items of ``base`` as the ``(index, image_or_None, target)`` that :func:`extract_features` reads: those of
     dinokit's datasets as they are, ``(image, target)`` pairs (torchvision's ``ImageFolder``, a ``TensorDataset``)
@@ -261,8 +268,8 @@ class _Indexed(Dataset):
 
     def __getitem__(self, i: int) -> tuple:
         item = self.base[i]
-        if isinstance(item, (tuple, list)) and len(item) == 3 and isinstance(item[0], numbers.Integral):
-            index, image, target = item
+        if isinstance(item, (tuple, list)) and len(item) == 3 and _is_index(item[0]):
+            index, image, target = int(item[0]), item[1], item[2]
         elif isinstance(item, (tuple, list)):
             index, image, target = i, item[0], item[1] if len(item) > 1 else -1
         else:

@@ -77,7 +77,7 @@ def load_teacher_heads(heads: Mapping[str, nn.Module], checkpoint: Mapping, path
     in_file = {k.split(".", 1)[0] for k in sd}
     wanted = "ibot_head" in heads  # this stage's iBOT has its own head
     if "dino_head" in in_file and ibot and wanted != ("ibot_head" in in_file):
-        raise DinokitError(f"{path} {'has no' if wanted else 'has'} a separate ibot_head (its run set "
+        raise DinokitError(f"{path} {'has no separate' if wanted else 'has a separate'} ibot_head (its run set "
                            f"ibot.separate_head={str(not wanted).lower()}); set ibot.separate_head="
                            f"{str(not wanted).lower()} to go on from it")
     for name, head in heads.items():
