@@ -187,9 +187,10 @@ def test_a_process_exits_while_a_loader_keeps_its_workers(tmp_path):
         "from dinokit.data.loaders import init_worker\n"
         "kept = iter(DataLoader(list(range(100)), batch_size=2, num_workers=2, worker_init_fn=init_worker))\n"
         "next(kept)\n"
-        "import multiprocessing, signal, sys\n"
+        "import multiprocessing, signal, sys, time\n"
         "def mine():\n"  # a daemonic child of the user's keeps its SIGTERM (and its clean-up)
-        "    signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], 'w').write('clean'), sys.exit(0)))\n"
+        "    signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), open(sys.argv[1], 'w').write('clean'),\n"
+        "                                              sys.exit(0)))\n"
         "    signal.pause()\n"
         "child = multiprocessing.Process(target=mine, daemon=True)\n"
         "child.start()\n"
@@ -276,12 +277,17 @@ def test_slurm_signals_stop_other_commands_as_sigterm_does_unless_the_program_ta
 
 def test_a_pool_left_open_by_a_script_that_imports_dinokit_still_exits():
     """The exit clean-up of leftover loader workers killed a Pool's idle workers (daemonic too) while one held the
-    Pool's queue lock, before the Pool's own finaliser ran: the script hung at exit."""
+    Pool's queue lock, before the Pool's own finaliser ran: the script hung at exit. Running multiprocessing's
+    finalisers first instead shut down a Manager before the program's own exit handler could read it."""
     import subprocess
 
-    code = ("import multiprocessing as mp\nimport dinokit.data.loaders\n"
+    code = ("import atexit, multiprocessing as mp\n"
             "def square(x):\n    return x * x\n"
-            "if __name__ == '__main__':\n    pool = mp.Pool(2)\n    print(pool.map(square, range(4)), flush=True)\n")
+            "if __name__ == '__main__':\n"
+            "    shared = mp.Manager().dict(main=2)\n"  # read by the program's own exit handler, registered first
+            "    atexit.register(lambda: print('at exit', dict(shared), flush=True))\n"
+            "    import dinokit.data.loaders\n"
+            "    pool = mp.Pool(2)\n    print(pool.map(square, range(4)), flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0 and proc.stdout == "[0, 1, 4, 9]\n", proc.stderr
+    assert proc.returncode == 0 and proc.stdout == "[0, 1, 4, 9]\nat exit {'main': 2}\n", proc.stderr

@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import multiprocessing.util
 import signal
-import time
 
 from collections import OrderedDict
 from typing import Any, Callable
@@ -89,7 +88,7 @@ def init_worker(worker_id: int) -> None:
 def _stop_leftover_workers() -> None:
     """At exit, stop the workers of data loaders still alive (kept by a traceback, e.g. of a stopped run) as an
     ended loader does. They ignore SIGTERM (:func:`init_worker`), and multiprocessing's own exit handler would
-    terminate them with SIGTERM and then wait for them, forever. Non-daemonic children are left alone."""
+    terminate them with SIGTERM and then wait for them, forever. Other children are left to it."""
     if not multiprocessing.active_children():
         return  # the usual exit: every loader ended with its workers
     import gc
@@ -102,29 +101,38 @@ def _stop_leftover_workers() -> None:
         except Exception:  # noqa: BLE001 - a loader stopped half-built (its workers are killed below)
             pass
     # What is left: workers of loaders stopped half-built (a stop as they started) or already collected, whose
-    # objects no longer say what they run. multiprocessing's exit handler would first run the finalisers of what
-    # still owns children (a Pool left open ends its workers cleanly: killed while one held its queue's lock, the
-    # Pool's own clean-up then hung), then send the daemonic children left SIGTERM and wait for them; this does the
-    # same in that order, and kills those still there a moment later (ours ignore SIGTERM).
-    try:
-        multiprocessing.util._run_finalizers(0)  # what multiprocessing's exit handler runs first
-    except Exception:  # noqa: BLE001 - its own exit handler runs them again
-        pass
-    leftover = [child for child in multiprocessing.active_children() if child.daemon and "PoolWorker" not in child.name]
-    for child in leftover:
-        child.terminate()
-    deadline = time.monotonic() + LEFTOVER_GRACE_S
-    for child in leftover:
+    # objects no longer say what they run. multiprocessing's exit handler sends its daemonic children SIGTERM and
+    # waits for them: those that ignore it (ours) are killed here; the others (a Pool's, a program's own, with their
+    # clean-up on SIGTERM) are left to it. Where a child's signal dispositions cannot be read (no /proc), it gets
+    # SIGTERM here and is killed a moment later.
+    for child in multiprocessing.active_children():
+        if not child.daemon or "PoolWorker" in child.name:
+            continue
+        deaf = _ignores_sigterm(child.pid)
         try:
-            child.join(timeout=max(0.0, deadline - time.monotonic()))
-            if child.is_alive():
+            if deaf is None:
+                child.terminate()
+                child.join(timeout=LEFTOVER_GRACE_S)
+            if deaf or (deaf is None and child.is_alive()):
                 child.kill()
                 child.join(timeout=5)
         except Exception:  # noqa: BLE001 - at exit, a child that cannot be stopped is left to the system
             pass
 
 
-# How long the daemonic children left at exit have to end on SIGTERM before they are killed.
+def _ignores_sigterm(pid: int | None) -> bool | None:
+    """Whether process ``pid`` ignores SIGTERM (Linux: its ``SigIgn`` mask); None when that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# Where a child's signal dispositions cannot be read: how long it has to end on SIGTERM before it is killed.
 LEFTOVER_GRACE_S = 1.0
 
 
