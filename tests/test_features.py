@@ -216,6 +216,17 @@ def test_datasets_of_pairs_or_bare_images_are_numbered_and_wrong_inputs_are_one_
     for picked in (np.arange(0, 5, 2), torch.tensor([0, 2, 4])):
         chosen = extract_features(torch.nn.Identity(), torch.utils.data.Subset(triples, picked), progress=False)
         assert chosen.indices.tolist() == [0, 2, 4] and torch.equal(chosen.features["cls"], x[[0, 2, 4]])
+    with pytest.raises(DinokitError, match=r"the dataset's items are \(int, Tensor, int, str\): extract_features"):
+        extract_features(torch.nn.Identity(), [(0, x[0], 1, "meta")], progress=False)
+
+    class Stream(torch.utils.data.IterableDataset):  # items as they come, not by index
+        def __len__(self):
+            return len(x)
+
+        def __iter__(self):
+            return iter([(i, row, 1) for i, row in enumerate(x)])
+
+    assert torch.equal(extract_features(torch.nn.Identity(), Stream(), progress=False).features["cls"], x)
     if not torch.cuda.is_available():
         with pytest.raises(DinokitError, match="device='cuda' was asked for but no CUDA GPU is available"):
             extract_features(torch.nn.Identity(), list(x), device="cuda", progress=False)

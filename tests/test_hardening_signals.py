@@ -76,6 +76,8 @@ def test_slurm_preemption_signal_checkpoints_like_sigterm(images, tmp_path, caps
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_0000002.pth"]
         assert requeued == [sig]  # handed over once the run had saved (main does, before a group's process ends)
         assert not InterruptGuard.hand_over()  # once
+        InterruptGuard.last_stop = sig  # a stop left by a run of the Python API, never handed over
+        assert cli_main(["models"]) == 0 and requeued == [sig]  # not this command's to hand over
     finally:
         signal.signal(sig, previous)
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
 from .data.images import collate_skip_bad
@@ -270,8 +270,12 @@ class _Indexed(Dataset):
         item = self.base[i]
         if isinstance(item, (tuple, list)) and len(item) == 3 and _is_index(item[0]):
             index, image, target = int(item[0]), item[1], item[2]
-        elif isinstance(item, (tuple, list)):
+        elif isinstance(item, (tuple, list)) and len(item) in (1, 2):
             index, image, target = i, item[0], item[1] if len(item) > 1 else -1
+        elif isinstance(item, (tuple, list)):
+            kinds = ", ".join(type(v).__name__ for v in item)
+            raise DinokitError(f"the dataset's items are ({kinds}): extract_features reads (index, image, target) "
+                               "items with an integer index, (image, target) pairs or bare images")
         else:
             index, image, target = i, item, -1
         if image is not None and not isinstance(image, torch.Tensor):
@@ -308,7 +312,7 @@ def extract_features(
     """
     device = usable_device(device)
     amp = autocast_context(device, resolve_dtype(dtype, device, key="dtype"))
-    dataset = _Indexed(dataset)
+    dataset = dataset if isinstance(dataset, IterableDataset) else _Indexed(dataset)  # items as they come
     feature_fn = feature_fn or cls_feature_fn
     rank, world = (get_rank(), get_world_size()) if distributed else (0, 1)
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset

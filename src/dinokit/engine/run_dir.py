@@ -399,6 +399,7 @@ class InterruptGuard:
         self._previous.clear()
 
     def __enter__(self) -> "InterruptGuard":
+        InterruptGuard.last_stop = None  # a stop of an earlier run is not this one's to hand over
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)
