@@ -329,3 +329,25 @@ def test_exchange_rows_sends_each_row_to_its_rank_in_sender_order(tmp_path):
         assert torch.load(f"{out}.{rank}").tolist() == want
     x = torch.randn(5, 3)
     assert du.exchange_rows(x, torch.zeros(5, dtype=torch.long)) is x
+
+
+def test_shards_that_did_not_record_their_model_files_are_never_reused(tmp_path, capsys):
+    """A work folder of a dinokit before the model files were recorded, its weights retrained in place since: its
+    features were copied into the new embedding of a changed pool, mixed with features of the new weights."""
+    import json
+
+    from dinokit.curate.embed import reusable_store
+    from dinokit.curate.synthetic import write_copy_pairs
+    from test_curate_reuse import _run
+    from dinokit.eval.setup import setup_eval_model
+
+    pool, work, weights = tmp_path / "pool", tmp_path / "work", tmp_path / "backbone.pth"
+    write_copy_pairs(pool, n_images=3, copies=1)
+    torch.save(setup_eval_model(config_file="demo", random_init=True)[0].state_dict(), weights)
+    _run(pool, work, capsys, "--weights", str(weights))
+    folder = work / "embed" / "pool"
+    meta = json.loads((folder / "shard-00000.json").read_text())
+    assert meta["files"] and reusable_store(folder, meta["settings"], meta["files"]) is not None
+    for record in folder.glob("shard-*.json"):
+        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "files"}))
+    assert reusable_store(folder, meta["settings"], meta["files"]) is None

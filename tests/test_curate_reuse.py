@@ -383,21 +383,3 @@ def test_an_unreadable_image_added_to_an_embedded_pool_keeps_the_reused_features
     record.write_text(json.dumps({**json.loads(record.read_text()), "keys": []}))
     with pytest.raises(DinokitError, match="shard-00000.json is damaged .* rerun 'dinokit curate embed --force'"):
         EmbeddingStore(work / "embed" / "pool")
-
-
-def test_shards_that_did_not_record_their_model_files_are_never_reused(tmp_path, capsys):
-    """A work folder of a dinokit before the model files were recorded, its weights retrained in place since: its
-    features were copied into the new embedding of a changed pool, mixed with features of the new weights."""
-    from dinokit.curate.embed import reusable_store
-    from dinokit.eval.setup import setup_eval_model
-
-    pool, work, weights = tmp_path / "pool", tmp_path / "work", tmp_path / "backbone.pth"
-    write_copy_pairs(pool, n_images=3, copies=1)
-    torch.save(setup_eval_model(config_file="demo", random_init=True)[0].state_dict(), weights)
-    _run(pool, work, capsys, "--weights", str(weights))
-    folder = work / "embed" / "pool"
-    meta = json.loads((folder / "shard-00000.json").read_text())
-    assert meta["files"] and reusable_store(folder, meta["settings"], meta["files"]) is not None
-    for record in folder.glob("shard-*.json"):
-        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "files"}))
-    assert reusable_store(folder, meta["settings"], meta["files"]) is None

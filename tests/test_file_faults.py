@@ -379,25 +379,3 @@ def test_a_setting_with_a_name_that_is_not_utf8_is_one_line_not_a_traceback(tmp_
                                  "lat_\\udce9), which config.yaml cannot hold; rename it to UTF-8 (e.g. with convmv) "
                                  "or give a path without it")
     assert list(tmp_path.iterdir()) == []
-
-
-def test_a_folder_made_read_only_meanwhile_says_the_error_that_stopped_the_work(tmp_path, monkeypatch):
-    """Removing the lock (or a temporary file) in a folder made read-only during the run failed too, and its
-    'Permission denied: .dinokit.lock' replaced the error that had stopped the work."""
-    lock, target = tmp_path / ".dinokit.lock", tmp_path / "out.npz"
-    real = Path.unlink
-
-    def read_only(self, *args, **kwargs):
-        if self.parent == tmp_path:
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
-
-    with pytest.raises(DinokitError, match="the snapshot could not be written"):
-        with main_process_lock(lock, target):
-            monkeypatch.setattr(Path, "unlink", read_only)
-            raise DinokitError("the snapshot could not be written")
-    with pytest.raises(ValueError, match="the work failed"):
-        with atomic_write(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise ValueError("the work failed")
-    assert lock.exists()  # left behind: the next command of this host takes it over once this process is gone

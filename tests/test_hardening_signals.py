@@ -61,7 +61,7 @@ def test_slurm_preemption_signal_checkpoints_like_sigterm(images, tmp_path, caps
     (requeue, then exit) took it in the middle of the run: no checkpoint, the iterations since the last one lost.
     The run now saves first, then main hands the signal to that handler (in a job of several tasks main does not
     return: CommandJob handing it over after main never ran)."""
-    from dinokit.engine.run_dir import InterruptGuard
+    from dinokit.engine.interrupts import InterruptGuard
 
     sig = getattr(signal, name)
     requeued = []
@@ -293,3 +293,20 @@ def test_a_pool_left_open_by_a_script_that_imports_dinokit_still_exits():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and proc.stdout == "[0, 1, 4, 9]\nat exit {'main': 2}\n", proc.stderr
+
+
+def test_a_run_whose_other_process_ended_says_which_checkpoint_is_kept_without_saving(tmp_path):
+    """Under torchrun, a process whose collective failed as another one ended printed the backend's traceback (about
+    60 lines), or tried to save a checkpoint, itself a collective, and failed again. It now waits for the launcher's
+    SIGTERM and says in one line what is kept (checked by hand with a killed rank; the collective part is here)."""
+    from dinokit.engine import loop
+    from test_engine import run_toy
+
+    engine, _ = run_toy(tmp_path / "run", stop_after=10)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert engine._interrupted("SIGTERM", 15, 10, can_save=False) == (
+        "stopped by SIGTERM after iteration 15 of 40: another process of the run ended, so the iterations after 10 "
+        f"could not be saved; checkpoint of iteration 10 kept in {tmp_path / 'run' / 'checkpoints'}; rerun the same "
+        "command to resume")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert 0 < loop.PEER_LOSS_WAIT_S < 30  # the launcher stops the others at once; torchrun kills after 30 s

@@ -368,3 +368,30 @@ def test_a_stop_while_a_run_folder_is_cleaned_leaves_no_lock(tmp_path, monkeypat
         with run_dir.open_run_dir(tmp_path / "run", resume=True):
             pass
     assert not (tmp_path / "run" / ".dinokit.lock").exists()
+
+
+def test_a_folder_made_read_only_meanwhile_says_the_error_that_stopped_the_work(tmp_path, monkeypatch):
+    """Removing the lock (or a temporary file) in a folder made read-only during the run failed too, and its
+    'Permission denied: .dinokit.lock' replaced the error that had stopped the work."""
+    import errno
+
+    from dinokit.engine.run_dir import main_process_lock
+    from dinokit.files import atomic_write
+
+    lock, target = tmp_path / ".dinokit.lock", tmp_path / "out.npz"
+    real = Path.unlink
+
+    def read_only(self, *args, **kwargs):
+        if self.parent == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    with pytest.raises(DinokitError, match="the snapshot could not be written"):
+        with main_process_lock(lock, target):
+            monkeypatch.setattr(Path, "unlink", read_only)
+            raise DinokitError("the snapshot could not be written")
+    with pytest.raises(ValueError, match="the work failed"):
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise ValueError("the work failed")
+    assert lock.exists()  # left behind: the next command of this host takes it over once this process is gone

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status. A process that joined a ``torchrun``/SLURM group ends here instead of
     returning (:func:`dinokit.distributed.end_process`)."""
-    guard = sys.modules.get("dinokit.engine.run_dir")  # loaded by the commands that train
+    guard = sys.modules.get("dinokit.engine.interrupts")  # loaded by the commands that train
     if guard is not None:
         guard.InterruptGuard.last_stop = None  # a stop of a run before this command (Python API) is not its own
     try:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except StdoutFailed as err:
         code = err.code
-    guard = sys.modules.get("dinokit.engine.run_dir")
+    guard = sys.modules.get("dinokit.engine.interrupts")
     if guard is not None:
         # a run stopped by SLURM's signal, its checkpoint saved: the program's own handler of it (submitit's
         # requeue in a --nodes job) gets it now, before a process of a group ends below without returning

@@ -27,7 +27,8 @@ from ..errors import DinokitError, TrainingHealthWarning
 from ..tracking import make_tracker
 from .checkpoint import Checkpointer, UnreadableCheckpoint
 from .metrics import MetricsLogger, truncate_metrics
-from .run_dir import InterruptGuard, RunInterrupted, check_disk_space
+from .interrupts import PEER_LOSS_WAIT_S, InterruptGuard, RunInterrupted, stop_requested, stopped_line
+from .run_dir import check_disk_space
 from .optim import apply_optim_schedule, build_optimizer, get_param_groups
 from .parallel import average_buffers, parallelize, reshard
 from .snapshots import save_export
@@ -36,9 +37,6 @@ from .task import Task
 
 # steps an fp16 run may skip (the loss scale halved from 65536 to 256) before most skipped is a warning
 SKIPPED_STEPS_ALLOWED = 8
-# How long a process whose collective failed waits for the launcher's SIGTERM (another process ended) before it
-# takes the failure as its own.
-PEER_LOSS_WAIT_S = 5.0
 
 
 @dataclass
@@ -286,7 +284,7 @@ class Engine:
                 if done % ckpt_period == 0 or is_last or done == end_iter:
                     self.checkpointer.save(done)
                     saved = done
-                if self._stop_requested(guard, done % log_freq == 0):
+                if stop_requested(guard, done % log_freq == 0, self.device):
                     raise RunInterrupted(self._interrupted(guard.requested, completed, saved))
                 t_data = time.perf_counter()
         except (RunInterrupted, DinokitError):
@@ -331,30 +329,12 @@ class Engine:
             return count
         return int(dist_utils.all_reduce_sum(torch.tensor([count], dtype=torch.int64, device=self.device)).item())
 
-    def _stop_requested(self, guard: InterruptGuard, window_end: bool) -> bool:
-        """Whether a signal asked to stop (every rank agrees, at logging windows, under torchrun)."""
-        if dist_utils.get_world_size() == 1:
-            return guard.requested is not None
-        if not window_end:
-            return False
-        flag = torch.tensor([1.0 if guard.requested else 0.0], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        guard.requested = guard.requested or ("SIGTERM" if flag.item() else None)
-        return bool(flag.item())
-
     def _interrupted(self, signal_name: str | None, completed: int, saved: int, can_save: bool = True) -> str:
         """Save the state after ``completed`` iterations (unless just saved, or it ``can_save`` no longer: another
         process ended) and say what was kept."""
-        lost = ""
         if completed > saved and can_save:
             self.checkpointer.save(completed)
-        elif completed > saved:
-            lost = f"another process of the run ended, so the iterations after {saved} could not be saved; "
-        last = completed if can_save else saved
-        kept = lost + (f"checkpoint of iteration {last} kept in {self.checkpointer.directory}" if last > 0
-                       else "no iteration was completed, nothing to keep" if completed == 0 else "nothing to keep")
-        return (f"stopped by {signal_name or 'a signal'} after iteration {completed} of {self.cfg.max_iter}: {kept}; "
-                "rerun the same command to resume")
+        return stopped_line(signal_name, completed, saved, self.cfg.max_iter, self.checkpointer.directory, can_save)
 
     def _flush_losses(self, pending, logger: MetricsLogger, iteration: int) -> None:
         if not pending:

@@ -16,8 +16,8 @@ Every trainer (``dinokit train``, ``distill``, ``dense train``) opens its output
   (keys that may change between resumes, such as ``optim.epochs``, are only reported).
 
 At each start, :func:`data_change_note` records what the run trains on (``data.json``) and says when a resumed
-run's images or their decoding changed. The engine then uses :func:`check_disk_space` and
-:class:`InterruptGuard` (SIGINT/SIGTERM/SIGUSR1: checkpoint, then say how to resume).
+run's images or their decoding changed. The engine then uses :func:`check_disk_space` (and, from
+``interrupts.py``, the guard that turns a signal into a checkpoint and one line on how to resume).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,10 +48,6 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "train.head_chunk_rows", "train.compile_loss", "optim.lr", "optim.epochs",
     "optim.warmup_epochs", "teacher.warmup_teacher_temp_epochs", "MODEL.WEIGHTS", "evaluation", "compute_precision",
 )
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM/SIGUSR1 stopped a run after it saved a checkpoint; the message says what was kept and how to resume."""
 
 
 def flatten_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -353,57 +347,3 @@ def check_disk_space(directory: Path, checkpoint_bytes: int, keep: int) -> None:
     if free < peak:
         print(f"warning: only {_megabytes(free)} free on the disk of {directory}; keeping {keep} checkpoints needs "
               f"{keep + 1} x {_megabytes(checkpoint_bytes)} at peak: the run may stop at a checkpoint")
-
-
-class InterruptGuard:
-    """While active, SIGINT, SIGTERM, SIGUSR1 (what SLURM sends before pre-emption or the time limit with
-    ``--signal=USR1@SECONDS``) and SIGUSR2 (the same, asked for by submitit for ``--nodes`` jobs) only set
-    :attr:`requested` (a second signal acts as usual).
-
-    The engine checks the flag after each step, saves a checkpoint and raises :class:`RunInterrupted`; then
-    :meth:`hand_over` gives the signal to the handler the guard stood in for (submitit's requeue).
-    """
-
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
-                    if hasattr(signal, name))
-    _MEANING = {"SIGUSR1": "SIGUSR1 (SLURM pre-emption or time limit)",
-                "SIGUSR2": "SIGUSR2 (SLURM pre-emption or time limit)"}
-    last_stop: int | None = None  # the signal that stopped the last run of this process (for hand_over)
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        self.requested = self._MEANING.get(name, name)
-        InterruptGuard.last_stop = signum
-        self._restore()  # a second Ctrl-C stops at once (checkpoints are written atomically)
-
-    @staticmethod
-    def hand_over() -> bool:
-        """Signal this process again with the SIGUSR1/SIGUSR2 that stopped its last run, when a handler of the
-        program's own takes it now (submitit's, which requeues the job: it was stood in for while the run saved
-        its checkpoint, and a job stopped without it was never requeued). True when signalled."""
-        sig, InterruptGuard.last_stop = InterruptGuard.last_stop, None
-        if sig is None or signal.Signals(sig).name not in ("SIGUSR1", "SIGUSR2"):
-            return False
-        if not callable(handler := signal.getsignal(sig)) or handler is signal.default_int_handler:
-            return False
-        signal.raise_signal(sig)
-        return True
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def __enter__(self) -> "InterruptGuard":
-        InterruptGuard.last_stop = None  # a stop of an earlier run is not this one's to hand over
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
