@@ -123,8 +123,7 @@ def distill(
     if rank == 0 and (idle := features_loss_idle(cfg)):
         print(f"note: distillation.loss=features matches the students' global-crop features to the teacher's, so "
               f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect (local crops are made and not used: "
-              "crops.local_crops_number=0 "
-              "saves their cost)")
+              "crops.local_crops_number=0 saves their cost)")
     check_step_levers(cfg.train, world)
     check_koleo_group(cfg.dino, world)
     output_dir = Path(output_dir).expanduser()

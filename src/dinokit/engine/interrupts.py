@@ -18,7 +18,8 @@ PEER_LOSS_WAIT_S = 5.0
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM/SIGUSR1 stopped a run after it saved a checkpoint; the message says what was kept and how to resume."""
+    """A signal (:attr:`InterruptGuard.SIGNALS`) stopped a run after it saved a checkpoint; the message says what was
+    kept and how to resume."""
 
 
 class InterruptGuard:

@@ -41,11 +41,8 @@ class Export:
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
     """``ema <- momentum * ema + (1 - momentum) * model`` over every parameter (sharded or not), in one foreach call,
-    on the parameters themselves (not ``.data``): their version counters move, so what was derived from them (the
-    backbone's interpolated position embeddings) is derived again. Through ``.data`` a mixed-resolution teacher kept
-    its first interpolated embedding for the whole run."""
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - momentum)
+    on the parameters themselves (not ``.data``, which leaves their version counters as they were)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - momentum)
 
 
 class Task(nn.Module):

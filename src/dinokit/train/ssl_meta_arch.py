@@ -104,11 +104,10 @@ class SSLMetaArch(SSLObjective, Task):
 
     @torch.no_grad()
     def copy_teacher_to_gram(self) -> None:
-        """Gram teacher <- EMA teacher backbone, exactly (sharded or not); on the parameters themselves, whose
-        version counters move (see :func:`dinokit.engine.ema_update`)."""
-        with torch.no_grad():
-            for gram, ema in zip(self.gram_teacher.parameters(), self.teacher.backbone.parameters()):
-                gram.copy_(ema)  # rare (each refresh); DTensors have no foreach copy
+        """Gram teacher <- EMA teacher backbone, exactly (sharded or not), on the parameters themselves (see
+        :func:`dinokit.engine.ema_update`)."""
+        for gram, ema in zip(self.gram_teacher.parameters(), self.teacher.backbone.parameters()):
+            gram.copy_(ema)  # rare (each refresh); DTensors have no foreach copy
 
 
     # ------------------------------------------------------------------ the Task contract
