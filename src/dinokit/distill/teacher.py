@@ -18,12 +18,11 @@ from torch import nn
 from .. import distributed as du
 from ..config import backbone_from_config, backbone_img_size, find_run_config, load_config
 from ..config.schema import StudentConfig
-from ..engine.snapshots import newest_snapshot, no_snapshot_fix
 from ..errors import DinokitError
 from ..files import LOCK_NAME, lock_holder
 from ..models.architectures import ARCHITECTURES
 from ..models.checkpoint import backbone_state_dict_of_any_layout, describe_backbone_state_dict, load_backbone_weights
-from ..models.weight_files import load_state_dict_file
+from ..models.weight_files import load_state_dict_file, newest_snapshot, no_snapshot_fix
 from ..train.objective import ssl_heads
 
 

@@ -17,10 +17,11 @@ Schedules are indexable per iteration (``CosineScheduler`` or anything with ``__
 ``wd`` are required, ``last_layer_lr`` and ``backbone_lr`` optional; all of them reach ``compute_losses`` in ``sched``.
 """
 
-from .checkpoint import Checkpointer, atomic_torch_save, list_checkpoints
 from ..devices import batch_to
+from ..models.weight_files import newest_snapshot
+from .checkpoint import Checkpointer, atomic_torch_save, list_checkpoints
 from .loop import Engine, EngineConfig, Hook, init_run
-from .snapshots import full_state_dict, newest_snapshot, save_export
+from .snapshots import full_state_dict, save_export
 from .metrics import MetricsLogger
 from .optim import CosineScheduler, ScheduleConfig, build_schedulers, get_param_groups
 from .task import Export, LossOutput, Task, ema_update

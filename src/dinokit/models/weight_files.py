@@ -80,19 +80,43 @@ def _unreadable_error(source: str, err: Exception) -> DinokitError:
 _UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
 
 
+def newest_snapshot(run_dir: str | Path, filename: str = "teacher_checkpoint.pth") -> Path | None:
+    """The snapshot of the highest iteration in ``run_dir/eval/training_<it>/`` (None if there is none)."""
+    def iteration(path: Path) -> int:
+        match = re.fullmatch(r"training_(\d+)", path.parent.name)
+        return int(match.group(1)) if match else -1
+
+    snapshots = sorted(Path(run_dir).glob(f"eval/training_*/{filename}"), key=iteration)
+    return snapshots[-1] if snapshots else None
+
+
+def student_folders(run_dir: str | Path, filename: str = "teacher_checkpoint.pth") -> list[Path]:
+    """The students' subfolders of a distillation of several students (each with its own snapshots), by name."""
+    return sorted({p.parents[2] for p in Path(run_dir).glob(f"*/eval/training_*/{filename}")})
+
+
+def no_snapshot_fix(run_dir: str | Path) -> str:
+    """What to give instead of a folder without snapshots: one student's folder if it holds several students."""
+    students = student_folders(run_dir)
+    if students:
+        return (f"it holds the students {', '.join(p.name for p in students)} of a distillation: give one student's "
+                f"folder, e.g. {str(students[0])!r}")
+    return "give a dinokit train run folder with at least one snapshot, or the checkpoint file itself"
+
+
 def _weights_in_folder(folder: Path) -> str:
     """The fix for a folder given as weights: its newest teacher snapshot (a training run), else a weights file in it."""
-    def iteration(path: Path) -> int:
-        return int(path.parent.name.rpartition("_")[2]) if path.parent.name.rpartition("_")[2].isdigit() else -1
-
-    snapshots = sorted(folder.glob("eval/training_*/teacher_checkpoint.pth"), key=iteration)
-    students = sorted(folder.glob("*/eval/training_*/teacher_checkpoint.pth"), key=iteration)  # several students
-    if not snapshots and len(names := sorted({p.parents[2].name for p in students})) > 1:
-        return f"it holds the students {', '.join(names)}: give one's snapshot, e.g. {str(students[-1])!r}"
-    snapshots = snapshots or students
-    files = snapshots[-1:] or sorted(p for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".safetensors"))
+    snapshot = newest_snapshot(folder)
+    students = student_folders(folder)
+    if snapshot is None and len(students) > 1:
+        example = newest_snapshot(students[-1])
+        return f"it holds the students {', '.join(p.name for p in students)}: give one's snapshot, e.g. {str(example)!r}"
+    snapshot = snapshot or (newest_snapshot(students[0]) if students else None)
+    if snapshot is not None:
+        return f"give the file, e.g. {str(snapshot)!r}"
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".safetensors"))
     if files:
-        return f"give the file, e.g. {str(files[-1] if snapshots else files[0])!r}"
+        return f"give the file, e.g. {str(files[0])!r}"
     return "give the weights file (.pth, .pt or .safetensors)"
 
 

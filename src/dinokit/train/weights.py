@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.snapshots import newest_snapshot, no_snapshot_fix
 from ..errors import DinokitError
 from ..models.checkpoint import backbone_state_dict_of_any_layout, load_backbone_weights, resize_pos_embed
-from ..models.weight_files import is_url, load_state_dict_file
+from ..models.weight_files import is_url, load_state_dict_file, newest_snapshot, no_snapshot_fix
 
 
 def chunked_backbone_keys(state_dict: dict[str, torch.Tensor], depth: int, block_chunks: int) -> dict[str, torch.Tensor]:
