@@ -59,3 +59,22 @@ def test_converted_files_start_a_stage_and_teach_a_distillation(tmp_path: Path) 
         assert_bitwise_equal(teacher.backbone.state_dict(), model.state_dict())
     with pytest.raises(DinokitError, match=r"the position embedding has shape \(1, 30, 384\), not \(1, 1 \+ a square"):
         resize_pos_embed({"pos_embed": torch.zeros(1, 30, 384)}, 16 * 16)
+
+
+def test_wrapped_or_prefixed_files_of_every_layout_load_as_weights(tmp_path: Path) -> None:
+    """A Hugging Face state dict saved from a DDP-wrapped or compiled model (``module.``/``_orig_mod.`` keys) or inside
+    ``{"state_dict": ...}`` said 'holds no ViT backbone tensors'; the official layout already read them."""
+    from dinokit.convert import official_to_hf
+    from dinokit.models.checkpoint import backbone_state_dict_of_any_layout
+
+    from test_convert import to_mmpretrain_layout
+
+    sd = random_backbone(tiny_spec("plain")).state_dict()
+    hf = official_to_hf(sd)
+    mm = to_mmpretrain_layout(sd)["state_dict"]
+    for layout, flat, inner in (("hf", hf, "dinov2."), ("mmpretrain", mm, "")):
+        for wrapped in ({f"module.{k}": v for k, v in flat.items()}, {f"_orig_mod.{k}": v for k, v in flat.items()},
+                        {"state_dict": dict(flat)}, {"model": {f"module.{inner}{k}": v for k, v in flat.items()}}):
+            got = backbone_state_dict_of_any_layout(wrapped)
+            assert set(got) == set(sd), layout
+            assert all(torch.equal(got[k], sd[k]) for k in got if k != "mask_token"), layout  # mmpretrain has none

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import DinokitError
+from ..models.checkpoint import unwrapped_tensors
 from ..models.weight_files import load_state_dict_file
 from ..files import atomic_write
 from .spec import BackboneSpec, StateDict, spec_from_state_dict, with_layerscale
@@ -59,7 +60,8 @@ _OFFICIAL_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$")
 
 
 def is_hf_state_dict(sd: Mapping[str, Any]) -> bool:
-    return any(k.startswith(("embeddings.", "dinov2.embeddings.", "encoder.layer.")) for k in sd)
+    """Whether a loaded file (possibly wrapped, or saved from a DDP/compiled model) holds a Hugging Face Dinov2."""
+    return any(k.startswith(("embeddings.", "dinov2.embeddings.", "encoder.layer.")) for k in unwrapped_tensors(sd))
 
 
 # ---------------------------------------------------------------------------------------------- official -> HF
@@ -157,7 +159,7 @@ def hf_to_official(sd: Mapping[str, torch.Tensor]) -> StateDict:
     A ``dinov2.`` prefix (``Dinov2ForImageClassification``) is removed and its ``classifier.*`` dropped.
     """
     flat = {}
-    for key, value in sd.items():
+    for key, value in unwrapped_tensors(sd).items():
         key = key.removeprefix("dinov2.")
         if key.startswith("classifier."):
             continue

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DinokitError
-from ..models.checkpoint import load_backbone_weights
+from ..models.checkpoint import load_backbone_weights, unwrapped_tensors
 from ..models.weight_files import load_state_dict_file
 from ..models.registry import ALIASES, api_download_advice, create_model, model_info
 from ..models.vision_transformer import DinoVisionTransformer
@@ -52,8 +52,7 @@ OUT_TYPES = ("cls_token", "featmap", "raw")
 
 
 def _backbone_tensors(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    tensors = unwrapped_tensors(checkpoint)
     if any(k.startswith("backbone.") for k in tensors):
         tensors = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
     return tensors

@@ -51,6 +51,24 @@ def _strip_noise(key: str) -> str:
     return key
 
 
+def _unwrapped(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state dict inside ``{"teacher"|"model"|"state_dict": ...}`` wrappers, possibly nested."""
+    sd = checkpoint
+    for _ in range(len(_WRAPPER_KEYS)):
+        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        sd = sd[wrapper]
+    return sd
+
+
+def unwrapped_tensors(checkpoint: Mapping[str, Any]) -> StateDict:
+    """The tensors of a checkpoint's state dict, out of its wrappers and without the prefixes that DDP,
+    ``torch.compile``, FSDP1 and activation checkpointing add (``module.``, ``_orig_mod.``, ...): what every layout
+    (official, Hugging Face, timm, mmpretrain) is recognised and converted from."""
+    return {_strip_noise(k): v for k, v in _unwrapped(checkpoint).items() if isinstance(v, torch.Tensor)}
+
+
 def backbone_state_dict_from_checkpoint(checkpoint: Mapping[str, Any], *, source: str = "the checkpoint") -> StateDict:
     """Normalise any supported checkpoint layout to the flat official backbone layout.
 
@@ -60,13 +78,8 @@ def backbone_state_dict_from_checkpoint(checkpoint: Mapping[str, Any], *, source
     A pure function: the input is not modified, tensors are not copied. No ViT tensor at all (neither
     ``cls_token`` nor ``blocks.N.*``) is a one-line error naming ``source`` and the keys it holds.
     """
-    sd: Mapping[str, Any] = checkpoint
-    for _ in range(len(_WRAPPER_KEYS)):  # unwrap {"teacher"|"model"|"state_dict": ...}, possibly nested
-        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
-        if wrapper is None:
-            break
-        sd = sd[wrapper]
-    tensors = {_strip_noise(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = _unwrapped(checkpoint)
+    tensors = unwrapped_tensors(checkpoint)
     for prefix in _BACKBONE_PREFIXES:
         if any(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -247,12 +260,7 @@ _BACKBONE_KEY = re.compile(r"(^|\.)(cls_token|pos_embed|mask_token|register_toke
 def _refuse_non_tensors(checkpoint: Mapping[str, Any], source: str) -> None:
     """One line for a state dict whose backbone values are numpy arrays (or hold no tensors at all), which the
     key-based normalisation would otherwise report as 'no ViT backbone tensors'."""
-    sd = checkpoint
-    for _ in range(len(_WRAPPER_KEYS)):  # the level that backbone_state_dict_from_checkpoint reads
-        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
-        if wrapper is None:
-            break
-        sd = sd[wrapper]
+    sd = _unwrapped(checkpoint)  # the level that backbone_state_dict_from_checkpoint reads
     has_tensors = any(isinstance(v, torch.Tensor) for v in sd.values())
     arrays = [str(k) for k, v in sd.items() if type(v).__module__ == "numpy"]
     if arrays and (not has_tensors or any(_BACKBONE_KEY.search(k) for k in arrays)):
