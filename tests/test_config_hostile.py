@@ -235,3 +235,53 @@ def test_a_deeply_nested_file_is_one_line(tmp_path):
     deep.write_text("optim:\n  epochs: 2\nx: " + "[" * 3000 + "]" * 3000 + "\n")  # RecursionError traceback before
     with pytest.raises(DinokitError, match=f"^config file '{deep}' is nested too deeply to read"):
         load_config(str(deep))
+
+
+# --- keys that something else keeps from acting: one line naming both, never silently accepted ---------------------
+
+GRAM_OFF = "does nothing without gram.use_loss=true (or gram.compute_stats=true); set that too, or remove the key"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["gram.ckpt=/x.pth"], f"config key 'gram.ckpt' {GRAM_OFF}"),
+    (["gram.loss_weight=2"], f"config key 'gram.loss_weight' {GRAM_OFF}"),
+    (["crops.gram_teacher_no_distortions=true"], f"config key 'crops.gram_teacher_no_distortions' {GRAM_OFF}"),
+    (["gram.compute_stats=true", "gram.it_load_ema_teacher=0", "gram.loss_weight=3"],
+     "config key 'gram.loss_weight' does nothing without gram.use_loss=true (gram.compute_stats only logs the Gram "
+     "loss); set that too, or remove the key"),
+    (["gram.use_loss=true", "gram.ema_teacher=true", "gram.max_updates=3"],
+     "config key 'gram.max_updates' does nothing with gram.ema_teacher=true (the EMA teacher itself is the Gram "
+     "teacher: nothing is refreshed), or remove the key"),
+    # more chunks than blocks: a ZeroDivisionError at the first snapshot, the run's work lost
+    (["student.block_chunks=8"], "config key 'student.block_chunks' is 8 but vit_pico has 4 blocks; set at most 4"),
+])
+def test_a_key_that_could_not_act_is_one_line(overrides, message) -> None:
+    assert _error("demo", overrides).startswith(message)
+
+
+def test_keys_that_act_or_that_presets_spell_out_pass() -> None:
+    """The rules compare with the defaults: the presets' own values and the keys' working combinations load."""
+    for preset in ("demo", "small", "distill_demo", "continued", "vitl14", "vitg14", None):
+        load_config(preset, ["dino.head_n_prototypes=1024"])  # presets also spell out iBOT's (unread) head sizes
+    load_config("demo", ["gram.use_loss=true", "gram.it_load_ema_teacher=0", "gram.loss_weight=2", "gram.max_updates=3",
+                         "student.block_chunks=4"])
+    load_config("demo", ["gram.use_loss=true", "gram.ema_teacher=true", "gram.rep_update=false"])
+    schedule = load_config("demo", ["optim.lr_schedule={start: 0, peak: 0.5, end: 0, warmup_epochs: 1}"])
+    assert schedule.optim.base_lr == 0.02  # replaced by the schedule, whose peak config.yaml records as optim.lr:
+
+
+def test_config_yaml_records_the_peak_of_an_lr_schedule() -> None:
+    from dinokit.config import apply_scaling_rules
+
+    cfg = load_config("demo", ["optim.lr_schedule={start: 0, peak: 0.5, end: 0, warmup_epochs: 1}",
+                               "train.batch_size_per_gpu=256"])
+    assert apply_scaling_rules(cfg, world_size=1).optim.lr == 0.5 * 0.5  # sqrt(256 / 1024); base_lr said 0.01
+
+
+def test_a_distilled_student_with_more_chunks_than_blocks_is_one_line() -> None:
+    from dinokit.distill.run import student_sections
+
+    cfg = load_config("distill_demo", ["distillation.students=[{arch: vit_pico}, {arch: vit_pico, block_chunks: 5}]"])
+    with pytest.raises(DinokitError, match=r"^config key 'distillation.students\[1\].block_chunks' is 5 but vit_pico "
+                                           r"has 4 blocks; set at most 4"):
+        student_sections(cfg)

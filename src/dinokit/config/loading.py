@@ -333,10 +333,12 @@ def as_dataclass(cfg: DictConfig) -> SSLConfig:
 def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
     """Set ``optim.lr`` from ``optim.base_lr`` for ``batch_size_per_gpu * world_size`` images (in place).
 
-    ``sqrt_wrt_1024`` (official): ``base_lr * sqrt(total / 1024)``; ``linear_wrt_256``; ``none`` = base_lr.
+    ``sqrt_wrt_1024`` (official): ``base_lr * sqrt(total / 1024)``; ``linear_wrt_256``; ``none`` = base_lr. With
+    ``optim.lr_schedule`` its peak is scaled instead (the lr that schedule reaches: base_lr does not act).
     """
     total = cfg.train.batch_size_per_gpu * world_size
-    cfg.optim.lr = scale_lr(cfg.optim.base_lr, total, cfg.optim.scaling_rule)
+    base = cfg.optim.base_lr if cfg.optim.lr_schedule is None else cfg.optim.lr_schedule.peak
+    cfg.optim.lr = scale_lr(base, total, cfg.optim.scaling_rule)
     return cfg
 
 

@@ -5,7 +5,8 @@ related keys, official keys that cannot act in dinokit, options that need one pr
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -92,6 +93,7 @@ _FRACTION_PAIRS = ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.
 def validate(cfg: DictConfig) -> None:
     """Check the values the schema's types cannot (choices, ranges, consistency); errors name the key."""
     arch_dims(cfg.student.arch, "config key 'student.arch'")
+    check_block_chunks(cfg.student)
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -143,6 +145,16 @@ def validate(cfg: DictConfig) -> None:
     check_weight_schedule(cfg.optim.lr_schedule, "optim.lr_schedule")
     _validate_stages(cfg)
     check_inert_keys(cfg)
+    _check_idle_keys(cfg)
+
+
+def check_block_chunks(student, where: str = "student") -> None:
+    """The official FSDP chunks group ``depth // block_chunks`` blocks each: more chunks than blocks (chunks of no
+    block) stopped the run at its first snapshot, its work lost."""
+    depth = arch_dims(student.arch)["depth"]
+    if student.block_chunks > depth:
+        raise DinokitError(f"config key '{where}.block_chunks' is {student.block_chunks} but {student.arch} has {depth} "
+                           f"blocks; set at most {depth} (0: one flat list of blocks)")
 
 
 def check_weight_schedule(weight, key: str) -> None:
@@ -269,3 +281,41 @@ def check_inert_keys(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in accepted:
             raise DinokitError(f"config key '{key}' is {value!r} but has no effect in dinokit: {instead}")
+
+
+@functools.cache
+def _defaults() -> DictConfig:
+    from .schema import SSLConfig
+
+    return OmegaConf.structured(SSLConfig)
+
+
+def changed_keys(cfg: DictConfig, keys: Iterable[str]) -> list[str]:
+    """Those of ``keys`` set to another value than the default (an empty path and null alike mean none)."""
+    def value(tree: DictConfig, key: str) -> Any:
+        found = OmegaConf.select(tree, key)
+        return None if found == "" else found
+
+    return [key for key in keys if value(cfg, key) != value(_defaults(), key)]
+
+
+_GRAM_KEYS = tuple(f"gram.{key}" for key in (
+    "loss_weight", "loss_weight_schedule", "ema_teacher", "ckpt", "it_load_ema_teacher", "rep_update", "update_frequency",
+    "it_first_update", "max_updates", "normalized", "img_level", "remove_neg", "remove_only_teacher_neg", "tokens_used",
+    "global_teacher_resize_method", "global_teacher_resize_antialias")) + ("crops.gram_teacher_no_distortions",)
+
+
+def _check_idle_keys(cfg: DictConfig) -> None:
+    """A key given a value that a switch elsewhere keeps from acting is one line naming both (it did nothing)."""
+    gram = cfg.gram
+    rules = [
+        (not (gram.use_loss or gram.compute_stats), _GRAM_KEYS,
+         "without gram.use_loss=true (or gram.compute_stats=true); set that too"),
+        (gram.compute_stats and not gram.use_loss, ("gram.loss_weight", "gram.loss_weight_schedule"),
+         "without gram.use_loss=true (gram.compute_stats only logs the Gram loss); set that too"),
+        (gram.ema_teacher, ("gram.update_frequency", "gram.it_first_update", "gram.max_updates"),
+         "with gram.ema_teacher=true (the EMA teacher itself is the Gram teacher: nothing is refreshed)"),
+    ]
+    for applies, keys, reason in rules:
+        if applies and (idle := changed_keys(cfg, keys)):
+            raise DinokitError(f"config key '{idle[0]}' does nothing {reason}, or remove the key")

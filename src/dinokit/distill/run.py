@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .. import distributed as du
 from ..config import apply_scaling_rules, check_koleo_group, check_step_levers, write_config
 from ..config.paths import make_paths_absolute
+from ..config.validation import check_block_chunks
 from ..config.schema import StudentConfig
 from ..data import make_dataset
 from ..devices import resolve_device
@@ -79,6 +80,7 @@ def student_sections(cfg: DictConfig) -> dict[str, DictConfig]:
             sections[name] = OmegaConf.merge(cfg.student, entry)
         except OmegaConfBaseException as err:
             raise DinokitError(f"distillation.students[{i}]: {str(err).splitlines()[0]}") from None
+        check_block_chunks(sections[name], f"distillation.students[{i}]")
     return sections
 
 
