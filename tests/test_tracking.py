@@ -121,6 +121,15 @@ def test_tensorboard_resumed_run_replaces_the_killed_runs_points(tmp_path: Path)
     acc.Reload()
     got = [(e.step, e.value) for e in acc.Scalars("total_loss")]
     assert got == [(s, float(s)) for s in range(5)] + [(s, 100.0 + s) for s in range(5, 10)]
+    # killed before its first checkpoint, the run starts again from 0 in the folder: its points replace all of them
+    time.sleep(1.1)
+    again = make_tracker("tensorboard", tmp_path, {"optim": {"lr": 0.004}}, start_step=0)
+    for step in range(3):
+        again.log({"total_loss": -1.0 - step}, step)
+    again.close()
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("total_loss")] == [(s, -1.0 - s) for s in range(3)]
 
 
 def test_wandb_resumed_run_goes_on_in_the_killed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

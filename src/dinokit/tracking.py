@@ -10,7 +10,8 @@
 
 Both packages are optional (``pip install 'dinokit[tracking]'``) and imported only when asked for.
 Only finite numbers are logged; the step is the training iteration. A resumed run (``start_step`` > 0) continues
-the killed run's lines: TensorBoard drops the killed run's points from ``start_step`` on (``purge_step``), and
+the killed run's lines: TensorBoard drops the killed run's points from ``start_step`` on (``purge_step``; all of
+them for a run started again from 0 in the same folder), and
 Weights & Biases resumes the same run (its id is kept in ``OUTPUT_DIR/wandb/run-id``).
 """
 
@@ -70,8 +71,9 @@ class TensorBoardTracker:
         check_tracker("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
         self.log_dir = Path(output_dir) / "tensorboard"
-        # a resumed run: the readers drop the killed run's points at and after start_step, logged again now
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_step or None)
+        # the readers drop the points of a killed run at and after start_step, logged again now (all of them when it
+        # starts again from 0: killed before its first checkpoint)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_step)
         if config and not start_step:
             text = json.dumps(dict(config), indent=2, default=str)
             self.writer.add_text("config", "```\n" + text + "\n```", global_step=0)
