@@ -82,6 +82,26 @@ def test_slurm_preemption_signal_checkpoints_like_sigterm(images, tmp_path, caps
         signal.signal(sig, previous)
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="no SIGUSR1/SIGUSR2 on this platform")
+def test_the_python_api_hands_the_stop_signal_over_too(images, tmp_path, monkeypatch):
+    """pretrain() in a submitit job (the Python API, no CLI around it): the run saved and raised, and submitit's
+    handler never got the signal (the job was never requeued); only the CLI's main handed it over."""
+    from test_hardening import _cfg
+
+    from dinokit.cli.train import pretrain
+    from dinokit.engine.interrupts import RunInterrupted
+
+    requeued = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # submitit's
+    try:
+        _signal_during_iteration_1(monkeypatch, signal.SIGUSR2)
+        with pytest.raises(RunInterrupted, match="checkpoint of iteration 2 kept"):
+            pretrain(_cfg(images), output_dir=tmp_path / "run", device="cpu")
+        assert requeued == [signal.SIGUSR2]  # once the checkpoint was saved
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 # ---------------------------------------------------------------------------------------------- kill -9 loop
 @pytest.mark.slow
 def test_random_kill_9_loop_then_resume_is_bit_exact(images, tmp_path):
@@ -310,3 +330,17 @@ def test_a_run_whose_other_process_ended_says_which_checkpoint_is_kept_without_s
         "command to resume")
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
     assert 0 < loop.PEER_LOSS_WAIT_S < 30  # the launcher stops the others at once; torchrun kills after 30 s
+
+
+def test_loader_workers_ignore_every_stop_signal():
+    """SIGUSR2 (a stop signal like SIGTERM and SIGUSR1) reached the workers of a loader too: a worker killed by it
+    made the loader's teardown print a traceback, and one that inherited submitit's handler requeued the job."""
+    from torch.utils.data import DataLoader
+
+    from dinokit.data.loaders import init_worker
+
+    def dispositions(_):
+        return [signal.getsignal(getattr(signal, name)) == signal.SIG_IGN for name in ("SIGTERM", "SIGUSR1", "SIGUSR2")]
+
+    loader = DataLoader([0], num_workers=1, worker_init_fn=init_worker, collate_fn=lambda items: dispositions(items))
+    assert next(iter(loader)) == [True, True, True]

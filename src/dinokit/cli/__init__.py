@@ -45,15 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+command_running = False  # while main runs a command (read by the engine's stop: engine/interrupts.py)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status. A process that joined a ``torchrun``/SLURM group ends here instead of
     returning (:func:`dinokit.distributed.end_process`)."""
     guard = sys.modules.get("dinokit.engine.interrupts")  # loaded by the commands that train
     if guard is not None:
         guard.InterruptGuard.last_stop = None  # a stop of a run before this command (Python API) is not its own
+    global command_running
     try:
         from .. import distributed
 
+        command_running = True  # a stopped run's signal is handed over below, once the command said what it kept
         with _guarded_stdout():
             code = _run(argv)
     except KeyboardInterrupt:  # while torch and the commands load, before a command runs (it says what it kept)
@@ -61,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except StdoutFailed as err:
         code = err.code
+    finally:
+        command_running = False
     guard = sys.modules.get("dinokit.engine.interrupts")
     if guard is not None:
         # a run stopped by SLURM's signal, its checkpoint saved: the program's own handler of it (submitit's

@@ -74,13 +74,14 @@ class SSLDataset(Dataset):
 
 def init_worker(worker_id: int) -> None:
     """A data-loading worker (training, feature extraction, probes): one intra-op thread (it decodes and augments
-    one sample at a time; more would only oversubscribe the CPUs), and deaf to SIGTERM and SIGUSR1. Those reach the
-    whole process group (``timeout``, SLURM); the main process then stops (a training run saves a checkpoint
+    one sample at a time; more would only oversubscribe the CPUs), and deaf to SIGTERM, SIGUSR1 and SIGUSR2 (the
+    stop signals: engine/interrupts.py; a worker also ran a handler it inherited, e.g. submitit's requeue). They reach
+    the whole process group (``timeout``, SLURM); the main process then stops (a training run saves a checkpoint
     first) and stops its workers, but a worker killed by the signal first made the loader's teardown print a
     "DataLoader worker ... is killed by signal" traceback after the stop line. Workers still end with the main
     process (they watch it)."""
     torch.set_num_threads(1)
-    for name in ("SIGTERM", "SIGUSR1"):
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 

@@ -4,6 +4,7 @@ every process agrees to stop, and the line that says what was kept."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ class InterruptGuard:
     :attr:`requested` (a second signal acts as usual).
 
     The engine checks the flag after each step, saves a checkpoint and raises :class:`RunInterrupted`; then
-    :meth:`hand_over` gives the signal to the handler the guard stood in for (submitit's requeue).
+    :meth:`hand_over` gives the signal to the handler the guard stood in for (submitit's requeue): at once under the
+    Python API, after the command under the CLI (:func:`dinokit.cli.main`, while its ``command_running``).
     """
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
@@ -59,6 +61,13 @@ class InterruptGuard:
             return False
         signal.raise_signal(sig)
         return True
+
+    @staticmethod
+    def hand_over_unless_cli() -> None:
+        """:meth:`hand_over` now, unless dinokit's CLI runs this as a command: it hands over once the command has
+        said what it kept (the flag is read from the CLI's module, if loaded: the CLI starts without torch)."""
+        if not getattr(sys.modules.get("dinokit.cli"), "command_running", False):
+            InterruptGuard.hand_over()
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -11,6 +11,7 @@ under ``torchrun``.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -305,6 +306,8 @@ class Engine:
         finally:
             guard.__exit__()
             logger.close()
+            if isinstance(sys.exc_info()[1], RunInterrupted):
+                InterruptGuard.hand_over_unless_cli()  # the program's own handler of the signal (submitit's requeue)
         return {"iteration": iteration + 1, "output_dir": str(output_dir), "metrics": last_record,
                 "snapshots": snapshots, "last_exports": exports,
                 "bad_images": last_record.get("bad_images", n_bad_total)}
