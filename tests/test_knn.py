@@ -181,6 +181,22 @@ def test_bad_settings_are_user_errors():
         evaluate_knn(train, train_y, test, test_y, num_classes=5)
     listed = evaluate_knn(train, train_y.tolist(), test, test_y.tolist(), num_classes=7, ks=(3,))
     assert listed == evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(3,))
+    assert knn_classify(F.normalize(train, dim=1), train_y.tolist(), F.normalize(test, dim=1), test_y.tolist(),
+                        num_classes=7, ks=(3,)) == {3: (listed[0].top1, listed[0].top5)}
+    # the -1 of unlabelled images (extract_features of bare images) was a traceback from bincount; 0.7 was taken as
+    # class 0; a column of labels, a traceback; mps and meta devices, tracebacks from deep in torch
+    for labels, message in [(torch.full_like(train_y, -1), "train_labels hold classes -1..-1, not within 0..6: give "
+                             "num_classes, the number of classes, or labels 0..N-1 (images without a label have -1)"),
+                            (train_y + 0.7, "train_labels holds fractions (torch.float32); give class indices 0..6"),
+                            (train_y[:, None], "train_labels has shape (12, 1); give one class index per feature row "
+                             "(12)"),
+                            (train_y[:5], "train_labels has shape (5,); give one class index per feature row (12)")]:
+        with pytest.raises(DinokitError) as err:
+            evaluate_knn(train, labels, test, test_y, num_classes=7)
+        assert str(err.value) == message
+    for device in ("mps", "meta"):
+        with pytest.raises(DinokitError, match=f"^device='{device}' is not supported; use 'cpu', 'cuda' or 'cuda:N'$"):
+            evaluate_knn(train, train_y, test, test_y, num_classes=7, device=device)
     # chunk_size 0 (the CLI's "all at once") and None agree with a small chunk
     a = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(3,), chunk_size=0)
     b = evaluate_knn(train, train_y, test, test_y, num_classes=7, ks=(3,), chunk_size=5)

@@ -33,6 +33,8 @@ def usable_device(device: torch.device | str, argument: str = "device") -> torch
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise DinokitError(f"{argument}={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta...: tracebacks from deep in the work
+        raise DinokitError(f"{argument}={str(device)!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DinokitError(f"{argument}={str(device)!r} was asked for but no CUDA GPU is available; "
                            f"use {argument}='cpu'")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,23 @@ def _merge_across_ranks(sims: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return sims, all_labels.gather(1, order)
 
 
+def checked_labels(name: str, labels: Any, rows: int, num_classes: int) -> torch.Tensor:
+    """``labels`` (a tensor, array or list) as a 1-D long tensor of one class in 0..num_classes-1 per feature row, else
+    one line naming ``name`` (-1, what unlabelled images get, was a traceback from bincount; 0.7 was taken as 0)."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or len(labels) != rows:
+        raise DinokitError(f"{name} has shape {tuple(labels.shape)}; give one class index per feature row ({rows})")
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        raise DinokitError(f"{name} holds fractions ({labels.dtype}); give class indices 0..{num_classes - 1}")
+    labels = labels.long()
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:  # once per call
+        unlabelled = " (images without a label have -1)" if int(labels.min()) < 0 else ""
+        raise DinokitError(f"{name} hold classes {int(labels.min())}..{int(labels.max())}, not within "
+                           f"0..{num_classes - 1}: give num_classes, the number of classes, or labels 0..N-1"
+                           f"{unlabelled}")
+    return labels
+
+
 def knn_classify(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -106,10 +123,8 @@ def knn_classify(
     are fewer than five classes (always 100%).
     """
     device = usable_device(device) if device is not None else train_features.device
-    for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
-        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:  # once per call
-            raise DinokitError(f"{name} hold classes {int(labels.min())}..{int(labels.max())}, not within "
-                               f"0..{num_classes - 1}: give num_classes, the number of classes, or labels 0..N-1")
+    train_labels = checked_labels("train_labels", train_labels, len(train_features), num_classes)
+    test_labels = checked_labels("test_labels", test_labels, len(test_features), num_classes)
     max_k = max(ks)
     n_top = min(5, num_classes)
     correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
@@ -196,7 +211,8 @@ def evaluate_knn(
     check_knn_options(ks=ks, temperature=temperature, n_per_class_list=n_per_class_list, n_tries=n_tries,
                       chunk_size=chunk_size)
     device = usable_device(device)
-    train_labels, test_labels = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()  # lists
+    train_labels = checked_labels("train_labels", train_labels, len(train_features), num_classes)
+    test_labels = checked_labels("test_labels", test_labels, len(test_features), num_classes)
     report_label_warnings(train_labels, test_labels, num_classes, classes=classes)
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)
