@@ -95,7 +95,8 @@ def test_kmeans_chunking_and_cached_norms_change_no_bit():
     labels, dists = assign(x, whole.centroids[:5] * 0 + x[:5], chunk_elements=64, x_sq=squared_norms(x))
     d = ((x[:, None] - x[None, :5]) ** 2).sum(-1)
     np.testing.assert_array_equal(labels, d.argmin(1))
-    np.testing.assert_allclose(dists, d.min(1).values, atol=1e-4)
+    # |x|^2 - 2 x.c + |c|^2 in float32 with norms near 300: its cancellation error is some 1e-4 (CPU-dependent)
+    np.testing.assert_allclose(dists, d.min(1).values, atol=1e-3)
 
 
 def test_cluster_retrieval_samples_each_chosen_cluster_among_its_own_rows():
