@@ -230,3 +230,33 @@ def test_datasets_of_pairs_or_bare_images_are_numbered_and_wrong_inputs_are_one_
     if not torch.cuda.is_available():
         with pytest.raises(DinokitError, match="device='cuda' was asked for but no CUDA GPU is available"):
             extract_features(torch.nn.Identity(), list(x), device="cuda", progress=False)
+
+
+def test_items_that_are_not_image_and_class_index_are_one_line_and_streams_need_no_length() -> None:
+    """A path or name as target was a collate traceback (12 lines with workers), 0.5 was taken as class 0, a dict item
+    (Hugging Face datasets) said 'images are dict objects', an (index, image) pair 'images are int objects'; a stream
+    of pairs was 'not enough values to unpack', one without a length 'no len()'."""
+    from dinokit.errors import DinokitError
+
+    x = torch.randn(4, 3)
+    for items, message in [
+        ([(x[0], "a.jpg")], "the dataset's targets are str objects, not class indices: give \\(image, int\\) pairs"),
+        ([(x[0], 0.5)], "the dataset's targets are float objects, not class indices"),
+        ([(x[0], torch.ones(3))], r"the dataset's targets are Tensor \(3,\) objects, not class indices"),
+        ([{"image": x[0], "label": 1}], r"the dataset's items are dicts \(keys image, label\): extract_features reads"),
+        ([(0, x[0])], r"the dataset's items are \(int, Tensor\): extract_features reads \(image, target\) pairs, the "
+                      "image first"),
+    ]:
+        for workers in (0, 1) if "str" in message else (0,):  # in a worker too: the error comes back as one line
+            with pytest.raises(DinokitError, match=f"^{message}") as err:
+                extract_features(torch.nn.Identity(), items, num_workers=workers, progress=False)
+            assert "\n" not in str(err.value)
+
+    class Pairs(torch.utils.data.IterableDataset):  # WebDataset's .to_tuple("jpg", "cls"): pairs, no length
+        def __iter__(self):
+            return iter([(row, 2) for row in x])
+
+    got = extract_features(torch.nn.Identity(), Pairs(), progress=False)
+    assert torch.equal(got.features["cls"], x) and got.indices.tolist() == [0, 1, 2, 3] and got.targets.tolist() == [2] * 4
+    with pytest.raises(DinokitError, match="the stream's items carry no index, and with several workers their order"):
+        extract_features(torch.nn.Identity(), Pairs(), num_workers=2, progress=False)

@@ -8,7 +8,6 @@ results are gathered on every rank, back in dataset order.
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 import time
 import warnings
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
 from .data.images import collate_skip_bad
+from .data.indexed import IndexedItems, IndexedStream
 from .data.loaders import init_worker
 from .devices import resolve_dtype, usable_device
 from .distributed import all_gather_cat, all_gather_object, comm_device, get_rank, get_world_size
@@ -248,42 +248,6 @@ def feature_runner(feature_fn: FeatureFn, model: nn.Module, batch_size: int, bac
     return run
 
 
-def _is_index(value: object) -> bool:
-    """An integer of Python, numpy or torch (a ``Subset`` with numpy or tensor indices passes those on)."""
-    if isinstance(value, torch.Tensor):
-        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex()
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-class _Indexed(Dataset):
-    """The items of ``base`` as the ``(index, image_or_None, target)`` that :func:`extract_features` reads: those of
-    dinokit's datasets as they are, ``(image, target)`` pairs (torchvision's ``ImageFolder``, a ``TensorDataset``)
-    and bare images numbered in order (target -1). Item by item: looking at a first item read its image twice."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple:
-        item = self.base[i]
-        if isinstance(item, (tuple, list)) and len(item) == 3 and _is_index(item[0]):
-            index, image, target = int(item[0]), item[1], item[2]
-        elif isinstance(item, (tuple, list)) and len(item) in (1, 2):
-            index, image, target = i, item[0], item[1] if len(item) > 1 else -1
-        elif isinstance(item, (tuple, list)):
-            kinds = ", ".join(type(v).__name__ for v in item)
-            raise DinokitError(f"the dataset's items are ({kinds}): extract_features reads (index, image, target) "
-                               "items with an integer index, (image, target) pairs or bare images")
-        else:
-            index, image, target = i, item, -1
-        if image is not None and not isinstance(image, torch.Tensor):
-            raise DinokitError(f"the dataset's images are {type(image).__name__} objects, not tensors: give it a "
-                               "transform that makes them, e.g. dinokit.data.make_classification_eval_transform()")
-        return index, image, target
-
-
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
@@ -312,9 +276,13 @@ def extract_features(
     """
     device = usable_device(device)
     amp = autocast_context(device, resolve_dtype(dtype, device, key="dtype"))
-    dataset = dataset if isinstance(dataset, IterableDataset) else _Indexed(dataset)  # items as they come
+    dataset = IndexedStream(dataset) if isinstance(dataset, IterableDataset) else IndexedItems(dataset)
+    sized = hasattr(dataset.base, "__len__")  # a stream may not know its length
     feature_fn = feature_fn or cls_feature_fn
     rank, world = (get_rank(), get_world_size()) if distributed else (0, 1)
+    if world > 1 and isinstance(dataset, IndexedStream):
+        raise DinokitError("extract_features shards a dataset over the processes by index, which a stream has not: "
+                           "give each process its own share and distributed=False")
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     loader = DataLoader(
         shard,
@@ -336,11 +304,12 @@ def extract_features(
     start = time.perf_counter()
     # Shown by rank 0 for the whole dataset: its own share's progress times the number of processes (shares
     # differ by one image at most), so that the count and the rate are the job's.
-    bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=len(dataset) if sized else None, desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     try:
         with torch.inference_mode():
             for batch in loader:
-                bar.update(min(world * (len(batch["index"]) + len(batch["bad"])), bar.total - bar.n))
+                done = world * (len(batch["index"]) + len(batch["bad"]))
+                bar.update(done if bar.total is None else min(done, bar.total - bar.n))
                 bad.extend(batch["bad"])
                 if batch["image"] is None:
                     continue
@@ -350,7 +319,8 @@ def extract_features(
                 indices.append(batch["index"])
                 targets.append(batch["target"])
             outputs.flush()
-        bar.update(bar.total - bar.n)
+        if bar.total is not None:
+            bar.update(bar.total - bar.n)
     finally:
         bar.close()
         model.train(was_training)

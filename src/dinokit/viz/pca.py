@@ -105,9 +105,12 @@ def border_ring(h: int, w: int) -> torch.Tensor:
 def _grids(features: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
     """The (h, w, D) grids given: a sequence of them, one grid, or a (B, h, w, D) batch; detached (features that
     require grad failed at the first ``.numpy()``); anything else is one line."""
-    if isinstance(features, torch.Tensor):
+    if isinstance(features, (torch.Tensor, np.ndarray)):  # one grid, or a batch of them
+        features = torch.as_tensor(features)
         features = [features] if features.ndim == 3 else list(features)
     grids = [torch.as_tensor(f).detach() for f in features]
+    if not grids:  # a traceback from torch.cat
+        raise DinokitError("no feature grid was given: give the (h, w, D) grids of patch_features, one per image")
     for f in grids:
         if f.ndim != 3:
             raise DinokitError(f"a feature grid has shape {tuple(f.shape)}, not (h, w, D): give the grids of "
