@@ -18,12 +18,14 @@ dependencies = ["torch"]
 # unless dinokit is already imported in the process (then that copy it is, with a word).
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
 if os.path.isdir(os.path.join(_SRC, "dinokit")):
+    _IMPORTED = getattr(sys.modules.get("dinokit"), "__file__", None)  # None: not imported, or a namespace package
     if "dinokit" not in sys.modules:
         sys.path.insert(0, _SRC)
-    elif not os.path.abspath(sys.modules["dinokit"].__file__).startswith(os.path.join(_SRC, "dinokit") + os.sep):
+    elif _IMPORTED is None or not os.path.realpath(_IMPORTED).startswith(  # the same files reached through a link
+            os.path.realpath(os.path.join(_SRC, "dinokit")) + os.sep):
         import warnings
 
-        _IMPORTED = os.path.dirname(sys.modules["dinokit"].__file__)
+        _IMPORTED = os.path.dirname(_IMPORTED) if _IMPORTED else "a namespace package"
         warnings.warn(f"torch.hub: dinokit is already imported from {_IMPORTED}; its models are used, not those of "
                       f"{_SRC}", stacklevel=2)
 

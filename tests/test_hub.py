@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,26 @@ def test_the_official_constructor_arguments_build_the_backbone_and_its_chunked_w
     load_backbone_weights(other, {k.removeprefix("backbone."): v for k, v in chunked.items()})
     for key, value in model.state_dict().items():
         assert torch.equal(other.state_dict()[key], value)
+
+
+def test_hub_through_a_link_to_the_checkout_it_runs_from_says_nothing(tmp_path: Path) -> None:
+    """The checkout reached through a symbolic link warned that dinokit was 'already imported from' its own files;
+    a dinokit namespace package (a folder without __init__.py on the path) was a TypeError traceback."""
+    import types
+    import warnings
+
+    (tmp_path / "link").symlink_to(REPO)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning fails
+        torch.hub.load(str(tmp_path / "link"), "dinov2_vits14", source="local", pretrained=False, **TINY)
+    real = sys.modules["dinokit"]
+    sys.modules["dinokit"] = types.ModuleType("dinokit")  # a namespace package's __file__ is None
+    sys.modules["dinokit"].__file__ = None
+    try:
+        with pytest.warns(UserWarning, match="dinokit is already imported from a namespace package"):
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location("hubconf_ns", REPO / "hubconf.py")
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    finally:
+        sys.modules["dinokit"] = real
