@@ -122,7 +122,7 @@ def _official_seg_head(path, num_classes=3):
 def test_eval_of_an_official_segmentation_head_file(dense_root, tmp_path, monkeypatch):
     """An mmseg-layout file (no dinokit description) + a hub backbone: the head kind and levels come from the shapes;
     by default it is evaluated as the official protocol does (512 px short side, sliding 512 windows, stride 341)."""
-    from dinokit.dense import run
+    from dinokit.dense import inference as dense_inference, run
 
     _official_seg_head(tmp_path / "dinov2_vits14_ade20k_linear_head.pth", num_classes=150)
     val = f"SegSample:split=val:root={dense_root / 'seg'}"
@@ -141,8 +141,18 @@ def test_eval_of_an_official_segmentation_head_file(dense_root, tmp_path, monkey
         main(argv)
     inference, size = official.value.args
     assert (inference.mode, inference.crop, inference.stride, inference.flip, size) == ("slide", 512, 341, False, 512)
-    assert run.official_inference("seg-ms")["flip"] and run.official_inference("seg-ms")["scales"] == [1.0, 1.32, 1.73]
-    assert run.official_inference("depth-linear") == {"mode": "whole", "flip": True, "scales": [1.0], "eval_size": 0}
+    ms = dense_inference.official_inference("seg-ms")
+    assert ms["flip"] and ms["scales"] == [1.0, 1.32, 1.73]
+    assert dense_inference.official_inference("depth-linear") == {"mode": "whole", "flip": True, "scales": [1.0],
+                                                                  "eval_size": 0}
+    # one flag changes that setting only: --flip alone gave whole 512/341 without the saved sliding windows, and
+    # --crop/--stride alone were ignored
+    for flags, expected in ((["--flip"], ("slide", 512, 341, True)), (["--crop", "64"], ("slide", 64, 341, False)),
+                            (["--stride", "32", "--no-flip"], ("slide", 512, 32, False))):
+        with pytest.raises(Seen) as changed:
+            main([*argv, *flags])
+        got = changed.value.args[0]
+        assert (got.mode, got.crop, got.stride, got.flip) == expected, flags
     monkeypatch.undo()
     assert main([*argv, "--mode", "whole", "--eval-size", "0"]) == 0  # whole 64 px images: quick on a CPU
     result = json.loads((tmp_path / "results_eval_segmentation.json").read_text())
@@ -287,6 +297,28 @@ def test_predict_caps_a_panoramas_long_side(tmp_path, monkeypatch):
                  "--out", str(tmp_path / "pred"), "--size", "28", "--model", "dinov2_vits14", "--random-init",
                  "--device", "cpu"]) == 0
     assert seen == [(6, 112), (37, 28)]  # photo: 30x40 -> short side 28 (+0.5 rounding of 37.3)
+
+
+def test_predict_uses_the_inference_saved_with_the_head(tmp_path, monkeypatch):
+    """predict ran every head on the whole image at its own size, whatever the head was saved (or released) with;
+    its --mode said "[as saved with the head]". A flag changes only its own setting."""
+    import dinokit.dense.inference as inference
+
+    Image.new("RGB", (40, 30), (90, 20, 20)).save(tmp_path / "photo.png")
+    seen = []
+    original = inference.predict_image
+
+    def spy(model, image, size, cfg, *args, **kwargs):
+        seen.append((tuple(image.shape[-2:]), cfg.mode, cfg.crop, cfg.stride, cfg.flip))
+        return original(model, image, size, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_image", spy)
+    head = _official_seg_head(tmp_path / "head.pth")  # an official linear head: 512 px short side, 512/341 windows
+    common = ["dense", "predict", str(tmp_path / "photo.png"), "--head", str(head), "--model", "dinov2_vits14",
+              "--random-init", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "a.png"), "--size", "28"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b.png"), "--size", "28", "--mode", "whole", "--flip"]) == 0
+    assert seen == [((28, 37), "slide", 512, 341, False), ((28, 37), "whole", 512, 341, True)]
 
 
 def test_augmented_training_resumes_exactly_with_any_number_of_workers(demo_teacher, tmp_path, capsys):

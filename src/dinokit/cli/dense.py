@@ -33,12 +33,14 @@ def _add_backbone(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def _add_inference(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode [as saved with the head]")
-    p.add_argument("--crop", type=int, default=512, help="slide window size [512]")
-    p.add_argument("--stride", type=int, default=341, help="slide stride [341]")
-    p.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
+    saved = "[as saved with the head]"
+    p.add_argument("--mode", choices=("whole", "slide"), default=None, help=f"inference mode {saved}")
+    p.add_argument("--crop", type=int, default=None, help=f"slide window size {saved}")
+    p.add_argument("--stride", type=int, default=None, help=f"slide stride {saved}")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"add horizontally flipped predictions {saved}")
     p.add_argument("--scales", type=float, nargs="+", default=None, metavar="R",
-                   help="multi-scale test-time ratios from 0.1 to 4, e.g. 1.0 1.32 1.73")
+                   help=f"multi-scale test-time ratios from 0.1 to 4, e.g. 1.0 1.32 1.73 {saved}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--out", required=True, metavar="DIR", help="output folder, or a .png file for one image "
                      "(pictures of the same name are replaced)")
     pr.add_argument("--size", type=int, default=None,
-                    help="resize the short side to SIZE before predicting (the long side at most 4x SIZE)")
+                    help="resize the short side to SIZE before predicting (the long side at most 4x SIZE; 0: keep) "
+                         "[the evaluation size saved with the head]")
     _add_backbone(pr, required=False)
     _add_inference(pr)
     pr.set_defaults(func=run_predict)
@@ -94,19 +97,19 @@ def _backbone_source(args: argparse.Namespace) -> dict:
             "random_init": args.random_init}
 
 
-def _inference(args: argparse.Namespace, *, keep_saved: bool):
-    from ..dense.inference import InferenceConfig
-
+def _inference(args: argparse.Namespace) -> dict:
+    """The inference settings given on the command line: each changes that of the inference saved with the head
+    (one given reset the others to the defaults, and predict never read the saved one)."""
     # checked before any work: a zero or negative value would fail deep inside torch
-    if args.crop < 1 or args.stride < 1:
-        raise DinokitError(f"--crop and --stride must be at least 1 pixel, got {args.crop} and {args.stride}")
+    for flag, value in (("--crop", args.crop), ("--stride", args.stride)):
+        if value is not None and value < 1:
+            raise DinokitError(f"{flag} must be at least 1 pixel, got {value}")
     bad = [r for r in args.scales or () if not 0.1 <= r <= 4]  # 1e9 overflowed the image size; 1e-9 made it empty
     if bad:
         raise DinokitError(f"--scales must be ratios from 0.1 to 4 (e.g. 1.0 1.32 1.73), got {bad[0]:g}")
-    if keep_saved and args.mode is None and not args.flip and args.scales is None:
-        return None
-    return InferenceConfig(mode=args.mode or "whole", crop=args.crop, stride=args.stride, flip=args.flip,
-                           scales=tuple(args.scales or (1.0,)))
+    given = {"mode": args.mode, "crop": args.crop, "stride": args.stride, "flip": args.flip,
+             "scales": tuple(args.scales) if args.scales else None}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -132,7 +135,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise DinokitError(f"--eval-size must be >= 0 (0 = keep the images' size), got {args.eval_size}")
 
     eval_head(head_file=args.head_weights, val_dataset=args.val_dataset, output_dir=args.output_dir,
-              backbone_source=_backbone_source(args), device=args.device, inference=_inference(args, keep_saved=True),
+              backbone_source=_backbone_source(args), device=args.device, inference=_inference(args),
               eval_size=args.eval_size, progress=not args.no_progress)
     return 0
 
@@ -144,5 +147,5 @@ def run_predict(args: argparse.Namespace) -> int:
         raise DinokitError(f"--size must be >= 0 (0 = keep the images' size), got {args.size}")
 
     predict_files(args.images, head_file=args.head_weights, out_dir=args.out, backbone_source=_backbone_source(args),
-                  device=args.device, size=args.size, inference=_inference(args, keep_saved=False))
+                  device=args.device, size=args.size, inference=_inference(args))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,41 @@ class InferenceConfig:
     stride: int = 341  # slide stride
     flip: bool = False  # add the mirrored image
     scales: Sequence[float] = field(default_factory=lambda: (1.0,))  # image ratios (the "ms" heads: 1.0 1.32 1.73)
+
+
+MS_SCALES = (1.0, 1.32, 1.73)  # the "ms" heads' test-time ratios (the first three of the config, as the notebook)
+
+
+def official_inference(kind: str) -> dict:
+    """How the official protocols evaluate a released head (a file without dinokit's record of its training):
+    segmentation by sliding 512 px windows (stride 341) over images resized to a 512 px short side, the "ms" head
+    with flip and the multi-scale ratios; depth on the whole image with flip."""
+    if kind.startswith("seg"):
+        ms = kind == "seg-ms"
+        return {"mode": "slide", "crop": 512, "stride": 341, "flip": ms, "scales": list(MS_SCALES if ms else (1.0,)),
+                "eval_size": 512}
+    return {"mode": "whole", "flip": True, "scales": [1.0], "eval_size": 0}
+
+
+def head_inference(meta: Mapping[str, Any], changes: InferenceConfig | Mapping[str, Any] | None = None
+                   ) -> InferenceConfig:
+    """The inference saved with a head (a released head's: its official protocol), changed by ``changes``: a
+    mapping changes the settings it names (``mode``, ``crop``, ``stride``, ``flip``, ``scales``), an
+    :class:`InferenceConfig` replaces it."""
+    if isinstance(changes, InferenceConfig):
+        return changes
+    saved = meta.get("inference") or official_inference(meta["kind"])
+    settings = {"mode": saved.get("mode", "whole"), "crop": saved.get("crop", 512), "stride": saved.get("stride", 341),
+                "flip": saved.get("flip", False), "scales": tuple(saved.get("scales", (1.0,)))}
+    unknown = sorted(set(changes or {}) - set(settings))
+    if unknown:
+        raise DinokitError(f"unknown inference setting {unknown[0]!r}; use {', '.join(settings)}")
+    return InferenceConfig(**{**settings, **dict(changes or {})})
+
+
+def saved_eval_size(meta: Mapping[str, Any]) -> int:
+    """The short side a head's images are resized to for evaluation (0: kept)."""
+    return int((meta.get("inference") or official_inference(meta["kind"])).get("eval_size") or 0)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

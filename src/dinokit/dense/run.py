@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,14 +24,14 @@ from ..files import atomic_write
 from .datasets import make_dense_dataset
 from .transforms import DenseEvalTransform
 from .heads import FeatureSpec
-from .inference import InferenceConfig, check_scorable, evaluate, format_results, make_meter
+from .inference import (MS_SCALES, InferenceConfig, check_scorable, evaluate, format_results, head_inference,
+                        make_meter, saved_eval_size)
 from .loading import head_kind_of, load_head, read_head_file, save_head
 from .model import DenseModel, build_head
 from .train import (DenseHeadTask, DenseRecipe, beta1_schedule, cache_training_features, lr_schedule, make_batches,
                     recipe_with_overrides, train_transform)
 
 HEAD_CHOICES = {"seg": ("linear", "ms", "linear4"), "depth": ("linear", "linear4", "linear-bn", "dpt")}
-MS_SCALES = (1.0, 1.32, 1.73)  # the "ms" heads' test-time ratios (the first three of the config, as the notebook)
 
 
 def head_kind(task: str, head: str) -> str:
@@ -295,31 +295,18 @@ def load_dense_model(
     return model, meta
 
 
-def official_inference(kind: str) -> dict:
-    """How the official protocols evaluate a released head (a file without dinokit's record of its training):
-    segmentation by sliding 512 px windows (stride 341) over images resized to a 512 px short side, the "ms" head
-    with flip and the multi-scale ratios; depth on the whole image with flip."""
-    if kind.startswith("seg"):
-        ms = kind == "seg-ms"
-        return {"mode": "slide", "crop": 512, "stride": 341, "flip": ms, "scales": list(MS_SCALES if ms else (1.0,)),
-                "eval_size": 512}
-    return {"mode": "whole", "flip": True, "scales": [1.0], "eval_size": 0}
-
-
 def eval_head(
     *, head_file: str | Path, val_dataset: str, output_dir: str | Path, backbone_source: dict[str, Any] | None = None,
-    device: str = "auto", inference: InferenceConfig | None = None, eval_size: int | None = None, progress: bool = True,
+    device: str = "auto", inference: InferenceConfig | Mapping[str, Any] | None = None, eval_size: int | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Evaluate a saved head on ``val_dataset``; writes ``results_eval_{segmentation,depth}.json``."""
+    """Evaluate a saved head on ``val_dataset``; writes ``results_eval_{segmentation,depth}.json``. ``inference``
+    and ``eval_size``: as saved with the head unless given (:func:`head_inference`)."""
     check_writable(output_dir)  # one line before any work
     du.init_from_environment()  # under torchrun the ranks share the images (device: this rank's GPU)
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
-    saved = meta.get("inference") or official_inference(meta["kind"])
-    if inference is None:
-        inference = InferenceConfig(mode=saved.get("mode", "whole"), crop=saved.get("crop", 512),
-                                    stride=saved.get("stride", 341), flip=saved.get("flip", False),
-                                    scales=tuple(saved.get("scales", (1.0,))))
-    size = eval_size if eval_size is not None else saved.get("eval_size", 0)
+    inference = head_inference(meta, inference)
+    size = eval_size if eval_size is not None else saved_eval_size(meta)
     dataset = make_dense_dataset(val_dataset, transform=DenseEvalTransform(size or None))
     if dataset.info.task != model.task:
         raise DinokitError(f"{val_dataset!r} is a {dataset.info.task} dataset but the head predicts {model.task}")
@@ -336,11 +323,11 @@ def eval_head(
 # ---------------------------------------------------------------------------------------------- predict
 def predict_files(
     images: Sequence[str], *, head_file: str | Path, out_dir: str | Path, backbone_source: dict[str, Any] | None = None,
-    device: str = "auto", size: int | None = None, inference: InferenceConfig | None = None,
+    device: str = "auto", size: int | None = None, inference: InferenceConfig | Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write ``OUT/<name>_<seg|depth>.png`` (input | colourised prediction) for every input image (or, for one
     image, to ``out_dir`` itself when it names a .png file); returns the pictures this process wrote (under
-    ``torchrun`` each rank draws a share)."""
+    ``torchrun`` each rank draws a share). ``inference`` and ``size``: as saved with the head unless given."""
     from ..data.images import load_image, warn_skipped
     from ..data.listing import resolve_image_inputs
     from ..data.transforms import MAX_ASPECT, short_side_size
@@ -355,7 +342,8 @@ def predict_files(
     check_not_an_input(one_picture, files, out_dir)
     du.init_from_environment()  # under torchrun rank r draws pictures r, r + world, ...
     model, meta = load_dense_model(head_file, backbone_source=backbone_source, device=device)
-    inference = inference or InferenceConfig()
+    inference = head_inference(meta, inference)
+    size = size if size is not None else saved_eval_size(meta)
     out = Path(out_dir)
     written, skipped = [], 0
     # inputs may share a file stem (a.png, a.jpg; x/a.png, y/a.png): told apart, so that no output overwrites another
