@@ -148,7 +148,7 @@ def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Mod
         name = args.model
     model, _ = setup_eval_model(
         config_file=args.config_file,
-        model=None if args.config_file else args.model,  # None: the run config found beside the weights
+        model=args.model,  # None: the run config found beside the weights
         pretrained_weights=args.weights,
         random_init=args.random_init,
         device=device,

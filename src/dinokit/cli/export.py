@@ -35,7 +35,7 @@ def _onnx(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out", is_file=True)  # a folder of that name, a link that loops: before the work
     check_not_replacing(args.out, overwrite=args.overwrite)
     model, description = setup_eval_model(
-        config_file=args.config_file, pretrained_weights=args.weights, model=None if args.config_file else args.model,
+        config_file=args.config_file, pretrained_weights=args.weights, model=args.model,
         random_init=args.random_init, default_model=None if args.config_file else DEFAULT_MODEL,
     )
     out = Path(args.out).expanduser()

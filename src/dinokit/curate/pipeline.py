@@ -62,7 +62,7 @@ def build_models(config: CurateConfig, device: torch.device) -> tuple[torch.nn.M
     def build(model: str, config_file: str, weights: str, default_model: str | None = None) -> torch.nn.Module:
         random_init = weights == "random"
         backbone, _ = setup_eval_model(
-            config_file=config_file or None, model=None if config_file else (model or None),
+            config_file=config_file or None, model=model or None,
             pretrained_weights=None if random_init else (weights or None), random_init=random_init, device=device,
             default_model=None if config_file else default_model,
         )

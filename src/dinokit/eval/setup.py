@@ -93,8 +93,10 @@ def setup_eval_model(
     Weights: ``pretrained_weights`` (backbone file, teacher checkpoint, safetensors or URL), else the official
     weights of ``model``, else random init (seed 0).
     """
-    if config_file and model:
+    if config_file and model:  # every command: embed, viz and export took the config's and dropped --model
         raise DinokitError("give either --config-file or --model, not both: each defines the architecture")
+    if random_init and pretrained_weights:  # viz, export and dense loaded the weights
+        raise DinokitError(f"--random-init and the weights {str(pretrained_weights)!r} contradict each other; give one")
     if not config_file and not model:
         found = find_run_config(pretrained_weights) if pretrained_weights else None
         if found is None and default_model:
