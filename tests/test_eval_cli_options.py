@@ -73,6 +73,10 @@ def test_other_user_errors(sample, tmp_path, capsys):
         # needs the model's depth (the tiny backbone has 4 blocks): checked once it is built, before the folder
         ("linear", ["--n-last-blocks", "50"], "--n-last-blocks 50 exceeds the backbone's 4 blocks; give at most 4"),
         ("knn", ["--image-size", "4"], "--image-size 4 is smaller than the model's 8-pixel patch; use at least 8"),
+        # accepted, and did nothing: k = 10/20/100/200 at T = 0.07 were printed
+        ("knn", ["--opts", "evaluation.knn_k=[1]"], "--opts 'evaluation.knn_k=[1]': --opts sets the backbone's keys "
+         "of --config-file only (student.*, crops.global_crops_size); the evaluation's settings are its own options "
+         "(see --help)"),
     ],
 )
 def test_option_errors_name_the_option_before_any_work(sample, tmp_path, capsys, protocol, extra, message):

@@ -114,6 +114,11 @@ def setup_eval_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)  # a reproducible random-init baseline (and cache key)
         if config_file:
+            for opt in opts:  # other keys were accepted and did nothing (k-NN's, the optimiser's...)
+                if not opt.partition("=")[0].strip().startswith(("student.", "crops.")):
+                    raise DinokitError(f"--opts {opt!r}: --opts sets the backbone's keys of --config-file only "
+                                       "(student.*, crops.global_crops_size); the evaluation's settings are its own "
+                                       "options (see --help)")
             config = load_config(config_file, opts, to_train=False)  # the architecture only
             backbone = build_eval_backbone(config)
             description["config"] = {"student": dict(config.student), "img_size": backbone_img_size(config.crops)}
