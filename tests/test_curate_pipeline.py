@@ -329,6 +329,10 @@ def test_settings_and_inputs_are_refused_in_one_line_before_the_work_folder_is_w
          "--config-file needs --weights (e.g. a teacher_checkpoint.pth) or --random-init"),
         ([*run, "--pool", str(pool), "--config-file", "demo", "--random-init", "--weights", str(garbage)],
          f"--random-init and --weights '{garbage}' contradict each other; give one"),
+        # accepted, and the copy detection ran on embed.copy's features (gem) instead
+        ([*run, "--pool", str(pool), *MODEL, "--copy-model", "dinov2_vitb14"],
+         "--copy-model is the copy-detection model of embed.copy=model, but embed.copy is gem; add embed.copy=model, "
+         "or drop --copy-model"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output-dir", default="runs/demo", help="folder of the sample images, the run and the k-NN "
                    "results [runs/demo]")
-    p.add_argument("--no-resume", action="store_true", help="start the run again instead of resuming it")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start a new run (refused where --output-dir already holds one: give a new --output-dir)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     add_overrides(p, "opts", "overrides of the demo preset, e.g. optim.epochs=2")
     p.set_defaults(func=run)
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.run_dir import check_writable
     from ..eval import RawPixels, run_knn_eval
     from ..models import load_backbone_weights
+    from ..models.weight_files import newest_snapshot
     from ..train.train import check_stage_weights
     from .train import pretrain
 
@@ -67,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     torch.manual_seed(0)
     random_backbone = backbone_from_config(cfg.student, img_size=image_size)
-    snapshot = sorted((train_dir / "eval").glob("training_*/teacher_checkpoint.pth"),
-                      key=lambda p: int(p.parent.name.split("_")[1]))[-1]
+    snapshot = newest_snapshot(train_dir)
     trained_backbone = backbone_from_config(cfg.student, img_size=image_size)
     load_backbone_weights(trained_backbone, snapshot)
     for name, backbone in (("raw pixels", RawPixels()), ("random init", random_backbone),
