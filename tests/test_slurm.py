@@ -66,6 +66,7 @@ def test_every_long_command_submits_its_own_command_line(tmp_path, submitted, ca
         assert call["job"].argv == [*argv, *SLURM] and call["folder"] == logs[name]
         p = call["params"]
         assert (p["nodes"], p["gpus_per_node"], p["tasks_per_node"], p["slurm_partition"]) == (2, 4, 4, "gpu")
+        assert p["timeout_min"] == (2800 if name in ("train", "distill") else 720), name  # each command's default
         assert p["name"] == f"dinokit-{name}" and call["max_timeout"] == 30
         assert f"submitted SLURM job {100 + len(submitted)} (2 node(s) x 4 task(s))" in capsys.readouterr().out
     assert len(submitted) == len(commands)
@@ -96,7 +97,13 @@ def test_a_bad_setting_is_one_line_before_anything_is_submitted(tmp_path, submit
         assert main([*argv, "--nodes", "1"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
-    assert submitted == []
+    # a job setting without --nodes: the command ran here, and the setting did nothing
+    images = write_images(tmp_path / "images")
+    for flag in (["--partition", "gpu"], ["--timeout", "60"], ["--gpus-per-node", "4"], ["--slurm-comment", "x"]):
+        assert main(["embed", str(images), "--random-init", "--out", str(tmp_path / "e.npz"), *flag]) == 2
+        assert capsys.readouterr().err == (f"error: {flag[0]} is a setting of the SLURM job that --nodes submits; add "
+                                           f"--nodes N to submit the command, or drop {flag[0]}\n")
+    assert submitted == [] and not (tmp_path / "e.npz").exists()
 
 
 def test_the_job_reruns_the_command_and_a_requeue_resumes(tmp_path, submitted, monkeypatch) -> None:

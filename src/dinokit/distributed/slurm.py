@@ -25,11 +25,17 @@ def add_slurm_options(parser: argparse.ArgumentParser, *, timeout_min: int = 280
     """``--nodes`` (submit when > 0), ``--gpus-per-node``, ``--partition``, ``--timeout``, ``--slurm-comment``."""
     slurm = parser.add_argument_group("SLURM (needs the 'slurm' extra: pip install dinokit[slurm])")
     slurm.add_argument("--nodes", type=int, default=0, help="submit this command to SLURM on this many nodes")
-    slurm.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU [8]")
+    # None when not given: without --nodes, a given one is told (it did nothing); the defaults apply in submit_if_asked
+    slurm.add_argument("--gpus-per-node", type=int, default=None, help=f"one task per GPU [{GPUS_PER_NODE}]")
     slurm.add_argument("--partition", default=None)
-    slurm.add_argument("--timeout", type=int, default=timeout_min,
+    slurm.add_argument("--timeout", type=int, default=None,
                        help=f"job time limit in minutes (requeued on timeout) [{timeout_min}]")
     slurm.add_argument("--slurm-comment", default=None)
+    parser.set_defaults(slurm_timeout_min=timeout_min)
+
+
+GPUS_PER_NODE = 8
+_JOB_FLAGS = ("gpus_per_node", "partition", "timeout", "slurm_comment")
 
 
 class CommandJob:
@@ -63,9 +69,17 @@ class CommandJob:
 def submit_if_asked(args: argparse.Namespace, log_dir: str | Path) -> bool:
     """Submit the command line ``args`` came from when ``--nodes`` > 0 (not inside a job already); True when
     submitted (the command then ends: the job does the work). Job logs go to ``log_dir``."""
-    if args.nodes <= 0 or os.environ.get(IN_JOB_ENV):
+    if os.environ.get(IN_JOB_ENV):
         return False
-    if args.gpus_per_node < 1 or args.timeout < 1:
+    if args.nodes <= 0:
+        given = [f"--{key.replace('_', '-')}" for key in _JOB_FLAGS if getattr(args, key, None) is not None]
+        if given:  # the command ran here, and the setting did nothing
+            raise DinokitError(f"{given[0]} is a setting of the SLURM job that --nodes submits; add --nodes N to "
+                               f"submit the command, or drop {given[0]}")
+        return False
+    gpus = GPUS_PER_NODE if args.gpus_per_node is None else args.gpus_per_node
+    timeout = args.slurm_timeout_min if args.timeout is None else args.timeout
+    if gpus < 1 or timeout < 1:
         raise DinokitError("--gpus-per-node and --timeout must be at least 1")
     from . import launched_processes
 
@@ -86,8 +100,7 @@ def submit_if_asked(args: argparse.Namespace, log_dir: str | Path) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.AutoExecutor(folder=str(folder), slurm_max_num_timeout=30)
     params = dict(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.gpus_per_node, cpus_per_task=10,
-        timeout_min=args.timeout, mem_gb=0, slurm_signal_delay_s=120, name=f"dinokit-{args.command}",
+        nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=gpus, cpus_per_task=10, timeout_min=timeout, mem_gb=0, slurm_signal_delay_s=120, name=f"dinokit-{args.command}",
     )
     if args.partition:
         params["slurm_partition"] = args.partition
@@ -95,6 +108,6 @@ def submit_if_asked(args: argparse.Namespace, log_dir: str | Path) -> bool:
         params["slurm_comment"] = args.slurm_comment
     executor.update_parameters(**params)
     job = executor.submit(CommandJob(args.command_line))
-    print(f"submitted SLURM job {job.job_id} ({args.nodes} node(s) x {args.gpus_per_node} task(s)): "
+    print(f"submitted SLURM job {job.job_id} ({args.nodes} node(s) x {gpus} task(s)): "
           f"dinokit {shlex.join(args.command_line)}; logs in {folder}")
     return True
