@@ -164,6 +164,11 @@ def test_linear_bn_recipe_and_bin_settings():
         ("depth", "dpt", "n_bins=64"): "setting 'n_bins' is for the linear depth heads; --task depth --head dpt does "
                                        "not use bins",
         ("seg", "linear", "norm_strategy=softmax"): "setting 'norm_strategy' is for the linear depth heads",
+        # the other task's settings were accepted and did nothing
+        ("seg", "ms", "max_depth=80"): "setting 'max_depth' is for depth heads; --task seg does not use it",
+        ("seg", "linear", "grad_loss_weight=0.5"): "setting 'grad_loss_weight' is for depth heads",
+        ("depth", "dpt", "class_token=true"): "setting 'class_token' is for segmentation heads; --task depth does not",
+        ("depth", "linear", "dropout=0.1"): "setting 'dropout' is for segmentation heads",
     }
     for (task, head, setting), message in cases.items():
         with pytest.raises(DinokitError) as info:

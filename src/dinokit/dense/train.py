@@ -121,6 +121,10 @@ def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRe
     if unused:
         raise DinokitError(f"setting {unused[0]!r} is for the linear depth heads; --task {task} --head {head} "
                            "does not use bins")
+    other_task = {"seg": _DEPTH_SETTINGS, "depth": _SEG_SETTINGS}[task]  # accepted, and they did nothing
+    if unused := sorted(given & set(other_task)):
+        raise DinokitError(f"setting {unused[0]!r} is for {'depth' if task == 'seg' else 'segmentation'} heads; "
+                           f"--task {task} does not use it")
     if "iterations" in given and "warmup_iters" not in given:  # a shorter run keeps the recipe's warm-up fraction
         published = RECIPES[task]
         recipe.warmup_iters = round(published.warmup_iters * recipe.iterations / published.iterations)
@@ -131,6 +135,8 @@ def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRe
 # the settings' ranges, checked before any image is read (iterations 0 would save the random head as trained)
 _AT_LEAST_1 = ("iterations", "batch_size", "eval_crop", "eval_stride", "checkpoint_period", "log_freq", "n_bins")
 _BIN_SETTINGS = ("n_bins", "bins_strategy", "norm_strategy")
+_DEPTH_SETTINGS = ("grad_loss_weight", "sig_warm_up", "min_depth", "max_depth")
+_SEG_SETTINGS = ("class_token", "dropout")
 _AT_LEAST_0 = ("weight_decay", "warmup_iters", "clip_grad", "base_size", "grad_loss_weight", "sig_warm_up",
                "eval_size", "eval_period", "num_workers", "seed")
 
