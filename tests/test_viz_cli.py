@@ -223,6 +223,21 @@ def test_viz_errors(demo_teacher, sample_images, tmp_path, capsys):
     message = error(mismatch)  # the file holds vit_pico, the model is ViT-S/14; the run's config says so
     assert "does not fit the model" in message and message.rstrip().endswith(
         f"; the run's {demo_teacher.config_file} describes the file's architecture: leave out --model and it is used")
+    # flags that could not act were accepted and did nothing; match had a --batch-size it never used
+    image = str(sample_images[0])
+    for extra, expected in [
+        (["--fps", "5"], "--fps is for a video (a video file, or --video with a folder of frames); drop it for images"),
+        (["--mode", "plain", "--threshold", "1"], "--threshold chooses the foreground, which --mode plain does not use"),
+        (["--threshold", "1", "--fg-examples", image], "--fg-examples and --threshold both choose the foreground"),
+    ]:
+        assert error(["viz", "pca", image, "--out", str(tmp_path / "p"), *extra] + backbone).startswith(
+            f"error: {expected}"), extra
+    assert "--threshold chooses the foreground patches, and --all-patches matches all of them" in error(
+        ["viz", "match", image, image, "--out", str(tmp_path / "m.png"), "--all-patches", "--threshold", "1"] + backbone)
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main(["viz", "match", image, image, "--out", str(tmp_path / "m.png"), "--batch-size", "4"] + backbone)
+    assert "unrecognized arguments: --batch-size" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "m.png").exists()
 
 
 def test_unique_stems_suffix_clashing_names():

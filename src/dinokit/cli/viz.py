@@ -42,7 +42,7 @@ ATTENTION_CHUNK = 64  # images read, mapped and drawn at a time by 'viz attentio
 
 
 # ------------------------------------------------------------------------------------------- parsers
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, *, batches: bool = True) -> None:
     model = p.add_argument_group("backbone")
     model.add_argument("--model", default=None, help="hub name (default: dinov2_vits14, or the run's config.yaml found "
                        "beside a --weights teacher_checkpoint.pth; see 'dinokit models')")
@@ -51,7 +51,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--random-init", action="store_true", help="random weights (a baseline picture)")
     model.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
                        help="short side in pixels before the crop to a patch multiple (default: %(default)s)")
-    model.add_argument("--batch-size", type=int, default=8, help="images per forward (default: %(default)s)")
+    if batches:  # match embeds its two images one at a time
+        model.add_argument("--batch-size", type=int, default=8, help="images per forward (default: %(default)s)")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto: cuda if available]")
     model.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                        help="compute precision (default: bf16 autocast on CUDA, fp32 on CPU)")
@@ -73,19 +74,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pca.add_argument("--mode", choices=PCA_MODES, default="paper",
                      help="paper: foreground from the 1st component, 2nd PCA on it (default); plain: one PCA, "
                      "no foreground; dinov3: whitened PCA, sigmoid(2x) colours")
-    pca.add_argument("--threshold", type=float, default=0.0,
-                     help="foreground: first-component projection above this (default: %(default)s, the mean)")
+    pca.add_argument("--threshold", type=float, default=None,
+                     help="foreground: first-component projection above this (default: 0, the mean)")
     pca.add_argument("--fg-examples", nargs="+", default=(), metavar="SPEC",
                      help="images with an alpha channel, or IMAGE=MASK pairs, to train a foreground classifier")
     pca.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest", help="default: %(default)s")
     pca.add_argument("--columns", type=int, default=4, help="images per row of pca_grid.png (default: %(default)s)")
     video = pca.add_argument_group("video")
     video.add_argument("--video", action="store_true", help="treat the INPUT folder as the frames of one video")
-    video.add_argument("--frame-step", type=int, default=1, help="use every N-th frame (default: %(default)s)")
-    video.add_argument("--max-frames", type=int, default=300, help="at most this many frames (default: %(default)s)")
-    video.add_argument("--fps", type=float, default=10.0, help="frames per second of the output (default: %(default)s)")
-    video.add_argument("--format", choices=ANIMATION_FORMATS, default="gif",
-                       help="animation file: gif (Pillow) or mp4 (needs PyAV) (default: %(default)s)")
+    # None when not given: given for still images, one line (they did nothing); the defaults are VIDEO_DEFAULTS
+    video.add_argument("--frame-step", type=int, default=None, help="use every N-th frame (default: 1)")
+    video.add_argument("--max-frames", type=int, default=None, help="at most this many frames (default: 300)")
+    video.add_argument("--fps", type=float, default=None, help="frames per second of the output (default: 10)")
+    video.add_argument("--format", choices=ANIMATION_FORMATS, default=None,
+                       help="animation file: gif (Pillow) or mp4 (needs PyAV) (default: gif)")
     _add_model_options(pca)
     pca.set_defaults(func=run_pca)
 
@@ -113,10 +115,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     match.add_argument("--min-spacing", type=int, default=DEFAULT_MIN_SPACING,
                        help="kept matches start at least this many patches apart in image A (default: %(default)s)")
     match.add_argument("--all-patches", action="store_true", help="match all patches, not only the foreground")
-    match.add_argument("--threshold", type=float, default=0.0, help="foreground threshold, as for pca")
+    match.add_argument("--threshold", type=float, default=None, help="foreground threshold, as for pca [0]")
     match.add_argument("--method", choices=("mutual", "assignment"), default="mutual",
                        help="mutual nearest neighbours, or the paper's assignment problem (needs SciPy) [mutual]")
-    _add_model_options(match)
+    _add_model_options(match, batches=False)
     match.set_defaults(func=run_match)
 
 
@@ -124,13 +126,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _setup(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     """The backbone and the keyword arguments of the viz functions."""
     for name in ("image_size", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name, 1) < 1:
             raise DinokitError(f"--{name.replace('_', '-')} must be at least 1")
     device = resolve_device(args.device)
     model, description = _build_model(args, device)
     check_image_size(args.image_size, model)
     print(f"backbone: {description}")
-    options = {"image_size": args.image_size, "batch_size": args.batch_size, "device": device,
+    options = {"image_size": args.image_size, "batch_size": getattr(args, "batch_size", 1), "device": device,
                "dtype": inference_dtype(device, resolve_dtype(args.dtype, device))}
     return model, options
 
@@ -154,10 +156,35 @@ def _out_dir(out: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- pca
+def _check_pca_flags(args: argparse.Namespace, video: bool) -> None:
+    """A flag that cannot act in this run is one line (each was accepted and did nothing); then the video flags'
+    defaults are filled in."""
+    given = {flag: getattr(args, key) for flag, key in (("--fps", "fps"), ("--format", "format"),
+                                                        ("--max-frames", "max_frames"), ("--frame-step", "frame_step"))}
+    if not video and (still := [flag for flag, value in given.items() if value is not None]):
+        raise DinokitError(f"{still[0]} is for a video (a video file, or --video with a folder of frames); drop it "
+                           "for images")
+    if args.mode == "plain" and (args.threshold is not None or args.fg_examples):
+        flag = "--threshold" if args.threshold is not None else "--fg-examples"
+        raise DinokitError(f"{flag} chooses the foreground, which --mode plain does not use; use --mode paper or "
+                           f"dinov3, or drop {flag}")
+    if args.fg_examples and args.threshold is not None:
+        raise DinokitError("--fg-examples and --threshold both choose the foreground (a classifier, or the first "
+                           "component's threshold); give one")
+    for key, value in VIDEO_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.threshold = 0.0 if args.threshold is None else args.threshold
+
+
+VIDEO_DEFAULTS = {"fps": 10.0, "format": "gif", "max_frames": 300, "frame_step": 1}
+
+
 def run_pca(args: argparse.Namespace) -> int:
     video_file = len(args.inputs) == 1 and is_video_file(args.inputs[0])
     if args.video and (len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir()):
         raise DinokitError("--video takes one folder of frames (or give a video file without --video)")
+    _check_pca_flags(args, video_file or args.video)
     if args.columns < 1 or args.fps <= 0 or args.max_frames < 1:
         raise DinokitError("--columns, --fps and --max-frames must be positive")
     if (video_file or args.video) and args.format == "mp4":
@@ -255,14 +282,17 @@ def run_match(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out", is_file=True)
     if args.max_matches < 1:
         raise DinokitError("--max-matches must be at least 1")
+    if args.all_patches and args.threshold is not None:  # accepted, and it did nothing
+        raise DinokitError("--threshold chooses the foreground patches, and --all-patches matches all of them; give "
+                           "one")
     images = _image_paths([args.image_a]) + _image_paths([args.image_b])
     if len(images) != 2:
         raise DinokitError("give two images (not folders or lists) to match")
     check_not_an_input(out, images, args.out)
     model, options = _setup(args)
-    options.pop("batch_size")
+    options.pop("batch_size")  # one image at a time
     matches = match_patches(model, images[0], images[1], foreground=not args.all_patches,
-                            threshold=args.threshold, max_matches=args.max_matches,
+                            threshold=args.threshold or 0.0, max_matches=args.max_matches,
                             min_spacing=args.min_spacing, method=args.method, **options)
     save_png(matches_figure(matches, model.patch_size), out)
     median = float(np.median(matches.distance)) if len(matches.distance) else float("nan")
