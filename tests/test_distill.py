@@ -199,11 +199,18 @@ def test_feature_distillation_from_an_official_backbone_file(images, tmp_path, c
     assert f"into the student (vit_femto), 24 images found in ImageFolder:root={images / 'train'}\n" in out
     local = cfg.crops.local_crops_number  # made, then never used: it said nothing (nor of packed crops, chunks...)
     assert ("note: distillation.loss=features matches the students' global-crop features to the teacher's, so "
-            "crops.local_crops_number has no effect" in out) == (local > 0)
+            "crops.local_crops_number, " in out) == (local > 0)
     from dinokit.distill.run import features_loss_idle
 
     cfg.train.packed_crops, cfg.train.head_chunk_rows, cfg.crops.local_crops_number = True, 8, 2
-    assert features_loss_idle(cfg) == ["crops.local_crops_number", "train.packed_crops", "train.head_chunk_rows"]
+    # and the head losses' settings given (the preset's teacher temperatures, a KoLeo weight): no heads, no targets
+    cfg.dino.koleo_loss_weight = 5.0
+    assert features_loss_idle(cfg) == ["crops.local_crops_number", "train.packed_crops", "train.head_chunk_rows",
+                                       "dino.koleo_loss_weight", "teacher.teacher_temp",
+                                       "teacher.warmup_teacher_temp_epochs"]
+    cfg.distillation.loss, cfg.distillation.feature_patch_weight = "dino_ibot", 0.5  # a features setting, unused
+    assert features_loss_idle(cfg) == ["distillation.feature_patch_weight"]
+    cfg.distillation.loss = "features"
     lines = [json.loads(l) for l in (tmp_path / "run" / "training_metrics.json").read_text().splitlines()]
     assert summary["iteration"] == 6 and {"feature_cls_loss", "feature_patch_loss"} <= set(lines[-1])
     assert lines[-1]["feature_cls_loss"] < lines[0]["feature_cls_loss"]  # the student moves towards the teacher

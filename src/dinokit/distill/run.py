@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .. import distributed as du
 from ..config import apply_scaling_rules, check_koleo_group, check_step_levers, write_config
 from ..config.paths import make_paths_absolute
-from ..config.validation import check_block_chunks
+from ..config.validation import changed_keys, check_block_chunks
 from ..config.schema import StudentConfig
 from ..data import make_dataset
 from ..devices import resolve_device
@@ -92,15 +92,22 @@ def student_config(cfg: DictConfig, section: DictConfig) -> DictConfig:
     return single
 
 
+_HEAD_LOSS_KEYS = ("dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight", "ibot.mask_sample_probability",
+                   "ibot.mask_ratio_min_max", "teacher.teacher_temp", "teacher.warmup_teacher_temp",
+                   "teacher.warmup_teacher_temp_epochs", "distillation.ibot_positions", "dino.reweight_dino_local_loss")
+_FEATURE_LOSS_KEYS = ("distillation.feature_loss", "distillation.feature_patch_weight")
+
+
 def features_loss_idle(cfg) -> list[str]:
-    """The settings given that ``distillation.loss=features`` does not use (it reads the global crops' features
-    only: no heads, no local crops); they said nothing."""
+    """The settings given that the chosen ``distillation.loss`` does not use; they said nothing. ``features`` reads
+    the global crops' features only (no heads, no local crops, no masks, no temperatures); ``dino_ibot`` no
+    feature-loss setting."""
     if cfg.distillation.loss != "features":
-        return []
+        return changed_keys(cfg, _FEATURE_LOSS_KEYS)
     given = {"crops.local_crops_number": cfg.crops.local_crops_number > 0, "train.packed_crops": cfg.train.packed_crops,
              "train.head_chunk_rows": cfg.train.head_chunk_rows > 0, "train.compile_loss": cfg.train.compile_loss,
              "train.centering=sinkhorn_knopp": cfg.train.centering == "sinkhorn_knopp"}
-    return [key for key, on in given.items() if on]
+    return [key for key, on in given.items() if on] + changed_keys(cfg, _HEAD_LOSS_KEYS)
 
 
 def distill(
@@ -123,9 +130,14 @@ def distill(
     make_paths_absolute(cfg)  # saved in config.yaml: the same teacher and files from any working directory
     rank, world = init_run(cfg.train.seed)
     if rank == 0 and (idle := features_loss_idle(cfg)):
-        print(f"note: distillation.loss=features matches the students' global-crop features to the teacher's, so "
-              f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect (local crops are made and not used: "
-              "crops.local_crops_number=0 saves their cost)")
+        verb = "has" if len(idle) == 1 else "have"
+        if cfg.distillation.loss == "features":
+            print(f"note: distillation.loss=features matches the students' global-crop features to the teacher's, so "
+                  f"{', '.join(idle)} {verb} no effect (local crops are made and not used: crops.local_crops_number=0 "
+                  "saves their cost)")
+        else:
+            print(f"note: {', '.join(idle)} {verb} no effect with distillation.loss={cfg.distillation.loss} (they "
+                  "set distillation.loss=features)")
     check_step_levers(cfg.train, world)
     check_koleo_group(cfg.dino, world)
     output_dir = Path(output_dir).expanduser()
