@@ -247,10 +247,9 @@ def test_items_that_are_not_image_and_class_index_are_one_line_and_streams_need_
         ([(0, x[0])], r"the dataset's items are \(int, Tensor\): extract_features reads \(image, target\) pairs, the "
                       "image first"),
     ]:
-        for workers in (0, 1) if "str" in message else (0,):  # in a worker too: the error comes back as one line
-            with pytest.raises(DinokitError, match=f"^{message}") as err:
-                extract_features(torch.nn.Identity(), items, num_workers=workers, progress=False)
-            assert "\n" not in str(err.value)
+        with pytest.raises(DinokitError, match=f"^{message}") as err:
+            extract_features(torch.nn.Identity(), items, progress=False)
+        assert "\n" not in str(err.value)
 
     class Pairs(torch.utils.data.IterableDataset):  # WebDataset's .to_tuple("jpg", "cls"): pairs, no length
         def __iter__(self):
@@ -258,5 +257,6 @@ def test_items_that_are_not_image_and_class_index_are_one_line_and_streams_need_
 
     got = extract_features(torch.nn.Identity(), Pairs(), progress=False)
     assert torch.equal(got.features["cls"], x) and got.indices.tolist() == [0, 1, 2, 3] and got.targets.tolist() == [2] * 4
-    with pytest.raises(DinokitError, match="the stream's items carry no index, and with several workers their order"):
+    # raised in a worker, it still comes back as the one line (a path as target was 12 lines from a worker)
+    with pytest.raises(DinokitError, match="^the stream's items carry no index, and with several workers their order"):
         extract_features(torch.nn.Identity(), Pairs(), num_workers=2, progress=False)
