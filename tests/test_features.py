@@ -260,3 +260,17 @@ def test_items_that_are_not_image_and_class_index_are_one_line_and_streams_need_
     # raised in a worker, it still comes back as the one line (a path as target was 12 lines from a worker)
     with pytest.raises(DinokitError, match="^the stream's items carry no index, and with several workers their order"):
         extract_features(torch.nn.Identity(), Pairs(), num_workers=2, progress=False)
+
+
+def test_half_precision_images_run_and_integer_images_are_one_line() -> None:
+    """fp16 images of an fp32 model were a dtype-mismatch traceback from the first matmul; uint8 images (pixels before
+    the normalising transform) the same."""
+    from dinokit.errors import DinokitError
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    linear = torch.nn.Linear(3, 2)
+    got = extract_features(linear, list(x.half()), progress=False)
+    torch.testing.assert_close(got.features["cls"], linear(x.half().float()).detach())
+    with pytest.raises(DinokitError, match=r"^the dataset's images are uint8 tensors: give normalised float images"):
+        extract_features(linear, [torch.zeros(3, dtype=torch.uint8)], progress=False)

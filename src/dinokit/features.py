@@ -248,6 +248,15 @@ def feature_runner(feature_fn: FeatureFn, model: nn.Module, batch_size: int, bac
     return run
 
 
+def _model_input(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float images in the model's dtype (fp16 images of an fp32 model); integer images are one line: they are
+    pixels before the transform that normalises them."""
+    if not images.is_floating_point():
+        raise DinokitError(f"the dataset's images are {str(images.dtype).removeprefix('torch.')} tensors: give "
+                           "normalised float images, e.g. with dinokit.data.make_classification_eval_transform()")
+    return images.to(dtype)
+
+
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
@@ -300,6 +309,7 @@ def extract_features(
     bad: list[int] = []
     was_training = model.training
     model.to(device).eval()
+    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     run = feature_runner(feature_fn, model, batch_size, compile_backend)
     start = time.perf_counter()
     # Shown by rank 0 for the whole dataset: its own share's progress times the number of processes (shares
@@ -314,6 +324,8 @@ def extract_features(
                 if batch["image"] is None:
                     continue
                 images = batch["image"].to(device, non_blocking=True)
+                if images.dtype != param_dtype:  # uint8: unnormalised; half: a dtype-mismatch traceback
+                    images = _model_input(images, param_dtype)
                 with amp:
                     outputs.add(run(images))
                 indices.append(batch["index"])
