@@ -47,6 +47,14 @@ def test_a_full_disk_behind_a_writers_own_error_is_one_line_and_keeps_the_earlie
         f"while writing {target}; the partial file was removed and the previous file is intact: free some space (or "
         "use another disk) and rerun")
     assert target.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["out.pth"]
+    # a partial file that could not be removed (a folder made read-only meanwhile) is not said to be removed
+    import dinokit.files
+
+    monkeypatch.setattr(dinokit.files, "release", lambda path: None)
+    with pytest.raises(DinokitError, match=r"; the partial file .*\.out\.pth\.tmp-\d+ could not be removed and the "
+                                           "previous file is intact"):
+        with atomic_write(target) as tmp:
+            write(tmp)
 
 
 def test_a_nearly_full_disk_does_not_turn_other_errors_into_no_space(tmp_path, monkeypatch):

@@ -51,7 +51,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         reason = f"no space left on {_mount_point(path)}" if errno == 28 else os.strerror(errno).lower()
         fix = ("write to a folder you may write to" if errno in _NOT_ALLOWED else
                "free some space (or use another disk) and rerun")
-        raise DinokitError(f"{reason} while writing {path}; the partial file was removed and {kept}: {fix}") from None
+        release(tmp)
+        partial = "the partial file was removed" if not tmp.exists() else f"the partial file {tmp} could not be removed"
+        raise DinokitError(f"{reason} while writing {path}; {partial} and {kept}: {fix}") from None
     finally:
         release(tmp)
 
