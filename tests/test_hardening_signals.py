@@ -249,6 +249,28 @@ def test_a_sigterm_lost_in_a_finaliser_does_not_leave_a_command_unstoppable(monk
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored on the way out
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this platform")
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_slurms_signal_to_a_launched_command_is_said_once(monkeypatch, rank, said):
+    """Under srun or torchrun a command stopped by SLURM's SIGUSR1 was silent on every process (as a launcher's
+    SIGTERM to the others is): nothing said why the job ended. The first process says it."""
+    import time
+
+    from dinokit import cli
+
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(cli.Terminated) as stop:
+        with cli._sigterm_as_interrupt(launched=2):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(5)
+    assert stop.value.args[0] == ("stopped by SIGUSR1" if said else "")
+    with pytest.raises(cli.Terminated) as stop:
+        with cli._sigterm_as_interrupt(launched=2):
+            os.kill(os.getpid(), signal.SIGTERM)  # the launcher's, after another process failed: silent
+            time.sleep(5)
+    assert stop.value.args[0] == ""
+
+
 def test_a_stop_while_a_loader_starts_its_workers_does_not_hang_the_exit(tmp_path):
     """A Ctrl-C (or SIGTERM) just after a loader's first worker started left a half-built iterator, which could not
     be shut down (or was already collected): the exit clean-up stopped at it, and multiprocessing's exit handler

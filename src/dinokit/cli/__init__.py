@@ -249,7 +249,11 @@ def _sigterm_as_interrupt(launched: int) -> Iterator[None]:
         if stopped_at and time.monotonic() - stopped_at[0] < SIGTERM_REPEAT_S:
             return
         stopped_at[:] = [time.monotonic()]
-        raise Terminated("" if launched > 1 else f"stopped by {signal.Signals(signum).name}", signum)
+        # under a launcher, its SIGTERM to the others after one failed is silent; SLURM's SIGUSR1/2 reach every
+        # process of the job alike: the first says it (every one was silent)
+        first = (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0"
+        quiet = launched > 1 and (signum == signal.SIGTERM or not first)
+        raise Terminated("" if quiet else f"stopped by {signal.Signals(signum).name}", signum)
 
     # SLURM's --signal=USR1@SECONDS (or USR2) killed a command at once, its lock left (a requeued job on another
     # node was refused); taken like SIGTERM unless the program handles it (submitit's requeue)
