@@ -256,7 +256,8 @@ def test_items_that_are_not_image_and_class_index_are_one_line_and_streams_need_
             return iter([(row, 2) for row in x])
 
     got = extract_features(torch.nn.Identity(), Pairs(), progress=False)
-    assert torch.equal(got.features["cls"], x) and got.indices.tolist() == [0, 1, 2, 3] and got.targets.tolist() == [2] * 4
+    assert torch.equal(got.features["cls"], x)
+    assert got.indices.tolist() == [0, 1, 2, 3] and got.targets.tolist() == [2] * 4
     # raised in a worker, it still comes back as the one line (a path as target was 12 lines from a worker)
     with pytest.raises(DinokitError, match="^the stream's items carry no index, and with several workers their order"):
         extract_features(torch.nn.Identity(), Pairs(), num_workers=2, progress=False)

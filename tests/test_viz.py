@@ -231,7 +231,8 @@ def test_pca_and_matching_take_one_grid_a_batch_or_grids_that_require_grad():
         picture = pca_colours(given, mode="plain")
         assert all(np.array_equal(a, b) for a, b in zip(picture.rgb, reference.rgb))
     assert pca_colours(grids[0], mode="plain").rgb[0].shape == (4, 5, 3)
-    assert np.array_equal(pca_colours(grids[0].numpy(), mode="plain").rgb[0], pca_colours(grids[0], mode="plain").rgb[0])
+    one = pca_colours(grids[0], mode="plain").rgb[0]
+    assert np.array_equal(pca_colours(grids[0].numpy(), mode="plain").rgb[0], one)
     with pytest.raises(DinokitError, match=r"^no feature grid was given: give the \(h, w, D\) grids"):
         pca_colours([], mode="plain")  # a traceback from torch.cat; a numpy grid was taken as h grids of (w, D)
     with pytest.raises(DinokitError, match=r"a feature grid has shape \(20, 8\), not \(h, w, D\)"):

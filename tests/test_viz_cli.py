@@ -227,13 +227,15 @@ def test_viz_errors(demo_teacher, sample_images, tmp_path, capsys):
     image = str(sample_images[0])
     for extra, expected in [
         (["--fps", "5"], "--fps is for a video (a video file, or --video with a folder of frames); drop it for images"),
-        (["--mode", "plain", "--threshold", "1"], "--threshold chooses the foreground, which --mode plain does not use"),
+        (["--mode", "plain", "--threshold", "1"],
+         "--threshold chooses the foreground, which --mode plain does not use"),
         (["--threshold", "1", "--fg-examples", image], "--fg-examples and --threshold both choose the foreground"),
     ]:
         assert error(["viz", "pca", image, "--out", str(tmp_path / "p"), *extra] + backbone).startswith(
             f"error: {expected}"), extra
     assert "--threshold chooses the foreground patches, and --all-patches matches all of them" in error(
-        ["viz", "match", image, image, "--out", str(tmp_path / "m.png"), "--all-patches", "--threshold", "1"] + backbone)
+        ["viz", "match", image, image, "--out", str(tmp_path / "m.png"), "--all-patches", "--threshold", "1"]
+        + backbone)
     with pytest.raises(SystemExit):  # argparse's usage error
         main(["viz", "match", image, image, "--out", str(tmp_path / "m.png"), "--batch-size", "4"] + backbone)
     assert "unrecognized arguments: --batch-size" in capsys.readouterr().err

@@ -314,7 +314,8 @@ def extract_features(
     start = time.perf_counter()
     # Shown by rank 0 for the whole dataset: its own share's progress times the number of processes (shares
     # differ by one image at most), so that the count and the rate are the job's.
-    bar = tqdm(total=len(dataset) if sized else None, desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=len(dataset) if sized else None, desc=desc, unit="img", disable=not progress or rank != 0,
+               dynamic_ncols=True)
     try:
         with torch.inference_mode():
             for batch in loader:

@@ -153,8 +153,8 @@ def check_block_chunks(student, where: str = "student") -> None:
     block) stopped the run at its first snapshot, its work lost."""
     depth = arch_dims(student.arch)["depth"]
     if student.block_chunks > depth:
-        raise DinokitError(f"config key '{where}.block_chunks' is {student.block_chunks} but {student.arch} has {depth} "
-                           f"blocks; set at most {depth} (0: one flat list of blocks)")
+        raise DinokitError(f"config key '{where}.block_chunks' is {student.block_chunks} but {student.arch} has "
+                           f"{depth} blocks; set at most {depth} (0: one flat list of blocks)")
 
 
 def check_weight_schedule(weight, key: str) -> None:
@@ -300,9 +300,10 @@ def changed_keys(cfg: DictConfig, keys: Iterable[str]) -> list[str]:
 
 
 _GRAM_KEYS = tuple(f"gram.{key}" for key in (
-    "loss_weight", "loss_weight_schedule", "ema_teacher", "ckpt", "it_load_ema_teacher", "rep_update", "update_frequency",
-    "it_first_update", "max_updates", "normalized", "img_level", "remove_neg", "remove_only_teacher_neg", "tokens_used",
-    "global_teacher_resize_method", "global_teacher_resize_antialias")) + ("crops.gram_teacher_no_distortions",)
+    "loss_weight", "loss_weight_schedule", "ema_teacher", "ckpt", "it_load_ema_teacher", "rep_update",
+    "update_frequency", "it_first_update", "max_updates", "normalized", "img_level", "remove_neg",
+    "remove_only_teacher_neg", "tokens_used", "global_teacher_resize_method", "global_teacher_resize_antialias",
+)) + ("crops.gram_teacher_no_distortions",)
 
 
 def _check_idle_keys(cfg: DictConfig) -> None:

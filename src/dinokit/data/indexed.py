@@ -50,7 +50,7 @@ def as_indexed(item: object, i: int) -> tuple:
 
 
 class IndexedItems(Dataset):
-    """The items of ``base`` as the ``(index, image_or_None, target)`` that :func:`dinokit.features.extract_features` reads
+    """The items of ``base`` as the ``(index, image_or_None, target)`` that extract_features reads
     (:func:`as_indexed`). Item by item: looking at a first item read its image twice."""
 
     def __init__(self, base: Dataset) -> None:

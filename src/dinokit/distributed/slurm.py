@@ -100,7 +100,8 @@ def submit_if_asked(args: argparse.Namespace, log_dir: str | Path) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.AutoExecutor(folder=str(folder), slurm_max_num_timeout=30)
     params = dict(
-        nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=gpus, cpus_per_task=10, timeout_min=timeout, mem_gb=0, slurm_signal_delay_s=120, name=f"dinokit-{args.command}",
+        nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=gpus, cpus_per_task=10, timeout_min=timeout, mem_gb=0,
+        slurm_signal_delay_s=120, name=f"dinokit-{args.command}",
     )
     if args.partition:
         params["slurm_partition"] = args.partition

@@ -110,7 +110,8 @@ def _weights_in_folder(folder: Path) -> str:
     students = student_folders(folder)
     if snapshot is None and len(students) > 1:
         example = newest_snapshot(students[-1])
-        return f"it holds the students {', '.join(p.name for p in students)}: give one's snapshot, e.g. {str(example)!r}"
+        names = ", ".join(p.name for p in students)
+        return f"it holds the students {names}: give one's snapshot, e.g. {str(example)!r}"
     snapshot = snapshot or (newest_snapshot(students[0]) if students else None)
     if snapshot is not None:
         return f"give the file, e.g. {str(snapshot)!r}"
