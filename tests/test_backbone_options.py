@@ -47,3 +47,13 @@ def test_config_file_with_model_and_random_init_with_weights_are_refused(inputs,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --random-init and") and err.endswith("contradict each other; give one"), err
     assert not any((inputs / name).exists() for name in ("o.npz", "viz", "m.onnx", "dense"))
+
+
+def test_dense_train_refuses_them_before_writing_its_folder(inputs, capsys) -> None:
+    """dense train wrote dense_config.json before building the backbone, and left it with the refusal."""
+    out = inputs / "dense_train"
+    assert main(["dense", "train", "--task", "seg", "--head", "linear", "--model", "dinov2_vits14", "--random-init",
+                 "--pretrained-weights", str(inputs / "w.safetensors"), "--train-dataset", "SegSample:split=train",
+                 "--val-dataset", "SegSample:split=val", "--output-dir", str(out)]) == 2
+    assert "contradict each other; give one" in capsys.readouterr().err
+    assert not out.exists()

@@ -255,8 +255,22 @@ GRAM_OFF = "does nothing without gram.use_loss=true (or gram.compute_stats=true)
     # more chunks than blocks: a ZeroDivisionError at the first snapshot, the run's work lost
     (["student.block_chunks=8"], "config key 'student.block_chunks' is 8 but vit_pico has 4 blocks; set at most 4"),
 ])
-def test_a_key_that_could_not_act_is_one_line(overrides, message) -> None:
-    assert _error("demo", overrides).startswith(message)
+def test_a_key_that_could_not_act_is_one_line(overrides, message, tmp_path) -> None:
+    from dinokit.config import check_idle_keys
+
+    if "block_chunks" in message:  # the architecture: checked whenever the config is read
+        assert _error("demo", overrides).startswith(message)
+        return
+    cfg = load_config("demo", overrides)  # read (a run's architecture, a resume): accepted
+    with pytest.raises(DinokitError) as info:
+        check_idle_keys(cfg, tmp_path / "new", resume=True)  # a new run: refused
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    # a run an earlier version started with such a key (its config.yaml saved) resumes; --no-resume is a new run
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text("optim: {epochs: 1}\n")
+    check_idle_keys(cfg, tmp_path / "old", resume=True)
+    with pytest.raises(DinokitError):
+        check_idle_keys(cfg, tmp_path / "old", resume=False)
 
 
 def test_keys_that_act_or_that_presets_spell_out_pass() -> None:
@@ -276,6 +290,9 @@ def test_config_yaml_records_the_peak_of_an_lr_schedule() -> None:
     cfg = load_config("demo", ["optim.lr_schedule={start: 0, peak: 0.5, end: 0, warmup_epochs: 1}",
                                "train.batch_size_per_gpu=256"])
     assert apply_scaling_rules(cfg, world_size=1).optim.lr == 0.5 * 0.5  # sqrt(256 / 1024); base_lr said 0.01
+    ramp = load_config("demo", ["optim.lr_schedule={start: 0, peak: 0, end: 5.0e-5, warmup_epochs: 0}",
+                                "train.batch_size_per_gpu=256"])  # the README's: a rise to end (peak 0 said lr 0)
+    assert apply_scaling_rules(ramp, world_size=1).optim.lr == pytest.approx(5.0e-5 * 0.5)
 
 
 def test_a_distilled_student_with_more_chunks_than_blocks_is_one_line() -> None:

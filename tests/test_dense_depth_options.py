@@ -174,6 +174,14 @@ def test_linear_bn_recipe_and_bin_settings():
         with pytest.raises(DinokitError) as info:
             recipe_with_overrides(task, head, [setting])
         assert str(info.value).startswith(message) and "\n" not in str(info.value), setting
+    # a run an earlier version started with the other task's setting resumes with it (refused for a new run only)
+    assert recipe_with_overrides("depth", "linear", ["dropout=0.2"], saved_run=True).dropout == 0.2
+    from dinokit.dense.inference import head_inference
+
+    with pytest.raises(DinokitError, match="^--crop sets the sliding windows, and this inference is whole-image; add "
+                                           "--mode slide, or drop --crop$"):
+        head_inference({"kind": "depth-linear"}, {"crop": 32})  # a depth head infers on the whole image
+    assert head_inference({"kind": "depth-linear"}, {"crop": 32, "mode": "slide"}).crop == 32
     with pytest.raises(DinokitError, match="^bins_strategy=log needs min_depth above 0"):
         recipe_with_overrides("depth", "linear", ["bins_strategy=log", "min_depth=0"])
     assert recipe_with_overrides("depth", "linear4", ["bins_strategy=log", "n_bins=1"]).n_bins == 1

@@ -255,6 +255,9 @@ def test_items_that_are_not_image_and_class_index_are_one_line_and_streams_need_
         def __iter__(self):
             return iter([(row, 2) for row in x])
 
+    column = extract_features(torch.nn.Identity(), torch.utils.data.TensorDataset(x, torch.arange(4)[:, None]),
+                              progress=False)  # labels as a (N, 1) column: each row one class index
+    assert column.targets.tolist() == [0, 1, 2, 3]
     got = extract_features(torch.nn.Identity(), Pairs(), progress=False)
     assert torch.equal(got.features["cls"], x)
     assert got.indices.tolist() == [0, 1, 2, 3] and got.targets.tolist() == [2] * 4

@@ -113,6 +113,11 @@ def _config(args: argparse.Namespace):
         bad = next(o for o in args.overrides if "=" not in o)
         raise DinokitError(f"unexpected argument {bad!r}; settings are key=value (e.g. dedup.threshold=0.9)")
     config = make_config(base, args.overrides, source=f"{saved}; edit it, or {fix}")
+    copy_flags = [f"--{key.replace('_', '-')}" for key in ("copy_model", "copy_config_file", "copy_weights")
+                  if getattr(args, key)]  # given now: a work folder's saved ones were accepted before, and stay
+    if copy_flags and config.embed.copy != "model":  # accepted, and copy detection used embed.copy's features
+        raise DinokitError(f"{copy_flags[0]} is the copy-detection model of embed.copy=model, but embed.copy is "
+                           f"{config.embed.copy}; add embed.copy=model, or drop {copy_flags[0]}")
     if not config.pool:
         raise DinokitError("--pool is required (a folder of images or a dataset string) the first time in a work folder")
     if config.config_file and not config.weights:

@@ -93,6 +93,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _backbone_source(args: argparse.Namespace) -> dict:
+    """The backbone options, checked before any work (dense train wrote dense_config.json first)."""
+    from ..eval.setup import check_backbone_choice
+
+    check_backbone_choice(config_file=args.config_file, model=args.model, random_init=args.random_init,
+                          pretrained_weights=args.pretrained_weights)
     return {"config_file": args.config_file, "pretrained_weights": args.pretrained_weights, "model": args.model,
             "random_init": args.random_init}
 
@@ -113,16 +118,19 @@ def _inference(args: argparse.Namespace) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..dense.run import train_head
+    from ..dense.run import resumes_saved_run, train_head
     from ..dense.train import recipe_with_overrides
     from ..engine.run_dir import check_new_run, check_writable
 
-    recipe_with_overrides(args.task, args.head, list(args.opts))  # a bad setting: one line here, not in a job's log
+    # a bad setting: one line here, not in a job's log
+    backbone_source = _backbone_source(args)
+    recipe_with_overrides(args.task, args.head, list(args.opts),
+                          saved_run=resumes_saved_run(args.output_dir, not args.no_resume))
     check_writable(args.output_dir)
     check_new_run(args.output_dir, resume=not args.no_resume)
     if submit_if_asked(args, Path(args.output_dir) / "slurm"):
         return 0
-    train_head(task=args.task, head=args.head, backbone_source=_backbone_source(args), train_dataset=args.train_dataset,
+    train_head(task=args.task, head=args.head, backbone_source=backbone_source, train_dataset=args.train_dataset,
                val_dataset=args.val_dataset, output_dir=args.output_dir, overrides=args.opts, device=args.device,
                resume=not args.no_resume, progress=not args.no_progress)
     return 0

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from .. import distributed
-    from ..config import load_config
+    from ..config import check_idle_keys, load_config
     from ..errors import DinokitError
     from .train import end_summary, write_plot
 
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.output_dir)  # one line before any work
     overrides = [*args.opts] + ([f"distillation.teacher={args.teacher}"] if args.teacher else [])
     cfg = load_config(args.config_file or ["distill_demo"], overrides)
+    check_idle_keys(cfg, args.output_dir, resume=not args.no_resume)  # a new run's; before a job is submitted
     if args.nodes > 0:  # a teacher that is not there, a new run over an old one: one line here, not in a job's log
         from ..distill.teacher import resolve_teacher
         from ..engine.run_dir import check_new_run

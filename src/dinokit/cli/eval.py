@@ -134,6 +134,9 @@ def check_options(args: argparse.Namespace) -> None:
 
     if args.random_init and args.pretrained_weights:
         raise DinokitError("--random-init and --pretrained-weights contradict each other; give one")
+    from ..eval.setup import check_backbone_choice
+
+    check_backbone_choice(config_file=args.config_file, model=args.model, opts=args.opts)
     if args.pretrained_weights:
         from ..models.weight_files import check_weights_path
 

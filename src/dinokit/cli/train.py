@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import list_presets, load_config
+    from ..config import check_idle_keys, list_presets, load_config
     from ..errors import DinokitError
 
     if args.list_presets:
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable(args.output_dir)  # one line before any work
     cfg = load_config(args.config_file or ["demo"], args.opts)
+    check_idle_keys(cfg, args.output_dir, resume=not args.no_resume)  # a new run's; before a job is submitted
     if args.nodes > 0:  # here, not in the job's log
         from ..engine.run_dir import check_new_run
 

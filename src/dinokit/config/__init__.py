@@ -18,7 +18,7 @@ from .loading import (
     write_config,
 )
 from .schema import SSLConfig, StudentConfig
-from .validation import check_inert_keys, check_koleo_group, check_step_levers, validate
+from .validation import check_idle_keys, check_inert_keys, check_koleo_group, check_step_levers, validate
 
 __all__ = [
     "DTYPES",
@@ -29,6 +29,7 @@ __all__ = [
     "as_dataclass",
     "backbone_from_config",
     "backbone_img_size",
+    "check_idle_keys",
     "check_inert_keys",
     "check_koleo_group",
     "check_step_levers",

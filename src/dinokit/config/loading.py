@@ -334,10 +334,11 @@ def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
     """Set ``optim.lr`` from ``optim.base_lr`` for ``batch_size_per_gpu * world_size`` images (in place).
 
     ``sqrt_wrt_1024`` (official): ``base_lr * sqrt(total / 1024)``; ``linear_wrt_256``; ``none`` = base_lr. With
-    ``optim.lr_schedule`` its peak is scaled instead (the lr that schedule reaches: base_lr does not act).
+    ``optim.lr_schedule`` its highest value is scaled instead (the lr it reaches: base_lr does not act).
     """
     total = cfg.train.batch_size_per_gpu * world_size
-    base = cfg.optim.base_lr if cfg.optim.lr_schedule is None else cfg.optim.lr_schedule.peak
+    schedule = cfg.optim.lr_schedule
+    base = cfg.optim.base_lr if schedule is None else max(schedule.start, schedule.peak, schedule.end)
     cfg.optim.lr = scale_lr(base, total, cfg.optim.scaling_rule)
     return cfg
 

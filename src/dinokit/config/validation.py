@@ -6,6 +6,7 @@ related keys, official keys that cannot act in dinokit, options that need one pr
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -145,7 +146,6 @@ def validate(cfg: DictConfig) -> None:
     check_weight_schedule(cfg.optim.lr_schedule, "optim.lr_schedule")
     _validate_stages(cfg)
     check_inert_keys(cfg)
-    _check_idle_keys(cfg)
 
 
 def check_block_chunks(student, where: str = "student") -> None:
@@ -306,8 +306,12 @@ _GRAM_KEYS = tuple(f"gram.{key}" for key in (
 )) + ("crops.gram_teacher_no_distortions",)
 
 
-def _check_idle_keys(cfg: DictConfig) -> None:
-    """A key given a value that a switch elsewhere keeps from acting is one line naming both (it did nothing)."""
+def check_idle_keys(cfg: DictConfig, output_dir: str | Path | None = None, resume: bool = True) -> None:
+    """A key given a value that a switch elsewhere keeps from acting is one line naming both (it did nothing), for
+    a new run: a run in ``output_dir`` that saved its config.yaml resumes (an earlier version accepted the key), and
+    reading a run's architecture never checks this."""
+    if resume and output_dir is not None and (Path(output_dir).expanduser() / "config.yaml").is_file():
+        return
     gram = cfg.gram
     rules = [
         (not (gram.use_loss or gram.compute_stats), _GRAM_KEYS,

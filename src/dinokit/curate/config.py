@@ -179,10 +179,6 @@ def _check(c: CurateConfig) -> None:
                                "dedup.knn=exact)")
     if c.embed.copy == "model" and not (c.copy_model or c.copy_config_file):
         raise DinokitError("embed.copy=model needs --copy-model NAME or --copy-config-file CFG --copy-weights PATH")
-    given = [f"--{k.replace('_', '-')}" for k in ("copy_model", "copy_config_file", "copy_weights") if getattr(c, k)]
-    if given and c.embed.copy != "model":  # accepted, and the copy detection used embed.copy's features instead
-        raise DinokitError(f"{given[0]} is the copy-detection model of embed.copy=model, but embed.copy is "
-                           f"{c.embed.copy}; add embed.copy=model, or drop {given[0]}")
     _check_levels(c.cluster)
 
 

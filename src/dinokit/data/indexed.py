@@ -14,8 +14,9 @@ from ..errors import DinokitError
 
 def is_index(value: object) -> bool:
     """An integer of Python, numpy or torch (a ``Subset`` with numpy or tensor indices passes those on)."""
-    if isinstance(value, torch.Tensor):
-        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex()
+    if isinstance(value, torch.Tensor):  # one element: a 0-d index, or a row of a (N, 1) column of labels
+        return value.numel() == 1 and not value.is_floating_point() and not value.is_complex() \
+            and value.dtype != torch.bool
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

@@ -61,7 +61,12 @@ def head_inference(meta: Mapping[str, Any], changes: InferenceConfig | Mapping[s
     unknown = sorted(set(changes or {}) - set(settings))
     if unknown:
         raise DinokitError(f"unknown inference setting {unknown[0]!r}; use {', '.join(settings)}")
-    return InferenceConfig(**{**settings, **dict(changes or {})})
+    merged = {**settings, **dict(changes or {})}
+    windows = [key for key in ("crop", "stride") if key in (changes or {})]
+    if windows and merged["mode"] == "whole":  # they did nothing
+        raise DinokitError(f"--{windows[0]} sets the sliding windows, and this inference is whole-image; add --mode "
+                           f"slide, or drop --{windows[0]}")
+    return InferenceConfig(**merged)
 
 
 def saved_eval_size(meta: Mapping[str, Any]) -> int:

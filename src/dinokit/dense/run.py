@@ -60,6 +60,11 @@ def _weights(source: dict[str, Any]) -> str:
     return weights_label(source.get("pretrained_weights"), source.get("model"), bool(source.get("random_init")))
 
 
+def resumes_saved_run(output_dir: str | Path, resume: bool) -> bool:
+    """Whether a run saved in ``output_dir`` (its ``dense_config.json``) would be resumed."""
+    return resume and (Path(output_dir).expanduser() / "dense_config.json").is_file()
+
+
 def _write_json(path: Path, payload: dict) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=1, default=str))
@@ -96,7 +101,7 @@ def train_head(
     from ..eval.setup import resolve_device
 
     kind = head_kind(task, head)
-    recipe = recipe_with_overrides(task, head, list(overrides))
+    recipe = recipe_with_overrides(task, head, list(overrides), saved_run=resumes_saved_run(output_dir, resume))
     out = check_writable(output_dir)  # one line before any work (the datasets are listed next)
     device_ = resolve_device(device)
     # saved in dense_config.json and head.pth: the same files from any working directory (dense eval --head)

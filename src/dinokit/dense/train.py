@@ -101,8 +101,9 @@ RECIPES: dict[str, DenseRecipe] = {
 }
 
 
-def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRecipe:
-    """The recipe of ``task`` (+ the DPT gradient loss) with ``key=value`` overrides, type-checked."""
+def recipe_with_overrides(task: str, head: str, overrides: list[str], *, saved_run: bool = False) -> DenseRecipe:
+    """The recipe of ``task`` (+ the DPT gradient loss) with ``key=value`` overrides, type-checked. A setting of the
+    other task is refused for a new run only (``saved_run``: resuming one an earlier version started with it)."""
     recipe = dataclasses.replace(RECIPES[task])
     if task == "depth" and head == "dpt":  # DINOv2's DPT config (DINOv3 released no DPT training recipe)
         recipe.grad_loss_weight, recipe.lr, recipe.weight_decay = 0.5, 1e-4, 0.01
@@ -122,7 +123,7 @@ def recipe_with_overrides(task: str, head: str, overrides: list[str]) -> DenseRe
         raise DinokitError(f"setting {unused[0]!r} is for the linear depth heads; --task {task} --head {head} "
                            "does not use bins")
     other_task = {"seg": _DEPTH_SETTINGS, "depth": _SEG_SETTINGS}[task]  # accepted, and they did nothing
-    if unused := sorted(given & set(other_task)):
+    if (unused := sorted(given & set(other_task))) and not saved_run:
         raise DinokitError(f"setting {unused[0]!r} is for {'depth' if task == 'seg' else 'segmentation'} heads; "
                            f"--task {task} does not use it")
     if "iterations" in given and "warmup_iters" not in given:  # a shorter run keeps the recipe's warm-up fraction

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .. import distributed as du
 from ..config import apply_scaling_rules, check_koleo_group, check_step_levers, write_config
 from ..config.paths import make_paths_absolute
-from ..config.validation import changed_keys, check_block_chunks
+from ..config.validation import changed_keys, check_block_chunks, check_idle_keys
 from ..config.schema import StudentConfig
 from ..data import make_dataset
 from ..devices import resolve_device
@@ -128,6 +128,7 @@ def distill(
             raise DinokitError(f"{key} is a pretraining-stage key that dinokit distill does not use; remove it "
                                "(distillation starts students from student.pretrained_weights)")
     make_paths_absolute(cfg)  # saved in config.yaml: the same teacher and files from any working directory
+    check_idle_keys(cfg, output_dir, resume)
     rank, world = init_run(cfg.train.seed)
     if rank == 0 and (idle := features_loss_idle(cfg)):
         verb = "has" if len(idle) == 1 else "have"

@@ -75,6 +75,22 @@ def _architecture(model: nn.Module) -> dict[str, Any]:
 DEFAULT_MODEL = "dinov2_vits14"  # the backbone of commands that need none named (embed, viz, export, curate)
 
 
+def check_backbone_choice(*, config_file: str | None = None, model: str | None = None, random_init: bool = False,
+                          pretrained_weights: str | None = None, opts: Sequence[str] = ()) -> None:
+    """The backbone options agree, in every command (called before any work, and before a SLURM submission):
+    ``--config-file`` or ``--model`` (each defines the architecture: embed, viz and export dropped --model),
+    ``--random-init`` or weights (viz, export and dense loaded them), ``--opts`` the backbone's keys only."""
+    if config_file and model:
+        raise DinokitError("give either --config-file or --model, not both: each defines the architecture")
+    if random_init and pretrained_weights:
+        raise DinokitError(f"--random-init and the weights {str(pretrained_weights)!r} contradict each other; give one")
+    for opt in opts:  # other keys were accepted and did nothing (k-NN's, the optimiser's, the other crops')
+        key = opt.partition("=")[0].strip()
+        if not (key.startswith("student.") or key == "crops.global_crops_size"):
+            raise DinokitError(f"--opts {opt!r}: --opts sets the backbone's keys of --config-file only (student.*, "
+                               "crops.global_crops_size); the evaluation's settings are its own options (see --help)")
+
+
 def setup_eval_model(
     *,
     config_file: str | None = None,
@@ -93,10 +109,8 @@ def setup_eval_model(
     Weights: ``pretrained_weights`` (backbone file, teacher checkpoint, safetensors or URL), else the official
     weights of ``model``, else random init (seed 0).
     """
-    if config_file and model:  # every command: embed, viz and export took the config's and dropped --model
-        raise DinokitError("give either --config-file or --model, not both: each defines the architecture")
-    if random_init and pretrained_weights:  # viz, export and dense loaded the weights
-        raise DinokitError(f"--random-init and the weights {str(pretrained_weights)!r} contradict each other; give one")
+    check_backbone_choice(config_file=config_file, model=model, random_init=random_init,
+                          pretrained_weights=pretrained_weights, opts=opts)
     if not config_file and not model:
         found = find_run_config(pretrained_weights) if pretrained_weights else None
         if found is None and default_model:
@@ -114,11 +128,6 @@ def setup_eval_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)  # a reproducible random-init baseline (and cache key)
         if config_file:
-            for opt in opts:  # other keys were accepted and did nothing (k-NN's, the optimiser's...)
-                if not opt.partition("=")[0].strip().startswith(("student.", "crops.")):
-                    raise DinokitError(f"--opts {opt!r}: --opts sets the backbone's keys of --config-file only "
-                                       "(student.*, crops.global_crops_size); the evaluation's settings are its own "
-                                       "options (see --help)")
             config = load_config(config_file, opts, to_train=False)  # the architecture only
             backbone = build_eval_backbone(config)
             description["config"] = {"student": dict(config.student), "img_size": backbone_img_size(config.crops)}

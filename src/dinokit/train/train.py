@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import distributed as du
-from ..config import apply_scaling_rules, check_koleo_group, check_step_levers, compute_dtype, write_config
+from ..config import (apply_scaling_rules, check_idle_keys, check_koleo_group, check_step_levers, compute_dtype,
+                      write_config)
 from ..config.paths import make_paths_absolute
 from ..config.schema import DistillationConfig
 from ..devices import resolve_device
@@ -83,6 +84,7 @@ def train(
         raise DinokitError("the distillation.* keys are read by dinokit distill, not dinokit train; remove them or "
                            "run dinokit distill")
     make_paths_absolute(cfg)  # saved in config.yaml: the same files from any working directory
+    check_idle_keys(cfg, output_dir, resume)
     check_stage_weights(cfg)
     check_tracker(cfg.train.tracker)
     check_output_outside_data(output_dir, cfg.train.dataset_path)
