@@ -239,3 +239,21 @@ def test_pca_and_matching_take_one_grid_a_batch_or_grids_that_require_grad():
         pca_colours([grids[0].reshape(20, 8)], mode="plain")
     matches = match_features(grids[0].clone().requires_grad_(), grids[1])
     assert np.array_equal(matches.points_a, match_features(grids[0], grids[1]).points_a)
+
+
+def test_unique_stems_suffix_clashing_names():
+    """Output names of pca/attention (and dense predict): a clash gets -2, -3, ..., never another input's own name."""
+    from dinokit.viz.drawing import unique_stems
+
+    assert unique_stems(["x0", "x1"]) == ["x0", "x1"]
+    assert unique_stems(["x0", "x0", "x0"]) == ["x0", "x0-2", "x0-3"]
+    assert unique_stems(["x0", "x0", "x0-2"]) == ["x0", "x0-3", "x0-2"]  # x0-2 belongs to the third input
+    assert unique_stems(["x0-2", "x0", "x0"]) == ["x0-2", "x0", "x0-3"]
+    # inputs sharing a stem are told apart by what differs (both wrote a_pca.png and a-2_pca.png, untraceable)
+    assert unique_stems(["d/a.png", "d/a.JPG", "d/b.png"]) == ["a_png", "a_jpg", "b"]
+    assert unique_stems(["x/a.png", "y/a.png"]) == ["x_a", "y_a"]
+    assert unique_stems(["x/a.png", "x/a.jpg", "y/a.png"]) == ["x_a_png", "x_a_jpg", "y_a_png"]
+    # a legal 251-byte name: its stem shortened, so that NAME_attention.png fits 255 bytes (it failed the command)
+    long = unique_stems(["n" * 247 + "a.png", "n" * 247 + "b.png", "é" * 150 + ".png"])
+    assert all(len(f"{s}_attention.png".encode()) <= 255 for s in long) and len(set(long)) == 3
+    assert long[0].startswith("n" * 150) and long[2].startswith("é" * 90)

@@ -90,11 +90,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------- options
 def _check_output(args: argparse.Namespace) -> Path:
-    if args.random_init and args.weights:
-        raise DinokitError("--random-init and --weights contradict each other; give one")
     from ..eval.setup import check_backbone_choice
 
-    check_backbone_choice(config_file=args.config_file, model=args.model)  # before a job is submitted
+    check_backbone_choice(config_file=args.config_file, model=args.model, random_init=args.random_init,
+                          pretrained_weights=args.weights, weights_flag="--weights")  # before a job is submitted
     for name in ("image_size", "batch_size"):
         if getattr(args, name) < 1:
             raise DinokitError(f"--{name.replace('_', '-')} must be at least 1")

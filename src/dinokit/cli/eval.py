@@ -130,13 +130,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def check_options(args: argparse.Namespace) -> None:
     """The option values, each named when wrong, before any folder is written or any feature computed (the
     protocol's own checker, which its Python function calls too)."""
-    from ..errors import DinokitError
-
-    if args.random_init and args.pretrained_weights:
-        raise DinokitError("--random-init and --pretrained-weights contradict each other; give one")
     from ..eval.setup import check_backbone_choice
 
-    check_backbone_choice(config_file=args.config_file, model=args.model, opts=args.opts)
+    check_backbone_choice(config_file=args.config_file, model=args.model, random_init=args.random_init,
+                          pretrained_weights=args.pretrained_weights, opts=args.opts,
+                          weights_flag="--pretrained-weights")
     if args.pretrained_weights:
         from ..models.weight_files import check_weights_path
 

@@ -76,14 +76,17 @@ DEFAULT_MODEL = "dinov2_vits14"  # the backbone of commands that need none named
 
 
 def check_backbone_choice(*, config_file: str | None = None, model: str | None = None, random_init: bool = False,
-                          pretrained_weights: str | None = None, opts: Sequence[str] = ()) -> None:
+                          pretrained_weights: str | None = None, opts: Sequence[str] = (),
+                          weights_flag: str | None = None) -> None:
     """The backbone options agree, in every command (called before any work, and before a SLURM submission):
     ``--config-file`` or ``--model`` (each defines the architecture: embed, viz and export dropped --model),
-    ``--random-init`` or weights (viz, export and dense loaded them), ``--opts`` the backbone's keys only."""
+    ``--random-init`` or weights (viz, export and dense loaded them; ``weights_flag`` names the command's option),
+    ``--opts`` the backbone's keys only."""
     if config_file and model:
         raise DinokitError("give either --config-file or --model, not both: each defines the architecture")
     if random_init and pretrained_weights:
-        raise DinokitError(f"--random-init and the weights {str(pretrained_weights)!r} contradict each other; give one")
+        weights = weights_flag or f"the weights {str(pretrained_weights)!r}"
+        raise DinokitError(f"--random-init and {weights} contradict each other; give one")
     for opt in opts:  # other keys were accepted and did nothing (k-NN's, the optimiser's, the other crops')
         key = opt.partition("=")[0].strip()
         if not (key.startswith("student.") or key == "crops.global_crops_size"):
